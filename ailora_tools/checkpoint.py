@@ -1,0 +1,174 @@
+"""A Hugging Face checkpoint, local or on the Hub, as an index of tensors resolved once.
+
+The index maps each tensor to its shard, dtype, shape and byte range. Hub shards are fetched one at a
+time with huggingface_hub (its cache and offline mode apply), only when `shard_path` asks for one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .errors import FormatError, InputNotFoundError, UnsupportedError
+from .tensorio import ShardHeader, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+#: files never copied next to a rewritten model: weights in other formats would be stale
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx") + PICKLE_SUFFIXES
+
+
+@dataclass
+class Checkpoint:
+    """A resolved checkpoint: where it is, its config, its shards and every tensor's location.
+
+    Build it with `Checkpoint.open`. `headers` holds each shard's validated header.
+    """
+
+    source: str
+    revision: str | None
+    root: Path
+    config: dict
+    shards: list[str]
+    headers: dict[str, ShardHeader]
+    index_file: str | None
+    repo_id: str | None = None
+    extra_files: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, model: str | os.PathLike, *, revision: str | None = None) -> "Checkpoint":
+        """Resolve a local directory or a Hub repo id and read every shard header.
+
+        Args:
+            model: a directory holding config.json and safetensors weights, or a Hub id "org/name".
+            revision: Hub branch, tag or commit (Hub ids only).
+
+        Raises:
+            InputNotFoundError: no such directory or repo, or no weights in it.
+            FormatError: an index or shard header that is corrupt or points outside the model.
+            UnsupportedError: only pickled weights (.bin/.pt) are present.
+
+        Example:
+            >>> ckpt = Checkpoint.open("meta-llama/Llama-3.1-8B")  # doctest: +SKIP
+        """
+        path = Path(model).expanduser()
+        if path.is_dir():
+            return cls._load(str(model), None, path.resolve(), None, lambda name: path / name)
+        if path.exists():
+            raise InputNotFoundError(f"{model}: is a file; pass the model directory that holds it")
+        if os.path.isabs(str(model)) or str(model).startswith(".") or str(model).count("/") != 1:
+            raise InputNotFoundError(f"{model}: no such directory (and not a Hub repo id of the form org/name)")
+        return cls._from_hub(str(model), revision)
+
+    @classmethod
+    def _from_hub(cls, repo_id: str, revision: str | None) -> "Checkpoint":
+        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        ignore = [f"*{s}" for s in WEIGHT_SUFFIXES]
+        try:
+            root = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
+        except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as e:
+            raise InputNotFoundError(
+                f"{repo_id}: not found on the Hub or in the local cache ({e.__class__.__name__}); check the id, "
+                "--revision, your token, or unset HF_HUB_OFFLINE"
+            ) from e
+
+        def fetch(name: str) -> Path:
+            try:
+                return Path(hf_hub_download(repo_id, name, revision=revision))
+            except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+                raise InputNotFoundError(f"{repo_id}: shard {name} could not be fetched ({e})") from e
+
+        return cls._load(repo_id, revision, root, repo_id, fetch)
+
+    @classmethod
+    def _load(cls, source, revision, root: Path, repo_id, fetch) -> "Checkpoint":
+        config_path = root / "config.json"
+        if not config_path.is_file():
+            raise InputNotFoundError(f"{source}: no config.json; pass a Hugging Face model directory")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{config_path}: not valid JSON ({e})") from e
+        files = {p.name for p in root.iterdir() if p.is_file()}
+        if INDEX_NAME in files:
+            shards, index_file = _shards_from_index(root / INDEX_NAME), INDEX_NAME
+        elif SINGLE_NAME in files or repo_id is not None:
+            shards, index_file = [SINGLE_NAME], None
+        else:
+            other = sorted(f for f in files if f.endswith(".safetensors"))
+            if not other:
+                if any(f.endswith(PICKLE_SUFFIXES) for f in files):
+                    raise UnsupportedError(
+                        f"{source}: only pickled weights (.bin/.pt) found; pickle can run code when loaded. "
+                        "Convert them to safetensors first (save_pretrained(..., safe_serialization=True))"
+                    )
+                raise InputNotFoundError(f"{source}: no *.safetensors weights in {root}")
+            shards, index_file = other, None
+        headers = {}
+        for name in shards:
+            shard = fetch(name)
+            if not shard.is_file():
+                raise InputNotFoundError(f"{source}: shard {name} named by the index is missing; re-download it")
+            headers[name] = read_header(shard, name)
+        ckpt = cls(source, revision, root, config, shards, headers, index_file, repo_id)
+        ckpt.extra_files = sorted(f for f in files if f != index_file and not f.endswith(WEIGHT_SUFFIXES))
+        ckpt._check_index(root / INDEX_NAME if index_file else None)
+        return ckpt
+
+    def _check_index(self, index_path: Path | None) -> None:
+        seen: dict[str, str] = {}
+        for shard, header in self.headers.items():
+            for name in header.tensors:
+                if name in seen:
+                    raise FormatError(f"{self.source}: tensor {name!r} is stored twice ({seen[name]} and {shard})")
+                seen[name] = shard
+        if index_path is not None:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            for name, shard in weight_map.items():
+                if seen.get(name) != shard:
+                    raise FormatError(
+                        f"{index_path}: weight_map puts {name!r} in {shard} but "
+                        + (f"it is in {seen[name]}" if name in seen else "no shard holds it")
+                    )
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor by name."""
+        return {n: t for h in self.headers.values() for n, t in h.tensors.items()}
+
+    def describe(self) -> dict:
+        """Where the checkpoint came from, for manifests."""
+        return {"model": self.source, "revision": self.revision, "path": str(self.root)}
+
+
+def _shards_from_index(index_path: Path) -> list[str]:
+    try:
+        doc = json.loads(index_path.read_text(), object_pairs_hook=_no_duplicates)
+        weight_map = doc["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{index_path}: not a valid safetensors index ({e})") from e
+    shards: list[str] = []
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or len(PurePosixPath(shard).parts) != 1 or shard in ("..", ".") or "\\" in shard:
+            raise FormatError(
+                f"{index_path}: weight_map sends {tensor!r} to {shard!r}, outside the model directory; "
+                "refusing to read it"
+            )
+        if shard not in shards:
+            shards.append(shard)
+    return shards
+
+
+def _no_duplicates(pairs):
+    seen = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise ValueError(f"it names {k!r} twice")
+        seen.add(k)
+    return dict(pairs)

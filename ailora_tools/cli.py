@@ -1,0 +1,97 @@
+"""The `ailora-tools` command line: each command parses its options, calls the library, prints."""
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+
+import click
+
+from . import __version__
+from .errors import AiloraError
+
+
+def _fail_cleanly(fn):
+    """Turn library errors into one line on stderr and exit code 1 (a traceback only with --debug)."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (AiloraError, OSError, ValueError) as e:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            msg = str(e) if isinstance(e, AiloraError) else f"{e.__class__.__name__}: {e}"
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted; rerun with --resume to finish the job", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def _print_summary(summary: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        return
+    click.echo(title)
+    for k, v in summary.items():
+        if not isinstance(v, (dict, list)):
+            click.echo(f"  {k:<22} {v}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="ailora-tools")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def main(debug: bool) -> None:
+    """AILoRA / PiSSA / MiLoRA tooling: decompose a checkpoint into a frozen residual plus an
+    initial adapter, train it, convert it to a standard LoRA, merge, export and publish."""
+
+
+def _roles(_ctx, _param, values) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, role = v.partition("=")
+        if not sep or not name or not role:
+            raise click.BadParameter(f"{v!r}: expected NAME=principal|minor, e.g. k_proj=principal")
+        out[name] = role
+    return out
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (residual/, adapter/, ailora.json).")
+@click.option("--method", type=click.Choice(["ailora", "pissa", "milora", "lora"]), default="ailora",
+              help="ailora: query principal, value minor; pissa: all principal; milora: all minor; lora: Kaiming A, B=0.")
+@click.option("--rank", type=int, default=16, help="LoRA rank r.")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: rank, so s = 1).")
+@click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) instead of alpha/r.")
+@click.option("--targets", default="q_proj,v_proj", help="Comma-separated module-name suffixes; aliases such as BERT's query/value are resolved.")
+@click.option("--role", "roles", multiple=True, callback=_roles, help="NAME=principal|minor, repeatable; overrides the method's roles.")
+@click.option("--svd", type=click.Choice(["exact", "randomized"]), default="randomized",
+              help="Principal components: exact (float64 Gram eigendecomposition) or seeded randomized. Minor ones are always exact.")
+@click.option("--niter", type=int, default=4, help="Randomized SVD power iterations.")
+@click.option("--oversample", type=int, default=16, help="Randomized SVD oversampling.")
+@click.option("--seed", type=int, default=0, help="Seed for randomized SVD and Kaiming init.")
+@click.option("--device", default="auto", help="Where SVDs run: auto, cpu, cuda, cuda:N.")
+@click.option("--residual-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="dtype of residual target weights (default: the checkpoint's).")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run in the same output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed, device,
+              residual_dtype, revision, overwrite, resume, as_json, quiet):
+    """Decompose MODEL (local dir or Hub id) into OUT/residual + OUT/adapter, streaming shard by shard."""
+    from .decompose import decompose as run
+
+    summary = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora,
+                  targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd,
+                  niter=niter, oversample=oversample, seed=seed, device=device, residual_dtype=residual_dtype,
+                  revision=revision, overwrite=overwrite, resume=resume, progress=not (quiet or as_json))
+    _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""PEFT LoRA adapter directories: adapter_config.json + adapter_model.safetensors.
+
+Keys are `base_model.model.<module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import FormatError, InputNotFoundError, UnsupportedError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter in memory: its config and, per module, (A [r, in], B [out, r])."""
+
+    config: dict
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def scale(self, module: str) -> float:
+        """s for one module, honouring rank_pattern, alpha_pattern and use_rslora as PEFT does."""
+        c = self.config
+        r = _pattern(c.get("rank_pattern") or {}, module, c["r"])
+        alpha = _pattern(c.get("alpha_pattern") or {}, module, c["lora_alpha"])
+        return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
+
+    def delta(self, module: str) -> torch.Tensor:
+        """s·B·A in float32, shaped like the module's weight ([out, in]; [in, out] for fan_in_fan_out)."""
+        A, B = self.factors[module]
+        d = self.scale(module) * (B.float() @ A.float())
+        return d.T if self.config.get("fan_in_fan_out") else d
+
+
+def _pattern(patterns: dict, module: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_config(
+    *, rank: int, alpha: float, targets: list[str], rslora: bool, base: str, task_type: str | None,
+    fan_in_fan_out: bool = False,
+) -> dict:
+    """An adapter_config.json for a plain LoRA that PEFT and vLLM load without re-initialising it."""
+    return {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base,
+        "r": rank, "lora_alpha": alpha, "use_rslora": rslora, "target_modules": sorted(set(targets)),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+    }
+
+
+def task_type(config: dict) -> str | None:
+    """PEFT task type from a model config's `architectures`."""
+    arch = " ".join(config.get("architectures") or [])
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+        if suffix in arch:
+            return task
+    return None
+
+
+def key(module: str, which: str) -> str:
+    """The safetensors key of a module's lora_A ("A") or lora_B ("B") weight."""
+    return f"{PREFIX}{module}.lora_{which}.weight"
+
+
+def write_adapter(directory: Path, config: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  *, dtype: torch.dtype = torch.float32) -> None:
+    """Write config and weights into `directory` (which must exist). Callers publish atomically."""
+    tensors = {}
+    for module, (A, B) in sorted(factors.items()):
+        tensors[key(module, "A")] = A.to(dtype).contiguous()
+        tensors[key(module, "B")] = B.to(dtype).contiguous()
+    save_file(tensors, str(Path(directory) / WEIGHTS_NAME), metadata={"format": "pt"})
+    (Path(directory) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_adapter(directory: Path | str) -> Adapter:
+    """Load an adapter directory (safetensors only; pickled adapter_model.bin is refused).
+
+    Raises:
+        InputNotFoundError, FormatError, UnsupportedError: naming the file and what to do.
+    """
+    d = Path(directory)
+    cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise InputNotFoundError(f"{d}: no {CONFIG_NAME}; pass a PEFT adapter directory")
+    if not w_path.is_file():
+        if (d / "adapter_model.bin").is_file():
+            raise UnsupportedError(f"{d}: adapter_model.bin is pickled; re-save it with safe_serialization=True")
+        raise InputNotFoundError(f"{d}: no {WEIGHTS_NAME}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{cfg_path}: not valid JSON ({e})") from e
+    if config.get("peft_type") != "LORA":
+        raise UnsupportedError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+    if config.get("use_dora"):
+        raise UnsupportedError(f"{cfg_path}: DoRA adapters are not supported (use_dora: true)")
+    A: dict[str, torch.Tensor] = {}
+    B: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(w_path), framework="pt") as f:
+            for k in f.keys():
+                m = _KEY.match(k)
+                if m is None:
+                    raise FormatError(f"{w_path}: tensor {k!r} is not a LoRA A/B weight (e.g. {key('x.q_proj', 'A')})")
+                (A if m.group(2) == "A" else B)[m.group(1)] = f.get_tensor(k)
+    except (OSError, RuntimeError) as e:  # safetensors raises SafetensorError (an OSError subclass in newer versions)
+        raise FormatError(f"{w_path}: cannot read ({e})") from e
+    if set(A) != set(B):
+        raise FormatError(f"{w_path}: modules with only one of lora_A/lora_B: {sorted(set(A) ^ set(B))}")
+    factors = {}
+    for m in sorted(A):
+        if A[m].ndim != 2 or B[m].ndim != 2 or A[m].shape[0] != B[m].shape[1]:
+            raise FormatError(f"{w_path}: {m}: lora_A {tuple(A[m].shape)} and lora_B {tuple(B[m].shape)} do not chain")
+        factors[m] = (A[m], B[m])
+    return Adapter(config, factors)

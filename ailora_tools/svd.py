@@ -1,0 +1,117 @@
+"""Principal and minor singular triplets of one weight matrix, on CPU or GPU.
+
+- exact: eigendecomposition of the float64 Gram matrix of the smaller side (W Wᵀ or Wᵀ W). The other
+  side comes from a projection (U_rᵀ W = Σ_r V_rᵀ) normalised by its row norms, never from dividing
+  by a possibly tiny σ. Accurate for the smallest singular values, which a float32 Gram cannot see.
+- randomized (principal only): seeded range finder with oversampling and power iterations.
+Directions whose σ is numerically zero (rank-deficient W) get an arbitrary orthonormal completion and
+σ set to a small floor, so the adapter never starts at exactly zero; the residual absorbs the difference.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .targets import PRINCIPAL
+
+
+@dataclass
+class Triplets:
+    """W ≈ U diag(S) Vh on r kept directions, plus what the manifest reports."""
+
+    U: torch.Tensor  # [out, r] float64
+    S: torch.Tensor  # [r] float64, descending
+    Vh: torch.Tensor  # [r, in] float64
+    sigma_max: float
+    energy_fraction: float  # sum of kept σ² over ||W||_F²
+    deficient: int  # directions completed because σ was numerically zero
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' means the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+def generator_for(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator seeded from (seed, module name), so each module's draw is independent of run order."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def triplets(
+    W: torch.Tensor, r: int, role: str, *, mode: str = "exact", niter: int = 4, oversample: int = 16,
+    generator: torch.Generator | None = None,
+) -> Triplets:
+    """The r principal (largest) or minor (smallest) singular triplets of W.
+
+    Args:
+        W: [out, in] matrix, any float dtype, on the device to compute on.
+        r: number of triplets, 0 < r < min(out, in).
+        role: "principal" or "minor". Minor always uses the exact method.
+        mode: "exact" or "randomized".
+        niter, oversample, generator: randomized settings.
+
+    Example:
+        >>> t = triplets(torch.randn(64, 32), 4, "minor")
+        >>> t.U.shape, t.S.shape, t.Vh.shape
+        (torch.Size([64, 4]), torch.Size([4]), torch.Size([4, 32]))
+    """
+    W64 = W.to(torch.float64)
+    fro2 = float(W64.square().sum())
+    if role == PRINCIPAL and mode == "randomized":
+        U, S, Vh, smax = _randomized(W.to(torch.float32), r, niter, oversample, generator)
+        U, S, Vh = U.double(), S.double(), Vh.double()
+    else:
+        U, S, Vh, smax = _gram(W64, r, largest=role == PRINCIPAL)
+    U, S, Vh, deficient = _complete(U, S, Vh, smax, max(W.shape), generator)
+    energy = float(S.square().sum()) / fro2 if fro2 > 0 else 0.0
+    return Triplets(U, S, Vh, smax, min(energy, 1.0), deficient)
+
+
+def _gram(W: torch.Tensor, r: int, largest: bool):
+    left = W.shape[0] <= W.shape[1]
+    G = W @ W.T if left else W.T @ W
+    evals, evecs = torch.linalg.eigh(G)  # ascending
+    X = evecs[:, -r:].flip(1) if largest else evecs[:, :r].flip(1)  # descending σ either way
+    smax = float(evals[-1].clamp(min=0).sqrt())
+    if left:
+        P = X.T @ W  # rows σ_i v_iᵀ
+        S = P.norm(dim=1)
+        return X, S, P / S.clamp(min=torch.finfo(W.dtype).tiny)[:, None], smax
+    Q = W @ X  # columns σ_i u_i
+    S = Q.norm(dim=0)
+    return Q / S.clamp(min=torch.finfo(W.dtype).tiny), S, X.T, smax
+
+
+def _randomized(W: torch.Tensor, r: int, niter: int, oversample: int, gen: torch.Generator | None):
+    k = min(r + oversample, min(W.shape))
+    omega = torch.randn(W.shape[1], k, generator=gen, dtype=W.dtype, device=W.device)
+    Q = torch.linalg.qr(W @ omega).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
+    return (Q @ Ub)[:, :r], S[:r], Vh[:r], float(S[0])
+
+
+def _complete(U, S, Vh, smax: float, n: int, gen: torch.Generator | None):
+    """Replace numerically-zero directions with an orthonormal completion and a floor σ."""
+    floor = max(smax, 1.0) * n * torch.finfo(torch.float32).eps
+    bad = S <= floor
+    if not bool(bad.any()):
+        return U, S, Vh, 0
+    for M in (U.T, Vh):  # rows to complete
+        rnd = torch.randn(M.shape, generator=gen, dtype=torch.float32, device=M.device).to(M.dtype)
+        rows = torch.where(bad[:, None], rnd, M)
+        order = torch.cat([torch.nonzero(~bad).flatten(), torch.nonzero(bad).flatten()])
+        Q, R = torch.linalg.qr(rows[order].T)
+        Q = Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)  # keep the good rows' signs
+        M[order] = Q.T
+    S = torch.where(bad, torch.full_like(S, floor), S)
+    return U, S, Vh, int(bad.sum())

@@ -1,0 +1,216 @@
+"""Safetensors at the byte level: validated headers, tensor reads by byte range, shard copy-and-patch.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON, then the data buffer.
+Offsets in the header count from the start of the buffer. A tensor rewritten with the same dtype and
+shape occupies the same byte range, so a shard is patched by copying its bytes and overwriting ranges.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError, UnsupportedError
+
+#: safetensors dtype name -> (torch dtype or None when torch cannot compute with it, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+    "U16": (None, 2), "U32": (None, 4), "U64": (None, 8),
+    "F8_E4M3": (None, 1), "F8_E5M2": (None, 1),
+}
+#: dtypes whose matrices can be decomposed, merged or written as residuals
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+COPY_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard file, dtype, shape and byte range in the data buffer."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """A parsed, validated safetensors header. `data_start` is the file offset of the data buffer."""
+
+    path: Path
+    raw: bytes
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    size: int
+
+
+def read_header(path: Path, name: str | None = None) -> ShardHeader:
+    """Read and validate a safetensors header without touching the data.
+
+    Checks the length field, the JSON, every entry's dtype/shape/offsets, that ranges match
+    dtype x shape, stay inside the file and do not overlap.
+
+    Raises:
+        FormatError: naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    name = name or path.name
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FormatError(f"{path}: not a safetensors file (only {size} bytes); re-download or re-save it")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise FormatError(
+                f"{path}: header length {n} runs past the file ({size} bytes): the file is truncated or corrupt"
+            )
+        raw = f.read(n)
+    return ShardHeader(path, raw, *_parse(path, name, raw, size - 8 - n), data_start=8 + n, size=size)
+
+
+def _parse(path: Path, name: str, raw: bytes, buffer_size: int) -> tuple[dict, dict]:
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__}); the file is corrupt") from e
+    if not isinstance(doc, dict):
+        raise FormatError(f"{path}: header is not a JSON object; the file is corrupt")
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings")
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in doc.items():
+        tensors[key] = _entry(path, name, key, entry, buffer_size)
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer; the file is corrupt")
+    return tensors, metadata
+
+
+def _entry(path: Path, name: str, key: str, entry, buffer_size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise FormatError(f"{path}: entry {key!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise FormatError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise FormatError(f"{path}: tensor {key!r} has invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        raise FormatError(f"{path}: tensor {key!r} has invalid data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * DTYPES[dtype][1]:
+        raise FormatError(
+            f"{path}: tensor {key!r} spans {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs "
+            f"{numel * DTYPES[dtype][1]}; the file is corrupt"
+        )
+    if offsets[1] > buffer_size:
+        raise FormatError(
+            f"{path}: tensor {key!r} ends at byte {offsets[1]} of a {buffer_size}-byte data buffer: "
+            "the file is truncated; re-download or re-save it"
+        )
+    return TensorInfo(key, name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def read_tensor(header: ShardHeader, name: str, fd: int | None = None) -> torch.Tensor:
+    """Read one tensor by its byte range (no mmap, no other tensor touched)."""
+    info = header.tensors[name]
+    torch_dtype = DTYPES[info.dtype][0]
+    if torch_dtype is None:
+        raise UnsupportedError(f"{header.path}: tensor {name!r} has dtype {info.dtype}, which torch cannot read")
+    buf = bytearray(info.nbytes)
+    own = fd is None
+    fd = os.open(header.path, os.O_RDONLY) if own else fd
+    try:
+        got = os.preadv(fd, [buf], header.data_start + info.begin)
+    finally:
+        if own:
+            os.close(fd)
+    if got != info.nbytes:
+        raise FormatError(f"{header.path}: tensor {name!r} is cut short ({got} of {info.nbytes} bytes)")
+    if not buf:
+        return torch.empty(info.shape, dtype=torch_dtype)
+    return torch.frombuffer(buf, dtype=torch_dtype).reshape(info.shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The row-major little-endian bytes of a tensor, as safetensors stores them."""
+    return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def layout(header: ShardHeader, dtypes: dict[str, str]) -> tuple[bytes, dict[str, int], list[tuple[int, int, int]]]:
+    """Plan an output shard in which the tensors named in `dtypes` change dtype.
+
+    Returns the new file's header bytes (8-byte length included), each tensor's new absolute file
+    offset, and the copy operations (src_offset, dst_offset, length) that carry every other tensor's
+    bytes over unchanged. With no dtype change, the plan is one copy of the whole file.
+    """
+    if all(header.tensors[n].dtype == d for n, d in dtypes.items()):
+        offsets = {n: header.data_start + t.begin for n, t in header.tensors.items()}
+        return b"", offsets, [(0, 0, header.size)]
+    doc, pos = {}, 0
+    if header.metadata:
+        doc["__metadata__"] = header.metadata
+    ordered = sorted(header.tensors.values(), key=lambda t: t.begin)
+    for t in ordered:
+        dtype = dtypes.get(t.name, t.dtype)
+        n = t.nbytes // DTYPES[t.dtype][1] * DTYPES[dtype][1]
+        doc[t.name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    js = json.dumps(doc, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    head = struct.pack("<Q", len(js)) + js
+    offsets = {name: len(head) + e["data_offsets"][0] for name, e in doc.items() if name != "__metadata__"}
+    copies = [(header.data_start + t.begin, offsets[t.name], t.nbytes) for t in ordered if t.name not in dtypes]
+    return head, offsets, copies
+
+
+def copy_ranges(src: Path, dst_fd: int, head: bytes, copies: list[tuple[int, int, int]]) -> None:
+    """Write `head` at offset 0, then copy each (src_offset, dst_offset, length) range, kernel-side when possible."""
+    if head:
+        os.pwrite(dst_fd, head, 0)
+    with open(src, "rb") as f:
+        sfd = f.fileno()
+        for s, d, n in copies:
+            while n > 0:
+                try:
+                    k = os.copy_file_range(sfd, dst_fd, min(n, 1 << 30), s, d)
+                except OSError as e:
+                    if e.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: fall back
+                        raise
+                    k = 0
+                if k == 0:
+                    chunk = os.pread(sfd, min(n, COPY_CHUNK), s)
+                    if not chunk:
+                        raise FormatError(f"{src}: file ended early while copying; it is truncated")
+                    k = os.pwrite(dst_fd, chunk, d)
+                s, d, n = s + k, d + k, n - k
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in large chunks (hashlib releases the GIL, so this overlaps with compute)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,72 @@
+"""Tiny real models (several shards each) and helpers shared by the tests. Nothing reaches the network."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModel, AutoModelForCausalLM, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+    LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+)
+
+torch.set_num_threads(2)
+
+
+def make_config(kind: str):
+    if kind == "llama":  # grouped-query attention: 4 query heads, 2 KV heads
+        return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if kind == "qwen2":  # q/k/v biases
+        return Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if kind == "bert":
+        return BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=64)
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    raise ValueError(kind)
+
+
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "bert": BertModel, "gpt2": GPT2LMHeadModel}
+
+
+def build_model(kind: str, path, *, dtype=torch.float32, seed: int = 0, shard: str = "40KB"):
+    """Save a tiny random model of `kind` at `path` in several safetensors shards."""
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[kind](make_config(kind)).to(dtype)
+    with torch.no_grad():  # make biases non-zero so that they matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path, max_shard_size=shard)
+    return path
+
+
+def load(path, kind: str):
+    auto = AutoModel if kind == "bert" else AutoModelForCausalLM
+    return auto.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def logits(model, kind: str) -> torch.Tensor:
+    torch.manual_seed(123)
+    ids = torch.randint(3, 90, (2, 12))
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.last_hidden_state if kind == "bert" else out.logits
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(kind, dtype=float32) -> path of a cached tiny multi-shard model."""
+    cache = {}
+
+    def get(kind: str, dtype=torch.float32):
+        key = (kind, dtype)
+        if key not in cache:
+            cache[key] = build_model(kind, tmp_path_factory.mktemp(f"{kind}-{str(dtype)[6:]}"), dtype=dtype)
+        return cache[key]
+
+    return get

@@ -1,0 +1,60 @@
+"""The CLI: Hub ids through the local cache (offline), --json, one-line errors with exit codes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from ailora_tools.cli import main
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "ailora_tools.cli", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})})
+
+
+def hub_cache(src: Path, cache: Path, repo="acme/tiny-llama", commit="0123456789abcdef0123456789abcdef01234567"):
+    """Lay a model out as huggingface_hub's cache does: models--ORG--NAME/snapshots/<commit>, refs/main."""
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(src, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return repo
+
+
+def test_hub_id_from_offline_cache(tiny, tmp_path):
+    repo = hub_cache(Path(tiny("llama")), tmp_path / "hub")
+    res = run_cli("decompose", repo, "-o", tmp_path / "out", "--rank", "4", "--json",
+                  env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["source"]["model"] == repo and summary["modules"] == 4
+    assert (tmp_path / "out" / "residual" / "model.safetensors.index.json").is_file()
+    missing = run_cli("decompose", "acme/absent", "-o", tmp_path / "out2",
+                      env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert missing.returncode == 1
+    assert "acme/absent: not found on the Hub or in the local cache" in missing.stderr
+    assert "Traceback" not in missing.stderr and not (tmp_path / "out2").exists()
+
+
+def test_errors_are_one_line_with_nonzero_exit(tiny, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["decompose", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and res.output.count("\n") == 1
+    assert "nope: no such directory" in res.output
+    res = runner.invoke(main, ["decompose", str(tiny("llama")), "-o", str(tmp_path / "o"), "--rank", "64"])
+    assert res.exit_code == 1 and "--rank 64" in res.output and "so rank must be below" in res.output
+    res = runner.invoke(main, ["decompose", str(tiny("llama")), "-o", str(tmp_path / "o"), "--role", "k_proj"])
+    assert res.exit_code == 2 and "expected NAME=principal|minor" in res.output
+    res = runner.invoke(main, ["--debug", "decompose", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and res.exception is not None  # --debug re-raises for a traceback
+
+
+def test_summary_and_progress(tiny, tmp_path):
+    res = CliRunner().invoke(main, ["decompose", str(tiny("qwen2")), "-o", str(tmp_path / "o"), "--rank", "4",
+                                    "--method", "pissa", "--svd", "exact"])
+    assert res.exit_code == 0, res.output
+    assert "decomposed 4 modules" in res.output and "worst_recon_rel_fro" in res.output
