@@ -93,5 +93,47 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
     _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
 
 
+@main.command()
+@click.option("--trained", required=True, type=click.Path(), help="Adapter trained on the residual (ours or PEFT's PiSSA workflow).")
+@click.option("--initial", type=click.Path(), default=None, help="Initial adapter (default: the one the trained adapter's manifest names).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory for the standard LoRA.")
+@click.option("--max-rank", type=int, default=None, help="Re-compress each module to at most this rank (exact up to truncation; errors reported).")
+@click.option("--tolerance", type=float, default=None, help="Fail if a module's relative Frobenius error exceeds this.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="dtype of the saved factors.")
+@click.option("--base", default=None, help="Original model recorded as base_model_name_or_path (default: from the decompose manifest).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_fail_cleanly
+def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, as_json):
+    """Convert a trained adapter into a standard LoRA on the ORIGINAL base (rank 2r, or --max-rank)."""
+    from .convert import convert as run
+
+    summary = run(trained, out, initial=initial, max_rank=max_rank, tolerance=tolerance, dtype=dtype, base=base,
+                  overwrite=overwrite)
+    _print_summary(summary, as_json, f"converted {summary['modules']} modules into {summary['output']}")
+    if not as_json:
+        click.echo(f"serve with vLLM using --max-lora-rank {summary['vllm_max_lora_rank']} (or larger)")
+
+
+@main.command()
+@click.argument("base")
+@click.argument("adapter", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output model directory.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="dtype of merged weights (default: as stored).")
+@click.option("--revision", default=None, help="Hub revision of BASE.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted merge in the same output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def merge(base, adapter, out, dtype, revision, overwrite, resume, as_json, quiet):
+    """Merge ADAPTER into BASE (W + s·B·A in float32), streaming shard by shard."""
+    from .merge import merge as run
+
+    summary = run(base, adapter, out, dtype=dtype, revision=revision, overwrite=overwrite, resume=resume,
+                  progress=not (quiet or as_json))
+    _print_summary(summary, as_json, f"merged {summary['modules']} modules into {summary['output']}")
+
+
 if __name__ == "__main__":
     main()

@@ -88,6 +88,7 @@ class OutputDir:
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -135,6 +136,8 @@ class OutputDir:
             raise
         self.publish(rel)
 
-    def finish(self) -> None:
-        """Drop the journal once the manifest is published: the run is complete."""
+    def write_manifest(self, rel: str, manifest: dict) -> None:
+        """Write the run's manifest last and drop the journal: from here on the directory is complete."""
+        with self.open_atomic(rel, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True, default=str)
         (self.path / JOURNAL_NAME).unlink(missing_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,14 +81,20 @@ def key(module: str, which: str) -> str:
 
 
 def write_adapter(directory: Path, config: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  *, dtype: torch.dtype = torch.float32) -> None:
-    """Write config and weights into `directory` (which must exist). Callers publish atomically."""
+                  *, dtype: torch.dtype = torch.float32) -> list[Path]:
+    """Write weights, then config, each beside its name and renamed into place; return both paths."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, (A, B) in sorted(factors.items()):
         tensors[key(module, "A")] = A.to(dtype).contiguous()
         tensors[key(module, "B")] = B.to(dtype).contiguous()
-    save_file(tensors, str(Path(directory) / WEIGHTS_NAME), metadata={"format": "pt"})
-    (Path(directory) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    weights, cfg = d / WEIGHTS_NAME, d / CONFIG_NAME
+    save_file(tensors, str(d / f".{WEIGHTS_NAME}.partial"), metadata={"format": "pt"})
+    os.replace(d / f".{WEIGHTS_NAME}.partial", weights)
+    (d / f".{CONFIG_NAME}.partial").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(d / f".{CONFIG_NAME}.partial", cfg)
+    return [weights, cfg]
 
 
 def read_adapter(directory: Path | str) -> Adapter:

@@ -1,0 +1,145 @@
+"""Turn a trained adapter on the residual into a standard LoRA on the ORIGINAL base.
+
+ΔW = s·B·A − s0·B0·A0 = s'·[B·s/s' | −B0·s0/s']·[A ; A0]: a rank-2r LoRA, exact. One r and one α for
+every module (per-module scales folded into B), so servers that ignore rank/alpha patterns scale it
+right. `max_rank` re-compresses each module exactly up to truncation: QR of both factors, SVD of the
+small core, keep the largest triplets; the dropped singular values give the reported error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import AiloraError, FormatError, InputNotFoundError, NumericsError
+from .output import OutputDir
+from .peft_format import Adapter, lora_config, read_adapter, write_adapter
+
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+TRAIN_MANIFEST = "ailora-train.json"
+CONVERT_MANIFEST = "ailora-convert.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest `--max-lora-rank` a vLLM server accepts that fits `rank`."""
+    for choice in VLLM_MAX_LORA_RANKS:
+        if choice >= rank:
+            return choice
+    raise NumericsError(f"rank {rank} exceeds vLLM's largest --max-lora-rank (512); convert with --max-rank 512")
+
+
+def initial_adapter_of(trained: Path) -> Path:
+    """The initial adapter a trained adapter started from, as its training manifest records."""
+    manifest = Path(trained) / TRAIN_MANIFEST
+    if not manifest.is_file():
+        raise InputNotFoundError(f"{trained}: no {TRAIN_MANIFEST} naming the initial adapter; pass --initial")
+    return Path(json.loads(manifest.read_text())["initial_adapter"])
+
+
+def original_base_of(initial: Path) -> str | None:
+    """The original model an initial adapter was decomposed from (its decompose manifest's source)."""
+    manifest = Path(initial).parent / "ailora.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("source", {}).get("model")
+    return None
+
+
+def delta_factors(initial: Adapter, trained: Adapter) -> tuple[dict, float, dict]:
+    """Per module (B', A') with s'·B'·A' = ΔW, the common scale s', and a per-module ΔW-is-zero flag."""
+    if set(initial.factors) != set(trained.factors):
+        raise FormatError("initial and trained adapters adapt different modules: "
+                          f"{sorted(set(initial.factors) ^ set(trained.factors))}")
+    c = trained.config
+    s_common = c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"])
+    out, unchanged = {}, {}
+    for m, (A, B) in trained.factors.items():
+        A0, B0 = initial.factors[m]
+        if A.shape != A0.shape or B.shape != B0.shape:
+            raise FormatError(f"{m}: trained factors {tuple(A.shape)}/{tuple(B.shape)} do not match the initial "
+                              f"{tuple(A0.shape)}/{tuple(B0.shape)}; pass the initial adapter this training started from")
+        s, s0 = trained.scale(m), initial.scale(m)
+        B_cat = torch.cat([B.double() * (s / s_common), -B0.double() * (s0 / s_common)], dim=1)
+        out[m] = (B_cat, torch.cat([A.double(), A0.double()], dim=0))
+        unchanged[m] = torch.equal(A, A0) and torch.equal(B, B0) and s == s0
+    return out, s_common, unchanged
+
+
+def compress(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-k factors of B·A (Eckart–Young), and the relative Frobenius error of dropping the rest."""
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.T)
+    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T)
+    k = min(k, S.numel())
+    root = S[:k].sqrt()
+    total = float(S.square().sum())
+    err = math.sqrt(float(S[k:].square().sum()) / total) if total > 0 else 0.0
+    return Qb @ (Uc[:, :k] * root), (root[:, None] * Vch[:k]) @ Qa.T, err
+
+
+def convert(
+    trained: str | os.PathLike, out: str | os.PathLike, *, initial: str | os.PathLike | None = None,
+    max_rank: int | None = None, tolerance: float | None = None, dtype: str = "float32", base: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write a PEFT LoRA directory that gives the trained model on the original (untouched) base.
+
+    Args:
+        trained: adapter trained on the residual (ours, or from PEFT's PiSSA workflow).
+        out: output directory for the standard LoRA.
+        initial: the initial adapter (default: the one the trained adapter's manifest names).
+        max_rank: re-compress every module to at most this rank; errors are reported.
+        tolerance: fail if any module's relative Frobenius error exceeds it.
+        dtype: float32, float16 or bfloat16 for the saved factors.
+        base: original model id/path recorded in the config (default: from the decompose manifest).
+
+    Returns:
+        Summary: rank, alpha, the vLLM `--max-lora-rank` needed, per-module and worst errors.
+
+    Raises:
+        AiloraError: ΔW = 0 (nothing trained), mismatched adapters, or an error above `tolerance`.
+
+    Example:
+        >>> convert("trained", "lora", initial="out/adapter", max_rank=32)  # doctest: +SKIP
+    """
+    trained = Path(trained)
+    initial = Path(initial) if initial is not None else initial_adapter_of(trained)
+    init_ad, tr_ad = read_adapter(initial), read_adapter(trained)
+    pairs, scale, unchanged = delta_factors(init_ad, tr_ad)
+    if all(unchanged.values()):
+        raise AiloraError(f"{trained}: the trained adapter equals the initial one {initial} (ΔW = 0): nothing "
+                          "was learned, so there is nothing to convert; check that training ran and saved")
+    full_rank = max(B.shape[1] for B, _ in pairs.values())
+    rank = full_rank if max_rank is None else min(max_rank, full_rank)
+    factors, errors = {}, {}
+    for m, (B, A) in pairs.items():
+        if B.shape[1] > rank:
+            B, A, errors[m] = compress(B, A, rank)
+        else:
+            errors[m] = 0.0
+        pad = rank - B.shape[1]  # one r for every module: pad with zero directions
+        factors[m] = (torch.nn.functional.pad(A, (0, 0, 0, pad)), torch.nn.functional.pad(B, (0, pad)))
+    worst = max(errors.values(), default=0.0)
+    if tolerance is not None and worst > tolerance:
+        bad = ", ".join(f"{m} ({e:.2e})" for m, e in sorted(errors.items()) if e > tolerance)
+        raise NumericsError(f"--max-rank {max_rank}: relative error above --tolerance {tolerance} in {bad}; "
+                            "raise --max-rank or the tolerance")
+    c = tr_ad.config
+    rslora = bool(c.get("use_rslora"))
+    config = lora_config(rank=rank, alpha=scale * (math.sqrt(rank) if rslora else rank),
+                         targets=[m.rsplit(".", 1)[-1] for m in factors], rslora=rslora,
+                         base=base or original_base_of(initial) or c.get("base_model_name_or_path"),
+                         task_type=c.get("task_type"), fan_in_fan_out=bool(c.get("fan_in_fan_out")))
+    summary = {
+        "trained": str(trained), "initial": str(initial), "output": str(Path(out).absolute()),
+        "rank": rank, "lora_alpha": config["lora_alpha"], "use_rslora": rslora, "modules": len(factors),
+        "vllm_max_lora_rank": vllm_max_lora_rank(rank), "worst_rel_fro_error": worst,
+        "unchanged_modules": sorted(m for m, u in unchanged.items() if u), "errors": errors,
+    }
+    with OutputDir(out, inputs=[trained, initial], overwrite=overwrite) as od:
+        write_adapter(od.path, config, factors, dtype=DTYPES[dtype])
+        od.write_manifest(CONVERT_MANIFEST, summary)
+    return summary

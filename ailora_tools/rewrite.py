@@ -1,0 +1,140 @@
+"""Rewrite a checkpoint into an output directory: copy every byte, replace only chosen tensors.
+
+Shard by shard: the shard's bytes are copied kernel-side on a worker thread (the next shard's copy
+overlaps this shard's compute), each chosen tensor's byte range is overwritten with what `compute`
+returns, the shard is published by rename and recorded in the journal, and sha256 of every source and
+output file is taken on another thread. Non-weight files (config, tokenizer) are copied; the index last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint
+from .output import OutputDir
+from .tensorio import ShardHeader, TensorInfo, copy_ranges, layout, read_header, read_tensor, sha256_file, tensor_bytes
+
+#: compute(info, W) -> the tensor to store instead of W (same shape; dtype = the output dtype)
+Compute = Callable[[TensorInfo, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _Job:
+    header: ShardHeader
+    fd: int
+    offsets: dict[str, int]
+    copied: Future
+
+
+class Hashes:
+    """sha256 of source and output files, computed on a background thread."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self._jobs: dict[tuple[str, str], Future] = {}
+
+    def add(self, kind: str, rel: str, path: Path) -> None:
+        self._jobs[(kind, rel)] = self._pool.submit(sha256_file, path)
+
+    def result(self) -> dict[str, dict[str, str]]:
+        files: dict[str, dict[str, str]] = {"source": {}, "output": {}}
+        for (kind, rel), fut in sorted(self._jobs.items()):
+            files[kind][rel] = fut.result()
+        self._pool.shutdown()
+        return files
+
+
+def rewrite_checkpoint(
+    ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]], compute: Compute, *,
+    hashes: Hashes, out_dtype: str | None = None, on_shard: Callable[[str], dict] = lambda s: {},
+    on_reuse: Callable[[str, dict], bool] = lambda s, rec: True, progress: bool = True, desc: str = "",
+) -> None:
+    """Write `od/subdir` as a copy of the checkpoint whose tensors in `plan` are replaced.
+
+    Args:
+        plan: shard name -> tensor names to replace (in that shard).
+        compute: gives each replacement; called in shard order, one tensor at a time.
+        out_dtype: safetensors dtype ("F32", "BF16", ...) of replaced tensors; default as stored.
+        on_shard: called after a shard is published; its dict is journaled for `--resume`.
+        on_reuse: called for a shard finished by an earlier run; return False to redo it.
+    """
+    for name in ckpt.extra_files:
+        _copy_small(od, hashes, ckpt.root / name, _rel(subdir, name))
+    todo = []
+    for shard in ckpt.shards:
+        rec, final = od.finished(_rel(subdir, shard)), od.path / subdir / shard
+        if rec is not None and final.is_file() and on_reuse(shard, rec):
+            hashes.add("source", shard, ckpt.headers[shard].path)
+            hashes.add("output", _rel(subdir, shard), final)
+        else:
+            todo.append(shard)
+    copier = ThreadPoolExecutor(1, thread_name_prefix="copy")
+    jobs: dict[str, _Job] = {}
+    bar = tqdm(total=sum(len(plan.get(s, [])) for s in todo), unit="matrix", disable=not progress)
+    try:
+        for i, shard in enumerate(todo):
+            for s in todo[i:i + 2]:  # this shard and the next: the next one's copy overlaps our compute
+                if s not in jobs:
+                    jobs[s] = _start(ckpt.headers[s], od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier)
+            bar.set_description(f"{desc} {shard}".strip())
+            job = jobs.pop(shard)
+            hashes.add("source", shard, job.header.path)
+            with open(job.header.path, "rb") as src:
+                for name in plan.get(shard, []):
+                    new = compute(job.header.tensors[name], read_tensor(job.header, name, src.fileno()))
+                    data = tensor_bytes(new)
+                    job.copied.result()
+                    if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
+                        raise OSError(f"short write of {name!r} into {od.partial(_rel(subdir, shard))}")
+                    bar.update(1)
+            job.copied.result()
+            os.close(job.fd)
+            final = od.publish(_rel(subdir, shard))
+            hashes.add("output", _rel(subdir, shard), final)
+            od.mark_done(_rel(subdir, shard), on_shard(shard))
+    finally:
+        bar.close()
+        for job in jobs.values():
+            job.copied.cancel()
+            os.close(job.fd)
+        copier.shutdown(wait=True)
+    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None)
+
+
+def _rel(subdir: str, name: str) -> str:
+    return f"{subdir}/{name}" if subdir else name
+
+
+def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier) -> _Job:
+    head, offsets, copies = layout(header, {n: out_dtype for n in names} if out_dtype else {})
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies))
+
+
+def _copy_small(od: OutputDir, hashes: Hashes, src: Path, rel: str) -> None:
+    shutil.copyfile(src, od.partial(rel))
+    hashes.add("source", src.name, src)
+    hashes.add("output", rel, od.publish(rel))
+
+
+def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, changed: bool) -> None:
+    if ckpt.index_file is None:
+        return
+    rel, src = _rel(subdir, ckpt.index_file), ckpt.root / ckpt.index_file
+    if not changed:
+        return _copy_small(od, hashes, src, rel)
+    doc = json.loads(src.read_text())
+    doc.setdefault("metadata", {})["total_size"] = sum(
+        (od.path / subdir / s).stat().st_size - read_header(od.path / subdir / s).data_start for s in ckpt.shards)
+    with od.open_atomic(rel, "w") as f:
+        json.dump(doc, f, indent=2)
+    hashes.add("source", ckpt.index_file, src)
+    hashes.add("output", rel, od.path / rel)
