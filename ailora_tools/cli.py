@@ -57,8 +57,24 @@ def _roles(_ctx, _param, values) -> dict[str, str]:
     return out
 
 
+def _config_option(section: str):
+    """--config FILE: a recipe's [section] table becomes the command's defaults; explicit flags win."""
+    def load(ctx, _param, value):
+        if value is not None:
+            from .config import load_recipe
+
+            try:
+                ctx.default_map = {**(ctx.default_map or {}), **load_recipe(value, section)}
+            except AiloraError as e:
+                raise click.BadParameter(str(e)) from e
+        return value
+    return click.option("--config", type=click.Path(), default=None, is_eager=True, expose_value=False,
+                        callback=load, help=f"Recipe TOML whose [{section}] table sets defaults (flags override).")
+
+
 @main.command()
-@click.argument("model")
+@_config_option("decompose")
+@click.argument("model", required=False)
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (residual/, adapter/, ailora.json).")
 @click.option("--method", type=click.Choice(["ailora", "pissa", "milora", "lora"]), default="ailora",
               help="ailora: query principal, value minor; pissa: all principal; milora: all minor; lora: Kaiming A, B=0.")
@@ -86,6 +102,8 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
     """Decompose MODEL (local dir or Hub id) into OUT/residual + OUT/adapter, streaming shard by shard."""
     from .decompose import decompose as run
 
+    if model is None:
+        raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= in --config")
     summary = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora,
                   targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd,
                   niter=niter, oversample=oversample, seed=seed, device=device, residual_dtype=residual_dtype,
@@ -133,6 +151,61 @@ def merge(base, adapter, out, dtype, revision, overwrite, resume, as_json, quiet
     summary = run(base, adapter, out, dtype=dtype, revision=revision, overwrite=overwrite, resume=resume,
                   progress=not (quiet or as_json))
     _print_summary(summary, as_json, f"merged {summary['modules']} modules into {summary['output']}")
+
+
+@main.command()
+@_config_option("train")
+@click.option("--base", required=True, type=click.Path(), help="Frozen base: the residual model directory from decompose.")
+@click.option("--adapter", required=True, type=click.Path(), help="Initial adapter (OUT/adapter from decompose).")
+@click.option("--data", required=True, type=click.Path(), help='Training JSONL: {"text"}, {"prompt","completion"} or {"messages"}.')
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory for the trained adapter.")
+@click.option("--eval-data", type=click.Path(), default=None, help="Evaluation JSONL (eval loss at the start, every --eval-every steps and at the end).")
+@click.option("--epochs", type=int, default=1, help="Passes over the data (ignored when --max-steps is given).")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps to run.")
+@click.option("--lr", type=float, default=2e-4, help="Peak learning rate (AdamW).")
+@click.option("--batch-size", type=int, default=4, help="Examples per micro-batch.")
+@click.option("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
+@click.option("--max-length", type=int, default=512, help="Tokens per example (longer ones are cut).")
+@click.option("--warmup", type=int, default=0, help="Warm-up steps.")
+@click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", help="Learning-rate schedule after warm-up.")
+@click.option("--seed", type=int, default=0, help="Seed for data order and model-side randomness.")
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (one is always saved at the end).")
+@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", help="auto: bfloat16 autocast on CUDA, float32 on CPU.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def train(base, adapter, data, out, eval_data, epochs, max_steps, lr, batch_size, grad_accum, max_length, warmup,
+          scheduler, seed, save_every, eval_every, resume, device, dtype, overwrite, as_json, quiet):
+    """Train the adapter on the frozen residual; only the LoRA factors learn."""
+    from .train import train as run
+
+    summary = run(base, adapter, data, out, eval_data=eval_data, epochs=epochs, max_steps=max_steps, lr=lr,
+                  batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
+                  scheduler=scheduler, seed=seed, save_every=save_every, eval_every=eval_every, resume=resume,
+                  device=device, dtype=dtype, overwrite=overwrite, progress=not (quiet or as_json))
+    _print_summary(summary, as_json, f"trained {summary['steps']} steps into {summary['output']}")
+
+
+@main.command()
+@click.option("-o", "--out", type=click.Path(), default="ailora-demo", help="Directory for every step's output.")
+@click.option("--steps", type=int, default=300, help="Training steps.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_fail_cleanly
+def demo(out, steps, quiet):
+    """Run decompose → train → convert → merge on a built-in tiny model and check that all agree."""
+    from .demo import demo as run
+
+    rows = run(out, steps=steps, progress=not quiet)
+    width = max(len(r["step"]) for r in rows)
+    click.echo(f"\n{'step':<{width}}  {'seconds':>7}  {'check':<48}  output")
+    for r in rows:
+        mark = "ok" if r["ok"] else "FAILED"
+        click.echo(f"{r['step']:<{width}}  {r['seconds']:>7.2f}  {r['check'] + ' ' + mark:<48}  {r['output']}")
+    click.echo("all checks passed")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,118 @@
+"""The built-in demo: the whole workflow on a tiny Llama-style model and a dataset shipped with the package.
+
+decompose (ailora) → train → convert → merge, then a parity check: original + converted LoRA,
+residual + trained adapter and the merged model must give the same logits. No network.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import string
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .convert import convert
+from .decompose import decompose
+from .errors import AiloraError, OutputError
+from .merge import merge
+from .train import train
+
+MARKER = "demo.json"
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+PARITY_TOL = 1e-4
+
+
+def data_file(name: str) -> Path:
+    """A file shipped in ailora_tools/data."""
+    return Path(str(resources.files("ailora_tools") / "data" / name))
+
+
+def build_tiny_model(path: str | Path, *, seed: int = 0) -> Path:
+    """Save a random tiny Llama (GQA, 4 layers, hidden 128) with a character-level tokenizer, in shards."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {t: i for i, t in enumerate(specials + list(string.printable[:-2]))}
+    chars = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    chars.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=chars, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path, max_shard_size="400KB")
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def demo(out: str | Path = "ailora-demo", *, steps: int = 300, progress: bool = True) -> list[dict]:
+    """Run the whole workflow in `out`; return one row per step (name, output, seconds, check, ok).
+
+    Raises:
+        OutputError: `out` exists, is not empty and is not an earlier demo.
+        AiloraError: a check failed (the rows are in the message).
+    """
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the demo prints its own table; loading bars would bury it
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    out = Path(out).absolute()
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise OutputError(f"-o {out}: exists and is not an earlier demo; choose another directory")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    rows: list[dict] = []
+
+    def step(name: str, path: Path, fn, check):
+        t0 = time.perf_counter()
+        result = fn()
+        text, ok = check(result)
+        rows.append({"step": name, "output": str(path), "seconds": round(time.perf_counter() - t0, 2),
+                     "check": text, "ok": ok})
+        return result
+
+    base = step("build tiny model", out / "base", lambda: build_tiny_model(out / "base"),
+                lambda p: (f"{len(list(p.glob('*.safetensors')))} shards", True))
+    dec = step("decompose (ailora, r=8)", out / "decomposed",
+               lambda: decompose(base, out / "decomposed", rank=8, progress=progress),
+               lambda s: (f"worst reconstruction error {s['worst_recon_rel_fro']:.1e}", s["worst_recon_rel_fro"] < 1e-6))
+    tr = step("train", out / "trained",
+              lambda: train(out / "decomposed" / "residual", out / "decomposed" / "adapter", data_file("demo_train.jsonl"),
+                            out / "trained", eval_data=data_file("demo_eval.jsonl"), max_steps=steps, lr=1e-2,
+                            batch_size=16, warmup=10, progress=progress),
+              lambda s: (f"eval loss {s['eval_loss_start']:.3f} -> {s['eval_loss']:.3f}",
+                         s["eval_loss"] < 0.8 * s["eval_loss_start"]))
+    conv = step("convert", out / "lora", lambda: convert(out / "trained", out / "lora"),
+                lambda s: (f"rank {s['rank']}, vLLM --max-lora-rank {s['vllm_max_lora_rank']}",
+                           s["worst_rel_fro_error"] == 0.0))
+    step("merge", out / "merged", lambda: merge(base, out / "lora", out / "merged", progress=progress),
+         lambda s: (f"{s['modules']} modules merged", True))
+
+    def parity():
+        tok = AutoTokenizer.from_pretrained(base)
+        ids = tok(["Q: 12 + 30 = ?\nA: 42", "Q: 7 - 9 = ?\nA: -2"], return_tensors="pt", padding=True)
+        load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
+        with torch.no_grad():
+            a = PeftModel.from_pretrained(load(base), out / "lora")(**ids).logits
+            b = PeftModel.from_pretrained(load(out / "decomposed" / "residual"), out / "trained")(**ids).logits
+            c = load(out / "merged")(**ids).logits
+        return max(float((a - b).abs().max()), float((a - c).abs().max()), float((b - c).abs().max()))
+
+    step("parity check", out, parity, lambda d: (f"max logit difference {d:.1e} (limit {PARITY_TOL:.0e})", d <= PARITY_TOL))
+    (out / MARKER).write_text(json.dumps({"steps": rows, "train": tr, "convert": conv, "decompose": dec},
+                                         indent=2, default=str))
+    if not all(r["ok"] for r in rows):
+        failed = "; ".join(f"{r['step']}: {r['check']}" for r in rows if not r["ok"])
+        raise AiloraError(f"demo checks failed: {failed} (details in {out / MARKER})")
+    return rows

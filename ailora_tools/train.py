@@ -1,0 +1,221 @@
+"""A minimal trainer for an adapter on its frozen residual; reads top to bottom: setup, train, save.
+
+Only the LoRA factors train (transformers model + PEFT). Checkpoints hold adapter, optimizer,
+scheduler, RNG state and data position (safetensors + JSON, no pickle), so `resume` continues exactly.
+The output is a PEFT adapter directory plus `ailora-train.json`, which names the initial adapter so
+that `convert` needs no other argument.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .convert import TRAIN_MANIFEST
+from .data import collate, load_jsonl
+from .errors import InputNotFoundError, TargetError
+from .output import OutputDir
+from .peft_format import read_adapter, write_adapter
+from .svd import resolve_device
+
+SCHEDULERS = ("cosine", "linear", "constant")
+CKPT_DIR = "checkpoints"
+_LORA_PARAM = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.[^.]+\.weight$")
+
+
+def train(
+    base: str | os.PathLike, adapter: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+    eval_data: str | os.PathLike | None = None, epochs: int = 1, max_steps: int | None = None, lr: float = 2e-4,
+    batch_size: int = 4, grad_accum: int = 1, max_length: int = 512, warmup: int = 0, scheduler: str = "cosine",
+    seed: int = 0, save_every: int | None = None, eval_every: int | None = None, resume: bool = False,
+    device: str = "auto", dtype: str = "auto", overwrite: bool = False, progress: bool = True,
+) -> dict:
+    """Train `adapter` on the frozen `base` and write a PEFT adapter directory to `out`.
+
+    Args:
+        base: the residual model directory (or any base the adapter applies to).
+        adapter: the initial adapter (e.g. OUT/adapter from decompose).
+        data, eval_data: JSONL files ({"text"}, {"prompt","completion"} or {"messages"}).
+        epochs, max_steps: length of training (max_steps wins when given); a step is one optimizer update.
+        lr, batch_size, grad_accum, max_length, warmup, scheduler: the usual; warmup in steps.
+        seed: seeds model-side randomness and the data order.
+        save_every, eval_every: checkpoint / eval period in steps (a checkpoint is always saved at the end).
+        resume: continue from the latest checkpoint in `out`.
+        device: auto, cpu, cuda, cuda:N. dtype: auto (bfloat16 autocast on CUDA, float32 on CPU),
+            float32 or bfloat16.
+
+    Returns:
+        Summary: steps, first and last training loss, eval loss, seconds, output path.
+
+    Example:
+        >>> train("out/residual", "out/adapter", "train.jsonl", "trained", max_steps=100)  # doctest: +SKIP
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+    # ---- setup -------------------------------------------------------------------------------------
+    started = time.perf_counter()
+    if scheduler not in SCHEDULERS:
+        raise TargetError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if not Path(base).is_dir():
+        raise InputNotFoundError(f"--base {base}: no such model directory")
+    dev = resolve_device(device)
+    autocast = dev.type == "cuda" and dtype in ("auto", "bfloat16")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = load_jsonl(data, tokenizer, max_length=max_length)
+    evals = load_jsonl(eval_data, tokenizer, max_length=max_length) if eval_data else []
+    initial = read_adapter(adapter)
+    steps_per_epoch = math.ceil(len(examples) / (batch_size * grad_accum))
+    total = max_steps or epochs * steps_per_epoch
+    settings = {"tool": __version__, "base": str(Path(base).absolute()), "initial_adapter": str(Path(adapter).absolute()),
+                "data": str(Path(data).absolute()), "eval_data": str(Path(eval_data).absolute()) if eval_data else None,
+                "steps": total, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length,
+                "warmup": warmup, "scheduler": scheduler, "seed": seed, "dtype": dtype}
+    torch.manual_seed(seed)
+    # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if autocast else torch.float32)
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True).to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = get_scheduler(scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    state = {"step": 0, "epoch": 0, "pos": 0}
+
+    def next_batch():
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100003 + state["epoch"]))
+        idx = order[state["pos"]: state["pos"] + batch_size].tolist()
+        state["pos"] += batch_size
+        if state["pos"] >= len(examples):
+            state["epoch"], state["pos"] = state["epoch"] + 1, 0
+        return {k: v.to(dev) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+
+    def evaluate() -> float:
+        model.eval()
+        total_loss, tokens = 0.0, 0
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            for i in range(0, len(evals), batch_size):
+                batch = {k: v.to(dev) for k, v in collate(evals[i:i + batch_size], pad_id).items()}
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                total_loss += float(model(**batch).loss) * n
+                tokens += n
+        model.train()
+        return total_loss / max(tokens, 1)
+
+    with OutputDir(out, inputs=[Path(base), Path(adapter)], overwrite=overwrite, resume=resume,
+                   settings=settings) as od:
+        metrics_path = od.path / "metrics.jsonl"
+        if resume and (latest := _latest_checkpoint(od.path)) is not None:
+            _restore(latest, model, optimizer, sched, state)
+            _truncate_metrics(metrics_path, state["step"])
+        eval_start = evaluate() if evals else None
+        if eval_start is not None and state["step"] == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": 0, "eval_loss": eval_start}) + "\n")
+        # ---- train ---------------------------------------------------------------------------------
+        model.train()
+        bar = tqdm(total=total, initial=state["step"], desc="train", disable=not progress)
+        while state["step"] < total:
+            step_loss = 0.0
+            for _ in range(grad_accum):
+                with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                    loss = model(**next_batch()).loss / grad_accum
+                loss.backward()
+                step_loss += float(loss.detach())
+            optimizer.step()
+            sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            record = {"step": state["step"], "loss": step_loss, "lr": sched.get_last_lr()[0]}
+            if evals and eval_every and state["step"] % eval_every == 0:
+                record["eval_loss"] = evaluate()
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
+            bar.update(1)
+            if save_every and state["step"] % save_every == 0 and state["step"] < total:
+                _save_checkpoint(od, model, optimizer, sched, state, initial.config)
+        bar.close()
+        # ---- save ----------------------------------------------------------------------------------
+        _save_checkpoint(od, model, optimizer, sched, state, initial.config)
+        write_adapter(od.path, initial.config, _factors(model))
+        eval_loss = evaluate() if evals else None
+        if eval_loss is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": state["step"], "eval_loss": eval_loss, "final": True}) + "\n")
+        history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        train_losses = [r["loss"] for r in history if "loss" in r]
+        summary = {"output": str(od.path), "steps": state["step"], "first_loss": train_losses[0] if train_losses else None,
+                   "last_loss": train_losses[-1] if train_losses else None, "eval_loss_start": eval_start,
+                   "eval_loss": eval_loss,
+                   "trainable_parameters": sum(p.numel() for p in params)}
+        od.write_manifest(TRAIN_MANIFEST, {**settings, "summary": summary})
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    A, B = {}, {}
+    for name, p in model.named_parameters():
+        if (m := _LORA_PARAM.match(name)) is not None:
+            (A if m.group(2) == "A" else B)[m.group(1)] = p.detach().float().cpu()
+    return {m: (A[m], B[m]) for m in A}
+
+
+def _save_checkpoint(od: OutputDir, model, optimizer, sched, state: dict, config: dict) -> None:
+    """checkpoints/step-N/: adapter, optimizer tensors + RNG (safetensors), trainer_state.json last."""
+    rel = f"{CKPT_DIR}/step-{state['step']:07d}"
+    tmp = od.partial(rel)
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_adapter(tmp, config, _factors(model))
+    opt = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "trainer_state.json").write_text(json.dumps(
+        {**state, "param_groups": opt["param_groups"], "scheduler": sched.state_dict()}, default=str))
+    shutil.rmtree(od.path / rel, ignore_errors=True)
+    od.publish(rel)
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in (out / CKPT_DIR).glob("step-*") if (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+def _restore(ckpt: Path, model, optimizer, sched, state: dict) -> None:
+    saved = json.loads((ckpt / "trainer_state.json").read_text())
+    factors = read_adapter(ckpt).factors
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (m := _LORA_PARAM.match(name)) is not None:
+                p.copy_(factors[m.group(1)][0 if m.group(2) == "A" else 1])
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, i, k = key.split(".", 2)
+            opt_state.setdefault(int(i), {})[k] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": saved["param_groups"]})
+    sched.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    state.update({k: saved[k] for k in ("step", "epoch", "pos")})
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step
+                and not json.loads(line).get("final")]
+        path.write_text("".join(line + "\n" for line in keep))
