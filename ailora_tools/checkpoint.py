@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+import torch
+from safetensors.torch import save_file
 
 from .errors import FormatError, InputNotFoundError, UnsupportedError
 from .tensorio import ShardHeader, TensorInfo, read_header
@@ -38,12 +44,16 @@ class Checkpoint:
     extra_files: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, model: str | os.PathLike, *, revision: str | None = None) -> "Checkpoint":
+    def open(cls, model: str | os.PathLike, *, revision: str | None = None, allow_pickle: bool = False,
+             scratch: str | os.PathLike | None = None) -> "Checkpoint":
         """Resolve a local directory or a Hub repo id and read every shard header.
 
         Args:
             model: a directory holding config.json and safetensors weights, or a Hub id "org/name".
             revision: Hub branch, tag or commit (Hub ids only).
+            allow_pickle: accept a local model with only .bin/.pt weights: each file is loaded with
+                torch.load(weights_only=True), one at a time, and re-saved as safetensors in a scratch
+                directory under `scratch` (removed when the Checkpoint is collected or at exit).
 
         Raises:
             InputNotFoundError: no such directory or repo, or no weights in it.
@@ -55,6 +65,11 @@ class Checkpoint:
         """
         path = Path(model).expanduser()
         if path.is_dir():
+            if allow_pickle and _pickle_only(path):
+                staged = Path(tempfile.mkdtemp(prefix=".ailora-unpickled-", dir=scratch))
+                ckpt = cls._load(str(model), None, _unpickle(path.resolve(), staged), None, lambda name: staged / name)
+                weakref.finalize(ckpt, shutil.rmtree, staged, True)
+                return ckpt
             return cls._load(str(model), None, path.resolve(), None, lambda name: path / name)
         if path.exists():
             raise InputNotFoundError(f"{model}: is a file; pass the model directory that holds it")
@@ -103,8 +118,9 @@ class Checkpoint:
             if not other:
                 if any(f.endswith(PICKLE_SUFFIXES) for f in files):
                     raise UnsupportedError(
-                        f"{source}: only pickled weights (.bin/.pt) found; pickle can run code when loaded. "
-                        "Convert them to safetensors first (save_pretrained(..., safe_serialization=True))"
+                        f"{source}: only pickled weights (.bin/.pt) found, and unpickling can run code. Pass "
+                        "--allow-pickle to load them with torch.load(weights_only=True), or convert them to "
+                        "safetensors first (save_pretrained(..., safe_serialization=True))"
                     )
                 raise InputNotFoundError(f"{source}: no *.safetensors weights in {root}")
             shards, index_file = other, None
@@ -172,3 +188,29 @@ def _no_duplicates(pairs):
             raise ValueError(f"it names {k!r} twice")
         seen.add(k)
     return dict(pairs)
+
+
+def _pickle_only(root: Path) -> bool:
+    names = [p.name for p in root.iterdir() if p.is_file()]
+    return not any(n.endswith(".safetensors") for n in names) and any(n.endswith(PICKLE_SUFFIXES) for n in names)
+
+
+def _unpickle(root: Path, staged: Path) -> Path:
+    """Re-save every pickled weight file of `root` as safetensors in `staged`, with an index; copy the rest."""
+    weight_map: dict[str, str] = {}
+    for src in sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES)):
+        try:
+            state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+            raise FormatError(f"{src}: cannot be loaded with torch.load(weights_only=True): {e}") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise FormatError(f"{src}: not a state dict of tensors")
+        name = src.name.replace("pytorch_model", "model").rsplit(".", 1)[0] + ".safetensors"
+        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(staged / name))
+        weight_map.update({k: name for k in state})
+        del state
+    (staged / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    for p in root.iterdir():
+        if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json"):
+            shutil.copyfile(p, staged / p.name)
+    return staged

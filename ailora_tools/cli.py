@@ -1,6 +1,7 @@
 """The `ailora-tools` command line: each command parses its options, calls the library, prints."""
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from functools import wraps
@@ -17,16 +18,26 @@ def _fail_cleanly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (AiloraError, OSError, ValueError) as e:
+        except Exception as e:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
-            msg = str(e) if isinstance(e, AiloraError) else f"{e.__class__.__name__}: {e}"
-            click.echo(f"error: {msg}", err=True)
+            click.echo(f"error: {' '.join(_one_line(e).split())}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; rerun with --resume to finish the job", err=True)
             sys.exit(130)
     return wrapper
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, AiloraError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"no space left on device{f' writing {e.filename}' if e.filename else ''}: free space or choose "
+                "another output directory, then rerun with --resume (the output is incomplete: it has no manifest)")
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+    return f"{e.__class__.__name__}: {e} (rerun with --debug for the traceback)"
 
 
 def _print_summary(summary: dict, as_json: bool, title: str) -> None:
@@ -92,13 +103,14 @@ def _config_option(section: str):
 @click.option("--residual-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="dtype of residual target weights (default: the checkpoint's).")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
+@click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in the same output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed, device,
-              residual_dtype, revision, overwrite, resume, as_json, quiet):
+              residual_dtype, revision, allow_pickle, overwrite, resume, as_json, quiet):
     """Decompose MODEL (local dir or Hub id) into OUT/residual + OUT/adapter, streaming shard by shard."""
     from .decompose import decompose as run
 
@@ -107,7 +119,8 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
     summary = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora,
                   targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd,
                   niter=niter, oversample=oversample, seed=seed, device=device, residual_dtype=residual_dtype,
-                  revision=revision, overwrite=overwrite, resume=resume, progress=not (quiet or as_json))
+                  revision=revision, allow_pickle=allow_pickle, overwrite=overwrite, resume=resume,
+                  progress=not (quiet or as_json))
     _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
 
 
@@ -139,17 +152,18 @@ def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, 
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output model directory.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="dtype of merged weights (default: as stored).")
 @click.option("--revision", default=None, help="Hub revision of BASE.")
+@click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted merge in the same output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def merge(base, adapter, out, dtype, revision, overwrite, resume, as_json, quiet):
+def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, as_json, quiet):
     """Merge ADAPTER into BASE (W + s·B·A in float32), streaming shard by shard."""
     from .merge import merge as run
 
-    summary = run(base, adapter, out, dtype=dtype, revision=revision, overwrite=overwrite, resume=resume,
-                  progress=not (quiet or as_json))
+    summary = run(base, adapter, out, dtype=dtype, revision=revision, allow_pickle=allow_pickle, overwrite=overwrite,
+                  resume=resume, progress=not (quiet or as_json))
     _print_summary(summary, as_json, f"merged {summary['modules']} modules into {summary['output']}")
 
 
@@ -206,6 +220,30 @@ def demo(out, steps, quiet):
         mark = "ok" if r["ok"] else "FAILED"
         click.echo(f"{r['step']:<{width}}  {r['seconds']:>7.2f}  {r['check'] + ' ' + mark:<48}  {r['output']}")
     click.echo("all checks passed")
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--no-reconstruction", is_flag=True, help="Only check completeness and hashes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_fail_cleanly
+def verify(out, no_reconstruction, as_json):
+    """Check that OUT is complete, its files match the manifest, and (decompose) residual + adapter
+    reconstruct the source. Exit 0 only when nothing is wrong."""
+    from .verify import verify as run
+
+    report = run(out, reconstruction=not no_reconstruction)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"{out}: {report['manifest'] or 'no manifest'}; {report['files_checked']} files and "
+                   f"{report['modules_checked']} modules checked")
+        for line in report["notes"]:
+            click.echo(f"  note: {line}")
+        for line in report["problems"]:
+            click.echo(f"  problem: {line}")
+        click.echo("ok" if not report["problems"] else f"{len(report['problems'])} problem(s)")
+    sys.exit(1 if report["problems"] else 0)
 
 
 if __name__ == "__main__":

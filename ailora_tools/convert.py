@@ -17,6 +17,7 @@ import torch
 from .errors import AiloraError, FormatError, InputNotFoundError, NumericsError
 from .output import OutputDir
 from .peft_format import Adapter, lora_config, read_adapter, write_adapter
+from .tensorio import sha256_file
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 TRAIN_MANIFEST = "ailora-train.json"
@@ -140,6 +141,6 @@ def convert(
         "unchanged_modules": sorted(m for m, u in unchanged.items() if u), "errors": errors,
     }
     with OutputDir(out, inputs=[trained, initial], overwrite=overwrite) as od:
-        write_adapter(od.path, config, factors, dtype=DTYPES[dtype])
-        od.write_manifest(CONVERT_MANIFEST, summary)
+        written = write_adapter(od.path, config, factors, dtype=DTYPES[dtype])
+        od.write_manifest(CONVERT_MANIFEST, {**summary, "files": {"output": {p.name: sha256_file(p) for p in written}}})
     return summary

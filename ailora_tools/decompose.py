@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,7 +35,7 @@ def decompose(
     alpha: float | None = None, rslora: bool = False, targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
     roles: dict[str, str] | None = None, svd: str = "randomized", niter: int = 4, oversample: int = 16,
     seed: int = 0, device: str = "auto", residual_dtype: str | None = None, revision: str | None = None,
-    overwrite: bool = False, resume: bool = False, progress: bool = True,
+    allow_pickle: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
 ) -> dict:
     """Write OUT/residual (HF model dir), OUT/adapter (PEFT LoRA) and, last, OUT/ailora.json.
 
@@ -49,7 +50,8 @@ def decompose(
         niter, oversample, seed: randomized SVD settings; every module's draw is seeded by (seed, name).
         device: "auto", "cpu", "cuda" or "cuda:N" for the SVDs.
         residual_dtype: "float32", "float16" or "bfloat16" for the residual targets (default: as stored).
-        revision: Hub revision. overwrite, resume: see `OutputDir`. progress: show a tqdm bar.
+        revision: Hub revision. allow_pickle: accept .bin/.pt weights (see `Checkpoint.open`).
+        overwrite, resume: see `OutputDir`. progress: show a tqdm bar.
 
     Returns:
         The run's summary (settings, paths, worst reconstruction error, seconds).
@@ -71,7 +73,7 @@ def decompose(
         raise NumericsError(f"--rank {rank}: must be at least 1")
     alpha = float(rank if alpha is None else alpha)
     dev = resolve_device(device)
-    ckpt = Checkpoint.open(model, revision=revision)
+    ckpt = Checkpoint.open(model, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
     arch = architecture(ckpt.config)
     weights = linear_modules(ckpt.tensors)
     roles = assign_roles(METHODS[method], list(targets), list(weights), arch, dict(roles or {}))

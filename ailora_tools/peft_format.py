@@ -37,6 +37,31 @@ class Adapter:
         alpha = _pattern(c.get("alpha_pattern") or {}, module, c["lora_alpha"])
         return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
 
+    def check_fits(self, tensors: dict, *, adapter: object, base: object) -> None:
+        """Every adapted module exists in the base (`tensors`: name -> TensorInfo) with a matching float shape.
+
+        Raises:
+            TargetError: a module the base lacks, or a shape that does not fit, naming both sides.
+            UnsupportedError: a base weight whose dtype is not a float type.
+        """
+        from .errors import TargetError
+        from .tensorio import FLOAT_DTYPES
+
+        for m, (A, B) in self.factors.items():
+            info = tensors.get(m + ".weight")
+            if info is None:
+                near = sorted(n for n in tensors if n.endswith(m.rsplit(".", 1)[-1] + ".weight"))[:3]
+                raise TargetError(f"{adapter}: adapts module {m!r} but the base {base} has no tensor {m}.weight"
+                                  + (f" (it has e.g. {', '.join(near)})" if near else "")
+                                  + "; pass the base this adapter was trained on")
+            shape = (B.shape[0], A.shape[1])
+            if tuple(info.shape) != (shape[::-1] if self.config.get("fan_in_fan_out") else shape):
+                raise TargetError(f"{adapter}: {m} is {shape[0]}x{shape[1]} in the adapter but {info.name} in "
+                                  f"{info.file} is {info.shape[0]}x{info.shape[1]}; pass the matching base")
+            if info.dtype not in FLOAT_DTYPES:
+                raise UnsupportedError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}; supported: "
+                                       f"{', '.join(FLOAT_DTYPES)}")
+
     def delta(self, module: str) -> torch.Tensor:
         """s·B·A in float32, shaped like the module's weight ([out, in]; [in, out] for fan_in_fan_out)."""
         A, B = self.factors[module]

@@ -109,7 +109,7 @@ def _entry(path: Path, name: str, key: str, entry, buffer_size: int) -> TensorIn
     if not isinstance(entry, dict):
         raise FormatError(f"{path}: entry {key!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise FormatError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise FormatError(f"{path}: tensor {key!r} has invalid shape {shape!r}")

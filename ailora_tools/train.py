@@ -20,12 +20,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
+from .checkpoint import Checkpoint
 from .convert import TRAIN_MANIFEST
 from .data import collate, load_jsonl
 from .errors import InputNotFoundError, TargetError
 from .output import OutputDir
 from .peft_format import read_adapter, write_adapter
 from .svd import resolve_device
+from .tensorio import sha256_file
 
 SCHEDULERS = ("cosine", "linear", "constant")
 CKPT_DIR = "checkpoints"
@@ -68,13 +70,20 @@ def train(
         raise TargetError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
     if not Path(base).is_dir():
         raise InputNotFoundError(f"--base {base}: no such model directory")
+    for flag, path in (("--data", data), ("--eval-data", eval_data)):
+        if path is not None and not Path(path).is_file():
+            raise InputNotFoundError(f"{flag} {path}: no such data file")
     dev = resolve_device(device)
     autocast = dev.type == "cuda" and dtype in ("auto", "bfloat16")
+    initial = read_adapter(adapter)
+    initial.check_fits(Checkpoint.open(base).tensors, adapter=adapter, base=base)
+    if not any((Path(base) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise InputNotFoundError(f"--base {base}: no tokenizer files (tokenizer.json / tokenizer_config.json); copy "
+                                 "the original model's tokenizer files into it")
     tokenizer = AutoTokenizer.from_pretrained(base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = load_jsonl(data, tokenizer, max_length=max_length)
     evals = load_jsonl(eval_data, tokenizer, max_length=max_length) if eval_data else []
-    initial = read_adapter(adapter)
     steps_per_epoch = math.ceil(len(examples) / (batch_size * grad_accum))
     total = max_steps or epochs * steps_per_epoch
     settings = {"tool": __version__, "base": str(Path(base).absolute()), "initial_adapter": str(Path(adapter).absolute()),
@@ -146,7 +155,7 @@ def train(
         bar.close()
         # ---- save ----------------------------------------------------------------------------------
         _save_checkpoint(od, model, optimizer, sched, state, initial.config)
-        write_adapter(od.path, initial.config, _factors(model))
+        written = write_adapter(od.path, initial.config, _factors(model))
         eval_loss = evaluate() if evals else None
         if eval_loss is not None:
             with open(metrics_path, "a") as f:
@@ -157,7 +166,8 @@ def train(
                    "last_loss": train_losses[-1] if train_losses else None, "eval_loss_start": eval_start,
                    "eval_loss": eval_loss,
                    "trainable_parameters": sum(p.numel() for p in params)}
-        od.write_manifest(TRAIN_MANIFEST, {**settings, "summary": summary})
+        od.write_manifest(TRAIN_MANIFEST, {**settings, "summary": summary,
+                                           "files": {"output": {p.name: sha256_file(p) for p in written}}})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 
