@@ -144,6 +144,10 @@ def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, 
     _print_summary(summary, as_json, f"converted {summary['modules']} modules into {summary['output']}")
     if not as_json:
         click.echo(f"serve with vLLM using --max-lora-rank {summary['vllm_max_lora_rank']} (or larger)")
+        for finding in summary["vllm_check"]:
+            click.echo(f"vLLM check: {finding}")
+        if not summary["vllm_check"]:
+            click.echo("vLLM check: passed")
 
 
 @main.command()
@@ -244,6 +248,62 @@ def verify(out, no_reconstruction, as_json):
             click.echo(f"  problem: {line}")
         click.echo("ok" if not report["problems"] else f"{len(report['problems'])} problem(s)")
     sys.exit(1 if report["problems"] else 0)
+
+
+@main.command("export-gguf")
+@click.argument("lora", type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="Original base model directory (only config.json is read).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="The .gguf file to write.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", help="Tensor type (q8_0 where rows are multiples of 32, else f16).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_fail_cleanly
+def export_gguf(lora, base, out, outtype, overwrite, as_json):
+    """Export LORA (a PEFT LoRA on the original base) as a llama.cpp LoRA adapter GGUF."""
+    from .gguf_export import export_gguf as run
+
+    summary = run(lora, base, out, outtype=outtype, overwrite=overwrite)
+    _print_summary({k: v for k, v in summary.items() if k != "types"}, as_json, f"wrote {summary['output']}")
+
+
+@main.command()
+@click.argument("lora", type=click.Path())
+@click.option("--for", "target", type=click.Choice(["vllm", "llama.cpp", "peft"]), default="vllm", help="Where the adapter will be loaded.")
+@click.option("--max-lora-rank", type=int, default=16, help="The vLLM server's --max-lora-rank.")
+@click.option("--base", type=click.Path(), default=None, help="Base model directory (needed --for llama.cpp).")
+@_fail_cleanly
+def check(lora, target, max_lora_rank, base):
+    """Report every rule LORA breaks for vLLM, llama.cpp or PEFT, with what to do; exit 0 only if it passes."""
+    from .check import check_adapter
+
+    findings = check_adapter(lora, target=target, max_lora_rank=max_lora_rank, base=base)
+    for f in findings:
+        click.echo(f"fail {f}")
+    click.echo(f"{lora}: {'passes' if not findings else f'{len(findings)} problem(s)'} for {target}")
+    sys.exit(1 if findings else 0)
+
+
+@main.command()
+@click.argument("directory", type=click.Path())
+@click.option("--repo-id", required=True, help="Hub repo, e.g. me/llama31-ailora.")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, help="Branch to upload to.")
+@click.option("--commit-message", default=None, help="Commit message.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded, with sizes, and the model card; upload nothing.")
+@_fail_cleanly
+def push(directory, repo_id, private, revision, commit_message, dry_run):
+    """Upload DIRECTORY to the Hub (token from HF_TOKEN or the HF cache; never printed), with a model card."""
+    from .hub import push as run
+
+    summary = run(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
+                  dry_run=dry_run)
+    for f in summary["files"]:
+        click.echo(f"{f['bytes']:>12,}  {f['path']}")
+    if dry_run:
+        click.echo("\n" + summary["card"])
+        click.echo(f"dry run: nothing uploaded to {repo_id}")
+    else:
+        click.echo(f"uploaded to {summary['url']}")
 
 
 if __name__ == "__main__":

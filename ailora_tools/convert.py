@@ -14,23 +14,15 @@ from pathlib import Path
 
 import torch
 
+from .check import check_adapter, vllm_max_lora_rank
 from .errors import AiloraError, FormatError, InputNotFoundError, NumericsError
 from .output import OutputDir
 from .peft_format import Adapter, lora_config, read_adapter, write_adapter
 from .tensorio import sha256_file
 
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 TRAIN_MANIFEST = "ailora-train.json"
 CONVERT_MANIFEST = "ailora-convert.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def vllm_max_lora_rank(rank: int) -> int:
-    """The smallest `--max-lora-rank` a vLLM server accepts that fits `rank`."""
-    for choice in VLLM_MAX_LORA_RANKS:
-        if choice >= rank:
-            return choice
-    raise NumericsError(f"rank {rank} exceeds vLLM's largest --max-lora-rank (512); convert with --max-rank 512")
 
 
 def initial_adapter_of(trained: Path) -> Path:
@@ -142,5 +134,7 @@ def convert(
     }
     with OutputDir(out, inputs=[trained, initial], overwrite=overwrite) as od:
         written = write_adapter(od.path, config, factors, dtype=DTYPES[dtype])
+        summary["vllm_check"] = [str(f) for f in check_adapter(od.path, target="vllm",
+                                                               max_lora_rank=summary["vllm_max_lora_rank"])]
         od.write_manifest(CONVERT_MANIFEST, {**summary, "files": {"output": {p.name: sha256_file(p) for p in written}}})
     return summary

@@ -122,8 +122,10 @@ def write_adapter(directory: Path, config: dict, factors: dict[str, tuple[torch.
     return [weights, cfg]
 
 
-def read_adapter(directory: Path | str) -> Adapter:
+def read_adapter(directory: Path | str, *, strict: bool = True) -> Adapter:
     """Load an adapter directory (safetensors only; pickled adapter_model.bin is refused).
+
+    `strict` refuses DoRA, whose magnitude vectors no command here applies; `check` reads leniently.
 
     Raises:
         InputNotFoundError, FormatError, UnsupportedError: naming the file and what to do.
@@ -142,7 +144,7 @@ def read_adapter(directory: Path | str) -> Adapter:
         raise FormatError(f"{cfg_path}: not valid JSON ({e})") from e
     if config.get("peft_type") != "LORA":
         raise UnsupportedError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
-    if config.get("use_dora"):
+    if strict and config.get("use_dora"):
         raise UnsupportedError(f"{cfg_path}: DoRA adapters are not supported (use_dora: true)")
     A: dict[str, torch.Tensor] = {}
     B: dict[str, torch.Tensor] = {}
@@ -150,6 +152,8 @@ def read_adapter(directory: Path | str) -> Adapter:
         with safe_open(str(w_path), framework="pt") as f:
             for k in f.keys():
                 m = _KEY.match(k)
+                if m is None and not strict:
+                    continue
                 if m is None:
                     raise FormatError(f"{w_path}: tensor {k!r} is not a LoRA A/B weight (e.g. {key('x.q_proj', 'A')})")
                 (A if m.group(2) == "A" else B)[m.group(1)] = f.get_tensor(k)

@@ -1,0 +1,119 @@
+"""Publish a directory to the Hugging Face Hub with a model card; the token is never printed or logged."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from huggingface_hub import HfApi
+
+from .errors import InputNotFoundError
+from .peft_format import CONFIG_NAME
+
+CARD_NAME = "README.md"
+#: never uploaded: hidden files (locks, partial files) and training checkpoints
+IGNORED = [".*", "**/.*", "checkpoints/**"]
+MANIFESTS = {"decompose": "ailora.json", "train": "ailora-train.json", "convert": "ailora-convert.json"}
+
+
+def model_card(directory: Path) -> str:
+    """A README.md with YAML front matter (base_model, library_name: peft, tags, license) and usage."""
+    d = Path(directory)
+    cfg = json.loads((d / CONFIG_NAME).read_text()) if (d / CONFIG_NAME).is_file() else {}
+    decomposed = _manifest(d, "decompose") or _manifest(d.parent, "decompose") or {}
+    trained, converted = _manifest(d, "train"), _manifest(d, "convert")
+    if trained and not decomposed:
+        decomposed = _manifest(Path(trained["initial_adapter"]).parent, "decompose") or {}
+    base = (decomposed.get("source") or {}).get("model") or cfg.get("base_model_name_or_path") or "unknown"
+    method = decomposed.get("method", "lora")
+    license_ = _license(base)
+    front = ["---", f"base_model: {base}", "library_name: peft", "tags:", "- ailora-tools", "- lora", f"- {method}"]
+    if license_:
+        front.append(f"license: {license_}")
+    front.append("---")
+    roles = decomposed.get("roles", {})
+    role_lines = "".join(f"| `{m}` | {r} |\n" for m, r in sorted(roles.items())[:12])
+    more = f"| … | {len(roles) - 12} more |\n" if len(roles) > 12 else ""
+    body = [
+        f"# {d.name}", "",
+        f"A LoRA adapter for [{base}](https://huggingface.co/{base}) made with ailora-tools.", "",
+        f"- method: **{method}** (initial factors from the weight's singular vectors)" if method != "lora" else "- method: LoRA",
+        f"- rank: {cfg.get('r')}, lora_alpha: {cfg.get('lora_alpha')}, rsLoRA: {bool(cfg.get('use_rslora'))}",
+        f"- target modules: {', '.join(cfg.get('target_modules') or [])}",
+    ]
+    if converted:
+        body.append("- converted to a standard LoRA on the original base: apply it to the untouched base model")
+    if trained:
+        s = trained.get("summary", {})
+        body.append(f"- training: {s.get('steps')} steps, loss {s.get('first_loss')} → {s.get('last_loss')}, "
+                    f"eval loss {s.get('eval_loss')}")
+    if role_lines:
+        body += ["", "| module | role |", "| --- | --- |", role_lines + more]
+    r = cfg.get("r") or 16
+    body += ["", "## Use", "", "PEFT:", "", "```python", "from peft import PeftModel",
+             "from transformers import AutoModelForCausalLM",
+             f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "REPO_ID")', "```", "",
+             "vLLM:", "", "```bash", f"vllm serve {base} --enable-lora --max-lora-rank {_vllm(r)} --lora-modules adapter=REPO_ID",
+             "```", "", "llama.cpp:", "", "```bash",
+             f"ailora-tools export-gguf ADAPTER_DIR --base BASE_DIR -o adapter.gguf",
+             f"llama-cli -m base.gguf --lora adapter.gguf", "```", ""]
+    return "\n".join(front) + "\n\n" + "\n".join(body)
+
+
+def _uploaded(rel: Path) -> bool:
+    return not any(part.startswith(".") for part in rel.parts) and rel.parts[0] != "checkpoints"
+
+
+def _vllm(rank: int) -> int:
+    from .check import vllm_max_lora_rank
+
+    return vllm_max_lora_rank(rank)
+
+
+def _manifest(d: Path, kind: str) -> dict | None:
+    p = Path(d) / MANIFESTS[kind]
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _license(base: str) -> str | None:
+    card = Path(base) / CARD_NAME
+    if card.is_file():
+        m = re.search(r"^---\s*\n(.*?)\n---", card.read_text(), re.S)
+        if m and (lic := re.search(r"^license:\s*(\S+)", m.group(1), re.M)):
+            return lic.group(1)
+    return None
+
+
+def push(directory: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, dry_run: bool = False, token: str | None = None) -> dict:
+    """create_repo + upload_folder; writes README.md (model card) into `directory` when it has none.
+
+    The token comes from `token`, HF_TOKEN or the HF cache (huggingface_hub's rules) and is never
+    printed. `dry_run` uploads nothing and writes nothing: it returns the files, sizes and the card.
+
+    Example:
+        >>> push("lora", "me/llama31-ailora", private=True)  # doctest: +SKIP
+    """
+    d = Path(directory)
+    if not d.is_dir() or not any(d.iterdir()):
+        raise InputNotFoundError(f"{d}: no such directory, or it is empty")
+    card = (d / CARD_NAME).read_text() if (d / CARD_NAME).is_file() else model_card(d)
+    files = [(str(p.relative_to(d)), p.stat().st_size) for p in sorted(d.rglob("*"))
+             if p.is_file() and _uploaded(p.relative_to(d)) and p.name != CARD_NAME]
+    files.append((CARD_NAME, len(card.encode())))
+    summary = {"repo_id": repo_id, "private": private, "revision": revision, "dry_run": dry_run,
+               "files": [{"path": p, "bytes": n} for p, n in sorted(files)], "card": card}
+    if dry_run:
+        return summary
+    if not (d / CARD_NAME).is_file():
+        tmp = d / f".{CARD_NAME}.partial"
+        tmp.write_text(card)
+        os.replace(tmp, d / CARD_NAME)
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(folder_path=str(d), repo_id=repo_id, repo_type="model", revision=revision,
+                               commit_message=commit_message or f"Upload {d.name} with ailora-tools",
+                               ignore_patterns=IGNORED)
+    summary["url"] = str(getattr(commit, "commit_url", None) or url)
+    return summary
