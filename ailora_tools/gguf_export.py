@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputNotFoundError, TargetError, UnsupportedError
+from .errors import InputNotFoundError, OutputError, UnsupportedError
 from .peft_format import Adapter, read_adapter
 
 #: HF model_type -> (gguf architecture name, whether q/k rows are permuted)
@@ -95,7 +95,9 @@ def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.
         raise InputNotFoundError(f"--base {base}: no config.json; pass the original base model directory")
     out = Path(out)
     if out.exists() and not overwrite:
-        raise TargetError(f"-o {out}: exists; pass --overwrite to replace it")
+        raise OutputError(f"-o {out}: exists; pass --overwrite to replace it")
+    if Path(lora).resolve() in out.absolute().parents:
+        raise OutputError(f"-o {out}: lies inside the input {lora}; choose a path outside it")
     adapter = read_adapter(lora)
     arch, alpha, tensors = gguf_tensors(adapter, json.loads(cfg_path.read_text()))
     tmp = out.with_name(f".{out.name}.partial")

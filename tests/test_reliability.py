@@ -192,6 +192,10 @@ def test_allow_pickle_loads_with_weights_only(tiny, tmp_path):
     (["merge", "{bert}", "{adapter}", "-o", "{out}"], r"adapts module .* but the base .* has no tensor"),
     (["train", "--base", "{bert}", "--adapter", "{adapter}", "--data", "{data}", "-o", "{out}"],
      r"adapts module .* but the base .* has no tensor"),
+    (["export-gguf", "{missing}", "--base", "{llama}", "-o", "{out}"], r"missing: no adapter_config.json"),
+    (["export-gguf", "{adapter}", "--base", "{missing}", "-o", "{out}"], r"--base .*missing: no config.json"),
+    (["export-gguf", "{adapter}", "--base", "{llama}", "-o", "{adapter}/a.gguf"], r"lies inside the input"),
+    (["push", "{missing}", "--repo-id", "me/x", "--dry-run"], r"missing: no such directory, or it is empty"),
     (["train", "--base", "{llama}", "--adapter", "{adapter}", "--data", "{missing}", "-o", "{out}"],
      r"--data .*missing: no such data file"),
     (["train", "--base", "{llama}", "--adapter", "{adapter}", "--data", "{data}", "-o", "{out}"],
@@ -208,6 +212,7 @@ def test_bad_arguments_are_refused_with_one_line(tiny, tmp_path, args, message):
     assert code == 1 and out.startswith("error: ") and out.count("\n") == 1, out
     assert re.search(message, out), out
     assert not (tmp_path / "out").exists() and not (llama / "inside").exists()
+    assert not (tmp_path / "dec" / "adapter" / "a.gguf").exists()
 
 
 def test_non_empty_output_needs_overwrite(tiny, tmp_path):
