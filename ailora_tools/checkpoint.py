@@ -13,9 +13,6 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import torch
-from safetensors.torch import save_file
-
 from .errors import FormatError, InputNotFoundError, UnsupportedError
 from .tensorio import ShardHeader, TensorInfo, read_header
 
@@ -156,6 +153,11 @@ class Checkpoint:
         """Every tensor by name."""
         return {n: t for h in self.headers.values() for n, t in h.tensors.items()}
 
+    def files(self) -> list[Path]:
+        """Every file a rewrite reads: the shards, the index and the non-weight files."""
+        paths = [h.path for h in self.headers.values()] + [self.root / f for f in self.extra_files]
+        return paths + ([self.root / self.index_file] if self.index_file else [])
+
     def describe(self) -> dict:
         """Where the checkpoint came from, for manifests."""
         return {"model": self.source, "revision": self.revision, "path": str(self.root)}
@@ -197,6 +199,9 @@ def _pickle_only(root: Path) -> bool:
 
 def _unpickle(root: Path, staged: Path) -> Path:
     """Re-save every pickled weight file of `root` as safetensors in `staged`, with an index; copy the rest."""
+    import torch
+    from safetensors.torch import save_file
+
     weight_map: dict[str, str] = {}
     for src in sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES)):
         try:

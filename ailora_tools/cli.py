@@ -40,6 +40,18 @@ def _one_line(e: Exception) -> str:
     return f"{e.__class__.__name__}: {e} (rerun with --debug for the traceback)"
 
 
+def _prehash(model: str, revision: str | None) -> None:
+    """Start hashing the checkpoint's files before torch loads (about 1.5 s); the run reuses the results."""
+    from .checkpoint import Checkpoint
+    from .tensorio import sha256_async
+
+    try:
+        for path in Checkpoint.open(model, revision=revision).files():
+            sha256_async(path)
+    except AiloraError:
+        pass  # the run itself reports the problem
+
+
 def _print_summary(summary: dict, as_json: bool, title: str) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
@@ -97,7 +109,7 @@ def _config_option(section: str):
 @click.option("--svd", type=click.Choice(["exact", "randomized"]), default="randomized",
               help="Principal components: exact (float64 Gram eigendecomposition) or seeded randomized. Minor ones are always exact.")
 @click.option("--niter", type=int, default=4, help="Randomized SVD power iterations.")
-@click.option("--oversample", type=int, default=16, help="Randomized SVD oversampling.")
+@click.option("--oversample", type=int, default=8, help="Randomized SVD oversampling (extra directions; also the exact method's block).")
 @click.option("--seed", type=int, default=0, help="Seed for randomized SVD and Kaiming init.")
 @click.option("--device", default="auto", help="Where SVDs run: auto, cpu, cuda, cuda:N.")
 @click.option("--residual-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
@@ -112,10 +124,11 @@ def _config_option(section: str):
 def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed, device,
               residual_dtype, revision, allow_pickle, overwrite, resume, as_json, quiet):
     """Decompose MODEL (local dir or Hub id) into OUT/residual + OUT/adapter, streaming shard by shard."""
-    from .decompose import decompose as run
-
     if model is None:
         raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= in --config")
+    _prehash(model, revision)
+    from .decomposition import decompose as run
+
     summary = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora,
                   targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd,
                   niter=niter, oversample=oversample, seed=seed, device=device, residual_dtype=residual_dtype,
@@ -137,7 +150,7 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
 @_fail_cleanly
 def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, as_json):
     """Convert a trained adapter into a standard LoRA on the ORIGINAL base (rank 2r, or --max-rank)."""
-    from .convert import convert as run
+    from .conversion import convert as run
 
     summary = run(trained, out, initial=initial, max_rank=max_rank, tolerance=tolerance, dtype=dtype, base=base,
                   overwrite=overwrite)
@@ -164,7 +177,8 @@ def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, 
 @_fail_cleanly
 def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, as_json, quiet):
     """Merge ADAPTER into BASE (W + s·B·A in float32), streaming shard by shard."""
-    from .merge import merge as run
+    _prehash(base, revision)
+    from .merging import merge as run
 
     summary = run(base, adapter, out, dtype=dtype, revision=revision, allow_pickle=allow_pickle, overwrite=overwrite,
                   resume=resume, progress=not (quiet or as_json))

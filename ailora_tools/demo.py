@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .convert import convert
-from .decompose import decompose
+from .conversion import convert
+from .decomposition import decompose
 from .errors import AiloraError, OutputError
-from .merge import merge
+from .merging import merge
 from .train import train
 
 MARKER = "demo.json"

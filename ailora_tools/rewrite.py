@@ -13,17 +13,19 @@ import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
 from .output import OutputDir
-from .tensorio import ShardHeader, TensorInfo, copy_ranges, layout, read_header, read_tensor, sha256_file, tensor_bytes
+from .tensorio import ShardHeader, TensorInfo, copy_ranges, layout, read_header, read_tensor, sha256_async, tensor_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 #: compute(info, W) -> the tensor to store instead of W (same shape; dtype = the output dtype)
-Compute = Callable[[TensorInfo, torch.Tensor], torch.Tensor]
+Compute = Callable[[TensorInfo, "torch.Tensor"], "torch.Tensor"]
 
 
 @dataclass
@@ -35,20 +37,18 @@ class _Job:
 
 
 class Hashes:
-    """sha256 of source and output files, computed on a background thread."""
+    """sha256 of a run's source and output files, computed in the background (`sha256_async`)."""
 
     def __init__(self):
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
         self._jobs: dict[tuple[str, str], Future] = {}
 
     def add(self, kind: str, rel: str, path: Path) -> None:
-        self._jobs[(kind, rel)] = self._pool.submit(sha256_file, path)
+        self._jobs[(kind, rel)] = sha256_async(path)
 
     def result(self) -> dict[str, dict[str, str]]:
         files: dict[str, dict[str, str]] = {"source": {}, "output": {}}
         for (kind, rel), fut in sorted(self._jobs.items()):
             files[kind][rel] = fut.result()
-        self._pool.shutdown()
         return files
 
 

@@ -1,9 +1,14 @@
 """Principal and minor singular triplets of one weight matrix, on CPU or GPU.
 
-- exact: eigendecomposition of the float64 Gram matrix of the smaller side (W Wᵀ or Wᵀ W). The other
-  side comes from a projection (U_rᵀ W = Σ_r V_rᵀ) normalised by its row norms, never from dividing
-  by a possibly tiny σ. Accurate for the smallest singular values, which a float32 Gram cannot see.
-- randomized (principal only): seeded range finder with oversampling and power iterations.
+- exact, principal: float32 subspace iteration with Rayleigh–Ritz until every kept triplet's residual
+  ||W v − σ u|| is at most EXACT_TOL · σ_max, then a float64 Rayleigh–Ritz step; if that has not
+  converged after EXACT_MAXIT iterations (flat spectra), or the matrix is small, the Gram method below.
+- exact, minor (and the fallback): eigendecomposition of the float64 Gram matrix of the smaller side
+  (W Wᵀ or Wᵀ W). The other side comes from a projection (U_rᵀ W = Σ_r V_rᵀ) normalised by its row
+  norms, never from dividing by a possibly tiny σ. Accurate for the smallest singular values, which a
+  float32 Gram matrix cannot see.
+- randomized (principal only): seeded range finder with oversampling and a fixed number of power
+  iterations, no convergence test (PiSSA's `pissa_niter_N`, but deterministic).
 Directions whose σ is numerically zero (rank-deficient W) get an arbitrary orthonormal completion and
 σ set to a small floor, so the adapter never starts at exactly zero; the residual absorbs the difference.
 """
@@ -15,6 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from .targets import PRINCIPAL
+
+EXACT_TOL = 1e-5
+EXACT_MAXIT = 30
 
 
 @dataclass
@@ -46,13 +54,13 @@ def generator_for(seed: int, name: str, device: torch.device) -> torch.Generator
 
 
 def triplets(
-    W: torch.Tensor, r: int, role: str, *, mode: str = "exact", niter: int = 4, oversample: int = 16,
+    W: torch.Tensor, r: int, role: str, *, mode: str = "exact", niter: int = 4, oversample: int = 8,
     generator: torch.Generator | None = None,
 ) -> Triplets:
     """The r principal (largest) or minor (smallest) singular triplets of W.
 
     Args:
-        W: [out, in] matrix, any float dtype, on the device to compute on.
+        W: [out, in] matrix, any float dtype, on the device to compute on (float64 is used where it matters).
         r: number of triplets, 0 < r < min(out, in).
         role: "principal" or "minor". Minor always uses the exact method.
         mode: "exact" or "randomized".
@@ -63,13 +71,14 @@ def triplets(
         >>> t.U.shape, t.S.shape, t.Vh.shape
         (torch.Size([64, 4]), torch.Size([4]), torch.Size([4, 32]))
     """
-    W64 = W.to(torch.float64)
-    fro2 = float(W64.square().sum())
+    fro2 = float(torch.linalg.vector_norm(W)) ** 2
+    found = None
     if role == PRINCIPAL and mode == "randomized":
-        U, S, Vh, smax = _randomized(W.to(torch.float32), r, niter, oversample, generator)
-        U, S, Vh = U.double(), S.double(), Vh.double()
-    else:
-        U, S, Vh, smax = _gram(W64, r, largest=role == PRINCIPAL)
+        found = _randomized(W.to(torch.float32), r, niter, oversample, generator)
+    elif role == PRINCIPAL and min(W.shape) > 4 * (r + max(r, oversample)):
+        found = _subspace(W.to(torch.float32), W, r, max(r, oversample), generator)
+    U, S, Vh, smax = found if found is not None else _gram(W.to(torch.float64), r, largest=role == PRINCIPAL)
+    U, S, Vh = U.double(), S.double(), Vh.double()
     U, S, Vh, deficient = _complete(U, S, Vh, smax, max(W.shape), generator)
     energy = float(S.square().sum()) / fro2 if fro2 > 0 else 0.0
     return Triplets(U, S, Vh, smax, min(energy, 1.0), deficient)
@@ -98,6 +107,23 @@ def _randomized(W: torch.Tensor, r: int, niter: int, oversample: int, gen: torch
         Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q
     Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
     return (Q @ Ub)[:, :r], S[:r], Vh[:r], float(S[0])
+
+
+def _subspace(W: torch.Tensor, W_in: torch.Tensor, r: int, p: int, gen: torch.Generator | None):
+    """Converged principal triplets, or None when EXACT_MAXIT iterations do not reach EXACT_TOL."""
+    omega = torch.randn(W.shape[1], r + p, generator=gen, dtype=W.dtype, device=W.device)
+    Q = torch.linalg.qr(W @ omega).Q
+    for it in range(1, EXACT_MAXIT + 1):
+        Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q
+        if it < 4 or it % 2:  # a convergence test costs about one iteration: test from the 4th, every other
+            continue
+        Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
+        U = Q @ Ub[:, :r]
+        residual = (W @ Vh[:r].T - U * S[:r]).norm(dim=0).max()
+        if residual <= EXACT_TOL * S[0]:
+            Ub, S, Vh = torch.linalg.svd(Q.double().T @ W_in.double(), full_matrices=False)  # float64 Rayleigh–Ritz
+            return Q.double() @ Ub[:, :r], S[:r], Vh[:r], float(S[0])
+    return None
 
 
 def _complete(U, S, Vh, smax: float, n: int, gen: torch.Generator | None):

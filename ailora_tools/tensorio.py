@@ -10,26 +10,30 @@ import hashlib
 import json
 import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import FormatError, UnsupportedError
 
-#: safetensors dtype name -> (torch dtype or None when torch cannot compute with it, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
-    "U16": (None, 2), "U32": (None, 4), "U64": (None, 8),
-    "F8_E4M3": (None, 1), "F8_E5M2": (None, 1),
+# torch is imported inside the functions that need it, so that the CLI can start hashing before it loads.
+#: safetensors dtype name -> (torch dtype name, or None when torch cannot compute with it; bytes per element)
+DTYPES: dict[str, tuple[str | None, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "U16": (None, 2), "U32": (None, 4), "U64": (None, 8), "F8_E4M3": (None, 1), "F8_E5M2": (None, 1),
 }
 #: dtypes whose matrices can be decomposed, merged or written as residuals
-FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER = 100 * 1024 * 1024
 COPY_CHUNK = 8 * 1024 * 1024
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a safetensors dtype name ("BF16" -> torch.bfloat16)."""
+    import torch
+
+    return getattr(torch, DTYPES[name][0])
 
 
 @dataclass(frozen=True)
@@ -132,11 +136,12 @@ def _entry(path: Path, name: str, key: str, entry, buffer_size: int) -> TensorIn
     return TensorInfo(key, name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def read_tensor(header: ShardHeader, name: str, fd: int | None = None) -> torch.Tensor:
+def read_tensor(header: ShardHeader, name: str, fd: int | None = None):
     """Read one tensor by its byte range (no mmap, no other tensor touched)."""
+    import torch
+
     info = header.tensors[name]
-    torch_dtype = DTYPES[info.dtype][0]
-    if torch_dtype is None:
+    if DTYPES[info.dtype][0] is None:
         raise UnsupportedError(f"{header.path}: tensor {name!r} has dtype {info.dtype}, which torch cannot read")
     buf = bytearray(info.nbytes)
     own = fd is None
@@ -149,12 +154,14 @@ def read_tensor(header: ShardHeader, name: str, fd: int | None = None) -> torch.
     if got != info.nbytes:
         raise FormatError(f"{header.path}: tensor {name!r} is cut short ({got} of {info.nbytes} bytes)")
     if not buf:
-        return torch.empty(info.shape, dtype=torch_dtype)
-    return torch.frombuffer(buf, dtype=torch_dtype).reshape(info.shape)
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape)
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t) -> memoryview:
     """The row-major little-endian bytes of a tensor, as safetensors stores them."""
+    import torch
+
     return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
@@ -214,3 +221,16 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(COPY_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+_HASH_POOL = ThreadPoolExecutor(2, thread_name_prefix="sha256")  # hashing is the CPU floor: use both cores
+_HASHES: dict[tuple[str, int, int], Future] = {}
+
+
+def sha256_async(path: Path) -> Future:
+    """sha256 of a file on a background thread; a file already hashed (same size and mtime) is not read again."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = _HASH_POOL.submit(sha256_file, path)
+    return _HASHES[key]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .convert import TRAIN_MANIFEST
+from .conversion import TRAIN_MANIFEST
 from .data import collate, load_jsonl
 from .errors import InputNotFoundError, TargetError
 from .output import OutputDir

@@ -5,6 +5,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # synthetic checkpoints live there
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402

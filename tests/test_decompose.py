@@ -174,7 +174,7 @@ def test_peak_memory_stays_within_stated_bound(tmp_path):
     from synthetic import synthetic_llama
 
     src = tmp_path / "big"
-    synthetic_llama(src, layers=24, hidden=256, inter=10240, kv=2, vocab=32000)
+    synthetic_llama(src, layers=24, hidden=256, inter=10240, kv=2, vocab=32000, per_shard=2)
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     bound = 64 * 2**20 + 16 * 256 * 256 * 4
     assert size >= 10 * bound

@@ -18,7 +18,7 @@ from .errors import UnsupportedError
 from .output import OutputDir
 from .peft_format import read_adapter
 from .rewrite import Hashes, rewrite_checkpoint
-from .tensorio import FLOAT_DTYPES, TensorInfo
+from .tensorio import TensorInfo, torch_dtype
 
 MERGE_MANIFEST = "ailora-merge.json"
 DTYPE_FLAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -68,7 +68,7 @@ def merge(
         m = info.name[: -len(".weight")]
         delta = lora.delta(m)
         largest[m] = float(delta.abs().max())
-        return (W.float() + delta).to(FLOAT_DTYPES[DTYPE_FLAGS[dtype]] if dtype else W.dtype)
+        return (W.float() + delta).to(torch_dtype(DTYPE_FLAGS[dtype]) if dtype else W.dtype)
 
     hashes = Hashes()
     with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume, settings=settings) as od:

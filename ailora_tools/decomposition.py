@@ -1,8 +1,8 @@
 """Stream a checkpoint into a residual base plus an initial adapter (AILoRA, PiSSA, MiLoRA, LoRA).
 
 Each target W is read alone, decomposed on the chosen device, and its byte range in the copied shard is
-overwritten with W_res = W − s·B0·A0 (computed in float64 from the stored float32 factors, then cast
-to the stored dtype). Peak memory: 64 MiB + 16 × the largest target matrix in float32.
+overwritten with W_res = W − s·B0·A0, computed from the stored float32 factors in float64 for float32/64
+checkpoints and in float32 for 16-bit ones (far finer than their rounding), then cast to the stored dtype. Peak memory: 64 MiB + 16 × the largest target matrix in float32.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .peft_format import lora_config, task_type, write_adapter
 from .rewrite import Hashes, rewrite_checkpoint
 from .svd import generator_for, resolve_device, triplets
 from .targets import PRINCIPAL, architecture, assign_roles, is_transposed, linear_modules
-from .tensorio import FLOAT_DTYPES, TensorInfo
+from .tensorio import FLOAT_DTYPES, TensorInfo, torch_dtype
 
 MANIFEST_NAME = "ailora.json"
 RESIDUAL_DIR, ADAPTER_DIR, WORK_DIR = "residual", "adapter", ".work"
@@ -33,7 +33,7 @@ DTYPE_FLAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 def decompose(
     model: str | os.PathLike, out: str | os.PathLike, *, method: str = "ailora", rank: int = 16,
     alpha: float | None = None, rslora: bool = False, targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
-    roles: dict[str, str] | None = None, svd: str = "randomized", niter: int = 4, oversample: int = 16,
+    roles: dict[str, str] | None = None, svd: str = "randomized", niter: int = 4, oversample: int = 8,
     seed: int = 0, device: str = "auto", residual_dtype: str | None = None, revision: str | None = None,
     allow_pickle: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
 ) -> dict:
@@ -141,23 +141,26 @@ def _residual(ckpt, od, hashes, roles, weights, arch, settings, dev, out_dtype, 
 
     def compute(info: TensorInfo, W: torch.Tensor) -> torch.Tensor:
         m = module_of[info.name]
-        if not bool(torch.isfinite(W).all()):
-            raise NumericsError(f"{info.file}: tensor {info.name!r} holds NaN or Inf; fix the checkpoint first")
+        # float64 where the storage can tell (float32/64 checkpoints); float32 is far finer than 16-bit storage
+        work = torch.float64 if info.dtype in ("F32", "F64") else torch.float32
         transposed = is_transposed(m, arch)
-        W64 = (W.T if transposed else W).to(dev, torch.float64)
-        t = triplets(W64, rank, roles[m], mode=svd["mode"], niter=svd["niter"], oversample=svd["oversample"],
+        Wc = (W.T if transposed else W).to(dev, work, copy=True)  # our own copy: the residual is built in it
+        norm = torch.linalg.vector_norm(Wc)
+        if not bool(torch.isfinite(norm)):
+            raise NumericsError(f"{info.file}: tensor {info.name!r} holds NaN or Inf; fix the checkpoint first")
+        t = triplets(Wc, rank, roles[m], mode=svd["mode"], niter=svd["niter"], oversample=svd["oversample"],
                      generator=generator_for(svd["seed"], m, dev))
         A0, B0 = factors_from_triplets(t, scale)
-        delta = scale * (B0.double() @ A0.double())
-        stored = (W64 - delta).to(FLOAT_DTYPES[out_dtype or info.dtype])
-        err = stored.double() + delta - W64
+        residual = Wc.sub_(torch.mm(B0.to(work), A0.to(work)).mul_(scale))  # in place: W is not needed again
+        stored = residual.to(torch_dtype(out_dtype or info.dtype))
+        err = stored.to(work).sub_(residual)  # (stored + s·B0·A0) − W
         stats[m] = {
             "tensor": info.name, "shard": info.file, "shape": list(info.shape), "dtype": info.dtype,
             "role": roles[m], "sigma_max": t.sigma_max,
             "sigma_edge": float(t.S[-1] if roles[m] == PRINCIPAL else t.S[0]),
             "energy_fraction": t.energy_fraction, "deficient_directions": t.deficient,
-            "recon_max_abs": float(err.abs().max()),
-            "recon_rel_fro": float(err.norm() / W64.norm().clamp(min=1e-300)),
+            "recon_max_abs": float(torch.linalg.vector_norm(err, ord=float("inf"))),
+            "recon_rel_fro": float(torch.linalg.vector_norm(err) / norm.clamp(min=torch.finfo(work).tiny)),
         }
         factors[m] = (A0.cpu(), B0.cpu())
         return stored.T if transposed else stored

@@ -1,0 +1,166 @@
+"""Decompose against the floor (a plain copy) and against PEFT's PiSSA workflow, side by side.
+
+Each workload runs as its own process, rounds interleaved; wall time (median), peak RSS of that process
+(os.wait4) and peak GPU memory where there is a GPU. Ratios are against the copy and against PEFT. The
+markdown table goes to benchmarks/results/. Nothing here is asserted.
+
+    python benchmarks/bench_decompose.py                       # 170m and tinyllama (1.1B, bf16, 5 shards), 3 rounds
+    python benchmarks/bench_decompose.py --sizes 3b --device cuda --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+PY = sys.executable
+
+
+def workloads(model: Path, work: Path, device: str, rank: int) -> dict[str, list[str]]:
+    cli = [PY, str(HERE / "run_with_stats.py")]
+    common = ["--rank", str(rank), "--quiet", "--device", device]
+    return {
+        "copy (cp -r)": ["cp", "-r", str(model), "{out}"],
+        "decompose pissa randomized": cli + ["decompose", str(model), "-o", "{out}", "--method", "pissa", *common],
+        "decompose pissa exact": cli + ["decompose", str(model), "-o", "{out}", "--method", "pissa", "--svd", "exact", *common],
+        "decompose ailora randomized": cli + ["decompose", str(model), "-o", "{out}", *common],
+        "decompose ailora exact": cli + ["decompose", str(model), "-o", "{out}", "--svd", "exact", *common],
+        "PEFT pissa (full SVD)": [PY, str(HERE / "peft_pissa.py"), str(model), "{out}", "--init", "pissa",
+                                  "--rank", str(rank), "--device", device],
+        "PEFT pissa_niter_4": [PY, str(HERE / "peft_pissa.py"), str(model), "{out}", "--init", "pissa_niter_4",
+                               "--rank", str(rank), "--device", device],
+        "merge (residual + trained)": cli + ["merge", str(work / "prep" / "residual"), str(work / "trained"), "-o", "{out}", "--quiet"],
+        "convert (trained -> LoRA)": cli + ["convert", "--trained", str(work / "trained"), "-o", "{out}"],
+    }
+
+
+def run(argv: list[str], out: Path, stats: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    stats.unlink(missing_ok=True)
+    argv = [a.replace("{out}", str(out)) for a in argv]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "BENCH_STATS": str(stats)})
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    gpu = json.loads(stats.read_text()).get("gpu_peak_bytes") if stats.is_file() else None
+    return {"seconds": seconds, "rss": usage.ru_maxrss * 1024, "gpu": gpu}
+
+
+def prepare(size: str, work: Path, dtype: str, device: str, rank: int) -> Path:
+    model = work / "model"
+    if not (model / "model.safetensors.index.json").is_file():
+        code = (f"import sys, torch; sys.path.insert(0, {str(HERE)!r}); from synthetic import SIZES, synthetic_llama; "
+                f"synthetic_llama({str(model)!r}, dtype=torch.{dtype}, **SIZES[{size!r}])")
+        subprocess.run([PY, "-c", code], check=True)
+    if not (work / "trained" / "adapter_config.json").is_file():
+        shutil.rmtree(work / "prep", ignore_errors=True)
+        subprocess.run([PY, str(HERE / "run_with_stats.py"), "decompose", str(model), "-o", str(work / "prep"),
+                        "--rank", str(rank), "--quiet", "--device", device], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([PY, str(HERE / "prepare_trained.py"), str(work / "prep" / "adapter"), str(work / "trained")], check=True)
+    return model
+
+
+def describe_machine(device: str) -> list[str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) // 1024**2 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    versions = subprocess.run([PY, "-c", "import torch, transformers, peft, ailora_tools; print(torch.__version__, "
+                               "transformers.__version__, peft.__version__, ailora_tools.__version__, "
+                               "torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"],
+                              capture_output=True, text=True, check=True).stdout.split(maxsplit=4)
+    return [f"- machine: {cpu}, {os.cpu_count()} cores, {mem} GiB RAM, GPU: {versions[4].strip()}, device flag: {device}",
+            f"- versions: python {platform.python_version()}, torch {versions[0]}, transformers {versions[1]}, "
+            f"peft {versions[2]}, ailora-tools {versions[3]}"]
+
+
+def table(results: dict[str, list[dict]]) -> list[str]:
+    med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
+    copy, full, niter = med.get("copy (cp -r)"), med.get("PEFT pissa (full SVD)"), med.get("PEFT pissa_niter_4")
+    lines = ["| workload | median s | min s | peak RSS MiB | peak GPU MiB | × copy | PEFT full ÷ this | PEFT niter_4 ÷ this |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for k, v in results.items():
+        rss = max(r["rss"] for r in v) / 2**20
+        gpu = max((r["gpu"] or 0) for r in v) / 2**20
+        lines.append(f"| {k} | {med[k]:.2f} | {min(r['seconds'] for r in v):.2f} | {rss:.0f} | "
+                     f"{gpu:.0f} | {med[k] / copy:.2f} | {full / med[k]:.2f} | {niter / med[k]:.2f} |")
+    return lines
+
+
+def targets(results: dict[str, list[dict]]) -> list[str]:
+    med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
+    rss = {k: max(r["rss"] for r in v) for k, v in results.items()}
+    checks = [
+        ("pissa randomized ≥ 8× faster than PEFT full SVD", med["PEFT pissa (full SVD)"] / med["decompose pissa randomized"], 8, True),
+        ("pissa randomized ≥ 3× faster than PEFT pissa_niter_4", med["PEFT pissa_niter_4"] / med["decompose pissa randomized"], 3, True),
+        ("pissa exact ≥ 4× faster than PEFT full SVD", med["PEFT pissa (full SVD)"] / med["decompose pissa exact"], 4, True),
+        ("ailora ≤ 1.5× pissa (randomized)", med["decompose ailora randomized"] / med["decompose pissa randomized"], 1.5, False),
+        ("ailora ≤ 1.5× pissa (exact)", med["decompose ailora exact"] / med["decompose pissa exact"], 1.5, False),
+        ("pissa randomized ≤ 3× plain copy", med["decompose pissa randomized"] / med["copy (cp -r)"], 3, False),
+        ("peak RSS ≤ 1/4 of PEFT's", max(rss[k] for k in rss if k.startswith("decompose")) / rss["PEFT pissa (full SVD)"], 0.25, False),
+    ]
+    return [f"- {name}: {value:.2f} (target {'≥' if up else '≤'} {goal}) — {'met' if (value >= goal if up else value <= goal) else 'NOT met'}"
+            for name, value, goal, up in checks]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", default=["170m", "tinyllama"], help="names from synthetic.SIZES")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/ailora-bench"))
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--only", nargs="*", default=None, help="run only workloads whose name contains one of these")
+    args = p.parse_args()
+    sys.path.insert(0, str(HERE))
+    lines = [f"# decompose benchmark, {datetime.date.today()}", "",
+             f"Command: `python benchmarks/bench_decompose.py {' '.join(sys.argv[1:])}`", "",
+             *describe_machine(args.device),
+             f"- rank {args.rank}, targets q_proj and v_proj, {args.rounds} rounds interleaved, each workload its own "
+             "process; the source is in the page cache after the first round (for every workload alike)", ""]
+    rss_by_size = {}
+    for size in args.sizes:
+        work = args.workdir / size
+        model = prepare(size, work, args.dtype, args.device, args.rank)
+        size_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        jobs = workloads(model, work, args.device, args.rank)
+        if args.only:
+            jobs = {k: v for k, v in jobs.items() if k.startswith("copy") or any(o in k for o in args.only)}
+        results: dict[str, list[dict]] = {k: [] for k in jobs}
+        for rnd in range(args.rounds):
+            for name, argv in jobs.items():
+                r = run(argv, work / "out", work / "stats.json")
+                results[name].append(r)
+                print(f"[{size} round {rnd + 1}] {name}: {r['seconds']:.2f} s, {r['rss'] / 2**20:.0f} MiB", flush=True)
+        shutil.rmtree(work / "out", ignore_errors=True)
+        rss_by_size[size] = max(r["rss"] for k, v in results.items() if k.startswith("decompose") for r in v)
+        n_shards = len(list(model.glob("*.safetensors")))
+        lines += [f"## {size}: {size_bytes / 1e9:.2f} GB, {args.dtype}, {n_shards} shards", "", *table(results), ""]
+        if not args.only:
+            lines += ["Targets:", "", *targets(results), ""]
+    if len(rss_by_size) > 1:
+        lo, hi = min(rss_by_size.values()), max(rss_by_size.values())
+        lines += [f"Peak RSS of decompose across sizes: {', '.join(f'{k} {v / 2**20:.0f} MiB' for k, v in rss_by_size.items())} "
+                  f"(spread {hi / lo - 1:.0%}; target: flat within 20%)", ""]
+    args.out.mkdir(parents=True, exist_ok=True)
+    dest = args.out / f"decompose-{args.device}-{datetime.date.today()}.md"
+    dest.write_text("\n".join(lines))
+    print(f"wrote {dest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The SVD methods against a float64 reference: converged exact path, its fallback, minor accuracy."""
+import pytest
+import torch
+
+from ailora_tools import svd
+from ailora_tools.svd import generator_for, triplets
+
+from synthetic import spiked
+
+
+def projection(W, r, largest):
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    sl = slice(0, r) if largest else slice(-r, None)
+    return (U[:, sl] * S[sl]) @ Vh[sl]
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_exact_principal_converges_by_subspace_iteration(monkeypatch):
+    W = spiked(600, 500, torch.Generator().manual_seed(0))
+    calls = []
+    monkeypatch.setattr(svd, "_gram", lambda *a, **k: calls.append(1) or pytest.fail("fell back"))
+    t = triplets(W, 8, "principal", mode="exact", generator=generator_for(0, "m", torch.device("cpu")))
+    assert rel((t.U * t.S) @ t.Vh, projection(W, 8, True)) < 1e-5
+    assert not calls
+
+
+def test_exact_principal_falls_back_on_a_flat_spectrum():
+    W = torch.randn(600, 500, generator=torch.Generator().manual_seed(1))  # σ_8 ≈ σ_9: no quick convergence
+    t = triplets(W, 8, "principal", mode="exact", generator=generator_for(0, "m", torch.device("cpu")))
+    assert rel((t.U * t.S) @ t.Vh, projection(W, 8, True)) < 1e-8
+
+
+def test_minor_components_keep_tiny_singular_values():
+    """σ_min/σ_max = 1e-4 (σ² ratio 1e-8, below a float32 Gram matrix's rounding): float64 gets them."""
+    g = torch.Generator().manual_seed(2)
+    U, _ = torch.linalg.qr(torch.randn(96, 64, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    S = torch.logspace(0, -4, 64, dtype=torch.float64)
+    W = (U * S) @ V.T
+    t = triplets(W, 4, "minor")
+    torch.testing.assert_close(t.S, S[-4:], rtol=1e-6, atol=0)  # descending, like S
+    assert rel((t.U * t.S) @ t.Vh, projection(W, 4, False)) < 1e-6
+    G32 = W.float() @ W.float().T  # what a float32 Gram matrix would give: the small σ² drown in rounding
+    assert (torch.linalg.eigvalsh(G32.double())[-64:][:4].clamp(min=0).sqrt() - S[-4:].flip(0)).abs().max() > 1e-5
+
+
+def test_randomized_is_seeded_per_module():
+    W = spiked(300, 200, torch.Generator().manual_seed(3))
+    cpu = torch.device("cpu")
+    a = triplets(W, 4, "principal", mode="randomized", generator=generator_for(5, "x", cpu))
+    b = triplets(W, 4, "principal", mode="randomized", generator=generator_for(5, "x", cpu))
+    c = triplets(W, 4, "principal", mode="randomized", generator=generator_for(5, "y", cpu))
+    assert torch.equal(a.U, b.U) and not torch.equal(a.U, c.U)
+    assert rel((a.U * a.S) @ a.Vh, projection(W, 4, True)) < 1e-3
+
+
+def test_rank_deficient_directions_are_completed():
+    W = torch.randn(40, 3, dtype=torch.float64) @ torch.randn(3, 30, dtype=torch.float64)
+    t = triplets(W, 5, "minor")
+    assert t.deficient == 5 and bool((t.S > 0).all())
+    torch.testing.assert_close(t.U.T @ t.U, torch.eye(5, dtype=torch.float64))
+    torch.testing.assert_close(t.Vh @ t.Vh.T, torch.eye(5, dtype=torch.float64))
