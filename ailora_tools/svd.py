@@ -121,8 +121,11 @@ def _subspace(W: torch.Tensor, W_in: torch.Tensor, r: int, p: int, gen: torch.Ge
         U = Q @ Ub[:, :r]
         residual = (W @ Vh[:r].T - U * S[:r]).norm(dim=0).max()
         if residual <= EXACT_TOL * S[0]:
-            Ub, S, Vh = torch.linalg.svd(Q.double().T @ W_in.double(), full_matrices=False)  # float64 Rayleigh–Ritz
-            return Q.double() @ Ub[:, :r], S[:r], Vh[:r], float(S[0])
+            Q = Q.double()  # float64 Rayleigh–Ritz, W upcast a row block at a time
+            rows = max(1, (4 << 20) // (8 * W.shape[1]))
+            B = sum(Q[i:i + rows].T @ W_in[i:i + rows].double() for i in range(0, W.shape[0], rows))
+            Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+            return Q @ Ub[:, :r], S[:r], Vh[:r], float(S[0])
     return None
 
 

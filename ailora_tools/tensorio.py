@@ -27,6 +27,7 @@ DTYPES: dict[str, tuple[str | None, int]] = {
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER = 100 * 1024 * 1024
 COPY_CHUNK = 8 * 1024 * 1024
+HASH_CHUNK = 1024 * 1024
 
 
 def torch_dtype(name: str):
@@ -216,10 +217,11 @@ def copy_ranges(src: Path, dst_fd: int, head: bytes, copies: list[tuple[int, int
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in large chunks (hashlib releases the GIL, so this overlaps with compute)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(COPY_CHUNK):
-            h.update(chunk)
+    h, buf = hashlib.sha256(), bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
