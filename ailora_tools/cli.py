@@ -70,6 +70,19 @@ def main(debug: bool) -> None:
     initial adapter, train it, convert it to a standard LoRA, merge, export and publish."""
 
 
+def _rewrite_options(fn):
+    """The options every command that rewrites a checkpoint shares."""
+    for option in reversed([
+        click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True))."),
+        click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory."),
+        click.option("--resume", is_flag=True, help="Finish an interrupted run in the same output directory."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 def _roles(_ctx, _param, values) -> dict[str, str]:
     out = {}
     for v in values:
@@ -107,7 +120,7 @@ def _config_option(section: str):
 @click.option("--targets", default="q_proj,v_proj", help="Comma-separated module-name suffixes; aliases such as BERT's query/value are resolved.")
 @click.option("--role", "roles", multiple=True, callback=_roles, help="NAME=principal|minor, repeatable; overrides the method's roles.")
 @click.option("--svd", type=click.Choice(["exact", "randomized"]), default="randomized",
-              help="Principal components: exact (float64 Gram eigendecomposition) or seeded randomized. Minor ones are always exact.")
+              help="Principal components: exact (converged to 1e-5·σ_max, float64 Gram fallback) or seeded randomized. Minor ones are always exact.")
 @click.option("--niter", type=int, default=4, help="Randomized SVD power iterations.")
 @click.option("--oversample", type=int, default=8, help="Randomized SVD oversampling (extra directions; also the exact method's block).")
 @click.option("--seed", type=int, default=0, help="Seed for randomized SVD and Kaiming init.")
@@ -115,11 +128,7 @@ def _config_option(section: str):
 @click.option("--residual-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="dtype of residual target weights (default: the checkpoint's).")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
-@click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--resume", is_flag=True, help="Finish an interrupted run in the same output directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_rewrite_options
 @_fail_cleanly
 def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed, device,
               residual_dtype, revision, allow_pickle, overwrite, resume, as_json, quiet):
@@ -169,11 +178,7 @@ def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, 
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output model directory.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="dtype of merged weights (default: as stored).")
 @click.option("--revision", default=None, help="Hub revision of BASE.")
-@click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--resume", is_flag=True, help="Finish an interrupted merge in the same output directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_rewrite_options
 @_fail_cleanly
 def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, as_json, quiet):
     """Merge ADAPTER into BASE (W + s·B·A in float32), streaming shard by shard."""

@@ -9,12 +9,14 @@
   float32 Gram matrix cannot see.
 - randomized (principal only): seeded range finder with oversampling and a fixed number of power
   iterations, no convergence test (PiSSA's `pissa_niter_N`, but deterministic).
-Directions whose σ is numerically zero (rank-deficient W) get an arbitrary orthonormal completion and
-σ set to a small floor, so the adapter never starts at exactly zero; the residual absorbs the difference.
+Directions whose σ is numerically zero (rank-deficient W: below the Gram method's noise level) get an
+arbitrary orthonormal completion and σ set to that floor, so the adapter never starts at exactly zero;
+the residual absorbs the difference.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -130,8 +132,12 @@ def _subspace(W: torch.Tensor, W_in: torch.Tensor, r: int, p: int, gen: torch.Ge
 
 
 def _complete(U, S, Vh, smax: float, n: int, gen: torch.Generator | None):
-    """Replace numerically-zero directions with an orthonormal completion and a floor σ."""
-    floor = max(smax, 1.0) * n * torch.finfo(torch.float32).eps
+    """Replace numerically-zero directions with an orthonormal completion and a floor σ.
+
+    "Zero" is the float64 Gram method's noise level, 10·√(n·eps64)·σ_max (under 1e-5·σ_max): genuine small
+    singular values of pretrained weights (1e-4·σ_max and up) stay as they are.
+    """
+    floor = max(smax, torch.finfo(torch.float64).tiny) * 10 * math.sqrt(n * torch.finfo(torch.float64).eps)
     bad = S <= floor
     if not bool(bad.any()):
         return U, S, Vh, 0

@@ -47,6 +47,14 @@ def test_minor_components_keep_tiny_singular_values():
     assert (torch.linalg.eigvalsh(G32.double())[-64:][:4].clamp(min=0).sqrt() - S[-4:].flip(0)).abs().max() > 1e-5
 
 
+def test_minor_components_of_a_square_matrix():
+    """A square random bulk has σ_min ≈ 1e-4·σ_max: genuine directions, not a rank deficiency."""
+    W = spiked(512, 512, torch.Generator().manual_seed(4)).double()
+    t = triplets(W, 8, "minor")
+    assert t.deficient == 0
+    assert rel((t.U * t.S) @ t.Vh, projection(W, 8, False)) < 1e-6
+
+
 def test_randomized_is_seeded_per_module():
     W = spiked(300, 200, torch.Generator().manual_seed(3))
     cpu = torch.device("cpu")
