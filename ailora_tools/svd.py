@@ -134,10 +134,10 @@ def _subspace(W: torch.Tensor, W_in: torch.Tensor, r: int, p: int, gen: torch.Ge
 def _complete(U, S, Vh, smax: float, n: int, gen: torch.Generator | None):
     """Replace numerically-zero directions with an orthonormal completion and a floor σ.
 
-    "Zero" is the float64 Gram method's noise level, 10·√(n·eps64)·σ_max (under 1e-5·σ_max): genuine small
-    singular values of pretrained weights (1e-4·σ_max and up) stay as they are.
+    "Zero" is below the float64 Gram method's noise level, √(n·eps64)·σ_max (under 1e-6·σ_max up to
+    n = 4096): exact rank deficiency lands near √eps64·σ_max, genuine small singular values above it.
     """
-    floor = max(smax, torch.finfo(torch.float64).tiny) * 10 * math.sqrt(n * torch.finfo(torch.float64).eps)
+    floor = max(smax, torch.finfo(torch.float64).tiny) * math.sqrt(n * torch.finfo(torch.float64).eps)
     bad = S <= floor
     if not bool(bad.any()):
         return U, S, Vh, 0
