@@ -18,11 +18,10 @@ from .check import check_adapter, vllm_max_lora_rank
 from .errors import AiloraError, FormatError, InputNotFoundError, NumericsError
 from .output import OutputDir
 from .peft_format import Adapter, lora_config, read_adapter, write_adapter
-from .tensorio import sha256_file
+from .tensorio import DTYPE_FLAGS, sha256_file, torch_dtype
 
 TRAIN_MANIFEST = "ailora-train.json"
 CONVERT_MANIFEST = "ailora-convert.json"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def initial_adapter_of(trained: Path) -> Path:
@@ -133,7 +132,7 @@ def convert(
         "unchanged_modules": sorted(m for m, u in unchanged.items() if u), "errors": errors,
     }
     with OutputDir(out, inputs=[trained, initial], overwrite=overwrite) as od:
-        written = write_adapter(od.path, config, factors, dtype=DTYPES[dtype])
+        written = write_adapter(od.path, config, factors, dtype=torch_dtype(DTYPE_FLAGS[dtype]))
         summary["vllm_check"] = [str(f) for f in check_adapter(od.path, target="vllm",
                                                                max_lora_rank=summary["vllm_max_lora_rank"])]
         od.write_manifest(CONVERT_MANIFEST, {**summary, "files": {"output": {p.name: sha256_file(p) for p in written}}})

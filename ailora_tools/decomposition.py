@@ -23,11 +23,10 @@ from .peft_format import lora_config, task_type, write_adapter
 from .rewrite import Hashes, rewrite_checkpoint
 from .svd import generator_for, resolve_device, triplets
 from .targets import PRINCIPAL, architecture, assign_roles, is_transposed, linear_modules
-from .tensorio import FLOAT_DTYPES, TensorInfo, torch_dtype
+from .tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 
 MANIFEST_NAME = "ailora.json"
 RESIDUAL_DIR, ADAPTER_DIR, WORK_DIR = "residual", "adapter", ".work"
-DTYPE_FLAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def decompose(
@@ -88,8 +87,10 @@ def decompose(
     }
     hashes = Hashes()
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
-        if METHODS[method] is None:
+        if METHODS[method] is None:  # plain LoRA: no residual, but the manifest still names the source
             stats = {}
+            for p in ckpt.files():
+                hashes.add("source", p.name, p)
             factors = {m: kaiming_factors(_shape(weights[m], m, arch), rank, generator_for(seed, m, torch.device("cpu")))
                        for m in roles}
         else:

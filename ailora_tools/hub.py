@@ -56,8 +56,8 @@ def model_card(directory: Path) -> str:
              f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "REPO_ID")', "```", "",
              "vLLM:", "", "```bash", f"vllm serve {base} --enable-lora --max-lora-rank {_vllm(r)} --lora-modules adapter=REPO_ID",
              "```", "", "llama.cpp:", "", "```bash",
-             f"ailora-tools export-gguf ADAPTER_DIR --base BASE_DIR -o adapter.gguf",
-             f"llama-cli -m base.gguf --lora adapter.gguf", "```", ""]
+             "ailora-tools export-gguf ADAPTER_DIR --base BASE_DIR -o adapter.gguf",
+             "llama-cli -m base.gguf --lora adapter.gguf", "```", ""]
     return "\n".join(front) + "\n\n" + "\n".join(body)
 
 

@@ -18,10 +18,9 @@ from .errors import UnsupportedError
 from .output import OutputDir
 from .peft_format import read_adapter
 from .rewrite import Hashes, rewrite_checkpoint
-from .tensorio import TensorInfo, torch_dtype
+from .tensorio import DTYPE_FLAGS, TensorInfo, torch_dtype
 
 MERGE_MANIFEST = "ailora-merge.json"
-DTYPE_FLAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def merge(

@@ -25,6 +25,8 @@ DTYPES: dict[str, tuple[str | None, int]] = {
 }
 #: dtypes whose matrices can be decomposed, merged or written as residuals
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+#: the CLI's --dtype / --residual-dtype names -> safetensors dtype names
+DTYPE_FLAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_HEADER = 100 * 1024 * 1024
 COPY_CHUNK = 8 * 1024 * 1024
 HASH_CHUNK = 1024 * 1024

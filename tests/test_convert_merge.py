@@ -33,7 +33,7 @@ def workflow(request, tiny, tmp_path):
     kind = request.param
     src = Path(tiny(kind))
     decompose(src, tmp_path / "dec", rank=4, alpha=8, progress=False)
-    trained = fake_training(tmp_path / "dec" / "adapter", tmp_path / "trained")
+    fake_training(tmp_path / "dec" / "adapter", tmp_path / "trained")
     return kind, src, tmp_path
 
 

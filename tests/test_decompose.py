@@ -42,6 +42,8 @@ def test_residual_plus_adapter_gives_original_logits(tiny, tmp_path, kind, metho
         assert (logits(load(base, kind), kind) - ref).abs().max() > 1e-3
     manifest = json.loads((tmp_path / "out" / "ailora.json").read_text())
     assert manifest["method"] == method and summary["modules"] == len(manifest["modules"]) == 4
+    shards = sorted(p.name for p in Path(src).glob("*.safetensors"))
+    assert all(len(manifest["files"]["source"][s]) == 64 for s in shards)
     if method == "ailora":
         roles = {m.rsplit(".", 1)[-1]: r for m, r in manifest["roles"].items()}
         assert roles == ({"query": "principal", "value": "minor"} if kind == "bert"
