@@ -16,9 +16,10 @@ import torch
 
 from .check import check_adapter, vllm_max_lora_rank
 from .errors import AiloraError, FormatError, InputNotFoundError, NumericsError
+from .hashing import file_digest
 from .output import OutputDir
 from .peft_format import Adapter, lora_config, read_adapter, write_adapter
-from .tensorio import DTYPE_FLAGS, sha256_file, torch_dtype
+from .tensorio import DTYPE_FLAGS, torch_dtype
 
 TRAIN_MANIFEST = "ailora-train.json"
 CONVERT_MANIFEST = "ailora-convert.json"
@@ -135,5 +136,5 @@ def convert(
         written = write_adapter(od.path, config, factors, dtype=torch_dtype(DTYPE_FLAGS[dtype]))
         summary["vllm_check"] = [str(f) for f in check_adapter(od.path, target="vllm",
                                                                max_lora_rank=summary["vllm_max_lora_rank"])]
-        od.write_manifest(CONVERT_MANIFEST, {**summary, "files": {"output": {p.name: sha256_file(p) for p in written}}})
+        od.write_manifest(CONVERT_MANIFEST, {**summary, "files": {"output": {p.name: file_digest(p) for p in written}}})
     return summary

@@ -6,11 +6,14 @@ B0 = U √Σ / √s and A0 = √Σ Vᵀ / √s, so s·B0·A0 = U Σ Vᵀ. Plain 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-
-from .svd import Triplets
 from .targets import MINOR, PRINCIPAL
+
+if TYPE_CHECKING:  # torch loads on first use, so that decompose can start copying while it loads
+    import torch
+
+    from .svd import Triplets
 
 #: method -> roles given to targets: one role for all, "ailora" (per projection), or None (plain LoRA)
 METHODS: dict[str, str | None] = {"ailora": "ailora", "pissa": PRINCIPAL, "milora": MINOR, "lora": None}
@@ -23,6 +26,8 @@ def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
 
 def factors_from_triplets(t: Triplets, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(A0 [r, in], B0 [out, r]) as float32, with s·B0·A0 = U Σ Vᵀ up to float32 rounding."""
+    import torch
+
     root = (t.S / scale).sqrt()
     A0 = root[:, None] * t.Vh
     B0 = t.U * root[None, :]
@@ -31,6 +36,8 @@ def factors_from_triplets(t: Triplets, scale: float) -> tuple[torch.Tensor, torc
 
 def kaiming_factors(shape: tuple[int, int], rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's default LoRA init: A0 Kaiming-uniform (a=√5), B0 = 0."""
+    import torch
+
     out_f, in_f = shape
     A0 = torch.empty(rank, in_f)
     torch.nn.init.kaiming_uniform_(A0, a=math.sqrt(5), generator=generator)

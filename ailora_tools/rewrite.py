@@ -1,29 +1,35 @@
 """Rewrite a checkpoint into an output directory: copy every byte, replace only chosen tensors.
 
-Shard by shard: the shard's bytes are copied kernel-side on a worker thread (the next shard's copy
-overlaps this shard's compute), each chosen tensor's byte range is overwritten with what `compute`
-returns, the shard is published by rename and recorded in the journal, and sha256 of every source and
-output file is taken on another thread. Non-weight files (config, tokenizer) are copied; the index last.
+Shard by shard: the shard's bytes, less the chosen tensors' ranges, are copied kernel-side on a worker
+thread (the next shards' copies overlap this shard's compute); each chosen tensor's range is written with
+what `compute` returns while that copy runs; the output is hashed as far as it is final after each write,
+so hashing follows the compute; then the shard is published by rename and recorded in the journal.
+Source files are hashed on background threads (`hashing`). Non-weight files (config, tokenizer) are
+copied; the index last.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from tqdm.auto import tqdm
 
+from .background import io_pool
 from .checkpoint import Checkpoint
+from .hashing import FileDigest, digest_async
 from .output import OutputDir
-from .tensorio import ShardHeader, TensorInfo, copy_ranges, layout, read_header, read_tensor, sha256_async, tensor_bytes
+from .tensorio import ShardHeader, TensorInfo, copy_ranges, layout, read_header, read_tensor, tensor_bytes
 
 if TYPE_CHECKING:
     import torch
 
+#: shards whose copy may be under way at once (one copy thread; each holds an open file)
+COPY_AHEAD = 4
 #: compute(info, W) -> the tensor to store instead of W (same shape; dtype = the output dtype)
 Compute = Callable[[TensorInfo, "torch.Tensor"], "torch.Tensor"]
 
@@ -34,16 +40,21 @@ class _Job:
     fd: int
     offsets: dict[str, int]
     copied: Future
+    digest: FileDigest  # of the output, fed as its ranges become final
+    unwritten: list[int]  # offsets of replaced tensors not written yet, ascending
 
 
 class Hashes:
-    """sha256 of a run's source and output files, computed in the background (`sha256_async`)."""
+    """Digests of a run's source and output files, computed in the background (`digest_async`)."""
 
     def __init__(self):
         self._jobs: dict[tuple[str, str], Future] = {}
 
     def add(self, kind: str, rel: str, path: Path) -> None:
-        self._jobs[(kind, rel)] = sha256_async(path)
+        self.add_future(kind, rel, digest_async(path))
+
+    def add_future(self, kind: str, rel: str, digest: Future) -> None:
+        self._jobs[(kind, rel)] = digest
 
     def result(self) -> dict[str, dict[str, str]]:
         files: dict[str, dict[str, str]] = {"source": {}, "output": {}}
@@ -76,36 +87,41 @@ def rewrite_checkpoint(
             hashes.add("output", _rel(subdir, shard), final)
         else:
             todo.append(shard)
-    copier = ThreadPoolExecutor(1, thread_name_prefix="copy")
+    copier, hasher = io_pool(1, "copy"), io_pool(1, "hash-out")
     jobs: dict[str, _Job] = {}
     bar = tqdm(total=sum(len(plan.get(s, [])) for s in todo), unit="matrix", disable=not progress)
     try:
         for i, shard in enumerate(todo):
-            for s in todo[i:i + 2]:  # this shard and the next: the next one's copy overlaps our compute
+            for s in todo[i:i + COPY_AHEAD]:  # the copies of the next shards overlap this one's compute
                 if s not in jobs:
                     jobs[s] = _start(ckpt.headers[s], od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier)
             bar.set_description(f"{desc} {shard}".strip())
-            job = jobs.pop(shard)
+            job = jobs[shard]
             hashes.add("source", shard, job.header.path)
             with open(job.header.path, "rb") as src:
                 for name in plan.get(shard, []):
                     new = compute(job.header.tensors[name], read_tensor(job.header, name, src.fileno()))
-                    data = tensor_bytes(new)
-                    job.copied.result()
+                    data = tensor_bytes(new)  # its range is not part of the copy, so it is written at once
                     if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
                         raise OSError(f"short write of {name!r} into {od.partial(_rel(subdir, shard))}")
+                    job.unwritten.remove(job.offsets[name])
+                    if job.unwritten:  # the output is final up to the next unwritten tensor: hash that far
+                        hasher.submit(_hash_when_copied, job, job.unwritten[0])
                     bar.update(1)
             job.copied.result()
-            os.close(job.fd)
-            final = od.publish(_rel(subdir, shard))
-            hashes.add("output", _rel(subdir, shard), final)
+            os.close(jobs.pop(shard).fd)
+            od.publish(_rel(subdir, shard))
+            hashes.add_future("output", _rel(subdir, shard), hasher.submit(job.digest.finish))
             od.mark_done(_rel(subdir, shard), on_shard(shard))
     finally:
         bar.close()
         for job in jobs.values():
             job.copied.cancel()
-            os.close(job.fd)
         copier.shutdown(wait=True)
+        hasher.shutdown(wait=True, cancel_futures=bool(jobs))
+        for job in jobs.values():
+            os.close(job.fd)
+            job.digest.close()
     _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None)
 
 
@@ -114,9 +130,15 @@ def _rel(subdir: str, name: str) -> str:
 
 
 def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier) -> _Job:
-    head, offsets, copies = layout(header, {n: out_dtype for n in names} if out_dtype else {})
+    head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names})
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies))
+    return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), FileDigest(tmp),
+                sorted(offsets[n] for n in names))
+
+
+def _hash_when_copied(job: _Job, end: int) -> None:
+    job.copied.result()
+    job.digest.update_to(end)
 
 
 def _copy_small(od: OutputDir, hashes: Hashes, src: Path, rel: str) -> None:

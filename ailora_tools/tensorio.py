@@ -6,11 +6,9 @@ shape occupies the same byte range, so a shard is patched by copying its bytes a
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,6 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 DTYPE_FLAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_HEADER = 100 * 1024 * 1024
 COPY_CHUNK = 8 * 1024 * 1024
-HASH_CHUNK = 1024 * 1024
 
 
 def torch_dtype(name: str):
@@ -168,31 +165,43 @@ def tensor_bytes(t) -> memoryview:
     return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def layout(header: ShardHeader, dtypes: dict[str, str]) -> tuple[bytes, dict[str, int], list[tuple[int, int, int]]]:
-    """Plan an output shard in which the tensors named in `dtypes` change dtype.
+def layout(header: ShardHeader, replaced: dict[str, str]) -> tuple[bytes, dict[str, int], list[tuple[int, int, int]]]:
+    """Plan an output shard whose tensors named in `replaced` get new bytes, of the dtype given there.
 
-    Returns the new file's header bytes (8-byte length included), each tensor's new absolute file
-    offset, and the copy operations (src_offset, dst_offset, length) that carry every other tensor's
-    bytes over unchanged. With no dtype change, the plan is one copy of the whole file.
+    Returns the header bytes to write (8-byte length included; empty when no dtype changes, as the header
+    is then copied), each tensor's absolute file offset in the new file, and the copy operations
+    (src_offset, dst_offset, length), merged into runs, that carry everything else over unchanged. The
+    replaced ranges are not copied, so they can be written while the copy runs.
     """
-    if all(header.tensors[n].dtype == d for n, d in dtypes.items()):
-        offsets = {n: header.data_start + t.begin for n, t in header.tensors.items()}
-        return b"", offsets, [(0, 0, header.size)]
-    doc, pos = {}, 0
-    if header.metadata:
-        doc["__metadata__"] = header.metadata
-    ordered = sorted(header.tensors.values(), key=lambda t: t.begin)
-    for t in ordered:
-        dtype = dtypes.get(t.name, t.dtype)
-        n = t.nbytes // DTYPES[t.dtype][1] * DTYPES[dtype][1]
-        doc[t.name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    js = json.dumps(doc, separators=(",", ":")).encode()
-    js += b" " * (-len(js) % 8)
-    head = struct.pack("<Q", len(js)) + js
-    offsets = {name: len(head) + e["data_offsets"][0] for name, e in doc.items() if name != "__metadata__"}
-    copies = [(header.data_start + t.begin, offsets[t.name], t.nbytes) for t in ordered if t.name not in dtypes]
-    return head, offsets, copies
+    if all(header.tensors[n].dtype == d for n, d in replaced.items()):
+        head, offsets = b"", {n: header.data_start + t.begin for n, t in header.tensors.items()}
+        keep, at = [], 0
+        for t in sorted((header.tensors[n] for n in replaced), key=lambda t: t.begin):
+            keep.append((at, at, header.data_start + t.begin - at))
+            at = header.data_start + t.end
+        keep.append((at, at, header.size - at))
+    else:
+        doc, pos = {}, 0
+        if header.metadata:
+            doc["__metadata__"] = header.metadata
+        ordered = sorted(header.tensors.values(), key=lambda t: t.begin)
+        for t in ordered:
+            dtype = replaced.get(t.name, t.dtype)
+            n = t.nbytes // DTYPES[t.dtype][1] * DTYPES[dtype][1]
+            doc[t.name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+            pos += n
+        js = json.dumps(doc, separators=(",", ":")).encode()
+        js += b" " * (-len(js) % 8)
+        head = struct.pack("<Q", len(js)) + js
+        offsets = {name: len(head) + e["data_offsets"][0] for name, e in doc.items() if name != "__metadata__"}
+        keep = [(header.data_start + t.begin, offsets[t.name], t.nbytes) for t in ordered if t.name not in replaced]
+    runs: list[tuple[int, int, int]] = []
+    for s, d, n in keep:
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + n)
+        elif n:
+            runs.append((s, d, n))
+    return head, offsets, runs
 
 
 def copy_ranges(src: Path, dst_fd: int, head: bytes, copies: list[tuple[int, int, int]]) -> None:
@@ -215,26 +224,3 @@ def copy_ranges(src: Path, dst_fd: int, head: bytes, copies: list[tuple[int, int
                         raise FormatError(f"{src}: file ended early while copying; it is truncated")
                     k = os.pwrite(dst_fd, chunk, d)
                 s, d, n = s + k, d + k, n - k
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in large chunks (hashlib releases the GIL, so this overlaps with compute)."""
-    h, buf = hashlib.sha256(), bytearray(HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-_HASH_POOL = ThreadPoolExecutor(2, thread_name_prefix="sha256")  # hashing is the CPU floor: use both cores
-_HASHES: dict[tuple[str, int, int], Future] = {}
-
-
-def sha256_async(path: Path) -> Future:
-    """sha256 of a file on a background thread; a file already hashed (same size and mtime) is not read again."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = _HASH_POOL.submit(sha256_file, path)
-    return _HASHES[key]

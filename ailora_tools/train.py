@@ -24,10 +24,10 @@ from .checkpoint import Checkpoint
 from .conversion import TRAIN_MANIFEST
 from .data import collate, load_jsonl
 from .errors import InputNotFoundError, TargetError
+from .hashing import file_digest
 from .output import OutputDir
 from .peft_format import read_adapter, write_adapter
 from .svd import resolve_device
-from .tensorio import sha256_file
 
 SCHEDULERS = ("cosine", "linear", "constant")
 CKPT_DIR = "checkpoints"
@@ -167,7 +167,7 @@ def train(
                    "eval_loss": eval_loss,
                    "trainable_parameters": sum(p.numel() for p in params)}
         od.write_manifest(TRAIN_MANIFEST, {**settings, "summary": summary,
-                                           "files": {"output": {p.name: sha256_file(p) for p in written}}})
+                                           "files": {"output": {p.name: file_digest(p) for p in written}}})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from .errors import InputNotFoundError
 from .output import JOURNAL_NAME
 from .peft_format import read_adapter
-from .tensorio import read_header, read_tensor, sha256_file
+from .hashing import file_digest
+from .tensorio import read_header, read_tensor
 
 MANIFESTS = ("ailora.json", "ailora-merge.json", "ailora-convert.json", "ailora-train.json")
 
@@ -46,8 +47,8 @@ def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
         f = root / rel
         if not f.is_file():
             problems.append(f"{rel}: missing")
-        elif sha256_file(f) != digest:
-            problems.append(f"{rel}: sha256 differs from the manifest (the file changed or is corrupt)")
+        elif file_digest(f) != digest:
+            problems.append(f"{rel}: content differs from the manifest (the file changed or is corrupt)")
         report["files_checked"] += 1
     if reconstruction and found[0] == "ailora.json" and (root / "residual").is_dir():
         _check_reconstruction(root, manifest, report)
@@ -65,7 +66,7 @@ def _check_reconstruction(root: Path, manifest: dict, report: dict) -> None:
         if "shard" not in stats:
             continue
         src = src_root / stats["shard"]
-        if not src.is_file() or sha256_file(src) != recorded.get(stats["shard"]):
+        if not src.is_file() or file_digest(src) != recorded.get(stats["shard"]):
             report["notes"].append(f"source shard {stats['shard']} changed or is gone: reconstruction not checked")
             return
         W = read_tensor(read_header(src), stats["tensor"]).double()

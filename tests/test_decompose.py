@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from blake3 import blake3
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
@@ -43,7 +44,9 @@ def test_residual_plus_adapter_gives_original_logits(tiny, tmp_path, kind, metho
     manifest = json.loads((tmp_path / "out" / "ailora.json").read_text())
     assert manifest["method"] == method and summary["modules"] == len(manifest["modules"]) == 4
     shards = sorted(p.name for p in Path(src).glob("*.safetensors"))
-    assert all(len(manifest["files"]["source"][s]) == 64 for s in shards)
+    assert all(manifest["files"]["source"][s] == "blake3:" + blake3(Path(src, s).read_bytes()).hexdigest() for s in shards)
+    for rel, digest in manifest["files"]["output"].items():
+        assert digest == "blake3:" + blake3((tmp_path / "out" / rel).read_bytes()).hexdigest()
     if method == "ailora":
         roles = {m.rsplit(".", 1)[-1]: r for m, r in manifest["roles"].items()}
         assert roles == ({"query": "principal", "value": "minor"} if kind == "bert"
