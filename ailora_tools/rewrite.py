@@ -2,16 +2,17 @@
 
 Shard by shard: the shard's bytes, less the chosen tensors' ranges, are copied kernel-side on a worker
 thread (the next shards' copies overlap this shard's compute); each chosen tensor's range is written with
-what `compute` returns while that copy runs; the output is hashed as far as it is final after each write,
-so hashing follows the compute; then the shard is published by rename and recorded in the journal.
-Source files are hashed on background threads (`hashing`). Non-weight files (config, tokenizer) are
-copied; the index last.
+what `compute` returns while that copy runs; then the shard is published by rename and recorded in the
+journal. Source files are hashed on background threads (`hashing`); an output shard's digest comes from its
+source's tensor-wise digest and the digests of the bytes written into it, so it is never read back.
+Non-weight files (config, tokenizer) are copied; the index last.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .background import io_pool
 from .checkpoint import Checkpoint
-from .hashing import FileDigest, digest_async
+from .hashing import bytes_digest, digest_async
 from .output import OutputDir
 from .tensorio import ShardHeader, TensorInfo, copy_ranges, layout, read_header, read_tensor, tensor_bytes
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 #: shards whose copy may be under way at once (one copy thread; each holds an open file)
 COPY_AHEAD = 4
+#: replaced tensors whose bytes may wait to be hashed (each holds its buffer)
+HASH_AHEAD = 4
 #: compute(info, W) -> the tensor to store instead of W (same shape; dtype = the output dtype)
 Compute = Callable[[TensorInfo, "torch.Tensor"], "torch.Tensor"]
 
@@ -40,26 +43,29 @@ class _Job:
     fd: int
     offsets: dict[str, int]
     copied: Future
-    digest: FileDigest  # of the output, fed as its ranges become final
-    unwritten: list[int]  # offsets of replaced tensors not written yet, ascending
+    same_layout: bool  # no dtype change: the output's segments are the source's
+    written: dict[tuple[int, int], Future]  # (start, end) in the output -> BLAKE3 of the bytes written there
 
 
 class Hashes:
-    """Digests of a run's source and output files, computed in the background (`digest_async`)."""
+    """Digests of a run's source and output files, computed in the background (`hashing`)."""
 
     def __init__(self):
-        self._jobs: dict[tuple[str, str], Future] = {}
+        self._jobs: dict[tuple[str, str], Callable[[], str]] = {}
 
-    def add(self, kind: str, rel: str, path: Path) -> None:
-        self.add_future(kind, rel, digest_async(path))
+    def add(self, kind: str, rel: str, path: Path) -> Future:
+        fut = digest_async(path)
+        self._jobs[(kind, rel)] = lambda: fut.result().value
+        return fut
 
-    def add_future(self, kind: str, rel: str, digest: Future) -> None:
-        self._jobs[(kind, rel)] = digest
+    def add_patched(self, rel: str, source: Future, written: dict[tuple[int, int], Future]) -> None:
+        """An output that is its source with the `written` ranges replaced (same layout)."""
+        self._jobs[("output", rel)] = lambda: source.result().patched({k: f.result() for k, f in written.items()})
 
     def result(self) -> dict[str, dict[str, str]]:
         files: dict[str, dict[str, str]] = {"source": {}, "output": {}}
-        for (kind, rel), fut in sorted(self._jobs.items()):
-            files[kind][rel] = fut.result()
+        for (kind, rel), digest in sorted(self._jobs.items()):
+            files[kind][rel] = digest()
         return files
 
 
@@ -87,7 +93,8 @@ def rewrite_checkpoint(
             hashes.add("output", _rel(subdir, shard), final)
         else:
             todo.append(shard)
-    copier, hasher = io_pool(1, "copy"), io_pool(1, "hash-out")
+    copier, hasher = io_pool(1, "copy"), io_pool(1, "hash-out")  # hasher: digests of the bytes written
+    hashing: deque[Future] = deque()
     jobs: dict[str, _Job] = {}
     bar = tqdm(total=sum(len(plan.get(s, [])) for s in todo), unit="matrix", disable=not progress)
     try:
@@ -97,31 +104,35 @@ def rewrite_checkpoint(
                     jobs[s] = _start(ckpt.headers[s], od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier)
             bar.set_description(f"{desc} {shard}".strip())
             job = jobs[shard]
-            hashes.add("source", shard, job.header.path)
+            source = hashes.add("source", shard, job.header.path)
             with open(job.header.path, "rb") as src:
                 for name in plan.get(shard, []):
                     new = compute(job.header.tensors[name], read_tensor(job.header, name, src.fileno()))
                     data = tensor_bytes(new)  # its range is not part of the copy, so it is written at once
                     if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
                         raise OSError(f"short write of {name!r} into {od.partial(_rel(subdir, shard))}")
-                    job.unwritten.remove(job.offsets[name])
-                    if job.unwritten:  # the output is final up to the next unwritten tensor: hash that far
-                        hasher.submit(_hash_when_copied, job, job.unwritten[0])
+                    if job.same_layout:  # the output's digest is the source's with this segment's replaced
+                        hashing.append(hasher.submit(bytes_digest, data))
+                        job.written[(job.offsets[name], job.offsets[name] + len(data))] = hashing[-1]
+                        if len(hashing) > HASH_AHEAD:
+                            hashing.popleft().result()
                     bar.update(1)
             job.copied.result()
             os.close(jobs.pop(shard).fd)
-            od.publish(_rel(subdir, shard))
-            hashes.add_future("output", _rel(subdir, shard), hasher.submit(job.digest.finish))
+            final = od.publish(_rel(subdir, shard))
+            if job.same_layout:
+                hashes.add_patched(_rel(subdir, shard), source, job.written)
+            else:
+                hashes.add("output", _rel(subdir, shard), final)
             od.mark_done(_rel(subdir, shard), on_shard(shard))
     finally:
         bar.close()
         for job in jobs.values():
             job.copied.cancel()
         copier.shutdown(wait=True)
-        hasher.shutdown(wait=True, cancel_futures=bool(jobs))
+        hasher.shutdown(wait=True)
         for job in jobs.values():
             os.close(job.fd)
-            job.digest.close()
     _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None)
 
 
@@ -132,13 +143,7 @@ def _rel(subdir: str, name: str) -> str:
 def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier) -> _Job:
     head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names})
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), FileDigest(tmp),
-                sorted(offsets[n] for n in names))
-
-
-def _hash_when_copied(job: _Job, end: int) -> None:
-    job.copied.result()
-    job.digest.update_to(end)
+    return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
 
 
 def _copy_small(od: OutputDir, hashes: Hashes, src: Path, rel: str) -> None:

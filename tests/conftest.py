@@ -75,3 +75,27 @@ def tiny(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def expected_digest(path: Path) -> str:
+    """The manifest digest of a file, computed independently of ailora_tools: BLAKE3 of the digests of a
+    safetensors file's header, tensors and gaps plus its size; plain BLAKE3 for any other file."""
+    import json
+
+    from blake3 import blake3
+
+    data = Path(path).read_bytes()
+    if Path(path).suffix != ".safetensors":
+        return "blake3:" + blake3(data).hexdigest()
+    start = 8 + int.from_bytes(data[:8], "little")
+    spans = sorted((start + v["data_offsets"][0], start + v["data_offsets"][1])
+                   for k, v in json.loads(data[8:start]).items() if k != "__metadata__")
+    cuts, at = [(0, start)], start
+    for b, e in spans:
+        cuts += [(at, b)] if b > at else []
+        cuts.append((b, e))
+        at = max(at, e)
+    cuts += [(at, len(data))] if at < len(data) else []
+    parts = b"".join(blake3(data[b:e]).digest() for b, e in cuts)
+    return "blake3-tensors:" + blake3(parts + len(data).to_bytes(8, "little")).hexdigest()
+

@@ -1,4 +1,4 @@
-"""The streaming pipeline under decompose and merge: copy plans, incremental digests, background threads,
+"""The streaming pipeline under decompose and merge: copy plans, tensor-wise digests, background threads,
 torch loading after the copies start, and the console entry point's exit codes."""
 import json
 import os
@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from blake3 import blake3
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from ailora_tools import decompose, merge
 from ailora_tools.background import NICE, io_pool
-from ailora_tools.hashing import FileDigest, file_digest
+from ailora_tools.hashing import file_digest, hash_file
 from ailora_tools.tensorio import layout, read_header
+from ailora_tools.verify import verify
+
+from conftest import expected_digest
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +64,61 @@ def test_layout_with_a_dtype_change_rewrites_the_header(shard, tmp_path):
     assert all(torch.equal(got[k], ref[k]) for k in ref if k != "t2")
 
 
-@settings(max_examples=60, deadline=None)
-@given(size=st.integers(0, 3 * 4096 + 17), cuts=st.lists(st.integers(0, 3 * 4096 + 17), max_size=6))
-def test_incremental_digest_equals_the_whole_file_digest(tmp_path_factory, size, cuts):
-    path = tmp_path_factory.mktemp("d") / "f"
-    path.write_bytes(os.urandom(size))
-    d = FileDigest(path)
-    for c in sorted(min(c, size) for c in cuts):
-        d.update_to(c)
-    assert d.finish() == file_digest(path) == "blake3:" + blake3(path.read_bytes()).hexdigest()
+def _with_gap(path: Path) -> Path:
+    """A valid safetensors file with 4 unused bytes between its two tensors."""
+    import json
+    import struct
+
+    a, b = torch.arange(6, dtype=torch.float32), torch.arange(4, dtype=torch.float32) + 10
+    doc = {"a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]},
+           "b": {"dtype": "F32", "shape": [4], "data_offsets": [28, 44]}}
+    js = json.dumps(doc).encode()
+    js += b" " * (-len(js) % 8)
+    path.write_bytes(struct.pack("<Q", len(js)) + js + a.numpy().tobytes() + b"\xde\xad\xbe\xef" + b.numpy().tobytes())
+    return path
+
+
+def test_tensorwise_digest_covers_every_byte(shard, tmp_path):
+    gap = _with_gap(tmp_path / "gap.safetensors")
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    for path in (shard, gap, other):
+        assert file_digest(path) == expected_digest(path)
+    assert file_digest(shard).startswith("blake3-tensors:") and file_digest(other).startswith("blake3:")
+    data = gap.read_bytes()
+    for i in range(0, len(data), 7):  # any changed byte, header, tensor or gap, changes the digest
+        (tmp_path / "x.safetensors").write_bytes(data[:i] + bytes([data[i] ^ 1]) + data[i + 1:])
+        assert file_digest(tmp_path / "x.safetensors") != file_digest(gap)
+
+
+def test_patched_digest_equals_the_digest_of_the_patched_file(shard, tmp_path):
+    header, source = read_header(shard), hash_file(shard)
+    t = header.tensors["t3"]
+    start, end = header.data_start + t.begin, header.data_start + t.end
+    new = bytes(range(end - start))
+    data = bytearray(shard.read_bytes())
+    data[start:end] = new
+    (tmp_path / "p.safetensors").write_bytes(bytes(data))
+    assert source.patched({(start, end): blake3(new).digest()}) == file_digest(tmp_path / "p.safetensors")
+    with pytest.raises(ValueError):
+        source.patched({(start, end + 1): blake3(new).digest()})
+
+
+def test_unreadable_safetensors_is_hashed_plainly(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    assert file_digest(bad) == "blake3:" + blake3(bad.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_merge_outputs_verify(tiny, tmp_path, dtype):
+    """Same layout: digests from the source's; a dtype change: the written file is hashed. Both verify."""
+    decompose(tiny("llama"), tmp_path / "d", rank=4, progress=False)
+    merge(tmp_path / "d" / "residual", tmp_path / "d" / "adapter", tmp_path / "m", dtype=dtype, progress=False)
+    report = verify(tmp_path / "m")
+    assert report["problems"] == [] and report["files_checked"] >= 3
+    files = json.loads((tmp_path / "m" / "ailora-merge.json").read_text())["files"]["output"]
+    assert all(d == expected_digest(tmp_path / "m" / rel) for rel, d in files.items())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads are reniced on Linux only")
@@ -111,3 +159,4 @@ def test_console_entry_point_keeps_exit_codes(args, code):
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == code, proc.stderr
     assert (proc.stdout + proc.stderr).strip()  # output was flushed before the fast exit
+

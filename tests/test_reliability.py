@@ -188,6 +188,8 @@ def test_allow_pickle_loads_with_weights_only(tiny, tmp_path):
     (["decompose", "{llama}", "-o", "{out}", "--rank", "40"], r"--rank 40: .* so rank must be below 32"),
     (["decompose", "{llama}", "-o", "{out}", "--targets", "nope"], r"'nope' matches no module .* q_proj"),
     (["decompose", "{llama}", "-o", "{llama}/inside"], r"lies inside the input"),
+    (["decompose", "{llama}", "-o", "{out}", "--device", "gpu"], r"--device 'gpu': not a device; use auto, cpu, cuda"),
+    (["decompose", "{llama}", "-o", "{out}", "--device", "cuda:7"], r"--device cuda:7: (CUDA is not available|this machine has)"),
     (["convert", "--trained", "{missing}", "-o", "{out}"], r"missing: no ailora-train.json naming the initial adapter; pass --initial"),
     (["merge", "{missing}", "{adapter}", "-o", "{out}"], r"missing: no such directory"),
     (["merge", "{bert}", "{adapter}", "-o", "{out}"], r"adapts module .* but the base .* has no tensor"),
