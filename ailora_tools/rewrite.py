@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 #: shards whose copy may be under way at once (one copy thread; each holds an open file)
 COPY_AHEAD = 4
-#: replaced tensors whose bytes may wait to be hashed (each holds its buffer)
-HASH_AHEAD = 4
+#: replaced tensors whose bytes may wait to be hashed while the next is computed (each holds its buffer)
+HASH_AHEAD = 1
 #: compute(info, W) -> the tensor to store instead of W (same shape; dtype = the output dtype)
 Compute = Callable[[TensorInfo, "torch.Tensor"], "torch.Tensor"]
 
