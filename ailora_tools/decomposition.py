@@ -143,7 +143,7 @@ def _residual(ckpt, od, hashes, roles, weights, arch, settings, out_dtype, progr
     svd = settings["svd"]
 
     def compute(info: TensorInfo, W):
-        from .residual import residual_target
+        from .residual import residual_target  # torch loads here, at the first target, while shards copy
         from .svd import resolve_device
 
         if "ran_on" not in svd:  # "auto" is resolved once torch has loaded; the manifest records the result
