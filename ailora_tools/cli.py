@@ -47,7 +47,7 @@ def _one_line(e: Exception) -> str:
 
 
 def _prehash(model: str, revision: str | None) -> None:
-    """Start hashing the checkpoint's files before torch loads (about 1.5 s); the run reuses the results."""
+    """Start hashing the checkpoint's files before torch loads (about 1.2 s); the run reuses the results."""
     from .checkpoint import Checkpoint
     from .hashing import digest_async
 

@@ -118,10 +118,15 @@ def _randomized(W: torch.Tensor, r: int, niter: int, oversample: int, gen: torch
     k = min(r + oversample, min(W.shape))
     omega = torch.randn(W.shape[1], k, generator=gen, dtype=W.dtype, device=W.device)
     Q = torch.linalg.qr(W @ omega).Q
-    for _ in range(niter):  # Wᵀ Q is computed as (Qᵀ W)ᵀ: the same product, about twice as fast on CPU
-        Q = torch.linalg.qr(W @ torch.linalg.qr((Q.T @ W).T).Q).Q
+    for _ in range(niter):
+        Q = _power_step(W, Q)
     Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
     return (Q @ Ub)[:, :r], S[:r], Vh[:r], float(S[0])
+
+
+def _power_step(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """One orthonormalised power iteration, W Wᵀ Q; Wᵀ Q is computed as (Qᵀ W)ᵀ, twice as fast on CPU (MKL)."""
+    return torch.linalg.qr(W @ torch.linalg.qr((Q.T @ W).T).Q).Q
 
 
 def _subspace(W: torch.Tensor, W_in: torch.Tensor, r: int, p: int, gen: torch.Generator | None):
@@ -129,7 +134,7 @@ def _subspace(W: torch.Tensor, W_in: torch.Tensor, r: int, p: int, gen: torch.Ge
     omega = torch.randn(W.shape[1], r + p, generator=gen, dtype=W.dtype, device=W.device)
     Q = torch.linalg.qr(W @ omega).Q
     for it in range(1, EXACT_MAXIT + 1):
-        Q = torch.linalg.qr(W @ torch.linalg.qr((Q.T @ W).T).Q).Q
+        Q = _power_step(W, Q)
         if it < 4 or it % 2:  # a convergence test costs about one iteration: test from the 4th, every other
             continue
         Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
