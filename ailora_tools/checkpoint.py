@@ -13,7 +13,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .errors import FormatError, InputNotFoundError, UnsupportedError
+from .errors import FormatError, InputNotFoundError, OptionError, UnsupportedError
 from .tensorio import ShardHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -61,6 +61,9 @@ class Checkpoint:
             >>> ckpt = Checkpoint.open("meta-llama/Llama-3.1-8B")  # doctest: +SKIP
         """
         path = Path(model).expanduser()
+        if path.is_dir() and revision is not None:
+            raise OptionError(f"--revision {revision}: applies to Hub ids only, and {model} is a local directory; "
+                              "check out that revision there, or drop --revision")
         if path.is_dir():
             if allow_pickle and _pickle_only(path):
                 staged = Path(tempfile.mkdtemp(prefix=".ailora-unpickled-", dir=scratch))
@@ -83,10 +86,11 @@ class Checkpoint:
         try:
             root = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
         except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as e:
-            raise InputNotFoundError(
-                f"{repo_id}: not found on the Hub or in the local cache ({e.__class__.__name__}); check the id, "
-                "--revision, your token, or unset HF_HUB_OFFLINE"
-            ) from e
+            from huggingface_hub import constants
+
+            why = ("HF_HUB_OFFLINE is set, so only the local cache was searched; unset it to download"
+                   if constants.HF_HUB_OFFLINE else f"{_root_cause(e)}; check the id, --revision, your token and network")
+            raise InputNotFoundError(f"{repo_id}: not found on the Hub or in the local cache ({why})") from e
 
         def fetch(name: str) -> Path:
             try:
@@ -128,7 +132,7 @@ class Checkpoint:
                 raise InputNotFoundError(f"{source}: shard {name} named by the index is missing; re-download it")
             headers[name] = read_header(shard, name)
         ckpt = cls(source, revision, root, config, shards, headers, index_file, repo_id)
-        ckpt.extra_files = sorted(f for f in files if f != index_file and not f.endswith(WEIGHT_SUFFIXES))
+        ckpt.extra_files = _extra_files(root, index_file)
         ckpt._check_index(root / INDEX_NAME if index_file else None)
         return ckpt
 
@@ -153,14 +157,20 @@ class Checkpoint:
         """Every tensor by name."""
         return {n: t for h in self.headers.values() for n, t in h.tensors.items()}
 
-    def files(self) -> list[Path]:
-        """Every file a rewrite reads: the shards, the index and the non-weight files."""
-        paths = [h.path for h in self.headers.values()] + [self.root / f for f in self.extra_files]
-        return paths + ([self.root / self.index_file] if self.index_file else [])
+    def files(self) -> dict[str, Path]:
+        """Every file a rewrite reads, by its path relative to the model: shards, index and non-weight files."""
+        paths = {name: h.path for name, h in self.headers.items()}
+        names = self.extra_files + ([self.index_file] if self.index_file else [])
+        return {**paths, **{name: self.root / name for name in names}}
+
+    @property
+    def name_or_path(self) -> str:
+        """What PEFT's `base_model_name_or_path` should say: the Hub id, or the absolute local directory."""
+        return self.repo_id or str(Path(self.source).expanduser().absolute())
 
     def describe(self) -> dict:
-        """Where the checkpoint came from, for manifests."""
-        return {"model": self.source, "revision": self.revision, "path": str(self.root)}
+        """Where the checkpoint came from, for manifests (local models by absolute path)."""
+        return {"model": self.name_or_path, "revision": self.revision, "path": str(self.root)}
 
 
 def _shards_from_index(index_path: Path) -> list[str]:
@@ -190,6 +200,27 @@ def _no_duplicates(pairs):
             raise ValueError(f"it names {k!r} twice")
         seen.add(k)
     return dict(pairs)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception of a chain (a connection error under huggingface_hub's own), in one short line."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return f"{e.__class__.__name__}: {' '.join(str(e).split())[:160]}"
+
+
+def _extra_files(root: Path, index_file: str | None) -> list[str]:
+    """Non-weight files to copy beside a rewritten model, subfolders included (sentence-transformers'
+    `1_Pooling/`, say), as relative POSIX paths; hidden files and folders are left out."""
+    found = []
+    for top, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = Path(top).relative_to(root)
+        for name in names:
+            path = (rel / name).as_posix()
+            if not name.startswith(".") and not name.endswith(WEIGHT_SUFFIXES) and path != index_file:
+                found.append(path)
+    return sorted(found)
 
 
 def _pickle_only(root: Path) -> bool:

@@ -12,10 +12,20 @@ import click
 
 from . import __version__
 from .errors import AiloraError
+from .init import METHODS
 
 # Idle OpenMP threads sleep instead of spinning: the SVDs alternate with copy and hash threads, and on few
 # cores spinning threads take their CPU (about 1.4 CPU-s of 7 on the 1.1B benchmark). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _progress(quiet: bool) -> bool:
+    """Progress bars unless --quiet (or --json); --quiet also silences the libraries' own bars and warnings."""
+    from .console import progress_enabled, quiet_libraries
+
+    if quiet:
+        quiet_libraries()
+    return progress_enabled(quiet)
 
 
 def _fail_cleanly(fn):
@@ -24,6 +34,9 @@ def _fail_cleanly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:  # `... | head`: the reader left; the work itself is done and nothing is wrong
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except Exception as e:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
@@ -52,7 +65,7 @@ def _prehash(model: str, revision: str | None) -> None:
     from .hashing import digest_async
 
     try:
-        for path in Checkpoint.open(model, revision=revision).files():
+        for path in Checkpoint.open(model, revision=revision).files().values():
             digest_async(path)
     except AiloraError:
         pass  # the run itself reports the problem
@@ -68,7 +81,28 @@ def _print_summary(summary: dict, as_json: bool, title: str) -> None:
             click.echo(f"  {k:<22} {v}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Group(click.Group):
+    """Usage errors, like every other error, are one line on stderr with exit code 1."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "ailora-tools"
+            click.echo(f"error: {' '.join(e.format_message().split())} (see `{where} --help`)", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(1)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="ailora-tools")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def main(debug: bool) -> None:
@@ -118,8 +152,8 @@ def _config_option(section: str):
 @_config_option("decompose")
 @click.argument("model", required=False)
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (residual/, adapter/, ailora.json).")
-@click.option("--method", type=click.Choice(["ailora", "pissa", "milora", "lora"]), default="ailora",
-              help="ailora: query principal, value minor; pissa: all principal; milora: all minor; lora: Kaiming A, B=0.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="ailora",
+              help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".")
 @click.option("--rank", type=int, default=16, help="LoRA rank r.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (default: rank, so s = 1).")
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) instead of alpha/r.")
@@ -148,7 +182,7 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
                   targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd,
                   niter=niter, oversample=oversample, seed=seed, device=device, residual_dtype=residual_dtype,
                   revision=revision, allow_pickle=allow_pickle, overwrite=overwrite, resume=resume,
-                  progress=not (quiet or as_json))
+                  progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
 
 
@@ -192,7 +226,7 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
     from .merging import merge as run
 
     summary = run(base, adapter, out, dtype=dtype, revision=revision, allow_pickle=allow_pickle, overwrite=overwrite,
-                  resume=resume, progress=not (quiet or as_json))
+                  resume=resume, progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"merged {summary['modules']} modules into {summary['output']}")
 
 
@@ -229,7 +263,7 @@ def train(base, adapter, data, out, eval_data, epochs, max_steps, lr, batch_size
     summary = run(base, adapter, data, out, eval_data=eval_data, epochs=epochs, max_steps=max_steps, lr=lr,
                   batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
                   scheduler=scheduler, seed=seed, save_every=save_every, eval_every=eval_every, resume=resume,
-                  device=device, dtype=dtype, overwrite=overwrite, progress=not (quiet or as_json))
+                  device=device, dtype=dtype, overwrite=overwrite, progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"trained {summary['steps']} steps into {summary['output']}")
 
 
@@ -242,7 +276,7 @@ def demo(out, steps, quiet):
     """Run decompose → train → convert → merge on a built-in tiny model and check that all agree."""
     from .demo import demo as run
 
-    rows = run(out, steps=steps, progress=not quiet)
+    rows = run(out, steps=steps, progress=_progress(quiet))
     width = max(len(r["step"]) for r in rows)
     click.echo(f"\n{'step':<{width}}  {'seconds':>7}  {'check':<48}  output")
     for r in rows:
@@ -295,16 +329,24 @@ def export_gguf(lora, base, out, outtype, overwrite, as_json):
 @click.argument("lora", type=click.Path())
 @click.option("--for", "target", type=click.Choice(["vllm", "llama.cpp", "peft"]), default="vllm", help="Where the adapter will be loaded.")
 @click.option("--max-lora-rank", type=int, default=16, help="The vLLM server's --max-lora-rank.")
-@click.option("--base", type=click.Path(), default=None, help="Base model directory (needed --for llama.cpp).")
+@click.option("--base", type=click.Path(), default=None, help="Base model directory (needed --for llama.cpp; --for peft: default base_model_name_or_path).")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @_fail_cleanly
-def check(lora, target, max_lora_rank, base):
-    """Report every rule LORA breaks for vLLM, llama.cpp or PEFT, with what to do; exit 0 only if it passes."""
+def check(lora, target, max_lora_rank, base, as_json):
+    """Report every rule LORA breaks for vLLM, llama.cpp or PEFT, with what to do; exit 0 only if it passes.
+    --for peft really loads the adapter with PEFT onto the base's architecture (no weights read)."""
+    from dataclasses import asdict
+
     from .check import check_adapter
 
     findings = check_adapter(lora, target=target, max_lora_rank=max_lora_rank, base=base)
-    for f in findings:
-        click.echo(f"fail {f}")
-    click.echo(f"{lora}: {'passes' if not findings else f'{len(findings)} problem(s)'} for {target}")
+    if as_json:
+        click.echo(json.dumps({"adapter": str(lora), "for": target, "passes": not findings,
+                               "findings": [asdict(f) for f in findings]}, indent=2))
+    else:
+        for f in findings:
+            click.echo(f"fail {f}")
+        click.echo(f"{lora}: {'passes' if not findings else f'{len(findings)} problem(s)'} for {target}")
     sys.exit(1 if findings else 0)
 
 
@@ -315,13 +357,17 @@ def check(lora, target, max_lora_rank, base):
 @click.option("--revision", default=None, help="Branch to upload to.")
 @click.option("--commit-message", default=None, help="Commit message.")
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded, with sizes, and the model card; upload nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_fail_cleanly
-def push(directory, repo_id, private, revision, commit_message, dry_run):
+def push(directory, repo_id, private, revision, commit_message, dry_run, as_json):
     """Upload DIRECTORY to the Hub (token from HF_TOKEN or the HF cache; never printed), with a model card."""
     from .hub import push as run
 
     summary = run(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
                   dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
     for f in summary["files"]:
         click.echo(f"{f['bytes']:>12,}  {f['path']}")
     if dry_run:

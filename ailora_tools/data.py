@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import FormatError, InputNotFoundError
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 
@@ -27,60 +29,99 @@ class Example:
     labels: list[int]
 
 
-def load_jsonl(path: str | Path, tokenizer, *, max_length: int) -> list[Example]:
-    """Read and tokenize a JSONL file.
+def check_rows(path: str | Path, *, flag: str = "--data") -> int:
+    """Check a JSONL file's shape without a tokenizer (every line an object of one of the three shapes), so
+    bad data fails in a second, before any model loads. Returns the number of rows.
 
     Raises:
-        InputNotFoundError: no such file. FormatError: a bad line, naming its line number.
+        InputNotFoundError: no such file. FormatError: a bad line, naming its line number; no rows.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"{path}: no such data file")
+    n = 0
+    for lineno, row in _rows(path, flag):
+        _shape(row, path, lineno)
+        n += 1
+    if not n:
+        raise FormatError(f"{flag} {path}: no examples (the file is empty)")
+    return n
+
+
+def load_jsonl(path: str | Path, tokenizer, *, max_length: int) -> list[Example]:
+    """Read and tokenize a JSONL file; every example must keep at least one loss token after `max_length`.
+
+    Raises:
+        InputNotFoundError: no such file. FormatError: a bad line, or one with no token to learn from (an
+            empty text, no assistant turn, a prompt as long as --max-length), naming its line number.
+    """
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                ex = _example(row, tokenizer)
-            except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
-                raise FormatError(f"{path}:{lineno}: {e}") from e
-            examples.append(Example(ex.input_ids[:max_length], ex.labels[:max_length]))
+    for lineno, row in _rows(path, "--data"):
+        _shape(row, path, lineno)
+        try:
+            ex = _example(row, tokenizer)
+        except (TypeError, KeyError, ValueError) as e:
+            raise FormatError(f"{path}:{lineno}: {e}") from e
+        kept = Example(ex.input_ids[:max_length], ex.labels[:max_length])
+        if not any(label != IGNORE for label in kept.labels[1:]):  # the first token is never predicted
+            why = (f"its loss tokens start after --max-length {max_length}; raise it or shorten the prompt"
+                   if any(label != IGNORE for label in ex.labels[1:]) else _no_loss_reason(row))
+            raise FormatError(f"{path}:{lineno}: no token carries loss ({why}); fix or remove the line")
+        examples.append(kept)
     if not examples:
         raise FormatError(f"{path}: no examples")
     return examples
 
 
-def _example(row, tok) -> Example:
+def _rows(path: str | Path, flag: str) -> Iterator[tuple[int, object]]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{flag} {path}: no such data file")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise FormatError(f"{path}:{lineno}: not JSON ({e})") from e
+
+
+def _shape(row, path, lineno) -> None:
     if not isinstance(row, dict):
-        raise ValueError("each line must be a JSON object")
+        raise FormatError(f"{path}:{lineno}: each line must be a JSON object")
+    keys = [k for k in ("text", "prompt", "completion") if k in row]
+    if "messages" not in row and not keys or ("prompt" in row) != ("completion" in row) and "text" not in row:
+        raise FormatError(f'{path}:{lineno}: expected "text", "prompt" + "completion", or "messages"')
+    for k in keys:
+        if not isinstance(row[k], str):
+            raise FormatError(f'{path}:{lineno}: "{k}" must be a string')
+    if "messages" in row and not keys:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise FormatError(f'{path}:{lineno}: "messages" must be a list of {{"role", "content"}} objects')
+
+
+def _no_loss_reason(row: dict) -> str:
+    if "messages" in row:
+        return "no assistant turn"
+    if "text" in row:
+        return "empty text"
+    return "empty completion"
+
+
+def _example(row: dict, tok) -> Example:
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     if "text" in row:
-        ids = _encode(tok, _str(row, "text")) + eos
+        ids = _encode(tok, row["text"]) + eos
         return Example(ids, list(ids))
     if "prompt" in row or "completion" in row:
-        p, c = _encode(tok, _str(row, "prompt")), _encode(tok, _str(row, "completion")) + eos
+        p, c = _encode(tok, row.get("prompt", "")), _encode(tok, row.get("completion", "")) + eos
         return Example(p + c, [IGNORE] * len(p) + c)
-    if "messages" in row:
-        return _chat(row["messages"], tok)
-    raise ValueError('expected "text", "prompt" + "completion", or "messages"')
-
-
-def _str(row: dict, key: str) -> str:
-    if not isinstance(row.get(key), str):
-        raise ValueError(f'"{key}" must be a string')
-    return row[key]
+    return _chat(row["messages"], tok)
 
 
 def _encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _chat(messages, tok) -> Example:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                 for m in messages):
-        raise ValueError('"messages" must be a list of {"role", "content"} objects')
+def _chat(messages: list[dict], tok) -> Example:
     if not getattr(tok, "chat_template", None):
         raise ValueError('"messages" needs a tokenizer with a chat template; use "prompt"/"completion" instead')
     render = lambda msgs, gen: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
@@ -94,8 +135,10 @@ def _chat(messages, tok) -> Example:
     return Example(ids, labels)
 
 
-def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: list[Example], pad_id: int) -> dict[str, "torch.Tensor"]:
     """Right-pad a batch; padding gets attention 0 and no loss."""
+    import torch
+
     n = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)

@@ -6,6 +6,7 @@ alpha_pattern, fan_in_fan_out).
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ from .checkpoint import Checkpoint
 from .errors import UnsupportedError
 from .output import OutputDir
 from .peft_format import read_adapter
-from .rewrite import Hashes, rewrite_checkpoint
-from .tensorio import DTYPE_FLAGS, TensorInfo, torch_dtype
+from .provenance import check_base
+from .rewrite import Hashes, Replaced, rewrite_checkpoint
+from .tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 
 MERGE_MANIFEST = "ailora-merge.json"
 
@@ -52,36 +54,48 @@ def merge(
     lora = read_adapter(adapter)
     ckpt = Checkpoint.open(base, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
     tensors = ckpt.tensors
-    plan: dict[str, list[str]] = {}
     lora.check_fits(tensors, adapter=adapter, base=base)
-    for m in lora.factors:
-        info = tensors[m + ".weight"]
-        plan.setdefault(info.file, []).append(info.name)
+    check_base(adapter, ckpt, flag="BASE")
+    adapted = {m + ".weight" for m in lora.factors}
+    out_dtype = DTYPE_FLAGS.get(dtype)
+    plan: dict[str, list[str]] = {}  # with --dtype, every float tensor is cast, adapted or not
+    for name, info in tensors.items():
+        if name in adapted or (out_dtype is not None and info.dtype in FLOAT_DTYPES and info.dtype != out_dtype):
+            plan.setdefault(info.file, []).append(name)
     for names in plan.values():
         names.sort(key=lambda n: tensors[n].begin)
     settings = {"tool": __version__, "command": "merge", "base": ckpt.describe(), "adapter": str(adapter),
                 "adapter_config": lora.config, "dtype": dtype}
-    largest: dict[str, float] = {}
 
-    def compute(info: TensorInfo, W: torch.Tensor) -> torch.Tensor:
-        m = info.name[: -len(".weight")]
-        delta = lora.delta(m)
-        largest[m] = float(delta.abs().max())
-        return (W.float() + delta).to(torch_dtype(DTYPE_FLAGS[dtype]) if dtype else W.dtype)
+    def compute(info: TensorInfo, W: torch.Tensor) -> Replaced:
+        target = torch_dtype(out_dtype) if out_dtype else W.dtype
+        if info.name not in adapted:
+            return Replaced(W.to(target))
+        delta = lora.delta(info.name[: -len(".weight")])
+        return Replaced((W.float() + delta).to(target), record={"max_abs_delta": float(delta.abs().max())})
 
     hashes = Hashes()
     with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume, settings=settings) as od:
-        def on_shard(shard: str) -> dict:
-            return {"max_abs_delta": {n[: -len(".weight")]: largest[n[: -len(".weight")]] for n in plan.get(shard, [])}}
-
-        def on_reuse(shard: str, record: dict) -> bool:
-            largest.update(record["max_abs_delta"])
-            return True
-
-        rewrite_checkpoint(ckpt, od, "", plan, compute, hashes=hashes, out_dtype=DTYPE_FLAGS.get(dtype),
-                           on_shard=on_shard, on_reuse=on_reuse, progress=progress, desc="merge")
+        done = rewrite_checkpoint(ckpt, od, "", plan, compute, hashes=hashes, out_dtype=out_dtype,
+                                  progress=progress, desc="merge")
+        if dtype is not None:
+            _set_config_dtype(od, hashes, dtype)
+        largest = [r["max_abs_delta"] for _, r in done.values() if "max_abs_delta" in r]
         summary = {"output": str(od.path), "base": str(base), "adapter": str(adapter),
-                   "modules": len(lora.factors), "max_abs_delta": max(largest.values(), default=0.0)}
+                   "modules": len(lora.factors), "max_abs_delta": max(largest, default=0.0)}
         od.write_manifest(MERGE_MANIFEST, {**settings, "files": hashes.result(), "summary": summary})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _set_config_dtype(od: OutputDir, hashes: Hashes, dtype: str) -> None:
+    """config.json says the dtype the weights now have (`torch_dtype`, and `dtype` where transformers wrote it)."""
+    path = od.path / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+        config[key] = dtype
+    with od.open_atomic("config.json", "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    hashes.add("output", "config.json", path)

@@ -14,7 +14,7 @@ import os
 import shutil
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -33,8 +33,20 @@ if TYPE_CHECKING:
 COPY_AHEAD = 4
 #: replaced tensors whose bytes may wait to be hashed while the next is computed (each holds its buffer)
 HASH_AHEAD = 1
-#: compute(info, W) -> the tensor to store instead of W (same shape; dtype = the output dtype)
-Compute = Callable[[TensorInfo, "torch.Tensor"], "torch.Tensor"]
+
+
+@dataclass
+class Replaced:
+    """What `compute` gives for one tensor: what to store instead (same shape; the output dtype), tensors to keep
+    (saved with the shard, so `--resume` gets them back) and a JSON-able record."""
+
+    tensor: "torch.Tensor"
+    extras: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
+
+
+#: compute(info, W) -> Replaced
+Compute = Callable[[TensorInfo, "torch.Tensor"], Replaced]
 
 
 @dataclass
@@ -71,24 +83,25 @@ class Hashes:
 
 def rewrite_checkpoint(
     ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]], compute: Compute, *,
-    hashes: Hashes, out_dtype: str | None = None, on_shard: Callable[[str], dict] = lambda s: {},
-    on_reuse: Callable[[str, dict], bool] = lambda s, rec: True, progress: bool = True, desc: str = "",
-) -> None:
+    hashes: Hashes, out_dtype: str | None = None, progress: bool = True, desc: str = "",
+) -> dict[str, tuple[dict, dict]]:
     """Write `od/subdir` as a copy of the checkpoint whose tensors in `plan` are replaced.
 
     Args:
         plan: shard name -> tensor names to replace (in that shard).
         compute: gives each replacement; called in shard order, one tensor at a time.
         out_dtype: safetensors dtype ("F32", "BF16", ...) of replaced tensors; default as stored.
-        on_shard: called after a shard is published; its dict is journaled for `--resume`.
-        on_reuse: called for a shard finished by an earlier run; return False to redo it.
+
+    Returns:
+        Tensor name -> (extras, record) of every replaced tensor, computed now or by an earlier run (`--resume`).
     """
     for name in ckpt.extra_files:
-        _copy_small(od, hashes, ckpt.root / name, _rel(subdir, name))
+        _copy_small(od, hashes, ckpt.root / name, name, _rel(subdir, name))
+    results: dict[str, tuple[dict, dict]] = {}
     todo = []
     for shard in ckpt.shards:
         rec, final = od.finished(_rel(subdir, shard)), od.path / subdir / shard
-        if rec is not None and final.is_file() and on_reuse(shard, rec):
+        if rec is not None and final.is_file() and _reuse(od, _rel(subdir, shard), rec, results):
             hashes.add("source", shard, ckpt.headers[shard].path)
             hashes.add("output", _rel(subdir, shard), final)
         else:
@@ -108,7 +121,8 @@ def rewrite_checkpoint(
             with open(job.header.path, "rb") as src:
                 for name in plan.get(shard, []):
                     new = compute(job.header.tensors[name], read_tensor(job.header, name, src.fileno()))
-                    data = tensor_bytes(new)  # its range is not part of the copy, so it is written at once
+                    results[name] = (new.extras, new.record)
+                    data = tensor_bytes(new.tensor)  # its range is not part of the copy, so it is written at once
                     if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
                         raise OSError(f"short write of {name!r} into {od.partial(_rel(subdir, shard))}")
                     if job.same_layout:  # the output's digest is the source's with this segment's replaced
@@ -124,7 +138,7 @@ def rewrite_checkpoint(
                 hashes.add_patched(_rel(subdir, shard), source, job.written)
             else:
                 hashes.add("output", _rel(subdir, shard), final)
-            od.mark_done(_rel(subdir, shard), on_shard(shard))
+            od.mark_done(_rel(subdir, shard), _keep(od, _rel(subdir, shard), plan.get(shard, []), results))
     finally:
         bar.close()
         for job in jobs.values():
@@ -134,6 +148,35 @@ def rewrite_checkpoint(
         for job in jobs.values():
             os.close(job.fd)
     _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None)
+    return results
+
+
+def _keep(od: OutputDir, piece: str, names: list[str], results: dict) -> dict:
+    """The journal record of a finished shard; its replaced tensors' extras go to a file in the work directory."""
+    extras = {f"{n}::{k}": v.contiguous() for n in names for k, v in results[n][0].items()}
+    if extras:
+        from safetensors.torch import save_file
+
+        rel = f"{od.WORK}/{piece}.extras"
+        save_file(extras, str(od.partial(rel)))
+        od.publish(rel)
+    return {"records": {n: results[n][1] for n in names}, "extras": bool(extras)}
+
+
+def _reuse(od: OutputDir, piece: str, rec: dict, results: dict) -> bool:
+    """Take a shard an earlier run finished, with its records and extras; False if they are not all there."""
+    extras: dict[str, dict] = {n: {} for n in rec.get("records", {})}
+    if rec.get("extras"):
+        path = od.path / od.WORK / f"{piece}.extras"
+        if not path.is_file():
+            return False
+        from safetensors.torch import load_file
+
+        for key, value in load_file(str(path)).items():
+            name, k = key.split("::", 1)
+            extras[name][k] = value
+    results.update({n: (extras[n], r) for n, r in rec.get("records", {}).items()})
+    return True
 
 
 def _rel(subdir: str, name: str) -> str:
@@ -146,9 +189,9 @@ def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | No
     return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
 
 
-def _copy_small(od: OutputDir, hashes: Hashes, src: Path, rel: str) -> None:
+def _copy_small(od: OutputDir, hashes: Hashes, src: Path, name: str, rel: str) -> None:
     shutil.copyfile(src, od.partial(rel))
-    hashes.add("source", src.name, src)
+    hashes.add("source", name, src)
     hashes.add("output", rel, od.publish(rel))
 
 
@@ -157,7 +200,7 @@ def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, c
         return
     rel, src = _rel(subdir, ckpt.index_file), ckpt.root / ckpt.index_file
     if not changed:
-        return _copy_small(od, hashes, src, rel)
+        return _copy_small(od, hashes, src, ckpt.index_file, rel)
     doc = json.loads(src.read_text())
     doc.setdefault("metadata", {})["total_size"] = sum(
         (od.path / subdir / s).stat().st_size - read_header(od.path / subdir / s).data_start for s in ckpt.shards)

@@ -21,15 +21,18 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .conversion import TRAIN_MANIFEST
-from .data import collate, load_jsonl
-from .errors import InputNotFoundError, TargetError
+from .provenance import TRAIN_MANIFEST
+from .data import check_rows, collate, load_jsonl
+from .errors import InputNotFoundError, NumericsError
+from .options import at_least, choice, positive
+from .provenance import check_base
 from .hashing import file_digest
 from .output import OutputDir
 from .peft_format import read_adapter, write_adapter
 from .svd import resolve_device
 
 SCHEDULERS = ("cosine", "linear", "constant")
+DTYPES = ("auto", "float32", "bfloat16")
 CKPT_DIR = "checkpoints"
 _LORA_PARAM = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.[^.]+\.weight$")
 
@@ -61,22 +64,30 @@ def train(
     Example:
         >>> train("out/residual", "out/adapter", "train.jsonl", "trained", max_steps=100)  # doctest: +SKIP
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
-
-    # ---- setup -------------------------------------------------------------------------------------
+    # ---- setup: every option, file and data row checked before the model loads ----------------------
     started = time.perf_counter()
-    if scheduler not in SCHEDULERS:
-        raise TargetError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    choice("--scheduler", scheduler, SCHEDULERS)
+    choice("--dtype", dtype, DTYPES)
+    for flag, value in (("--epochs", epochs), ("--max-steps", max_steps), ("--batch-size", batch_size),
+                        ("--grad-accum", grad_accum), ("--save-every", save_every), ("--eval-every", eval_every)):
+        at_least(flag, value, 1)
+    at_least("--max-length", max_length, 2)  # one token to predict from, one to predict
+    at_least("--warmup", warmup, 0)
+    positive("--lr", lr)
     if not Path(base).is_dir():
         raise InputNotFoundError(f"--base {base}: no such model directory")
     for flag, path in (("--data", data), ("--eval-data", eval_data)):
-        if path is not None and not Path(path).is_file():
-            raise InputNotFoundError(f"{flag} {path}: no such data file")
+        if path is not None:
+            check_rows(path, flag=flag)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
     dev = resolve_device(device)
     autocast = dev.type == "cuda" and dtype in ("auto", "bfloat16")
     initial = read_adapter(adapter)
-    initial.check_fits(Checkpoint.open(base).tensors, adapter=adapter, base=base)
+    ckpt = Checkpoint.open(base)
+    initial.check_fits(ckpt.tensors, adapter=adapter, base=base)
+    check_base(adapter, ckpt, flag="--base")
     if not any((Path(base) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise InputNotFoundError(f"--base {base}: no tokenizer files (tokenizer.json / tokenizer_config.json); copy "
                                  "the original model's tokenizer files into it")
@@ -85,7 +96,7 @@ def train(
     examples = load_jsonl(data, tokenizer, max_length=max_length)
     evals = load_jsonl(eval_data, tokenizer, max_length=max_length) if eval_data else []
     steps_per_epoch = math.ceil(len(examples) / (batch_size * grad_accum))
-    total = max_steps or epochs * steps_per_epoch
+    total = max_steps if max_steps is not None else epochs * steps_per_epoch
     settings = {"tool": __version__, "base": str(Path(base).absolute()), "initial_adapter": str(Path(adapter).absolute()),
                 "data": str(Path(data).absolute()), "eval_data": str(Path(eval_data).absolute()) if eval_data else None,
                 "steps": total, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length,
@@ -139,6 +150,9 @@ def train(
                     loss = model(**next_batch()).loss / grad_accum
                 loss.backward()
                 step_loss += float(loss.detach())
+            if not math.isfinite(step_loss):
+                raise NumericsError(f"step {state['step'] + 1}: the training loss is {step_loss}; lower --lr, use "
+                                    "--dtype float32, or check the data (the output has no manifest)")
             optimizer.step()
             sched.step()
             optimizer.zero_grad(set_to_none=True)

@@ -153,7 +153,7 @@ def test_decompose_loads_torch_only_after_the_copies_start(tiny, tmp_path):
     assert svd["device"] == "auto" and svd["ran_on"] == "cpu"
 
 
-@pytest.mark.parametrize("args,code", [(["--version"], 0), (["decompose"], 2), (["verify", "/nonexistent/out"], 1)])
+@pytest.mark.parametrize("args,code", [(["--version"], 0), (["decompose"], 1), (["verify", "/nonexistent/out"], 1)])
 def test_console_entry_point_keeps_exit_codes(args, code):
     proc = subprocess.run([sys.executable, "-c", "from ailora_tools.cli import run; run()", *args],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
