@@ -150,7 +150,7 @@ def test_decompose_loads_torch_only_after_the_copies_start(tiny, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1].startswith("[False")
     svd = json.loads((tmp_path / "out" / "ailora.json").read_text())["svd"]
-    assert svd["device"] == "auto" and svd["ran_on"] == "cpu"
+    assert svd["device"] == "auto" and svd["ran_on"] == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize("args,code", [(["--version"], 0), (["decompose"], 2), (["verify", "/nonexistent/out"], 1)])
