@@ -37,6 +37,10 @@ def decompose(
 ) -> dict:
     """Write OUT/residual (HF model dir), OUT/adapter (PEFT LoRA) and, last, OUT/ailora.json.
 
+    Host memory above the caller's baseline: at most 64 MiB + 16 × the largest target in float32, whatever
+    the checkpoint size. On CUDA, add a fixed cost for the CUDA context and its kernels (about 0.8–0.9 GB
+    on an H100 with torch 2.11 + CUDA 13), paid once per process and not growing with the checkpoint.
+
     Args:
         model: local model directory or Hub repo id.
         out: output directory; must be empty unless `overwrite` or `resume`.

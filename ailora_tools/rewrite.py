@@ -1,10 +1,12 @@
 """Rewrite a checkpoint into an output directory: copy every byte, replace only chosen tensors.
 
-Shard by shard: the shard's bytes, less the chosen tensors' ranges, are copied kernel-side on a worker
-thread (the next shards' copies overlap this shard's compute); each chosen tensor's range is written with
-what `compute` returns while that copy runs; then the shard is published by rename and recorded in the
-journal. Source files are hashed on background threads (`hashing`); an output shard's digest comes from its
-source's tensor-wise digest and the digests of the bytes written into it, so it is never read back.
+Shard by shard: the shard's bytes, less the chosen tensors' ranges, are copied kernel-side by worker
+threads, in pieces of at most 64 MiB taken in shard order (`background.IO_THREADS` workers: one on small
+machines, several on large ones, which then share each shard; the next shards' copies overlap this shard's
+compute); each chosen tensor's range is written with what `compute` returns while that copy runs; then the
+shard is published by rename and recorded in the journal. Source files are hashed on background threads
+(`hashing`); an output shard's digest comes from its source's tensor-wise digest and the digests of the
+bytes written into it, so it is never read back.
 Non-weight files (config, tokenizer) are copied; the index last.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from tqdm.auto import tqdm
 
-from .background import io_pool
+from .background import IO_THREADS, io_pool
 from .checkpoint import Checkpoint
 from .hashing import bytes_digest, digest_async
 from .output import OutputDir
@@ -29,8 +31,10 @@ from .tensorio import ShardHeader, TensorInfo, copy_ranges, layout, read_header,
 if TYPE_CHECKING:
     import torch
 
-#: shards whose copy may be under way at once (one copy thread; each holds an open file)
-COPY_AHEAD = 4
+#: shards whose copy may be under way at once (each holds an open file)
+COPY_AHEAD = max(4, IO_THREADS)
+#: a shard's copy is split into pieces of at most this many bytes, so that several workers can share it
+COPY_PIECE = 64 << 20
 #: replaced tensors whose bytes may wait to be hashed while the next is computed (each holds its buffer)
 HASH_AHEAD = 1
 
@@ -54,7 +58,7 @@ class _Job:
     header: ShardHeader
     fd: int
     offsets: dict[str, int]
-    copied: Future
+    copied: list[Future]  # the pieces of its copy
     same_layout: bool  # no dtype change: the output's segments are the source's
     written: dict[tuple[int, int], Future]  # (start, end) in the output -> BLAKE3 of the bytes written there
 
@@ -106,7 +110,7 @@ def rewrite_checkpoint(
             hashes.add("output", _rel(subdir, shard), final)
         else:
             todo.append(shard)
-    copier, hasher = io_pool(1, "copy"), io_pool(1, "hash-out")  # hasher: digests of the bytes written
+    copier, hasher = io_pool(IO_THREADS, "copy"), io_pool(1, "hash-out")  # hasher: digests of the bytes written
     hashing: deque[Future] = deque()
     jobs: dict[str, _Job] = {}
     bar = tqdm(total=sum(len(plan.get(s, [])) for s in todo), unit="matrix", disable=not progress)
@@ -131,7 +135,8 @@ def rewrite_checkpoint(
                         if len(hashing) > HASH_AHEAD:
                             hashing.popleft().result()
                     bar.update(1)
-            job.copied.result()
+            for piece in job.copied:
+                piece.result()
             os.close(jobs.pop(shard).fd)
             final = od.publish(_rel(subdir, shard))
             if job.same_layout:
@@ -142,7 +147,8 @@ def rewrite_checkpoint(
     finally:
         bar.close()
         for job in jobs.values():
-            job.copied.cancel()
+            for piece in job.copied:
+                piece.cancel()
         copier.shutdown(wait=True)
         hasher.shutdown(wait=True)
         for job in jobs.values():
@@ -186,7 +192,10 @@ def _rel(subdir: str, name: str) -> str:
 def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier) -> _Job:
     head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names})
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
+    pieces = [(s + k, d + k, min(COPY_PIECE, n - k)) for s, d, n in copies for k in range(0, n, COPY_PIECE)]
+    copied = [copier.submit(copy_ranges, header.path, fd, head, pieces[:1])]  # the new header, if any, first
+    copied += [copier.submit(copy_ranges, header.path, fd, b"", [p]) for p in pieces[1:]]
+    return _Job(header, fd, offsets, copied, not head, {})
 
 
 def _copy_small(od: OutputDir, hashes: Hashes, src: Path, name: str, rel: str) -> None:
