@@ -30,7 +30,8 @@ def decompose(
     alpha: float | None = None, rslora: bool = False, targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
     roles: dict[str, str] | None = None, svd: str = "randomized", niter: int = 4, oversample: int = 8,
     seed: int = 0, device: str = "auto", residual_dtype: str | None = None, revision: str | None = None,
-    allow_pickle: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
+    allow_pickle: bool = False, no_residual: bool = False, overwrite: bool = False, resume: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Write OUT/residual (HF model dir), OUT/adapter (PEFT LoRA) and, last, OUT/ailora.json.
 
@@ -46,6 +47,8 @@ def decompose(
         device: "auto", "cpu", "cuda" or "cuda:N" for the SVDs.
         residual_dtype: "float32", "float16" or "bfloat16" for the residual targets (default: as stored).
         revision: Hub revision. allow_pickle: accept .bin/.pt weights (see `Checkpoint.open`).
+        no_residual: write only OUT/adapter and the manifest, for training on the ORIGINAL weights with
+            s·B0·A0 subtracted inside the adapter (`initial_offset`); the manifest's `adapter_base` says which.
         overwrite, resume: see `OutputDir`. progress: show a tqdm bar.
 
     Returns:
@@ -66,6 +69,8 @@ def decompose(
         raise UnsupportedError(f"--residual-dtype {residual_dtype!r}: choose one of {', '.join(DTYPE_FLAGS)}")
     if rank < 1:
         raise NumericsError(f"--rank {rank}: must be at least 1")
+    if no_residual and residual_dtype is not None:
+        raise TargetError("--residual-dtype: --no-residual writes no residual; drop one of the two")
     alpha = float(rank if alpha is None else alpha)
     if device not in ("auto", "cpu"):  # a CUDA device is checked now (this loads torch); auto and cpu cannot fail
         from .svd import resolve_device
@@ -83,6 +88,8 @@ def decompose(
         "targets": list(targets), "roles": roles,
         "svd": {"mode": svd, "niter": niter, "oversample": oversample, "seed": seed, "device": device},
         "residual_dtype": residual_dtype, "source": ckpt.describe(),
+        # what the adapter applies to: "original" (no residual written) or "residual" (OUT/residual)
+        "adapter_base": "original" if no_residual or METHODS[method] is None else "residual",
     }
     hashes = Hashes()
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
@@ -93,12 +100,19 @@ def decompose(
             from .svd import generator_for
 
             factors = {m: kaiming_factors(_shape(weights[m], m, arch), rank, generator_for(seed, m, "cpu")) for m in roles}
+        elif no_residual:  # SVDs only: train subtracts s·B0·A0 from the original weights itself
+            from .initial_factors import initial_factors
+
+            for p in ckpt.files():
+                hashes.add("source", p.name, p)
+            stats, factors = initial_factors(ckpt, roles, weights, transposed={m: is_transposed(m, arch) for m in roles},
+                                             rank=rank, scale=scale, svd=settings["svd"], progress=progress)
         else:
             stats, factors = _residual(ckpt, od, hashes, roles, weights, arch, settings,
                                        DTYPE_FLAGS.get(residual_dtype), progress)
         from .peft_format import lora_config, task_type, write_adapter
 
-        base = ckpt.source if METHODS[method] is None else str(od.path / RESIDUAL_DIR)
+        base = ckpt.source if settings["adapter_base"] == "original" else str(od.path / RESIDUAL_DIR)
         config = lora_config(rank=rank, alpha=alpha, targets=[m.rsplit(".", 1)[-1] for m in roles], rslora=rslora,
                              base=base, task_type=task_type(ckpt.config),
                              fan_in_fan_out=any(is_transposed(m, arch) for m in roles))
@@ -106,10 +120,10 @@ def decompose(
             hashes.add("output", f"{ADAPTER_DIR}/{p.name}", p)
         summary = {
             **{k: v for k, v in settings.items() if k != "roles"},
-            "output": str(od.path), "residual": str(od.path / RESIDUAL_DIR) if stats else None,
+            "output": str(od.path), "residual": str(od.path / RESIDUAL_DIR) if settings["adapter_base"] == "residual" else None,
             "adapter": str(od.path / ADAPTER_DIR), "modules": len(roles),
-            "worst_recon_rel_fro": max((s["recon_rel_fro"] for s in stats.values()), default=0.0),
-            "worst_recon_max_abs": max((s["recon_max_abs"] for s in stats.values()), default=0.0),
+            "worst_recon_rel_fro": max((s.get("recon_rel_fro", 0.0) for s in stats.values()), default=0.0),
+            "worst_recon_max_abs": max((s.get("recon_max_abs", 0.0) for s in stats.values()), default=0.0),
         }
         manifest = {**settings, "files": hashes.result(),
                     "modules": {m: stats.get(m, {"role": r}) for m, r in sorted(roles.items())}}

@@ -1,0 +1,102 @@
+"""Exact training on the ORIGINAL weights: the frozen initial product −s·B0·A0 inside each adapted module.
+
+Two ways to train an SVD-initialised adapter (A, B start at A0, B0):
+- "residual" (decompose's default): the base is W_res = W − s·B0·A0 stored in the checkpoint's dtype, and
+  the model is W_res + s·B·A. For 16-bit checkpoints W_res is rounded, so what was trained differs from
+  what `convert` serves (W + s(BA − B0A0)) by that rounding.
+- "original" (`decompose --no-residual`): the base is W itself and every adapted module adds the frozen
+  −s·B0·A0·x, so the model is W + s(B·A − B0·A0), exactly what `convert` writes. No residual is stored.
+
+`adapter_base` is recorded in decompose's `ailora.json` and in `ailora-train.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import TargetError
+from .peft_format import Adapter
+
+ADAPTER_BASES = ("residual", "original")
+DECOMPOSE_MANIFEST = "ailora.json"
+
+
+def recorded_adapter_base(initial: str | os.PathLike) -> str | None:
+    """What decompose's manifest beside the initial adapter says it is relative to (None: no manifest)."""
+    manifest = Path(initial).parent / DECOMPOSE_MANIFEST
+    if not manifest.is_file():
+        return None
+    doc = json.loads(manifest.read_text())
+    if "adapter_base" in doc:
+        return doc["adapter_base"]
+    return "original" if doc.get("method") == "lora" else "residual"  # manifests written before the key existed
+
+
+def resolve_adapter_base(flag: str, initial: str | os.PathLike, base: str | os.PathLike) -> str:
+    """The training mode: `flag` ("auto", "residual", "original"), checked against the manifest and `base`.
+
+    Raises:
+        TargetError: the flag contradicts the manifest, or `base` is the wrong model for the mode.
+    """
+    if flag not in ("auto",) + ADAPTER_BASES:
+        raise TargetError(f"--adapter-base {flag!r}: choose auto, residual or original")
+    recorded = recorded_adapter_base(initial)
+    if flag != "auto" and recorded is not None and flag != recorded:
+        raise TargetError(f"--adapter-base {flag}: the initial adapter {initial} was decomposed relative to the "
+                          f"{recorded} model ({Path(initial).parent / DECOMPOSE_MANIFEST}); drop the flag, or "
+                          "decompose again" + (" with --no-residual" if flag == "original" else " without --no-residual"))
+    mode = recorded or ("residual" if flag == "auto" else flag)
+    base = Path(base).resolve()
+    if mode == "original" and base.name == "residual" and (base.parent / DECOMPOSE_MANIFEST).is_file():
+        raise TargetError(f"--base {base}: is a residual from decompose, but the adapter {initial} trains on the "
+                          "ORIGINAL weights (adapter_base: original); pass the original model as --base")
+    if mode == "residual" and recorded == "residual":
+        source = json.loads((Path(initial).parent / DECOMPOSE_MANIFEST).read_text()).get("source", {}).get("path")
+        if source and Path(source).resolve() == base:
+            raise TargetError(f"--base {base}: is the original model, but the adapter {initial} is relative to the "
+                              f"residual; pass {Path(initial).parent / 'residual'} as --base (or decompose with "
+                              "--no-residual to train exactly on the original)")
+    return mode
+
+
+def subtract_initial(model, initial: Adapter) -> list:
+    """Make every adapted module of a PEFT LoRA model compute W·x + s·B·A·x − s0·B0·A0·x.
+
+    The offset uses the initial factors (float32, frozen, no dropout) on the model's device; it holds no
+    parameters, so optimizers, checkpoints and saved adapters see only A and B.
+
+    Args:
+        model: a PeftModel whose adapter started from `initial`.
+        initial: the initial adapter (A0, B0 and its scales).
+
+    Returns:
+        The forward-hook handles (call `.remove()` on each to train on W + s·B·A again).
+
+    Raises:
+        TargetError: a module of `initial` the model does not adapt.
+
+    Example:
+        >>> handles = subtract_initial(peft_model, read_adapter("out/adapter"))  # doctest: +SKIP
+    """
+    base = model.get_base_model()
+    handles = []
+    for module, (A0, B0) in initial.factors.items():
+        try:
+            layer = base.get_submodule(module)
+        except AttributeError as e:
+            raise TargetError(f"initial adapter: module {module!r} is not in the model; pass the adapter the "
+                              "model was loaded with") from e
+        device = next(layer.parameters()).device
+        handles.append(layer.register_forward_hook(
+            _offset(A0.float().to(device), B0.float().to(device), initial.scale(module))))
+    return handles
+
+
+def _offset(A0: torch.Tensor, B0: torch.Tensor, scale: float):
+    def hook(_module, args, out):
+        x = args[0]
+        return out - (scale * torch.nn.functional.linear(torch.nn.functional.linear(x.to(A0.dtype), A0), B0)).to(out.dtype)
+    return hook
