@@ -223,8 +223,8 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", help="auto: bfloat16 autocast on CUDA, float32 on CPU.")
-@click.option("--tokenizer", default=None, help="Tokenizer directory or Hub id, for a base without tokenizer files (default: the base's).")
-@click.option("--progressive", type=click.IntRange(min=1), default=None,
+@click.option("--tokenizer", default=None, metavar="DIR_OR_HUB_ID", help="Tokenizer directory or Hub id, for a base without tokenizer files (default: the base's).")
+@click.option("--progressive", type=click.IntRange(min=1), default=None, metavar="K",
               help="Progtuning: K stages of equal steps (one per epoch with --epochs K); stage k updates only the "
                    "blocks from part k up (lower blocks freeze first), and the backward pass stops there.")
 @click.option("--adapter-base", type=click.Choice(["auto", "residual", "original"]), default="auto",

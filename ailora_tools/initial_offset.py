@@ -45,9 +45,10 @@ def resolve_adapter_base(flag: str, initial: str | os.PathLike, base: str | os.P
         raise TargetError(f"--adapter-base {flag!r}: choose auto, residual or original")
     recorded = recorded_adapter_base(initial)
     if flag != "auto" and recorded is not None and flag != recorded:
+        again = "with" if flag == "original" else "without"
         raise TargetError(f"--adapter-base {flag}: the initial adapter {initial} was decomposed relative to the "
                           f"{recorded} model ({Path(initial).parent / DECOMPOSE_MANIFEST}); drop the flag, or "
-                          "decompose again" + (" with --no-residual" if flag == "original" else " without --no-residual"))
+                          f"decompose again {again} --no-residual")
     mode = recorded or ("residual" if flag == "auto" else flag)
     base = Path(base).resolve()
     if mode == "original" and base.name == "residual" and (base.parent / DECOMPOSE_MANIFEST).is_file():
@@ -98,5 +99,6 @@ def subtract_initial(model, initial: Adapter) -> list:
 def _offset(A0: torch.Tensor, B0: torch.Tensor, scale: float):
     def hook(_module, args, out):
         x = args[0]
-        return out - (scale * torch.nn.functional.linear(torch.nn.functional.linear(x.to(A0.dtype), A0), B0)).to(out.dtype)
+        product = torch.nn.functional.linear(torch.nn.functional.linear(x.to(A0.dtype), A0), B0)
+        return out - (scale * product).to(out.dtype)
     return hook

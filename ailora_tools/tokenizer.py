@@ -55,8 +55,9 @@ def load_tokenizer(source: str | os.PathLike, *, flag: str = "--tokenizer"):
             _require_sentencepiece(flag, source)
         raise
     except OSError as e:
-        raise InputNotFoundError(f"{flag} {source}: cannot load a tokenizer from it ({' '.join(str(e).split())[:200]}); "
-                                 "pass a directory with tokenizer files or a Hub id that is in the HF cache") from e
+        why = " ".join(str(e).split())[:200]
+        raise InputNotFoundError(f"{flag} {source}: cannot load a tokenizer from it ({why}); pass a directory with "
+                                 "tokenizer files or a Hub id that is in the HF cache") from e
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id, 0):
         if candidate is not None:
             return tokenizer, int(candidate)
@@ -66,7 +67,8 @@ def _require_sentencepiece(flag: str, source) -> None:
     missing = [name.split(".")[-1] for name in SENTENCEPIECE_PACKAGES if not _importable(name)]
     if missing:
         raise UnsupportedError(f"{flag} {source}: its tokenizer is a sentencepiece model, which transformers reads "
-                               f"only with the packages sentencepiece and protobuf; missing here: {', '.join(missing)}; run `pip install sentencepiece protobuf`")
+                               f"only with the packages sentencepiece and protobuf; missing here: {', '.join(missing)}; "
+                               "run `pip install sentencepiece protobuf`")
 
 
 def _importable(name: str) -> bool:

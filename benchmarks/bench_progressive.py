@@ -101,17 +101,20 @@ def main() -> None:
     dec, data, evals = build(args.workdir, layers=args.layers, hidden=args.hidden, seq=args.seq,
                              examples=args.steps * args.batch_size)
     runs: dict[str, list[dict]] = {"plain": [], "progressive": []}
+    load = [os.getloadavg()[0]]
     for r in range(args.rounds):
         for name, stages in (("plain", None), ("progressive", args.stages)):
             runs[name].append(train_run(dec, data, evals, args.workdir / f"{name}-{r}", args, stages))
             print(f"round {r + 1} {name}: {runs[name][-1]['tokens_per_s']} tokens/s", flush=True)
+            load.append(os.getloadavg()[0])
     stages = runs["progressive"][0]["progressive"]["stages"]
     med = lambda name, steps: statistics.median(tokens_per_s(s["metrics"], steps) for s in runs[name])  # noqa: E731
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
     lines = [f"# Progtuning throughput, {datetime.date.today()}", "",
              f"Command: `python benchmarks/bench_progressive.py {' '.join(sys.argv[1:])}`", "",
              f"- {platform.processor() or platform.machine()}, {device}, torch {torch.__version__}, "
-             f"threads {torch.get_num_threads()}",
+             f"threads {torch.get_num_threads()}; 1-minute load average {min(load):.1f}–{max(load):.1f} during the "
+             "runs (above the core count, other processes shared the cores and the figures carry their noise)",
              f"- Llama-style, {args.layers} blocks, hidden {args.hidden}, random weights; AILoRA r = 16 on q_proj and "
              f"v_proj; {args.steps} steps of {args.batch_size} × {args.seq} tokens; float32; median of {args.rounds} "
              "round(s); tokens/s = median over each stage's steps of one step's tokens / its seconds (forward + backward + "

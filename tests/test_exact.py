@@ -15,6 +15,7 @@ from ailora_tools.errors import TargetError
 from ailora_tools.initial_offset import subtract_initial
 from ailora_tools.peft_format import read_adapter
 from ailora_tools.train import train
+from ailora_tools.verify import verify
 
 TOL = 1e-5  # float32 rounding, relative to the largest |logit|
 
@@ -137,6 +138,8 @@ def test_cli_no_residual(bf16, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "o" / "ailora.json").read_text())["adapter_base"] == "original"
     assert not (tmp_path / "o" / "residual").exists()
+    report = verify(tmp_path / "o")
+    assert report["problems"] == [] and report["files_checked"] == 2
     res = CliRunner().invoke(main, ["decompose", str(bf16 / "base"), "-o", str(tmp_path / "p"), "--no-residual",
                                     "--residual-dtype", "float32"])
     assert res.exit_code == 1 and "--no-residual writes no residual" in res.output
