@@ -66,7 +66,10 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
                              'train with bias="none" and lora_bias=False, or merge the adapter'))
     if target == "peft":
         return found + _peft_load(d, cfg, base)
-    if base_of(d).kind == RESIDUAL:
+    if base_of(d).offset:
+        found.append(Finding("base", "trained in exact mode: the initial product is not in the adapter",
+                             f"run `ailora-tools convert --trained {d} -o LORA` and serve LORA"))
+    elif base_of(d).kind == RESIDUAL:
         found.append(Finding("base", "the adapter applies to decompose's residual, not to the original model a server "
                              "loads", f"run `ailora-tools convert --trained {d} -o LORA` and serve LORA"))
     adapter = read_adapter(d, strict=False)

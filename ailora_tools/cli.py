@@ -168,10 +168,14 @@ def _config_option(section: str):
 @click.option("--residual-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="dtype of residual target weights (default: the checkpoint's).")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
+@click.option("--no-residual", is_flag=True,
+              help="Write only the adapter, no residual: train then runs on the ORIGINAL model with s·B0·A0 "
+                   "subtracted inside the adapter, so convert serves exactly what was trained (best for 16-bit "
+                   "checkpoints); takes seconds on any model size.")
 @_rewrite_options
 @_fail_cleanly
 def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed, device,
-              residual_dtype, revision, allow_pickle, overwrite, resume, as_json, quiet):
+              residual_dtype, revision, no_residual, allow_pickle, overwrite, resume, as_json, quiet):
     """Decompose MODEL (local dir or Hub id) into OUT/residual + OUT/adapter, streaming shard by shard."""
     if model is None:
         raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= in --config")
@@ -181,8 +185,8 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
     summary = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora,
                   targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd,
                   niter=niter, oversample=oversample, seed=seed, device=device, residual_dtype=residual_dtype,
-                  revision=revision, allow_pickle=allow_pickle, overwrite=overwrite, resume=resume,
-                  progress=_progress(quiet or as_json))
+                  revision=revision, allow_pickle=allow_pickle, no_residual=no_residual, overwrite=overwrite,
+                  resume=resume, progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
 
 
@@ -232,7 +236,9 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 
 @main.command()
 @_config_option("train")
-@click.option("--base", required=True, type=click.Path(), help="Frozen base: the residual model directory from decompose.")
+@click.option("--base", required=True, type=click.Path(),
+              help="Frozen base: the residual model directory from decompose, or the ORIGINAL model for an adapter "
+                   "from decompose --no-residual.")
 @click.option("--adapter", required=True, type=click.Path(), help="Initial adapter (OUT/adapter from decompose).")
 @click.option("--data", required=True, type=click.Path(), help='Training JSONL: {"text"}, {"prompt","completion"} or {"messages"}.')
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory for the trained adapter.")
@@ -251,20 +257,35 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", help="auto: bfloat16 autocast on CUDA, float32 on CPU.")
+@click.option("--tokenizer", default=None, metavar="DIR_OR_HUB_ID", help="Tokenizer directory or Hub id, for a base without tokenizer files (default: the base's).")
+@click.option("--progressive", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Progtuning: K stages of equal steps (one per epoch with --epochs K); stage k updates only the "
+                   "blocks from part k up (lower blocks freeze first), and the backward pass stops there.")
+@click.option("--adapter-base", type=click.Choice(["auto", "residual", "original"]), default="auto",
+              help="auto: as decompose's manifest records. residual: train base + s·B·A. original: train "
+                   "base + s(B·A − B0·A0) on the original model (exact).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def train(base, adapter, data, out, eval_data, epochs, max_steps, lr, batch_size, grad_accum, max_length, warmup,
-          scheduler, seed, save_every, eval_every, resume, device, dtype, overwrite, as_json, quiet):
-    """Train the adapter on the frozen residual; only the LoRA factors learn."""
+          scheduler, seed, save_every, eval_every, resume, device, dtype, tokenizer, progressive, adapter_base,
+          overwrite, as_json, quiet):
+    """Train the adapter on its frozen base (the residual, or the original model for --no-residual adapters);
+    only the LoRA factors learn."""
     from .train import train as run
 
     summary = run(base, adapter, data, out, eval_data=eval_data, epochs=epochs, max_steps=max_steps, lr=lr,
                   batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
                   scheduler=scheduler, seed=seed, save_every=save_every, eval_every=eval_every, resume=resume,
-                  device=device, dtype=dtype, overwrite=overwrite, progress=_progress(quiet or as_json))
+                  device=device, dtype=dtype, tokenizer=tokenizer, progressive=progressive,
+                  adapter_base=adapter_base, overwrite=overwrite, progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"trained {summary['steps']} steps into {summary['output']}")
+    if "progressive" in summary and not as_json:
+        for s in summary["progressive"]["stages"]:
+            click.echo(f"  stage {s['stage']}: blocks {s['blocks'][0]}-{s['blocks'][1]}, steps {s['steps'][0]}-"
+                       f"{s['steps'][1]}, {s['tokens_per_s']} tokens/s")
+        click.echo(f"  updated parameter-steps: {summary['progressive']['updated_parameter_fraction']:.1%} of plain training")
 
 
 @main.command()

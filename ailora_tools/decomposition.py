@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .errors import NumericsError, UnsupportedError
+from .errors import NumericsError, OptionError, UnsupportedError
 from .init import InitMethod, Job, Settings, get_method, lora_scale
 from .options import at_least, choice, positive
 from .output import OutputDir
@@ -33,7 +33,8 @@ def decompose(
     alpha: float | None = None, rslora: bool = False, targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
     roles: dict[str, str] | None = None, svd: str = "randomized", niter: int = 4, oversample: int = 8,
     seed: int = 0, device: str = "auto", residual_dtype: str | None = None, revision: str | None = None,
-    allow_pickle: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
+    allow_pickle: bool = False, no_residual: bool = False, overwrite: bool = False, resume: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Write OUT/residual (HF model dir), OUT/adapter (PEFT LoRA) and, last, OUT/ailora.json.
 
@@ -54,6 +55,8 @@ def decompose(
         device: "auto", "cpu", "cuda" or "cuda:N" for the SVDs.
         residual_dtype: "float32", "float16" or "bfloat16" for the residual targets (default: as stored).
         revision: Hub revision (Hub ids only). allow_pickle: accept .bin/.pt weights (see `Checkpoint.open`).
+        no_residual: write only OUT/adapter and the manifest, for training on the ORIGINAL weights with
+            s·B0·A0 subtracted inside the adapter (`initial_offset`); the manifest's `adapter_base` says which.
         overwrite, resume: see `OutputDir`. progress: show a tqdm bar.
 
     Returns:
@@ -73,6 +76,8 @@ def decompose(
     positive("--alpha", alpha)
     at_least("--niter", niter, 0)
     at_least("--oversample", oversample, 0)
+    if no_residual and residual_dtype is not None:
+        raise OptionError("--residual-dtype: --no-residual writes no residual; drop one of the two")
     alpha = float(rank if alpha is None else alpha)
     if device not in ("auto", "cpu"):  # a CUDA device is checked now (this loads torch); auto and cpu cannot fail
         from .svd import resolve_device
@@ -86,12 +91,12 @@ def decompose(
         "targets": list(targets), "roles": {j.module: j.role for j in jobs},
         "svd": {"mode": svd, "niter": niter, "oversample": oversample, "seed": seed, "device": device},
         "residual_dtype": residual_dtype, "source": ckpt.describe(),
-        "adapter_base": RESIDUAL if init.offsets_base else ORIGINAL,
+        "adapter_base": RESIDUAL if init.offsets_base and not no_residual else ORIGINAL,
     }
     hashes = Hashes()
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
         context = init.prepare(ckpt, jobs, params)
-        if init.offsets_base:
+        if settings["adapter_base"] == RESIDUAL:
             results, ran_on = _residual(ckpt, od, hashes, jobs, init, params, context, device,
                                         DTYPE_FLAGS.get(residual_dtype), progress)
             base = str(od.path / RESIDUAL_DIR)
@@ -110,7 +115,7 @@ def decompose(
         stats = {m: s for m, (_, s) in results.items()}
         summary = {
             **{k: v for k, v in settings.items() if k != "roles"}, "output": str(od.path),
-            "residual": base if init.offsets_base else None, "adapter": str(od.path / ADAPTER_DIR), "modules": len(jobs),
+            "residual": base if settings["adapter_base"] == RESIDUAL else None, "adapter": str(od.path / ADAPTER_DIR), "modules": len(jobs),
             "worst_recon_rel_fro": max((s.get("recon_rel_fro", 0.0) for s in stats.values()), default=0.0),
             "worst_recon_max_abs": max((s.get("recon_max_abs", 0.0) for s in stats.values()), default=0.0),
         }
@@ -173,7 +178,8 @@ def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, 
 
 
 def _factors_only(ckpt, jobs, init, params, context, device, progress):
-    """Factors without a residual: W is read only when the method looks at it."""
+    """Factors without a residual (plain LoRA, or `no_residual`): W is read only when the method looks at it,
+    by its byte range; no shard is copied, so the cost is the SVDs, whatever the checkpoint's size."""
     from tqdm.auto import tqdm
 
     from .residual import check_factors
@@ -189,7 +195,8 @@ def _factors_only(ckpt, jobs, init, params, context, device, progress):
         gen = generator_for(params.seed, job.module, "cpu" if W is None else dev)
         A0, B0, stats = init.factors(job, W, params, context=context, generator=gen)
         check_factors(job, A0, B0)
-        stats = {"tensor": job.tensor.name, **stats, "source_sample": stored_sample(ckpt, job.tensor.name)}
+        stats = {"tensor": job.tensor.name, "shard": job.tensor.file, "shape": list(job.tensor.shape),
+                 "dtype": job.tensor.dtype, **stats, "source_sample": stored_sample(ckpt, job.tensor.name)}
         results[job.module] = ((A0.cpu(), B0.cpu()), stats)
     return results, str(dev)
 

@@ -27,6 +27,9 @@ class BaseOf:
     """The base an adapter applies to: RESIDUAL, ORIGINAL or None (no manifest says), and how to recognise it."""
 
     kind: str | None
+    #: trained with the initial product subtracted inside (train's exact mode): only `convert` gives a LoRA
+    offset: bool = False
+    method: str | None = None  # decompose's init method
     residual: str | None = None  # where decompose wrote the residual
     original: str | None = None  # the model decompose read
     #: module -> {"tensor", "source_sample", "residual_sample"}
@@ -46,12 +49,15 @@ def base_of(adapter: str | os.PathLike) -> BaseOf:
     if (d / TRAIN_MANIFEST).is_file():
         trained = _read(d / TRAIN_MANIFEST)
         initial = base_of(trained.get("initial_adapter", ""))
-        return BaseOf(trained.get("adapter_base", initial.kind), initial.residual, initial.original, initial.samples)
+        kind = trained.get("adapter_base", initial.kind)
+        offset = kind == ORIGINAL and trained.get("mode") == "exact" and initial.method not in (None, "lora")
+        return BaseOf(kind, offset, initial.method, initial.residual, initial.original, initial.samples)
     if (d.parent / DECOMPOSE_MANIFEST).is_file():
         m = _read(d.parent / DECOMPOSE_MANIFEST)
         kind = m.get("adapter_base") or (ORIGINAL if m.get("method") == "lora" else RESIDUAL)
         samples = {k: v for k, v in m.get("modules", {}).items() if "source_sample" in v}
-        return BaseOf(kind, str(d.parent / "residual"), (m.get("source") or {}).get("model"), samples)
+        return BaseOf(kind, False, m.get("method"), str(d.parent / "residual"), (m.get("source") or {}).get("model"),
+                      samples)
     return BaseOf(None)
 
 
@@ -80,9 +86,12 @@ def check_base(adapter: str | os.PathLike, ckpt, *, flag: str = "--base") -> Non
         TargetError: naming the adapter, the base given, the base it belongs to, and what to do.
     """
     meant = base_of(adapter)
+    _refuse_offset(adapter, meant)
     if meant.kind is None or not meant.samples:
         return
     found = recognise(ckpt, meant.samples)
+    if found is None and _decompose_residual(Path(ckpt.root)):  # some other decompose's residual
+        found = RESIDUAL
     if meant.kind == RESIDUAL and found == ORIGINAL:
         raise TargetError(
             f"{adapter} applies to the residual {meant.residual} (decompose subtracted the initial product from the "
@@ -90,7 +99,7 @@ def check_base(adapter: str | os.PathLike, ckpt, *, flag: str = "--base") -> Non
             f"{flag} {meant.residual}, or run `ailora-tools convert` first to get a LoRA for the original model")
     if meant.kind == ORIGINAL and found == RESIDUAL:
         raise TargetError(f"{adapter} applies to the original model {meant.original}, but {flag} {ckpt.source} is "
-                          f"the residual decompose wrote: pass {flag} {meant.original}")
+                          f"a residual decompose wrote: pass {flag} {meant.original}")
 
 
 def require_original(adapter: str | os.PathLike, what: str) -> None:
@@ -99,9 +108,22 @@ def require_original(adapter: str | os.PathLike, what: str) -> None:
     Raises:
         TargetError: naming the adapter and the convert step.
     """
-    if base_of(adapter).kind == RESIDUAL:
+    meant = base_of(adapter)
+    _refuse_offset(adapter, meant)
+    if meant.kind == RESIDUAL:
         raise TargetError(f"{adapter} applies to decompose's residual, not to the original model that {what} "
                           f"uses: run `ailora-tools convert --trained {adapter} -o LORA` and use LORA")
+
+
+def _decompose_residual(root: Path) -> bool:
+    return root.name == "residual" and _read(root.parent / DECOMPOSE_MANIFEST).get("adapter_base", RESIDUAL) == RESIDUAL
+
+
+def _refuse_offset(adapter, meant: BaseOf) -> None:
+    if meant.offset:
+        raise TargetError(f"{adapter} was trained on the original weights with the initial product s·B0·A0 "
+                          "subtracted inside (exact mode), so alone it is not the trained change: run "
+                          f"`ailora-tools convert --trained {adapter} -o LORA` and use LORA")
 
 
 def _read(path: Path) -> dict:

@@ -1,9 +1,11 @@
-"""A minimal trainer for an adapter on its frozen residual; reads top to bottom: setup, train, save.
+"""A minimal trainer for an adapter on its frozen base; reads top to bottom: setup, train, save.
 
-Only the LoRA factors train (transformers model + PEFT). Checkpoints hold adapter, optimizer,
-scheduler, RNG state and data position (safetensors + JSON, no pickle), so `resume` continues exactly.
-The output is a PEFT adapter directory plus `ailora-train.json`, which names the initial adapter so
-that `convert` needs no other argument.
+Only the LoRA factors train (transformers model + PEFT). The base is decompose's residual, or the
+ORIGINAL model with the initial product subtracted inside the adapter (`initial_offset`, exact for
+16-bit checkpoints). `progressive` trains in Progtuning stages (`progressive`). Checkpoints hold adapter,
+optimizer, scheduler, RNG state and data position (safetensors + JSON, no pickle), so `resume` continues
+exactly. The output is a PEFT adapter directory plus `ailora-train.json`, which names the initial adapter
+so that `convert` needs no other argument.
 """
 from __future__ import annotations
 
@@ -27,9 +29,12 @@ from .errors import InputNotFoundError, NumericsError
 from .options import at_least, choice, positive
 from .provenance import check_base
 from .hashing import file_digest
+from .initial_offset import resolve_adapter_base, subtract_initial
 from .output import OutputDir
 from .peft_format import read_adapter, write_adapter
+from .progressive import Progressive
 from .svd import resolve_device
+from .tokenizer import load_tokenizer
 
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -42,12 +47,14 @@ def train(
     eval_data: str | os.PathLike | None = None, epochs: int = 1, max_steps: int | None = None, lr: float = 2e-4,
     batch_size: int = 4, grad_accum: int = 1, max_length: int = 512, warmup: int = 0, scheduler: str = "cosine",
     seed: int = 0, save_every: int | None = None, eval_every: int | None = None, resume: bool = False,
-    device: str = "auto", dtype: str = "auto", overwrite: bool = False, progress: bool = True,
+    device: str = "auto", dtype: str = "auto", tokenizer: str | os.PathLike | None = None,
+    progressive: int | None = None, adapter_base: str = "auto", overwrite: bool = False, progress: bool = True,
 ) -> dict:
     """Train `adapter` on the frozen `base` and write a PEFT adapter directory to `out`.
 
     Args:
-        base: the residual model directory (or any base the adapter applies to).
+        base: the residual model directory, or the original model when the adapter trains on it
+            (`decompose --no-residual`; see `adapter_base`).
         adapter: the initial adapter (e.g. OUT/adapter from decompose).
         data, eval_data: JSONL files ({"text"}, {"prompt","completion"} or {"messages"}).
         epochs, max_steps: length of training (max_steps wins when given); a step is one optimizer update.
@@ -57,9 +64,14 @@ def train(
         resume: continue from the latest checkpoint in `out`.
         device: auto, cpu, cuda, cuda:N. dtype: auto (bfloat16 autocast on CUDA, float32 on CPU),
             float32 or bfloat16.
+        tokenizer: directory or Hub id of the tokenizer (default: the base's own files).
+        progressive: Progtuning with this many stages (see `progressive`); None trains every block throughout.
+        adapter_base: "auto" (as decompose's manifest records), "residual" (the model is base + s·B·A) or
+            "original" (base + s(B·A − B0·A0), exact; `base` must be the original model).
 
     Returns:
-        Summary: steps, first and last training loss, eval loss, seconds, output path.
+        Summary: steps, first and last training loss, eval loss, tokens/s, seconds, output path, and with
+        `progressive` each stage's blocks, steps and tokens/s and the fraction of updated parameter-steps.
 
     Example:
         >>> train("out/residual", "out/adapter", "train.jsonl", "trained", max_steps=100)  # doctest: +SKIP
@@ -80,32 +92,35 @@ def train(
         if path is not None:
             check_rows(path, flag=flag)
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+    from transformers import AutoModelForCausalLM, get_scheduler
 
     dev = resolve_device(device)
     autocast = dev.type == "cuda" and dtype in ("auto", "bfloat16")
     initial = read_adapter(adapter)
     ckpt = Checkpoint.open(base)
     initial.check_fits(ckpt.tensors, adapter=adapter, base=base)
+    mode = resolve_adapter_base(adapter_base, adapter)
     check_base(adapter, ckpt, flag="--base")
-    if not any((Path(base) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise InputNotFoundError(f"--base {base}: no tokenizer files (tokenizer.json / tokenizer_config.json); copy "
-                                 "the original model's tokenizer files into it")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    examples = load_jsonl(data, tokenizer, max_length=max_length)
-    evals = load_jsonl(eval_data, tokenizer, max_length=max_length) if eval_data else []
+    tok, pad_id = load_tokenizer(tokenizer or base, flag="--tokenizer" if tokenizer else "--base")
+    examples = load_jsonl(data, tok, max_length=max_length)
+    evals = load_jsonl(eval_data, tok, max_length=max_length) if eval_data else []
     steps_per_epoch = math.ceil(len(examples) / (batch_size * grad_accum))
     total = max_steps if max_steps is not None else epochs * steps_per_epoch
     settings = {"tool": __version__, "base": str(Path(base).absolute()), "initial_adapter": str(Path(adapter).absolute()),
                 "data": str(Path(data).absolute()), "eval_data": str(Path(eval_data).absolute()) if eval_data else None,
                 "steps": total, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length,
-                "warmup": warmup, "scheduler": scheduler, "seed": seed, "dtype": dtype}
+                "warmup": warmup, "scheduler": scheduler, "seed": seed, "dtype": dtype,
+                "tokenizer": str(tokenizer) if tokenizer else None, "progressive": progressive,
+                # "residual": trained as base + s·B·A; "original": as base + s(B·A − B0·A0), what convert writes
+                "adapter_base": mode, "mode": "exact" if mode == "original" else "residual"}
     torch.manual_seed(seed)
     # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if autocast else torch.float32)
     model = PeftModel.from_pretrained(model, adapter, is_trainable=True).to(dev)
+    if mode == "original":
+        subtract_initial(model, initial)
     params = [p for p in model.parameters() if p.requires_grad]
+    stages = Progressive(model, stages=progressive, total_steps=total) if progressive else None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = get_scheduler(scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     state = {"step": 0, "epoch": 0, "pos": 0}
@@ -144,10 +159,13 @@ def train(
         model.train()
         bar = tqdm(total=total, initial=state["step"], desc="train", disable=not progress)
         while state["step"] < total:
-            step_loss = 0.0
+            stage = stages.enter(state["step"]) + 1 if stages else None  # freezes the blocks this stage leaves
+            step_loss, tokens, t0 = 0.0, 0, time.perf_counter()
             for _ in range(grad_accum):
+                batch = next_batch()
+                tokens += int(batch["attention_mask"].sum())
                 with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-                    loss = model(**next_batch()).loss / grad_accum
+                    loss = model(**batch).loss / grad_accum
                 loss.backward()
                 step_loss += float(loss.detach())
             if not math.isfinite(step_loss):
@@ -156,8 +174,13 @@ def train(
             optimizer.step()
             sched.step()
             optimizer.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             state["step"] += 1
-            record = {"step": state["step"], "loss": step_loss, "lr": sched.get_last_lr()[0]}
+            if stages:
+                state["stage"] = stage  # recorded in checkpoints; on resume the schedule resumes from the step
+            record = {"step": state["step"], "loss": step_loss, "lr": sched.get_last_lr()[0], "tokens": tokens,
+                      "seconds": round(time.perf_counter() - t0, 4), **({"stage": stage} if stages else {})}
             if evals and eval_every and state["step"] % eval_every == 0:
                 record["eval_loss"] = evaluate()
             with open(metrics_path, "a") as f:
@@ -178,12 +201,22 @@ def train(
         train_losses = [r["loss"] for r in history if "loss" in r]
         summary = {"output": str(od.path), "steps": state["step"], "first_loss": train_losses[0] if train_losses else None,
                    "last_loss": train_losses[-1] if train_losses else None, "eval_loss_start": eval_start,
-                   "eval_loss": eval_loss,
-                   "trainable_parameters": sum(p.numel() for p in params)}
+                   "eval_loss": eval_loss, "adapter_base": mode,
+                   "trainable_parameters": sum(p.numel() for p in params), "tokens_per_s": _tokens_per_s(history)}
+        if stages:
+            summary["progressive"] = {
+                "stages": [{**s, "tokens_per_s": _tokens_per_s([r for r in history if r.get("stage") == s["stage"]])}
+                           for s in stages.describe()],
+                "updated_parameter_fraction": stages.updated_fraction()}
         od.write_manifest(TRAIN_MANIFEST, {**settings, "summary": summary,
                                            "files": {"output": {p.name: file_digest(p) for p in written}}})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _tokens_per_s(records: list[dict]) -> float | None:
+    seconds = sum(r.get("seconds", 0.0) for r in records)
+    return round(sum(r.get("tokens", 0) for r in records) / seconds, 1) if seconds else None
 
 
 def _factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -235,7 +268,7 @@ def _restore(ckpt: Path, model, optimizer, sched, state: dict) -> None:
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    state.update({k: saved[k] for k in ("step", "epoch", "pos")})
+    state.update({k: saved[k] for k in ("step", "epoch", "pos", "stage") if k in saved})
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

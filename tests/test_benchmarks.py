@@ -29,3 +29,15 @@ def test_bench_svd_runs_every_method(tmp_path):
     assert len(rows) == 10  # 6 methods, principal and minor where they apply
     errors = {r.split("|")[4].strip() + " " + r.split("|")[3].strip(): float(r.split("|")[6]) for r in rows}
     assert errors["ailora-tools exact minor"] < 1e-6 and errors["ailora-tools exact principal"] < 1e-6
+
+
+@pytest.mark.slow
+def test_bench_progressive_reports_every_stage(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_progressive.py"), "--layers", "4", "--hidden", "64", "--seq", "32",
+                    "--steps", "6", "--stages", "3", "--rounds", "1", "--workdir", str(tmp_path / "work"),
+                    "--out", str(tmp_path / "results")], check=True, capture_output=True, text=True)
+    (report,) = (tmp_path / "results").glob("progressive-cpu-*.md")
+    text = report.read_text()
+    stages = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert stages == ["0–3 of 0–3", "1–3 of 0–3", "2–3 of 0–3"]
+    assert "Updated parameter-steps: 75.0% of plain training" in text and "cores" in text  # (4 + 3 + 2) / 12
