@@ -331,6 +331,40 @@ def push(directory, repo_id, private, revision, commit_message, dry_run):
         click.echo(f"uploaded to {summary['url']}")
 
 
+@main.command()
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (spectrum.json, spectra.safetensors, PNG plots).")
+@click.option("--targets", default="q_proj,v_proj", help="Comma-separated module-name suffixes; aliases such as BERT's query/value are resolved.")
+@click.option("--rank", type=int, default=16, help="r: energy in the top-r and bottom-r directions, σ at their edges.")
+@click.option("--adapter", type=click.Path(), default=None, help="A trained adapter: adds ‖ΔW‖_F per layer.")
+@click.option("--initial", type=click.Path(), default=None, help="Its initial adapter (default: the one its ailora-train.json names; none: ΔW = s·BA).")
+@click.option("--plot-layers", type=int, default=4, help="Layers shown in spectra.png (evenly spaced).")
+@click.option("--device", default="auto", help="Where the eigenvalues are computed: auto, cpu, cuda, cuda:N.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
+@click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, revision, allow_pickle, overwrite,
+             as_json, quiet):
+    """Singular-value spectra of MODEL's target matrices per layer (W^Q vs W^V), streamed one matrix at a time;
+    with --adapter, the size of the trained update per layer."""
+    from .spectrum import spectrum as run
+
+    summary = run(model, out, targets=[t.strip() for t in targets.split(",") if t.strip()], rank=rank,
+                  adapter=adapter, initial=initial, plot_layers=plot_layers, device=device, revision=revision,
+                  allow_pickle=allow_pickle, overwrite=overwrite, progress=not (quiet or as_json))
+    _print_summary(summary, as_json, f"spectra of {summary['modules']} modules in {summary['output']}")
+    if not as_json:
+        width = max(len(r["module"]) for r in summary["rows"])
+        click.echo(f"\n{'module':<{width}}  {'σ_max':>9}  {'top-r':>7}  {'bottom-r':>9}  {'‖ΔW‖_F':>9}")
+        for r in summary["rows"]:
+            delta = "" if r["delta_fro"] is None else f"{r['delta_fro']:.4g}"
+            click.echo(f"{r['module']:<{width}}  {r['sigma_max']:>9.4g}  {r['energy_top']:>7.2%}  "
+                       f"{r['energy_bottom']:>9.3%}  {delta:>9}")
+
+
 def exit_now(code: int) -> NoReturn:
     """Exit without interpreter teardown: torch's alone takes about 0.3 s, and every file is closed by now."""
     sys.stdout.flush()
