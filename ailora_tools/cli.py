@@ -350,7 +350,7 @@ def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, r
              as_json, quiet):
     """Singular-value spectra of MODEL's target matrices per layer (W^Q vs W^V), streamed one matrix at a time;
     with --adapter, the size of the trained update per layer."""
-    from .spectrum import spectrum as run
+    from .spectra import spectrum as run
 
     summary = run(model, out, targets=[t.strip() for t in targets.split(",") if t.strip()], rank=rank,
                   adapter=adapter, initial=initial, plot_layers=plot_layers, device=device, revision=revision,

@@ -15,7 +15,7 @@ from ailora_tools.cli import main
 from ailora_tools.conversion import TRAIN_MANIFEST, convert
 from ailora_tools.errors import NumericsError, TargetError
 from ailora_tools.peft_format import read_adapter, write_adapter
-from ailora_tools.spectrum import spectrum
+from ailora_tools import spectrum
 
 from conftest import expected_digest
 
