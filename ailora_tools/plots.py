@@ -76,21 +76,21 @@ def per_layer_figure(f: BinaryIO, layers: list[int], series: dict[str, dict[str,
 
 
 def loss_figure(f: BinaryIO, curves: dict[str, list[tuple[int, float]]], *, title: str, ylabel: str,
-                smooth: int = 1, target: float | None = None) -> None:
-    """Loss against step, one line per run; with `smooth` > 1 the raw points are faint and a trailing mean is drawn.
+                smoothed: dict[str, list[tuple[int, float]]] | None = None, target: float | None = None) -> None:
+    """Loss against step, one line per run; with `smoothed` curves the raw points are drawn faint beneath them.
 
     Args:
         curves: run name -> [(step, loss), ...].
+        smoothed: run name -> the smoothed curve drawn as the run's line.
         target: a horizontal dashed line at this loss (the "steps to reach" threshold).
     """
     fig, (ax,) = _figure(1, width=6.4, height=4.2)
     for colour, (name, pts) in zip(COLOURS, curves.items()):
-        steps, losses = [s for s, _ in pts], [v for _, v in pts]
-        if smooth > 1:
-            ax.plot(steps, losses, color=colour, alpha=0.25, linewidth=0.8)
-            ax.plot(steps, trailing_mean(losses, smooth), color=colour, label=name)
-        else:
-            ax.plot(steps, losses, color=colour, marker="o", markersize=3, label=name)
+        if smoothed is not None:
+            ax.plot([s for s, _ in pts], [v for _, v in pts], color=colour, alpha=0.25, linewidth=0.8)
+            pts = smoothed[name]
+        ax.plot([s for s, _ in pts], [v for _, v in pts], color=colour, label=name,
+                marker=None if smoothed is not None else "o", markersize=3)
     if target is not None:
         ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target:.3g}")
     ax.set_xlabel("step")
@@ -99,14 +99,3 @@ def loss_figure(f: BinaryIO, curves: dict[str, list[tuple[int, float]]], *, titl
     ax.grid(True, alpha=0.3)
     ax.legend()
     _save(fig, f)
-
-
-def trailing_mean(values: list[float], window: int) -> list[float]:
-    """The mean of each value and up to `window` − 1 before it."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out

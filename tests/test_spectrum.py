@@ -9,13 +9,12 @@ from matplotlib.image import imread
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ailora_tools import decompose
-from ailora_tools import tensorio
+from ailora_tools import decompose, spectrum, tensorio
 from ailora_tools.cli import main
 from ailora_tools.conversion import TRAIN_MANIFEST, convert
 from ailora_tools.errors import NumericsError, TargetError
 from ailora_tools.peft_format import read_adapter, write_adapter
-from ailora_tools import spectrum
+from ailora_tools.verify import verify
 
 from conftest import expected_digest
 
@@ -66,6 +65,7 @@ def test_spectra_match_a_float64_svd_and_only_targets_are_read(tiny, tmp_path, m
         assert_png(out / name)
     for rel, digest in manifest["files"]["output"].items():
         assert digest == expected_digest(out / rel)
+    assert verify(out)["problems"] == [] and verify(out)["files_checked"] == 3
 
 
 def test_delta_norms_against_dense_products(tiny, tmp_path):
