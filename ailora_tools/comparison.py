@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoint import Checkpoint
 from .errors import InputNotFoundError, NumericsError, TargetError, UnsupportedError
+from .hashing import file_digest
 from .methods import METHODS
 from .output import JOURNAL_NAME, OutputDir
 from .targets import architecture, assign_roles, linear_modules
@@ -134,8 +135,6 @@ def compare(
         plots = _plots(od, curves, smoothed, goal, smooth)
         with od.open_atomic(REPORT_NAME, "w") as f:
             f.write(report(records, goal, settings, plots, smooth))
-        from .hashing import file_digest
-
         od.write_manifest(MANIFEST_NAME, {**settings, "methods": methods, "progressive": progressive,
                                           "smooth": smooth, "targets_loss": goal, "runs": records, "plots": plots,
                                           "files": {"output": {f: file_digest(od.path / f)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoint import Checkpoint
 from .errors import NumericsError, UnsupportedError
+from .hashing import file_digest
 from .output import OutputDir
 from .targets import architecture, linear_modules, matches, resolve_targets
 from .tensorio import FLOAT_DTYPES
@@ -112,12 +113,10 @@ def spectrum(
                 if row["module"] in fro:
                     row["delta_rel"] = row["delta_fro"] / fro[row["module"]] if fro[row["module"]] > 0 else None
         rows.sort(key=lambda r: (r["layer"] if r["layer"] is not None else -1, r["target"], r["module"]))
-        save_file({m: s for m, s in spectra.items()}, str(od.partial(SPECTRA_NAME)))
+        save_file(spectra, str(od.partial(SPECTRA_NAME)))
         od.publish(SPECTRA_NAME)
         plots = _plots(od, rows, spectra, deltas["norms"] if deltas else None, rank, plot_layers, ckpt.source)
         files = [SPECTRA_NAME, *plots]
-        from .hashing import file_digest
-
         od.write_manifest(MANIFEST_NAME, {
             **settings, "modules": rows, "adapter": None if deltas is None else {**settings["adapter"],
                                                                                 "modules": deltas["norms"]},
