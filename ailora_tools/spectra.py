@@ -115,7 +115,8 @@ def spectrum(
         rows.sort(key=lambda r: (r["layer"] if r["layer"] is not None else -1, r["target"], r["module"]))
         save_file(spectra, str(od.partial(SPECTRA_NAME)))
         od.publish(SPECTRA_NAME)
-        plots = _plots(od, rows, spectra, deltas["norms"] if deltas else None, rank, plot_layers, ckpt.source)
+        name = ckpt.repo_id or Path(ckpt.source).name
+        plots = _plots(od, rows, spectra, deltas["norms"] if deltas else None, rank, plot_layers, name)
         files = [SPECTRA_NAME, *plots]
         od.write_manifest(MANIFEST_NAME, {
             **settings, "modules": rows, "adapter": None if deltas is None else {**settings["adapter"],
