@@ -398,6 +398,98 @@ def push(directory, repo_id, private, revision, commit_message, dry_run, as_json
         click.echo(f"uploaded to {summary['url']}")
 
 
+@main.command()
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (spectrum.json, spectra.safetensors, PNG plots).")
+@click.option("--targets", default="q_proj,v_proj", help="Comma-separated module-name suffixes; aliases such as BERT's query/value are resolved.")
+@click.option("--rank", type=int, default=16, help="r: energy in the top-r and bottom-r directions, σ at their edges.")
+@click.option("--adapter", type=click.Path(), default=None, help="A trained adapter: adds ‖ΔW‖_F per layer.")
+@click.option("--initial", type=click.Path(), default=None, help="Its initial adapter (default: the one its ailora-train.json names; none: ΔW = s·BA).")
+@click.option("--plot-layers", type=int, default=4, help="Layers shown in spectra.png (evenly spaced).")
+@click.option("--device", default="auto", help="Where the eigenvalues are computed: auto, cpu, cuda, cuda:N.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
+@click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, revision, allow_pickle, overwrite,
+             as_json, quiet):
+    """Singular-value spectra of MODEL's target matrices per layer (W^Q vs W^V), streamed one matrix at a time;
+    with --adapter, the size of the trained update per layer."""
+    from .spectra import spectrum as run
+
+    summary = run(model, out, targets=[t.strip() for t in targets.split(",") if t.strip()], rank=rank,
+                  adapter=adapter, initial=initial, plot_layers=plot_layers, device=device, revision=revision,
+                  allow_pickle=allow_pickle, overwrite=overwrite, progress=not (quiet or as_json))
+    _print_summary(summary, as_json, f"spectra of {summary['modules']} modules in {summary['output']}")
+    if not as_json:
+        width = max(len(r["module"]) for r in summary["rows"])
+        click.echo(f"\n{'module':<{width}}  {'σ_max':>9}  {'top-r':>7}  {'bottom-r':>9}  {'‖ΔW‖_F':>9}")
+        for r in summary["rows"]:
+            delta = "" if r["delta_fro"] is None else f"{r['delta_fro']:.4g}"
+            click.echo(f"{r['module']:<{width}}  {r['sigma_max']:>9.4g}  {r['energy_top']:>7.2%}  "
+                       f"{r['energy_bottom']:>9.3%}  {delta:>9}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(), help="Training JSONL (as for train).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory: one subdirectory per run, compare.md/json, loss plots.")
+@click.option("--eval-data", type=click.Path(), default=None, help="Evaluation JSONL (eval loss curve and final eval loss).")
+@click.option("--methods", default=None, help="Comma-separated init methods [default: lora,pissa,milora,ailora, and lora-da when available].")
+@click.option("--progressive", type=int, default=None, help="K: also run every method with progressive training (train --progressive K).")
+@click.option("--target-loss", type=float, default=None, help="Loss for 'steps to reach' [default: the highest final loss among the runs].")
+@click.option("--smooth", type=int, default=10, help="Training losses are a trailing mean over this many steps.")
+@click.option("--rank", type=int, default=16, help="LoRA rank r.")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: rank).")
+@click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r).")
+@click.option("--targets", default="q_proj,v_proj", help="Comma-separated module-name suffixes.")
+@click.option("--role", "roles", multiple=True, callback=_roles, help="NAME=principal|minor, repeatable; overrides the method's roles.")
+@click.option("--svd", type=click.Choice(["exact", "randomized"]), default="randomized", help="Principal components: exact or seeded randomized.")
+@click.option("--niter", type=int, default=4, help="Randomized SVD power iterations.")
+@click.option("--oversample", type=int, default=8, help="Randomized SVD oversampling.")
+@click.option("--seed", type=int, default=0, help="Seed for the SVDs, the Kaiming init, the data order and training.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N (SVDs and training).")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps per run.")
+@click.option("--epochs", type=int, default=1, help="Passes over the data (ignored when --max-steps is given).")
+@click.option("--lr", type=float, default=2e-4, help="Peak learning rate (AdamW).")
+@click.option("--batch-size", type=int, default=4, help="Examples per micro-batch.")
+@click.option("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
+@click.option("--max-length", type=int, default=512, help="Tokens per example (longer ones are cut).")
+@click.option("--warmup", type=int, default=0, help="Warm-up steps.")
+@click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", help="Learning-rate schedule after warm-up.")
+@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps [default: a tenth of --max-steps].")
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps, so an interrupted run resumes from there.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", help="auto: bfloat16 autocast on CUDA, float32 on CPU.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
+@click.option("--resume", is_flag=True, help="Finish an interrupted comparison: finished runs are kept, the interrupted one continues.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_fail_cleanly
+def compare(model, data, out, eval_data, methods, progressive, target_loss, smooth, rank, alpha, rslora, targets, roles,
+            svd, niter, oversample, seed, device, max_steps, epochs, lr, batch_size, grad_accum, max_length, warmup,
+            scheduler, eval_every, save_every, dtype, revision, resume, overwrite, as_json, quiet):
+    """Compare init methods on MODEL with the same data, steps and seed (decompose + train per method): a table of
+    losses, steps to a target loss, time and trainable parameters, and loss-curve plots."""
+    from .comparison import compare as run
+
+    summary = run(model, data, out, eval_data=eval_data, progressive=progressive, target_loss=target_loss,
+                  methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
+                  smooth=smooth, rank=rank, alpha=alpha, rslora=rslora,
+                  targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd, niter=niter,
+                  oversample=oversample, seed=seed, device=device, max_steps=max_steps, epochs=epochs, lr=lr,
+                  batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
+                  scheduler=scheduler, eval_every=eval_every, save_every=save_every, dtype=dtype, revision=revision,
+                  resume=resume, overwrite=overwrite, progress=not (quiet or as_json))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(open(summary["report"], encoding="utf-8").read())
+        click.echo(f"written to {summary['output']}")
+
+
 def exit_now(code: int) -> NoReturn:
     """Exit without interpreter teardown: torch's alone takes about 0.3 s, and every file is closed by now."""
     sys.stdout.flush()

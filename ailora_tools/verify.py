@@ -12,7 +12,8 @@ from .peft_format import read_adapter
 from .hashing import file_digest
 from .tensorio import read_header, read_tensor
 
-MANIFESTS = ("ailora.json", "ailora-merge.json", "ailora-convert.json", "ailora-train.json")
+MANIFESTS = ("ailora.json", "ailora-merge.json", "ailora-convert.json", "ailora-train.json", "spectrum.json",
+             "compare.json")
 
 
 def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
