@@ -172,10 +172,15 @@ def _config_option(section: str):
               help="Write only the adapter, no residual: train then runs on the ORIGINAL model with s·B0·A0 "
                    "subtracted inside the adapter, so convert serves exactly what was trained (best for 16-bit "
                    "checkpoints); takes seconds on any model size.")
+@click.option("--data", type=click.Path(), default=None,
+              help='Calibration JSONL for data-aware methods (lora-da): {"text"}, {"prompt","completion"} or {"messages"}.')
+@click.option("--samples", type=int, default=64, help="Calibration samples: the first N rows of --data.")
+@click.option("--max-length", type=int, default=512, help="Longest calibration sample, in tokens (longer ones are refused).")
 @_rewrite_options
 @_fail_cleanly
 def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed, device,
-              residual_dtype, revision, no_residual, allow_pickle, overwrite, resume, as_json, quiet):
+              residual_dtype, revision, no_residual, data, samples, max_length, allow_pickle, overwrite, resume, as_json,
+              quiet):
     """Decompose MODEL (local dir or Hub id) into OUT/residual + OUT/adapter, streaming shard by shard."""
     if model is None:
         raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= in --config")
@@ -185,8 +190,8 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
     summary = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora,
                   targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd,
                   niter=niter, oversample=oversample, seed=seed, device=device, residual_dtype=residual_dtype,
-                  revision=revision, allow_pickle=allow_pickle, no_residual=no_residual, overwrite=overwrite,
-                  resume=resume, progress=_progress(quiet or as_json))
+                  revision=revision, allow_pickle=allow_pickle, no_residual=no_residual, data=data, samples=samples,
+                  max_length=max_length, overwrite=overwrite, resume=resume, progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
 
 

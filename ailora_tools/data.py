@@ -45,8 +45,9 @@ def check_rows(path: str | Path, *, flag: str = "--data") -> int:
     return n
 
 
-def load_jsonl(path: str | Path, tokenizer, *, max_length: int) -> list[Example]:
-    """Read and tokenize a JSONL file; every example must keep at least one loss token after `max_length`.
+def load_jsonl(path: str | Path, tokenizer, *, max_length: int, limit: int | None = None) -> list[Example]:
+    """Read and tokenize a JSONL file (its first `limit` rows when given); every example must keep at least
+    one loss token after `max_length`.
 
     Raises:
         InputNotFoundError: no such file. FormatError: a bad line, or one with no token to learn from (an
@@ -65,6 +66,8 @@ def load_jsonl(path: str | Path, tokenizer, *, max_length: int) -> list[Example]
                    if any(label != IGNORE for label in ex.labels[1:]) else _no_loss_reason(row))
             raise FormatError(f"{path}:{lineno}: no token carries loss ({why}); fix or remove the line")
         examples.append(kept)
+        if limit is not None and len(examples) == limit:
+            break
     if not examples:
         raise FormatError(f"{path}: no examples")
     return examples

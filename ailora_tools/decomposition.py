@@ -33,8 +33,8 @@ def decompose(
     alpha: float | None = None, rslora: bool = False, targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
     roles: dict[str, str] | None = None, svd: str = "randomized", niter: int = 4, oversample: int = 8,
     seed: int = 0, device: str = "auto", residual_dtype: str | None = None, revision: str | None = None,
-    allow_pickle: bool = False, no_residual: bool = False, overwrite: bool = False, resume: bool = False,
-    progress: bool = True,
+    allow_pickle: bool = False, no_residual: bool = False, data: str | os.PathLike | None = None,
+    samples: int = 64, max_length: int = 512, overwrite: bool = False, resume: bool = False, progress: bool = True,
 ) -> dict:
     """Write OUT/residual (HF model dir), OUT/adapter (PEFT LoRA) and, last, OUT/ailora.json.
 
@@ -57,6 +57,8 @@ def decompose(
         revision: Hub revision (Hub ids only). allow_pickle: accept .bin/.pt weights (see `Checkpoint.open`).
         no_residual: write only OUT/adapter and the manifest, for training on the ORIGINAL weights with
             s·B0·A0 subtracted inside the adapter (`initial_offset`); the manifest's `adapter_base` says which.
+        data, samples, max_length: calibration JSONL (train's shapes), how many of its first rows to use and
+            their token limit, for methods that need data (lora-da).
         overwrite, resume: see `OutputDir`. progress: show a tqdm bar.
 
     Returns:
@@ -76,6 +78,16 @@ def decompose(
     positive("--alpha", alpha)
     at_least("--niter", niter, 0)
     at_least("--oversample", oversample, 0)
+    at_least("--samples", samples, 1)
+    at_least("--max-length", max_length, 2)
+    if init.needs_data and data is None:
+        raise OptionError(f"--method {method}: needs calibration samples; pass --data FILE.jsonl")
+    if data is not None and not init.needs_data:
+        raise OptionError(f"--data: --method {method} does not use data (only lora-da does); drop --data")
+    if data is not None:
+        from .data import check_rows
+
+        check_rows(data, flag="--data")
     if no_residual and residual_dtype is not None:
         raise OptionError("--residual-dtype: --no-residual writes no residual; drop one of the two")
     alpha = float(rank if alpha is None else alpha)
@@ -93,9 +105,16 @@ def decompose(
         "residual_dtype": residual_dtype, "source": ckpt.describe(),
         "adapter_base": RESIDUAL if init.offsets_base and not no_residual else ORIGINAL,
     }
+    if data is not None:
+        from .hashing import file_digest
+
+        settings["data"] = {"path": str(Path(data).absolute()), "digest": file_digest(data), "samples": samples,
+                            "max_length": max_length}
     hashes = Hashes()
+    # before the output is claimed: data-aware methods calibrate here, and fail here on data or architecture
+    context = init.prepare(ckpt, jobs, params, data=data, samples=samples, max_length=max_length, device=device,
+                           progress=progress)
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
-        context = init.prepare(ckpt, jobs, params)
         if settings["adapter_base"] == RESIDUAL:
             results, ran_on = _residual(ckpt, od, hashes, jobs, init, params, context, device,
                                         DTYPE_FLAGS.get(residual_dtype), progress)

@@ -7,11 +7,12 @@ from __future__ import annotations
 from ..errors import OptionError
 from .ailora import AILoRA
 from .lora import LoRA
+from .lora_da import LoRADA
 from .method import InitMethod, Job, Settings, factors_from_triplets, lora_scale, svd_factors
 from .milora import MiLoRA
 from .pissa import PiSSA
 
-METHODS: dict[str, InitMethod] = {m.name: m for m in (AILoRA(), PiSSA(), MiLoRA(), LoRA())}
+METHODS: dict[str, InitMethod] = {m.name: m for m in (AILoRA(), PiSSA(), MiLoRA(), LoRA(), LoRADA())}
 
 
 def get_method(name: str) -> InitMethod:
