@@ -132,3 +132,36 @@ def test_offline_without_the_shards_in_the_cache(hub, monkeypatch):
     monkeypatch.setattr(checkpoint, "_hub_header", REAL_HUB_HEADER)  # HF_HUB_OFFLINE=1 (conftest): no request
     with pytest.raises(InputNotFoundError, match=r"acme/streamed: shard .* is not in the local cache .*HF_HUB_OFFLINE"):
         Checkpoint.open(REPO)
+
+
+@pytest.mark.parametrize("pad", [0, 150_000])  # a header within the first 100 kB, and one past it
+def test_hub_header_is_read_with_range_requests(tmp_path, monkeypatch, pad):
+    """`_hub_header` through huggingface_hub's own HTTP client, the Hub replaced by a transport serving ranges."""
+    import httpx2
+    import torch
+    from huggingface_hub.utils import _http
+    from safetensors.torch import save_file
+
+    from ailora_tools.tensorio import parse_header, read_header
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(6.0).reshape(2, 3)}, str(path), metadata={"pad": "x" * pad})
+    data, seen = path.read_bytes(), []
+
+    def serve(request):
+        first, last = map(int, request.headers["range"].removeprefix("bytes=").split("-"))
+        seen.append((request.url.path, first, last))
+        body = data[first:last + 1]
+        return httpx2.Response(206, content=body, headers={"content-range": f"bytes {first}-{first + len(body) - 1}/{len(data)}"})
+
+    monkeypatch.setattr(_http, "_GLOBAL_CLIENT", httpx2.Client(transport=httpx2.MockTransport(serve)))
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
+    head, size = REAL_HUB_HEADER(REPO, COMMIT, "model.safetensors")
+    expected = read_header(path)
+    got = parse_header(path, head, size)
+    assert (got.raw, got.tensors, got.metadata, got.data_start, got.size) == (
+        expected.raw, expected.tensors, expected.metadata, expected.data_start, expected.size)
+    n = expected.data_start
+    assert seen == [(f"/{REPO}/resolve/{COMMIT}/model.safetensors", 0, 99_999)] + (
+        [(f"/{REPO}/resolve/{COMMIT}/model.safetensors", 100_000, n - 1)] if n > 100_000 else [])
+    assert len(seen) == (2 if pad else 1)
