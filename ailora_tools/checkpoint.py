@@ -205,9 +205,9 @@ class Checkpoint:
         path, expected = self._pending[name].result(), self.headers[name]
         got = read_header(path, name)
         if (got.raw, got.size) != (expected.raw, expected.size):
-            raise FormatError(f"{path}: as downloaded ({got.size} bytes) it is not the file whose header was checked "
-                              f"before writing ({expected.size} bytes; changed on the Hub?); the output is incomplete "
-                              "(no manifest): run again")
+            raise FormatError(f"{path}: the downloaded file ({got.size} bytes) does not have the header checked before "
+                              f"writing ({expected.size} bytes); delete it from the Hugging Face cache and rerun with "
+                              "--resume (the output is incomplete: it has no manifest)")
         del self._pending[name]
         self.headers[name] = got
         return got

@@ -31,7 +31,10 @@ def _cache_file(cache: Path, src: Path, name: str) -> Path:
     shutil.copyfile(src, blob)
     link = repo / "snapshots" / COMMIT / name
     link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(os.path.relpath(blob, link.parent))
+    tmp = repo / "snapshots" / f".tmp-{threading.get_ident()}" / name  # same depth: same relative target
+    tmp.parent.mkdir(exist_ok=True)
+    tmp.symlink_to(os.path.relpath(blob, link.parent))
+    os.replace(tmp, link)  # a download that is already cached is replaced, as a new one would be
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(COMMIT)
     return link
@@ -102,7 +105,7 @@ def test_hub_shards_download_while_earlier_ones_are_processed(hub, tmp_path, mon
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda data: data.replace(b'"format":"pt"', b'"format":"PT"'), r"as downloaded .* is not the file whose header was checked"),
+    (lambda data: data.replace(b'"format":"pt"', b'"format":"PT"'), r"the downloaded file .* does not have the header checked before writing .* rerun with --resume"),
     (lambda data: data[:-100], r"the file is truncated"),
 ])
 def test_a_shard_that_arrives_with_another_header_stops_the_run_before_it_is_written(hub, tmp_path, change, message):
@@ -116,6 +119,12 @@ def test_a_shard_that_arrives_with_another_header_stops_the_run_before_it_is_wri
     assert (out / "residual" / order[0]).is_file() and (out / "residual" / order[1]).is_file()
     assert not (out / "residual" / order[2]).exists() and not list(out.rglob(f".{order[2]}.partial"))
     assert hub["arrived"][:3] == order[:3] and len(hub["arrived"]) < len(order)  # the later downloads were cancelled
+    (hub["cache"] / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / order[2]).unlink()  # as the error says
+    del hub["corrupt"][order[2]]
+    decompose(REPO, out, rank=4, progress=False, resume=True)
+    decompose(hub["remote"], tmp_path / "local", rank=4, progress=False)
+    for shard in order:
+        assert (out / "residual" / shard).read_bytes() == (tmp_path / "local" / "residual" / shard).read_bytes()
 
 
 def test_a_corrupt_header_on_the_hub_fails_before_anything_is_written(hub, tmp_path, monkeypatch):
