@@ -65,7 +65,7 @@ def _prehash(model: str, revision: str | None) -> None:
     from .hashing import digest_async
 
     try:
-        for path in Checkpoint.open(model, revision=revision).files().values():
+        for path in Checkpoint.open(model, revision=revision).files(fetch=False).values():  # Hub shards: as they arrive
             digest_async(path)
     except AiloraError:
         pass  # the run itself reports the problem

@@ -8,7 +8,6 @@ training loss, eval loss, steps to reach a loss, time and trainable parameters p
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import time
@@ -18,8 +17,9 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .errors import InputNotFoundError, NumericsError, TargetError, UnsupportedError
+from .errors import InputNotFoundError, NumericsError, TargetError
 from .hashing import file_digest
+from .data import check_rows
 from .init import METHODS
 from .output import JOURNAL_NAME, OutputDir
 from .targets import architecture, assign_roles, linear_modules
@@ -29,6 +29,8 @@ REPORT_NAME = "compare.md"
 PLOT_TRAIN, PLOT_EVAL = "train_loss.png", "eval_loss.png"
 DECOMPOSED, TRAINED = "decomposed", "trained"
 #: the methods compared by default, in this order, when this version has them
+#: calibration samples for data-aware methods: the first rows of the training data
+CALIBRATION_SAMPLES = 64
 DEFAULT_METHODS = ("lora", "pissa", "milora", "ailora", "lora-da")
 
 
@@ -67,7 +69,6 @@ def compare(
 
     Raises:
         AiloraError subclasses on bad input (methods, targets, roles, files), before any run starts;
-        UnsupportedError for `progressive` when this version's `train` has no progressive mode.
 
     Example:
         >>> compare("Qwen/Qwen2.5-0.5B", "train.jsonl", "cmp", eval_data="eval.jsonl", max_steps=300)  # doctest: +SKIP
@@ -81,8 +82,6 @@ def compare(
     if not methods or unknown or len(set(methods)) != len(methods):
         raise TargetError(f"--methods {','.join(methods)}: give each once, from {', '.join(METHODS)}")
     if progressive is not None:
-        if "progressive" not in inspect.signature(train).parameters:
-            raise UnsupportedError("--progressive: this version's train has no progressive mode; leave it out")
         if progressive < 1:
             raise NumericsError(f"--progressive {progressive}: must be at least 1")
     if smooth < 1:
@@ -117,7 +116,10 @@ def compare(
             dec_dir, tr_dir = od.path / name / DECOMPOSED, od.path / name / TRAINED
             dec = od.finished(f"{name}/{DECOMPOSED}")
             if dec is None:
-                dec = decompose(model, dec_dir, method=method, progress=progress, **dec_opts, **_again(dec_dir))
+                calib = ({"data": data, "samples": min(CALIBRATION_SAMPLES, check_rows(data)), "max_length": max_length}
+                         if METHODS[method].needs_data else {})  # lora-da calibrates on the training data
+                dec = decompose(model, dec_dir, method=method, progress=progress, **dec_opts, **calib,
+                                **_again(dec_dir))
                 od.mark_done(f"{name}/{DECOMPOSED}", dec)
             base = dec["residual"] or ckpt.root  # plain LoRA trains on the untouched model
             again = _again(tr_dir) if any((tr_dir / CKPT_DIR).glob("step-*/trainer_state.json")) else {"overwrite": True}

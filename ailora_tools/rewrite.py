@@ -7,7 +7,10 @@ compute); each chosen tensor's range is written with what `compute` returns whil
 shard is published by rename and recorded in the journal. Source files are hashed on background threads
 (`hashing`); an output shard's digest comes from its source's tensor-wise digest and the digests of the
 bytes written into it, so it is never read back.
-Non-weight files (config, tokenizer) are copied; the index last.
+Non-weight files (config, tokenizer) are copied; the index last. A Hub checkpoint's shards download in the
+order they are needed (`Checkpoint.fetch`), and a shard's copy starts once it is here, so the next shard
+downloads while this one is processed; one that arrives with another header than the one validated stops
+the run before anything of it is written.
 """
 from __future__ import annotations
 
@@ -102,14 +105,15 @@ def rewrite_checkpoint(
     for name in ckpt.extra_files:
         _copy_small(od, hashes, ckpt.root / name, name, _rel(subdir, name))
     results: dict[str, tuple[dict, dict]] = {}
-    todo = []
+    todo, reused = [], []
     for shard in ckpt.shards:
         rec, final = od.finished(_rel(subdir, shard)), od.path / subdir / shard
         if rec is not None and final.is_file() and _reuse(od, _rel(subdir, shard), rec, results):
-            hashes.add("source", shard, ckpt.headers[shard].path)
+            reused.append(shard)
             hashes.add("output", _rel(subdir, shard), final)
         else:
             todo.append(shard)
+    ckpt.fetch(todo + reused)  # Hub shards: downloaded one at a time, in this order, while earlier ones are processed
     copier, hasher = io_pool(IO_THREADS, "copy"), io_pool(1, "hash-out")  # hasher: digests of the bytes written
     hashing: deque[Future] = deque()
     jobs: dict[str, _Job] = {}
@@ -117,8 +121,8 @@ def rewrite_checkpoint(
     try:
         for i, shard in enumerate(todo):
             for s in todo[i:i + COPY_AHEAD]:  # the copies of the next shards overlap this one's compute
-                if s not in jobs:
-                    jobs[s] = _start(ckpt.headers[s], od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier)
+                if s not in jobs and (s == shard or ckpt.ready(s)):  # a Hub shard waits only when it is this one
+                    jobs[s] = _start(ckpt.shard(s), od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier)
             bar.set_description(f"{desc} {shard}".strip())
             job = jobs[shard]
             source = hashes.add("source", shard, job.header.path)
@@ -144,7 +148,10 @@ def rewrite_checkpoint(
             else:
                 hashes.add("output", _rel(subdir, shard), final)
             od.mark_done(_rel(subdir, shard), _keep(od, _rel(subdir, shard), plan.get(shard, []), results))
+        for shard in reused:
+            hashes.add("source", shard, ckpt.shard(shard).path)
     finally:
+        ckpt.stop_fetching()
         bar.close()
         for job in jobs.values():
             for piece in job.copied:

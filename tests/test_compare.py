@@ -1,6 +1,5 @@
 """`compare`: one decompose + train per method with the same settings, the table, the plots, resume."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -118,26 +117,17 @@ def test_interrupted_comparison_resumes_without_redoing_finished_runs(setup, str
 
 
 @pytest.mark.slow
-def test_progressive_runs_both_variants(setup, tmp_path, monkeypatch):
-    seen = []
-    real = train_module.train
-
-    def with_progressive(base, adapter, data, out, *, progressive=None, **kw):  # what the merged train() accepts
-        seen.append((Path(out).parent.name, progressive))
-        return real(base, adapter, data, out, **kw)
-
-    monkeypatch.setattr(train_module, "train", with_progressive)
-    s = compare(setup / "base", data_file("demo_train.jsonl"), tmp_path / "p", methods=["ailora"], progressive=2,
-                progress=False, **dict(OPTS, max_steps=2))
-    assert seen == [("ailora", None), ("ailora-progressive2", 2)]
-    assert [(r["run"], r["progressive"]) for r in s["runs"]] == [("ailora", None), ("ailora-progressive2", 2)]
-    assert "| ailora-progressive2 |" in (tmp_path / "p" / "compare.md").read_text()
+def test_progressive_runs_both_variants_and_lora_da_calibrates(setup, tmp_path):
+    s = compare(setup / "base", data_file("demo_train.jsonl"), tmp_path / "p", methods=["ailora", "lora-da"],
+                progressive=2, progress=False, **dict(OPTS, max_steps=2))
+    runs = [(r["run"], r["progressive"]) for r in s["runs"]]
+    assert runs == [("ailora", None), ("lora-da", None), ("ailora-progressive2", 2), ("lora-da-progressive2", 2)]
+    trained = json.loads((tmp_path / "p" / "ailora-progressive2" / "trained" / "ailora-train.json").read_text())
+    assert trained["progressive"] == 2 and len(trained["summary"]["progressive"]["stages"]) == 2
+    decomposed = json.loads((tmp_path / "p" / "lora-da" / "decomposed" / "ailora.json").read_text())
+    assert decomposed["method"] == "lora-da" and decomposed["data"]["samples"] == 64
+    assert "| lora-da-progressive2 |" in (tmp_path / "p" / "compare.md").read_text()
     assert s["plots"] == ["train_loss.png"]  # no eval data, no eval plot
-
-    monkeypatch.setattr(train_module, "train", lambda base, adapter, data, out, **kw: None)
-    with pytest.raises(UnsupportedError, match="--progressive: this version's train has no progressive mode"):
-        compare(setup / "base", data_file("demo_train.jsonl"), tmp_path / "q", methods=["ailora"], progressive=2)
-    assert not (tmp_path / "q").exists()
 
 
 def test_bad_input_fails_before_any_run(tiny, setup, tmp_path):
