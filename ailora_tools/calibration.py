@@ -27,19 +27,21 @@ masks are transformers' own. The checkpoint is read twice. Layer inputs and grad
 `activation_budget` bytes, beyond that in files in a temporary directory, removed at the end; the disk
 needs up to (layers − lowest target layer + 2) × samples × longest sample × hidden × b bytes.
 
-Peak memory above the caller's baseline (CPU; `memory_bound` computes it from the config):
+Peak memory above the process's after importing this module (CPU; `memory_bound` computes it):
 
-    96 MiB                                 fixed: meta model, transformers' modelling code, allocator
-  + 2 × max(one decoder layer, V·H) · b    the weights in use, and the read buffer of one tensor
-  + activation_budget                      layer inputs and gradients kept in RAM
-  + one layer's statistics, float32        G per target, Z per distinct input, output factors
-  + B·T·(32·H + 12·I)·4 + 3·B·n_heads·T²·4   one micro-batch through one layer with autograd
-  + 96 MiB                                 the head's logits and their gradient, in chunks
+    64 MiB                                   fixed: meta model, transformers' modelling code, allocator
+  + 2 · max(one decoder layer, V·H) · b      the weights in use, and the read buffer of one tensor
+  + activation_budget                        layer inputs and gradients kept in RAM
+  + one layer's statistics · 4               G and E[g²] per target, Z per distinct input, float32
+  + B·T·(32·H + 12·I)·4 + 3·B·heads·T²·4     one micro-batch through one layer with autograd
+  + 3 · min(B·T·V·4, 32 MiB)                 the head's logits and their gradient, in chunks
 
-where b is the byte size of the compute dtype, B the batch size, T the longest sample, H the hidden
-size, I the intermediate size and V the vocabulary. Statistics the caller keeps come on top (G alone is
-as large as the targets in float32). On CUDA, weights and the micro-batch live on the GPU; activations,
-spill files and statistics on the host.
+where b is the larger byte size of the compute and stored dtypes, B the batch size, T the longest
+sample, H the hidden size, I the intermediate size, V the vocabulary and heads the number of attention
+heads. Statistics the caller keeps come on top (G alone is as large as the targets in float32), and so
+does the caller's own data. On CUDA the weights and the micro-batch live on the GPU; activations, spill
+files and statistics on the host. (glibc keeps freed heap memory, so the heap is trimmed after each
+layer; without that, RSS grew by about one layer's weights per layer of the backward pass.)
 
 Determinism: the same inputs give bit-identical statistics on the same machine and device; micro-
 batches are processed in order. Not the authors' own choices here: Fisher passes run in eval mode (no
@@ -48,6 +50,7 @@ and every layer is done in one pass (their `fisher_layers_per_pass` re-runs the 
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -59,18 +62,24 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .checkpoint import Checkpoint
 from .data import IGNORE, Example
 from .errors import FormatError, TargetError, UnsupportedError
 from .svd import resolve_device
-from .tensorio import DTYPE_FLAGS, DTYPES, torch_dtype
+from .tensorio import DTYPE_FLAGS, DTYPES, read_tensor, torch_dtype
 
 #: model_type values whose decoder layers calibrate
 SUPPORTED = ("llama", "mistral", "qwen2")
 TOKEN_MASKS = ("attention", "labels")
 LAYER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-FIXED_OVERHEAD = 96 << 20
+FIXED_OVERHEAD = 64 << 20
+try:  # glibc's malloc_trim, to give freed heap memory back after each layer
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _MALLOC_TRIM = None
 HEAD_CHUNK_BYTES = 32 << 20  # float32 logits per lm_head chunk
 
 
@@ -156,40 +165,42 @@ def calibrate(
 
 
 def memory_bound(config: dict, modules: Sequence[str], *, batch_size: int, max_tokens: int,
-                 activation_budget: int, dtype: str = "float32") -> int:
-    """The module docstring's bound on peak memory (bytes above the caller's baseline) of a CPU run.
+                 activation_budget: int, dtype: str | None = None) -> int:
+    """The module docstring's bound on the peak memory of a CPU run, in bytes above the baseline.
 
     Args:
         config: the checkpoint's config.json as a dict (Llama, Mistral or Qwen2).
         modules: the target module names passed to `calibrate`.
-        batch_size, max_tokens: micro-batch size and the longest sample's length.
+        batch_size, max_tokens: the micro-batch size and the longest sample's length in tokens.
         activation_budget: as passed to `calibrate`.
-        dtype: compute dtype name.
+        dtype: the compute dtype passed to `calibrate` (default: the stored one).
 
     Example:
         >>> cfg = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-        ...        "vocab_size": 128}
+        ...        "vocab_size": 128, "torch_dtype": "float32"}
         >>> memory_bound(cfg, ["model.layers.0.self_attn.q_proj"], batch_size=1, max_tokens=16,
         ...              activation_budget=0) // 2**20
-        192
+        64
     """
-    b = DTYPES[DTYPE_FLAGS[dtype]][1]
+    stored = config.get("torch_dtype") or config.get("dtype") or "float32"
+    b = max(DTYPES[DTYPE_FLAGS.get(name, "F32")][1] for name in (stored, dtype or stored))
     H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads = config["num_attention_heads"]
     hd = config.get("head_dim") or H // heads
     kv = config.get("num_key_value_heads") or heads
     shapes = {"q_proj": (heads * hd, H), "k_proj": (kv * hd, H), "v_proj": (kv * hd, H), "o_proj": (H, heads * hd),
               "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-    layer = sum(o * i + o for o, i in shapes.values()) + 2 * H  # weights, biases (Qwen2 has q/k/v ones), two norms
+    layer = sum(o * i + o for o, i in shapes.values()) + 2 * H  # weights, biases (Qwen2's q/k/v), two norms
     per_layer: dict[str, list[tuple[int, int]]] = {}
     for m in modules:
         found = LAYER_MODULE.match(m)
         per_layer.setdefault(found.group(1) if found else "", []).append(shapes[m.rsplit(".", 1)[-1]])
-    stats = max((sum(o * i + o for o, i in s) + len({i for _, i in s}) * max(i for _, i in s) ** 2
-                 for s in per_layer.values()), default=0) * 4  # (one Z per input width: an upper bound)
-    B, T = batch_size, max_tokens
-    work = B * T * (32 * H + 12 * I) * 4 + 3 * B * heads * T * T * 4
-    return FIXED_OVERHEAD + 2 * max(layer, V * H) * b + activation_budget + stats + work + 3 * HEAD_CHUNK_BYTES
+    stats = max((sum(o * i + o for o, i in s) + sum(i * i for i in {i for _, i in s}) for s in per_layer.values()),
+                default=0)  # (one Z per distinct input width: its upper bound)
+    tokens = batch_size * max_tokens
+    work = tokens * (32 * H + 12 * I) * 4 + 3 * batch_size * heads * max_tokens**2 * 4
+    head = 3 * min(tokens * V * 4, HEAD_CHUNK_BYTES)
+    return FIXED_OVERHEAD + 2 * max(layer, V * H) * b + activation_budget + 4 * stats + work + head
 
 
 def _compute_dtype(ckpt: Checkpoint, dtype: str | None) -> torch.dtype:
@@ -257,8 +268,6 @@ class _MetaModel:
     """The checkpoint's model class on the meta device; parts are materialised from the shards one at a time."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, dev: torch.device):
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         self.ckpt, self.dtype, self.device = ckpt, dtype, dev
         config = AutoConfig.for_model(**ckpt.config)
         with torch.device("meta"):
@@ -291,8 +300,6 @@ class _MetaModel:
 
     def load(self, module: torch.nn.Module, prefix: str, names: dict[str, str] | None = None) -> torch.nn.Module:
         """Materialise `module` on the device and fill it from the shards (tensor `prefix + name`, or names[name])."""
-        from .tensorio import read_tensor
-
         module.to_empty(device=self.device)
         with torch.no_grad():
             for local, param in module.named_parameters():
@@ -315,6 +322,8 @@ class _MetaModel:
     @staticmethod
     def unload(module: torch.nn.Module) -> None:
         module.to_empty(device="meta")
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
 
     def head_names(self) -> dict[str, str]:
         tied = "lm_head.weight" not in self.where and getattr(self.config, "tie_word_embeddings", False)
@@ -322,8 +331,6 @@ class _MetaModel:
 
     def layer_kwargs(self, index: int, hidden: torch.Tensor, batch: _Batch) -> dict:
         """What the model's own forward passes to decoder layer `index`: mask, rotary cos/sin, positions."""
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
         if self.config.model_type == "qwen2":
             sliding = self.config.layer_types[index] == "sliding_attention"
         else:
