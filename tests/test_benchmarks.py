@@ -29,3 +29,15 @@ def test_bench_svd_runs_every_method(tmp_path):
     assert len(rows) == 10  # 6 methods, principal and minor where they apply
     errors = {r.split("|")[4].strip() + " " + r.split("|")[3].strip(): float(r.split("|")[6]) for r in rows}
     assert errors["ailora-tools exact minor"] < 1e-6 and errors["ailora-tools exact principal"] < 1e-6
+
+
+@pytest.mark.slow
+def test_bench_calibration_runs_engine_and_reference(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_calibration.py"), "--sizes", "tiny", "--samples", "2",
+                    "--tokens", "16", "--batch-sizes", "2", "--workdir", str(tmp_path / "work"),
+                    "--out", str(tmp_path / "results")], check=True, capture_output=True, text=True)
+    (report,) = (tmp_path / "results").glob("calibration-cpu-*.md")
+    rows = {r.split("|")[1].strip(): r for r in report.read_text().splitlines() if r.startswith("| ")}
+    assert "whole model + hooks (reference)" in rows and "layer-wise engine, batch 2" in rows
+    g_diff, z_diff = (float(v) for v in rows["layer-wise engine, batch 2"].split("|")[6].split("/"))
+    assert g_diff < 0.05 and z_diff < 1e-3  # bfloat16 compute on both sides
