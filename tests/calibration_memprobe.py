@@ -8,6 +8,7 @@ is dropped as soon as it arrives, as the bound assumes.
 """
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -27,7 +28,7 @@ if __name__ == "__main__":
     options = json.loads(sys.argv[2])
     modules, n, tokens, prompt = (options.pop(k) for k in ("modules", "samples", "tokens", "prompt"))
     g = torch.Generator().manual_seed(0)
-    vocab = json.load(open(f"{sys.argv[1]}/config.json"))["vocab_size"]
+    vocab = json.loads(Path(sys.argv[1], "config.json").read_text())["vocab_size"]
     examples = [Example(ids, [-100] * prompt + ids[prompt:])
                 for ids in (torch.randint(0, vocab, (tokens,), generator=g).tolist() for _ in range(n))]
     baseline = status("VmRSS")
