@@ -43,10 +43,16 @@ does the caller's own data. On CUDA the weights and the micro-batch live on the 
 files and statistics on the host. (glibc keeps freed heap memory, so the heap is trimmed after each
 layer; without that, RSS grew by about one layer's weights per layer of the backward pass.)
 
-Determinism: the same inputs give bit-identical statistics on the same machine and device; micro-
-batches are processed in order. Not the authors' own choices here: Fisher passes run in eval mode (no
-dropout; their models have none), G is accumulated in float32 from x and g (their model-dtype .grad),
-and every layer is done in one pass (their `fisher_layers_per_pass` re-runs the model per layer group).
+Determinism: the same inputs give bit-identical statistics on the CPU (tested); micro-batches are
+processed in order and nothing is drawn at random. On CUDA, only as deterministic as the attention
+kernels' backward.
+
+Where this differs from the authors' code (`lora_da.py`, `run_exp.py` of zqy0126/LoRA-DA): one set of
+samples gives both G and the factors (theirs draws 256 of each, by default the same ones); the passes
+run in eval mode (no dropout; their models have none); G is summed in float32 from x and g (theirs is
+the model-dtype `.grad`); all layers are done in one pass (their `fisher_layers_per_pass` re-runs the
+whole model per group of layers, to bound the memory of their hooks); attention is transformers'
+default (SDPA; theirs flash-attention 2). Their "sequence_lowrank" output factor is not implemented.
 """
 from __future__ import annotations
 
@@ -123,8 +129,8 @@ def calibrate(
         modules: full names of target linear modules inside decoder layers, e.g.
             "model.layers.3.self_attn.q_proj".
         device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
-        dtype: compute dtype, "float32", "bfloat16" or "float16"; default: the checkpoint's. Statistics
-            accumulate in float32 either way.
+        dtype: compute dtype, "float32", "bfloat16" or "float16"; default: the checkpoint's, but float32 for
+            a float16 one (nothing here scales the loss against underflow). Statistics are float32 either way.
         batch_size: samples per micro-batch, right-padded to the longest; results do not depend on it
             beyond rounding.
         token_mask: "attention" (every token, the authors' default) or "labels" (loss positions only)
@@ -183,7 +189,8 @@ def memory_bound(config: dict, modules: Sequence[str], *, batch_size: int, max_t
         64
     """
     stored = config.get("torch_dtype") or config.get("dtype") or "float32"
-    b = max(DTYPES[DTYPE_FLAGS.get(name, "F32")][1] for name in (stored, dtype or stored))
+    compute = dtype or ("bfloat16" if stored == "bfloat16" else "float32")  # as `calibrate` chooses
+    b = max(DTYPES[DTYPE_FLAGS.get(name, "F32")][1] for name in (stored, compute))
     H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads = config["num_attention_heads"]
     hd = config.get("head_dim") or H // heads
@@ -207,9 +214,7 @@ def _compute_dtype(ckpt: Checkpoint, dtype: str | None) -> torch.dtype:
     if dtype is not None:
         return torch_dtype(DTYPE_FLAGS[dtype])
     stored = ckpt.tensors.get("model.embed_tokens.weight")
-    if stored is None or stored.dtype not in ("F32", "F16", "BF16"):
-        return torch.float32
-    return torch_dtype(stored.dtype)
+    return torch.bfloat16 if stored is not None and stored.dtype == "BF16" else torch.float32
 
 
 @dataclass
@@ -300,6 +305,9 @@ class _MetaModel:
 
     def load(self, module: torch.nn.Module, prefix: str, names: dict[str, str] | None = None) -> torch.nn.Module:
         """Materialise `module` on the device and fill it from the shards (tensor `prefix + name`, or names[name])."""
+        if next(module.buffers(), None) is not None:  # to_empty would leave them uninitialised
+            raise UnsupportedError(f"{self.ckpt.source}: {prefix or 'lm_head.'}* holds buffers, which this "
+                                   "transformers version's layers did not; LoRA-DA calibration cannot fill them")
         module.to_empty(device=self.device)
         with torch.no_grad():
             for local, param in module.named_parameters():

@@ -53,3 +53,15 @@ def test_bench_progressive_reports_every_stage(tmp_path):
     stages = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert stages == ["0–3 of 0–3", "1–3 of 0–3", "2–3 of 0–3"]
     assert "Updated parameter-steps: 75.0% of plain training" in text and "cores" in text  # (4 + 3 + 2) / 12
+
+
+@pytest.mark.slow
+def test_bench_calibration_runs_engine_and_reference(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_calibration.py"), "--sizes", "tiny", "--samples", "2",
+                    "--tokens", "16", "--batch-sizes", "2", "--workdir", str(tmp_path / "work"),
+                    "--out", str(tmp_path / "results")], check=True, capture_output=True, text=True)
+    (report,) = (tmp_path / "results").glob("calibration-cpu-*.md")
+    rows = {r.split("|")[1].strip(): r for r in report.read_text().splitlines() if r.startswith("| ")}
+    assert "whole model + hooks (reference)" in rows and "layer-wise engine, batch 2" in rows
+    g_diff, z_diff = (float(v) for v in rows["layer-wise engine, batch 2"].split("|")[6].split("/"))
+    assert g_diff < 0.05 and z_diff < 1e-3  # bfloat16 compute on both sides

@@ -1,0 +1,60 @@
+"""LoRA-DA statistics from the whole model with hooks, as the authors' code collects them.
+
+The reference for `ailora_tools.calibration`: tests/test_calibration.py checks the layer-wise engine
+against it, and bench_calibration.py times both. The whole model is loaded; each sample runs alone
+(the authors' batch size 1); Z and E[g²] come from hooks on each target module over the token mask
+(each module its own Z, nothing shared), G from the weights' `.grad` summed over samples; the loss is
+transformers' own (`model(input_ids, labels=...).loss`, a mean over the sample's loss tokens).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+IGNORE = -100
+
+
+def reference_statistics(model_dir, examples, modules, *, token_mask: str = "attention",
+                         dtype: torch.dtype = torch.float32) -> dict[str, dict]:
+    """name -> {"z", "y", "g", "tokens", "samples", "loss"} for each module (float32 tensors)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval().requires_grad_(False)
+    named = dict(model.named_modules())
+    sums = {m: {"z": torch.zeros(named[m].in_features, named[m].in_features), "y": torch.zeros(named[m].out_features)}
+            for m in modules}
+    state: dict = {}
+
+    def take_input(name, _module, args):
+        x = args[0].detach()[0][state["mask"]].float()
+        sums[name]["z"] += x.T @ x
+
+    def take_gradient(name, g):
+        sums[name]["y"] += g[0][state["mask"]].float().square().sum(0)
+
+    def take_output(name, _module, _args, out):
+        out.register_hook(partial(take_gradient, name))
+
+    handles = []
+    for m in modules:
+        named[m].weight.requires_grad_(True)
+        handles += [named[m].register_forward_pre_hook(partial(take_input, m)),
+                    named[m].register_forward_hook(partial(take_output, m))]
+    tokens, samples, loss_sum = 0, 0, 0.0
+    for e in examples:
+        labels = torch.tensor([e.labels])
+        if not bool((labels[0, 1:] != IGNORE).any()):
+            continue
+        if token_mask == "attention":
+            state["mask"] = torch.ones(len(e.input_ids), dtype=torch.bool)
+        else:
+            state["mask"] = torch.zeros(len(e.input_ids), dtype=torch.bool)
+            state["mask"][:-1] = labels[0, 1:] != IGNORE
+        loss = model(input_ids=torch.tensor([e.input_ids]), labels=labels).loss
+        loss.backward()
+        tokens, samples, loss_sum = tokens + int(state["mask"].sum()), samples + 1, loss_sum + loss.item()
+    for h in handles:
+        h.remove()
+    return {m: {"z": sums[m]["z"] / tokens, "y": sums[m]["y"] / tokens, "g": named[m].weight.grad.float() / samples,
+                "tokens": tokens, "samples": samples, "loss": loss_sum / samples} for m in modules}
