@@ -172,7 +172,6 @@ def test_parallel_copies_and_hashing_give_the_same_outputs_and_digests(tiny, tmp
     monkeypatch.setattr(hashing, "_DIGESTS", {})  # hash the sources again, on several threads
     monkeypatch.setattr(background, "IO_THREADS", 4)
     monkeypatch.setattr(rewrite, "IO_THREADS", 4)
-    monkeypatch.setattr(rewrite, "COPY_PIECE", 4096)  # many pieces per shard, as a multi-GB shard has
     monkeypatch.setattr(hashing, "PARALLEL_BYTES", 1024)
     threads, real_blake3 = [], hashing.blake3
     monkeypatch.setattr(hashing, "blake3", lambda *a, max_threads=1: threads.append(max_threads) or real_blake3(*a, max_threads=max_threads))
@@ -182,7 +181,7 @@ def test_parallel_copies_and_hashing_give_the_same_outputs_and_digests(tiny, tmp
         with lock:
             first = len(met) < 2
             met.append(None)
-        if first:  # the first two pieces meet here only if two workers copy at once
+        if first:  # the first two shards' copies meet here only if two workers copy at once
             try:
                 barrier.wait()
                 met.append(True)
