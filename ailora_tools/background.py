@@ -8,7 +8,8 @@ worker starts (BLAKE3's) inherit its priority.
 
 How much I/O runs in parallel scales with the cores this process may use: `IO_THREADS`, one per 4 cores
 (at most 8; 1 up to 7 cores, as on the 2-core machine the figures were measured on), is both the number
-of copy workers and the number of threads that hash one large segment. `AILORA_IO_THREADS=N` (a positive integer) overrides it.
+of copy workers and the number of threads that hash one large segment. `AILORA_IO_THREADS=N` (a positive
+integer) overrides it.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Rewrite a checkpoint into an output directory: copy every byte, replace only chosen tensors.
 
 Shard by shard: the shard's bytes, less the chosen tensors' ranges, are copied kernel-side by worker
-threads, in pieces of at most 64 MiB taken in shard order (`background.IO_THREADS` workers: one on small
-machines, several on large ones, which then share each shard; the next shards' copies overlap this shard's
-compute); each chosen tensor's range is written with what `compute` returns while that copy runs; then the
+threads, one shard each (`background.IO_THREADS` workers: one on small machines, several on large ones,
+which copy that many shards at once; not pieces of one shard, whose writes the filesystem serializes: ext4
+and XFS hold the file's inode lock for each buffered write). The next shards' copies overlap this shard's
+compute; each chosen tensor's range is written with what `compute` returns while that copy runs; then the
 shard is published by rename and recorded in the journal. Source files are hashed on background threads
 (`hashing`); an output shard's digest comes from its source's tensor-wise digest and the digests of the
 bytes written into it, so it is never read back.
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
 
 #: shards whose copy may be under way at once (each holds an open file)
 COPY_AHEAD = max(4, IO_THREADS)
-#: a shard's copy is split into pieces of at most this many bytes, so that several workers can share it
-COPY_PIECE = 64 << 20
 #: replaced tensors whose bytes may wait to be hashed while the next is computed (each holds its buffer)
 HASH_AHEAD = 1
 
@@ -61,7 +60,7 @@ class _Job:
     header: ShardHeader
     fd: int
     offsets: dict[str, int]
-    copied: list[Future]  # the pieces of its copy
+    copied: Future
     same_layout: bool  # no dtype change: the output's segments are the source's
     written: dict[tuple[int, int], Future]  # (start, end) in the output -> BLAKE3 of the bytes written there
 
@@ -139,8 +138,7 @@ def rewrite_checkpoint(
                         if len(hashing) > HASH_AHEAD:
                             hashing.popleft().result()
                     bar.update(1)
-            for piece in job.copied:
-                piece.result()
+            job.copied.result()
             os.close(jobs.pop(shard).fd)
             final = od.publish(_rel(subdir, shard))
             if job.same_layout:
@@ -154,8 +152,7 @@ def rewrite_checkpoint(
         ckpt.stop_fetching()
         bar.close()
         for job in jobs.values():
-            for piece in job.copied:
-                piece.cancel()
+            job.copied.cancel()
         copier.shutdown(wait=True)
         hasher.shutdown(wait=True)
         for job in jobs.values():
@@ -199,10 +196,7 @@ def _rel(subdir: str, name: str) -> str:
 def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier) -> _Job:
     head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names})
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    pieces = [(s + k, d + k, min(COPY_PIECE, n - k)) for s, d, n in copies for k in range(0, n, COPY_PIECE)]
-    copied = [copier.submit(copy_ranges, header.path, fd, head, pieces[:1])]  # the new header, if any, first
-    copied += [copier.submit(copy_ranges, header.path, fd, b"", [p]) for p in pieces[1:]]
-    return _Job(header, fd, offsets, copied, not head, {})
+    return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
 
 
 def _copy_small(od: OutputDir, hashes: Hashes, src: Path, name: str, rel: str) -> None:

@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -140,7 +141,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     lines = [f"# decompose benchmark, {datetime.date.today()}", "",
-             f"Command: `python benchmarks/bench_decompose.py {' '.join(sys.argv[1:])}`", "",
+             f"Command: `python benchmarks/bench_decompose.py {shlex.join(sys.argv[1:])}`", "",
              *describe_machine(args.device),
              f"- rank {args.rank}, targets q_proj and v_proj, {args.rounds} rounds interleaved, each workload its own "
              "process; the source is in the page cache after the first round (for every workload alike); `sync` before "

@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -82,7 +83,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     methods = {k: v for k, v in METHODS.items() if not args.methods or any(m in k for m in args.methods)}
-    lines = [f"# SVD methods, {datetime.date.today()}", "", f"Command: `python benchmarks/bench_svd.py {' '.join(sys.argv[1:])}`", "",
+    lines = [f"# SVD methods, {datetime.date.today()}", "", f"Command: `python benchmarks/bench_svd.py {shlex.join(sys.argv[1:])}`", "",
              f"- {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"threads {torch.get_num_threads()}, devices {' '.join(args.devices)}"
              + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"),

@@ -40,6 +40,10 @@ def _cache_file(cache: Path, src: Path, name: str) -> Path:
     return link
 
 
+def _shard_order(model: Path) -> list[str]:
+    return list(dict.fromkeys(json.loads((model / "model.safetensors.index.json").read_text())["weight_map"].values()))
+
+
 @pytest.fixture
 def hub(tiny, tmp_path, monkeypatch):
     """A Hub whose non-weight files are cached and whose shards arrive one at a time, with a delay."""
@@ -76,8 +80,7 @@ def hub(tiny, tmp_path, monkeypatch):
 
 
 def test_hub_shards_download_while_earlier_ones_are_processed(hub, tmp_path, monkeypatch):
-    shards = json.loads((hub["remote"] / "model.safetensors.index.json").read_text())["weight_map"]
-    order = list(dict.fromkeys(shards.values()))
+    order = _shard_order(hub["remote"])
     assert len(order) >= 3
     first_written = threading.Event()
     hub["gate"][order[2]] = first_written  # shard 3 arrives only once shard 1's output is being written
@@ -105,11 +108,12 @@ def test_hub_shards_download_while_earlier_ones_are_processed(hub, tmp_path, mon
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda data: data.replace(b'"format":"pt"', b'"format":"PT"'), r"the downloaded file .* does not have the header checked before writing .* rerun with --resume"),
+    (lambda data: data.replace(b'"format":"pt"', b'"format":"PT"'),
+     r"the downloaded file .* does not have the header checked before writing .* rerun with --resume"),
     (lambda data: data[:-100], r"the file is truncated"),
 ])
 def test_a_shard_that_arrives_with_another_header_stops_the_run_before_it_is_written(hub, tmp_path, change, message):
-    order = list(dict.fromkeys(json.loads((hub["remote"] / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    order = _shard_order(hub["remote"])
     assert change((hub["remote"] / order[2]).read_bytes()) != (hub["remote"] / order[2]).read_bytes()
     hub["corrupt"][order[2]] = change
     with pytest.raises(FormatError, match=rf"{order[2]}: .*{message}"):
@@ -119,7 +123,7 @@ def test_a_shard_that_arrives_with_another_header_stops_the_run_before_it_is_wri
     assert (out / "residual" / order[0]).is_file() and (out / "residual" / order[1]).is_file()
     assert not (out / "residual" / order[2]).exists() and not list(out.rglob(f".{order[2]}.partial"))
     assert hub["arrived"][:3] == order[:3] and len(hub["arrived"]) < len(order)  # the later downloads were cancelled
-    (hub["cache"] / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / order[2]).unlink()  # as the error says
+    (hub["cache"] / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / order[2]).unlink()  # as told
     del hub["corrupt"][order[2]]
     decompose(REPO, out, rank=4, progress=False, resume=True)
     decompose(hub["remote"], tmp_path / "local", rank=4, progress=False)
@@ -161,7 +165,8 @@ def test_hub_header_is_read_with_range_requests(tmp_path, monkeypatch, pad):
         first, last = map(int, request.headers["range"].removeprefix("bytes=").split("-"))
         seen.append((request.url.path, first, last))
         body = data[first:last + 1]
-        return httpx2.Response(206, content=body, headers={"content-range": f"bytes {first}-{first + len(body) - 1}/{len(data)}"})
+        served = f"bytes {first}-{first + len(body) - 1}/{len(data)}"
+        return httpx2.Response(206, content=body, headers={"content-range": served})
 
     monkeypatch.setattr(_http, "_GLOBAL_CLIENT", httpx2.Client(transport=httpx2.MockTransport(serve)))
     monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)

@@ -172,17 +172,17 @@ def test_parallel_copies_and_hashing_give_the_same_outputs_and_digests(tiny, tmp
     monkeypatch.setattr(hashing, "_DIGESTS", {})  # hash the sources again, on several threads
     monkeypatch.setattr(background, "IO_THREADS", 4)
     monkeypatch.setattr(rewrite, "IO_THREADS", 4)
-    monkeypatch.setattr(rewrite, "COPY_PIECE", 4096)  # many pieces per shard, as a multi-GB shard has
     monkeypatch.setattr(hashing, "PARALLEL_BYTES", 1024)
     threads, real_blake3 = [], hashing.blake3
-    monkeypatch.setattr(hashing, "blake3", lambda *a, max_threads=1: threads.append(max_threads) or real_blake3(*a, max_threads=max_threads))
+    monkeypatch.setattr(hashing, "blake3", lambda *a, max_threads=1: threads.append(max_threads)
+                        or real_blake3(*a, max_threads=max_threads))
     barrier, lock, met, real_copy = threading.Barrier(2, timeout=30), threading.Lock(), [], rewrite.copy_ranges
 
     def copy(*args):
         with lock:
             first = len(met) < 2
             met.append(None)
-        if first:  # the first two pieces meet here only if two workers copy at once
+        if first:  # the first two shards' copies meet here only if two workers copy at once
             try:
                 barrier.wait()
                 met.append(True)
@@ -195,7 +195,8 @@ def test_parallel_copies_and_hashing_give_the_same_outputs_and_digests(tiny, tmp
     assert met.count(True) == 2 and False not in met
     assert 4 in threads and 1 in threads  # large segments and buffers on 4 threads, small ones on one
     one, four = (json.loads((tmp_path / d / "ailora.json").read_text()) for d in ("one", "four"))
-    assert one["files"]["source"] == four["files"]["source"] and one["files"]["output"].keys() == four["files"]["output"].keys()
+    assert one["files"]["source"] == four["files"]["source"]
+    assert one["files"]["output"].keys() == four["files"]["output"].keys()
     for rel, digest in four["files"]["output"].items():
         assert digest == expected_digest(tmp_path / "four" / rel)
         if rel != "adapter/adapter_config.json":  # that one names its own output directory
