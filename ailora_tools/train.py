@@ -89,8 +89,8 @@ def train(
     autocast = dev.type == "cuda" and dtype in ("auto", "bfloat16")
     initial = read_adapter(adapter)
     initial.check_fits(Checkpoint.open(base).tensors, adapter=adapter, base=base)
-    mode = resolve_adapter_base(adapter_base, adapter, base)
     tok, pad_id = load_tokenizer(tokenizer or base, flag="--tokenizer" if tokenizer else "--base")
+    mode = resolve_adapter_base(adapter_base, adapter, base)
     examples = load_jsonl(data, tok, max_length=max_length)
     evals = load_jsonl(eval_data, tok, max_length=max_length) if eval_data else []
     steps_per_epoch = math.ceil(len(examples) / (batch_size * grad_accum))
