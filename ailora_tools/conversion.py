@@ -4,6 +4,11 @@
 every module (per-module scales folded into B), so servers that ignore rank/alpha patterns scale it
 right. `max_rank` re-compresses each module exactly up to truncation: QR of both factors, SVD of the
 small core, keep the largest triplets; the dropped singular values give the reported error.
+
+The trained adapter names modules as the class it was trained on (BertForSequenceClassification:
+`bert.encoder...`), the initial one as the decomposed checkpoint stores them (a bare BertModel: `encoder...`);
+they are paired through the base model prefix the training manifest records (`model_names`), and the output
+keeps the trained names and its `modules_to_save` (a classification head) unchanged.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 from .check import check_adapter, vllm_max_lora_rank
 from .errors import AiloraError, FormatError, InputNotFoundError, NumericsError
 from .hashing import file_digest
+from .model_names import match
 from .output import OutputDir
 from .peft_format import Adapter, lora_config, read_adapter, write_adapter
 from .tensorio import DTYPE_FLAGS, torch_dtype
@@ -41,11 +47,24 @@ def original_base_of(initial: Path) -> str | None:
     return None
 
 
-def delta_factors(initial: Adapter, trained: Adapter) -> tuple[dict, float, dict]:
-    """Per module (B', A') with s'·B'·A' = ΔW, the common scale s', and a per-module ΔW-is-zero flag."""
-    if set(initial.factors) != set(trained.factors):
-        raise FormatError("initial and trained adapters adapt different modules: "
-                          f"{sorted(set(initial.factors) ^ set(trained.factors))}")
+def task_record(adapter_dir: str | os.PathLike) -> dict | None:
+    """The task record (`tasks.load_model`) of a trained or converted adapter's manifest, if it has one."""
+    for name in (TRAIN_MANIFEST, CONVERT_MANIFEST):
+        if (path := Path(adapter_dir) / name).is_file():
+            return json.loads(path.read_text()).get("task")
+    return None
+
+
+def delta_factors(initial: Adapter, trained: Adapter, *, prefix: str | None = None) -> tuple[dict, float, dict]:
+    """Per module (B', A') with s'·B'·A' = ΔW, the common scale s', and a per-module ΔW-is-zero flag.
+
+    Keys are the trained adapter's module names; the initial adapter's may differ from them by `prefix`.
+    """
+    names = match(initial.factors, trained.factors, prefix=prefix)
+    if len(names) != len(initial.factors) or len(trained.factors) != len(initial.factors):
+        unpaired = (set(initial.factors) - set(names)) | (set(trained.factors) - set(names.values()))
+        raise FormatError(f"initial and trained adapters adapt different modules: {sorted(unpaired)}")
+    initial = Adapter(initial.config, {names[m]: f for m, f in initial.factors.items()})
     c = trained.config
     s_common = c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"])
     out, unchanged = {}, {}
@@ -100,8 +119,8 @@ def convert(
     """
     trained = Path(trained)
     initial = Path(initial) if initial is not None else initial_adapter_of(trained)
-    init_ad, tr_ad = read_adapter(initial), read_adapter(trained)
-    pairs, scale, unchanged = delta_factors(init_ad, tr_ad)
+    init_ad, tr_ad, task = read_adapter(initial), read_adapter(trained), task_record(trained)
+    pairs, scale, unchanged = delta_factors(init_ad, tr_ad, prefix=(task or {}).get("base_model_prefix"))
     if all(unchanged.values()):
         raise AiloraError(f"{trained}: the trained adapter equals the initial one {initial} (ΔW = 0): nothing "
                           "was learned, so there is nothing to convert; check that training ran and saved")
@@ -125,16 +144,19 @@ def convert(
     config = lora_config(rank=rank, alpha=scale * (math.sqrt(rank) if rslora else rank),
                          targets=[m.rsplit(".", 1)[-1] for m in factors], rslora=rslora,
                          base=base or original_base_of(initial) or c.get("base_model_name_or_path"),
-                         task_type=c.get("task_type"), fan_in_fan_out=bool(c.get("fan_in_fan_out")))
+                         task_type=c.get("task_type"), fan_in_fan_out=bool(c.get("fan_in_fan_out")),
+                         modules_to_save=c.get("modules_to_save"))
     summary = {
         "trained": str(trained), "initial": str(initial), "output": str(Path(out).absolute()),
         "rank": rank, "lora_alpha": config["lora_alpha"], "use_rslora": rslora, "modules": len(factors),
         "vllm_max_lora_rank": vllm_max_lora_rank(rank), "worst_rel_fro_error": worst,
         "unchanged_modules": sorted(m for m, u in unchanged.items() if u), "errors": errors,
+        "modules_to_save": sorted(c.get("modules_to_save") or []),
     }
     with OutputDir(out, inputs=[trained, initial], overwrite=overwrite) as od:
-        written = write_adapter(od.path, config, factors, dtype=torch_dtype(DTYPE_FLAGS[dtype]))
+        written = write_adapter(od.path, config, factors, dtype=torch_dtype(DTYPE_FLAGS[dtype]), extra=tr_ad.extra)
         summary["vllm_check"] = [str(f) for f in check_adapter(od.path, target="vllm",
                                                                max_lora_rank=summary["vllm_max_lora_rank"])]
-        od.write_manifest(CONVERT_MANIFEST, {**summary, "files": {"output": {p.name: file_digest(p) for p in written}}})
+        od.write_manifest(CONVERT_MANIFEST, {**summary, "task": task,
+                                             "files": {"output": {p.name: file_digest(p) for p in written}}})
     return summary

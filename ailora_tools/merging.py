@@ -2,10 +2,15 @@
 
 Only the adapted weights are decoded; every other byte of the base is copied unchanged. Works for
 (residual, trained adapter), (original, converted LoRA) and any PEFT LoRA (rsLoRA, rank_pattern,
-alpha_pattern, fan_in_fan_out).
+alpha_pattern, fan_in_fan_out). Adapter modules are found in the base whatever base model prefix either
+side's names carry (`model_names`). An adapter's `modules_to_save` (a classification head) is written
+into the merged model: over the base's tensors where it has them, as new tensors where it has none; and
+config.json gets the class and labels the training manifest records, so that
+AutoModelForSequenceClassification loads the result.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -14,9 +19,11 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .errors import UnsupportedError
+from .conversion import task_record
+from .errors import TargetError, UnsupportedError
+from .model_names import match
 from .output import OutputDir
-from .peft_format import read_adapter
+from .peft_format import Adapter, read_adapter
 from .rewrite import Hashes, rewrite_checkpoint
 from .tensorio import DTYPE_FLAGS, TensorInfo, torch_dtype
 
@@ -41,7 +48,8 @@ def merge(
         Summary: modules merged, largest |ΔW|, output path, seconds.
 
     Raises:
-        TargetError: the adapter names a module the base lacks, or its shapes do not fit.
+        TargetError: the adapter names a module the base lacks, or its shapes do not fit; a head whose labels
+            no manifest records, merged into a base that is no sequence-classification model.
 
     Example:
         >>> merge("out/residual", "trained", "merged")  # doctest: +SKIP
@@ -53,9 +61,12 @@ def merge(
     ckpt = Checkpoint.open(base, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
     tensors = ckpt.tensors
     plan: dict[str, list[str]] = {}
-    lora.check_fits(tensors, adapter=adapter, base=base)
-    for m in lora.factors:
-        info = tensors[m + ".weight"]
+    weights = lora.check_fits(tensors, adapter=adapter, base=base, config=ckpt.config)
+    module_of = {w: m for m, w in weights.items()}
+    out_dtype = DTYPE_FLAGS[dtype] if dtype else tensors[next(iter(weights.values()))].dtype if weights else "F32"
+    heads, added, files = _head(lora, ckpt, adapter, base, out_dtype)
+    for name in [*weights.values(), *heads]:
+        info = tensors[name]
         plan.setdefault(info.file, []).append(info.name)
     for names in plan.values():
         names.sort(key=lambda n: tensors[n].begin)
@@ -64,24 +75,56 @@ def merge(
     largest: dict[str, float] = {}
 
     def compute(info: TensorInfo, W: torch.Tensor) -> torch.Tensor:
-        m = info.name[: -len(".weight")]
+        to = torch_dtype(DTYPE_FLAGS[dtype]) if dtype else W.dtype
+        if info.name in heads:
+            return heads[info.name].to(to)
+        m = module_of[info.name]
         delta = lora.delta(m)
-        largest[m] = float(delta.abs().max())
-        return (W.float() + delta).to(torch_dtype(DTYPE_FLAGS[dtype]) if dtype else W.dtype)
+        largest[info.name[: -len(".weight")]] = float(delta.abs().max())
+        return (W.float() + delta).to(to)
 
     hashes = Hashes()
     with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume, settings=settings) as od:
         def on_shard(shard: str) -> dict:
-            return {"max_abs_delta": {n[: -len(".weight")]: largest[n[: -len(".weight")]] for n in plan.get(shard, [])}}
+            return {"max_abs_delta": {n[: -len(".weight")]: largest[n[: -len(".weight")]] for n in plan.get(shard, [])
+                                      if n not in heads}}
 
         def on_reuse(shard: str, record: dict) -> bool:
             largest.update(record["max_abs_delta"])
             return True
 
-        rewrite_checkpoint(ckpt, od, "", plan, compute, hashes=hashes, out_dtype=DTYPE_FLAGS.get(dtype),
-                           on_shard=on_shard, on_reuse=on_reuse, progress=progress, desc="merge")
+        rewrite_checkpoint(ckpt, od, "", plan, compute, hashes=hashes, out_dtype=DTYPE_FLAGS.get(dtype), added=added,
+                           files=files, on_shard=on_shard, on_reuse=on_reuse, progress=progress, desc="merge")
         summary = {"output": str(od.path), "base": str(base), "adapter": str(adapter),
-                   "modules": len(lora.factors), "max_abs_delta": max(largest.values(), default=0.0)}
+                   "modules": len(lora.factors), "max_abs_delta": max(largest.values(), default=0.0),
+                   "head_tensors": sorted([*heads, *added])}
         od.write_manifest(MERGE_MANIFEST, {**settings, "files": hashes.result(), "summary": summary})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[dict, dict, dict]:
+    """The adapter's modules_to_save tensors: those replacing base tensors (by the base's name), those added (in
+    `dtype`), and the config.json that names the class and labels they belong to."""
+    if not lora.extra:
+        return {}, {}, {}
+    tensors = ckpt.tensors
+    found = match(lora.extra, tensors, config=ckpt.config)
+    replaced, added = {}, {}
+    for name, t in lora.extra.items():
+        if name not in found:
+            added[name] = t.to(torch_dtype(dtype))
+        elif tuple(tensors[found[name]].shape) != tuple(t.shape):
+            info = tensors[found[name]]
+            raise TargetError(f"{adapter}: modules_to_save tensor {name} is {tuple(t.shape)} but {info.name} in {info.file} "
+                              f"of the base {base} is {tuple(info.shape)}; pass the base this adapter was trained on")
+        else:
+            replaced[found[name]] = t
+    record = task_record(adapter) or {}
+    if record.get("config"):
+        return replaced, added, {"config.json": json.dumps({**ckpt.config, **record["config"]}, indent=2).encode()}
+    if "ForSequenceClassification" not in " ".join(ckpt.config.get("architectures") or []):
+        raise TargetError(f"{adapter}: has modules_to_save {lora.config.get('modules_to_save')} but no ailora-train.json "
+                          f"or ailora-convert.json recording their class and labels, and the base {base} is no "
+                          "sequence-classification model; merge an adapter trained or converted by ailora-tools")
+    return replaced, added, {}

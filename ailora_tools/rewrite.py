@@ -5,7 +5,9 @@ thread (the next shards' copies overlap this shard's compute); each chosen tenso
 what `compute` returns while that copy runs; then the shard is published by rename and recorded in the
 journal. Source files are hashed on background threads (`hashing`); an output shard's digest comes from its
 source's tensor-wise digest and the digests of the bytes written into it, so it is never read back.
-Non-weight files (config, tokenizer) are copied; the index last.
+New tensors (a classification head merged into a base without one) are appended to the last shard, whose
+header is then rewritten, and entered in the index. Non-weight files (config, tokenizer) are copied, or
+written with the contents given for them; the index last.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from .background import io_pool
 from .checkpoint import Checkpoint
 from .hashing import bytes_digest, digest_async
 from .output import OutputDir
-from .tensorio import ShardHeader, TensorInfo, copy_ranges, layout, read_header, read_tensor, tensor_bytes
+from .tensorio import (ShardHeader, TensorInfo, copy_ranges, dtype_name, layout, read_header, read_tensor,
+                       tensor_bytes)
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +74,8 @@ class Hashes:
 
 def rewrite_checkpoint(
     ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]], compute: Compute, *,
-    hashes: Hashes, out_dtype: str | None = None, on_shard: Callable[[str], dict] = lambda s: {},
+    hashes: Hashes, out_dtype: str | None = None, added: dict[str, "torch.Tensor"] | None = None,
+    files: dict[str, bytes] | None = None, on_shard: Callable[[str], dict] = lambda s: {},
     on_reuse: Callable[[str, dict], bool] = lambda s, rec: True, progress: bool = True, desc: str = "",
 ) -> None:
     """Write `od/subdir` as a copy of the checkpoint whose tensors in `plan` are replaced.
@@ -80,11 +84,21 @@ def rewrite_checkpoint(
         plan: shard name -> tensor names to replace (in that shard).
         compute: gives each replacement; called in shard order, one tensor at a time.
         out_dtype: safetensors dtype ("F32", "BF16", ...) of replaced tensors; default as stored.
+        added: new tensors (name -> tensor, stored as given), appended to the last shard.
+        files: new contents for non-weight files of the checkpoint (e.g. "config.json"), written instead of a copy.
         on_shard: called after a shard is published; its dict is journaled for `--resume`.
         on_reuse: called for a shard finished by an earlier run; return False to redo it.
     """
+    added, files = added or {}, files or {}
     for name in ckpt.extra_files:
-        _copy_small(od, hashes, ckpt.root / name, _rel(subdir, name))
+        if name in files:
+            with od.open_atomic(_rel(subdir, name)) as f:
+                f.write(files[name])
+            hashes.add("source", name, ckpt.root / name)
+            hashes.add("output", _rel(subdir, name), od.path / _rel(subdir, name))
+        else:
+            _copy_small(od, hashes, ckpt.root / name, _rel(subdir, name))
+    last = ckpt.shards[-1]
     todo = []
     for shard in ckpt.shards:
         rec, final = od.finished(_rel(subdir, shard)), od.path / subdir / shard
@@ -101,7 +115,8 @@ def rewrite_checkpoint(
         for i, shard in enumerate(todo):
             for s in todo[i:i + COPY_AHEAD]:  # the copies of the next shards overlap this one's compute
                 if s not in jobs:
-                    jobs[s] = _start(ckpt.headers[s], od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier)
+                    jobs[s] = _start(ckpt.headers[s], od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier,
+                                     added if s == last else {})
             bar.set_description(f"{desc} {shard}".strip())
             job = jobs[shard]
             source = hashes.add("source", shard, job.header.path)
@@ -117,6 +132,10 @@ def rewrite_checkpoint(
                         if len(hashing) > HASH_AHEAD:
                             hashing.popleft().result()
                     bar.update(1)
+            for name, t in (added if shard == last else {}).items():
+                data = tensor_bytes(t)
+                if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
+                    raise OSError(f"short write of {name!r} into {od.partial(_rel(subdir, shard))}")
             job.copied.result()
             os.close(jobs.pop(shard).fd)
             final = od.publish(_rel(subdir, shard))
@@ -133,15 +152,17 @@ def rewrite_checkpoint(
         hasher.shutdown(wait=True)
         for job in jobs.values():
             os.close(job.fd)
-    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None)
+    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(added), added={n: last for n in added})
 
 
 def _rel(subdir: str, name: str) -> str:
     return f"{subdir}/{name}" if subdir else name
 
 
-def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier) -> _Job:
-    head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names})
+def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier,
+           added: dict[str, "torch.Tensor"]) -> _Job:
+    head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names},
+                                   {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()})
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
 
@@ -152,13 +173,15 @@ def _copy_small(od: OutputDir, hashes: Hashes, src: Path, rel: str) -> None:
     hashes.add("output", rel, od.publish(rel))
 
 
-def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, changed: bool) -> None:
+def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, changed: bool,
+                 added: dict[str, str]) -> None:
     if ckpt.index_file is None:
         return
     rel, src = _rel(subdir, ckpt.index_file), ckpt.root / ckpt.index_file
     if not changed:
         return _copy_small(od, hashes, src, rel)
     doc = json.loads(src.read_text())
+    doc["weight_map"].update(added)
     doc.setdefault("metadata", {})["total_size"] = sum(
         (od.path / subdir / s).stat().st_size - read_header(od.path / subdir / s).data_start for s in ckpt.shards)
     with od.open_atomic(rel, "w") as f:
