@@ -200,7 +200,9 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 @_config_option("train")
 @click.option("--base", required=True, type=click.Path(), help="Frozen base: the residual model directory from decompose.")
 @click.option("--adapter", required=True, type=click.Path(), help="Initial adapter (OUT/adapter from decompose).")
-@click.option("--data", required=True, type=click.Path(), help='Training JSONL: {"text"}, {"prompt","completion"} or {"messages"}.')
+@click.option("--data", required=True, type=click.Path(),
+              help='Training JSONL. Causal LM: {"text"}, {"prompt","completion"} or {"messages"}; masked LM: {"text"}; '
+                   'sequence classification: {"text","label"} or {"text_a","text_b","label"}.')
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory for the trained adapter.")
 @click.option("--eval-data", type=click.Path(), default=None, help="Evaluation JSONL (eval loss at the start, every --eval-every steps and at the end).")
 @click.option("--epochs", type=int, default=1, help="Passes over the data (ignored when --max-steps is given).")
@@ -217,19 +219,23 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", help="auto: bfloat16 autocast on CUDA, float32 on CPU.")
+@click.option("--task", type=click.Choice(["auto", "causal-lm", "masked-lm", "sequence-classification"]), default="auto",
+              help="What to train for; auto: what the base was saved for (its config's architectures; a bare encoder: masked-lm).")
+@click.option("--num-labels", type=int, default=None, help="Classes of a new classification head (default: from the labels).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def train(base, adapter, data, out, eval_data, epochs, max_steps, lr, batch_size, grad_accum, max_length, warmup,
-          scheduler, seed, save_every, eval_every, resume, device, dtype, overwrite, as_json, quiet):
-    """Train the adapter on the frozen residual; only the LoRA factors learn."""
+          scheduler, seed, save_every, eval_every, resume, device, dtype, task, num_labels, overwrite, as_json, quiet):
+    """Train the adapter on the frozen residual; only the LoRA factors learn (and a classification head)."""
     from .train import train as run
 
     summary = run(base, adapter, data, out, eval_data=eval_data, epochs=epochs, max_steps=max_steps, lr=lr,
                   batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
                   scheduler=scheduler, seed=seed, save_every=save_every, eval_every=eval_every, resume=resume,
-                  device=device, dtype=dtype, overwrite=overwrite, progress=not (quiet or as_json))
+                  device=device, dtype=dtype, task=task, num_labels=num_labels, overwrite=overwrite,
+                  progress=not (quiet or as_json))
     _print_summary(summary, as_json, f"trained {summary['steps']} steps into {summary['output']}")
 
 

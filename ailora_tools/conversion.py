@@ -55,12 +55,14 @@ def task_record(adapter_dir: str | os.PathLike) -> dict | None:
     return None
 
 
-def delta_factors(initial: Adapter, trained: Adapter, *, prefix: str | None = None) -> tuple[dict, float, dict]:
+def delta_factors(initial: Adapter, trained: Adapter, *, prefix: str | None = None,
+                  config: dict | None = None) -> tuple[dict, float, dict]:
     """Per module (B', A') with s'·B'·A' = ΔW, the common scale s', and a per-module ΔW-is-zero flag.
 
-    Keys are the trained adapter's module names; the initial adapter's may differ from them by `prefix`.
+    Keys are the trained adapter's module names; the initial adapter's may differ from them by the base model
+    prefix (`prefix`, or looked up from the model `config` when the names differ).
     """
-    names = match(initial.factors, trained.factors, prefix=prefix)
+    names = match(initial.factors, trained.factors, prefix=prefix, config=config)
     if len(names) != len(initial.factors) or len(trained.factors) != len(initial.factors):
         unpaired = (set(initial.factors) - set(names)) | (set(trained.factors) - set(names.values()))
         raise FormatError(f"initial and trained adapters adapt different modules: {sorted(unpaired)}")
@@ -78,6 +80,13 @@ def delta_factors(initial: Adapter, trained: Adapter, *, prefix: str | None = No
         out[m] = (B_cat, torch.cat([A.double(), A0.double()], dim=0))
         unchanged[m] = torch.equal(A, A0) and torch.equal(B, B0) and s == s0
     return out, s_common, unchanged
+
+
+def _model_config(adapter: Adapter) -> dict | None:
+    """The config.json of the model an adapter names as its base, when that is a local directory."""
+    base = adapter.config.get("base_model_name_or_path")
+    path = Path(str(base)) / "config.json" if base else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
 def compress(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -120,7 +129,8 @@ def convert(
     trained = Path(trained)
     initial = Path(initial) if initial is not None else initial_adapter_of(trained)
     init_ad, tr_ad, task = read_adapter(initial), read_adapter(trained), task_record(trained)
-    pairs, scale, unchanged = delta_factors(init_ad, tr_ad, prefix=(task or {}).get("base_model_prefix"))
+    pairs, scale, unchanged = delta_factors(init_ad, tr_ad, prefix=(task or {}).get("base_model_prefix"),
+                                            config=_model_config(init_ad))
     if all(unchanged.values()):
         raise AiloraError(f"{trained}: the trained adapter equals the initial one {initial} (ΔW = 0): nothing "
                           "was learned, so there is nothing to convert; check that training ran and saved")

@@ -214,7 +214,7 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
                           f"the prefix {prefix!r}); pass the adapter decomposed from this model")
     fields = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type"}
     lora = {k: v for k, v in initial.config.items() if k in fields}
-    lora.update(target_modules=sorted(names.values()), modules_to_save=heads or None,
+    lora.update(target_modules=sorted(names.values()), modules_to_save=list(heads) or None,  # PEFT extends it
                 task_type=task.peft_task_type, inference_mode=False)
     peft_model = get_peft_model(model, LoraConfig(**lora))
     renamed = dataclasses.replace(initial, factors={names[m]: f for m, f in initial.factors.items()})
