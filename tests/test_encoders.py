@@ -194,9 +194,9 @@ def test_classification_on_a_checkpoint_with_its_own_head(encoder, tmp_path):
     replaced in place (none added) and config.json keeps its labels."""
     src = encoder("bert-cls")
     names = ("negative", "positive")
-    data, evals = sst2(tmp_path / "t.jsonl", 96, seed=1, names=names), sst2(tmp_path / "d.jsonl", 32, seed=2, names=names)
-    summary = chain(src, tmp_path, "sequence-classification", data, evals, "--max-steps", "30")
-    assert summary["eval_accuracy"] > summary["eval_accuracy_start"]
+    data, evals = sst2(tmp_path / "t.jsonl", 96, seed=1, names=names), sst2(tmp_path / "d.jsonl", 64, seed=2, names=names)
+    summary = chain(src, tmp_path, "auto", data, evals, "--max-steps", "80")  # auto: ...ForSequenceClassification
+    assert summary["eval_loss"] < 0.85 * summary["eval_loss_start"], summary
     logits = assert_parity(AutoModelForSequenceClassification, src, tmp_path)
     assert logits.shape == (2, 3)
     manifest = json.loads((tmp_path / "m2" / "ailora-merge.json").read_text())
@@ -274,17 +274,19 @@ def test_recipe_runs_classification_end_to_end(encoder, tmp_path):
     recipe.write_text(text.replace('model = "FacebookAI/roberta-large"', f'model = "{src}"'))
     names = ("negative", "positive")
     data = sst2(tmp_path / "train.jsonl", 96, seed=1, names=names)
-    evals = sst2(tmp_path / "dev.jsonl", 32, seed=2, names=names)
+    evals = sst2(tmp_path / "dev.jsonl", 64, seed=2, names=names)
     cli("decompose", "--config", recipe, "-o", tmp_path / "dec", "--quiet")
     decomposed = json.loads((tmp_path / "dec" / "ailora.json").read_text())
     assert (decomposed["method"], decomposed["rank"], decomposed["svd"]["mode"]) == ("ailora", 8, "exact")
     assert {r for r in decomposed["roles"].values()} == {"principal", "minor"}
+    # a tiny random model needs a larger step and fewer of them than RoBERTa-large on SST-2: flags win over the recipe
     summary = cli("train", "--config", recipe, "--base", tmp_path / "dec" / "residual", "--adapter",
                   tmp_path / "dec" / "adapter", "--data", data, "--eval-data", evals, "-o", tmp_path / "trained",
-                  "--max-steps", "40", "--batch-size", "8", "--warmup", "4", "--json")
+                  "--max-steps", "80", "--batch-size", "8", "--warmup", "4", "--lr", "1e-2", "--json")
     manifest = json.loads((tmp_path / "trained" / "ailora-train.json").read_text())
-    assert manifest["task"]["task"] == "sequence-classification" and manifest["lr"] == 4e-4
-    assert summary["eval_accuracy"] > summary["eval_accuracy_start"]
+    assert manifest["task"]["task"] == "sequence-classification"  # from the recipe, as are these:
+    assert (manifest["scheduler"], manifest["max_length"], manifest["seed"]) == ("linear", 512, 0)
+    assert summary["eval_accuracy"] >= summary["eval_accuracy_start"] + 0.1, summary
     cli("convert", "--trained", tmp_path / "trained", "-o", tmp_path / "lora", "--json")
     cli("merge", src, tmp_path / "lora", "-o", tmp_path / "merged", "--json")
     model = load_merged(AutoModelForSequenceClassification, tmp_path / "merged")
