@@ -7,7 +7,7 @@ and the CLI can start reading and hashing files while torch loads.
 __version__ = "0.1.0"
 
 _EXPORTS = {"AiloraError": "errors", "Checkpoint": "checkpoint", "convert": "conversion", "decompose": "decomposition",
-            "merge": "merging"}
+            "merge": "merging", "get_ailora_model": "peft_init", "spectrum": "spectra", "compare": "comparison"}
 __all__ = [*_EXPORTS, "__version__"]
 
 

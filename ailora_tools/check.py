@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NumericsError
+from .errors import InputNotFoundError, NumericsError
 from .peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from .provenance import RESIDUAL, base_of
 
 #: linear modules vLLM serves LoRA on for Llama-, Mistral- and Qwen2-style models
 VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
@@ -45,6 +46,8 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
     if target not in TARGETS:
         raise ValueError(f"--for {target!r}: choose one of {', '.join(TARGETS)}")
     d = Path(lora)
+    if not d.is_dir():
+        raise InputNotFoundError(f"{d}: no such adapter directory")
     found: list[Finding] = []
     cfg_path = d / CONFIG_NAME
     if not cfg_path.is_file() or not (d / WEIGHTS_NAME).is_file():
@@ -54,17 +57,21 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
     if cfg.get("peft_type") != "LORA":
         found.append(Finding("peft_type", f"peft_type is {cfg.get('peft_type')!r}", "only LoRA adapters are supported"))
         return found
-    if cfg.get("use_dora"):
-        found.append(Finding("dora", "use_dora is true (DoRA)", "merge the DoRA adapter, or train a plain LoRA"))
+    if cfg.get("use_dora") and target != "peft":
+        found.append(Finding("dora", "use_dora is true (DoRA)", "serve a model merged by PEFT (PeftModel.from_pretrained "
+                             "then merge_and_unload() and save_pretrained; `ailora-tools merge` does not apply DoRA's "
+                             "magnitudes), or train a plain LoRA"))
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
         found.append(Finding("bias", f"bias is {cfg.get('bias')!r} / lora_bias {cfg.get('lora_bias')}",
                              'train with bias="none" and lora_bias=False, or merge the adapter'))
     if target == "peft":
-        try:
-            read_adapter(d)
-        except Exception as e:  # noqa: BLE001  (any load failure is the finding)
-            found.append(Finding("load", str(e), "re-save the adapter with PEFT's save_pretrained"))
-        return found
+        return found + _peft_load(d, cfg, base)
+    if base_of(d).offset:
+        found.append(Finding("base", "trained in exact mode: the initial product is not in the adapter",
+                             f"run `ailora-tools convert --trained {d} -o LORA` and serve LORA"))
+    elif base_of(d).kind == RESIDUAL:
+        found.append(Finding("base", "the adapter applies to decompose's residual, not to the original model a server "
+                             "loads", f"run `ailora-tools convert --trained {d} -o LORA` and serve LORA"))
     adapter = read_adapter(d, strict=False)
     modules = sorted({m.rsplit(".", 1)[-1] for m in adapter.factors})
     ranks = {A.shape[0] for A, _ in adapter.factors.values()}
@@ -100,6 +107,41 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
             except Exception as e:  # noqa: BLE001
                 found.append(Finding("architecture", re.sub(r"^export-gguf: ", "", str(e)),
                                      "llama.cpp cannot take this adapter from ailora-tools; merge it instead"))
+    return found
+
+
+def _peft_load(d: Path, cfg: dict, base) -> list[Finding]:
+    """Load the adapter with PEFT onto the base model's architecture, built on the meta device (no weights read)."""
+    import warnings
+
+    import torch
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from .peft_format import model_class
+
+    where = Path(base or cfg.get("base_model_name_or_path") or "")
+    if not (where / "config.json").is_file():
+        return [Finding("base", f"no base model config at {where}", "pass --base DIR (the model the adapter applies to)")]
+    try:
+        config = AutoConfig.from_pretrained(where)
+        with torch.device("meta"):
+            cls = model_class(cfg.get("task_type"), config)
+            model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = PeftModel.from_pretrained(model, str(d), low_cpu_mem_usage=True)
+    except Exception as e:  # noqa: BLE001  (whatever PEFT raises is the finding)
+        return [Finding("load", f"PEFT cannot load it: {' '.join(str(e).split())[:300]}",
+                        "fix the config or weights, or re-save the adapter with PEFT's save_pretrained")]
+    found = [Finding("load", str(w.message)[:300], "the adapter does not fit this base: pass the base it was made for")
+             for w in caught if "missing adapter keys" in str(w.message)]
+    with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+        unused = sorted(set(f.keys()) - set(get_peft_model_state_dict(loaded)))
+    if unused:
+        found.append(Finding("load", f"PEFT ignores {len(unused)} tensor(s) of the adapter, e.g. {unused[0]}",
+                             "the adapter's target_modules or key names do not match this base"))
     return found
 
 

@@ -1,7 +1,12 @@
 """A Hugging Face checkpoint, local or on the Hub, as an index of tensors resolved once.
 
-The index maps each tensor to its shard, dtype, shape and byte range. Hub shards are fetched one at a
-time with huggingface_hub (its cache and offline mode apply), only when `shard_path` asks for one.
+The index maps each tensor to its shard, dtype, shape and byte range. For a Hub id, the non-weight files
+come with one `snapshot_download`; each shard's header is read from the cache or, when the shard is not
+there yet, with HTTP range requests (its first bytes only), so every header is validated before anything
+is written. The shards themselves are downloaded with huggingface_hub (its cache, token and offline mode
+apply) on a background thread, one at a time in the order a run asks for them (`fetch`), so that shard k+1
+downloads while shard k is processed; `shard` waits for one and checks that the file that arrived has the
+header that was validated.
 """
 from __future__ import annotations
 
@@ -10,11 +15,13 @@ import os
 import shutil
 import tempfile
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
-from .errors import FormatError, InputNotFoundError, UnsupportedError
-from .tensorio import ShardHeader, TensorInfo, read_header
+from .errors import FormatError, InputNotFoundError, OptionError, UnsupportedError
+from .tensorio import MAX_HEADER, ShardHeader, TensorInfo, parse_header, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -27,7 +34,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx") + PICKLE
 class Checkpoint:
     """A resolved checkpoint: where it is, its config, its shards and every tensor's location.
 
-    Build it with `Checkpoint.open`. `headers` holds each shard's validated header.
+    Build it with `Checkpoint.open`. `headers` holds each shard's validated header; a Hub shard's file may
+    still have to be downloaded (`fetch`, `ready`, `shard`).
     """
 
     source: str
@@ -39,6 +47,9 @@ class Checkpoint:
     index_file: str | None
     repo_id: str | None = None
     extra_files: list[str] = field(default_factory=list)
+    _download: Callable[[str], Path] | None = field(default=None, repr=False)
+    _pending: dict[str, Future | None] = field(default_factory=dict, repr=False)  # Hub shards not here yet
+    _downloader: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, model: str | os.PathLike, *, revision: str | None = None, allow_pickle: bool = False,
@@ -61,13 +72,16 @@ class Checkpoint:
             >>> ckpt = Checkpoint.open("meta-llama/Llama-3.1-8B")  # doctest: +SKIP
         """
         path = Path(model).expanduser()
+        if path.is_dir() and revision is not None:
+            raise OptionError(f"--revision {revision}: applies to Hub ids only, and {model} is a local directory; "
+                              "check out that revision there, or drop --revision")
         if path.is_dir():
             if allow_pickle and _pickle_only(path):
                 staged = Path(tempfile.mkdtemp(prefix=".ailora-unpickled-", dir=scratch))
-                ckpt = cls._load(str(model), None, _unpickle(path.resolve(), staged), None, lambda name: staged / name)
+                ckpt = cls._load(str(model), None, _unpickle(path.resolve(), staged), None, _local(str(model), staged))
                 weakref.finalize(ckpt, shutil.rmtree, staged, True)
                 return ckpt
-            return cls._load(str(model), None, path.resolve(), None, lambda name: path / name)
+            return cls._load(str(model), None, path.resolve(), None, _local(str(model), path))
         if path.exists():
             raise InputNotFoundError(f"{model}: is a file; pass the model directory that holds it")
         if os.path.isabs(str(model)) or str(model).startswith(".") or str(model).count("/") != 1:
@@ -76,28 +90,40 @@ class Checkpoint:
 
     @classmethod
     def _from_hub(cls, repo_id: str, revision: str | None) -> "Checkpoint":
-        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub import constants, snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
         ignore = [f"*{s}" for s in WEIGHT_SUFFIXES]
         try:
             root = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
         except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as e:
-            raise InputNotFoundError(
-                f"{repo_id}: not found on the Hub or in the local cache ({e.__class__.__name__}); check the id, "
-                "--revision, your token, or unset HF_HUB_OFFLINE"
-            ) from e
+            why = ("HF_HUB_OFFLINE is set, so only the local cache was searched; unset it to download"
+                   if constants.HF_HUB_OFFLINE else f"{_root_cause(e)}; check the id, --revision, your token and network")
+            raise InputNotFoundError(f"{repo_id}: not found on the Hub or in the local cache ({why})") from e
 
-        def fetch(name: str) -> Path:
+        commit = root.name  # the snapshot folder is named by the commit: headers and downloads agree
+
+        def header(name: str) -> tuple[ShardHeader, bool]:
+            if (root / name).is_file():
+                return read_header(root / name, name), False
             try:
-                return Path(hf_hub_download(repo_id, name, revision=revision))
+                head, size = _hub_header(repo_id, commit, name)
+            except (HfHubHTTPError, OSError, KeyError, ValueError) as e:
+                raise InputNotFoundError(f"{repo_id}: shard {name} is not in the local cache and its header could "
+                                         f"not be read from the Hub ({_root_cause(e)}); check your connection and "
+                                         "token" + (", or unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else "")) from e
+            return parse_header(root / name, head, size, name), True
+
+        def download(name: str) -> Path:
+            try:
+                return Path(_hub_download(repo_id, name, commit))
             except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
                 raise InputNotFoundError(f"{repo_id}: shard {name} could not be fetched ({e})") from e
 
-        return cls._load(repo_id, revision, root, repo_id, fetch)
+        return cls._load(repo_id, revision, root, repo_id, header, download)
 
     @classmethod
-    def _load(cls, source, revision, root: Path, repo_id, fetch) -> "Checkpoint":
+    def _load(cls, source, revision, root: Path, repo_id, header, download=None) -> "Checkpoint":
         config_path = root / "config.json"
         if not config_path.is_file():
             raise InputNotFoundError(f"{source}: no config.json; pass a Hugging Face model directory")
@@ -121,14 +147,14 @@ class Checkpoint:
                     )
                 raise InputNotFoundError(f"{source}: no *.safetensors weights in {root}")
             shards, index_file = other, None
-        headers = {}
+        headers, pending = {}, {}
         for name in shards:
-            shard = fetch(name)
-            if not shard.is_file():
-                raise InputNotFoundError(f"{source}: shard {name} named by the index is missing; re-download it")
-            headers[name] = read_header(shard, name)
-        ckpt = cls(source, revision, root, config, shards, headers, index_file, repo_id)
-        ckpt.extra_files = sorted(f for f in files if f != index_file and not f.endswith(WEIGHT_SUFFIXES))
+            headers[name], remote = header(name)
+            if remote:
+                pending[name] = None
+        ckpt = cls(source, revision, root, config, shards, headers, index_file, repo_id, _download=download,
+                   _pending=pending)
+        ckpt.extra_files = _extra_files(root, index_file)
         ckpt._check_index(root / INDEX_NAME if index_file else None)
         return ckpt
 
@@ -153,14 +179,113 @@ class Checkpoint:
         """Every tensor by name."""
         return {n: t for h in self.headers.values() for n, t in h.tensors.items()}
 
-    def files(self) -> list[Path]:
-        """Every file a rewrite reads: the shards, the index and the non-weight files."""
-        paths = [h.path for h in self.headers.values()] + [self.root / f for f in self.extra_files]
-        return paths + ([self.root / self.index_file] if self.index_file else [])
+    def fetch(self, names: list[str]) -> None:
+        """Start downloading the shards among `names` that are not here yet, one at a time in this order, on a
+        background thread (Hub checkpoints; nothing to do for local ones)."""
+        for name in names:
+            if name in self._pending and self._pending[name] is None:
+                if self._downloader is None:
+                    self._downloader = ThreadPoolExecutor(1, thread_name_prefix="download")
+                self._pending[name] = self._downloader.submit(self._download, name)
+
+    def ready(self, name: str) -> bool:
+        """Whether the shard's file is here, so that `shard` returns at once."""
+        future = self._pending.get(name)
+        return name not in self._pending or (future is not None and future.done())
+
+    def shard(self, name: str) -> ShardHeader:
+        """The shard's header, once its file is here: waits for its download (starting it if need be).
+
+        Raises:
+            InputNotFoundError: the download failed.
+            FormatError: the file that arrived does not have the header validated before (changed on the
+                Hub, or a corrupt download); nothing of this shard has been written then.
+        """
+        if name not in self._pending:
+            return self.headers[name]
+        self.fetch([name])
+        path, expected = self._pending[name].result(), self.headers[name]
+        got = read_header(path, name)
+        if (got.raw, got.size) != (expected.raw, expected.size):
+            raise FormatError(f"{path}: the downloaded file ({got.size} bytes) does not have the header checked before "
+                              f"writing ({expected.size} bytes); delete it from the Hugging Face cache and rerun with "
+                              "--resume (the output is incomplete: it has no manifest)")
+        del self._pending[name]
+        self.headers[name] = got
+        return got
+
+    def stop_fetching(self) -> None:
+        """Cancel the downloads not started yet; one under way finishes in the background."""
+        for name, future in self._pending.items():
+            if future is not None and future.cancel():
+                self._pending[name] = None
+        if self._downloader is not None:
+            self._downloader.shutdown(wait=False)
+            self._downloader = None
+
+    def files(self, *, fetch: bool = True) -> dict[str, Path]:
+        """Every file a rewrite reads, by its path relative to the model: shards, index and non-weight files.
+
+        Hub shards not here yet are downloaded first; with `fetch=False` they are left out instead.
+        """
+        if fetch:
+            self.fetch(self.shards)
+        paths = {s: self.shard(s).path for s in self.shards if fetch or self.ready(s)}
+        names = self.extra_files + ([self.index_file] if self.index_file else [])
+        return {**paths, **{name: self.root / name for name in names}}
+
+    @property
+    def name_or_path(self) -> str:
+        """What PEFT's `base_model_name_or_path` should say: the Hub id, or the absolute local directory."""
+        return self.repo_id or str(Path(self.source).expanduser().absolute())
 
     def describe(self) -> dict:
-        """Where the checkpoint came from, for manifests."""
-        return {"model": self.source, "revision": self.revision, "path": str(self.root)}
+        """Where the checkpoint came from, for manifests (local models by absolute path)."""
+        return {"model": self.name_or_path, "revision": self.revision, "path": str(self.root)}
+
+
+def _local(source: str, root: Path):
+    """The header of each shard of a local directory."""
+    def header(name: str) -> tuple[ShardHeader, bool]:
+        if not (root / name).is_file():
+            raise InputNotFoundError(f"{source}: shard {name} named by the index is missing; re-download it")
+        return read_header(root / name, name), False
+    return header
+
+
+def _hub_header(repo_id: str, revision: str, name: str) -> tuple[bytes, int]:
+    """A Hub file's first bytes (length field and JSON header) and its size, by HTTP range requests: one of
+    100 kB, and a second one for a longer header (as huggingface_hub's `parse_safetensors_file_metadata`)."""
+    from huggingface_hub import constants, get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    if constants.is_offline_mode():
+        raise OSError("HF_HUB_OFFLINE is set")
+    url = hf_hub_url(repo_id, name, revision=revision)
+
+    def get(first: int, last: int):
+        try:
+            response = get_session().get(url, headers={**build_hf_headers(), "range": f"bytes={first}-{last}"},
+                                         timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+        except Exception as e:  # the HTTP client's connection and timeout errors are not OSErrors
+            raise OSError(f"{e.__class__.__name__}: {e}") from e
+        hf_raise_for_status(response)
+        return response
+
+    response = get(0, 100_000 - 1)
+    size = int(response.headers["content-range"].rsplit("/", 1)[1])  # "bytes 0-99999/SIZE"
+    head = response.content[:100_000]
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if len(head) < 8 + n <= min(size, 8 + MAX_HEADER):
+        head += get(len(head), 8 + n - 1).content
+    return head[:8 + n], size
+
+
+def _hub_download(repo_id: str, name: str, revision: str) -> str:
+    """Download one file into the huggingface_hub cache; its path in the snapshot folder."""
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id, name, revision=revision)
 
 
 def _shards_from_index(index_path: Path) -> list[str]:
@@ -190,6 +315,27 @@ def _no_duplicates(pairs):
             raise ValueError(f"it names {k!r} twice")
         seen.add(k)
     return dict(pairs)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception of a chain (a connection error under huggingface_hub's own), in one short line."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return f"{e.__class__.__name__}: {' '.join(str(e).split())[:160]}"
+
+
+def _extra_files(root: Path, index_file: str | None) -> list[str]:
+    """Non-weight files to copy beside a rewritten model, subfolders included (sentence-transformers'
+    `1_Pooling/`, say), as relative POSIX paths; hidden files and folders are left out."""
+    found = []
+    for top, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = Path(top).relative_to(root)
+        for name in names:
+            path = (rel / name).as_posix()
+            if not name.startswith(".") and not name.endswith(WEIGHT_SUFFIXES) and path != index_file:
+                found.append(path)
+    return sorted(found)
 
 
 def _pickle_only(root: Path) -> bool:

@@ -12,10 +12,20 @@ import click
 
 from . import __version__
 from .errors import AiloraError
+from .init import METHODS
 
 # Idle OpenMP threads sleep instead of spinning: the SVDs alternate with copy and hash threads, and on few
 # cores spinning threads take their CPU (about 1.4 CPU-s of 7 on the 1.1B benchmark). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _progress(quiet: bool) -> bool:
+    """Progress bars unless --quiet (or --json); --quiet also silences the libraries' own bars and warnings."""
+    from .console import progress_enabled, quiet_libraries
+
+    if quiet:
+        quiet_libraries()
+    return progress_enabled(quiet)
 
 
 def _fail_cleanly(fn):
@@ -24,6 +34,9 @@ def _fail_cleanly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:  # `... | head`: the reader left; the work itself is done and nothing is wrong
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except Exception as e:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
@@ -52,7 +65,7 @@ def _prehash(model: str, revision: str | None) -> None:
     from .hashing import digest_async
 
     try:
-        for path in Checkpoint.open(model, revision=revision).files():
+        for path in Checkpoint.open(model, revision=revision).files(fetch=False).values():  # Hub shards: as they arrive
             digest_async(path)
     except AiloraError:
         pass  # the run itself reports the problem
@@ -68,7 +81,28 @@ def _print_summary(summary: dict, as_json: bool, title: str) -> None:
             click.echo(f"  {k:<22} {v}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Group(click.Group):
+    """Usage errors, like every other error, are one line on stderr with exit code 1."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "ailora-tools"
+            click.echo(f"error: {' '.join(e.format_message().split())} (see `{where} --help`)", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(1)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="ailora-tools")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def main(debug: bool) -> None:
@@ -118,8 +152,8 @@ def _config_option(section: str):
 @_config_option("decompose")
 @click.argument("model", required=False)
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (residual/, adapter/, ailora.json).")
-@click.option("--method", type=click.Choice(["ailora", "pissa", "milora", "lora"]), default="ailora",
-              help="ailora: query principal, value minor; pissa: all principal; milora: all minor; lora: Kaiming A, B=0.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="ailora",
+              help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".")
 @click.option("--rank", type=int, default=16, help="LoRA rank r.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (default: rank, so s = 1).")
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) instead of alpha/r.")
@@ -134,10 +168,19 @@ def _config_option(section: str):
 @click.option("--residual-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="dtype of residual target weights (default: the checkpoint's).")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
+@click.option("--no-residual", is_flag=True,
+              help="Write only the adapter, no residual: train then runs on the ORIGINAL model with s·B0·A0 "
+                   "subtracted inside the adapter, so convert serves exactly what was trained (best for 16-bit "
+                   "checkpoints); takes seconds on any model size.")
+@click.option("--data", type=click.Path(), default=None,
+              help='Calibration JSONL for data-aware methods (lora-da): {"text"}, {"prompt","completion"} or {"messages"}.')
+@click.option("--samples", type=int, default=64, help="Calibration samples: the first N rows of --data.")
+@click.option("--max-length", type=int, default=512, help="Longest calibration sample, in tokens (longer ones are refused).")
 @_rewrite_options
 @_fail_cleanly
 def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed, device,
-              residual_dtype, revision, allow_pickle, overwrite, resume, as_json, quiet):
+              residual_dtype, revision, no_residual, data, samples, max_length, allow_pickle, overwrite, resume, as_json,
+              quiet):
     """Decompose MODEL (local dir or Hub id) into OUT/residual + OUT/adapter, streaming shard by shard."""
     if model is None:
         raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= in --config")
@@ -147,8 +190,8 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
     summary = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora,
                   targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd,
                   niter=niter, oversample=oversample, seed=seed, device=device, residual_dtype=residual_dtype,
-                  revision=revision, allow_pickle=allow_pickle, overwrite=overwrite, resume=resume,
-                  progress=not (quiet or as_json))
+                  revision=revision, allow_pickle=allow_pickle, no_residual=no_residual, data=data, samples=samples,
+                  max_length=max_length, overwrite=overwrite, resume=resume, progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
 
 
@@ -192,13 +235,15 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
     from .merging import merge as run
 
     summary = run(base, adapter, out, dtype=dtype, revision=revision, allow_pickle=allow_pickle, overwrite=overwrite,
-                  resume=resume, progress=not (quiet or as_json))
+                  resume=resume, progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"merged {summary['modules']} modules into {summary['output']}")
 
 
 @main.command()
 @_config_option("train")
-@click.option("--base", required=True, type=click.Path(), help="Frozen base: the residual model directory from decompose.")
+@click.option("--base", required=True, type=click.Path(),
+              help="Frozen base: the residual model directory from decompose, or the ORIGINAL model for an adapter "
+                   "from decompose --no-residual.")
 @click.option("--adapter", required=True, type=click.Path(), help="Initial adapter (OUT/adapter from decompose).")
 @click.option("--data", required=True, type=click.Path(),
               help='Training JSONL. Causal LM: {"text"}, {"prompt","completion"} or {"messages"}; masked LM: {"text"}; '
@@ -219,6 +264,13 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", help="auto: bfloat16 autocast on CUDA, float32 on CPU.")
+@click.option("--tokenizer", default=None, metavar="DIR_OR_HUB_ID", help="Tokenizer directory or Hub id, for a base without tokenizer files (default: the base's).")
+@click.option("--progressive", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Progtuning: K stages of equal steps (one per epoch with --epochs K); stage k updates only the "
+                   "blocks from part k up (lower blocks freeze first), and the backward pass stops there.")
+@click.option("--adapter-base", type=click.Choice(["auto", "residual", "original"]), default="auto",
+              help="auto: as decompose's manifest records. residual: train base + s·B·A. original: train "
+                   "base + s(B·A − B0·A0) on the original model (exact).")
 @click.option("--task", type=click.Choice(["auto", "causal-lm", "masked-lm", "sequence-classification"]), default="auto",
               help="What to train for; auto: what the base was saved for (its config's architectures; a bare encoder: masked-lm).")
 @click.option("--num-labels", type=int, default=None, help="Classes of a new classification head (default: from the labels).")
@@ -227,16 +279,24 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def train(base, adapter, data, out, eval_data, epochs, max_steps, lr, batch_size, grad_accum, max_length, warmup,
-          scheduler, seed, save_every, eval_every, resume, device, dtype, task, num_labels, overwrite, as_json, quiet):
-    """Train the adapter on the frozen residual; only the LoRA factors learn (and a classification head)."""
+          scheduler, seed, save_every, eval_every, resume, device, dtype, tokenizer, progressive, adapter_base,
+          task, num_labels, overwrite, as_json, quiet):
+    """Train the adapter on its frozen base (the residual, or the original model for --no-residual adapters);
+    only the LoRA factors learn (and a classification head)."""
     from .train import train as run
 
     summary = run(base, adapter, data, out, eval_data=eval_data, epochs=epochs, max_steps=max_steps, lr=lr,
                   batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
                   scheduler=scheduler, seed=seed, save_every=save_every, eval_every=eval_every, resume=resume,
-                  device=device, dtype=dtype, task=task, num_labels=num_labels, overwrite=overwrite,
-                  progress=not (quiet or as_json))
+                  device=device, dtype=dtype, tokenizer=tokenizer, progressive=progressive,
+                  adapter_base=adapter_base, task=task, num_labels=num_labels, overwrite=overwrite,
+                  progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"trained {summary['steps']} steps into {summary['output']}")
+    if "progressive" in summary and not as_json:
+        for s in summary["progressive"]["stages"]:
+            click.echo(f"  stage {s['stage']}: blocks {s['blocks'][0]}-{s['blocks'][1]}, steps {s['steps'][0]}-"
+                       f"{s['steps'][1]}, {s['tokens_per_s']} tokens/s")
+        click.echo(f"  updated parameter-steps: {summary['progressive']['updated_parameter_fraction']:.1%} of plain training")
 
 
 @main.command()
@@ -248,7 +308,7 @@ def demo(out, steps, quiet):
     """Run decompose → train → convert → merge on a built-in tiny model and check that all agree."""
     from .demo import demo as run
 
-    rows = run(out, steps=steps, progress=not quiet)
+    rows = run(out, steps=steps, progress=_progress(quiet))
     width = max(len(r["step"]) for r in rows)
     click.echo(f"\n{'step':<{width}}  {'seconds':>7}  {'check':<48}  output")
     for r in rows:
@@ -301,16 +361,24 @@ def export_gguf(lora, base, out, outtype, overwrite, as_json):
 @click.argument("lora", type=click.Path())
 @click.option("--for", "target", type=click.Choice(["vllm", "llama.cpp", "peft"]), default="vllm", help="Where the adapter will be loaded.")
 @click.option("--max-lora-rank", type=int, default=16, help="The vLLM server's --max-lora-rank.")
-@click.option("--base", type=click.Path(), default=None, help="Base model directory (needed --for llama.cpp).")
+@click.option("--base", type=click.Path(), default=None, help="Base model directory (needed --for llama.cpp; --for peft: default base_model_name_or_path).")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @_fail_cleanly
-def check(lora, target, max_lora_rank, base):
-    """Report every rule LORA breaks for vLLM, llama.cpp or PEFT, with what to do; exit 0 only if it passes."""
+def check(lora, target, max_lora_rank, base, as_json):
+    """Report every rule LORA breaks for vLLM, llama.cpp or PEFT, with what to do; exit 0 only if it passes.
+    --for peft really loads the adapter with PEFT onto the base's architecture (no weights read)."""
+    from dataclasses import asdict
+
     from .check import check_adapter
 
     findings = check_adapter(lora, target=target, max_lora_rank=max_lora_rank, base=base)
-    for f in findings:
-        click.echo(f"fail {f}")
-    click.echo(f"{lora}: {'passes' if not findings else f'{len(findings)} problem(s)'} for {target}")
+    if as_json:
+        click.echo(json.dumps({"adapter": str(lora), "for": target, "passes": not findings,
+                               "findings": [asdict(f) for f in findings]}, indent=2))
+    else:
+        for f in findings:
+            click.echo(f"fail {f}")
+        click.echo(f"{lora}: {'passes' if not findings else f'{len(findings)} problem(s)'} for {target}")
     sys.exit(1 if findings else 0)
 
 
@@ -321,13 +389,17 @@ def check(lora, target, max_lora_rank, base):
 @click.option("--revision", default=None, help="Branch to upload to.")
 @click.option("--commit-message", default=None, help="Commit message.")
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded, with sizes, and the model card; upload nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_fail_cleanly
-def push(directory, repo_id, private, revision, commit_message, dry_run):
+def push(directory, repo_id, private, revision, commit_message, dry_run, as_json):
     """Upload DIRECTORY to the Hub (token from HF_TOKEN or the HF cache; never printed), with a model card."""
     from .hub import push as run
 
     summary = run(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
                   dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
     for f in summary["files"]:
         click.echo(f"{f['bytes']:>12,}  {f['path']}")
     if dry_run:
@@ -335,6 +407,98 @@ def push(directory, repo_id, private, revision, commit_message, dry_run):
         click.echo(f"dry run: nothing uploaded to {repo_id}")
     else:
         click.echo(f"uploaded to {summary['url']}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (spectrum.json, spectra.safetensors, PNG plots).")
+@click.option("--targets", default="q_proj,v_proj", help="Comma-separated module-name suffixes; aliases such as BERT's query/value are resolved.")
+@click.option("--rank", type=int, default=16, help="r: energy in the top-r and bottom-r directions, σ at their edges.")
+@click.option("--adapter", type=click.Path(), default=None, help="A trained adapter: adds ‖ΔW‖_F per layer.")
+@click.option("--initial", type=click.Path(), default=None, help="Its initial adapter (default: the one its ailora-train.json names; none: ΔW = s·BA).")
+@click.option("--plot-layers", type=int, default=4, help="Layers shown in spectra.png (evenly spaced).")
+@click.option("--device", default="auto", help="Where the eigenvalues are computed: auto, cpu, cuda, cuda:N.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
+@click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, revision, allow_pickle, overwrite,
+             as_json, quiet):
+    """Singular-value spectra of MODEL's target matrices per layer (W^Q vs W^V), streamed one matrix at a time;
+    with --adapter, the size of the trained update per layer."""
+    from .spectra import spectrum as run
+
+    summary = run(model, out, targets=[t.strip() for t in targets.split(",") if t.strip()], rank=rank,
+                  adapter=adapter, initial=initial, plot_layers=plot_layers, device=device, revision=revision,
+                  allow_pickle=allow_pickle, overwrite=overwrite, progress=not (quiet or as_json))
+    _print_summary(summary, as_json, f"spectra of {summary['modules']} modules in {summary['output']}")
+    if not as_json:
+        width = max(len(r["module"]) for r in summary["rows"])
+        click.echo(f"\n{'module':<{width}}  {'σ_max':>9}  {'top-r':>7}  {'bottom-r':>9}  {'‖ΔW‖_F':>9}")
+        for r in summary["rows"]:
+            delta = "" if r["delta_fro"] is None else f"{r['delta_fro']:.4g}"
+            click.echo(f"{r['module']:<{width}}  {r['sigma_max']:>9.4g}  {r['energy_top']:>7.2%}  "
+                       f"{r['energy_bottom']:>9.3%}  {delta:>9}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(), help="Training JSONL (as for train).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory: one subdirectory per run, compare.md/json, loss plots.")
+@click.option("--eval-data", type=click.Path(), default=None, help="Evaluation JSONL (eval loss curve and final eval loss).")
+@click.option("--methods", default=None, help="Comma-separated init methods [default: lora,pissa,milora,ailora, and lora-da when available].")
+@click.option("--progressive", type=int, default=None, help="K: also run every method with progressive training (train --progressive K).")
+@click.option("--target-loss", type=float, default=None, help="Loss for 'steps to reach' [default: the highest final loss among the runs].")
+@click.option("--smooth", type=int, default=10, help="Training losses are a trailing mean over this many steps.")
+@click.option("--rank", type=int, default=16, help="LoRA rank r.")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: rank).")
+@click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r).")
+@click.option("--targets", default="q_proj,v_proj", help="Comma-separated module-name suffixes.")
+@click.option("--role", "roles", multiple=True, callback=_roles, help="NAME=principal|minor, repeatable; overrides the method's roles.")
+@click.option("--svd", type=click.Choice(["exact", "randomized"]), default="randomized", help="Principal components: exact or seeded randomized.")
+@click.option("--niter", type=int, default=4, help="Randomized SVD power iterations.")
+@click.option("--oversample", type=int, default=8, help="Randomized SVD oversampling.")
+@click.option("--seed", type=int, default=0, help="Seed for the SVDs, the Kaiming init, the data order and training.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N (SVDs and training).")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps per run.")
+@click.option("--epochs", type=int, default=1, help="Passes over the data (ignored when --max-steps is given).")
+@click.option("--lr", type=float, default=2e-4, help="Peak learning rate (AdamW).")
+@click.option("--batch-size", type=int, default=4, help="Examples per micro-batch.")
+@click.option("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
+@click.option("--max-length", type=int, default=512, help="Tokens per example (longer ones are cut).")
+@click.option("--warmup", type=int, default=0, help="Warm-up steps.")
+@click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", help="Learning-rate schedule after warm-up.")
+@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps [default: a tenth of --max-steps].")
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps, so an interrupted run resumes from there.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", help="auto: bfloat16 autocast on CUDA, float32 on CPU.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
+@click.option("--resume", is_flag=True, help="Finish an interrupted comparison: finished runs are kept, the interrupted one continues.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_fail_cleanly
+def compare(model, data, out, eval_data, methods, progressive, target_loss, smooth, rank, alpha, rslora, targets, roles,
+            svd, niter, oversample, seed, device, max_steps, epochs, lr, batch_size, grad_accum, max_length, warmup,
+            scheduler, eval_every, save_every, dtype, revision, resume, overwrite, as_json, quiet):
+    """Compare init methods on MODEL with the same data, steps and seed (decompose + train per method): a table of
+    losses, steps to a target loss, time and trainable parameters, and loss-curve plots."""
+    from .comparison import compare as run
+
+    summary = run(model, data, out, eval_data=eval_data, progressive=progressive, target_loss=target_loss,
+                  methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
+                  smooth=smooth, rank=rank, alpha=alpha, rslora=rslora,
+                  targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd, niter=niter,
+                  oversample=oversample, seed=seed, device=device, max_steps=max_steps, epochs=epochs, lr=lr,
+                  batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
+                  scheduler=scheduler, eval_every=eval_every, save_every=save_every, dtype=dtype, revision=revision,
+                  resume=resume, overwrite=overwrite, progress=not (quiet or as_json))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(open(summary["report"], encoding="utf-8").read())
+        click.echo(f"written to {summary['output']}")
 
 
 def exit_now(code: int) -> NoReturn:

@@ -23,12 +23,12 @@ from .check import check_adapter, vllm_max_lora_rank
 from .errors import AiloraError, FormatError, InputNotFoundError, NumericsError
 from .hashing import file_digest
 from .model_names import match
+from .options import at_least, choice
 from .output import OutputDir
 from .peft_format import Adapter, lora_config, read_adapter, write_adapter
+from .provenance import CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST
 from .tensorio import DTYPE_FLAGS, torch_dtype
 
-TRAIN_MANIFEST = "ailora-train.json"
-CONVERT_MANIFEST = "ailora-convert.json"
 
 
 def initial_adapter_of(trained: Path) -> Path:
@@ -41,7 +41,7 @@ def initial_adapter_of(trained: Path) -> Path:
 
 def original_base_of(initial: Path) -> str | None:
     """The original model an initial adapter was decomposed from (its decompose manifest's source)."""
-    manifest = Path(initial).parent / "ailora.json"
+    manifest = Path(initial).parent / DECOMPOSE_MANIFEST
     if manifest.is_file():
         return json.loads(manifest.read_text()).get("source", {}).get("model")
     return None
@@ -76,8 +76,11 @@ def delta_factors(initial: Adapter, trained: Adapter, *, prefix: str | None = No
             raise FormatError(f"{m}: trained factors {tuple(A.shape)}/{tuple(B.shape)} do not match the initial "
                               f"{tuple(A0.shape)}/{tuple(B0.shape)}; pass the initial adapter this training started from")
         s, s0 = trained.scale(m), initial.scale(m)
-        B_cat = torch.cat([B.double() * (s / s_common), -B0.double() * (s0 / s_common)], dim=1)
-        out[m] = (B_cat, torch.cat([A.double(), A0.double()], dim=0))
+        if not B0.any():  # plain LoRA starts at B0 = 0: ΔW = s·B·A, rank r
+            out[m] = (B.double() * (s / s_common), A.double())
+        else:
+            B_cat = torch.cat([B.double() * (s / s_common), -B0.double() * (s0 / s_common)], dim=1)
+            out[m] = (B_cat, torch.cat([A.double(), A0.double()], dim=0))
         unchanged[m] = torch.equal(A, A0) and torch.equal(B, B0) and s == s0
     return out, s_common, unchanged
 
@@ -126,6 +129,9 @@ def convert(
     Example:
         >>> convert("trained", "lora", initial="out/adapter", max_rank=32)  # doctest: +SKIP
     """
+    at_least("--max-rank", max_rank, 1)
+    at_least("--tolerance", tolerance, 0)
+    choice("--dtype", dtype, DTYPE_FLAGS)
     trained = Path(trained)
     initial = Path(initial) if initial is not None else initial_adapter_of(trained)
     init_ad, tr_ad, task = read_adapter(initial), read_adapter(trained), task_record(trained)
@@ -153,7 +159,7 @@ def convert(
     rslora = bool(c.get("use_rslora"))
     config = lora_config(rank=rank, alpha=scale * (math.sqrt(rank) if rslora else rank),
                          targets=[m.rsplit(".", 1)[-1] for m in factors], rslora=rslora,
-                         base=base or original_base_of(initial) or c.get("base_model_name_or_path"),
+                         base=_name_or_path(base or original_base_of(initial) or c.get("base_model_name_or_path")),
                          task_type=c.get("task_type"), fan_in_fan_out=bool(c.get("fan_in_fan_out")),
                          modules_to_save=c.get("modules_to_save"))
     summary = {
@@ -170,3 +176,8 @@ def convert(
         od.write_manifest(CONVERT_MANIFEST, {**summary, "task": task,
                                              "files": {"output": {p.name: file_digest(p) for p in written}}})
     return summary
+
+
+def _name_or_path(base: str | None) -> str | None:
+    """A local directory as an absolute path (PEFT resolves relative ones from the caller's directory), else as is."""
+    return str(Path(base).expanduser().absolute()) if base and Path(base).expanduser().is_dir() else base

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 from .errors import FormatError, InputNotFoundError
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 MASK_PROBABILITY = 0.15
@@ -58,14 +59,51 @@ class LabeledExample:
     label: int
 
 
-def load_jsonl(path: str | Path, tokenizer, *, max_length: int) -> list[Example]:
-    """Read and tokenize a causal-LM JSONL file.
+def check_rows(path: str | Path, *, flag: str = "--data", task: str = "causal-lm") -> int:
+    """Check a JSONL file's shape without a tokenizer, so bad data fails in a second, before any model loads:
+    every line an object of one of the causal-LM shapes, {"text"} for masked-lm, or a labeled row (one label
+    type in the file) for sequence-classification. Returns the number of rows.
 
     Raises:
-        InputNotFoundError: no such file. FormatError: a bad line, naming its line number.
+        InputNotFoundError: no such file. FormatError: a bad line, naming its line number; no rows.
     """
-    examples = _read(path, lambda line, row: _example(row, tokenizer))
-    return [Example(ex.input_ids[:max_length], ex.labels[:max_length]) for ex in examples]
+    if task == "sequence-classification":
+        return len(read_labeled_jsonl(path, flag=flag))
+    n = 0
+    for lineno, row in _rows(path, flag):
+        (_masked_shape if task == "masked-lm" else _shape)(row, path, lineno)
+        n += 1
+    if not n:
+        raise FormatError(f"{flag} {path}: no examples (the file is empty)")
+    return n
+
+
+def load_jsonl(path: str | Path, tokenizer, *, max_length: int, limit: int | None = None) -> list[Example]:
+    """Read and tokenize a JSONL file (its first `limit` rows when given); every example must keep at least
+    one loss token after `max_length`.
+
+    Raises:
+        InputNotFoundError: no such file. FormatError: a bad line, or one with no token to learn from (an
+            empty text, no assistant turn, a prompt as long as --max-length), naming its line number.
+    """
+    examples = []
+    for lineno, row in _rows(path, "--data"):
+        _shape(row, path, lineno)
+        try:
+            ex = _example(row, tokenizer)
+        except (TypeError, KeyError, ValueError) as e:
+            raise FormatError(f"{path}:{lineno}: {e}") from e
+        kept = Example(ex.input_ids[:max_length], ex.labels[:max_length])
+        if not any(label != IGNORE for label in kept.labels[1:]):  # the first token is never predicted
+            why = (f"its loss tokens start after --max-length {max_length}; raise it or shorten the prompt"
+                   if any(label != IGNORE for label in ex.labels[1:]) else _no_loss_reason(row))
+            raise FormatError(f"{path}:{lineno}: no token carries loss ({why}); fix or remove the line")
+        examples.append(kept)
+        if limit is not None and len(examples) == limit:
+            break
+    if not examples:
+        raise FormatError(f"{path}: no examples")
+    return examples
 
 
 def load_masked_jsonl(path: str | Path, tokenizer, *, max_length: int, seed: int) -> list[Example]:
@@ -74,11 +112,13 @@ def load_masked_jsonl(path: str | Path, tokenizer, *, max_length: int, seed: int
     Raises:
         InputNotFoundError: no such file. FormatError: a bad line, naming its line number.
     """
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     return _read(path, lambda line, row: _masked(row, tokenizer, gen, max_length))
 
 
-def read_labeled_jsonl(path: str | Path) -> list[LabeledRow]:
+def read_labeled_jsonl(path: str | Path, *, flag: str = "--data") -> list[LabeledRow]:
     """Read and validate sequence-classification rows (no tokenizer needed, so before any model loads).
 
     Raises:
@@ -110,7 +150,7 @@ def read_labeled_jsonl(path: str | Path) -> list[LabeledRow]:
         first[:] = first or [parsed]
         return parsed
 
-    return _read(path, parse)
+    return _read(path, parse, flag)
 
 
 def _kind(label) -> str:
@@ -126,40 +166,62 @@ def tokenize_labeled(rows: list[LabeledRow], tokenizer, ids: dict, *, max_length
     return out
 
 
-def _read(path: str | Path, parse: Callable[[int, object], T]) -> list[T]:
+def _read(path: str | Path, parse: Callable[[int, object], T], flag: str = "--data") -> list[T]:
     """parse(line number, JSON value) for each non-blank line; errors become one line naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"{path}: no such data file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(parse(lineno, json.loads(line)))
-            except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
-                raise FormatError(f"{path}:{lineno}: {e}") from e
+    for lineno, row in _rows(path, flag):
+        try:
+            out.append(parse(lineno, row))
+        except (TypeError, KeyError, ValueError) as e:
+            raise FormatError(f"{path}:{lineno}: {e}") from e
     if not out:
-        raise FormatError(f"{path}: no examples")
+        raise FormatError(f"{flag} {path}: no examples (the file is empty)")
     return out
 
 
-def _example(row, tok) -> Example:
+def _rows(path: str | Path, flag: str) -> Iterator[tuple[int, object]]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{flag} {path}: no such data file")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise FormatError(f"{path}:{lineno}: not JSON ({e})") from e
+
+
+def _shape(row, path, lineno) -> None:
     if not isinstance(row, dict):
-        raise ValueError("each line must be a JSON object")
+        raise FormatError(f"{path}:{lineno}: each line must be a JSON object")
     if "label" in row:
-        raise ValueError('rows with "label" are for --task sequence-classification')
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    if "text" in row:
-        ids = _encode(tok, _str(row, "text")) + eos
-        return Example(ids, list(ids))
-    if "prompt" in row or "completion" in row:
-        p, c = _encode(tok, _str(row, "prompt")), _encode(tok, _str(row, "completion")) + eos
-        return Example(p + c, [IGNORE] * len(p) + c)
-    if "messages" in row:
-        return _chat(row["messages"], tok)
-    raise ValueError('expected "text", "prompt" + "completion", or "messages"')
+        raise FormatError(f'{path}:{lineno}: rows with "label" are for --task sequence-classification')
+    keys = [k for k in ("text", "prompt", "completion") if k in row]
+    if "messages" not in row and not keys or ("prompt" in row) != ("completion" in row) and "text" not in row:
+        raise FormatError(f'{path}:{lineno}: expected "text", "prompt" + "completion", or "messages"')
+    for k in keys:
+        if not isinstance(row[k], str):
+            raise FormatError(f'{path}:{lineno}: "{k}" must be a string')
+    if "messages" in row and not keys:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise FormatError(f'{path}:{lineno}: "messages" must be a list of {{"role", "content"}} objects')
+
+
+def _masked_shape(row, path, lineno) -> None:
+    try:
+        _masked_row(row)
+    except ValueError as e:
+        raise FormatError(f"{path}:{lineno}: {e}") from e
+
+
+def _masked_row(row) -> str:
+    """The text of a masked-LM row; ValueError for any other shape."""
+    if not isinstance(row, dict) or set(row) != {"text"}:
+        raise ValueError('masked-LM rows are {"text"} only' + (' (rows with "label" are for --task '
+                         'sequence-classification)' if isinstance(row, dict) and "label" in row else ""))
+    return _str(row, "text")
 
 
 def _str(row: dict, key: str) -> str:
@@ -168,11 +230,29 @@ def _str(row: dict, key: str) -> str:
     return row[key]
 
 
-def _masked(row, tok, gen: torch.Generator, max_length: int) -> Example:
-    if not isinstance(row, dict) or set(row) != {"text"}:
-        raise ValueError('masked-LM rows are {"text"} only' + (' (rows with "label" are for --task '
-                         'sequence-classification)' if isinstance(row, dict) and "label" in row else ""))
-    ids = tok(_str(row, "text"), truncation=True, max_length=max_length)["input_ids"]
+def _no_loss_reason(row: dict) -> str:
+    if "messages" in row:
+        return "no assistant turn"
+    if "text" in row:
+        return "empty text"
+    return "empty completion"
+
+
+def _example(row: dict, tok) -> Example:
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if "text" in row:
+        ids = _encode(tok, row["text"]) + eos
+        return Example(ids, list(ids))
+    if "prompt" in row or "completion" in row:
+        p, c = _encode(tok, row.get("prompt", "")), _encode(tok, row.get("completion", "")) + eos
+        return Example(p + c, [IGNORE] * len(p) + c)
+    return _chat(row["messages"], tok)
+
+
+def _masked(row, tok, gen: "torch.Generator", max_length: int) -> Example:
+    import torch
+
+    ids = tok(_masked_row(row), truncation=True, max_length=max_length)["input_ids"]
     special = tok.get_special_tokens_mask(ids, already_has_special_tokens=True)
     candidates = [i for i, s in enumerate(special) if not s]
     if not candidates:
@@ -194,10 +274,7 @@ def _encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _chat(messages, tok) -> Example:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                 for m in messages):
-        raise ValueError('"messages" must be a list of {"role", "content"} objects')
+def _chat(messages: list[dict], tok) -> Example:
     if not getattr(tok, "chat_template", None):
         raise ValueError('"messages" needs a tokenizer with a chat template; use "prompt"/"completion" instead')
     render = lambda msgs, gen: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
@@ -211,8 +288,10 @@ def _chat(messages, tok) -> Example:
     return Example(ids, labels)
 
 
-def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: list[Example], pad_id: int) -> dict[str, "torch.Tensor"]:
     """Right-pad a batch; padding gets attention 0 and no loss."""
+    import torch
+
     n = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
@@ -224,8 +303,10 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def collate_labeled(batch: list[LabeledExample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_labeled(batch: list[LabeledExample], pad_id: int) -> dict[str, "torch.Tensor"]:
     """Right-pad a classification batch; labels are one class id per example."""
+    import torch
+
     out = collate([Example(e.input_ids, e.input_ids) for e in batch], pad_id)
     out["labels"] = torch.tensor([e.label for e in batch], dtype=torch.long)
     if batch[0].token_type_ids is not None:

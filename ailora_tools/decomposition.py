@@ -1,28 +1,31 @@
 """Stream a checkpoint into a residual base plus an initial adapter (AILoRA, PiSSA, MiLoRA, LoRA).
 
-Everything is validated before anything is written. Each target W is then read alone and replaced in the
-copied shard by its residual (`residual.residual_target`). This module loads torch only when the first
-target is read: by then the first shards are being copied and hashed, so the 1.2 s torch import overlaps
-with I/O instead of preceding it.
+One way through: plan the jobs (every target matrix with its role, validated before anything is written),
+compute each job's factors and residual with its init method (`ailora_tools.init`), write. The rewrite
+engine (`rewrite.rewrite_checkpoint`) copies every shard and puts each residual in its target's byte range,
+journaling each finished shard with its records for `--resume`. This module loads torch only when the first
+target is read: by then the first shards are being copied and hashed, so the torch import overlaps with I/O.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .errors import NumericsError, TargetError, UnsupportedError
-from .methods import METHODS, kaiming_factors, lora_scale
+from .errors import NumericsError, OptionError, UnsupportedError
+from .init import InitMethod, Job, Settings, get_method, lora_scale
+from .options import at_least, choice, positive
 from .output import OutputDir
-from .rewrite import Hashes, rewrite_checkpoint
+from .rewrite import Hashes, Replaced, rewrite_checkpoint
 from .targets import architecture, assign_roles, is_transposed, linear_modules
-from .tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo
+from .provenance import DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, sample, stored_sample
+from .tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor, tensor_bytes
 
-MANIFEST_NAME = "ailora.json"
-RESIDUAL_DIR, ADAPTER_DIR, WORK_DIR = "residual", "adapter", ".work"
+MANIFEST_NAME = DECOMPOSE_MANIFEST
+RESIDUAL_DIR, ADAPTER_DIR = "residual", "adapter"
+SVD_MODES = ("exact", "randomized")
 
 
 def decompose(
@@ -30,22 +33,32 @@ def decompose(
     alpha: float | None = None, rslora: bool = False, targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
     roles: dict[str, str] | None = None, svd: str = "randomized", niter: int = 4, oversample: int = 8,
     seed: int = 0, device: str = "auto", residual_dtype: str | None = None, revision: str | None = None,
-    allow_pickle: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
+    allow_pickle: bool = False, no_residual: bool = False, data: str | os.PathLike | None = None,
+    samples: int = 64, max_length: int = 512, overwrite: bool = False, resume: bool = False, progress: bool = True,
 ) -> dict:
     """Write OUT/residual (HF model dir), OUT/adapter (PEFT LoRA) and, last, OUT/ailora.json.
+
+    Host memory above the caller's baseline: at most 64 MiB + 16 × the largest target in float32, whatever
+    the checkpoint size. On CUDA, add a fixed cost for the CUDA context and its kernels (about 0.8–0.9 GB
+    on an H100 with torch 2.11 + CUDA 13), paid once per process and not growing with the checkpoint.
 
     Args:
         model: local model directory or Hub repo id.
         out: output directory; must be empty unless `overwrite` or `resume`.
-        method: "ailora" (query principal, value minor), "pissa", "milora" or "lora".
-        rank, alpha, rslora: LoRA rank, alpha (default: rank) and rsLoRA scaling.
+        method: a registered init method (`ailora_tools.init.METHODS`): "ailora" (query principal, value
+            minor), "pissa", "milora" or "lora".
+        rank, alpha, rslora: LoRA rank (≥ 1), alpha (> 0; default: rank) and rsLoRA scaling.
         targets: module-name suffixes (architecture aliases such as BERT's query/value resolved).
         roles: suffix -> "principal" | "minor", overriding the method's roles.
         svd: "exact" or "randomized" (principal components only; minor ones are always exact).
-        niter, oversample, seed: randomized SVD settings; every module's draw is seeded by (seed, name).
+        niter, oversample, seed: randomized SVD settings (≥ 0); every module's draw is seeded by (seed, name).
         device: "auto", "cpu", "cuda" or "cuda:N" for the SVDs.
         residual_dtype: "float32", "float16" or "bfloat16" for the residual targets (default: as stored).
-        revision: Hub revision. allow_pickle: accept .bin/.pt weights (see `Checkpoint.open`).
+        revision: Hub revision (Hub ids only). allow_pickle: accept .bin/.pt weights (see `Checkpoint.open`).
+        no_residual: write only OUT/adapter and the manifest, for training on the ORIGINAL weights with
+            s·B0·A0 subtracted inside the adapter (`initial_offset`); the manifest's `adapter_base` says which.
+        data, samples, max_length: calibration JSONL (train's shapes), how many of its first rows to use and
+            their token limit, for methods that need data (lora-da).
         overwrite, resume: see `OutputDir`. progress: show a tqdm bar.
 
     Returns:
@@ -58,69 +71,94 @@ def decompose(
         >>> decompose("Qwen/Qwen2.5-0.5B", "out", rank=16)  # doctest: +SKIP
     """
     started = time.perf_counter()
-    if method not in METHODS:
-        raise TargetError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if svd not in ("exact", "randomized"):
-        raise TargetError(f"--svd {svd!r}: choose exact or randomized")
-    if residual_dtype is not None and residual_dtype not in DTYPE_FLAGS:
-        raise UnsupportedError(f"--residual-dtype {residual_dtype!r}: choose one of {', '.join(DTYPE_FLAGS)}")
-    if rank < 1:
-        raise NumericsError(f"--rank {rank}: must be at least 1")
+    init = get_method(method)
+    choice("--svd", svd, SVD_MODES)
+    choice("--residual-dtype", residual_dtype, DTYPE_FLAGS)
+    at_least("--rank", rank, 1)
+    positive("--alpha", alpha)
+    at_least("--niter", niter, 0)
+    at_least("--oversample", oversample, 0)
+    at_least("--samples", samples, 1)
+    at_least("--max-length", max_length, 2)
+    if init.needs_data and data is None:
+        raise OptionError(f"--method {method}: needs calibration samples; pass --data FILE.jsonl")
+    if data is not None and not init.needs_data:
+        raise OptionError(f"--data: --method {method} does not use data (only lora-da does); drop --data")
+    if data is not None:
+        from .data import check_rows
+
+        check_rows(data, flag="--data")
+    if no_residual and residual_dtype is not None:
+        raise OptionError("--residual-dtype: --no-residual writes no residual; drop one of the two")
     alpha = float(rank if alpha is None else alpha)
     if device not in ("auto", "cpu"):  # a CUDA device is checked now (this loads torch); auto and cpu cannot fail
         from .svd import resolve_device
 
         resolve_device(device)
     ckpt = Checkpoint.open(model, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
-    arch = architecture(ckpt.config)
-    weights = linear_modules(ckpt.tensors)
-    roles = assign_roles(METHODS[method], list(targets), list(weights), arch, dict(roles or {}))
-    for m in roles:
-        _check_target(weights[m], rank)
-    scale = lora_scale(rank, alpha, rslora)
+    jobs = plan(ckpt, init, targets, roles or {}, rank)
+    params = Settings(rank, lora_scale(rank, alpha, rslora), svd, niter, oversample, seed)
     settings = {
-        "tool": __version__, "method": method, "rank": rank, "alpha": alpha, "rslora": rslora, "scale": scale,
-        "targets": list(targets), "roles": roles,
+        "tool": __version__, "method": method, "rank": rank, "alpha": alpha, "rslora": rslora, "scale": params.scale,
+        "targets": list(targets), "roles": {j.module: j.role for j in jobs},
         "svd": {"mode": svd, "niter": niter, "oversample": oversample, "seed": seed, "device": device},
         "residual_dtype": residual_dtype, "source": ckpt.describe(),
+        "adapter_base": RESIDUAL if init.offsets_base and not no_residual else ORIGINAL,
     }
-    hashes = Hashes()
-    with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
-        if METHODS[method] is None:  # plain LoRA: no residual, but the manifest still names the source
-            stats = {}
-            for p in ckpt.files():
-                hashes.add("source", p.name, p)
-            from .svd import generator_for
+    if data is not None:
+        from .hashing import file_digest
 
-            factors = {m: kaiming_factors(_shape(weights[m], m, arch), rank, generator_for(seed, m, "cpu")) for m in roles}
-        else:
-            stats, factors = _residual(ckpt, od, hashes, roles, weights, arch, settings,
-                                       DTYPE_FLAGS.get(residual_dtype), progress)
+        settings["data"] = {"path": str(Path(data).absolute()), "digest": file_digest(data), "samples": samples,
+                            "max_length": max_length}
+    hashes = Hashes()
+    # before the output is claimed: data-aware methods calibrate here, and fail here on data or architecture
+    context = init.prepare(ckpt, jobs, params, data=data, samples=samples, max_length=max_length, device=device,
+                           progress=progress)
+    with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
+        if settings["adapter_base"] == RESIDUAL:
+            results, ran_on = _residual(ckpt, od, hashes, jobs, init, params, context, device,
+                                        DTYPE_FLAGS.get(residual_dtype), progress)
+            base = str(od.path / RESIDUAL_DIR)
+        else:  # the base stays as it is: only the factors, but the manifest still names the source
+            for name, p in ckpt.files().items():
+                hashes.add("source", name, p)
+            results, ran_on = _factors_only(ckpt, jobs, init, params, context, device, progress)
+            base = ckpt.name_or_path
         from .peft_format import lora_config, task_type, write_adapter
 
-        base = ckpt.source if METHODS[method] is None else str(od.path / RESIDUAL_DIR)
-        config = lora_config(rank=rank, alpha=alpha, targets=[m.rsplit(".", 1)[-1] for m in roles], rslora=rslora,
-                             base=base, task_type=task_type(ckpt.config),
-                             fan_in_fan_out=any(is_transposed(m, arch) for m in roles))
-        for p in write_adapter(od.path / ADAPTER_DIR, config, factors):
+        config = lora_config(rank=rank, alpha=alpha, targets=[j.module.rsplit(".", 1)[-1] for j in jobs],
+                             rslora=rslora, base=base, task_type=task_type(ckpt.config),
+                             fan_in_fan_out=any(j.transposed for j in jobs))
+        for p in write_adapter(od.path / ADAPTER_DIR, config, {m: factors for m, (factors, _) in results.items()}):
             hashes.add("output", f"{ADAPTER_DIR}/{p.name}", p)
+        stats = {m: s for m, (_, s) in results.items()}
         summary = {
-            **{k: v for k, v in settings.items() if k != "roles"},
-            "output": str(od.path), "residual": str(od.path / RESIDUAL_DIR) if stats else None,
-            "adapter": str(od.path / ADAPTER_DIR), "modules": len(roles),
-            "worst_recon_rel_fro": max((s["recon_rel_fro"] for s in stats.values()), default=0.0),
-            "worst_recon_max_abs": max((s["recon_max_abs"] for s in stats.values()), default=0.0),
+            **{k: v for k, v in settings.items() if k != "roles"}, "output": str(od.path),
+            "residual": base if settings["adapter_base"] == RESIDUAL else None, "adapter": str(od.path / ADAPTER_DIR), "modules": len(jobs),
+            "worst_recon_rel_fro": max((s.get("recon_rel_fro", 0.0) for s in stats.values()), default=0.0),
+            "worst_recon_max_abs": max((s.get("recon_max_abs", 0.0) for s in stats.values()), default=0.0),
         }
-        manifest = {**settings, "files": hashes.result(),
-                    "modules": {m: stats.get(m, {"role": r}) for m, r in sorted(roles.items())}}
-        od.write_manifest(MANIFEST_NAME, manifest)
-        shutil.rmtree(od.path / WORK_DIR, ignore_errors=True)
+        od.write_manifest(MANIFEST_NAME, {**settings, "svd": {**settings["svd"], "ran_on": ran_on},
+                                          "files": hashes.result(), "modules": dict(sorted(stats.items()))})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 
 
-def _shape(info: TensorInfo, module: str, arch) -> tuple[int, int]:
-    return info.shape[::-1] if is_transposed(module, arch) else info.shape
+def plan(ckpt: Checkpoint, init: InitMethod, targets, overrides: dict[str, str], rank: int) -> list[Job]:
+    """Every target matrix of the checkpoint with its role, in file order; validated for dtype and rank.
+
+    Raises:
+        TargetError, UnsupportedError, NumericsError: a target that matches nothing, cannot take its role, is
+            not a float matrix, or is too small for `rank`.
+    """
+    arch = architecture(ckpt.config)
+    weights = linear_modules(ckpt.tensors)
+    roles = assign_roles(init, list(targets), list(weights), arch, dict(overrides))
+    jobs = [Job(m, weights[m], roles[m], is_transposed(m, arch))
+            for m in sorted(roles, key=lambda m: (weights[m].file, weights[m].begin))]
+    for job in jobs:
+        _check_target(job.tensor, rank)
+    return jobs
 
 
 def _check_target(t: TensorInfo, rank: int) -> None:
@@ -132,50 +170,57 @@ def _check_target(t: TensorInfo, rank: int) -> None:
                             f"{min(t.shape)}")
 
 
-def _residual(ckpt, od, hashes, roles, weights, arch, settings, out_dtype, progress):
-    """Rewrite the checkpoint with residual targets; return per-module stats and initial factors."""
-    module_of = {weights[m].name: m for m in roles}
-    plan: dict[str, list[str]] = {}
-    for m in sorted(roles, key=lambda m: (weights[m].file, weights[m].begin)):
-        plan.setdefault(weights[m].file, []).append(weights[m].name)
-    stats: dict[str, dict] = {}
-    factors: dict[str, tuple] = {}
-    svd = settings["svd"]
+def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, progress):
+    """Rewrite the checkpoint with residual targets; return module -> ((A0, B0), stats) and the device used."""
+    by_tensor = {j.tensor.name: j for j in jobs}
+    plan_: dict[str, list[str]] = {}
+    for j in jobs:
+        plan_.setdefault(j.tensor.file, []).append(j.tensor.name)
+    ran_on: list = []
 
-    def compute(info: TensorInfo, W):
+    def compute(info: TensorInfo, W) -> Replaced:
         from .residual import residual_target  # torch loads here, at the first target, while shards copy
         from .svd import resolve_device
 
-        if "ran_on" not in svd:  # "auto" is resolved once torch has loaded; the manifest records the result
-            svd["ran_on"] = str(resolve_device(svd["device"]))
-        m = module_of[info.name]
-        stored, factors[m], stats[m] = residual_target(
-            info, W, module=m, role=roles[m], transposed=is_transposed(m, arch), rank=settings["rank"],
-            scale=settings["scale"], svd=svd, device=resolve_device(svd["ran_on"]), out_dtype=out_dtype)
-        return stored
+        if not ran_on:  # "auto" is resolved once torch has loaded
+            ran_on.append(resolve_device(device))
+        stored, (A0, B0), stats = residual_target(by_tensor[info.name], W, init, params, context=context,
+                                                  device=ran_on[0], out_dtype=out_dtype)
+        stored = stored.cpu().contiguous()
+        stats.update(source_sample=sample(tensor_bytes(W)), residual_sample=sample(tensor_bytes(stored)))
+        return Replaced(stored, {"A": A0, "B": B0}, stats)
 
-    def on_shard(shard: str) -> dict:
-        mods = [module_of[n] for n in plan.get(shard, [])]
-        if mods:
-            from safetensors.torch import save_file
+    done = rewrite_checkpoint(ckpt, od, RESIDUAL_DIR, plan_, compute, hashes=hashes, out_dtype=out_dtype,
+                              progress=progress, desc="decompose")
+    results = {by_tensor[n].module: ((extras["A"], extras["B"]), record) for n, (extras, record) in done.items()}
+    return results, str(ran_on[0]) if ran_on else _resolved(device)
 
-            rel = f"{WORK_DIR}/{shard}.factors"
-            save_file({f"{m}.{k}": v for m in mods for k, v in zip("AB", factors[m])}, str(od.partial(rel)))
-            od.publish(rel)
-        return {"modules": {m: stats[m] for m in mods}}
 
-    def on_reuse(shard: str, record: dict) -> bool:
-        mods = [module_of[n] for n in plan.get(shard, [])]
-        path = od.path / WORK_DIR / f"{shard}.factors"
-        if mods and not path.is_file():
-            return False
-        from safetensors.torch import load_file
+def _factors_only(ckpt, jobs, init, params, context, device, progress):
+    """Factors without a residual (plain LoRA, or `no_residual`): W is read only when the method looks at it,
+    by its byte range; no shard is copied, so the cost is the SVDs, whatever the checkpoint's size."""
+    from tqdm.auto import tqdm
 
-        loaded = load_file(str(path)) if mods else {}
-        factors.update({m: (loaded[f"{m}.A"], loaded[f"{m}.B"]) for m in mods})
-        stats.update(record["modules"])
-        return True
+    from .residual import check_factors
+    from .svd import generator_for, resolve_device
 
-    rewrite_checkpoint(ckpt, od, RESIDUAL_DIR, plan, compute, hashes=hashes, out_dtype=out_dtype,
-                       on_shard=on_shard, on_reuse=on_reuse, progress=progress, desc="decompose")
-    return stats, factors
+    dev = resolve_device(device)
+    results = {}
+    for job in tqdm(jobs, desc="decompose", unit="matrix", disable=not progress):
+        W = None
+        if init.needs_weights:
+            W = read_tensor(ckpt.headers[job.tensor.file], job.tensor.name).to(dev)
+            W = W.T if job.transposed else W
+        gen = generator_for(params.seed, job.module, "cpu" if W is None else dev)
+        A0, B0, stats = init.factors(job, W, params, context=context, generator=gen)
+        check_factors(job, A0, B0)
+        stats = {"tensor": job.tensor.name, "shard": job.tensor.file, "shape": list(job.tensor.shape),
+                 "dtype": job.tensor.dtype, **stats, "source_sample": stored_sample(ckpt, job.tensor.name)}
+        results[job.module] = ((A0.cpu(), B0.cpu()), stats)
+    return results, str(dev)
+
+
+def _resolved(device: str) -> str:
+    from .svd import resolve_device
+
+    return str(resolve_device(device))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .console import quiet_libraries
 from .conversion import convert
 from .decomposition import decompose
 from .errors import AiloraError, OutputError
@@ -58,15 +59,10 @@ def demo(out: str | Path = "ailora-demo", *, steps: int = 300, progress: bool = 
         OutputError: `out` exists, is not empty and is not an earlier demo.
         AiloraError: a check failed (the rows are in the message).
     """
-    import warnings
-
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # the demo prints its own table; loading bars would bury it
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()  # the demo prints its own table; loading bars would bury it
     out = Path(out).absolute()
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise OutputError(f"-o {out}: exists and is not an earlier demo; choose another directory")

@@ -27,3 +27,11 @@ class NumericsError(AiloraError, ValueError):
 
 class OutputError(AiloraError, FileExistsError):
     """An output directory that is not empty, lies inside the input, or is locked by another run."""
+
+
+class OptionError(AiloraError, ValueError):
+    """An option value out of range (a rank of 0, a negative alpha, a batch size of 0...)."""
+
+
+class HubError(AiloraError, ConnectionError):
+    """The Hugging Face Hub could not be reached, or refused a request."""

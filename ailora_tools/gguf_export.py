@@ -19,6 +19,7 @@ import torch
 
 from .errors import InputNotFoundError, OutputError, UnsupportedError
 from .peft_format import Adapter, read_adapter
+from .provenance import require_original
 
 #: HF model_type -> (gguf architecture name, whether q/k rows are permuted)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -90,6 +91,7 @@ def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.
 
     if outtype not in OUTTYPES:
         raise UnsupportedError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    require_original(lora, "llama.cpp")
     cfg_path = Path(base) / "config.json"
     if not cfg_path.is_file():
         raise InputNotFoundError(f"--base {base}: no config.json; pass the original base model directory")

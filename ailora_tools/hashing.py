@@ -9,8 +9,10 @@
 
 Files are hashed on two background threads through 16 MiB memory-mapped windows: no copy through a read
 buffer, a bounded RSS (a whole-file mapping would count the file), and the GIL, which the hashing releases,
-is taken once per window, so hashing keeps pace while the main thread imports torch. `ailora-tools verify`
-recomputes either kind.
+is taken once per window, so hashing keeps pace while the main thread imports torch. On machines with many
+cores a segment of 32 MiB or more (and a buffer as large) is hashed on `background.IO_THREADS` threads
+(BLAKE3's tree hashing: the digest does not depend on it), so hashing stays ahead of parallel copies.
+`ailora-tools verify` recomputes either kind.
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ from pathlib import Path
 
 from blake3 import blake3
 
+from . import background
 from .background import io_pool
 from .errors import AiloraError
 from .tensorio import read_header
 
 PLAIN, TENSORWISE = "blake3", "blake3-tensors"
 WINDOW = 16 * 1024 * 1024
+#: segments and buffers at least this large are hashed on several threads (where there are cores for it)
+PARALLEL_BYTES = 2 * WINDOW
 _POOL = io_pool(2, "hash")
 _DIGESTS: dict[tuple[str, int, int], Future] = {}
 
@@ -81,7 +86,7 @@ def digest_async(path: str | os.PathLike) -> Future:
 
 def bytes_digest(data) -> bytes:
     """The 32-byte BLAKE3 digest of a buffer (a segment's digest in `Digest.patched`)."""
-    return blake3(data, max_threads=1).digest()
+    return blake3(data, max_threads=_threads(memoryview(data).nbytes)).digest()
 
 
 def _segments(path: Path) -> list[tuple[int, int]]:
@@ -98,8 +103,12 @@ def _segments(path: Path) -> list[tuple[int, int]]:
     return out
 
 
+def _threads(nbytes: int) -> int:
+    return background.IO_THREADS if nbytes >= PARALLEL_BYTES else 1
+
+
 def _hash_range(fd: int, start: int, end: int) -> blake3:
-    h = blake3(max_threads=1)
+    h = blake3(max_threads=_threads(end - start))
     while start < end:
         base = start - start % mmap.ALLOCATIONGRANULARITY
         length = min(base + WINDOW, end) - base

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .errors import InputNotFoundError
+from .errors import HubError, InputNotFoundError
 from .peft_format import CONFIG_NAME
 
 CARD_NAME = "README.md"
@@ -17,33 +17,43 @@ IGNORED = [".*", "**/.*", "checkpoints/**"]
 MANIFESTS = {"decompose": "ailora.json", "train": "ailora-train.json", "convert": "ailora-convert.json"}
 
 
-def model_card(directory: Path) -> str:
+def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
     """A README.md with YAML front matter (base_model, library_name: peft, tags, license) and usage."""
     d = Path(directory)
-    cfg = json.loads((d / CONFIG_NAME).read_text()) if (d / CONFIG_NAME).is_file() else {}
-    decomposed = _manifest(d, "decompose") or _manifest(d.parent, "decompose") or {}
+    adapter = d / "adapter" if (d / "adapter" / CONFIG_NAME).is_file() else d  # a decompose output, or an adapter
+    cfg = json.loads((adapter / CONFIG_NAME).read_text()) if (adapter / CONFIG_NAME).is_file() else {}
     trained, converted = _manifest(d, "train"), _manifest(d, "convert")
-    if trained and not decomposed:
-        decomposed = _manifest(Path(trained["initial_adapter"]).parent, "decompose") or {}
-    base = (decomposed.get("source") or {}).get("model") or cfg.get("base_model_name_or_path") or "unknown"
+    initial = (trained or {}).get("initial_adapter") or (converted or {}).get("initial")
+    decomposed = (_manifest(d, "decompose") or _manifest(d.parent, "decompose")
+                  or (_manifest(Path(initial).parent, "decompose") if initial else None) or {})
+    source = (decomposed.get("source") or {}).get("model")
+    base = (cfg.get("base_model_name_or_path") if converted else source) or source or cfg.get("base_model_name_or_path")
+    base = base or "unknown"
     method = decomposed.get("method", "lora")
     license_ = _license(base)
-    front = ["---", f"base_model: {base}", "library_name: peft", "tags:", "- ailora-tools", "- lora", f"- {method}"]
+    tags = list(dict.fromkeys(["ailora-tools", "lora", method]))
+    front = ["---", f"base_model: {base}", "library_name: peft", "tags:", *[f"- {t}" for t in tags]]
     if license_:
         front.append(f"license: {license_}")
     front.append("---")
     roles = decomposed.get("roles", {})
     role_lines = "".join(f"| `{m}` | {r} |\n" for m, r in sorted(roles.items())[:12])
     more = f"| … | {len(roles) - 12} more |\n" if len(roles) > 12 else ""
+    link = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{base}`"
+    what = {"lora": "LoRA (Kaiming A, B = 0)"}.get(method, f"**{method}** (initial factors from the weights' singular "
+                                                             "vectors)")
     body = [
-        f"# {d.name}", "",
-        f"A LoRA adapter for [{base}](https://huggingface.co/{base}) made with ailora-tools.", "",
-        f"- method: **{method}** (initial factors from the weight's singular vectors)" if method != "lora" else "- method: LoRA",
+        f"# {repo_id.rsplit('/', 1)[-1]}", "",
+        f"A LoRA adapter for {link} made with ailora-tools.", "",
+        f"- initialisation: {what}",
         f"- rank: {cfg.get('r')}, lora_alpha: {cfg.get('lora_alpha')}, rsLoRA: {bool(cfg.get('use_rslora'))}",
         f"- target modules: {', '.join(cfg.get('target_modules') or [])}",
     ]
     if converted:
         body.append("- converted to a standard LoRA on the original base: apply it to the untouched base model")
+    elif decomposed.get("adapter_base", "residual") == "residual" and method != "lora":
+        body.append("- applies to the residual base that decompose wrote, not to the original model; run "
+                    "`ailora-tools convert` for a LoRA on the original")
     if trained:
         s = trained.get("summary", {})
         body.append(f"- training: {s.get('steps')} steps, loss {s.get('first_loss')} → {s.get('last_loss')}, "
@@ -53,12 +63,17 @@ def model_card(directory: Path) -> str:
     r = cfg.get("r") or 16
     body += ["", "## Use", "", "PEFT:", "", "```python", "from peft import PeftModel",
              "from transformers import AutoModelForCausalLM",
-             f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "REPO_ID")', "```", "",
-             "vLLM:", "", "```bash", f"vllm serve {base} --enable-lora --max-lora-rank {_vllm(r)} --lora-modules adapter=REPO_ID",
+             f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{repo_id}")', "```", "",
+             "vLLM:", "", "```bash",
+             f"vllm serve {base} --enable-lora --max-lora-rank {_vllm(r)} --lora-modules adapter={repo_id}",
              "```", "", "llama.cpp:", "", "```bash",
              "ailora-tools export-gguf ADAPTER_DIR --base BASE_DIR -o adapter.gguf",
              "llama-cli -m base.gguf --lora adapter.gguf", "```", ""]
     return "\n".join(front) + "\n\n" + "\n".join(body)
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).expanduser().exists()
 
 
 def _uploaded(rel: Path) -> bool:
@@ -98,7 +113,7 @@ def push(directory: str | os.PathLike, repo_id: str, *, private: bool = False, r
     d = Path(directory)
     if not d.is_dir() or not any(d.iterdir()):
         raise InputNotFoundError(f"{d}: no such directory, or it is empty")
-    card = (d / CARD_NAME).read_text() if (d / CARD_NAME).is_file() else model_card(d)
+    card = (d / CARD_NAME).read_text() if (d / CARD_NAME).is_file() else model_card(d, repo_id)
     files = [(str(p.relative_to(d)), p.stat().st_size) for p in sorted(d.rglob("*"))
              if p.is_file() and _uploaded(p.relative_to(d)) and p.name != CARD_NAME]
     files.append((CARD_NAME, len(card.encode())))
@@ -111,9 +126,14 @@ def push(directory: str | os.PathLike, repo_id: str, *, private: bool = False, r
         tmp.write_text(card)
         os.replace(tmp, d / CARD_NAME)
     api = HfApi(token=token)
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(folder_path=str(d), repo_id=repo_id, repo_type="model", revision=revision,
-                               commit_message=commit_message or f"Upload {d.name} with ailora-tools",
-                               ignore_patterns=IGNORED)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(folder_path=str(d), repo_id=repo_id, repo_type="model", revision=revision,
+                                   commit_message=commit_message or f"Upload {d.name} with ailora-tools",
+                                   ignore_patterns=IGNORED)
+    except Exception as e:  # httpx/requests connection errors, HfHubHTTPError (401, 403, 404...)
+        raise HubError(f"push {repo_id}: the Hub refused or could not be reached ({e.__class__.__name__}: "
+                       f"{' '.join(str(e).split())[:200]}); check your network, HF_ENDPOINT and token "
+                       "(`huggingface-cli login`)") from e
     summary["url"] = str(getattr(commit, "commit_url", None) or url)
     return summary

@@ -24,8 +24,9 @@ from .errors import TargetError, UnsupportedError
 from .model_names import match
 from .output import OutputDir
 from .peft_format import Adapter, read_adapter
-from .rewrite import Hashes, rewrite_checkpoint
-from .tensorio import DTYPE_FLAGS, TensorInfo, torch_dtype
+from .provenance import check_base
+from .rewrite import Hashes, Replaced, rewrite_checkpoint
+from .tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 
 MERGE_MANIFEST = "ailora-merge.json"
 
@@ -60,43 +61,42 @@ def merge(
     lora = read_adapter(adapter)
     ckpt = Checkpoint.open(base, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
     tensors = ckpt.tensors
-    plan: dict[str, list[str]] = {}
     weights = lora.check_fits(tensors, adapter=adapter, base=base, config=ckpt.config)
+    check_base(adapter, ckpt, flag="BASE")
     module_of = {w: m for m, w in weights.items()}
-    out_dtype = DTYPE_FLAGS[dtype] if dtype else tensors[next(iter(weights.values()))].dtype if weights else "F32"
-    heads, added, files = _head(lora, ckpt, adapter, base, out_dtype)
-    for name in [*weights.values(), *heads]:
-        info = tensors[name]
-        plan.setdefault(info.file, []).append(info.name)
+    out_dtype = DTYPE_FLAGS.get(dtype)
+    heads, added, config = _head(lora, ckpt, adapter, base, out_dtype or (
+        tensors[next(iter(weights.values()))].dtype if weights else "F32"))
+    if dtype is not None:
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            config[key] = dtype
+    plan: dict[str, list[str]] = {}  # with --dtype, every float tensor is cast, adapted or not
+    for name, info in tensors.items():
+        if name in module_of or name in heads or (
+                out_dtype is not None and info.dtype in FLOAT_DTYPES and info.dtype != out_dtype):
+            plan.setdefault(info.file, []).append(name)
     for names in plan.values():
         names.sort(key=lambda n: tensors[n].begin)
     settings = {"tool": __version__, "command": "merge", "base": ckpt.describe(), "adapter": str(adapter),
                 "adapter_config": lora.config, "dtype": dtype}
-    largest: dict[str, float] = {}
 
-    def compute(info: TensorInfo, W: torch.Tensor) -> torch.Tensor:
-        to = torch_dtype(DTYPE_FLAGS[dtype]) if dtype else W.dtype
+    def compute(info: TensorInfo, W: torch.Tensor) -> Replaced:
+        target = torch_dtype(out_dtype) if out_dtype else W.dtype
         if info.name in heads:
-            return heads[info.name].to(to)
-        m = module_of[info.name]
-        delta = lora.delta(m)
-        largest[info.name[: -len(".weight")]] = float(delta.abs().max())
-        return (W.float() + delta).to(to)
+            return Replaced(heads[info.name].to(target))
+        if info.name not in module_of:
+            return Replaced(W.to(target))
+        delta = lora.delta(module_of[info.name])
+        return Replaced((W.float() + delta).to(target), record={"max_abs_delta": float(delta.abs().max())})
 
     hashes = Hashes()
+    files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()} if config != ckpt.config else {}
     with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume, settings=settings) as od:
-        def on_shard(shard: str) -> dict:
-            return {"max_abs_delta": {n[: -len(".weight")]: largest[n[: -len(".weight")]] for n in plan.get(shard, [])
-                                      if n not in heads}}
-
-        def on_reuse(shard: str, record: dict) -> bool:
-            largest.update(record["max_abs_delta"])
-            return True
-
-        rewrite_checkpoint(ckpt, od, "", plan, compute, hashes=hashes, out_dtype=DTYPE_FLAGS.get(dtype), added=added,
-                           files=files, on_shard=on_shard, on_reuse=on_reuse, progress=progress, desc="merge")
+        done = rewrite_checkpoint(ckpt, od, "", plan, compute, hashes=hashes, out_dtype=out_dtype, added=added,
+                                  files=files, progress=progress, desc="merge")
+        largest = [r["max_abs_delta"] for _, r in done.values() if "max_abs_delta" in r]
         summary = {"output": str(od.path), "base": str(base), "adapter": str(adapter),
-                   "modules": len(lora.factors), "max_abs_delta": max(largest.values(), default=0.0),
+                   "modules": len(lora.factors), "max_abs_delta": max(largest, default=0.0),
                    "head_tensors": sorted([*heads, *added])}
         od.write_manifest(MERGE_MANIFEST, {**settings, "files": hashes.result(), "summary": summary})
     summary["seconds"] = round(time.perf_counter() - started, 3)
@@ -105,9 +105,9 @@ def merge(
 
 def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[dict, dict, dict]:
     """The adapter's modules_to_save tensors: those replacing base tensors (by the base's name), those added (in
-    `dtype`), and the config.json that names the class and labels they belong to."""
+    `dtype`), and the base's config with the class and labels they belong to (a copy of it when there is no head)."""
     if not lora.extra:
-        return {}, {}, {}
+        return {}, {}, dict(ckpt.config)
     tensors = ckpt.tensors
     found = match(lora.extra, tensors, config=ckpt.config)
     replaced, added = {}, {}
@@ -122,9 +122,9 @@ def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[d
             replaced[found[name]] = t
     record = task_record(adapter) or {}
     if record.get("config"):
-        return replaced, added, {"config.json": json.dumps({**ckpt.config, **record["config"]}, indent=2).encode()}
+        return replaced, added, {**ckpt.config, **record["config"]}
     if "ForSequenceClassification" not in " ".join(ckpt.config.get("architectures") or []):
         raise TargetError(f"{adapter}: has modules_to_save {lora.config.get('modules_to_save')} but no ailora-train.json "
                           f"or ailora-convert.json recording their class and labels, and the base {base} is no "
                           "sequence-classification model; merge an adapter trained or converted by ailora-tools")
-    return replaced, added, {}
+    return replaced, added, dict(ckpt.config)

@@ -35,6 +35,9 @@ class OutputDir:
         OutputError: not empty (without overwrite/resume), inside an input, or locked by another run.
     """
 
+    #: scratch files a run keeps for --resume (removed with the journal once the manifest is written)
+    WORK = ".work"
+
     def __init__(self, path: Path | str, *, inputs: list[Path] = (), overwrite: bool = False,
                  resume: bool = False, settings: dict | None = None):
         self.path = Path(path).expanduser().absolute()
@@ -141,3 +144,4 @@ class OutputDir:
         with self.open_atomic(rel, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True, default=str)
         (self.path / JOURNAL_NAME).unlink(missing_ok=True)
+        shutil.rmtree(self.path / self.WORK, ignore_errors=True)

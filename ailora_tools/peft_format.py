@@ -116,6 +116,19 @@ def task_type(config: dict) -> str | None:
     return None
 
 
+def model_class(task: str | None, config=None):
+    """The transformers class an adapter of PEFT task type `task` applies to: the task's Auto class, else the
+    class config.json's `architectures` names, else AutoModel."""
+    import transformers
+
+    name = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+            "TOKEN_CLS": "AutoModelForTokenClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering"}.get(task or "")
+    named = (getattr(config, "architectures", None) or [None])[0]
+    if name is None and named and hasattr(transformers, named):
+        return getattr(transformers, named)
+    return getattr(transformers, name or "AutoModel")
+
+
 def key(module: str, which: str) -> str:
     """The safetensors key of a module's lora_A ("A") or lora_B ("B") weight."""
     return f"{PREFIX}{module}.lora_{which}.weight"

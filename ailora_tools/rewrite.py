@@ -1,13 +1,18 @@
 """Rewrite a checkpoint into an output directory: copy every byte, replace only chosen tensors.
 
-Shard by shard: the shard's bytes, less the chosen tensors' ranges, are copied kernel-side on a worker
-thread (the next shards' copies overlap this shard's compute); each chosen tensor's range is written with
-what `compute` returns while that copy runs; then the shard is published by rename and recorded in the
-journal. Source files are hashed on background threads (`hashing`); an output shard's digest comes from its
-source's tensor-wise digest and the digests of the bytes written into it, so it is never read back.
+Shard by shard: the shard's bytes, less the chosen tensors' ranges, are copied kernel-side by worker
+threads, in pieces of at most 64 MiB taken in shard order (`background.IO_THREADS` workers: one on small
+machines, several on large ones, which then share each shard; the next shards' copies overlap this shard's
+compute); each chosen tensor's range is written with what `compute` returns while that copy runs; then the
+shard is published by rename and recorded in the journal. Source files are hashed on background threads
+(`hashing`); an output shard's digest comes from its source's tensor-wise digest and the digests of the
+bytes written into it, so it is never read back.
 New tensors (a classification head merged into a base without one) are appended to the last shard, whose
 header is then rewritten, and entered in the index. Non-weight files (config, tokenizer) are copied, or
-written with the contents given for them; the index last.
+written with the contents given for them (`files`: a head's labels, a new dtype); the index last. A Hub
+checkpoint's shards download in the order they are needed (`Checkpoint.fetch`), and a shard's copy starts
+once it is here, so the next shard downloads while this one is processed; one that arrives with another
+header than the one validated stops the run before anything of it is written.
 """
 from __future__ import annotations
 
@@ -16,13 +21,13 @@ import os
 import shutil
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from tqdm.auto import tqdm
 
-from .background import io_pool
+from .background import IO_THREADS, io_pool
 from .checkpoint import Checkpoint
 from .hashing import bytes_digest, digest_async
 from .output import OutputDir
@@ -32,12 +37,26 @@ from .tensorio import (ShardHeader, TensorInfo, copy_ranges, dtype_name, layout,
 if TYPE_CHECKING:
     import torch
 
-#: shards whose copy may be under way at once (one copy thread; each holds an open file)
-COPY_AHEAD = 4
+#: shards whose copy may be under way at once (each holds an open file)
+COPY_AHEAD = max(4, IO_THREADS)
+#: a shard's copy is split into pieces of at most this many bytes, so that several workers can share it
+COPY_PIECE = 64 << 20
 #: replaced tensors whose bytes may wait to be hashed while the next is computed (each holds its buffer)
 HASH_AHEAD = 1
-#: compute(info, W) -> the tensor to store instead of W (same shape; dtype = the output dtype)
-Compute = Callable[[TensorInfo, "torch.Tensor"], "torch.Tensor"]
+
+
+@dataclass
+class Replaced:
+    """What `compute` gives for one tensor: what to store instead (same shape; the output dtype), tensors to keep
+    (saved with the shard, so `--resume` gets them back) and a JSON-able record."""
+
+    tensor: "torch.Tensor"
+    extras: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
+
+
+#: compute(info, W) -> Replaced
+Compute = Callable[[TensorInfo, "torch.Tensor"], Replaced]
 
 
 @dataclass
@@ -45,7 +64,7 @@ class _Job:
     header: ShardHeader
     fd: int
     offsets: dict[str, int]
-    copied: Future
+    copied: list[Future]  # the pieces of its copy
     same_layout: bool  # no dtype change: the output's segments are the source's
     written: dict[tuple[int, int], Future]  # (start, end) in the output -> BLAKE3 of the bytes written there
 
@@ -75,47 +94,47 @@ class Hashes:
 def rewrite_checkpoint(
     ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]], compute: Compute, *,
     hashes: Hashes, out_dtype: str | None = None, added: dict[str, "torch.Tensor"] | None = None,
-    files: dict[str, bytes] | None = None, on_shard: Callable[[str], dict] = lambda s: {},
-    on_reuse: Callable[[str, dict], bool] = lambda s, rec: True, progress: bool = True, desc: str = "",
-) -> None:
+    files: dict[str, bytes] | None = None, progress: bool = True, desc: str = "",
+) -> dict[str, tuple[dict, dict]]:
     """Write `od/subdir` as a copy of the checkpoint whose tensors in `plan` are replaced.
 
     Args:
         plan: shard name -> tensor names to replace (in that shard).
         compute: gives each replacement; called in shard order, one tensor at a time.
         out_dtype: safetensors dtype ("F32", "BF16", ...) of replaced tensors; default as stored.
-        added: new tensors (name -> tensor, stored as given), appended to the last shard.
-        files: new contents for non-weight files of the checkpoint (e.g. "config.json"), written instead of a copy.
-        on_shard: called after a shard is published; its dict is journaled for `--resume`.
-        on_reuse: called for a shard finished by an earlier run; return False to redo it.
+        added: new tensors (name -> tensor, stored as given), appended to the last shard and entered in the index.
+        files: new contents for non-weight files of the checkpoint (relative POSIX path, e.g. "config.json"),
+            written instead of a copy.
+
+    Returns:
+        Tensor name -> (extras, record) of every replaced tensor, computed now or by an earlier run (`--resume`).
     """
     added, files = added or {}, files or {}
     for name in ckpt.extra_files:
         if name in files:
-            with od.open_atomic(_rel(subdir, name)) as f:
-                f.write(files[name])
-            hashes.add("source", name, ckpt.root / name)
-            hashes.add("output", _rel(subdir, name), od.path / _rel(subdir, name))
+            _write_small(od, hashes, ckpt.root / name, name, _rel(subdir, name), files[name])
         else:
-            _copy_small(od, hashes, ckpt.root / name, _rel(subdir, name))
+            _copy_small(od, hashes, ckpt.root / name, name, _rel(subdir, name))
     last = ckpt.shards[-1]
-    todo = []
+    results: dict[str, tuple[dict, dict]] = {}
+    todo, reused = [], []
     for shard in ckpt.shards:
         rec, final = od.finished(_rel(subdir, shard)), od.path / subdir / shard
-        if rec is not None and final.is_file() and on_reuse(shard, rec):
-            hashes.add("source", shard, ckpt.headers[shard].path)
+        if rec is not None and final.is_file() and _reuse(od, _rel(subdir, shard), rec, results):
+            reused.append(shard)
             hashes.add("output", _rel(subdir, shard), final)
         else:
             todo.append(shard)
-    copier, hasher = io_pool(1, "copy"), io_pool(1, "hash-out")  # hasher: digests of the bytes written
+    ckpt.fetch(todo + reused)  # Hub shards: downloaded one at a time, in this order, while earlier ones are processed
+    copier, hasher = io_pool(IO_THREADS, "copy"), io_pool(1, "hash-out")  # hasher: digests of the bytes written
     hashing: deque[Future] = deque()
     jobs: dict[str, _Job] = {}
     bar = tqdm(total=sum(len(plan.get(s, [])) for s in todo), unit="matrix", disable=not progress)
     try:
         for i, shard in enumerate(todo):
             for s in todo[i:i + COPY_AHEAD]:  # the copies of the next shards overlap this one's compute
-                if s not in jobs:
-                    jobs[s] = _start(ckpt.headers[s], od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier,
+                if s not in jobs and (s == shard or ckpt.ready(s)):  # a Hub shard waits only when it is this one
+                    jobs[s] = _start(ckpt.shard(s), od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier,
                                      added if s == last else {})
             bar.set_description(f"{desc} {shard}".strip())
             job = jobs[shard]
@@ -123,7 +142,8 @@ def rewrite_checkpoint(
             with open(job.header.path, "rb") as src:
                 for name in plan.get(shard, []):
                     new = compute(job.header.tensors[name], read_tensor(job.header, name, src.fileno()))
-                    data = tensor_bytes(new)  # its range is not part of the copy, so it is written at once
+                    results[name] = (new.extras, new.record)
+                    data = tensor_bytes(new.tensor)  # its range is not part of the copy, so it is written at once
                     if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
                         raise OSError(f"short write of {name!r} into {od.partial(_rel(subdir, shard))}")
                     if job.same_layout:  # the output's digest is the source's with this segment's replaced
@@ -136,23 +156,58 @@ def rewrite_checkpoint(
                 data = tensor_bytes(t)
                 if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
                     raise OSError(f"short write of {name!r} into {od.partial(_rel(subdir, shard))}")
-            job.copied.result()
+            for piece in job.copied:
+                piece.result()
             os.close(jobs.pop(shard).fd)
             final = od.publish(_rel(subdir, shard))
             if job.same_layout:
                 hashes.add_patched(_rel(subdir, shard), source, job.written)
             else:
                 hashes.add("output", _rel(subdir, shard), final)
-            od.mark_done(_rel(subdir, shard), on_shard(shard))
+            od.mark_done(_rel(subdir, shard), _keep(od, _rel(subdir, shard), plan.get(shard, []), results))
+        for shard in reused:
+            hashes.add("source", shard, ckpt.shard(shard).path)
     finally:
+        ckpt.stop_fetching()
         bar.close()
         for job in jobs.values():
-            job.copied.cancel()
+            for piece in job.copied:
+                piece.cancel()
         copier.shutdown(wait=True)
         hasher.shutdown(wait=True)
         for job in jobs.values():
             os.close(job.fd)
-    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(added), added={n: last for n in added})
+    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(added),
+                 added={n: last for n in added})
+    return results
+
+
+def _keep(od: OutputDir, piece: str, names: list[str], results: dict) -> dict:
+    """The journal record of a finished shard; its replaced tensors' extras go to a file in the work directory."""
+    extras = {f"{n}::{k}": v.contiguous() for n in names for k, v in results[n][0].items()}
+    if extras:
+        from safetensors.torch import save_file
+
+        rel = f"{od.WORK}/{piece}.extras"
+        save_file(extras, str(od.partial(rel)))
+        od.publish(rel)
+    return {"records": {n: results[n][1] for n in names}, "extras": bool(extras)}
+
+
+def _reuse(od: OutputDir, piece: str, rec: dict, results: dict) -> bool:
+    """Take a shard an earlier run finished, with its records and extras; False if they are not all there."""
+    extras: dict[str, dict] = {n: {} for n in rec.get("records", {})}
+    if rec.get("extras"):
+        path = od.path / od.WORK / f"{piece}.extras"
+        if not path.is_file():
+            return False
+        from safetensors.torch import load_file
+
+        for key, value in load_file(str(path)).items():
+            name, k = key.split("::", 1)
+            extras[name][k] = value
+    results.update({n: (extras[n], r) for n, r in rec.get("records", {}).items()})
+    return True
 
 
 def _rel(subdir: str, name: str) -> str:
@@ -164,13 +219,24 @@ def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | No
     head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names},
                                    {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()})
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
+    pieces = [(s + k, d + k, min(COPY_PIECE, n - k)) for s, d, n in copies for k in range(0, n, COPY_PIECE)]
+    copied = [copier.submit(copy_ranges, header.path, fd, head, pieces[:1])]  # the new header, if any, first
+    copied += [copier.submit(copy_ranges, header.path, fd, b"", [p]) for p in pieces[1:]]
+    return _Job(header, fd, offsets, copied, not head, {})
 
 
-def _copy_small(od: OutputDir, hashes: Hashes, src: Path, rel: str) -> None:
+def _copy_small(od: OutputDir, hashes: Hashes, src: Path, name: str, rel: str) -> None:
     shutil.copyfile(src, od.partial(rel))
-    hashes.add("source", src.name, src)
+    hashes.add("source", name, src)
     hashes.add("output", rel, od.publish(rel))
+
+
+def _write_small(od: OutputDir, hashes: Hashes, src: Path, name: str, rel: str, data: bytes) -> None:
+    """Write `rel` with new contents instead of a copy of `src` (still hashed as this run's source)."""
+    with od.open_atomic(rel) as f:
+        f.write(data)
+    hashes.add("source", name, src)
+    hashes.add("output", rel, od.path / rel)
 
 
 def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, changed: bool,
@@ -179,7 +245,7 @@ def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, c
         return
     rel, src = _rel(subdir, ckpt.index_file), ckpt.root / ckpt.index_file
     if not changed:
-        return _copy_small(od, hashes, src, rel)
+        return _copy_small(od, hashes, src, ckpt.index_file, rel)
     doc = json.loads(src.read_text())
     doc["weight_map"].update(added)
     doc.setdefault("metadata", {})["total_size"] = sum(

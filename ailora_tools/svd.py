@@ -9,9 +9,9 @@
   float32 Gram matrix cannot see.
 - randomized (principal only): seeded range finder with oversampling and a fixed number of power
   iterations, no convergence test (PiSSA's `pissa_niter_N`, but deterministic).
-Directions whose σ is numerically zero (rank-deficient W: below the Gram method's noise level) get an
-arbitrary orthonormal completion and σ set to that floor, so the adapter never starts at exactly zero;
-the residual absorbs the difference.
+Directions whose σ is numerically zero (rank-deficient W: below the noise level of the method that found
+it, see `_complete`) get an arbitrary orthonormal completion and σ set to that floor, so the adapter never
+starts at exactly zero; the residual absorbs the difference.
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ from .targets import PRINCIPAL
 
 EXACT_TOL = 1e-5
 EXACT_MAXIT = 30
+EPS64 = torch.finfo(torch.float64).eps
+#: σ/σ_max below which the float64 Gram method cannot tell a direction from zero (σ² under eps64·σ_max²)
+GRAM_NOISE = math.sqrt(EPS64)
 
 
 @dataclass
@@ -87,14 +90,16 @@ def triplets(
         (torch.Size([64, 4]), torch.Size([4]), torch.Size([4, 32]))
     """
     fro2 = float(torch.linalg.vector_norm(W)) ** 2
-    found = None
+    found, noise = None, math.sqrt(max(W.shape) * EPS64)  # float32 paths: above their products' rounding
     if role == PRINCIPAL and mode == "randomized":
         found = _randomized(W.to(torch.float32), r, niter, oversample, generator)
     elif role == PRINCIPAL and min(W.shape) > 4 * (r + max(r, oversample)):
         found = _subspace(W.to(torch.float32), W, r, max(r, oversample), generator)
-    U, S, Vh, smax = found if found is not None else _gram(W.to(torch.float64), r, largest=role == PRINCIPAL)
+    if found is None:
+        found, noise = _gram(W.to(torch.float64), r, largest=role == PRINCIPAL), GRAM_NOISE
+    U, S, Vh, smax = found
     U, S, Vh = U.double(), S.double(), Vh.double()
-    U, S, Vh, deficient = _complete(U, S, Vh, smax, max(W.shape), generator)
+    U, S, Vh, deficient = _complete(U, S, Vh, max(smax, torch.finfo(torch.float64).tiny) * noise, generator)
     energy = float(S.square().sum()) / fro2 if fro2 > 0 else 0.0
     return Triplets(U, S, Vh, smax, min(energy, 1.0), deficient)
 
@@ -149,13 +154,17 @@ def _subspace(W: torch.Tensor, W_in: torch.Tensor, r: int, p: int, gen: torch.Ge
     return None
 
 
-def _complete(U, S, Vh, smax: float, n: int, gen: torch.Generator | None):
-    """Replace numerically-zero directions with an orthonormal completion and a floor σ.
+def _complete(U, S, Vh, floor: float, gen: torch.Generator | None):
+    """Replace directions with σ ≤ `floor` (numerically zero) by an orthonormal completion with σ = floor.
 
-    "Zero" is below the float64 Gram method's noise level, √(n·eps64)·σ_max (under 1e-6·σ_max up to
-    n = 4096): exact rank deficiency lands near √eps64·σ_max, genuine small singular values above it.
+    The floor is the noise level of the method that found S. Float64 Gram method: √eps64·σ_max (1.5e-8),
+    where σ² falls under the rounding of the Gram matrix. Exact null directions (duplicated rows, zero
+    columns, float64 low-rank products) come out of it at 1e-16 to 1e-12·σ_max, while genuine singular
+    values of square matrices go down to about 5e-7·σ_max at 8192² (bench_svd's spectrum): a floor of
+    √(n·eps64)·σ_max, the worst-case bound on forming the Gram matrix (1.3e-6 at n = 8192), took those
+    for zero. Float32 paths (randomized, subspace iteration): √(n·eps64)·σ_max, above the rounding of
+    their float32 products (measured up to 3e-8·σ_max on rank-deficient matrices).
     """
-    floor = max(smax, torch.finfo(torch.float64).tiny) * math.sqrt(n * torch.finfo(torch.float64).eps)
     bad = S <= floor
     if not bool(bad.any()):
         return U, S, Vh, 0

@@ -91,20 +91,23 @@ def resolve_targets(targets: list[str], modules: list[str], arch: Architecture) 
     return resolved
 
 
-def assign_roles(
-    method_roles: str | None, targets: list[str], modules: list[str], arch: Architecture,
-    overrides: dict[str, str],
-) -> dict[str, str | None]:
-    """Give every matched module its role: principal, minor, or None for plain LoRA.
+def assign_roles(method, targets: list[str], modules: list[str], arch: Architecture,
+                 overrides: dict[str, str]) -> dict[str, str | None]:
+    """Give every matched module its role: principal, minor, or None (methods without roles).
 
-    `method_roles` is "principal" or "minor" for all modules, "ailora" for query=principal and
-    value=minor, or None (plain LoRA, no roles). `overrides` maps a target/module suffix to a role.
+    `method` is an init method (`ailora_tools.init`): its `role_of(target, name, arch)` gives each requested
+    target's role and `needs_roles` says whether every module must have one. `overrides` maps a
+    target/module suffix to a role (--role).
 
     Raises:
-        TargetError: an override names no target, or (ailora) a module has no role.
+        TargetError: an override names no target, overrides for a method without roles, or a module without
+            the role its method needs.
         UnsupportedError: roles that differ inside one fused projection.
     """
     resolved = resolve_targets(targets, modules, arch)
+    if overrides and not method.needs_roles:
+        raise TargetError(f"--role: {method.name} gives its targets no roles; --role applies to ailora, pissa "
+                          "and milora")
     for key, role in overrides.items():
         if role not in ROLES:
             raise TargetError(f"--role {key}={role}: role must be one of {', '.join(ROLES)}")
@@ -112,7 +115,7 @@ def assign_roles(
     for t, name in resolved.items():
         for m in modules:
             if matches(m, name):
-                wanted.setdefault(m, []).append((t, _role_of(method_roles, t, name, arch)))
+                wanted.setdefault(m, []).append((t, method.role_of(t, name, arch)))
     for key, role in overrides.items():
         hit = [m for m in wanted if matches(m, key) or matches(m, resolved.get(key, key))]
         if not hit:
@@ -131,7 +134,7 @@ def assign_roles(
                 f"matrix one role explicitly with --role {suffix}=principal|minor"
             )
         role = distinct.pop()
-        if method_roles == "ailora" and role is None:
+        if method.needs_roles and role is None:
             raise TargetError(
                 f"ailora gives query projections ({', '.join(arch.query) or 'none here'}) the principal role and "
                 f"value projections ({', '.join(arch.value) or 'none here'}) the minor role; {m} has neither. "
@@ -139,16 +142,6 @@ def assign_roles(
             )
         roles[m] = role
     return roles
-
-
-def _role_of(method_roles: str | None, target: str, name: str, arch: Architecture) -> str | None:
-    if method_roles in ROLES or method_roles is None:
-        return method_roles
-    if target in arch.query or name in arch.query or target == "q_proj":
-        return PRINCIPAL
-    if target in arch.value or name in arch.value or target == "v_proj":
-        return MINOR
-    return None
 
 
 def is_transposed(module: str, arch: Architecture) -> bool:

@@ -88,11 +88,12 @@ class Data:
     labels: dict | None  # num_labels, id2label, label2id, problem_type: set on the model config and the merged one
 
 
-def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike | None, tokenizer, *, config: dict,
-              base: object, max_length: int, seed: int, num_labels: int | None = None) -> Data:
+def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike | None, tokenizer, *, pad_id: int,
+              config: dict, base: object, max_length: int, seed: int, num_labels: int | None = None) -> Data:
     """Read, validate and tokenize the data for `task` (before any model loads).
 
     Args:
+        pad_id: the token batches are padded with (`tokenizer.load_tokenizer`).
         config: the base model's config (a classification head it already has fixes the labels).
         base: the base model's path, for messages. num_labels: --num-labels (classification only).
 
@@ -100,7 +101,6 @@ def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike 
         FormatError: a bad line, labels of mixed types, or more labels than the head has.
         TargetError: --num-labels for another task, or a tokenizer without what the task needs.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if num_labels is not None and not task.classifies:
         raise TargetError(f"--num-labels {num_labels}: applies to --task {CLASSIFY} only (this run: {task.name})")
     if task.classifies:

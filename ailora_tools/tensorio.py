@@ -80,19 +80,33 @@ def read_header(path: Path, name: str | None = None) -> ShardHeader:
         FormatError: naming the file and what is wrong with it.
     """
     path = Path(path)
-    name = name or path.name
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if len(head) < 8:
-            raise FormatError(f"{path}: not a safetensors file (only {size} bytes); re-download or re-save it")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
-            raise FormatError(
-                f"{path}: header length {n} runs past the file ({size} bytes): the file is truncated or corrupt"
-            )
-        raw = f.read(n)
-    return ShardHeader(path, raw, *_parse(path, name, raw, size - 8 - n), data_start=8 + n, size=size)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if 8 + n <= size and n <= MAX_HEADER:
+            head += f.read(n)
+    return parse_header(path, head, size, name)
+
+
+def parse_header(path: Path, head: bytes, size: int, name: str | None = None) -> ShardHeader:
+    """Validate a safetensors header from the file's first bytes (length field and JSON) and its size.
+
+    `read_header` for a file read elsewhere, such as the first bytes of a Hub file fetched by range requests.
+
+    Raises:
+        FormatError: naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    if len(head) < 8:
+        raise FormatError(f"{path}: not a safetensors file (only {size} bytes); re-download or re-save it")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER or 8 + n > size or len(head) < 8 + n:
+        raise FormatError(
+            f"{path}: header length {n} runs past the file ({size} bytes): the file is truncated or corrupt"
+        )
+    raw = head[8:8 + n]
+    return ShardHeader(path, raw, *_parse(path, name or path.name, raw, size - 8 - n), data_start=8 + n, size=size)
 
 
 def _parse(path: Path, name: str, raw: bytes, buffer_size: int) -> tuple[dict, dict]:

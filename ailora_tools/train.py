@@ -1,10 +1,12 @@
-"""A minimal trainer for an adapter on its frozen residual; reads top to bottom: setup, train, save.
+"""A minimal trainer for an adapter on its frozen base; reads top to bottom: setup, train, save.
 
 Only the LoRA factors train (transformers model + PEFT), and for sequence classification the head
-(`tasks`: which class, data, head and metric each task has). Checkpoints hold adapter, optimizer,
-scheduler, RNG state and data position (safetensors + JSON, no pickle), so `resume` continues exactly.
-The output is a PEFT adapter directory plus `ailora-train.json`, which names the initial adapter (so
-that `convert` needs no other argument) and records the task.
+(`tasks`: which class, data, head and metric each task has). The base is decompose's residual, or the
+ORIGINAL model with the initial product subtracted inside the adapter (`initial_offset`, exact for
+16-bit checkpoints). `progressive` trains in Progtuning stages (`progressive`). Checkpoints hold adapter,
+optimizer, scheduler, RNG state and data position (safetensors + JSON, no pickle), so `resume` continues
+exactly. The output is a PEFT adapter directory plus `ailora-train.json`, which names the initial adapter
+(so that `convert` needs no other argument) and records the task.
 """
 from __future__ import annotations
 
@@ -21,16 +23,23 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .conversion import TRAIN_MANIFEST
-from .errors import InputNotFoundError, TargetError
+from .data import check_rows
+from .errors import InputNotFoundError, NumericsError
 from .hashing import file_digest
+from .initial_offset import resolve_adapter_base, subtract_initial
+from .model_names import match
+from .options import at_least, choice, positive
 from .output import OutputDir
 from .peft_format import Adapter, adapter_of, load_into, read_adapter, write_adapter
+from .progressive import Progressive
+from .provenance import TRAIN_MANIFEST, check_base
 from .svd import resolve_device
 from .tasks import evaluate as run_eval
 from .tasks import load_data, load_model, resolve_task
+from .tokenizer import load_tokenizer
 
 SCHEDULERS = ("cosine", "linear", "constant")
+DTYPES = ("auto", "float32", "bfloat16")
 CKPT_DIR = "checkpoints"
 
 
@@ -39,13 +48,15 @@ def train(
     eval_data: str | os.PathLike | None = None, epochs: int = 1, max_steps: int | None = None, lr: float = 2e-4,
     batch_size: int = 4, grad_accum: int = 1, max_length: int = 512, warmup: int = 0, scheduler: str = "cosine",
     seed: int = 0, save_every: int | None = None, eval_every: int | None = None, resume: bool = False,
-    device: str = "auto", dtype: str = "auto", task: str = "auto", num_labels: int | None = None,
+    device: str = "auto", dtype: str = "auto", tokenizer: str | os.PathLike | None = None,
+    progressive: int | None = None, adapter_base: str = "auto", task: str = "auto", num_labels: int | None = None,
     overwrite: bool = False, progress: bool = True,
 ) -> dict:
     """Train `adapter` on the frozen `base` and write a PEFT adapter directory to `out`.
 
     Args:
-        base: the residual model directory (or any base the adapter applies to).
+        base: the residual model directory, or the original model when the adapter trains on it
+            (`decompose --no-residual`; see `adapter_base`).
         adapter: the initial adapter (e.g. OUT/adapter from decompose).
         data, eval_data: JSONL files (`data`: {"text"}, {"prompt","completion"} or {"messages"} for causal LM;
             {"text"} for masked LM; {"text", "label"} or {"text_a", "text_b", "label"} for classification).
@@ -56,51 +67,71 @@ def train(
         resume: continue from the latest checkpoint in `out`.
         device: auto, cpu, cuda, cuda:N. dtype: auto (bfloat16 autocast on CUDA, float32 on CPU),
             float32 or bfloat16.
+        tokenizer: directory or Hub id of the tokenizer (default: the base's own files).
+        progressive: Progtuning with this many stages (see `progressive`); None trains every block throughout.
+        adapter_base: "auto" (as decompose's manifest records), "residual" (the model is base + s·B·A) or
+            "original" (base + s(B·A − B0·A0), exact; `base` must be the original model).
         task: causal-lm, masked-lm, sequence-classification, or auto (what the base was saved for; `tasks`).
         num_labels: classes of a new classification head (default: from the labels).
 
     Returns:
-        Summary: steps, first and last training loss, eval loss (and accuracy), seconds, output path.
+        Summary: steps, first and last training loss, eval loss (and accuracy for classification), tokens/s,
+        seconds, output path, and with `progressive` each stage's blocks, steps and tokens/s and the fraction
+        of updated parameter-steps.
 
     Example:
         >>> train("out/residual", "out/adapter", "train.jsonl", "trained", max_steps=100)  # doctest: +SKIP
     """
-    from transformers import AutoTokenizer, get_scheduler
-
-    # ---- setup -------------------------------------------------------------------------------------
+    # ---- setup: every option, file and data row checked before the model loads ----------------------
     started = time.perf_counter()
-    if scheduler not in SCHEDULERS:
-        raise TargetError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    choice("--scheduler", scheduler, SCHEDULERS)
+    choice("--dtype", dtype, DTYPES)
+    for flag, value in (("--epochs", epochs), ("--max-steps", max_steps), ("--batch-size", batch_size),
+                        ("--grad-accum", grad_accum), ("--save-every", save_every), ("--eval-every", eval_every)):
+        at_least(flag, value, 1)
+    at_least("--max-length", max_length, 2)  # one token to predict from, one to predict
+    at_least("--warmup", warmup, 0)
+    positive("--lr", lr)
     if not Path(base).is_dir():
         raise InputNotFoundError(f"--base {base}: no such model directory")
+    ckpt = Checkpoint.open(base)
+    job = resolve_task(task, ckpt.config)
     for flag, path in (("--data", data), ("--eval-data", eval_data)):
-        if path is not None and not Path(path).is_file():
-            raise InputNotFoundError(f"{flag} {path}: no such data file")
+        if path is not None:
+            check_rows(path, flag=flag, task=job.name)
+    from transformers import get_scheduler
+
     dev = resolve_device(device)
     autocast = dev.type == "cuda" and dtype in ("auto", "bfloat16")
-    initial, ckpt = read_adapter(adapter), Checkpoint.open(base)
+    initial = read_adapter(adapter)
     initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config)
-    job = resolve_task(task, ckpt.config)
-    if not any((Path(base) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise InputNotFoundError(f"--base {base}: no tokenizer files (tokenizer.json / tokenizer_config.json); copy "
-                                 "the original model's tokenizer files into it")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    ds = load_data(job, data, eval_data, tokenizer, config=ckpt.config, base=base, max_length=max_length, seed=seed,
-                   num_labels=num_labels)
+    mode = resolve_adapter_base(adapter_base, adapter)
+    check_base(adapter, ckpt, flag="--base")
+    tok, pad_id = load_tokenizer(tokenizer or base, flag="--tokenizer" if tokenizer else "--base")
+    ds = load_data(job, data, eval_data, tok, pad_id=pad_id, config=ckpt.config, base=base, max_length=max_length,
+                   seed=seed, num_labels=num_labels)
     examples, evals = ds.train, ds.eval
     steps_per_epoch = math.ceil(len(examples) / (batch_size * grad_accum))
-    total = max_steps or epochs * steps_per_epoch
+    total = max_steps if max_steps is not None else epochs * steps_per_epoch
     settings = {"tool": __version__, "base": str(Path(base).absolute()), "initial_adapter": str(Path(adapter).absolute()),
                 "data": str(Path(data).absolute()), "eval_data": str(Path(eval_data).absolute()) if eval_data else None,
                 "steps": total, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length,
-                "warmup": warmup, "scheduler": scheduler, "seed": seed, "dtype": dtype, "task": job.name,
-                "labels": ds.labels}
+                "warmup": warmup, "scheduler": scheduler, "seed": seed, "dtype": dtype,
+                "tokenizer": str(tokenizer) if tokenizer else None, "progressive": progressive,
+                # "residual": trained as base + s·B·A; "original": as base + s(B·A − B0·A0), what convert writes
+                "adapter_base": mode, "mode": "exact" if mode == "original" else "residual",
+                "task": job.name, "labels": ds.labels}
     torch.manual_seed(seed)  # a new classification head is initialised from it
     # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
     model, config, task_info = load_model(job, base, adapter, labels=ds.labels,
                                        dtype=torch.bfloat16 if autocast else torch.float32)
     model = model.to(dev)
+    if mode == "original":  # the initial factors under the model class's module names
+        names = match(initial.factors, {n for n, _ in model.get_base_model().named_modules()},
+                      prefix=task_info["base_model_prefix"])
+        subtract_initial(model, Adapter(initial.config, {names[m]: f for m, f in initial.factors.items()}))
     params = [p for p in model.parameters() if p.requires_grad]
+    stages = Progressive(model, stages=progressive, total_steps=total) if progressive else None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = get_scheduler(scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     state = {"step": 0, "epoch": 0, "pos": 0}
@@ -130,17 +161,28 @@ def train(
         model.train()
         bar = tqdm(total=total, initial=state["step"], desc="train", disable=not progress)
         while state["step"] < total:
-            step_loss = 0.0
+            stage = stages.enter(state["step"]) + 1 if stages else None  # freezes the blocks this stage leaves
+            step_loss, tokens, t0 = 0.0, 0, time.perf_counter()
             for _ in range(grad_accum):
+                batch = next_batch()
+                tokens += int(batch["attention_mask"].sum())
                 with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-                    loss = model(**next_batch()).loss / grad_accum
+                    loss = model(**batch).loss / grad_accum
                 loss.backward()
                 step_loss += float(loss.detach())
+            if not math.isfinite(step_loss):
+                raise NumericsError(f"step {state['step'] + 1}: the training loss is {step_loss}; lower --lr, use "
+                                    "--dtype float32, or check the data (the output has no manifest)")
             optimizer.step()
             sched.step()
             optimizer.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             state["step"] += 1
-            record = {"step": state["step"], "loss": step_loss, "lr": sched.get_last_lr()[0]}
+            if stages:
+                state["stage"] = stage  # recorded in checkpoints; on resume the schedule resumes from the step
+            record = {"step": state["step"], "loss": step_loss, "lr": sched.get_last_lr()[0], "tokens": tokens,
+                      "seconds": round(time.perf_counter() - t0, 4), **({"stage": stage} if stages else {})}
             if evals and eval_every and state["step"] % eval_every == 0:
                 record.update(evaluate())
             with open(metrics_path, "a") as f:
@@ -162,11 +204,22 @@ def train(
         summary = {"output": str(od.path), "steps": state["step"], "first_loss": train_losses[0] if train_losses else None,
                    "last_loss": train_losses[-1] if train_losses else None,
                    **{f"{k}_start": v for k, v in (eval_start or {"eval_loss": None}).items()},
-                   **(eval_end or {"eval_loss": None}), "trainable_parameters": sum(p.numel() for p in params)}
+                   **(eval_end or {"eval_loss": None}), "adapter_base": mode,
+                   "trainable_parameters": sum(p.numel() for p in params), "tokens_per_s": _tokens_per_s(history)}
+        if stages:
+            summary["progressive"] = {
+                "stages": [{**s, "tokens_per_s": _tokens_per_s([r for r in history if r.get("stage") == s["stage"]])}
+                           for s in stages.describe()],
+                "updated_parameter_fraction": stages.updated_fraction()}
         od.write_manifest(TRAIN_MANIFEST, {**settings, "summary": summary, "task": task_info,
                                            "files": {"output": {p.name: file_digest(p) for p in written}}})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _tokens_per_s(records: list[dict]) -> float | None:
+    seconds = sum(r.get("seconds", 0.0) for r in records)
+    return round(sum(r.get("tokens", 0) for r in records) / seconds, 1) if seconds else None
 
 
 def _write(directory: Path, trained: Adapter) -> list[Path]:
@@ -210,7 +263,7 @@ def _restore(ckpt: Path, model, optimizer, sched, state: dict) -> None:
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    state.update({k: saved[k] for k in ("step", "epoch", "pos")})
+    state.update({k: saved[k] for k in ("step", "epoch", "pos", "stage") if k in saved})
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

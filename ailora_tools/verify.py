@@ -12,7 +12,8 @@ from .peft_format import read_adapter
 from .hashing import file_digest
 from .tensorio import read_header, read_tensor
 
-MANIFESTS = ("ailora.json", "ailora-merge.json", "ailora-convert.json", "ailora-train.json")
+MANIFESTS = ("ailora.json", "ailora-merge.json", "ailora-convert.json", "ailora-train.json", "spectrum.json",
+             "compare.json")
 
 
 def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
@@ -38,8 +39,19 @@ def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
     if (root / JOURNAL_NAME).is_file():
         problems.append("an interrupted run's journal is present: rerun the same command with --resume")
     found = [m for m in MANIFESTS if (root / m).is_file()]
+    subs = sorted(p for p in root.iterdir() if p.is_dir() and any((p / m).is_file() for m in MANIFESTS))
+    if not found and subs:  # a folder of outputs, e.g. the demo's: verify each
+        for sub in subs:
+            part = verify(sub, reconstruction=reconstruction)
+            for key in ("files_checked", "modules_checked"):
+                report[key] += part[key]
+            for key in ("problems", "notes"):
+                report[key] += [f"{sub.name}: {line}" for line in part[key]]
+        report["manifest"] = f"{len(subs)} outputs ({', '.join(p.name for p in subs)})"
+        return report
     if not found:
-        problems.append(f"no manifest ({' / '.join(MANIFESTS)}): the run did not finish; rerun it with --resume")
+        problems.append(f"no manifest ({' / '.join(MANIFESTS)}): not an ailora-tools output directory, or its run "
+                        "has not finished")
         return report
     report["manifest"] = found[0]
     manifest = json.loads((root / found[0]).read_text())

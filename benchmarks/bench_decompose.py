@@ -6,6 +6,11 @@ markdown table goes to benchmarks/results/. Nothing here is asserted.
 
     python benchmarks/bench_decompose.py                       # 170m and tinyllama (1.1B, bf16, 5 shards), 3 rounds
     python benchmarks/bench_decompose.py --sizes 3b --device cuda --rounds 3
+    python benchmarks/bench_decompose.py --sizes 8b 70b-layers:8 --device cuda --only decompose merge   # 16 + 18 GB
+
+Sizes are synthetic.SIZES names or "70b-layers:N" (N layers of Llama-3.1-70B's shape); building them writes
+random-looking bytes at disk speed and real spectra only for q_proj and v_proj (see synthetic.py). Every table
+records the machine's core count and the device.
 """
 from __future__ import annotations
 
@@ -62,8 +67,8 @@ def run(argv: list[str], out: Path, stats: Path) -> dict:
 def prepare(size: str, work: Path, dtype: str, device: str, rank: int) -> Path:
     model = work / "model"
     if not (model / "model.safetensors.index.json").is_file():
-        code = (f"import sys, torch; sys.path.insert(0, {str(HERE)!r}); from synthetic import SIZES, synthetic_llama; "
-                f"synthetic_llama({str(model)!r}, dtype=torch.{dtype}, **SIZES[{size!r}])")
+        code = (f"import sys, torch; sys.path.insert(0, {str(HERE)!r}); from synthetic import size_spec, synthetic_llama; "
+                f"synthetic_llama({str(model)!r}, dtype=torch.{dtype}, **size_spec({size!r}))")
         subprocess.run([PY, "-c", code], check=True)
     if not (work / "trained" / "adapter_config.json").is_file():
         shutil.rmtree(work / "prep", ignore_errors=True)
@@ -101,6 +106,7 @@ def table(results: dict[str, list[dict]]) -> list[str]:
 
 
 def targets(results: dict[str, list[dict]], device: str) -> list[str]:
+    """The issue's targets, met or not (#2 for the 1.1B checkpoint; #13: decompose at most the copy's time)."""
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     rss = {k: max(r["rss"] for r in v) for k, v in results.items()}
     checks = [
@@ -112,16 +118,18 @@ def targets(results: dict[str, list[dict]], device: str) -> list[str]:
         ("pissa randomized ≤ 3× plain copy", med["decompose pissa randomized"] / med["copy (cp -r)"], 3, False),
         ("peak RSS ≤ 1/4 of PEFT's", max(rss[k] for k in rss if k.startswith("decompose")) / rss["PEFT pissa (full SVD)"], 0.25, False),
     ]
+    slowest = max(v for k, v in med.items() if k.startswith("decompose")) / med["copy (cp -r)"]
     if device.startswith("cuda"):
-        checks.append(("on a GPU, every decompose ≤ 1.3× plain copy",
-                       max(v for k, v in med.items() if k.startswith("decompose")) / med["copy (cp -r)"], 1.3, False))
+        checks.append(("on a GPU, every decompose ≤ 1.3× plain copy", slowest, 1.3, False))
+    checks.append(("many cores, big checkpoint: every decompose ≤ 1.0× plain copy", slowest, 1.0, False))
     return [f"- {name}: {value:.2f} (target {'≥' if up else '≤'} {goal}) — {'met' if (value >= goal if up else value <= goal) else 'NOT met'}"
             for name, value, goal, up in checks]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", nargs="+", default=["170m", "tinyllama"], help="names from synthetic.SIZES")
+    p.add_argument("--sizes", nargs="+", default=["170m", "tinyllama"],
+                   help="names from synthetic.SIZES, or 70b-layers:N")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16")
@@ -139,7 +147,7 @@ def main() -> None:
              "each workload, untimed, so none pays for writing back the output of the one before", ""]
     rss_by_size = {}
     for size in args.sizes:
-        work = args.workdir / size
+        work = args.workdir / size.replace(":", "-")
         model = prepare(size, work, args.dtype, args.device, args.rank)
         size_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         jobs = workloads(model, work, args.device, args.rank)
@@ -154,7 +162,8 @@ def main() -> None:
         shutil.rmtree(work / "out", ignore_errors=True)
         rss_by_size[size] = max(r["rss"] for k, v in results.items() if k.startswith("decompose") for r in v)
         n_shards = len(list(model.glob("*.safetensors")))
-        lines += [f"## {size}: {size_bytes / 1e9:.2f} GB, {args.dtype}, {n_shards} shards", "", *table(results), ""]
+        lines += [f"## {size}: {size_bytes / 1e9:.2f} GB, {args.dtype}, {n_shards} shards; {os.cpu_count()} cores, "
+                  f"device {args.device}", "", *table(results), ""]
         if not args.only:
             scope = "" if size == "tinyllama" else " (set for the 1.1B checkpoint; shown for reference)"
             lines += [f"Targets{scope}:", "", *targets(results, args.device), ""]

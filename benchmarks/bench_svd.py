@@ -6,11 +6,13 @@ rank-r projection U_r Σ_r V_rᵀ against float64 torch.linalg.svd. Nothing here
 
     python benchmarks/bench_svd.py                        # 1024 2048 4096 on the CPU
     python benchmarks/bench_svd.py --sizes 1024 2048 4096 8192 --devices cpu cuda
+    python benchmarks/bench_svd.py --sizes 8192 --repeats 1 --no-warmup --methods ailora-tools   # ours only
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -75,10 +77,14 @@ def main() -> None:
     p.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed first call (fine on CPU at large n)")
+    p.add_argument("--methods", nargs="*", default=None, help="run only methods whose name contains one of these")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
+    methods = {k: v for k, v in METHODS.items() if not args.methods or any(m in k for m in args.methods)}
     lines = [f"# SVD methods, {datetime.date.today()}", "", f"Command: `python benchmarks/bench_svd.py {' '.join(sys.argv[1:])}`", "",
-             f"- {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+             f"- {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+             f"threads {torch.get_num_threads()}, devices {' '.join(args.devices)}"
              + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"),
              f"- rank {args.rank}; n×n matrices with a spiked spectrum; error = relative Frobenius error of the rank-r "
              "projection against float64 torch.linalg.svd; time = median of repeats", "",
@@ -90,9 +96,10 @@ def main() -> None:
             refs = {"principal": (U[:, :args.rank] * S[:args.rank]) @ Vh[:args.rank],
                     "minor": (U[:, -args.rank:] * S[-args.rank:]) @ Vh[-args.rank:]}
             del U, S, Vh
-            for name, (fn, roles) in METHODS.items():
+            for name, (fn, roles) in methods.items():
                 for role in roles:
-                    fn(W, args.rank, role == "principal")  # warm-up (CUDA kernels, LAPACK)
+                    if not args.no_warmup:
+                        fn(W, args.rank, role == "principal")  # warm-up (CUDA kernels, LAPACK)
                     times = []
                     for _ in range(args.repeats):
                         sync(device)
@@ -104,7 +111,7 @@ def main() -> None:
                     lines.append(f"| {device.type} | {n} | {role} | {name} | {statistics.median(times):.4f} | {err:.1e} |")
                     print(lines[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"svd-{'-'.join(args.devices)}-{datetime.date.today()}.md"
+    dest = args.out / f"svd-{'-'.join(args.devices)}-{'-'.join(map(str, args.sizes))}-{datetime.date.today()}.md"
     dest.write_text("\n".join(lines) + "\n")
     print(f"wrote {dest}")
 

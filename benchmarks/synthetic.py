@@ -1,21 +1,37 @@
-"""A synthetic Llama-style checkpoint, written shard by shard (never the whole model in memory).
+"""A synthetic Llama-style checkpoint, written shard by shard and tensor by tensor (never a shard in memory).
 
 q_proj and v_proj get a realistic spectrum (a random bulk plus a few dozen decaying spikes, as pretrained
-attention weights have), the other matrices are random. Layers are spread over `shards` files like
-Hugging Face's sharded saves, embeddings in the first and the head in the last.
+attention weights have); they are what decompose reads. The other matrices only have to be copied, hashed
+and loaded, so they are filled fast from one block of Gaussian values (0.02 scale) repeated, written at disk
+speed: Llama-3.1-8B's shape (16 GB) takes about as long to build as to copy, plus a few seconds of spikes.
+Layers are spread over shards like Hugging Face's sharded saves, embeddings in the first, the head in the last.
+
+Sizes: the names in SIZES, and "70b-layers:N" (N decoder layers of Llama-3.1-70B's shape, 1.7 GB each in
+bfloat16, plus its 2.1 GB embedding and head).
 """
 import json
 import os
+import struct
 
 import torch
-from safetensors.torch import save_file
 
-SIZES = {  # name -> shape; "tinyllama" is TinyLlama-1.1B's
+SIZES = {  # name -> shape; "tinyllama" is TinyLlama-1.1B's, "8b" Llama-3.1-8B's
     "tiny": dict(layers=2, hidden=128, inter=256, kv=2, vocab=512, shards=2),
     "170m": dict(layers=10, hidden=1024, inter=2816, kv=4, vocab=32000, shards=2),
     "tinyllama": dict(layers=22, hidden=2048, inter=5632, kv=4, vocab=32000, shards=5),
     "3b": dict(layers=26, hidden=3072, inter=8192, kv=8, vocab=32000, shards=7),
+    "8b": dict(layers=32, hidden=4096, inter=14336, kv=8, vocab=128256, head_dim=128, shards=4),
 }
+LLAMA_70B_LAYER = dict(hidden=8192, inter=28672, kv=8, vocab=128256, head_dim=128, per_shard=3)
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+FILL_ELEMENTS = 1 << 22  # the repeated block of Gaussian values: 8 MiB in bfloat16
+
+
+def size_spec(name: str) -> dict:
+    """The synthetic_llama keyword arguments for a size name ("8b", "70b-layers:8", ...)."""
+    if name.startswith("70b-layers:"):
+        return dict(LLAMA_70B_LAYER, layers=int(name.split(":", 1)[1]))
+    return SIZES[name]
 
 
 def spiked(m: int, n: int, g: torch.Generator, spikes: int = 64) -> torch.Tensor:
@@ -39,33 +55,67 @@ def synthetic_llama(path, *, layers, hidden, inter, kv, vocab, dtype=torch.float
     with open(f"{path}/config.json", "w") as f:
         json.dump(cfg, f, indent=2)
     g = torch.Generator().manual_seed(seed)
+    fill = (torch.randn(FILL_ELEMENTS, generator=g) * 0.02).to(dtype)
+
+    def filled(*shape):
+        return ("fill", shape)
+
+    def targets(m, n):
+        return ("spiked", (m, n))
+
+    def ones(n):
+        return ("ones", (n,))
+
     per_shard = per_shard or -(-layers // (shards or layers))
     groups = [list(range(i, min(i + per_shard, layers))) for i in range(0, layers, per_shard)]
     weight_map, total = {}, 0
     for si, group in enumerate(groups):
         t = {}
         if si == 0:
-            t["model.embed_tokens.weight"] = torch.randn(vocab, hidden, generator=g) * 0.02
+            t["model.embed_tokens.weight"] = filled(vocab, hidden)
         for layer in group:
             p = f"model.layers.{layer}."
-            t[p + "self_attn.q_proj.weight"] = spiked(heads * head_dim, hidden, g)
-            t[p + "self_attn.k_proj.weight"] = torch.randn(kv * head_dim, hidden, generator=g) * 0.02
-            t[p + "self_attn.v_proj.weight"] = spiked(kv * head_dim, hidden, g)
-            t[p + "self_attn.o_proj.weight"] = torch.randn(hidden, heads * head_dim, generator=g) * 0.02
-            t[p + "mlp.gate_proj.weight"] = torch.randn(inter, hidden, generator=g) * 0.02
-            t[p + "mlp.up_proj.weight"] = torch.randn(inter, hidden, generator=g) * 0.02
-            t[p + "mlp.down_proj.weight"] = torch.randn(hidden, inter, generator=g) * 0.02
-            t[p + "input_layernorm.weight"] = torch.ones(hidden)
-            t[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
+            t[p + "self_attn.q_proj.weight"] = targets(heads * head_dim, hidden)
+            t[p + "self_attn.k_proj.weight"] = filled(kv * head_dim, hidden)
+            t[p + "self_attn.v_proj.weight"] = targets(kv * head_dim, hidden)
+            t[p + "self_attn.o_proj.weight"] = filled(hidden, heads * head_dim)
+            t[p + "mlp.gate_proj.weight"] = filled(inter, hidden)
+            t[p + "mlp.up_proj.weight"] = filled(inter, hidden)
+            t[p + "mlp.down_proj.weight"] = filled(hidden, inter)
+            t[p + "input_layernorm.weight"] = ones(hidden)
+            t[p + "post_attention_layernorm.weight"] = ones(hidden)
         if si == len(groups) - 1:
-            t["model.norm.weight"] = torch.ones(hidden)
-            t["lm_head.weight"] = torch.randn(vocab, hidden, generator=g) * 0.02
-        t = {k: v.to(dtype) for k, v in t.items()}
+            t["model.norm.weight"] = ones(hidden)
+            t["lm_head.weight"] = filled(vocab, hidden)
         name = f"model-{si + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(t, f"{path}/{name}", metadata={"format": "pt"})
+        total += _write_shard(f"{path}/{name}", t, dtype, fill, g)
         weight_map.update({k: name for k in t})
-        total += sum(v.numel() * v.element_size() for v in t.values())
-        del t
     with open(f"{path}/model.safetensors.index.json", "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return path
+
+
+def _write_shard(path: str, tensors: dict, dtype: torch.dtype, fill: torch.Tensor, g: torch.Generator) -> int:
+    """Stream one safetensors file: header, then each tensor's bytes in order. Returns the data size."""
+    item = torch.empty((), dtype=dtype).element_size()
+    doc, at = {"__metadata__": {"format": "pt"}}, 0
+    for name, (_, shape) in tensors.items():
+        n = item
+        for d in shape:
+            n *= d
+        doc[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [at, at + n]}
+        at += n
+    js = json.dumps(doc, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    block = memoryview(fill.view(torch.uint8).numpy().tobytes())
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(js)) + js)
+        for name, (kind, shape) in tensors.items():
+            begin, end = doc[name]["data_offsets"]
+            if kind == "fill":
+                for start in range(0, end - begin, len(block)):
+                    f.write(block[:min(len(block), end - begin - start)])
+            else:
+                value = spiked(*shape, g) if kind == "spiked" else torch.ones(shape)
+                f.write(value.to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+    return at

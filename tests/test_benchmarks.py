@@ -1,4 +1,5 @@
 """Smoke tests: each benchmark script runs at a tiny size and writes its table (no timing is asserted)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +20,36 @@ def test_bench_decompose_runs_every_workload(tmp_path):
                      "PEFT pissa (full SVD)", "PEFT pissa_niter_4", "merge (residual + trained)", "convert (trained -> LoRA)"):
         assert f"| {workload} |" in text
     assert "Targets (set for the 1.1B checkpoint; shown for reference):" in text and "peak RSS ≤ 1/4 of PEFT's" in text and "Command: `python benchmarks/bench_decompose.py" in text
+    assert f"## tiny: 0.00 GB, bfloat16, 2 shards; {os.cpu_count()} cores, device cpu" in text
+    assert "every decompose ≤ 1.0× plain copy" in text
+
+
+def test_synthetic_sizes_of_big_models():
+    from synthetic import size_spec
+
+    assert size_spec("8b") == dict(layers=32, hidden=4096, inter=14336, kv=8, vocab=128256, head_dim=128, shards=4)
+    assert size_spec("70b-layers:8") == dict(layers=8, hidden=8192, inter=28672, kv=8, vocab=128256, head_dim=128,
+                                             per_shard=3)
 
 
 def test_bench_svd_runs_every_method(tmp_path):
     subprocess.run([sys.executable, str(BENCH / "bench_svd.py"), "--sizes", "96", "--repeats", "1",
                     "--devices", "cpu", "--out", str(tmp_path)], check=True, capture_output=True, text=True)
     (report,) = tmp_path.glob("svd-cpu-*.md")
+    assert f"{os.cpu_count()} cores" in report.read_text() and "devices cpu" in report.read_text()
     rows = [line for line in report.read_text().splitlines() if line.startswith("| cpu | 96 |")]
     assert len(rows) == 10  # 6 methods, principal and minor where they apply
     errors = {r.split("|")[4].strip() + " " + r.split("|")[3].strip(): float(r.split("|")[6]) for r in rows}
     assert errors["ailora-tools exact minor"] < 1e-6 and errors["ailora-tools exact principal"] < 1e-6
+
+
+@pytest.mark.slow
+def test_bench_progressive_reports_every_stage(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_progressive.py"), "--layers", "4", "--hidden", "64", "--seq", "32",
+                    "--steps", "6", "--stages", "3", "--rounds", "1", "--workdir", str(tmp_path / "work"),
+                    "--out", str(tmp_path / "results")], check=True, capture_output=True, text=True)
+    (report,) = (tmp_path / "results").glob("progressive-cpu-*.md")
+    text = report.read_text()
+    stages = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert stages == ["0–3 of 0–3", "1–3 of 0–3", "2–3 of 0–3"]
+    assert "Updated parameter-steps: 75.0% of plain training" in text and "cores" in text  # (4 + 3 + 2) / 12

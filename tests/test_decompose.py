@@ -173,7 +173,8 @@ def test_unknown_target_lists_existing_modules(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_peak_memory_stays_within_stated_bound(tmp_path):
-    """README bound: 64 MiB + 16 x the largest target matrix in float32, whatever the checkpoint size."""
+    """README bound: 64 MiB + 16 x the largest target matrix in float32, whatever the checkpoint size. On CUDA,
+    above the baseline with the CUDA context and kernels loaded, a fixed cost (memprobe.py)."""
     import subprocess
     import sys
 
@@ -191,3 +192,5 @@ def test_peak_memory_stays_within_stated_bound(tmp_path):
         probe = json.loads(out.stdout.strip().splitlines()[-1])
         assert probe["peak"] - probe["baseline"] <= bound, (method, probe, bound)
         assert (tmp_path / method / "ailora.json").is_file()
+        if probe["device"].startswith("cuda"):  # README: about 0.8-0.9 GB on an H100 (torch 2.11, CUDA 13)
+            assert probe["fixed"] <= 2 * 2**30, (method, probe)

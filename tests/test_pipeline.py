@@ -150,13 +150,68 @@ def test_decompose_loads_torch_only_after_the_copies_start(tiny, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1].startswith("[False")
     svd = json.loads((tmp_path / "out" / "ailora.json").read_text())["svd"]
-    assert svd["device"] == "auto" and svd["ran_on"] == "cpu"
+    assert svd["device"] == "auto" and svd["ran_on"] == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.mark.parametrize("args,code", [(["--version"], 0), (["decompose"], 2), (["verify", "/nonexistent/out"], 1)])
+@pytest.mark.parametrize("args,code", [(["--version"], 0), (["decompose"], 1), (["verify", "/nonexistent/out"], 1)])
 def test_console_entry_point_keeps_exit_codes(args, code):
     proc = subprocess.run([sys.executable, "-c", "from ailora_tools.cli import run; run()", *args],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == code, proc.stderr
     assert (proc.stdout + proc.stderr).strip()  # output was flushed before the fast exit
 
+
+
+def test_parallel_copies_and_hashing_give_the_same_outputs_and_digests(tiny, tmp_path, monkeypatch):
+    """With several I/O threads (a machine with many cores) shards are copied by several workers at once and
+    large segments hashed on several threads; every byte and every digest is the same as with one."""
+    from ailora_tools import background, hashing, rewrite
+
+    src = tiny("llama")
+    decompose(src, tmp_path / "one", rank=4, progress=False)
+    monkeypatch.setattr(hashing, "_DIGESTS", {})  # hash the sources again, on several threads
+    monkeypatch.setattr(background, "IO_THREADS", 4)
+    monkeypatch.setattr(rewrite, "IO_THREADS", 4)
+    monkeypatch.setattr(rewrite, "COPY_PIECE", 4096)  # many pieces per shard, as a multi-GB shard has
+    monkeypatch.setattr(hashing, "PARALLEL_BYTES", 1024)
+    threads, real_blake3 = [], hashing.blake3
+    monkeypatch.setattr(hashing, "blake3", lambda *a, max_threads=1: threads.append(max_threads) or real_blake3(*a, max_threads=max_threads))
+    barrier, lock, met, real_copy = threading.Barrier(2, timeout=30), threading.Lock(), [], rewrite.copy_ranges
+
+    def copy(*args):
+        with lock:
+            first = len(met) < 2
+            met.append(None)
+        if first:  # the first two pieces meet here only if two workers copy at once
+            try:
+                barrier.wait()
+                met.append(True)
+            except threading.BrokenBarrierError:
+                met.append(False)
+        return real_copy(*args)
+
+    monkeypatch.setattr(rewrite, "copy_ranges", copy)
+    decompose(src, tmp_path / "four", rank=4, progress=False)
+    assert met.count(True) == 2 and False not in met
+    assert 4 in threads and 1 in threads  # large segments and buffers on 4 threads, small ones on one
+    one, four = (json.loads((tmp_path / d / "ailora.json").read_text()) for d in ("one", "four"))
+    assert one["files"]["source"] == four["files"]["source"] and one["files"]["output"].keys() == four["files"]["output"].keys()
+    for rel, digest in four["files"]["output"].items():
+        assert digest == expected_digest(tmp_path / "four" / rel)
+        if rel != "adapter/adapter_config.json":  # that one names its own output directory
+            assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "four" / rel).read_bytes()
+            assert digest == one["files"]["output"][rel]
+
+
+def test_io_threads_scale_with_the_cores(monkeypatch):
+    from ailora_tools import background
+
+    monkeypatch.delenv("AILORA_IO_THREADS", raising=False)
+    found = {}
+    for cores in (1, 2, 4, 7, 8, 16, 64):
+        monkeypatch.setattr(background, "CORES", cores)
+        found[cores] = background._io_threads()
+    assert found == {1: 1, 2: 1, 4: 1, 7: 1, 8: 2, 16: 4, 64: 8}  # up to 7 cores: as on the 2-core machine
+    for value, threads in (("3", 3), ("0", 8), ("many", 8)):
+        monkeypatch.setenv("AILORA_IO_THREADS", value)
+        assert background._io_threads() == threads

@@ -196,26 +196,27 @@ def test_allow_pickle_loads_with_weights_only(tiny, tmp_path):
     (["train", "--base", "{bert}", "--adapter", "{adapter}", "--data", "{data}", "-o", "{out}"],
      r"adapts module .* but the base .* has no tensor"),
     (["export-gguf", "{missing}", "--base", "{llama}", "-o", "{out}"], r"missing: no adapter_config.json"),
-    (["export-gguf", "{adapter}", "--base", "{missing}", "-o", "{out}"], r"--base .*missing: no config.json"),
-    (["export-gguf", "{adapter}", "--base", "{llama}", "-o", "{adapter}/a.gguf"], r"lies inside the input"),
+    (["export-gguf", "{lora}", "--base", "{missing}", "-o", "{out}"], r"--base .*missing: no config.json"),
+    (["export-gguf", "{lora}", "--base", "{llama}", "-o", "{lora}/a.gguf"], r"lies inside the input"),
     (["push", "{missing}", "--repo-id", "me/x", "--dry-run"], r"missing: no such directory, or it is empty"),
     (["train", "--base", "{llama}", "--adapter", "{adapter}", "--data", "{missing}", "-o", "{out}"],
      r"--data .*missing: no such data file"),
-    (["train", "--base", "{llama}", "--adapter", "{adapter}", "--data", "{data}", "-o", "{out}"],
+    (["train", "--base", "{llama}", "--adapter", "{lora}", "--data", "{data}", "-o", "{out}"],
      r"no tokenizer files"),
 ])
 def test_bad_arguments_are_refused_with_one_line(tiny, tmp_path, args, message):
     import re
     llama = copy_model(tiny, "llama", tmp_path, "llama")
     decompose(llama, tmp_path / "dec", rank=4, progress=False)
+    decompose(llama, tmp_path / "plain", rank=4, method="lora", progress=False)  # applies to the original
     (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
     fill = {"missing": tmp_path / "missing", "out": tmp_path / "out", "llama": llama, "bert": tiny("bert"),
-            "adapter": tmp_path / "dec" / "adapter", "data": tmp_path / "d.jsonl"}
+            "adapter": tmp_path / "dec" / "adapter", "lora": tmp_path / "plain" / "adapter", "data": tmp_path / "d.jsonl"}
     code, out = cli(*[a.format(**fill) for a in args])
     assert code == 1 and out.startswith("error: ") and out.count("\n") == 1, out
     assert re.search(message, out), out
     assert not (tmp_path / "out").exists() and not (llama / "inside").exists()
-    assert not (tmp_path / "dec" / "adapter" / "a.gguf").exists()
+    assert not (tmp_path / "plain" / "adapter" / "a.gguf").exists()
 
 
 def test_non_empty_output_needs_overwrite(tiny, tmp_path):

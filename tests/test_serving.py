@@ -108,7 +108,7 @@ def test_q8_0_where_rows_allow_and_says_where_not(converted):
 
 
 def test_unsupported_architecture_is_named(tiny, tmp_path):
-    decompose(tiny("bert"), tmp_path / "dec", rank=4, progress=False)
+    decompose(tiny("bert"), tmp_path / "dec", rank=4, method="lora", progress=False)
     code = CliRunner().invoke(main, ["export-gguf", str(tmp_path / "dec" / "adapter"), "--base", str(tiny("bert")),
                                      "-o", str(tmp_path / "b.gguf")])
     assert code.exit_code == 1 and "architecture 'bert' is not supported" in code.output

@@ -56,6 +56,42 @@ def test_minor_components_of_a_square_matrix():
         assert rel((t.U * t.S) @ t.Vh, projection(W, 8, False)) < 1e-6
 
 
+def test_minor_components_below_the_old_floor_are_kept():
+    """bench_svd at 8192²: σ_min = 4.8e-7·σ_max fell under the old "zero" floor √(n·eps64)·σ_max (1.3e-6) and
+    was replaced by a random direction (error 3e-2). The same mechanism at n = 512: σ_min = 2e-7·σ_max, under
+    √(512·eps64) = 3.4e-7 but far above the float64 Gram method's noise (√eps64 = 1.5e-8)."""
+    n, g = 512, torch.Generator().manual_seed(13)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    S = torch.linspace(2e-3 / n, 2e-3, n, dtype=torch.float64)  # a square bulk: σ grows linearly from the edge
+    S[:64] = 3.0 * torch.arange(1, 65, dtype=torch.float64) ** -0.8  # and spikes, as synthetic.spiked has
+    S, _ = S.sort(descending=True)
+    S[-1] = 2e-7 * S[0]
+    W = (U * S) @ V.T
+    eps64 = torch.finfo(torch.float64).eps
+    assert eps64 ** 0.5 < 2e-7 < (n * eps64) ** 0.5
+    t = triplets(W, 8, "minor")
+    assert t.deficient == 0
+    torch.testing.assert_close(t.S, S[-8:], rtol=1e-4, atol=0)
+    assert rel((t.U * t.S) @ t.Vh, (U[:, -8:] * S[-8:]) @ V[:, -8:].T) < 1e-6  # W's own SVD is the reference
+
+
+def test_exactly_rank_deficient_square_matrices_are_completed():
+    """Duplicated and zero rows of a float32 matrix: exact null directions (they come out at σ ≤ 1e-12·σ_max)."""
+    W = spiked(256, 256, torch.Generator().manual_seed(5))
+    W[:3] = W[3:6]
+    W[-2:] = 0
+    t = triplets(W.double(), 8, "minor")
+    assert t.deficient == 5
+    assert t.S[3:].tolist() == [svd.GRAM_NOISE * t.sigma_max] * 5  # the completed ones, after the genuine ones
+    torch.testing.assert_close(t.U.T @ t.U, torch.eye(8, dtype=torch.float64))
+    torch.testing.assert_close(t.Vh @ t.Vh.T, torch.eye(8, dtype=torch.float64))
+    U, S, Vh = torch.linalg.svd(W.double())
+    assert float(S[-5:].max() / S[0]) < 1e-12 < float(S[-8:-5].min() / S[0])  # 5 exact zeros, then genuine ones
+    genuine = (U[:, -8:-5] * S[-8:-5]) @ Vh[-8:-5]
+    assert rel((t.U[:, :3] * t.S[:3]) @ t.Vh[:3], genuine) < 1e-8
+
+
 def test_randomized_is_seeded_per_module():
     W = spiked(300, 200, torch.Generator().manual_seed(3))
     cpu = torch.device("cpu")

@@ -1,0 +1,108 @@
+"""What every initialisation method is: one target matrix in, its initial factors (A0, B0) out.
+
+A method says which role each target gets (`role_of`), whether it needs calibration data (`needs_data`,
+with `prepare` run once before any factor), whether its initial product is subtracted from the base
+(`offsets_base`), and how it computes the factors of one matrix (`factors`). The SVD methods share
+`svd_factors`: with s the LoRA scale (α/r, or α/√r with rsLoRA) and W ≈ U Σ Vᵀ on the kept directions,
+B0 = U √Σ / √s and A0 = √Σ Vᵀ / √s, so s·B0·A0 = U Σ Vᵀ.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..targets import MINOR, PRINCIPAL, Architecture
+
+if TYPE_CHECKING:  # torch loads on first use, so that decompose can start copying while it loads
+    import torch
+
+    from ..checkpoint import Checkpoint
+    from ..svd import Triplets
+    from ..tensorio import TensorInfo
+
+
+@dataclass(frozen=True)
+class Job:
+    """One target matrix: its module name, stored tensor, role, and whether it is stored [in, out] (Conv1D)."""
+
+    module: str
+    tensor: TensorInfo
+    role: str | None
+    transposed: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """[out, in], whatever the storage order."""
+        return tuple(self.tensor.shape[::-1] if self.transposed else self.tensor.shape)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a method's `factors` needs besides the matrix: rank, scale and the SVD/seed options."""
+
+    rank: int
+    scale: float
+    svd: str = "randomized"
+    niter: int = 4
+    oversample: int = 8
+    seed: int = 0
+
+
+class InitMethod:
+    """Base class of the init methods; each subclass lives in its own file and is registered in `__init__`."""
+
+    name: str = ""
+    #: one line for --help and the README
+    summary: str = ""
+    #: every target must get a role (principal/minor) from `role_of` or --role
+    needs_roles: bool = True
+    #: reads calibration samples (--data) in `prepare`
+    needs_data: bool = False
+    #: the residual W − s·B0·A0 replaces W (False: B0 = 0, the base is untouched)
+    offsets_base: bool = True
+    #: `factors` reads W (False: only its shape)
+    needs_weights: bool = True
+
+    def role_of(self, target: str, name: str, arch: Architecture) -> str | None:
+        """The role of a requested target (`name`: what it is called in this architecture)."""
+        raise NotImplementedError
+
+    def prepare(self, ckpt: Checkpoint, jobs: list[Job], settings: Settings, **options) -> Any:
+        """Work done once before any factor (e.g. calibration); its result is passed to `factors`."""
+        return None
+
+    def factors(self, job: Job, W: torch.Tensor | None, settings: Settings, *, context: Any = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(A0 [r, in], B0 [out, r]) in float32 and this module's manifest stats, for W [out, in]."""
+        return svd_factors(W, job.role, settings, generator=generator)
+
+
+def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
+    """PEFT's scaling: α/r, or α/√r with rsLoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def svd_factors(W: torch.Tensor, role: str, settings: Settings, *, generator=None):
+    """Factors from W's principal or minor singular triplets, with the spectrum facts the manifest records."""
+    from ..svd import triplets
+
+    t = triplets(W, settings.rank, role, mode=settings.svd, niter=settings.niter, oversample=settings.oversample,
+                 generator=generator)
+    A0, B0 = factors_from_triplets(t, settings.scale)
+    stats = {"role": role, "sigma_max": t.sigma_max, "sigma_edge": float(t.S[-1] if role == PRINCIPAL else t.S[0]),
+             "energy_fraction": t.energy_fraction, "deficient_directions": t.deficient}
+    return A0, B0, stats
+
+
+def factors_from_triplets(t: Triplets, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0 [r, in], B0 [out, r]) as float32, with s·B0·A0 = U Σ Vᵀ up to float32 rounding."""
+    import torch
+
+    root = (t.S / scale).sqrt()
+    A0 = root[:, None] * t.Vh
+    B0 = t.U * root[None, :]
+    return A0.to(torch.float32).contiguous(), B0.to(torch.float32).contiguous()
+
+
+__all__ = ["Job", "Settings", "InitMethod", "lora_scale", "svd_factors", "factors_from_triplets", "PRINCIPAL", "MINOR"]

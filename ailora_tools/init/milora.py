@@ -1,0 +1,11 @@
+"""MiLoRA (arXiv 2406.09044): every target starts from its minor singular components."""
+from ..targets import MINOR
+from .method import InitMethod
+
+
+class MiLoRA(InitMethod):
+    name = "milora"
+    summary = "all targets minor"
+
+    def role_of(self, target, name, arch):
+        return MINOR

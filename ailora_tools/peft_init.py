@@ -1,0 +1,146 @@
+"""AILoRA / PiSSA / MiLoRA / LoRA initialisation of an in-memory transformers model, as PEFT's `get_peft_model`.
+
+For transformers' Trainer, TRL or any training loop: `get_ailora_model(model, method="ailora", rank=16)`
+wraps the model with PEFT's LoRA, writes the initial factors A0, B0 into each target's lora_A / lora_B, and
+replaces the target's base weight by its residual W − s·B0·A0, so the model's output is unchanged at step 0.
+Factors and residuals are those `decompose` writes for the same settings (same functions, same per-module
+seeds): the same on the same device, bit for bit.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tqdm.auto import tqdm
+
+from .errors import NumericsError, UnsupportedError
+from .options import at_least, choice, positive
+from .init import Job, Settings, get_method, lora_scale
+from .targets import architecture, assign_roles, is_transposed, matches
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+
+
+def get_ailora_model(
+    model, *, method: str = "ailora", rank: int = 16, alpha: float | None = None, rslora: bool = False,
+    targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"), roles: dict[str, str] | None = None,
+    svd: str = "randomized", niter: int = 4, oversample: int = 8, seed: int = 0, device: str = "auto",
+    lora_dropout: float = 0.0, adapter_name: str = "default", progress: bool = True,
+) -> PeftModel:
+    """Wrap `model` in a PEFT LoRA initialised by `method`; the target base weights become residuals in place.
+
+    Args:
+        model: a transformers model (`PreTrainedModel`) in memory, float weights. It is modified in place
+            (PEFT wraps it; target weights become W − s·B0·A0) and returned wrapped.
+        method: "ailora" (query principal, value minor), "pissa", "milora" or "lora" (Kaiming A, B = 0,
+            base untouched).
+        rank, alpha, rslora: LoRA rank, alpha (default: rank) and rsLoRA scaling.
+        targets: module-name suffixes (architecture aliases such as BERT's query/value resolved).
+        roles: suffix -> "principal" | "minor", overriding the method's roles.
+        svd, niter, oversample, seed: as for `decompose`; each module's draw is seeded by (seed, name).
+        device: where the SVDs run (auto, cpu, cuda, cuda:N); results are written back where the weights are.
+        lora_dropout, adapter_name: passed to PEFT.
+        progress: show a tqdm bar.
+
+    Returns:
+        The `PeftModel`. Save the initial adapter with `save_pretrained` before training to convert the trained
+        one later (PEFT's `path_initial_model_for_weight_conversion`, or `ailora-tools convert --initial`).
+
+    Raises:
+        TargetError: unknown method/svd, a target or role that does not fit the model.
+        UnsupportedError: not a transformers model, non-float (quantized) or meta weights, a tied target weight,
+            a fused projection asked for two roles.
+        NumericsError: a rank the matrix cannot give, NaN/Inf in a weight.
+
+    Example:
+        >>> model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-0.5B")  # doctest: +SKIP
+        >>> model = get_ailora_model(model, method="ailora", rank=16)  # doctest: +SKIP
+        >>> Trainer(model=model, args=args, train_dataset=ds).train()  # doctest: +SKIP
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    from .peft_format import task_type
+    from .svd import resolve_device
+
+    init = get_method(method)
+    choice("svd", svd, ("exact", "randomized"))
+    at_least("rank", rank, 1)
+    positive("alpha", alpha)
+    at_least("niter", niter, 0)
+    at_least("oversample", oversample, 0)
+    if init.needs_data:
+        raise UnsupportedError(f"method={method!r} needs calibration data; use `ailora-tools decompose --method "
+                               f"{method} --data ...` and load its adapter with PEFT")
+    config = getattr(model, "config", None)
+    if not hasattr(config, "to_dict"):
+        raise UnsupportedError(f"{type(model).__name__} has no transformers config; pass a transformers model "
+                               "(AutoModelFor*.from_pretrained)")
+    alpha = float(rank if alpha is None else alpha)
+    config = config.to_dict()
+    arch = architecture(config)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    role_of = assign_roles(init, list(targets), list(layers), arch, dict(roles or {}))
+    _check_weights(model, {m: layers[m].weight for m in role_of}, role_of, rank)
+    suffixes = sorted({m.rsplit(".", 1)[-1] for m in role_of})
+    exact = {m for m in layers if any(matches(m, s) for s in suffixes)} == set(role_of)
+    lora = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=suffixes if exact else sorted(role_of),
+                      lora_dropout=lora_dropout, bias="none", init_lora_weights=True, task_type=task_type(config),
+                      fan_in_fan_out=any(is_transposed(m, arch) for m in role_of))
+    peft_model = get_peft_model(model, lora, adapter_name=adapter_name)
+    params = Settings(rank, lora_scale(rank, alpha, rslora), svd, niter, oversample, seed)
+    dev = resolve_device(device)
+    for m in tqdm(sorted(role_of), desc=f"{method} init", unit="matrix", disable=not progress):
+        layer = peft_model.base_model.model.get_submodule(m)
+        W = layer.get_base_layer().weight
+        A0, B0, residual = _initialise(W.detach(), init, m, role_of[m], is_transposed(m, arch), params, dev)
+        with torch.no_grad():
+            layer.lora_A[adapter_name].weight.copy_(A0)
+            layer.lora_B[adapter_name].weight.copy_(B0)
+            if residual is not None:
+                W.copy_(residual)
+    return peft_model
+
+
+def _initialise(W: torch.Tensor, init, module: str, role: str | None, transposed: bool, params, device):
+    """(A0, B0, residual as stored or None) for one target, with decompose's own code and per-module seed."""
+    from .residual import residual_target
+    from .svd import generator_for
+    from .tensorio import TensorInfo
+
+    job = Job(module, TensorInfo(f"{module}.weight", "the model in memory", _stored_dtype(W), tuple(W.shape), 0, 0),
+              role, transposed)
+    if not init.offsets_base:  # plain LoRA: the base stays as it is
+        A0, B0, _ = init.factors(job, None, params, generator=generator_for(params.seed, module, "cpu"))
+        return A0, B0, None
+    residual, (A0, B0), _ = residual_target(job, W, init, params, device=device, out_dtype=None)
+    return A0, B0, residual
+
+
+def _check_weights(model, weights: dict[str, torch.Tensor], role_of: dict[str, str | None], rank: int) -> None:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for m, W in weights.items():
+        if _stored_dtype(W) is None:
+            raise UnsupportedError(f"{m}.weight has dtype {W.dtype} (quantized?); initialise the float model, then "
+                                   "quantize, or use decompose on the float checkpoint")
+        if W.device.type == "meta":
+            raise UnsupportedError(f"{m}.weight is on the meta device (offloaded or not loaded); load the model's "
+                                   "weights into memory first")
+        if rank >= min(W.shape):
+            raise NumericsError(f"rank={rank}: {m}.weight is {W.shape[0]}x{W.shape[1]}, so rank must be below "
+                                f"{min(W.shape)}")
+        tied = [n for n in names.get(id(W), []) if n != f"{m}.weight"]
+        if tied and role_of[m] is not None:  # plain LoRA leaves the weight as it is
+            raise UnsupportedError(f"{m}.weight is tied to {', '.join(tied)}; replacing it by its residual would change "
+                                   f"that too. Leave {m.rsplit('.', 1)[-1]} out of targets or untie the weights")
+
+
+def _stored_dtype(W: torch.Tensor) -> str | None:
+    """W's safetensors dtype name among the float types decompose handles ("F32", "BF16", ...), else None."""
+    from .tensorio import DTYPES, FLOAT_DTYPES
+
+    return next((k for k in FLOAT_DTYPES if DTYPES[k][0] == str(W.dtype).removeprefix("torch.")), None)

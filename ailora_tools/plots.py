@@ -1,0 +1,101 @@
+"""PNG figures for `spectrum` and `compare` (matplotlib's object API with the Agg canvas: no pyplot, no display).
+
+Each function draws one figure from plain data and writes it to an open binary file, so callers publish it
+through `OutputDir.open_atomic`.
+"""
+from __future__ import annotations
+
+from typing import BinaryIO
+
+#: colours for targets / runs, in order (matplotlib's tab10)
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+           "tab:olive", "tab:cyan")
+DPI = 110
+
+
+def _figure(ncols: int, *, width: float = 4.2, height: float = 3.4):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), dpi=DPI, layout="constrained")
+    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+
+
+def _save(fig, f: BinaryIO) -> None:
+    fig.savefig(f, format="png")
+
+
+def spectra_figure(f: BinaryIO, panels: list[tuple[str, dict[str, list[float]]]], rank: int, title: str) -> None:
+    """One panel per layer: σ_i / σ_max (log scale) against i / n for each target, the kept edges marked.
+
+    Args:
+        panels: (panel title, {target: singular values, descending}) per layer.
+        rank: r; dotted lines mark the r-th largest and r-th smallest direction of the first target.
+    """
+    fig, axes = _figure(len(panels), width=3.6)
+    for ax, (name, spectra) in zip(axes, panels):
+        for colour, (target, s) in zip(COLOURS, spectra.items()):
+            n = len(s)
+            top = s[0] if s[0] > 0 else 1.0
+            ax.semilogy([(i + 0.5) / n for i in range(n)], [max(v / top, 1e-12) for v in s], color=colour, label=target)
+        n = len(next(iter(spectra.values())))
+        for edge in (rank / n, 1 - rank / n):
+            ax.axvline(edge, color="black", linestyle=":", linewidth=0.8)
+        ax.set_title(name)
+        ax.set_xlabel("i / n (descending σ)")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel("σ_i / σ_max")
+    axes[0].legend()
+    fig.suptitle(title)
+    _save(fig, f)
+
+
+def per_layer_figure(f: BinaryIO, layers: list[int], series: dict[str, dict[str, list[float | None]]],
+                     title: str, *, log: tuple[str, ...] = ()) -> None:
+    """One panel per quantity, one line per target, plotted against the layer index.
+
+    Args:
+        series: panel title -> {target: one value per entry of `layers` (None where absent)}.
+        log: panel titles drawn on a log y axis.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _figure(len(series))
+    for ax, (panel, lines) in zip(axes, series.items()):
+        for colour, (target, values) in zip(COLOURS, lines.items()):
+            pts = [(x, v) for x, v in zip(layers, values) if v is not None]
+            ax.plot([x for x, _ in pts], [v for _, v in pts], marker="o", markersize=3, color=colour, label=target)
+        if panel in log:
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(panel)
+        ax.set_xlabel("layer")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    _save(fig, f)
+
+
+def loss_figure(f: BinaryIO, curves: dict[str, list[tuple[int, float]]], *, title: str, ylabel: str,
+                smoothed: dict[str, list[tuple[int, float]]] | None = None, target: float | None = None) -> None:
+    """Loss against step, one line per run; with `smoothed` curves the raw points are drawn faint beneath them.
+
+    Args:
+        curves: run name -> [(step, loss), ...].
+        smoothed: run name -> the smoothed curve drawn as the run's line.
+        target: a horizontal dashed line at this loss (the "steps to reach" threshold).
+    """
+    fig, (ax,) = _figure(1, width=6.4, height=4.2)
+    for colour, (name, pts) in zip(COLOURS, curves.items()):
+        if smoothed is not None:
+            ax.plot([s for s, _ in pts], [v for _, v in pts], color=colour, alpha=0.25, linewidth=0.8)
+            pts = smoothed[name]
+        ax.plot([s for s, _ in pts], [v for _, v in pts], color=colour, label=name,
+                marker=None if smoothed is not None else "o", markersize=3)
+    if target is not None:
+        ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target:.3g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    _save(fig, f)
