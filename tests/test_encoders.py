@@ -16,6 +16,7 @@ from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForSequenceC
                           RobertaConfig, RobertaForMaskedLM, RobertaTokenizer)
 
 from ailora_tools.cli import main
+from ailora_tools.errors import FormatError
 from ailora_tools.model_names import match
 from ailora_tools.peft_format import read_adapter, write_adapter
 from ailora_tools.verify import verify
@@ -350,3 +351,46 @@ def test_masked_lm_needs_a_checkpoint_with_its_head(bare_decomposed, tmp_path):
     assert res.exit_code == 1, res.output  # auto on a bare encoder: masked LM, and BertModel has no MLM head
     last = res.output.strip().splitlines()[-1]
     assert "--task masked-lm: BertForMaskedLM needs weights that" in last and "--task sequence-classification" in last
+
+
+def test_check_rows_knows_the_task(tmp_path):
+    """train checks rows before any model loads, by the task's shapes: labeled rows pass for classification only."""
+    from ailora_tools.data import check_rows
+
+    labeled, pairs = tmp_path / "l.jsonl", tmp_path / "p.jsonl"
+    labeled.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(3)))
+    pairs.write_text(json.dumps({"text_a": "a", "text_b": "b", "label": "yes"}) + "\n")
+    assert check_rows(labeled, task="sequence-classification") == 3
+    assert check_rows(pairs, task="sequence-classification") == 1
+    with pytest.raises(FormatError, match=r'l\.jsonl:1: rows with "label" are for --task sequence-classification'):
+        check_rows(labeled)  # causal LM
+    with pytest.raises(FormatError, match=r'p\.jsonl:1: masked-LM rows are \{"text"\} only'):
+        check_rows(pairs, task="masked-lm")
+    prompts = tmp_path / "c.jsonl"
+    prompts.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    with pytest.raises(FormatError, match=r'c\.jsonl:1: no "label" column'):
+        check_rows(prompts, task="sequence-classification")
+
+
+def test_merge_with_dtype_writes_the_head_and_its_labels_in_one_config(bare_decomposed, tmp_path):
+    """--dtype and a new head both change config.json: the merged one names the class, the labels and the dtype,
+    every float tensor (the added head too) is in that dtype, and it computes what the float32 merge computes."""
+    data = sst2(tmp_path / "t.jsonl", 16, seed=1)
+    cli("train", "--base", bare_decomposed / "residual", "--adapter", bare_decomposed / "adapter", "--data", data,
+        "-o", tmp_path / "trained", "--task", "sequence-classification", "--max-steps", "3", "--lr", "1e-2", "--quiet")
+    cli("merge", bare_decomposed / "residual", tmp_path / "trained", "-o", tmp_path / "m32", "--quiet")
+    summary = cli("merge", bare_decomposed / "residual", tmp_path / "trained", "-o", tmp_path / "m16", "--dtype",
+                  "bfloat16", "--json")
+    assert "classifier.weight" in summary["head_tensors"]
+    config = json.loads((tmp_path / "m16" / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert config["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
+    assert config.get("torch_dtype", config.get("dtype")) == "bfloat16"
+    with safe_open(str(tmp_path / "m16" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert "classifier.weight" in set(f.keys())
+    src = bare_decomposed / "residual"
+    full = outputs(load_merged(AutoModelForSequenceClassification, tmp_path / "m32"), src)
+    half = outputs(load_merged(AutoModelForSequenceClassification, tmp_path / "m16").float(), src)
+    assert (half - full).abs().max() <= 0.05 * full.abs().max() + 1e-2
+    assert verify(tmp_path / "m16")["problems"] == []
