@@ -245,7 +245,9 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
               help="Frozen base: the residual model directory from decompose, or the ORIGINAL model for an adapter "
                    "from decompose --no-residual.")
 @click.option("--adapter", required=True, type=click.Path(), help="Initial adapter (OUT/adapter from decompose).")
-@click.option("--data", required=True, type=click.Path(), help='Training JSONL: {"text"}, {"prompt","completion"} or {"messages"}.')
+@click.option("--data", required=True, type=click.Path(),
+              help='Training JSONL. Causal LM: {"text"}, {"prompt","completion"} or {"messages"}; masked LM: {"text"}; '
+                   'sequence classification: {"text","label"} or {"text_a","text_b","label"}.')
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory for the trained adapter.")
 @click.option("--eval-data", type=click.Path(), default=None, help="Evaluation JSONL (eval loss at the start, every --eval-every steps and at the end).")
 @click.option("--epochs", type=int, default=1, help="Passes over the data (ignored when --max-steps is given).")
@@ -269,22 +271,26 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 @click.option("--adapter-base", type=click.Choice(["auto", "residual", "original"]), default="auto",
               help="auto: as decompose's manifest records. residual: train base + s·B·A. original: train "
                    "base + s(B·A − B0·A0) on the original model (exact).")
+@click.option("--task", type=click.Choice(["auto", "causal-lm", "masked-lm", "sequence-classification"]), default="auto",
+              help="What to train for; auto: what the base was saved for (its config's architectures; a bare encoder: masked-lm).")
+@click.option("--num-labels", type=int, default=None, help="Classes of a new classification head (default: from the labels).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def train(base, adapter, data, out, eval_data, epochs, max_steps, lr, batch_size, grad_accum, max_length, warmup,
           scheduler, seed, save_every, eval_every, resume, device, dtype, tokenizer, progressive, adapter_base,
-          overwrite, as_json, quiet):
+          task, num_labels, overwrite, as_json, quiet):
     """Train the adapter on its frozen base (the residual, or the original model for --no-residual adapters);
-    only the LoRA factors learn."""
+    only the LoRA factors learn (and a classification head)."""
     from .train import train as run
 
     summary = run(base, adapter, data, out, eval_data=eval_data, epochs=epochs, max_steps=max_steps, lr=lr,
                   batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
                   scheduler=scheduler, seed=seed, save_every=save_every, eval_every=eval_every, resume=resume,
                   device=device, dtype=dtype, tokenizer=tokenizer, progressive=progressive,
-                  adapter_base=adapter_base, overwrite=overwrite, progress=_progress(quiet or as_json))
+                  adapter_base=adapter_base, task=task, num_labels=num_labels, overwrite=overwrite,
+                  progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"trained {summary['steps']} steps into {summary['output']}")
     if "progressive" in summary and not as_json:
         for s in summary["progressive"]["stages"]:

@@ -4,6 +4,11 @@
 every module (per-module scales folded into B), so servers that ignore rank/alpha patterns scale it
 right. `max_rank` re-compresses each module exactly up to truncation: QR of both factors, SVD of the
 small core, keep the largest triplets; the dropped singular values give the reported error.
+
+The trained adapter names modules as the class it was trained on (BertForSequenceClassification:
+`bert.encoder...`), the initial one as the decomposed checkpoint stores them (a bare BertModel: `encoder...`);
+they are paired through the base model prefix the training manifest records (`model_names`), and the output
+keeps the trained names and its `modules_to_save` (a classification head) unchanged.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 from .check import check_adapter, vllm_max_lora_rank
 from .errors import AiloraError, FormatError, InputNotFoundError, NumericsError
 from .hashing import file_digest
+from .model_names import match
 from .options import at_least, choice
 from .output import OutputDir
 from .peft_format import Adapter, lora_config, read_adapter, write_adapter
@@ -41,11 +47,26 @@ def original_base_of(initial: Path) -> str | None:
     return None
 
 
-def delta_factors(initial: Adapter, trained: Adapter) -> tuple[dict, float, dict]:
-    """Per module (B', A') with s'·B'·A' = ΔW, the common scale s', and a per-module ΔW-is-zero flag."""
-    if set(initial.factors) != set(trained.factors):
-        raise FormatError("initial and trained adapters adapt different modules: "
-                          f"{sorted(set(initial.factors) ^ set(trained.factors))}")
+def task_record(adapter_dir: str | os.PathLike) -> dict | None:
+    """The task record (`tasks.load_model`) of a trained or converted adapter's manifest, if it has one."""
+    for name in (TRAIN_MANIFEST, CONVERT_MANIFEST):
+        if (path := Path(adapter_dir) / name).is_file():
+            return json.loads(path.read_text()).get("task")
+    return None
+
+
+def delta_factors(initial: Adapter, trained: Adapter, *, prefix: str | None = None,
+                  config: dict | None = None) -> tuple[dict, float, dict]:
+    """Per module (B', A') with s'·B'·A' = ΔW, the common scale s', and a per-module ΔW-is-zero flag.
+
+    Keys are the trained adapter's module names; the initial adapter's may differ from them by the base model
+    prefix (`prefix`, or looked up from the model `config` when the names differ).
+    """
+    names = match(initial.factors, trained.factors, prefix=prefix, config=config)
+    if len(names) != len(initial.factors) or len(trained.factors) != len(initial.factors):
+        unpaired = (set(initial.factors) - set(names)) | (set(trained.factors) - set(names.values()))
+        raise FormatError(f"initial and trained adapters adapt different modules: {sorted(unpaired)}")
+    initial = Adapter(initial.config, {names[m]: f for m, f in initial.factors.items()})
     c = trained.config
     s_common = c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"])
     out, unchanged = {}, {}
@@ -62,6 +83,13 @@ def delta_factors(initial: Adapter, trained: Adapter) -> tuple[dict, float, dict
             out[m] = (B_cat, torch.cat([A.double(), A0.double()], dim=0))
         unchanged[m] = torch.equal(A, A0) and torch.equal(B, B0) and s == s0
     return out, s_common, unchanged
+
+
+def _model_config(adapter: Adapter) -> dict | None:
+    """The config.json of the model an adapter names as its base, when that is a local directory."""
+    base = adapter.config.get("base_model_name_or_path")
+    path = Path(str(base)) / "config.json" if base else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
 def compress(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -106,8 +134,9 @@ def convert(
     choice("--dtype", dtype, DTYPE_FLAGS)
     trained = Path(trained)
     initial = Path(initial) if initial is not None else initial_adapter_of(trained)
-    init_ad, tr_ad = read_adapter(initial), read_adapter(trained)
-    pairs, scale, unchanged = delta_factors(init_ad, tr_ad)
+    init_ad, tr_ad, task = read_adapter(initial), read_adapter(trained), task_record(trained)
+    pairs, scale, unchanged = delta_factors(init_ad, tr_ad, prefix=(task or {}).get("base_model_prefix"),
+                                            config=_model_config(init_ad))
     if all(unchanged.values()):
         raise AiloraError(f"{trained}: the trained adapter equals the initial one {initial} (ΔW = 0): nothing "
                           "was learned, so there is nothing to convert; check that training ran and saved")
@@ -131,18 +160,21 @@ def convert(
     config = lora_config(rank=rank, alpha=scale * (math.sqrt(rank) if rslora else rank),
                          targets=[m.rsplit(".", 1)[-1] for m in factors], rslora=rslora,
                          base=_name_or_path(base or original_base_of(initial) or c.get("base_model_name_or_path")),
-                         task_type=c.get("task_type"), fan_in_fan_out=bool(c.get("fan_in_fan_out")))
+                         task_type=c.get("task_type"), fan_in_fan_out=bool(c.get("fan_in_fan_out")),
+                         modules_to_save=c.get("modules_to_save"))
     summary = {
         "trained": str(trained), "initial": str(initial), "output": str(Path(out).absolute()),
         "rank": rank, "lora_alpha": config["lora_alpha"], "use_rslora": rslora, "modules": len(factors),
         "vllm_max_lora_rank": vllm_max_lora_rank(rank), "worst_rel_fro_error": worst,
         "unchanged_modules": sorted(m for m, u in unchanged.items() if u), "errors": errors,
+        "modules_to_save": sorted(c.get("modules_to_save") or []),
     }
     with OutputDir(out, inputs=[trained, initial], overwrite=overwrite) as od:
-        written = write_adapter(od.path, config, factors, dtype=torch_dtype(DTYPE_FLAGS[dtype]))
+        written = write_adapter(od.path, config, factors, dtype=torch_dtype(DTYPE_FLAGS[dtype]), extra=tr_ad.extra)
         summary["vllm_check"] = [str(f) for f in check_adapter(od.path, target="vllm",
                                                                max_lora_rank=summary["vllm_max_lora_rank"])]
-        od.write_manifest(CONVERT_MANIFEST, {**summary, "files": {"output": {p.name: file_digest(p) for p in written}}})
+        od.write_manifest(CONVERT_MANIFEST, {**summary, "task": task,
+                                             "files": {"output": {p.name: file_digest(p) for p in written}}})
     return summary
 
 

@@ -1,17 +1,25 @@
-"""Training data: JSONL in three shapes, tokenized with loss masks.
+"""Training data: JSONL, tokenized with loss masks (language models) or labels (classification).
 
+Causal LM:
 - {"text": ...}: loss on every token.
 - {"prompt": ..., "completion": ...}: loss on completion tokens only.
 - {"messages": [{"role", "content"}, ...]}: rendered with the tokenizer's chat template; loss on the
   assistant turns only (each found as the difference between the conversation rendered up to it with a
   generation prompt and rendered through it).
+
+Masked LM: {"text": ...}; 15% of the non-special tokens are picked (at least one), once, with a seeded draw
+(static masking, so a resumed run sees the same data); of those 80% become the mask token, 10% a random token,
+10% stay; the loss is on the picked tokens.
+
+Sequence classification: {"text", "label"} or {"text_a", "text_b", "label"} (a sentence pair, as GLUE's MRPC or
+RTE). Labels are class ids (integers 0..K-1) or class names (strings), one type in all files.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 from .errors import FormatError, InputNotFoundError
 
@@ -19,6 +27,9 @@ if TYPE_CHECKING:
     import torch
 
 IGNORE = -100
+MASK_PROBABILITY = 0.15
+LABELED_SHAPES = '{"text", "label"} or {"text_a", "text_b", "label"}'
+T = TypeVar("T")
 
 
 @dataclass
@@ -29,16 +40,38 @@ class Example:
     labels: list[int]
 
 
-def check_rows(path: str | Path, *, flag: str = "--data") -> int:
-    """Check a JSONL file's shape without a tokenizer (every line an object of one of the three shapes), so
-    bad data fails in a second, before any model loads. Returns the number of rows.
+@dataclass
+class LabeledRow:
+    """One sequence-classification row as written: its line number, text or text pair, and label."""
+
+    line: int
+    text_a: str
+    text_b: str | None
+    label: int | str
+
+
+@dataclass
+class LabeledExample:
+    """One tokenized sequence-classification example."""
+
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    label: int
+
+
+def check_rows(path: str | Path, *, flag: str = "--data", task: str = "causal-lm") -> int:
+    """Check a JSONL file's shape without a tokenizer, so bad data fails in a second, before any model loads:
+    every line an object of one of the causal-LM shapes, {"text"} for masked-lm, or a labeled row (one label
+    type in the file) for sequence-classification. Returns the number of rows.
 
     Raises:
         InputNotFoundError: no such file. FormatError: a bad line, naming its line number; no rows.
     """
+    if task == "sequence-classification":
+        return len(read_labeled_jsonl(path, flag=flag))
     n = 0
     for lineno, row in _rows(path, flag):
-        _shape(row, path, lineno)
+        (_masked_shape if task == "masked-lm" else _shape)(row, path, lineno)
         n += 1
     if not n:
         raise FormatError(f"{flag} {path}: no examples (the file is empty)")
@@ -73,6 +106,79 @@ def load_jsonl(path: str | Path, tokenizer, *, max_length: int, limit: int | Non
     return examples
 
 
+def load_masked_jsonl(path: str | Path, tokenizer, *, max_length: int, seed: int) -> list[Example]:
+    """Read {"text"} rows, tokenize them with special tokens and mask them for a masked-LM loss (seeded).
+
+    Raises:
+        InputNotFoundError: no such file. FormatError: a bad line, naming its line number.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return _read(path, lambda line, row: _masked(row, tokenizer, gen, max_length))
+
+
+def read_labeled_jsonl(path: str | Path, *, flag: str = "--data") -> list[LabeledRow]:
+    """Read and validate sequence-classification rows (no tokenizer needed, so before any model loads).
+
+    Raises:
+        InputNotFoundError: no such file. FormatError: a bad line (no "label" column, a label of another type
+            than the rows before it, no text), naming its line number.
+    """
+    first: list[LabeledRow] = []  # the first row, whose label type every other row must have
+
+    def parse(line: int, row) -> LabeledRow:
+        if not isinstance(row, dict):
+            raise ValueError("each line must be a JSON object")
+        if "label" not in row:
+            raise ValueError(f'no "label" column; sequence-classification rows are {LABELED_SHAPES}')
+        label = row["label"]
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise ValueError(f'"label" is {json.dumps(label)}; labels are class ids (integers 0..K-1) or class names '
+                             "(strings)")
+        if isinstance(label, int) and label < 0:
+            raise ValueError(f'"label" is {label}; class ids are 0..K-1')
+        if first and type(label) is not type(first[0].label):
+            raise ValueError(f'"label" is {_kind(label)} here but {_kind(first[0].label)} on line {first[0].line}; '
+                             "use one type for every label")
+        if "text" in row:
+            parsed = LabeledRow(line, _str(row, "text"), None, label)
+        elif "text_a" in row:
+            parsed = LabeledRow(line, _str(row, "text_a"), _str(row, "text_b") if "text_b" in row else None, label)
+        else:
+            raise ValueError(f'no "text" or "text_a" column; sequence-classification rows are {LABELED_SHAPES}')
+        first[:] = first or [parsed]
+        return parsed
+
+    return _read(path, parse, flag)
+
+
+def _kind(label) -> str:
+    return "a string" if isinstance(label, str) else "an integer"
+
+
+def tokenize_labeled(rows: list[LabeledRow], tokenizer, ids: dict, *, max_length: int) -> list[LabeledExample]:
+    """Tokenize rows with the tokenizer's special tokens (text pairs as pairs); `ids` maps each label to its id."""
+    out = []
+    for r in rows:
+        enc = tokenizer(r.text_a, r.text_b, truncation=True, max_length=max_length)
+        out.append(LabeledExample(enc["input_ids"], enc.get("token_type_ids"), ids[r.label]))
+    return out
+
+
+def _read(path: str | Path, parse: Callable[[int, object], T], flag: str = "--data") -> list[T]:
+    """parse(line number, JSON value) for each non-blank line; errors become one line naming the file and line."""
+    out = []
+    for lineno, row in _rows(path, flag):
+        try:
+            out.append(parse(lineno, row))
+        except (TypeError, KeyError, ValueError) as e:
+            raise FormatError(f"{path}:{lineno}: {e}") from e
+    if not out:
+        raise FormatError(f"{flag} {path}: no examples (the file is empty)")
+    return out
+
+
 def _rows(path: str | Path, flag: str) -> Iterator[tuple[int, object]]:
     path = Path(path)
     if not path.is_file():
@@ -89,6 +195,8 @@ def _rows(path: str | Path, flag: str) -> Iterator[tuple[int, object]]:
 def _shape(row, path, lineno) -> None:
     if not isinstance(row, dict):
         raise FormatError(f"{path}:{lineno}: each line must be a JSON object")
+    if "label" in row:
+        raise FormatError(f'{path}:{lineno}: rows with "label" are for --task sequence-classification')
     keys = [k for k in ("text", "prompt", "completion") if k in row]
     if "messages" not in row and not keys or ("prompt" in row) != ("completion" in row) and "text" not in row:
         raise FormatError(f'{path}:{lineno}: expected "text", "prompt" + "completion", or "messages"')
@@ -99,6 +207,27 @@ def _shape(row, path, lineno) -> None:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
             raise FormatError(f'{path}:{lineno}: "messages" must be a list of {{"role", "content"}} objects')
+
+
+def _masked_shape(row, path, lineno) -> None:
+    try:
+        _masked_row(row)
+    except ValueError as e:
+        raise FormatError(f"{path}:{lineno}: {e}") from e
+
+
+def _masked_row(row) -> str:
+    """The text of a masked-LM row; ValueError for any other shape."""
+    if not isinstance(row, dict) or set(row) != {"text"}:
+        raise ValueError('masked-LM rows are {"text"} only' + (' (rows with "label" are for --task '
+                         'sequence-classification)' if isinstance(row, dict) and "label" in row else ""))
+    return _str(row, "text")
+
+
+def _str(row: dict, key: str) -> str:
+    if not isinstance(row.get(key), str):
+        raise ValueError(f'"{key}" must be a string')
+    return row[key]
 
 
 def _no_loss_reason(row: dict) -> str:
@@ -118,6 +247,27 @@ def _example(row: dict, tok) -> Example:
         p, c = _encode(tok, row.get("prompt", "")), _encode(tok, row.get("completion", "")) + eos
         return Example(p + c, [IGNORE] * len(p) + c)
     return _chat(row["messages"], tok)
+
+
+def _masked(row, tok, gen: "torch.Generator", max_length: int) -> Example:
+    import torch
+
+    ids = tok(_masked_row(row), truncation=True, max_length=max_length)["input_ids"]
+    special = tok.get_special_tokens_mask(ids, already_has_special_tokens=True)
+    candidates = [i for i, s in enumerate(special) if not s]
+    if not candidates:
+        raise ValueError('"text" has no token to mask')
+    draw = torch.rand(len(ids), generator=gen)
+    picked = [i for i in candidates if draw[i] < MASK_PROBABILITY]
+    picked = picked or [candidates[int(torch.randint(len(candidates), (1,), generator=gen))]]
+    inputs, labels = list(ids), [IGNORE] * len(ids)
+    for i in picked:
+        labels[i], how = ids[i], float(torch.rand(1, generator=gen))
+        if how < 0.8:
+            inputs[i] = tok.mask_token_id
+        elif how < 0.9:
+            inputs[i] = int(torch.randint(len(tok), (1,), generator=gen))
+    return Example(inputs, labels)
 
 
 def _encode(tok, text: str) -> list[int]:
@@ -151,3 +301,16 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, "torch.Tensor"]:
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
         mask[i, : len(e.input_ids)] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collate_labeled(batch: list[LabeledExample], pad_id: int) -> dict[str, "torch.Tensor"]:
+    """Right-pad a classification batch; labels are one class id per example."""
+    import torch
+
+    out = collate([Example(e.input_ids, e.input_ids) for e in batch], pad_id)
+    out["labels"] = torch.tensor([e.label for e in batch], dtype=torch.long)
+    if batch[0].token_type_ids is not None:
+        out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+        for i, e in enumerate(batch):
+            out["token_type_ids"][i, : len(e.token_type_ids)] = torch.tensor(e.token_type_ids)
+    return out

@@ -2,7 +2,11 @@
 
 Only the adapted weights are decoded; every other byte of the base is copied unchanged. Works for
 (residual, trained adapter), (original, converted LoRA) and any PEFT LoRA (rsLoRA, rank_pattern,
-alpha_pattern, fan_in_fan_out).
+alpha_pattern, fan_in_fan_out). Adapter modules are found in the base whatever base model prefix either
+side's names carry (`model_names`). An adapter's `modules_to_save` (a classification head) is written
+into the merged model: over the base's tensors where it has them, as new tensors where it has none; and
+config.json gets the class and labels the training manifest records, so that
+AutoModelForSequenceClassification loads the result.
 """
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .errors import UnsupportedError
+from .conversion import task_record
+from .errors import TargetError, UnsupportedError
+from .model_names import match
 from .output import OutputDir
-from .peft_format import read_adapter
+from .peft_format import Adapter, read_adapter
 from .provenance import check_base
 from .rewrite import Hashes, Replaced, rewrite_checkpoint
 from .tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
@@ -43,7 +49,8 @@ def merge(
         Summary: modules merged, largest |ΔW|, output path, seconds.
 
     Raises:
-        TargetError: the adapter names a module the base lacks, or its shapes do not fit.
+        TargetError: the adapter names a module the base lacks, or its shapes do not fit; a head whose labels
+            no manifest records, merged into a base that is no sequence-classification model.
 
     Example:
         >>> merge("out/residual", "trained", "merged")  # doctest: +SKIP
@@ -54,13 +61,19 @@ def merge(
     lora = read_adapter(adapter)
     ckpt = Checkpoint.open(base, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
     tensors = ckpt.tensors
-    lora.check_fits(tensors, adapter=adapter, base=base)
+    weights = lora.check_fits(tensors, adapter=adapter, base=base, config=ckpt.config)
     check_base(adapter, ckpt, flag="BASE")
-    adapted = {m + ".weight" for m in lora.factors}
+    module_of = {w: m for m, w in weights.items()}
     out_dtype = DTYPE_FLAGS.get(dtype)
+    heads, added, config = _head(lora, ckpt, adapter, base, out_dtype or (
+        tensors[next(iter(weights.values()))].dtype if weights else "F32"))
+    if dtype is not None:
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            config[key] = dtype
     plan: dict[str, list[str]] = {}  # with --dtype, every float tensor is cast, adapted or not
     for name, info in tensors.items():
-        if name in adapted or (out_dtype is not None and info.dtype in FLOAT_DTYPES and info.dtype != out_dtype):
+        if name in module_of or name in heads or (
+                out_dtype is not None and info.dtype in FLOAT_DTYPES and info.dtype != out_dtype):
             plan.setdefault(info.file, []).append(name)
     for names in plan.values():
         names.sort(key=lambda n: tensors[n].begin)
@@ -69,33 +82,49 @@ def merge(
 
     def compute(info: TensorInfo, W: torch.Tensor) -> Replaced:
         target = torch_dtype(out_dtype) if out_dtype else W.dtype
-        if info.name not in adapted:
+        if info.name in heads:
+            return Replaced(heads[info.name].to(target))
+        if info.name not in module_of:
             return Replaced(W.to(target))
-        delta = lora.delta(info.name[: -len(".weight")])
+        delta = lora.delta(module_of[info.name])
         return Replaced((W.float() + delta).to(target), record={"max_abs_delta": float(delta.abs().max())})
 
     hashes = Hashes()
+    files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()} if config != ckpt.config else {}
     with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume, settings=settings) as od:
-        done = rewrite_checkpoint(ckpt, od, "", plan, compute, hashes=hashes, out_dtype=out_dtype,
-                                  progress=progress, desc="merge")
-        if dtype is not None:
-            _set_config_dtype(od, hashes, dtype)
+        done = rewrite_checkpoint(ckpt, od, "", plan, compute, hashes=hashes, out_dtype=out_dtype, added=added,
+                                  files=files, progress=progress, desc="merge")
         largest = [r["max_abs_delta"] for _, r in done.values() if "max_abs_delta" in r]
         summary = {"output": str(od.path), "base": str(base), "adapter": str(adapter),
-                   "modules": len(lora.factors), "max_abs_delta": max(largest, default=0.0)}
+                   "modules": len(lora.factors), "max_abs_delta": max(largest, default=0.0),
+                   "head_tensors": sorted([*heads, *added])}
         od.write_manifest(MERGE_MANIFEST, {**settings, "files": hashes.result(), "summary": summary})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 
 
-def _set_config_dtype(od: OutputDir, hashes: Hashes, dtype: str) -> None:
-    """config.json says the dtype the weights now have (`torch_dtype`, and `dtype` where transformers wrote it)."""
-    path = od.path / "config.json"
-    if not path.is_file():
-        return
-    config = json.loads(path.read_text())
-    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
-        config[key] = dtype
-    with od.open_atomic("config.json", "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    hashes.add("output", "config.json", path)
+def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[dict, dict, dict]:
+    """The adapter's modules_to_save tensors: those replacing base tensors (by the base's name), those added (in
+    `dtype`), and the base's config with the class and labels they belong to (a copy of it when there is no head)."""
+    if not lora.extra:
+        return {}, {}, dict(ckpt.config)
+    tensors = ckpt.tensors
+    found = match(lora.extra, tensors, config=ckpt.config)
+    replaced, added = {}, {}
+    for name, t in lora.extra.items():
+        if name not in found:
+            added[name] = t.to(torch_dtype(dtype))
+        elif tuple(tensors[found[name]].shape) != tuple(t.shape):
+            info = tensors[found[name]]
+            raise TargetError(f"{adapter}: modules_to_save tensor {name} is {tuple(t.shape)} but {info.name} in {info.file} "
+                              f"of the base {base} is {tuple(info.shape)}; pass the base this adapter was trained on")
+        else:
+            replaced[found[name]] = t
+    record = task_record(adapter) or {}
+    if record.get("config"):
+        return replaced, added, {**ckpt.config, **record["config"]}
+    if "ForSequenceClassification" not in " ".join(ckpt.config.get("architectures") or []):
+        raise TargetError(f"{adapter}: has modules_to_save {lora.config.get('modules_to_save')} but no ailora-train.json "
+                          f"or ailora-convert.json recording their class and labels, and the base {base} is no "
+                          "sequence-classification model; merge an adapter trained or converted by ailora-tools")
+    return replaced, added, dict(ckpt.config)

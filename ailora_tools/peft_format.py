@@ -1,6 +1,8 @@
 """PEFT LoRA adapter directories: adapter_config.json + adapter_model.safetensors.
 
-Keys are `base_model.model.<module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]).
+Keys are `base_model.model.<module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]). Modules trained
+whole (`modules_to_save`, e.g. a classification head) are saved as PEFT saves them: their plain parameter names,
+`base_model.model.classifier.weight`.
 """
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,14 +23,19 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+#: parameter names inside a live PEFT model (adapter name included)
+_LIVE_LORA = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.[^.]+\.weight$")
+_LIVE_SAVED = re.compile(r"^base_model\.model\.(.+)\.modules_to_save\.[^.]+\.(.+)$")
 
 
 @dataclass
 class Adapter:
-    """A LoRA adapter in memory: its config and, per module, (A [r, in], B [out, r])."""
+    """A LoRA adapter in memory: its config, per module (A [r, in], B [out, r]), and the `modules_to_save`
+    parameters by name (`extra`, e.g. "classifier.weight")."""
 
     config: dict
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def scale(self, module: str) -> float:
         """s for one module, honouring rank_pattern, alpha_pattern and use_rslora as PEFT does."""
@@ -37,18 +44,26 @@ class Adapter:
         alpha = _pattern(c.get("alpha_pattern") or {}, module, c["lora_alpha"])
         return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
 
-    def check_fits(self, tensors: dict, *, adapter: object, base: object) -> None:
+    def check_fits(self, tensors: dict, *, adapter: object, base: object, config: dict | None = None) -> dict[str, str]:
         """Every adapted module exists in the base (`tensors`: name -> TensorInfo) with a matching float shape.
+
+        Module names may differ from the base's tensor names by the base model prefix (`model_names.match`, with
+        the base's `config`): an adapter for BertForSequenceClassification fits a bare BertModel checkpoint.
+
+        Returns:
+            module -> the name of its weight tensor in the base.
 
         Raises:
             TargetError: a module the base lacks, or a shape that does not fit, naming both sides.
             UnsupportedError: a base weight whose dtype is not a float type.
         """
         from .errors import TargetError
+        from .model_names import match
         from .tensorio import FLOAT_DTYPES
 
+        weights = match(self.factors, {n[: -len(".weight")] for n in tensors if n.endswith(".weight")}, config=config)
         for m, (A, B) in self.factors.items():
-            info = tensors.get(m + ".weight")
+            info = tensors.get(weights[m] + ".weight") if m in weights else None
             if info is None:
                 near = sorted(n for n in tensors if n.endswith(m.rsplit(".", 1)[-1] + ".weight"))[:3]
                 raise TargetError(f"{adapter}: adapts module {m!r} but the base {base} has no tensor {m}.weight"
@@ -61,6 +76,7 @@ class Adapter:
             if info.dtype not in FLOAT_DTYPES:
                 raise UnsupportedError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}; supported: "
                                        f"{', '.join(FLOAT_DTYPES)}")
+        return {m: w + ".weight" for m, w in weights.items()}
 
     def delta(self, module: str) -> torch.Tensor:
         """s·B·A in float32, shaped like the module's weight ([out, in]; [in, out] for fan_in_fan_out)."""
@@ -78,14 +94,14 @@ def _pattern(patterns: dict, module: str, default):
 
 def lora_config(
     *, rank: int, alpha: float, targets: list[str], rslora: bool, base: str, task_type: str | None,
-    fan_in_fan_out: bool = False,
+    fan_in_fan_out: bool = False, modules_to_save: list[str] | None = None,
 ) -> dict:
     """An adapter_config.json for a plain LoRA that PEFT and vLLM load without re-initialising it."""
     return {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base,
         "r": rank, "lora_alpha": alpha, "use_rslora": rslora, "target_modules": sorted(set(targets)),
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "use_dora": False, "modules_to_save": modules_to_save or None,
         "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
     }
 
@@ -119,14 +135,19 @@ def key(module: str, which: str) -> str:
 
 
 def write_adapter(directory: Path, config: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  *, dtype: torch.dtype = torch.float32) -> list[Path]:
-    """Write weights, then config, each beside its name and renamed into place; return both paths."""
+                  *, dtype: torch.dtype = torch.float32, extra: dict[str, torch.Tensor] | None = None) -> list[Path]:
+    """Write weights, then config, each beside its name and renamed into place; return both paths.
+
+    `extra`: the `modules_to_save` parameters by name ("classifier.weight"), which `config` must list.
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, (A, B) in sorted(factors.items()):
         tensors[key(module, "A")] = A.to(dtype).contiguous()
         tensors[key(module, "B")] = B.to(dtype).contiguous()
+    for name, t in sorted((extra or {}).items()):
+        tensors[PREFIX + name] = t.to(dtype).contiguous()
     weights, cfg = d / WEIGHTS_NAME, d / CONFIG_NAME
     save_file(tensors, str(d / f".{WEIGHTS_NAME}.partial"), metadata={"format": "pt"})
     os.replace(d / f".{WEIGHTS_NAME}.partial", weights)
@@ -161,14 +182,20 @@ def read_adapter(directory: Path | str, *, strict: bool = True) -> Adapter:
         raise UnsupportedError(f"{cfg_path}: DoRA adapters are not supported (use_dora: true)")
     A: dict[str, torch.Tensor] = {}
     B: dict[str, torch.Tensor] = {}
+    extra: dict[str, torch.Tensor] = {}
+    saved = [str(s) for s in config.get("modules_to_save") or []]
     try:
         with safe_open(str(w_path), framework="pt") as f:
             for k in f.keys():
                 m = _KEY.match(k)
+                if m is None and k.startswith(PREFIX) and _in_modules(k[len(PREFIX):], saved):
+                    extra[k[len(PREFIX):]] = f.get_tensor(k)
+                    continue
                 if m is None and not strict:
                     continue
                 if m is None:
-                    raise FormatError(f"{w_path}: tensor {k!r} is not a LoRA A/B weight (e.g. {key('x.q_proj', 'A')})")
+                    raise FormatError(f"{w_path}: tensor {k!r} is not a LoRA A/B weight (e.g. {key('x.q_proj', 'A')}) "
+                                      "nor a parameter of a module in modules_to_save")
                 (A if m.group(2) == "A" else B)[m.group(1)] = f.get_tensor(k)
     except (OSError, RuntimeError) as e:  # safetensors raises SafetensorError (an OSError subclass in newer versions)
         raise FormatError(f"{w_path}: cannot read ({e})") from e
@@ -179,4 +206,48 @@ def read_adapter(directory: Path | str, *, strict: bool = True) -> Adapter:
         if A[m].ndim != 2 or B[m].ndim != 2 or A[m].shape[0] != B[m].shape[1]:
             raise FormatError(f"{w_path}: {m}: lora_A {tuple(A[m].shape)} and lora_B {tuple(B[m].shape)} do not chain")
         factors[m] = (A[m], B[m])
-    return Adapter(config, factors)
+    return Adapter(config, factors, extra)
+
+
+def adapter_of(model, config: dict) -> Adapter:
+    """The LoRA factors and modules_to_save parameters of a live PEFT model (float32, on the CPU), with `config`."""
+    A: dict[str, torch.Tensor] = {}
+    B: dict[str, torch.Tensor] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if (m := _LIVE_LORA.match(name)) is not None:
+            (A if m.group(2) == "A" else B)[m.group(1)] = p.detach().float().cpu()
+        elif (m := _LIVE_SAVED.match(name)) is not None:
+            extra[f"{m.group(1)}.{m.group(2)}"] = p.detach().float().cpu()
+    return Adapter(config, {m: (A[m], B[m]) for m in A}, extra)
+
+
+def load_into(model, adapter: Adapter, *, source: object, extra: bool = True) -> None:
+    """Copy `adapter`'s factors (and, with `extra`, its modules_to_save parameters) into a live PEFT model.
+
+    Every LoRA factor of the model must get a value and every factor of the adapter must be used, so that no
+    module silently keeps PEFT's own initialisation.
+
+    Raises:
+        FormatError: a module on one side only, naming it and `source`.
+    """
+    used: set[str] = set()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (m := _LIVE_LORA.match(name)) is not None:
+                if m.group(1) not in adapter.factors:
+                    raise FormatError(f"{source}: has no factors for module {m.group(1)!r} of the model")
+                p.copy_(adapter.factors[m.group(1)][0 if m.group(2) == "A" else 1])
+                used.add(m.group(1))
+            elif extra and (m := _LIVE_SAVED.match(name)) is not None:
+                if (k := f"{m.group(1)}.{m.group(2)}") not in adapter.extra:
+                    raise FormatError(f"{source}: has no tensor {k!r} for the model's modules_to_save")
+                p.copy_(adapter.extra[k])
+    if set(adapter.factors) - used:
+        raise FormatError(f"{source}: adapts modules the model does not have: {sorted(set(adapter.factors) - used)[:3]}")
+
+
+def _in_modules(name: str, modules: list[str]) -> bool:
+    """Whether parameter `name` belongs to a module PEFT's modules_to_save rule (name suffix) selects."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]).endswith(m) for i in range(1, len(parts)) for m in modules)

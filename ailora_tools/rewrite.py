@@ -8,10 +8,12 @@ compute; each chosen tensor's range is written with what `compute` returns while
 shard is published by rename and recorded in the journal. Source files are hashed on background threads
 (`hashing`); an output shard's digest comes from its source's tensor-wise digest and the digests of the
 bytes written into it, so it is never read back.
-Non-weight files (config, tokenizer) are copied; the index last. A Hub checkpoint's shards download in the
-order they are needed (`Checkpoint.fetch`), and a shard's copy starts once it is here, so the next shard
-downloads while this one is processed; one that arrives with another header than the one validated stops
-the run before anything of it is written.
+New tensors (a classification head merged into a base without one) are appended to the last shard, whose
+header is then rewritten, and entered in the index. Non-weight files (config, tokenizer) are copied, or
+written with the contents given for them (`files`: a head's labels, a new dtype); the index last. A Hub
+checkpoint's shards download in the order they are needed (`Checkpoint.fetch`), and a shard's copy starts
+once it is here, so the next shard downloads while this one is processed; one that arrives with another
+header than the one validated stops the run before anything of it is written.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from .background import IO_THREADS, io_pool
 from .checkpoint import Checkpoint
 from .hashing import bytes_digest, digest_async
 from .output import OutputDir
-from .tensorio import ShardHeader, TensorInfo, copy_ranges, layout, read_header, read_tensor, tensor_bytes
+from .tensorio import (ShardHeader, TensorInfo, copy_ranges, dtype_name, layout, read_header, read_tensor,
+                       tensor_bytes)
 
 if TYPE_CHECKING:
     import torch
@@ -89,7 +92,8 @@ class Hashes:
 
 def rewrite_checkpoint(
     ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]], compute: Compute, *,
-    hashes: Hashes, out_dtype: str | None = None, progress: bool = True, desc: str = "",
+    hashes: Hashes, out_dtype: str | None = None, added: dict[str, "torch.Tensor"] | None = None,
+    files: dict[str, bytes] | None = None, progress: bool = True, desc: str = "",
 ) -> dict[str, tuple[dict, dict]]:
     """Write `od/subdir` as a copy of the checkpoint whose tensors in `plan` are replaced.
 
@@ -97,12 +101,20 @@ def rewrite_checkpoint(
         plan: shard name -> tensor names to replace (in that shard).
         compute: gives each replacement; called in shard order, one tensor at a time.
         out_dtype: safetensors dtype ("F32", "BF16", ...) of replaced tensors; default as stored.
+        added: new tensors (name -> tensor, stored as given), appended to the last shard and entered in the index.
+        files: new contents for non-weight files of the checkpoint (relative POSIX path, e.g. "config.json"),
+            written instead of a copy.
 
     Returns:
         Tensor name -> (extras, record) of every replaced tensor, computed now or by an earlier run (`--resume`).
     """
+    added, files = added or {}, files or {}
     for name in ckpt.extra_files:
-        _copy_small(od, hashes, ckpt.root / name, name, _rel(subdir, name))
+        if name in files:
+            _write_small(od, hashes, ckpt.root / name, name, _rel(subdir, name), files[name])
+        else:
+            _copy_small(od, hashes, ckpt.root / name, name, _rel(subdir, name))
+    last = ckpt.shards[-1]
     results: dict[str, tuple[dict, dict]] = {}
     todo, reused = [], []
     for shard in ckpt.shards:
@@ -121,7 +133,8 @@ def rewrite_checkpoint(
         for i, shard in enumerate(todo):
             for s in todo[i:i + COPY_AHEAD]:  # the copies of the next shards overlap this one's compute
                 if s not in jobs and (s == shard or ckpt.ready(s)):  # a Hub shard waits only when it is this one
-                    jobs[s] = _start(ckpt.shard(s), od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier)
+                    jobs[s] = _start(ckpt.shard(s), od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier,
+                                     added if s == last else {})
             bar.set_description(f"{desc} {shard}".strip())
             job = jobs[shard]
             source = hashes.add("source", shard, job.header.path)
@@ -138,6 +151,10 @@ def rewrite_checkpoint(
                         if len(hashing) > HASH_AHEAD:
                             hashing.popleft().result()
                     bar.update(1)
+            for name, t in (added if shard == last else {}).items():
+                data = tensor_bytes(t)
+                if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
+                    raise OSError(f"short write of {name!r} into {od.partial(_rel(subdir, shard))}")
             job.copied.result()
             os.close(jobs.pop(shard).fd)
             final = od.publish(_rel(subdir, shard))
@@ -157,7 +174,8 @@ def rewrite_checkpoint(
         hasher.shutdown(wait=True)
         for job in jobs.values():
             os.close(job.fd)
-    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None)
+    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(added),
+                 added={n: last for n in added})
     return results
 
 
@@ -193,8 +211,10 @@ def _rel(subdir: str, name: str) -> str:
     return f"{subdir}/{name}" if subdir else name
 
 
-def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier) -> _Job:
-    head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names})
+def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier,
+           added: dict[str, "torch.Tensor"]) -> _Job:
+    head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names},
+                                   {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()})
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
 
@@ -205,13 +225,23 @@ def _copy_small(od: OutputDir, hashes: Hashes, src: Path, name: str, rel: str) -
     hashes.add("output", rel, od.publish(rel))
 
 
-def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, changed: bool) -> None:
+def _write_small(od: OutputDir, hashes: Hashes, src: Path, name: str, rel: str, data: bytes) -> None:
+    """Write `rel` with new contents instead of a copy of `src` (still hashed as this run's source)."""
+    with od.open_atomic(rel) as f:
+        f.write(data)
+    hashes.add("source", name, src)
+    hashes.add("output", rel, od.path / rel)
+
+
+def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, changed: bool,
+                 added: dict[str, str]) -> None:
     if ckpt.index_file is None:
         return
     rel, src = _rel(subdir, ckpt.index_file), ckpt.root / ckpt.index_file
     if not changed:
         return _copy_small(od, hashes, src, ckpt.index_file, rel)
     doc = json.loads(src.read_text())
+    doc["weight_map"].update(added)
     doc.setdefault("metadata", {})["total_size"] = sum(
         (od.path / subdir / s).stat().st_size - read_header(od.path / subdir / s).data_start for s in ckpt.shards)
     with od.open_atomic(rel, "w") as f:

@@ -7,6 +7,7 @@ shape occupies the same byte range, so a shard is patched by copying its bytes a
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ def torch_dtype(name: str):
     import torch
 
     return getattr(torch, DTYPES[name][0])
+
+
+def dtype_name(dtype) -> str:
+    """The safetensors dtype name of a torch dtype (torch.bfloat16 -> "BF16")."""
+    return next(k for k, (t, _) in DTYPES.items() if t is not None and str(dtype) == f"torch.{t}")
 
 
 @dataclass(frozen=True)
@@ -179,15 +185,17 @@ def tensor_bytes(t) -> memoryview:
     return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def layout(header: ShardHeader, replaced: dict[str, str]) -> tuple[bytes, dict[str, int], list[tuple[int, int, int]]]:
+def layout(header: ShardHeader, replaced: dict[str, str], added: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+           ) -> tuple[bytes, dict[str, int], list[tuple[int, int, int]]]:
     """Plan an output shard whose tensors named in `replaced` get new bytes, of the dtype given there.
 
-    Returns the header bytes to write (8-byte length included; empty when no dtype changes, as the header
-    is then copied), each tensor's absolute file offset in the new file, and the copy operations
-    (src_offset, dst_offset, length), merged into runs, that carry everything else over unchanged. The
-    replaced ranges are not copied, so they can be written while the copy runs.
+    `added` names new tensors (dtype, shape), placed after the existing ones.
+    Returns the header bytes to write (8-byte length included; empty when no dtype changes and nothing is
+    added, as the header is then copied), each tensor's absolute file offset in the new file, and the copy
+    operations (src_offset, dst_offset, length), merged into runs, that carry everything else over unchanged.
+    The replaced and added ranges are not copied, so they can be written while the copy runs.
     """
-    if all(header.tensors[n].dtype == d for n, d in replaced.items()):
+    if not added and all(header.tensors[n].dtype == d for n, d in replaced.items()):
         head, offsets = b"", {n: header.data_start + t.begin for n, t in header.tensors.items()}
         keep, at = [], 0
         for t in sorted((header.tensors[n] for n in replaced), key=lambda t: t.begin):
@@ -203,6 +211,12 @@ def layout(header: ShardHeader, replaced: dict[str, str]) -> tuple[bytes, dict[s
             dtype = replaced.get(t.name, t.dtype)
             n = t.nbytes // DTYPES[t.dtype][1] * DTYPES[dtype][1]
             doc[t.name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+            pos += n
+        for name, (dtype, shape) in (added or {}).items():
+            if name in header.tensors:
+                raise ValueError(f"{header.path}: tensor {name!r} exists; it cannot be added")
+            n = math.prod(shape) * DTYPES[dtype][1]
+            doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
             pos += n
         js = json.dumps(doc, separators=(",", ":")).encode()
         js += b" " * (-len(js) % 8)

@@ -1,18 +1,18 @@
 """A minimal trainer for an adapter on its frozen base; reads top to bottom: setup, train, save.
 
-Only the LoRA factors train (transformers model + PEFT). The base is decompose's residual, or the
+Only the LoRA factors train (transformers model + PEFT), and for sequence classification the head
+(`tasks`: which class, data, head and metric each task has). The base is decompose's residual, or the
 ORIGINAL model with the initial product subtracted inside the adapter (`initial_offset`, exact for
 16-bit checkpoints). `progressive` trains in Progtuning stages (`progressive`). Checkpoints hold adapter,
 optimizer, scheduler, RNG state and data position (safetensors + JSON, no pickle), so `resume` continues
 exactly. The output is a PEFT adapter directory plus `ailora-train.json`, which names the initial adapter
-so that `convert` needs no other argument.
+(so that `convert` needs no other argument) and records the task.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -23,23 +23,24 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .provenance import TRAIN_MANIFEST
-from .data import check_rows, collate, load_jsonl
+from .data import check_rows
 from .errors import InputNotFoundError, NumericsError
-from .options import at_least, choice, positive
-from .provenance import check_base
 from .hashing import file_digest
 from .initial_offset import resolve_adapter_base, subtract_initial
+from .model_names import match
+from .options import at_least, choice, positive
 from .output import OutputDir
-from .peft_format import read_adapter, write_adapter
+from .peft_format import Adapter, adapter_of, load_into, read_adapter, write_adapter
 from .progressive import Progressive
+from .provenance import TRAIN_MANIFEST, check_base
 from .svd import resolve_device
+from .tasks import evaluate as run_eval
+from .tasks import load_data, load_model, resolve_task
 from .tokenizer import load_tokenizer
 
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
 CKPT_DIR = "checkpoints"
-_LORA_PARAM = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.[^.]+\.weight$")
 
 
 def train(
@@ -48,7 +49,8 @@ def train(
     batch_size: int = 4, grad_accum: int = 1, max_length: int = 512, warmup: int = 0, scheduler: str = "cosine",
     seed: int = 0, save_every: int | None = None, eval_every: int | None = None, resume: bool = False,
     device: str = "auto", dtype: str = "auto", tokenizer: str | os.PathLike | None = None,
-    progressive: int | None = None, adapter_base: str = "auto", overwrite: bool = False, progress: bool = True,
+    progressive: int | None = None, adapter_base: str = "auto", task: str = "auto", num_labels: int | None = None,
+    overwrite: bool = False, progress: bool = True,
 ) -> dict:
     """Train `adapter` on the frozen `base` and write a PEFT adapter directory to `out`.
 
@@ -56,7 +58,8 @@ def train(
         base: the residual model directory, or the original model when the adapter trains on it
             (`decompose --no-residual`; see `adapter_base`).
         adapter: the initial adapter (e.g. OUT/adapter from decompose).
-        data, eval_data: JSONL files ({"text"}, {"prompt","completion"} or {"messages"}).
+        data, eval_data: JSONL files (`data`: {"text"}, {"prompt","completion"} or {"messages"} for causal LM;
+            {"text"} for masked LM; {"text", "label"} or {"text_a", "text_b", "label"} for classification).
         epochs, max_steps: length of training (max_steps wins when given); a step is one optimizer update.
         lr, batch_size, grad_accum, max_length, warmup, scheduler: the usual; warmup in steps.
         seed: seeds model-side randomness and the data order.
@@ -68,10 +71,13 @@ def train(
         progressive: Progtuning with this many stages (see `progressive`); None trains every block throughout.
         adapter_base: "auto" (as decompose's manifest records), "residual" (the model is base + s·B·A) or
             "original" (base + s(B·A − B0·A0), exact; `base` must be the original model).
+        task: causal-lm, masked-lm, sequence-classification, or auto (what the base was saved for; `tasks`).
+        num_labels: classes of a new classification head (default: from the labels).
 
     Returns:
-        Summary: steps, first and last training loss, eval loss, tokens/s, seconds, output path, and with
-        `progressive` each stage's blocks, steps and tokens/s and the fraction of updated parameter-steps.
+        Summary: steps, first and last training loss, eval loss (and accuracy for classification), tokens/s,
+        seconds, output path, and with `progressive` each stage's blocks, steps and tokens/s and the fraction
+        of updated parameter-steps.
 
     Example:
         >>> train("out/residual", "out/adapter", "train.jsonl", "trained", max_steps=100)  # doctest: +SKIP
@@ -88,22 +94,23 @@ def train(
     positive("--lr", lr)
     if not Path(base).is_dir():
         raise InputNotFoundError(f"--base {base}: no such model directory")
+    ckpt = Checkpoint.open(base)
+    job = resolve_task(task, ckpt.config)
     for flag, path in (("--data", data), ("--eval-data", eval_data)):
         if path is not None:
-            check_rows(path, flag=flag)
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, get_scheduler
+            check_rows(path, flag=flag, task=job.name)
+    from transformers import get_scheduler
 
     dev = resolve_device(device)
     autocast = dev.type == "cuda" and dtype in ("auto", "bfloat16")
     initial = read_adapter(adapter)
-    ckpt = Checkpoint.open(base)
-    initial.check_fits(ckpt.tensors, adapter=adapter, base=base)
+    initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config)
     mode = resolve_adapter_base(adapter_base, adapter)
     check_base(adapter, ckpt, flag="--base")
     tok, pad_id = load_tokenizer(tokenizer or base, flag="--tokenizer" if tokenizer else "--base")
-    examples = load_jsonl(data, tok, max_length=max_length)
-    evals = load_jsonl(eval_data, tok, max_length=max_length) if eval_data else []
+    ds = load_data(job, data, eval_data, tok, pad_id=pad_id, config=ckpt.config, base=base, max_length=max_length,
+                   seed=seed, num_labels=num_labels)
+    examples, evals = ds.train, ds.eval
     steps_per_epoch = math.ceil(len(examples) / (batch_size * grad_accum))
     total = max_steps if max_steps is not None else epochs * steps_per_epoch
     settings = {"tool": __version__, "base": str(Path(base).absolute()), "initial_adapter": str(Path(adapter).absolute()),
@@ -112,13 +119,17 @@ def train(
                 "warmup": warmup, "scheduler": scheduler, "seed": seed, "dtype": dtype,
                 "tokenizer": str(tokenizer) if tokenizer else None, "progressive": progressive,
                 # "residual": trained as base + s·B·A; "original": as base + s(B·A − B0·A0), what convert writes
-                "adapter_base": mode, "mode": "exact" if mode == "original" else "residual"}
-    torch.manual_seed(seed)
+                "adapter_base": mode, "mode": "exact" if mode == "original" else "residual",
+                "task": job.name, "labels": ds.labels}
+    torch.manual_seed(seed)  # a new classification head is initialised from it
     # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if autocast else torch.float32)
-    model = PeftModel.from_pretrained(model, adapter, is_trainable=True).to(dev)
-    if mode == "original":
-        subtract_initial(model, initial)
+    model, config, task_info = load_model(job, base, adapter, labels=ds.labels,
+                                       dtype=torch.bfloat16 if autocast else torch.float32)
+    model = model.to(dev)
+    if mode == "original":  # the initial factors under the model class's module names
+        names = match(initial.factors, {n for n, _ in model.get_base_model().named_modules()},
+                      prefix=task_info["base_model_prefix"])
+        subtract_initial(model, Adapter(initial.config, {names[m]: f for m, f in initial.factors.items()}))
     params = [p for p in model.parameters() if p.requires_grad]
     stages = Progressive(model, stages=progressive, total_steps=total) if progressive else None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -131,19 +142,10 @@ def train(
         state["pos"] += batch_size
         if state["pos"] >= len(examples):
             state["epoch"], state["pos"] = state["epoch"] + 1, 0
-        return {k: v.to(dev) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+        return {k: v.to(dev) for k, v in ds.collate([examples[i] for i in idx]).items()}
 
-    def evaluate() -> float:
-        model.eval()
-        total_loss, tokens = 0.0, 0
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-            for i in range(0, len(evals), batch_size):
-                batch = {k: v.to(dev) for k, v in collate(evals[i:i + batch_size], pad_id).items()}
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                total_loss += float(model(**batch).loss) * n
-                tokens += n
-        model.train()
-        return total_loss / max(tokens, 1)
+    def evaluate() -> dict[str, float]:  # eval_loss, and eval_accuracy for classification
+        return run_eval(model, job, evals, ds.collate, batch_size=batch_size, device=dev, autocast=autocast)
 
     with OutputDir(out, inputs=[Path(base), Path(adapter)], overwrite=overwrite, resume=resume,
                    settings=settings) as od:
@@ -154,7 +156,7 @@ def train(
         eval_start = evaluate() if evals else None
         if eval_start is not None and state["step"] == 0:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": 0, "eval_loss": eval_start}) + "\n")
+                f.write(json.dumps({"step": 0, **eval_start}) + "\n")
         # ---- train ---------------------------------------------------------------------------------
         model.train()
         bar = tqdm(total=total, initial=state["step"], desc="train", disable=not progress)
@@ -182,33 +184,34 @@ def train(
             record = {"step": state["step"], "loss": step_loss, "lr": sched.get_last_lr()[0], "tokens": tokens,
                       "seconds": round(time.perf_counter() - t0, 4), **({"stage": stage} if stages else {})}
             if evals and eval_every and state["step"] % eval_every == 0:
-                record["eval_loss"] = evaluate()
+                record.update(evaluate())
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
             bar.update(1)
             if save_every and state["step"] % save_every == 0 and state["step"] < total:
-                _save_checkpoint(od, model, optimizer, sched, state, initial.config)
+                _save_checkpoint(od, model, optimizer, sched, state, config)
         bar.close()
         # ---- save ----------------------------------------------------------------------------------
-        _save_checkpoint(od, model, optimizer, sched, state, initial.config)
-        written = write_adapter(od.path, initial.config, _factors(model))
-        eval_loss = evaluate() if evals else None
-        if eval_loss is not None:
+        _save_checkpoint(od, model, optimizer, sched, state, config)
+        written = _write(od.path, adapter_of(model, config))
+        eval_end = evaluate() if evals else None
+        if eval_end is not None:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": state["step"], "eval_loss": eval_loss, "final": True}) + "\n")
+                f.write(json.dumps({"step": state["step"], **eval_end, "final": True}) + "\n")
         history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
         train_losses = [r["loss"] for r in history if "loss" in r]
         summary = {"output": str(od.path), "steps": state["step"], "first_loss": train_losses[0] if train_losses else None,
-                   "last_loss": train_losses[-1] if train_losses else None, "eval_loss_start": eval_start,
-                   "eval_loss": eval_loss, "adapter_base": mode,
+                   "last_loss": train_losses[-1] if train_losses else None,
+                   **{f"{k}_start": v for k, v in (eval_start or {"eval_loss": None}).items()},
+                   **(eval_end or {"eval_loss": None}), "adapter_base": mode,
                    "trainable_parameters": sum(p.numel() for p in params), "tokens_per_s": _tokens_per_s(history)}
         if stages:
             summary["progressive"] = {
                 "stages": [{**s, "tokens_per_s": _tokens_per_s([r for r in history if r.get("stage") == s["stage"]])}
                            for s in stages.describe()],
                 "updated_parameter_fraction": stages.updated_fraction()}
-        od.write_manifest(TRAIN_MANIFEST, {**settings, "summary": summary,
+        od.write_manifest(TRAIN_MANIFEST, {**settings, "summary": summary, "task": task_info,
                                            "files": {"output": {p.name: file_digest(p) for p in written}}})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
@@ -219,12 +222,8 @@ def _tokens_per_s(records: list[dict]) -> float | None:
     return round(sum(r.get("tokens", 0) for r in records) / seconds, 1) if seconds else None
 
 
-def _factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    A, B = {}, {}
-    for name, p in model.named_parameters():
-        if (m := _LORA_PARAM.match(name)) is not None:
-            (A if m.group(2) == "A" else B)[m.group(1)] = p.detach().float().cpu()
-    return {m: (A[m], B[m]) for m in A}
+def _write(directory: Path, trained: Adapter) -> list[Path]:
+    return write_adapter(directory, trained.config, trained.factors, extra=trained.extra)
 
 
 def _save_checkpoint(od: OutputDir, model, optimizer, sched, state: dict, config: dict) -> None:
@@ -232,7 +231,7 @@ def _save_checkpoint(od: OutputDir, model, optimizer, sched, state: dict, config
     rel = f"{CKPT_DIR}/step-{state['step']:07d}"
     tmp = od.partial(rel)
     shutil.rmtree(tmp, ignore_errors=True)
-    write_adapter(tmp, config, _factors(model))
+    _write(tmp, adapter_of(model, config))
     opt = optimizer.state_dict()
     tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
     tensors["rng.cpu"] = torch.get_rng_state()
@@ -252,11 +251,7 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 def _restore(ckpt: Path, model, optimizer, sched, state: dict) -> None:
     saved = json.loads((ckpt / "trainer_state.json").read_text())
-    factors = read_adapter(ckpt).factors
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if (m := _LORA_PARAM.match(name)) is not None:
-                p.copy_(factors[m.group(1)][0 if m.group(2) == "A" else 1])
+    load_into(model, read_adapter(ckpt), source=ckpt)
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     opt_state: dict[int, dict] = {}
     for key, value in tensors.items():

@@ -1,0 +1,65 @@
+"""Module names as a checkpoint stores them and as the model class users load names them.
+
+A task model holds its base model under the class's `base_model_prefix`: BertForSequenceClassification and
+BertForMaskedLM name a module `bert.encoder.layer.0.attention.self.query`, while a bare BertModel checkpoint
+(sentence-transformers saves them so) stores `encoder.layer.0.attention.self.query.weight`. transformers loads
+either into either class by adding or stripping that prefix key by key. PEFT does not: an adapter's keys must be
+the module names of the class it is loaded on. `match` applies transformers' rule to any names, so that train,
+convert and merge pair an adapter's modules with a checkpoint's tensors (or another adapter's modules) whatever
+prefix each carries.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+
+
+def base_model_prefix(config: dict) -> str | None:
+    """transformers' `base_model_prefix` for a model config ("bert", "roberta", "model", ...), or None when unknown.
+
+    Imports transformers (seconds on a small machine); `match` asks only when a name is not found as it is.
+
+    Example:
+        >>> base_model_prefix({"model_type": "bert"})  # doctest: +SKIP
+        'bert'
+    """
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    name = MODEL_MAPPING_NAMES.get(config.get("model_type", ""))
+    name = name[0] if isinstance(name, (list, tuple)) else name
+    cls = getattr(transformers, name, None) if name else None
+    return getattr(cls, "base_model_prefix", None) or None
+
+
+def rename(name: str, available: Collection[str], prefix: str | None) -> str | None:
+    """`name` as `available` spells it: as is, else without a leading `prefix.`, else with it added; None if absent."""
+    if name in available:
+        return name
+    if prefix:
+        for candidate in (name[len(prefix) + 1:] if name.startswith(prefix + ".") else None, f"{prefix}.{name}"):
+            if candidate is not None and candidate in available:
+                return candidate
+    return None
+
+
+def match(names: Iterable[str], available: Collection[str], *, prefix: str | None = None,
+          config: dict | None = None) -> dict[str, str]:
+    """Map each of `names` to the name `available` holds for the same module or tensor (see `rename`).
+
+    Args:
+        names: module or tensor names on one side (e.g. an adapter's modules).
+        available: the names on the other side (e.g. a checkpoint's module names).
+        prefix: the base model prefix; when None and `config` is given, `base_model_prefix(config)`, looked up
+            only if some name is not found as it is.
+
+    Returns:
+        name -> its spelling in `available`; names found nowhere are left out (the caller names them in its error).
+
+    Example:
+        >>> match(["bert.encoder.layer.0.attention.self.query"], {"encoder.layer.0.attention.self.query"}, prefix="bert")
+        {'bert.encoder.layer.0.attention.self.query': 'encoder.layer.0.attention.self.query'}
+    """
+    names = list(names)
+    if prefix is None and config is not None and any(n not in available for n in names):
+        prefix = base_model_prefix(config)
+    return {n: found for n in names if (found := rename(n, available, prefix)) is not None}

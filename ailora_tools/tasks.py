@@ -1,0 +1,257 @@
+"""What `train` trains an adapter for: causal LM, masked LM or sequence classification.
+
+A task names the transformers class users load the result with (AutoModelForCausalLM, AutoModelForMaskedLM,
+AutoModelForSequenceClassification) and PEFT's task type, the JSONL shapes it reads (`data`), what a batch holds
+and what evaluation reports (loss; accuracy too for classification). `auto` takes the task the checkpoint was saved
+for, from its config's `architectures` (...ForSequenceClassification, ...ForMaskedLM or ...ForPreTraining,
+...ForCausalLM); a bare base model (BertModel, LlamaModel) gets masked LM when its model type has a masked-LM
+class, causal LM otherwise.
+
+The adapter is built on that class, so its module names are the class's (`model_names` pairs them with the
+initial adapter's, whatever prefix the checkpoint's tensors carry). Weights the class needs that the checkpoint
+lacks are a head. For sequence classification the head (a new classifier, seeded, or the checkpoint's own;
+also e.g. BERT's pooler when a masked-LM checkpoint has none) trains with the adapter and is saved as PEFT's
+`modules_to_save`. For the LM tasks every weight must come from the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .data import (IGNORE, LabeledRow, collate, collate_labeled, load_jsonl, load_masked_jsonl, read_labeled_jsonl,
+                   tokenize_labeled)
+from .errors import FormatError, TargetError, UnsupportedError
+from .model_names import match
+from .peft_format import load_into, read_adapter
+
+CLASSIFY = "sequence-classification"
+CHOICES = ("auto", "causal-lm", "masked-lm", CLASSIFY)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One training objective: the transformers Auto class it loads and PEFT's task type."""
+
+    name: str
+    auto_class: str
+    peft_task_type: str | None
+
+    @property
+    def classifies(self) -> bool:
+        return self.name == CLASSIFY
+
+    def loss_weight(self, labels: torch.Tensor) -> int:
+        """How many terms the batch's mean loss averages: examples, or tokens with a label (shifted for causal LM)."""
+        if self.classifies:
+            return labels.numel()
+        return int(((labels[:, 1:] if self.name == "causal-lm" else labels) != IGNORE).sum())
+
+
+TASKS = {t.name: t for t in (Task("causal-lm", "AutoModelForCausalLM", "CAUSAL_LM"),
+                             Task("masked-lm", "AutoModelForMaskedLM", None),
+                             Task(CLASSIFY, "AutoModelForSequenceClassification", "SEQ_CLS"))}
+
+
+def resolve_task(name: str, config: dict) -> Task:
+    """The task `name` names, or for "auto" the one the model `config` was saved for (see the module docstring).
+
+    Raises:
+        TargetError: an unknown name.
+    """
+    if name not in CHOICES:
+        raise TargetError(f"--task {name!r}: choose one of {', '.join(CHOICES)}")
+    if name != "auto":
+        return TASKS[name]
+    arch = " ".join(config.get("architectures") or [])
+    if "ForSequenceClassification" in arch:
+        return TASKS[CLASSIFY]
+    if "ForMaskedLM" in arch or "ForPreTraining" in arch:
+        return TASKS["masked-lm"]
+    if "ForCausalLM" in arch or "LMHeadModel" in arch or "ForConditionalGeneration" in arch:
+        return TASKS["causal-lm"]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return TASKS["masked-lm" if config.get("model_type") in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "causal-lm"]
+
+
+@dataclass
+class Data:
+    """Tokenized training and evaluation examples, how to batch them, and (classification) the head's labels."""
+
+    train: list
+    eval: list
+    collate: Callable[[list], dict[str, torch.Tensor]]
+    labels: dict | None  # num_labels, id2label, label2id, problem_type: set on the model config and the merged one
+
+
+def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike | None, tokenizer, *, pad_id: int,
+              config: dict, base: object, max_length: int, seed: int, num_labels: int | None = None) -> Data:
+    """Read, validate and tokenize the data for `task` (before any model loads).
+
+    Args:
+        pad_id: the token batches are padded with (`tokenizer.load_tokenizer`).
+        config: the base model's config (a classification head it already has fixes the labels).
+        base: the base model's path, for messages. num_labels: --num-labels (classification only).
+
+    Raises:
+        FormatError: a bad line, labels of mixed types, or more labels than the head has.
+        TargetError: --num-labels for another task, or a tokenizer without what the task needs.
+    """
+    if num_labels is not None and not task.classifies:
+        raise TargetError(f"--num-labels {num_labels}: applies to --task {CLASSIFY} only (this run: {task.name})")
+    if task.classifies:
+        rows = read_labeled_jsonl(data)
+        eval_rows = read_labeled_jsonl(eval_data) if eval_data else []
+        ids, labels = _labels(rows, eval_rows, data=data, eval_data=eval_data, config=config, base=base,
+                              num_labels=num_labels)
+        return Data(tokenize_labeled(rows, tokenizer, ids, max_length=max_length),
+                    tokenize_labeled(eval_rows, tokenizer, ids, max_length=max_length),
+                    lambda batch: collate_labeled(batch, pad_id), labels)
+    if task.name == "masked-lm":
+        if tokenizer.mask_token_id is None:
+            raise TargetError(f"--task masked-lm: the tokenizer of {base} has no mask token")
+        load = lambda path, s: load_masked_jsonl(path, tokenizer, max_length=max_length, seed=s)  # noqa: E731
+    else:
+        load = lambda path, s: load_jsonl(path, tokenizer, max_length=max_length)  # noqa: E731
+    return Data(load(data, seed), load(eval_data, seed + 1) if eval_data else [],
+                lambda batch: collate(batch, pad_id), None)
+
+
+def _labels(rows: list[LabeledRow], eval_rows: list[LabeledRow], *, data, eval_data, config: dict, base,
+            num_labels: int | None) -> tuple[dict, dict]:
+    """label -> class id, and the head's config keys. Ids are the integers as written, or names in sorted order."""
+    every = [(data, r) for r in rows] + [(eval_data, r) for r in eval_rows]
+    first = rows[0]
+    for path, r in every:
+        if type(r.label) is not type(first.label):
+            raise FormatError(f"{path}:{r.line}: \"label\" is {_kind(r.label)} but {_kind(first.label)} in {data}:"
+                              f"{first.line}; use one type for every label")
+    head = _head_labels(config)
+    if num_labels is not None and (num_labels < 2 or (head is not None and num_labels != len(head))):
+        raise TargetError(f"--num-labels {num_labels}: " + (f"the base {base} already has a classification head with "
+                                                           f"{len(head)} labels; leave --num-labels out"
+                                                           if head is not None else "a classifier needs at least 2"))
+    size = len(head) if head is not None else num_labels
+    whose = f"the classification head of {base}" if head is not None else f"--num-labels {num_labels}"
+    if isinstance(first.label, int):
+        path, top = max(every, key=lambda pr: pr[1].label)
+        if size is not None and top.label >= size:
+            raise FormatError(f"{path}:{top.line}: label {top.label}, but {whose} has {size} labels (ids 0..{size - 1})"
+                              "; give fewer labels" + ("" if head is not None else " or raise --num-labels"))
+        size = size or max(2, top.label + 1)
+        names = head or [f"LABEL_{i}" for i in range(size)]
+        ids = {i: i for i in range(size)}
+    else:
+        found = sorted({r.label for _, r in every})
+        if head is not None:
+            ids = {name: i for i, name in enumerate(head)}
+            unknown = [name for name in found if name not in ids]
+            if unknown:
+                raise FormatError(f"{data}: labels {unknown[:3]} are not among the {len(head)} labels of {whose} "
+                                  f"({', '.join(head[:5])}); use those names or the class ids 0..{len(head) - 1}")
+            names = head
+        else:
+            if size is not None and len(found) > size:
+                raise FormatError(f"{data}: {len(found)} label names ({', '.join(found[:5])}), but {whose} has {size} "
+                                  "labels; raise --num-labels")
+            size = size or max(2, len(found))
+            names = found + [f"LABEL_{i}" for i in range(len(found), size)]
+            ids = {name: i for i, name in enumerate(found)}
+    return ids, {"num_labels": size, "id2label": dict(enumerate(names)),
+                 "label2id": {name: i for i, name in enumerate(names)}, "problem_type": "single_label_classification"}
+
+
+def _kind(label) -> str:
+    return "a string" if isinstance(label, str) else "an integer"
+
+
+def _head_labels(config: dict) -> list[str] | None:
+    """The label names of the classification head a checkpoint already has, or None."""
+    if "ForSequenceClassification" not in " ".join(config.get("architectures") or []):
+        return None
+    id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
+    return [id2label[k] for k in sorted(id2label, key=int)]
+
+
+def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, *, labels: dict | None,
+               dtype: torch.dtype) -> tuple[torch.nn.Module, dict, dict]:
+    """The task's class on `base` as a PEFT model holding the initial adapter's factors, under the class's names.
+
+    The head (classification: the weights outside the base model and those the checkpoint lacks) trains with the
+    adapter as PEFT's modules_to_save; a new one starts from torch's current seed.
+
+    Returns:
+        The PEFT model; the trained adapter's config (the initial one with task_type and modules_to_save); and a
+        record for the manifests: task, model class, base model prefix, modules_to_save and the config keys a
+        merged model needs (`config`).
+
+    Raises:
+        UnsupportedError: an LM task whose class needs weights the checkpoint lacks (no LM head).
+        TargetError: an adapted module the class does not have.
+    """
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model, info = getattr(transformers, task.auto_class).from_pretrained(
+        base, dtype=dtype, output_loading_info=True, **(labels or {}))
+    cls, prefix = type(model).__name__, model.base_model_prefix
+    missing = sorted(info["missing_keys"])
+    if missing and not task.classifies:
+        raise UnsupportedError(
+            f"--task {task.name}: {cls} needs weights that {base} lacks ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): it has no {task.name} head; train with --task {CLASSIFY}, or "
+            "decompose a checkpoint saved with that head")
+    heads = _heads(model, missing) if task.classifies else []
+    initial = read_adapter(adapter)
+    names = match(initial.factors, {n for n, _ in model.named_modules()}, prefix=prefix)
+    if len(names) < len(initial.factors):
+        lost = sorted(set(initial.factors) - set(names))
+        raise TargetError(f"{adapter}: adapts {lost[0]!r}, which {cls} on {base} does not have (nor with or without "
+                          f"the prefix {prefix!r}); pass the adapter decomposed from this model")
+    fields = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type"}
+    lora = {k: v for k, v in initial.config.items() if k in fields}
+    lora.update(target_modules=sorted(names.values()), modules_to_save=list(heads) or None,  # PEFT extends it
+                task_type=task.peft_task_type, inference_mode=False)
+    peft_model = get_peft_model(model, LoraConfig(**lora))
+    renamed = dataclasses.replace(initial, factors={names[m]: f for m, f in initial.factors.items()})
+    load_into(peft_model, renamed, source=adapter, extra=False)
+    config = {**initial.config, "task_type": task.peft_task_type, "modules_to_save": heads or None}
+    merged_config = {"architectures": [cls], **{k: v for k, v in labels.items() if k != "num_labels"}} if labels else {}
+    record = {"task": task.name, "model_class": cls, "base_model_prefix": prefix, "modules_to_save": heads,
+              "config": merged_config}
+    return peft_model, config, record
+
+
+def _heads(model, missing: list[str]) -> list[str]:
+    """Module names of the head: the model's children outside the base model, and base modules the checkpoint lacks."""
+    prefix = model.base_model_prefix
+    heads = {n for n, child in model.named_children() if n != prefix and any(True for _ in child.parameters())}
+    heads |= {".".join(k.split(".")[:2]) for k in missing if k.startswith(prefix + ".")}
+    return sorted(heads)
+
+
+def evaluate(model, task: Task, examples: list, collate_fn: Callable, *, batch_size: int, device: torch.device,
+             autocast: bool) -> dict[str, float]:
+    """Mean loss over the examples (per token for LMs, per example for classification) and, for classification,
+    accuracy. Leaves the model in train mode."""
+    model.eval()
+    total, weight, correct = 0.0, 0, 0
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate_fn(examples[i:i + batch_size]).items()}
+            out = model(**batch)
+            n = task.loss_weight(batch["labels"])
+            total += float(out.loss) * n
+            weight += n
+            if task.classifies:
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    model.train()
+    result = {"eval_loss": total / max(weight, 1)}
+    if task.classifies:
+        result["eval_accuracy"] = correct / max(weight, 1)
+    return result
+

@@ -1,0 +1,396 @@
+"""Encoders end to end (issue #14): tiny BERT saved bare (BertModel: `encoder.layer.N...`) and with a `bert.` prefix
+(BertForMaskedLM, BertForSequenceClassification), tiny RoBERTa (RobertaForMaskedLM: `roberta.`), through
+decompose → train (masked LM, sequence classification) → convert → merge, with logits parity between
+residual + trained adapter, original + converted LoRA and both merged models, each loaded the way users load it."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, BertTokenizer,
+                          RobertaConfig, RobertaForMaskedLM, RobertaTokenizer)
+
+from ailora_tools.cli import main
+from ailora_tools.errors import FormatError
+from ailora_tools.model_names import match
+from ailora_tools.peft_format import read_adapter, write_adapter
+from ailora_tools.verify import verify
+
+RECIPE = Path(__file__).parent.parent / "recipes" / "roberta-large.toml"
+POSITIVE, NEGATIVE = ["good", "great", "fine", "nice", "love"], ["bad", "awful", "poor", "hate", "terrible"]
+FILLER = ["the", "a", "movie", "film", "plot", "was", "is", "very", "really", "quite", "story", "acting"]
+WORDS = POSITIVE + NEGATIVE + FILLER
+PARITY = 1e-4
+PROBE = [("the movie was good", "a really bad plot"), ("awful acting", "the story is very nice")]
+
+
+def sentence(rng: random.Random, positive: bool) -> str:
+    words = rng.sample(FILLER, 1) + [rng.choice(POSITIVE if positive else NEGATIVE)]
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def sst2(path: Path, n: int, *, seed: int, names: tuple | None = None, pairs: bool = False) -> Path:
+    """A GLUE-style sentiment JSONL: label 1 (or names[1]) when the sentence has a positive word. With `pairs`,
+    {"text_a", "text_b", "label"}: text_b is a filler word, the label that of text_a."""
+    rng, rows = random.Random(seed), []
+    for _ in range(n):
+        a = rng.random() < 0.5
+        row = {"text_a": sentence(rng, a), "text_b": rng.choice(FILLER)} if pairs else {"text": sentence(rng, a)}
+        rows.append({**row, "label": names[int(a)] if names else int(a)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def texts(path: Path, n: int, *, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps({"text": sentence(rng, rng.random() < 0.5)}) + "\n" for _ in range(n)))
+    return path
+
+
+#: at the usual init (std 0.02) a tiny random encoder's first token barely depends on the other tokens, and
+#: dropout drowns the rest: nothing could learn the task in a few steps
+LEARNABLE = dict(initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def bert_config(**kw) -> BertConfig:
+    return BertConfig(vocab_size=len(WORDS) + 5, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64, **LEARNABLE, **kw)
+
+
+def build_encoder(kind: str, path: Path) -> Path:
+    """Save a tiny encoder of `kind` with its tokenizer; all but bert-bare in several shards."""
+    torch.manual_seed(0)
+    if kind.startswith("bert"):
+        BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
+                      ).save_pretrained(path)
+        model = {"bert-bare": lambda: BertModel(bert_config()),
+                 "bert-mlm": lambda: BertForMaskedLM(bert_config()),
+                 "bert-cls": lambda: BertForSequenceClassification(bert_config(
+                     id2label={0: "negative", 1: "neutral", 2: "positive"},
+                     label2id={"negative": 0, "neutral": 1, "positive": 2}))}[kind]()
+    else:
+        from tokenizers import ByteLevelBPETokenizer
+
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], vocab_size=300,
+                                min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                                show_progress=False)
+        vocab = json.loads(bpe.to_str())["model"]
+        RobertaTokenizer(vocab=vocab["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split())
+                                                       for m in vocab["merges"]]).save_pretrained(path)
+        model = RobertaForMaskedLM(RobertaConfig(
+            vocab_size=300, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            **LEARNABLE))
+    with torch.no_grad():  # non-zero biases, so that they matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path, **({} if kind == "bert-bare" else {"max_shard_size": "60KB"}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder(tmp_path_factory):
+    cache = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = build_encoder(kind, tmp_path_factory.mktemp(kind))
+        return cache[kind]
+
+    return get
+
+
+def cli(*args) -> dict | None:
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout) if "--json" in args else None
+
+
+def decompose(src: Path, out: Path) -> Path:
+    cli("decompose", src, "-o", out, "--method", "ailora", "--svd", "exact", "--targets", "query,value",
+        "--rank", "4", "--alpha", "8", "--quiet")
+    return out
+
+
+def outputs(model, src: Path) -> torch.Tensor:
+    enc = AutoTokenizer.from_pretrained(src)([a for a, _ in PROBE], [b for _, b in PROBE], padding=True,
+                                             return_tensors="pt")
+    with torch.no_grad():
+        return model.eval()(**enc).logits
+
+
+def load_merged(auto, path: Path):
+    model, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info  # every weight, the head too, is there
+    return model
+
+
+def chain(src: Path, tmp: Path, task: str, data: Path, eval_data: Path, *flags) -> dict:
+    """decompose → train → convert → merge twice (residual + trained, original + converted), as a user runs them."""
+    dec = decompose(src, tmp / "dec")
+    summary = cli("train", "--base", dec / "residual", "--adapter", dec / "adapter", "--data", data, "--eval-data",
+                  eval_data, "-o", tmp / "trained", "--task", task, "--lr", "1e-2", "--batch-size", "8", "--json",
+                  *flags)
+    cli("convert", "--trained", tmp / "trained", "-o", tmp / "lora", "--json")
+    cli("merge", dec / "residual", tmp / "trained", "-o", tmp / "m1", "--json")
+    cli("merge", src, tmp / "lora", "-o", tmp / "m2", "--json")
+    return summary
+
+
+def assert_parity(auto, src: Path, tmp: Path, **load) -> torch.Tensor:
+    expected = outputs(PeftModel.from_pretrained(auto.from_pretrained(tmp / "dec" / "residual", **load),
+                                                 tmp / "trained"), src)
+    got = {"original + converted LoRA": outputs(PeftModel.from_pretrained(auto.from_pretrained(src, **load),
+                                                                          tmp / "lora"), src),
+           "merged residual + trained": outputs(load_merged(auto, tmp / "m1"), src),
+           "merged original + converted": outputs(load_merged(auto, tmp / "m2"), src)}
+    for what, logits in got.items():
+        assert (logits - expected).abs().max() <= PARITY, what
+    return expected
+
+
+def adapter_keys(path: Path) -> set[str]:
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.parametrize("kind,prefix,heads", [
+    ("bert-bare", "bert", ["classifier"]),                # no prefix in the checkpoint; a new head
+    ("bert-mlm", "bert", ["bert.pooler", "classifier"]),  # `bert.` prefix; the MLM checkpoint has no pooler either
+    ("roberta", "roberta", ["classifier"]),               # `roberta.` prefix; RoBERTa's two-layer head
+])
+def test_sequence_classification_end_to_end(encoder, tmp_path, kind, prefix, heads):
+    src = encoder(kind)
+    pairs = kind == "bert-mlm"  # {"text_a", "text_b"} rows: BERT's token_type_ids matter
+    data, evals = sst2(tmp_path / "train.jsonl", 96, seed=1, pairs=pairs), sst2(tmp_path / "dev.jsonl", 64, seed=2,
+                                                                               pairs=pairs)
+    summary = chain(src, tmp_path, "sequence-classification", data, evals, "--max-steps", "80")
+    assert summary["eval_loss"] < 0.85 * summary["eval_loss_start"], summary
+    assert summary["eval_accuracy"] >= summary["eval_accuracy_start"] + 0.1, summary
+    # module names as PEFT expects them on AutoModelForSequenceClassification; the head as PEFT saves modules_to_save
+    cfg = json.loads((tmp_path / "trained" / "adapter_config.json").read_text())
+    assert (cfg["task_type"], cfg["modules_to_save"]) == ("SEQ_CLS", heads)
+    keys = adapter_keys(tmp_path / "trained")
+    assert f"base_model.model.{prefix}.encoder.layer.0.attention.self.query.lora_A.weight" in keys
+    assert any(k.startswith("base_model.model.classifier.") and "lora" not in k for k in keys)
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["modules_to_save"] == heads
+    assert adapter_keys(tmp_path / "lora") >= {k for k in keys if "lora_" not in k}
+    assert_parity(AutoModelForSequenceClassification, src, tmp_path, num_labels=2)
+    merged = json.loads((tmp_path / "m2" / "config.json").read_text())
+    assert merged["architectures"] == [f"{'Roberta' if prefix == 'roberta' else 'Bert'}ForSequenceClassification"]
+    assert merged["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
+    assert verify(tmp_path / "m1")["problems"] == [] and verify(tmp_path / "m2")["problems"] == []
+
+
+def test_classification_on_a_checkpoint_with_its_own_head(encoder, tmp_path):
+    """BertForSequenceClassification with 3 named labels: string labels map to its ids, the head's tensors are
+    replaced in place (none added) and config.json keeps its labels."""
+    src = encoder("bert-cls")
+    names = ("negative", "positive")
+    data, evals = sst2(tmp_path / "t.jsonl", 96, seed=1, names=names), sst2(tmp_path / "d.jsonl", 64, seed=2, names=names)
+    summary = chain(src, tmp_path, "auto", data, evals, "--max-steps", "80")  # auto: ...ForSequenceClassification
+    assert summary["eval_loss"] < 0.85 * summary["eval_loss_start"], summary
+    logits = assert_parity(AutoModelForSequenceClassification, src, tmp_path)
+    assert logits.shape == (2, 3)
+    manifest = json.loads((tmp_path / "m2" / "ailora-merge.json").read_text())
+    assert manifest["summary"]["head_tensors"] == ["classifier.bias", "classifier.weight"]
+    merged = json.loads((tmp_path / "m2" / "config.json").read_text())
+    assert merged["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    with safe_open(str(next((tmp_path / "m2").glob("*.safetensors"))), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    index = json.loads((tmp_path / "m2" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index == json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+@pytest.mark.parametrize("kind", ["bert-mlm", "roberta"])
+def test_masked_lm_end_to_end(encoder, tmp_path, kind):
+    src = encoder(kind)
+    data, evals = texts(tmp_path / "t.jsonl", 64, seed=1), texts(tmp_path / "d.jsonl", 32, seed=2)
+    summary = chain(src, tmp_path, "auto", data, evals, "--max-steps", "30")  # auto: ...ForMaskedLM → masked-lm
+    assert summary["eval_loss"] < summary["eval_loss_start"] and "eval_accuracy" not in summary
+    cfg = json.loads((tmp_path / "trained" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] is None and json.loads((tmp_path / "trained" / "ailora-train.json").read_text())[
+        "task"]["model_class"].endswith("ForMaskedLM")
+    assert_parity(AutoModelForMaskedLM, src, tmp_path)
+
+
+def test_adapter_named_for_the_task_class_converts_and_merges_on_a_bare_checkpoint(encoder, tmp_path):
+    """The issue's prefix case, which failed before: the initial adapter names `encoder.layer.0...` (a bare BertModel
+    checkpoint), the trained one `bert.encoder.layer.0...` (the class users train with). convert used to fail with
+    "initial and trained adapters adapt different modules", merge with "... has no tensor bert.encoder...". Here
+    the trained adapter is written as PEFT writes one, with no record of the prefix."""
+    src = encoder("bert-bare")
+    dec = decompose(src, tmp_path / "dec")
+    initial = read_adapter(dec / "adapter")
+    g = torch.Generator().manual_seed(0)
+    trained = {f"bert.{m}": (A + 0.05 * torch.randn(A.shape, generator=g), B + 0.05 * torch.randn(B.shape, generator=g))
+               for m, (A, B) in initial.factors.items()}
+    assert all(m.startswith("encoder.layer.") for m in initial.factors)
+    write_adapter(tmp_path / "trained", initial.config, trained)
+    (tmp_path / "trained" / "ailora-train.json").write_text(json.dumps({"initial_adapter": str(dec / "adapter")}))
+    cli("convert", "--trained", tmp_path / "trained", "-o", tmp_path / "lora", "--json")
+    cli("merge", dec / "residual", tmp_path / "trained", "-o", tmp_path / "m1", "--json")
+    cli("merge", src, tmp_path / "lora", "-o", tmp_path / "m2", "--json")
+
+    def hidden(model):  # the encoder's output: the part the adapter changes
+        enc = AutoTokenizer.from_pretrained(src)([a for a, _ in PROBE], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            return model.eval()(**enc).last_hidden_state
+
+    on_class = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(dec / "residual"),
+                                         tmp_path / "trained")
+    expected = hidden(on_class.base_model.model.bert)
+    original = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(src), tmp_path / "lora")
+    assert (hidden(original.base_model.model.bert) - expected).abs().max() <= PARITY
+    for merged in ("m1", "m2"):
+        assert (hidden(load_merged(AutoModel, tmp_path / merged)) - expected).abs().max() <= PARITY
+    assert (hidden(AutoModel.from_pretrained(src)) - expected).abs().max() > 1e-3  # the adapter changed something
+
+
+def test_names_pair_across_the_base_model_prefix():
+    modules = {"bert.encoder.layer.0.attention.self.query", "classifier"}
+    assert match(["encoder.layer.0.attention.self.query", "classifier", "pooler"], modules, prefix="bert") == {
+        "encoder.layer.0.attention.self.query": "bert.encoder.layer.0.attention.self.query", "classifier": "classifier"}
+    assert match(["bert.encoder.layer.0.attention.self.query"], {"encoder.layer.0.attention.self.query"},
+                 config={"model_type": "bert"}) == {
+        "bert.encoder.layer.0.attention.self.query": "encoder.layer.0.attention.self.query"}
+    assert match(["model.layers.0.q_proj"], {"layers.0.q_proj"}, prefix="bert") == {}
+
+
+def test_recipe_runs_classification_end_to_end(encoder, tmp_path):
+    """recipes/roberta-large.toml's [decompose] and [train] tables on a tiny RoBERTa and a GLUE-style task with
+    named labels (as GLUE's SST-2 files name them)."""
+    src = encoder("roberta")
+    recipe = tmp_path / "roberta.toml"
+    text = RECIPE.read_text()
+    assert 'model = "FacebookAI/roberta-large"' in text
+    recipe.write_text(text.replace('model = "FacebookAI/roberta-large"', f'model = "{src}"'))
+    names = ("negative", "positive")
+    data = sst2(tmp_path / "train.jsonl", 96, seed=1, names=names)
+    evals = sst2(tmp_path / "dev.jsonl", 64, seed=2, names=names)
+    cli("decompose", "--config", recipe, "-o", tmp_path / "dec", "--quiet")
+    decomposed = json.loads((tmp_path / "dec" / "ailora.json").read_text())
+    assert (decomposed["method"], decomposed["rank"], decomposed["svd"]["mode"]) == ("ailora", 8, "exact")
+    assert {r for r in decomposed["roles"].values()} == {"principal", "minor"}
+    # a tiny random model needs a larger step and fewer of them than RoBERTa-large on SST-2: flags win over the recipe
+    summary = cli("train", "--config", recipe, "--base", tmp_path / "dec" / "residual", "--adapter",
+                  tmp_path / "dec" / "adapter", "--data", data, "--eval-data", evals, "-o", tmp_path / "trained",
+                  "--max-steps", "80", "--batch-size", "8", "--warmup", "4", "--lr", "1e-2", "--json")
+    manifest = json.loads((tmp_path / "trained" / "ailora-train.json").read_text())
+    assert manifest["task"]["task"] == "sequence-classification"  # from the recipe, as are these:
+    assert (manifest["scheduler"], manifest["max_length"], manifest["seed"]) == ("linear", 512, 0)
+    assert summary["eval_accuracy"] >= summary["eval_accuracy_start"] + 0.1, summary
+    cli("convert", "--trained", tmp_path / "trained", "-o", tmp_path / "lora", "--json")
+    cli("merge", src, tmp_path / "lora", "-o", tmp_path / "merged", "--json")
+    model = load_merged(AutoModelForSequenceClassification, tmp_path / "merged")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    expected = outputs(PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "dec" / "residual", num_labels=2), tmp_path / "trained"), src)
+    assert (outputs(model, src) - expected).abs().max() <= PARITY
+
+
+@pytest.fixture(scope="module")
+def bare_decomposed(encoder, tmp_path_factory):
+    return decompose(encoder("bert-bare"), tmp_path_factory.mktemp("bad") / "dec")
+
+
+@pytest.mark.parametrize("rows,flags,message", [
+    ([{"text": "good"}], [], r't\.jsonl:1: no "label" column'),
+    ([{"text": "good", "label": 1}, {"text": "bad", "label": "neg"}], [],
+     r't\.jsonl:2: "label" is a string here but an integer on line 1'),
+    ([{"text": "good", "label": True}], [], r't\.jsonl:1: "label" is true; labels are class ids'),
+    ([{"text": "good", "label": 2}], ["--num-labels", "2"],
+     r"t\.jsonl:1: label 2, but --num-labels 2 has 2 labels \(ids 0\.\.1\)"),
+    ([{"text": "good", "label": "a"}, {"text": "x", "label": "b"}, {"text": "y", "label": "c"}], ["--num-labels", "2"],
+     r"t\.jsonl: 3 label names \(a, b, c\), but --num-labels 2 has 2 labels"),
+    ([{"text": "good"}], ["--task", "masked-lm", "--num-labels", "2"], r"--num-labels 2: applies to --task "),
+])
+def test_bad_classification_input_is_one_line(bare_decomposed, tmp_path, rows, flags, message):
+    import re
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = CliRunner().invoke(main, ["train", "--base", str(bare_decomposed / "residual"), "--adapter",
+                                    str(bare_decomposed / "adapter"), "--data", str(data), "-o", str(tmp_path / "o"),
+                                    "--task", "sequence-classification", *flags])
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), res.output
+    assert not (tmp_path / "o").exists()  # validated before any model loads or anything is written
+
+
+def test_eval_labels_of_another_type_and_too_many_for_the_head(encoder, bare_decomposed, tmp_path):
+    train_rows, eval_rows = tmp_path / "t.jsonl", tmp_path / "d.jsonl"
+    train_rows.write_text(json.dumps({"text": "good", "label": 1}) + "\n")
+    eval_rows.write_text(json.dumps({"text": "bad", "label": "neg"}) + "\n")
+    res = CliRunner().invoke(main, ["train", "--base", str(bare_decomposed / "residual"), "--adapter",
+                                    str(bare_decomposed / "adapter"), "--data", str(train_rows), "--eval-data",
+                                    str(eval_rows), "-o", str(tmp_path / "o"), "--task", "sequence-classification"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1
+    assert 'd.jsonl:1: "label" is a string but an integer in' in res.output
+    dec = decompose(encoder("bert-cls"), tmp_path / "cls")  # its head has 3 labels
+    train_rows.write_text(json.dumps({"text": "good", "label": 3}) + "\n")
+    res = CliRunner().invoke(main, ["train", "--base", str(dec / "residual"), "--adapter", str(dec / "adapter"),
+                                    "--data", str(train_rows), "-o", str(tmp_path / "o")])  # auto: classification
+    assert res.exit_code == 1 and res.output.count("\n") == 1
+    assert "t.jsonl:1: label 3, but the classification head of" in res.output and "has 3 labels (ids 0..2)" in res.output
+
+
+def test_masked_lm_needs_a_checkpoint_with_its_head(bare_decomposed, tmp_path):
+    data = texts(tmp_path / "t.jsonl", 8, seed=0)
+    res = CliRunner().invoke(main, ["train", "--base", str(bare_decomposed / "residual"), "--adapter",
+                                    str(bare_decomposed / "adapter"), "--data", str(data), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1, res.output  # auto on a bare encoder: masked LM, and BertModel has no MLM head
+    last = res.output.strip().splitlines()[-1]
+    assert "--task masked-lm: BertForMaskedLM needs weights that" in last and "--task sequence-classification" in last
+
+
+def test_check_rows_knows_the_task(tmp_path):
+    """train checks rows before any model loads, by the task's shapes: labeled rows pass for classification only."""
+    from ailora_tools.data import check_rows
+
+    labeled, pairs = tmp_path / "l.jsonl", tmp_path / "p.jsonl"
+    labeled.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(3)))
+    pairs.write_text(json.dumps({"text_a": "a", "text_b": "b", "label": "yes"}) + "\n")
+    assert check_rows(labeled, task="sequence-classification") == 3
+    assert check_rows(pairs, task="sequence-classification") == 1
+    with pytest.raises(FormatError, match=r'l\.jsonl:1: rows with "label" are for --task sequence-classification'):
+        check_rows(labeled)  # causal LM
+    with pytest.raises(FormatError, match=r'p\.jsonl:1: masked-LM rows are \{"text"\} only'):
+        check_rows(pairs, task="masked-lm")
+    prompts = tmp_path / "c.jsonl"
+    prompts.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    with pytest.raises(FormatError, match=r'c\.jsonl:1: no "label" column'):
+        check_rows(prompts, task="sequence-classification")
+
+
+def test_merge_with_dtype_writes_the_head_and_its_labels_in_one_config(bare_decomposed, tmp_path):
+    """--dtype and a new head both change config.json: the merged one names the class, the labels and the dtype,
+    every float tensor (the added head too) is in that dtype, and it computes what the float32 merge computes."""
+    data = sst2(tmp_path / "t.jsonl", 16, seed=1)
+    cli("train", "--base", bare_decomposed / "residual", "--adapter", bare_decomposed / "adapter", "--data", data,
+        "-o", tmp_path / "trained", "--task", "sequence-classification", "--max-steps", "3", "--lr", "1e-2", "--quiet")
+    cli("merge", bare_decomposed / "residual", tmp_path / "trained", "-o", tmp_path / "m32", "--quiet")
+    summary = cli("merge", bare_decomposed / "residual", tmp_path / "trained", "-o", tmp_path / "m16", "--dtype",
+                  "bfloat16", "--json")
+    assert "classifier.weight" in summary["head_tensors"]
+    config = json.loads((tmp_path / "m16" / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert config["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
+    assert config.get("torch_dtype", config.get("dtype")) == "bfloat16"
+    with safe_open(str(tmp_path / "m16" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert "classifier.weight" in set(f.keys())
+    src = bare_decomposed / "residual"
+    full = outputs(load_merged(AutoModelForSequenceClassification, tmp_path / "m32"), src)
+    half = outputs(load_merged(AutoModelForSequenceClassification, tmp_path / "m16").float(), src)
+    assert (half - full).abs().max() <= 0.05 * full.abs().max() + 1e-2
+    assert verify(tmp_path / "m16")["problems"] == []
