@@ -60,8 +60,13 @@ def _one_line(e: Exception) -> str:
 
 
 def _prehash(model: str, revision: str | None) -> None:
-    """Start hashing the checkpoint's files before torch loads (about 1.2 s); the run reuses the results."""
+    """Start hashing the checkpoint's files before torch loads (about 1.2 s); the run reuses the results.
+    Ranks ≥ 1 of a torchrun launch hash nothing: rank 0 writes the manifest."""
     from .checkpoint import Checkpoint
+    from .distributed import is_worker
+
+    if is_worker():
+        return
     from .hashing import digest_async
 
     try:
@@ -181,7 +186,10 @@ def _config_option(section: str):
 def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed, device,
               residual_dtype, revision, no_residual, data, samples, max_length, allow_pickle, overwrite, resume, as_json,
               quiet):
-    """Decompose MODEL (local dir or Hub id) into OUT/residual + OUT/adapter, streaming shard by shard."""
+    """Decompose MODEL (local dir or Hub id) into OUT/residual + OUT/adapter, streaming shard by shard.
+
+    Several GPUs or machines: `torchrun --nproc-per-node N -m ailora_tools.cli decompose ...`; each rank computes
+    its share of the matrices, rank 0 writes the same bytes as one process."""
     if model is None:
         raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= in --config")
     _prehash(model, revision)
@@ -192,7 +200,8 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
                   niter=niter, oversample=oversample, seed=seed, device=device, residual_dtype=residual_dtype,
                   revision=revision, allow_pickle=allow_pickle, no_residual=no_residual, data=data, samples=samples,
                   max_length=max_length, overwrite=overwrite, resume=resume, progress=_progress(quiet or as_json))
-    _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
+    if "worker" not in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
+        _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
 
 
 @main.command()
@@ -230,13 +239,16 @@ def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, 
 @_rewrite_options
 @_fail_cleanly
 def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, as_json, quiet):
-    """Merge ADAPTER into BASE (W + s·B·A in float32), streaming shard by shard."""
+    """Merge ADAPTER into BASE (W + s·B·A in float32), streaming shard by shard.
+
+    Several GPUs or machines: `torchrun --nproc-per-node N -m ailora_tools.cli merge ...` (as for decompose)."""
     _prehash(base, revision)
     from .merging import merge as run
 
     summary = run(base, adapter, out, dtype=dtype, revision=revision, allow_pickle=allow_pickle, overwrite=overwrite,
                   resume=resume, progress=_progress(quiet or as_json))
-    _print_summary(summary, as_json, f"merged {summary['modules']} modules into {summary['output']}")
+    if "worker" not in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
+        _print_summary(summary, as_json, f"merged {summary['modules']} modules into {summary['output']}")
 
 
 @main.command()

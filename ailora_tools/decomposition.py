@@ -5,6 +5,8 @@ compute each job's factors and residual with its init method (`ailora_tools.init
 engine (`rewrite.rewrite_checkpoint`) copies every shard and puts each residual in its target's byte range,
 journaling each finished shard with its records for `--resume`. This module loads torch only when the first
 target is read: by then the first shards are being copied and hashed, so the torch import overlaps with I/O.
+Launched by torchrun, every rank plans the same jobs and computes its share of them; rank 0 alone writes
+(`distributed`).
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import Checkpoint
+from .distributed import Sharing, is_worker, use_local_gpu
 from .errors import NumericsError, OptionError, UnsupportedError
 from .init import InitMethod, Job, Settings, get_method, lora_scale
 from .options import at_least, choice, positive
 from .output import OutputDir
-from .rewrite import Hashes, Replaced, rewrite_checkpoint
+from .rewrite import Hashes, Replaced, compute_share, rewrite_checkpoint
 from .targets import architecture, assign_roles, is_transposed, linear_modules
 from .provenance import DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, sample, stored_sample
 from .tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor, tensor_bytes
@@ -37,6 +40,9 @@ def decompose(
     samples: int = 64, max_length: int = 512, overwrite: bool = False, resume: bool = False, progress: bool = True,
 ) -> dict:
     """Write OUT/residual (HF model dir), OUT/adapter (PEFT LoRA) and, last, OUT/ailora.json.
+
+    Launched by torchrun (`torchrun --nproc-per-node N -m ailora_tools.cli decompose ...`), each rank computes
+    its share of the target matrices on its own device and rank 0 writes the same bytes as a single process.
 
     Host memory above the caller's baseline: at most 64 MiB + 16 × the largest target in float32, whatever
     the checkpoint size. On CUDA, add a fixed cost for the CUDA context and its kernels (about 0.8–0.9 GB
@@ -62,7 +68,8 @@ def decompose(
         overwrite, resume: see `OutputDir`. progress: show a tqdm bar.
 
     Returns:
-        The run's summary (settings, paths, worst reconstruction error, seconds).
+        The run's summary (settings, paths, worst reconstruction error, seconds); on ranks ≥ 1 of a torchrun
+        launch only {"worker": its rank, "computed", "seconds"}.
 
     Raises:
         AiloraError subclasses on bad input, before anything is written.
@@ -95,6 +102,7 @@ def decompose(
         from .svd import resolve_device
 
         resolve_device(device)
+    use_local_gpu(device)
     ckpt = Checkpoint.open(model, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
     jobs = plan(ckpt, init, targets, roles or {}, rank)
     params = Settings(rank, lora_scale(rank, alpha, rslora), svd, niter, oversample, seed)
@@ -113,7 +121,12 @@ def decompose(
     hashes = Hashes()
     # before the output is claimed: data-aware methods calibrate here, and fail here on data or architecture
     context = init.prepare(ckpt, jobs, params, data=data, samples=samples, max_length=max_length, device=device,
-                           progress=progress)
+                           progress=progress and not is_worker())
+    if is_worker():
+        computed = _serve(ckpt, jobs, init, params, context, device, DTYPE_FLAGS.get(residual_dtype),
+                          settings["adapter_base"] == RESIDUAL)
+        return {"worker": int(os.environ["RANK"]), "computed": computed,
+                "seconds": round(time.perf_counter() - started, 3)}
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
         if settings["adapter_base"] == RESIDUAL:
             results, ran_on = _residual(ckpt, od, hashes, jobs, init, params, context, device,
@@ -176,6 +189,16 @@ def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, 
     plan_: dict[str, list[str]] = {}
     for j in jobs:
         plan_.setdefault(j.tensor.file, []).append(j.tensor.name)
+    compute, ran_on = _residual_compute(by_tensor, init, params, context, device, out_dtype)
+    done = rewrite_checkpoint(ckpt, od, RESIDUAL_DIR, plan_, compute, hashes=hashes, out_dtype=out_dtype,
+                              share=by_tensor.__contains__, progress=progress, desc="decompose")
+    results = {by_tensor[n].module: ((extras["A"], extras["B"]), record) for n, (extras, record) in done.items()}
+    return results, str(ran_on[0]) if ran_on else _resolved(device)
+
+
+def _residual_compute(by_tensor: dict[str, Job], init, params, context, device, out_dtype):
+    """compute(info, W) -> Replaced(residual, {A, B}, stats) for `rewrite_checkpoint`, and the list that gets the
+    device it ran on."""
     ran_on: list = []
 
     def compute(info: TensorInfo, W) -> Replaced:
@@ -190,10 +213,7 @@ def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, 
         stats.update(source_sample=sample(tensor_bytes(W)), residual_sample=sample(tensor_bytes(stored)))
         return Replaced(stored, {"A": A0, "B": B0}, stats)
 
-    done = rewrite_checkpoint(ckpt, od, RESIDUAL_DIR, plan_, compute, hashes=hashes, out_dtype=out_dtype,
-                              progress=progress, desc="decompose")
-    results = {by_tensor[n].module: ((extras["A"], extras["B"]), record) for n, (extras, record) in done.items()}
-    return results, str(ran_on[0]) if ran_on else _resolved(device)
+    return compute, ran_on
 
 
 def _factors_only(ckpt, jobs, init, params, context, device, progress):
@@ -201,23 +221,45 @@ def _factors_only(ckpt, jobs, init, params, context, device, progress):
     by its byte range; no shard is copied, so the cost is the SVDs, whatever the checkpoint's size."""
     from tqdm.auto import tqdm
 
-    from .residual import check_factors
-    from .svd import generator_for, resolve_device
+    from .svd import resolve_device
 
     dev = resolve_device(device)
-    results = {}
-    for job in tqdm(jobs, desc="decompose", unit="matrix", disable=not progress):
+    one = _factors_compute(ckpt, init, params, context, dev)
+    sharing = Sharing.start([j.tensor.name for j in jobs])
+    results = {job.module: sharing.result(job.tensor.name, lambda: one(job))
+               for job in tqdm(jobs, desc="decompose", unit="matrix", disable=not progress)}
+    return results, str(dev)
+
+
+def _factors_compute(ckpt, init, params, context, dev):
+    """one(job) -> ((A0, B0), stats) without a residual."""
+    from .residual import check_factors
+    from .svd import generator_for
+
+    def one(job: Job):
         W = None
         if init.needs_weights:
-            W = read_tensor(ckpt.headers[job.tensor.file], job.tensor.name).to(dev)
+            W = read_tensor(ckpt.shard(job.tensor.file), job.tensor.name).to(dev)
             W = W.T if job.transposed else W
         gen = generator_for(params.seed, job.module, "cpu" if W is None else dev)
         A0, B0, stats = init.factors(job, W, params, context=context, generator=gen)
         check_factors(job, A0, B0)
         stats = {"tensor": job.tensor.name, "shard": job.tensor.file, "shape": list(job.tensor.shape),
                  "dtype": job.tensor.dtype, **stats, "source_sample": stored_sample(ckpt, job.tensor.name)}
-        results[job.module] = ((A0.cpu(), B0.cpu()), stats)
-    return results, str(dev)
+        return (A0.cpu(), B0.cpu()), stats
+
+    return one
+
+
+def _serve(ckpt, jobs, init, params, context, device, out_dtype, residual: bool) -> int:
+    """Ranks ≥ 1 of a torchrun launch: compute this rank's share of rank 0's jobs; return how many."""
+    by_tensor = {j.tensor.name: j for j in jobs}
+    if residual:
+        return compute_share(ckpt, _residual_compute(by_tensor, init, params, context, device, out_dtype)[0])
+    from .svd import resolve_device
+
+    one = _factors_compute(ckpt, init, params, context, resolve_device(device))
+    return Sharing.start(None).serve(lambda name: one(by_tensor[name]))
 
 
 def _resolved(device: str) -> str:

@@ -14,6 +14,8 @@ written with the contents given for them (`files`: a head's labels, a new dtype)
 checkpoint's shards download in the order they are needed (`Checkpoint.fetch`), and a shard's copy starts
 once it is here, so the next shard downloads while this one is processed; one that arrives with another
 header than the one validated stops the run before anything of it is written.
+Launched by torchrun, the tensors `share` selects are computed by every rank in turn (`distributed`): rank 0
+runs `rewrite_checkpoint` and the other ranks `compute_share` with the same `compute`.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .background import IO_THREADS, io_pool
 from .checkpoint import Checkpoint
+from .distributed import Sharing
 from .hashing import bytes_digest, digest_async
 from .output import OutputDir
 from .tensorio import (ShardHeader, TensorInfo, copy_ranges, dtype_name, layout, read_header, read_tensor,
@@ -93,7 +96,8 @@ class Hashes:
 def rewrite_checkpoint(
     ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]], compute: Compute, *,
     hashes: Hashes, out_dtype: str | None = None, added: dict[str, "torch.Tensor"] | None = None,
-    files: dict[str, bytes] | None = None, progress: bool = True, desc: str = "",
+    files: dict[str, bytes] | None = None, share: Callable[[str], bool] = lambda name: False, progress: bool = True,
+    desc: str = "",
 ) -> dict[str, tuple[dict, dict]]:
     """Write `od/subdir` as a copy of the checkpoint whose tensors in `plan` are replaced.
 
@@ -104,6 +108,8 @@ def rewrite_checkpoint(
         added: new tensors (name -> tensor, stored as given), appended to the last shard and entered in the index.
         files: new contents for non-weight files of the checkpoint (relative POSIX path, e.g. "config.json"),
             written instead of a copy.
+        share: which tensors the ranks of a torchrun launch compute in turn (the others run `compute_share`);
+            the rest, and all of them in a single process, are computed here.
 
     Returns:
         Tensor name -> (extras, record) of every replaced tensor, computed now or by an earlier run (`--resume`).
@@ -125,6 +131,7 @@ def rewrite_checkpoint(
         else:
             todo.append(shard)
     ckpt.fetch(todo + reused)  # Hub shards: downloaded one at a time, in this order, while earlier ones are processed
+    sharing = Sharing.start([n for s in todo for n in plan.get(s, []) if share(n)])
     copier, hasher = io_pool(IO_THREADS, "copy"), io_pool(1, "hash-out")  # hasher: digests of the bytes written
     hashing: deque[Future] = deque()
     jobs: dict[str, _Job] = {}
@@ -140,7 +147,8 @@ def rewrite_checkpoint(
             source = hashes.add("source", shard, job.header.path)
             with open(job.header.path, "rb") as src:
                 for name in plan.get(shard, []):
-                    new = compute(job.header.tensors[name], read_tensor(job.header, name, src.fileno()))
+                    info = job.header.tensors[name]
+                    new = sharing.result(name, lambda: compute(info, read_tensor(job.header, name, src.fileno())))
                     results[name] = (new.extras, new.record)
                     data = tensor_bytes(new.tensor)  # its range is not part of the copy, so it is written at once
                     if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
@@ -177,6 +185,14 @@ def rewrite_checkpoint(
     _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(added),
                  added={n: last for n in added})
     return results
+
+
+def compute_share(ckpt: Checkpoint, compute: Compute) -> int:
+    """Ranks ≥ 1 of a torchrun launch: compute this rank's share of rank 0's `rewrite_checkpoint` and send it
+    there; returns how many tensors that was."""
+    tensors = ckpt.tensors
+    return Sharing.start(None).serve(
+        lambda name: compute(tensors[name], read_tensor(ckpt.shard(tensors[name].file), name)))
 
 
 def _keep(od: OutputDir, piece: str, names: list[str], results: dict) -> dict:

@@ -153,10 +153,13 @@ def train(
         if resume and (latest := _latest_checkpoint(od.path)) is not None:
             _restore(latest, model, optimizer, sched, state)
             _truncate_metrics(metrics_path, state["step"])
-        eval_start = evaluate() if evals else None
-        if eval_start is not None and state["step"] == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": 0, **eval_start}) + "\n")
+        if state["step"] > 0:  # resumed: the start is the first run's step-0 evaluation, not this step's
+            eval_start = _start_eval(metrics_path) if evals else None
+        else:
+            eval_start = evaluate() if evals else None
+            if eval_start is not None:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": 0, **eval_start}) + "\n")
         # ---- train ---------------------------------------------------------------------------------
         model.train()
         bar = tqdm(total=total, initial=state["step"], desc="train", disable=not progress)
@@ -264,6 +267,15 @@ def _restore(ckpt: Path, model, optimizer, sched, state: dict) -> None:
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     state.update({k: saved[k] for k in ("step", "epoch", "pos", "stage") if k in saved})
+
+
+def _start_eval(metrics_path: Path) -> dict[str, float] | None:
+    """The step-0 evaluation a resumed run's metrics.jsonl holds (None if it has none)."""
+    for line in metrics_path.read_text().splitlines() if metrics_path.is_file() else []:
+        record = json.loads(line)
+        if record.get("step") == 0:
+            return {k: v for k, v in record.items() if k.startswith("eval_")}
+    return None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

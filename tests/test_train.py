@@ -73,8 +73,9 @@ def test_bad_data_line_names_its_number(decomposed, tmp_path, line, why):
 
 def test_resume_continues_as_if_uninterrupted(decomposed, tmp_path, monkeypatch):
     args = (decomposed / "dec" / "residual", decomposed / "dec" / "adapter", data_file("demo_train.jsonl"))
-    opts = dict(max_steps=12, lr=5e-3, batch_size=8, grad_accum=2, warmup=3, save_every=5, progress=False)
-    train(*args, tmp_path / "straight", **opts)
+    opts = dict(max_steps=12, lr=5e-3, batch_size=8, grad_accum=2, warmup=3, save_every=5, progress=False,
+                eval_data=data_file("demo_eval.jsonl"))
+    straight = train(*args, tmp_path / "straight", **opts)
 
     real_step, calls = torch.optim.AdamW.step, {"n": 0}
 
@@ -89,12 +90,14 @@ def test_resume_continues_as_if_uninterrupted(decomposed, tmp_path, monkeypatch)
         train(*args, tmp_path / "resumed", **opts)
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert not (tmp_path / "resumed" / "ailora-train.json").exists()
-    train(*args, tmp_path / "resumed", resume=True, **opts)  # restarts from the step-5 checkpoint
+    resumed = train(*args, tmp_path / "resumed", resume=True, **opts)  # restarts from the step-5 checkpoint
+    assert resumed["eval_loss_start"] == straight["eval_loss_start"]  # the first run's, not step 5's
+    assert resumed["eval_loss"] == straight["eval_loss"] < straight["eval_loss_start"]
     a = (tmp_path / "straight" / "adapter_model.safetensors").read_bytes()
     b = (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes()
     assert a == b
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 13))
+    assert steps == [0, *range(1, 13), 12]  # the start's evaluation, each step, the final evaluation
 
 
 def test_demo_through_the_cli(tmp_path):
