@@ -189,7 +189,7 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
     """Decompose MODEL (local dir or Hub id) into OUT/residual + OUT/adapter, streaming shard by shard.
 
     Several GPUs or machines: `torchrun --nproc-per-node N -m ailora_tools.cli decompose ...`; each rank computes
-    its share of the matrices, rank 0 writes the same bytes as one process."""
+    the factors of its share of the matrices, rank 0 writes the same bytes as one process."""
     if model is None:
         raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= in --config")
     _prehash(model, revision)
@@ -241,7 +241,7 @@ def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, 
 def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, as_json, quiet):
     """Merge ADAPTER into BASE (W + s·B·A in float32), streaming shard by shard.
 
-    Several GPUs or machines: `torchrun --nproc-per-node N -m ailora_tools.cli merge ...` (as for decompose)."""
+    Under torchrun (as for decompose) rank 0 merges alone: a merged matrix costs less than sending it."""
     _prehash(base, revision)
     from .merging import merge as run
 

@@ -5,8 +5,8 @@ compute each job's factors and residual with its init method (`ailora_tools.init
 engine (`rewrite.rewrite_checkpoint`) copies every shard and puts each residual in its target's byte range,
 journaling each finished shard with its records for `--resume`. This module loads torch only when the first
 target is read: by then the first shards are being copied and hashed, so the torch import overlaps with I/O.
-Launched by torchrun, every rank plans the same jobs and computes its share of them; rank 0 alone writes
-(`distributed`).
+Launched by torchrun, every rank plans the same jobs and computes the factors of its share of them; rank 0
+computes the residuals and alone writes (`distributed`).
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .distributed import Sharing, is_worker, use_local_gpu
+from .distributed import Sharing, is_worker, use_local_gpu, work
 from .errors import NumericsError, OptionError, UnsupportedError
 from .init import InitMethod, Job, Settings, get_method, lora_scale
 from .options import at_least, choice, positive
 from .output import OutputDir
-from .rewrite import Hashes, Replaced, compute_share, rewrite_checkpoint
+from .rewrite import Hashes, Replaced, pending, rewrite_checkpoint
 from .targets import architecture, assign_roles, is_transposed, linear_modules
 from .provenance import DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, sample, stored_sample
 from .tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor, tensor_bytes
@@ -42,7 +42,8 @@ def decompose(
     """Write OUT/residual (HF model dir), OUT/adapter (PEFT LoRA) and, last, OUT/ailora.json.
 
     Launched by torchrun (`torchrun --nproc-per-node N -m ailora_tools.cli decompose ...`), each rank computes
-    its share of the target matrices on its own device and rank 0 writes the same bytes as a single process.
+    the factors of its share of the target matrices on its own device and rank 0 writes the same bytes as one
+    process (`ailora_tools.distributed`).
 
     Host memory above the caller's baseline: at most 64 MiB + 16 × the largest target in float32, whatever
     the checkpoint size. On CUDA, add a fixed cost for the CUDA context and its kernels (about 0.8–0.9 GB
@@ -123,10 +124,8 @@ def decompose(
     context = init.prepare(ckpt, jobs, params, data=data, samples=samples, max_length=max_length, device=device,
                            progress=progress and not is_worker())
     if is_worker():
-        computed = _serve(ckpt, jobs, init, params, context, device, DTYPE_FLAGS.get(residual_dtype),
-                          settings["adapter_base"] == RESIDUAL)
-        return {"worker": int(os.environ["RANK"]), "computed": computed,
-                "seconds": round(time.perf_counter() - started, 3)}
+        return {"worker": int(os.environ["RANK"]), "seconds": round(time.perf_counter() - started, 3),
+                "computed": _serve(ckpt, jobs, init, params, context, device)}
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
         if settings["adapter_base"] == RESIDUAL:
             results, ran_on = _residual(ckpt, od, hashes, jobs, init, params, context, device,
@@ -189,31 +188,32 @@ def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, 
     plan_: dict[str, list[str]] = {}
     for j in jobs:
         plan_.setdefault(j.tensor.file, []).append(j.tensor.name)
-    compute, ran_on = _residual_compute(by_tensor, init, params, context, device, out_dtype)
-    done = rewrite_checkpoint(ckpt, od, RESIDUAL_DIR, plan_, compute, hashes=hashes, out_dtype=out_dtype,
-                              share=by_tensor.__contains__, progress=progress, desc="decompose")
-    results = {by_tensor[n].module: ((extras["A"], extras["B"]), record) for n, (extras, record) in done.items()}
-    return results, str(ran_on[0]) if ran_on else _resolved(device)
-
-
-def _residual_compute(by_tensor: dict[str, Job], init, params, context, device, out_dtype):
-    """compute(info, W) -> Replaced(residual, {A, B}, stats) for `rewrite_checkpoint`, and the list that gets the
-    device it ran on."""
+    sharing = Sharing.start({n: work(by_tensor[n].tensor.shape) for n in pending(ckpt, od, RESIDUAL_DIR, plan_)})
     ran_on: list = []
 
     def compute(info: TensorInfo, W) -> Replaced:
-        from .residual import residual_target  # torch loads here, at the first target, while shards copy
+        from .residual import initial_factors, residual_of, working_copy  # torch loads here, while shards copy
         from .svd import resolve_device
 
         if not ran_on:  # "auto" is resolved once torch has loaded
             ran_on.append(resolve_device(device))
-        stored, (A0, B0), stats = residual_target(by_tensor[info.name], W, init, params, context=context,
-                                                  device=ran_on[0], out_dtype=out_dtype)
+        job, held = by_tensor[info.name], []
+
+        def here():  # this rank's job: the factors from the working copy the residual is then built in
+            held.append(working_copy(job, W, ran_on[0]))
+            return initial_factors(job, held[0], init, params, context=context, device=ran_on[0])
+
+        A0, B0, stats = sharing.result(info.name, here)  # or from the rank that computed them
+        stored, recon = residual_of(job, held[0] if held else working_copy(job, W, ran_on[0]), A0, B0, params.scale,
+                                    out_dtype=out_dtype)
         stored = stored.cpu().contiguous()
-        stats.update(source_sample=sample(tensor_bytes(W)), residual_sample=sample(tensor_bytes(stored)))
+        stats = {**stats, **recon, "source_sample": sample(tensor_bytes(W)), "residual_sample": sample(tensor_bytes(stored))}
         return Replaced(stored, {"A": A0, "B": B0}, stats)
 
-    return compute, ran_on
+    done = rewrite_checkpoint(ckpt, od, RESIDUAL_DIR, plan_, compute, hashes=hashes, out_dtype=out_dtype,
+                              progress=progress, desc="decompose")
+    results = {by_tensor[n].module: ((extras["A"], extras["B"]), record) for n, (extras, record) in done.items()}
+    return results, str(ran_on[0]) if ran_on else _resolved(device)
 
 
 def _factors_only(ckpt, jobs, init, params, context, device, progress):
@@ -224,42 +224,30 @@ def _factors_only(ckpt, jobs, init, params, context, device, progress):
     from .svd import resolve_device
 
     dev = resolve_device(device)
-    one = _factors_compute(ckpt, init, params, context, dev)
-    sharing = Sharing.start([j.tensor.name for j in jobs])
-    results = {job.module: sharing.result(job.tensor.name, lambda: one(job))
-               for job in tqdm(jobs, desc="decompose", unit="matrix", disable=not progress)}
+    sharing = Sharing.start({j.tensor.name: work(j.tensor.shape) for j in jobs})
+    results = {}
+    for job in tqdm(jobs, desc="decompose", unit="matrix", disable=not progress):
+        A0, B0, stats = sharing.result(job.tensor.name, lambda: _factors(ckpt, job, init, params, context, dev))
+        results[job.module] = ((A0, B0), {**stats, "source_sample": stored_sample(ckpt, job.tensor.name)})
     return results, str(dev)
 
 
-def _factors_compute(ckpt, init, params, context, dev):
-    """one(job) -> ((A0, B0), stats) without a residual."""
-    from .residual import check_factors
-    from .svd import generator_for
+def _factors(ckpt, job: Job, init, params, context, dev):
+    """(A0, B0, stats) of one job, reading W from the checkpoint only when the method looks at it."""
+    from .residual import initial_factors, working_copy
 
-    def one(job: Job):
-        W = None
-        if init.needs_weights:
-            W = read_tensor(ckpt.shard(job.tensor.file), job.tensor.name).to(dev)
-            W = W.T if job.transposed else W
-        gen = generator_for(params.seed, job.module, "cpu" if W is None else dev)
-        A0, B0, stats = init.factors(job, W, params, context=context, generator=gen)
-        check_factors(job, A0, B0)
-        stats = {"tensor": job.tensor.name, "shard": job.tensor.file, "shape": list(job.tensor.shape),
-                 "dtype": job.tensor.dtype, **stats, "source_sample": stored_sample(ckpt, job.tensor.name)}
-        return (A0.cpu(), B0.cpu()), stats
-
-    return one
+    if not init.needs_weights:  # the draw stays on the CPU, whatever the device
+        return initial_factors(job, None, init, params, context=context, device="cpu")
+    W = read_tensor(ckpt.shard(job.tensor.file), job.tensor.name)
+    return initial_factors(job, working_copy(job, W, dev), init, params, context=context, device=dev)
 
 
-def _serve(ckpt, jobs, init, params, context, device, out_dtype, residual: bool) -> int:
-    """Ranks ≥ 1 of a torchrun launch: compute this rank's share of rank 0's jobs; return how many."""
-    by_tensor = {j.tensor.name: j for j in jobs}
-    if residual:
-        return compute_share(ckpt, _residual_compute(by_tensor, init, params, context, device, out_dtype)[0])
+def _serve(ckpt, jobs, init, params, context, device) -> int:
+    """Ranks ≥ 1 of a torchrun launch: compute the factors of this rank's share of rank 0's jobs; return how many."""
     from .svd import resolve_device
 
-    one = _factors_compute(ckpt, init, params, context, resolve_device(device))
-    return Sharing.start(None).serve(lambda name: one(by_tensor[name]))
+    dev, by_tensor = resolve_device(device), {j.tensor.name: j for j in jobs}
+    return Sharing.start(None).serve(lambda name: _factors(ckpt, by_tensor[name], init, params, context, dev))
 
 
 def _resolved(device: str) -> str:

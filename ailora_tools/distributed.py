@@ -1,14 +1,15 @@
-"""Share a rewrite's compute between processes launched by torchrun: each rank computes its share, rank 0 writes.
+"""Share out the SVDs of a run between the processes torchrun starts: each rank computes its share, rank 0 writes.
 
-`torchrun --nproc-per-node N -m ailora_tools.cli decompose ...` (or `merge`) starts N processes with RANK,
-LOCAL_RANK and WORLD_SIZE set; every one validates its input and plans the same jobs (the plan is
-deterministic), so bad input stops every rank with the same message before anything is written. Rank 0 opens
-the output, decides what `--resume` reuses, and broadcasts the tensors still to compute, in the order it will
-write them; the i-th belongs to rank i mod N. Each other rank reads its tensors from the checkpoint (a shared
-filesystem across nodes), computes them on its own device (`cuda:LOCAL_RANK` for auto/cuda) and sends each result
-to rank 0, which writes it where its own computation would have gone. Results travel pickled over gloo (TCP,
-between nodes too); a rank holds at most two results rank 0 has not taken. With the same kind of device on
-every rank the output is byte-identical to a single-process run: every random draw is seeded by (seed, module).
+`torchrun --nproc-per-node N -m ailora_tools.cli decompose ...` starts N processes with RANK, LOCAL_RANK and
+WORLD_SIZE set; every one validates its input and plans the same jobs (the plan is deterministic), so bad input
+stops every rank with the same message before anything is written. Rank 0 opens the output, decides what
+`--resume` reuses, and hands out the matrices still to compute in the order it will write them, each to the
+rank with the least work so far (`work`: m·n·min(m, n) for an m×n matrix). Each other rank reads its matrices
+from the checkpoint (a shared filesystem across nodes), computes their factors on its own device
+(`cuda:LOCAL_RANK` for auto/cuda), and sends them to rank 0 as they are done; rank 0 computes the residuals
+(one rank-r product each) and writes. Results are small (the factors and their stats, r·(m + n) floats) and
+travel pickled over gloo (TCP, between nodes too). With the same kind of device and thread count on every
+rank the output is byte-identical to one process's: every random draw is seeded by (seed, module).
 """
 from __future__ import annotations
 
@@ -65,19 +66,19 @@ class Sharing:
     owners: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, names: list[str] | None) -> "Sharing":
-        """Join the process group; rank 0 passes the tensors to share, in the order it will ask for them, and
-        every rank gets them. Not launched by torchrun: one rank that computes everything."""
+    def start(cls, work: dict[str, float] | None) -> "Sharing":
+        """Join the process group and agree on who computes what. Rank 0 passes the work of each tensor to share,
+        in the order it will ask for them; the others pass None. Not launched by torchrun: one rank, no group."""
         if not launched():
             return cls(0, 1)
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("gloo", timeout=TIMEOUT)
-        box = [names]
-        dist.broadcast_object_list(box, src=0)
         world = dist.get_world_size()
-        return cls(dist.get_rank(), world, {n: i % world for i, n in enumerate(box[0] or [])})
+        box = [None if work is None else assign(work, world)]
+        dist.broadcast_object_list(box, src=0)
+        return cls(dist.get_rank(), world, box[0])
 
     def result(self, name: str, local: Callable[[], T]) -> T:
         """Rank 0: `local()` for its own tensors and those not shared, else the owner's result (in order).
@@ -97,34 +98,51 @@ class Sharing:
         return box[0]
 
     def serve(self, compute: Callable[[str], object]) -> int:
-        """Ranks ≥ 1: compute this rank's tensors in order and send each to rank 0 (the next is computed while
-        one is sent); return how many. A failure is sent to rank 0, which reports it and exits; then it is raised."""
+        """Ranks ≥ 1: compute this rank's tensors in order, each sent to rank 0 while the next is computed; return
+        how many. A failure is sent to rank 0, which reports it and exits; then it is raised here."""
         import torch.distributed as dist
 
         mine = [n for n, r in self.owners.items() if r == self.rank]
-        sender, sending = ThreadPoolExecutor(1, thread_name_prefix="send"), None
-
-        def send(obj) -> Future:
-            return sender.submit(dist.send_object_list, [obj], 0)
-
+        sender = ThreadPoolExecutor(1, thread_name_prefix="send")
+        sent: list[Future] = []
         try:
             for name in mine:
                 try:
                     value = compute(name)
                 except Exception as e:
-                    if sending is not None:
-                        sending.result()
-                    send(_Failed(self.rank, f"{name}: {e}" if not isinstance(e, AiloraError) else str(e))).result()
+                    for f in sent:
+                        f.result()
+                    message = str(e) if isinstance(e, AiloraError) else f"{name}: {e.__class__.__name__}: {e}"
+                    sender.submit(dist.send_object_list, [_Failed(self.rank, message)], 0).result()
                     _until_rank0_exits()  # rank 0 reports the error; torchrun stops the others once it has
                     raise
-                if sending is not None:
-                    sending.result()
-                sending = send(value)
-            if sending is not None:
-                sending.result()
+                sent.append(sender.submit(dist.send_object_list, [value], 0))
+            for f in sent:
+                f.result()
         finally:
             sender.shutdown(wait=True)
         return len(mine)
+
+
+def work(shape) -> float:
+    """How much computing the factors of an m×n matrix takes, relatively: m·n·min(m, n) (an SVD)."""
+    m, n = shape
+    return float(m) * n * min(m, n)
+
+
+def assign(work: dict[str, float], world: int) -> dict[str, int]:
+    """Each tensor, in order, to the rank with the least work so far (ties: the highest rank, as rank 0 also writes).
+
+    Example:
+        >>> assign({"q0": 8, "v0": 1, "q1": 8, "v1": 1}, 2)
+        {'q0': 1, 'v0': 0, 'q1': 0, 'v1': 1}
+    """
+    load = [0.0] * world
+    owners = {}
+    for name, w in work.items():
+        owners[name] = min(reversed(range(world)), key=load.__getitem__)
+        load[owners[name]] += w
+    return owners
 
 
 def _until_rank0_exits() -> None:

@@ -6,8 +6,9 @@ alpha_pattern, fan_in_fan_out). Adapter modules are found in the base whatever b
 side's names carry (`model_names`). An adapter's `modules_to_save` (a classification head) is written
 into the merged model: over the base's tensors where it has them, as new tensors where it has none; and
 config.json gets the class and labels the training manifest records, so that
-AutoModelForSequenceClassification loads the result. Launched by torchrun, the ranks compute the merged
-weights in turn and rank 0 writes them (`distributed`).
+AutoModelForSequenceClassification loads the result. Launched by torchrun, rank 0 merges alone: a merged
+matrix costs one rank-r product, less than sending it between processes would; the other ranks check the input
+and end.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .model_names import match
 from .output import OutputDir
 from .peft_format import Adapter, read_adapter
 from .provenance import check_base
-from .rewrite import Hashes, Replaced, compute_share, rewrite_checkpoint
+from .rewrite import Hashes, Replaced, rewrite_checkpoint
 from .tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 
 MERGE_MANIFEST = "ailora-merge.json"
@@ -48,8 +49,8 @@ def merge(
         revision, allow_pickle, overwrite, resume, progress: as for `decompose`.
 
     Returns:
-        Summary: modules merged, largest |ΔW|, output path, seconds; on ranks ≥ 1 of a torchrun launch only
-        {"worker": its rank, "computed", "seconds"}.
+        Summary: modules merged, largest |ΔW|, output path, seconds; on ranks ≥ 1 of a torchrun launch, which
+        only check the input, {"worker": its rank, "computed": 0, "seconds"}.
 
     Raises:
         TargetError: the adapter names a module the base lacks, or its shapes do not fit; a head whose labels
@@ -93,13 +94,12 @@ def merge(
         return Replaced((W.float() + delta).to(target), record={"max_abs_delta": float(delta.abs().max())})
 
     if is_worker():
-        return {"worker": int(os.environ["RANK"]), "computed": compute_share(ckpt, compute),
-                "seconds": round(time.perf_counter() - started, 3)}
+        return {"worker": int(os.environ["RANK"]), "computed": 0, "seconds": round(time.perf_counter() - started, 3)}
     hashes = Hashes()
     files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()} if config != ckpt.config else {}
     with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume, settings=settings) as od:
         done = rewrite_checkpoint(ckpt, od, "", plan, compute, hashes=hashes, out_dtype=out_dtype, added=added,
-                                  files=files, share=module_of.__contains__, progress=progress, desc="merge")
+                                  files=files, progress=progress, desc="merge")
         largest = [r["max_abs_delta"] for _, r in done.values() if "max_abs_delta" in r]
         summary = {"output": str(od.path), "base": str(base), "adapter": str(adapter),
                    "modules": len(lora.factors), "max_abs_delta": max(largest, default=0.0),

@@ -20,7 +20,8 @@ def residual_target(
     job: Job, W: torch.Tensor, method: InitMethod, settings: Settings, *, context: Any = None,
     device: torch.device, out_dtype: str | None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], dict]:
-    """(residual as stored, (A0, B0) in float32 on the CPU, the module's manifest stats) for one target.
+    """(residual as stored, (A0, B0) in float32 on the CPU, the module's manifest stats) for one target:
+    `initial_factors` then `residual_of`, in one working copy of W.
 
     Args:
         job: the target (W is stored [in, out] when `job.transposed`, as GPT-2's Conv1D).
@@ -30,20 +31,51 @@ def residual_target(
     Raises:
         NumericsError: W, or the factors computed from it, hold NaN or Inf.
     """
+    Wc = working_copy(job, W, device)
+    A0, B0, stats = initial_factors(job, Wc, method, settings, context=context, device=device)
+    stored, recon = residual_of(job, Wc, A0, B0, settings.scale, out_dtype=out_dtype)
+    return stored, (A0, B0), {**stats, **recon}
+
+
+def working_copy(job: Job, W: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """W as [out, in] on `device`, in float64 for float32/64 checkpoints and float32 for 16-bit ones; our own
+    copy, which `residual_of` overwrites.
+
+    Raises:
+        NumericsError: W holds NaN or Inf.
+    """
+    work = torch.float64 if job.tensor.dtype in ("F32", "F64") else torch.float32
+    Wc = (W.T if job.transposed else W).to(device, work, copy=True)
+    if not bool(torch.isfinite(torch.linalg.vector_norm(Wc))):
+        raise NumericsError(f"{job.tensor.file}: tensor {job.tensor.name!r} holds NaN or Inf; fix the checkpoint first")
+    return Wc
+
+
+def initial_factors(job: Job, Wc: torch.Tensor | None, method: InitMethod, settings: Settings, *,
+                    context: Any = None, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(A0, B0) in float32 on the CPU and the module's manifest stats, from its `working_copy` (left unchanged;
+    None for methods that do not read W).
+
+    Raises:
+        NumericsError: the factors hold NaN or Inf.
+    """
     info = job.tensor
-    work = torch.float64 if info.dtype in ("F32", "F64") else torch.float32
-    Wc = (W.T if job.transposed else W).to(device, work, copy=True)  # our own copy: the residual is built in it
-    norm = torch.linalg.vector_norm(Wc)
-    if not bool(torch.isfinite(norm)):
-        raise NumericsError(f"{info.file}: tensor {info.name!r} holds NaN or Inf; fix the checkpoint first")
     A0, B0, stats = method.factors(job, Wc, settings, context=context,
                                    generator=generator_for(settings.seed, job.module, device))
     check_factors(job, A0, B0)
-    stored, err_max, err_fro = _residual_rows(Wc, A0.to(work), B0.to(work) * settings.scale,
-                                              torch_dtype(out_dtype or info.dtype))
-    stats = {"tensor": info.name, "shard": info.file, "shape": list(info.shape), "dtype": info.dtype, **stats,
-             "recon_max_abs": err_max, "recon_rel_fro": err_fro / max(float(norm), torch.finfo(work).tiny)}
-    return (stored.T if job.transposed else stored), (A0.cpu(), B0.cpu()), stats
+    stats = {"tensor": info.name, "shard": info.file, "shape": list(info.shape), "dtype": info.dtype, **stats}
+    return A0.float().cpu(), B0.float().cpu(), stats
+
+
+def residual_of(job: Job, Wc: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scale: float, *,
+                out_dtype: str | None) -> tuple[torch.Tensor, dict]:
+    """The residual Wc − scale·B0·A0 as stored (in `out_dtype`, default the checkpoint's; built in Wc's memory)
+    and its reconstruction error against W (`recon_max_abs`, `recon_rel_fro`)."""
+    norm = float(torch.linalg.vector_norm(Wc))
+    A, sB = A0.to(Wc.device, Wc.dtype), B0.to(Wc.device, Wc.dtype) * scale
+    stored, err_max, err_fro = _residual_rows(Wc, A, sB, torch_dtype(out_dtype or job.tensor.dtype))
+    return (stored.T if job.transposed else stored), {
+        "recon_max_abs": err_max, "recon_rel_fro": err_fro / max(norm, torch.finfo(Wc.dtype).tiny)}
 
 
 def check_factors(job: Job, A0: torch.Tensor, B0: torch.Tensor) -> None:

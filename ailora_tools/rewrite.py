@@ -14,8 +14,6 @@ written with the contents given for them (`files`: a head's labels, a new dtype)
 checkpoint's shards download in the order they are needed (`Checkpoint.fetch`), and a shard's copy starts
 once it is here, so the next shard downloads while this one is processed; one that arrives with another
 header than the one validated stops the run before anything of it is written.
-Launched by torchrun, the tensors `share` selects are computed by every rank in turn (`distributed`): rank 0
-runs `rewrite_checkpoint` and the other ranks `compute_share` with the same `compute`.
 """
 from __future__ import annotations
 
@@ -32,7 +30,6 @@ from tqdm.auto import tqdm
 
 from .background import IO_THREADS, io_pool
 from .checkpoint import Checkpoint
-from .distributed import Sharing
 from .hashing import bytes_digest, digest_async
 from .output import OutputDir
 from .tensorio import (ShardHeader, TensorInfo, copy_ranges, dtype_name, layout, read_header, read_tensor,
@@ -96,8 +93,7 @@ class Hashes:
 def rewrite_checkpoint(
     ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]], compute: Compute, *,
     hashes: Hashes, out_dtype: str | None = None, added: dict[str, "torch.Tensor"] | None = None,
-    files: dict[str, bytes] | None = None, share: Callable[[str], bool] = lambda name: False, progress: bool = True,
-    desc: str = "",
+    files: dict[str, bytes] | None = None, progress: bool = True, desc: str = "",
 ) -> dict[str, tuple[dict, dict]]:
     """Write `od/subdir` as a copy of the checkpoint whose tensors in `plan` are replaced.
 
@@ -108,8 +104,6 @@ def rewrite_checkpoint(
         added: new tensors (name -> tensor, stored as given), appended to the last shard and entered in the index.
         files: new contents for non-weight files of the checkpoint (relative POSIX path, e.g. "config.json"),
             written instead of a copy.
-        share: which tensors the ranks of a torchrun launch compute in turn (the others run `compute_share`);
-            the rest, and all of them in a single process, are computed here.
 
     Returns:
         Tensor name -> (extras, record) of every replaced tensor, computed now or by an earlier run (`--resume`).
@@ -124,14 +118,13 @@ def rewrite_checkpoint(
     results: dict[str, tuple[dict, dict]] = {}
     todo, reused = [], []
     for shard in ckpt.shards:
-        rec, final = od.finished(_rel(subdir, shard)), od.path / subdir / shard
-        if rec is not None and final.is_file() and _reuse(od, _rel(subdir, shard), rec, results):
+        if _reusable(od, subdir, shard):
+            _reuse(od, _rel(subdir, shard), results)
             reused.append(shard)
-            hashes.add("output", _rel(subdir, shard), final)
+            hashes.add("output", _rel(subdir, shard), od.path / subdir / shard)
         else:
             todo.append(shard)
     ckpt.fetch(todo + reused)  # Hub shards: downloaded one at a time, in this order, while earlier ones are processed
-    sharing = Sharing.start([n for s in todo for n in plan.get(s, []) if share(n)])
     copier, hasher = io_pool(IO_THREADS, "copy"), io_pool(1, "hash-out")  # hasher: digests of the bytes written
     hashing: deque[Future] = deque()
     jobs: dict[str, _Job] = {}
@@ -147,8 +140,7 @@ def rewrite_checkpoint(
             source = hashes.add("source", shard, job.header.path)
             with open(job.header.path, "rb") as src:
                 for name in plan.get(shard, []):
-                    info = job.header.tensors[name]
-                    new = sharing.result(name, lambda: compute(info, read_tensor(job.header, name, src.fileno())))
+                    new = compute(job.header.tensors[name], read_tensor(job.header, name, src.fileno()))
                     results[name] = (new.extras, new.record)
                     data = tensor_bytes(new.tensor)  # its range is not part of the copy, so it is written at once
                     if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
@@ -187,12 +179,17 @@ def rewrite_checkpoint(
     return results
 
 
-def compute_share(ckpt: Checkpoint, compute: Compute) -> int:
-    """Ranks ≥ 1 of a torchrun launch: compute this rank's share of rank 0's `rewrite_checkpoint` and send it
-    there; returns how many tensors that was."""
-    tensors = ckpt.tensors
-    return Sharing.start(None).serve(
-        lambda name: compute(tensors[name], read_tensor(ckpt.shard(tensors[name].file), name)))
+def pending(ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]]) -> list[str]:
+    """The tensors of `plan` that `rewrite_checkpoint` will compute, in the order it will: those of the shards an
+    earlier run (`--resume`) has not finished."""
+    return [n for s in ckpt.shards if not _reusable(od, subdir, s) for n in plan.get(s, [])]
+
+
+def _reusable(od: OutputDir, subdir: str, shard: str) -> bool:
+    """Whether an earlier run finished this shard: journaled, published, and its extras (if any) saved."""
+    rec = od.finished(_rel(subdir, shard))
+    return rec is not None and (od.path / subdir / shard).is_file() and (
+        not rec.get("extras") or (od.path / od.WORK / f"{_rel(subdir, shard)}.extras").is_file())
 
 
 def _keep(od: OutputDir, piece: str, names: list[str], results: dict) -> dict:
@@ -207,20 +204,17 @@ def _keep(od: OutputDir, piece: str, names: list[str], results: dict) -> dict:
     return {"records": {n: results[n][1] for n in names}, "extras": bool(extras)}
 
 
-def _reuse(od: OutputDir, piece: str, rec: dict, results: dict) -> bool:
-    """Take a shard an earlier run finished, with its records and extras; False if they are not all there."""
+def _reuse(od: OutputDir, piece: str, results: dict) -> None:
+    """Take the records and extras of a shard an earlier run finished (`_reusable`)."""
+    rec = od.finished(piece)
     extras: dict[str, dict] = {n: {} for n in rec.get("records", {})}
     if rec.get("extras"):
-        path = od.path / od.WORK / f"{piece}.extras"
-        if not path.is_file():
-            return False
         from safetensors.torch import load_file
 
-        for key, value in load_file(str(path)).items():
+        for key, value in load_file(str(od.path / od.WORK / f"{piece}.extras")).items():
             name, k = key.split("::", 1)
             extras[name][k] = value
     results.update({n: (extras[n], r) for n, r in rec.get("records", {}).items()})
-    return True
 
 
 def _rel(subdir: str, name: str) -> str:

@@ -37,9 +37,15 @@ def workloads(model: Path, work: Path, ranks: int, method: str, svd: str, device
 def digests(out: Path) -> dict[str, str]:
     """Every output file's sha256, less the files that name the output directory itself."""
     skip = {"ailora.json", "ailora-merge.json", "adapter/adapter_config.json"}
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file() and str(p.relative_to(out)) not in skip
-            and ".work" not in p.parts}
+    def sha256(path: Path) -> str:  # in 8 MiB pieces: this process's peak RSS is passed on to the next workloads'
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+
+    return {str(p.relative_to(out)): sha256(p) for p in sorted(out.rglob("*"))
+            if p.is_file() and str(p.relative_to(out)) not in skip and ".work" not in p.parts}
 
 
 def main() -> None:
