@@ -64,12 +64,13 @@ def bert_config(**kw) -> BertConfig:
 
 
 def build_encoder(kind: str, path: Path) -> Path:
-    """Save a tiny encoder of `kind` with its tokenizer; all but bert-bare in several shards."""
+    """Save a tiny encoder of `kind` with its tokenizer; all but bert-bare in several shards (bert-bare-sharded: the
+    same BertModel in shards)."""
     torch.manual_seed(0)
     if kind.startswith("bert"):
         BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
                       ).save_pretrained(path)
-        model = {"bert-bare": lambda: BertModel(bert_config()),
+        model = {"bert-bare": lambda: BertModel(bert_config()), "bert-bare-sharded": lambda: BertModel(bert_config()),
                  "bert-mlm": lambda: BertForMaskedLM(bert_config()),
                  "bert-cls": lambda: BertForSequenceClassification(bert_config(
                      id2label={0: "negative", 1: "neutral", 2: "positive"},
@@ -157,6 +158,15 @@ def assert_parity(auto, src: Path, tmp: Path, **load) -> torch.Tensor:
     return expected
 
 
+def tensor_names(model_dir: Path) -> dict[str, set[str]]:
+    """Shard file -> the tensor names its header holds."""
+    names = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            names[shard.name] = set(f.keys())
+    return names
+
+
 def adapter_keys(path: Path) -> set[str]:
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
         return set(f.keys())
@@ -187,6 +197,10 @@ def test_sequence_classification_end_to_end(encoder, tmp_path, kind, prefix, hea
     merged = json.loads((tmp_path / "m2" / "config.json").read_text())
     assert merged["architectures"] == [f"{'Roberta' if prefix == 'roberta' else 'Bert'}ForSequenceClassification"]
     assert merged["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
+    if kind == "bert-bare":  # saved as BertForSequenceClassification saves itself: the base under `bert.`, the head
+        for m in ("m1", "m2"):
+            assert {n.split(".")[0] for names in tensor_names(tmp_path / m).values() for n in names} == {
+                "bert", "classifier"}
     assert verify(tmp_path / "m1")["problems"] == [] and verify(tmp_path / "m2")["problems"] == []
 
 
@@ -253,6 +267,31 @@ def test_adapter_named_for_the_task_class_converts_and_merges_on_a_bare_checkpoi
     for merged in ("m1", "m2"):
         assert (hidden(load_merged(AutoModel, tmp_path / merged)) - expected).abs().max() <= PARITY
     assert (hidden(AutoModel.from_pretrained(src)) - expected).abs().max() > 1e-3  # the adapter changed something
+
+
+def test_bare_sharded_base_that_gets_a_head_is_renamed_in_every_shard_and_the_index(encoder, tmp_path):
+    """transformers before v5 refuses a checkpoint mixing bare base tensors (`encoder...`) and a head: merge writes
+    the base under `bert.` in every shard header and in the index, which names exactly what the shards hold."""
+    src = encoder("bert-bare-sharded")
+    dec = decompose(src, tmp_path / "dec")
+    data = sst2(tmp_path / "t.jsonl", 16, seed=1)
+    cli("train", "--base", dec / "residual", "--adapter", dec / "adapter", "--data", data, "-o", tmp_path / "trained",
+        "--task", "sequence-classification", "--max-steps", "3", "--lr", "1e-2", "--quiet")
+    cli("merge", dec / "residual", tmp_path / "trained", "-o", tmp_path / "m", "--quiet")
+    shards = tensor_names(tmp_path / "m")
+    assert len(shards) > 1 and set(shards) == set(tensor_names(src))  # same shard files; the head in the last
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index == {n: shard for shard, names in shards.items() for n in names}
+    assert {n.split(".")[0] for n in index} == {"bert", "classifier"}
+    assert {f"bert.{n}" for names in tensor_names(src).values() for n in names} | {
+        "classifier.weight", "classifier.bias"} == set(index)
+    model, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", dtype=torch.float32,
+                                                                     output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    expected = outputs(PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        dec / "residual", num_labels=2), tmp_path / "trained"), src)
+    assert (outputs(model, src) - expected).abs().max() <= PARITY
+    assert verify(tmp_path / "m")["problems"] == []
 
 
 def test_names_pair_across_the_base_model_prefix():
