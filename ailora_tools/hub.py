@@ -61,9 +61,12 @@ def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
     if role_lines:
         body += ["", "| module | role |", "| --- | --- |", role_lines + more]
     r = cfg.get("r") or 16
+    task = (trained or converted or {}).get("task") or {}  # the class the adapter's module names are for
+    auto, labels = task.get("auto_class", "AutoModelForCausalLM"), len((task.get("config") or {}).get("id2label", {}))
     body += ["", "## Use", "", "PEFT:", "", "```python", "from peft import PeftModel",
-             "from transformers import AutoModelForCausalLM",
-             f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{repo_id}")', "```", "",
+             f"from transformers import {auto}",
+             f'model = PeftModel.from_pretrained({auto}.from_pretrained("{base}"'
+             + (f", num_labels={labels}" if labels else "") + f'), "{repo_id}")', "```", "",
              "vLLM:", "", "```bash",
              f"vllm serve {base} --enable-lora --max-lora-rank {_vllm(r)} --lora-modules adapter={repo_id}",
              "```", "", "llama.cpp:", "", "```bash",

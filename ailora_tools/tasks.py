@@ -186,8 +186,8 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
 
     Returns:
         The PEFT model; the trained adapter's config (the initial one with task_type and modules_to_save); and a
-        record for the manifests: task, model class, base model prefix, modules_to_save and the config keys a
-        merged model needs (`config`).
+        record for the manifests: task, Auto class, model class, base model prefix, modules_to_save and the
+        config keys a merged model needs (`config`).
 
     Raises:
         UnsupportedError: an LM task whose class needs weights the checkpoint lacks (no LM head).
@@ -221,8 +221,8 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
     load_into(peft_model, renamed, source=adapter, extra=False)
     config = {**initial.config, "task_type": task.peft_task_type, "modules_to_save": heads or None}
     merged_config = {"architectures": [cls], **{k: v for k, v in labels.items() if k != "num_labels"}} if labels else {}
-    record = {"task": task.name, "model_class": cls, "base_model_prefix": prefix, "modules_to_save": heads,
-              "config": merged_config}
+    record = {"task": task.name, "auto_class": task.auto_class, "model_class": cls, "base_model_prefix": prefix,
+              "modules_to_save": heads, "config": merged_config}
     return peft_model, config, record
 
 

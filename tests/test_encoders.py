@@ -17,6 +17,7 @@ from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForSequenceC
 
 from ailora_tools.cli import main
 from ailora_tools.errors import FormatError
+from ailora_tools.hub import model_card
 from ailora_tools.model_names import match
 from ailora_tools.peft_format import read_adapter, write_adapter
 from ailora_tools.verify import verify
@@ -294,6 +295,35 @@ def test_bare_sharded_base_that_gets_a_head_is_renamed_in_every_shard_and_the_in
     assert verify(tmp_path / "m")["problems"] == []
 
 
+@pytest.mark.parametrize("kind,task", [("bert-bare", "sequence-classification"), ("bert-mlm", "masked-lm")])
+def test_training_starts_from_the_decomposed_factors(encoder, tmp_path, kind, task):
+    """The model train builds is residual + A0, B0 under the class's names, so its encoder computes what the
+    original's does (PEFT's own loading would leave a bare checkpoint's factors out, with only a warning, and start
+    from B = 0 on the residual)."""
+    from ailora_tools.tasks import TASKS, load_model
+
+    src = encoder(kind)
+    dec = decompose(src, tmp_path / "dec")
+    labels = {"num_labels": 2} if task == "sequence-classification" else None
+    model, config, record = load_model(TASKS[task], dec / "residual", dec / "adapter", labels=labels,
+                                       dtype=torch.float32)
+    assert record["base_model_prefix"] == "bert" and config["task_type"] == TASKS[task].peft_task_type
+    assert record["auto_class"] == TASKS[task].auto_class
+    initial = read_adapter(dec / "adapter")
+    state = model.state_dict()
+    for m, (A, B) in initial.factors.items():  # exactly A0, B0, under the class's module names
+        name = m if m.startswith("bert.") else f"bert.{m}"
+        assert torch.equal(state[f"base_model.model.{name}.lora_A.default.weight"], A)
+        assert torch.equal(state[f"base_model.model.{name}.lora_B.default.weight"], B)
+    enc = AutoTokenizer.from_pretrained(src)([a for a, _ in PROBE], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = model.eval().base_model.model.bert(**enc).last_hidden_state
+        want = AutoModel.from_pretrained(src).eval()(**enc).last_hidden_state
+        residual = AutoModel.from_pretrained(dec / "residual").eval()(**enc).last_hidden_state
+    assert (got - want).abs().max() <= PARITY
+    assert (residual - want).abs().max() > 1e-2  # the adapter carries the principal/minor components
+
+
 def test_names_pair_across_the_base_model_prefix():
     modules = {"bert.encoder.layer.0.attention.self.query", "classifier"}
     assert match(["encoder.layer.0.attention.self.query", "classifier", "pooler"], modules, prefix="bert") == {
@@ -328,6 +358,11 @@ def test_recipe_runs_classification_end_to_end(encoder, tmp_path):
     assert (manifest["scheduler"], manifest["max_length"], manifest["seed"]) == ("linear", 512, 0)
     assert summary["eval_accuracy"] >= summary["eval_accuracy_start"] + 0.1, summary
     cli("convert", "--trained", tmp_path / "trained", "-o", tmp_path / "lora", "--json")
+    for adapter in ("trained", "lora"):  # the card loads the adapter on the class its module names are for
+        card = model_card(tmp_path / adapter)
+        assert "from transformers import AutoModelForSequenceClassification" in card
+        assert "PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(" in card
+        assert "num_labels=2)" in card and "AutoModelForCausalLM" not in card
     cli("merge", src, tmp_path / "lora", "-o", tmp_path / "merged", "--json")
     model = load_merged(AutoModelForSequenceClassification, tmp_path / "merged")
     assert model.config.id2label == {0: "negative", 1: "positive"}
