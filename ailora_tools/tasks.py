@@ -85,7 +85,7 @@ class Data:
     train: list
     eval: list
     collate: Callable[[list], dict[str, torch.Tensor]]
-    labels: dict | None  # num_labels, id2label, label2id, problem_type: set on the model config and the merged one
+    labels: dict | None  # num_labels, id2label, label2id, problem_type (pad_token_id): for the model's config and the merged one
 
 
 def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike | None, tokenizer, *, pad_id: int,
@@ -108,6 +108,8 @@ def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike 
         eval_rows = read_labeled_jsonl(eval_data) if eval_data else []
         ids, labels = _labels(rows, eval_rows, data=data, eval_data=eval_data, config=config, base=base,
                               num_labels=num_labels)
+        if config.get("pad_token_id") is None:  # decoders classify at the last token that is not padding
+            labels["pad_token_id"] = pad_id
         return Data(tokenize_labeled(rows, tokenizer, ids, max_length=max_length),
                     tokenize_labeled(eval_rows, tokenizer, ids, max_length=max_length),
                     lambda batch: collate_labeled(batch, pad_id), labels)

@@ -16,6 +16,7 @@ from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForSequenceC
                           RobertaConfig, RobertaForMaskedLM, RobertaTokenizer)
 
 from ailora_tools.cli import main
+from ailora_tools.demo import build_tiny_model
 from ailora_tools.errors import FormatError
 from ailora_tools.hub import model_card
 from ailora_tools.model_names import match
@@ -66,8 +67,13 @@ def bert_config(**kw) -> BertConfig:
 
 def build_encoder(kind: str, path: Path) -> Path:
     """Save a tiny encoder of `kind` with its tokenizer; all but bert-bare in several shards (bert-bare-sharded: the
-    same BertModel in shards)."""
+    same BertModel in shards; llama: the demo's decoder, without a pad token id in its config, as Llama-3's)."""
     torch.manual_seed(0)
+    if kind == "llama":
+        build_tiny_model(path, seed=0)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))
+        return path
     if kind.startswith("bert"):
         BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
                       ).save_pretrained(path)
@@ -117,8 +123,8 @@ def cli(*args) -> dict | None:
 
 
 def decompose(src: Path, out: Path) -> Path:
-    cli("decompose", src, "-o", out, "--method", "ailora", "--svd", "exact", "--targets", "query,value",
-        "--rank", "4", "--alpha", "8", "--quiet")
+    cli("decompose", src, "-o", out, "--method", "ailora", "--svd", "exact", "--targets", "q_proj,v_proj",
+        "--rank", "4", "--alpha", "8", "--quiet")  # BERT-family models resolve q_proj/v_proj to query/value
     return out
 
 
@@ -177,6 +183,7 @@ def adapter_keys(path: Path) -> set[str]:
     ("bert-bare", "bert", ["classifier"]),                # no prefix in the checkpoint; a new head
     ("bert-mlm", "bert", ["bert.pooler", "classifier"]),  # `bert.` prefix; the MLM checkpoint has no pooler either
     ("roberta", "roberta", ["classifier"]),               # `roberta.` prefix; RoBERTa's two-layer head
+    ("llama", "model", ["score"]),                        # a decoder classifies at its last non-padding token
 ])
 def test_sequence_classification_end_to_end(encoder, tmp_path, kind, prefix, heads):
     src = encoder(kind)
@@ -190,13 +197,18 @@ def test_sequence_classification_end_to_end(encoder, tmp_path, kind, prefix, hea
     cfg = json.loads((tmp_path / "trained" / "adapter_config.json").read_text())
     assert (cfg["task_type"], cfg["modules_to_save"]) == ("SEQ_CLS", heads)
     keys = adapter_keys(tmp_path / "trained")
-    assert f"base_model.model.{prefix}.encoder.layer.0.attention.self.query.lora_A.weight" in keys
-    assert any(k.startswith("base_model.model.classifier.") and "lora" not in k for k in keys)
+    module = "layers.0.self_attn.q_proj" if kind == "llama" else "encoder.layer.0.attention.self.query"
+    assert f"base_model.model.{prefix}.{module}.lora_A.weight" in keys
+    assert any(k.startswith(f"base_model.model.{heads[-1]}.") and "lora" not in k for k in keys)
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["modules_to_save"] == heads
     assert adapter_keys(tmp_path / "lora") >= {k for k in keys if "lora_" not in k}
-    assert_parity(AutoModelForSequenceClassification, src, tmp_path, num_labels=2)
+    pad = {"pad_token_id": 3} if kind == "llama" else {}  # the tokenizer's, as the merged config records it
+    assert_parity(AutoModelForSequenceClassification, src, tmp_path, num_labels=2, **pad)
     merged = json.loads((tmp_path / "m2" / "config.json").read_text())
-    assert merged["architectures"] == [f"{'Roberta' if prefix == 'roberta' else 'Bert'}ForSequenceClassification"]
+    assert kind != "llama" or merged["pad_token_id"] == 3  # which the base's config lacked
+    assert ("pad_token_id=3" in model_card(tmp_path / "lora")) == (kind == "llama")
+    assert merged["architectures"] == [{"bert": "Bert", "roberta": "Roberta", "model": "Llama"}[prefix]
+                                       + "ForSequenceClassification"]
     assert merged["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
     if kind == "bert-bare":  # saved as BertForSequenceClassification saves itself: the base under `bert.`, the head
         for m in ("m1", "m2"):
