@@ -336,6 +336,37 @@ def test_training_starts_from_the_decomposed_factors(encoder, tmp_path, kind, ta
     assert (residual - want).abs().max() > 1e-2  # the adapter carries the principal/minor components
 
 
+def test_classification_resume_continues_as_if_uninterrupted(bare_decomposed, tmp_path, monkeypatch):
+    """Checkpoints hold the head too: a run killed after step 6 and resumed from step 5 ends byte-identical."""
+    from ailora_tools.train import train
+
+    data = sst2(tmp_path / "t.jsonl", 32, seed=1)
+    args = (bare_decomposed / "residual", bare_decomposed / "adapter", data)
+    opts = dict(task="sequence-classification", max_steps=10, lr=5e-3, batch_size=8, save_every=5, progress=False)
+    train(*args, tmp_path / "straight", **opts)
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def interrupted(self, *a, **k):  # the 7th update never happens: as if killed after step 6
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(*args, tmp_path / "resumed", **opts)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    checkpoint = read_adapter(tmp_path / "resumed" / "checkpoints" / "step-0000005")
+    assert set(checkpoint.extra) == {"classifier.weight", "classifier.bias"}  # the head is in the checkpoint
+    train(*args, tmp_path / "resumed", resume=True, **opts)
+    a, b = (read_adapter(tmp_path / d) for d in ("straight", "resumed"))
+    assert set(a.extra) == {"classifier.weight", "classifier.bias"}
+    assert all(torch.equal(t, b.extra[name]) for name, t in a.extra.items())
+    assert not torch.equal(a.extra["classifier.weight"], checkpoint.extra["classifier.weight"])  # it trained on
+    assert (tmp_path / "straight" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes()
+
+
 def test_names_pair_across_the_base_model_prefix():
     modules = {"bert.encoder.layer.0.attention.self.query", "classifier"}
     assert match(["encoder.layer.0.attention.self.query", "classifier", "pooler"], modules, prefix="bert") == {
