@@ -119,8 +119,9 @@ def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[d
             added[name] = t.to(torch_dtype(dtype))
         elif tuple(tensors[found[name]].shape) != tuple(t.shape):
             info = tensors[found[name]]
-            raise TargetError(f"{adapter}: modules_to_save tensor {name} is {tuple(t.shape)} but {info.name} in {info.file} "
-                              f"of the base {base} is {tuple(info.shape)}; pass the base this adapter was trained on")
+            raise TargetError(f"{adapter}: modules_to_save tensor {name} is {tuple(t.shape)} but {info.name} in "
+                              f"{info.file} of the base {base} is {tuple(info.shape)}; pass the base this adapter was "
+                              "trained on")
         else:
             replaced[found[name]] = t
     record = task_record(adapter) or {}
@@ -130,7 +131,8 @@ def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[d
         renamed = {n: f"{prefix}.{n}" for n in tensors} if bare else {}
         return replaced, added, renamed, {**ckpt.config, **record["config"]}
     if "ForSequenceClassification" not in " ".join(ckpt.config.get("architectures") or []):
-        raise TargetError(f"{adapter}: has modules_to_save {lora.config.get('modules_to_save')} but no ailora-train.json "
-                          f"or ailora-convert.json recording their class and labels, and the base {base} is no "
-                          "sequence-classification model; merge an adapter trained or converted by ailora-tools")
+        raise TargetError(f"{adapter}: has modules_to_save {lora.config.get('modules_to_save')} but no "
+                          "ailora-train.json or ailora-convert.json recording their class and labels, and the base "
+                          f"{base} is no sequence-classification model; merge an adapter trained or converted by "
+                          "ailora-tools")
     return replaced, added, {}, dict(ckpt.config)

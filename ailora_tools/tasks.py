@@ -85,7 +85,7 @@ class Data:
     train: list
     eval: list
     collate: Callable[[list], dict[str, torch.Tensor]]
-    labels: dict | None  # num_labels, id2label, label2id, problem_type (pad_token_id): for the model's config and the merged one
+    labels: dict | None  # num_labels, id2label, label2id, problem_type (pad_token_id): the model's and merged config
 
 
 def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike | None, tokenizer, *, pad_id: int,

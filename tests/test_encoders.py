@@ -481,12 +481,30 @@ def test_check_rows_knows_the_task(tmp_path):
     assert check_rows(pairs, task="sequence-classification") == 1
     with pytest.raises(FormatError, match=r'l\.jsonl:1: rows with "label" are for --task sequence-classification'):
         check_rows(labeled)  # causal LM
-    with pytest.raises(FormatError, match=r'p\.jsonl:1: masked-LM rows are \{"text"\} only'):
+    with pytest.raises(FormatError, match=r'p\.jsonl:1: masked-LM rows are \{"text"\} \(rows with "label" are for '
+                                          r'--task sequence-classification\)'):
         check_rows(pairs, task="masked-lm")
     prompts = tmp_path / "c.jsonl"
     prompts.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
     with pytest.raises(FormatError, match=r'c\.jsonl:1: no "label" column'):
         check_rows(prompts, task="sequence-classification")
+
+
+def test_masked_lm_rows_may_carry_other_keys(encoder, tmp_path):
+    """As causal-LM rows may: {"text", "id"} rows pass the check and are masked exactly as {"text"} rows are; a row
+    without "text" is still refused with its line number."""
+    from ailora_tools.data import check_rows, load_masked_jsonl
+
+    plain, extra = texts(tmp_path / "plain.jsonl", 8, seed=3), tmp_path / "extra.jsonl"
+    rows = [json.loads(line) for line in plain.read_text().splitlines()]
+    extra.write_text("".join(json.dumps({"id": i, **r, "source": "sst2"}) + "\n" for i, r in enumerate(rows)))
+    assert check_rows(extra, task="masked-lm") == 8
+    tok = AutoTokenizer.from_pretrained(encoder("bert-mlm"))
+    a, b = (load_masked_jsonl(p, tok, max_length=32, seed=0) for p in (plain, extra))
+    assert [(e.input_ids, e.labels) for e in a] == [(e.input_ids, e.labels) for e in b]
+    extra.write_text(json.dumps({"text": "good"}) + "\n" + json.dumps({"sentence": "bad", "id": 1}) + "\n")
+    with pytest.raises(FormatError, match=r'extra\.jsonl:2: masked-LM rows are \{"text"\}$'):
+        check_rows(extra, task="masked-lm")
 
 
 def test_merge_with_dtype_writes_the_head_and_its_labels_in_one_config(bare_decomposed, tmp_path):
