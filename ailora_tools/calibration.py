@@ -57,6 +57,7 @@ default (SDPA; theirs flash-attention 2). Their "sequence_lowrank" output factor
 from __future__ import annotations
 
 import ctypes
+import inspect
 import os
 import re
 import shutil
@@ -68,8 +69,13 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+try:  # transformers.masking_utils exists since 4.53; the call below needs 5.4 (see `require_transformers`)
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+except ImportError:
+    create_causal_mask = create_sliding_window_causal_mask = None
 
 from .checkpoint import Checkpoint
 from .data import IGNORE, Example
@@ -87,6 +93,8 @@ try:  # glibc's malloc_trim, to give freed heap memory back after each layer
 except (OSError, AttributeError):  # not glibc
     _MALLOC_TRIM = None
 HEAD_CHUNK_BYTES = 32 << 20  # float32 logits per lm_head chunk
+#: the first transformers release whose mask functions take `inputs_embeds=` without a `cache_position`
+TRANSFORMERS_NEEDED = "5.4"
 
 
 @dataclass
@@ -143,7 +151,8 @@ def calibrate(
         An iterator of `ModuleStatistics`, one per module.
 
     Raises:
-        UnsupportedError: a model_type other than llama, mistral, qwen2; a bad dtype, token_mask, device.
+        UnsupportedError: a model_type other than llama, mistral, qwen2; a bad dtype, token_mask, device; a
+            transformers older than 5.4.
         TargetError: a module that is not a linear module inside a decoder layer.
         FormatError: no sample has a loss token; a token id outside the vocabulary; a tensor missing or
             of the wrong shape in the checkpoint.
@@ -151,6 +160,7 @@ def calibrate(
     Example:
         >>> stats = {s.name: s for s in calibrate("./llama", examples, ["model.layers.0.self_attn.q_proj"])}  # doctest: +SKIP
     """
+    require_transformers()
     ckpt = model if isinstance(model, Checkpoint) else Checkpoint.open(model)
     model_type = ckpt.config.get("model_type")
     if model_type not in SUPPORTED:
@@ -168,6 +178,26 @@ def calibrate(
     targets = net.targets(modules)
     batches, skipped = _batches(examples, batch_size, token_mask, net.config.vocab_size, dev)
     return _run(net, targets, batches, skipped, activation_budget, scratch, progress)
+
+
+def require_transformers() -> None:
+    """Check that transformers' mask functions take what `_MetaModel.layer_kwargs` passes: `inputs_embeds=` and no
+    `cache_position` (required before 5.4; transformers.masking_utils itself is new in 4.53).
+
+    Raises:
+        UnsupportedError: an older transformers, naming the installed and the required version.
+    """
+    if create_causal_mask is None or not all(map(_takes_our_call, (create_causal_mask,
+                                                                   create_sliding_window_causal_mask))):
+        raise UnsupportedError(f"LoRA-DA calibration needs transformers >= {TRANSFORMERS_NEEDED} (its masking API); "
+                               f"transformers {transformers.__version__} is installed: run `pip install -U "
+                               f"'transformers>={TRANSFORMERS_NEEDED}'`, or use another --method")
+
+
+def _takes_our_call(mask_function) -> bool:
+    params = inspect.signature(mask_function).parameters
+    cache = params.get("cache_position")
+    return "inputs_embeds" in params and (cache is None or cache.default is not inspect.Parameter.empty)
 
 
 def memory_bound(config: dict, modules: Sequence[str], *, batch_size: int, max_tokens: int,

@@ -7,9 +7,10 @@ Causal LM:
   assistant turns only (each found as the difference between the conversation rendered up to it with a
   generation prompt and rendered through it).
 
-Masked LM: {"text": ...}; 15% of the non-special tokens are picked (at least one), once, with a seeded draw
-(static masking, so a resumed run sees the same data); of those 80% become the mask token, 10% a random token,
-10% stay; the loss is on the picked tokens.
+Masked LM: {"text": ...} (other keys, such as an id, are ignored; rows with "label" are refused); 15% of the
+non-special tokens are picked (at least one), once, with a seeded draw (static masking, so a resumed run sees
+the same data); of those 80% become the mask token, 10% a random token, 10% stay; the loss is on the picked
+tokens.
 
 Sequence classification: {"text", "label"} or {"text_a", "text_b", "label"} (a sentence pair, as GLUE's MRPC or
 RTE). Labels are class ids (integers 0..K-1) or class names (strings), one type in all files.
@@ -107,7 +108,8 @@ def load_jsonl(path: str | Path, tokenizer, *, max_length: int, limit: int | Non
 
 
 def load_masked_jsonl(path: str | Path, tokenizer, *, max_length: int, seed: int) -> list[Example]:
-    """Read {"text"} rows, tokenize them with special tokens and mask them for a masked-LM loss (seeded).
+    """Read {"text"} rows (other keys ignored), tokenize them with special tokens and mask them for a masked-LM
+    loss (seeded).
 
     Raises:
         InputNotFoundError: no such file. FormatError: a bad line, naming its line number.
@@ -217,10 +219,10 @@ def _masked_shape(row, path, lineno) -> None:
 
 
 def _masked_row(row) -> str:
-    """The text of a masked-LM row; ValueError for any other shape."""
-    if not isinstance(row, dict) or set(row) != {"text"}:
-        raise ValueError('masked-LM rows are {"text"} only' + (' (rows with "label" are for --task '
-                         'sequence-classification)' if isinstance(row, dict) and "label" in row else ""))
+    """The text of a masked-LM row (other keys are ignored); ValueError for a row without "text" or with "label"."""
+    if not isinstance(row, dict) or "text" not in row or "label" in row:
+        raise ValueError('masked-LM rows are {"text"}' + (' (rows with "label" are for --task sequence-classification)'
+                                                          if isinstance(row, dict) and "label" in row else ""))
     return _str(row, "text")
 
 

@@ -61,9 +61,13 @@ def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
     if role_lines:
         body += ["", "| module | role |", "| --- | --- |", role_lines + more]
     r = cfg.get("r") or 16
+    task = (trained or converted or {}).get("task") or {}  # the class the adapter's module names are for
+    auto, head = task.get("auto_class", "AutoModelForCausalLM"), task.get("config") or {}
+    load = "".join(f", {k}={v}" for k, v in (("num_labels", len(head.get("id2label", {})) or None),
+                                              ("pad_token_id", head.get("pad_token_id"))) if v is not None)
     body += ["", "## Use", "", "PEFT:", "", "```python", "from peft import PeftModel",
-             "from transformers import AutoModelForCausalLM",
-             f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{repo_id}")', "```", "",
+             f"from transformers import {auto}",
+             f'model = PeftModel.from_pretrained({auto}.from_pretrained("{base}"{load}), "{repo_id}")', "```", "",
              "vLLM:", "", "```bash",
              f"vllm serve {base} --enable-lora --max-lora-rank {_vllm(r)} --lora-modules adapter={repo_id}",
              "```", "", "llama.cpp:", "", "```bash",

@@ -6,9 +6,11 @@ alpha_pattern, fan_in_fan_out). Adapter modules are found in the base whatever b
 side's names carry (`model_names`). An adapter's `modules_to_save` (a classification head) is written
 into the merged model: over the base's tensors where it has them, as new tensors where it has none; and
 config.json gets the class and labels the training manifest records, so that
-AutoModelForSequenceClassification loads the result. Launched by torchrun, rank 0 merges alone: a merged
-matrix costs one rank-r product, less than sending it between processes would; the other ranks check the input
-and end.
+AutoModelForSequenceClassification loads the result. A bare base checkpoint (BertModel: `encoder...`) that gets
+a head has its tensors renamed with the base model prefix (`bert.encoder...`), as the task class saves itself:
+transformers before v5 refuses a checkpoint that mixes bare base tensors and a head. Launched by torchrun,
+rank 0 merges alone: a merged matrix costs one rank-r product, less than sending it between processes would;
+the other ranks check the input and end.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .checkpoint import Checkpoint
 from .distributed import is_worker
 from .conversion import task_record
 from .errors import TargetError, UnsupportedError
-from .model_names import match
+from .model_names import base_model_prefix, match
 from .output import OutputDir
 from .peft_format import Adapter, read_adapter
 from .provenance import check_base
@@ -69,7 +71,7 @@ def merge(
     check_base(adapter, ckpt, flag="BASE")
     module_of = {w: m for m, w in weights.items()}
     out_dtype = DTYPE_FLAGS.get(dtype)
-    heads, added, config = _head(lora, ckpt, adapter, base, out_dtype or (
+    heads, added, renamed, config = _head(lora, ckpt, adapter, base, out_dtype or (
         tensors[next(iter(weights.values()))].dtype if weights else "F32"))
     if dtype is not None:
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
@@ -99,7 +101,7 @@ def merge(
     files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()} if config != ckpt.config else {}
     with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume, settings=settings) as od:
         done = rewrite_checkpoint(ckpt, od, "", plan, compute, hashes=hashes, out_dtype=out_dtype, added=added,
-                                  files=files, progress=progress, desc="merge")
+                                  renamed=renamed, files=files, progress=progress, desc="merge")
         largest = [r["max_abs_delta"] for _, r in done.values() if "max_abs_delta" in r]
         summary = {"output": str(od.path), "base": str(base), "adapter": str(adapter),
                    "modules": len(lora.factors), "max_abs_delta": max(largest, default=0.0),
@@ -109,11 +111,12 @@ def merge(
     return summary
 
 
-def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[dict, dict, dict]:
-    """The adapter's modules_to_save tensors: those replacing base tensors (by the base's name), those added (in
-    `dtype`), and the base's config with the class and labels they belong to (a copy of it when there is no head)."""
+def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[dict, dict, dict, dict]:
+    """The adapter's modules_to_save tensors: those replacing base tensors (by the base's name) and those added (in
+    `dtype`); the renaming that gives a bare base the base model prefix; and the base's config with the class and
+    labels they belong to (a copy of it when there is no head)."""
     if not lora.extra:
-        return {}, {}, dict(ckpt.config)
+        return {}, {}, {}, dict(ckpt.config)
     tensors = ckpt.tensors
     found = match(lora.extra, tensors, config=ckpt.config)
     replaced, added = {}, {}
@@ -122,15 +125,20 @@ def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[d
             added[name] = t.to(torch_dtype(dtype))
         elif tuple(tensors[found[name]].shape) != tuple(t.shape):
             info = tensors[found[name]]
-            raise TargetError(f"{adapter}: modules_to_save tensor {name} is {tuple(t.shape)} but {info.name} in {info.file} "
-                              f"of the base {base} is {tuple(info.shape)}; pass the base this adapter was trained on")
+            raise TargetError(f"{adapter}: modules_to_save tensor {name} is {tuple(t.shape)} but {info.name} in "
+                              f"{info.file} of the base {base} is {tuple(info.shape)}; pass the base this adapter was "
+                              "trained on")
         else:
             replaced[found[name]] = t
     record = task_record(adapter) or {}
     if record.get("config"):
-        return replaced, added, {**ckpt.config, **record["config"]}
+        prefix = base_model_prefix(ckpt.config)
+        bare = prefix and not any(n.startswith(prefix + ".") for n in tensors)
+        renamed = {n: f"{prefix}.{n}" for n in tensors} if bare else {}
+        return replaced, added, renamed, {**ckpt.config, **record["config"]}
     if "ForSequenceClassification" not in " ".join(ckpt.config.get("architectures") or []):
-        raise TargetError(f"{adapter}: has modules_to_save {lora.config.get('modules_to_save')} but no ailora-train.json "
-                          f"or ailora-convert.json recording their class and labels, and the base {base} is no "
-                          "sequence-classification model; merge an adapter trained or converted by ailora-tools")
-    return replaced, added, dict(ckpt.config)
+        raise TargetError(f"{adapter}: has modules_to_save {lora.config.get('modules_to_save')} but no "
+                          "ailora-train.json or ailora-convert.json recording their class and labels, and the base "
+                          f"{base} is no sequence-classification model; merge an adapter trained or converted by "
+                          "ailora-tools")
+    return replaced, added, {}, dict(ckpt.config)

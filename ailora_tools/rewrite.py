@@ -9,7 +9,8 @@ shard is published by rename and recorded in the journal. Source files are hashe
 (`hashing`); an output shard's digest comes from its source's tensor-wise digest and the digests of the
 bytes written into it, so it is never read back.
 New tensors (a classification head merged into a base without one) are appended to the last shard, whose
-header is then rewritten, and entered in the index. Non-weight files (config, tokenizer) are copied, or
+header is then rewritten, and entered in the index; renamed tensors (a bare base that gets a head takes the
+base model prefix) get new headers and index entries. Non-weight files (config, tokenizer) are copied, or
 written with the contents given for them (`files`: a head's labels, a new dtype); the index last. A Hub
 checkpoint's shards download in the order they are needed (`Checkpoint.fetch`), and a shard's copy starts
 once it is here, so the next shard downloads while this one is processed; one that arrives with another
@@ -93,7 +94,8 @@ class Hashes:
 def rewrite_checkpoint(
     ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]], compute: Compute, *,
     hashes: Hashes, out_dtype: str | None = None, added: dict[str, "torch.Tensor"] | None = None,
-    files: dict[str, bytes] | None = None, progress: bool = True, desc: str = "",
+    renamed: dict[str, str] | None = None, files: dict[str, bytes] | None = None, progress: bool = True,
+    desc: str = "",
 ) -> dict[str, tuple[dict, dict]]:
     """Write `od/subdir` as a copy of the checkpoint whose tensors in `plan` are replaced.
 
@@ -102,13 +104,15 @@ def rewrite_checkpoint(
         compute: gives each replacement; called in shard order, one tensor at a time.
         out_dtype: safetensors dtype ("F32", "BF16", ...) of replaced tensors; default as stored.
         added: new tensors (name -> tensor, stored as given), appended to the last shard and entered in the index.
+        renamed: source name -> name in the output, for tensors whose name changes (`plan`, `compute` and the
+            result use source names).
         files: new contents for non-weight files of the checkpoint (relative POSIX path, e.g. "config.json"),
             written instead of a copy.
 
     Returns:
         Tensor name -> (extras, record) of every replaced tensor, computed now or by an earlier run (`--resume`).
     """
-    added, files = added or {}, files or {}
+    added, renamed, files = added or {}, renamed or {}, files or {}
     for name in ckpt.extra_files:
         if name in files:
             _write_small(od, hashes, ckpt.root / name, name, _rel(subdir, name), files[name])
@@ -134,7 +138,7 @@ def rewrite_checkpoint(
             for s in todo[i:i + COPY_AHEAD]:  # the copies of the next shards overlap this one's compute
                 if s not in jobs and (s == shard or ckpt.ready(s)):  # a Hub shard waits only when it is this one
                     jobs[s] = _start(ckpt.shard(s), od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier,
-                                     added if s == last else {})
+                                     added if s == last else {}, renamed)
             bar.set_description(f"{desc} {shard}".strip())
             job = jobs[shard]
             source = hashes.add("source", shard, job.header.path)
@@ -174,8 +178,8 @@ def rewrite_checkpoint(
         hasher.shutdown(wait=True)
         for job in jobs.values():
             os.close(job.fd)
-    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(added),
-                 added={n: last for n in added})
+    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(added) or bool(renamed),
+                 added={n: last for n in added}, renamed=renamed)
     return results
 
 
@@ -222,9 +226,9 @@ def _rel(subdir: str, name: str) -> str:
 
 
 def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier,
-           added: dict[str, "torch.Tensor"]) -> _Job:
+           added: dict[str, "torch.Tensor"], renamed: dict[str, str]) -> _Job:
     head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names},
-                                   {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()})
+                                   {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()}, renamed)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
 
@@ -244,14 +248,14 @@ def _write_small(od: OutputDir, hashes: Hashes, src: Path, name: str, rel: str, 
 
 
 def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, changed: bool,
-                 added: dict[str, str]) -> None:
+                 added: dict[str, str], renamed: dict[str, str]) -> None:
     if ckpt.index_file is None:
         return
     rel, src = _rel(subdir, ckpt.index_file), ckpt.root / ckpt.index_file
     if not changed:
         return _copy_small(od, hashes, src, ckpt.index_file, rel)
     doc = json.loads(src.read_text())
-    doc["weight_map"].update(added)
+    doc["weight_map"] = {renamed.get(k, k): v for k, v in doc["weight_map"].items()} | added
     doc.setdefault("metadata", {})["total_size"] = sum(
         (od.path / subdir / s).stat().st_size - read_header(od.path / subdir / s).data_start for s in ckpt.shards)
     with od.open_atomic(rel, "w") as f:

@@ -85,7 +85,7 @@ class Data:
     train: list
     eval: list
     collate: Callable[[list], dict[str, torch.Tensor]]
-    labels: dict | None  # num_labels, id2label, label2id, problem_type: set on the model config and the merged one
+    labels: dict | None  # num_labels, id2label, label2id, problem_type (pad_token_id): the model's and merged config
 
 
 def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike | None, tokenizer, *, pad_id: int,
@@ -108,6 +108,8 @@ def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike 
         eval_rows = read_labeled_jsonl(eval_data) if eval_data else []
         ids, labels = _labels(rows, eval_rows, data=data, eval_data=eval_data, config=config, base=base,
                               num_labels=num_labels)
+        if config.get("pad_token_id") is None:  # decoders classify at the last token that is not padding
+            labels["pad_token_id"] = pad_id
         return Data(tokenize_labeled(rows, tokenizer, ids, max_length=max_length),
                     tokenize_labeled(eval_rows, tokenizer, ids, max_length=max_length),
                     lambda batch: collate_labeled(batch, pad_id), labels)
@@ -186,8 +188,8 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
 
     Returns:
         The PEFT model; the trained adapter's config (the initial one with task_type and modules_to_save); and a
-        record for the manifests: task, model class, base model prefix, modules_to_save and the config keys a
-        merged model needs (`config`).
+        record for the manifests: task, Auto class, model class, base model prefix, modules_to_save and the
+        config keys a merged model needs (`config`).
 
     Raises:
         UnsupportedError: an LM task whose class needs weights the checkpoint lacks (no LM head).
@@ -221,8 +223,8 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
     load_into(peft_model, renamed, source=adapter, extra=False)
     config = {**initial.config, "task_type": task.peft_task_type, "modules_to_save": heads or None}
     merged_config = {"architectures": [cls], **{k: v for k, v in labels.items() if k != "num_labels"}} if labels else {}
-    record = {"task": task.name, "model_class": cls, "base_model_prefix": prefix, "modules_to_save": heads,
-              "config": merged_config}
+    record = {"task": task.name, "auto_class": task.auto_class, "model_class": cls, "base_model_prefix": prefix,
+              "modules_to_save": heads, "config": merged_config}
     return peft_model, config, record
 
 

@@ -186,16 +186,18 @@ def tensor_bytes(t) -> memoryview:
 
 
 def layout(header: ShardHeader, replaced: dict[str, str], added: dict[str, tuple[str, tuple[int, ...]]] | None = None,
-           ) -> tuple[bytes, dict[str, int], list[tuple[int, int, int]]]:
+           renamed: dict[str, str] | None = None) -> tuple[bytes, dict[str, int], list[tuple[int, int, int]]]:
     """Plan an output shard whose tensors named in `replaced` get new bytes, of the dtype given there.
 
-    `added` names new tensors (dtype, shape), placed after the existing ones.
-    Returns the header bytes to write (8-byte length included; empty when no dtype changes and nothing is
-    added, as the header is then copied), each tensor's absolute file offset in the new file, and the copy
-    operations (src_offset, dst_offset, length), merged into runs, that carry everything else over unchanged.
-    The replaced and added ranges are not copied, so they can be written while the copy runs.
+    `added` names new tensors (dtype, shape), placed after the existing ones; `renamed` gives existing tensors
+    new names in the output header (source name -> output name).
+    Returns the header bytes to write (8-byte length included; empty when the header is copied: no dtype
+    change, nothing added or renamed), each tensor's absolute file offset in the new file (by its source
+    name), and the copy operations (src_offset, dst_offset, length), merged into runs, that carry everything
+    else over unchanged. The replaced and added ranges are not copied, so they can be written while the copy runs.
     """
-    if not added and all(header.tensors[n].dtype == d for n, d in replaced.items()):
+    renamed = {n: to for n, to in (renamed or {}).items() if n in header.tensors}
+    if not added and not renamed and all(header.tensors[n].dtype == d for n, d in replaced.items()):
         head, offsets = b"", {n: header.data_start + t.begin for n, t in header.tensors.items()}
         keep, at = [], 0
         for t in sorted((header.tensors[n] for n in replaced), key=lambda t: t.begin):
@@ -203,25 +205,26 @@ def layout(header: ShardHeader, replaced: dict[str, str], added: dict[str, tuple
             at = header.data_start + t.end
         keep.append((at, at, header.size - at))
     else:
-        doc, pos = {}, 0
+        doc, starts, pos = {}, {}, 0
         if header.metadata:
             doc["__metadata__"] = header.metadata
         ordered = sorted(header.tensors.values(), key=lambda t: t.begin)
-        for t in ordered:
-            dtype = replaced.get(t.name, t.dtype)
-            n = t.nbytes // DTYPES[t.dtype][1] * DTYPES[dtype][1]
-            doc[t.name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
-            pos += n
+        entries = [(t.name, replaced.get(t.name, t.dtype), t.shape, t.nbytes // DTYPES[t.dtype][1]) for t in ordered]
         for name, (dtype, shape) in (added or {}).items():
             if name in header.tensors:
                 raise ValueError(f"{header.path}: tensor {name!r} exists; it cannot be added")
-            n = math.prod(shape) * DTYPES[dtype][1]
-            doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+            entries.append((name, dtype, shape, math.prod(shape)))
+        for name, dtype, shape, numel in entries:
+            out_name, n = renamed.get(name, name), numel * DTYPES[dtype][1]
+            if out_name in doc:
+                raise ValueError(f"{header.path}: two tensors would be named {out_name!r} in the output")
+            doc[out_name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+            starts[name] = pos
             pos += n
         js = json.dumps(doc, separators=(",", ":")).encode()
         js += b" " * (-len(js) % 8)
         head = struct.pack("<Q", len(js)) + js
-        offsets = {name: len(head) + e["data_offsets"][0] for name, e in doc.items() if name != "__metadata__"}
+        offsets = {name: len(head) + start for name, start in starts.items()}
         keep = [(header.data_start + t.begin, offsets[t.name], t.nbytes) for t in ordered if t.name not in replaced]
     runs: list[tuple[int, int, int]] = []
     for s, d, n in keep:

@@ -16,7 +16,9 @@ from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForSequenceC
                           RobertaConfig, RobertaForMaskedLM, RobertaTokenizer)
 
 from ailora_tools.cli import main
+from ailora_tools.demo import build_tiny_model
 from ailora_tools.errors import FormatError
+from ailora_tools.hub import model_card
 from ailora_tools.model_names import match
 from ailora_tools.peft_format import read_adapter, write_adapter
 from ailora_tools.verify import verify
@@ -64,12 +66,18 @@ def bert_config(**kw) -> BertConfig:
 
 
 def build_encoder(kind: str, path: Path) -> Path:
-    """Save a tiny encoder of `kind` with its tokenizer; all but bert-bare in several shards."""
+    """Save a tiny encoder of `kind` with its tokenizer; all but bert-bare in several shards (bert-bare-sharded: the
+    same BertModel in shards; llama: the demo's decoder, without a pad token id in its config, as Llama-3's)."""
     torch.manual_seed(0)
+    if kind == "llama":
+        build_tiny_model(path, seed=0)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))
+        return path
     if kind.startswith("bert"):
         BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
                       ).save_pretrained(path)
-        model = {"bert-bare": lambda: BertModel(bert_config()),
+        model = {"bert-bare": lambda: BertModel(bert_config()), "bert-bare-sharded": lambda: BertModel(bert_config()),
                  "bert-mlm": lambda: BertForMaskedLM(bert_config()),
                  "bert-cls": lambda: BertForSequenceClassification(bert_config(
                      id2label={0: "negative", 1: "neutral", 2: "positive"},
@@ -115,8 +123,8 @@ def cli(*args) -> dict | None:
 
 
 def decompose(src: Path, out: Path) -> Path:
-    cli("decompose", src, "-o", out, "--method", "ailora", "--svd", "exact", "--targets", "query,value",
-        "--rank", "4", "--alpha", "8", "--quiet")
+    cli("decompose", src, "-o", out, "--method", "ailora", "--svd", "exact", "--targets", "q_proj,v_proj",
+        "--rank", "4", "--alpha", "8", "--quiet")  # BERT-family models resolve q_proj/v_proj to query/value
     return out
 
 
@@ -157,6 +165,15 @@ def assert_parity(auto, src: Path, tmp: Path, **load) -> torch.Tensor:
     return expected
 
 
+def tensor_names(model_dir: Path) -> dict[str, set[str]]:
+    """Shard file -> the tensor names its header holds."""
+    names = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            names[shard.name] = set(f.keys())
+    return names
+
+
 def adapter_keys(path: Path) -> set[str]:
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
         return set(f.keys())
@@ -166,6 +183,7 @@ def adapter_keys(path: Path) -> set[str]:
     ("bert-bare", "bert", ["classifier"]),                # no prefix in the checkpoint; a new head
     ("bert-mlm", "bert", ["bert.pooler", "classifier"]),  # `bert.` prefix; the MLM checkpoint has no pooler either
     ("roberta", "roberta", ["classifier"]),               # `roberta.` prefix; RoBERTa's two-layer head
+    ("llama", "model", ["score"]),                        # a decoder classifies at its last non-padding token
 ])
 def test_sequence_classification_end_to_end(encoder, tmp_path, kind, prefix, heads):
     src = encoder(kind)
@@ -179,14 +197,23 @@ def test_sequence_classification_end_to_end(encoder, tmp_path, kind, prefix, hea
     cfg = json.loads((tmp_path / "trained" / "adapter_config.json").read_text())
     assert (cfg["task_type"], cfg["modules_to_save"]) == ("SEQ_CLS", heads)
     keys = adapter_keys(tmp_path / "trained")
-    assert f"base_model.model.{prefix}.encoder.layer.0.attention.self.query.lora_A.weight" in keys
-    assert any(k.startswith("base_model.model.classifier.") and "lora" not in k for k in keys)
+    module = "layers.0.self_attn.q_proj" if kind == "llama" else "encoder.layer.0.attention.self.query"
+    assert f"base_model.model.{prefix}.{module}.lora_A.weight" in keys
+    assert any(k.startswith(f"base_model.model.{heads[-1]}.") and "lora" not in k for k in keys)
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["modules_to_save"] == heads
     assert adapter_keys(tmp_path / "lora") >= {k for k in keys if "lora_" not in k}
-    assert_parity(AutoModelForSequenceClassification, src, tmp_path, num_labels=2)
+    pad = {"pad_token_id": 3} if kind == "llama" else {}  # the tokenizer's, as the merged config records it
+    assert_parity(AutoModelForSequenceClassification, src, tmp_path, num_labels=2, **pad)
     merged = json.loads((tmp_path / "m2" / "config.json").read_text())
-    assert merged["architectures"] == [f"{'Roberta' if prefix == 'roberta' else 'Bert'}ForSequenceClassification"]
+    assert kind != "llama" or merged["pad_token_id"] == 3  # which the base's config lacked
+    assert ("pad_token_id=3" in model_card(tmp_path / "lora")) == (kind == "llama")
+    assert merged["architectures"] == [{"bert": "Bert", "roberta": "Roberta", "model": "Llama"}[prefix]
+                                       + "ForSequenceClassification"]
     assert merged["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
+    if kind == "bert-bare":  # saved as BertForSequenceClassification saves itself: the base under `bert.`, the head
+        for m in ("m1", "m2"):
+            assert {n.split(".")[0] for names in tensor_names(tmp_path / m).values() for n in names} == {
+                "bert", "classifier"}
     assert verify(tmp_path / "m1")["problems"] == [] and verify(tmp_path / "m2")["problems"] == []
 
 
@@ -255,6 +282,91 @@ def test_adapter_named_for_the_task_class_converts_and_merges_on_a_bare_checkpoi
     assert (hidden(AutoModel.from_pretrained(src)) - expected).abs().max() > 1e-3  # the adapter changed something
 
 
+def test_bare_sharded_base_that_gets_a_head_is_renamed_in_every_shard_and_the_index(encoder, tmp_path):
+    """transformers before v5 refuses a checkpoint mixing bare base tensors (`encoder...`) and a head: merge writes
+    the base under `bert.` in every shard header and in the index, which names exactly what the shards hold."""
+    src = encoder("bert-bare-sharded")
+    dec = decompose(src, tmp_path / "dec")
+    data = sst2(tmp_path / "t.jsonl", 16, seed=1)
+    cli("train", "--base", dec / "residual", "--adapter", dec / "adapter", "--data", data, "-o", tmp_path / "trained",
+        "--task", "sequence-classification", "--max-steps", "3", "--lr", "1e-2", "--quiet")
+    cli("merge", dec / "residual", tmp_path / "trained", "-o", tmp_path / "m", "--quiet")
+    shards = tensor_names(tmp_path / "m")
+    assert len(shards) > 1 and set(shards) == set(tensor_names(src))  # same shard files; the head in the last
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index == {n: shard for shard, names in shards.items() for n in names}
+    assert {n.split(".")[0] for n in index} == {"bert", "classifier"}
+    assert {f"bert.{n}" for names in tensor_names(src).values() for n in names} | {
+        "classifier.weight", "classifier.bias"} == set(index)
+    model, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", dtype=torch.float32,
+                                                                     output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    expected = outputs(PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        dec / "residual", num_labels=2), tmp_path / "trained"), src)
+    assert (outputs(model, src) - expected).abs().max() <= PARITY
+    assert verify(tmp_path / "m")["problems"] == []
+
+
+@pytest.mark.parametrize("kind,task", [("bert-bare", "sequence-classification"), ("bert-mlm", "masked-lm")])
+def test_training_starts_from_the_decomposed_factors(encoder, tmp_path, kind, task):
+    """The model train builds is residual + A0, B0 under the class's names, so its encoder computes what the
+    original's does (PEFT's own loading would leave a bare checkpoint's factors out, with only a warning, and start
+    from B = 0 on the residual)."""
+    from ailora_tools.tasks import TASKS, load_model
+
+    src = encoder(kind)
+    dec = decompose(src, tmp_path / "dec")
+    labels = {"num_labels": 2} if task == "sequence-classification" else None
+    model, config, record = load_model(TASKS[task], dec / "residual", dec / "adapter", labels=labels,
+                                       dtype=torch.float32)
+    assert record["base_model_prefix"] == "bert" and config["task_type"] == TASKS[task].peft_task_type
+    assert record["auto_class"] == TASKS[task].auto_class
+    initial = read_adapter(dec / "adapter")
+    state = model.state_dict()
+    for m, (A, B) in initial.factors.items():  # exactly A0, B0, under the class's module names
+        name = m if m.startswith("bert.") else f"bert.{m}"
+        assert torch.equal(state[f"base_model.model.{name}.lora_A.default.weight"], A)
+        assert torch.equal(state[f"base_model.model.{name}.lora_B.default.weight"], B)
+    enc = AutoTokenizer.from_pretrained(src)([a for a, _ in PROBE], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = model.eval().base_model.model.bert(**enc).last_hidden_state
+        want = AutoModel.from_pretrained(src).eval()(**enc).last_hidden_state
+        residual = AutoModel.from_pretrained(dec / "residual").eval()(**enc).last_hidden_state
+    assert (got - want).abs().max() <= PARITY
+    assert (residual - want).abs().max() > 1e-2  # the adapter carries the principal/minor components
+
+
+def test_classification_resume_continues_as_if_uninterrupted(bare_decomposed, tmp_path, monkeypatch):
+    """Checkpoints hold the head too: a run killed after step 6 and resumed from step 5 ends byte-identical."""
+    from ailora_tools.train import train
+
+    data = sst2(tmp_path / "t.jsonl", 32, seed=1)
+    args = (bare_decomposed / "residual", bare_decomposed / "adapter", data)
+    opts = dict(task="sequence-classification", max_steps=10, lr=5e-3, batch_size=8, save_every=5, progress=False)
+    train(*args, tmp_path / "straight", **opts)
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def interrupted(self, *a, **k):  # the 7th update never happens: as if killed after step 6
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(*args, tmp_path / "resumed", **opts)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    checkpoint = read_adapter(tmp_path / "resumed" / "checkpoints" / "step-0000005")
+    assert set(checkpoint.extra) == {"classifier.weight", "classifier.bias"}  # the head is in the checkpoint
+    train(*args, tmp_path / "resumed", resume=True, **opts)
+    a, b = (read_adapter(tmp_path / d) for d in ("straight", "resumed"))
+    assert set(a.extra) == {"classifier.weight", "classifier.bias"}
+    assert all(torch.equal(t, b.extra[name]) for name, t in a.extra.items())
+    assert not torch.equal(a.extra["classifier.weight"], checkpoint.extra["classifier.weight"])  # it trained on
+    assert (tmp_path / "straight" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes()
+
+
 def test_names_pair_across_the_base_model_prefix():
     modules = {"bert.encoder.layer.0.attention.self.query", "classifier"}
     assert match(["encoder.layer.0.attention.self.query", "classifier", "pooler"], modules, prefix="bert") == {
@@ -289,6 +401,11 @@ def test_recipe_runs_classification_end_to_end(encoder, tmp_path):
     assert (manifest["scheduler"], manifest["max_length"], manifest["seed"]) == ("linear", 512, 0)
     assert summary["eval_accuracy"] >= summary["eval_accuracy_start"] + 0.1, summary
     cli("convert", "--trained", tmp_path / "trained", "-o", tmp_path / "lora", "--json")
+    for adapter in ("trained", "lora"):  # the card loads the adapter on the class its module names are for
+        card = model_card(tmp_path / adapter)
+        assert "from transformers import AutoModelForSequenceClassification" in card
+        assert "PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(" in card
+        assert "num_labels=2)" in card and "AutoModelForCausalLM" not in card
     cli("merge", src, tmp_path / "lora", "-o", tmp_path / "merged", "--json")
     model = load_merged(AutoModelForSequenceClassification, tmp_path / "merged")
     assert model.config.id2label == {0: "negative", 1: "positive"}
@@ -364,12 +481,30 @@ def test_check_rows_knows_the_task(tmp_path):
     assert check_rows(pairs, task="sequence-classification") == 1
     with pytest.raises(FormatError, match=r'l\.jsonl:1: rows with "label" are for --task sequence-classification'):
         check_rows(labeled)  # causal LM
-    with pytest.raises(FormatError, match=r'p\.jsonl:1: masked-LM rows are \{"text"\} only'):
+    with pytest.raises(FormatError, match=r'p\.jsonl:1: masked-LM rows are \{"text"\} \(rows with "label" are for '
+                                          r'--task sequence-classification\)'):
         check_rows(pairs, task="masked-lm")
     prompts = tmp_path / "c.jsonl"
     prompts.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
     with pytest.raises(FormatError, match=r'c\.jsonl:1: no "label" column'):
         check_rows(prompts, task="sequence-classification")
+
+
+def test_masked_lm_rows_may_carry_other_keys(encoder, tmp_path):
+    """As causal-LM rows may: {"text", "id"} rows pass the check and are masked exactly as {"text"} rows are; a row
+    without "text" is still refused with its line number."""
+    from ailora_tools.data import check_rows, load_masked_jsonl
+
+    plain, extra = texts(tmp_path / "plain.jsonl", 8, seed=3), tmp_path / "extra.jsonl"
+    rows = [json.loads(line) for line in plain.read_text().splitlines()]
+    extra.write_text("".join(json.dumps({"id": i, **r, "source": "sst2"}) + "\n" for i, r in enumerate(rows)))
+    assert check_rows(extra, task="masked-lm") == 8
+    tok = AutoTokenizer.from_pretrained(encoder("bert-mlm"))
+    a, b = (load_masked_jsonl(p, tok, max_length=32, seed=0) for p in (plain, extra))
+    assert [(e.input_ids, e.labels) for e in a] == [(e.input_ids, e.labels) for e in b]
+    extra.write_text(json.dumps({"text": "good"}) + "\n" + json.dumps({"sentence": "bad", "id": 1}) + "\n")
+    with pytest.raises(FormatError, match=r'extra\.jsonl:2: masked-LM rows are \{"text"\}$'):
+        check_rows(extra, task="masked-lm")
 
 
 def test_merge_with_dtype_writes_the_head_and_its_labels_in_one_config(bare_decomposed, tmp_path):

@@ -102,3 +102,28 @@ def test_bad_input_is_one_line(base, tmp_path):
               "--targets", "query,value")
     assert res.exit_code == 1 and "'bert' is not supported" in res.output and "llama" in res.output, res.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("masking", ["5.3", "4.52"])
+def test_transformers_too_old_for_calibration_is_one_line(base, tmp_path, monkeypatch, masking):
+    """transformers 5.3's mask functions still require cache_position, and 4.52 has no masking_utils at all: LoRA-DA
+    says which transformers it needs and which is installed, before calibrating or writing anything."""
+    import transformers
+
+    from ailora_tools import calibration
+
+    def before_5_4(config, inputs_embeds, attention_mask, cache_position, past_key_values, position_ids=None):
+        raise AssertionError("not to be called")
+
+    old = None if masking == "4.52" else before_5_4
+    monkeypatch.setattr(calibration, "create_causal_mask", old)
+    monkeypatch.setattr(calibration, "create_sliding_window_causal_mask", old)
+    monkeypatch.setattr(transformers, "__version__", f"{masking}.0")
+    res = cli("decompose", base, "-o", tmp_path / "o", "--method", "lora-da", "--data", DATA, "--samples", "4")
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert res.output.startswith(f"error: LoRA-DA calibration needs transformers >= 5.4 (its masking API); "
+                                 f"transformers {masking}.0 is installed"), res.output
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(calibration.UnsupportedError, match=r"needs transformers >= 5\.4"):
+        calibration.calibrate(base, [], ["model.layers.0.self_attn.q_proj"], device="cpu", progress=False)
+

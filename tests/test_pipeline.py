@@ -64,6 +64,29 @@ def test_layout_with_a_dtype_change_rewrites_the_header(shard, tmp_path):
     assert all(torch.equal(got[k], ref[k]) for k in ref if k != "t2")
 
 
+def test_layout_renames_in_the_header_and_keeps_every_byte(shard, tmp_path):
+    """A bare base that gets a head is written with the prefix: names change, offsets are by source name."""
+    header = read_header(shard)
+    renamed = {n: f"bert.{n}" for n in header.tensors}
+    head, offsets, runs = layout(header, {"t4": "BF16"}, {"head": ("F32", (2, 3))}, renamed)
+    assert head  # a new header, though no dtype changes
+    data, buf = shard.read_bytes(), bytearray(offsets["head"] + 4 * 6)
+    buf[:len(head)] = head
+    for s, d, n in runs:
+        buf[d:d + n] = data[s:s + n]
+    buf[offsets["t4"]:offsets["t4"] + header.tensors["t4"].nbytes] = torch.full((7, 5), 9.0, dtype=torch.bfloat16
+                                                                                 ).view(torch.int16).numpy().tobytes()
+    buf[offsets["head"]:] = torch.ones(2, 3).numpy().tobytes()
+    (tmp_path / "o.safetensors").write_bytes(bytes(buf))
+    got, ref = load_file(str(tmp_path / "o.safetensors")), load_file(str(shard))
+    assert set(got) == {f"bert.{k}" for k in ref} | {"head"}
+    assert torch.equal(got["bert.t4"], torch.full((7, 5), 9.0, dtype=torch.bfloat16))
+    assert torch.equal(got["head"], torch.ones(2, 3))
+    assert all(torch.equal(got[f"bert.{k}"], ref[k]) for k in ref if k != "t4")
+    with pytest.raises(ValueError, match="two tensors would be named 't1'"):
+        layout(header, {}, None, {"t0": "t1"})
+
+
 def _with_gap(path: Path) -> Path:
     """A valid safetensors file with 4 unused bytes between its two tensors."""
     import json

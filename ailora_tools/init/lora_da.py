@@ -24,12 +24,13 @@ class LoRADA(InitMethod):
 
     def prepare(self, ckpt, jobs, settings, *, data=None, samples: int = 64, max_length: int = 512,
                 device: str = "auto", progress: bool = True, **_):
-        from ..calibration import calibrate
+        from ..calibration import calibrate, require_transformers
         from ..data import check_rows, load_jsonl
         from ..errors import FormatError
         from ..lora_da import lora_da_factors
         from ..tokenizer import load_tokenizer
 
+        require_transformers()  # before the data is read
         population = check_rows(data, flag="--data")
         if population < samples:
             raise FormatError(f"--data {data}: {population} rows, fewer than --samples {samples}; give more rows or "
