@@ -62,12 +62,12 @@ def _one_line(e: Exception) -> str:
 def _prehash(model: str, revision: str | None) -> None:
     """Start hashing the checkpoint's files before torch loads (about 1.2 s); the run reuses the results.
     Ranks ≥ 1 of a torchrun launch hash nothing: rank 0 writes the manifest."""
-    from .checkpoint import Checkpoint
+    from .io.checkpoint import Checkpoint
     from .distributed import is_worker
 
     if is_worker():
         return
-    from .hashing import digest_async
+    from .io.hashing import digest_async
 
     try:
         for path in Checkpoint.open(model, revision=revision).files(fetch=False).values():  # Hub shards: as they arrive

@@ -16,12 +16,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint
 from .errors import InputNotFoundError, NumericsError, TargetError
-from .hashing import file_digest
+from .io.hashing import file_digest
 from .data import check_rows
 from .init import METHODS
-from .output import JOURNAL_NAME, OutputDir
+from .io.output import JOURNAL_NAME, OutputDir
 from .targets import architecture, assign_roles, linear_modules
 
 MANIFEST_NAME = "compare.json"

@@ -21,13 +21,13 @@ import torch
 
 from .check import check_adapter, vllm_max_lora_rank
 from .errors import AiloraError, FormatError, InputNotFoundError, NumericsError
-from .hashing import file_digest
+from .io.hashing import file_digest
 from .model_names import match
 from .options import at_least, choice
-from .output import OutputDir
+from .io.output import OutputDir
 from .peft_format import Adapter, lora_config, read_adapter, write_adapter
 from .provenance import CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST
-from .tensorio import DTYPE_FLAGS, torch_dtype
+from .io.tensorio import DTYPE_FLAGS, torch_dtype
 
 
 

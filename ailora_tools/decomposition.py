@@ -2,7 +2,7 @@
 
 One way through: plan the jobs (every target matrix with its role, validated before anything is written),
 compute each job's factors and residual with its init method (`ailora_tools.init`), write. The rewrite
-engine (`rewrite.rewrite_checkpoint`) copies every shard and puts each residual in its target's byte range,
+engine (`io.rewrite.rewrite_checkpoint`) copies every shard and puts each residual in its target's byte range,
 journaling each finished shard with its records for `--resume`. This module loads torch only when the first
 target is read: by then the first shards are being copied and hashed, so the torch import overlaps with I/O.
 Launched by torchrun, every rank plans the same jobs and computes the factors of its share of them; rank 0
@@ -15,16 +15,16 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint
 from .distributed import Sharing, is_worker, use_local_gpu, work
 from .errors import NumericsError, OptionError, UnsupportedError
 from .init import InitMethod, Job, Settings, get_method, lora_scale
 from .options import at_least, choice, positive
-from .output import OutputDir
-from .rewrite import Hashes, Replaced, pending, rewrite_checkpoint
+from .io.output import OutputDir
+from .io.rewrite import Hashes, Replaced, pending, rewrite_checkpoint
 from .targets import architecture, assign_roles, is_transposed, linear_modules
 from .provenance import DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, sample, stored_sample
-from .tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor, tensor_bytes
+from .io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor, tensor_bytes
 
 MANIFEST_NAME = DECOMPOSE_MANIFEST
 RESIDUAL_DIR, ADAPTER_DIR = "residual", "adapter"
@@ -115,7 +115,7 @@ def decompose(
         "adapter_base": RESIDUAL if init.offsets_base and not no_residual else ORIGINAL,
     }
     if data is not None:
-        from .hashing import file_digest
+        from .io.hashing import file_digest
 
         settings["data"] = {"path": str(Path(data).absolute()), "digest": file_digest(data), "samples": samples,
                             "max_length": max_length}

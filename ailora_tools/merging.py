@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint
 from .distributed import is_worker
 from .conversion import task_record
 from .errors import TargetError, UnsupportedError
 from .model_names import base_model_prefix, match
-from .output import OutputDir
+from .io.output import OutputDir
 from .peft_format import Adapter, read_adapter
 from .provenance import check_base
-from .rewrite import Hashes, Replaced, rewrite_checkpoint
-from .tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
+from .io.rewrite import Hashes, Replaced, rewrite_checkpoint
+from .io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 
 MERGE_MANIFEST = "ailora-merge.json"
 

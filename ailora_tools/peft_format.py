@@ -59,7 +59,7 @@ class Adapter:
         """
         from .errors import TargetError
         from .model_names import match
-        from .tensorio import FLOAT_DTYPES
+        from .io.tensorio import FLOAT_DTYPES
 
         weights = match(self.factors, {n[: -len(".weight")] for n in tensors if n.endswith(".weight")}, config=config)
         for m, (A, B) in self.factors.items():

@@ -108,7 +108,7 @@ def _initialise(W: torch.Tensor, init, module: str, role: str | None, transposed
     """(A0, B0, residual as stored or None) for one target, with decompose's own code and per-module seed."""
     from .residual import residual_target
     from .svd import generator_for
-    from .tensorio import TensorInfo
+    from .io.tensorio import TensorInfo
 
     job = Job(module, TensorInfo(f"{module}.weight", "the model in memory", _stored_dtype(W), tuple(W.shape), 0, 0),
               role, transposed)
@@ -141,6 +141,6 @@ def _check_weights(model, weights: dict[str, torch.Tensor], role_of: dict[str, s
 
 def _stored_dtype(W: torch.Tensor) -> str | None:
     """W's safetensors dtype name among the float types decompose handles ("F32", "BF16", ...), else None."""
-    from .tensorio import DTYPES, FLOAT_DTYPES
+    from .io.tensorio import DTYPES, FLOAT_DTYPES
 
     return next((k for k in FLOAT_DTYPES if DTYPES[k][0] == str(W.dtype).removeprefix("torch.")), None)

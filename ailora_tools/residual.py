@@ -13,7 +13,7 @@ import torch
 from .errors import NumericsError
 from .init import InitMethod, Job, Settings
 from .svd import generator_for
-from .tensorio import torch_dtype
+from .io.tensorio import torch_dtype
 
 
 def residual_target(

@@ -20,12 +20,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint
 from .errors import NumericsError, UnsupportedError
-from .hashing import file_digest
-from .output import OutputDir
+from .io.hashing import file_digest
+from .io.output import OutputDir
 from .targets import architecture, linear_modules, matches, resolve_targets
-from .tensorio import FLOAT_DTYPES
+from .io.tensorio import FLOAT_DTYPES
 
 MANIFEST_NAME = "spectrum.json"
 SPECTRA_NAME = "spectra.safetensors"
@@ -90,7 +90,7 @@ def spectrum(
     from safetensors.torch import save_file
 
     from .svd import resolve_device
-    from .tensorio import read_tensor
+    from .io.tensorio import read_tensor
 
     dev = resolve_device(device)
     rows, spectra = [], {}

@@ -22,14 +22,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint
 from .data import check_rows
 from .errors import InputNotFoundError, NumericsError
-from .hashing import file_digest
+from .io.hashing import file_digest
 from .initial_offset import resolve_adapter_base, subtract_initial
 from .model_names import match
 from .options import at_least, choice, positive
-from .output import OutputDir
+from .io.output import OutputDir
 from .peft_format import Adapter, adapter_of, load_into, read_adapter, write_adapter
 from .progressive import Progressive
 from .provenance import TRAIN_MANIFEST, check_base

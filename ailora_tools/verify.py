@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 from .errors import InputNotFoundError
-from .output import JOURNAL_NAME
+from .io.output import JOURNAL_NAME
 from .peft_format import read_adapter
-from .hashing import file_digest
-from .tensorio import read_header, read_tensor
+from .io.hashing import file_digest
+from .io.tensorio import read_header, read_tensor
 
 MANIFESTS = ("ailora.json", "ailora-merge.json", "ailora-convert.json", "ailora-train.json", "spectrum.json",
              "compare.json")

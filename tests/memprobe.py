@@ -17,7 +17,8 @@ import tempfile
 
 import torch  # noqa: F401  (imported before the baseline, as any caller would have)
 
-from ailora_tools import decompose, hashing
+from ailora_tools import decompose
+from ailora_tools.io import hashing
 from ailora_tools.svd import resolve_device
 
 

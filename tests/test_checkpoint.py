@@ -1,7 +1,7 @@
 """Hub checkpoints streamed: headers validated first, each shard downloaded while the one before is processed.
 
-No network: the Hub is a local directory. `_hub_header` (the range requests) reads its files' first bytes,
-`_hub_download` copies a file into the real huggingface_hub cache layout (blobs/ + a snapshot symlink) after
+No network: the Hub is a local directory. `hub_header` (the range requests) reads its files' first bytes,
+`hub_download` copies a file into the real huggingface_hub cache layout (blobs/ + a snapshot symlink) after
 a delay, and snapshot_download itself runs (offline) on that cache.
 """
 import hashlib
@@ -15,12 +15,13 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from ailora_tools import checkpoint, decompose, rewrite
-from ailora_tools.checkpoint import Checkpoint
+from ailora_tools import decompose
+from ailora_tools.io import checkpoint, rewrite
+from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.errors import FormatError, InputNotFoundError
 
 REPO, COMMIT = "acme/streamed", "89abcdef0123456789abcdef0123456789abcdef"
-REAL_HUB_HEADER = checkpoint._hub_header
+REAL_HUB_HEADER = checkpoint.hub_header
 
 
 def _cache_file(cache: Path, src: Path, name: str) -> Path:
@@ -74,8 +75,8 @@ def hub(tiny, tmp_path, monkeypatch):
         state["arrived"].append(name)
         return str(link)
 
-    monkeypatch.setattr(checkpoint, "_hub_header", header)
-    monkeypatch.setattr(checkpoint, "_hub_download", download)
+    monkeypatch.setattr(checkpoint, "hub_header", header)
+    monkeypatch.setattr(checkpoint, "hub_download", download)
     return state
 
 
@@ -84,20 +85,20 @@ def test_hub_shards_download_while_earlier_ones_are_processed(hub, tmp_path, mon
     assert len(order) >= 3
     first_written = threading.Event()
     hub["gate"][order[2]] = first_written  # shard 3 arrives only once shard 1's output is being written
-    real_start = rewrite._start
+    real_copy = rewrite.copy_ranges
 
-    def start(header, tmp, *args):
-        if header.path.name == order[0]:
+    def copy(path, *args):  # a shard's copy into the output starts
+        if Path(path).name == order[0]:
             assert order[2] not in hub["arrived"]  # written as soon as it is here, not once every shard is
             first_written.set()
-        return real_start(header, tmp, *args)
+        return real_copy(path, *args)
 
-    monkeypatch.setattr(rewrite, "_start", start)
+    monkeypatch.setattr(rewrite, "copy_ranges", copy)
     summary = decompose(REPO, tmp_path / "out", rank=4, progress=False)
     assert hub["gate"][order[2]] is True  # overlap: shard 1 was written before shard 3 had arrived
     assert hub["headers"] == order and hub["arrived"] == order  # every header first; each shard once, in order
     assert summary["source"]["model"] == REPO
-    monkeypatch.setattr(rewrite, "_start", real_start)
+    monkeypatch.setattr(rewrite, "copy_ranges", real_copy)
     local = decompose(hub["remote"], tmp_path / "local", rank=4, progress=False)
     assert local["worst_recon_rel_fro"] == summary["worst_recon_rel_fro"]
     streamed, reference = (json.loads((tmp_path / d / "ailora.json").read_text())["files"] for d in ("out", "local"))
@@ -135,27 +136,27 @@ def test_a_corrupt_header_on_the_hub_fails_before_anything_is_written(hub, tmp_p
     def header(repo_id, revision, name):
         return b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}", 1000
 
-    monkeypatch.setattr(checkpoint, "_hub_header", header)
+    monkeypatch.setattr(checkpoint, "hub_header", header)
     with pytest.raises(FormatError, match="header is not valid JSON"):
         decompose(REPO, tmp_path / "out", rank=4, progress=False)
     assert not (tmp_path / "out").exists() and hub["arrived"] == []
 
 
 def test_offline_without_the_shards_in_the_cache(hub, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_hub_header", REAL_HUB_HEADER)  # HF_HUB_OFFLINE=1 (conftest): no request
+    monkeypatch.setattr(checkpoint, "hub_header", REAL_HUB_HEADER)  # HF_HUB_OFFLINE=1 (conftest): no request
     with pytest.raises(InputNotFoundError, match=r"acme/streamed: shard .* is not in the local cache .*HF_HUB_OFFLINE"):
         Checkpoint.open(REPO)
 
 
 @pytest.mark.parametrize("pad", [0, 150_000])  # a header within the first 100 kB, and one past it
 def test_hub_header_is_read_with_range_requests(tmp_path, monkeypatch, pad):
-    """`_hub_header` through huggingface_hub's own HTTP client, the Hub replaced by a transport serving ranges."""
+    """`hub_header` through huggingface_hub's own HTTP client, the Hub replaced by a transport serving ranges."""
     import httpx2
     import torch
     from huggingface_hub.utils import _http
     from safetensors.torch import save_file
 
-    from ailora_tools.tensorio import parse_header, read_header
+    from ailora_tools.io.tensorio import parse_header, read_header
 
     path = tmp_path / "model.safetensors"
     save_file({"w": torch.arange(6.0).reshape(2, 3)}, str(path), metadata={"pad": "x" * pad})

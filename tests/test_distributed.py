@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ailora_tools.checkpoint import Checkpoint
+from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.decomposition import plan
 from ailora_tools.distributed import assign, work
 from ailora_tools.init import get_method

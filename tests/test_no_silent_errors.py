@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from ailora_tools.checkpoint import Checkpoint
+from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.cli import main
 from ailora_tools.errors import TargetError
 from ailora_tools.peft_format import read_adapter, write_adapter

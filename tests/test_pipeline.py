@@ -13,9 +13,9 @@ from blake3 import blake3
 from safetensors.torch import load_file, save_file
 
 from ailora_tools import decompose, merge
-from ailora_tools.background import NICE, io_pool
-from ailora_tools.hashing import file_digest, hash_file
-from ailora_tools.tensorio import layout, read_header
+from ailora_tools.io.background import NICE, io_pool
+from ailora_tools.io.hashing import file_digest, hash_file
+from ailora_tools.io.tensorio import layout, read_header
 from ailora_tools.verify import verify
 
 from conftest import expected_digest
@@ -159,13 +159,13 @@ def test_decompose_loads_torch_only_after_the_copies_start(tiny, tmp_path):
     """The 1.2 s torch import overlaps with copying: nothing before the first target read needs torch."""
     code = (
         "import sys\n"
-        "from ailora_tools import rewrite, tensorio\n"
+        "from ailora_tools.io import rewrite\n"
         "started = []\n"
-        "orig = rewrite._start\n"
-        "def spy(*a, **k):\n"
+        "orig = rewrite.copy_ranges\n"
+        "def spy(*a, **k):  # a shard's copy starts\n"
         "    started.append('torch' in sys.modules)\n"
         "    return orig(*a, **k)\n"
-        "rewrite._start = spy\n"
+        "rewrite.copy_ranges = spy\n"
         "from ailora_tools.decomposition import decompose\n"
         f"decompose({str(tiny('llama'))!r}, {str(tmp_path / 'out')!r}, rank=4, device='auto', progress=False)\n"
         "print(started)\n"
@@ -188,7 +188,7 @@ def test_console_entry_point_keeps_exit_codes(args, code):
 def test_parallel_copies_and_hashing_give_the_same_outputs_and_digests(tiny, tmp_path, monkeypatch):
     """With several I/O threads (a machine with many cores) shards are copied by several workers at once and
     large segments hashed on several threads; every byte and every digest is the same as with one."""
-    from ailora_tools import background, hashing, rewrite
+    from ailora_tools.io import background, hashing, rewrite
 
     src = tiny("llama")
     decompose(src, tmp_path / "one", rank=4, progress=False)
@@ -228,7 +228,7 @@ def test_parallel_copies_and_hashing_give_the_same_outputs_and_digests(tiny, tmp
 
 
 def test_io_threads_scale_with_the_cores(monkeypatch):
-    from ailora_tools import background
+    from ailora_tools.io import background
 
     monkeypatch.delenv("AILORA_IO_THREADS", raising=False)
     found = {}

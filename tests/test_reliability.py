@@ -18,10 +18,10 @@ from peft import PeftModel
 from safetensors.torch import save_file
 
 from ailora_tools import decompose
-from ailora_tools.checkpoint import Checkpoint
+from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.cli import main
 from ailora_tools.errors import AiloraError, FormatError
-from ailora_tools.tensorio import read_header
+from ailora_tools.io.tensorio import read_header
 
 from conftest import load, logits
 from synthetic import synthetic_llama
@@ -284,7 +284,7 @@ def test_random_index_gives_project_error(tiny, tmp_path, index):
 
 KILL_AFTER_FIRST_SHARD = """
 import os, signal, sys
-from ailora_tools import output
+from ailora_tools.io import output
 from ailora_tools.cli import main
 done = output.OutputDir.mark_done
 def mark_done(self, piece, record):
@@ -366,7 +366,7 @@ def test_verify_finds_a_changed_file(tiny, tmp_path):
 
 
 def test_sigint_leaves_a_resumable_run(synthetic, tmp_path, monkeypatch):
-    from ailora_tools import rewrite
+    from ailora_tools.io import rewrite
     real, calls = rewrite.tensor_bytes, {"n": 0}
 
     def interrupt(t):
@@ -385,7 +385,7 @@ def test_sigint_leaves_a_resumable_run(synthetic, tmp_path, monkeypatch):
 
 
 def test_disk_full_mid_write(synthetic, tmp_path, monkeypatch):
-    from ailora_tools import rewrite
+    from ailora_tools.io import rewrite
     real, calls = rewrite.copy_ranges, {"n": 0}
 
     def full(src, fd, head, copies):

@@ -13,7 +13,7 @@ from ailora_tools.check import check_adapter
 from ailora_tools.cli import main
 from ailora_tools.gguf_export import export_gguf, permute_rows
 from ailora_tools.peft_format import read_adapter, write_adapter
-from ailora_tools.tensorio import read_header, read_tensor
+from ailora_tools.io.tensorio import read_header, read_tensor
 
 from test_convert_merge import fake_training
 

@@ -9,7 +9,8 @@ from matplotlib.image import imread
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ailora_tools import decompose, spectrum, tensorio
+from ailora_tools import decompose, spectrum
+from ailora_tools.io import tensorio
 from ailora_tools.cli import main
 from ailora_tools.conversion import TRAIN_MANIFEST, convert
 from ailora_tools.errors import NumericsError, TargetError

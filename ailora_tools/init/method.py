@@ -17,9 +17,9 @@ from ..targets import MINOR, PRINCIPAL, Architecture
 if TYPE_CHECKING:  # torch loads on first use, so that decompose can start copying while it loads
     import torch
 
-    from ..checkpoint import Checkpoint
+    from ..io.checkpoint import Checkpoint
     from ..svd import Triplets
-    from ..tensorio import TensorInfo
+    from ..io.tensorio import TensorInfo
 
 
 @dataclass(frozen=True)

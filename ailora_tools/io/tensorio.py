@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FormatError, UnsupportedError
+from ..errors import FormatError, UnsupportedError
 
 # torch is imported inside the functions that need it, so that the CLI can start hashing before it loads.
 #: safetensors dtype name -> (torch dtype name, or None when torch cannot compute with it; bytes per element)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from .errors import FormatError, InputNotFoundError, OptionError, UnsupportedError
+from ..errors import FormatError, InputNotFoundError, OptionError, UnsupportedError
 from .tensorio import MAX_HEADER, ShardHeader, TensorInfo, parse_header, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -107,7 +107,7 @@ class Checkpoint:
             if (root / name).is_file():
                 return read_header(root / name, name), False
             try:
-                head, size = _hub_header(repo_id, commit, name)
+                head, size = hub_header(repo_id, commit, name)
             except (HfHubHTTPError, OSError, KeyError, ValueError) as e:
                 raise InputNotFoundError(f"{repo_id}: shard {name} is not in the local cache and its header could "
                                          f"not be read from the Hub ({_root_cause(e)}); check your connection and "
@@ -116,7 +116,7 @@ class Checkpoint:
 
         def download(name: str) -> Path:
             try:
-                return Path(_hub_download(repo_id, name, commit))
+                return Path(hub_download(repo_id, name, commit))
             except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
                 raise InputNotFoundError(f"{repo_id}: shard {name} could not be fetched ({e})") from e
 
@@ -253,7 +253,7 @@ def _local(source: str, root: Path):
     return header
 
 
-def _hub_header(repo_id: str, revision: str, name: str) -> tuple[bytes, int]:
+def hub_header(repo_id: str, revision: str, name: str) -> tuple[bytes, int]:
     """A Hub file's first bytes (length field and JSON header) and its size, by HTTP range requests: one of
     100 kB, and a second one for a longer header (as huggingface_hub's `parse_safetensors_file_metadata`)."""
     from huggingface_hub import constants, get_session, hf_hub_url
@@ -281,7 +281,7 @@ def _hub_header(repo_id: str, revision: str, name: str) -> tuple[bytes, int]:
     return head[:8 + n], size
 
 
-def _hub_download(repo_id: str, name: str, revision: str) -> str:
+def hub_download(repo_id: str, name: str, revision: str) -> str:
     """Download one file into the huggingface_hub cache; its path in the snapshot folder."""
     from huggingface_hub import hf_hub_download
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputError
+from ..errors import OutputError
 
 LOCK_NAME = ".ailora.lock"
 JOURNAL_NAME = ".ailora-progress.json"

@@ -26,7 +26,7 @@ from blake3 import blake3
 
 from . import background
 from .background import io_pool
-from .errors import AiloraError
+from ..errors import AiloraError
 from .tensorio import read_header
 
 PLAIN, TENSORWISE = "blake3", "blake3-tensors"
