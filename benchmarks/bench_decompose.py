@@ -101,8 +101,9 @@ def table(results: dict[str, list[dict]]) -> list[str]:
     for k, v in results.items():
         rss = max(r["rss"] for r in v) / 2**20
         gpu = max((r["gpu"] or 0) for r in v) / 2**20
+        vs = [f"{base / med[k]:.2f}" if base else "" for base in (full, niter)]  # blank where --only left PEFT out
         lines.append(f"| {k} | {med[k]:.2f} | {min(r['seconds'] for r in v):.2f} | {rss:.0f} | "
-                     f"{gpu:.0f} | {med[k] / copy:.2f} | {full / med[k]:.2f} | {niter / med[k]:.2f} |")
+                     f"{gpu:.0f} | {med[k] / copy:.2f} | {vs[0]} | {vs[1]} |")
     return lines
 
 

@@ -5,6 +5,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -98,4 +99,24 @@ def expected_digest(path: Path) -> str:
     cuts += [(at, len(data))] if at < len(data) else []
     parts = b"".join(blake3(data[b:e]).digest() for b, e in cuts)
     return "blake3-tensors:" + blake3(parts + len(data).to_bytes(8, "little")).hexdigest()
+
+
+@contextlib.contextmanager
+def killed_at_update(monkeypatch, n: int):
+    """The n-th optimizer update (AdamW.step) raises KeyboardInterrupt, as if the run were killed just before it;
+    the block must end that way."""
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
 

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 from matplotlib.image import imread
 
@@ -13,6 +12,7 @@ from ailora_tools.comparison import steps_to_reach, trailing_mean
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import OutputError, TargetError, UnsupportedError
 from ailora_tools.verify import verify
+from conftest import killed_at_update
 
 RANK = 4
 #: the settings every comparison here shares (a few steps on the demo model)
@@ -84,18 +84,8 @@ def test_interrupted_comparison_resumes_without_redoing_finished_runs(setup, str
     args = (setup / "base", data_file("demo_train.jsonl"), tmp_path / "c")
     opts = dict(OPTS, eval_data=setup / "eval.jsonl", methods=["lora", "ailora"], smooth=2, save_every=3,
                 progress=False)
-    real_step, steps = torch.optim.AdamW.step, {"n": 0}
-
-    def dies_at_step_11(self, *a, **k):  # lora takes steps 1-6; ailora dies at its 5th, after its checkpoint at 3
-        steps["n"] += 1
-        if steps["n"] == 11:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dies_at_step_11)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_update(monkeypatch, 11):  # lora takes steps 1-6; ailora dies at its 5th, after its checkpoint at 3
         compare(*args, **opts)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     lora_adapter = tmp_path / "c" / "lora" / "trained" / "adapter_model.safetensors"
     before = lora_adapter.stat().st_mtime_ns
     calls = []

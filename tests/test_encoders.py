@@ -22,6 +22,7 @@ from ailora_tools.hub import model_card
 from ailora_tools.model_names import match
 from ailora_tools.peft_format import read_adapter, write_adapter
 from ailora_tools.verify import verify
+from conftest import killed_at_update
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "roberta-large.toml"
 POSITIVE, NEGATIVE = ["good", "great", "fine", "nice", "love"], ["bad", "awful", "poor", "hate", "terrible"]
@@ -344,18 +345,8 @@ def test_classification_resume_continues_as_if_uninterrupted(bare_decomposed, tm
     args = (bare_decomposed / "residual", bare_decomposed / "adapter", data)
     opts = dict(task="sequence-classification", max_steps=10, lr=5e-3, batch_size=8, save_every=5, progress=False)
     train(*args, tmp_path / "straight", **opts)
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def interrupted(self, *a, **k):  # the 7th update never happens: as if killed after step 6
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_update(monkeypatch, 7):  # the 7th update never happens: as if killed after step 6
         train(*args, tmp_path / "resumed", **opts)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     checkpoint = read_adapter(tmp_path / "resumed" / "checkpoints" / "step-0000005")
     assert set(checkpoint.extra) == {"classifier.weight", "classifier.bias"}  # the head is in the checkpoint
     train(*args, tmp_path / "resumed", resume=True, **opts)

@@ -14,6 +14,7 @@ from ailora_tools.progressive import (
     Progressive, parts, stage_bounds, stage_of, trainable_blocks, updated_fraction,
 )
 from ailora_tools.train import train
+from conftest import killed_at_update
 
 # ---- the schedule (pure functions) ----------------------------------------------------------------------
 
@@ -158,18 +159,8 @@ def test_stage_survives_resume(decomposed, tmp_path, monkeypatch):
     opts = dict(max_steps=12, lr=5e-3, batch_size=8, warmup=2, save_every=3, progressive=3, progress=False)
     train(*args, tmp_path / "straight", **opts)
 
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def interrupted(self, *a, **k):  # killed during step 7 (stage 2); the last checkpoint is step 6
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_update(monkeypatch, 7):  # killed during step 7 (stage 2); the last checkpoint is step 6
         train(*args, tmp_path / "resumed", **opts)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     with pytest.raises(OutputError, match="progressive"):  # another schedule cannot continue this run
         train(*args, tmp_path / "resumed", resume=True, **{**opts, "progressive": 2})
     train(*args, tmp_path / "resumed", resume=True, **opts)

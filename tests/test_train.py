@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from ailora_tools import decompose
@@ -13,6 +12,7 @@ from ailora_tools.data import IGNORE, load_jsonl
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import FormatError
 from ailora_tools.train import train
+from conftest import killed_at_update
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
 
@@ -77,18 +77,8 @@ def test_resume_continues_as_if_uninterrupted(decomposed, tmp_path, monkeypatch)
                 eval_data=data_file("demo_eval.jsonl"))
     straight = train(*args, tmp_path / "straight", **opts)
 
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def interrupted(self, *a, **k):  # the 7th update never happens: as if killed after step 6
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_update(monkeypatch, 7):  # the 7th update never happens: as if killed after step 6
         train(*args, tmp_path / "resumed", **opts)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert not (tmp_path / "resumed" / "ailora-train.json").exists()
     resumed = train(*args, tmp_path / "resumed", resume=True, **opts)  # restarts from the step-5 checkpoint
     assert resumed["eval_loss_start"] == straight["eval_loss_start"]  # the first run's, not step 5's
