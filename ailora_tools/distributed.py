@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable, TypeVar
 
-from .errors import AiloraError
+from .errors import AiloraError, RankError
 
 T = TypeVar("T")
 #: how long one rank waits for another: rank 0 may copy for a long time before it takes a rank's first result
@@ -45,10 +45,6 @@ def use_local_gpu(device: str) -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-
-
-class RankError(AiloraError):
-    """Another rank failed while computing its share."""
 
 
 @dataclass

@@ -35,3 +35,7 @@ class OptionError(AiloraError, ValueError):
 
 class HubError(AiloraError, ConnectionError):
     """The Hugging Face Hub could not be reached, or refused a request."""
+
+
+class RankError(AiloraError):
+    """Another rank of a torchrun launch failed while computing its share."""
