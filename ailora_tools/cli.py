@@ -115,17 +115,23 @@ def main(debug: bool) -> None:
     initial adapter, train it, convert it to a standard LoRA, merge, export and publish."""
 
 
-def _rewrite_options(fn):
-    """The options every command that rewrites a checkpoint shares."""
+def _output_options(fn):
+    """--overwrite, --json and --quiet: what every command that writes an output directory takes."""
     for option in reversed([
-        click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True))."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory."),
-        click.option("--resume", is_flag=True, help="Finish an interrupted run in the same output directory."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
     ]):
         fn = option(fn)
     return fn
+
+
+def _rewrite_options(fn):
+    """The options every command that rewrites a checkpoint shares."""
+    fn = _output_options(fn)
+    fn = click.option("--resume", is_flag=True, help="Finish an interrupted run in the same output directory.")(fn)
+    return click.option("--allow-pickle", is_flag=True,
+                        help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")(fn)
 
 
 def _roles(_ctx, _param, values) -> dict[str, str]:
@@ -286,9 +292,7 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 @click.option("--task", type=click.Choice(["auto", "causal-lm", "masked-lm", "sequence-classification"]), default="auto",
               help="What to train for; auto: what the base was saved for (its config's architectures; a bare encoder: masked-lm).")
 @click.option("--num-labels", type=int, default=None, help="Classes of a new classification head (default: from the labels).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_output_options
 @_fail_cleanly
 def train(base, adapter, data, out, eval_data, epochs, max_steps, lr, batch_size, grad_accum, max_length, warmup,
           scheduler, seed, save_every, eval_every, resume, device, dtype, tokenizer, progressive, adapter_base,
@@ -432,9 +436,7 @@ def push(directory, repo_id, private, revision, commit_message, dry_run, as_json
 @click.option("--device", default="auto", help="Where the eigenvalues are computed: auto, cpu, cuda, cuda:N.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_output_options
 @_fail_cleanly
 def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, revision, allow_pickle, overwrite,
              as_json, quiet):
@@ -487,9 +489,7 @@ def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, r
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", help="auto: bfloat16 autocast on CUDA, float32 on CPU.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
 @click.option("--resume", is_flag=True, help="Finish an interrupted comparison: finished runs are kept, the interrupted one continues.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_output_options
 @_fail_cleanly
 def compare(model, data, out, eval_data, methods, progressive, target_loss, smooth, rank, alpha, rslora, targets, roles,
             svd, niter, oversample, seed, device, max_steps, epochs, lr, batch_size, grad_accum, max_length, warmup,

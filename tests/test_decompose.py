@@ -140,6 +140,17 @@ def test_randomized_runs_with_one_seed_are_byte_identical(tiny, tmp_path):
     assert other[adapter] != first[adapter]
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # float32 weights; GPT-2's stored transposed
+def test_no_residual_gives_the_residual_runs_factors(tiny, tmp_path, kind):
+    """--no-residual computes each matrix's factors as the residual run does (same working copy and dtype)."""
+    targets = ["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj"]
+    decompose(tiny(kind), tmp_path / "res", method="pissa", rank=4, targets=targets, progress=False)
+    decompose(tiny(kind), tmp_path / "orig", method="pissa", rank=4, targets=targets, no_residual=True, progress=False)
+    res, orig = (read_adapter(tmp_path / d / "adapter").factors for d in ("res", "orig"))
+    assert res.keys() == orig.keys() and res
+    assert all(torch.equal(a, b) for m in res for a, b in zip(res[m], orig[m]))
+
+
 def test_fused_qkv_with_ailora_says_why(tiny, tmp_path):
     src = tiny("gpt2")
     with pytest.raises(UnsupportedError, match=r"c_attn is a fused projection holding Q, K and V.*--method pissa"):

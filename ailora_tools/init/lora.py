@@ -13,9 +13,6 @@ class LoRA(InitMethod):
     offsets_base = False
     needs_weights = False
 
-    def role_of(self, target, name, arch):
-        return None
-
     def factors(self, job, W, settings, *, context=None, generator=None):
         import torch
 

@@ -19,9 +19,6 @@ class LoRADA(InitMethod):
     needs_data = True
     needs_weights = False
 
-    def role_of(self, target, name, arch):
-        return None
-
     def prepare(self, ckpt, jobs, settings, *, data=None, samples: int = 64, max_length: int = 512,
                 device: str = "auto", progress: bool = True, **_):
         from ..calibration import calibrate, require_transformers

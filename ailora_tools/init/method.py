@@ -65,8 +65,9 @@ class InitMethod:
     needs_weights: bool = True
 
     def role_of(self, target: str, name: str, arch: Architecture) -> str | None:
-        """The role of a requested target (`name`: what it is called in this architecture)."""
-        raise NotImplementedError
+        """The role of a requested target (`name`: what it is called in this architecture); None: no role (the
+        default, for methods that do not split the spectrum; with `needs_roles` that target is refused)."""
+        return None
 
     def prepare(self, ckpt: Checkpoint, jobs: list[Job], settings: Settings, **options) -> Any:
         """Work done once before any factor (e.g. calibration); its result is passed to `factors`."""
