@@ -199,7 +199,7 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
     if model is None:
         raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= in --config")
     _prehash(model, revision)
-    from .decomposition import decompose as run
+    from .decomposition.pipeline import decompose as run
 
     summary = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora,
                   targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd,
@@ -223,7 +223,7 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
 @_fail_cleanly
 def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, as_json):
     """Convert a trained adapter into a standard LoRA on the ORIGINAL base (rank 2r, or --max-rank)."""
-    from .conversion import convert as run
+    from .adapters.conversion import convert as run
 
     summary = run(trained, out, initial=initial, max_rank=max_rank, tolerance=tolerance, dtype=dtype, base=base,
                   overwrite=overwrite)
@@ -249,7 +249,7 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 
     Under torchrun (as for decompose) rank 0 merges alone: a merged matrix costs less than sending it."""
     _prehash(base, revision)
-    from .merging import merge as run
+    from .adapters.merging import merge as run
 
     summary = run(base, adapter, out, dtype=dtype, revision=revision, allow_pickle=allow_pickle, overwrite=overwrite,
                   resume=resume, progress=_progress(quiet or as_json))
@@ -299,7 +299,7 @@ def train(base, adapter, data, out, eval_data, epochs, max_steps, lr, batch_size
           task, num_labels, overwrite, as_json, quiet):
     """Train the adapter on its frozen base (the residual, or the original model for --no-residual adapters);
     only the LoRA factors learn (and a classification head)."""
-    from .train import train as run
+    from .training.trainer import train as run
 
     summary = run(base, adapter, data, out, eval_data=eval_data, epochs=epochs, max_steps=max_steps, lr=lr,
                   batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
@@ -367,7 +367,7 @@ def verify(out, no_reconstruction, as_json):
 @_fail_cleanly
 def export_gguf(lora, base, out, outtype, overwrite, as_json):
     """Export LORA (a PEFT LoRA on the original base) as a llama.cpp LoRA adapter GGUF."""
-    from .gguf_export import export_gguf as run
+    from .adapters.gguf_export import export_gguf as run
 
     summary = run(lora, base, out, outtype=outtype, overwrite=overwrite)
     _print_summary({k: v for k, v in summary.items() if k != "types"}, as_json, f"wrote {summary['output']}")
@@ -385,7 +385,7 @@ def check(lora, target, max_lora_rank, base, as_json):
     --for peft really loads the adapter with PEFT onto the base's architecture (no weights read)."""
     from dataclasses import asdict
 
-    from .check import check_adapter
+    from .adapters.check import check_adapter
 
     findings = check_adapter(lora, target=target, max_lora_rank=max_lora_rank, base=base)
     if as_json:
@@ -409,7 +409,7 @@ def check(lora, target, max_lora_rank, base, as_json):
 @_fail_cleanly
 def push(directory, repo_id, private, revision, commit_message, dry_run, as_json):
     """Upload DIRECTORY to the Hub (token from HF_TOKEN or the HF cache; never printed), with a model card."""
-    from .hub import push as run
+    from .adapters.hub import push as run
 
     summary = run(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
                   dry_run=dry_run)
@@ -442,7 +442,7 @@ def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, r
              as_json, quiet):
     """Singular-value spectra of MODEL's target matrices per layer (W^Q vs W^V), streamed one matrix at a time;
     with --adapter, the size of the trained update per layer."""
-    from .spectra import spectrum as run
+    from .analysis.spectra import spectrum as run
 
     summary = run(model, out, targets=[t.strip() for t in targets.split(",") if t.strip()], rank=rank,
                   adapter=adapter, initial=initial, plot_layers=plot_layers, device=device, revision=revision,
@@ -496,7 +496,7 @@ def compare(model, data, out, eval_data, methods, progressive, target_loss, smoo
             scheduler, eval_every, save_every, dtype, revision, resume, overwrite, as_json, quiet):
     """Compare init methods on MODEL with the same data, steps and seed (decompose + train per method): a table of
     losses, steps to a target loss, time and trainable parameters, and loss-curve plots."""
-    from .comparison import compare as run
+    from .analysis.comparison import compare as run
 
     summary = run(model, data, out, eval_data=eval_data, progressive=progressive, target_loss=target_loss,
                   methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],

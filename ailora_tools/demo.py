@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from .console import quiet_libraries
-from .conversion import convert
-from .decomposition import decompose
+from .adapters.conversion import convert
+from .decomposition.pipeline import decompose
 from .errors import AiloraError, OutputError
-from .merging import merge
-from .train import train
+from .adapters.merging import merge
+from .training.trainer import train
 
 MARKER = "demo.json"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import InputNotFoundError
 from .io.output import JOURNAL_NAME
-from .peft_format import read_adapter
+from .io.peft_adapter import read_adapter
 from .io.hashing import file_digest
 from .io.tensorio import read_header, read_tensor
 

@@ -38,8 +38,8 @@ def child(kind: str, model: str, work: Path, batch_size: int, device: str) -> No
     import torch
     from safetensors.torch import save_file
 
-    from ailora_tools.calibration import calibrate
-    from ailora_tools.data import Example
+    from ailora_tools.init.lora_da.calibration import calibrate
+    from ailora_tools.io.examples import Example
     from calibration_reference import reference_statistics
 
     data = json.loads((work / "data.json").read_text())
@@ -121,7 +121,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from bench_decompose import describe_machine
 
-    from ailora_tools.calibration import memory_bound
+    from ailora_tools.init.lora_da.calibration import memory_bound
 
     lines = [f"# LoRA-DA calibration benchmark, {datetime.date.today()}", "",
              f"Command: `python benchmarks/bench_calibration.py {' '.join(sys.argv[1:])}`", "",
@@ -129,7 +129,7 @@ def main() -> None:
              f"- {args.samples} samples × {args.tokens} tokens (the first {args.tokens // 4} a prompt without loss), "
              "targets q_proj and v_proj of every layer, bfloat16 checkpoint and compute, "
              f"{args.rounds} round(s), each workload its own process (`sync` before each, untimed)",
-             "- engine: `ailora_tools.calibration.calibrate`, one decoder layer at a time; reference: "
+             "- engine: `ailora_tools.init.lora_da.calibration.calibrate`, one decoder layer at a time; reference: "
              "`benchmarks/calibration_reference.py`, the whole model with hooks, one sample at a time (the authors' way)",
              "- difference: largest |engine − reference| / largest |reference| of G / of Z, over layer 0's q_proj "
              "and the last layer's v_proj (bfloat16 compute: the reference's G is the model's bfloat16 .grad, ours "

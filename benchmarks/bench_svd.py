@@ -26,7 +26,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from synthetic import spiked  # noqa: E402
 
-from ailora_tools.svd import generator_for, triplets  # noqa: E402
+from ailora_tools.init.svd import generator_for, triplets  # noqa: E402
 
 
 def _svd(W, r, largest, dtype):

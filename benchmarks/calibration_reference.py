@@ -1,6 +1,6 @@
 """LoRA-DA statistics from the whole model with hooks, as the authors' code collects them.
 
-The reference for `ailora_tools.calibration`: tests/test_calibration.py checks the layer-wise engine
+The reference for `ailora_tools.init.lora_da.calibration`: tests/test_calibration.py checks the layer-wise engine
 against it, and bench_calibration.py times both. The whole model is loaded; each sample runs alone
 (the authors' batch size 1); Z and E[g²] come from hooks on each target module over the token mask
 (each module its own Z, nothing shared), G from the weights' `.grad` summed over samples; the loss is

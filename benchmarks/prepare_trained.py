@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ailora_tools.peft_format import read_adapter, write_adapter
+from ailora_tools.io.peft_adapter import read_adapter, write_adapter
 
 initial, out = Path(sys.argv[1]), Path(sys.argv[2])
 adapter = read_adapter(initial)

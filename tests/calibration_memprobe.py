@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ailora_tools.calibration import calibrate
-from ailora_tools.data import Example
+from ailora_tools.init.lora_da.calibration import calibrate
+from ailora_tools.io.examples import Example
 from memprobe import status  # this folder is on sys.path when run as a script
 
 if __name__ == "__main__":

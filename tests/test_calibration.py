@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from ailora_tools.calibration import calibrate, memory_bound
-from ailora_tools.data import IGNORE, Example
+from ailora_tools.init.lora_da.calibration import calibrate, memory_bound
+from ailora_tools.io.examples import IGNORE, Example
 from ailora_tools.errors import AiloraError, FormatError, TargetError, UnsupportedError
 
 from calibration_reference import reference_statistics

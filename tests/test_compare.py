@@ -5,10 +5,11 @@ import pytest
 from click.testing import CliRunner
 from matplotlib.image import imread
 
-from ailora_tools import compare, decomposition
-from ailora_tools import train as train_module
+from ailora_tools import compare
+from ailora_tools.decomposition import pipeline as decomposition
+from ailora_tools.training import trainer as train_module
 from ailora_tools.cli import main
-from ailora_tools.comparison import steps_to_reach, trailing_mean
+from ailora_tools.analysis.comparison import steps_to_reach, trailing_mean
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import OutputError, TargetError, UnsupportedError
 from ailora_tools.verify import verify

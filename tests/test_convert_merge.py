@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from ailora_tools import convert, decompose, merge
 from ailora_tools.cli import main
 from ailora_tools.errors import AiloraError, NumericsError, TargetError
-from ailora_tools.peft_format import read_adapter, write_adapter
+from ailora_tools.io.peft_adapter import read_adapter, write_adapter
 
 from conftest import load, logits
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from ailora_tools import decompose
 from ailora_tools.errors import TargetError, UnsupportedError
-from ailora_tools.peft_format import read_adapter
+from ailora_tools.io.peft_adapter import read_adapter
 from ailora_tools.io.tensorio import read_header
 
 from conftest import expected_digest, load, logits

@@ -18,9 +18,9 @@ from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForSequenceC
 from ailora_tools.cli import main
 from ailora_tools.demo import build_tiny_model
 from ailora_tools.errors import FormatError
-from ailora_tools.hub import model_card
-from ailora_tools.model_names import match
-from ailora_tools.peft_format import read_adapter, write_adapter
+from ailora_tools.adapters.hub import model_card
+from ailora_tools.architectures import match
+from ailora_tools.io.peft_adapter import read_adapter, write_adapter
 from ailora_tools.verify import verify
 from conftest import killed_at_update
 
@@ -313,7 +313,7 @@ def test_training_starts_from_the_decomposed_factors(encoder, tmp_path, kind, ta
     """The model train builds is residual + A0, B0 under the class's names, so its encoder computes what the
     original's does (PEFT's own loading would leave a bare checkpoint's factors out, with only a warning, and start
     from B = 0 on the residual)."""
-    from ailora_tools.tasks import TASKS, load_model
+    from ailora_tools.training.tasks import TASKS, load_model
 
     src = encoder(kind)
     dec = decompose(src, tmp_path / "dec")
@@ -339,7 +339,7 @@ def test_training_starts_from_the_decomposed_factors(encoder, tmp_path, kind, ta
 
 def test_classification_resume_continues_as_if_uninterrupted(bare_decomposed, tmp_path, monkeypatch):
     """Checkpoints hold the head too: a run killed after step 6 and resumed from step 5 ends byte-identical."""
-    from ailora_tools.train import train
+    from ailora_tools.training.trainer import train
 
     data = sst2(tmp_path / "t.jsonl", 32, seed=1)
     args = (bare_decomposed / "residual", bare_decomposed / "adapter", data)
@@ -463,7 +463,7 @@ def test_masked_lm_needs_a_checkpoint_with_its_head(bare_decomposed, tmp_path):
 
 def test_check_rows_knows_the_task(tmp_path):
     """train checks rows before any model loads, by the task's shapes: labeled rows pass for classification only."""
-    from ailora_tools.data import check_rows
+    from ailora_tools.io.examples import check_rows
 
     labeled, pairs = tmp_path / "l.jsonl", tmp_path / "p.jsonl"
     labeled.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(3)))
@@ -484,7 +484,7 @@ def test_check_rows_knows_the_task(tmp_path):
 def test_masked_lm_rows_may_carry_other_keys(encoder, tmp_path):
     """As causal-LM rows may: {"text", "id"} rows pass the check and are masked exactly as {"text"} rows are; a row
     without "text" is still refused with its line number."""
-    from ailora_tools.data import check_rows, load_masked_jsonl
+    from ailora_tools.io.examples import check_rows, load_masked_jsonl
 
     plain, extra = texts(tmp_path / "plain.jsonl", 8, seed=3), tmp_path / "extra.jsonl"
     rows = [json.loads(line) for line in plain.read_text().splitlines()]

@@ -6,10 +6,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from ailora_tools.calibration import calibrate
-from ailora_tools.data import IGNORE, Example
+from ailora_tools.init.lora_da.calibration import calibrate
+from ailora_tools.io.examples import IGNORE, Example
 from ailora_tools.errors import NumericsError
-from ailora_tools.lora_da import factor_input, lora_da_factors
+from ailora_tools.init.lora_da.maths import factor_input, lora_da_factors
 
 from conftest import load, logits
 

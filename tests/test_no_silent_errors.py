@@ -16,8 +16,8 @@ from safetensors import safe_open
 from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.cli import main
 from ailora_tools.errors import TargetError
-from ailora_tools.peft_format import read_adapter, write_adapter
-from ailora_tools.provenance import check_base
+from ailora_tools.io.peft_adapter import read_adapter, write_adapter
+from ailora_tools.manifests import check_base
 from conftest import build_model
 
 ROOT = Path(__file__).parent.parent
@@ -246,7 +246,7 @@ def test_invalid_numbers_are_refused(work, tmp_path, case, scale):
 def test_data_errors_come_before_the_model_loads(work, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txet": "typo"}\n')
-    code = ("import sys\nfrom ailora_tools.train import train\ntry:\n"
+    code = ("import sys\nfrom ailora_tools.training.trainer import train\ntry:\n"
             f"    train({str(work['dec'] / 'residual')!r}, {str(work['dec'] / 'adapter')!r}, {str(bad)!r}, 'o')\n"
             "except Exception as e:\n    print(e, 'peft' in sys.modules, 'transformers' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

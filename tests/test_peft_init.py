@@ -9,10 +9,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments
 
 from ailora_tools import convert, decompose, get_ailora_model
-from ailora_tools.data import collate, load_jsonl
+from ailora_tools.io.examples import collate, load_jsonl
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import NumericsError, OptionError, UnsupportedError
-from ailora_tools.peft_format import read_adapter
+from ailora_tools.io.peft_adapter import read_adapter
 
 from conftest import logits, make_config
 

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from gguf import GGUFReader
 
 from ailora_tools import convert, decompose
-from ailora_tools.check import check_adapter
+from ailora_tools.adapters.check import check_adapter
 from ailora_tools.cli import main
-from ailora_tools.gguf_export import export_gguf, permute_rows
-from ailora_tools.peft_format import read_adapter, write_adapter
+from ailora_tools.adapters.gguf_export import export_gguf, permute_rows
+from ailora_tools.io.peft_adapter import read_adapter, write_adapter
 from ailora_tools.io.tensorio import read_header, read_tensor
 
 from test_convert_merge import fake_training
@@ -182,7 +182,7 @@ def test_push_records_calls_card_and_hides_token(converted, monkeypatch):
     kind, src, tmp = converted
     secret = "hf_SECRET_TOKEN_123"
     monkeypatch.setenv("HF_TOKEN", secret)
-    monkeypatch.setattr("ailora_tools.hub.HfApi", Recorder)
+    monkeypatch.setattr("ailora_tools.adapters.hub.HfApi", Recorder)
     Recorder.calls = []
     dry = CliRunner().invoke(main, ["push", str(tmp / "lora"), "--repo-id", "me/tiny-ailora", "--dry-run"])
     assert dry.exit_code == 0 and Recorder.calls == [] and not (tmp / "lora" / "README.md").exists()

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ailora_tools import svd
-from ailora_tools.svd import generator_for, triplets
+from ailora_tools.init import svd
+from ailora_tools.init.svd import generator_for, triplets
 
 from synthetic import spiked
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from ailora_tools import decompose
-from ailora_tools.data import collate, load_jsonl
+from ailora_tools.io.examples import collate, load_jsonl
 from ailora_tools.demo import data_file
 from ailora_tools.errors import InputNotFoundError, UnsupportedError
-from ailora_tools.tokenizer import load_tokenizer
-from ailora_tools.train import train
+from ailora_tools.io.tokenizer import load_tokenizer
+from ailora_tools.training.trainer import train
 
 
 @pytest.fixture(scope="module")

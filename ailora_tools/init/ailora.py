@@ -2,7 +2,7 @@
 
 Any other target needs a role from --role; fused QKV matrices cannot take two roles (targets.assign_roles).
 """
-from ..targets import MINOR, PRINCIPAL
+from .targets import MINOR, PRINCIPAL
 from .method import InitMethod
 
 

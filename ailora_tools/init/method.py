@@ -12,13 +12,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..targets import MINOR, PRINCIPAL, Architecture
+from .targets import MINOR, PRINCIPAL, Architecture
 
 if TYPE_CHECKING:  # torch loads on first use, so that decompose can start copying while it loads
     import torch
 
     from ..io.checkpoint import Checkpoint
-    from ..svd import Triplets
+    from .svd import Triplets
     from ..io.tensorio import TensorInfo
 
 
@@ -86,7 +86,7 @@ def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
 
 def svd_factors(W: torch.Tensor, role: str, settings: Settings, *, generator=None):
     """Factors from W's principal or minor singular triplets, with the spectrum facts the manifest records."""
-    from ..svd import triplets
+    from .svd import triplets
 
     t = triplets(W, settings.rank, role, mode=settings.svd, niter=settings.niter, oversample=settings.oversample,
                  generator=generator)

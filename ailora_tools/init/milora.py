@@ -1,5 +1,5 @@
 """MiLoRA (arXiv 2406.09044): every target starts from its minor singular components."""
-from ..targets import MINOR
+from .targets import MINOR
 from .method import InitMethod
 
 

@@ -1,5 +1,5 @@
 """PiSSA (arXiv 2404.02948): every target starts from its principal singular components."""
-from ..targets import PRINCIPAL
+from .targets import PRINCIPAL
 from .method import InitMethod
 
 

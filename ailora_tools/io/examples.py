@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
-from .errors import FormatError, InputNotFoundError
+from ..errors import FormatError, InputNotFoundError
 
 if TYPE_CHECKING:
     import torch

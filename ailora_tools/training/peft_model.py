@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from .errors import NumericsError, UnsupportedError
-from .options import at_least, choice, positive
-from .init import Job, Settings, get_method, lora_scale
-from .targets import architecture, assign_roles, is_transposed, matches
+from ..errors import NumericsError, UnsupportedError
+from ..options import at_least, choice, positive
+from ..init import Job, Settings, get_method, lora_scale
+from ..init.targets import architecture, assign_roles, is_transposed, matches
 
 if TYPE_CHECKING:
     import torch
@@ -62,8 +62,8 @@ def get_ailora_model(
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
-    from .peft_format import task_type
-    from .svd import resolve_device
+    from ..io.peft_adapter import task_type
+    from ..devices import resolve_device
 
     init = get_method(method)
     choice("svd", svd, ("exact", "randomized"))
@@ -106,9 +106,9 @@ def get_ailora_model(
 
 def _initialise(W: torch.Tensor, init, module: str, role: str | None, transposed: bool, params, device):
     """(A0, B0, residual as stored or None) for one target, with decompose's own code and per-module seed."""
-    from .residual import residual_target
-    from .svd import generator_for
-    from .io.tensorio import TensorInfo
+    from ..decomposition.residual import residual_target
+    from ..init.svd import generator_for
+    from ..io.tensorio import TensorInfo
 
     job = Job(module, TensorInfo(f"{module}.weight", "the model in memory", _stored_dtype(W), tuple(W.shape), 0, 0),
               role, transposed)
@@ -141,6 +141,6 @@ def _check_weights(model, weights: dict[str, torch.Tensor], role_of: dict[str, s
 
 def _stored_dtype(W: torch.Tensor) -> str | None:
     """W's safetensors dtype name among the float types decompose handles ("F32", "BF16", ...), else None."""
-    from .io.tensorio import DTYPES, FLOAT_DTYPES
+    from ..io.tensorio import DTYPES, FLOAT_DTYPES
 
     return next((k for k in FLOAT_DTYPES if DTYPES[k][0] == str(W.dtype).removeprefix("torch.")), None)

@@ -14,17 +14,17 @@ import os
 import time
 from pathlib import Path
 
-from . import __version__
-from .io.checkpoint import Checkpoint
-from .distributed import Sharing, is_worker, use_local_gpu, work
-from .errors import NumericsError, OptionError, UnsupportedError
-from .init import InitMethod, Job, Settings, get_method, lora_scale
-from .options import at_least, choice, positive
-from .io.output import OutputDir
-from .io.rewrite import Hashes, Replaced, pending, rewrite_checkpoint
-from .targets import architecture, assign_roles, is_transposed, linear_modules
-from .provenance import DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, sample, stored_sample
-from .io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor, tensor_bytes
+from .. import __version__
+from ..io.checkpoint import Checkpoint
+from ..distributed import Sharing, is_worker, use_local_gpu, work
+from ..errors import NumericsError, OptionError, UnsupportedError
+from ..init import InitMethod, Job, Settings, get_method, lora_scale
+from ..options import at_least, choice, positive
+from ..io.output import OutputDir
+from ..io.rewrite import Hashes, Replaced, pending, rewrite_checkpoint
+from ..init.targets import architecture, assign_roles, is_transposed, linear_modules
+from ..manifests import DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, sample, stored_sample
+from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor, tensor_bytes
 
 MANIFEST_NAME = DECOMPOSE_MANIFEST
 RESIDUAL_DIR, ADAPTER_DIR = "residual", "adapter"
@@ -93,14 +93,14 @@ def decompose(
     if data is not None and not init.needs_data:
         raise OptionError(f"--data: --method {method} does not use data (only lora-da does); drop --data")
     if data is not None:
-        from .data import check_rows
+        from ..io.examples import check_rows
 
         check_rows(data, flag="--data")
     if no_residual and residual_dtype is not None:
         raise OptionError("--residual-dtype: --no-residual writes no residual; drop one of the two")
     alpha = float(rank if alpha is None else alpha)
     if device not in ("auto", "cpu"):  # a CUDA device is checked now (this loads torch); auto and cpu cannot fail
-        from .svd import resolve_device
+        from ..devices import resolve_device
 
         resolve_device(device)
     use_local_gpu(device)
@@ -115,7 +115,7 @@ def decompose(
         "adapter_base": RESIDUAL if init.offsets_base and not no_residual else ORIGINAL,
     }
     if data is not None:
-        from .io.hashing import file_digest
+        from ..io.hashing import file_digest
 
         settings["data"] = {"path": str(Path(data).absolute()), "digest": file_digest(data), "samples": samples,
                             "max_length": max_length}
@@ -136,7 +136,7 @@ def decompose(
                 hashes.add("source", name, p)
             results, ran_on = _factors_only(ckpt, jobs, init, params, context, device, progress)
             base = ckpt.name_or_path
-        from .peft_format import lora_config, task_type, write_adapter
+        from ..io.peft_adapter import lora_config, task_type, write_adapter
 
         config = lora_config(rank=rank, alpha=alpha, targets=[j.module.rsplit(".", 1)[-1] for j in jobs],
                              rslora=rslora, base=base, task_type=task_type(ckpt.config),
@@ -193,7 +193,7 @@ def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, 
 
     def compute(info: TensorInfo, W) -> Replaced:
         from .residual import initial_factors, residual_of, working_copy  # torch loads here, while shards copy
-        from .svd import resolve_device
+        from ..devices import resolve_device
 
         if not ran_on:  # "auto" is resolved once torch has loaded
             ran_on.append(resolve_device(device))
@@ -221,7 +221,7 @@ def _factors_only(ckpt, jobs, init, params, context, device, progress):
     by its byte range; no shard is copied, so the cost is the SVDs, whatever the checkpoint's size."""
     from tqdm.auto import tqdm
 
-    from .svd import resolve_device
+    from ..devices import resolve_device
 
     dev = resolve_device(device)
     sharing = Sharing.start({j.tensor.name: work(j.tensor.shape) for j in jobs})
@@ -244,13 +244,13 @@ def _factors(ckpt, job: Job, init, params, context, dev):
 
 def _serve(ckpt, jobs, init, params, context, device) -> int:
     """Ranks ≥ 1 of a torchrun launch: compute the factors of this rank's share of rank 0's jobs; return how many."""
-    from .svd import resolve_device
+    from ..devices import resolve_device
 
     dev, by_tensor = resolve_device(device), {j.tensor.name: j for j in jobs}
     return Sharing.start(None).serve(lambda name: _factors(ckpt, by_tensor[name], init, params, context, dev))
 
 
 def _resolved(device: str) -> str:
-    from .svd import resolve_device
+    from ..devices import resolve_device
 
     return str(resolve_device(device))

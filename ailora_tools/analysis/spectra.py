@@ -19,13 +19,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import __version__
-from .io.checkpoint import Checkpoint
-from .errors import NumericsError, UnsupportedError
-from .io.hashing import file_digest
-from .io.output import OutputDir
-from .targets import architecture, linear_modules, matches, resolve_targets
-from .io.tensorio import FLOAT_DTYPES
+from .. import __version__
+from ..io.checkpoint import Checkpoint
+from ..errors import NumericsError, UnsupportedError
+from ..io.hashing import file_digest
+from ..io.output import OutputDir
+from ..init.targets import architecture, linear_modules, matches, resolve_targets
+from ..io.tensorio import FLOAT_DTYPES
 
 MANIFEST_NAME = "spectrum.json"
 SPECTRA_NAME = "spectra.safetensors"
@@ -89,8 +89,8 @@ def spectrum(
     import torch
     from safetensors.torch import save_file
 
-    from .svd import resolve_device
-    from .io.tensorio import read_tensor
+    from ..devices import resolve_device
+    from ..io.tensorio import read_tensor
 
     dev = resolve_device(device)
     rows, spectra = [], {}
@@ -169,8 +169,8 @@ def _adapter_deltas(adapter, initial, ckpt) -> dict:
     """{"trained", "initial", "norms": [{"module", "layer", "delta_fro"}]}, with ‖ΔW‖_F from small QR factors."""
     import torch
 
-    from .conversion import TRAIN_MANIFEST, delta_factors, initial_adapter_of
-    from .peft_format import read_adapter
+    from ..adapters.conversion import TRAIN_MANIFEST, delta_factors, initial_adapter_of
+    from ..io.peft_adapter import read_adapter
 
     trained = read_adapter(adapter)
     trained.check_fits(ckpt.tensors, adapter=adapter, base=ckpt.source)

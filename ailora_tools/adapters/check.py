@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputNotFoundError, NumericsError
-from .peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from .provenance import RESIDUAL, base_of
+from ..errors import InputNotFoundError, NumericsError
+from ..io.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from ..manifests import RESIDUAL, base_of
 
 #: linear modules vLLM serves LoRA on for Llama-, Mistral- and Qwen2-style models
 VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
@@ -119,7 +119,7 @@ def _peft_load(d: Path, cfg: dict, base) -> list[Finding]:
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    from .peft_format import model_class
+    from ..io.peft_adapter import model_class
 
     where = Path(base or cfg.get("base_model_name_or_path") or "")
     if not (where / "config.json").is_file():

@@ -21,22 +21,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import __version__
-from .io.checkpoint import Checkpoint
-from .data import check_rows
-from .errors import InputNotFoundError, NumericsError
-from .io.hashing import file_digest
-from .initial_offset import resolve_adapter_base, subtract_initial
-from .model_names import match
-from .options import at_least, choice, positive
-from .io.output import OutputDir
-from .peft_format import Adapter, adapter_of, load_into, read_adapter, write_adapter
+from .. import __version__
+from ..io.checkpoint import Checkpoint
+from ..io.examples import check_rows
+from ..errors import InputNotFoundError, NumericsError
+from ..io.hashing import file_digest
+from .exact_mode import resolve_adapter_base, subtract_initial
+from ..architectures import match
+from ..options import at_least, choice, positive
+from ..io.output import OutputDir
+from ..io.peft_adapter import Adapter, adapter_of, load_into, read_adapter, write_adapter
 from .progressive import Progressive
-from .provenance import TRAIN_MANIFEST, check_base
-from .svd import resolve_device
+from ..manifests import TRAIN_MANIFEST, check_base
+from ..devices import resolve_device
 from .tasks import evaluate as run_eval
 from .tasks import load_data, load_model, resolve_task
-from .tokenizer import load_tokenizer
+from ..io.tokenizer import load_tokenizer
 
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")

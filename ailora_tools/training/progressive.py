@@ -22,7 +22,7 @@ import re
 
 import torch
 
-from .errors import TargetError
+from ..errors import TargetError
 
 _BLOCK = re.compile(r"^(?P<container>.+?)\.(?P<index>\d+)(?:\.|$)")
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import FormatError, InputNotFoundError, UnsupportedError
+from ..errors import FormatError, InputNotFoundError, UnsupportedError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -57,9 +57,9 @@ class Adapter:
             TargetError: a module the base lacks, or a shape that does not fit, naming both sides.
             UnsupportedError: a base weight whose dtype is not a float type.
         """
-        from .errors import TargetError
-        from .model_names import match
-        from .io.tensorio import FLOAT_DTYPES
+        from ..errors import TargetError
+        from ..architectures import match
+        from .tensorio import FLOAT_DTYPES
 
         weights = match(self.factors, {n[: -len(".weight")] for n in tensors if n.endswith(".weight")}, config=config)
         for m, (A, B) in self.factors.items():

@@ -12,7 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .errors import InputNotFoundError, UnsupportedError
+from ..errors import InputNotFoundError, UnsupportedError
 
 #: files any one of which makes a directory a tokenizer for AutoTokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",

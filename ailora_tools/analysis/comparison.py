@@ -15,14 +15,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import __version__
-from .io.checkpoint import Checkpoint
-from .errors import InputNotFoundError, NumericsError, TargetError
-from .io.hashing import file_digest
-from .data import check_rows
-from .init import METHODS
-from .io.output import JOURNAL_NAME, OutputDir
-from .targets import architecture, assign_roles, linear_modules
+from .. import __version__
+from ..io.checkpoint import Checkpoint
+from ..errors import InputNotFoundError, NumericsError, TargetError
+from ..io.hashing import file_digest
+from ..io.examples import check_rows
+from ..init import METHODS
+from ..io.output import JOURNAL_NAME, OutputDir
+from ..init.targets import architecture, assign_roles, linear_modules
 
 MANIFEST_NAME = "compare.json"
 REPORT_NAME = "compare.md"
@@ -73,8 +73,8 @@ def compare(
     Example:
         >>> compare("Qwen/Qwen2.5-0.5B", "train.jsonl", "cmp", eval_data="eval.jsonl", max_steps=300)  # doctest: +SKIP
     """
-    from .decomposition import decompose
-    from .train import CKPT_DIR, train
+    from ..decomposition.pipeline import decompose
+    from ..training.trainer import CKPT_DIR, train
 
     started = time.perf_counter()
     methods = list(methods) if methods is not None else [m for m in DEFAULT_METHODS if m in METHODS]

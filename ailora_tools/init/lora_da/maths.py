@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NumericsError
-from .svd import generator_for, triplets
-from .targets import PRINCIPAL
+from ...errors import NumericsError
+from ..svd import generator_for, triplets
+from ..targets import PRINCIPAL
 
 #: the paper's run (conf/lora_da.yaml): da_bias_alpha, da_variance_beta, stable_gamma, fisher_damping
 ALPHA, BETA, GAMMA, DAMPING = 1.0, 0.03, 1024.0, 1e-6

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from .errors import NumericsError
-from .init import InitMethod, Job, Settings
-from .svd import generator_for
-from .io.tensorio import torch_dtype
+from ..errors import NumericsError
+from ..init import InitMethod, Job, Settings
+from ..init.svd import generator_for
+from ..io.tensorio import torch_dtype
 
 
 def residual_target(

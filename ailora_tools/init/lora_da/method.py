@@ -9,7 +9,7 @@ W + s·B0·A0; `--no-residual` with exact training is the closest to theirs that
 """
 from __future__ import annotations
 
-from .method import InitMethod
+from ..method import InitMethod
 
 
 class LoRADA(InitMethod):
@@ -21,11 +21,11 @@ class LoRADA(InitMethod):
 
     def prepare(self, ckpt, jobs, settings, *, data=None, samples: int = 64, max_length: int = 512,
                 device: str = "auto", progress: bool = True, **_):
-        from ..calibration import calibrate, require_transformers
-        from ..data import check_rows, load_jsonl
-        from ..errors import FormatError
-        from ..lora_da import lora_da_factors
-        from ..tokenizer import load_tokenizer
+        from .calibration import calibrate, require_transformers
+        from ...io.examples import check_rows, load_jsonl
+        from ...errors import FormatError
+        from .maths import lora_da_factors
+        from ...io.tokenizer import load_tokenizer
 
         require_transformers()  # before the data is read
         population = check_rows(data, flag="--data")
@@ -56,8 +56,8 @@ def _factor(z, device, name: str):
     """Z + λI factored, λ from the authors' 1e-6 raised tenfold while Z + λI is not positive definite (a Z of
     low rank, from few distinct calibration tokens, has float32 rounding above 1e-6), up to 1% of Z's mean
     diagonal; the manifest records the λ used."""
-    from ..errors import NumericsError
-    from ..lora_da import DAMPING, factor_input
+    from ...errors import NumericsError
+    from .maths import DAMPING, factor_input
 
     damping, limit = DAMPING, 1e-2 * float(z.diagonal().double().mean())
     while True:
@@ -70,6 +70,6 @@ def _factor(z, device, name: str):
 
 
 def _device(device: str):
-    from ..svd import resolve_device
+    from ...devices import resolve_device
 
     return resolve_device(device)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import TargetError
-from .options import choice
-from .peft_format import Adapter
-from .provenance import DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, base_of
+from ..errors import TargetError
+from ..options import choice
+from ..io.peft_adapter import Adapter
+from ..manifests import DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, base_of
 
 ADAPTER_BASES = (RESIDUAL, ORIGINAL)
 

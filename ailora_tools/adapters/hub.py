@@ -8,8 +8,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .errors import HubError, InputNotFoundError
-from .peft_format import CONFIG_NAME
+from ..errors import HubError, InputNotFoundError
+from ..io.peft_adapter import CONFIG_NAME
 
 CARD_NAME = "README.md"
 #: never uploaded: hidden files (locks, partial files) and training checkpoints

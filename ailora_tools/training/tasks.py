@@ -22,11 +22,11 @@ from typing import Callable
 
 import torch
 
-from .data import (IGNORE, LabeledRow, collate, collate_labeled, load_jsonl, load_masked_jsonl, read_labeled_jsonl,
+from ..io.examples import (IGNORE, LabeledRow, collate, collate_labeled, load_jsonl, load_masked_jsonl, read_labeled_jsonl,
                    tokenize_labeled)
-from .errors import FormatError, TargetError, UnsupportedError
-from .model_names import match
-from .peft_format import load_into, read_adapter
+from ..errors import FormatError, TargetError, UnsupportedError
+from ..architectures import match
+from ..io.peft_adapter import load_into, read_adapter
 
 CLASSIFY = "sequence-classification"
 CHOICES = ("auto", "causal-lm", "masked-lm", CLASSIFY)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import TargetError, UnsupportedError
-from .io.tensorio import TensorInfo
+from ..errors import TargetError, UnsupportedError
+from ..io.tensorio import TensorInfo
 
 PRINCIPAL, MINOR = "principal", "minor"
 ROLES = (PRINCIPAL, MINOR)

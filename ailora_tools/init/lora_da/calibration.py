@@ -77,11 +77,11 @@ try:  # transformers.masking_utils exists since 4.53; the call below needs 5.4 (
 except ImportError:
     create_causal_mask = create_sliding_window_causal_mask = None
 
-from .io.checkpoint import Checkpoint
-from .data import IGNORE, Example
-from .errors import FormatError, TargetError, UnsupportedError
-from .svd import resolve_device
-from .io.tensorio import DTYPE_FLAGS, DTYPES, read_tensor, torch_dtype
+from ...io.checkpoint import Checkpoint
+from ...io.examples import IGNORE, Example
+from ...errors import FormatError, TargetError, UnsupportedError
+from ...devices import resolve_device
+from ...io.tensorio import DTYPE_FLAGS, DTYPES, read_tensor, torch_dtype
 
 #: model_type values whose decoder layers calibrate
 SUPPORTED = ("llama", "mistral", "qwen2")

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputNotFoundError, OutputError, UnsupportedError
-from .peft_format import Adapter, read_adapter
-from .provenance import require_original
+from ..errors import InputNotFoundError, OutputError, UnsupportedError
+from ..io.peft_adapter import Adapter, read_adapter
+from ..manifests import require_original
 
 #: HF model_type -> (gguf architecture name, whether q/k rows are permuted)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 from .check import check_adapter, vllm_max_lora_rank
-from .errors import AiloraError, FormatError, InputNotFoundError, NumericsError
-from .io.hashing import file_digest
-from .model_names import match
-from .options import at_least, choice
-from .io.output import OutputDir
-from .peft_format import Adapter, lora_config, read_adapter, write_adapter
-from .provenance import CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST
-from .io.tensorio import DTYPE_FLAGS, torch_dtype
+from ..errors import AiloraError, FormatError, InputNotFoundError, NumericsError
+from ..io.hashing import file_digest
+from ..architectures import match
+from ..options import at_least, choice
+from ..io.output import OutputDir
+from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
+from ..manifests import CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST
+from ..io.tensorio import DTYPE_FLAGS, torch_dtype
 
 
 

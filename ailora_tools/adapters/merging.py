@@ -21,17 +21,17 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .io.checkpoint import Checkpoint
-from .distributed import is_worker
+from .. import __version__
+from ..io.checkpoint import Checkpoint
+from ..distributed import is_worker
 from .conversion import task_record
-from .errors import TargetError, UnsupportedError
-from .model_names import base_model_prefix, match
-from .io.output import OutputDir
-from .peft_format import Adapter, read_adapter
-from .provenance import check_base
-from .io.rewrite import Hashes, Replaced, rewrite_checkpoint
-from .io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
+from ..errors import TargetError, UnsupportedError
+from ..architectures import base_model_prefix, match
+from ..io.output import OutputDir
+from ..io.peft_adapter import Adapter, read_adapter
+from ..manifests import check_base
+from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
+from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 
 MERGE_MANIFEST = "ailora-merge.json"
 
