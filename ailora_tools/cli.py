@@ -449,7 +449,7 @@ def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, r
 
     summary = run(model, out, targets=[t.strip() for t in targets.split(",") if t.strip()], rank=rank,
                   adapter=adapter, initial=initial, plot_layers=plot_layers, device=device, revision=revision,
-                  allow_pickle=allow_pickle, overwrite=overwrite, progress=not (quiet or as_json))
+                  allow_pickle=allow_pickle, overwrite=overwrite, progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"spectra of {summary['modules']} modules in {summary['output']}")
     if not as_json:
         width = max(len(r["module"]) for r in summary["rows"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from ..init import METHODS
 from ..errors import HubError, InputNotFoundError
 from ..io.peft_adapter import CONFIG_NAME
 
@@ -40,8 +41,7 @@ def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
     role_lines = "".join(f"| `{m}` | {r} |\n" for m, r in sorted(roles.items())[:12])
     more = f"| … | {len(roles) - 12} more |\n" if len(roles) > 12 else ""
     link = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{base}`"
-    what = {"lora": "LoRA (Kaiming A, B = 0)"}.get(method, f"**{method}** (initial factors from the weights' singular "
-                                                             "vectors)")
+    what = f"**{method}** ({METHODS[method].summary})" if method in METHODS else f"**{method}**"
     body = [
         f"# {repo_id.rsplit('/', 1)[-1]}", "",
         f"A LoRA adapter for {link} made with ailora-tools.", "",
@@ -51,7 +51,7 @@ def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
     ]
     if converted:
         body.append("- converted to a standard LoRA on the original base: apply it to the untouched base model")
-    elif decomposed.get("adapter_base", "residual") == "residual" and method != "lora":
+    elif decomposed.get("adapter_base") == "residual":
         body.append("- applies to the residual base that decompose wrote, not to the original model; run "
                     "`ailora-tools convert` for a LoRA on the original")
     if trained:

@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..io.checkpoint import Checkpoint
-from ..errors import InputNotFoundError, NumericsError, OptionError, TargetError
+from ..errors import InputNotFoundError, OptionError
 from ..io.hashing import file_digest
 from ..io.examples import check_rows
 from ..init import METHODS
 from ..io.output import JOURNAL_NAME, OutputDir
-from ..options import DecomposeOptions, InitOptions, TrainOptions
+from ..options import DecomposeOptions, InitOptions, TrainOptions, check
 from ..init.targets import architecture, assign_roles, linear_modules
 
 MANIFEST_NAME = "compare.json"
@@ -78,12 +78,9 @@ def compare(
     methods = list(methods) if methods is not None else [m for m in DEFAULT_METHODS if m in METHODS]
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown or len(set(methods)) != len(methods):
-        raise TargetError(f"--methods {','.join(methods)}: give each once, from {', '.join(METHODS)}")
-    if progressive is not None:
-        if progressive < 1:
-            raise NumericsError(f"--progressive {progressive}: must be at least 1")
-    if smooth < 1:
-        raise NumericsError(f"--smooth {smooth}: must be at least 1")
+        raise OptionError(f"--methods {','.join(methods)}: give each once, from {', '.join(METHODS)}")
+    check("--progressive", progressive, low=1)
+    check("--smooth", smooth, low=1)
     unknown = sorted(set(settings) - set(InitOptions.defaults()) - set(TrainOptions.defaults()))
     if unknown:
         raise OptionError(f"compare has no setting {', '.join(unknown)}")
