@@ -18,7 +18,12 @@ from .errors import TargetError
 from .io.hashing import bytes_digest
 
 SAMPLE_BYTES = 64 * 1024
+#: every output's manifest, written last (a directory without one is not complete); `verify` knows them all
 DECOMPOSE_MANIFEST, TRAIN_MANIFEST, CONVERT_MANIFEST = "ailora.json", "ailora-train.json", "ailora-convert.json"
+MERGE_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST = "ailora-merge.json", "spectrum.json", "compare.json"
+MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST)
+#: a decompose output's two directories
+RESIDUAL_DIR, ADAPTER_DIR = "residual", "adapter"
 RESIDUAL, ORIGINAL = "residual", "original"
 
 
@@ -47,16 +52,16 @@ def base_of(adapter: str | os.PathLike) -> BaseOf:
     if (d / CONVERT_MANIFEST).is_file():
         return BaseOf(ORIGINAL)
     if (d / TRAIN_MANIFEST).is_file():
-        trained = _read(d / TRAIN_MANIFEST)
+        trained = read_manifest(d / TRAIN_MANIFEST)
         initial = base_of(trained.get("initial_adapter", ""))
         kind = trained.get("adapter_base", initial.kind)
         offset = kind == ORIGINAL and trained.get("mode") == "exact" and initial.method not in (None, "lora")
         return BaseOf(kind, offset, initial.method, initial.residual, initial.original, initial.samples)
     if (d.parent / DECOMPOSE_MANIFEST).is_file():
-        m = _read(d.parent / DECOMPOSE_MANIFEST)
+        m = read_manifest(d.parent / DECOMPOSE_MANIFEST)
         kind = m.get("adapter_base") or (ORIGINAL if m.get("method") == "lora" else RESIDUAL)
         samples = {k: v for k, v in m.get("modules", {}).items() if "source_sample" in v}
-        return BaseOf(kind, False, m.get("method"), str(d.parent / "residual"), (m.get("source") or {}).get("model"),
+        return BaseOf(kind, False, m.get("method"), str(d.parent / RESIDUAL_DIR), (m.get("source") or {}).get("model"),
                       samples)
     return BaseOf(None)
 
@@ -116,7 +121,7 @@ def require_original(adapter: str | os.PathLike, what: str) -> None:
 
 
 def _decompose_residual(root: Path) -> bool:
-    return root.name == "residual" and _read(root.parent / DECOMPOSE_MANIFEST).get("adapter_base", RESIDUAL) == RESIDUAL
+    return root.name == RESIDUAL_DIR and read_manifest(root.parent / DECOMPOSE_MANIFEST).get("adapter_base", RESIDUAL) == RESIDUAL
 
 
 def _refuse_offset(adapter, meant: BaseOf) -> None:
@@ -126,7 +131,8 @@ def _refuse_offset(adapter, meant: BaseOf) -> None:
                           f"`ailora-tools convert --trained {adapter} -o LORA` and use LORA")
 
 
-def _read(path: Path) -> dict:
+def read_manifest(path: str | os.PathLike) -> dict:
+    """A manifest's JSON, or {} when the file is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):

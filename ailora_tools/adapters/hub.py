@@ -11,17 +11,18 @@ from huggingface_hub import HfApi
 from ..init import METHODS
 from ..errors import HubError, InputNotFoundError
 from ..io.peft_adapter import CONFIG_NAME
+from ..manifests import ADAPTER_DIR, CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST, read_manifest
 
 CARD_NAME = "README.md"
 #: never uploaded: hidden files (locks, partial files) and training checkpoints
 IGNORED = [".*", "**/.*", "checkpoints/**"]
-MANIFESTS = {"decompose": "ailora.json", "train": "ailora-train.json", "convert": "ailora-convert.json"}
+MANIFESTS = {"decompose": DECOMPOSE_MANIFEST, "train": TRAIN_MANIFEST, "convert": CONVERT_MANIFEST}
 
 
 def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
     """A README.md with YAML front matter (base_model, library_name: peft, tags, license) and usage."""
     d = Path(directory)
-    adapter = d / "adapter" if (d / "adapter" / CONFIG_NAME).is_file() else d  # a decompose output, or an adapter
+    adapter = d / ADAPTER_DIR if (d / ADAPTER_DIR / CONFIG_NAME).is_file() else d  # a decompose output, or an adapter
     cfg = json.loads((adapter / CONFIG_NAME).read_text()) if (adapter / CONFIG_NAME).is_file() else {}
     trained, converted = _manifest(d, "train"), _manifest(d, "convert")
     initial = (trained or {}).get("initial_adapter") or (converted or {}).get("initial")
@@ -91,8 +92,7 @@ def _vllm(rank: int) -> int:
 
 
 def _manifest(d: Path, kind: str) -> dict | None:
-    p = Path(d) / MANIFESTS[kind]
-    return json.loads(p.read_text()) if p.is_file() else None
+    return read_manifest(Path(d) / MANIFESTS[kind]) or None
 
 
 def _license(base: str) -> str | None:

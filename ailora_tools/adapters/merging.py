@@ -29,11 +29,10 @@ from ..errors import TargetError, UnsupportedError
 from ..architectures import base_model_prefix, match
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, read_adapter
-from ..manifests import check_base
+from ..manifests import MERGE_MANIFEST, check_base
 from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 
-MERGE_MANIFEST = "ailora-merge.json"
 
 
 def merge(

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..io.checkpoint import Checkpoint
 from ..errors import InputNotFoundError, OptionError
+from ..manifests import COMPARE_MANIFEST
 from ..io.hashing import file_digest
 from ..io.examples import check_rows
 from ..init import METHODS
@@ -26,7 +27,6 @@ from ..io.output import JOURNAL_NAME, OutputDir
 from ..options import DecomposeOptions, InitOptions, TrainOptions, check
 from ..init.targets import architecture, assign_roles, linear_modules
 
-MANIFEST_NAME = "compare.json"
 REPORT_NAME = "compare.md"
 PLOT_TRAIN, PLOT_EVAL = "train_loss.png", "eval_loss.png"
 DECOMPOSED, TRAINED = "decomposed", "trained"
@@ -134,7 +134,7 @@ def compare(
         plots = _plots(od, curves, smoothed, goal, smooth)
         with od.open_atomic(REPORT_NAME, "w") as f:
             f.write(report(records, goal, settings, plots, smooth))
-        od.write_manifest(MANIFEST_NAME, {**settings, "methods": methods, "progressive": progressive,
+        od.write_manifest(COMPARE_MANIFEST, {**settings, "methods": methods, "progressive": progressive,
                                           "smooth": smooth, "targets_loss": goal, "runs": records, "plots": plots,
                                           "files": {"output": {f: file_digest(od.path / f)
                                                                for f in [REPORT_NAME, *plots]}}})

@@ -24,11 +24,9 @@ from ..options import DecomposeOptions
 from ..io.output import OutputDir
 from ..io.rewrite import Hashes, Replaced, pending, rewrite_checkpoint
 from ..init.targets import architecture, assign_roles, is_transposed, linear_modules
-from ..manifests import DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, sample, stored_sample
+from ..manifests import ADAPTER_DIR, DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, RESIDUAL_DIR, sample, stored_sample
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor, tensor_bytes
 
-MANIFEST_NAME = DECOMPOSE_MANIFEST
-RESIDUAL_DIR, ADAPTER_DIR = "residual", "adapter"
 
 
 def decompose(
@@ -132,7 +130,7 @@ def decompose(
             "worst_recon_rel_fro": max((s.get("recon_rel_fro", 0.0) for s in stats.values()), default=0.0),
             "worst_recon_max_abs": max((s.get("recon_max_abs", 0.0) for s in stats.values()), default=0.0),
         }
-        od.write_manifest(MANIFEST_NAME, {**settings, "svd": {**settings["svd"], "ran_on": ran_on}, "options": asdict(o),
+        od.write_manifest(DECOMPOSE_MANIFEST, {**settings, "svd": {**settings["svd"], "ran_on": ran_on}, "options": asdict(o),
                                           "files": hashes.result(), "modules": dict(sorted(stats.items()))})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
