@@ -11,6 +11,7 @@ and a metric, time and trainable parameters per run, and their mean ± std over 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict
@@ -234,7 +235,8 @@ def parse_lrs(spec, methods: list[str], default: float) -> dict[str, list[float]
             except (TypeError, ValueError):
                 raise OptionError(f"--lr {text}: {v!r} is not a number; give rates (1e-4,5e-4) or METHOD=RATE "
                                   "pairs") from None
-            check("--lr", rate, above=0)
+            if not math.isfinite(rate) or rate <= 0:
+                raise OptionError(f"--lr {text}: rate {v} must be a finite number greater than 0")
             if rate not in rates:
                 rates.append(rate)
         out[m] = rates
