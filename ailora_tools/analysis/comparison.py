@@ -428,7 +428,7 @@ def report(summary: list[dict], best_lr: dict, goal: dict, settings: dict, plots
             return "not reached"
         return num(row[key], "{:.1f}" if total > 1 else "{:.0f}") + ("" if n == total else f" ({n}/{total} seeds)")
 
-    how = "given" if goal["given"] else "the highest final value among the runs"
+    how = "given" if goal["given"] else "the highest final value among the methods at their chosen rates"
     length = settings["max_steps"] if settings["max_steps"] else f"{settings['epochs']} epoch(s)"
     seeds = settings["seeds"]
     rates = sorted({lr for v in settings["lrs"].values() for lr in v})

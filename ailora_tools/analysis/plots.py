@@ -91,14 +91,7 @@ def loss_figure(f: BinaryIO, curves: dict[str, list[tuple[int, float]]], *, titl
             pts = smoothed[name]
         ax.plot([s for s, _ in pts], [v for _, v in pts], color=colour, label=name,
                 marker=None if smoothed is not None else "o", markersize=3)
-    if target is not None:
-        ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target:.3g}")
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    _save(fig, f)
+    _against_step(fig, ax, f, title=title, ylabel=ylabel, target=target)
 
 
 def band_figure(f: BinaryIO, series: dict[str, list[list[tuple[int, float]]]], *, title: str, ylabel: str,
@@ -126,6 +119,11 @@ def band_figure(f: BinaryIO, series: dict[str, list[list[tuple[int, float]]]], *
             std = [statistics.stdev(at[s]) if len(at[s]) > 1 else 0.0 for s in steps]
             ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                             color=colour, alpha=0.2, linewidth=0)
+    _against_step(fig, ax, f, title=title, ylabel=ylabel, target=target)
+
+
+def _against_step(fig, ax, f: BinaryIO, *, title: str, ylabel: str, target: float | None) -> None:
+    """Finish a value-against-step figure (the target as a dashed line, labels, grid, legend) and write it."""
     if target is not None:
         ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target:.3g}")
     ax.set_xlabel("step")
