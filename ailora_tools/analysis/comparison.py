@@ -116,11 +116,11 @@ def compare(
                           "max_length": train_o.max_length}
                          if METHODS[method].needs_data else {})  # lora-da calibrates on the training data
                 options = DecomposeOptions.build(None, **shared, method=method, revision=revision, **calib)
-                dec = decompose(model, dec_dir, options, progress=progress, **_again(dec_dir))
+                dec = decompose(model, dec_dir, options=options, progress=progress, **_again(dec_dir))
                 od.mark_done(f"{name}/{DECOMPOSED}", dec)
             base = dec["residual"] or ckpt.root  # plain LoRA trains on the untouched model
             again = _again(tr_dir) if any((tr_dir / CKPT_DIR).glob("step-*/trainer_state.json")) else {"overwrite": True}
-            tr = train(base, dec["adapter"], data, tr_dir, TrainOptions.build(train_o, progressive=k),
+            tr = train(base, dec["adapter"], data, tr_dir, options=TrainOptions.build(train_o, progressive=k),
                        progress=progress, **again)
             record = {"run": name, "method": method, "progressive": k, "decompose_seconds": dec["seconds"],
                       "train_seconds": tr["seconds"], "trainable_parameters": tr["trainable_parameters"],
