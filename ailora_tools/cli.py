@@ -262,7 +262,7 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 @click.option("--base", required=True, type=click.Path(),
               help="Frozen base: the residual model directory from decompose, or the ORIGINAL model for an adapter "
                    "from decompose --no-residual.")
-@click.option("--adapter", required=True, type=click.Path(), help="Initial adapter (OUT/adapter from decompose).")
+@click.option("--adapter", default=None, type=click.Path(), help="Initial adapter (OUT/adapter from decompose); not with --bitfit.")
 @click.option("--data", required=True, type=click.Path(),
               help='Training JSONL. Causal LM: {"text"}, {"prompt","completion"} or {"messages"}; masked LM: {"text"}; '
                    'sequence classification: {"text","label"} or {"text_a","text_b","label"}.')
@@ -292,20 +292,23 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 @click.option("--task", type=click.Choice(["auto", "causal-lm", "masked-lm", "sequence-classification"]), default="auto",
               help="What to train for; auto: what the base was saved for (its config's architectures; a bare encoder: masked-lm).")
 @click.option("--num-labels", type=int, default=None, help="Classes of a new classification head (default: from the labels).")
+@click.option("--bitfit", is_flag=True,
+              help="BitFit: train only the bias terms of --base (and a classification head), no --adapter; "
+                   "`merge BASE OUT` writes them into the model.")
 @_output_options
 @_fail_cleanly
 def train(base, adapter, data, out, eval_data, epochs, max_steps, lr, batch_size, grad_accum, max_length, warmup,
           scheduler, seed, save_every, eval_every, resume, device, dtype, tokenizer, progressive, adapter_base,
-          task, num_labels, overwrite, as_json, quiet):
+          task, num_labels, bitfit, overwrite, as_json, quiet):
     """Train the adapter on its frozen base (the residual, or the original model for --no-residual adapters);
-    only the LoRA factors learn (and a classification head)."""
+    only the LoRA factors learn (and a classification head). --bitfit: only the base's bias terms learn, no adapter."""
     from .training.trainer import train as run
 
     summary = run(base, adapter, data, out, eval_data=eval_data, epochs=epochs, max_steps=max_steps, lr=lr,
                   batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
                   scheduler=scheduler, seed=seed, save_every=save_every, eval_every=eval_every, resume=resume,
                   device=device, dtype=dtype, tokenizer=tokenizer, progressive=progressive,
-                  adapter_base=adapter_base, task=task, num_labels=num_labels, overwrite=overwrite,
+                  adapter_base=adapter_base, task=task, num_labels=num_labels, bitfit=bitfit, overwrite=overwrite,
                   progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"trained {summary['steps']} steps into {summary['output']}")
     if "progressive" in summary and not as_json:
@@ -462,7 +465,7 @@ def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, r
 @click.option("--data", required=True, type=click.Path(), help="Training JSONL (as for train).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory: one subdirectory per run, compare.md/json, loss plots.")
 @click.option("--eval-data", type=click.Path(), default=None, help="Evaluation JSONL (eval loss curve and final eval loss).")
-@click.option("--methods", default=None, help="Comma-separated init methods [default: lora,pissa,milora,ailora, and lora-da when available].")
+@click.option("--methods", default=None, help="Comma-separated init methods, and bitfit (train --bitfit, no decompose) [default: lora,pissa,milora,ailora, and lora-da when available].")
 @click.option("--progressive", type=int, default=None, help="K: also run every method with progressive training (train --progressive K).")
 @click.option("--target-loss", type=float, default=None, help="Loss for 'steps to reach' [default: the highest final loss among the runs].")
 @click.option("--smooth", type=int, default=10, help="Training losses are a trailing mean over this many steps.")

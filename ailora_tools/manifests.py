@@ -19,6 +19,8 @@ from .io.hashing import bytes_digest
 
 SAMPLE_BYTES = 64 * 1024
 DECOMPOSE_MANIFEST, TRAIN_MANIFEST, CONVERT_MANIFEST = "ailora.json", "ailora-train.json", "ailora-convert.json"
+#: `train --bitfit`'s output: trained bias terms (and a classification head), no adapter (`training.bitfit`)
+BITFIT_MANIFEST = "ailora-bitfit.json"
 RESIDUAL, ORIGINAL = "residual", "original"
 
 

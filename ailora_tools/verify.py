@@ -11,9 +11,10 @@ from .io.output import JOURNAL_NAME
 from .io.peft_adapter import read_adapter
 from .io.hashing import file_digest
 from .io.tensorio import read_header, read_tensor
+from .manifests import BITFIT_MANIFEST
 
 MANIFESTS = ("ailora.json", "ailora-merge.json", "ailora-convert.json", "ailora-train.json", "spectrum.json",
-             "compare.json")
+             "compare.json", BITFIT_MANIFEST)
 
 
 def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:

@@ -26,7 +26,7 @@ from ..architectures import match
 from ..options import at_least, choice
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
-from ..manifests import CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST
+from ..manifests import BITFIT_MANIFEST, CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST
 from ..io.tensorio import DTYPE_FLAGS, torch_dtype
 
 
@@ -49,7 +49,7 @@ def original_base_of(initial: Path) -> str | None:
 
 def task_record(adapter_dir: str | os.PathLike) -> dict | None:
     """The task record (`tasks.load_model`) of a trained or converted adapter's manifest, if it has one."""
-    for name in (TRAIN_MANIFEST, CONVERT_MANIFEST):
+    for name in (TRAIN_MANIFEST, CONVERT_MANIFEST, BITFIT_MANIFEST):
         if (path := Path(adapter_dir) / name).is_file():
             return json.loads(path.read_text()).get("task")
     return None

@@ -32,6 +32,8 @@ DECOMPOSED, TRAINED = "decomposed", "trained"
 #: calibration samples for data-aware methods: the first rows of the training data
 CALIBRATION_SAMPLES = 64
 DEFAULT_METHODS = ("lora", "pissa", "milora", "ailora", "lora-da")
+#: not an init method: `train --bitfit` on the model itself (no decompose; no progressive variant)
+BITFIT = "bitfit"
 
 
 def compare(
@@ -51,7 +53,8 @@ def compare(
         model: local model directory or Hub id.
         data, eval_data: training / evaluation JSONL (as for `train`).
         out: output directory; must be empty unless `resume` or `overwrite`.
-        methods: init methods to compare (default: lora, pissa, milora, ailora, and lora-da when available).
+        methods: init methods to compare (default: lora, pissa, milora, ailora, and lora-da when available), and
+            "bitfit": `train(bitfit=True)` on the model itself, no decompose.
         progressive: K: also run every method with `train(progressive=K)` (runs named METHOD-progressiveK).
         target_loss: the loss for "steps to reach" (default: the highest final loss among the runs, which all
             of them reach; train and eval loss each get their own).
@@ -74,13 +77,14 @@ def compare(
         >>> compare("Qwen/Qwen2.5-0.5B", "train.jsonl", "cmp", eval_data="eval.jsonl", max_steps=300)  # doctest: +SKIP
     """
     from ..decomposition.pipeline import decompose
+    from ..training.bitfit import check_bitfit
     from ..training.trainer import CKPT_DIR, train
 
     started = time.perf_counter()
     methods = list(methods) if methods is not None else [m for m in DEFAULT_METHODS if m in METHODS]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m != BITFIT]
     if not methods or unknown or len(set(methods)) != len(methods):
-        raise TargetError(f"--methods {','.join(methods)}: give each once, from {', '.join(METHODS)}")
+        raise TargetError(f"--methods {','.join(methods)}: give each once, from {', '.join([*METHODS, BITFIT])}")
     if progressive is not None:
         if progressive < 1:
             raise NumericsError(f"--progressive {progressive}: must be at least 1")
@@ -91,11 +95,13 @@ def compare(
             raise InputNotFoundError(f"{flag} {path}: no such data file")
     ckpt = Checkpoint.open(model, revision=revision)
     names = list(linear_modules(ckpt.tensors))
-    for m in methods:  # a role error in the last method would otherwise surface after the others have trained
+    for m in (m for m in methods if m != BITFIT):  # a role error in the last method would surface too late
         assign_roles(METHODS[m], list(targets), names, architecture(ckpt.config), dict(roles or {}))
+    if BITFIT in methods:  # a model without bias terms (Llama) is refused now, not after the other runs
+        check_bitfit(ckpt, base=model, adapter=None, bitfit=True, progressive=None)
     if eval_every is None and eval_data is not None and max_steps:
         eval_every = max(1, max_steps // 10)
-    runs = [(m, None) for m in methods] + ([(m, progressive) for m in methods] if progressive else [])
+    runs = [(m, None) for m in methods] + ([(m, progressive) for m in methods if m != BITFIT] if progressive else [])
     dec_opts = dict(rank=rank, alpha=alpha, rslora=rslora, targets=list(targets), roles=dict(roles or {}), svd=svd,
                     niter=niter, oversample=oversample, seed=seed, device=device, revision=revision)
     train_opts = dict(eval_data=eval_data, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
@@ -115,7 +121,9 @@ def compare(
                 continue
             dec_dir, tr_dir = od.path / name / DECOMPOSED, od.path / name / TRAINED
             dec = od.finished(f"{name}/{DECOMPOSED}")
-            if dec is None:
+            if method == BITFIT:  # no decompose: the model's own bias terms train
+                dec = {"residual": None, "adapter": None, "seconds": 0.0}
+            elif dec is None:
                 calib = ({"data": data, "samples": min(CALIBRATION_SAMPLES, check_rows(data)), "max_length": max_length}
                          if METHODS[method].needs_data else {})  # lora-da calibrates on the training data
                 dec = decompose(model, dec_dir, method=method, progress=progress, **dec_opts, **calib,
@@ -124,7 +132,7 @@ def compare(
             base = dec["residual"] or ckpt.root  # plain LoRA trains on the untouched model
             again = _again(tr_dir) if any((tr_dir / CKPT_DIR).glob("step-*/trainer_state.json")) else {"overwrite": True}
             tr = train(base, dec["adapter"], data, tr_dir, progress=progress, **train_opts, **again,
-                       **({"progressive": k} if k is not None else {}))
+                       **({"progressive": k} if k is not None else {}), bitfit=method == BITFIT)
             record = {"run": name, "method": method, "progressive": k, "decompose_seconds": dec["seconds"],
                       "train_seconds": tr["seconds"], "trainable_parameters": tr["trainable_parameters"],
                       "steps": tr["steps"]}

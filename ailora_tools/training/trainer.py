@@ -32,7 +32,8 @@ from ..options import at_least, choice, positive
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, adapter_of, load_into, read_adapter, write_adapter
 from .progressive import Progressive
-from ..manifests import TRAIN_MANIFEST, check_base
+from .bitfit import BitFit, check_bitfit, load_bitfit_model
+from ..manifests import BITFIT_MANIFEST, TRAIN_MANIFEST, check_base
 from ..devices import resolve_device
 from .tasks import evaluate as run_eval
 from .tasks import load_data, load_model, resolve_task
@@ -44,20 +45,20 @@ CKPT_DIR = "checkpoints"
 
 
 def train(
-    base: str | os.PathLike, adapter: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+    base: str | os.PathLike, adapter: str | os.PathLike | None, data: str | os.PathLike, out: str | os.PathLike, *,
     eval_data: str | os.PathLike | None = None, epochs: int = 1, max_steps: int | None = None, lr: float = 2e-4,
     batch_size: int = 4, grad_accum: int = 1, max_length: int = 512, warmup: int = 0, scheduler: str = "cosine",
     seed: int = 0, save_every: int | None = None, eval_every: int | None = None, resume: bool = False,
     device: str = "auto", dtype: str = "auto", tokenizer: str | os.PathLike | None = None,
     progressive: int | None = None, adapter_base: str = "auto", task: str = "auto", num_labels: int | None = None,
-    overwrite: bool = False, progress: bool = True,
+    bitfit: bool = False, overwrite: bool = False, progress: bool = True,
 ) -> dict:
     """Train `adapter` on the frozen `base` and write a PEFT adapter directory to `out`.
 
     Args:
         base: the residual model directory, or the original model when the adapter trains on it
             (`decompose --no-residual`; see `adapter_base`).
-        adapter: the initial adapter (e.g. OUT/adapter from decompose).
+        adapter: the initial adapter (e.g. OUT/adapter from decompose); None with `bitfit`.
         data, eval_data: JSONL files (`data`: {"text"}, {"prompt","completion"} or {"messages"} for causal LM;
             {"text"} for masked LM; {"text", "label"} or {"text_a", "text_b", "label"} for classification).
         epochs, max_steps: length of training (max_steps wins when given); a step is one optimizer update.
@@ -73,6 +74,8 @@ def train(
             "original" (base + s(B·A − B0·A0), exact; `base` must be the original model).
         task: causal-lm, masked-lm, sequence-classification, or auto (what the base was saved for; `tasks`).
         num_labels: classes of a new classification head (default: from the labels).
+        bitfit: train the bias terms of `base` itself (and a classification head), no adapter (`bitfit`); writes
+            `bitfit_model.safetensors` and `ailora-bitfit.json`, which `merge` writes into the model.
 
     Returns:
         Summary: steps, first and last training loss, eval loss (and accuracy for classification), tokens/s,
@@ -103,28 +106,34 @@ def train(
 
     dev = resolve_device(device)
     autocast = dev.type == "cuda" and dtype in ("auto", "bfloat16")
-    initial = read_adapter(adapter)
-    initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config)
-    mode = resolve_adapter_base(adapter_base, adapter)
-    check_base(adapter, ckpt, flag="--base")
+    if bitfit or adapter is None:  # BitFit: the base's own bias terms train, no adapter (training/bitfit.py)
+        check_bitfit(ckpt, base=base, adapter=adapter, bitfit=bitfit, progressive=progressive)
+        mode = None
+    else:
+        initial = read_adapter(adapter)
+        initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config)
+        mode = resolve_adapter_base(adapter_base, adapter)
+        check_base(adapter, ckpt, flag="--base")
     tok, pad_id = load_tokenizer(tokenizer or base, flag="--tokenizer" if tokenizer else "--base")
     ds = load_data(job, data, eval_data, tok, pad_id=pad_id, config=ckpt.config, base=base, max_length=max_length,
                    seed=seed, num_labels=num_labels)
     examples, evals = ds.train, ds.eval
     steps_per_epoch = math.ceil(len(examples) / (batch_size * grad_accum))
     total = max_steps if max_steps is not None else epochs * steps_per_epoch
-    settings = {"tool": __version__, "base": str(Path(base).absolute()), "initial_adapter": str(Path(adapter).absolute()),
+    settings = {"tool": __version__, "base": str(Path(base).absolute()),
+                "initial_adapter": str(Path(adapter).absolute()) if adapter else None,
                 "data": str(Path(data).absolute()), "eval_data": str(Path(eval_data).absolute()) if eval_data else None,
                 "steps": total, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length,
                 "warmup": warmup, "scheduler": scheduler, "seed": seed, "dtype": dtype,
                 "tokenizer": str(tokenizer) if tokenizer else None, "progressive": progressive,
                 # "residual": trained as base + s·B·A; "original": as base + s(B·A − B0·A0), what convert writes
-                "adapter_base": mode, "mode": "exact" if mode == "original" else "residual",
+                "adapter_base": mode, "mode": "bitfit" if bitfit else "exact" if mode == "original" else "residual",
                 "task": job.name, "labels": ds.labels}
     torch.manual_seed(seed)  # a new classification head is initialised from it
     # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
-    model, config, task_info = load_model(job, base, adapter, labels=ds.labels,
-                                       dtype=torch.bfloat16 if autocast else torch.float32)
+    frozen = torch.bfloat16 if autocast else torch.float32
+    model, config, task_info = (load_bitfit_model(job, base, labels=ds.labels, dtype=frozen) if bitfit else
+                                load_model(job, base, adapter, labels=ds.labels, dtype=frozen))
     model = model.to(dev)
     if mode == "original":  # the initial factors under the model class's module names
         names = match(initial.factors, {n for n, _ in model.get_base_model().named_modules()},
@@ -147,11 +156,11 @@ def train(
     def evaluate() -> dict[str, float]:  # eval_loss, and eval_accuracy for classification
         return run_eval(model, job, evals, ds.collate, batch_size=batch_size, device=dev, autocast=autocast)
 
-    with OutputDir(out, inputs=[Path(base), Path(adapter)], overwrite=overwrite, resume=resume,
+    with OutputDir(out, inputs=[Path(p) for p in (base, adapter) if p], overwrite=overwrite, resume=resume,
                    settings=settings) as od:
         metrics_path = od.path / "metrics.jsonl"
         if resume and (latest := _latest_checkpoint(od.path)) is not None:
-            _restore(latest, model, optimizer, sched, state)
+            _restore(latest, model, optimizer, sched, state, config)
             _truncate_metrics(metrics_path, state["step"])
         if state["step"] > 0:  # resumed: the start is the first run's step-0 evaluation, not this step's
             eval_start = _start_eval(metrics_path) if evals else None
@@ -197,7 +206,7 @@ def train(
         bar.close()
         # ---- save ----------------------------------------------------------------------------------
         _save_checkpoint(od, model, optimizer, sched, state, config)
-        written = _write(od.path, adapter_of(model, config))
+        written = _write(od.path, model, config)
         eval_end = evaluate() if evals else None
         if eval_end is not None:
             with open(metrics_path, "a") as f:
@@ -214,8 +223,9 @@ def train(
                 "stages": [{**s, "tokens_per_s": _tokens_per_s([r for r in history if r.get("stage") == s["stage"]])}
                            for s in stages.describe()],
                 "updated_parameter_fraction": stages.updated_fraction()}
-        od.write_manifest(TRAIN_MANIFEST, {**settings, "summary": summary, "task": task_info,
-                                           "files": {"output": {p.name: file_digest(p) for p in written}}})
+        od.write_manifest(BITFIT_MANIFEST if bitfit else TRAIN_MANIFEST, {
+            **settings, "summary": summary, "task": task_info,
+            "files": {"output": {p.name: file_digest(p) for p in written}}})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -225,7 +235,10 @@ def _tokens_per_s(records: list[dict]) -> float | None:
     return round(sum(r.get("tokens", 0) for r in records) / seconds, 1) if seconds else None
 
 
-def _write(directory: Path, trained: Adapter) -> list[Path]:
+def _write(directory: Path, model, config: dict | BitFit) -> list[Path]:
+    if isinstance(config, BitFit):
+        return config.write(directory, model)
+    trained = adapter_of(model, config)
     return write_adapter(directory, trained.config, trained.factors, extra=trained.extra)
 
 
@@ -234,7 +247,7 @@ def _save_checkpoint(od: OutputDir, model, optimizer, sched, state: dict, config
     rel = f"{CKPT_DIR}/step-{state['step']:07d}"
     tmp = od.partial(rel)
     shutil.rmtree(tmp, ignore_errors=True)
-    _write(tmp, adapter_of(model, config))
+    _write(tmp, model, config)
     opt = optimizer.state_dict()
     tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
     tensors["rng.cpu"] = torch.get_rng_state()
@@ -252,9 +265,12 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _restore(ckpt: Path, model, optimizer, sched, state: dict) -> None:
+def _restore(ckpt: Path, model, optimizer, sched, state: dict, config: dict | BitFit) -> None:
     saved = json.loads((ckpt / "trainer_state.json").read_text())
-    load_into(model, read_adapter(ckpt), source=ckpt)
+    if isinstance(config, BitFit):
+        config.restore(ckpt, model)
+    else:
+        load_into(model, read_adapter(ckpt), source=ckpt)
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     opt_state: dict[int, dict] = {}
     for key, value in tensors.items():
