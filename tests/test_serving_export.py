@@ -99,6 +99,8 @@ def test_for_vllm_on_a_plain_peft_lora_with_rslora_and_patterns(tiny, tmp_path):
     assert_served(config(tmp_path / "fixed"), 8)
     assert check_adapter(tmp_path / "fixed", target="vllm", max_lora_rank=8) == []
     assert (peft_logits(src, tmp_path / "fixed") - peft_logits(src, lora)).abs().max() <= PARITY
+    res = cli("push", tmp_path / "fixed", "--repo-id", "me/x", "--dry-run")  # a model card from its manifest
+    assert res.exit_code == 0 and "converted to a standard LoRA" in res.output, res.output
 
 
 def test_above_the_server_limit_each_module_is_recompressed_with_its_error(tiny, tmp_path):
@@ -197,6 +199,11 @@ def test_modules_and_architectures_a_server_lacks_are_refused(tiny, tmp_path):
     refused(cli("convert", "--trained", bert, "--for", "llama.cpp", "--base", tiny("bert"), "-o", tmp_path / "l"),
             "architecture 'bert' is not supported", "ailora-tools merge BASE")
     assert not (tmp_path / "v").exists() and not (tmp_path / "l").exists()
+    llama = read_adapter(plain_lora(Path(tiny("llama")), tmp_path / "hub", r=4, alpha=4))
+    write_adapter(tmp_path / "hub-id", {**llama.config, "base_model_name_or_path": "meta-llama/Llama-3.1-8B"},
+                  llama.factors)  # a base that is no local directory: llama.cpp's rules need its config.json
+    refused(cli("convert", "--trained", tmp_path / "hub-id", "--for", "llama.cpp", "-o", tmp_path / "h"),
+            "no base model config.json at meta-llama/Llama-3.1-8B", "pass --base DIR")
 
 
 def test_adapters_for_a_residual_are_sent_to_convert(trained, tmp_path):
