@@ -2,7 +2,6 @@
 them into the model; a model without bias terms (Llama) is refused in one line."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -124,7 +123,7 @@ def test_bitfit_options_are_checked(models, tmp_path):
 
 
 def test_bitfit_resume_continues_as_if_uninterrupted(models, tmp_path, monkeypatch):
-    opts = dict(bitfit=True, max_steps=6, lr=2e-2, batch_size=8, save_every=2, progress=False)
+    opts = {"bitfit": True, "max_steps": 6, "lr": 2e-2, "batch_size": 8, "save_every": 2, "progress": False}
     data = data_file("demo_train.jsonl")
     train(models["qwen2"], None, data, tmp_path / "straight", **opts)
     with killed_at_update(monkeypatch, 5):
@@ -132,7 +131,7 @@ def test_bitfit_resume_continues_as_if_uninterrupted(models, tmp_path, monkeypat
     train(models["qwen2"], None, data, tmp_path / "cut", resume=True, **opts)
     with safe_open(str(tmp_path / "straight" / WEIGHTS_NAME), framework="pt") as a, \
             safe_open(str(tmp_path / "cut" / WEIGHTS_NAME), framework="pt") as b:
-        for k in a.keys():
+        for k in a.keys():  # noqa: SIM118 (safe_open is not iterable)
             torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k), atol=1e-6, rtol=0)
 
 

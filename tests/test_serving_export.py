@@ -170,7 +170,7 @@ def refused(res, *needles):
     ({"use_dora": True}, ["use_dora is true", "merge_and_unload"]),
 ])
 def test_what_no_lora_carries_is_refused_with_what_to_do(trained, tmp_path, change, needles):
-    src, root = trained
+    _, root = trained
     ad = read_adapter(root / "lora")
     write_adapter(tmp_path / "bad", {**ad.config, **change}, ad.factors)
     for server in ("vllm", "llama.cpp"):
@@ -179,7 +179,7 @@ def test_what_no_lora_carries_is_refused_with_what_to_do(trained, tmp_path, chan
 
 
 def test_a_trained_head_is_refused_not_dropped(trained, tmp_path):
-    src, root = trained
+    _, root = trained
     ad = read_adapter(root / "trained")
     head = {"lm_head.weight": torch.zeros(128, 64)}
     write_adapter(tmp_path / "t", {**ad.config, "modules_to_save": ["lm_head"]}, ad.factors, extra=head)

@@ -71,7 +71,7 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
                              f"run `{export} -o LORA` and serve LORA"))
     elif base_of(d).kind == RESIDUAL:
         found.append(Finding("base", "the adapter applies to decompose's residual, not to the original model a server "
-                             f"loads", f"run `{export} -o LORA` and serve LORA"))
+                             "loads", f"run `{export} -o LORA` and serve LORA"))
     adapter = read_adapter(d, strict=False)
     found += refusals(d, cfg, adapter, server=target, base=base)
     ranks = {A.shape[0] for A, _ in adapter.factors.values()}
@@ -89,7 +89,7 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
                                  "and reports the error)"))
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             found.append(Finding("patterns", "rank_pattern / alpha_pattern are set (older vLLM ignores them and scales "
-                                 f"wrongly)", f"run `{export} -o LORA`: it bakes every module's scale into B "
+                                 "wrongly)", f"run `{export} -o LORA`: it bakes every module's scale into B "
                                  "(one r, lora_alpha = r)"))
     return found
 

@@ -113,7 +113,7 @@ def read_bitfit(directory: str | os.PathLike) -> Adapter:
         raise InputNotFoundError(f"{directory}: no {WEIGHTS_NAME}; pass the output of `train --bitfit`")
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (OSError, RuntimeError) as e:
         raise FormatError(f"{path}: cannot read ({e})") from e
     manifest = Path(directory) / BITFIT_MANIFEST
