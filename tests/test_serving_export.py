@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 from gguf import GGUFReader
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from ailora_tools import convert, decompose, export_gguf
 from ailora_tools.adapters.check import VLLM_MAX_LORA_RANKS, check_adapter
@@ -176,6 +177,19 @@ def test_what_no_lora_carries_is_refused_with_what_to_do(trained, tmp_path, chan
     for server in ("vllm", "llama.cpp"):
         refused(cli("convert", "--trained", tmp_path / "bad", "--for", server, "-o", tmp_path / "out"), *needles)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_tensor_that_is_no_lora_factor_is_refused_not_dropped(trained, tmp_path):
+    _, root = trained
+    ad = read_adapter(root / "lora")
+    write_adapter(tmp_path / "emb", ad.config, ad.factors)
+    weights = tmp_path / "emb" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, 128)
+    save_file(tensors, weights)
+    refused(cli("convert", "--trained", tmp_path / "emb", "--for", "vllm", "-o", tmp_path / "out"),
+            "lora_embedding_A' is not a LoRA A/B weight")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_trained_head_is_refused_not_dropped(trained, tmp_path):

@@ -197,6 +197,8 @@ def export_for(adapter: str | os.PathLike, out: str | os.PathLike, *, server: st
         raise UnsupportedError(f"{d} cannot be served by {server} as a LoRA: {refusals(d, {}, None, server=server)[0]}")
     require_original(d, server)
     lora = read_adapter(d, strict=False)
+    if not refusals(d, lora.config, lora, server=server, base=base):
+        lora = read_adapter(d)  # strict: a tensor that is no LoRA factor is an error, never dropped
     if isinstance(lora.config.get("init_lora_weights"), str):
         raise TargetError(f"{d}: init_lora_weights is {lora.config['init_lora_weights']!r}: a PiSSA-style adapter "
                           "applies to its residual, not to the original model; run `ailora-tools convert --trained "

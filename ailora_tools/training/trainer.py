@@ -3,7 +3,8 @@
 Only the LoRA factors train (transformers model + PEFT), and for sequence classification the head
 (`tasks`: which class, data, head and metric each task has). The base is decompose's residual, or the
 ORIGINAL model with the initial product subtracted inside the adapter (`initial_offset`, exact for
-16-bit checkpoints). `progressive` trains in Progtuning stages (`progressive`). Checkpoints hold adapter,
+16-bit checkpoints). `progressive` trains in Progtuning stages (`progressive`). `bitfit` trains no adapter but the
+base's own bias terms (`bitfit`: which parameters, how they are written and restored). Checkpoints hold adapter,
 optimizer, scheduler, RNG state and data position (safetensors + JSON, no pickle), so `resume` continues
 exactly. The output is a PEFT adapter directory plus `ailora-train.json`, which names the initial adapter
 (so that `convert` needs no other argument) and records the task.
