@@ -161,6 +161,8 @@ class TrainOptions(Options):
     task: str = option("auto", "What to train for; auto: what the base was saved for (its config's architectures; "
                        "a bare encoder: masked-lm).", choices=TASKS)
     num_labels: int | None = option(None, "Classes of a new classification head (default: from the labels).", low=1)
+    bitfit: bool = option(False, "BitFit: train only the bias terms of --base (and a classification head), no "
+                          "--adapter; `merge BASE OUT` writes them into the model.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -110,7 +110,7 @@ def test_transformers_too_old_for_calibration_is_one_line(base, tmp_path, monkey
     says which transformers it needs and which is installed, before calibrating or writing anything."""
     import transformers
 
-    from ailora_tools import calibration
+    from ailora_tools.init.lora_da import calibration
 
     def before_5_4(config, inputs_embeds, attention_mask, cache_position, past_key_values, position_ids=None):
         raise AssertionError("not to be called")

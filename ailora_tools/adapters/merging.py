@@ -30,6 +30,7 @@ from ..architectures import base_model_prefix, match
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, read_adapter
 from ..manifests import MERGE_MANIFEST, check_base
+from ..training.bitfit import is_bitfit, read_bitfit
 from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 
@@ -44,7 +45,7 @@ def merge(
 
     Args:
         base: model directory or Hub id the adapter applies to.
-        adapter: PEFT LoRA adapter directory.
+        adapter: PEFT LoRA adapter directory, or the output of `train --bitfit` (its biases and head are written).
         out: output model directory.
         dtype: float32, float16 or bfloat16 for the merged weights (default: as stored).
         revision, allow_pickle, overwrite, resume, progress: as for `decompose`.
@@ -63,7 +64,7 @@ def merge(
     started = time.perf_counter()
     if dtype is not None and dtype not in DTYPE_FLAGS:
         raise UnsupportedError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_FLAGS)}")
-    lora = read_adapter(adapter)
+    lora = read_bitfit(adapter) if is_bitfit(adapter) else read_adapter(adapter)  # BitFit: trained biases only
     ckpt = Checkpoint.open(base, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
     tensors = ckpt.tensors
     weights = lora.check_fits(tensors, adapter=adapter, base=base, config=ckpt.config)
