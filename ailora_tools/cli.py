@@ -187,11 +187,14 @@ def _config_option(section: str):
               help='Calibration JSONL for data-aware methods (lora-da): {"text"}, {"prompt","completion"} or {"messages"}.')
 @click.option("--samples", type=int, default=64, help="Calibration samples: the first N rows of --data.")
 @click.option("--max-length", type=int, default=512, help="Longest calibration sample, in tokens (longer ones are refused).")
+@click.option("--dora", is_flag=True,
+              help="Write a DoRA adapter (use_dora: true) with magnitudes = row norms of W_base + s·B0·A0, so step 0 "
+                   "reproduces the model; any --method (plain DoRA: --method lora --dora).")
 @_rewrite_options
 @_fail_cleanly
 def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed, device,
-              residual_dtype, revision, no_residual, data, samples, max_length, allow_pickle, overwrite, resume, as_json,
-              quiet):
+              residual_dtype, revision, no_residual, data, samples, max_length, dora, allow_pickle, overwrite, resume,
+              as_json, quiet):
     """Decompose MODEL (local dir or Hub id) into OUT/residual + OUT/adapter, streaming shard by shard.
 
     Several GPUs or machines: `torchrun --nproc-per-node N -m ailora_tools.cli decompose ...`; each rank computes
@@ -205,7 +208,8 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
                   targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd,
                   niter=niter, oversample=oversample, seed=seed, device=device, residual_dtype=residual_dtype,
                   revision=revision, allow_pickle=allow_pickle, no_residual=no_residual, data=data, samples=samples,
-                  max_length=max_length, overwrite=overwrite, resume=resume, progress=_progress(quiet or as_json))
+                  max_length=max_length, overwrite=overwrite, resume=resume, progress=_progress(quiet or as_json),
+                  **({"dora": True} if dora else {}))
     if "worker" not in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
         _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
 
@@ -220,14 +224,25 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
 @click.option("--base", default=None, help="Original model recorded as base_model_name_or_path (default: from the decompose manifest).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--dora", "dora", type=click.Choice(["exact", "approximate"]), default=None,
+              help="For a DoRA adapter: exact writes OUT/base (adapted matrices rescaled, not the original) + "
+                   "OUT/adapter; approximate writes a LoRA on the original from a truncated SVD (--max-rank and/or "
+                   "--tolerance), its per-module error measured.")
+@click.option("--accept-error", is_flag=True, help="With --dora approximate: write the LoRA even where a module's error is above --tolerance.")
 @_fail_cleanly
-def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, as_json):
+def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, as_json, dora, accept_error):
     """Convert a trained adapter into a standard LoRA on the ORIGINAL base (rank 2r, or --max-rank)."""
     from .adapters.conversion import convert as run
 
     summary = run(trained, out, initial=initial, max_rank=max_rank, tolerance=tolerance, dtype=dtype, base=base,
-                  overwrite=overwrite)
+                  overwrite=overwrite, **({"dora": dora, "accept_error": accept_error} if dora or accept_error else {}))
     _print_summary(summary, as_json, f"converted {summary['modules']} modules into {summary['output']}")
+    if not as_json and dora is not None:
+        if dora == "exact":
+            click.echo(f"note: the base is NOT the original model: serve {summary['base']} with the LoRA {summary['adapter']}")
+        for m, e in sorted(summary.get("errors", {}).items()):
+            click.echo(f"  error {m:<40} {e:.3e}")
+        return
     if not as_json:
         click.echo(f"serve with vLLM using --max-lora-rank {summary['vllm_max_lora_rank']} (or larger)")
         for finding in summary["vllm_check"]:

@@ -58,9 +58,10 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
         found.append(Finding("peft_type", f"peft_type is {cfg.get('peft_type')!r}", "only LoRA adapters are supported"))
         return found
     if cfg.get("use_dora") and target != "peft":
-        found.append(Finding("dora", "use_dora is true (DoRA)", "serve a model merged by PEFT (PeftModel.from_pretrained "
-                             "then merge_and_unload() and save_pretrained; `ailora-tools merge` does not apply DoRA's "
-                             "magnitudes), or train a plain LoRA"))
+        found.append(Finding("dora", "use_dora is true (DoRA)", "merge it (`ailora-tools merge BASE ADAPTER -o merged`), "
+                             "or convert it to a standard LoRA (`ailora-tools convert --trained ADAPTER -o OUT --dora "
+                             "exact`: a new base plus a LoRA, exact; or `--dora approximate --tolerance X`: a LoRA on "
+                             "the original, with measured error)"))
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
         found.append(Finding("bias", f"bias is {cfg.get('bias')!r} / lora_bias {cfg.get('lora_bias')}",
                              'train with bias="none" and lora_bias=False, or merge the adapter'))

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .check import check_adapter, vllm_max_lora_rank
-from ..errors import AiloraError, FormatError, InputNotFoundError, NumericsError
+from ..errors import AiloraError, FormatError, InputNotFoundError, NumericsError, OptionError
 from ..io.hashing import file_digest
 from ..architectures import match
 from ..options import at_least, choice
@@ -107,7 +107,7 @@ def compress(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, to
 def convert(
     trained: str | os.PathLike, out: str | os.PathLike, *, initial: str | os.PathLike | None = None,
     max_rank: int | None = None, tolerance: float | None = None, dtype: str = "float32", base: str | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, dora: str | None = None, accept_error: bool = False,
 ) -> dict:
     """Write a PEFT LoRA directory that gives the trained model on the original (untouched) base.
 
@@ -119,6 +119,9 @@ def convert(
         tolerance: fail if any module's relative Frobenius error exceeds it.
         dtype: float32, float16 or bfloat16 for the saved factors.
         base: original model id/path recorded in the config (default: from the decompose manifest).
+        dora: for a DoRA adapter, "exact" (OUT/base = D·W + OUT/adapter, the base no longer the original) or
+            "approximate" (truncated SVD of W' − W on the original; `max_rank` and/or `tolerance`); see
+            `adapters.dora.convert_dora`. accept_error: write an approximate conversion above `tolerance` anyway.
 
     Returns:
         Summary: rank, alpha, the vLLM `--max-lora-rank` needed, per-module and worst errors.
@@ -129,6 +132,13 @@ def convert(
     Example:
         >>> convert("trained", "lora", initial="out/adapter", max_rank=32)  # doctest: +SKIP
     """
+    if dora is not None:
+        from .dora import convert_dora
+
+        return convert_dora(trained, out, mode=dora, initial=initial, max_rank=max_rank, tolerance=tolerance,
+                            accept_error=accept_error, dtype=dtype, base=base, overwrite=overwrite)
+    if accept_error:
+        raise OptionError("--accept-error: only for --dora approximate")
     at_least("--max-rank", max_rank, 1)
     at_least("--tolerance", tolerance, 0)
     choice("--dtype", dtype, DTYPE_FLAGS)

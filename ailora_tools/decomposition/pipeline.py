@@ -38,6 +38,7 @@ def decompose(
     seed: int = 0, device: str = "auto", residual_dtype: str | None = None, revision: str | None = None,
     allow_pickle: bool = False, no_residual: bool = False, data: str | os.PathLike | None = None,
     samples: int = 64, max_length: int = 512, overwrite: bool = False, resume: bool = False, progress: bool = True,
+    dora: bool = False,
 ) -> dict:
     """Write OUT/residual (HF model dir), OUT/adapter (PEFT LoRA) and, last, OUT/ailora.json.
 
@@ -67,6 +68,9 @@ def decompose(
         data, samples, max_length: calibration JSONL (train's shapes), how many of its first rows to use and
             their token limit, for methods that need data (lora-da).
         overwrite, resume: see `OutputDir`. progress: show a tqdm bar.
+        dora: write a DoRA adapter (`use_dora: true`) whose magnitude vectors are the row norms of
+            W_base + s·B0·A0 (`adapters.dora`), W_base the residual as stored (the original for plain LoRA), so step 0
+            reproduces the model. Not with `no_residual` for methods that offset the base.
 
     Returns:
         The run's summary (settings, paths, worst reconstruction error, seconds); on ranks ≥ 1 of a torchrun
@@ -98,6 +102,9 @@ def decompose(
         check_rows(data, flag="--data")
     if no_residual and residual_dtype is not None:
         raise OptionError("--residual-dtype: --no-residual writes no residual; drop one of the two")
+    if dora and no_residual and init.offsets_base:
+        raise OptionError(f"--dora: not with --no-residual for --method {method}: DoRA's norm is that of the base the "
+                          "adapter applies to, and PEFT would not subtract s·B0·A0 from it; drop --no-residual")
     alpha = float(rank if alpha is None else alpha)
     if device not in ("auto", "cpu"):  # a CUDA device is checked now (this loads torch); auto and cpu cannot fail
         from ..devices import resolve_device
@@ -114,6 +121,8 @@ def decompose(
         "residual_dtype": residual_dtype, "source": ckpt.describe(),
         "adapter_base": RESIDUAL if init.offsets_base and not no_residual else ORIGINAL,
     }
+    if dora:
+        settings["dora"] = True
     if data is not None:
         from ..io.hashing import file_digest
 
@@ -140,8 +149,16 @@ def decompose(
 
         config = lora_config(rank=rank, alpha=alpha, targets=[j.module.rsplit(".", 1)[-1] for j in jobs],
                              rslora=rslora, base=base, task_type=task_type(ckpt.config),
-                             fan_in_fan_out=any(j.transposed for j in jobs))
-        for p in write_adapter(od.path / ADAPTER_DIR, config, {m: factors for m, (factors, _) in results.items()}):
+                             fan_in_fan_out=any(j.transposed for j in jobs), dora=dora)
+        factors = {m: f for m, (f, _) in results.items()}
+        magnitudes = None
+        if dora:  # from the base as PEFT will load it: the residual as written, or the original
+            from ..adapters.dora import magnitudes_of
+
+            on = Checkpoint.open(base) if settings["adapter_base"] == RESIDUAL else ckpt
+            magnitudes = magnitudes_of(on, {j.module: j.tensor.name for j in jobs}, factors, params.scale,
+                                       transposed={j.module: j.transposed for j in jobs})
+        for p in write_adapter(od.path / ADAPTER_DIR, config, factors, magnitudes=magnitudes):
             hashes.add("output", f"{ADAPTER_DIR}/{p.name}", p)
         stats = {m: s for m, (_, s) in results.items()}
         summary = {

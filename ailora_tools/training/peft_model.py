@@ -26,7 +26,7 @@ def get_ailora_model(
     model, *, method: str = "ailora", rank: int = 16, alpha: float | None = None, rslora: bool = False,
     targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"), roles: dict[str, str] | None = None,
     svd: str = "randomized", niter: int = 4, oversample: int = 8, seed: int = 0, device: str = "auto",
-    lora_dropout: float = 0.0, adapter_name: str = "default", progress: bool = True,
+    lora_dropout: float = 0.0, adapter_name: str = "default", progress: bool = True, dora: bool = False,
 ) -> PeftModel:
     """Wrap `model` in a PEFT LoRA initialised by `method`; the target base weights become residuals in place.
 
@@ -42,6 +42,8 @@ def get_ailora_model(
         device: where the SVDs run (auto, cpu, cuda, cuda:N); results are written back where the weights are.
         lora_dropout, adapter_name: passed to PEFT.
         progress: show a tqdm bar.
+        dora: DoRA (PEFT's `use_dora=True`): each module's magnitude vector is set to the row norms of
+            W_res + s·B0·A0 (`adapters.dora.magnitude`), so the output is still unchanged at step 0.
 
     Returns:
         The `PeftModel`. Save the initial adapter with `save_pretrained` before training to convert the trained
@@ -88,7 +90,7 @@ def get_ailora_model(
     exact = {m for m in layers if any(matches(m, s) for s in suffixes)} == set(role_of)
     lora = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=suffixes if exact else sorted(role_of),
                       lora_dropout=lora_dropout, bias="none", init_lora_weights=True, task_type=task_type(config),
-                      fan_in_fan_out=any(is_transposed(m, arch) for m in role_of))
+                      fan_in_fan_out=any(is_transposed(m, arch) for m in role_of), use_dora=dora)
     peft_model = get_peft_model(model, lora, adapter_name=adapter_name)
     params = Settings(rank, lora_scale(rank, alpha, rslora), svd, niter, oversample, seed)
     dev = resolve_device(device)
@@ -101,6 +103,11 @@ def get_ailora_model(
             layer.lora_B[adapter_name].weight.copy_(B0)
             if residual is not None:
                 W.copy_(residual)
+            if dora:  # PEFT set m = ‖W‖ when it wrapped the model; DoRA's m is that of the base it now sees
+                from ..adapters.dora import magnitude
+
+                layer.lora_magnitude_vector[adapter_name].weight.copy_(
+                    magnitude(W.detach(), A0, B0, params.scale, transposed=is_transposed(m, arch)))
     return peft_model
 
 

@@ -208,7 +208,7 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
             f"{', ...' if len(missing) > 3 else ''}): it has no {task.name} head; train with --task {CLASSIFY}, or "
             "decompose a checkpoint saved with that head")
     heads = _heads(model, missing) if task.classifies else []
-    initial = read_adapter(adapter)
+    initial = read_adapter(adapter, dora=True)
     names = match(initial.factors, {n for n, _ in model.named_modules()}, prefix=prefix)
     if len(names) < len(initial.factors):
         lost = sorted(set(initial.factors) - set(names))
@@ -219,7 +219,8 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
     lora.update(target_modules=sorted(names.values()), modules_to_save=list(heads) or None,  # PEFT extends it
                 task_type=task.peft_task_type, inference_mode=False)
     peft_model = get_peft_model(model, LoraConfig(**lora))
-    renamed = dataclasses.replace(initial, factors={names[m]: f for m, f in initial.factors.items()})
+    renamed = dataclasses.replace(initial, factors={names[m]: f for m, f in initial.factors.items()},
+                                  magnitudes={names[m]: v for m, v in initial.magnitudes.items()})
     load_into(peft_model, renamed, source=adapter, extra=False)
     config = {**initial.config, "task_type": task.peft_task_type, "modules_to_save": heads or None}
     merged_config = {"architectures": [cls], **{k: v for k, v in labels.items() if k != "num_labels"}} if labels else {}

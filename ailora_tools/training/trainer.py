@@ -103,7 +103,7 @@ def train(
 
     dev = resolve_device(device)
     autocast = dev.type == "cuda" and dtype in ("auto", "bfloat16")
-    initial = read_adapter(adapter)
+    initial = read_adapter(adapter, dora=True)
     initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config)
     mode = resolve_adapter_base(adapter_base, adapter)
     check_base(adapter, ckpt, flag="--base")
@@ -226,7 +226,7 @@ def _tokens_per_s(records: list[dict]) -> float | None:
 
 
 def _write(directory: Path, trained: Adapter) -> list[Path]:
-    return write_adapter(directory, trained.config, trained.factors, extra=trained.extra)
+    return write_adapter(directory, trained.config, trained.factors, extra=trained.extra, magnitudes=trained.magnitudes)
 
 
 def _save_checkpoint(od: OutputDir, model, optimizer, sched, state: dict, config: dict) -> None:
@@ -254,7 +254,7 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 def _restore(ckpt: Path, model, optimizer, sched, state: dict) -> None:
     saved = json.loads((ckpt / "trainer_state.json").read_text())
-    load_into(model, read_adapter(ckpt), source=ckpt)
+    load_into(model, read_adapter(ckpt, dora=True), source=ckpt)
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     opt_state: dict[int, dict] = {}
     for key, value in tensors.items():
