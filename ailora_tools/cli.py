@@ -235,7 +235,8 @@ def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, 
     from .adapters.conversion import convert as run
 
     summary = run(trained, out, initial=initial, max_rank=max_rank, tolerance=tolerance, dtype=dtype, base=base,
-                  overwrite=overwrite, **({"dora": dora, "accept_error": accept_error} if dora or accept_error else {}))
+                  overwrite=overwrite, **({"dora": dora, "accept_error": accept_error, "progress": _progress(as_json)}
+                     if dora or accept_error else {}))
     _print_summary(summary, as_json, f"converted {summary['modules']} modules into {summary['output']}")
     if not as_json and dora is not None:
         if dora == "exact":

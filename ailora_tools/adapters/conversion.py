@@ -107,7 +107,7 @@ def compress(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, to
 def convert(
     trained: str | os.PathLike, out: str | os.PathLike, *, initial: str | os.PathLike | None = None,
     max_rank: int | None = None, tolerance: float | None = None, dtype: str = "float32", base: str | None = None,
-    overwrite: bool = False, dora: str | None = None, accept_error: bool = False,
+    overwrite: bool = False, dora: str | None = None, accept_error: bool = False, progress: bool = True,
 ) -> dict:
     """Write a PEFT LoRA directory that gives the trained model on the original (untouched) base.
 
@@ -122,6 +122,7 @@ def convert(
         dora: for a DoRA adapter, "exact" (OUT/base = D·W + OUT/adapter, the base no longer the original) or
             "approximate" (truncated SVD of W' − W on the original; `max_rank` and/or `tolerance`); see
             `adapters.dora.convert_dora`. accept_error: write an approximate conversion above `tolerance` anyway.
+        progress: show a tqdm bar (DoRA conversions, which read the base).
 
     Returns:
         Summary: rank, alpha, the vLLM `--max-lora-rank` needed, per-module and worst errors.
@@ -136,9 +137,13 @@ def convert(
         from .dora import convert_dora
 
         return convert_dora(trained, out, mode=dora, initial=initial, max_rank=max_rank, tolerance=tolerance,
-                            accept_error=accept_error, dtype=dtype, base=base, overwrite=overwrite)
+                            accept_error=accept_error, dtype=dtype, base=base, overwrite=overwrite,
+                            progress=progress)
     if accept_error:
         raise OptionError("--accept-error: only for --dora approximate")
+    if read_adapter(trained, strict=False).config.get("use_dora"):
+        raise OptionError(f"--trained {trained}: a DoRA adapter; choose --dora exact (a new base + LoRA, no error) or "
+                          "--dora approximate --max-rank R|--tolerance X (a LoRA on the original, error measured)")
     at_least("--max-rank", max_rank, 1)
     at_least("--tolerance", tolerance, 0)
     choice("--dtype", dtype, DTYPE_FLAGS)
