@@ -18,7 +18,7 @@ from ailora_tools.errors import NumericsError, OptionError, UnsupportedError
 from ailora_tools.io.peft_adapter import read_adapter, write_adapter
 from ailora_tools.training.trainer import train
 
-from conftest import load, logits
+from conftest import lm_logits, load, logits
 
 DATA = data_file("demo_train.jsonl")
 TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
@@ -26,15 +26,6 @@ TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2":
 
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def lm_logits(model_dir, adapter=None):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        return model(input_ids=torch.randint(4, 90, (2, 16))).logits
 
 
 def fake_training(adapter: Path, out: Path, *, seed=0, scale=0.05, trained_on=None):

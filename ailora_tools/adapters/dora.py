@@ -148,13 +148,13 @@ def convert_dora(
     from ..io.checkpoint import Checkpoint
     from ..io.hashing import file_digest
     from ..io.output import OutputDir
-    from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
+    from ..io.peft_adapter import lora_config, read_adapter, write_adapter
     from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
     from ..io.tensorio import DTYPE_FLAGS, read_tensor, torch_dtype
     from ..manifests import CONVERT_MANIFEST, TRAIN_MANIFEST
     from ..options import at_least, choice
     from .check import vllm_max_lora_rank
-    from .conversion import original_base_of, task_record
+    from .conversion import _name_or_path, original_base_of, task_record
 
     started = time.perf_counter()
     choice("--dora", mode, DORA_MODES)
@@ -276,10 +276,6 @@ def convert_dora(
                                              "files": {"output": {p.name: file_digest(p) for p in written}}})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
-
-
-def _name_or_path(base: str | None) -> str | None:
-    return str(Path(base).expanduser().absolute()) if base and Path(base).expanduser().is_dir() else base
 
 
 def magnitudes_of(ckpt, tensor_of: dict[str, str], factors: dict, scale: float, *, transposed: dict[str, bool]
