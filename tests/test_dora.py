@@ -18,7 +18,7 @@ from ailora_tools.errors import NumericsError, OptionError, UnsupportedError
 from ailora_tools.io.peft_adapter import read_adapter, write_adapter
 from ailora_tools.training.trainer import train
 
-from conftest import lm_logits, load, logits
+from conftest import killed_at_update, lm_logits, load, logits
 
 DATA = data_file("demo_train.jsonl")
 TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
@@ -89,12 +89,18 @@ def test_dora_refuses_no_residual_for_offsetting_methods(base, tmp_path):
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
 
 
-def test_train_dora_moves_the_model_and_round_trips(base, tmp_path):
+def test_train_dora_moves_the_model_and_round_trips(base, tmp_path, monkeypatch):
     decompose(base, tmp_path / "d", method="ailora", rank=4, alpha=8, dora=True, progress=False)
     res = cli("decompose", base, "-o", tmp_path / "d2", "--method", "lora", "--rank", "4", "--dora", "--quiet")
     assert res.exit_code == 0, res.output
-    train(tmp_path / "d" / "residual", tmp_path / "d" / "adapter", DATA, tmp_path / "t", max_steps=3, lr=1e-2,
-          batch_size=8, save_every=2, progress=False)
+    args = (tmp_path / "d" / "residual", tmp_path / "d" / "adapter", DATA)
+    opts = dict(max_steps=4, lr=1e-2, batch_size=8, save_every=2, progress=False)
+    train(*args, tmp_path / "t", **opts)
+    with killed_at_update(monkeypatch, 4):  # killed after step 3: resumes from the step-2 checkpoint
+        train(*args, tmp_path / "r", **opts)
+    train(*args, tmp_path / "r", resume=True, **opts)
+    assert (tmp_path / "t" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "r" / "adapter_model.safetensors").read_bytes()  # magnitudes restored with the factors
     trained = read_adapter(tmp_path / "t", dora=True)
     initial = read_adapter(tmp_path / "d" / "adapter", dora=True)
     assert json.loads((tmp_path / "t" / "adapter_config.json").read_text())["use_dora"] is True
@@ -102,6 +108,9 @@ def test_train_dora_moves_the_model_and_round_trips(base, tmp_path):
     assert moved > 0  # the magnitudes train
     after = lm_logits(tmp_path / "d" / "residual", tmp_path / "t")
     assert (after - lm_logits(base)).abs().max() > 1e-3
+    # the trained DoRA model, served exactly as a new base + a standard LoRA
+    convert(tmp_path / "t", tmp_path / "x", dora="exact", progress=False)
+    assert (lm_logits(tmp_path / "x" / "base", tmp_path / "x" / "adapter") - after).abs().max() <= 1e-4
     # plain DoRA on the original model trains too (B0 = 0: nothing subtracted)
     train(base, tmp_path / "d2" / "adapter", DATA, tmp_path / "t2", max_steps=2, lr=1e-2, batch_size=8, progress=False)
     assert (lm_logits(base, tmp_path / "t2") - lm_logits(base)).abs().max() > 1e-4
