@@ -83,6 +83,15 @@ def test_get_ailora_model_dora_equals_decompose_and_keeps_step_0(base, tmp_path)
         torch.testing.assert_close(ours.magnitudes[m], v, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])  # Conv1D (transposed), an encoder
+def test_get_ailora_model_dora_keeps_step_0_on_other_architectures(tiny, kind):
+    src = Path(tiny(kind))
+    expected = logits(load(src, kind), kind)
+    model = get_ailora_model(load(src, kind), method="ailora" if kind == "bert" else "pissa", rank=4, alpha=8,
+                             targets=TARGETS[kind], dora=True, progress=False)
+    assert (logits(model.eval(), kind) - expected).abs().max() <= 1e-5
+
+
 def test_dora_refuses_no_residual_for_offsetting_methods(base, tmp_path):
     with pytest.raises(OptionError, match="--dora: not with --no-residual for --method pissa"):
         decompose(base, tmp_path / "d", method="pissa", rank=4, dora=True, no_residual=True, progress=False)
@@ -188,6 +197,29 @@ def test_convert_dora_exact_serves_the_trained_model(base, trained_dora):
     new = AutoModelForCausalLM.from_pretrained(tmp / "x" / "base", dtype=torch.float32).state_dict()
     changed = {n for n in src if not torch.equal(src[n], new[n])}
     assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2", "bert"])
+def test_convert_dora_exact_and_full_rank_approximate_on_every_architecture(tiny, tmp_path, kind):
+    src = Path(tiny(kind))
+    decompose(src, tmp_path / "d", method="pissa", rank=4, alpha=8, targets=TARGETS[kind], dora=True, progress=False)
+    fake_training(tmp_path / "d" / "adapter", tmp_path / "t", trained_on=tmp_path / "d" / "residual")
+    expected = logits(PeftModel.from_pretrained(load(tmp_path / "d" / "residual", kind), tmp_path / "t").eval(), kind)
+    convert(tmp_path / "t", tmp_path / "x", dora="exact", progress=False)
+    got = logits(PeftModel.from_pretrained(load(tmp_path / "x" / "base", kind), tmp_path / "x" / "adapter").eval(), kind)
+    assert (got - expected).abs().max() <= 1e-4
+    convert(tmp_path / "t", tmp_path / "a", dora="approximate", max_rank=128, progress=False)
+    got = logits(PeftModel.from_pretrained(load(src, kind), tmp_path / "a").eval(), kind)
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_convert_dora_exact_exports_to_llama_cpp(trained_dora):
+    from ailora_tools.adapters.gguf_export import export_gguf
+
+    tmp = trained_dora
+    convert(tmp / "t", tmp / "x", dora="exact", progress=False)
+    summary = export_gguf(tmp / "x" / "adapter", tmp / "x" / "base", tmp / "x.gguf")
+    assert (tmp / "x.gguf").is_file() and summary
 
 
 def test_convert_dora_approximate_reports_the_measured_error(base, trained_dora):
