@@ -209,7 +209,7 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
                   niter=niter, oversample=oversample, seed=seed, device=device, residual_dtype=residual_dtype,
                   revision=revision, allow_pickle=allow_pickle, no_residual=no_residual, data=data, samples=samples,
                   max_length=max_length, overwrite=overwrite, resume=resume, progress=_progress(quiet or as_json),
-                  **({"dora": True} if dora else {}))
+                  dora=dora)
     if "worker" not in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
         _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
 
@@ -228,19 +228,20 @@ def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, nite
               help="For a DoRA adapter: exact writes OUT/base (adapted matrices rescaled, not the original) + "
                    "OUT/adapter; approximate writes a LoRA on the original from a truncated SVD (--max-rank and/or "
                    "--tolerance), its per-module error measured.")
-@click.option("--accept-error", is_flag=True, help="With --dora approximate: write the LoRA even where a module's error is above --tolerance.")
+@click.option("--accept-error", is_flag=True,
+              help="With --dora approximate: write the LoRA even where a module's error is above --tolerance.")
 @_fail_cleanly
 def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, as_json, dora, accept_error):
     """Convert a trained adapter into a standard LoRA on the ORIGINAL base (rank 2r, or --max-rank)."""
     from .adapters.conversion import convert as run
 
     summary = run(trained, out, initial=initial, max_rank=max_rank, tolerance=tolerance, dtype=dtype, base=base,
-                  overwrite=overwrite, **({"dora": dora, "accept_error": accept_error, "progress": _progress(as_json)}
-                     if dora or accept_error else {}))
+                  overwrite=overwrite, dora=dora, accept_error=accept_error, progress=_progress(as_json))
     _print_summary(summary, as_json, f"converted {summary['modules']} modules into {summary['output']}")
     if not as_json and dora is not None:
         if dora == "exact":
-            click.echo(f"note: the base is NOT the original model: serve {summary['base']} with the LoRA {summary['adapter']}")
+            click.echo(f"note: the base is NOT the original model: serve {summary['base']} with the LoRA "
+                       f"{summary['adapter']}")
         for m, e in sorted(summary.get("errors", {}).items()):
             click.echo(f"  error {m:<40} {e:.3e}")
         return

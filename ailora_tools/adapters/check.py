@@ -58,7 +58,8 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
         found.append(Finding("peft_type", f"peft_type is {cfg.get('peft_type')!r}", "only LoRA adapters are supported"))
         return found
     if cfg.get("use_dora") and target != "peft":
-        found.append(Finding("dora", "use_dora is true (DoRA)", "merge it (`ailora-tools merge BASE ADAPTER -o merged`), "
+        found.append(Finding("dora", "use_dora is true (DoRA)",
+                             "merge it (`ailora-tools merge BASE ADAPTER -o merged`), "
                              "or convert it to a standard LoRA (`ailora-tools convert --trained ADAPTER -o OUT --dora "
                              "exact`: a new base plus a LoRA, exact; or `--dora approximate --tolerance X`: a LoRA on "
                              "the original, with measured error)"))

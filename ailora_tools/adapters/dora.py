@@ -176,7 +176,8 @@ def convert_dora(
         initial = recorded["initial_adapter"]
     trained_on = recorded.get("base") or tr.config.get("base_model_name_or_path")
     if not trained_on:
-        raise OptionError(f"{trained}: neither {TRAIN_MANIFEST} nor adapter_config.json names the base it was trained on")
+        raise OptionError(f"{trained}: neither {TRAIN_MANIFEST} nor adapter_config.json names the base it was "
+                          "trained on")
     init = read_adapter(initial, dora=True) if initial is not None else None
     task = task_record(trained)
     ckpt = Checkpoint.open(trained_on, scratch=Path(out).absolute().parent)
@@ -227,7 +228,8 @@ def convert_dora(
             written = write_adapter(od.path / ADAPTER_DIR, config, factors, dtype=out_dtype, extra=tr.extra)
             for p in written:
                 hashes.add("output", f"{ADAPTER_DIR}/{p.name}", p)
-            summary.update({"rank": rank, "lora_alpha": config["lora_alpha"], "vllm_max_lora_rank": vllm_max_lora_rank(rank),
+            summary.update({"rank": rank, "lora_alpha": config["lora_alpha"],
+                            "vllm_max_lora_rank": vllm_max_lora_rank(rank),
                             "base": str(od.path / BASE_DIR), "adapter": str(od.path / ADAPTER_DIR),
                             "base_is_original": False,
                             "note": f"the LoRA applies to {od.path / BASE_DIR} (D·W in the adapted matrices), "

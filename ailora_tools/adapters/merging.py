@@ -1,7 +1,8 @@
 """Merge a LoRA adapter into full weights, streaming: W' = W + s·B·A computed in float32.
 
-A DoRA adapter merges as PEFT's `merge_and_unload` does: W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ per output row
-(`dora.merged_weight`). Only the adapted weights are decoded; every other byte of the base is copied unchanged. Works for
+A DoRA adapter merges as PEFT's `merge_and_unload` does: W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ per output
+row (`dora.merged_weight`). Only the adapted weights are decoded; every other byte of the base is copied
+unchanged. Works for
 (residual, trained adapter), (original, converted LoRA) and any PEFT LoRA (rsLoRA, rank_pattern,
 alpha_pattern, fan_in_fan_out). Adapter modules are found in the base whatever base model prefix either
 side's names carry (`model_names`). An adapter's `modules_to_save` (a classification head) is written
