@@ -256,14 +256,29 @@ def decompose(model, out, allow_pickle, overwrite, resume, as_json, quiet, **set
 @click.option("--max-lora-rank", type=int, default=None, help="With --for vllm: the server's --max-lora-rank (1, 8, 16, 32, 64, 128, 256, 320, 512) [default: 512].")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--dora", "dora", type=click.Choice(["exact", "approximate"]), default=None,
+              help="For a DoRA adapter: exact writes OUT/base (adapted matrices rescaled, not the original) + "
+                   "OUT/adapter; approximate writes a LoRA on the original from a truncated SVD (--max-rank and/or "
+                   "--tolerance), its per-module error measured.")
+@click.option("--accept-error", is_flag=True,
+              help="With --dora approximate: write the LoRA even where a module's error is above --tolerance.")
 @_fail_cleanly
-def convert(trained, initial, out, max_rank, tolerance, dtype, base, server, max_lora_rank, overwrite, as_json):
+def convert(trained, initial, out, max_rank, tolerance, dtype, base, server, max_lora_rank, overwrite, as_json, dora,
+            accept_error):
     """Convert a trained adapter into a standard LoRA on the ORIGINAL base (rank 2r, or --max-rank)."""
     from .adapters.conversion import convert as run
 
     summary = run(trained, out, initial=initial, max_rank=max_rank, tolerance=tolerance, dtype=dtype, base=base,
-                  overwrite=overwrite, server=server, max_lora_rank=max_lora_rank)
+                  overwrite=overwrite, server=server, max_lora_rank=max_lora_rank, dora=dora, accept_error=accept_error,
+                  progress=_progress(as_json))
     _print_summary(summary, as_json, f"converted {summary['modules']} modules into {summary['output']}")
+    if not as_json and dora is not None:
+        if dora == "exact":
+            click.echo(f"note: the base is NOT the original model: serve {summary['base']} with the LoRA "
+                       f"{summary['adapter']}")
+        for m, e in sorted(summary.get("errors", {}).items()):
+            click.echo(f"  error {m:<40} {e:.3e}")
+        return
     if not as_json:
         if "serve_command" in summary:
             click.echo(f"serve with: {summary['serve_command']}")
@@ -476,7 +491,7 @@ def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, r
 @click.option("--progressive", type=int, default=None, help="K: also run every method with progressive training (train --progressive K).")
 @click.option("--target-loss", type=float, default=None, help="Loss for 'steps to reach' [default: the highest final loss among the runs].")
 @click.option("--smooth", type=int, default=10, help="Training losses are a trailing mean over this many steps.")
-@_from_options(InitOptions, TrainOptions, skip=("method", "progressive", "bitfit"),
+@_from_options(InitOptions, TrainOptions, skip=("method", "dora", "progressive", "bitfit"),
                help={"seed": "Seed for the SVDs, the Kaiming init, the data order and training.",
                      "device": "auto, cpu, cuda, cuda:N (SVDs and training).",
                      "eval_every": "Evaluate every N steps [default: a tenth of --max-steps]."})

@@ -25,8 +25,8 @@ MERGE_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST = "ailora-merge.json", "spec
 BITFIT_MANIFEST = "ailora-bitfit.json"
 MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST,
              BITFIT_MANIFEST)
-#: a decompose output's two directories
-RESIDUAL_DIR, ADAPTER_DIR = "residual", "adapter"
+#: a decompose output's two directories; `convert --dora exact` writes DORA_BASE_DIR and ADAPTER_DIR
+RESIDUAL_DIR, ADAPTER_DIR, DORA_BASE_DIR = "residual", "adapter", "base"
 RESIDUAL, ORIGINAL = "residual", "original"
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .check import VLLM_MAX_LORA_RANKS, check_adapter, vllm_max_lora_rank
-from ..errors import AiloraError, FormatError, InputNotFoundError, NumericsError
+from ..errors import AiloraError, FormatError, InputNotFoundError, NumericsError, OptionError
 from ..io.hashing import file_digest
 from ..architectures import match
 from ..options import at_least, choice
@@ -107,7 +107,8 @@ def compress(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, to
 def convert(
     trained: str | os.PathLike, out: str | os.PathLike, *, initial: str | os.PathLike | None = None,
     max_rank: int | None = None, tolerance: float | None = None, dtype: str = "float32", base: str | None = None,
-    overwrite: bool = False, server: str | None = None, max_lora_rank: int | None = None,
+    overwrite: bool = False, server: str | None = None, max_lora_rank: int | None = None, dora: str | None = None,
+    accept_error: bool = False, progress: bool = True,
 ) -> dict:
     """Write a PEFT LoRA directory that gives the trained model on the original (untouched) base.
 
@@ -123,6 +124,10 @@ def convert(
             lora_alpha = r, one rank it accepts, refusals). With a server, `trained` may also be a LoRA that already
             applies to the original model (no training manifest, no `initial`): then only the rules apply.
         max_lora_rank: with server "vllm", the server's --max-lora-rank (default 512): higher ranks re-compress.
+        dora: for a DoRA adapter, "exact" (OUT/base = D·W + OUT/adapter, the base no longer the original) or
+            "approximate" (truncated SVD of W' − W on the original; `max_rank` and/or `tolerance`); see
+            `adapters.dora.convert_dora`. accept_error: write an approximate conversion above `tolerance` anyway.
+        progress: show a tqdm bar (DoRA conversions, which read the base).
 
     Returns:
         Summary: rank, alpha, the vLLM `--max-lora-rank` needed, per-module and worst errors.
@@ -133,6 +138,17 @@ def convert(
     Example:
         >>> convert("trained", "lora", initial="out/adapter", max_rank=32)  # doctest: +SKIP
     """
+    if dora is not None:
+        from .dora import convert_dora
+
+        return convert_dora(trained, out, mode=dora, initial=initial, max_rank=max_rank, tolerance=tolerance,
+                            accept_error=accept_error, dtype=dtype, base=base, overwrite=overwrite,
+                            progress=progress)
+    if accept_error:
+        raise OptionError("--accept-error: only for --dora approximate")
+    if read_adapter(trained, strict=False).config.get("use_dora"):
+        raise OptionError(f"--trained {trained}: a DoRA adapter; choose --dora exact (a new base + LoRA, no error) or "
+                          "--dora approximate --max-rank R|--tolerance X (a LoRA on the original, error measured)")
     at_least("--max-rank", max_rank, 1)
     at_least("--tolerance", tolerance, 0)
     choice("--dtype", dtype, DTYPE_FLAGS)

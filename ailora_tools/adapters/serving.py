@@ -57,9 +57,10 @@ def refusals(adapter_dir: str | os.PathLike, config: dict, adapter: Adapter | No
                         "adapter", merge_fix(d))]
     found = []
     if config.get("use_dora"):
-        found.append(Finding("dora", "use_dora is true (DoRA)", "serve a model merged by PEFT (PeftModel.from_pretrained "
-                             "then merge_and_unload() and save_pretrained; `ailora-tools merge` does not apply DoRA's "
-                             "magnitudes), or train a plain LoRA"))
+        found.append(Finding("dora", "use_dora is true (DoRA)",
+                             "merge it (`ailora-tools merge BASE ADAPTER -o merged`), or convert it to a standard LoRA "
+                             "(`ailora-tools convert --trained ADAPTER -o OUT --dora exact`: a new base plus a LoRA, "
+                             "exact; or `--dora approximate --tolerance X`: a LoRA on the original, with measured error)"))
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         found.append(Finding("bias", f"bias is {config.get('bias')!r} / lora_bias {config.get('lora_bias')}: trained "
                              "biases are not LoRA weights", "merge the adapter with PEFT (merge_and_unload) and serve "

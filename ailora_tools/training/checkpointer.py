@@ -81,7 +81,7 @@ class Checkpointer:
         if isinstance(self.config, BitFit):
             self.config.restore(ckpt, self.model)
         else:
-            load_into(self.model, read_adapter(ckpt), source=ckpt)
+            load_into(self.model, read_adapter(ckpt, dora=True), source=ckpt)
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
         opt_state: dict[int, dict] = {}
         for key, value in tensors.items():
@@ -102,7 +102,7 @@ def write(directory: Path, model, config: dict | BitFit) -> list[Path]:
     if isinstance(config, BitFit):
         return config.write(directory, model)
     trained = adapter_of(model, config)
-    return write_adapter(directory, trained.config, trained.factors, extra=trained.extra)
+    return write_adapter(directory, trained.config, trained.factors, extra=trained.extra, magnitudes=trained.magnitudes)
 
 
 def tokens_per_s(records: list[dict]) -> float | None:

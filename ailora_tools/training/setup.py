@@ -73,7 +73,7 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
         check_bitfit(ckpt, base=base, adapter=adapter, bitfit=o.bitfit, progressive=o.progressive)
         initial, mode = None, None
     else:
-        initial = read_adapter(adapter)
+        initial = read_adapter(adapter, dora=True)
         initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config)
         mode = resolve_adapter_base(o.adapter_base, adapter)
         check_base(adapter, ckpt, flag="--base")

@@ -199,7 +199,7 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
 
     model, heads = load_task_model(task, base, labels=labels, dtype=dtype)
     cls, prefix = type(model).__name__, model.base_model_prefix
-    initial = read_adapter(adapter)
+    initial = read_adapter(adapter, dora=True)
     names = match(initial.factors, {n for n, _ in model.named_modules()}, prefix=prefix)
     if len(names) < len(initial.factors):
         lost = sorted(set(initial.factors) - set(names))
@@ -210,7 +210,8 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
     lora.update(target_modules=sorted(names.values()), modules_to_save=list(heads) or None,  # PEFT extends it
                 task_type=task.peft_task_type, inference_mode=False)
     peft_model = get_peft_model(model, LoraConfig(**lora))
-    renamed = dataclasses.replace(initial, factors={names[m]: f for m, f in initial.factors.items()})
+    renamed = dataclasses.replace(initial, factors={names[m]: f for m, f in initial.factors.items()},
+                                  magnitudes={names[m]: v for m, v in initial.magnitudes.items()})
     load_into(peft_model, renamed, source=adapter, extra=False)
     config = {**initial.config, "task_type": task.peft_task_type, "modules_to_save": heads or None}
     return peft_model, config, describe_task(task, model, heads, labels)
