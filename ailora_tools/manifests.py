@@ -21,9 +21,12 @@ SAMPLE_BYTES = 64 * 1024
 #: every output's manifest, written last (a directory without one is not complete); `verify` knows them all
 DECOMPOSE_MANIFEST, TRAIN_MANIFEST, CONVERT_MANIFEST = "ailora.json", "ailora-train.json", "ailora-convert.json"
 MERGE_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST = "ailora-merge.json", "spectrum.json", "compare.json"
-MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST)
-#: a decompose output's two directories
-RESIDUAL_DIR, ADAPTER_DIR = "residual", "adapter"
+#: `train --bitfit`'s output: trained bias terms (and a classification head), no adapter (`training.bitfit`)
+BITFIT_MANIFEST = "ailora-bitfit.json"
+MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST,
+             BITFIT_MANIFEST)
+#: a decompose output's two directories; `convert --dora exact` writes DORA_BASE_DIR and ADAPTER_DIR
+RESIDUAL_DIR, ADAPTER_DIR, DORA_BASE_DIR = "residual", "adapter", "base"
 RESIDUAL, ORIGINAL = "residual", "original"
 
 

@@ -93,6 +93,8 @@ class InitOptions(Options):
                              low=0)
     seed: int = option(0, "Seed for the randomized SVDs and the Kaiming init.")
     device: str = option("auto", "Where the SVDs run: auto, cpu, cuda, cuda:N.")
+    dora: bool = option(False, "DoRA (PEFT's use_dora): the adapter also holds a magnitude per output feature, set to "
+                        "the row norms of the base + s·B0·A0 so that step 0 reproduces the model.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +129,10 @@ class DecomposeOptions(InitOptions):
         super().__post_init__()
         if self.no_residual and self.residual_dtype is not None:
             raise OptionError("--residual-dtype: --no-residual writes no residual; drop one of the two")
+        if self.dora and self.no_residual and self.method != "lora":
+            raise OptionError(f"--dora: not with --no-residual for --method {self.method}: DoRA's norm is that of the "
+                              "base the adapter applies to, and PEFT would not subtract s·B0·A0 from it; drop "
+                              "--no-residual")
         if self.data is not None:
             self.data = os.fspath(self.data)
 
@@ -170,6 +176,8 @@ class TrainOptions(Options):
     text_pair_column: str | None = option(None, 'Column of the second text of a sentence pair [default: "text_b" '
                                           'with "text_a"].', metavar="NAME")
     label_column: str | None = option(None, 'Column of the label [default: "label"].', metavar="NAME")
+    bitfit: bool = option(False, "BitFit: train only the bias terms of --base (and a classification head), no "
+                          "--adapter; `merge BASE OUT` writes them into the model.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

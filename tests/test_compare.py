@@ -123,8 +123,8 @@ def test_progressive_runs_both_variants_and_lora_da_calibrates(setup, tmp_path):
 
 def test_bad_input_fails_before_any_run(tiny, setup, tmp_path):
     data = data_file("demo_train.jsonl")
-    with pytest.raises(OptionError, match="--methods lora,nosuch: give each once, from ailora, pissa, milora, lora"):
-        compare(setup / "base", data, tmp_path / "a", methods=["lora", "nosuch"])
+    with pytest.raises(OptionError, match="--methods lora,dora: give each once, from ailora, pissa, milora, lora"):
+        compare(setup / "base", data, tmp_path / "a", methods=["lora", "dora"])
     with pytest.raises(UnsupportedError, match="fused projection"):  # ailora on GPT-2, found before lora trains
         compare(tiny("gpt2"), data, tmp_path / "b", methods=["lora", "ailora"])
     res = CliRunner().invoke(main, ["compare", str(setup / "base"), "--data", str(tmp_path / "none.jsonl"),

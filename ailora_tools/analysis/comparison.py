@@ -40,6 +40,8 @@ CALIBRATION_SAMPLES = 64
 DEFAULT_METHODS = ("lora", "pissa", "milora", "ailora", "lora-da")
 #: --metric choices: what picks each method's learning rate (auto: accuracy, pearson for regression, or loss)
 METRICS = ("auto", "loss", *CLASSIFICATION, *REGRESSION)
+#: not an init method: `train --bitfit` on the model itself (no decompose; no progressive variant)
+BITFIT = "bitfit"
 
 
 def compare(
@@ -57,7 +59,7 @@ def compare(
         data: training data (as for `train`: JSONL, CSV, TSV, Parquet or a `datasets` directory).
         out: output directory; must be empty unless `resume` or `overwrite`.
         methods: init methods to compare (default: lora, pissa, milora, ailora, and lora-da when available and
-            the task is causal-lm).
+            the task is causal-lm), and "bitfit": `train(bitfit=True)` on the model itself, no decompose.
         progressive: K: also run every method with `train(progressive=K)` (runs named METHOD-progressiveK).
         target_loss: the loss for "steps to reach" (default: the highest final loss among the runs, which all
             of them reach; train and eval loss each get their own).
@@ -92,6 +94,7 @@ def compare(
         >>> compare("Qwen/Qwen2.5-0.5B", "train.jsonl", "cmp", eval_data="eval.jsonl", max_steps=300)  # doctest: +SKIP
     """
     from ..decomposition.pipeline import decompose
+    from ..training.bitfit import check_bitfit
     from ..training.tasks import resolve_task
     from ..training.trainer import CKPT_DIR, train
 
@@ -111,10 +114,10 @@ def compare(
     task = resolve_task(train_o.task, ckpt.config)
     default = [m for m in DEFAULT_METHODS if m in METHODS and (task.name == "causal-lm" or not METHODS[m].needs_data)]
     methods = list(methods) if methods is not None else default
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m != BITFIT]
     if not methods or unknown or len(set(methods)) != len(methods):
-        raise OptionError(f"--methods {','.join(methods)}: give each once, from {', '.join(METHODS)}")
-    calibrating = [m for m in methods if METHODS[m].needs_data]
+        raise OptionError(f"--methods {','.join(methods)}: give each once, from {', '.join([*METHODS, BITFIT])}")
+    calibrating = [m for m in methods if m != BITFIT and METHODS[m].needs_data]
     if calibrating and task.name != "causal-lm":
         raise OptionError(f"--methods {','.join(calibrating)}: calibrates a causal LM on --data; not with --task "
                           f"{task.name} (leave it out)")
@@ -131,11 +134,13 @@ def compare(
         if path is not None:  # every row, before any run (columns, labels)
             rows[flag] = check_rows(path, flag=flag, task=task.name, columns=train_o.columns, regression=regression)
     names = list(linear_modules(ckpt.tensors))
-    for m in methods:  # a role error in the last method would otherwise surface after the others have trained
+    for m in (m for m in methods if m != BITFIT):  # a role error in the last method would surface too late
         assign_roles(METHODS[m], list(init_o.targets), names, architecture(ckpt.config), init_o.roles)
+    if BITFIT in methods:  # a model without bias terms (Llama) is refused now, not after the other runs
+        check_bitfit(ckpt, base=model, adapter=None, bitfit=True, progressive=None)
     if train_o.eval_every is None and train_o.eval_data is not None and train_o.max_steps:
         train_o = TrainOptions.build(train_o, eval_every=max(1, train_o.max_steps // 10))
-    groups = [(m, None) for m in methods] + ([(m, progressive) for m in methods] if progressive else [])
+    groups = [(m, None) for m in methods] + ([(m, progressive) for m in methods if m != BITFIT] if progressive else [])
     runs = [(m, k, lr, seed) for m, k in groups for lr in lrs[m] for seed in (seeds or [None])]
     shared = {k: v for k, v in asdict(init_o).items() if k != "method"}
     settings = {"tool": __version__, "model": str(model), "source": ckpt.describe(), "data": str(Path(data).absolute()),
@@ -155,18 +160,21 @@ def compare(
             key = run_name(method, None, None, seed if len(seeds or ()) > 1 else None)  # shared by rates, K
             dec_dir, tr_dir = od.path / key / DECOMPOSED, od.path / name / TRAINED
             dec = od.finished(f"{key}/{DECOMPOSED}")
-            if dec is None:
+            if method == BITFIT:  # no decompose: the model's own bias terms train
+                dec = {"residual": None, "adapter": None, "seconds": 0.0}
+            elif dec is None:
                 calib = ({"data": data, "samples": min(CALIBRATION_SAMPLES, rows["--data"]),
                           "max_length": train_o.max_length}
                          if METHODS[method].needs_data else {})  # lora-da calibrates on the training data
                 seeded = {} if seed is None else {"seed": seed}
                 options = DecomposeOptions.build(None, **{**shared, **seeded}, method=method, revision=revision,
                                                  **calib)
-                dec = decompose(model, dec_dir, options, progress=progress, **_again(dec_dir))
+                dec = decompose(model, dec_dir, options=options, progress=progress, **_again(dec_dir))
                 od.mark_done(f"{key}/{DECOMPOSED}", dec)
             base = dec["residual"] or ckpt.root  # plain LoRA trains on the untouched model
             again = _again(tr_dir) if any((tr_dir / CKPT_DIR).glob("step-*/trainer_state.json")) else {"overwrite": True}
-            run_o = TrainOptions.build(train_o, progressive=k, lr=lr, **({} if seed is None else {"seed": seed}))
+            run_o = TrainOptions.build(train_o, progressive=k, lr=lr, bitfit=method == BITFIT,
+                                       **({} if seed is None else {"seed": seed}))
             tr = train(base, dec["adapter"], data, tr_dir, options=run_o, progress=progress, **again)
             record = {"run": name, "method": method, "progressive": k, "lr": lr, "seed": run_o.seed,
                       "decompose_seconds": dec["seconds"], "train_seconds": tr["seconds"],
