@@ -208,3 +208,14 @@ def test_a_bad_column_fails_before_any_model_loads(encoder, tmp_path):
     assert res.exit_code == 1 and res.output.strip().splitlines() == [
         f"error: --data {tmp_path / 't.tsv'}: no column 'text' (--text-column); its columns are 'sentence', 'label'"]
     assert not (tmp_path / "o").exists()
+
+
+def test_weight_decay_spares_biases_and_layer_norms_as_transformers_trainer_does():
+    from ailora_tools.training.setup import decay_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    model.add_module("frozen", torch.nn.Linear(2, 2).requires_grad_(False))
+    assert decay_groups(model, 0.0) == [model[0].weight, model[0].bias, model[1].weight, model[1].bias]
+    groups = decay_groups(model, 0.1)  # LayerNorms found by their type, as the Trainer finds them
+    assert [(g["params"], g["weight_decay"]) for g in groups] == [
+        ([model[0].weight], 0.1), ([model[0].bias, model[1].weight, model[1].bias], 0.0)]

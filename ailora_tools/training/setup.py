@@ -102,8 +102,21 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
         subtract_initial(model, Adapter(initial.config, {names[m]: f for m, f in initial.factors.items()}))
     params = [p for p in model.parameters() if p.requires_grad]
     hooks = [Progressive(model, stages=o.progressive, total_steps=total)] if o.progressive else []
-    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(decay_groups(model, o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
     scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps(total),
                               num_training_steps=total)
     return Run(o, task, ds, model, config, task_info, dev, autocast, mode, total, params, optimizer, scheduler,
                settings, hooks)
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """The trainable parameters as AdamW takes them: with weight decay, as transformers' Trainer (which LoRA's GLUE
+    scripts run) groups them, biases and LayerNorm weights without decay; without, one list."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not weight_decay:
+        return [p for _, p in trainable]
+    norms = {id(p) for m in model.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)}
+    exempt = {n for n, p in trainable if n.endswith("bias") or id(p) in norms}
+    groups = [{"params": [p for n, p in trainable if n not in exempt], "weight_decay": weight_decay},
+              {"params": [p for n, p in trainable if n in exempt], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
