@@ -1,10 +1,10 @@
 """The SVD methods against a float64 reference: converged exact path, its fallback, minor accuracy."""
-import pytest
 import torch
 
 from ailora_tools import svd
 from ailora_tools.svd import generator_for, triplets
 
+from bench_exact import powerlaw
 from synthetic import spiked
 
 
@@ -16,13 +16,6 @@ def projection(W, r, largest):
 
 def rel(a, b):
     return float((a - b).norm() / b.norm())
-
-
-def powerlaw(n, exponent, seed):
-    """n×n, random singular vectors, σ_i = i^-exponent."""
-    g = torch.Generator().manual_seed(seed)
-    U, V = (torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q for _ in range(2))
-    return ((U * torch.arange(1, n + 1, dtype=torch.float64) ** -exponent) @ V.T).float()
 
 
 def within_tolerance(W, t, r):
