@@ -30,7 +30,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # synthetic matrices live with the tests
-from synthetic import spiked  # noqa: E402
+from synthetic import powerlaw, spiked  # noqa: E402
 
 from ailora_tools.init.svd import generator_for, triplets  # noqa: E402
 
@@ -44,12 +44,6 @@ def minilm() -> dict[str, torch.Tensor] | None:
 
     tensors = load_file(os.path.join(os.path.dirname(spec.origin), "model", "model.safetensors"))
     return {k: v for k, v in tensors.items() if v.ndim == 2 and k.startswith(("encoder.", "pooler."))}
-
-
-def powerlaw(n: int, exponent: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    U, V = (torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q for _ in range(2))
-    return ((U * torch.arange(1, n + 1, dtype=torch.float64) ** -exponent) @ V.T).float()
 
 
 def kinds(names: list[str]) -> dict[str, dict[str, torch.Tensor]]:

@@ -4,8 +4,7 @@ import torch
 from ailora_tools.init import svd
 from ailora_tools.init.svd import generator_for, triplets
 
-from bench_exact import powerlaw
-from synthetic import spiked
+from synthetic import powerlaw, spiked
 
 
 def projection(W, r, largest):
