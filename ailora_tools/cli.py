@@ -492,7 +492,7 @@ def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, r
 @click.argument("model")
 @click.option("--data", required=True, type=click.Path(), help="Training data (as for train: JSONL, CSV, TSV, Parquet, a datasets directory).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory: one subdirectory per run, compare.md/json, plots.")
-@click.option("--methods", default=None, help="Comma-separated init methods, and bitfit (train --bitfit, no decompose) [default: lora,pissa,milora,ailora, and lora-da when available and the task is causal-lm].")
+@click.option("--methods", default=None, help="Comma-separated init methods; also bitfit (train --bitfit, no decompose), dora (plain DoRA) and METHOD+dora [default: lora,pissa,milora,ailora, and lora-da when available and the task is causal-lm].")
 @click.option("--progressive", type=int, default=None, help="K: also run every method with progressive training (train --progressive K).")
 @click.option("--target-loss", type=float, default=None, help="Loss for 'steps to reach' [default: the highest final loss among the runs].")
 @click.option("--smooth", type=int, default=10, help="Training losses are a trailing mean over this many steps.")

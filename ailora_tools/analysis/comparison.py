@@ -42,6 +42,16 @@ DEFAULT_METHODS = ("lora", "pissa", "milora", "ailora", "lora-da")
 METRICS = ("auto", "loss", *CLASSIFICATION, *REGRESSION)
 #: not an init method: `train --bitfit` on the model itself (no decompose; no progressive variant)
 BITFIT = "bitfit"
+#: "dora" is plain DoRA (`decompose --method lora --dora`); "METHOD+dora" is METHOD's init with DoRA's magnitudes
+DORA = "dora"
+
+
+def init_of(run_method: str) -> tuple[str, bool]:
+    """(init method, DoRA) of a compare method name: "dora" -> ("lora", True), "pissa+dora" -> ("pissa", True)."""
+    if run_method == DORA:
+        return "lora", True
+    method, plus, rest = run_method.partition("+")
+    return method, bool(plus) and rest == DORA
 
 
 def compare(
@@ -59,7 +69,8 @@ def compare(
         data: training data (as for `train`: JSONL, CSV, TSV, Parquet or a `datasets` directory).
         out: output directory; must be empty unless `resume` or `overwrite`.
         methods: init methods to compare (default: lora, pissa, milora, ailora, and lora-da when available and
-            the task is causal-lm), and "bitfit": `train(bitfit=True)` on the model itself, no decompose.
+            the task is causal-lm), and "bitfit": `train(bitfit=True)` on the model itself, no decompose; "dora":
+            plain DoRA, and "METHOD+dora" (e.g. "pissa+dora"): that init with DoRA's magnitudes.
         progressive: K: also run every method with `train(progressive=K)` (runs named METHOD-progressiveK).
         target_loss: the loss for "steps to reach" (default: the highest final loss among the runs, which all
             of them reach; train and eval loss each get their own).
@@ -114,10 +125,11 @@ def compare(
     task = resolve_task(train_o.task, ckpt.config)
     default = [m for m in DEFAULT_METHODS if m in METHODS and (task.name == "causal-lm" or not METHODS[m].needs_data)]
     methods = list(methods) if methods is not None else default
-    unknown = [m for m in methods if m not in METHODS and m != BITFIT]
+    unknown = [m for m in methods if m != BITFIT and (init_of(m)[0] not in METHODS or "+" in m and not init_of(m)[1])]
     if not methods or unknown or len(set(methods)) != len(methods):
-        raise OptionError(f"--methods {','.join(methods)}: give each once, from {', '.join([*METHODS, BITFIT])}")
-    calibrating = [m for m in methods if m != BITFIT and METHODS[m].needs_data]
+        raise OptionError(f"--methods {','.join(methods)}: give each once, from {', '.join([*METHODS, BITFIT, DORA])} "
+                          "(METHOD+dora for an init with DoRA)")
+    calibrating = [m for m in methods if m != BITFIT and METHODS[init_of(m)[0]].needs_data]
     if calibrating and task.name != "causal-lm":
         raise OptionError(f"--methods {','.join(calibrating)}: calibrates a causal LM on --data; not with --task "
                           f"{task.name} (leave it out)")
@@ -135,7 +147,7 @@ def compare(
             rows[flag] = check_rows(path, flag=flag, task=task.name, columns=train_o.columns, regression=regression)
     names = list(linear_modules(ckpt.tensors))
     for m in (m for m in methods if m != BITFIT):  # a role error in the last method would surface too late
-        assign_roles(METHODS[m], list(init_o.targets), names, architecture(ckpt.config), init_o.roles)
+        assign_roles(METHODS[init_of(m)[0]], list(init_o.targets), names, architecture(ckpt.config), init_o.roles)
     if BITFIT in methods:  # a model without bias terms (Llama) is refused now, not after the other runs
         check_bitfit(ckpt, base=model, adapter=None, bitfit=True, progressive=None)
     if train_o.eval_every is None and train_o.eval_data is not None and train_o.max_steps:
@@ -165,9 +177,11 @@ def compare(
             elif dec is None:
                 calib = ({"data": data, "samples": min(CALIBRATION_SAMPLES, rows["--data"]),
                           "max_length": train_o.max_length}
-                         if METHODS[method].needs_data else {})  # lora-da calibrates on the training data
+                         if METHODS[init_of(method)[0]].needs_data else {})  # lora-da calibrates on the training data
+                method_, dora = init_of(method)
                 seeded = {} if seed is None else {"seed": seed}
-                options = DecomposeOptions.build(None, **{**shared, **seeded}, method=method, revision=revision,
+                options = DecomposeOptions.build(None, **{**shared, **seeded, "method": method_, "dora": dora},
+                                                 revision=revision,
                                                  **calib)
                 dec = decompose(model, dec_dir, options=options, progress=progress, **_again(dec_dir))
                 od.mark_done(f"{key}/{DECOMPOSED}", dec)
