@@ -1,4 +1,8 @@
-"""Module names as a checkpoint stores them and as the model class users load names them.
+"""Architectures: what a checkpoint's model class was made for, and module names as the class users load names them.
+
+What a class is for is data (`HEADS`): the suffix of the class name config.json's `architectures` records gives
+the training task (`saved_task`), PEFT's task type (`peft_task_type`) and the Auto class that loads it
+(`auto_class`). Every module that asks "is this a classifier?" or "which PEFT task?" asks here.
 
 A task model holds its base model under the class's `base_model_prefix`: BertForSequenceClassification and
 BertForMaskedLM name a module `bert.encoder.layer.0.attention.self.query`, while a bare BertModel checkpoint
@@ -11,6 +15,46 @@ prefix each carries.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+
+CAUSAL_LM, MASKED_LM, CLASSIFY = "causal-lm", "masked-lm", "sequence-classification"
+
+#: class-name suffix -> (training task, PEFT task type, transformers Auto class); the first suffix found wins
+HEADS: tuple[tuple[str, str | None, str | None, str], ...] = (
+    ("ForSequenceClassification", CLASSIFY, "SEQ_CLS", "AutoModelForSequenceClassification"),
+    ("ForCausalLM", CAUSAL_LM, "CAUSAL_LM", "AutoModelForCausalLM"),
+    ("LMHeadModel", CAUSAL_LM, None, "AutoModelForCausalLM"),  # GPT-2: PEFT's task type stays unset, as saved
+    ("ForConditionalGeneration", CAUSAL_LM, None, "AutoModelForCausalLM"),
+    ("ForMaskedLM", MASKED_LM, None, "AutoModelForMaskedLM"),
+    ("ForPreTraining", MASKED_LM, None, "AutoModelForMaskedLM"),  # BERT's pre-training head holds the MLM head
+    ("ForTokenClassification", None, "TOKEN_CLS", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", None, "QUESTION_ANS", "AutoModelForQuestionAnswering"),
+)
+
+
+def _head(config) -> tuple | None:
+    names = config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
+    arch = " ".join(names or [])
+    return next((row for row in HEADS if row[0] in arch), None)
+
+
+def saved_task(config) -> str | None:
+    """The task the model in `config` (a config.json dict or a transformers config) was saved for, if known.
+
+    Example:
+        >>> saved_task({"architectures": ["BertForSequenceClassification"]})
+        'sequence-classification'
+    """
+    return (_head(config) or (None, None))[1]
+
+
+def peft_task_type(config) -> str | None:
+    """PEFT's task type for an adapter on the model in `config` ("CAUSAL_LM", "SEQ_CLS", ...), or None."""
+    return (_head(config) or (None, None, None))[2]
+
+
+def auto_class(peft_task: str | None) -> str | None:
+    """The transformers Auto class an adapter of PEFT task type `peft_task` applies to, or None."""
+    return next((row[3] for row in HEADS if peft_task and row[2] == peft_task), None)
 
 
 def base_model_prefix(config: dict) -> str | None:

@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
+from .architectures import CAUSAL_LM, CLASSIFY, MASKED_LM
 from .errors import OptionError
 
 SVD_MODES = ("exact", "randomized")
@@ -19,7 +20,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULERS = ("cosine", "linear", "constant")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 ADAPTER_BASES = ("auto", "residual", "original")
-TASKS = ("auto", "causal-lm", "masked-lm", "sequence-classification")
+TASKS = ("auto", CAUSAL_LM, MASKED_LM, CLASSIFY)
 
 
 def option(default, help: str, *, low: float | None = None, above: float | None = None, choices=None,

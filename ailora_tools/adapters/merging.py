@@ -29,7 +29,7 @@ from ..distributed import is_worker
 from .conversion import task_record
 from ..init.dora import merged_weight
 from ..errors import TargetError, UnsupportedError
-from ..architectures import base_model_prefix, match
+from ..architectures import CLASSIFY, base_model_prefix, match, saved_task
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, read_adapter
 from ..manifests import MERGE_MANIFEST, check_base
@@ -143,7 +143,7 @@ def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[d
         bare = prefix and not any(n.startswith(prefix + ".") for n in tensors)
         renamed = {n: f"{prefix}.{n}" for n in tensors} if bare else {}
         return replaced, added, renamed, {**ckpt.config, **record["config"]}
-    if "ForSequenceClassification" not in " ".join(ckpt.config.get("architectures") or []):
+    if saved_task(ckpt.config) != CLASSIFY:
         raise TargetError(f"{adapter}: has modules_to_save {lora.config.get('modules_to_save')} but no "
                           "ailora-train.json or ailora-convert.json recording their class and labels, and the base "
                           f"{base} is no sequence-classification model; merge an adapter trained or converted by "

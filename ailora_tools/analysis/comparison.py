@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..architectures import CAUSAL_LM
 from .. import __version__
 from ..io.checkpoint import Checkpoint
 from ..errors import OptionError
@@ -123,14 +124,14 @@ def compare(
     train_o = TrainOptions.build(training, **{k: v for k, v in settings.items() if k in TrainOptions.defaults()})
     ckpt = Checkpoint.open(model, revision=revision)
     task = resolve_task(train_o.task, ckpt.config)
-    default = [m for m in DEFAULT_METHODS if m in METHODS and (task.name == "causal-lm" or not METHODS[m].needs_data)]
+    default = [m for m in DEFAULT_METHODS if m in METHODS and (task.name == CAUSAL_LM or not METHODS[m].needs_data)]
     methods = list(methods) if methods is not None else default
     unknown = [m for m in methods if m != BITFIT and (init_of(m)[0] not in METHODS or "+" in m and not init_of(m)[1])]
     if not methods or unknown or len(set(methods)) != len(methods):
         raise OptionError(f"--methods {','.join(methods)}: give each once, from {', '.join([*METHODS, BITFIT, DORA])} "
                           "(METHOD+dora for an init with DoRA)")
     calibrating = [m for m in methods if m != BITFIT and METHODS[init_of(m)[0]].needs_data]
-    if calibrating and task.name != "causal-lm":
+    if calibrating and task.name != CAUSAL_LM:
         raise OptionError(f"--methods {','.join(calibrating)}: calibrates a causal LM on --data; not with --task "
                           f"{task.name} (leave it out)")
     lrs = parse_lrs(lr_spec, methods, train_o.lr)

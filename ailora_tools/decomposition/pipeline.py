@@ -121,10 +121,11 @@ def decompose(
                 hashes.add("source", name, p)
             results, ran_on = _factors_only(ckpt, jobs, init, params, context, device, progress)
             base = ckpt.name_or_path
-        from ..io.peft_adapter import lora_config, task_type, write_adapter
+        from ..architectures import peft_task_type
+        from ..io.peft_adapter import lora_config, write_adapter
 
         config = lora_config(rank=o.rank, alpha=alpha, targets=[j.module.rsplit(".", 1)[-1] for j in jobs],
-                             rslora=o.rslora, base=base, task_type=task_type(ckpt.config),
+                             rslora=o.rslora, base=base, task_type=peft_task_type(ckpt.config),
                              fan_in_fan_out=any(j.transposed for j in jobs), dora=o.dora)
         factors = {m: f for m, (f, _) in results.items()}
         magnitudes = None

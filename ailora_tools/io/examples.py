@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
+from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM
 from ..errors import FormatError
 from . import tables
 
@@ -81,7 +82,7 @@ class LabeledExample:
     label: int | float
 
 
-def check_rows(path: str | Path, *, flag: str = "--data", task: str = "causal-lm", columns: Columns | None = None,
+def check_rows(path: str | Path, *, flag: str = "--data", task: str = CAUSAL_LM, columns: Columns | None = None,
                regression: bool = False) -> int:
     """Check a JSONL file's shape without a tokenizer, so bad data fails in a second, before any model loads:
     every line an object of one of the causal-LM shapes, {"text"} for masked-lm, or a labeled row (one label
@@ -90,11 +91,11 @@ def check_rows(path: str | Path, *, flag: str = "--data", task: str = "causal-lm
     Raises:
         InputNotFoundError: no such file. FormatError: a bad line, naming its line number; no rows.
     """
-    if task == "sequence-classification":
+    if task == CLASSIFY:
         return len(read_labeled(path, flag=flag, columns=columns, regression=regression))
     n = 0
     for lineno, row in _rows(path, flag, columns):
-        (_masked_shape if task == "masked-lm" else _shape)(row, path, lineno)
+        (_masked_shape if task == MASKED_LM else _shape)(row, path, lineno)
         n += 1
     if not n:
         raise FormatError(f"{flag} {path}: no examples (the file is empty)")

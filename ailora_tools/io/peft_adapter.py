@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..architectures import auto_class
 from ..errors import FormatError, InputNotFoundError, UnsupportedError
 
 CONFIG_NAME = "adapter_config.json"
@@ -112,23 +113,12 @@ def lora_config(
     }
 
 
-def task_type(config: dict) -> str | None:
-    """PEFT task type from a model config's `architectures`."""
-    arch = " ".join(config.get("architectures") or [])
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
-        if suffix in arch:
-            return task
-    return None
-
-
 def model_class(task: str | None, config=None):
     """The transformers class an adapter of PEFT task type `task` applies to: the task's Auto class, else the
     class config.json's `architectures` names, else AutoModel."""
     import transformers
 
-    name = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
-            "TOKEN_CLS": "AutoModelForTokenClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering"}.get(task or "")
+    name = auto_class(task)
     named = (getattr(config, "architectures", None) or [None])[0]
     if name is None and named and hasattr(transformers, named):
         return getattr(transformers, named)

@@ -59,7 +59,7 @@ def get_ailora_model(
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
-    from ..io.peft_adapter import task_type
+    from ..architectures import peft_task_type
     from ..devices import resolve_device
 
     o = InitOptions.build(options, **settings)
@@ -80,7 +80,7 @@ def get_ailora_model(
     suffixes = sorted({m.rsplit(".", 1)[-1] for m in role_of})
     exact = {m for m in layers if any(matches(m, s) for s in suffixes)} == set(role_of)
     lora = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=suffixes if exact else sorted(role_of),
-                      lora_dropout=lora_dropout, bias="none", init_lora_weights=True, task_type=task_type(config),
+                      lora_dropout=lora_dropout, bias="none", init_lora_weights=True, task_type=peft_task_type(config),
                       fan_in_fan_out=any(is_transposed(m, arch) for m in role_of), use_dora=o.dora)
     peft_model = get_peft_model(model, lora, adapter_name=adapter_name)
     params = Settings(rank, lora_scale(rank, alpha, rslora), o.svd, o.niter, o.oversample, o.seed)

@@ -22,14 +22,15 @@ from typing import Callable
 
 import torch
 
+from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM, saved_task
+from ..options import TASKS as TASK_CHOICES
 from ..io.examples import (IGNORE, Columns, LabeledRow, collate, collate_labeled, load_jsonl, load_masked_jsonl,
                            read_labeled, tokenize_labeled)
 from ..errors import FormatError, TargetError, UnsupportedError
 from ..architectures import match
 from ..io.peft_adapter import load_into, read_adapter
 
-CLASSIFY = "sequence-classification"
-CHOICES = ("auto", "causal-lm", "masked-lm", CLASSIFY)
+CHOICES = TASK_CHOICES
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,11 @@ class Task:
         """How many terms the batch's mean loss averages: examples, or tokens with a label (shifted for causal LM)."""
         if self.classifies:
             return labels.numel()
-        return int(((labels[:, 1:] if self.name == "causal-lm" else labels) != IGNORE).sum())
+        return int(((labels[:, 1:] if self.name == CAUSAL_LM else labels) != IGNORE).sum())
 
 
-TASKS = {t.name: t for t in (Task("causal-lm", "AutoModelForCausalLM", "CAUSAL_LM"),
-                             Task("masked-lm", "AutoModelForMaskedLM", None),
+TASKS = {t.name: t for t in (Task(CAUSAL_LM, "AutoModelForCausalLM", "CAUSAL_LM"),
+                             Task(MASKED_LM, "AutoModelForMaskedLM", None),
                              Task(CLASSIFY, "AutoModelForSequenceClassification", "SEQ_CLS"))}
 
 
@@ -66,16 +67,11 @@ def resolve_task(name: str, config: dict) -> Task:
         raise TargetError(f"--task {name!r}: choose one of {', '.join(CHOICES)}")
     if name != "auto":
         return TASKS[name]
-    arch = " ".join(config.get("architectures") or [])
-    if "ForSequenceClassification" in arch:
-        return TASKS[CLASSIFY]
-    if "ForMaskedLM" in arch or "ForPreTraining" in arch:
-        return TASKS["masked-lm"]
-    if "ForCausalLM" in arch or "LMHeadModel" in arch or "ForConditionalGeneration" in arch:
-        return TASKS["causal-lm"]
+    if (saved := saved_task(config)) in TASKS:
+        return TASKS[saved]
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    return TASKS["masked-lm" if config.get("model_type") in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "causal-lm"]
+    return TASKS[MASKED_LM if config.get("model_type") in MODEL_FOR_MASKED_LM_MAPPING_NAMES else CAUSAL_LM]
 
 
 @dataclass
@@ -116,7 +112,7 @@ def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike 
         return Data(tokenize_labeled(rows, tokenizer, ids, max_length=max_length),
                     tokenize_labeled(eval_rows, tokenizer, ids, max_length=max_length),
                     lambda batch: collate_labeled(batch, pad_id), labels)
-    if task.name == "masked-lm":
+    if task.name == MASKED_LM:
         if tokenizer.mask_token_id is None:
             raise TargetError(f"--task masked-lm: the tokenizer of {base} has no mask token")
         load = lambda path, s: load_masked_jsonl(path, tokenizer, max_length=max_length, seed=s,  # noqa: E731
@@ -182,7 +178,7 @@ def _kind(label) -> str:
 
 def _head_labels(config: dict) -> list[str] | None:
     """The label names of the classification head a checkpoint already has, or None."""
-    if "ForSequenceClassification" not in " ".join(config.get("architectures") or []):
+    if saved_task(config) != CLASSIFY:
         return None
     id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
     return [id2label[k] for k in sorted(id2label, key=int)]
