@@ -242,9 +242,10 @@ def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, 
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output model directory.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="dtype of merged weights (default: as stored).")
 @click.option("--revision", default=None, help="Hub revision of BASE.")
+@click.option("--force", is_flag=True, help="Use this base although its weights are not those the adapter's manifest records (a warning in the output's manifest).")
 @_rewrite_options
 @_fail_cleanly
-def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, as_json, quiet):
+def merge(base, adapter, out, dtype, revision, force, allow_pickle, overwrite, resume, as_json, quiet):
     """Merge ADAPTER into BASE (W + s·B·A in float32), streaming shard by shard.
 
     Under torchrun (as for decompose) rank 0 merges alone: a merged matrix costs less than sending it."""
@@ -252,7 +253,7 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
     from .adapters.merging import merge as run
 
     summary = run(base, adapter, out, dtype=dtype, revision=revision, allow_pickle=allow_pickle, overwrite=overwrite,
-                  resume=resume, progress=_progress(quiet or as_json))
+                  resume=resume, progress=_progress(quiet or as_json), force=force)
     if "worker" not in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
         _print_summary(summary, as_json, f"merged {summary['modules']} modules into {summary['output']}")
 
@@ -292,11 +293,12 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 @click.option("--task", type=click.Choice(["auto", "causal-lm", "masked-lm", "sequence-classification"]), default="auto",
               help="What to train for; auto: what the base was saved for (its config's architectures; a bare encoder: masked-lm).")
 @click.option("--num-labels", type=int, default=None, help="Classes of a new classification head (default: from the labels).")
+@click.option("--force", is_flag=True, help="Use this base although its weights are not those the adapter's manifest records (a warning in the output's manifest).")
 @_output_options
 @_fail_cleanly
 def train(base, adapter, data, out, eval_data, epochs, max_steps, lr, batch_size, grad_accum, max_length, warmup,
           scheduler, seed, save_every, eval_every, resume, device, dtype, tokenizer, progressive, adapter_base,
-          task, num_labels, overwrite, as_json, quiet):
+          task, num_labels, force, overwrite, as_json, quiet):
     """Train the adapter on its frozen base (the residual, or the original model for --no-residual adapters);
     only the LoRA factors learn (and a classification head)."""
     from .training.trainer import train as run
@@ -306,7 +308,7 @@ def train(base, adapter, data, out, eval_data, epochs, max_steps, lr, batch_size
                   scheduler=scheduler, seed=seed, save_every=save_every, eval_every=eval_every, resume=resume,
                   device=device, dtype=dtype, tokenizer=tokenizer, progressive=progressive,
                   adapter_base=adapter_base, task=task, num_labels=num_labels, overwrite=overwrite,
-                  progress=_progress(quiet or as_json))
+                  progress=_progress(quiet or as_json), force=force)
     _print_summary(summary, as_json, f"trained {summary['steps']} steps into {summary['output']}")
     if "progressive" in summary and not as_json:
         for s in summary["progressive"]["stages"]:
@@ -363,13 +365,14 @@ def verify(out, no_reconstruction, as_json):
 @click.option("-o", "--out", required=True, type=click.Path(), help="The .gguf file to write.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", help="Tensor type (q8_0 where rows are multiples of 32, else f16).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@click.option("--force", is_flag=True, help="Use this base although its weights are not those the adapter's manifest records (a warning in the output's manifest).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_fail_cleanly
-def export_gguf(lora, base, out, outtype, overwrite, as_json):
+def export_gguf(lora, base, out, outtype, overwrite, force, as_json):
     """Export LORA (a PEFT LoRA on the original base) as a llama.cpp LoRA adapter GGUF."""
     from .adapters.gguf_export import export_gguf as run
 
-    summary = run(lora, base, out, outtype=outtype, overwrite=overwrite)
+    summary = run(lora, base, out, outtype=outtype, overwrite=overwrite, force=force)
     _print_summary({k: v for k, v in summary.items() if k != "types"}, as_json, f"wrote {summary['output']}")
 
 

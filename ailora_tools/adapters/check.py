@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import InputNotFoundError, NumericsError
 from ..io.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from ..manifests import RESIDUAL, base_of
+from ..manifests import RESIDUAL, base_of, base_problem_dir
 
 #: linear modules vLLM serves LoRA on for Llama-, Mistral- and Qwen2-style models
 VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
@@ -64,6 +64,8 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
         found.append(Finding("bias", f"bias is {cfg.get('bias')!r} / lora_bias {cfg.get('lora_bias')}",
                              'train with bias="none" and lora_bias=False, or merge the adapter'))
+    if base is not None and (problem := base_problem_dir(d, base)) is not None:
+        found.append(Finding("base", problem, "the adapter was made for another model (see above)"))
     if target == "peft":
         return found + _peft_load(d, cfg, base)
     if base_of(d).offset:

@@ -78,6 +78,9 @@ def resolve_targets(targets: list[str], modules: list[str], arch: Architecture) 
     Raises:
         TargetError: a target matches no module; the message lists the module names that exist.
     """
+    if not targets:
+        raise TargetError("--targets: no module names given; pass comma-separated module-name suffixes, e.g. "
+                          "--targets q_proj,v_proj")
     resolved = {}
     for t in targets:
         name = t if any(matches(m, t) for m in modules) else arch.aliases.get(t, t)

@@ -32,7 +32,7 @@ from ..options import at_least, choice, positive
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, adapter_of, load_into, read_adapter, write_adapter
 from .progressive import Progressive
-from ..manifests import TRAIN_MANIFEST, check_base
+from ..manifests import TRAIN_MANIFEST, check_base, train_identity
 from ..devices import resolve_device
 from .tasks import evaluate as run_eval
 from .tasks import load_data, load_model, resolve_task
@@ -50,7 +50,7 @@ def train(
     seed: int = 0, save_every: int | None = None, eval_every: int | None = None, resume: bool = False,
     device: str = "auto", dtype: str = "auto", tokenizer: str | os.PathLike | None = None,
     progressive: int | None = None, adapter_base: str = "auto", task: str = "auto", num_labels: int | None = None,
-    overwrite: bool = False, progress: bool = True,
+    overwrite: bool = False, progress: bool = True, force: bool = False,
 ) -> dict:
     """Train `adapter` on the frozen `base` and write a PEFT adapter directory to `out`.
 
@@ -73,6 +73,8 @@ def train(
             "original" (base + s(B·A − B0·A0), exact; `base` must be the original model).
         task: causal-lm, masked-lm, sequence-classification, or auto (what the base was saved for; `tasks`).
         num_labels: classes of a new classification head (default: from the labels).
+        force: train although `base` is not the model the adapter's manifests record (a warning in the output's
+            manifest); without it that is refused.
 
     Returns:
         Summary: steps, first and last training loss, eval loss (and accuracy for classification), tokens/s,
@@ -106,7 +108,7 @@ def train(
     initial = read_adapter(adapter)
     initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config)
     mode = resolve_adapter_base(adapter_base, adapter)
-    check_base(adapter, ckpt, flag="--base")
+    warning = check_base(adapter, ckpt, flag="--base", force=force)
     tok, pad_id = load_tokenizer(tokenizer or base, flag="--tokenizer" if tokenizer else "--base")
     ds = load_data(job, data, eval_data, tok, pad_id=pad_id, config=ckpt.config, base=base, max_length=max_length,
                    seed=seed, num_labels=num_labels)
@@ -120,7 +122,7 @@ def train(
                 "tokenizer": str(tokenizer) if tokenizer else None, "progressive": progressive,
                 # "residual": trained as base + s·B·A; "original": as base + s(B·A − B0·A0), what convert writes
                 "adapter_base": mode, "mode": "exact" if mode == "original" else "residual",
-                "task": job.name, "labels": ds.labels}
+                "task": job.name, "labels": ds.labels, **train_identity(adapter, ckpt, mode, data, eval_data, warning)}
     torch.manual_seed(seed)  # a new classification head is initialised from it
     # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
     model, config, task_info = load_model(job, base, adapter, labels=ds.labels,
