@@ -11,12 +11,16 @@ from typing import NoReturn
 import click
 
 from . import __version__
-from .errors import AiloraError
-from .init import METHODS
+from .console import logged_bars, one_line_warnings
 
 # Idle OpenMP threads sleep instead of spinning: the SVDs alternate with copy and hash threads, and on few
 # cores spinning threads take their CPU (about 1.4 CPU-s of 7 on the 1.1B benchmark). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+logged_bars()  # before anything imports tqdm (ailora_tools.init does): it reads its settings from the environment then
+one_line_warnings()
+
+from .errors import AiloraError  # noqa: E402
+from .init import METHODS  # noqa: E402
 
 
 def _progress(quiet: bool) -> bool:
@@ -449,7 +453,7 @@ def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, r
 
     summary = run(model, out, targets=[t.strip() for t in targets.split(",") if t.strip()], rank=rank,
                   adapter=adapter, initial=initial, plot_layers=plot_layers, device=device, revision=revision,
-                  allow_pickle=allow_pickle, overwrite=overwrite, progress=not (quiet or as_json))
+                  allow_pickle=allow_pickle, overwrite=overwrite, progress=_progress(quiet or as_json))
     _print_summary(summary, as_json, f"spectra of {summary['modules']} modules in {summary['output']}")
     if not as_json:
         width = max(len(r["module"]) for r in summary["rows"])
@@ -508,7 +512,7 @@ def compare(model, data, out, eval_data, methods, progressive, target_loss, smoo
                   oversample=oversample, seed=seed, device=device, max_steps=max_steps, epochs=epochs, lr=lr,
                   batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
                   scheduler=scheduler, eval_every=eval_every, save_every=save_every, dtype=dtype, revision=revision,
-                  resume=resume, overwrite=overwrite, progress=not (quiet or as_json))
+                  resume=resume, overwrite=overwrite, progress=_progress(quiet or as_json))
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
     else:

@@ -65,11 +65,15 @@ class BaseOf:
                 "original": part[ORIGINAL], "residual": part[RESIDUAL] if self.residual else None}
 
     @classmethod
-    def from_block(cls, block: dict, **kw) -> "BaseOf":
+    def from_block(cls, block: dict, *, root: Path | None = None, **kw) -> "BaseOf":
+        """From an `applies_to` block; a relative model path is relative to `root` (decompose's own residual)."""
         samples = {k: (block.get(k) or {}).get("samples") or {} for k in (ORIGINAL, RESIDUAL)}
         samples[block["kind"]] = block.get("samples") or samples[block["kind"]]
-        return cls(block["kind"], residual=(block.get(RESIDUAL) or {}).get("model"),
-                   original=(block.get(ORIGINAL) or {}).get("model"), samples=samples, **kw)
+        residual = (block.get(RESIDUAL) or {}).get("model")
+        if residual is not None and root is not None and not Path(residual).is_absolute():
+            residual = str(root / residual)
+        return cls(block["kind"], residual=residual, original=(block.get(ORIGINAL) or {}).get("model"),
+                   samples=samples, **kw)
 
 
 def sample(data) -> str:
@@ -105,7 +109,8 @@ def fingerprints(ckpt, tensors=None) -> dict[str, str]:
 
 
 def decompose_identity(modules: dict[str, dict], *, original: str, residual: str | None, kind: str) -> dict:
-    """The `applies_to` block of decompose's adapter, from its per-module manifest stats."""
+    """The `applies_to` block of decompose's adapter, from its per-module manifest stats; `residual` relative to the
+    output directory ("residual"), so that the manifest does not depend on where the output lies."""
     chosen = pick(s["tensor"] for s in modules.values() if "source_sample" in s)
     by_tensor = {s["tensor"]: s for s in modules.values()}
     samples = {ORIGINAL: {t: by_tensor[t]["source_sample"] for t in chosen}}
@@ -161,7 +166,7 @@ def base_of(adapter: str | os.PathLike) -> BaseOf:
         m = read(d.parent / DECOMPOSE_MANIFEST)
         where = str(d.parent / DECOMPOSE_MANIFEST)
         if m.get("applies_to"):
-            return BaseOf.from_block(m["applies_to"], method=m.get("method"), manifest=where)
+            return BaseOf.from_block(m["applies_to"], root=d.parent, method=m.get("method"), manifest=where)
         kind = m.get("adapter_base") or (ORIGINAL if m.get("method") == "lora" else RESIDUAL)
         stats = [s for s in m.get("modules", {}).values() if "source_sample" in s]
         samples = {ORIGINAL: {s["tensor"]: s["source_sample"] for s in stats},

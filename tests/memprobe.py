@@ -19,7 +19,7 @@ import torch  # noqa: F401  (imported before the baseline, as any caller would h
 
 from ailora_tools import decompose
 from ailora_tools.io import hashing
-from ailora_tools.init.svd import resolve_device
+from ailora_tools.devices import resolve_device
 
 
 def status(field: str) -> int:

@@ -2,7 +2,10 @@
 every command that puts an adapter on a base checks it. One test (or more) per item of the issue, and a property
 test over (model, adapter) pairs from two models of equal shapes and both bases."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from ailora_tools.adapters import check_adapter, convert, export_gguf, merge
 from ailora_tools.cli import main
 from ailora_tools.decomposition import decompose
 from ailora_tools.demo import build_tiny_model, data_file
-from ailora_tools.errors import OptionError, TargetError
+from ailora_tools.errors import AiloraError, OptionError, TargetError
 from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.manifests import base_of, check_base
 from ailora_tools.training import train
@@ -21,6 +24,7 @@ from ailora_tools.verify import verify
 from conftest import killed_at_update
 
 MODELS = ("A", "B")
+ROOT = Path(__file__).parent.parent
 
 
 def cli(*args):
@@ -270,3 +274,85 @@ def test_an_output_that_is_a_file_is_refused(two, tmp_path):
                    "directory")
     assert (tmp_path / "f").read_text() == "mine"
 
+
+
+# 8. get_ailora_model: a classification head left frozen and unsaved, a string of targets, a PeftModel, flag names
+def test_get_ailora_model_trains_and_saves_a_new_classification_head(tmp_path):
+    from safetensors import safe_open
+    from transformers import BertForSequenceClassification
+
+    from ailora_tools import get_ailora_model
+    from conftest import make_config
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(make_config("bert"))  # built from a config: no `architectures` yet
+    peft = get_ailora_model(model, targets="query,value", rank=4, progress=False)
+    config = peft.peft_config["default"]
+    assert config.task_type == "SEQ_CLS" and "classifier" in config.modules_to_save
+    assert set(config.target_modules) == {"query", "value"}
+    trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
+    assert any("classifier" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    peft.save_pretrained(tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
+        assert any("classifier" in k for k in f.keys())
+
+
+def test_get_ailora_model_errors_name_its_arguments():
+    from transformers import LlamaForCausalLM
+
+    from ailora_tools import get_ailora_model
+    from ailora_tools.errors import UnsupportedError
+    from conftest import make_config
+
+    model = LlamaForCausalLM(make_config("llama"))
+    for kwargs, needle in (({"targets": "q_proj,nope"}, "targets: 'nope' matches no module"),
+                           ({"rank": 0}, "rank 0: must be at least 1"), ({"method": "x"}, "method 'x'"),
+                           ({"roles": {"q_proj": "big"}}, "roles q_proj=big")):
+        with pytest.raises(AiloraError) as e:
+            get_ailora_model(model, progress=False, **kwargs)
+        assert needle in str(e.value) and "--" not in str(e.value), e.value
+    peft = get_ailora_model(model, method="pissa", targets="q_proj,k_proj", rank=4, progress=False)
+    assert set(peft.peft_config["default"].target_modules) == {"q_proj", "k_proj"}
+    with pytest.raises(UnsupportedError, match="already holds PEFT adapter layers") as e:
+        get_ailora_model(peft, rank=4, progress=False)
+    assert "base_layer" not in str(e.value)
+
+
+# 9. progress bars in a log: at most every 30 s; compare --quiet: no library chatter
+def _run_cli(*args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "ailora_tools.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+
+
+def test_progress_bars_in_a_log_redraw_rarely(two, tmp_path):
+    res = _run_cli("train", "--base", two["A"]["residual"], "--adapter", two["A"]["initial"], "--data",
+                   data_file("demo_train.jsonl"), "-o", tmp_path / "t", "--max-steps", "30", "--batch-size", "2")
+    assert res.returncode == 0, res.stderr
+    bar = [part for part in res.stderr.replace("\r", "\n").splitlines() if part.startswith("train")]
+    assert 1 <= len(bar) <= 3, bar  # the start, the end: the run takes less than 30 s
+
+
+def test_compare_quiet_prints_nothing_but_the_result(two, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(rows(16))
+    res = _run_cli("compare", two["A"]["original"], "--data", data, "-o", tmp_path / "c", "--methods", "lora,lora-da",
+                   "--rank", "4", "--max-steps", "2", "--batch-size", "2", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert all(line.startswith("warning: LoRA-DA") for line in res.stderr.splitlines()), res.stderr
+
+
+# 11. LoRA-DA on few, repetitive calibration samples: rank-deficient statistics are named, with what to do
+def test_lora_da_warns_on_rank_deficient_statistics(two, tmp_path):
+    from ailora_tools.errors import AiloraWarning
+
+    data = tmp_path / "few.jsonl"
+    letters = "abcdefghijklmnopqrst"
+    data.write_text("".join(json.dumps({"text": "".join(letters[(i * 7 + j) % 20] for j in range(12))}) + "\n"
+                            for i in range(16)))
+    with pytest.warns(AiloraWarning, match=r"input statistics of .* have rank \d+ of 128 .* more and more varied"):
+        decompose(two["A"]["original"], tmp_path / "o", method="lora-da", data=data, samples=16, rank=4,
+                  progress=False)
+    modules = json.loads((tmp_path / "o" / "ailora.json").read_text())["modules"]
+    assert min(s["input_rank"] for s in modules.values()) < 128

@@ -109,7 +109,7 @@ def compare(
         bar = tqdm(runs, desc="compare", unit="run", disable=not progress)
         for method, k in bar:
             name = method if k is None else f"{method}-progressive{k}"
-            bar.set_postfix(run=name)
+            bar.set_postfix(run=name, refresh=False)
             if (done := od.finished(name)) is not None:
                 records.append(done)
                 continue

@@ -22,7 +22,7 @@ from ..init import InitMethod, Job, Settings, get_method, lora_scale
 from ..options import at_least, choice, positive
 from ..io.output import OutputDir
 from ..io.rewrite import Hashes, Replaced, pending, rewrite_checkpoint
-from ..init.targets import architecture, assign_roles, is_transposed, linear_modules
+from ..init.targets import architecture, assign_roles, is_transposed, linear_modules, target_names
 from ..manifests import DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, decompose_identity, sample, stored_sample
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor, tensor_bytes
 
@@ -79,6 +79,7 @@ def decompose(
         >>> decompose("Qwen/Qwen2.5-0.5B", "out", rank=16)  # doctest: +SKIP
     """
     started = time.perf_counter()
+    targets = target_names(targets)
     init = get_method(method)
     choice("--svd", svd, SVD_MODES)
     choice("--residual-dtype", residual_dtype, DTYPE_FLAGS)
@@ -153,7 +154,7 @@ def decompose(
         od.write_manifest(MANIFEST_NAME, {**settings, "svd": {**settings["svd"], "ran_on": ran_on},
                                           "files": hashes.result(), "modules": dict(sorted(stats.items())),
                                           "applies_to": decompose_identity(stats, original=ckpt.name_or_path, residual=(
-                                              base if settings["adapter_base"] == RESIDUAL else None),
+                                              RESIDUAL_DIR if settings["adapter_base"] == RESIDUAL else None),
                                               kind=settings["adapter_base"])})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary

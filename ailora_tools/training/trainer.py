@@ -192,7 +192,7 @@ def train(
                 record.update(evaluate())
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
             bar.update(1)
             if save_every and state["step"] % save_every == 0 and state["step"] < total:
                 _save_checkpoint(od, model, optimizer, sched, state, config)
