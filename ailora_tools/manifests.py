@@ -86,8 +86,9 @@ def stored_sample(ckpt, name: str) -> str | None:
     info = ckpt.tensors.get(name)
     if info is None:
         return None
-    with open(ckpt.headers[info.file].path, "rb") as f:
-        f.seek(ckpt.headers[info.file].data_start + info.begin)
+    header = ckpt.shard(info.file)  # a Hub shard: once it is here
+    with open(header.path, "rb") as f:
+        f.seek(header.data_start + info.begin)
         return sample(f.read(min(SAMPLE_BYTES, info.nbytes)))
 
 

@@ -10,11 +10,12 @@ from huggingface_hub import HfApi
 
 from ..errors import HubError, InputNotFoundError
 from ..io.peft_adapter import CONFIG_NAME
+from ..manifests import CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST
 
 CARD_NAME = "README.md"
 #: never uploaded: hidden files (locks, partial files) and training checkpoints
 IGNORED = [".*", "**/.*", "checkpoints/**"]
-MANIFESTS = {"decompose": "ailora.json", "train": "ailora-train.json", "convert": "ailora-convert.json"}
+MANIFESTS = {"decompose": DECOMPOSE_MANIFEST, "train": TRAIN_MANIFEST, "convert": CONVERT_MANIFEST}
 
 
 def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:

@@ -23,8 +23,9 @@ from ..io.examples import check_rows
 from ..init import METHODS
 from ..io.output import JOURNAL_NAME, OutputDir
 from ..init.targets import architecture, assign_roles, linear_modules
+from ..manifests import COMPARE_MANIFEST, fingerprints
 
-MANIFEST_NAME = "compare.json"
+MANIFEST_NAME = COMPARE_MANIFEST
 REPORT_NAME = "compare.md"
 PLOT_TRAIN, PLOT_EVAL = "train_loss.png", "eval_loss.png"
 DECOMPOSED, TRAINED = "decomposed", "trained"
@@ -103,7 +104,10 @@ def compare(
                       save_every=save_every, eval_every=eval_every, device=device, dtype=dtype)
     settings = {"tool": __version__, "model": str(model), "source": ckpt.describe(), "data": str(Path(data).absolute()),
                 **dec_opts, **train_opts,
-                "eval_data": str(Path(eval_data).absolute()) if eval_data is not None else None}
+                "eval_data": str(Path(eval_data).absolute()) if eval_data is not None else None,
+                # what the runs were made from: the model's fingerprints and the data files' digests (--resume)
+                "source_samples": fingerprints(ckpt),
+                "inputs": {"--data": file_digest(data), "--eval-data": file_digest(eval_data) if eval_data else None}}
     records = []
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
         bar = tqdm(runs, desc="compare", unit="run", disable=not progress)

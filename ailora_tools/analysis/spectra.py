@@ -26,8 +26,9 @@ from ..io.hashing import file_digest
 from ..io.output import OutputDir
 from ..init.targets import architecture, linear_modules, matches, resolve_targets, target_names
 from ..io.tensorio import FLOAT_DTYPES
+from ..manifests import SPECTRUM_MANIFEST
 
-MANIFEST_NAME = "spectrum.json"
+MANIFEST_NAME = SPECTRUM_MANIFEST
 SPECTRA_NAME = "spectra.safetensors"
 PLOT_SPECTRA, PLOT_LAYERS, PLOT_DELTA = "spectra.png", "layers.png", "delta.png"
 METHOD = "eigvalsh of the float64 Gram matrix of the smaller side"
