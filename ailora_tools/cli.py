@@ -1,6 +1,7 @@
 """The `ailora-tools` command line: each command parses its options, calls the library, prints."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -21,6 +22,7 @@ one_line_warnings()
 
 from .errors import AiloraError  # noqa: E402
 from .init import METHODS  # noqa: E402
+from .options import DecomposeOptions, InitOptions, TrainOptions  # noqa: E402
 
 
 def _progress(quiet: bool) -> bool:
@@ -130,6 +132,11 @@ def _output_options(fn):
     return fn
 
 
+#: train, merge, export-gguf: a base whose fingerprints are not those the adapter's manifest records (`manifests`)
+_force_option = click.option("--force", is_flag=True, help="Use this base although its weights are not those the "
+                             "adapter's manifest records (a warning in the output's manifest).")
+
+
 def _rewrite_options(fn):
     """The options every command that rewrites a checkpoint shares."""
     fn = _output_options(fn)
@@ -155,61 +162,91 @@ def _config_option(section: str):
             from .config import load_recipe
 
             try:
-                ctx.default_map = {**(ctx.default_map or {}), **load_recipe(value, section)}
+                table = load_recipe(value, section)
             except AiloraError as e:
                 raise click.BadParameter(str(e)) from e
+            unknown = sorted(set(table) - {p.name for p in ctx.command.params} - {"model"})
+            if unknown:
+                raise click.BadParameter(f"{value}: [{section}] has no option {', '.join(unknown)} (see `ailora-tools "
+                                         f"{section} --help`)")
+            ctx.default_map = {**(ctx.default_map or {}), **table}
         return value
     return click.option("--config", type=click.Path(), default=None, is_eager=True, expose_value=False,
                         callback=load, help=f"Recipe TOML whose [{section}] table sets defaults (flags override).")
+
+
+def _from_options(*classes, skip: tuple[str, ...] = (), help: dict[str, str] | None = None):
+    """Click options generated from option dataclasses (`options.py`): one per field, first class first.
+
+    The field's type gives the option's: bool a flag, a tuple a comma-separated list, a dict a repeatable NAME=VALUE,
+    choices a click.Choice. `skip` leaves fields out; `help` replaces a field's help text for this command.
+    """
+    import typing
+
+    from .options import flag
+
+    seen, decorators = set(skip), []
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            default = cls.defaults()[f.name]
+            kwargs = {"default": default, "help": (help or {}).get(f.name, f.metadata["help"]),
+                      "metavar": f.metadata.get("metavar")}
+            kind = typing.get_origin(hints[f.name])
+            base = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
+            if hints[f.name] is bool:
+                kwargs.update(is_flag=True)
+            elif kind is tuple:
+                kwargs.update(default=",".join(default), callback=_comma_list)
+            elif kind is dict:
+                kwargs.update(default=(), multiple=True, callback=_roles, show_default=False)
+            elif f.metadata.get("choices"):
+                kwargs.update(type=click.Choice(list(f.metadata["choices"])))
+            else:
+                kwargs.update(type=base[0])
+            if f.name == "method":
+                kwargs.update(type=click.Choice(list(METHODS)),
+                              help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".")
+            decorators.append(click.option(f.metadata.get("cli") or flag(f.name), f.name, **kwargs))
+
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+    return apply
+
+
+def _comma_list(_ctx, _param, value) -> tuple[str, ...]:
+    return tuple(t.strip() for t in value.split(",") if t.strip()) if isinstance(value, str) else tuple(value)
+
+
+def _split(cls, kwargs: dict):
+    """The fields of option dataclass `cls` taken out of a command's keyword arguments, as one object."""
+    return cls.build(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls) if f.name in kwargs})
 
 
 @main.command()
 @_config_option("decompose")
 @click.argument("model", required=False)
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (residual/, adapter/, ailora.json).")
-@click.option("--method", type=click.Choice(list(METHODS)), default="ailora",
-              help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".")
-@click.option("--rank", type=int, default=16, help="LoRA rank r.")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: rank, so s = 1).")
-@click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) instead of alpha/r.")
-@click.option("--targets", default="q_proj,v_proj", help="Comma-separated module-name suffixes; aliases such as BERT's query/value are resolved.")
-@click.option("--role", "roles", multiple=True, callback=_roles, help="NAME=principal|minor, repeatable; overrides the method's roles.")
-@click.option("--svd", type=click.Choice(["exact", "randomized"]), default="randomized",
-              help="Principal components: exact (converged to 1e-5·σ_max, float64 Gram fallback) or seeded randomized. Minor ones are always exact.")
-@click.option("--niter", type=int, default=4, help="Randomized SVD power iterations.")
-@click.option("--oversample", type=int, default=8, help="Randomized SVD oversampling (extra directions; also the exact method's block).")
-@click.option("--seed", type=int, default=0, help="Seed for randomized SVD and Kaiming init.")
-@click.option("--device", default="auto", help="Where SVDs run: auto, cpu, cuda, cuda:N.")
-@click.option("--residual-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="dtype of residual target weights (default: the checkpoint's).")
-@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
-@click.option("--no-residual", is_flag=True,
-              help="Write only the adapter, no residual: train then runs on the ORIGINAL model with s·B0·A0 "
-                   "subtracted inside the adapter, so convert serves exactly what was trained (best for 16-bit "
-                   "checkpoints); takes seconds on any model size.")
-@click.option("--data", type=click.Path(), default=None,
-              help='Calibration JSONL for data-aware methods (lora-da): {"text"}, {"prompt","completion"} or {"messages"}.')
-@click.option("--samples", type=int, default=64, help="Calibration samples: the first N rows of --data.")
-@click.option("--max-length", type=int, default=512, help="Longest calibration sample, in tokens (longer ones are refused).")
+@_from_options(DecomposeOptions, skip=("allow_pickle",))  # --allow-pickle: with --resume below
 @_rewrite_options
 @_fail_cleanly
-def decompose(model, out, method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed, device,
-              residual_dtype, revision, no_residual, data, samples, max_length, allow_pickle, overwrite, resume, as_json,
-              quiet):
+def decompose(model, out, allow_pickle, overwrite, resume, as_json, quiet, **settings):
     """Decompose MODEL (local dir or Hub id) into OUT/residual + OUT/adapter, streaming shard by shard.
 
     Several GPUs or machines: `torchrun --nproc-per-node N -m ailora_tools.cli decompose ...`; each rank computes
     the factors of its share of the matrices, rank 0 writes the same bytes as one process."""
     if model is None:
         raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= in --config")
-    _prehash(model, revision)
-    from .decomposition.pipeline import decompose as run
+    options = DecomposeOptions.build(allow_pickle=allow_pickle, **settings)
+    _prehash(model, options.revision)
+    from .decomposition import decompose as run
 
-    summary = run(model, out, method=method, rank=rank, alpha=alpha, rslora=rslora,
-                  targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd,
-                  niter=niter, oversample=oversample, seed=seed, device=device, residual_dtype=residual_dtype,
-                  revision=revision, allow_pickle=allow_pickle, no_residual=no_residual, data=data, samples=samples,
-                  max_length=max_length, overwrite=overwrite, resume=resume, progress=_progress(quiet or as_json))
+    summary = run(model, out, options, overwrite=overwrite, resume=resume, progress=_progress(quiet or as_json))
     if "worker" not in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
         _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
 
@@ -246,7 +283,7 @@ def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, 
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output model directory.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="dtype of merged weights (default: as stored).")
 @click.option("--revision", default=None, help="Hub revision of BASE.")
-@click.option("--force", is_flag=True, help="Use this base although its weights are not those the adapter's manifest records (a warning in the output's manifest).")
+@_force_option
 @_rewrite_options
 @_fail_cleanly
 def merge(base, adapter, out, dtype, revision, force, allow_pickle, overwrite, resume, as_json, quiet):
@@ -272,46 +309,17 @@ def merge(base, adapter, out, dtype, revision, force, allow_pickle, overwrite, r
               help='Training JSONL. Causal LM: {"text"}, {"prompt","completion"} or {"messages"}; masked LM: {"text"}; '
                    'sequence classification: {"text","label"} or {"text_a","text_b","label"}.')
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory for the trained adapter.")
-@click.option("--eval-data", type=click.Path(), default=None, help="Evaluation JSONL (eval loss at the start, every --eval-every steps and at the end).")
-@click.option("--epochs", type=int, default=1, help="Passes over the data (ignored when --max-steps is given).")
-@click.option("--max-steps", type=int, default=None, help="Optimizer steps to run.")
-@click.option("--lr", type=float, default=2e-4, help="Peak learning rate (AdamW).")
-@click.option("--batch-size", type=int, default=4, help="Examples per micro-batch.")
-@click.option("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
-@click.option("--max-length", type=int, default=512, help="Tokens per example (longer ones are cut).")
-@click.option("--warmup", type=int, default=0, help="Warm-up steps.")
-@click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", help="Learning-rate schedule after warm-up.")
-@click.option("--seed", type=int, default=0, help="Seed for data order and model-side randomness.")
-@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (one is always saved at the end).")
-@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps.")
+@_from_options(TrainOptions)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", help="auto: bfloat16 autocast on CUDA, float32 on CPU.")
-@click.option("--tokenizer", default=None, metavar="DIR_OR_HUB_ID", help="Tokenizer directory or Hub id, for a base without tokenizer files (default: the base's).")
-@click.option("--progressive", type=click.IntRange(min=1), default=None, metavar="K",
-              help="Progtuning: K stages of equal steps (one per epoch with --epochs K); stage k updates only the "
-                   "blocks from part k up (lower blocks freeze first), and the backward pass stops there.")
-@click.option("--adapter-base", type=click.Choice(["auto", "residual", "original"]), default="auto",
-              help="auto: as decompose's manifest records. residual: train base + s·B·A. original: train "
-                   "base + s(B·A − B0·A0) on the original model (exact).")
-@click.option("--task", type=click.Choice(["auto", "causal-lm", "masked-lm", "sequence-classification"]), default="auto",
-              help="What to train for; auto: what the base was saved for (its config's architectures; a bare encoder: masked-lm).")
-@click.option("--num-labels", type=int, default=None, help="Classes of a new classification head (default: from the labels).")
-@click.option("--force", is_flag=True, help="Use this base although its weights are not those the adapter's manifest records (a warning in the output's manifest).")
+@_force_option
 @_output_options
 @_fail_cleanly
-def train(base, adapter, data, out, eval_data, epochs, max_steps, lr, batch_size, grad_accum, max_length, warmup,
-          scheduler, seed, save_every, eval_every, resume, device, dtype, tokenizer, progressive, adapter_base,
-          task, num_labels, force, overwrite, as_json, quiet):
+def train(base, adapter, data, out, resume, force, overwrite, as_json, quiet, **settings):
     """Train the adapter on its frozen base (the residual, or the original model for --no-residual adapters);
     only the LoRA factors learn (and a classification head)."""
-    from .training.trainer import train as run
+    from .training import train as run
 
-    summary = run(base, adapter, data, out, eval_data=eval_data, epochs=epochs, max_steps=max_steps, lr=lr,
-                  batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
-                  scheduler=scheduler, seed=seed, save_every=save_every, eval_every=eval_every, resume=resume,
-                  device=device, dtype=dtype, tokenizer=tokenizer, progressive=progressive,
-                  adapter_base=adapter_base, task=task, num_labels=num_labels, overwrite=overwrite,
+    summary = run(base, adapter, data, out, TrainOptions.build(**settings), resume=resume, overwrite=overwrite,
                   progress=_progress(quiet or as_json), force=force)
     _print_summary(summary, as_json, f"trained {summary['steps']} steps into {summary['output']}")
     if "progressive" in summary and not as_json:
@@ -369,7 +377,7 @@ def verify(out, no_reconstruction, as_json):
 @click.option("-o", "--out", required=True, type=click.Path(), help="The .gguf file to write.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", help="Tensor type (q8_0 where rows are multiples of 32, else f16).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
-@click.option("--force", is_flag=True, help="Use this base although its weights are not those the adapter's manifest records (a warning in the output's manifest).")
+@_force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_fail_cleanly
 def export_gguf(lora, base, out, outtype, overwrite, force, as_json):
@@ -468,51 +476,28 @@ def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, r
 @click.argument("model")
 @click.option("--data", required=True, type=click.Path(), help="Training JSONL (as for train).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory: one subdirectory per run, compare.md/json, loss plots.")
-@click.option("--eval-data", type=click.Path(), default=None, help="Evaluation JSONL (eval loss curve and final eval loss).")
 @click.option("--methods", default=None, help="Comma-separated init methods [default: lora,pissa,milora,ailora, and lora-da when available].")
 @click.option("--progressive", type=int, default=None, help="K: also run every method with progressive training (train --progressive K).")
 @click.option("--target-loss", type=float, default=None, help="Loss for 'steps to reach' [default: the highest final loss among the runs].")
 @click.option("--smooth", type=int, default=10, help="Training losses are a trailing mean over this many steps.")
-@click.option("--rank", type=int, default=16, help="LoRA rank r.")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: rank).")
-@click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r).")
-@click.option("--targets", default="q_proj,v_proj", help="Comma-separated module-name suffixes.")
-@click.option("--role", "roles", multiple=True, callback=_roles, help="NAME=principal|minor, repeatable; overrides the method's roles.")
-@click.option("--svd", type=click.Choice(["exact", "randomized"]), default="randomized", help="Principal components: exact or seeded randomized.")
-@click.option("--niter", type=int, default=4, help="Randomized SVD power iterations.")
-@click.option("--oversample", type=int, default=8, help="Randomized SVD oversampling.")
-@click.option("--seed", type=int, default=0, help="Seed for the SVDs, the Kaiming init, the data order and training.")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N (SVDs and training).")
-@click.option("--max-steps", type=int, default=None, help="Optimizer steps per run.")
-@click.option("--epochs", type=int, default=1, help="Passes over the data (ignored when --max-steps is given).")
-@click.option("--lr", type=float, default=2e-4, help="Peak learning rate (AdamW).")
-@click.option("--batch-size", type=int, default=4, help="Examples per micro-batch.")
-@click.option("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
-@click.option("--max-length", type=int, default=512, help="Tokens per example (longer ones are cut).")
-@click.option("--warmup", type=int, default=0, help="Warm-up steps.")
-@click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", help="Learning-rate schedule after warm-up.")
-@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps [default: a tenth of --max-steps].")
-@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps, so an interrupted run resumes from there.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", help="auto: bfloat16 autocast on CUDA, float32 on CPU.")
+@_from_options(InitOptions, TrainOptions, skip=("method", "progressive"),
+               help={"seed": "Seed for the SVDs, the Kaiming init, the data order and training.",
+                     "device": "auto, cpu, cuda, cuda:N (SVDs and training).",
+                     "eval_every": "Evaluate every N steps [default: a tenth of --max-steps]."})
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
 @click.option("--resume", is_flag=True, help="Finish an interrupted comparison: finished runs are kept, the interrupted one continues.")
 @_output_options
 @_fail_cleanly
-def compare(model, data, out, eval_data, methods, progressive, target_loss, smooth, rank, alpha, rslora, targets, roles,
-            svd, niter, oversample, seed, device, max_steps, epochs, lr, batch_size, grad_accum, max_length, warmup,
-            scheduler, eval_every, save_every, dtype, revision, resume, overwrite, as_json, quiet):
+def compare(model, data, out, methods, progressive, target_loss, smooth, revision, resume, overwrite, as_json, quiet,
+            **settings):
     """Compare init methods on MODEL with the same data, steps and seed (decompose + train per method): a table of
     losses, steps to a target loss, time and trainable parameters, and loss-curve plots."""
-    from .analysis.comparison import compare as run
+    from .analysis import compare as run
 
-    summary = run(model, data, out, eval_data=eval_data, progressive=progressive, target_loss=target_loss,
-                  methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
-                  smooth=smooth, rank=rank, alpha=alpha, rslora=rslora,
-                  targets=[t.strip() for t in targets.split(",") if t.strip()], roles=roles, svd=svd, niter=niter,
-                  oversample=oversample, seed=seed, device=device, max_steps=max_steps, epochs=epochs, lr=lr,
-                  batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, warmup=warmup,
-                  scheduler=scheduler, eval_every=eval_every, save_every=save_every, dtype=dtype, revision=revision,
-                  resume=resume, overwrite=overwrite, progress=_progress(quiet or as_json))
+    init, training = _split(InitOptions, dict(settings)), _split(TrainOptions, dict(settings))
+    summary = run(model, data, out, methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
+                  progressive=progressive, target_loss=target_loss, smooth=smooth, init=init, training=training,
+                  revision=revision, resume=resume, overwrite=overwrite, progress=_progress(quiet or as_json))
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
     else:

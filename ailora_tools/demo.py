@@ -20,6 +20,7 @@ from .decomposition.pipeline import decompose
 from .errors import AiloraError, OutputError
 from .adapters.merging import merge
 from .training.trainer import train
+from .manifests import ADAPTER_DIR, RESIDUAL_DIR
 
 MARKER = "demo.json"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
@@ -84,7 +85,7 @@ def demo(out: str | Path = "ailora-demo", *, steps: int = 300, progress: bool = 
                lambda: decompose(base, out / "decomposed", rank=8, progress=progress),
                lambda s: (f"worst reconstruction error {s['worst_recon_rel_fro']:.1e}", s["worst_recon_rel_fro"] < 1e-6))
     tr = step("train", out / "trained",
-              lambda: train(out / "decomposed" / "residual", out / "decomposed" / "adapter", data_file("demo_train.jsonl"),
+              lambda: train(out / "decomposed" / RESIDUAL_DIR, out / "decomposed" / ADAPTER_DIR, data_file("demo_train.jsonl"),
                             out / "trained", eval_data=data_file("demo_eval.jsonl"), max_steps=steps, lr=1e-2,
                             batch_size=16, warmup=10, progress=progress),
               lambda s: (f"eval loss {s['eval_loss_start']:.3f} -> {s['eval_loss']:.3f}",
@@ -101,7 +102,7 @@ def demo(out: str | Path = "ailora-demo", *, steps: int = 300, progress: bool = 
         load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
         with torch.no_grad():
             a = PeftModel.from_pretrained(load(base), out / "lora")(**ids).logits
-            b = PeftModel.from_pretrained(load(out / "decomposed" / "residual"), out / "trained")(**ids).logits
+            b = PeftModel.from_pretrained(load(out / "decomposed" / RESIDUAL_DIR), out / "trained")(**ids).logits
             c = load(out / "merged")(**ids).logits
         return max(float((a - b).abs().max()), float((a - c).abs().max()), float((b - c).abs().max()))
 

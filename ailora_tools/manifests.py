@@ -29,8 +29,10 @@ from .io.hashing import bytes_digest
 SAMPLE_BYTES = 64 * 1024
 DECOMPOSE_MANIFEST, TRAIN_MANIFEST, CONVERT_MANIFEST = "ailora.json", "ailora-train.json", "ailora-convert.json"
 MERGE_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST = "ailora-merge.json", "spectrum.json", "compare.json"
-#: every manifest a command writes last, in the order `verify` looks for them
+#: every output's manifest, written last (a directory without one is not complete); `verify` knows them all
 MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST)
+#: a decompose output's two directories
+RESIDUAL_DIR, ADAPTER_DIR = "residual", "adapter"
 RESIDUAL, ORIGINAL = "residual", "original"
 #: how many tensors identify a model: the first, the last and evenly spaced ones between
 IDENTITY_TENSORS = 4
@@ -150,11 +152,11 @@ def base_of(adapter: str | os.PathLike) -> BaseOf:
     """What the manifests beside `adapter` say about its base (decompose's adapter/, a trained or converted one)."""
     d = Path(adapter)
     if (d / CONVERT_MANIFEST).is_file():
-        m = read(d / CONVERT_MANIFEST)
+        m = read_manifest(d / CONVERT_MANIFEST)
         return (BaseOf.from_block(m["applies_to"], manifest=str(d / CONVERT_MANIFEST)) if m.get("applies_to")
                 else BaseOf(ORIGINAL, manifest=str(d / CONVERT_MANIFEST)))
     if (d / TRAIN_MANIFEST).is_file():
-        trained = read(d / TRAIN_MANIFEST)
+        trained = read_manifest(d / TRAIN_MANIFEST)
         initial = base_of(trained.get("initial_adapter", "")) if trained.get("initial_adapter") else BaseOf(None)
         kind = trained.get("adapter_base", initial.kind)
         method = trained.get("method", initial.method)
@@ -164,7 +166,7 @@ def base_of(adapter: str | os.PathLike) -> BaseOf:
             return BaseOf.from_block(trained["applies_to"], offset=offset, method=method, manifest=where)
         return BaseOf(kind, offset, method, initial.residual, initial.original, initial.samples, where)
     if (d.parent / DECOMPOSE_MANIFEST).is_file():
-        m = read(d.parent / DECOMPOSE_MANIFEST)
+        m = read_manifest(d.parent / DECOMPOSE_MANIFEST)
         where = str(d.parent / DECOMPOSE_MANIFEST)
         if m.get("applies_to"):
             return BaseOf.from_block(m["applies_to"], root=d.parent, method=m.get("method"), manifest=where)
@@ -172,7 +174,7 @@ def base_of(adapter: str | os.PathLike) -> BaseOf:
         stats = [s for s in m.get("modules", {}).values() if "source_sample" in s]
         samples = {ORIGINAL: {s["tensor"]: s["source_sample"] for s in stats},
                    RESIDUAL: {s["tensor"]: s["residual_sample"] for s in stats if s.get("residual_sample")}}
-        return BaseOf(kind, False, m.get("method"), str(d.parent / "residual"), (m.get("source") or {}).get("model"),
+        return BaseOf(kind, False, m.get("method"), str(d.parent / RESIDUAL_DIR), (m.get("source") or {}).get("model"),
                       samples, where)
     return BaseOf(None)
 
@@ -253,8 +255,8 @@ def check_base_dir(adapter: str | os.PathLike, base: str | os.PathLike, *, flag:
 def describe(ckpt) -> str:
     """What a checkpoint is, for messages: a residual decompose wrote (and from which model), or another model."""
     root = Path(ckpt.root)
-    if root.name == "residual" and (root.parent / DECOMPOSE_MANIFEST).is_file():
-        source = (read(root.parent / DECOMPOSE_MANIFEST).get("source") or {}).get("model")
+    if root.name == RESIDUAL_DIR and (root.parent / DECOMPOSE_MANIFEST).is_file():
+        source = (read_manifest(root.parent / DECOMPOSE_MANIFEST).get("source") or {}).get("model")
         return f"the residual of another decomposition (of {source})"
     return "another model"
 
@@ -262,9 +264,9 @@ def describe(ckpt) -> str:
 def _residual_of(ckpt, meant: BaseOf) -> bool:
     """Whether `ckpt` is a residual some decompose wrote from `meant`'s original model."""
     root = Path(ckpt.root)
-    if root.name != "residual" or not (root.parent / DECOMPOSE_MANIFEST).is_file():
+    if root.name != RESIDUAL_DIR or not (root.parent / DECOMPOSE_MANIFEST).is_file():
         return False
-    theirs = base_of(root.parent / "adapter").samples.get(ORIGINAL) or {}
+    theirs = base_of(root.parent / ADAPTER_DIR).samples.get(ORIGINAL) or {}
     ours = meant.samples.get(ORIGINAL) or {}
     common = set(theirs) & set(ours)
     return bool(common) and all(theirs[t] == ours[t] for t in common)
@@ -290,8 +292,8 @@ def _refuse_offset(adapter, meant: BaseOf) -> None:
                           f"`ailora-tools convert --trained {adapter} -o LORA` and use LORA")
 
 
-def read(path: str | os.PathLike) -> dict:
-    """A manifest's content; {} when it is missing or unreadable."""
+def read_manifest(path: str | os.PathLike) -> dict:
+    """A manifest's JSON, or {} when the file is missing or unreadable."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):

@@ -1,31 +1,188 @@
-"""Range checks of option values, shared by the library and the CLI: each failure names the option.
+"""Every setting of decompose and train, declared once as a typed dataclass field.
 
-Every public function checks its numbers before it reads or writes anything, so `decompose(alpha=0)` and
-`ailora-tools decompose --alpha 0` fail the same way: one line, nothing written.
+A field carries its default, its help text and its range; from these come the library's keyword arguments
+(`decompose(model, out, rank=32)`), the command-line options (`cli.py` generates them), the recipe tables
+(`config.py`) and the manifests (`asdict`). A new option is one field here. Values are checked when the object is
+built, so `decompose(alpha=0)` and `ailora-tools decompose --alpha 0` fail the same way: one line naming the
+option, nothing read or written.
 """
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import MISSING, dataclass, field, fields
 
 from .errors import OptionError
 
+SVD_MODES = ("exact", "randomized")
+DTYPES = ("float32", "float16", "bfloat16")
+SCHEDULERS = ("cosine", "linear", "constant")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+ADAPTER_BASES = ("auto", "residual", "original")
+TASKS = ("auto", "causal-lm", "masked-lm", "sequence-classification")
 
-def at_least(flag: str, value: float | None, low: float) -> None:
+
+def option(default, help: str, *, low: float | None = None, above: float | None = None, choices=None,
+           metavar: str | None = None, cli: str | None = None):
+    """A field with its help text and checks: `low` (≥), `above` (>), `choices`; None always passes. `cli`: the
+    command-line flag when it is not the field's name with dashes (`roles` is the repeatable `--role`)."""
+    meta = {"help": help, "low": low, "above": above, "choices": choices, "metavar": metavar, "cli": cli}
+    if isinstance(default, (dict, list, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a field: `max_length` -> `--max-length`."""
+    return "--" + name.replace("_", "-")
+
+
+class Options:
+    """Base of the option dataclasses: checks every field on construction, builds from keyword arguments."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check(flag(f.name), getattr(self, f.name), **{k: f.metadata.get(k) for k in ("low", "above", "choices")})
+
+    @classmethod
+    def build(cls, options: Options | None = None, /, **settings):
+        """`options` (or the defaults) with `settings` replacing fields; an unknown keyword is an OptionError."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise OptionError(f"{cls.__name__} has no setting {', '.join(unknown)}; it has {', '.join(sorted(names))}")
+        base = {f.name: getattr(options, f.name) for f in fields(cls)} if options is not None else {}
+        return cls(**{**base, **settings})
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Field name -> default value."""
+        return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)}
+
+
+def check(name: str, value, *, low=None, above=None, choices=None) -> None:
+    """One value against its range; raises OptionError naming `name` (the flag)."""
+    if value is None:
+        return
+    if choices is not None and value not in choices:
+        raise OptionError(f"{name} {value!r}: choose one of {', '.join(choices)}")
+    if (low is not None or above is not None) and not _finite(value):
+        raise OptionError(f"{name} {value}: must be a finite number")
+    if low is not None and value < low:
+        raise OptionError(f"{name} {value}: must be at least {low:g}")
+    if above is not None and not value > above:
+        raise OptionError(f"{name} {value}: must be greater than {above:g}")
+
+
+@dataclass
+class InitOptions(Options):
+    """How the initial adapter is computed from each target matrix: decompose, get_ailora_model and compare."""
+
+    method: str = option("ailora", "Init method.")
+    rank: int = option(16, "LoRA rank r.", low=1)
+    alpha: float | None = option(None, "LoRA alpha (default: rank, so s = 1).", above=0)
+    rslora: bool = option(False, "Scale by alpha/sqrt(r) instead of alpha/r.")
+    targets: tuple[str, ...] = option(("q_proj", "v_proj"), "Comma-separated module-name suffixes; aliases such as "
+                                      "BERT's query/value are resolved.")
+    roles: dict[str, str] = option({}, "NAME=principal|minor, repeatable; overrides the method's roles.",
+                                   cli="--role")
+    svd: str = option("randomized", "Principal components: exact (converged to 1e-5·σ_max) or seeded randomized. "
+                      "Minor ones are always exact.", choices=SVD_MODES)
+    niter: int = option(4, "Randomized SVD power iterations.", low=0)
+    oversample: int = option(8, "Randomized SVD oversampling (extra directions; also the exact method's block).",
+                             low=0)
+    seed: int = option(0, "Seed for the randomized SVDs and the Kaiming init.")
+    device: str = option("auto", "Where the SVDs run: auto, cpu, cuda, cuda:N.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.targets, str):  # "q_proj,k_proj" means two targets, not eight letters
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets = tuple(self.targets)
+        self.roles = dict(self.roles or {})
+
+    @property
+    def lora_alpha(self) -> float:
+        """alpha, or the rank when not given."""
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+@dataclass
+class DecomposeOptions(InitOptions):
+    """Everything `decompose` computes and writes besides where from and where to."""
+
+    residual_dtype: str | None = option(None, "dtype of residual target weights (default: the checkpoint's).",
+                                        choices=DTYPES)
+    revision: str | None = option(None, "Hub branch, tag or commit (Hub ids only).")
+    no_residual: bool = option(False, "Write only the adapter, no residual: train then runs on the ORIGINAL model "
+                               "with s·B0·A0 subtracted inside the adapter, so convert serves exactly what was "
+                               "trained (best for 16-bit checkpoints); takes seconds on any model size.")
+    data: str | None = option(None, 'Calibration JSONL for data-aware methods (lora-da): {"text"}, '
+                              '{"prompt","completion"} or {"messages"}.', metavar="PATH")
+    samples: int = option(64, "Calibration samples: the first N rows of --data.", low=1)
+    max_length: int = option(512, "Longest calibration sample, in tokens (longer ones are refused).", low=2)
+    allow_pickle: bool = option(False, "Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.no_residual and self.residual_dtype is not None:
+            raise OptionError("--residual-dtype: --no-residual writes no residual; drop one of the two")
+        if self.data is not None:
+            self.data = os.fspath(self.data)
+
+
+@dataclass
+class TrainOptions(Options):
+    """How `train` runs, besides the base, the adapter, the data and the output."""
+
+    eval_data: str | None = option(None, "Evaluation JSONL (eval loss at the start, every --eval-every steps and at "
+                                   "the end).", metavar="PATH")
+    epochs: int = option(1, "Passes over the data (ignored when --max-steps is given).", low=1)
+    max_steps: int | None = option(None, "Optimizer steps to run.", low=1)
+    lr: float = option(2e-4, "Peak learning rate (AdamW).", above=0)
+    batch_size: int = option(4, "Examples per micro-batch.", low=1)
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", low=1)
+    max_length: int = option(512, "Tokens per example (longer ones are cut).", low=2)
+    warmup: int = option(0, "Warm-up steps.", low=0)
+    scheduler: str = option("cosine", "Learning-rate schedule after warm-up.", choices=SCHEDULERS)
+    seed: int = option(0, "Seed for data order and model-side randomness.")
+    save_every: int | None = option(None, "Checkpoint every N steps (one is always saved at the end).", low=1)
+    eval_every: int | None = option(None, "Evaluate every N steps.", low=1)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N.")
+    dtype: str = option("auto", "auto: bfloat16 autocast on CUDA, float32 on CPU.", choices=COMPUTE_DTYPES)
+    tokenizer: str | None = option(None, "Tokenizer directory or Hub id, for a base without tokenizer files "
+                                   "(default: the base's).", metavar="DIR_OR_HUB_ID")
+    progressive: int | None = option(None, "Progtuning: K stages of equal steps (one per epoch with --epochs K); "
+                                     "stage k updates only the blocks from part k up (lower blocks freeze first), "
+                                     "and the backward pass stops there.", low=1, metavar="K")
+    adapter_base: str = option("auto", "auto: as decompose's manifest records. residual: train base + s·B·A. "
+                               "original: train base + s(B·A − B0·A0) on the original model (exact).",
+                               choices=ADAPTER_BASES)
+    task: str = option("auto", "What to train for; auto: what the base was saved for (its config's architectures; "
+                       "a bare encoder: masked-lm).", choices=TASKS)
+    num_labels: int | None = option(None, "Classes of a new classification head (default: from the labels).", low=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eval_data is not None:
+            self.eval_data = os.fspath(self.eval_data)
+        if self.tokenizer is not None:
+            self.tokenizer = os.fspath(self.tokenizer)
+
+
+def at_least(flag_: str, value: float | None, low: float) -> None:
     """`value` is None (not given) or a finite number ≥ `low`."""
-    if value is not None and not (_finite(value) and value >= low):
-        raise OptionError(f"{flag} {value}: must be at least {low}")
+    check(flag_, value, low=low)
 
 
-def positive(flag: str, value: float | None) -> None:
+def positive(flag_: str, value: float | None) -> None:
     """`value` is None (not given) or a finite number > 0."""
-    if value is not None and not (_finite(value) and value > 0):
-        raise OptionError(f"{flag} {value}: must be greater than 0")
+    check(flag_, value, above=0)
 
 
-def choice(flag: str, value: str | None, allowed) -> None:
+def choice(flag_: str, value: str | None, allowed) -> None:
     """`value` is None or one of `allowed`."""
-    if value is not None and value not in allowed:
-        raise OptionError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+    check(flag_, value, choices=allowed)
 
 
 def _finite(value) -> bool:

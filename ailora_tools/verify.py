@@ -11,7 +11,7 @@ from .io.output import JOURNAL_NAME
 from .io.peft_adapter import read_adapter
 from .io.hashing import file_digest
 from .io.tensorio import read_header, read_tensor
-from .manifests import DECOMPOSE_MANIFEST, MANIFESTS
+from .manifests import ADAPTER_DIR, DECOMPOSE_MANIFEST, MANIFESTS, RESIDUAL_DIR
 
 
 def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
@@ -70,7 +70,7 @@ def _verify_one(root: Path, reconstruction: bool, top: bool = False) -> dict:
         elif file_digest(f) != digest:
             problems.append(f"{rel}: content differs from the manifest (the file changed or is corrupt)")
         report["files_checked"] += 1
-    if reconstruction and found[0] == DECOMPOSE_MANIFEST and (root / "residual").is_dir():
+    if reconstruction and found[0] == DECOMPOSE_MANIFEST and (root / RESIDUAL_DIR).is_dir():
         _check_reconstruction(root, manifest, report)
     return report
 
@@ -80,7 +80,7 @@ def _check_reconstruction(root: Path, manifest: dict, report: dict) -> None:
     if not src_root.is_dir():
         report["notes"].append(f"source {src_root} is not here: reconstruction not checked")
         return
-    adapter = read_adapter(root / "adapter")
+    adapter = read_adapter(root / ADAPTER_DIR)
     recorded = manifest["files"]["source"]
     for module, stats in sorted(manifest["modules"].items()):
         if "shard" not in stats:
@@ -90,7 +90,7 @@ def _check_reconstruction(root: Path, manifest: dict, report: dict) -> None:
             report["notes"].append(f"source shard {stats['shard']} changed or is gone: reconstruction not checked")
             return
         W = read_tensor(read_header(src), stats["tensor"]).double()
-        R = read_tensor(read_header(root / "residual" / stats["shard"]), stats["tensor"]).double()
+        R = read_tensor(read_header(root / RESIDUAL_DIR / stats["shard"]), stats["tensor"]).double()
         A, B = adapter.factors[module]
         delta = adapter.scale(module) * (B.double() @ A.double())  # as decompose computed it
         err = float((R + (delta.T if adapter.config.get("fan_in_fan_out") else delta) - W).abs().max())

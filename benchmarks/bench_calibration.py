@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # synthetic models and the reference live with the tests
 PY = sys.executable
 CHECKED = ("model.layers.0.self_attn.q_proj", "model.layers.{last}.self_attn.v_proj")
 
@@ -78,7 +79,7 @@ def prepare(size: str, work: Path, samples: int, tokens: int) -> tuple[Path, dic
 
     model = work / "model"
     if not (model / "model.safetensors.index.json").is_file():
-        code = (f"import sys, torch; sys.path.insert(0, {str(HERE)!r}); from synthetic import SIZES, synthetic_llama; "
+        code = (f"import sys, torch; sys.path.insert(0, {str(HERE.parent / 'tests')!r}); from synthetic import SIZES, synthetic_llama; "
                 f"synthetic_llama({str(model)!r}, dtype=torch.bfloat16, **SIZES[{size!r}])")
         subprocess.run([PY, "-c", code], check=True)
     config = json.loads((model / "config.json").read_text())
@@ -118,7 +119,6 @@ def main() -> None:
     if args.child:
         kind, model, work, batch = args.child
         return child(kind, model, Path(work), int(batch), args.device)
-    sys.path.insert(0, str(HERE))
     from bench_decompose import describe_machine
 
     from ailora_tools.init.lora_da.calibration import memory_bound

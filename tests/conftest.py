@@ -6,10 +6,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import contextlib  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # synthetic checkpoints live there
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -32,6 +32,7 @@ def test_synthetic_sizes_of_big_models():
                                              per_shard=3)
 
 
+@pytest.mark.slow
 def test_bench_svd_runs_every_method(tmp_path):
     subprocess.run([sys.executable, str(BENCH / "bench_svd.py"), "--sizes", "96", "--repeats", "1",
                     "--devices", "cpu", "--out", str(tmp_path)], check=True, capture_output=True, text=True)

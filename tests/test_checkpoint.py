@@ -153,7 +153,6 @@ def test_hub_header_is_read_with_range_requests(tmp_path, monkeypatch, pad):
     """`hub_header` through huggingface_hub's own HTTP client, the Hub replaced by a transport serving ranges."""
     import httpx2
     import torch
-    from huggingface_hub.utils import _http
     from safetensors.torch import save_file
 
     from ailora_tools.io.tensorio import parse_header, read_header
@@ -169,9 +168,9 @@ def test_hub_header_is_read_with_range_requests(tmp_path, monkeypatch, pad):
         served = f"bytes {first}-{first + len(body) - 1}/{len(data)}"
         return httpx2.Response(206, content=body, headers={"content-range": served})
 
-    monkeypatch.setattr(_http, "_GLOBAL_CLIENT", httpx2.Client(transport=httpx2.MockTransport(serve)))
     monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
-    head, size = REAL_HUB_HEADER(REPO, COMMIT, "model.safetensors")
+    head, size = REAL_HUB_HEADER(REPO, COMMIT, "model.safetensors",
+                                 session=httpx2.Client(transport=httpx2.MockTransport(serve)))
     expected = read_header(path)
     got = parse_header(path, head, size)
     assert (got.raw, got.tensors, got.metadata, got.data_start, got.size) == (

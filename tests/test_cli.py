@@ -1,4 +1,5 @@
 """The CLI: Hub ids through the local cache (offline), --json, one-line errors with exit codes."""
+import pytest
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ def hub_cache(src: Path, cache: Path, repo="acme/tiny-llama", commit="0123456789
     return repo
 
 
+@pytest.mark.slow
 def test_hub_id_from_offline_cache(tiny, tmp_path):
     repo = hub_cache(Path(tiny("llama")), tmp_path / "hub")
     res = run_cli("decompose", repo, "-o", tmp_path / "out", "--rank", "4", "--json",

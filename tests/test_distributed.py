@@ -17,6 +17,8 @@ from ailora_tools.init import get_method
 from conftest import build_model
 from test_reliability import run_killed, tree_hashes
 
+pytestmark = pytest.mark.slow  # torchrun launches: seconds each
+
 # BLAS and LAPACK results depend on the thread count, and torchrun gives each process one thread by default
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 

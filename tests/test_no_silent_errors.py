@@ -243,6 +243,7 @@ def test_invalid_numbers_are_refused(work, tmp_path, case, scale):
     assert not complete_looking(out)
 
 
+@pytest.mark.slow
 def test_data_errors_come_before_the_model_loads(work, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txet": "typo"}\n')
@@ -267,6 +268,7 @@ def test_convert_of_plain_lora_keeps_its_rank(work, tmp_path):
         torch.testing.assert_close(conv.scale(m) * B @ A, want)
 
 
+@pytest.mark.slow
 def test_broken_pipe_is_quiet(work, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ailora_tools.cli", "decompose", str(work["base"]), "-o",
                              str(tmp_path / "o"), "--rank", "4", "--json"], stdout=subprocess.PIPE,
@@ -278,6 +280,7 @@ def test_broken_pipe_is_quiet(work, tmp_path):
     assert (tmp_path / "o" / "ailora.json").is_file()
 
 
+@pytest.mark.slow
 def test_quiet_is_quiet(work, tmp_path):
     res = subprocess.run([sys.executable, "-m", "ailora_tools.cli", "train", "--base", str(work["dec"] / "residual"),
                           "--adapter", str(work["dec"] / "adapter"), "--data", str(work["data"]), "-o",
@@ -294,6 +297,7 @@ def test_bars_are_throttled_when_stderr_is_not_a_terminal(monkeypatch):
     assert os.environ["TQDM_MININTERVAL"] == "30"  # pytest's stderr is not a terminal
 
 
+@pytest.mark.slow
 def test_usage_errors_are_one_line(work, tmp_path):
     one_line_error(cli("decompose", work["base"]), "Missing option '-o'", "--help")
     one_line_error(cli("decompose", work["base"], "-o", tmp_path / "o", "--rank", "many"), "--rank")
@@ -302,6 +306,7 @@ def test_usage_errors_are_one_line(work, tmp_path):
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and res.stdout == ""
 
 
+@pytest.mark.slow
 def test_unreachable_hub_names_the_real_cause(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_ETAG_TIMEOUT="2",

@@ -155,6 +155,7 @@ def test_io_threads_run_at_lower_priority():
     assert worker == min(own + NICE, 19) and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
 
 
+@pytest.mark.slow
 def test_decompose_loads_torch_only_after_the_copies_start(tiny, tmp_path):
     """The 1.2 s torch import overlaps with copying: nothing before the first target read needs torch."""
     code = (
@@ -176,6 +177,7 @@ def test_decompose_loads_torch_only_after_the_copies_start(tiny, tmp_path):
     assert svd["device"] == "auto" and svd["ran_on"] == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,code", [(["--version"], 0), (["decompose"], 1), (["verify", "/nonexistent/out"], 1)])
 def test_console_entry_point_keeps_exit_codes(args, code):
     proc = subprocess.run([sys.executable, "-c", "from ailora_tools.cli import run; run()", *args],
@@ -192,7 +194,7 @@ def test_parallel_copies_and_hashing_give_the_same_outputs_and_digests(tiny, tmp
 
     src = tiny("llama")
     decompose(src, tmp_path / "one", rank=4, progress=False)
-    monkeypatch.setattr(hashing, "_DIGESTS", {})  # hash the sources again, on several threads
+    hashing.forget_digests()  # hash the sources again, on several threads
     monkeypatch.setattr(background, "IO_THREADS", 4)
     monkeypatch.setattr(rewrite, "IO_THREADS", 4)
     monkeypatch.setattr(hashing, "PARALLEL_BYTES", 1024)

@@ -313,6 +313,7 @@ def synthetic(tmp_path_factory):
     return root / "model"
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_byte_identical(synthetic, tmp_path):
     args = ["--rank", "4", "--quiet"]
     killed = run_killed("decompose", synthetic, "-o", tmp_path / "out", *args)
@@ -402,6 +403,7 @@ def test_disk_full_mid_write(synthetic, tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_second_process_on_one_output_fails_at_once(tiny, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

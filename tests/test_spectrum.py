@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from ailora_tools import decompose, spectrum
 from ailora_tools.io import tensorio
 from ailora_tools.cli import main
-from ailora_tools.adapters.conversion import TRAIN_MANIFEST, convert
+from ailora_tools.adapters.conversion import convert
+from ailora_tools.manifests import TRAIN_MANIFEST
 from ailora_tools.errors import NumericsError, TargetError
 from ailora_tools.io.peft_adapter import read_adapter, write_adapter
 from ailora_tools.verify import verify

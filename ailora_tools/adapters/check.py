@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputNotFoundError, NumericsError
+from ..errors import InputNotFoundError, NumericsError, OptionError
 from ..io.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from ..manifests import RESIDUAL, base_of, base_problem_dir
 
@@ -44,7 +44,7 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
         []
     """
     if target not in TARGETS:
-        raise ValueError(f"--for {target!r}: choose one of {', '.join(TARGETS)}")
+        raise OptionError(f"--for {target!r}: choose one of {', '.join(TARGETS)}")
     d = Path(lora)
     if not d.is_dir():
         raise InputNotFoundError(f"{d}: no such adapter directory")

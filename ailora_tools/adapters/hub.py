@@ -8,9 +8,10 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from ..init import METHODS
 from ..errors import HubError, InputNotFoundError
 from ..io.peft_adapter import CONFIG_NAME
-from ..manifests import CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST
+from ..manifests import ADAPTER_DIR, CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST, read_manifest
 
 CARD_NAME = "README.md"
 #: never uploaded: hidden files (locks, partial files) and training checkpoints
@@ -21,7 +22,7 @@ MANIFESTS = {"decompose": DECOMPOSE_MANIFEST, "train": TRAIN_MANIFEST, "convert"
 def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
     """A README.md with YAML front matter (base_model, library_name: peft, tags, license) and usage."""
     d = Path(directory)
-    adapter = d / "adapter" if (d / "adapter" / CONFIG_NAME).is_file() else d  # a decompose output, or an adapter
+    adapter = d / ADAPTER_DIR if (d / ADAPTER_DIR / CONFIG_NAME).is_file() else d  # a decompose output, or an adapter
     cfg = json.loads((adapter / CONFIG_NAME).read_text()) if (adapter / CONFIG_NAME).is_file() else {}
     trained, converted = _manifest(d, "train"), _manifest(d, "convert")
     initial = (trained or {}).get("initial_adapter") or (converted or {}).get("initial")
@@ -41,8 +42,7 @@ def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
     role_lines = "".join(f"| `{m}` | {r} |\n" for m, r in sorted(roles.items())[:12])
     more = f"| … | {len(roles) - 12} more |\n" if len(roles) > 12 else ""
     link = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{base}`"
-    what = {"lora": "LoRA (Kaiming A, B = 0)"}.get(method, f"**{method}** (initial factors from the weights' singular "
-                                                             "vectors)")
+    what = f"**{method}** ({METHODS[method].summary})" if method in METHODS else f"**{method}**"
     body = [
         f"# {repo_id.rsplit('/', 1)[-1]}", "",
         f"A LoRA adapter for {link} made with ailora-tools.", "",
@@ -52,7 +52,7 @@ def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
     ]
     if converted:
         body.append("- converted to a standard LoRA on the original base: apply it to the untouched base model")
-    elif decomposed.get("adapter_base", "residual") == "residual" and method != "lora":
+    elif decomposed.get("adapter_base") == "residual":
         body.append("- applies to the residual base that decompose wrote, not to the original model; run "
                     "`ailora-tools convert` for a LoRA on the original")
     if trained:
@@ -92,8 +92,7 @@ def _vllm(rank: int) -> int:
 
 
 def _manifest(d: Path, kind: str) -> dict | None:
-    p = Path(d) / MANIFESTS[kind]
-    return json.loads(p.read_text()) if p.is_file() else None
+    return read_manifest(Path(d) / MANIFESTS[kind]) or None
 
 
 def _license(base: str) -> str | None:

@@ -11,21 +11,22 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..io.checkpoint import Checkpoint
-from ..errors import InputNotFoundError, NumericsError, TargetError
+from ..errors import InputNotFoundError, OptionError
 from ..io.hashing import file_digest
 from ..io.examples import check_rows
 from ..init import METHODS
 from ..io.output import JOURNAL_NAME, OutputDir
+from ..options import DecomposeOptions, InitOptions, TrainOptions, check
 from ..init.targets import architecture, assign_roles, linear_modules
 from ..manifests import COMPARE_MANIFEST, fingerprints
 
-MANIFEST_NAME = COMPARE_MANIFEST
 REPORT_NAME = "compare.md"
 PLOT_TRAIN, PLOT_EVAL = "train_loss.png", "eval_loss.png"
 DECOMPOSED, TRAINED = "decomposed", "trained"
@@ -37,30 +38,26 @@ DEFAULT_METHODS = ("lora", "pissa", "milora", "ailora", "lora-da")
 
 def compare(
     model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, methods: list[str] | None = None,
-    progressive: int | None = None, eval_data: str | os.PathLike | None = None, target_loss: float | None = None,
-    smooth: int = 10, rank: int = 16, alpha: float | None = None, rslora: bool = False,
-    targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"), roles: dict[str, str] | None = None,
-    svd: str = "randomized", niter: int = 4, oversample: int = 8, seed: int = 0, device: str = "auto",
-    max_steps: int | None = None, epochs: int = 1, lr: float = 2e-4, batch_size: int = 4, grad_accum: int = 1,
-    max_length: int = 512, warmup: int = 0, scheduler: str = "cosine", eval_every: int | None = None,
-    save_every: int | None = None, dtype: str = "auto", revision: str | None = None, resume: bool = False,
-    overwrite: bool = False, progress: bool = True,
+    progressive: int | None = None, target_loss: float | None = None, smooth: int = 10,
+    init: InitOptions | None = None, training: TrainOptions | None = None, revision: str | None = None,
+    resume: bool = False, overwrite: bool = False, progress: bool = True, **settings,
 ) -> dict:
     """Run decompose + train for each method with identical settings; write a table and loss plots.
 
     Args:
         model: local model directory or Hub id.
-        data, eval_data: training / evaluation JSONL (as for `train`).
+        data: training JSONL (as for `train`).
         out: output directory; must be empty unless `resume` or `overwrite`.
         methods: init methods to compare (default: lora, pissa, milora, ailora, and lora-da when available).
         progressive: K: also run every method with `train(progressive=K)` (runs named METHOD-progressiveK).
         target_loss: the loss for "steps to reach" (default: the highest final loss among the runs, which all
             of them reach; train and eval loss each get their own).
         smooth: training losses are a trailing mean over this many steps for "final" and "steps to reach".
-        rank, alpha, rslora, targets, roles, svd, niter, oversample, seed, device: as for `decompose`
-            (`seed` also seeds training).
-        max_steps, epochs, lr, batch_size, grad_accum, max_length, warmup, scheduler, save_every, dtype: as for
-            `train`. eval_every: default a tenth of max_steps when there is eval data.
+        init: how every run's adapter starts (`InitOptions`; its `method` is replaced by each of `methods`).
+        training: how every run trains (`TrainOptions`; eval_every defaults to a tenth of max_steps when there
+            is eval data). `settings` replace fields of either by name (`seed`, `device` both), e.g.
+            `compare(model, data, out, rank=8, max_steps=300, eval_data="eval.jsonl")`.
+        revision: Hub revision of `model`.
         resume: keep finished runs of an interrupted comparison with the same settings and continue the
             interrupted run (from its last checkpoint: use `save_every`; its time then counts the resumed part
             only). overwrite: start again.
@@ -81,33 +78,32 @@ def compare(
     methods = list(methods) if methods is not None else [m for m in DEFAULT_METHODS if m in METHODS]
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown or len(set(methods)) != len(methods):
-        raise TargetError(f"--methods {','.join(methods)}: give each once, from {', '.join(METHODS)}")
-    if progressive is not None:
-        if progressive < 1:
-            raise NumericsError(f"--progressive {progressive}: must be at least 1")
-    if smooth < 1:
-        raise NumericsError(f"--smooth {smooth}: must be at least 1")
-    for flag, path in (("--data", data), ("--eval-data", eval_data)):
+        raise OptionError(f"--methods {','.join(methods)}: give each once, from {', '.join(METHODS)}")
+    check("--progressive", progressive, low=1)
+    check("--smooth", smooth, low=1)
+    unknown = sorted(set(settings) - set(InitOptions.defaults()) - set(TrainOptions.defaults()))
+    if unknown:
+        raise OptionError(f"compare has no setting {', '.join(unknown)}")
+    init_o = InitOptions.build(init, **{k: v for k, v in settings.items() if k in InitOptions.defaults()})
+    train_o = TrainOptions.build(training, **{k: v for k, v in settings.items() if k in TrainOptions.defaults()})
+    for flag, path in (("--data", data), ("--eval-data", train_o.eval_data)):
         if path is not None and not Path(path).is_file():
             raise InputNotFoundError(f"{flag} {path}: no such data file")
     ckpt = Checkpoint.open(model, revision=revision)
     names = list(linear_modules(ckpt.tensors))
     for m in methods:  # a role error in the last method would otherwise surface after the others have trained
-        assign_roles(METHODS[m], list(targets), names, architecture(ckpt.config), dict(roles or {}))
-    if eval_every is None and eval_data is not None and max_steps:
-        eval_every = max(1, max_steps // 10)
+        assign_roles(METHODS[m], list(init_o.targets), names, architecture(ckpt.config), init_o.roles)
+    if train_o.eval_every is None and train_o.eval_data is not None and train_o.max_steps:
+        train_o = TrainOptions.build(train_o, eval_every=max(1, train_o.max_steps // 10))
     runs = [(m, None) for m in methods] + ([(m, progressive) for m in methods] if progressive else [])
-    dec_opts = dict(rank=rank, alpha=alpha, rslora=rslora, targets=list(targets), roles=dict(roles or {}), svd=svd,
-                    niter=niter, oversample=oversample, seed=seed, device=device, revision=revision)
-    train_opts = dict(eval_data=eval_data, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
-                      grad_accum=grad_accum, max_length=max_length, warmup=warmup, scheduler=scheduler, seed=seed,
-                      save_every=save_every, eval_every=eval_every, device=device, dtype=dtype)
+    shared = {k: v for k, v in asdict(init_o).items() if k != "method"}
     settings = {"tool": __version__, "model": str(model), "source": ckpt.describe(), "data": str(Path(data).absolute()),
-                **dec_opts, **train_opts,
-                "eval_data": str(Path(eval_data).absolute()) if eval_data is not None else None,
+                "revision": revision, **shared, **asdict(train_o),
+                "eval_data": str(Path(train_o.eval_data).absolute()) if train_o.eval_data is not None else None,
                 # what the runs were made from: the model's fingerprints and the data files' digests (--resume)
                 "source_samples": fingerprints(ckpt),
-                "inputs": {"--data": file_digest(data), "--eval-data": file_digest(eval_data) if eval_data else None}}
+                "inputs": {"--data": file_digest(data),
+                           "--eval-data": file_digest(train_o.eval_data) if train_o.eval_data else None}}
     records = []
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
         bar = tqdm(runs, desc="compare", unit="run", disable=not progress)
@@ -120,15 +116,16 @@ def compare(
             dec_dir, tr_dir = od.path / name / DECOMPOSED, od.path / name / TRAINED
             dec = od.finished(f"{name}/{DECOMPOSED}")
             if dec is None:
-                calib = ({"data": data, "samples": min(CALIBRATION_SAMPLES, check_rows(data)), "max_length": max_length}
+                calib = ({"data": data, "samples": min(CALIBRATION_SAMPLES, check_rows(data)),
+                          "max_length": train_o.max_length}
                          if METHODS[method].needs_data else {})  # lora-da calibrates on the training data
-                dec = decompose(model, dec_dir, method=method, progress=progress, **dec_opts, **calib,
-                                **_again(dec_dir))
+                options = DecomposeOptions.build(None, **shared, method=method, revision=revision, **calib)
+                dec = decompose(model, dec_dir, options, progress=progress, **_again(dec_dir))
                 od.mark_done(f"{name}/{DECOMPOSED}", dec)
             base = dec["residual"] or ckpt.root  # plain LoRA trains on the untouched model
             again = _again(tr_dir) if any((tr_dir / CKPT_DIR).glob("step-*/trainer_state.json")) else {"overwrite": True}
-            tr = train(base, dec["adapter"], data, tr_dir, progress=progress, **train_opts, **again,
-                       **({"progressive": k} if k is not None else {}))
+            tr = train(base, dec["adapter"], data, tr_dir, TrainOptions.build(train_o, progressive=k),
+                       progress=progress, **again)
             record = {"run": name, "method": method, "progressive": k, "decompose_seconds": dec["seconds"],
                       "train_seconds": tr["seconds"], "trainable_parameters": tr["trainable_parameters"],
                       "steps": tr["steps"]}
@@ -141,7 +138,7 @@ def compare(
         plots = _plots(od, curves, smoothed, goal, smooth)
         with od.open_atomic(REPORT_NAME, "w") as f:
             f.write(report(records, goal, settings, plots, smooth))
-        od.write_manifest(MANIFEST_NAME, {**settings, "methods": methods, "progressive": progressive,
+        od.write_manifest(COMPARE_MANIFEST, {**settings, "methods": methods, "progressive": progressive,
                                           "smooth": smooth, "targets_loss": goal, "runs": records, "plots": plots,
                                           "files": {"output": {f: file_digest(od.path / f)
                                                                for f in [REPORT_NAME, *plots]}}})

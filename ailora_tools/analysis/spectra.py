@@ -22,13 +22,12 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..io.checkpoint import Checkpoint
 from ..errors import NumericsError, UnsupportedError
+from ..manifests import SPECTRUM_MANIFEST, TRAIN_MANIFEST
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
 from ..init.targets import architecture, linear_modules, matches, resolve_targets, target_names
 from ..io.tensorio import FLOAT_DTYPES
-from ..manifests import SPECTRUM_MANIFEST
 
-MANIFEST_NAME = SPECTRUM_MANIFEST
 SPECTRA_NAME = "spectra.safetensors"
 PLOT_SPECTRA, PLOT_LAYERS, PLOT_DELTA = "spectra.png", "layers.png", "delta.png"
 METHOD = "eigvalsh of the float64 Gram matrix of the smaller side"
@@ -119,7 +118,7 @@ def spectrum(
         name = ckpt.repo_id or Path(ckpt.source).name
         plots = _plots(od, rows, spectra, deltas["norms"] if deltas else None, rank, plot_layers, name)
         files = [SPECTRA_NAME, *plots]
-        od.write_manifest(MANIFEST_NAME, {
+        od.write_manifest(SPECTRUM_MANIFEST, {
             **settings, "modules": rows, "adapter": None if deltas is None else {**settings["adapter"],
                                                                                 "modules": deltas["norms"]},
             "plots": plots, "files": {"output": {f: file_digest(od.path / f) for f in files}},
@@ -170,7 +169,7 @@ def _adapter_deltas(adapter, initial, ckpt) -> dict:
     """{"trained", "initial", "norms": [{"module", "layer", "delta_fro"}]}, with ‖ΔW‖_F from small QR factors."""
     import torch
 
-    from ..adapters.conversion import TRAIN_MANIFEST, delta_factors, initial_adapter_of
+    from ..adapters.conversion import delta_factors, initial_adapter_of
     from ..io.peft_adapter import read_adapter
 
     trained = read_adapter(adapter)

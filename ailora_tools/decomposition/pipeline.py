@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__
@@ -19,25 +20,19 @@ from ..io.checkpoint import Checkpoint
 from ..distributed import Sharing, is_worker, use_local_gpu, work
 from ..errors import NumericsError, OptionError, UnsupportedError
 from ..init import InitMethod, Job, Settings, get_method, lora_scale
-from ..options import at_least, choice, positive
+from ..options import DecomposeOptions
 from ..io.output import OutputDir
 from ..io.rewrite import Hashes, Replaced, pending, rewrite_checkpoint
-from ..init.targets import architecture, assign_roles, is_transposed, linear_modules, target_names
-from ..manifests import DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, decompose_identity, sample, stored_sample
+from ..init.targets import architecture, assign_roles, is_transposed, linear_modules
+from ..manifests import (ADAPTER_DIR, DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, RESIDUAL_DIR, decompose_identity, sample,
+                         stored_sample)
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor, tensor_bytes
 
-MANIFEST_NAME = DECOMPOSE_MANIFEST
-RESIDUAL_DIR, ADAPTER_DIR = "residual", "adapter"
-SVD_MODES = ("exact", "randomized")
 
 
 def decompose(
-    model: str | os.PathLike, out: str | os.PathLike, *, method: str = "ailora", rank: int = 16,
-    alpha: float | None = None, rslora: bool = False, targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
-    roles: dict[str, str] | None = None, svd: str = "randomized", niter: int = 4, oversample: int = 8,
-    seed: int = 0, device: str = "auto", residual_dtype: str | None = None, revision: str | None = None,
-    allow_pickle: bool = False, no_residual: bool = False, data: str | os.PathLike | None = None,
-    samples: int = 64, max_length: int = 512, overwrite: bool = False, resume: bool = False, progress: bool = True,
+    model: str | os.PathLike, out: str | os.PathLike, options: DecomposeOptions | None = None, *,
+    overwrite: bool = False, resume: bool = False, progress: bool = True, **settings,
 ) -> dict:
     """Write OUT/residual (HF model dir), OUT/adapter (PEFT LoRA) and, last, OUT/ailora.json.
 
@@ -52,20 +47,13 @@ def decompose(
     Args:
         model: local model directory or Hub repo id.
         out: output directory; must be empty unless `overwrite` or `resume`.
-        method: a registered init method (`ailora_tools.init.METHODS`): "ailora" (query principal, value
-            minor), "pissa", "milora" or "lora".
-        rank, alpha, rslora: LoRA rank (≥ 1), alpha (> 0; default: rank) and rsLoRA scaling.
-        targets: module-name suffixes (architecture aliases such as BERT's query/value resolved).
-        roles: suffix -> "principal" | "minor", overriding the method's roles.
-        svd: "exact" or "randomized" (principal components only; minor ones are always exact).
-        niter, oversample, seed: randomized SVD settings (≥ 0); every module's draw is seeded by (seed, name).
-        device: "auto", "cpu", "cuda" or "cuda:N" for the SVDs.
-        residual_dtype: "float32", "float16" or "bfloat16" for the residual targets (default: as stored).
-        revision: Hub revision (Hub ids only). allow_pickle: accept .bin/.pt weights (see `Checkpoint.open`).
-        no_residual: write only OUT/adapter and the manifest, for training on the ORIGINAL weights with
-            s·B0·A0 subtracted inside the adapter (`initial_offset`); the manifest's `adapter_base` says which.
-        data, samples, max_length: calibration JSONL (train's shapes), how many of its first rows to use and
-            their token limit, for methods that need data (lora-da).
+        options: a `DecomposeOptions` (every field documented there); `settings` replace its fields by name
+            (`decompose(model, out, method="pissa", rank=32)`). The method is a registered init method
+            (`ailora_tools.init.METHODS`): "ailora" (query principal, value minor), "pissa", "milora", "lora" or
+            "lora-da"; minor components are always exact; every module's random draw is seeded by (seed, name);
+            `no_residual` writes only OUT/adapter and the manifest, for training on the ORIGINAL weights with
+            s·B0·A0 subtracted inside the adapter (`training.exact_mode`); `data`, `samples`, `max_length` are
+            calibration settings for methods that need data (lora-da).
         overwrite, resume: see `OutputDir`. progress: show a tqdm bar.
 
     Returns:
@@ -79,58 +67,50 @@ def decompose(
         >>> decompose("Qwen/Qwen2.5-0.5B", "out", rank=16)  # doctest: +SKIP
     """
     started = time.perf_counter()
-    targets = target_names(targets)
-    init = get_method(method)
-    choice("--svd", svd, SVD_MODES)
-    choice("--residual-dtype", residual_dtype, DTYPE_FLAGS)
-    at_least("--rank", rank, 1)
-    positive("--alpha", alpha)
-    at_least("--niter", niter, 0)
-    at_least("--oversample", oversample, 0)
-    at_least("--samples", samples, 1)
-    at_least("--max-length", max_length, 2)
-    if init.needs_data and data is None:
-        raise OptionError(f"--method {method}: needs calibration samples; pass --data FILE.jsonl")
-    if data is not None and not init.needs_data:
-        raise OptionError(f"--data: --method {method} does not use data (only lora-da does); drop --data")
-    if data is not None:
+    o = DecomposeOptions.build(options, **settings)
+    init = get_method(o.method)
+    if init.needs_data and o.data is None:
+        raise OptionError(f"--method {o.method}: needs calibration samples; pass --data FILE.jsonl")
+    if o.data is not None and not init.needs_data:
+        raise OptionError(f"--data: --method {o.method} does not use data (only lora-da does); drop --data")
+    if o.data is not None:
         from ..io.examples import check_rows
 
-        check_rows(data, flag="--data")
-    if no_residual and residual_dtype is not None:
-        raise OptionError("--residual-dtype: --no-residual writes no residual; drop one of the two")
-    alpha = float(rank if alpha is None else alpha)
-    if device not in ("auto", "cpu"):  # a CUDA device is checked now (this loads torch); auto and cpu cannot fail
+        check_rows(o.data, flag="--data")
+    if o.device not in ("auto", "cpu"):  # a CUDA device is checked now (this loads torch); auto and cpu cannot fail
         from ..devices import resolve_device
 
-        resolve_device(device)
-    use_local_gpu(device)
-    ckpt = Checkpoint.open(model, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
-    jobs = plan(ckpt, init, targets, roles or {}, rank)
-    params = Settings(rank, lora_scale(rank, alpha, rslora), svd, niter, oversample, seed)
+        resolve_device(o.device)
+    use_local_gpu(o.device)
+    ckpt = Checkpoint.open(model, revision=o.revision, allow_pickle=o.allow_pickle,
+                           scratch=Path(out).absolute().parent)
+    jobs = plan(ckpt, init, o.targets, o.roles, o.rank)
+    alpha = o.lora_alpha
+    params = Settings(o.rank, lora_scale(o.rank, alpha, o.rslora), o.svd, o.niter, o.oversample, o.seed)
     settings = {
-        "tool": __version__, "method": method, "rank": rank, "alpha": alpha, "rslora": rslora, "scale": params.scale,
-        "targets": list(targets), "roles": {j.module: j.role for j in jobs},
-        "svd": {"mode": svd, "niter": niter, "oversample": oversample, "seed": seed, "device": device},
-        "residual_dtype": residual_dtype, "source": ckpt.describe(),
-        "adapter_base": RESIDUAL if init.offsets_base and not no_residual else ORIGINAL,
+        "tool": __version__, "method": o.method, "rank": o.rank, "alpha": alpha, "rslora": o.rslora,
+        "scale": params.scale, "targets": list(o.targets), "roles": {j.module: j.role for j in jobs},
+        "svd": {"mode": o.svd, "niter": o.niter, "oversample": o.oversample, "seed": o.seed, "device": o.device},
+        "residual_dtype": o.residual_dtype, "source": ckpt.describe(),
+        "adapter_base": RESIDUAL if init.offsets_base and not o.no_residual else ORIGINAL,
     }
-    if data is not None:
+    if o.data is not None:
         from ..io.hashing import file_digest
 
-        settings["data"] = {"path": str(Path(data).absolute()), "digest": file_digest(data), "samples": samples,
-                            "max_length": max_length}
+        settings["data"] = {"path": str(Path(o.data).absolute()), "digest": file_digest(o.data),
+                            "samples": o.samples, "max_length": o.max_length}
     hashes = Hashes()
     # before the output is claimed: data-aware methods calibrate here, and fail here on data or architecture
-    context = init.prepare(ckpt, jobs, params, data=data, samples=samples, max_length=max_length, device=device,
-                           progress=progress and not is_worker())
+    context = init.prepare(ckpt, jobs, params, data=o.data, samples=o.samples, max_length=o.max_length,
+                           device=o.device, progress=progress and not is_worker())
+    device = o.device
     if is_worker():
         return {"worker": int(os.environ["RANK"]), "seconds": round(time.perf_counter() - started, 3),
                 "computed": _serve(ckpt, jobs, init, params, context, device)}
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
         if settings["adapter_base"] == RESIDUAL:
             results, ran_on = _residual(ckpt, od, hashes, jobs, init, params, context, device,
-                                        DTYPE_FLAGS.get(residual_dtype), progress)
+                                        DTYPE_FLAGS.get(o.residual_dtype), progress)
             base = str(od.path / RESIDUAL_DIR)
         else:  # the base stays as it is: only the factors, but the manifest still names the source
             for name, p in ckpt.files().items():
@@ -139,8 +119,8 @@ def decompose(
             base = ckpt.name_or_path
         from ..io.peft_adapter import lora_config, task_type, write_adapter
 
-        config = lora_config(rank=rank, alpha=alpha, targets=[j.module.rsplit(".", 1)[-1] for j in jobs],
-                             rslora=rslora, base=base, task_type=task_type(ckpt.config),
+        config = lora_config(rank=o.rank, alpha=alpha, targets=[j.module.rsplit(".", 1)[-1] for j in jobs],
+                             rslora=o.rslora, base=base, task_type=task_type(ckpt.config),
                              fan_in_fan_out=any(j.transposed for j in jobs))
         for p in write_adapter(od.path / ADAPTER_DIR, config, {m: factors for m, (factors, _) in results.items()}):
             hashes.add("output", f"{ADAPTER_DIR}/{p.name}", p)
@@ -151,11 +131,11 @@ def decompose(
             "worst_recon_rel_fro": max((s.get("recon_rel_fro", 0.0) for s in stats.values()), default=0.0),
             "worst_recon_max_abs": max((s.get("recon_max_abs", 0.0) for s in stats.values()), default=0.0),
         }
-        od.write_manifest(MANIFEST_NAME, {**settings, "svd": {**settings["svd"], "ran_on": ran_on},
-                                          "files": hashes.result(), "modules": dict(sorted(stats.items())),
-                                          "applies_to": decompose_identity(stats, original=ckpt.name_or_path, residual=(
-                                              RESIDUAL_DIR if settings["adapter_base"] == RESIDUAL else None),
-                                              kind=settings["adapter_base"])})
+        od.write_manifest(DECOMPOSE_MANIFEST, {**settings, "svd": {**settings["svd"], "ran_on": ran_on}, "options": asdict(o),
+                                           "files": hashes.result(), "modules": dict(sorted(stats.items())),
+                                           "applies_to": decompose_identity(stats, original=ckpt.name_or_path, residual=(
+                                               RESIDUAL_DIR if settings["adapter_base"] == RESIDUAL else None),
+                                               kind=settings["adapter_base"])})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 

@@ -253,9 +253,10 @@ def _local(source: str, root: Path):
     return header
 
 
-def hub_header(repo_id: str, revision: str, name: str) -> tuple[bytes, int]:
+def hub_header(repo_id: str, revision: str, name: str, *, session=None) -> tuple[bytes, int]:
     """A Hub file's first bytes (length field and JSON header) and its size, by HTTP range requests: one of
-    100 kB, and a second one for a longer header (as huggingface_hub's `parse_safetensors_file_metadata`)."""
+    100 kB, and a second one for a longer header (as huggingface_hub's `parse_safetensors_file_metadata`).
+    `session`: the HTTP client (default: huggingface_hub's `get_session()`, with its proxies and retries)."""
     from huggingface_hub import constants, get_session, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
@@ -265,7 +266,7 @@ def hub_header(repo_id: str, revision: str, name: str) -> tuple[bytes, int]:
 
     def get(first: int, last: int):
         try:
-            response = get_session().get(url, headers={**build_hf_headers(), "range": f"bytes={first}-{last}"},
+            response = (session or get_session()).get(url, headers={**build_hf_headers(), "range": f"bytes={first}-{last}"},
                                          timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
         except Exception as e:  # the HTTP client's connection and timeout errors are not OSErrors
             raise OSError(f"{e.__class__.__name__}: {e}") from e

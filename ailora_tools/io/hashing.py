@@ -84,6 +84,11 @@ def digest_async(path: str | os.PathLike) -> Future:
     return _DIGESTS[key]
 
 
+def forget_digests() -> None:
+    """Drop the digests `digest_async` remembers, so that the next request reads and hashes the files again."""
+    _DIGESTS.clear()
+
+
 def bytes_digest(data) -> bytes:
     """The 32-byte BLAKE3 digest of a buffer (a segment's digest in `Digest.patched`)."""
     return blake3(data, max_threads=_threads(memoryview(data).nbytes)).digest()

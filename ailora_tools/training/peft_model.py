@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 import re
 
 from ..errors import AiloraError, NumericsError, UnsupportedError
-from ..options import at_least, choice, positive
+from ..options import InitOptions
 from ..init import Job, Settings, get_method, lora_scale
 from ..init.targets import architecture, assign_roles, is_transposed, matches
 
@@ -25,23 +25,17 @@ if TYPE_CHECKING:
 
 
 def get_ailora_model(
-    model, *, method: str = "ailora", rank: int = 16, alpha: float | None = None, rslora: bool = False,
-    targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"), roles: dict[str, str] | None = None,
-    svd: str = "randomized", niter: int = 4, oversample: int = 8, seed: int = 0, device: str = "auto",
-    lora_dropout: float = 0.0, adapter_name: str = "default", progress: bool = True,
+    model, options: InitOptions | None = None, *, lora_dropout: float = 0.0, adapter_name: str = "default",
+    progress: bool = True, **settings,
 ) -> PeftModel:
     """Wrap `model` in a PEFT LoRA initialised by `method`; the target base weights become residuals in place.
 
     Args:
         model: a transformers model (`PreTrainedModel`) in memory, float weights. It is modified in place
             (PEFT wraps it; target weights become W − s·B0·A0) and returned wrapped.
-        method: "ailora" (query principal, value minor), "pissa", "milora" or "lora" (Kaiming A, B = 0,
-            base untouched).
-        rank, alpha, rslora: LoRA rank, alpha (default: rank) and rsLoRA scaling.
-        targets: module-name suffixes (architecture aliases such as BERT's query/value resolved).
-        roles: suffix -> "principal" | "minor", overriding the method's roles.
-        svd, niter, oversample, seed: as for `decompose`; each module's draw is seeded by (seed, name).
-        device: where the SVDs run (auto, cpu, cuda, cuda:N); results are written back where the weights are.
+        options: an `InitOptions` (method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed,
+            device: as for `decompose`); `settings` replace its fields by name (`get_ailora_model(model,
+            method="pissa", rank=32)`). `device` is where the SVDs run; results go back where the weights are.
         lora_dropout, adapter_name: passed to PEFT.
         progress: show a tqdm bar.
 
@@ -61,17 +55,14 @@ def get_ailora_model(
         >>> Trainer(model=model, args=args, train_dataset=ds).train()  # doctest: +SKIP
     """
     try:
-        return _get_ailora_model(model, method=method, rank=rank, alpha=alpha, rslora=rslora, targets=targets,
-                                 roles=roles, svd=svd, niter=niter, oversample=oversample, seed=seed, device=device,
-                                 lora_dropout=lora_dropout, adapter_name=adapter_name, progress=progress)
+        return _wrap(model, options, settings, lora_dropout=lora_dropout, adapter_name=adapter_name, progress=progress)
     except AiloraError as e:  # the checks are shared with the commands: name the arguments, not the flags
         e.args = (re.sub(r"--(role|[a-z]+(?:-[a-z]+)*)\b",
                          lambda m: "roles" if m[1] == "role" else m[1].replace("-", "_"), str(e)),)
         raise
 
 
-def _get_ailora_model(model, *, method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed, device,
-                      lora_dropout, adapter_name, progress):
+def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: str, progress: bool):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -79,19 +70,14 @@ def _get_ailora_model(model, *, method, rank, alpha, rslora, targets, roles, svd
 
     from ..io.peft_adapter import task_type
     from ..devices import resolve_device
-    from ..init.targets import target_names
 
     if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         raise UnsupportedError(f"{type(model).__name__} already holds PEFT adapter layers; pass the plain "
                                "transformers model (before get_peft_model / get_ailora_model, or after "
                                "merge_and_unload())")
-    targets = target_names(targets)
+    o = InitOptions.build(options, **settings)
+    method, rank, alpha, rslora = o.method, o.rank, o.lora_alpha, o.rslora
     init = get_method(method)
-    choice("svd", svd, ("exact", "randomized"))
-    at_least("rank", rank, 1)
-    positive("alpha", alpha)
-    at_least("niter", niter, 0)
-    at_least("oversample", oversample, 0)
     if init.needs_data:
         raise UnsupportedError(f"method={method!r} needs calibration data; use `ailora-tools decompose --method "
                                f"{method} --data ...` and load its adapter with PEFT")
@@ -99,11 +85,10 @@ def _get_ailora_model(model, *, method, rank, alpha, rslora, targets, roles, svd
     if not hasattr(config, "to_dict"):
         raise UnsupportedError(f"{type(model).__name__} has no transformers config; pass a transformers model "
                                "(AutoModelFor*.from_pretrained)")
-    alpha = float(rank if alpha is None else alpha)
     config = config.to_dict()
     arch = architecture(config)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
-    role_of = assign_roles(init, list(targets), list(layers), arch, dict(roles or {}))
+    role_of = assign_roles(init, list(o.targets), list(layers), arch, o.roles)
     _check_weights(model, {m: layers[m].weight for m in role_of}, role_of, rank)
     suffixes = sorted({m.rsplit(".", 1)[-1] for m in role_of})
     exact = {m for m in layers if any(matches(m, s) for s in suffixes)} == set(role_of)
@@ -114,8 +99,8 @@ def _get_ailora_model(model, *, method, rank, alpha, rslora, targets, roles, svd
                       modules_to_save=heads or None,
                       fan_in_fan_out=any(is_transposed(m, arch) for m in role_of))
     peft_model = get_peft_model(model, lora, adapter_name=adapter_name)
-    params = Settings(rank, lora_scale(rank, alpha, rslora), svd, niter, oversample, seed)
-    dev = resolve_device(device)
+    params = Settings(rank, lora_scale(rank, alpha, rslora), o.svd, o.niter, o.oversample, o.seed)
+    dev = resolve_device(o.device)
     for m in tqdm(sorted(role_of), desc=f"{method} init", unit="matrix", disable=not progress):
         layer = peft_model.base_model.model.get_submodule(m)
         W = layer.get_base_layer().weight

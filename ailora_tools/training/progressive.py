@@ -139,6 +139,19 @@ class Progressive:
         self.stage = stage
         return stage
 
+    def before_step(self, step: int) -> dict:
+        """The training loop's step hook: enter the stage of `step`; its record gets the stage (1-based)."""
+        return {"stage": self.enter(step) + 1}
+
+    def report(self, history: list[dict]) -> dict:
+        """For the run's summary: each stage's blocks, steps and tokens/s, and the updated parameter-steps."""
+        from .checkpointer import tokens_per_s
+
+        return {"progressive": {
+            "stages": [{**s, "tokens_per_s": tokens_per_s([r for r in history if r.get("stage") == s["stage"]])}
+                       for s in self.describe()],
+            "updated_parameter_fraction": self.updated_fraction()}}
+
     def block_params(self) -> tuple[list[int], int]:
         """Trainable parameter counts per block (bottom first) and outside the blocks."""
         counts = [sum(p.numel() for p in self.params.get(b, [])) for b in range(self.n_blocks)]

@@ -1,0 +1,104 @@
+"""Training setup: every option, file and data row checked, then the model, data, optimizer and schedule.
+
+Nothing here trains; `prepare` returns a `Run` that `loop.train_steps` drives. The base is decompose's
+residual, or the ORIGINAL model with the initial product subtracted inside the adapter (`exact_mode`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..architectures import match
+from ..devices import resolve_device
+from ..errors import InputNotFoundError
+from ..io.checkpoint import Checkpoint
+from ..io.examples import check_rows
+from ..io.peft_adapter import Adapter, read_adapter
+from ..io.tokenizer import load_tokenizer
+from ..manifests import check_base, train_identity
+from ..options import TrainOptions
+from .exact_mode import resolve_adapter_base, subtract_initial
+from .progressive import Progressive
+from .tasks import Data, Task, load_data, load_model, resolve_task
+
+
+@dataclass
+class Run:
+    """Everything a training run holds: what `loop.train_steps` drives and the checkpointer saves."""
+
+    options: TrainOptions
+    task: Task
+    data: Data
+    model: torch.nn.Module
+    config: dict  # the adapter config written with every checkpoint
+    task_info: dict  # the model class and names, for the manifest
+    device: torch.device
+    autocast: bool  # bfloat16 autocast (CUDA with --dtype auto|bfloat16)
+    mode: str  # "residual" or "original" (exact mode)
+    total: int  # optimizer steps
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    settings: dict  # what --resume compares; the manifest records it with the options
+    #: step hooks (Progtuning): `before_step(step) -> dict` adds fields to the step's record
+    hooks: list = field(default_factory=list)
+
+
+def check(base: str | os.PathLike, data: str | os.PathLike, o: TrainOptions) -> tuple[Checkpoint, Task]:
+    """The base and every data row, before anything loads. Raises AiloraError subclasses."""
+    if not Path(base).is_dir():
+        raise InputNotFoundError(f"--base {base}: no such model directory")
+    ckpt = Checkpoint.open(base)
+    task = resolve_task(o.task, ckpt.config)
+    for flag, path in (("--data", data), ("--eval-data", o.eval_data)):
+        if path is not None:
+            check_rows(path, flag=flag, task=task.name)
+    return ckpt, task
+
+
+def prepare(base: str | os.PathLike, adapter: str | os.PathLike, data: str | os.PathLike, o: TrainOptions, *,
+            force: bool = False) -> Run:
+    """Check everything, then load the model with the initial adapter, the data, the optimizer and the schedule.
+    `force`: train although `base` is not the model the adapter's manifests record (a warning in the manifest)."""
+    ckpt, task = check(base, data, o)
+    from transformers import get_scheduler
+
+    dev = resolve_device(o.device)
+    autocast = dev.type == "cuda" and o.dtype in ("auto", "bfloat16")
+    initial = read_adapter(adapter)
+    initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config)
+    mode = resolve_adapter_base(o.adapter_base, adapter)
+    warning = check_base(adapter, ckpt, flag="--base", force=force)
+    tok, pad_id = load_tokenizer(o.tokenizer or base, flag="--tokenizer" if o.tokenizer else "--base")
+    ds = load_data(task, data, o.eval_data, tok, pad_id=pad_id, config=ckpt.config, base=base,
+                   max_length=o.max_length, seed=o.seed, num_labels=o.num_labels)
+    total = o.max_steps if o.max_steps is not None else o.epochs * math.ceil(len(ds.train) / (o.batch_size * o.grad_accum))
+    settings = {"tool": __version__, "base": str(Path(base).absolute()), "initial_adapter": str(Path(adapter).absolute()),
+                "data": str(Path(data).absolute()), "eval_data": str(Path(o.eval_data).absolute()) if o.eval_data else None,
+                "steps": total, "lr": o.lr, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
+                "max_length": o.max_length, "warmup": o.warmup, "scheduler": o.scheduler, "seed": o.seed,
+                "dtype": o.dtype, "tokenizer": o.tokenizer, "progressive": o.progressive,
+                # "residual": trained as base + s·B·A; "original": as base + s(B·A − B0·A0), what convert writes
+                "adapter_base": mode, "mode": "exact" if mode == "original" else "residual",
+                "task": task.name, "labels": ds.labels,
+                **train_identity(adapter, ckpt, mode, data, o.eval_data, warning)}
+    torch.manual_seed(o.seed)  # a new classification head is initialised from it
+    # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
+    model, config, task_info = load_model(task, base, adapter, labels=ds.labels,
+                                          dtype=torch.bfloat16 if autocast else torch.float32)
+    model = model.to(dev)
+    if mode == "original":  # the initial factors under the model class's module names
+        names = match(initial.factors, {n for n, _ in model.get_base_model().named_modules()},
+                      prefix=task_info["base_model_prefix"])
+        subtract_initial(model, Adapter(initial.config, {names[m]: f for m, f in initial.factors.items()}))
+    params = [p for p in model.parameters() if p.requires_grad]
+    hooks = [Progressive(model, stages=o.progressive, total_steps=total)] if o.progressive else []
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=0.0)
+    scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup, num_training_steps=total)
+    return Run(o, task, ds, model, config, task_info, dev, autocast, mode, total, params, optimizer, scheduler,
+               settings, hooks)
