@@ -248,16 +248,7 @@ def test_resume_refuses_changed_data(two, tmp_path, monkeypatch, new_rows):
     assert manifest["inputs"]["--data"].startswith("blake3")
 
 
-# 7. the public names: __all__, import *, dir()
-def test_every_public_name_imports():
-    import ailora_tools
-
-    for name in ailora_tools.__all__:
-        assert getattr(ailora_tools, name) is not None, name
-    namespace: dict = {}
-    exec("from ailora_tools import *", namespace)
-    assert set(ailora_tools.__all__) <= set(namespace)
-    assert set(ailora_tools.__all__) <= set(dir(ailora_tools))
+# 7. the public names: covered by test_layout.py::test_every_public_name_imports_and_is_listed
 
 
 # 10. --resume on a finished run; -o naming a file
