@@ -252,29 +252,52 @@ def decompose(model, out, allow_pickle, overwrite, resume, as_json, quiet, **set
 
 
 @main.command()
-@click.option("--trained", required=True, type=click.Path(), help="Adapter trained on the residual (ours or PEFT's PiSSA workflow).")
+@click.option("--trained", required=True, type=click.Path(), help="Adapter trained on the residual (ours or PEFT's PiSSA workflow); with --for, also a LoRA already on the original model (converted, plain PEFT).")
 @click.option("--initial", type=click.Path(), default=None, help="Initial adapter (default: the one the trained adapter's manifest names).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory for the standard LoRA.")
 @click.option("--max-rank", type=int, default=None, help="Re-compress each module to at most this rank (exact up to truncation; errors reported).")
 @click.option("--tolerance", type=float, default=None, help="Fail if a module's relative Frobenius error exceeds this.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", help="dtype of the saved factors.")
 @click.option("--base", default=None, help="Original model recorded as base_model_name_or_path (default: from the decompose manifest).")
+@click.option("--for", "server", type=click.Choice(["vllm", "llama.cpp"]), default=None,
+              help="Export as that server takes it: scale baked into B (lora_alpha = r, no rsLoRA), one rank it accepts "
+                   "(zero-padded; re-compressed above --max-lora-rank), heads and biases refused with what to do.")
+@click.option("--max-lora-rank", type=int, default=None, help="With --for vllm: the server's --max-lora-rank (1, 8, 16, 32, 64, 128, 256, 320, 512) [default: 512].")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--dora", "dora", type=click.Choice(["exact", "approximate"]), default=None,
+              help="For a DoRA adapter: exact writes OUT/base (adapted matrices rescaled, not the original) + "
+                   "OUT/adapter; approximate writes a LoRA on the original from a truncated SVD (--max-rank and/or "
+                   "--tolerance), its per-module error measured.")
+@click.option("--accept-error", is_flag=True,
+              help="With --dora approximate: write the LoRA even where a module's error is above --tolerance.")
 @_fail_cleanly
-def convert(trained, initial, out, max_rank, tolerance, dtype, base, overwrite, as_json):
+def convert(trained, initial, out, max_rank, tolerance, dtype, base, server, max_lora_rank, overwrite, as_json, dora,
+            accept_error):
     """Convert a trained adapter into a standard LoRA on the ORIGINAL base (rank 2r, or --max-rank)."""
     from .adapters.conversion import convert as run
 
     summary = run(trained, out, initial=initial, max_rank=max_rank, tolerance=tolerance, dtype=dtype, base=base,
-                  overwrite=overwrite)
+                  overwrite=overwrite, server=server, max_lora_rank=max_lora_rank, dora=dora, accept_error=accept_error,
+                  progress=_progress(as_json))
     _print_summary(summary, as_json, f"converted {summary['modules']} modules into {summary['output']}")
+    if not as_json and dora is not None:
+        if dora == "exact":
+            click.echo(f"note: the base is NOT the original model: serve {summary['base']} with the LoRA "
+                       f"{summary['adapter']}")
+        for m, e in sorted(summary.get("errors", {}).items()):
+            click.echo(f"  error {m:<40} {e:.3e}")
+        return
     if not as_json:
-        click.echo(f"serve with vLLM using --max-lora-rank {summary['vllm_max_lora_rank']} (or larger)")
-        for finding in summary["vllm_check"]:
-            click.echo(f"vLLM check: {finding}")
-        if not summary["vllm_check"]:
-            click.echo("vLLM check: passed")
+        if "serve_command" in summary:
+            click.echo(f"serve with: {summary['serve_command']}")
+        elif summary.get("vllm_max_lora_rank"):
+            click.echo(f"serve with vLLM using --max-lora-rank {summary['vllm_max_lora_rank']} (or larger)")
+        name = {"vllm": "vLLM", "llama.cpp": "llama.cpp"}[summary["check_for"]]
+        for finding in summary["check"]:
+            click.echo(f"{name} check: {finding}")
+        if not summary["check"]:
+            click.echo(f"{name} check: passed")
 
 
 @main.command()
@@ -304,7 +327,7 @@ def merge(base, adapter, out, dtype, revision, force, allow_pickle, overwrite, r
 @click.option("--base", required=True, type=click.Path(),
               help="Frozen base: the residual model directory from decompose, or the ORIGINAL model for an adapter "
                    "from decompose --no-residual.")
-@click.option("--adapter", required=True, type=click.Path(), help="Initial adapter (OUT/adapter from decompose).")
+@click.option("--adapter", default=None, type=click.Path(), help="Initial adapter (OUT/adapter from decompose); not with --bitfit.")
 @click.option("--data", required=True, type=click.Path(),
               help='Training JSONL. Causal LM: {"text"}, {"prompt","completion"} or {"messages"}; masked LM: {"text"}; '
                    'sequence classification: {"text","label"} or {"text_a","text_b","label"}.')
@@ -316,7 +339,7 @@ def merge(base, adapter, out, dtype, revision, force, allow_pickle, overwrite, r
 @_fail_cleanly
 def train(base, adapter, data, out, resume, force, overwrite, as_json, quiet, **settings):
     """Train the adapter on its frozen base (the residual, or the original model for --no-residual adapters);
-    only the LoRA factors learn (and a classification head)."""
+    only the LoRA factors learn (and a classification head). --bitfit: only the base's bias terms learn, no adapter."""
     from .training import train as run
 
     summary = run(base, adapter, data, out, TrainOptions.build(**settings), resume=resume, overwrite=overwrite,
@@ -476,11 +499,11 @@ def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, r
 @click.argument("model")
 @click.option("--data", required=True, type=click.Path(), help="Training JSONL (as for train).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory: one subdirectory per run, compare.md/json, loss plots.")
-@click.option("--methods", default=None, help="Comma-separated init methods [default: lora,pissa,milora,ailora, and lora-da when available].")
+@click.option("--methods", default=None, help="Comma-separated init methods, and bitfit (train --bitfit, no decompose) [default: lora,pissa,milora,ailora, and lora-da when available].")
 @click.option("--progressive", type=int, default=None, help="K: also run every method with progressive training (train --progressive K).")
 @click.option("--target-loss", type=float, default=None, help="Loss for 'steps to reach' [default: the highest final loss among the runs].")
 @click.option("--smooth", type=int, default=10, help="Training losses are a trailing mean over this many steps.")
-@_from_options(InitOptions, TrainOptions, skip=("method", "progressive"),
+@_from_options(InitOptions, TrainOptions, skip=("method", "dora", "progressive", "bitfit"),
                help={"seed": "Seed for the SVDs, the Kaiming init, the data order and training.",
                      "device": "auto, cpu, cuda, cuda:N (SVDs and training).",
                      "eval_every": "Evaluate every N steps [default: a tenth of --max-steps]."})

@@ -30,9 +30,12 @@ SAMPLE_BYTES = 64 * 1024
 DECOMPOSE_MANIFEST, TRAIN_MANIFEST, CONVERT_MANIFEST = "ailora.json", "ailora-train.json", "ailora-convert.json"
 MERGE_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST = "ailora-merge.json", "spectrum.json", "compare.json"
 #: every output's manifest, written last (a directory without one is not complete); `verify` knows them all
-MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST)
-#: a decompose output's two directories
-RESIDUAL_DIR, ADAPTER_DIR = "residual", "adapter"
+#: `train --bitfit`'s output: trained bias terms (and a classification head), no adapter (`training.bitfit`)
+BITFIT_MANIFEST = "ailora-bitfit.json"
+MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST,
+             BITFIT_MANIFEST)
+#: a decompose output's two directories; `convert --dora exact` writes DORA_BASE_DIR and ADAPTER_DIR
+RESIDUAL_DIR, ADAPTER_DIR, DORA_BASE_DIR = "residual", "adapter", "base"
 RESIDUAL, ORIGINAL = "residual", "original"
 #: how many tensors identify a model: the first, the last and evenly spaced ones between
 IDENTITY_TENSORS = 4
@@ -314,7 +317,11 @@ def train_identity(adapter, ckpt, kind: str, data, eval_data=None, warning: str 
     the warning of a forced base."""
     from .io.hashing import file_digest
 
-    inputs = {"--adapter": adapter_digest(adapter), "--data": file_digest(data),
+    inputs = {**({"--adapter": adapter_digest(adapter)} if adapter is not None else {}), "--data": file_digest(data),
               **({"--eval-data": file_digest(eval_data)} if eval_data is not None else {})}
-    return {"applies_to": trained_identity(adapter, ckpt, kind), "inputs": inputs,
+    if adapter is None:  # BitFit: the trained biases belong to the model they were trained in
+        identity = BaseOf(ORIGINAL, original=ckpt.name_or_path, samples={ORIGINAL: fingerprints(ckpt)}).block()
+    else:
+        identity = trained_identity(adapter, ckpt, kind)
+    return {"applies_to": identity, "inputs": inputs,
             **({"warnings": [f"--force: {warning}"]} if warning else {})}

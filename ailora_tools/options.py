@@ -93,6 +93,8 @@ class InitOptions(Options):
                              low=0)
     seed: int = option(0, "Seed for the randomized SVDs and the Kaiming init.")
     device: str = option("auto", "Where the SVDs run: auto, cpu, cuda, cuda:N.")
+    dora: bool = option(False, "DoRA (PEFT's use_dora): the adapter also holds a magnitude per output feature, set to "
+                        "the row norms of the base + s·B0·A0 so that step 0 reproduces the model.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +129,10 @@ class DecomposeOptions(InitOptions):
         super().__post_init__()
         if self.no_residual and self.residual_dtype is not None:
             raise OptionError("--residual-dtype: --no-residual writes no residual; drop one of the two")
+        if self.dora and self.no_residual and self.method != "lora":
+            raise OptionError(f"--dora: not with --no-residual for --method {self.method}: DoRA's norm is that of the "
+                              "base the adapter applies to, and PEFT would not subtract s·B0·A0 from it; drop "
+                              "--no-residual")
         if self.data is not None:
             self.data = os.fspath(self.data)
 
@@ -161,6 +167,8 @@ class TrainOptions(Options):
     task: str = option("auto", "What to train for; auto: what the base was saved for (its config's architectures; "
                        "a bare encoder: masked-lm).", choices=TASKS)
     num_labels: int | None = option(None, "Classes of a new classification head (default: from the labels).", low=1)
+    bitfit: bool = option(False, "BitFit: train only the bias terms of --base (and a classification head), no "
+                          "--adapter; `merge BASE OUT` writes them into the model.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

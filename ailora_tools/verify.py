@@ -80,7 +80,7 @@ def _check_reconstruction(root: Path, manifest: dict, report: dict) -> None:
     if not src_root.is_dir():
         report["notes"].append(f"source {src_root} is not here: reconstruction not checked")
         return
-    adapter = read_adapter(root / ADAPTER_DIR)
+    adapter = read_adapter(root / ADAPTER_DIR, dora=True)
     recorded = manifest["files"]["source"]
     for module, stats in sorted(manifest["modules"].items()):
         if "shard" not in stats:

@@ -61,6 +61,18 @@ def logits(model, kind: str) -> torch.Tensor:
     return out.last_hidden_state if kind == "bert" else out.logits
 
 
+def lm_logits(model_dir, adapter=None) -> torch.Tensor:
+    """Causal-LM logits of a saved model (float32), with a PEFT adapter on it when given, on fixed random ids."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return model(input_ids=torch.randint(4, 90, (2, 16))).logits
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """tiny(kind, dtype=float32) -> path of a cached tiny multi-shard model."""

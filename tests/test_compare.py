@@ -11,7 +11,7 @@ from ailora_tools.training import trainer as train_module
 from ailora_tools.cli import main
 from ailora_tools.analysis.comparison import steps_to_reach, trailing_mean
 from ailora_tools.demo import build_tiny_model, data_file
-from ailora_tools.errors import OutputError, TargetError, UnsupportedError
+from ailora_tools.errors import OptionError, OutputError, UnsupportedError
 from ailora_tools.verify import verify
 from conftest import killed_at_update
 
@@ -125,7 +125,7 @@ def test_progressive_runs_both_variants_and_lora_da_calibrates(setup, tmp_path):
 
 def test_bad_input_fails_before_any_run(tiny, setup, tmp_path):
     data = data_file("demo_train.jsonl")
-    with pytest.raises(TargetError, match="--methods lora,dora: give each once, from ailora, pissa, milora, lora"):
+    with pytest.raises(OptionError, match="--methods lora,dora: give each once, from ailora, pissa, milora, lora"):
         compare(setup / "base", data, tmp_path / "a", methods=["lora", "dora"])
     with pytest.raises(UnsupportedError, match="fused projection"):  # ailora on GPT-2, found before lora trains
         compare(tiny("gpt2"), data, tmp_path / "b", methods=["lora", "ailora"])

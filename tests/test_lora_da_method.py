@@ -4,10 +4,7 @@ import json
 import shutil
 
 import pytest
-import torch
 from click.testing import CliRunner
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 from ailora_tools.cli import main
 from ailora_tools.adapters.conversion import convert
@@ -29,13 +26,7 @@ def base(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("da") / "base")
 
 
-def logits(model_dir, adapter=None):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        return model(input_ids=torch.randint(4, 90, (2, 16))).logits
+from conftest import lm_logits as logits  # noqa: E402
 
 
 def test_lora_da_end_to_end_with_parity(base, tmp_path):
@@ -110,7 +101,7 @@ def test_transformers_too_old_for_calibration_is_one_line(base, tmp_path, monkey
     says which transformers it needs and which is installed, before calibrating or writing anything."""
     import transformers
 
-    from ailora_tools import calibration
+    from ailora_tools.init.lora_da import calibration
 
     def before_5_4(config, inputs_embeds, attention_mask, cache_position, past_key_values, position_ids=None):
         raise AssertionError("not to be called")

@@ -142,7 +142,7 @@ def test_check_for_peft_loads_with_peft(work, tmp_path):
     res = cli("check", tmp_path / "dora", "--for", "peft", "--base", work["base"])
     assert res.exit_code == 0, res.output
     res = cli("check", tmp_path / "dora", "--for", "vllm")
-    assert res.exit_code == 1 and "merge_and_unload" in res.output
+    assert res.exit_code == 1 and "ailora-tools merge" in res.output and "--dora exact" in res.output
 
 
 # 5. relative paths in base_model_name_or_path

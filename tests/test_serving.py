@@ -149,7 +149,7 @@ def test_check_rules_each_with_its_message(converted):
     res = CliRunner().invoke(main, ["check", str(lora), "--for", "vllm", "--max-lora-rank", "8"])
     assert res.exit_code == 0 and "passes for vllm" in res.output
     found = check_adapter(lora, target="llama.cpp", base=Path(__file__).parent)  # no config.json there
-    assert found and found[0].rule == "architecture"
+    assert found and found[0].rule == "base" and "--base DIR" in found[0].fix
 
 
 def test_convert_runs_the_vllm_check(converted):

@@ -1,9 +1,10 @@
-"""Will this adapter load where it is going? Rules of vLLM, llama.cpp and PEFT, each with a fix."""
+"""Will this adapter load where it is going? Rules of vLLM, llama.cpp and PEFT, each with a fix: the exact command
+that fixes it (`convert --for`, which applies the servers' rules, or `merge` for what no LoRA can carry; those
+refusals are `serving.refusals`, shared with `convert --for`)."""
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,6 @@ from ..manifests import RESIDUAL, base_of, base_problem_dir
 
 #: linear modules vLLM serves LoRA on for Llama-, Mistral- and Qwen2-style models
 VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
-VLLM_MODULES_TO_SAVE = {"classifier", "score"}
 #: the --max-lora-rank values a vLLM server accepts
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 TARGETS = ("vllm", "llama.cpp", "peft")
@@ -48,6 +48,11 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
     d = Path(lora)
     if not d.is_dir():
         raise InputNotFoundError(f"{d}: no such adapter directory")
+    from ..training.bitfit import is_bitfit
+    from .serving import refusals  # the rules no export can fix, shared with `convert --for`
+
+    if target != "peft" and is_bitfit(d):  # a `train --bitfit` output: trained biases, no adapter
+        return refusals(d, {}, None, server=target)
     found: list[Finding] = []
     cfg_path = d / CONFIG_NAME
     if not cfg_path.is_file() or not (d / WEIGHTS_NAME).is_file():
@@ -57,58 +62,37 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
     if cfg.get("peft_type") != "LORA":
         found.append(Finding("peft_type", f"peft_type is {cfg.get('peft_type')!r}", "only LoRA adapters are supported"))
         return found
-    if cfg.get("use_dora") and target != "peft":
-        found.append(Finding("dora", "use_dora is true (DoRA)", "serve a model merged by PEFT (PeftModel.from_pretrained "
-                             "then merge_and_unload() and save_pretrained; `ailora-tools merge` does not apply DoRA's "
-                             "magnitudes), or train a plain LoRA"))
-    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
-        found.append(Finding("bias", f"bias is {cfg.get('bias')!r} / lora_bias {cfg.get('lora_bias')}",
-                             'train with bias="none" and lora_bias=False, or merge the adapter'))
-    if base is not None and (problem := base_problem_dir(d, base)) is not None:
+    if base is not None and (problem := base_problem_dir(d, base)) is not None:  # the fingerprints (`manifests`)
         found.append(Finding("base", problem, "the adapter was made for another model (see above)"))
     if target == "peft":
+        found += [f for f in refusals(d, cfg, None, server="vllm") if f.rule == "bias"]
         return found + _peft_load(d, cfg, base)
+    export = f"ailora-tools convert --trained {d} --for {target}" + (" --base BASE" if target == "llama.cpp" else "")
     if base_of(d).offset:
         found.append(Finding("base", "trained in exact mode: the initial product is not in the adapter",
-                             f"run `ailora-tools convert --trained {d} -o LORA` and serve LORA"))
+                             f"run `{export} -o LORA` and serve LORA"))
     elif base_of(d).kind == RESIDUAL:
         found.append(Finding("base", "the adapter applies to decompose's residual, not to the original model a server "
-                             "loads", f"run `ailora-tools convert --trained {d} -o LORA` and serve LORA"))
+                             "loads", f"run `{export} -o LORA` and serve LORA"))
     adapter = read_adapter(d, strict=False)
-    modules = sorted({m.rsplit(".", 1)[-1] for m in adapter.factors})
+    found += refusals(d, cfg, adapter, server=target, base=base)
     ranks = {A.shape[0] for A, _ in adapter.factors.values()}
     if target == "vllm":
-        extra = set(cfg.get("modules_to_save") or []) - VLLM_MODULES_TO_SAVE
-        if extra:
-            found.append(Finding("modules_to_save", f"modules_to_save has {sorted(extra)}",
-                                 "vLLM only takes classifier/score there: merge those modules into the base"))
         if isinstance(cfg.get("init_lora_weights"), str):
             found.append(Finding("init_lora_weights", f"init_lora_weights is {cfg['init_lora_weights']!r}",
-                                 "run `ailora-tools convert` (it writes true), or set it to true if the weights "
+                                 f"run `ailora-tools convert --trained {d} --initial INITIAL --for vllm -o LORA` "
+                                 "(INITIAL: the adapter training started from), or set it to true if the weights "
                                  "already are a standard LoRA"))
-        if max(ranks) > max_lora_rank:
+        if ranks and max(ranks) > max_lora_rank:
+            start = (f"start vLLM with --max-lora-rank {vllm_max_lora_rank(max(ranks))}, or "
+                     if max(ranks) <= VLLM_MAX_LORA_RANKS[-1] else "")
             found.append(Finding("rank", f"rank {max(ranks)} exceeds --max-lora-rank {max_lora_rank}",
-                                 f"start vLLM with --max-lora-rank {vllm_max_lora_rank(max(ranks))}, or convert with --max-rank "
-                                 f"{max_lora_rank}"))
+                                 f"{start}run `{export} --max-lora-rank {max_lora_rank} -o LORA` (re-compresses "
+                                 "and reports the error)"))
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             found.append(Finding("patterns", "rank_pattern / alpha_pattern are set (older vLLM ignores them and scales "
-                                 "wrongly)", "re-export with one r and one alpha: `ailora-tools convert` folds the scales"))
-        unknown = [m for m in modules if m not in VLLM_MODULES]
-        if unknown:
-            found.append(Finding("modules", f"vLLM does not serve LoRA on {unknown}",
-                                 f"use modules among {sorted(VLLM_MODULES)}, or merge the adapter"))
-    else:  # llama.cpp
-        if cfg.get("fan_in_fan_out"):
-            found.append(Finding("fan_in_fan_out", "fan_in_fan_out (Conv1D) layout", "merge the adapter instead"))
-        if base is None:
-            found.append(Finding("base", "no --base given", "pass the original base directory (its config.json)"))
-        else:
-            from .gguf_export import gguf_tensors
-            try:
-                gguf_tensors(adapter, json.loads((Path(base) / "config.json").read_text()))
-            except Exception as e:  # noqa: BLE001
-                found.append(Finding("architecture", re.sub(r"^export-gguf: ", "", str(e)),
-                                     "llama.cpp cannot take this adapter from ailora-tools; merge it instead"))
+                                 "wrongly)", f"run `{export} -o LORA`: it bakes every module's scale into B "
+                                 "(one r, lora_alpha = r)"))
     return found
 
 

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
-from .check import check_adapter, vllm_max_lora_rank
+from .check import VLLM_MAX_LORA_RANKS, check_adapter, vllm_max_lora_rank
 from ..errors import AiloraError, FormatError, InputNotFoundError, NumericsError, OptionError
 from ..io.hashing import file_digest
 from ..architectures import match
 from ..options import at_least, choice
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
-from ..manifests import CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST, adapter_digest, converted_identity
+from ..manifests import (BITFIT_MANIFEST, CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST, adapter_digest,
+                         converted_identity)
 from ..io.tensorio import DTYPE_FLAGS, torch_dtype
 
 
@@ -69,7 +70,7 @@ def original_base_of(initial: Path) -> str | None:
 
 def task_record(adapter_dir: str | os.PathLike) -> dict | None:
     """The task record (`tasks.load_model`) of a trained or converted adapter's manifest, if it has one."""
-    for name in (TRAIN_MANIFEST, CONVERT_MANIFEST):
+    for name in (TRAIN_MANIFEST, CONVERT_MANIFEST, BITFIT_MANIFEST):
         if (path := Path(adapter_dir) / name).is_file():
             return json.loads(path.read_text()).get("task")
     return None
@@ -127,7 +128,8 @@ def compress(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, to
 def convert(
     trained: str | os.PathLike, out: str | os.PathLike, *, initial: str | os.PathLike | None = None,
     max_rank: int | None = None, tolerance: float | None = None, dtype: str = "float32", base: str | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, server: str | None = None, max_lora_rank: int | None = None, dora: str | None = None,
+    accept_error: bool = False, progress: bool = True,
 ) -> dict:
     """Write a PEFT LoRA directory that gives the trained model on the original (untouched) base.
 
@@ -140,6 +142,14 @@ def convert(
         tolerance: fail if any module's relative Frobenius error exceeds it.
         dtype: float32, float16 or bfloat16 for the saved factors.
         base: original model id/path recorded in the config (default: from the decompose manifest).
+        server: "vllm" or "llama.cpp": apply that server's rules to the result (`serving`: scale baked into B with
+            lora_alpha = r, one rank it accepts, refusals). With a server, `trained` may also be a LoRA that already
+            applies to the original model (no training manifest, no `initial`): then only the rules apply.
+        max_lora_rank: with server "vllm", the server's --max-lora-rank (default 512): higher ranks re-compress.
+        dora: for a DoRA adapter, "exact" (OUT/base = D·W + OUT/adapter, the base no longer the original) or
+            "approximate" (truncated SVD of W' − W on the original; `max_rank` and/or `tolerance`); see
+            `adapters.dora.convert_dora`. accept_error: write an approximate conversion above `tolerance` anyway.
+        progress: show a tqdm bar (DoRA conversions, which read the base).
 
     Returns:
         Summary: rank, alpha, the vLLM `--max-lora-rank` needed, per-module and worst errors.
@@ -150,10 +160,26 @@ def convert(
     Example:
         >>> convert("trained", "lora", initial="out/adapter", max_rank=32)  # doctest: +SKIP
     """
+    if dora is not None:
+        from .dora import convert_dora
+
+        return convert_dora(trained, out, mode=dora, initial=initial, max_rank=max_rank, tolerance=tolerance,
+                            accept_error=accept_error, dtype=dtype, base=base, overwrite=overwrite,
+                            progress=progress)
+    if accept_error:
+        raise OptionError("--accept-error: only for --dora approximate")
+    if read_adapter(trained, strict=False).config.get("use_dora"):
+        raise OptionError(f"--trained {trained}: a DoRA adapter; choose --dora exact (a new base + LoRA, no error) or "
+                          "--dora approximate --max-rank R|--tolerance X (a LoRA on the original, error measured)")
     at_least("--max-rank", max_rank, 1)
     at_least("--tolerance", tolerance, 0)
     choice("--dtype", dtype, DTYPE_FLAGS)
     trained = Path(trained)
+    if server is not None and initial is None and not (trained / TRAIN_MANIFEST).is_file():
+        from .serving import export_for  # already a LoRA on the original model: only the server's rules
+
+        return export_for(trained, out, server=server, max_lora_rank=max_lora_rank, max_rank=max_rank,
+                          tolerance=tolerance, dtype=dtype, base=base, overwrite=overwrite)
     initial = initial_adapter_of(trained, initial)
     init_ad, tr_ad, task = read_adapter(initial), read_adapter(trained), task_record(trained)
     pairs, scale, unchanged = delta_factors(init_ad, tr_ad, prefix=(task or {}).get("base_model_prefix"),
@@ -183,17 +209,29 @@ def convert(
                          base=_name_or_path(base or original_base_of(initial) or c.get("base_model_name_or_path")),
                          task_type=c.get("task_type"), fan_in_fan_out=bool(c.get("fan_in_fan_out")),
                          modules_to_save=c.get("modules_to_save"))
+    served = {}
+    if server is not None:  # the server's rules on the converted LoRA (serving.py); refusals raise before writing
+        from .serving import serve_command, serve_rules
+
+        lora, served = serve_rules(Adapter(config, factors, tr_ad.extra), server=server, source=trained,
+                                   max_lora_rank=max_lora_rank, tolerance=tolerance)
+        config, factors, rank = lora.config, lora.factors, lora.config["r"]
+        served["serve_command"] = serve_command(server, Path(out).absolute(), config["base_model_name_or_path"], rank)
     summary = {
         "trained": str(trained), "initial": str(initial), "output": str(Path(out).absolute()),
         "rank": rank, "lora_alpha": config["lora_alpha"], "use_rslora": rslora, "modules": len(factors),
-        "vllm_max_lora_rank": vllm_max_lora_rank(rank), "worst_rel_fro_error": worst,
+        "vllm_max_lora_rank": served["vllm_max_lora_rank"] if served else vllm_max_lora_rank(rank),
+        "worst_rel_fro_error": worst,
         "unchanged_modules": sorted(m for m, u in unchanged.items() if u), "errors": errors,
-        "modules_to_save": sorted(c.get("modules_to_save") or []),
+        "modules_to_save": sorted(c.get("modules_to_save") or []), **served,
     }
     with OutputDir(out, inputs=[trained, initial], overwrite=overwrite) as od:
-        written = write_adapter(od.path, config, factors, dtype=torch_dtype(DTYPE_FLAGS[dtype]), extra=tr_ad.extra)
-        summary["vllm_check"] = [str(f) for f in check_adapter(od.path, target="vllm",
-                                                               max_lora_rank=summary["vllm_max_lora_rank"])]
+        written = write_adapter(od.path, config, factors, dtype=torch_dtype(DTYPE_FLAGS[dtype]),
+                                extra=tr_ad.extra if server is None else None)
+        summary["check_for"] = server or "vllm"  # the output checked against the server's rules (check.py)
+        summary["check"] = summary["vllm_check"] = [str(f) for f in check_adapter(
+            od.path, target=server or "vllm", max_lora_rank=summary["vllm_max_lora_rank"] or VLLM_MAX_LORA_RANKS[-1],
+            base=config["base_model_name_or_path"])]
         od.write_manifest(CONVERT_MANIFEST, {**summary, "task": task, "applies_to": converted_identity(trained, initial),
                                              "files": {"output": {p.name: file_digest(p) for p in written}}})
     return summary

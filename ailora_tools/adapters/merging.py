@@ -1,6 +1,8 @@
 """Merge a LoRA adapter into full weights, streaming: W' = W + s·B·A computed in float32.
 
-Only the adapted weights are decoded; every other byte of the base is copied unchanged. Works for
+A DoRA adapter merges as PEFT's `merge_and_unload` does: W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ per output
+row (`dora.merged_weight`). Only the adapted weights are decoded; every other byte of the base is copied
+unchanged. Works for
 (residual, trained adapter), (original, converted LoRA) and any PEFT LoRA (rsLoRA, rank_pattern,
 alpha_pattern, fan_in_fan_out). Adapter modules are found in the base whatever base model prefix either
 side's names carry (`model_names`). An adapter's `modules_to_save` (a classification head) is written
@@ -25,11 +27,13 @@ from .. import __version__
 from ..io.checkpoint import Checkpoint
 from ..distributed import is_worker
 from .conversion import task_record
+from ..init.dora import merged_weight
 from ..errors import TargetError, UnsupportedError
 from ..architectures import base_model_prefix, match
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, read_adapter
 from ..manifests import MERGE_MANIFEST, base_of, check_base, fingerprints
+from ..training.bitfit import is_bitfit, read_bitfit
 from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 
@@ -44,7 +48,7 @@ def merge(
 
     Args:
         base: model directory or Hub id the adapter applies to.
-        adapter: PEFT LoRA adapter directory.
+        adapter: PEFT LoRA adapter directory, or the output of `train --bitfit` (its biases and head are written).
         out: output model directory.
         dtype: float32, float16 or bfloat16 for the merged weights (default: as stored).
         revision, allow_pickle, overwrite, resume, progress: as for `decompose`.
@@ -64,7 +68,7 @@ def merge(
     started = time.perf_counter()
     if dtype is not None and dtype not in DTYPE_FLAGS:
         raise UnsupportedError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_FLAGS)}")
-    lora = read_adapter(adapter)
+    lora = read_bitfit(adapter) if is_bitfit(adapter) else read_adapter(adapter, dora=True)  # BitFit: biases only
     ckpt = Checkpoint.open(base, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
     tensors = ckpt.tensors
     weights = lora.check_fits(tensors, adapter=adapter, base=base, config=ckpt.config)
@@ -93,6 +97,10 @@ def merge(
             return Replaced(heads[info.name].to(target))
         if info.name not in module_of:
             return Replaced(W.to(target))
+        if (module := module_of[info.name]) in lora.magnitudes:  # DoRA: m ⊙ (W + s·B·A) / ‖W + s·B·A‖ (dora.py)
+            merged = merged_weight(W, *lora.factors[module], lora.scale(module), lora.magnitudes[module],
+                                   transposed=bool(lora.config.get("fan_in_fan_out")))
+            return Replaced(merged.to(target), record={"max_abs_delta": float((merged - W.double()).abs().max())})
         delta = lora.delta(module_of[info.name])
         return Replaced((W.float() + delta).to(target), record={"max_abs_delta": float(delta.abs().max())})
 

@@ -34,6 +34,8 @@ DECOMPOSED, TRAINED = "decomposed", "trained"
 #: calibration samples for data-aware methods: the first rows of the training data
 CALIBRATION_SAMPLES = 64
 DEFAULT_METHODS = ("lora", "pissa", "milora", "ailora", "lora-da")
+#: not an init method: `train --bitfit` on the model itself (no decompose; no progressive variant)
+BITFIT = "bitfit"
 
 
 def compare(
@@ -48,7 +50,8 @@ def compare(
         model: local model directory or Hub id.
         data: training JSONL (as for `train`).
         out: output directory; must be empty unless `resume` or `overwrite`.
-        methods: init methods to compare (default: lora, pissa, milora, ailora, and lora-da when available).
+        methods: init methods to compare (default: lora, pissa, milora, ailora, and lora-da when available), and
+            "bitfit": `train(bitfit=True)` on the model itself, no decompose.
         progressive: K: also run every method with `train(progressive=K)` (runs named METHOD-progressiveK).
         target_loss: the loss for "steps to reach" (default: the highest final loss among the runs, which all
             of them reach; train and eval loss each get their own).
@@ -72,13 +75,14 @@ def compare(
         >>> compare("Qwen/Qwen2.5-0.5B", "train.jsonl", "cmp", eval_data="eval.jsonl", max_steps=300)  # doctest: +SKIP
     """
     from ..decomposition.pipeline import decompose
+    from ..training.bitfit import check_bitfit
     from ..training.trainer import CKPT_DIR, train
 
     started = time.perf_counter()
     methods = list(methods) if methods is not None else [m for m in DEFAULT_METHODS if m in METHODS]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m != BITFIT]
     if not methods or unknown or len(set(methods)) != len(methods):
-        raise OptionError(f"--methods {','.join(methods)}: give each once, from {', '.join(METHODS)}")
+        raise OptionError(f"--methods {','.join(methods)}: give each once, from {', '.join([*METHODS, BITFIT])}")
     check("--progressive", progressive, low=1)
     check("--smooth", smooth, low=1)
     unknown = sorted(set(settings) - set(InitOptions.defaults()) - set(TrainOptions.defaults()))
@@ -91,11 +95,13 @@ def compare(
             raise InputNotFoundError(f"{flag} {path}: no such data file")
     ckpt = Checkpoint.open(model, revision=revision)
     names = list(linear_modules(ckpt.tensors))
-    for m in methods:  # a role error in the last method would otherwise surface after the others have trained
+    for m in (m for m in methods if m != BITFIT):  # a role error in the last method would surface too late
         assign_roles(METHODS[m], list(init_o.targets), names, architecture(ckpt.config), init_o.roles)
+    if BITFIT in methods:  # a model without bias terms (Llama) is refused now, not after the other runs
+        check_bitfit(ckpt, base=model, adapter=None, bitfit=True, progressive=None)
     if train_o.eval_every is None and train_o.eval_data is not None and train_o.max_steps:
         train_o = TrainOptions.build(train_o, eval_every=max(1, train_o.max_steps // 10))
-    runs = [(m, None) for m in methods] + ([(m, progressive) for m in methods] if progressive else [])
+    runs = [(m, None) for m in methods] + ([(m, progressive) for m in methods if m != BITFIT] if progressive else [])
     shared = {k: v for k, v in asdict(init_o).items() if k != "method"}
     settings = {"tool": __version__, "model": str(model), "source": ckpt.describe(), "data": str(Path(data).absolute()),
                 "revision": revision, **shared, **asdict(train_o),
@@ -115,17 +121,19 @@ def compare(
                 continue
             dec_dir, tr_dir = od.path / name / DECOMPOSED, od.path / name / TRAINED
             dec = od.finished(f"{name}/{DECOMPOSED}")
-            if dec is None:
+            if method == BITFIT:  # no decompose: the model's own bias terms train
+                dec = {"residual": None, "adapter": None, "seconds": 0.0}
+            elif dec is None:
                 calib = ({"data": data, "samples": min(CALIBRATION_SAMPLES, check_rows(data)),
                           "max_length": train_o.max_length}
                          if METHODS[method].needs_data else {})  # lora-da calibrates on the training data
                 options = DecomposeOptions.build(None, **shared, method=method, revision=revision, **calib)
-                dec = decompose(model, dec_dir, options, progress=progress, **_again(dec_dir))
+                dec = decompose(model, dec_dir, options=options, progress=progress, **_again(dec_dir))
                 od.mark_done(f"{name}/{DECOMPOSED}", dec)
             base = dec["residual"] or ckpt.root  # plain LoRA trains on the untouched model
             again = _again(tr_dir) if any((tr_dir / CKPT_DIR).glob("step-*/trainer_state.json")) else {"overwrite": True}
-            tr = train(base, dec["adapter"], data, tr_dir, TrainOptions.build(train_o, progressive=k),
-                       progress=progress, **again)
+            tr = train(base, dec["adapter"], data, tr_dir, progress=progress, **again,
+                       options=TrainOptions.build(train_o, progressive=k, bitfit=method == BITFIT))
             record = {"run": name, "method": method, "progressive": k, "decompose_seconds": dec["seconds"],
                       "train_seconds": tr["seconds"], "trainable_parameters": tr["trainable_parameters"],
                       "steps": tr["steps"]}

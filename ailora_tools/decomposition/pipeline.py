@@ -55,6 +55,9 @@ def decompose(
             s·B0·A0 subtracted inside the adapter (`training.exact_mode`); `data`, `samples`, `max_length` are
             calibration settings for methods that need data (lora-da).
         overwrite, resume: see `OutputDir`. progress: show a tqdm bar.
+        dora: write a DoRA adapter (`use_dora: true`) whose magnitude vectors are the row norms of
+            W_base + s·B0·A0 (`init.dora`), W_base the residual as stored (the original for plain LoRA), so step 0
+            reproduces the model. Not with `no_residual` for methods that offset the base.
 
     Returns:
         The run's summary (settings, paths, worst reconstruction error, seconds); on ranks ≥ 1 of a torchrun
@@ -94,6 +97,8 @@ def decompose(
         "residual_dtype": o.residual_dtype, "source": ckpt.describe(),
         "adapter_base": RESIDUAL if init.offsets_base and not o.no_residual else ORIGINAL,
     }
+    if o.dora:
+        settings["dora"] = True
     if o.data is not None:
         from ..io.hashing import file_digest
 
@@ -121,8 +126,16 @@ def decompose(
 
         config = lora_config(rank=o.rank, alpha=alpha, targets=[j.module.rsplit(".", 1)[-1] for j in jobs],
                              rslora=o.rslora, base=base, task_type=task_type(ckpt.config),
-                             fan_in_fan_out=any(j.transposed for j in jobs))
-        for p in write_adapter(od.path / ADAPTER_DIR, config, {m: factors for m, (factors, _) in results.items()}):
+                             fan_in_fan_out=any(j.transposed for j in jobs), dora=o.dora)
+        factors = {m: f for m, (f, _) in results.items()}
+        magnitudes = None
+        if o.dora:  # from the base as PEFT will load it: the residual as written, or the original
+            from ..init.dora import magnitudes_of
+
+            on = Checkpoint.open(base) if settings["adapter_base"] == RESIDUAL else ckpt
+            magnitudes = magnitudes_of(on, {j.module: j.tensor.name for j in jobs}, factors, params.scale,
+                                       transposed={j.module: j.transposed for j in jobs})
+        for p in write_adapter(od.path / ADAPTER_DIR, config, factors, magnitudes=magnitudes):
             hashes.add("output", f"{ADAPTER_DIR}/{p.name}", p)
         stats = {m: s for m, (_, s) in results.items()}
         summary = {

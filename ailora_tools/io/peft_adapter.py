@@ -1,6 +1,7 @@
 """PEFT LoRA adapter directories: adapter_config.json + adapter_model.safetensors.
 
-Keys are `base_model.model.<module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]). Modules trained
+Keys are `base_model.model.<module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]). DoRA adapters (`use_dora: true`) add `base_model.model.<module>.lora_magnitude_vector` ([out]) per module, read
+into `Adapter.magnitudes` (the maths is in `init.dora`). Modules trained
 whole (`modules_to_save`, e.g. a classification head) are saved as PEFT saves them: their plain parameter names,
 `base_model.model.classifier.weight`.
 """
@@ -25,17 +26,21 @@ PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 #: parameter names inside a live PEFT model (adapter name included)
 _LIVE_LORA = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.[^.]+\.weight$")
+_MAGNITUDE = re.compile(r"^base_model\.model\.(.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+_LIVE_MAGNITUDE = re.compile(r"^base_model\.model\.(.+)\.lora_magnitude_vector\.[^.]+\.weight$")
 _LIVE_SAVED = re.compile(r"^base_model\.model\.(.+)\.modules_to_save\.[^.]+\.(.+)$")
 
 
 @dataclass
 class Adapter:
     """A LoRA adapter in memory: its config, per module (A [r, in], B [out, r]), and the `modules_to_save`
-    parameters by name (`extra`, e.g. "classifier.weight")."""
+    parameters by name (`extra`, e.g. "classifier.weight"); for DoRA, per module the magnitude vector m [out]
+    (`magnitudes`, empty for a plain LoRA)."""
 
     config: dict
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def scale(self, module: str) -> float:
         """s for one module, honouring rank_pattern, alpha_pattern and use_rslora as PEFT does."""
@@ -94,14 +99,15 @@ def _pattern(patterns: dict, module: str, default):
 
 def lora_config(
     *, rank: int, alpha: float, targets: list[str], rslora: bool, base: str, task_type: str | None,
-    fan_in_fan_out: bool = False, modules_to_save: list[str] | None = None,
+    fan_in_fan_out: bool = False, modules_to_save: list[str] | None = None, dora: bool = False,
 ) -> dict:
-    """An adapter_config.json for a plain LoRA that PEFT and vLLM load without re-initialising it."""
+    """An adapter_config.json for a plain LoRA that PEFT and vLLM load without re-initialising it (`dora`: a DoRA
+    adapter, `use_dora: true`, which PEFT loads and vLLM does not)."""
     return {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base,
         "r": rank, "lora_alpha": alpha, "use_rslora": rslora, "target_modules": sorted(set(targets)),
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True, "use_dora": False, "modules_to_save": modules_to_save or None,
+        "init_lora_weights": True, "use_dora": dora, "modules_to_save": modules_to_save or None,
         "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
     }
 
@@ -135,10 +141,12 @@ def key(module: str, which: str) -> str:
 
 
 def write_adapter(directory: Path, config: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  *, dtype: torch.dtype = torch.float32, extra: dict[str, torch.Tensor] | None = None) -> list[Path]:
+                  *, dtype: torch.dtype = torch.float32, extra: dict[str, torch.Tensor] | None = None,
+                  magnitudes: dict[str, torch.Tensor] | None = None) -> list[Path]:
     """Write weights, then config, each beside its name and renamed into place; return both paths.
 
     `extra`: the `modules_to_save` parameters by name ("classifier.weight"), which `config` must list.
+    `magnitudes`: DoRA's magnitude vector per module (`config` must say `use_dora: true`), saved as PEFT does.
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -146,6 +154,8 @@ def write_adapter(directory: Path, config: dict, factors: dict[str, tuple[torch.
     for module, (A, B) in sorted(factors.items()):
         tensors[key(module, "A")] = A.to(dtype).contiguous()
         tensors[key(module, "B")] = B.to(dtype).contiguous()
+    for module, m in sorted((magnitudes or {}).items()):
+        tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = m.to(dtype).contiguous()
     for name, t in sorted((extra or {}).items()):
         tensors[PREFIX + name] = t.to(dtype).contiguous()
     weights, cfg = d / WEIGHTS_NAME, d / CONFIG_NAME
@@ -156,10 +166,11 @@ def write_adapter(directory: Path, config: dict, factors: dict[str, tuple[torch.
     return [weights, cfg]
 
 
-def read_adapter(directory: Path | str, *, strict: bool = True) -> Adapter:
+def read_adapter(directory: Path | str, *, strict: bool = True, dora: bool = False) -> Adapter:
     """Load an adapter directory (safetensors only; pickled adapter_model.bin is refused).
 
-    `strict` refuses DoRA, whose magnitude vectors no command here applies; `check` reads leniently.
+    `strict` refuses DoRA unless `dora` (the caller applies the magnitude vectors: train, merge, convert --dora);
+    `check` reads leniently. A DoRA adapter's magnitudes land in `Adapter.magnitudes`, one per module.
 
     Raises:
         InputNotFoundError, FormatError, UnsupportedError: naming the file and what to do.
@@ -178,15 +189,20 @@ def read_adapter(directory: Path | str, *, strict: bool = True) -> Adapter:
         raise FormatError(f"{cfg_path}: not valid JSON ({e})") from e
     if config.get("peft_type") != "LORA":
         raise UnsupportedError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
-    if strict and config.get("use_dora"):
-        raise UnsupportedError(f"{cfg_path}: DoRA adapters are not supported (use_dora: true)")
+    if strict and config.get("use_dora") and not dora:
+        raise UnsupportedError(f"{cfg_path}: a DoRA adapter (use_dora: true) needs its base: `ailora-tools merge` it, or "
+                               "`ailora-tools convert --dora exact|approximate` it to a standard LoRA first")
     A: dict[str, torch.Tensor] = {}
     B: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
+    mags: dict[str, torch.Tensor] = {}
     saved = [str(s) for s in config.get("modules_to_save") or []]
     try:
         with safe_open(str(w_path), framework="pt") as f:
             for k in f.keys():
+                if config.get("use_dora") and (mm := _MAGNITUDE.match(k)) is not None:
+                    mags[mm.group(1)] = f.get_tensor(k)
+                    continue
                 m = _KEY.match(k)
                 if m is None and k.startswith(PREFIX) and _in_modules(k[len(PREFIX):], saved):
                     extra[k[len(PREFIX):]] = f.get_tensor(k)
@@ -206,7 +222,12 @@ def read_adapter(directory: Path | str, *, strict: bool = True) -> Adapter:
         if A[m].ndim != 2 or B[m].ndim != 2 or A[m].shape[0] != B[m].shape[1]:
             raise FormatError(f"{w_path}: {m}: lora_A {tuple(A[m].shape)} and lora_B {tuple(B[m].shape)} do not chain")
         factors[m] = (A[m], B[m])
-    return Adapter(config, factors, extra)
+    if config.get("use_dora") and strict:
+        for m, (A_, B_) in factors.items():
+            if m not in mags or tuple(mags[m].shape) != (B_.shape[0],):
+                raise FormatError(f"{w_path}: DoRA module {m} has no lora_magnitude_vector of shape [{B_.shape[0]}] "
+                                  f"(found {tuple(mags[m].shape) if m in mags else 'none'}); pass a complete DoRA adapter")
+    return Adapter(config, factors, extra, mags)
 
 
 def adapter_of(model, config: dict) -> Adapter:
@@ -214,12 +235,15 @@ def adapter_of(model, config: dict) -> Adapter:
     A: dict[str, torch.Tensor] = {}
     B: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
+    mags: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if (m := _LIVE_LORA.match(name)) is not None:
             (A if m.group(2) == "A" else B)[m.group(1)] = p.detach().float().cpu()
+        elif (m := _LIVE_MAGNITUDE.match(name)) is not None:
+            mags[m.group(1)] = p.detach().float().cpu()
         elif (m := _LIVE_SAVED.match(name)) is not None:
             extra[f"{m.group(1)}.{m.group(2)}"] = p.detach().float().cpu()
-    return Adapter(config, {m: (A[m], B[m]) for m in A}, extra)
+    return Adapter(config, {m: (A[m], B[m]) for m in A}, extra, mags)
 
 
 def load_into(model, adapter: Adapter, *, source: object, extra: bool = True) -> None:
@@ -239,6 +263,10 @@ def load_into(model, adapter: Adapter, *, source: object, extra: bool = True) ->
                     raise FormatError(f"{source}: has no factors for module {m.group(1)!r} of the model")
                 p.copy_(adapter.factors[m.group(1)][0 if m.group(2) == "A" else 1])
                 used.add(m.group(1))
+            elif (m := _LIVE_MAGNITUDE.match(name)) is not None:  # DoRA: else PEFT's own m (of W + s·B·A at wrap time)
+                if m.group(1) not in adapter.magnitudes:
+                    raise FormatError(f"{source}: has no DoRA magnitude vector for module {m.group(1)!r} of the model")
+                p.copy_(adapter.magnitudes[m.group(1)])
             elif extra and (m := _LIVE_SAVED.match(name)) is not None:
                 if (k := f"{m.group(1)}.{m.group(2)}") not in adapter.extra:
                     raise FormatError(f"{source}: has no tensor {k!r} for the model's modules_to_save")

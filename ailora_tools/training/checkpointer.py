@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io.output import OutputDir
-from ..io.peft_adapter import Adapter, adapter_of, load_into, read_adapter, write_adapter
+from ..io.peft_adapter import adapter_of, load_into, read_adapter, write_adapter
+from .bitfit import BitFit
 
 CKPT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -57,7 +58,7 @@ class Checkpointer:
         rel = f"{CKPT_DIR}/step-{state['step']:07d}"
         tmp = self.od.partial(rel)
         shutil.rmtree(tmp, ignore_errors=True)
-        write(tmp, adapter_of(self.model, self.config))
+        write(tmp, self.model, self.config)
         opt = self.optimizer.state_dict()
         tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
         tensors["rng.cpu"] = torch.get_rng_state()
@@ -77,7 +78,10 @@ class Checkpointer:
     def restore(self, ckpt: Path, state: dict) -> None:
         """Load `ckpt` into the model, optimizer, scheduler and RNG, and its step and data position into `state`."""
         saved = json.loads((ckpt / "trainer_state.json").read_text())
-        load_into(self.model, read_adapter(ckpt), source=ckpt)
+        if isinstance(self.config, BitFit):
+            self.config.restore(ckpt, self.model)
+        else:
+            load_into(self.model, read_adapter(ckpt, dora=True), source=ckpt)
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
         opt_state: dict[int, dict] = {}
         for key, value in tensors.items():
@@ -92,9 +96,13 @@ class Checkpointer:
         state.update({k: saved[k] for k in ("step", "epoch", "pos", "stage") if k in saved})
 
 
-def write(directory: Path, trained: Adapter) -> list[Path]:
-    """The trained adapter as a PEFT directory (what `train` publishes and each checkpoint holds)."""
-    return write_adapter(directory, trained.config, trained.factors, extra=trained.extra)
+def write(directory: Path, model, config: dict | BitFit) -> list[Path]:
+    """What `train` publishes and each checkpoint holds: the trained adapter as a PEFT directory (BitFit: the
+    trained biases)."""
+    if isinstance(config, BitFit):
+        return config.write(directory, model)
+    trained = adapter_of(model, config)
+    return write_adapter(directory, trained.config, trained.factors, extra=trained.extra, magnitudes=trained.magnitudes)
 
 
 def tokens_per_s(records: list[dict]) -> float | None:

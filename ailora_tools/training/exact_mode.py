@@ -56,10 +56,14 @@ def subtract_initial(model, initial: Adapter) -> list:
 
     Raises:
         TargetError: a module of `initial` the model does not adapt.
+        UnsupportedError: a DoRA adapter with a non-zero initial product (`dora.check_initial_offset`).
 
     Example:
         >>> handles = subtract_initial(peft_model, read_adapter("out/adapter"))  # doctest: +SKIP
     """
+    from ..init.dora import check_initial_offset
+
+    check_initial_offset(initial)
     base = model.get_base_model()
     handles = []
     for module, (A0, B0) in initial.factors.items():

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 import re
 
 from ..errors import AiloraError, NumericsError, UnsupportedError
+from ..init.dora import magnitude
 from ..options import InitOptions
 from ..init import Job, Settings, get_method, lora_scale
 from ..init.targets import architecture, assign_roles, is_transposed, matches
@@ -34,8 +35,10 @@ def get_ailora_model(
         model: a transformers model (`PreTrainedModel`) in memory, float weights. It is modified in place
             (PEFT wraps it; target weights become W − s·B0·A0) and returned wrapped.
         options: an `InitOptions` (method, rank, alpha, rslora, targets, roles, svd, niter, oversample, seed,
-            device: as for `decompose`); `settings` replace its fields by name (`get_ailora_model(model,
+            device, dora: as for `decompose`); `settings` replace its fields by name (`get_ailora_model(model,
             method="pissa", rank=32)`). `device` is where the SVDs run; results go back where the weights are.
+            With `dora` (PEFT's `use_dora=True`) each module's magnitude vector is set to the row norms of
+            W_res + s·B0·A0 (`init.dora.magnitude`), so the output is still unchanged at step 0.
         lora_dropout, adapter_name: passed to PEFT.
         progress: show a tqdm bar.
 
@@ -97,7 +100,7 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
     lora = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=suffixes if exact else sorted(role_of),
                       lora_dropout=lora_dropout, bias="none", init_lora_weights=True, task_type=task,
                       modules_to_save=heads or None,
-                      fan_in_fan_out=any(is_transposed(m, arch) for m in role_of))
+                      fan_in_fan_out=any(is_transposed(m, arch) for m in role_of), use_dora=o.dora)
     peft_model = get_peft_model(model, lora, adapter_name=adapter_name)
     params = Settings(rank, lora_scale(rank, alpha, rslora), o.svd, o.niter, o.oversample, o.seed)
     dev = resolve_device(o.device)
@@ -110,6 +113,9 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
             layer.lora_B[adapter_name].weight.copy_(B0)
             if residual is not None:
                 W.copy_(residual)
+            if o.dora:  # PEFT set m = ‖W‖ when it wrapped the model; DoRA's m is that of the base it now sees
+                layer.lora_magnitude_vector[adapter_name].weight.copy_(
+                    magnitude(W.detach(), A0, B0, params.scale, transposed=is_transposed(m, arch)))
     return peft_model
 
 

@@ -22,6 +22,7 @@ from ..io.peft_adapter import Adapter, read_adapter
 from ..io.tokenizer import load_tokenizer
 from ..manifests import check_base, train_identity
 from ..options import TrainOptions
+from .bitfit import BitFit, check_bitfit, load_bitfit_model
 from .exact_mode import resolve_adapter_base, subtract_initial
 from .progressive import Progressive
 from .tasks import Data, Task, load_data, load_model, resolve_task
@@ -35,11 +36,11 @@ class Run:
     task: Task
     data: Data
     model: torch.nn.Module
-    config: dict  # the adapter config written with every checkpoint
+    config: dict | BitFit  # the adapter config written with every checkpoint (BitFit: which biases train)
     task_info: dict  # the model class and names, for the manifest
     device: torch.device
     autocast: bool  # bfloat16 autocast (CUDA with --dtype auto|bfloat16)
-    mode: str  # "residual" or "original" (exact mode)
+    mode: str | None  # "residual" or "original" (exact mode); None for BitFit
     total: int  # optimizer steps
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -61,7 +62,7 @@ def check(base: str | os.PathLike, data: str | os.PathLike, o: TrainOptions) -> 
     return ckpt, task
 
 
-def prepare(base: str | os.PathLike, adapter: str | os.PathLike, data: str | os.PathLike, o: TrainOptions, *,
+def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: str | os.PathLike, o: TrainOptions, *,
             force: bool = False) -> Run:
     """Check everything, then load the model with the initial adapter, the data, the optimizer and the schedule.
     `force`: train although `base` is not the model the adapter's manifests record (a warning in the manifest)."""
@@ -70,27 +71,31 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike, data: str | os.
 
     dev = resolve_device(o.device)
     autocast = dev.type == "cuda" and o.dtype in ("auto", "bfloat16")
-    initial = read_adapter(adapter)
-    initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config)
-    mode = resolve_adapter_base(o.adapter_base, adapter)
-    warning = check_base(adapter, ckpt, flag="--base", force=force)
+    if o.bitfit or adapter is None:  # BitFit: the base's own bias terms train, no adapter (`bitfit`)
+        check_bitfit(ckpt, base=base, adapter=adapter, bitfit=o.bitfit, progressive=o.progressive)
+        initial, mode, warning = None, None, None
+    else:
+        initial = read_adapter(adapter, dora=True)
+        initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config)
+        mode = resolve_adapter_base(o.adapter_base, adapter)
+        warning = check_base(adapter, ckpt, flag="--base", force=force)
     tok, pad_id = load_tokenizer(o.tokenizer or base, flag="--tokenizer" if o.tokenizer else "--base")
     ds = load_data(task, data, o.eval_data, tok, pad_id=pad_id, config=ckpt.config, base=base,
                    max_length=o.max_length, seed=o.seed, num_labels=o.num_labels)
     total = o.max_steps if o.max_steps is not None else o.epochs * math.ceil(len(ds.train) / (o.batch_size * o.grad_accum))
-    settings = {"tool": __version__, "base": str(Path(base).absolute()), "initial_adapter": str(Path(adapter).absolute()),
+    settings = {"tool": __version__, "base": str(Path(base).absolute()), "initial_adapter": str(Path(adapter).absolute()) if adapter else None,
                 "data": str(Path(data).absolute()), "eval_data": str(Path(o.eval_data).absolute()) if o.eval_data else None,
                 "steps": total, "lr": o.lr, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
                 "max_length": o.max_length, "warmup": o.warmup, "scheduler": o.scheduler, "seed": o.seed,
                 "dtype": o.dtype, "tokenizer": o.tokenizer, "progressive": o.progressive,
                 # "residual": trained as base + s·B·A; "original": as base + s(B·A − B0·A0), what convert writes
-                "adapter_base": mode, "mode": "exact" if mode == "original" else "residual",
-                "task": task.name, "labels": ds.labels,
-                **train_identity(adapter, ckpt, mode, data, o.eval_data, warning)}
+                "adapter_base": mode, "mode": "bitfit" if o.bitfit else "exact" if mode == "original" else "residual",
+                "task": task.name, "labels": ds.labels, **train_identity(adapter, ckpt, mode, data, o.eval_data, warning)}
     torch.manual_seed(o.seed)  # a new classification head is initialised from it
     # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
-    model, config, task_info = load_model(task, base, adapter, labels=ds.labels,
-                                          dtype=torch.bfloat16 if autocast else torch.float32)
+    frozen = torch.bfloat16 if autocast else torch.float32
+    model, config, task_info = (load_bitfit_model(task, base, labels=ds.labels, dtype=frozen) if o.bitfit else
+                                load_model(task, base, adapter, labels=ds.labels, dtype=frozen))
     model = model.to(dev)
     if mode == "original":  # the initial factors under the model class's module names
         names = match(initial.factors, {n for n, _ in model.get_base_model().named_modules()},

@@ -195,20 +195,11 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
         UnsupportedError: an LM task whose class needs weights the checkpoint lacks (no LM head).
         TargetError: an adapted module the class does not have.
     """
-    import transformers
     from peft import LoraConfig, get_peft_model
 
-    model, info = getattr(transformers, task.auto_class).from_pretrained(
-        base, dtype=dtype, output_loading_info=True, **(labels or {}))
+    model, heads = load_task_model(task, base, labels=labels, dtype=dtype)
     cls, prefix = type(model).__name__, model.base_model_prefix
-    missing = sorted(info["missing_keys"])
-    if missing and not task.classifies:
-        raise UnsupportedError(
-            f"--task {task.name}: {cls} needs weights that {base} lacks ({', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}): it has no {task.name} head; train with --task {CLASSIFY}, or "
-            "decompose a checkpoint saved with that head")
-    heads = _heads(model, missing) if task.classifies else []
-    initial = read_adapter(adapter)
+    initial = read_adapter(adapter, dora=True)
     names = match(initial.factors, {n for n, _ in model.named_modules()}, prefix=prefix)
     if len(names) < len(initial.factors):
         lost = sorted(set(initial.factors) - set(names))
@@ -219,13 +210,41 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
     lora.update(target_modules=sorted(names.values()), modules_to_save=list(heads) or None,  # PEFT extends it
                 task_type=task.peft_task_type, inference_mode=False)
     peft_model = get_peft_model(model, LoraConfig(**lora))
-    renamed = dataclasses.replace(initial, factors={names[m]: f for m, f in initial.factors.items()})
+    renamed = dataclasses.replace(initial, factors={names[m]: f for m, f in initial.factors.items()},
+                                  magnitudes={names[m]: v for m, v in initial.magnitudes.items()})
     load_into(peft_model, renamed, source=adapter, extra=False)
     config = {**initial.config, "task_type": task.peft_task_type, "modules_to_save": heads or None}
+    return peft_model, config, describe_task(task, model, heads, labels)
+
+
+def load_task_model(task: Task, base: str | os.PathLike, *, labels: dict | None,
+                    dtype: torch.dtype) -> tuple[torch.nn.Module, list[str]]:
+    """The task's transformers class on `base`, and the module names of its head (classification only: the
+    children outside the base model, and base modules the checkpoint lacks, such as BERT's pooler).
+
+    Raises:
+        UnsupportedError: an LM task whose class needs weights the checkpoint lacks (no LM head).
+    """
+    import transformers
+
+    model, info = getattr(transformers, task.auto_class).from_pretrained(
+        base, dtype=dtype, output_loading_info=True, **(labels or {}))
+    missing = sorted(info["missing_keys"])
+    if missing and not task.classifies:
+        raise UnsupportedError(
+            f"--task {task.name}: {type(model).__name__} needs weights that {base} lacks ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): it has no {task.name} head; train with --task {CLASSIFY}, or "
+            "decompose a checkpoint saved with that head")
+    return model, _heads(model, missing) if task.classifies else []
+
+
+def describe_task(task: Task, model, heads: list[str], labels: dict | None) -> dict:
+    """What the manifests record of a trained model's task: task, Auto class, model class, base model prefix,
+    head modules and the config keys a merged model needs (`config`)."""
+    cls = type(model).__name__
     merged_config = {"architectures": [cls], **{k: v for k, v in labels.items() if k != "num_labels"}} if labels else {}
-    record = {"task": task.name, "auto_class": task.auto_class, "model_class": cls, "base_model_prefix": prefix,
-              "modules_to_save": heads, "config": merged_config}
-    return peft_model, config, record
+    return {"task": task.name, "auto_class": task.auto_class, "model_class": cls,
+            "base_model_prefix": model.base_model_prefix, "modules_to_save": heads, "config": merged_config}
 
 
 def _heads(model, missing: list[str]) -> list[str]:

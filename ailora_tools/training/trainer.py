@@ -3,7 +3,8 @@
 Only the LoRA factors train (transformers model + PEFT), and for sequence classification the head
 (`tasks`: which class, data, head and metric each task has). The base is decompose's residual, or the
 ORIGINAL model with the initial product subtracted inside the adapter (`exact_mode`, exact for
-16-bit checkpoints). `progressive` trains in Progtuning stages (`progressive`). The pieces: `setup` (options,
+16-bit checkpoints). `progressive` trains in Progtuning stages (`progressive`); `bitfit` trains no adapter but the base's own
+bias terms (`bitfit`). The pieces: `setup` (options,
 data, model, optimizer, schedule), `loop` (the steps), `checkpointer` (metrics.jsonl and resumable checkpoints).
 The output is a PEFT adapter directory plus `ailora-train.json`, which names the initial adapter (so that
 `convert` needs no other argument) and records the task.
@@ -17,8 +18,7 @@ from pathlib import Path
 
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
-from ..io.peft_adapter import adapter_of
-from ..manifests import TRAIN_MANIFEST
+from ..manifests import BITFIT_MANIFEST, TRAIN_MANIFEST
 from ..options import TrainOptions
 from .checkpointer import CKPT_DIR, METRICS, Checkpointer, Metrics, tokens_per_s, write
 from .loop import evaluate, train_steps
@@ -28,7 +28,7 @@ __all__ = ["train", "CKPT_DIR"]
 
 
 def train(
-    base: str | os.PathLike, adapter: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+    base: str | os.PathLike, adapter: str | os.PathLike | None, data: str | os.PathLike, out: str | os.PathLike,
     options: TrainOptions | None = None, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
     force: bool = False, **settings,
 ) -> dict:
@@ -37,7 +37,8 @@ def train(
     Args:
         base: the residual model directory, or the original model when the adapter trains on it
             (`decompose --no-residual`; see `TrainOptions.adapter_base`).
-        adapter: the initial adapter (e.g. OUT/adapter from decompose).
+        adapter: the initial adapter (e.g. OUT/adapter from decompose); None with `bitfit` (`TrainOptions.bitfit`:
+            the base's own bias terms train, written as `bitfit_model.safetensors` + `ailora-bitfit.json`).
         data: JSONL training file ({"text"}, {"prompt","completion"} or {"messages"} for causal LM; {"text"}
             for masked LM; {"text", "label"} or {"text_a", "text_b", "label"} for classification).
         options: a `TrainOptions` (every field documented there); `settings` replace its fields by name
@@ -62,7 +63,7 @@ def train(
     o = TrainOptions.build(options, **settings)
     run = prepare(base, adapter, data, o, force=force)
     state = {"step": 0, "epoch": 0, "pos": 0}
-    with OutputDir(out, inputs=[Path(base), Path(adapter)], overwrite=overwrite, resume=resume,
+    with OutputDir(out, inputs=[Path(p) for p in (base, adapter) if p], overwrite=overwrite, resume=resume,
                    settings=run.settings) as od:
         metrics = Metrics(od.path / METRICS)
         checkpointer = Checkpointer(od, run.model, run.optimizer, run.scheduler, run.config)
@@ -77,7 +78,7 @@ def train(
         train_steps(run, state, metrics, checkpointer, progress=progress)
         # ---- save ----------------------------------------------------------------------------------
         checkpointer.save(state)
-        written = write(od.path, adapter_of(run.model, run.config))
+        written = write(od.path, run.model, run.config)
         if (eval_end := evaluate(run)) is not None:
             metrics.append({"step": state["step"], **eval_end, "final": True})
         history = metrics.history()
@@ -89,7 +90,7 @@ def train(
                    "trainable_parameters": sum(p.numel() for p in run.params), "tokens_per_s": tokens_per_s(history)}
         for hook in run.hooks:
             summary.update(hook.report(history))
-        od.write_manifest(TRAIN_MANIFEST, {**run.settings, "options": asdict(o), "summary": summary,
+        od.write_manifest(BITFIT_MANIFEST if o.bitfit else TRAIN_MANIFEST, {**run.settings, "options": asdict(o), "summary": summary,
                                            "task": run.task_info,
                                            "files": {"output": {p.name: file_digest(p) for p in written}}})
     summary["seconds"] = round(time.perf_counter() - started, 3)

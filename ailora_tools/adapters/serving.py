@@ -1,0 +1,222 @@
+"""Exports every server takes as they are (`convert --for vllm|llama.cpp`), and the refusals `check` reports.
+
+The rules, applied to a LoRA on the original model (a converted adapter, a plain PEFT LoRA, or what `convert`
+has just computed from a trained one):
+
+- the scale is baked into B (B·s), the config says `lora_alpha = r`, `use_rslora: false`, no rank or alpha
+  patterns: the same PEFT logits, and no engine can scale it wrongly (llama.cpp's converter and some engines
+  ignore `use_rslora`; older vLLM ignores the patterns);
+- one rank for every module: padded with zeros (exact) to the next rank vLLM accepts (1, 8, 16, 32, 64, 128,
+  256, 320, 512); above 512, or above `--max-lora-rank N` for a server started with a smaller limit, each module
+  is re-compressed (QR of both factors, SVD of the small core: `conversion.compress`) and the error reported;
+- llama.cpp: one `adapter.lora.alpha` per file, so every module is brought to one rank with alpha = r; only
+  modules llama.cpp maps to a tensor of the base's architecture;
+- refused, never dropped: a trained head or resized embedding (`modules_to_save`), trained biases (PEFT's
+  `bias`/`lora_bias`, or a `train --bitfit` output), DoRA, modules the server serves no LoRA on. Each refusal
+  says what to do (merge; or serve the head/embedding with the base).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import NumericsError, OptionError, TargetError, UnsupportedError
+from ..io.hashing import file_digest
+from ..io.output import OutputDir
+from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
+from ..io.tensorio import DTYPE_FLAGS, torch_dtype
+from ..manifests import CONVERT_MANIFEST, base_of, check_base_dir, require_original
+from ..options import at_least, choice
+from ..training.bitfit import is_bitfit
+from .check import VLLM_MAX_LORA_RANKS, VLLM_MODULES, Finding, check_adapter, vllm_max_lora_rank
+
+SERVERS = ("vllm", "llama.cpp")
+
+
+def merge_fix(adapter: object) -> str:
+    """The command that serves what no LoRA can carry: merge it into the base."""
+    return f"run `ailora-tools merge BASE {adapter} -o MERGED` and serve MERGED"
+
+
+def refusals(adapter_dir: str | os.PathLike, config: dict, adapter: Adapter | None, *, server: str,
+             base: str | os.PathLike | None = None) -> list[Finding]:
+    """The rules no export can fix for `server` ("vllm" or "llama.cpp"), each with the command that serves it.
+
+    Args:
+        adapter_dir: the adapter's directory (named in the fixes).
+        config: its adapter_config.json. adapter: its tensors (None: only the config is judged).
+        base: the base model directory (llama.cpp: its config.json names the architecture); default the config's
+            `base_model_name_or_path` when that is a local directory.
+    """
+    d = adapter_dir
+    if is_bitfit(d):
+        return [Finding("bitfit", "trained bias terms (train --bitfit) are not a LoRA: no server takes them as an "
+                        "adapter", merge_fix(d))]
+    found = []
+    if config.get("use_dora"):
+        found.append(Finding("dora", "use_dora is true (DoRA)",
+                             "merge it (`ailora-tools merge BASE ADAPTER -o merged`), or convert it to a standard LoRA "
+                             "(`ailora-tools convert --trained ADAPTER -o OUT --dora exact`: a new base plus a LoRA, "
+                             "exact; or `--dora approximate --tolerance X`: a LoRA on the original, with measured error)"))
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        found.append(Finding("bias", f"bias is {config.get('bias')!r} / lora_bias {config.get('lora_bias')}: trained "
+                             "biases are not LoRA weights", "merge the adapter with PEFT (merge_and_unload) and serve "
+                             'the merged model, or train with bias="none" and lora_bias=False'))
+    saved = sorted(config.get("modules_to_save") or []) or sorted({n.rsplit(".", 1)[0] for n in (adapter.extra if adapter
+                                                                                                 else {})})
+    if saved:
+        found.append(Finding("modules_to_save", f"modules_to_save has {saved} (a trained head or resized embedding): "
+                             f"{server} serves LoRA factors, and would drop or reject them",
+                             f"{merge_fix(d)}, or save those modules into the base and serve the adapter without them"))
+    modules = sorted({m.rsplit(".", 1)[-1] for m in (adapter.factors if adapter else {})})
+    if server == "vllm":
+        unknown = [m for m in modules if m not in VLLM_MODULES]
+        if unknown:
+            found.append(Finding("modules", f"vLLM does not serve LoRA on {unknown}",
+                                 f"use modules among {sorted(VLLM_MODULES)}, or {merge_fix(d)}"))
+        return found
+    if config.get("fan_in_fan_out"):
+        found.append(Finding("fan_in_fan_out", "fan_in_fan_out (Conv1D) layout", merge_fix(d)))
+        return found
+    where = base or config.get("base_model_name_or_path")
+    if where is None or not (Path(where) / "config.json").is_file():
+        found.append(Finding("base", f"no base model config.json at {where}" if where else "no --base given",
+                             "pass --base DIR, the original base model directory (only its config.json is read)"))
+    elif adapter is not None:
+        from .gguf_export import gguf_tensors
+
+        try:
+            gguf_tensors(adapter, json.loads((Path(where) / "config.json").read_text()))
+        except UnsupportedError as e:
+            found.append(Finding("architecture", str(e).removeprefix("export-gguf: "),
+                                 f"llama.cpp cannot take this adapter; {merge_fix(d)}"))
+    return found
+
+
+def serve_rules(adapter: Adapter, *, server: str, source: object, max_lora_rank: int | None = None,
+                max_rank: int | None = None, tolerance: float | None = None,
+                base: str | os.PathLike | None = None) -> tuple[Adapter, dict]:
+    """`adapter` (a LoRA on the original model) as `server` takes it: scales baked, one allowed rank, refusals.
+
+    Args:
+        server: "vllm" or "llama.cpp".
+        source: the adapter's directory, named in errors and fixes.
+        max_lora_rank: vLLM: the server's --max-lora-rank (one of 1, 8, ..., 512; default 512).
+        max_rank: re-compress every module above this rank.
+        tolerance: fail when a re-compressed module's relative Frobenius error exceeds it.
+        base: the original model directory (llama.cpp: its config.json), default `base_model_name_or_path`.
+
+    Returns:
+        The adapter to write (float64 factors, config with r = lora_alpha, no rsLoRA, no patterns, no
+        modules_to_save) and a report: server, rank, lora_alpha, use_rslora, ranks before, padded and
+        re-compressed modules, the worst relative error, the vLLM --max-lora-rank it needs.
+
+    Raises:
+        UnsupportedError: a refusal (`refusals`), naming every rule it breaks and what to do.
+        OptionError: a --max-lora-rank vLLM does not accept, or one for llama.cpp.
+        NumericsError: a re-compression error above `tolerance`.
+
+    Example:
+        >>> serve_rules(read_adapter("lora"), server="vllm", source="lora", max_lora_rank=64)  # doctest: +SKIP
+    """
+    choice("--for", server, SERVERS)
+    at_least("--max-rank", max_rank, 1)
+    at_least("--tolerance", tolerance, 0)
+    if max_lora_rank is not None and server != "vllm":
+        raise OptionError(f"--max-lora-rank is the vLLM server's limit; for --for {server} use --max-rank")
+    if max_lora_rank is not None and max_lora_rank not in VLLM_MAX_LORA_RANKS:
+        raise OptionError(f"--max-lora-rank {max_lora_rank}: vLLM accepts {', '.join(map(str, VLLM_MAX_LORA_RANKS))}")
+    found = refusals(source, adapter.config, adapter, server=server, base=base)
+    if found:
+        raise UnsupportedError(f"{source} cannot be served by {server} as a LoRA: " + " | ".join(map(str, found)))
+    caps = [c for c in (max_rank, max_lora_rank or (VLLM_MAX_LORA_RANKS[-1] if server == "vllm" else None)) if c]
+    cap = min(caps) if caps else None
+    from .conversion import compress
+
+    baked, errors = {}, {}
+    for m, (A, B) in adapter.factors.items():
+        B, A = B.double() * adapter.scale(m), A.double()  # the scale lives in B: alpha = r gives s = 1
+        if cap is not None and A.shape[0] > cap:
+            B, A, errors[m] = compress(B, A, cap)
+        baked[m] = (A, B)
+    worst = max(errors.values(), default=0.0)
+    if tolerance is not None and worst > tolerance:
+        bad = ", ".join(f"{m} ({e:.2e})" for m, e in sorted(errors.items()) if e > tolerance)
+        raise NumericsError(f"{source}: re-compressing to rank {cap} for {server} loses more than --tolerance "
+                            f"{tolerance} in {bad}; raise --max-lora-rank / --max-rank (and the server's limit)")
+    largest = max(A.shape[0] for A, _ in baked.values())
+    rank = vllm_max_lora_rank(largest) if server == "vllm" else largest
+    factors = {m: (torch.nn.functional.pad(A, (0, 0, 0, rank - A.shape[0])),
+                   torch.nn.functional.pad(B, (0, rank - B.shape[1]))) for m, (A, B) in baked.items()}
+    c = adapter.config
+    config = lora_config(rank=rank, alpha=float(rank), targets=[m.rsplit(".", 1)[-1] for m in factors], rslora=False,
+                         base=c.get("base_model_name_or_path"), task_type=c.get("task_type"),
+                         fan_in_fan_out=bool(c.get("fan_in_fan_out")))
+    report = {"server": server, "rank": rank, "lora_alpha": float(rank), "use_rslora": False,
+              "ranks_before": sorted({A.shape[0] for A, _ in adapter.factors.values()}),
+              "padded_modules": sorted(m for m, (A, _) in baked.items() if A.shape[0] < rank),
+              "recompressed": errors, "serving_worst_rel_fro_error": worst,
+              "vllm_max_lora_rank": vllm_max_lora_rank(rank) if rank <= VLLM_MAX_LORA_RANKS[-1] else None}
+    return Adapter(config, factors), report
+
+
+def serve_command(server: str, lora: object, base: object, rank: int) -> str:
+    """How to start `server` with the exported adapter."""
+    if server == "vllm":
+        return f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} --lora-modules adapter={lora}"
+    return f"ailora-tools export-gguf {lora} --base {base} -o adapter.gguf, then llama-server -m BASE.gguf --lora adapter.gguf"
+
+
+def export_for(adapter: str | os.PathLike, out: str | os.PathLike, *, server: str, max_lora_rank: int | None = None,
+               max_rank: int | None = None, tolerance: float | None = None, dtype: str = "float32",
+               base: str | None = None, overwrite: bool = False) -> dict:
+    """Write `adapter`, a LoRA that already applies to the original model (a converted one, a plain PEFT LoRA), as
+    `server` takes it (`serve_rules`). A trained adapter goes through `conversion.convert(server=...)` instead.
+
+    Args:
+        adapter: PEFT LoRA directory on the original model.
+        out: output directory (a PEFT LoRA and ailora-convert.json).
+        server, max_lora_rank, max_rank, tolerance, base: as for `serve_rules`. dtype: of the saved factors.
+
+    Returns:
+        Summary: output, rank, lora_alpha, modules, the rule report, the check of the output, how to serve it.
+
+    Raises:
+        TargetError: an adapter that applies to decompose's residual or to PEFT's PiSSA residual (convert it).
+        UnsupportedError, OptionError, NumericsError: as for `serve_rules`.
+
+    Example:
+        >>> export_for("peft-lora", "lora-vllm", server="vllm", max_lora_rank=64)  # doctest: +SKIP
+    """
+    choice("--for", server, SERVERS)
+    choice("--dtype", dtype, DTYPE_FLAGS)
+    d = Path(adapter)
+    if is_bitfit(d):
+        raise UnsupportedError(f"{d} cannot be served by {server} as a LoRA: {refusals(d, {}, None, server=server)[0]}")
+    require_original(d, server)
+    lora = read_adapter(d, strict=False)
+    if not refusals(d, lora.config, lora, server=server, base=base):
+        lora = read_adapter(d)  # strict: a tensor that is no LoRA factor is an error, never dropped
+    if isinstance(lora.config.get("init_lora_weights"), str):
+        raise TargetError(f"{d}: init_lora_weights is {lora.config['init_lora_weights']!r}: a PiSSA-style adapter "
+                          "applies to its residual, not to the original model; run `ailora-tools convert --trained "
+                          f"{d} --initial INITIAL --for {server} -o LORA` (INITIAL: the adapter training started from)")
+    if base is not None:
+        check_base_dir(d, base, flag="--base")  # the model the manifest records, when --base holds weights
+        lora.config["base_model_name_or_path"] = str(Path(base).absolute()) if Path(base).is_dir() else base
+    served, report = serve_rules(lora, server=server, source=d, max_lora_rank=max_lora_rank, max_rank=max_rank,
+                                 tolerance=tolerance)
+    where = served.config["base_model_name_or_path"]
+    summary = {"adapter": str(d), "output": str(Path(out).absolute()), "modules": len(served.factors), **report,
+               "serve_command": serve_command(server, Path(out).absolute(), where or "BASE", report["rank"])}
+    with OutputDir(out, inputs=[d], overwrite=overwrite) as od:
+        written = write_adapter(od.path, served.config, served.factors, dtype=torch_dtype(DTYPE_FLAGS[dtype]))
+        summary["check_for"] = server
+        summary["check"] = [str(f) for f in check_adapter(od.path, target=server, base=where,
+                                                          max_lora_rank=max_lora_rank or report["rank"])]
+        od.write_manifest(CONVERT_MANIFEST, {**summary, "applies_to": base_of(d).block(),
+                                             "files": {"output": {p.name: file_digest(p) for p in written}}})
+    return summary
