@@ -14,6 +14,9 @@ import click
 from . import __version__
 from .console import logged_bars, one_line_warnings
 
+#: compare --metric choices (as analysis.comparison.METRICS, without importing it before torch is needed)
+METRICS = ("auto", "loss", "accuracy", "f1", "matthews", "pearson", "spearman")
+
 # Idle OpenMP threads sleep instead of spinning: the SVDs alternate with copy and hash threads, and on few
 # cores spinning threads take their CPU (about 1.4 CPU-s of 7 on the 1.1B benchmark). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -329,8 +332,10 @@ def merge(base, adapter, out, dtype, revision, force, allow_pickle, overwrite, r
                    "from decompose --no-residual.")
 @click.option("--adapter", default=None, type=click.Path(), help="Initial adapter (OUT/adapter from decompose); not with --bitfit.")
 @click.option("--data", required=True, type=click.Path(),
-              help='Training JSONL. Causal LM: {"text"}, {"prompt","completion"} or {"messages"}; masked LM: {"text"}; '
-                   'sequence classification: {"text","label"} or {"text_a","text_b","label"}.')
+              help='Training data: JSONL, CSV, TSV, Parquet or a datasets save_to_disk directory. Causal LM: {"text"}, '
+                   '{"prompt","completion"} or {"messages"}; masked LM: {"text"}; sequence classification: '
+                   '{"text","label"} or {"text_a","text_b","label"} (or --text-column, --text-pair-column, '
+                   '--label-column).')
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory for the trained adapter.")
 @_from_options(TrainOptions)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.")
@@ -497,13 +502,23 @@ def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, r
 
 @main.command()
 @click.argument("model")
-@click.option("--data", required=True, type=click.Path(), help="Training JSONL (as for train).")
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory: one subdirectory per run, compare.md/json, loss plots.")
-@click.option("--methods", default=None, help="Comma-separated init methods, and bitfit (train --bitfit, no decompose) [default: lora,pissa,milora,ailora, and lora-da when available].")
+@click.option("--data", required=True, type=click.Path(), help="Training data (as for train: JSONL, CSV, TSV, Parquet, a datasets directory).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory: one subdirectory per run, compare.md/json, plots.")
+@click.option("--methods", default=None, help="Comma-separated init methods; also bitfit (train --bitfit, no decompose), dora (plain DoRA) and METHOD+dora [default: lora,pissa,milora,ailora, and lora-da when available and the task is causal-lm].")
 @click.option("--progressive", type=int, default=None, help="K: also run every method with progressive training (train --progressive K).")
 @click.option("--target-loss", type=float, default=None, help="Loss for 'steps to reach' [default: the highest final loss among the runs].")
 @click.option("--smooth", type=int, default=10, help="Training losses are a trailing mean over this many steps.")
-@_from_options(InitOptions, TrainOptions, skip=("method", "dora", "progressive", "bitfit"),
+@click.option("--lr", "lr", default=None, metavar="RATES",
+              help="Learning rate(s): 2e-4; a sweep 1e-4,5e-4,2e-3 (every method runs each, the best on eval is "
+                   "its rate; all in compare.json); per method pissa=1e-4,lora=5e-4 [default: 2e-4].")
+@click.option("--seeds", default=None, metavar="S,S,...",
+              help="Run every method with each seed (SVDs, init, data order); tables show mean ± std [default: --seed].")
+@click.option("--metric", type=click.Choice(list(METRICS)), default="auto",
+              help="Chooses each method's rate and the target of 'steps to reach': auto = accuracy for "
+                   "classification, pearson for regression (--num-labels 1), loss otherwise.")
+@click.option("--target-metric", type=float, default=None,
+              help="Value of --metric for 'steps to reach' [default: the worst final value among the methods].")
+@_from_options(InitOptions, TrainOptions, skip=("method", "dora", "progressive", "bitfit", "lr"),
                help={"seed": "Seed for the SVDs, the Kaiming init, the data order and training.",
                      "device": "auto, cpu, cuda, cuda:N (SVDs and training).",
                      "eval_every": "Evaluate every N steps [default: a tenth of --max-steps]."})
@@ -511,16 +526,18 @@ def spectrum(model, out, targets, rank, adapter, initial, plot_layers, device, r
 @click.option("--resume", is_flag=True, help="Finish an interrupted comparison: finished runs are kept, the interrupted one continues.")
 @_output_options
 @_fail_cleanly
-def compare(model, data, out, methods, progressive, target_loss, smooth, revision, resume, overwrite, as_json, quiet,
-            **settings):
-    """Compare init methods on MODEL with the same data, steps and seed (decompose + train per method): a table of
-    losses, steps to a target loss, time and trainable parameters, and loss-curve plots."""
+def compare(model, data, out, methods, progressive, target_loss, smooth, lr, seeds, metric, target_metric, revision,
+            resume, overwrite, as_json, quiet, **settings):
+    """Compare init methods on MODEL with the same data, steps and seeds (decompose + train per method, seed and
+    learning rate): a table of losses and metrics (mean ± std over seeds), steps to a target, time and trainable
+    parameters, and plots against step."""
     from .analysis import compare as run
 
     init, training = _split(InitOptions, dict(settings)), _split(TrainOptions, dict(settings))
     summary = run(model, data, out, methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
-                  progressive=progressive, target_loss=target_loss, smooth=smooth, init=init, training=training,
-                  revision=revision, resume=resume, overwrite=overwrite, progress=_progress(quiet or as_json))
+                  progressive=progressive, target_loss=target_loss, smooth=smooth, seeds=seeds, metric=metric,
+                  target_metric=target_metric, init=init, training=training, revision=revision, resume=resume,
+                  overwrite=overwrite, progress=_progress(quiet or as_json), **({} if lr is None else {"lr": lr}))
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
     else:

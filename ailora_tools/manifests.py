@@ -311,14 +311,24 @@ def adapter_digest(adapter: str | os.PathLike) -> str | None:
     return file_digest(weights) if weights.is_file() else None
 
 
+def input_digest(path: str | os.PathLike) -> str:
+    """The digest of a data input: a file's (`file_digest`), or for a directory (a saved dataset) BLAKE3 of its
+    files' relative paths and digests."""
+    from .io.hashing import file_digest
+
+    p = Path(path)
+    if not p.is_dir():
+        return file_digest(p)
+    parts = "".join(f"{f.relative_to(p)}\0{file_digest(f)}\n" for f in sorted(p.rglob("*")) if f.is_file())
+    return "blake3-dir:" + bytes_digest(parts.encode()).hex()
+
+
 def train_identity(adapter, ckpt, kind: str, data, eval_data=None, warning: str | None = None) -> dict:
     """What ailora-train.json records of a run's identity: `applies_to` (`trained_identity`), `inputs` (the
     digests of the initial adapter's weights and of the data files, which `--resume` and `convert` compare), and
     the warning of a forced base."""
-    from .io.hashing import file_digest
-
-    inputs = {**({"--adapter": adapter_digest(adapter)} if adapter is not None else {}), "--data": file_digest(data),
-              **({"--eval-data": file_digest(eval_data)} if eval_data is not None else {})}
+    inputs = {**({"--adapter": adapter_digest(adapter)} if adapter is not None else {}), "--data": input_digest(data),
+              **({"--eval-data": input_digest(eval_data)} if eval_data is not None else {})}
     if adapter is None:  # BitFit: the trained biases belong to the model they were trained in
         identity = BaseOf(ORIGINAL, original=ckpt.name_or_path, samples={ORIGINAL: fingerprints(ckpt)}).block()
     else:

@@ -141,8 +141,8 @@ class DecomposeOptions(InitOptions):
 class TrainOptions(Options):
     """How `train` runs, besides the base, the adapter, the data and the output."""
 
-    eval_data: str | None = option(None, "Evaluation JSONL (eval loss at the start, every --eval-every steps and at "
-                                   "the end).", metavar="PATH")
+    eval_data: str | None = option(None, "Evaluation data, in --data's format (eval loss, and the classification "
+                                   "metrics, at the start, every --eval-every steps and at the end).", metavar="PATH")
     epochs: int = option(1, "Passes over the data (ignored when --max-steps is given).", low=1)
     max_steps: int | None = option(None, "Optimizer steps to run.", low=1)
     lr: float = option(2e-4, "Peak learning rate (AdamW).", above=0)
@@ -150,6 +150,9 @@ class TrainOptions(Options):
     grad_accum: int = option(1, "Micro-batches per optimizer step.", low=1)
     max_length: int = option(512, "Tokens per example (longer ones are cut).", low=2)
     warmup: int = option(0, "Warm-up steps.", low=0)
+    warmup_ratio: float | None = option(None, "Warm-up as a fraction of the steps (0.06 in the LoRA paper's GLUE "
+                                        "recipe); instead of --warmup.", low=0)
+    weight_decay: float = option(0.0, "AdamW weight decay (0.1 in LoRA's GLUE scripts).", low=0)
     scheduler: str = option("cosine", "Learning-rate schedule after warm-up.", choices=SCHEDULERS)
     seed: int = option(0, "Seed for data order and model-side randomness.")
     save_every: int | None = option(None, "Checkpoint every N steps (one is always saved at the end).", low=1)
@@ -166,7 +169,13 @@ class TrainOptions(Options):
                                choices=ADAPTER_BASES)
     task: str = option("auto", "What to train for; auto: what the base was saved for (its config's architectures; "
                        "a bare encoder: masked-lm).", choices=TASKS)
-    num_labels: int | None = option(None, "Classes of a new classification head (default: from the labels).", low=1)
+    num_labels: int | None = option(None, "Classes of a new classification head (default: from the labels); 1: "
+                                    "regression (STS-B), float labels, Pearson/Spearman.", low=1)
+    text_column: str | None = option(None, 'Column (key) of the text [default: "text", or "text_a" for pairs].',
+                                     metavar="NAME")
+    text_pair_column: str | None = option(None, 'Column of the second text of a sentence pair [default: "text_b" '
+                                          'with "text_a"].', metavar="NAME")
+    label_column: str | None = option(None, 'Column of the label [default: "label"].', metavar="NAME")
     bitfit: bool = option(False, "BitFit: train only the bias terms of --base (and a classification head), no "
                           "--adapter; `merge BASE OUT` writes them into the model.")
 
@@ -176,6 +185,21 @@ class TrainOptions(Options):
             self.eval_data = os.fspath(self.eval_data)
         if self.tokenizer is not None:
             self.tokenizer = os.fspath(self.tokenizer)
+        if self.warmup_ratio is not None and self.warmup_ratio > 1:
+            raise OptionError(f"--warmup-ratio {self.warmup_ratio}: a fraction of the steps, at most 1")
+        if self.warmup_ratio is not None and self.warmup:
+            raise OptionError(f"--warmup-ratio {self.warmup_ratio} and --warmup {self.warmup}: give one of the two")
+
+    @property
+    def columns(self):
+        """The data columns (`io.examples.Columns`) these options name."""
+        from .io.examples import Columns
+
+        return Columns(self.text_column, self.text_pair_column, self.label_column)
+
+    def warmup_steps(self, total: int) -> int:
+        """--warmup, or --warmup-ratio of `total` steps (rounded up, as transformers' Trainer does)."""
+        return math.ceil(self.warmup_ratio * total) if self.warmup_ratio is not None else self.warmup
 
 
 def at_least(flag_: str, value: float | None, low: float) -> None:

@@ -30,6 +30,14 @@ def status(field: str) -> int:
     raise KeyError(field)
 
 
+def settle() -> None:
+    """After a warm-up: freed heap goes back to the system (glibc malloc_trim), so that it cannot hide the measured
+    run's growth, and the peak is reset to the current RSS (VmHWM := VmRSS, Linux ≥ 4.0)."""
+    ctypes.CDLL(None).malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 if __name__ == "__main__":
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     device = resolve_device(options.get("device", "auto"))
@@ -37,10 +45,8 @@ if __name__ == "__main__":
     if device.type == "cuda":
         with tempfile.TemporaryDirectory() as scratch:
             decompose(sys.argv[1], scratch + "/warm", progress=False, **options)
-        hashing._DIGESTS.clear()
-        ctypes.CDLL(None).malloc_trim(0)  # glibc: what the warm-up freed must not hide the measured run's growth
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS (Linux ≥ 4.0)
+        hashing.forget_digests()
+        settle()
     baseline = status("VmRSS")
     decompose(sys.argv[1], sys.argv[2], progress=False, **options)
     print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "device": str(device), "fixed": baseline - start}))

@@ -42,6 +42,13 @@ def spiked(m: int, n: int, g: torch.Generator, spikes: int = 64) -> torch.Tensor
     return w + (a * s) @ b.T / (m * n) ** 0.25
 
 
+def powerlaw(n: int, exponent: float, seed: int) -> torch.Tensor:
+    """An n×n float32 matrix with σ_i ∝ i^-exponent and random singular vectors (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    U, V = (torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q for _ in range(2))
+    return ((U * torch.arange(1, n + 1, dtype=torch.float64) ** -exponent) @ V.T).float()
+
+
 def synthetic_llama(path, *, layers, hidden, inter, kv, vocab, dtype=torch.float32, shards=None, per_shard=None,
                     head_dim=64, seed=0):
     """Write config.json, the shards and model.safetensors.index.json; return the directory."""

@@ -125,8 +125,10 @@ def test_progressive_runs_both_variants_and_lora_da_calibrates(setup, tmp_path):
 
 def test_bad_input_fails_before_any_run(tiny, setup, tmp_path):
     data = data_file("demo_train.jsonl")
-    with pytest.raises(OptionError, match="--methods lora,dora: give each once, from ailora, pissa, milora, lora"):
-        compare(setup / "base", data, tmp_path / "a", methods=["lora", "dora"])
+    with pytest.raises(OptionError, match="--methods lora,vera: give each once, from ailora, pissa, milora, lora"):
+        compare(setup / "base", data, tmp_path / "a", methods=["lora", "vera"])
+    with pytest.raises(OptionError, match="METHOD\\+dora"):
+        compare(setup / "base", data, tmp_path / "a", methods=["pissa+lora"])
     with pytest.raises(UnsupportedError, match="fused projection"):  # ailora on GPT-2, found before lora trains
         compare(tiny("gpt2"), data, tmp_path / "b", methods=["lora", "ailora"])
     res = CliRunner().invoke(main, ["compare", str(setup / "base"), "--data", str(tmp_path / "none.jsonl"),
@@ -139,3 +141,16 @@ def test_smoothing_and_steps_to_reach():
     curve = [(1, 4.0), (2, 2.0), (3, 3.0), (4, 1.0)]
     assert trailing_mean(curve, 2) == [(1, 4.0), (2, 3.0), (3, 2.5), (4, 2.0)]
     assert steps_to_reach(trailing_mean(curve, 2), 2.5) == 3 and steps_to_reach(curve, 0.5) is None
+
+
+@pytest.mark.slow
+def test_dora_rows_decompose_with_dora(setup, tmp_path):
+    """"dora" is plain DoRA and "pissa+dora" PiSSA's init with DoRA's magnitudes: both train as DoRA adapters."""
+    s = compare(setup / "base", data_file("demo_train.jsonl"), tmp_path / "d", methods=["dora", "pissa+dora"],
+                progress=False, **dict(OPTS, max_steps=2))
+    assert [r["run"] for r in s["runs"]] == ["dora", "pissa+dora"]
+    for run, method in (("dora", "lora"), ("pissa+dora", "pissa")):
+        decomposed = json.loads((tmp_path / "d" / run / "decomposed" / "ailora.json").read_text())
+        assert decomposed["method"] == method and decomposed["dora"] is True
+        config = json.loads((tmp_path / "d" / run / "trained" / "adapter_config.json").read_text())
+        assert config["use_dora"] is True

@@ -168,7 +168,7 @@ def refused(res, *needles):
     ({"modules_to_save": ["lm_head"]}, ["modules_to_save has ['lm_head']", "ailora-tools merge BASE"]),
     ({"modules_to_save": ["score"]}, ["modules_to_save has ['score']", "serve the adapter without them"]),
     ({"bias": "all"}, ["bias is 'all'", "merge_and_unload"]),
-    ({"use_dora": True}, ["use_dora is true", "merge_and_unload"]),
+    ({"use_dora": True}, ["use_dora is true", "ailora-tools merge", "--dora exact"]),
 ])
 def test_what_no_lora_carries_is_refused_with_what_to_do(trained, tmp_path, change, needles):
     _, root = trained

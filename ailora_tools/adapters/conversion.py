@@ -25,9 +25,9 @@ from ..io.hashing import file_digest
 from ..architectures import match
 from ..options import at_least, choice
 from ..io.output import OutputDir
-from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
+from ..io.peft_adapter import CONFIG_NAME, Adapter, lora_config, read_adapter, write_adapter
 from ..manifests import (BITFIT_MANIFEST, CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST, adapter_digest,
-                         converted_identity)
+                         converted_identity, read_manifest)
 from ..io.tensorio import DTYPE_FLAGS, torch_dtype
 
 
@@ -168,7 +168,7 @@ def convert(
                             progress=progress)
     if accept_error:
         raise OptionError("--accept-error: only for --dora approximate")
-    if read_adapter(trained, strict=False).config.get("use_dora"):
+    if read_manifest(Path(trained) / CONFIG_NAME).get("use_dora"):  # (a BitFit output has no adapter config)
         raise OptionError(f"--trained {trained}: a DoRA adapter; choose --dora exact (a new base + LoRA, no error) or "
                           "--dora approximate --max-rank R|--tolerance X (a LoRA on the original, error measured)")
     at_least("--max-rank", max_rank, 1)

@@ -91,6 +91,39 @@ def loss_figure(f: BinaryIO, curves: dict[str, list[tuple[int, float]]], *, titl
             pts = smoothed[name]
         ax.plot([s for s, _ in pts], [v for _, v in pts], color=colour, label=name,
                 marker=None if smoothed is not None else "o", markersize=3)
+    _against_step(fig, ax, f, title=title, ylabel=ylabel, target=target)
+
+
+def band_figure(f: BinaryIO, series: dict[str, list[list[tuple[int, float]]]], *, title: str, ylabel: str,
+                target: float | None = None) -> None:
+    """A value against step, one line per run group: the mean over its curves (seeds), with a band of ± one
+    standard deviation where there are several.
+
+    Args:
+        series: group name -> [curve, ...], each curve [(step, value), ...].
+        target: a horizontal dashed line at this value (the "steps to reach" threshold).
+    """
+    import statistics
+
+    fig, (ax,) = _figure(1, width=6.4, height=4.2)
+    for colour, (name, curves) in zip(COLOURS * 10, series.items()):
+        at: dict[int, list[float]] = {}
+        for curve in curves:
+            for step, v in curve:
+                at.setdefault(step, []).append(v)
+        steps = sorted(at)
+        mean = [statistics.fmean(at[s]) for s in steps]
+        ax.plot(steps, mean, color=colour, label=name + (f" ({len(curves)} seeds)" if len(curves) > 1 else ""),
+                marker="o" if len(steps) <= 30 else None, markersize=3)
+        if len(curves) > 1:
+            std = [statistics.stdev(at[s]) if len(at[s]) > 1 else 0.0 for s in steps]
+            ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                            color=colour, alpha=0.2, linewidth=0)
+    _against_step(fig, ax, f, title=title, ylabel=ylabel, target=target)
+
+
+def _against_step(fig, ax, f: BinaryIO, *, title: str, ylabel: str, target: float | None) -> None:
+    """Finish a value-against-step figure (the target as a dashed line, labels, grid, legend) and write it."""
     if target is not None:
         ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target:.3g}")
     ax.set_xlabel("step")

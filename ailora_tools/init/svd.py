@@ -1,12 +1,16 @@
 """Principal and minor singular triplets of one weight matrix, on CPU or GPU.
 
-- exact, principal: float32 subspace iteration with Rayleigh–Ritz until every kept triplet's residual
-  ||W v − σ u|| is at most EXACT_TOL · σ_max, then a float64 Rayleigh–Ritz step; if that has not
-  converged after EXACT_MAXIT iterations (flat spectra), or the matrix is small, the Gram method below.
-- exact, minor (and the fallback): eigendecomposition of the float64 Gram matrix of the smaller side
+- exact, principal: float32 block Krylov (Golub–Kahan) with Rayleigh–Ritz: the basis grows by blocks of
+  r + KRYLOV_EXTRA (Q, W Wᵀ Q, (W Wᵀ)² Q, ..., orthonormalised) until every kept triplet's residual
+  ||W v − σ u|| is at most EXACT_TOL · σ_max. Its cost follows the spectrum's gaps. Before each step a
+  flop model compares the steps the measured convergence rate still needs with the float32 Gram method
+  (eigendecomposition of the Gram matrix of the smaller side); where that is cheaper (small matrices,
+  flat spectra) Krylov stops or never starts and the Gram method gives the basis. Either basis gets a
+  float64 Rayleigh–Ritz step and a float64 residual check; only if that fails, the float64 Gram method.
+- exact, minor (and the last fallback): eigendecomposition of the float64 Gram matrix of the smaller side
   (W Wᵀ or Wᵀ W). The other side comes from a projection (U_rᵀ W = Σ_r V_rᵀ) normalised by its row
   norms, never from dividing by a possibly tiny σ. Accurate for the smallest singular values, which a
-  float32 Gram matrix cannot see.
+  float32 Gram matrix cannot see; on CPU it is also cheaper than a float32 full SVD.
 - randomized (principal only): seeded range finder with oversampling and a fixed number of power
   iterations, no convergence test (PiSSA's `pissa_niter_N`, but deterministic).
 Directions whose σ is numerically zero (rank-deficient W: below the noise level of the method that found
@@ -24,7 +28,10 @@ import torch
 from .targets import PRINCIPAL
 
 EXACT_TOL = 1e-5
-EXACT_MAXIT = 30
+KRYLOV_EXTRA = 8  # Krylov block size r + KRYLOV_EXTRA: a cluster straddling σ_r still converges
+# flop model, in matrix-product flops: float32 eigh of an s×s matrix ≈ EIGH_COST·s³, SVD of a d×n block
+# ≈ SVD_COST·d²·n, plus a fixed cost per Krylov step (small LAPACK calls, Python); measured on 2 CPU cores
+EIGH_COST, SVD_COST, STEP_OVERHEAD = 12, 30, 3e8
 EPS64 = torch.finfo(torch.float64).eps
 #: σ/σ_max below which the float64 Gram method cannot tell a direction from zero (σ² under eps64·σ_max²)
 GRAM_NOISE = math.sqrt(EPS64)
@@ -40,6 +47,8 @@ class Triplets:
     sigma_max: float
     energy_fraction: float  # sum of kept σ² over ||W||_F²
     deficient: int  # directions completed because σ was numerically zero
+    method: str = ""  # what found them: "krylov", "gram32" (float32 Gram), "gram64" (float64 Gram), "randomized"
+    iterations: int = 0  # block Krylov steps taken (also when they were abandoned for the Gram method)
 
 
 def generator_for(seed: int, name: str, device: torch.device) -> torch.Generator:
@@ -67,24 +76,29 @@ def triplets(
         (torch.Size([64, 4]), torch.Size([4]), torch.Size([4, 32]))
     """
     fro2 = float(torch.linalg.vector_norm(W)) ** 2
-    found, noise = None, math.sqrt(max(W.shape) * EPS64)  # float32 paths: above their products' rounding
+    found, noise, steps = None, math.sqrt(max(W.shape) * EPS64), 0  # float32 paths: above their products' rounding
     if role == PRINCIPAL and mode == "randomized":
-        found = _randomized(W.to(torch.float32), r, niter, oversample, generator)
-    elif role == PRINCIPAL and min(W.shape) > 4 * (r + max(r, oversample)):
-        found = _subspace(W.to(torch.float32), W, r, max(r, oversample), generator)
+        found, method = _randomized(W.to(torch.float32), r, niter, oversample, generator), "randomized"
+    elif role == PRINCIPAL:
+        found, method, steps = _exact_principal(W, r, generator)
     if found is None:
-        found, noise = _gram(W.to(torch.float64), r, largest=role == PRINCIPAL), GRAM_NOISE
+        found, noise, method = _gram(W.to(torch.float64), r, largest=role == PRINCIPAL), GRAM_NOISE, "gram64"
     U, S, Vh, smax = found
     U, S, Vh = U.double(), S.double(), Vh.double()
     U, S, Vh, deficient = _complete(U, S, Vh, max(smax, torch.finfo(torch.float64).tiny) * noise, generator)
     energy = float(S.square().sum()) / fro2 if fro2 > 0 else 0.0
-    return Triplets(U, S, Vh, smax, min(energy, 1.0), deficient)
+    return Triplets(U, S, Vh, smax, min(energy, 1.0), deficient, method, steps)
+
+
+def _smaller_gram(W: torch.Tensor):
+    """Whether the smaller side is the left one, and the eigendecomposition (ascending) of its Gram matrix."""
+    left = W.shape[0] <= W.shape[1]
+    evals, evecs = torch.linalg.eigh(W @ W.T if left else W.T @ W)
+    return left, evals, evecs
 
 
 def _gram(W: torch.Tensor, r: int, largest: bool):
-    left = W.shape[0] <= W.shape[1]
-    G = W @ W.T if left else W.T @ W
-    evals, evecs = torch.linalg.eigh(G)  # ascending
+    left, evals, evecs = _smaller_gram(W)
     X = evecs[:, -r:].flip(1) if largest else evecs[:, :r].flip(1)  # descending σ either way
     smax = float(evals[-1].clamp(min=0).sqrt())
     if left:
@@ -111,24 +125,84 @@ def _power_step(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(W @ torch.linalg.qr((Q.T @ W).T).Q).Q
 
 
-def _subspace(W: torch.Tensor, W_in: torch.Tensor, r: int, p: int, gen: torch.Generator | None):
-    """Converged principal triplets, or None when EXACT_MAXIT iterations do not reach EXACT_TOL."""
-    omega = torch.randn(W.shape[1], r + p, generator=gen, dtype=W.dtype, device=W.device)
-    Q = torch.linalg.qr(W @ omega).Q
-    for it in range(1, EXACT_MAXIT + 1):
-        Q = _power_step(W, Q)
-        if it < 4 or it % 2:  # a convergence test costs about one iteration: test from the 4th, every other
-            continue
-        Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
-        U = Q @ Ub[:, :r]
-        residual = (W @ Vh[:r].T - U * S[:r]).norm(dim=0).max()
+def _exact_principal(W: torch.Tensor, r: int, gen: torch.Generator | None):
+    """(U, S, Vh, σ_max) or None when the float64 check fails, the method that gave the basis, Krylov steps."""
+    W32 = W.to(torch.float32)
+    k = min(r + KRYLOV_EXTRA, min(W.shape))
+    basis, steps = _krylov(W32, r, k, gen)
+    method = "krylov" if basis is not None else "gram32"
+    if basis is None:
+        left, _, evecs = _smaller_gram(W32)
+        basis = evecs[:, -k:] if left else W32 @ evecs[:, -k:]  # spans the top k left singular vectors
+    return _refine(basis, W, r), method, steps
+
+
+def _krylov(W: torch.Tensor, r: int, b: int, gen: torch.Generator | None):
+    """Top b Ritz vectors of a float32 block Krylov space once the top r have converged, and the steps taken;
+    None instead of the vectors when the float32 Gram method is (or is predicted to become) cheaper."""
+    m, n = W.shape
+    if 2 * b > min(m, n) or _gram32_cost(m, n) < 3 * _step_cost(m, n, b, 2 * b, r):
+        return None, 0
+    blocks = [torch.linalg.qr(W @ torch.randn(n, b, generator=gen, dtype=W.dtype, device=W.device)).Q]
+    rows, history = [blocks[0].T @ W], []  # rows: Kᵀ W, a block at a time
+    for step in range(1, min(m, n) // b):
+        K = torch.cat(blocks, 1)
+        Z = W @ rows[-1].T  # W Wᵀ Q, with Wᵀ Q as (Qᵀ W)ᵀ: twice as fast on CPU (MKL)
+        for _ in range(2):  # block Gram–Schmidt against the basis, twice for float32 orthogonality
+            Z = Z - K @ (K.T @ Z)
+        blocks.append(torch.linalg.qr(Z).Q)
+        rows.append(blocks[-1].T @ W)
+        Ub, S, Vh = torch.linalg.svd(torch.cat(rows), full_matrices=False)
+        U = torch.cat(blocks, 1) @ Ub[:, :b]
+        residual = (W @ Vh[:r].T - U[:, :r] * S[:r]).norm(dim=0).max()
         if residual <= EXACT_TOL * S[0]:
-            Q = Q.double()  # float64 Rayleigh–Ritz, W upcast a row block at a time
-            rows = max(1, (4 << 20) // (8 * W.shape[1]))
-            B = sum(Q[i:i + rows].T @ W_in[i:i + rows].double() for i in range(0, W.shape[0], rows))
-            Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
-            return Q @ Ub[:, :r], S[:r], Vh[:r], float(S[0])
-    return None
+            return U, step
+        history.append(float(residual / S[0]))
+        if not _worth_continuing(history, m, n, b, (step + 1) * b, r):
+            return None, step
+    return None, step
+
+
+def _worth_continuing(history: list[float], m: int, n: int, b: int, d: int, r: int) -> bool:
+    """Whether the Krylov steps that the last two residuals' rate predicts cost less than the float32 Gram."""
+    if len(history) < 2:
+        return True
+    rate = history[-1] / history[-2]
+    if not rate < 1:
+        return False
+    steps = math.ceil(math.log(EXACT_TOL / history[-1]) / math.log(rate))
+    if d + steps * b > min(m, n):
+        return False
+    return sum(_step_cost(m, n, b, d + i * b, r) for i in range(1, steps + 1)) < _gram32_cost(m, n)
+
+
+def _gram32_cost(m: int, n: int) -> float:
+    s, big = sorted((m, n))
+    return 2 * s * s * big + EIGH_COST * s ** 3
+
+
+def _step_cost(m: int, n: int, b: int, d: int, r: int) -> float:
+    """One Krylov step ending at basis size d: products with W, reorthogonalisation, Rayleigh–Ritz, residual."""
+    return 4 * m * n * b + 4 * m * d * b + SVD_COST * d * d * n + 2 * m * n * r + STEP_OVERHEAD
+
+
+def _refine(basis: torch.Tensor, W: torch.Tensor, r: int):
+    """Float64 Rayleigh–Ritz on span(basis), W upcast a row block at a time; None unless every residual
+    ||W v − σ u|| is at most EXACT_TOL · σ_max in float64."""
+    Q = torch.linalg.qr(basis.double()).Q
+    Ub, S, Vh = torch.linalg.svd(sum(Q[i].T @ Wi for i, Wi in _row_blocks(W)), full_matrices=False)
+    U, S, Vh = Q @ Ub[:, :r], S[:r], Vh[:r]
+    residual2 = sum((Wi @ Vh.T - U[i] * S).square().sum(dim=0) for i, Wi in _row_blocks(W))
+    if float(residual2.max().sqrt()) > EXACT_TOL * float(S[0]):
+        return None
+    return U, S, Vh, float(S[0])
+
+
+def _row_blocks(W: torch.Tensor):
+    """(row slice, float64 copy of those rows) in blocks of about 4 MiB."""
+    rows = max(1, (4 << 20) // (8 * W.shape[1]))
+    for i in range(0, W.shape[0], rows):
+        yield slice(i, i + rows), W[i:i + rows].double()
 
 
 def _complete(U, S, Vh, floor: float, gen: torch.Generator | None):
@@ -139,7 +213,7 @@ def _complete(U, S, Vh, floor: float, gen: torch.Generator | None):
     columns, float64 low-rank products) come out of it at 1e-16 to 1e-12·σ_max, while genuine singular
     values of square matrices go down to about 5e-7·σ_max at 8192² (bench_svd's spectrum): a floor of
     √(n·eps64)·σ_max, the worst-case bound on forming the Gram matrix (1.3e-6 at n = 8192), took those
-    for zero. Float32 paths (randomized, subspace iteration): √(n·eps64)·σ_max, above the rounding of
+    for zero. Float32 paths (randomized, Krylov, float32 Gram): √(n·eps64)·σ_max, above the rounding of
     their float32 products (measured up to 3e-8·σ_max on rank-deficient matrices).
     """
     bad = S <= floor

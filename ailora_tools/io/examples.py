@@ -1,4 +1,6 @@
-"""Training data: JSONL, tokenized with loss masks (language models) or labels (classification).
+"""Training data: JSONL, CSV, TSV, Parquet or a `datasets` directory (`tables`), tokenized with loss masks
+(language models) or labels (classification). Rows below are written as JSON; in the other formats they are
+columns of those names (or those `Columns` names).
 
 Causal LM:
 - {"text": ...}: loss on every token.
@@ -13,16 +15,21 @@ the same data); of those 80% become the mask token, 10% a random token, 10% stay
 tokens.
 
 Sequence classification: {"text", "label"} or {"text_a", "text_b", "label"} (a sentence pair, as GLUE's MRPC or
-RTE). Labels are class ids (integers 0..K-1) or class names (strings), one type in all files.
+RTE). Labels are class ids (integers 0..K-1) or class names (strings), one type in all files; CSV/TSV labels
+that are all integers are class ids. `Columns` renames the text, pair and label columns (--text-column,
+--text-pair-column, --label-column). Regression (a head with one output, `regression=True`): labels are numbers.
 """
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
-from ..errors import FormatError, InputNotFoundError
+from ..errors import FormatError
+from . import tables
 
 if TYPE_CHECKING:
     import torch
@@ -41,14 +48,28 @@ class Example:
     labels: list[int]
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Which columns hold the text, the second text of a pair and the label. None: the defaults ("text", or
+    "text_a" with an optional "text_b"; "label")."""
+
+    text: str | None = None
+    pair: str | None = None
+    label: str | None = None
+
+    @property
+    def label_name(self) -> str:
+        return self.label or "label"
+
+
 @dataclass
 class LabeledRow:
-    """One sequence-classification row as written: its line number, text or text pair, and label."""
+    """One sequence-classification row as written: its line (row) number, text or text pair, and label."""
 
     line: int
     text_a: str
     text_b: str | None
-    label: int | str
+    label: int | str | float
 
 
 @dataclass
@@ -57,10 +78,11 @@ class LabeledExample:
 
     input_ids: list[int]
     token_type_ids: list[int] | None
-    label: int
+    label: int | float
 
 
-def check_rows(path: str | Path, *, flag: str = "--data", task: str = "causal-lm") -> int:
+def check_rows(path: str | Path, *, flag: str = "--data", task: str = "causal-lm", columns: Columns | None = None,
+               regression: bool = False) -> int:
     """Check a JSONL file's shape without a tokenizer, so bad data fails in a second, before any model loads:
     every line an object of one of the causal-LM shapes, {"text"} for masked-lm, or a labeled row (one label
     type in the file) for sequence-classification. Returns the number of rows.
@@ -69,9 +91,9 @@ def check_rows(path: str | Path, *, flag: str = "--data", task: str = "causal-lm
         InputNotFoundError: no such file. FormatError: a bad line, naming its line number; no rows.
     """
     if task == "sequence-classification":
-        return len(read_labeled_jsonl(path, flag=flag))
+        return len(read_labeled(path, flag=flag, columns=columns, regression=regression))
     n = 0
-    for lineno, row in _rows(path, flag):
+    for lineno, row in _rows(path, flag, columns):
         (_masked_shape if task == "masked-lm" else _shape)(row, path, lineno)
         n += 1
     if not n:
@@ -79,7 +101,8 @@ def check_rows(path: str | Path, *, flag: str = "--data", task: str = "causal-lm
     return n
 
 
-def load_jsonl(path: str | Path, tokenizer, *, max_length: int, limit: int | None = None) -> list[Example]:
+def load_jsonl(path: str | Path, tokenizer, *, max_length: int, limit: int | None = None,
+               columns: Columns | None = None) -> list[Example]:
     """Read and tokenize a JSONL file (its first `limit` rows when given); every example must keep at least
     one loss token after `max_length`.
 
@@ -88,7 +111,7 @@ def load_jsonl(path: str | Path, tokenizer, *, max_length: int, limit: int | Non
             empty text, no assistant turn, a prompt as long as --max-length), naming its line number.
     """
     examples = []
-    for lineno, row in _rows(path, "--data"):
+    for lineno, row in _rows(path, "--data", columns):
         _shape(row, path, lineno)
         try:
             ex = _example(row, tokenizer)
@@ -107,7 +130,8 @@ def load_jsonl(path: str | Path, tokenizer, *, max_length: int, limit: int | Non
     return examples
 
 
-def load_masked_jsonl(path: str | Path, tokenizer, *, max_length: int, seed: int) -> list[Example]:
+def load_masked_jsonl(path: str | Path, tokenizer, *, max_length: int, seed: int,
+                      columns: Columns | None = None) -> list[Example]:
     """Read {"text"} rows (other keys ignored), tokenize them with special tokens and mask them for a masked-LM
     loss (seeded).
 
@@ -117,61 +141,120 @@ def load_masked_jsonl(path: str | Path, tokenizer, *, max_length: int, seed: int
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    return _read(path, lambda line, row: _masked(row, tokenizer, gen, max_length))
+    return _read(path, lambda line, row: _masked(row, tokenizer, gen, max_length), columns=columns)
 
 
-def read_labeled_jsonl(path: str | Path, *, flag: str = "--data") -> list[LabeledRow]:
+def read_labeled(path: str | Path, *, flag: str = "--data", columns: Columns | None = None,
+                 regression: bool = False) -> list[LabeledRow]:
     """Read and validate sequence-classification rows (no tokenizer needed, so before any model loads).
 
+    Args:
+        columns: the text, pair and label column names (default: "text" or "text_a"/"text_b", "label").
+        regression: labels are numbers (a head with one output); CSV/TSV cells are parsed as floats.
+
     Raises:
-        InputNotFoundError: no such file. FormatError: a bad line (no "label" column, a label of another type
-            than the rows before it, no text), naming its line number.
+        InputNotFoundError: no such file. FormatError: a named column the table lacks (listing its columns); a
+            bad line (no label, a label of another type than the rows before it, no text), naming its line.
     """
+    columns = columns or Columns()
+    kind = tables.table_format(path, flag)
+    header = tables.columns(path, flag)
+    if header is not None:
+        for option, name in (("--text-column", columns.text), ("--text-pair-column", columns.pair),
+                             ("--label-column", columns.label_name)):
+            if name is not None and name not in header:
+                raise FormatError(f"{flag} {path}: no column {name!r} ({option}"
+                                  f"{'' if option != '--label-column' or columns.label else ' default'}); its "
+                                  f"columns are {', '.join(map(repr, header))}")
+        if columns.text is None and "text" not in header and "text_a" not in header:
+            raise FormatError(f"{flag} {path}: no \"text\" or \"text_a\" column; name the text column with "
+                              f"--text-column (its columns are {', '.join(map(repr, header))})")
     first: list[LabeledRow] = []  # the first row, whose label type every other row must have
+    label_key = columns.label_name
 
     def parse(line: int, row) -> LabeledRow:
         if not isinstance(row, dict):
             raise ValueError("each line must be a JSON object")
-        if "label" not in row:
-            raise ValueError(f'no "label" column; sequence-classification rows are {LABELED_SHAPES}')
-        label = row["label"]
-        if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise ValueError(f'"label" is {json.dumps(label)}; labels are class ids (integers 0..K-1) or class names '
-                             "(strings)")
-        if isinstance(label, int) and label < 0:
-            raise ValueError(f'"label" is {label}; class ids are 0..K-1')
+        if label_key not in row or row[label_key] is None:
+            raise ValueError(f'no {json.dumps(label_key)} column; sequence-classification rows are '
+                             + (LABELED_SHAPES if columns == Columns() else "text and label columns")
+                             + ("" if label_key not in row else " (this row's label is empty)"))
+        label = _label(row[label_key], label_key, regression, text_cells=kind in tables.TEXT_CELLS)
         if first and type(label) is not type(first[0].label):
-            raise ValueError(f'"label" is {_kind(label)} here but {_kind(first[0].label)} on line {first[0].line}; '
-                             "use one type for every label")
-        if "text" in row:
-            parsed = LabeledRow(line, _str(row, "text"), None, label)
+            raise ValueError(f'{json.dumps(label_key)} is {_kind(label)} here but {_kind(first[0].label)} on line '
+                             f"{first[0].line}; use one type for every label")
+        if columns.text is not None:
+            pair = _str(row, columns.pair) if columns.pair is not None else None
+            parsed = LabeledRow(line, _str(row, columns.text), pair, label)
+        elif "text" in row:
+            parsed = LabeledRow(line, _str(row, "text"), _str(row, columns.pair) if columns.pair else None, label)
         elif "text_a" in row:
-            parsed = LabeledRow(line, _str(row, "text_a"), _str(row, "text_b") if "text_b" in row else None, label)
+            pair = columns.pair or "text_b"
+            parsed = LabeledRow(line, _str(row, "text_a"), _str(row, pair) if pair in row else None, label)
         else:
-            raise ValueError(f'no "text" or "text_a" column; sequence-classification rows are {LABELED_SHAPES}')
+            raise ValueError(f'no "text" or "text_a" column; sequence-classification rows are {LABELED_SHAPES} '
+                             "(or name the columns with --text-column, --text-pair-column, --label-column)")
         first[:] = first or [parsed]
         return parsed
 
-    return _read(path, parse, flag)
-
-
-def _kind(label) -> str:
-    return "a string" if isinstance(label, str) else "an integer"
-
-
-def tokenize_labeled(rows: list[LabeledRow], tokenizer, ids: dict, *, max_length: int) -> list[LabeledExample]:
-    """Tokenize rows with the tokenizer's special tokens (text pairs as pairs); `ids` maps each label to its id."""
-    out = []
-    for r in rows:
-        enc = tokenizer(r.text_a, r.text_b, truncation=True, max_length=max_length)
-        out.append(LabeledExample(enc["input_ids"], enc.get("token_type_ids"), ids[r.label]))
+    out = _read(path, parse, flag)
+    if kind in tables.TEXT_CELLS and not regression and all(_INT.fullmatch(r.label) for r in out):
+        for r in out:  # "0", "1" in a CSV/TSV are class ids, as in GLUE's files
+            r.label = int(r.label)
+            if r.label < 0:
+                raise FormatError(f"{path}:{r.line}: {json.dumps(label_key)} is {r.label}; class ids are 0..K-1")
     return out
 
 
-def _read(path: str | Path, parse: Callable[[int, object], T], flag: str = "--data") -> list[T]:
-    """parse(line number, JSON value) for each non-blank line; errors become one line naming the file and line."""
+def read_labeled_jsonl(path: str | Path, *, flag: str = "--data") -> list[LabeledRow]:
+    """`read_labeled` with the default columns (kept for callers of earlier versions)."""
+    return read_labeled(path, flag=flag)
+
+
+_INT = re.compile(r"-?\d+")
+
+
+def _label(value, key: str, regression: bool, *, text_cells: bool) -> int | str | float:
+    """A row's label as read: a number for regression, else a class id (int) or a class name (str)."""
+    name = json.dumps(key)
+    if regression:
+        if isinstance(value, str) and text_cells:
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{name} is {json.dumps(value)}; regression (--num-labels 1) needs numbers") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} is {json.dumps(value)}; regression (--num-labels 1) needs finite numbers")
+        return float(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # Parquet/pandas may store class ids as floats
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name} is {json.dumps(value)}; labels are class ids (integers 0..K-1) or class names "
+                         "(strings); for a regression target pass --num-labels 1")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"{name} is {value}; class ids are 0..K-1")
+    return value
+
+
+def _kind(label) -> str:
+    return "a string" if isinstance(label, str) else "a number" if isinstance(label, float) else "an integer"
+
+
+def tokenize_labeled(rows: list[LabeledRow], tokenizer, ids: dict | None, *, max_length: int) -> list[LabeledExample]:
+    """Tokenize rows with the tokenizer's special tokens (text pairs as pairs); `ids` maps each label to its id
+    (None: regression, the label is the target)."""
     out = []
-    for lineno, row in _rows(path, flag):
+    for r in rows:
+        enc = tokenizer(r.text_a, r.text_b, truncation=True, max_length=max_length)
+        out.append(LabeledExample(enc["input_ids"], enc.get("token_type_ids"), r.label if ids is None else ids[r.label]))
+    return out
+
+
+def _read(path: str | Path, parse: Callable[[int, object], T], flag: str = "--data",
+          columns: Columns | None = None) -> list[T]:
+    """parse(line number, row) for each row; errors become one line naming the file and line (row)."""
+    out = []
+    for lineno, row in _rows(path, flag, columns):
         try:
             out.append(parse(lineno, row))
         except (TypeError, KeyError, ValueError) as e:
@@ -181,17 +264,21 @@ def _read(path: str | Path, parse: Callable[[int, object], T], flag: str = "--da
     return out
 
 
-def _rows(path: str | Path, flag: str) -> Iterator[tuple[int, object]]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"{flag} {path}: no such data file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise FormatError(f"{path}:{lineno}: not JSON ({e})") from e
+def _rows(path: str | Path, flag: str, columns: Columns | None = None) -> Iterator[tuple[int, object]]:
+    """The rows of any data format (`tables`); for the language-model tasks --text-column names the "text"."""
+    text = columns.text if columns is not None else None
+    if text is not None:
+        header = tables.columns(path, flag)
+        if header is not None and text not in header:
+            raise FormatError(f"{flag} {path}: no column {text!r} (--text-column); its columns are "
+                              f"{', '.join(map(repr, header))}")
+    table = tables.table_format(path, flag) != tables.JSONL
+    for lineno, row in tables.rows(path, flag):
+        if text is not None and isinstance(row, dict) and text in row:
+            row = {"text": row[text]}
+        elif table and None in row.values():
+            row = {k: v for k, v in row.items() if v is not None}  # a table's empty cells: columns not used here
+        yield lineno, row
 
 
 def _shape(row, path, lineno) -> None:
@@ -310,7 +397,8 @@ def collate_labeled(batch: list[LabeledExample], pad_id: int) -> dict[str, "torc
     import torch
 
     out = collate([Example(e.input_ids, e.input_ids) for e in batch], pad_id)
-    out["labels"] = torch.tensor([e.label for e in batch], dtype=torch.long)
+    regression = isinstance(batch[0].label, float)  # one output: float targets (MSE loss)
+    out["labels"] = torch.tensor([e.label for e in batch], dtype=torch.float32 if regression else torch.long)
     if batch[0].token_type_ids is not None:
         out["token_type_ids"] = torch.zeros_like(out["input_ids"])
         for i, e in enumerate(batch):

@@ -18,7 +18,8 @@ from .tasks import evaluate as run_eval
 
 
 def evaluate(run: Run) -> dict[str, float] | None:
-    """eval_loss (and eval_accuracy for classification) on the eval data; None without eval data."""
+    """eval_loss (and for classification eval_accuracy, eval_f1, eval_matthews, or for regression eval_pearson,
+    eval_spearman) on the eval data; None without eval data."""
     if not run.data.eval:
         return None
     return run_eval(run.model, run.task, run.data.eval, run.data.collate, batch_size=run.options.batch_size,

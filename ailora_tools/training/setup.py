@@ -58,7 +58,7 @@ def check(base: str | os.PathLike, data: str | os.PathLike, o: TrainOptions) -> 
     task = resolve_task(o.task, ckpt.config)
     for flag, path in (("--data", data), ("--eval-data", o.eval_data)):
         if path is not None:
-            check_rows(path, flag=flag, task=task.name)
+            check_rows(path, flag=flag, task=task.name, columns=o.columns, regression=o.num_labels == 1)
     return ckpt, task
 
 
@@ -81,12 +81,13 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
         warning = check_base(adapter, ckpt, flag="--base", force=force)
     tok, pad_id = load_tokenizer(o.tokenizer or base, flag="--tokenizer" if o.tokenizer else "--base")
     ds = load_data(task, data, o.eval_data, tok, pad_id=pad_id, config=ckpt.config, base=base,
-                   max_length=o.max_length, seed=o.seed, num_labels=o.num_labels)
+                   max_length=o.max_length, seed=o.seed, num_labels=o.num_labels, columns=o.columns)
     total = o.max_steps if o.max_steps is not None else o.epochs * math.ceil(len(ds.train) / (o.batch_size * o.grad_accum))
     settings = {"tool": __version__, "base": str(Path(base).absolute()), "initial_adapter": str(Path(adapter).absolute()) if adapter else None,
                 "data": str(Path(data).absolute()), "eval_data": str(Path(o.eval_data).absolute()) if o.eval_data else None,
                 "steps": total, "lr": o.lr, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
-                "max_length": o.max_length, "warmup": o.warmup, "scheduler": o.scheduler, "seed": o.seed,
+                "max_length": o.max_length, "warmup": o.warmup_steps(total), "scheduler": o.scheduler, "seed": o.seed,
+                "weight_decay": o.weight_decay, "columns": [o.text_column, o.text_pair_column, o.label_column],
                 "dtype": o.dtype, "tokenizer": o.tokenizer, "progressive": o.progressive,
                 # "residual": trained as base + s·B·A; "original": as base + s(B·A − B0·A0), what convert writes
                 "adapter_base": mode, "mode": "bitfit" if o.bitfit else "exact" if mode == "original" else "residual",
@@ -103,7 +104,21 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
         subtract_initial(model, Adapter(initial.config, {names[m]: f for m, f in initial.factors.items()}))
     params = [p for p in model.parameters() if p.requires_grad]
     hooks = [Progressive(model, stages=o.progressive, total_steps=total)] if o.progressive else []
-    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=0.0)
-    scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup, num_training_steps=total)
+    optimizer = torch.optim.AdamW(decay_groups(model, o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
+    scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps(total),
+                              num_training_steps=total)
     return Run(o, task, ds, model, config, task_info, dev, autocast, mode, total, params, optimizer, scheduler,
                settings, hooks)
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """The trainable parameters as AdamW takes them: with weight decay, as transformers' Trainer (which LoRA's GLUE
+    scripts run) groups them, biases and LayerNorm weights without decay; without, one list."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not weight_decay:
+        return [p for _, p in trainable]
+    norms = {id(p) for m in model.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)}
+    exempt = {n for n, p in trainable if n.endswith("bias") or id(p) in norms}
+    groups = [{"params": [p for n, p in trainable if n not in exempt], "weight_decay": weight_decay},
+              {"params": [p for n, p in trainable if n in exempt], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

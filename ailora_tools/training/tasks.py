@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from ..io.examples import (IGNORE, LabeledRow, collate, collate_labeled, load_jsonl, load_masked_jsonl, read_labeled_jsonl,
-                   tokenize_labeled)
+from ..io.examples import (IGNORE, Columns, LabeledRow, collate, collate_labeled, load_jsonl, load_masked_jsonl,
+                           read_labeled, tokenize_labeled)
 from ..errors import FormatError, TargetError, UnsupportedError
 from ..architectures import match
 from ..io.peft_adapter import load_into, read_adapter
@@ -89,13 +89,15 @@ class Data:
 
 
 def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike | None, tokenizer, *, pad_id: int,
-              config: dict, base: object, max_length: int, seed: int, num_labels: int | None = None) -> Data:
+              config: dict, base: object, max_length: int, seed: int, num_labels: int | None = None,
+              columns: Columns | None = None) -> Data:
     """Read, validate and tokenize the data for `task` (before any model loads).
 
     Args:
         pad_id: the token batches are padded with (`tokenizer.load_tokenizer`).
         config: the base model's config (a classification head it already has fixes the labels).
-        base: the base model's path, for messages. num_labels: --num-labels (classification only).
+        base: the base model's path, for messages. num_labels: --num-labels (classification only; 1: regression,
+            float labels and problem_type "regression"). columns: --text-column, --text-pair-column, --label-column.
 
     Raises:
         FormatError: a bad line, labels of mixed types, or more labels than the head has.
@@ -104,8 +106,9 @@ def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike 
     if num_labels is not None and not task.classifies:
         raise TargetError(f"--num-labels {num_labels}: applies to --task {CLASSIFY} only (this run: {task.name})")
     if task.classifies:
-        rows = read_labeled_jsonl(data)
-        eval_rows = read_labeled_jsonl(eval_data) if eval_data else []
+        regression = num_labels == 1
+        rows = read_labeled(data, columns=columns, regression=regression)
+        eval_rows = read_labeled(eval_data, flag="--eval-data", columns=columns, regression=regression) if eval_data else []
         ids, labels = _labels(rows, eval_rows, data=data, eval_data=eval_data, config=config, base=base,
                               num_labels=num_labels)
         if config.get("pad_token_id") is None:  # decoders classify at the last token that is not padding
@@ -116,9 +119,10 @@ def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike 
     if task.name == "masked-lm":
         if tokenizer.mask_token_id is None:
             raise TargetError(f"--task masked-lm: the tokenizer of {base} has no mask token")
-        load = lambda path, s: load_masked_jsonl(path, tokenizer, max_length=max_length, seed=s)  # noqa: E731
+        load = lambda path, s: load_masked_jsonl(path, tokenizer, max_length=max_length, seed=s,  # noqa: E731
+                                                 columns=columns)
     else:
-        load = lambda path, s: load_jsonl(path, tokenizer, max_length=max_length)  # noqa: E731
+        load = lambda path, s: load_jsonl(path, tokenizer, max_length=max_length, columns=columns)  # noqa: E731
     return Data(load(data, seed), load(eval_data, seed + 1) if eval_data else [],
                 lambda batch: collate(batch, pad_id), None)
 
@@ -133,10 +137,15 @@ def _labels(rows: list[LabeledRow], eval_rows: list[LabeledRow], *, data, eval_d
             raise FormatError(f"{path}:{r.line}: \"label\" is {_kind(r.label)} but {_kind(first.label)} in {data}:"
                               f"{first.line}; use one type for every label")
     head = _head_labels(config)
-    if num_labels is not None and (num_labels < 2 or (head is not None and num_labels != len(head))):
-        raise TargetError(f"--num-labels {num_labels}: " + (f"the base {base} already has a classification head with "
-                                                           f"{len(head)} labels; leave --num-labels out"
-                                                           if head is not None else "a classifier needs at least 2"))
+    if num_labels is not None and head is not None and num_labels != len(head):
+        raise TargetError(f"--num-labels {num_labels}: the base {base} already has a classification head with "
+                          f"{len(head)} labels; leave --num-labels out")
+    if num_labels == 1 or (head is not None and len(head) == 1):  # regression (STS-B): one output, float labels
+        if not isinstance(first.label, float):
+            raise FormatError(f"{data}:{first.line}: label {first.label!r}; a regression head (--num-labels 1) "
+                              "needs numbers")
+        return None, {"num_labels": 1, "id2label": {0: "LABEL_0"}, "label2id": {"LABEL_0": 0},
+                      "problem_type": "regression"}
     size = len(head) if head is not None else num_labels
     whose = f"the classification head of {base}" if head is not None else f"--num-labels {num_labels}"
     if isinstance(first.label, int):
@@ -168,7 +177,7 @@ def _labels(rows: list[LabeledRow], eval_rows: list[LabeledRow], *, data, eval_d
 
 
 def _kind(label) -> str:
-    return "a string" if isinstance(label, str) else "an integer"
+    return "a string" if isinstance(label, str) else "a number" if isinstance(label, float) else "an integer"
 
 
 def _head_labels(config: dict) -> list[str] | None:
@@ -258,9 +267,12 @@ def _heads(model, missing: list[str]) -> list[str]:
 def evaluate(model, task: Task, examples: list, collate_fn: Callable, *, batch_size: int, device: torch.device,
              autocast: bool) -> dict[str, float]:
     """Mean loss over the examples (per token for LMs, per example for classification) and, for classification,
-    accuracy. Leaves the model in train mode."""
+    accuracy, F1 and Matthews correlation, or for regression (one output) Pearson and Spearman correlation
+    (`metrics`). Leaves the model in train mode."""
+    from .metrics import classification_metrics, regression_metrics
+
     model.eval()
-    total, weight, correct = 0.0, 0, 0
+    total, weight, predictions, labels, width = 0.0, 0, [], [], 0
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate_fn(examples[i:i + batch_size]).items()}
@@ -269,10 +281,14 @@ def evaluate(model, task: Task, examples: list, collate_fn: Callable, *, batch_s
             total += float(out.loss) * n
             weight += n
             if task.classifies:
-                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+                width = out.logits.shape[-1]
+                logits = out.logits.float()
+                predictions += (logits[:, 0] if width == 1 else logits.argmax(-1)).tolist()
+                labels += batch["labels"].tolist()
     model.train()
     result = {"eval_loss": total / max(weight, 1)}
     if task.classifies:
-        result["eval_accuracy"] = correct / max(weight, 1)
+        scores = regression_metrics(predictions, labels) if width == 1 else classification_metrics(
+            predictions, labels, width)
+        result.update({f"eval_{k}": v for k, v in scores.items()})
     return result
-

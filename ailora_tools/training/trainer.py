@@ -39,8 +39,10 @@ def train(
             (`decompose --no-residual`; see `TrainOptions.adapter_base`).
         adapter: the initial adapter (e.g. OUT/adapter from decompose); None with `bitfit` (`TrainOptions.bitfit`:
             the base's own bias terms train, written as `bitfit_model.safetensors` + `ailora-bitfit.json`).
-        data: JSONL training file ({"text"}, {"prompt","completion"} or {"messages"} for causal LM; {"text"}
-            for masked LM; {"text", "label"} or {"text_a", "text_b", "label"} for classification).
+        data: training data, JSONL, CSV, TSV, Parquet or a `datasets` directory ({"text"}, {"prompt","completion"}
+            or {"messages"} for causal LM; {"text"} for masked LM; {"text", "label"} or {"text_a", "text_b",
+            "label"} for classification; other column names with `text_column`, `text_pair_column`,
+            `label_column`).
         options: a `TrainOptions` (every field documented there); `settings` replace its fields by name
             (`train(base, adapter, data, out, max_steps=100, lr=1e-4)`).
         resume: continue from the latest checkpoint in `out`. overwrite: start again. progress: a tqdm bar.
@@ -48,7 +50,7 @@ def train(
             manifest then records the warning. Without it that is refused.
 
     Returns:
-        Summary: steps, first and last training loss, eval loss (and accuracy for classification), tokens/s,
+        Summary: steps, first and last training loss, eval loss (and the classification metrics), tokens/s,
         seconds, output path, and with `progressive` each stage's blocks, steps and tokens/s and the fraction
         of updated parameter-steps.
 
