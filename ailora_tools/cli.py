@@ -12,9 +12,7 @@ from typing import NoReturn
 import click
 
 from . import __version__
-from .errors import AiloraError
-from .init import METHODS
-from .options import DecomposeOptions, InitOptions, TrainOptions
+from .console import logged_bars, one_line_warnings
 
 #: compare --metric choices (as analysis.comparison.METRICS, without importing it before torch is needed)
 METRICS = ("auto", "loss", "accuracy", "f1", "matthews", "pearson", "spearman")
@@ -22,6 +20,12 @@ METRICS = ("auto", "loss", "accuracy", "f1", "matthews", "pearson", "spearman")
 # Idle OpenMP threads sleep instead of spinning: the SVDs alternate with copy and hash threads, and on few
 # cores spinning threads take their CPU (about 1.4 CPU-s of 7 on the 1.1B benchmark). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+logged_bars()  # before anything imports tqdm (ailora_tools.init does): it reads its settings from the environment then
+one_line_warnings()
+
+from .errors import AiloraError  # noqa: E402
+from .init import METHODS  # noqa: E402
+from .options import DecomposeOptions, InitOptions, TrainOptions  # noqa: E402
 
 
 def _progress(quiet: bool) -> bool:
@@ -129,6 +133,11 @@ def _output_options(fn):
     ]):
         fn = option(fn)
     return fn
+
+
+#: train, merge, export-gguf: a base whose fingerprints are not those the adapter's manifest records (`manifests`)
+_force_option = click.option("--force", is_flag=True, help="Use this base although its weights are not those the "
+                             "adapter's manifest records (a warning in the output's manifest).")
 
 
 def _rewrite_options(fn):
@@ -300,9 +309,10 @@ def convert(trained, initial, out, max_rank, tolerance, dtype, base, server, max
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output model directory.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="dtype of merged weights (default: as stored).")
 @click.option("--revision", default=None, help="Hub revision of BASE.")
+@_force_option
 @_rewrite_options
 @_fail_cleanly
-def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, as_json, quiet):
+def merge(base, adapter, out, dtype, revision, force, allow_pickle, overwrite, resume, as_json, quiet):
     """Merge ADAPTER into BASE (W + s·B·A in float32), streaming shard by shard.
 
     Under torchrun (as for decompose) rank 0 merges alone: a merged matrix costs less than sending it."""
@@ -310,7 +320,7 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
     from .adapters.merging import merge as run
 
     summary = run(base, adapter, out, dtype=dtype, revision=revision, allow_pickle=allow_pickle, overwrite=overwrite,
-                  resume=resume, progress=_progress(quiet or as_json))
+                  resume=resume, progress=_progress(quiet or as_json), force=force)
     if "worker" not in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
         _print_summary(summary, as_json, f"merged {summary['modules']} modules into {summary['output']}")
 
@@ -329,15 +339,16 @@ def merge(base, adapter, out, dtype, revision, allow_pickle, overwrite, resume, 
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory for the trained adapter.")
 @_from_options(TrainOptions)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT.")
+@_force_option
 @_output_options
 @_fail_cleanly
-def train(base, adapter, data, out, resume, overwrite, as_json, quiet, **settings):
+def train(base, adapter, data, out, resume, force, overwrite, as_json, quiet, **settings):
     """Train the adapter on its frozen base (the residual, or the original model for --no-residual adapters);
     only the LoRA factors learn (and a classification head). --bitfit: only the base's bias terms learn, no adapter."""
     from .training import train as run
 
     summary = run(base, adapter, data, out, TrainOptions.build(**settings), resume=resume, overwrite=overwrite,
-                  progress=_progress(quiet or as_json))
+                  progress=_progress(quiet or as_json), force=force)
     _print_summary(summary, as_json, f"trained {summary['steps']} steps into {summary['output']}")
     if "progressive" in summary and not as_json:
         for s in summary["progressive"]["stages"]:
@@ -394,13 +405,14 @@ def verify(out, no_reconstruction, as_json):
 @click.option("-o", "--out", required=True, type=click.Path(), help="The .gguf file to write.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", help="Tensor type (q8_0 where rows are multiples of 32, else f16).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@_force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_fail_cleanly
-def export_gguf(lora, base, out, outtype, overwrite, as_json):
+def export_gguf(lora, base, out, outtype, overwrite, force, as_json):
     """Export LORA (a PEFT LoRA on the original base) as a llama.cpp LoRA adapter GGUF."""
     from .adapters.gguf_export import export_gguf as run
 
-    summary = run(lora, base, out, outtype=outtype, overwrite=overwrite)
+    summary = run(lora, base, out, outtype=outtype, overwrite=overwrite, force=force)
     _print_summary({k: v for k, v in summary.items() if k != "types"}, as_json, f"wrote {summary['output']}")
 
 

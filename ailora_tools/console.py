@@ -6,11 +6,17 @@ import sys
 import warnings
 
 
-def progress_enabled(quiet: bool) -> bool:
-    """Bars unless --quiet. When stderr is a file or a pipe, bars refresh at most every 30 s, so a long run
-    leaves a few lines in a log instead of thousands of carriage-return updates (tqdm reads TQDM_MININTERVAL)."""
+def logged_bars() -> None:
+    """When stderr is a file or a pipe, bars refresh at most every 30 s, so a long run leaves a few lines in a log
+    instead of thousands of carriage-return updates. tqdm reads TQDM_MININTERVAL once, when it is imported: the
+    command line calls this before anything imports tqdm."""
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_MININTERVAL", "30")
+
+
+def progress_enabled(quiet: bool) -> bool:
+    """Bars unless --quiet (see `logged_bars` for their pace in a log)."""
+    logged_bars()
     return not quiet
 
 
@@ -26,3 +32,18 @@ def quiet_libraries() -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+
+
+def one_line_warnings() -> None:
+    """Print our own warnings (`errors.AiloraWarning`) as `warning: ...` on stderr, once each, without a source line."""
+    from .errors import AiloraWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, AiloraWarning):
+            print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show

@@ -39,3 +39,8 @@ class HubError(AiloraError, ConnectionError):
 
 class RankError(AiloraError):
     """Another rank of a torchrun launch failed while computing its share."""
+
+
+class AiloraWarning(Warning):
+    """Something the user should know about a result that is still written (the CLI prints it as one line);
+    not a UserWarning, so that --quiet, which silences the libraries' warnings, keeps it."""

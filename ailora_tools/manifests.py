@@ -1,11 +1,20 @@
-"""Which base an adapter belongs to, and whether a given model is that base.
+"""Every on-disk output name, its readers, and the identity each output carries: which base an adapter belongs to.
 
 decompose subtracts s·B0·A0 from each target, so its adapter (and every adapter trained from it) applies
 to OUT/residual, not to the original model; plain LoRA adapters and converted ones apply to the original.
-Used on the wrong base, an adapter still loads and gives a model that is off by the initial product: no
-error anywhere, only wrong logits. The manifests say which base is meant (`adapter_base`), and each
-module's manifest entry holds a fingerprint of the source tensor and of the residual (BLAKE3 of their first
-64 KiB), so a model directory is recognised as the original or the residual wherever it was moved.
+Used on the wrong base, an adapter still loads and gives a model that is off: no error anywhere, only wrong
+logits. So every adapter-bearing manifest (decompose's ailora.json, ailora-train.json, ailora-convert.json) holds an
+`applies_to` block:
+
+    {"kind": "residual" | "original", "model": path or Hub id, "samples": {tensor: fingerprint},
+     "original": {"model", "samples"}, "residual": {"model", "samples"} | null}
+
+`model`/`samples` are those of the base the adapter applies to; `original` and `residual` name both bases of the
+decomposition it came from, so that a wrong base is named for what it is. A fingerprint is BLAKE3 of a tensor's
+first 64 KiB as stored: two models of equal shapes (a second random init, another fine-tune) differ in it, so a
+model directory is recognised wherever it was moved, and another model with the same shapes is refused.
+`base_of` reads the block for any adapter directory (older manifests: from decompose's per-module samples);
+`check_base` checks a Checkpoint against it. A PEFT adapter without an ailora-tools manifest is not checked.
 """
 from __future__ import annotations
 
@@ -18,9 +27,9 @@ from .errors import TargetError
 from .io.hashing import bytes_digest
 
 SAMPLE_BYTES = 64 * 1024
-#: every output's manifest, written last (a directory without one is not complete); `verify` knows them all
 DECOMPOSE_MANIFEST, TRAIN_MANIFEST, CONVERT_MANIFEST = "ailora.json", "ailora-train.json", "ailora-convert.json"
 MERGE_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST = "ailora-merge.json", "spectrum.json", "compare.json"
+#: every output's manifest, written last (a directory without one is not complete); `verify` knows them all
 #: `train --bitfit`'s output: trained bias terms (and a classification head), no adapter (`training.bitfit`)
 BITFIT_MANIFEST = "ailora-bitfit.json"
 MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST,
@@ -28,6 +37,8 @@ MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFES
 #: a decompose output's two directories; `convert --dora exact` writes DORA_BASE_DIR and ADAPTER_DIR
 RESIDUAL_DIR, ADAPTER_DIR, DORA_BASE_DIR = "residual", "adapter", "base"
 RESIDUAL, ORIGINAL = "residual", "original"
+#: how many tensors identify a model: the first, the last and evenly spaced ones between
+IDENTITY_TENSORS = 4
 
 
 @dataclass
@@ -40,8 +51,34 @@ class BaseOf:
     method: str | None = None  # decompose's init method
     residual: str | None = None  # where decompose wrote the residual
     original: str | None = None  # the model decompose read
-    #: module -> {"tensor", "source_sample", "residual_sample"}
-    samples: dict[str, dict] = field(default_factory=dict)
+    #: ORIGINAL / RESIDUAL -> {tensor: fingerprint} of that base (empty when unknown)
+    samples: dict[str, dict[str, str]] = field(default_factory=dict)
+    manifest: str | None = None  # the manifest that says so
+
+    @property
+    def model(self) -> str | None:
+        """The base the adapter applies to."""
+        return self.residual if self.kind == RESIDUAL else self.original
+
+    def block(self) -> dict | None:
+        """This identity as the `applies_to` block of a manifest (None when the base is unknown)."""
+        if self.kind is None:
+            return None
+        part = {k: {"model": m, "samples": self.samples.get(k, {})} for k, m in ((ORIGINAL, self.original),
+                                                                                   (RESIDUAL, self.residual))}
+        return {"kind": self.kind, "model": self.model, "samples": self.samples.get(self.kind, {}),
+                "original": part[ORIGINAL], "residual": part[RESIDUAL] if self.residual else None}
+
+    @classmethod
+    def from_block(cls, block: dict, *, root: Path | None = None, **kw) -> "BaseOf":
+        """From an `applies_to` block; a relative model path is relative to `root` (decompose's own residual)."""
+        samples = {k: (block.get(k) or {}).get("samples") or {} for k in (ORIGINAL, RESIDUAL)}
+        samples[block["kind"]] = block.get("samples") or samples[block["kind"]]
+        residual = (block.get(RESIDUAL) or {}).get("model")
+        if residual is not None and root is not None and not Path(residual).is_absolute():
+            residual = str(root / residual)
+        return cls(block["kind"], residual=residual, original=(block.get(ORIGINAL) or {}).get("model"),
+                   samples=samples, **kw)
 
 
 def sample(data) -> str:
@@ -49,65 +86,193 @@ def sample(data) -> str:
     return bytes_digest(memoryview(data)[:SAMPLE_BYTES]).hex()
 
 
-def base_of(adapter: str | os.PathLike) -> BaseOf:
-    """What the manifests beside `adapter` say about its base (decompose's adapter/, a trained or converted one)."""
-    d = Path(adapter)
-    if (d / CONVERT_MANIFEST).is_file():
-        return BaseOf(ORIGINAL)
-    if (d / TRAIN_MANIFEST).is_file():
-        trained = read_manifest(d / TRAIN_MANIFEST)
-        initial = base_of(trained.get("initial_adapter", ""))
-        kind = trained.get("adapter_base", initial.kind)
-        offset = kind == ORIGINAL and trained.get("mode") == "exact" and initial.method not in (None, "lora")
-        return BaseOf(kind, offset, initial.method, initial.residual, initial.original, initial.samples)
-    if (d.parent / DECOMPOSE_MANIFEST).is_file():
-        m = read_manifest(d.parent / DECOMPOSE_MANIFEST)
-        kind = m.get("adapter_base") or (ORIGINAL if m.get("method") == "lora" else RESIDUAL)
-        samples = {k: v for k, v in m.get("modules", {}).items() if "source_sample" in v}
-        return BaseOf(kind, False, m.get("method"), str(d.parent / RESIDUAL_DIR), (m.get("source") or {}).get("model"),
-                      samples)
-    return BaseOf(None)
-
-
 def stored_sample(ckpt, name: str) -> str | None:
     """The fingerprint of tensor `name` as `ckpt` (a Checkpoint) stores it; None if it has no such tensor."""
     info = ckpt.tensors.get(name)
     if info is None:
         return None
-    with open(ckpt.headers[info.file].path, "rb") as f:
-        f.seek(ckpt.headers[info.file].data_start + info.begin)
+    header = ckpt.shard(info.file)  # a Hub shard: once it is here
+    with open(header.path, "rb") as f:
+        f.seek(header.data_start + info.begin)
         return sample(f.read(min(SAMPLE_BYTES, info.nbytes)))
 
 
-def recognise(ckpt, samples: dict[str, dict]) -> str | None:
-    """RESIDUAL or ORIGINAL when `ckpt` holds that model's first fingerprinted tensor, else None."""
-    for stats in samples.values():
-        found = stored_sample(ckpt, stats["tensor"])
-        return {stats["source_sample"]: ORIGINAL, stats.get("residual_sample"): RESIDUAL}.get(found)
+def pick(names) -> list[str]:
+    """The few of `names` (sorted) that identify a model: the first, the last and evenly spaced ones between."""
+    names = sorted(names)
+    if len(names) <= IDENTITY_TENSORS:
+        return names
+    step = (len(names) - 1) / (IDENTITY_TENSORS - 1)
+    return sorted({names[round(i * step)] for i in range(IDENTITY_TENSORS)})
+
+
+def fingerprints(ckpt, tensors=None) -> dict[str, str]:
+    """{tensor: fingerprint} of `tensors` in `ckpt` (default: `pick` among its matrices); absent ones left out."""
+    if tensors is None:
+        tensors = pick(n for n, t in ckpt.tensors.items() if len(t.shape) == 2)
+    found = {t: stored_sample(ckpt, t) for t in tensors}
+    return {t: s for t, s in found.items() if s is not None}
+
+
+def decompose_identity(modules: dict[str, dict], *, original: str, residual: str | None, kind: str) -> dict:
+    """The `applies_to` block of decompose's adapter, from its per-module manifest stats; `residual` relative to the
+    output directory ("residual"), so that the manifest does not depend on where the output lies."""
+    chosen = pick(s["tensor"] for s in modules.values() if "source_sample" in s)
+    by_tensor = {s["tensor"]: s for s in modules.values()}
+    samples = {ORIGINAL: {t: by_tensor[t]["source_sample"] for t in chosen}}
+    if residual is not None:
+        samples[RESIDUAL] = {t: by_tensor[t]["residual_sample"] for t in chosen if "residual_sample" in by_tensor[t]}
+    return BaseOf(kind, residual=residual, original=original, samples=samples).block()
+
+
+def trained_identity(initial: str | os.PathLike, ckpt, kind: str) -> dict:
+    """The `applies_to` block of an adapter trained from `initial` on `ckpt` as base `kind` (RESIDUAL/ORIGINAL):
+    the base it was trained on, with the other base of its decomposition when the initial adapter's manifest
+    names it."""
+    meant = base_of(initial)
+    tensors = list(meant.samples.get(meant.kind or "", {})) or None
+    here = fingerprints(ckpt, tensors)
+    path = ckpt.name_or_path
+    known = meant if meant.kind is not None else BaseOf(kind)
+    samples = {**known.samples, kind: here}
+    original, residual = (path, known.residual) if kind == ORIGINAL else (known.original, path)
+    if kind == ORIGINAL and known.kind == RESIDUAL:  # forced onto another base: the old residual says nothing
+        residual, samples = None, {ORIGINAL: here}
+    return BaseOf(kind, residual=residual, original=original, samples=samples).block()
+
+
+def converted_identity(trained: str | os.PathLike, initial: str | os.PathLike) -> dict | None:
+    """The `applies_to` block of `convert`'s LoRA: the original model of the trained (or initial) adapter."""
+    for source in (trained, initial):
+        meant = base_of(source)
+        if meant.kind is not None and (meant.original or meant.samples.get(ORIGINAL)):
+            return BaseOf(ORIGINAL, original=meant.original, residual=meant.residual,
+                          samples=meant.samples).block()
     return None
 
 
-def check_base(adapter: str | os.PathLike, ckpt, *, flag: str = "--base") -> None:
-    """Refuse to apply `adapter` to `ckpt` when the manifests show it belongs to the other base.
+def base_of(adapter: str | os.PathLike) -> BaseOf:
+    """What the manifests beside `adapter` say about its base (decompose's adapter/, a trained or converted one)."""
+    d = Path(adapter)
+    if (d / CONVERT_MANIFEST).is_file():
+        m = read_manifest(d / CONVERT_MANIFEST)
+        return (BaseOf.from_block(m["applies_to"], manifest=str(d / CONVERT_MANIFEST)) if m.get("applies_to")
+                else BaseOf(ORIGINAL, manifest=str(d / CONVERT_MANIFEST)))
+    if (d / TRAIN_MANIFEST).is_file():
+        trained = read_manifest(d / TRAIN_MANIFEST)
+        initial = base_of(trained.get("initial_adapter", "")) if trained.get("initial_adapter") else BaseOf(None)
+        kind = trained.get("adapter_base", initial.kind)
+        method = trained.get("method", initial.method)
+        offset = kind == ORIGINAL and trained.get("mode") == "exact" and method not in (None, "lora")
+        where = str(d / TRAIN_MANIFEST)
+        if trained.get("applies_to"):
+            return BaseOf.from_block(trained["applies_to"], offset=offset, method=method, manifest=where)
+        return BaseOf(kind, offset, method, initial.residual, initial.original, initial.samples, where)
+    if (d.parent / DECOMPOSE_MANIFEST).is_file():
+        m = read_manifest(d.parent / DECOMPOSE_MANIFEST)
+        where = str(d.parent / DECOMPOSE_MANIFEST)
+        if m.get("applies_to"):
+            return BaseOf.from_block(m["applies_to"], root=d.parent, method=m.get("method"), manifest=where)
+        kind = m.get("adapter_base") or (ORIGINAL if m.get("method") == "lora" else RESIDUAL)
+        stats = [s for s in m.get("modules", {}).values() if "source_sample" in s]
+        samples = {ORIGINAL: {s["tensor"]: s["source_sample"] for s in stats},
+                   RESIDUAL: {s["tensor"]: s["residual_sample"] for s in stats if s.get("residual_sample")}}
+        return BaseOf(kind, False, m.get("method"), str(d.parent / RESIDUAL_DIR), (m.get("source") or {}).get("model"),
+                      samples, where)
+    return BaseOf(None)
+
+
+def recognise(ckpt, meant: BaseOf) -> str | None:
+    """Which base of `meant`'s decomposition `ckpt` is: RESIDUAL, ORIGINAL, or None (neither, or nothing to tell by).
+    Tensor names are matched whatever base model prefix either side carries."""
+    from .architectures import match
+
+    for kind in (meant.kind, ORIGINAL if meant.kind == RESIDUAL else RESIDUAL):
+        recorded = meant.samples.get(kind) or {}
+        names = match(recorded, ckpt.tensors, config=ckpt.config) if recorded else {}
+        if names and all(stored_sample(ckpt, names[t]) == s for t, s in recorded.items() if t in names):
+            return kind
+    return None
+
+
+def base_problem(adapter: str | os.PathLike, ckpt, *, flag: str = "--base") -> str | None:
+    """Why `ckpt` is not the base `adapter` was made for (one line naming both and what to pass), or None when it
+    is, or when nothing records which base that is (a PEFT adapter without an ailora-tools manifest)."""
+    meant = base_of(adapter)
+    if meant.kind is None or not meant.samples.get(meant.kind):
+        return None
+    found = recognise(ckpt, meant)
+    if found == meant.kind:
+        return None
+    if meant.kind == RESIDUAL and found == ORIGINAL:
+        return (f"{adapter} applies to the residual {meant.residual} (decompose subtracted the initial product from "
+                f"the weights), but {flag} {ckpt.source} is the original model: the result would be off by s·B0·A0. "
+                f"Pass {flag} {meant.residual}, or run `ailora-tools convert` first to get a LoRA for the original model")
+    if meant.kind == ORIGINAL and (found == RESIDUAL or _residual_of(ckpt, meant)):
+        return (f"{adapter} applies to the original model {meant.original}, but {flag} {ckpt.source} is a residual "
+                f"decompose wrote from it: pass {flag} {meant.original}")
+    what = describe(ckpt)
+    todo = (f"pass {flag} {meant.model}" + (" (or run `ailora-tools convert` and use the LoRA on the original "
+                                            f"{meant.original})" if meant.kind == RESIDUAL else ""))
+    return (f"{adapter} applies to the {meant.kind} {meant.model}" +
+            (f" of {meant.original}" if meant.kind == RESIDUAL and meant.original else "") +
+            f", but {flag} {ckpt.source} is {what} (its weights differ from the fingerprints {Path(meant.manifest).name} "
+            f"records): {todo}; if it is that model saved again (another dtype or format), pass --force")
+
+
+def check_base(adapter: str | os.PathLike, ckpt, *, flag: str = "--base", force: bool = False) -> str | None:
+    """Refuse to apply `adapter` to `ckpt` unless `ckpt` is the base its manifests record (`base_problem`).
+
+    With `force`, return the problem instead (None when there is none), for a warning in the output's manifest.
 
     Raises:
-        TargetError: naming the adapter, the base given, the base it belongs to, and what to do.
+        TargetError: naming the adapter, the base given, the base it belongs to, and what to pass.
     """
-    meant = base_of(adapter)
-    _refuse_offset(adapter, meant)
-    if meant.kind is None or not meant.samples:
-        return
-    found = recognise(ckpt, meant.samples)
-    if found is None and _decompose_residual(Path(ckpt.root)):  # some other decompose's residual
-        found = RESIDUAL
-    if meant.kind == RESIDUAL and found == ORIGINAL:
-        raise TargetError(
-            f"{adapter} applies to the residual {meant.residual} (decompose subtracted the initial product from the "
-            f"weights), but {flag} {ckpt.source} is the original model: the result would be off by s·B0·A0. Pass "
-            f"{flag} {meant.residual}, or run `ailora-tools convert` first to get a LoRA for the original model")
-    if meant.kind == ORIGINAL and found == RESIDUAL:
-        raise TargetError(f"{adapter} applies to the original model {meant.original}, but {flag} {ckpt.source} is "
-                          f"a residual decompose wrote: pass {flag} {meant.original}")
+    _refuse_offset(adapter, base_of(adapter))
+    problem = base_problem(adapter, ckpt, flag=flag)
+    if problem is not None and not force:
+        raise TargetError(problem)
+    return problem
+
+
+def base_problem_dir(adapter: str | os.PathLike, base: str | os.PathLike, *, flag: str = "--base") -> str | None:
+    """`base_problem` for a base given as a directory that may hold only config.json (llama.cpp, serving checks):
+    its weights are checked when it has them."""
+    from .io.checkpoint import Checkpoint
+
+    d = Path(base)
+    if not (d.is_dir() and any(d.glob("*.safetensors"))):
+        return None
+    return base_problem(adapter, Checkpoint.open(d), flag=flag)
+
+
+def check_base_dir(adapter: str | os.PathLike, base: str | os.PathLike, *, flag: str = "--base",
+                   force: bool = False) -> str | None:
+    """`check_base` for a base directory that may hold only config.json (`base_problem_dir`)."""
+    problem = base_problem_dir(adapter, base, flag=flag)
+    if problem is not None and not force:
+        raise TargetError(problem)
+    return problem
+
+
+def describe(ckpt) -> str:
+    """What a checkpoint is, for messages: a residual decompose wrote (and from which model), or another model."""
+    root = Path(ckpt.root)
+    if root.name == RESIDUAL_DIR and (root.parent / DECOMPOSE_MANIFEST).is_file():
+        source = (read_manifest(root.parent / DECOMPOSE_MANIFEST).get("source") or {}).get("model")
+        return f"the residual of another decomposition (of {source})"
+    return "another model"
+
+
+def _residual_of(ckpt, meant: BaseOf) -> bool:
+    """Whether `ckpt` is a residual some decompose wrote from `meant`'s original model."""
+    root = Path(ckpt.root)
+    if root.name != RESIDUAL_DIR or not (root.parent / DECOMPOSE_MANIFEST).is_file():
+        return False
+    theirs = base_of(root.parent / ADAPTER_DIR).samples.get(ORIGINAL) or {}
+    ours = meant.samples.get(ORIGINAL) or {}
+    common = set(theirs) & set(ours)
+    return bool(common) and all(theirs[t] == ours[t] for t in common)
 
 
 def require_original(adapter: str | os.PathLike, what: str) -> None:
@@ -123,10 +288,6 @@ def require_original(adapter: str | os.PathLike, what: str) -> None:
                           f"uses: run `ailora-tools convert --trained {adapter} -o LORA` and use LORA")
 
 
-def _decompose_residual(root: Path) -> bool:
-    return root.name == RESIDUAL_DIR and read_manifest(root.parent / DECOMPOSE_MANIFEST).get("adapter_base", RESIDUAL) == RESIDUAL
-
-
 def _refuse_offset(adapter, meant: BaseOf) -> None:
     if meant.offset:
         raise TargetError(f"{adapter} was trained on the original weights with the initial product s·B0·A0 "
@@ -137,6 +298,40 @@ def _refuse_offset(adapter, meant: BaseOf) -> None:
 def read_manifest(path: str | os.PathLike) -> dict:
     """A manifest's JSON, or {} when the file is missing or unreadable."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def adapter_digest(adapter: str | os.PathLike) -> str | None:
+    """The digest of an adapter directory's weights file (None without one): an adapter recognised when copied."""
+    from .io.hashing import file_digest
+
+    weights = Path(adapter) / "adapter_model.safetensors"
+    return file_digest(weights) if weights.is_file() else None
+
+
+def input_digest(path: str | os.PathLike) -> str:
+    """The digest of a data input: a file's (`file_digest`), or for a directory (a saved dataset) BLAKE3 of its
+    files' relative paths and digests."""
+    from .io.hashing import file_digest
+
+    p = Path(path)
+    if not p.is_dir():
+        return file_digest(p)
+    parts = "".join(f"{f.relative_to(p)}\0{file_digest(f)}\n" for f in sorted(p.rglob("*")) if f.is_file())
+    return "blake3-dir:" + bytes_digest(parts.encode()).hex()
+
+
+def train_identity(adapter, ckpt, kind: str, data, eval_data=None, warning: str | None = None) -> dict:
+    """What ailora-train.json records of a run's identity: `applies_to` (`trained_identity`), `inputs` (the
+    digests of the initial adapter's weights and of the data files, which `--resume` and `convert` compare), and
+    the warning of a forced base."""
+    inputs = {**({"--adapter": adapter_digest(adapter)} if adapter is not None else {}), "--data": input_digest(data),
+              **({"--eval-data": input_digest(eval_data)} if eval_data is not None else {})}
+    if adapter is None:  # BitFit: the trained biases belong to the model they were trained in
+        identity = BaseOf(ORIGINAL, original=ckpt.name_or_path, samples={ORIGINAL: fingerprints(ckpt)}).block()
+    else:
+        identity = trained_identity(adapter, ckpt, kind)
+    return {"applies_to": identity, "inputs": inputs,
+            **({"warnings": [f"--force: {warning}"]} if warning else {})}

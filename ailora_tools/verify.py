@@ -14,11 +14,11 @@ from .io.tensorio import read_header, read_tensor
 from .manifests import ADAPTER_DIR, DECOMPOSE_MANIFEST, MANIFESTS, RESIDUAL_DIR
 
 
-
 def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
     """Return {"manifest", "files_checked", "modules_checked", "problems": [...], "notes": [...]}.
 
-    An empty `problems` list means the directory is complete and intact.
+    Every output below `path` is checked too (a compare's runs, a folder of outputs such as the demo's), each
+    problem prefixed with its directory. An empty `problems` list means everything there is complete and intact.
 
     Raises:
         InputNotFoundError: `path` is not a directory.
@@ -30,24 +30,33 @@ def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
     root = Path(path)
     if not root.is_dir():
         raise InputNotFoundError(f"{root}: no such output directory")
+    report = _verify_one(root, reconstruction, top=True)
+    subs = sorted({p.parent for m in MANIFESTS for p in root.rglob(m)} - {root})
+    subs = [d for d in subs if not any(part.startswith(".") for part in d.relative_to(root).parts)]
+    if report["manifest"] is None and subs:  # a folder of outputs, e.g. the demo's
+        report["problems"] = [p for p in report["problems"] if not p.startswith("no manifest")]
+    for sub in subs:
+        part = _verify_one(sub, reconstruction)
+        for key in ("files_checked", "modules_checked"):
+            report[key] += part[key]
+        for key in ("problems", "notes"):
+            report[key] += [f"{sub.relative_to(root)}: {line}" for line in part[key]]
+    if subs:
+        inner = f"{len(subs)} outputs below ({', '.join(str(d.relative_to(root)) for d in subs)})"
+        report["manifest"] = f"{report['manifest']} and {inner}" if report["manifest"] else inner
+    return report
+
+
+def _verify_one(root: Path, reconstruction: bool, top: bool = False) -> dict:
+    """One output directory: its own manifest and the files it records (and, `top`, unfinished files below it)."""
     report = {"path": str(root), "manifest": None, "files_checked": 0, "modules_checked": 0, "problems": [], "notes": []}
     problems = report["problems"]
-    leftovers = sorted(str(p.relative_to(root)) for p in root.rglob(".*.partial"))
+    leftovers = sorted(str(p.relative_to(root)) for p in root.rglob(".*.partial")) if top else []
     if leftovers:
         problems.append(f"unfinished files from an interrupted run: {', '.join(leftovers[:5])}")
     if (root / JOURNAL_NAME).is_file():
         problems.append("an interrupted run's journal is present: rerun the same command with --resume")
     found = [m for m in MANIFESTS if (root / m).is_file()]
-    subs = sorted(p for p in root.iterdir() if p.is_dir() and any((p / m).is_file() for m in MANIFESTS))
-    if not found and subs:  # a folder of outputs, e.g. the demo's: verify each
-        for sub in subs:
-            part = verify(sub, reconstruction=reconstruction)
-            for key in ("files_checked", "modules_checked"):
-                report[key] += part[key]
-            for key in ("problems", "notes"):
-                report[key] += [f"{sub.name}: {line}" for line in part[key]]
-        report["manifest"] = f"{len(subs)} outputs ({', '.join(p.name for p in subs)})"
-        return report
     if not found:
         problems.append(f"no manifest ({' / '.join(MANIFESTS)}): not an ailora-tools output directory, or its run "
                         "has not finished")

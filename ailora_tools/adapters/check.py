@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import InputNotFoundError, NumericsError, OptionError
 from ..io.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from ..manifests import RESIDUAL, base_of
+from ..manifests import RESIDUAL, base_of, base_problem_dir
 
 #: linear modules vLLM serves LoRA on for Llama-, Mistral- and Qwen2-style models
 VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
@@ -62,14 +62,18 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
     if cfg.get("peft_type") != "LORA":
         found.append(Finding("peft_type", f"peft_type is {cfg.get('peft_type')!r}", "only LoRA adapters are supported"))
         return found
+    meant = base_of(d)  # a residual adapter is sent to convert below; any other is checked against --base
+    if base is not None and (target == "peft" or not (meant.offset or meant.kind == RESIDUAL)) and (
+            problem := base_problem_dir(d, base)) is not None:  # the fingerprints (`manifests`)
+        found.append(Finding("base", problem, "the adapter was made for another model (see above)"))
     if target == "peft":
-        found = [f for f in refusals(d, cfg, None, server="vllm") if f.rule == "bias"]
+        found += [f for f in refusals(d, cfg, None, server="vllm") if f.rule == "bias"]
         return found + _peft_load(d, cfg, base)
     export = f"ailora-tools convert --trained {d} --for {target}" + (" --base BASE" if target == "llama.cpp" else "")
-    if base_of(d).offset:
+    if meant.offset:
         found.append(Finding("base", "trained in exact mode: the initial product is not in the adapter",
                              f"run `{export} -o LORA` and serve LORA"))
-    elif base_of(d).kind == RESIDUAL:
+    elif meant.kind == RESIDUAL:
         found.append(Finding("base", "the adapter applies to decompose's residual, not to the original model a server "
                              "loads", f"run `{export} -o LORA` and serve LORA"))
     adapter = read_adapter(d, strict=False)

@@ -26,17 +26,38 @@ from ..architectures import match
 from ..options import at_least, choice
 from ..io.output import OutputDir
 from ..io.peft_adapter import CONFIG_NAME, Adapter, lora_config, read_adapter, write_adapter
-from ..manifests import BITFIT_MANIFEST, CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST, read_manifest
+from ..manifests import (BITFIT_MANIFEST, CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST, adapter_digest,
+                         converted_identity, read_manifest)
 from ..io.tensorio import DTYPE_FLAGS, torch_dtype
 
 
 
-def initial_adapter_of(trained: Path) -> Path:
-    """The initial adapter a trained adapter started from, as its training manifest records."""
+def initial_adapter_of(trained: Path, given: str | os.PathLike | None = None) -> Path:
+    """The initial adapter a trained adapter started from, as its training manifest records; `given` (--initial)
+    only where no manifest names one, or where it holds the same weights (a copy).
+
+    Raises:
+        InputNotFoundError: no manifest and no `given`; the recorded adapter is gone and none is given.
+        OptionError: `given` is another adapter than the recorded one, or the recorded one changed since training.
+    """
     manifest = Path(trained) / TRAIN_MANIFEST
     if not manifest.is_file():
-        raise InputNotFoundError(f"{trained}: no {TRAIN_MANIFEST} naming the initial adapter; pass --initial")
-    return Path(json.loads(manifest.read_text())["initial_adapter"])
+        if given is None:
+            raise InputNotFoundError(f"{trained}: no {TRAIN_MANIFEST} naming the initial adapter; pass --initial")
+        return Path(given)
+    m = json.loads(manifest.read_text())
+    recorded, digest = Path(m["initial_adapter"]), (m.get("inputs") or {}).get("--adapter")
+    if given is None or Path(given).resolve() == recorded.resolve():
+        if digest and recorded.is_dir() and adapter_digest(recorded) != digest:
+            raise OptionError(f"{trained}: the initial adapter {recorded} its {TRAIN_MANIFEST} names changed since "
+                              "training (its weights differ from the recorded digest); pass --initial with the adapter "
+                              "training started from")
+        return recorded
+    if digest is not None and adapter_digest(given) == digest:
+        return Path(given)  # the recorded adapter, copied or moved
+    raise OptionError(f"--initial {given}: {trained} was trained from {recorded} ({TRAIN_MANIFEST})" +
+                      (", whose weights differ from these" if digest else "") +
+                      "; drop --initial to use the recorded one, or pass a copy of it")
 
 
 def original_base_of(initial: Path) -> str | None:
@@ -115,7 +136,8 @@ def convert(
     Args:
         trained: adapter trained on the residual (ours, or from PEFT's PiSSA workflow).
         out: output directory for the standard LoRA.
-        initial: the initial adapter (default: the one the trained adapter's manifest names).
+        initial: the initial adapter, for a trained adapter without ailora-train.json (its manifest names it;
+            another one than that is refused, a copy of it accepted).
         max_rank: re-compress every module to at most this rank; errors are reported.
         tolerance: fail if any module's relative Frobenius error exceeds it.
         dtype: float32, float16 or bfloat16 for the saved factors.
@@ -158,7 +180,7 @@ def convert(
 
         return export_for(trained, out, server=server, max_lora_rank=max_lora_rank, max_rank=max_rank,
                           tolerance=tolerance, dtype=dtype, base=base, overwrite=overwrite)
-    initial = Path(initial) if initial is not None else initial_adapter_of(trained)
+    initial = initial_adapter_of(trained, initial)
     init_ad, tr_ad, task = read_adapter(initial), read_adapter(trained), task_record(trained)
     pairs, scale, unchanged = delta_factors(init_ad, tr_ad, prefix=(task or {}).get("base_model_prefix"),
                                             config=_model_config(init_ad))
@@ -210,7 +232,7 @@ def convert(
         summary["check"] = summary["vllm_check"] = [str(f) for f in check_adapter(
             od.path, target=server or "vllm", max_lora_rank=summary["vllm_max_lora_rank"] or VLLM_MAX_LORA_RANKS[-1],
             base=config["base_model_name_or_path"])]
-        od.write_manifest(CONVERT_MANIFEST, {**summary, "task": task,
+        od.write_manifest(CONVERT_MANIFEST, {**summary, "task": task, "applies_to": converted_identity(trained, initial),
                                              "files": {"output": {p.name: file_digest(p) for p in written}}})
     return summary
 

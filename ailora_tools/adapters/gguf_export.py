@@ -19,7 +19,7 @@ import torch
 
 from ..errors import InputNotFoundError, OutputError, UnsupportedError
 from ..io.peft_adapter import Adapter, read_adapter
-from ..manifests import require_original
+from ..manifests import check_base_dir, require_original
 
 #: HF model_type -> (gguf architecture name, whether q/k rows are permuted)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -72,7 +72,7 @@ def gguf_tensors(adapter: Adapter, config: dict) -> tuple[str, float, dict[str, 
 
 
 def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "f32",
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, force: bool = False) -> dict:
     """Write a llama.cpp LoRA GGUF for `lora` on `base` (only the base's config.json is read).
 
     Args:
@@ -80,6 +80,7 @@ def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.
         base: the original base model directory.
         out: the .gguf file to write (beside, then renamed).
         outtype: f32, f16, bf16 or q8_0 (q8_0 needs rows that are multiples of 32; other tensors stay f16).
+        force: export although `base` holds weights that are not the model the adapter's manifests record.
 
     Returns:
         Summary: architecture, alpha, tensors, type of each, and the tensors q8_0 could not take.
@@ -92,6 +93,7 @@ def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.
     if outtype not in OUTTYPES:
         raise UnsupportedError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     require_original(lora, "llama.cpp")
+    warning = check_base_dir(lora, base, flag="--base", force=force)
     cfg_path = Path(base) / "config.json"
     if not cfg_path.is_file():
         raise InputNotFoundError(f"--base {base}: no config.json; pass the original base model directory")
@@ -131,6 +133,6 @@ def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.
         tmp.unlink(missing_ok=True)
         raise
     return {"output": str(out.absolute()), "architecture": arch, "alpha": alpha, "tensors": len(tensors),
-            "outtype": outtype, "types": types, "not_quantized": unquantized,
+            "outtype": outtype, "types": types, "not_quantized": unquantized, "warning": warning,
             "note": (f"q8_0 needs rows that are multiples of 32: {len(unquantized)} tensors (row length = rank "
                      "for lora_b) were written as f16" if unquantized else "")}

@@ -32,7 +32,7 @@ from ..errors import TargetError, UnsupportedError
 from ..architectures import CLASSIFY, base_model_prefix, match, saved_task
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, read_adapter
-from ..manifests import MERGE_MANIFEST, check_base
+from ..manifests import MERGE_MANIFEST, base_of, check_base, fingerprints
 from ..training.bitfit import is_bitfit, read_bitfit
 from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
@@ -42,7 +42,7 @@ from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 def merge(
     base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
     revision: str | None = None, allow_pickle: bool = False, overwrite: bool = False, resume: bool = False,
-    progress: bool = True,
+    progress: bool = True, force: bool = False,
 ) -> dict:
     """Write OUT as a complete HF model directory with the adapter merged into the base.
 
@@ -52,6 +52,7 @@ def merge(
         out: output model directory.
         dtype: float32, float16 or bfloat16 for the merged weights (default: as stored).
         revision, allow_pickle, overwrite, resume, progress: as for `decompose`.
+        force: merge although `base` is not the model the adapter's manifests record (a warning in the manifest).
 
     Returns:
         Summary: modules merged, largest |ΔW|, output path, seconds; on ranks ≥ 1 of a torchrun launch, which
@@ -71,7 +72,7 @@ def merge(
     ckpt = Checkpoint.open(base, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
     tensors = ckpt.tensors
     weights = lora.check_fits(tensors, adapter=adapter, base=base, config=ckpt.config)
-    check_base(adapter, ckpt, flag="BASE")
+    warning = check_base(adapter, ckpt, flag="BASE", force=force)
     module_of = {w: m for m, w in weights.items()}
     out_dtype = DTYPE_FLAGS.get(dtype)
     heads, added, renamed, config = _head(lora, ckpt, adapter, base, out_dtype or (
@@ -87,7 +88,8 @@ def merge(
     for names in plan.values():
         names.sort(key=lambda n: tensors[n].begin)
     settings = {"tool": __version__, "command": "merge", "base": ckpt.describe(), "adapter": str(adapter),
-                "adapter_config": lora.config, "dtype": dtype}
+                "adapter_config": lora.config, "dtype": dtype, "base_samples": fingerprints(ckpt),
+                "applies_to": base_of(adapter).block(), **({"warnings": [f"--force: {warning}"]} if warning else {})}
 
     def compute(info: TensorInfo, W: torch.Tensor) -> Replaced:
         target = torch_dtype(out_dtype) if out_dtype else W.dtype

@@ -28,7 +28,7 @@ from ..io.hashing import file_digest
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
 from ..io.tensorio import DTYPE_FLAGS, torch_dtype
-from ..manifests import CONVERT_MANIFEST, require_original
+from ..manifests import CONVERT_MANIFEST, base_of, check_base_dir, require_original
 from ..options import at_least, choice
 from ..training.bitfit import is_bitfit
 from .check import VLLM_MAX_LORA_RANKS, VLLM_MODULES, Finding, check_adapter, vllm_max_lora_rank
@@ -205,6 +205,7 @@ def export_for(adapter: str | os.PathLike, out: str | os.PathLike, *, server: st
                           "applies to its residual, not to the original model; run `ailora-tools convert --trained "
                           f"{d} --initial INITIAL --for {server} -o LORA` (INITIAL: the adapter training started from)")
     if base is not None:
+        check_base_dir(d, base, flag="--base")  # the model the manifest records, when --base holds weights
         lora.config["base_model_name_or_path"] = str(Path(base).absolute()) if Path(base).is_dir() else base
     served, report = serve_rules(lora, server=server, source=d, max_lora_rank=max_lora_rank, max_rank=max_rank,
                                  tolerance=tolerance)
@@ -216,5 +217,6 @@ def export_for(adapter: str | os.PathLike, out: str | os.PathLike, *, server: st
         summary["check_for"] = server
         summary["check"] = [str(f) for f in check_adapter(od.path, target=server, base=where,
                                                           max_lora_rank=max_lora_rank or report["rank"])]
-        od.write_manifest(CONVERT_MANIFEST, {**summary, "files": {"output": {p.name: file_digest(p) for p in written}}})
+        od.write_manifest(CONVERT_MANIFEST, {**summary, "applies_to": base_of(d).block(),
+                                             "files": {"output": {p.name: file_digest(p) for p in written}}})
     return summary

@@ -23,7 +23,6 @@ from ..architectures import CAUSAL_LM
 from .. import __version__
 from ..io.checkpoint import Checkpoint
 from ..errors import OptionError
-from ..manifests import COMPARE_MANIFEST
 from ..io.hashing import file_digest
 from ..io.examples import check_rows
 from ..init import METHODS
@@ -31,6 +30,7 @@ from ..io.output import JOURNAL_NAME, OutputDir
 from ..options import DecomposeOptions, InitOptions, TrainOptions, check
 from ..training.metrics import CLASSIFICATION, HIGHER_IS_BETTER, REGRESSION, better
 from ..init.targets import architecture, assign_roles, linear_modules
+from ..manifests import COMPARE_MANIFEST, fingerprints, input_digest
 
 REPORT_NAME = "compare.md"
 PLOT_TRAIN, PLOT_EVAL = "train_loss.png", "eval_loss.png"
@@ -159,13 +159,17 @@ def compare(
     settings = {"tool": __version__, "model": str(model), "source": ckpt.describe(), "data": str(Path(data).absolute()),
                 "revision": revision, **shared, **asdict(train_o),
                 "eval_data": str(Path(train_o.eval_data).absolute()) if train_o.eval_data is not None else None,
-                "seeds": seeds, "lrs": lrs}
+                "seeds": seeds, "lrs": lrs,
+                # what the runs were made from: the model's fingerprints and the data's digests (--resume)
+                "source_samples": fingerprints(ckpt),
+                "inputs": {"--data": input_digest(data),
+                           "--eval-data": input_digest(train_o.eval_data) if train_o.eval_data else None}}
     records = []
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
         bar = tqdm(runs, desc="compare", unit="run", disable=not progress)
         for method, k, lr, seed in runs:
             name = run_name(method, k, lr if len(lrs[method]) > 1 else None, seed if len(seeds or ()) > 1 else None)
-            bar.set_postfix(run=name)
+            bar.set_postfix(run=name, refresh=False)
             if (done := od.finished(name)) is not None:
                 records.append(done)
                 bar.update(1)

@@ -25,7 +25,7 @@ from ..errors import NumericsError, UnsupportedError
 from ..manifests import SPECTRUM_MANIFEST, TRAIN_MANIFEST
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
-from ..init.targets import architecture, linear_modules, matches, resolve_targets
+from ..init.targets import architecture, linear_modules, matches, resolve_targets, target_names
 from ..io.tensorio import FLOAT_DTYPES
 
 SPECTRA_NAME = "spectra.safetensors"
@@ -68,7 +68,7 @@ def spectrum(
     started = time.perf_counter()
     ckpt = Checkpoint.open(model, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
     weights = linear_modules(ckpt.tensors)
-    resolved = resolve_targets(list(targets), list(weights), architecture(ckpt.config))
+    resolved = resolve_targets(target_names(targets), list(weights), architecture(ckpt.config))
     modules: dict[str, str] = {}  # module -> the target asked for (the stored name when two resolve to one)
     for t, name in resolved.items():
         for m in weights:

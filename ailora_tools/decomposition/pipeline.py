@@ -24,7 +24,8 @@ from ..options import DecomposeOptions
 from ..io.output import OutputDir
 from ..io.rewrite import Hashes, Replaced, pending, rewrite_checkpoint
 from ..init.targets import architecture, assign_roles, is_transposed, linear_modules
-from ..manifests import ADAPTER_DIR, DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, RESIDUAL_DIR, sample, stored_sample
+from ..manifests import (ADAPTER_DIR, DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, RESIDUAL_DIR, decompose_identity, sample,
+                         stored_sample)
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor, tensor_bytes
 
 
@@ -145,7 +146,10 @@ def decompose(
             "worst_recon_max_abs": max((s.get("recon_max_abs", 0.0) for s in stats.values()), default=0.0),
         }
         od.write_manifest(DECOMPOSE_MANIFEST, {**settings, "svd": {**settings["svd"], "ran_on": ran_on}, "options": asdict(o),
-                                          "files": hashes.result(), "modules": dict(sorted(stats.items()))})
+                                           "files": hashes.result(), "modules": dict(sorted(stats.items())),
+                                           "applies_to": decompose_identity(stats, original=ckpt.name_or_path, residual=(
+                                               RESIDUAL_DIR if settings["adapter_base"] == RESIDUAL else None),
+                                               kind=settings["adapter_base"])})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 

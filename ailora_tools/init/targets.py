@@ -72,12 +72,22 @@ def matches(module: str, target: str) -> bool:
     return module == target or module.endswith("." + target)
 
 
+def target_names(targets) -> list[str]:
+    """Module-name suffixes as a list: a string is comma-separated ("q_proj,v_proj"), blanks dropped."""
+    if isinstance(targets, str):
+        targets = targets.split(",")
+    return [t.strip() for t in targets if t.strip()]
+
+
 def resolve_targets(targets: list[str], modules: list[str], arch: Architecture) -> dict[str, str]:
     """Map each requested target to the name it has in this model (aliases applied).
 
     Raises:
         TargetError: a target matches no module; the message lists the module names that exist.
     """
+    if not targets:
+        raise TargetError("--targets: no module names given; pass comma-separated module-name suffixes, e.g. "
+                          "--targets q_proj,v_proj")
     resolved = {}
     for t in targets:
         name = t if any(matches(m, t) for m in modules) else arch.aliases.get(t, t)

@@ -51,6 +51,8 @@ class OutputDir:
         self._lock_fd: int | None = None
 
     def __enter__(self) -> "OutputDir":
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputError(f"-o {self.path}: is a file, but the output is a directory; choose a directory path")
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.path / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
         try:
@@ -72,12 +74,25 @@ class OutputDir:
         journal = self._read_journal()
         if self.resume and journal:
             if journal.get("settings") != self.settings:
-                changed = sorted(k for k in set(self.settings) | set(journal.get("settings", {}))
-                                 if self.settings.get(k) != journal.get("settings", {}).get(k))
+                before = journal.get("settings", {})
+                changed = sorted(k for k in set(self.settings) | set(before) if self.settings.get(k) != before.get(k))
+                files = self.settings.get("inputs") or {}
+                moved = sorted(f for f in files if (before.get("inputs") or {}).get(f) != files[f])
+                if moved:  # "inputs": flag -> digest of a file the run reads (train's data)
+                    raise OutputError(f"--resume: {', '.join(moved)} changed since the run in {self.path} began (its "
+                                      "content differs from the one recorded): restore the file, or start again "
+                                      "with --overwrite")
                 raise OutputError(f"--resume: the run in {self.path} used other settings ({', '.join(changed)}); "
                                   "rerun with the same ones, or use --overwrite to start again")
             self.done = journal.get("done", {})
             return
+        if self.resume and not journal and existing:
+            from ..manifests import MANIFESTS
+
+            done = [m for m in MANIFESTS if (self.path / m).is_file()]
+            if done:
+                raise OutputError(f"--resume: the run in {self.path} is complete ({done[0]} is written); there is "
+                                  "nothing to resume: use it as it is, or pass --overwrite to run it again")
         if existing and not self.overwrite:
             hint = "--resume to finish the interrupted run there, " if journal else ""
             raise OutputError(f"-o {self.path}: exists and is not empty; pass {hint}--overwrite to replace it, "

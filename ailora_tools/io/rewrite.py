@@ -139,7 +139,7 @@ def rewrite_checkpoint(
                 if s not in jobs and (s == shard or ckpt.ready(s)):  # a Hub shard waits only when it is this one
                     jobs[s] = _start(ckpt.shard(s), od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier,
                                      added if s == last else {}, renamed)
-            bar.set_description(f"{desc} {shard}".strip())
+            bar.set_description(f"{desc} {shard}".strip(), refresh=False)
             job = jobs[shard]
             source = hashes.add("source", shard, job.header.path)
             with open(job.header.path, "rb") as src:

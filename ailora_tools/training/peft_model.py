@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from ..errors import NumericsError, UnsupportedError
+import re
+
+from ..errors import AiloraError, NumericsError, UnsupportedError
 from ..init.dora import magnitude
 from ..options import InitOptions
 from ..init import Job, Settings, get_method, lora_scale
@@ -55,13 +57,27 @@ def get_ailora_model(
         >>> model = get_ailora_model(model, method="ailora", rank=16)  # doctest: +SKIP
         >>> Trainer(model=model, args=args, train_dataset=ds).train()  # doctest: +SKIP
     """
+    try:
+        return _wrap(model, options, settings, lora_dropout=lora_dropout, adapter_name=adapter_name, progress=progress)
+    except AiloraError as e:  # the checks are shared with the commands: name the arguments, not the flags
+        e.args = (re.sub(r"--(role|[a-z]+(?:-[a-z]+)*)\b",
+                         lambda m: "roles" if m[1] == "role" else m[1].replace("-", "_"), str(e)),)
+        raise
+
+
+def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: str, progress: bool):
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers.pytorch_utils import Conv1D
 
     from ..architectures import peft_task_type
     from ..devices import resolve_device
 
+    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise UnsupportedError(f"{type(model).__name__} already holds PEFT adapter layers; pass the plain "
+                               "transformers model (before get_peft_model / get_ailora_model, or after "
+                               "merge_and_unload())")
     o = InitOptions.build(options, **settings)
     method, rank, alpha, rslora = o.method, o.rank, o.lora_alpha, o.rslora
     init = get_method(method)
@@ -79,8 +95,11 @@ def get_ailora_model(
     _check_weights(model, {m: layers[m].weight for m in role_of}, role_of, rank)
     suffixes = sorted({m.rsplit(".", 1)[-1] for m in role_of})
     exact = {m for m in layers if any(matches(m, s) for s in suffixes)} == set(role_of)
+    task = peft_task_type(config) or peft_task_type({"architectures": [type(model).__name__]})  # from a config: no
+    heads = [n for n in ("classifier", "score") if task == "SEQ_CLS" and hasattr(model, n)]  # architectures yet
     lora = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=suffixes if exact else sorted(role_of),
-                      lora_dropout=lora_dropout, bias="none", init_lora_weights=True, task_type=peft_task_type(config),
+                      lora_dropout=lora_dropout, bias="none", init_lora_weights=True, task_type=task,
+                      modules_to_save=heads or None,
                       fan_in_fan_out=any(is_transposed(m, arch) for m in role_of), use_dora=o.dora)
     peft_model = get_peft_model(model, lora, adapter_name=adapter_name)
     params = Settings(rank, lora_scale(rank, alpha, rslora), o.svd, o.niter, o.oversample, o.seed)

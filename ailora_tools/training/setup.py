@@ -20,7 +20,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.examples import check_rows
 from ..io.peft_adapter import Adapter, read_adapter
 from ..io.tokenizer import load_tokenizer
-from ..manifests import check_base
+from ..manifests import check_base, train_identity
 from ..options import TrainOptions
 from .bitfit import BitFit, check_bitfit, load_bitfit_model
 from .exact_mode import resolve_adapter_base, subtract_initial
@@ -62,8 +62,10 @@ def check(base: str | os.PathLike, data: str | os.PathLike, o: TrainOptions) -> 
     return ckpt, task
 
 
-def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: str | os.PathLike, o: TrainOptions) -> Run:
-    """Check everything, then load the model with the initial adapter, the data, the optimizer and the schedule."""
+def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: str | os.PathLike, o: TrainOptions, *,
+            force: bool = False) -> Run:
+    """Check everything, then load the model with the initial adapter, the data, the optimizer and the schedule.
+    `force`: train although `base` is not the model the adapter's manifests record (a warning in the manifest)."""
     ckpt, task = check(base, data, o)
     from transformers import get_scheduler
 
@@ -71,12 +73,12 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
     autocast = dev.type == "cuda" and o.dtype in ("auto", "bfloat16")
     if o.bitfit or adapter is None:  # BitFit: the base's own bias terms train, no adapter (`bitfit`)
         check_bitfit(ckpt, base=base, adapter=adapter, bitfit=o.bitfit, progressive=o.progressive)
-        initial, mode = None, None
+        initial, mode, warning = None, None, None
     else:
         initial = read_adapter(adapter, dora=True)
         initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config)
         mode = resolve_adapter_base(o.adapter_base, adapter)
-        check_base(adapter, ckpt, flag="--base")
+        warning = check_base(adapter, ckpt, flag="--base", force=force)
     tok, pad_id = load_tokenizer(o.tokenizer or base, flag="--tokenizer" if o.tokenizer else "--base")
     ds = load_data(task, data, o.eval_data, tok, pad_id=pad_id, config=ckpt.config, base=base,
                    max_length=o.max_length, seed=o.seed, num_labels=o.num_labels, columns=o.columns)
@@ -89,7 +91,7 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
                 "dtype": o.dtype, "tokenizer": o.tokenizer, "progressive": o.progressive,
                 # "residual": trained as base + s·B·A; "original": as base + s(B·A − B0·A0), what convert writes
                 "adapter_base": mode, "mode": "bitfit" if o.bitfit else "exact" if mode == "original" else "residual",
-                "task": task.name, "labels": ds.labels}
+                "task": task.name, "labels": ds.labels, **train_identity(adapter, ckpt, mode, data, o.eval_data, warning)}
     torch.manual_seed(o.seed)  # a new classification head is initialised from it
     # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
     frozen = torch.bfloat16 if autocast else torch.float32

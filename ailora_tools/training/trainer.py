@@ -30,7 +30,7 @@ __all__ = ["train", "CKPT_DIR"]
 def train(
     base: str | os.PathLike, adapter: str | os.PathLike | None, data: str | os.PathLike, out: str | os.PathLike,
     options: TrainOptions | None = None, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-    **settings,
+    force: bool = False, **settings,
 ) -> dict:
     """Train `adapter` on the frozen `base` and write a PEFT adapter directory to `out`.
 
@@ -46,6 +46,8 @@ def train(
         options: a `TrainOptions` (every field documented there); `settings` replace its fields by name
             (`train(base, adapter, data, out, max_steps=100, lr=1e-4)`).
         resume: continue from the latest checkpoint in `out`. overwrite: start again. progress: a tqdm bar.
+        force: train although `base` is not the model the adapter's manifests record (fingerprints); the
+            manifest then records the warning. Without it that is refused.
 
     Returns:
         Summary: steps, first and last training loss, eval loss (and the classification metrics), tokens/s,
@@ -61,7 +63,7 @@ def train(
     # ---- setup: every option, file and data row checked before the model loads ----------------------
     started = time.perf_counter()
     o = TrainOptions.build(options, **settings)
-    run = prepare(base, adapter, data, o)
+    run = prepare(base, adapter, data, o, force=force)
     state = {"step": 0, "epoch": 0, "pos": 0}
     with OutputDir(out, inputs=[Path(p) for p in (base, adapter) if p], overwrite=overwrite, resume=resume,
                    settings=run.settings) as od:

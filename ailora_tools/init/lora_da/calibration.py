@@ -374,8 +374,8 @@ class _MetaModel:
         else:
             sliding = self.config.model_type == "mistral" and getattr(self.config, "sliding_window", None) is not None
         make = create_sliding_window_causal_mask if sliding else create_causal_mask
-        mask = make(config=self.config, inputs_embeds=hidden, attention_mask=batch.attention, past_key_values=None,
-                    position_ids=batch.positions)
+        mask = make(config=self.config, inputs_embeds=hidden, attention_mask=batch.attention,
+                    position_ids=batch.positions, **_no_cache(make))
         return {"attention_mask": mask, "position_embeddings": self.rotary(hidden, batch.positions),
                 "position_ids": batch.positions}
 
@@ -383,6 +383,14 @@ class _MetaModel:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+def _no_cache(make) -> dict:
+    """No KV cache, as this transformers' mask function spells it (`cache`; `past_key_values` before 5.x, deprecated
+    since: passing it warns on every layer)."""
+    import inspect
+
+    return {"cache": None} if "cache" in inspect.signature(make).parameters else {"past_key_values": None}
 
 
 class _Store:

@@ -43,6 +43,8 @@ from ..targets import PRINCIPAL
 
 #: the paper's run (conf/lora_da.yaml): da_bias_alpha, da_variance_beta, stable_gamma, fisher_damping
 ALPHA, BETA, GAMMA, DAMPING = 1.0, 0.03, 1024.0, 1e-6
+#: a Cholesky pivot of Z_λ below this fraction of Z's mean diagonal is a direction the data does not determine
+WEAK = 1e-5
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,13 @@ class InputFactor:
     cholesky: torch.Tensor  # lower-triangular L, L Lᵀ = Z_λ, [in, in]
     inverse: torch.Tensor  # Z_λ⁻¹, [in, in]
     damping: float  # λ
+    #: directions the data determines: Cholesky pivots of Z_λ above `WEAK` × Z's mean diagonal (and 10 λ); fewer
+    #: than `in` (few, repetitive calibration tokens) means float rounding, not the data, picks the rest
+    rank: int | None = None
+
+    @property
+    def deficient(self) -> bool:
+        return self.rank is not None and self.rank < self.cholesky.shape[0]
 
 
 @dataclass
@@ -90,12 +99,14 @@ def factor_input(z: torch.Tensor, *, damping: float = DAMPING, device: str | tor
     if not bool(torch.isfinite(z).all()):
         raise NumericsError(f"{name}: the input factor Z has NaN or Inf entries; check the calibration run")
     z = (z + z.T) / 2
+    scale = float(z.diagonal().mean())
     z.diagonal().add_(damping)
     chol, info = torch.linalg.cholesky_ex(z)
     if int(info) != 0:
         raise NumericsError(f"{name}: Z + {damping}·I is not positive definite; raise the damping")
     del z
-    return InputFactor(chol, torch.cholesky_inverse(chol), damping)
+    rank = int((chol.diagonal().square() > max(WEAK * scale, 10 * damping)).sum())
+    return InputFactor(chol, torch.cholesky_inverse(chol), damping, rank)
 
 
 def lora_da_factors(

@@ -42,9 +42,12 @@ class LoRADA(InitMethod):
         for stats in calibrate(ckpt, examples, [j.module for j in jobs], device=device, progress=progress):
             if stats.input_key not in inputs:  # q/k/v read the same input: factor Z once
                 inputs = {stats.input_key: _factor(stats.input_factor, _device(device), stats.name)}
+                if inputs[stats.input_key].deficient:
+                    _warn_deficient(stats, inputs[stats.input_key], samples)
             f = lora_da_factors(stats.gradient, stats.output_factor, inputs[stats.input_key], rank=settings.rank,
                                 population_size=population, seed=settings.seed, name=stats.name)
             factors[stats.name] = (f.a, f.b, {"role": None, **f.diagnostics, "damping": inputs[stats.input_key].damping,
+                                              "input_rank": inputs[stats.input_key].rank,
                                               "calibration_loss": stats.loss, "calibration_tokens": stats.tokens})
         return factors
 
@@ -67,6 +70,19 @@ def _factor(z, device, name: str):
             if damping * 10 > max(limit, DAMPING):
                 raise
             damping *= 10
+
+
+def _warn_deficient(stats, z, samples: int) -> None:
+    """Say that the calibration data leaves some input directions undetermined, and what to do."""
+    import warnings
+
+    from ...errors import AiloraWarning
+
+    warnings.warn(AiloraWarning(
+        f"LoRA-DA: the input statistics of {stats.name} have rank {z.rank} of {z.cholesky.shape[0]} (from "
+        f"{stats.tokens} calibration tokens of {samples} samples): float rounding, not the data, decides part of "
+        "its A0, which can then differ between devices and dtypes; calibrate on more and more varied samples "
+        "(--samples, a larger --data)"), stacklevel=2)
 
 
 def _device(device: str):
