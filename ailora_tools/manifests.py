@@ -154,10 +154,16 @@ def converted_identity(trained: str | os.PathLike, initial: str | os.PathLike) -
 def base_of(adapter: str | os.PathLike) -> BaseOf:
     """What the manifests beside `adapter` say about its base (decompose's adapter/, a trained or converted one)."""
     d = Path(adapter)
+    if d.name == ADAPTER_DIR and read_manifest(d.parent / CONVERT_MANIFEST).get("dora") == "exact":
+        d = d.parent  # `convert --dora exact`: OUT/adapter applies to OUT/base, as OUT/ailora-convert.json records
     if (d / CONVERT_MANIFEST).is_file():
         m = read_manifest(d / CONVERT_MANIFEST)
         return (BaseOf.from_block(m["applies_to"], manifest=str(d / CONVERT_MANIFEST)) if m.get("applies_to")
                 else BaseOf(ORIGINAL, manifest=str(d / CONVERT_MANIFEST)))
+    if (d / BITFIT_MANIFEST).is_file():  # trained biases: they belong to the model they were trained in
+        m = read_manifest(d / BITFIT_MANIFEST)
+        where = str(d / BITFIT_MANIFEST)
+        return BaseOf.from_block(m["applies_to"], manifest=where) if m.get("applies_to") else BaseOf(None)
     if (d / TRAIN_MANIFEST).is_file():
         trained = read_manifest(d / TRAIN_MANIFEST)
         initial = base_of(trained.get("initial_adapter", "")) if trained.get("initial_adapter") else BaseOf(None)

@@ -155,3 +155,17 @@ def test_compare_runs_bitfit_without_decompose(models, tmp_path):
     assert runs["bitfit"]["trainable_parameters"] == 2 * (64 + 32 + 32) and runs["bitfit"]["steps"] == 3
     with pytest.raises(UnsupportedError, match="no bias terms"):
         compare(models["llama"], data_file("demo_train.jsonl"), tmp_path / "c2", methods=["bitfit"], progress=False)
+
+
+def test_bitfit_output_merged_into_another_model_is_refused(models, tmp_path):
+    """Trained biases belong to the model they were trained in: another Qwen2 of the same shapes is refused."""
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    config = Qwen2Config.from_pretrained(models["qwen2"])
+    Qwen2ForCausalLM(config).save_pretrained(other, max_shard_size="100KB")
+    train(models["qwen2"], None, data_file("demo_train.jsonl"), tmp_path / "bf", bitfit=True, max_steps=1,
+          progress=False)
+    res = CliRunner().invoke(main, ["merge", str(other), str(tmp_path / "bf"), "-o", str(tmp_path / "m")])
+    assert res.exit_code == 1 and str(other) in res.output and not (tmp_path / "m").exists(), res.output
+    res = CliRunner().invoke(main, ["merge", str(models["qwen2"]), str(tmp_path / "bf"), "-o", str(tmp_path / "ok")])
+    assert res.exit_code == 0, res.output

@@ -197,6 +197,10 @@ def test_convert_dora_exact_serves_the_trained_model(base, trained_dora):
     new = AutoModelForCausalLM.from_pretrained(tmp / "x" / "base", dtype=torch.float32).state_dict()
     changed = {n for n in src if not torch.equal(src[n], new[n])}
     assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
+    # the LoRA belongs to OUT/base: merged onto the model it was trained on (or the original) it is refused
+    refused = cli("merge", tmp / "d" / "residual", tmp / "x" / "adapter", "-o", tmp / "wrong")
+    assert refused.exit_code == 1 and str(tmp / "x" / "base") in refused.output and not (tmp / "wrong").exists()
+    assert cli("merge", tmp / "x" / "base", tmp / "x" / "adapter", "-o", tmp / "right").exit_code == 0
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "gpt2", "bert"])

@@ -53,7 +53,7 @@ def convert_dora(
     from ..io.peft_adapter import lora_config, read_adapter, write_adapter
     from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
     from ..io.tensorio import DTYPE_FLAGS, read_tensor, torch_dtype
-    from ..manifests import CONVERT_MANIFEST, TRAIN_MANIFEST
+    from ..manifests import CONVERT_MANIFEST, ORIGINAL, TRAIN_MANIFEST, BaseOf, check_base, converted_identity, fingerprints, pick
     from ..options import at_least, choice
     from .check import vllm_max_lora_rank
     from .conversion import _name_or_path, original_base_of, task_record
@@ -83,6 +83,7 @@ def convert_dora(
     init = read_adapter(initial, dora=True) if initial is not None else None
     task = task_record(trained)
     ckpt = Checkpoint.open(trained_on, scratch=Path(out).absolute().parent)
+    check_base(trained, ckpt, flag="the base it was trained on")  # moved or replaced since training: refused
     weights = tr.check_fits(ckpt.tensors, adapter=trained, base=trained_on, config=ckpt.config)
     transposed = bool(tr.config.get("fan_in_fan_out"))
     initial_of: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -136,8 +137,11 @@ def convert_dora(
                             "base_is_original": False,
                             "note": f"the LoRA applies to {od.path / DORA_BASE_DIR} (D·W in the adapted matrices), "
                                     f"not to the original {original}: serve both together"})
+            new_base = od.path / DORA_BASE_DIR  # the LoRA applies to it as it is: recognised by its fingerprints
+            applies_to = BaseOf(ORIGINAL, original=str(new_base), samples={ORIGINAL: fingerprints(
+                Checkpoint.open(new_base), pick(weights.values()))}).block()
             od.write_manifest(CONVERT_MANIFEST, {**summary, "task": task, "original": str(original),
-                                                 "files": hashes.result()})
+                                                 "applies_to": applies_to, "files": hashes.result()})
         summary["seconds"] = round(time.perf_counter() - started, 3)
         return summary
 
@@ -175,7 +179,8 @@ def convert_dora(
                     "errors": errors, "accepted_errors": sorted(above)})
     with OutputDir(out, inputs=[trained], overwrite=overwrite) as od:
         written = write_adapter(od.path, config, factors, dtype=out_dtype, extra=tr.extra)
-        od.write_manifest(CONVERT_MANIFEST, {**summary, "delta_fro_norms": norms, "tolerance": tolerance,
+        od.write_manifest(CONVERT_MANIFEST, {**summary, "applies_to": converted_identity(trained, initial or trained),
+                                             "delta_fro_norms": norms, "tolerance": tolerance,
                                              "max_rank": max_rank, "task": task,
                                              "files": {"output": {p.name: file_digest(p) for p in written}}})
     summary["seconds"] = round(time.perf_counter() - started, 3)
