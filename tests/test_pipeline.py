@@ -235,9 +235,8 @@ def test_io_threads_scale_with_the_cores(monkeypatch):
     monkeypatch.delenv("AILORA_IO_THREADS", raising=False)
     found = {}
     for cores in (1, 2, 4, 7, 8, 16, 64):
-        monkeypatch.setattr(background, "CORES", cores)
-        found[cores] = background._io_threads()
+        found[cores] = background.io_threads(cores)
     assert found == {1: 1, 2: 1, 4: 1, 7: 1, 8: 2, 16: 4, 64: 8}  # up to 7 cores: as on the 2-core machine
     for value, threads in (("3", 3), ("0", 8), ("many", 8)):
         monkeypatch.setenv("AILORA_IO_THREADS", value)
-        assert background._io_threads() == threads
+        assert background.io_threads(32) == threads

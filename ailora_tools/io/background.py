@@ -23,13 +23,15 @@ NICE = 10
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _io_threads() -> int:
+def io_threads(cores: int = CORES) -> int:
+    """I/O threads for `cores` usable cores: AILORA_IO_THREADS when set to a positive number, else one per 4 cores
+    (1 to 8)."""
     value = os.environ.get("AILORA_IO_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else max(1, min(8, CORES // 4))
+    return int(value) if value.isdigit() and int(value) > 0 else max(1, min(8, cores // 4))
 
 
 #: copy workers, and BLAKE3 threads per large segment
-IO_THREADS = _io_threads()
+IO_THREADS = io_threads()
 
 
 def io_pool(workers: int, name: str) -> ThreadPoolExecutor:
