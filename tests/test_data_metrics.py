@@ -98,7 +98,8 @@ def write_all(tmp_path, rows: list[dict]) -> dict[str, object]:
     # as GLUE writes its TSVs: cells as they are, quotes included
     paths["tsv"].write_text("".join("\t".join(map(str, r)) + "\n" for r in [list(rows[0]), *[r.values() for r in rows]]))
     pq.write_table(pa.Table.from_pylist(rows), paths["parquet"])
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the test extra installs it (for users it is the optional [datasets] extra)
+
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     paths["datasets"] = tmp_path / "ds"
     return paths
