@@ -71,8 +71,8 @@ def _one_line(e: Exception) -> str:
 def _prehash(model: str, revision: str | None) -> None:
     """Start hashing the checkpoint's files before torch loads (about 1.2 s); the run reuses the results.
     Ranks ≥ 1 of a torchrun launch hash nothing: rank 0 writes the manifest."""
-    from .io.checkpoint import Checkpoint
     from .distributed import is_worker
+    from .io.checkpoint import Checkpoint
 
     if is_worker():
         return

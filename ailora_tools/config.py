@@ -5,8 +5,9 @@ CLI flags given explicitly override the file. Lists become comma-separated value
 """
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from .errors import FormatError, InputNotFoundError
 

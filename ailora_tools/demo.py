@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .console import quiet_libraries
 from .adapters.conversion import convert
+from .adapters.merging import merge
+from .console import quiet_libraries
 from .decomposition.pipeline import decompose
 from .errors import AiloraError, OutputError
-from .adapters.merging import merge
-from .training.trainer import train
 from .manifests import ADAPTER_DIR, RESIDUAL_DIR
+from .training.trainer import train
 
 MARKER = "demo.json"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from .errors import InputNotFoundError
+from .io.hashing import file_digest
 from .io.output import JOURNAL_NAME
 from .io.peft_adapter import read_adapter
-from .io.hashing import file_digest
 from .io.tensorio import read_header, read_tensor
 from .manifests import ADAPTER_DIR, DECOMPOSE_MANIFEST, MANIFESTS, RESIDUAL_DIR
 

@@ -37,11 +37,11 @@ def child(kind: str, model: str, work: Path, batch_size: int, device: str) -> No
     """One workload: compute the statistics; keep those of the CHECKED modules in work/<kind>-<batch>.safetensors
     and the RSS before the work (all imports done) and at its peak in work/<kind>-<batch>.json."""
     import torch
+    from calibration_reference import reference_statistics
     from safetensors.torch import save_file
 
     from ailora_tools.init.lora_da.calibration import calibrate
     from ailora_tools.io.examples import Example
-    from calibration_reference import reference_statistics
 
     data = json.loads((work / "data.json").read_text())
     examples = [Example(e["input_ids"], e["labels"]) for e in data["examples"]]

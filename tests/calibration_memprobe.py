@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import torch
+from memprobe import settle, status  # this folder is on sys.path when run as a script
+from synthetic import synthetic_llama
 
 from ailora_tools.init.lora_da.calibration import calibrate
 from ailora_tools.io.examples import Example
-from memprobe import settle, status  # this folder is on sys.path when run as a script
-from synthetic import synthetic_llama
 
 if __name__ == "__main__":
     options = json.loads(sys.argv[2])

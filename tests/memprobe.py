@@ -18,8 +18,8 @@ import tempfile
 import torch  # noqa: F401  (imported before the baseline, as any caller would have)
 
 from ailora_tools import decompose
-from ailora_tools.io import hashing
 from ailora_tools.devices import resolve_device
+from ailora_tools.io import hashing
 
 
 def status(field: str) -> int:

@@ -6,8 +6,15 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import killed_at_update
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config, Qwen2ForCausalLM
+from test_encoders import build_encoder, sst2
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from ailora_tools import compare, merge
 from ailora_tools.adapters.check import check_adapter
@@ -18,8 +25,6 @@ from ailora_tools.manifests import BITFIT_MANIFEST
 from ailora_tools.training.bitfit import WEIGHTS_NAME, load_bitfit
 from ailora_tools.training.trainer import train
 from ailora_tools.verify import verify
-from conftest import killed_at_update
-from test_encoders import build_encoder, sst2
 
 #: merged model against the model as trained (base + trained biases), on logits
 PARITY = 1e-5

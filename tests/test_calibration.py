@@ -7,13 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from calibration_reference import reference_statistics
+from transformers import (
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
+from ailora_tools.errors import AiloraError, FormatError, TargetError, UnsupportedError
 from ailora_tools.init.lora_da.calibration import calibrate, memory_bound
 from ailora_tools.io.examples import IGNORE, Example
-from ailora_tools.errors import AiloraError, FormatError, TargetError, UnsupportedError
-
-from calibration_reference import reference_statistics
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MODULES = [f"model.layers.{i}.{m}" for i in range(2) for m in (*ATTN, "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]

@@ -16,9 +16,9 @@ import huggingface_hub
 import pytest
 
 from ailora_tools import decompose
+from ailora_tools.errors import FormatError, InputNotFoundError
 from ailora_tools.io import checkpoint, rewrite
 from ailora_tools.io.checkpoint import Checkpoint
-from ailora_tools.errors import FormatError, InputNotFoundError
 
 REPO, COMMIT = "acme/streamed", "89abcdef0123456789abcdef0123456789abcdef"
 REAL_HUB_HEADER = checkpoint.hub_header

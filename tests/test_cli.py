@@ -1,5 +1,4 @@
 """The CLI: Hub ids through the local cache (offline), --json, one-line errors with exit codes."""
-import pytest
 import json
 import os
 import shutil
@@ -7,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from ailora_tools.cli import main

@@ -3,17 +3,17 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import killed_at_update
 from matplotlib.image import imread
 
 from ailora_tools import compare
-from ailora_tools.decomposition import pipeline as decomposition
-from ailora_tools.training import trainer as train_module
-from ailora_tools.cli import main
 from ailora_tools.analysis.comparison import steps_to_reach, trailing_mean
+from ailora_tools.cli import main
+from ailora_tools.decomposition import pipeline as decomposition
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import OptionError, OutputError, UnsupportedError
+from ailora_tools.training import trainer as train_module
 from ailora_tools.verify import verify
-from conftest import killed_at_update
 
 RANK = 4
 #: the settings every comparison here shares (a few steps on the demo model)

@@ -6,14 +6,14 @@ import random
 
 import pytest
 from click.testing import CliRunner
+from conftest import killed_at_update
 from matplotlib.image import imread
+from test_encoders import FILLER, encoder, sentence  # noqa: F401  (encoder: the fixture)
 
 from ailora_tools import compare
 from ailora_tools.analysis.comparison import parse_lrs, parse_seeds
 from ailora_tools.cli import main
 from ailora_tools.errors import OptionError
-from conftest import killed_at_update
-from test_encoders import FILLER, encoder, sentence  # noqa: F401  (encoder: the fixture)
 
 METHODS = ["lora", "pissa"]
 #: every comparison here: 2 methods × 2 rates × 2 seeds, 4 steps each, evaluated every 2

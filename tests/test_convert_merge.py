@@ -5,14 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import load, logits
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ailora_tools import convert, decompose, merge
 from ailora_tools.cli import main
 from ailora_tools.errors import AiloraError, NumericsError, TargetError
 from ailora_tools.io.peft_adapter import read_adapter, write_adapter
-
-from conftest import load, logits
 
 
 def fake_training(initial: Path, out: Path, *, seed=0, only_B=False, scale=0.05):

@@ -9,14 +9,19 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from test_encoders import FILLER, cli, decompose, encoder, sentence  # noqa: F401  (encoder: the fixture)
 
 from ailora_tools.cli import main
-from ailora_tools.errors import FormatError, InputNotFoundError, OptionError, UnsupportedError
+from ailora_tools.errors import (
+    FormatError,
+    InputNotFoundError,
+    OptionError,
+    UnsupportedError,
+)
 from ailora_tools.io.examples import Columns, check_rows, collate_labeled, read_labeled
 from ailora_tools.options import TrainOptions
 from ailora_tools.training.metrics import classification_metrics, regression_metrics
 from ailora_tools.training.tasks import TASKS, evaluate
-from test_encoders import FILLER, cli, decompose, encoder, sentence  # noqa: F401  (encoder: the fixture)
 
 LABELS = [0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 1, 1]
 PREDS = [0, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0]

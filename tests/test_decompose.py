@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import expected_digest, load, logits
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
@@ -12,8 +13,6 @@ from ailora_tools import decompose
 from ailora_tools.errors import TargetError, UnsupportedError
 from ailora_tools.io.peft_adapter import read_adapter
 from ailora_tools.io.tensorio import read_header
-
-from conftest import expected_digest, load, logits
 
 METHODS = ["ailora", "pissa", "milora", "lora"]
 

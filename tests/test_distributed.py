@@ -8,14 +8,14 @@ import sys
 
 import pytest
 import torch
+from conftest import build_model
 from safetensors.torch import load_file, save_file
+from test_reliability import run_killed, tree_hashes
 
-from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.decomposition import plan
 from ailora_tools.distributed import assign, work
 from ailora_tools.init import get_method
-from conftest import build_model
-from test_reliability import run_killed, tree_hashes
+from ailora_tools.io.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.slow  # torchrun launches: seconds each
 

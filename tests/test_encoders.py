@@ -9,20 +9,31 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import killed_at_update
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, BertTokenizer,
-                          RobertaConfig, RobertaForMaskedLM, RobertaTokenizer)
+from transformers import (
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    BertTokenizer,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaTokenizer,
+)
 
+from ailora_tools.adapters.hub import model_card
+from ailora_tools.architectures import match
 from ailora_tools.cli import main
 from ailora_tools.demo import build_tiny_model
 from ailora_tools.errors import FormatError
-from ailora_tools.adapters.hub import model_card
-from ailora_tools.architectures import match
 from ailora_tools.io.peft_adapter import read_adapter, write_adapter
 from ailora_tools.verify import verify
-from conftest import killed_at_update
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "roberta-large.toml"
 POSITIVE, NEGATIVE = ["good", "great", "fine", "nice", "love"], ["bad", "awful", "poor", "hate", "terrible"]

@@ -12,8 +12,8 @@ from ailora_tools import convert, decompose
 from ailora_tools.cli import main
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import TargetError
-from ailora_tools.training.exact_mode import subtract_initial
 from ailora_tools.io.peft_adapter import read_adapter
+from ailora_tools.training.exact_mode import subtract_initial
 from ailora_tools.training.trainer import train
 from ailora_tools.verify import verify
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import killed_at_update
 
 from ailora_tools.adapters import check_adapter, convert, export_gguf, merge
 from ailora_tools.cli import main
@@ -21,7 +22,6 @@ from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.manifests import base_of, check_base
 from ailora_tools.training import train
 from ailora_tools.verify import verify
-from conftest import killed_at_update
 
 MODELS = ("A", "B")
 ROOT = Path(__file__).parent.parent
@@ -269,11 +269,11 @@ def test_an_output_that_is_a_file_is_refused(two, tmp_path):
 
 # 8. get_ailora_model: a classification head left frozen and unsaved, a string of targets, a PeftModel, flag names
 def test_get_ailora_model_trains_and_saves_a_new_classification_head(tmp_path):
+    from conftest import make_config
     from safetensors import safe_open
     from transformers import BertForSequenceClassification
 
     from ailora_tools import get_ailora_model
-    from conftest import make_config
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(make_config("bert"))  # built from a config: no `architectures` yet
@@ -289,11 +289,11 @@ def test_get_ailora_model_trains_and_saves_a_new_classification_head(tmp_path):
 
 
 def test_get_ailora_model_errors_name_its_arguments():
+    from conftest import make_config
     from transformers import LlamaForCausalLM
 
     from ailora_tools import get_ailora_model
     from ailora_tools.errors import UnsupportedError
-    from conftest import make_config
 
     model = LlamaForCausalLM(make_config("llama"))
     for kwargs, needle in (({"targets": "q_proj,nope"}, "targets: 'nope' matches no module"),

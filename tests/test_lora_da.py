@@ -4,14 +4,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import load, logits
 from peft import LoraConfig, get_peft_model
 
-from ailora_tools.init.lora_da.calibration import calibrate
-from ailora_tools.io.examples import IGNORE, Example
 from ailora_tools.errors import NumericsError
+from ailora_tools.init.lora_da.calibration import calibrate
 from ailora_tools.init.lora_da.maths import factor_input, lora_da_factors
-
-from conftest import load, logits
+from ailora_tools.io.examples import IGNORE, Example
 
 TARGETS = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
 

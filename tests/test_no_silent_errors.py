@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import build_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.cli import main
 from ailora_tools.errors import TargetError
+from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.io.peft_adapter import read_adapter, write_adapter
 from ailora_tools.manifests import check_base
-from conftest import build_model
 
 ROOT = Path(__file__).parent.parent
 
@@ -42,8 +42,8 @@ def complete_looking(out: Path) -> bool:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A tiny Llama with a tokenizer, its ailora decomposition, and a 'trained' adapter (B moved a little)."""
-    from ailora_tools.demo import build_tiny_model
     from ailora_tools.decomposition import decompose
+    from ailora_tools.demo import build_tiny_model
 
     root = tmp_path_factory.mktemp("silent")
     base = build_tiny_model(root / "base")

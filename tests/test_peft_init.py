@@ -4,17 +4,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import logits, make_config
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
 
 from ailora_tools import convert, decompose, get_ailora_model
-from ailora_tools.io.examples import collate, load_jsonl
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import NumericsError, OptionError, UnsupportedError
+from ailora_tools.io.examples import collate, load_jsonl
 from ailora_tools.io.peft_adapter import read_adapter
-
-from conftest import logits, make_config
 
 
 def tensors(d: Path) -> dict:

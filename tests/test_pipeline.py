@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from blake3 import blake3
+from conftest import expected_digest
 from safetensors.torch import load_file, save_file
 
 from ailora_tools import decompose, merge
@@ -17,8 +18,6 @@ from ailora_tools.io.background import NICE, io_pool
 from ailora_tools.io.hashing import file_digest, hash_file
 from ailora_tools.io.tensorio import layout, read_header
 from ailora_tools.verify import verify
-
-from conftest import expected_digest
 
 
 @pytest.fixture(scope="module")

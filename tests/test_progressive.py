@@ -4,17 +4,23 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import killed_at_update
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from ailora_tools import decompose
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import OutputError, TargetError
 from ailora_tools.training.progressive import (
-    Progressive, parts, stage_bounds, stage_of, trainable_blocks, updated_fraction,
+    Progressive,
+    parts,
+    stage_bounds,
+    stage_of,
+    trainable_blocks,
+    updated_fraction,
 )
 from ailora_tools.training.trainer import train
-from conftest import killed_at_update
 
 # ---- the schedule (pure functions) ----------------------------------------------------------------------
 

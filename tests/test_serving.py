@@ -7,15 +7,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from gguf import GGUFReader
+from test_convert_merge import fake_training
 
 from ailora_tools import convert, decompose
 from ailora_tools.adapters.check import check_adapter
-from ailora_tools.cli import main
 from ailora_tools.adapters.gguf_export import export_gguf, permute_rows
+from ailora_tools.cli import main
 from ailora_tools.io.peft_adapter import read_adapter, write_adapter
 from ailora_tools.io.tensorio import read_header, read_tensor
-
-from test_convert_merge import fake_training
 
 
 @pytest.fixture(params=["llama", "qwen2"])

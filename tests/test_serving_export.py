@@ -7,19 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import load, logits
 from gguf import GGUFReader
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from test_convert_merge import fake_training
 
 from ailora_tools import convert, decompose, export_gguf
 from ailora_tools.adapters.check import VLLM_MAX_LORA_RANKS, check_adapter
 from ailora_tools.adapters.serving import export_for
 from ailora_tools.cli import main
-from ailora_tools.errors import NumericsError, OptionError, TargetError, UnsupportedError
+from ailora_tools.errors import (
+    NumericsError,
+    OptionError,
+    TargetError,
+    UnsupportedError,
+)
 from ailora_tools.io.peft_adapter import read_adapter, write_adapter
-
-from conftest import load, logits
-from test_convert_merge import fake_training
 
 #: PEFT logits of the export against the adapter it came from (float32 tiny Llama, logits of order 1)
 PARITY = 1e-5

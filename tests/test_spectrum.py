@@ -5,20 +5,19 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import expected_digest
 from matplotlib.image import imread
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ailora_tools import decompose, spectrum
-from ailora_tools.io import tensorio
-from ailora_tools.cli import main
 from ailora_tools.adapters.conversion import convert
-from ailora_tools.manifests import TRAIN_MANIFEST
+from ailora_tools.cli import main
 from ailora_tools.errors import NumericsError, TargetError
+from ailora_tools.io import tensorio
 from ailora_tools.io.peft_adapter import read_adapter, write_adapter
+from ailora_tools.manifests import TRAIN_MANIFEST
 from ailora_tools.verify import verify
-
-from conftest import expected_digest
 
 
 def weights(path) -> dict:

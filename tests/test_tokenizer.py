@@ -2,16 +2,16 @@
 import json
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from ailora_tools import decompose
-from ailora_tools.io.examples import collate, load_jsonl
 from ailora_tools.demo import data_file
 from ailora_tools.errors import InputNotFoundError, UnsupportedError
+from ailora_tools.io.examples import collate, load_jsonl
 from ailora_tools.io.tokenizer import load_tokenizer
 from ailora_tools.training.trainer import train
 

@@ -4,15 +4,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import killed_at_update
 
 from ailora_tools import decompose
 from ailora_tools.cli import main
 from ailora_tools.config import load_recipe
-from ailora_tools.io.examples import IGNORE, load_jsonl
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import FormatError
+from ailora_tools.io.examples import IGNORE, load_jsonl
 from ailora_tools.training.trainer import train
-from conftest import killed_at_update
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
 

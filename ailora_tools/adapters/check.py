@@ -49,7 +49,9 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
     if not d.is_dir():
         raise InputNotFoundError(f"{d}: no such adapter directory")
     from ..training.bitfit import is_bitfit
-    from .serving import refusals  # the rules no export can fix, shared with `convert --for`
+    from .serving import (
+        refusals,  # the rules no export can fix, shared with `convert --for`
+    )
 
     if target != "peft" and is_bitfit(d):  # a `train --bitfit` output: trained biases, no adapter
         return refusals(d, {}, None, server=target)

@@ -19,17 +19,35 @@ from pathlib import Path
 
 import torch
 
-from .check import VLLM_MAX_LORA_RANKS, check_adapter, vllm_max_lora_rank
-from ..errors import AiloraError, FormatError, InputNotFoundError, NumericsError, OptionError
-from ..io.hashing import file_digest
 from ..architectures import match
-from ..options import at_least, choice
+from ..errors import (
+    AiloraError,
+    FormatError,
+    InputNotFoundError,
+    NumericsError,
+    OptionError,
+)
+from ..io.hashing import file_digest
 from ..io.output import OutputDir
-from ..io.peft_adapter import CONFIG_NAME, Adapter, lora_config, read_adapter, write_adapter
-from ..manifests import (BITFIT_MANIFEST, CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST, adapter_digest,
-                         converted_identity, read_manifest)
+from ..io.peft_adapter import (
+    CONFIG_NAME,
+    Adapter,
+    lora_config,
+    read_adapter,
+    write_adapter,
+)
 from ..io.tensorio import DTYPE_FLAGS, torch_dtype
-
+from ..manifests import (
+    BITFIT_MANIFEST,
+    CONVERT_MANIFEST,
+    DECOMPOSE_MANIFEST,
+    TRAIN_MANIFEST,
+    adapter_digest,
+    converted_identity,
+    read_manifest,
+)
+from ..options import at_least, choice
+from .check import VLLM_MAX_LORA_RANKS, check_adapter, vllm_max_lora_rank
 
 
 def initial_adapter_of(trained: Path, given: str | os.PathLike | None = None) -> Path:
@@ -176,7 +194,9 @@ def convert(
     choice("--dtype", dtype, DTYPE_FLAGS)
     trained = Path(trained)
     if server is not None and initial is None and not (trained / TRAIN_MANIFEST).is_file():
-        from .serving import export_for  # already a LoRA on the original model: only the server's rules
+        from .serving import (
+            export_for,  # already a LoRA on the original model: only the server's rules
+        )
 
         return export_for(trained, out, server=server, max_lora_rank=max_lora_rank, max_rank=max_rank,
                           tolerance=tolerance, dtype=dtype, base=base, overwrite=overwrite)

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from ..errors import NumericsError, OptionError
-from ..manifests import ADAPTER_DIR, DORA_BASE_DIR
 from ..init.dora import approximate_factors, exact_parts, merged_weight, oriented
+from ..manifests import ADAPTER_DIR, DORA_BASE_DIR
 
 DORA_MODES = ("exact", "approximate")
 
@@ -53,7 +53,16 @@ def convert_dora(
     from ..io.peft_adapter import lora_config, read_adapter, write_adapter
     from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
     from ..io.tensorio import DTYPE_FLAGS, read_tensor, torch_dtype
-    from ..manifests import CONVERT_MANIFEST, ORIGINAL, TRAIN_MANIFEST, BaseOf, check_base, converted_identity, fingerprints, pick
+    from ..manifests import (
+        CONVERT_MANIFEST,
+        ORIGINAL,
+        TRAIN_MANIFEST,
+        BaseOf,
+        check_base,
+        converted_identity,
+        fingerprints,
+        pick,
+    )
     from ..options import at_least, choice
     from .check import vllm_max_lora_rank
     from .conversion import _name_or_path, original_base_of, task_record

@@ -8,10 +8,16 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from ..init import METHODS
 from ..errors import HubError, InputNotFoundError
+from ..init import METHODS
 from ..io.peft_adapter import CONFIG_NAME
-from ..manifests import ADAPTER_DIR, CONVERT_MANIFEST, DECOMPOSE_MANIFEST, TRAIN_MANIFEST, read_manifest
+from ..manifests import (
+    ADAPTER_DIR,
+    CONVERT_MANIFEST,
+    DECOMPOSE_MANIFEST,
+    TRAIN_MANIFEST,
+    read_manifest,
+)
 
 CARD_NAME = "README.md"
 #: never uploaded: hidden files (locks, partial files) and training checkpoints

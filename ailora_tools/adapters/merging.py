@@ -24,19 +24,18 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..io.checkpoint import Checkpoint
-from ..distributed import is_worker
-from .conversion import task_record
-from ..init.dora import merged_weight
-from ..errors import TargetError, UnsupportedError
 from ..architectures import CLASSIFY, base_model_prefix, match, saved_task
+from ..distributed import is_worker
+from ..errors import TargetError, UnsupportedError
+from ..init.dora import merged_weight
+from ..io.checkpoint import Checkpoint
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, read_adapter
-from ..manifests import MERGE_MANIFEST, base_of, check_base, fingerprints
-from ..training.bitfit import is_bitfit, read_bitfit
 from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
-
+from ..manifests import MERGE_MANIFEST, base_of, check_base, fingerprints
+from ..training.bitfit import is_bitfit, read_bitfit
+from .conversion import task_record
 
 
 def merge(

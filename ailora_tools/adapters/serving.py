@@ -31,7 +31,13 @@ from ..io.tensorio import DTYPE_FLAGS, torch_dtype
 from ..manifests import CONVERT_MANIFEST, base_of, check_base_dir, require_original
 from ..options import at_least, choice
 from ..training.bitfit import is_bitfit
-from .check import VLLM_MAX_LORA_RANKS, VLLM_MODULES, Finding, check_adapter, vllm_max_lora_rank
+from .check import (
+    VLLM_MAX_LORA_RANKS,
+    VLLM_MODULES,
+    Finding,
+    check_adapter,
+    vllm_max_lora_rank,
+)
 
 SERVERS = ("vllm", "llama.cpp")
 

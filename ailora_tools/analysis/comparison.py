@@ -19,18 +19,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..architectures import CAUSAL_LM
 from .. import __version__
-from ..io.checkpoint import Checkpoint
+from ..architectures import CAUSAL_LM
 from ..errors import OptionError
-from ..io.hashing import file_digest
-from ..io.examples import check_rows
 from ..init import METHODS
+from ..init.targets import architecture, assign_roles, linear_modules
+from ..io.checkpoint import Checkpoint
+from ..io.examples import check_rows
+from ..io.hashing import file_digest
 from ..io.output import JOURNAL_NAME, OutputDir
+from ..manifests import COMPARE_MANIFEST, fingerprints, input_digest
 from ..options import DecomposeOptions, InitOptions, TrainOptions, check
 from ..training.metrics import CLASSIFICATION, HIGHER_IS_BETTER, REGRESSION, better
-from ..init.targets import architecture, assign_roles, linear_modules
-from ..manifests import COMPARE_MANIFEST, fingerprints, input_digest
 
 REPORT_NAME = "compare.md"
 PLOT_TRAIN, PLOT_EVAL = "train_loss.png", "eval_loss.png"

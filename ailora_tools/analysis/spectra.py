@@ -20,13 +20,19 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..io.checkpoint import Checkpoint
 from ..errors import NumericsError, UnsupportedError
-from ..manifests import SPECTRUM_MANIFEST, TRAIN_MANIFEST
+from ..init.targets import (
+    architecture,
+    linear_modules,
+    matches,
+    resolve_targets,
+    target_names,
+)
+from ..io.checkpoint import Checkpoint
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
-from ..init.targets import architecture, linear_modules, matches, resolve_targets, target_names
 from ..io.tensorio import FLOAT_DTYPES
+from ..manifests import SPECTRUM_MANIFEST, TRAIN_MANIFEST
 
 SPECTRA_NAME = "spectra.safetensors"
 PLOT_SPECTRA, PLOT_LAYERS, PLOT_DELTA = "spectra.png", "layers.png", "delta.png"

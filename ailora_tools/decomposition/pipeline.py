@@ -16,18 +16,31 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__
-from ..io.checkpoint import Checkpoint
 from ..distributed import Sharing, is_worker, use_local_gpu, work
 from ..errors import NumericsError, OptionError, UnsupportedError
 from ..init import InitMethod, Job, Settings, get_method, lora_scale
-from ..options import DecomposeOptions
+from ..init.targets import architecture, assign_roles, is_transposed, linear_modules
+from ..io.checkpoint import Checkpoint
 from ..io.output import OutputDir
 from ..io.rewrite import Hashes, Replaced, pending, rewrite_checkpoint
-from ..init.targets import architecture, assign_roles, is_transposed, linear_modules
-from ..manifests import (ADAPTER_DIR, DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, RESIDUAL_DIR, decompose_identity, sample,
-                         stored_sample)
-from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor, tensor_bytes
-
+from ..io.tensorio import (
+    DTYPE_FLAGS,
+    FLOAT_DTYPES,
+    TensorInfo,
+    read_tensor,
+    tensor_bytes,
+)
+from ..manifests import (
+    ADAPTER_DIR,
+    DECOMPOSE_MANIFEST,
+    ORIGINAL,
+    RESIDUAL,
+    RESIDUAL_DIR,
+    decompose_identity,
+    sample,
+    stored_sample,
+)
+from ..options import DecomposeOptions
 
 
 def decompose(
@@ -190,8 +203,12 @@ def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, 
     ran_on: list = []
 
     def compute(info: TensorInfo, W) -> Replaced:
-        from .residual import initial_factors, residual_of, working_copy  # torch loads here, while shards copy
         from ..devices import resolve_device
+        from .residual import (  # torch loads here, while shards copy
+            initial_factors,
+            residual_of,
+            working_copy,
+        )
 
         if not ran_on:  # "auto" is resolved once torch has loaded
             ran_on.append(resolve_device(device))

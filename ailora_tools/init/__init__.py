@@ -8,7 +8,14 @@ from ..errors import OptionError
 from .ailora import AILoRA
 from .lora import LoRA
 from .lora_da.method import LoRADA
-from .method import InitMethod, Job, Settings, factors_from_triplets, lora_scale, svd_factors
+from .method import (
+    InitMethod,
+    Job,
+    Settings,
+    factors_from_triplets,
+    lora_scale,
+    svd_factors,
+)
 from .milora import MiLoRA
 from .pissa import PiSSA
 

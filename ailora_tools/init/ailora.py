@@ -2,8 +2,8 @@
 
 Any other target needs a role from --role; fused QKV matrices cannot take two roles (targets.assign_roles).
 """
-from .targets import MINOR, PRINCIPAL
 from .method import InitMethod
+from .targets import MINOR, PRINCIPAL
 
 
 class AILoRA(InitMethod):

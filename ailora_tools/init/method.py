@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # torch loads on first use, so that decompose can start copyi
     import torch
 
     from ..io.checkpoint import Checkpoint
-    from .svd import Triplets
     from ..io.tensorio import TensorInfo
+    from .svd import Triplets
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """MiLoRA (arXiv 2406.09044): every target starts from its minor singular components."""
-from .targets import MINOR
 from .method import InitMethod
+from .targets import MINOR
 
 
 class MiLoRA(InitMethod):

@@ -1,6 +1,6 @@
 """PiSSA (arXiv 2404.02948): every target starts from its principal singular components."""
-from .targets import PRINCIPAL
 from .method import InitMethod
+from .targets import PRINCIPAL
 
 
 class PiSSA(InitMethod):

@@ -91,7 +91,11 @@ class Checkpoint:
     @classmethod
     def _from_hub(cls, repo_id: str, revision: str | None) -> "Checkpoint":
         from huggingface_hub import constants, snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
 
         ignore = [f"*{s}" for s in WEIGHT_SUFFIXES]
         try:

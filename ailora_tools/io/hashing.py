@@ -24,9 +24,9 @@ from pathlib import Path
 
 from blake3 import blake3
 
+from ..errors import AiloraError
 from . import background
 from .background import io_pool
-from ..errors import AiloraError
 from .tensorio import read_header
 
 PLAIN, TENSORWISE = "blake3", "blake3-tensors"

@@ -63,8 +63,8 @@ class Adapter:
             TargetError: a module the base lacks, or a shape that does not fit, naming both sides.
             UnsupportedError: a base weight whose dtype is not a float type.
         """
-        from ..errors import TargetError
         from ..architectures import match
+        from ..errors import TargetError
         from .tensorio import FLOAT_DTYPES
 
         weights = match(self.factors, {n[: -len(".weight")] for n in tensors if n.endswith(".weight")}, config=config)

@@ -33,8 +33,16 @@ from .background import IO_THREADS, io_pool
 from .checkpoint import Checkpoint
 from .hashing import bytes_digest, digest_async
 from .output import OutputDir
-from .tensorio import (ShardHeader, TensorInfo, copy_ranges, dtype_name, layout, read_header, read_tensor,
-                       tensor_bytes)
+from .tensorio import (
+    ShardHeader,
+    TensorInfo,
+    copy_ranges,
+    dtype_name,
+    layout,
+    read_header,
+    read_tensor,
+    tensor_bytes,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from ..errors import TargetError
-from ..options import choice
 from ..io.peft_adapter import Adapter
 from ..manifests import DECOMPOSE_MANIFEST, ORIGINAL, RESIDUAL, base_of
+from ..options import choice
 
 ADAPTER_BASES = (RESIDUAL, ORIGINAL)
 

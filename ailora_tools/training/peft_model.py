@@ -8,17 +8,16 @@ seeds): the same on the same device, bit for bit.
 """
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-import re
-
 from ..errors import AiloraError, NumericsError, UnsupportedError
-from ..init.dora import magnitude
-from ..options import InitOptions
 from ..init import Job, Settings, get_method, lora_scale
+from ..init.dora import magnitude
 from ..init.targets import architecture, assign_roles, is_transposed, matches
+from ..options import InitOptions
 
 if TYPE_CHECKING:
     import torch

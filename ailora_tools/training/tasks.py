@@ -22,13 +22,21 @@ from typing import Callable
 
 import torch
 
-from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM, saved_task
-from ..options import TASKS as TASK_CHOICES
-from ..io.examples import (IGNORE, Columns, LabeledRow, collate, collate_labeled, load_jsonl, load_masked_jsonl,
-                           read_labeled, tokenize_labeled)
+from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM, match, saved_task
 from ..errors import FormatError, TargetError, UnsupportedError
-from ..architectures import match
+from ..io.examples import (
+    IGNORE,
+    Columns,
+    LabeledRow,
+    collate,
+    collate_labeled,
+    load_jsonl,
+    load_masked_jsonl,
+    read_labeled,
+    tokenize_labeled,
+)
 from ..io.peft_adapter import load_into, read_adapter
+from ..options import TASKS as TASK_CHOICES
 
 CHOICES = TASK_CHOICES
 

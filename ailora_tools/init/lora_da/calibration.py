@@ -68,19 +68,22 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 import transformers
+from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 try:  # transformers.masking_utils exists since 4.53; the call below needs 5.4 (see `require_transformers`)
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    from transformers.masking_utils import (
+        create_causal_mask,
+        create_sliding_window_causal_mask,
+    )
 except ImportError:
     create_causal_mask = create_sliding_window_causal_mask = None
 
+from ...devices import resolve_device
+from ...errors import FormatError, TargetError, UnsupportedError
 from ...io.checkpoint import Checkpoint
 from ...io.examples import IGNORE, Example
-from ...errors import FormatError, TargetError, UnsupportedError
-from ...devices import resolve_device
 from ...io.tensorio import DTYPE_FLAGS, DTYPES, read_tensor, torch_dtype
 
 #: model_type values whose decoder layers calibrate

@@ -21,11 +21,11 @@ class LoRADA(InitMethod):
 
     def prepare(self, ckpt, jobs, settings, *, data=None, samples: int = 64, max_length: int = 512,
                 device: str = "auto", progress: bool = True, **_):
-        from .calibration import calibrate, require_transformers
-        from ...io.examples import check_rows, load_jsonl
         from ...errors import FormatError
-        from .maths import lora_da_factors
+        from ...io.examples import check_rows, load_jsonl
         from ...io.tokenizer import load_tokenizer
+        from .calibration import calibrate, require_transformers
+        from .maths import lora_da_factors
 
         require_transformers()  # before the data is read
         population = check_rows(data, flag="--data")
