@@ -266,7 +266,7 @@ def test_convert_dora_approximate_tolerance_fails_unless_accepted(trained_dora):
 def test_dora_errors_are_one_line(trained_dora, tmp_path):
     tmp = trained_dora
     res = cli("convert", "--trained", tmp / "t", "-o", tmp / "n")
-    assert res.exit_code == 1 and "a DoRA adapter; choose --dora exact" in res.output
+    assert res.exit_code == 1 and "a DoRA adapter (use_dora is true); choose --dora exact" in res.output
     with pytest.raises(OptionError, match="--dora approximate: give --max-rank R, --tolerance X, or both"):
         convert(tmp / "t", tmp / "n", dora="approximate")
     with pytest.raises(OptionError, match="--dora exact: keeps the rank"):

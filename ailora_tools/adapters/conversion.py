@@ -187,8 +187,9 @@ def convert(
     if accept_error:
         raise OptionError("--accept-error: only for --dora approximate")
     if read_manifest(Path(trained) / CONFIG_NAME).get("use_dora"):  # (a BitFit output has no adapter config)
-        raise OptionError(f"--trained {trained}: a DoRA adapter; choose --dora exact (a new base + LoRA, no error) or "
-                          "--dora approximate --max-rank R|--tolerance X (a LoRA on the original, error measured)")
+        raise OptionError(f"--trained {trained}: a DoRA adapter (use_dora is true); choose --dora exact (a new base + "
+                          "LoRA, no error) or --dora approximate --max-rank R|--tolerance X (a LoRA on the original, "
+                          "error measured), or serve it merged: `ailora-tools merge BASE ADAPTER -o merged`")
     at_least("--max-rank", max_rank, 1)
     at_least("--tolerance", tolerance, 0)
     choice("--dtype", dtype, DTYPE_FLAGS)
