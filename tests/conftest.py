@@ -137,3 +137,19 @@ def killed_at_update(monkeypatch, n: int):
     finally:
         monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
 
+
+def cli(*args):
+    """Run the `ailora-tools` command line in this process (arguments as strings); the click Result."""
+    from click.testing import CliRunner
+
+    from ailora_tools.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(res, *needles):
+    """The command failed with exit code 1 and one `error:` line holding every needle."""
+    assert res.exit_code == 1, res.output
+    assert res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
+    for n in needles:
+        assert n in res.output, res.output

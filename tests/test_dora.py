@@ -5,14 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import killed_at_update, lm_logits, load, logits
+from conftest import cli, killed_at_update, lm_logits, load, logits
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from ailora_tools import convert, decompose, get_ailora_model, merge
 from ailora_tools.adapters.check import check_adapter
-from ailora_tools.cli import main
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import NumericsError, OptionError, UnsupportedError
 from ailora_tools.init.dora import (
@@ -26,10 +24,6 @@ from ailora_tools.training.trainer import train
 
 DATA = data_file("demo_train.jsonl")
 TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def fake_training(adapter: Path, out: Path, *, seed=0, scale=0.05, trained_on=None):

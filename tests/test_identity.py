@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import killed_at_update
+from conftest import cli, killed_at_update, one_line_error
 
 from ailora_tools.adapters import check_adapter, convert, export_gguf, merge
-from ailora_tools.cli import main
 from ailora_tools.decomposition import decompose
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import AiloraError, OptionError, TargetError
@@ -25,17 +23,6 @@ from ailora_tools.verify import verify
 
 MODELS = ("A", "B")
 ROOT = Path(__file__).parent.parent
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(res, *needles):
-    assert res.exit_code == 1, res.output
-    assert res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
-    for n in needles:
-        assert n in res.output, res.output
 
 
 def rows(n: int, offset: int = 0) -> str:

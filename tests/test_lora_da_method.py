@@ -4,21 +4,15 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
-from conftest import build_model
+from conftest import build_model, cli
 
 from ailora_tools.adapters.conversion import convert
 from ailora_tools.adapters.merging import merge
-from ailora_tools.cli import main
 from ailora_tools.decomposition import decompose
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.training.trainer import train
 
 DATA = data_file("demo_train.jsonl")
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -8,30 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import build_model
+from conftest import build_model, cli, one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from ailora_tools.cli import main
 from ailora_tools.errors import TargetError
 from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.io.peft_adapter import read_adapter, write_adapter
 from ailora_tools.manifests import check_base
 
 ROOT = Path(__file__).parent.parent
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(res, *needles):
-    assert res.exit_code == 1, res.output
-    assert res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
-    for n in needles:
-        assert n in res.output, res.output
 
 
 def complete_looking(out: Path) -> bool:

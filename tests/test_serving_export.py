@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import load, logits
+from conftest import cli, load, logits
 from gguf import GGUFReader
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -16,7 +15,6 @@ from test_convert_merge import fake_training
 from ailora_tools import convert, decompose, export_gguf
 from ailora_tools.adapters.check import VLLM_MAX_LORA_RANKS, check_adapter
 from ailora_tools.adapters.serving import export_for
-from ailora_tools.cli import main
 from ailora_tools.errors import (
     NumericsError,
     OptionError,
@@ -44,10 +42,6 @@ def plain_lora(src: Path, out: Path, *, r: int, alpha: float, seed: int = 0, **k
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     model.save_pretrained(out)
     return out
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def config(d: Path) -> dict:
