@@ -32,6 +32,7 @@ _EXPORTS = {
     "decompose": "decomposition", "get_ailora_model": "training", "train": "training",
     "convert": "adapters", "merge": "adapters", "export_gguf": "adapters", "check_adapter": "adapters", "push": "adapters",
     "spectrum": "analysis", "compare": "analysis",
+    "InitOptions": "options", "DecomposeOptions": "options", "TrainOptions": "options",
 }
 __all__ = [*_EXPORTS, "__version__"]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ("__version__",))
