@@ -38,7 +38,8 @@ __all__ = [*_EXPORTS, "__version__"]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ("__version__",))
 
 #: Modules that moved into the stage subpackages in 0.2, by their old name: `import ailora_tools.calibration` and
-#: `from ailora_tools.lora_da import ...` keep working (the README of 0.1 named them).
+#: `from ailora_tools.lora_da import ...` keep working (the README of 0.1 named them). Not `ailora_tools.train`: that
+#: name is the function now (`from ailora_tools import train`); the module is `ailora_tools.training.trainer`.
 MOVED = {
     "calibration": "init.lora_da.calibration", "lora_da": "init.lora_da.maths", "svd": "init.svd",
     "targets": "init.targets", "residual": "decomposition.residual",

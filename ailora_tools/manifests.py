@@ -125,7 +125,7 @@ def decompose_identity(modules: dict[str, dict], *, original: str, residual: str
     return BaseOf(kind, residual=residual, original=original, samples=samples).block()
 
 
-def trained_identity(initial: str | os.PathLike, ckpt, kind: str) -> dict:
+def trained_identity(initial: str | os.PathLike, ckpt, kind: str, *, forced: bool = False) -> dict:
     """The `applies_to` block of an adapter trained from `initial` on `ckpt` as base `kind` (RESIDUAL/ORIGINAL):
     the base it was trained on, with the other base of its decomposition when the initial adapter's manifest
     names it."""
@@ -136,8 +136,9 @@ def trained_identity(initial: str | os.PathLike, ckpt, kind: str) -> dict:
     known = meant if meant.kind is not None else BaseOf(kind)
     samples = {**known.samples, kind: here}
     original, residual = (path, known.residual) if kind == ORIGINAL else (known.original, path)
-    if kind == ORIGINAL and known.kind == RESIDUAL:  # forced onto another base: the old residual says nothing
-        residual, samples = None, {ORIGINAL: here}
+    if forced or (kind == ORIGINAL and known.kind == RESIDUAL):  # forced onto another base: the recorded
+        original, residual = (path, None) if kind == ORIGINAL else (None, path)  # bases say nothing of it
+        samples = {kind: here}
     return BaseOf(kind, residual=residual, original=original, samples=samples).block()
 
 
@@ -201,10 +202,11 @@ def recognise(ckpt, meant: BaseOf) -> str | None:
     return None
 
 
-def base_problem(adapter: str | os.PathLike, ckpt, *, flag: str = "--base") -> str | None:
+def base_problem(adapter: str | os.PathLike, ckpt, *, flag: str = "--base", meant: BaseOf | None = None) -> str | None:
     """Why `ckpt` is not the base `adapter` was made for (one line naming both and what to pass), or None when it
-    is, or when nothing records which base that is (a PEFT adapter without an ailora-tools manifest)."""
-    meant = base_of(adapter)
+    is, or when nothing records which base that is (a PEFT adapter without an ailora-tools manifest). `meant`: the
+    identity to check against, when not the one `adapter`'s manifests record (convert's original model)."""
+    meant = meant or base_of(adapter)
     if meant.kind is None or not meant.samples.get(meant.kind):
         return None
     found = recognise(ckpt, meant)
@@ -241,7 +243,8 @@ def check_base(adapter: str | os.PathLike, ckpt, *, flag: str = "--base", force:
     return problem
 
 
-def base_problem_dir(adapter: str | os.PathLike, base: str | os.PathLike, *, flag: str = "--base") -> str | None:
+def base_problem_dir(adapter: str | os.PathLike, base: str | os.PathLike, *, flag: str = "--base",
+                     meant: BaseOf | None = None) -> str | None:
     """`base_problem` for a base given as a directory that may hold only config.json (llama.cpp, serving checks):
     its weights are checked when it has them."""
     from .io.checkpoint import Checkpoint
@@ -249,13 +252,13 @@ def base_problem_dir(adapter: str | os.PathLike, base: str | os.PathLike, *, fla
     d = Path(base)
     if not (d.is_dir() and any(d.glob("*.safetensors"))):
         return None
-    return base_problem(adapter, Checkpoint.open(d), flag=flag)
+    return base_problem(adapter, Checkpoint.open(d), flag=flag, meant=meant)
 
 
 def check_base_dir(adapter: str | os.PathLike, base: str | os.PathLike, *, flag: str = "--base",
-                   force: bool = False) -> str | None:
+                   force: bool = False, meant: BaseOf | None = None) -> str | None:
     """`check_base` for a base directory that may hold only config.json (`base_problem_dir`)."""
-    problem = base_problem_dir(adapter, base, flag=flag)
+    problem = base_problem_dir(adapter, base, flag=flag, meant=meant)
     if problem is not None and not force:
         raise TargetError(problem)
     return problem
@@ -338,6 +341,6 @@ def train_identity(adapter, ckpt, kind: str, data, eval_data=None, warning: str 
     if adapter is None:  # BitFit: the trained biases belong to the model they were trained in
         identity = BaseOf(ORIGINAL, original=ckpt.name_or_path, samples={ORIGINAL: fingerprints(ckpt)}).block()
     else:
-        identity = trained_identity(adapter, ckpt, kind)
+        identity = trained_identity(adapter, ckpt, kind, forced=warning is not None)
     return {"applies_to": identity, "inputs": inputs,
             **({"warnings": [f"--force: {warning}"]} if warning else {})}

@@ -334,3 +334,32 @@ def test_lora_da_warns_on_rank_deficient_statistics(two, tmp_path):
                   progress=False)
     modules = json.loads((tmp_path / "o" / "ailora.json").read_text())["modules"]
     assert min(s["input_rank"] for s in modules.values()) < 128
+
+
+def test_convert_for_a_server_checks_the_base_it_is_given(two, tmp_path):
+    """`convert --trained T --for vllm --base B`: B must be T's original model (not another of equal shapes, not the
+    residual); the DoRA conversions take no --for (convert first, then export)."""
+    for x in MODELS:
+        base = two[x]["original"]
+        res = cli("convert", "--trained", two["A"]["trained"], "-o", tmp_path / x, "--for", "vllm", "--base", base)
+        if x == "A":
+            assert res.exit_code == 0, res.output
+        else:
+            one_line_error(res, str(base), str(two["A"]["original"].absolute()))
+            assert not (tmp_path / x).exists()
+    one_line_error(cli("convert", "--trained", two["A"]["trained"], "-o", tmp_path / "r", "--for", "vllm",
+                       "--base", two["A"]["residual"]), "residual")
+    one_line_error(cli("convert", "--trained", two["A"]["trained"], "-o", tmp_path / "d", "--dora", "exact",
+                       "--for", "vllm"), "--dora exact: not with --for")
+
+
+def test_a_forced_training_belongs_to_the_base_it_was_trained_on(two, tmp_path):
+    """Trained on B's residual with A's adapter (--force), the output records B's residual alone: the original and
+    residual of A's decomposition say nothing about it."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(rows(4))
+    train(two["B"]["residual"], two["A"]["initial"], data, tmp_path / "t", max_steps=1, batch_size=2, progress=False,
+          force=True)
+    block = json.loads((tmp_path / "t" / "ailora-train.json").read_text())["applies_to"]
+    assert block["kind"] == "residual" and block["model"] == str(two["B"]["residual"])
+    assert block["original"]["model"] is None and not block["original"]["samples"]

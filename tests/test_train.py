@@ -125,3 +125,17 @@ def test_decompose_config_uses_recipe_settings(tiny, tmp_path):
                                     "--quiet"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "o2" / "ailora.json").read_text())["rank"] == 2  # the flag wins
+
+
+def test_resume_before_the_first_checkpoint_writes_each_step_once(decomposed, tmp_path, monkeypatch):
+    """Killed before any checkpoint, a resumed run starts again at step 0: metrics.jsonl then holds each record once,
+    as an uninterrupted run's does."""
+    args = (decomposed / "dec" / "residual", decomposed / "dec" / "adapter", data_file("demo_train.jsonl"))
+    opts = dict(eval_data=data_file("demo_eval.jsonl"), max_steps=6, save_every=100, batch_size=8, progress=False)
+    with killed_at_update(monkeypatch, 4):
+        train(*args, tmp_path / "t", **opts)
+    train(*args, tmp_path / "t", **opts, resume=True)
+    train(*args, tmp_path / "straight", **opts)
+    steps = [[r["step"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())]
+             for d in ("t", "straight")]
+    assert steps[0] == steps[1] == [0, 1, 2, 3, 4, 5, 6, 6]

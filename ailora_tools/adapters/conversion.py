@@ -42,7 +42,9 @@ from ..manifests import (
     CONVERT_MANIFEST,
     DECOMPOSE_MANIFEST,
     TRAIN_MANIFEST,
+    BaseOf,
     adapter_digest,
+    check_base_dir,
     converted_identity,
     read_manifest,
 )
@@ -181,6 +183,9 @@ def convert(
     if dora is not None:
         from .dora import convert_dora
 
+        if server is not None or max_lora_rank is not None:
+            raise OptionError(f"--dora {dora}: not with --for/--max-lora-rank; convert first, then run `ailora-tools "
+                              "convert --trained OUT/adapter --for SERVER` (exact) or on OUT (approximate)")
         return convert_dora(trained, out, mode=dora, initial=initial, max_rank=max_rank, tolerance=tolerance,
                             accept_error=accept_error, dtype=dtype, base=base, overwrite=overwrite,
                             progress=progress)
@@ -202,6 +207,8 @@ def convert(
         return export_for(trained, out, server=server, max_lora_rank=max_lora_rank, max_rank=max_rank,
                           tolerance=tolerance, dtype=dtype, base=base, overwrite=overwrite)
     initial = initial_adapter_of(trained, initial)
+    if base is not None and (original := converted_identity(trained, initial)) is not None:  # --base: that model?
+        check_base_dir(trained, base, meant=BaseOf.from_block(original, manifest=str(trained / TRAIN_MANIFEST)))
     init_ad, tr_ad, task = read_adapter(initial), read_adapter(trained), task_record(trained)
     pairs, scale, unchanged = delta_factors(init_ad, tr_ad, prefix=(task or {}).get("base_model_prefix"),
                                             config=_model_config(init_ad))

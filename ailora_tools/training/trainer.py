@@ -71,7 +71,7 @@ def train(
         checkpointer = Checkpointer(od, run.model, run.optimizer, run.scheduler, run.config)
         if resume and (latest := checkpointer.latest()) is not None:
             checkpointer.restore(latest, state)
-            metrics.truncate(state["step"])
+        metrics.truncate(state["step"] or -1)  # what this run writes again: all of it when it starts at step 0
         if state["step"] > 0:  # resumed: the start is the first run's step-0 evaluation, not this step's
             eval_start = metrics.start_eval()
         elif (eval_start := evaluate(run)) is not None:
