@@ -36,9 +36,7 @@ from ..io.examples import (
     tokenize_labeled,
 )
 from ..io.peft_adapter import load_into, read_adapter
-from ..options import TASKS as TASK_CHOICES
-
-CHOICES = TASK_CHOICES
+from ..options import TASKS as CHOICES
 
 
 @dataclass(frozen=True)
