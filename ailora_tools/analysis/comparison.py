@@ -456,7 +456,7 @@ def report(summary: list[dict], best_lr: dict, goal: dict, settings: dict, plots
         return num(row[key], "{:.1f}" if total > 1 else "{:.0f}") + ("" if n == total else f" ({n}/{total} seeds)")
 
     how = "given" if goal["given"] else "the highest final value among the methods at their chosen rates"
-    length = settings["max_steps"] if settings["max_steps"] else f"{settings['epochs']} epoch(s)"
+    length = f"{settings['max_steps']} steps" if settings["max_steps"] else f"{settings['epochs']} epoch(s)"
     seeds = settings["seeds"]
     rates = sorted({lr for v in settings["lrs"].values() for lr in v})
     chosen = [row for row in summary if row["best_lr"]]
@@ -465,7 +465,7 @@ def report(summary: list[dict], best_lr: dict, goal: dict, settings: dict, plots
         "# Initialisation comparison", "",
         f"Model `{settings['model']}`, data `{settings['data']}`"
         + (f", eval data `{settings['eval_data']}`" if settings["eval_data"] else "")
-        + f"; task {settings['task']}; {length} steps, lr {', '.join(f'{r:g}' for r in rates)}, batch "
+        + f"; task {settings['task']}; {length}, lr {', '.join(f'{r:g}' for r in rates)}, batch "
         f"{settings['batch_size']}×{settings['grad_accum']}, rank {settings['rank']}, targets "
         f"{', '.join(settings['targets'])}, "
         + (f"seeds {', '.join(map(str, seeds))} (mean ± std)" if seeds else f"seed {settings['seed']}") + ".", "",

