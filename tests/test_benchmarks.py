@@ -66,3 +66,24 @@ def test_bench_calibration_runs_engine_and_reference(tmp_path):
     assert "whole model + hooks (reference)" in rows and "layer-wise engine, batch 2" in rows
     g_diff, z_diff = (float(v) for v in rows["layer-wise engine, batch 2"].split("|")[7].split("/"))
     assert g_diff < 0.05 and z_diff < 1e-3  # bfloat16 compute on both sides
+
+
+def test_real_compare_split_is_balanced_deduplicated_and_seeded():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from real_compare import split
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = [{"text": f"tweet {i % 150}" + (" AGAIN" if i % 7 == 0 else ""), "sentiment": ("neg", "neu", "pos")[i % 3],
+             "confidence": 0.5 + (i % 5) / 10} for i in range(600)]
+    train, evals = split(rows, train=30, eval=12, min_confidence=0.6, seed=0)
+    assert [sum(r["sentiment"] == s for r in train) for s in ("neg", "neu", "pos")] == [10, 10, 10]
+    assert [sum(r["sentiment"] == s for r in evals) for s in ("neg", "neu", "pos")] == [4, 4, 4]
+    texts = [r["text"].lower() for r in train + evals]
+    assert len(set(texts)) == len(texts)  # no duplicate inside a split, none shared between them
+    kept = {r["text"] for r in rows if r["confidence"] >= 0.6}
+    assert set(texts) <= {t.lower() for t in kept}
+    assert split(rows, train=30, eval=12, min_confidence=0.6, seed=0) == (train, evals)
+    assert split(rows, train=30, eval=12, min_confidence=0.6, seed=1) != (train, evals)
+    with pytest.raises(SystemExit, match="'neg' rows"):
+        split(rows, train=3000, eval=12, min_confidence=0.6, seed=0)
