@@ -257,7 +257,8 @@ def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, 
             layout = parts_layout(t.shape, out_dtype or t.dtype, double_quant=quant["double_quant"])
             parts[name] = {f"{name}.{k}" if k else name: v for k, v in layout.items()}
         files = _quant_files(ckpt, set(parts), out_dtype, quant["double_quant"])
-    sharing = Sharing.start({n: work(by_tensor[n].tensor.shape) for n in pending(ckpt, od, RESIDUAL_DIR, plan_)})
+    sharing = Sharing.start({n: work(by_tensor[n].tensor.shape) for n in pending(ckpt, od, RESIDUAL_DIR, plan_)
+                             if n in by_tensor})
     ran_on: list = []
 
     def compute(info: TensorInfo, W) -> Replaced:

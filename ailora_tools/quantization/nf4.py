@@ -169,3 +169,23 @@ def quantization_config(*, compute_dtype: str, skip: list[str], double_quant: bo
             "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
             "bnb_4bit_quant_type": QUANT_TYPE, "bnb_4bit_use_double_quant": double_quant,
             "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": "uint8"}
+
+
+def linear4bit(parts: dict[str, "torch.Tensor"], bias: "torch.Tensor | None" = None):
+    """A bitsandbytes `Linear4bit` holding the NF4 `parts` (as `quantize` gives them) and `bias`, on their device:
+    the layer transformers builds when it loads such a weight, for quantising a model in memory."""
+    import torch
+
+    F = _bnb()
+    import bitsandbytes as bnb
+
+    state = F.QuantState.from_dict({k: v for k, v in parts.items() if k}, device=parts[""].device)
+    out_f, in_f = state.shape
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=state.dtype, compress_statistics=state.nested,
+                              quant_type=QUANT_TYPE, device="meta")
+    layer.weight = bnb.nn.Params4bit.from_prequantized(data=parts[""], quantized_stats={k: v for k, v in parts.items()
+                                                                                        if k},
+                                                       requires_grad=False, device=parts[""].device, module=layer)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
+    return layer
