@@ -12,7 +12,7 @@ from typing import NoReturn
 import click
 
 from . import __version__
-from .console import logged_bars, one_line_warnings
+from .console import logged_bars, no_hub_kernels, one_line_warnings
 
 #: compare --metric choices (as analysis.comparison.METRICS, without importing it before torch is needed)
 METRICS = ("auto", "loss", "accuracy", "f1", "matthews", "pearson", "spearman")
@@ -22,6 +22,7 @@ METRICS = ("auto", "loss", "accuracy", "f1", "matthews", "pearson", "spearman")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 logged_bars()  # before anything imports tqdm (ailora_tools.init does): it reads its settings from the environment then
 one_line_warnings()
+no_hub_kernels()
 
 from .errors import AiloraError  # noqa: E402
 from .init import METHODS  # noqa: E402
@@ -252,6 +253,10 @@ def decompose(model, out, allow_pickle, overwrite, resume, as_json, quiet, **set
     summary = run(model, out, options, overwrite=overwrite, resume=resume, progress=_progress(quiet or as_json))
     if "worker" not in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
         _print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
+        if summary.get("quant_error") and not as_json:
+            click.echo("  quantisation error ‖W − (dequant(Q) + s·B·A)‖/‖W‖ over the targets:    mean      max")
+            for row, e in summary["quant_error"].items():
+                click.echo(f"    {row:<66} {e['mean']:.4f}   {e['max']:.4f}")
 
 
 @main.command()

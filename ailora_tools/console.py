@@ -1,6 +1,7 @@
 """What the commands print besides their results: progress bars and the libraries' own chatter."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -47,3 +48,23 @@ def one_line_warnings() -> None:
             shown(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
+
+
+#: what bitsandbytes logs when `no_hub_kernels` has kept it from fetching its CPU kernel
+_BNB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def no_hub_kernels() -> None:
+    """No kernel code downloaded from the Hub in our commands, unless USE_HUB_KERNELS=YES says otherwise.
+    transformers (5.x) kernelizes layers with Hub kernels at every from_pretrained unless USE_HUB_KERNELS is off;
+    bitsandbytes, on import on CPUs with AVX512-BF16, asks the `kernels` package for a 4-bit matmul kernel from the
+    Hub repo kernels-community/quantization-bitsandbytes, and transformers and PEFT import bitsandbytes in every
+    command once it is installed: every command would reach for the network (and offline print a long warning).
+    So USE_HUB_KERNELS defaults to NO, `kernels` counts as not installed (transformers takes it as absent too) and
+    bitsandbytes' one warning about the missing kernel is dropped: it computes with its own CPU kernels. Any other
+    bitsandbytes message still shows. Called once, before anything imports them."""
+    if os.environ.setdefault("USE_HUB_KERNELS", "NO").upper() not in ("NO", "0", "FALSE", "OFF"):
+        return
+    sys.modules.setdefault("kernels", None)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not str(record.msg).startswith(_BNB_KERNEL_WARNING))

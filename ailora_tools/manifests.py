@@ -304,6 +304,11 @@ def _refuse_offset(adapter, meant: BaseOf) -> None:
                           f"`ailora-tools convert --trained {adapter} -o LORA` and use LORA")
 
 
+def quantization_of(initial: str | os.PathLike) -> dict | None:
+    """decompose's `--quantize` settings for its initial adapter (OUT/adapter), or None when its residual is float."""
+    return read_manifest(Path(initial).parent / DECOMPOSE_MANIFEST).get("quantize")
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     """A manifest's JSON, or {} when the file is missing or unreadable."""
     try:

@@ -20,6 +20,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULERS = ("cosine", "linear", "constant")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 ADAPTER_BASES = ("auto", "residual", "original")
+QUANTIZE = ("nf4",)
 TASKS = ("auto", CAUSAL_LM, MASKED_LM, CLASSIFY)
 
 
@@ -125,9 +126,26 @@ class DecomposeOptions(InitOptions):
     samples: int = option(64, "Calibration samples: the first N rows of --data.", low=1)
     max_length: int = option(512, "Longest calibration sample, in tokens (longer ones are refused).", low=2)
     allow_pickle: bool = option(False, "Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")
+    quantize: str | None = option(None, "Write the residual targets pre-quantised (bitsandbytes NF4, double "
+                                  "quantisation; transformers loads it as it is): QLoRA on the residual (QPiSSA for "
+                                  "pissa; plain QLoRA for lora). Needs bitsandbytes (the `quant` extra).",
+                                  choices=QUANTIZE)
+    quantize_all: bool = option(False, "With --quantize: every linear weight, not only the targets (the model heads "
+                                "stay float).")
+    loftq_iters: int = option(0, "With --quantize: LoftQ alternations (W_res = W − s·B·A, Q = quant(W_res), B and A "
+                              "refitted from the principal SVD of W − dequant(Q)), for principal-role targets and "
+                              "plain LoRA; minor-role and lora-da targets keep their factors and are quantised once.",
+                              low=0, metavar="T")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name, given in (("--quantize-all", self.quantize_all), ("--loftq-iters", self.loftq_iters)):
+            if given and self.quantize is None:
+                raise OptionError(f"{name}: applies to a quantised residual; add --quantize nf4")
+        if self.quantize is not None and (self.no_residual or self.dora):
+            raise OptionError(f"--quantize {self.quantize}: not with --{'no-residual' if self.no_residual else 'dora'}"
+                              f"{' (the quantised model is the residual)' if self.no_residual else ' (not supported yet)'}"
+                              "; drop one of the two")
         if self.no_residual and self.residual_dtype is not None:
             raise OptionError("--residual-dtype: --no-residual writes no residual; drop one of the two")
         if self.dora and self.no_residual and self.method != "lora":

@@ -26,6 +26,7 @@ from ..errors import (
     InputNotFoundError,
     NumericsError,
     OptionError,
+    UnsupportedError,
 )
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
@@ -46,6 +47,7 @@ from ..manifests import (
     adapter_digest,
     check_base_dir,
     converted_identity,
+    quantization_of,
     read_manifest,
 )
 from ..options import at_least, choice
@@ -207,6 +209,11 @@ def convert(
         return export_for(trained, out, server=server, max_lora_rank=max_lora_rank, max_rank=max_rank,
                           tolerance=tolerance, dtype=dtype, base=base, overwrite=overwrite)
     initial = initial_adapter_of(trained, initial)
+    if quantization_of(initial):
+        raise UnsupportedError(f"--trained {trained}: trained on the NF4-quantised residual of {initial.parent} "
+                               "(decompose --quantize); a LoRA for the original model is not supported for it yet (the "
+                               "original differs from dequant(residual) + s·B0·A0 by the quantisation error): serve "
+                               "the adapter on that residual with PEFT")
     if base is not None and (original := converted_identity(trained, initial)) is not None:  # --base: that model?
         check_base_dir(trained, base, meant=BaseOf.from_block(original, manifest=str(trained / TRAIN_MANIFEST)))
     init_ad, tr_ad, task = read_adapter(initial), read_adapter(trained), task_record(trained)

@@ -25,6 +25,7 @@ from ..io.output import OutputDir
 from ..io.rewrite import Hashes, Replaced, pending, rewrite_checkpoint
 from ..io.tensorio import (
     DTYPE_FLAGS,
+    DTYPES,
     FLOAT_DTYPES,
     TensorInfo,
     read_tensor,
@@ -101,6 +102,7 @@ def decompose(
     ckpt = Checkpoint.open(model, revision=o.revision, allow_pickle=o.allow_pickle,
                            scratch=Path(out).absolute().parent)
     jobs = plan(ckpt, init, o.targets, o.roles, o.rank)
+    quant = _quantization(ckpt, jobs, o) if o.quantize else None
     alpha = o.lora_alpha
     params = Settings(o.rank, lora_scale(o.rank, alpha, o.rslora), o.svd, o.niter, o.oversample, o.seed)
     settings = {
@@ -108,8 +110,10 @@ def decompose(
         "scale": params.scale, "targets": list(o.targets), "roles": {j.module: j.role for j in jobs},
         "svd": {"mode": o.svd, "niter": o.niter, "oversample": o.oversample, "seed": o.seed, "device": o.device},
         "residual_dtype": o.residual_dtype, "source": ckpt.describe(),
-        "adapter_base": RESIDUAL if init.offsets_base and not o.no_residual else ORIGINAL,
+        "adapter_base": RESIDUAL if (init.offsets_base or quant) and not o.no_residual else ORIGINAL,
     }
+    if quant:
+        settings["quantize"] = {k: v for k, v in quant.items() if k != "only"}
     if o.dora:
         settings["dora"] = True
     if o.data is not None:
@@ -128,7 +132,7 @@ def decompose(
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
         if settings["adapter_base"] == RESIDUAL:
             results, ran_on = _residual(ckpt, od, hashes, jobs, init, params, context, device,
-                                        DTYPE_FLAGS.get(o.residual_dtype), progress)
+                                        DTYPE_FLAGS.get(o.residual_dtype), progress, quant)
             base = str(od.path / RESIDUAL_DIR)
         else:  # the base stays as it is: only the factors, but the manifest still names the source
             for name, p in ckpt.files().items():
@@ -158,6 +162,10 @@ def decompose(
             "worst_recon_rel_fro": max((s.get("recon_rel_fro", 0.0) for s in stats.values()), default=0.0),
             "worst_recon_max_abs": max((s.get("recon_max_abs", 0.0) for s in stats.values()), default=0.0),
         }
+        if quant:
+            from .quantized import error_table
+
+            summary["quant_error"] = error_table(stats, o.method, o.loftq_iters)
         od.write_manifest(DECOMPOSE_MANIFEST, {**settings, "svd": {**settings["svd"], "ran_on": ran_on}, "options": asdict(o),
                                            "files": hashes.result(), "modules": dict(sorted(stats.items())),
                                            "applies_to": decompose_identity(stats, original=ckpt.name_or_path, residual=(
@@ -193,13 +201,64 @@ def _check_target(t: TensorInfo, rank: int) -> None:
                             f"{min(t.shape)}")
 
 
-def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, progress):
-    """Rewrite the checkpoint with residual targets; return module -> ((A0, B0), stats) and the device used."""
+def _quantization(ckpt: Checkpoint, jobs: list[Job], o: DecomposeOptions) -> dict:
+    """What `--quantize` writes: the settings recorded, and `only`, the weights quantised without factors
+    (`--quantize-all`: every other linear weight but the model heads), by tensor name.
+
+    Raises:
+        UnsupportedError: a Conv1D model (weights stored transposed).
+    """
+    from ..quantization.nf4 import HEADS
+
+    arch = architecture(ckpt.config)
+    if arch.transposed:
+        raise UnsupportedError(f"--quantize {o.quantize}: {ckpt.source} stores its linear weights transposed "
+                               f"(Conv1D: {', '.join(arch.transposed)}), which bitsandbytes does not load pre-quantised; "
+                               "decompose without --quantize")
+    linear, targets = linear_modules(ckpt.tensors), {j.module for j in jobs}
+    only = sorted(t.name for m, t in linear.items() if o.quantize_all and m not in targets and t.dtype in FLOAT_DTYPES
+                  and m.rsplit(".", 1)[-1] not in HEADS)
+    return {"type": o.quantize, "all": o.quantize_all, "loftq_iters": o.loftq_iters, "double_quant": True,
+            "only": only}
+
+
+def _quant_files(ckpt: Checkpoint, quantized: set[str], out_dtype: str | None, double_quant: bool) -> dict[str, bytes]:
+    """config.json with the `quantization_config` transformers loads the quantised residual by."""
+    import json
+
+    from ..quantization.nf4 import quantization_config, skip_modules
+
+    linear = linear_modules(ckpt.tensors)
+    names = {m for m, t in linear.items() if t.name in quantized}
+    dtypes = {linear[m].dtype for m in names}
+    compute = DTYPES[out_dtype or (dtypes.pop() if len(dtypes) == 1 else "F32")][0]
+    config = {**ckpt.config, "quantization_config": quantization_config(
+        compute_dtype=compute, skip=skip_modules(linear, names), double_quant=double_quant)}
+    return {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, progress, quant=None):
+    """Rewrite the checkpoint with residual targets (quantised with `quant`); return module -> ((A0, B0), stats) and
+    the device used."""
     by_tensor = {j.tensor.name: j for j in jobs}
     plan_: dict[str, list[str]] = {}
     for j in jobs:
         plan_.setdefault(j.tensor.file, []).append(j.tensor.name)
-    sharing = Sharing.start({n: work(by_tensor[n].tensor.shape) for n in pending(ckpt, od, RESIDUAL_DIR, plan_)})
+    parts, files = {}, {}
+    if quant:
+        from ..quantization.nf4 import parts_layout
+
+        for name in quant["only"]:
+            plan_.setdefault(ckpt.tensors[name].file, []).append(name)
+        for file, names in plan_.items():
+            names.sort(key=lambda n: ckpt.tensors[n].begin)
+        for name in [*by_tensor, *quant["only"]]:
+            t = ckpt.tensors[name]
+            layout = parts_layout(t.shape, out_dtype or t.dtype, double_quant=quant["double_quant"])
+            parts[name] = {f"{name}.{k}" if k else name: v for k, v in layout.items()}
+        files = _quant_files(ckpt, set(parts), out_dtype, quant["double_quant"])
+    sharing = Sharing.start({n: work(by_tensor[n].tensor.shape) for n in pending(ckpt, od, RESIDUAL_DIR, plan_)
+                             if n in by_tensor})
     ran_on: list = []
 
     def compute(info: TensorInfo, W) -> Replaced:
@@ -212,6 +271,10 @@ def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, 
 
         if not ran_on:  # "auto" is resolved once torch has loaded
             ran_on.append(resolve_device(device))
+        if info.name not in by_tensor:  # --quantize-all: a weight without factors
+            from ..quantization.nf4 import quantize
+
+            return _split(info.name, quantize(W, dtype=out_dtype or info.dtype), {})
         job, held = by_tensor[info.name], []
 
         def here():  # this rank's job: the factors from the working copy the residual is then built in
@@ -219,6 +282,15 @@ def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, 
             return initial_factors(job, held[0], init, params, context=context, device=ran_on[0])
 
         A0, B0, stats = sharing.result(info.name, here)  # or from the rank that computed them
+        if quant:
+            from .quantized import quantized_residual, refits
+
+            Wc = held[0] if held else working_copy(job, W, ran_on[0])
+            q, A0, B0, qstats = quantized_residual(job, Wc, A0, B0, params, dtype=out_dtype or info.dtype,
+                                                   iters=quant["loftq_iters"], refit=refits(job, init.offsets_base),
+                                                   double_quant=quant["double_quant"])
+            return _split(info.name, q, {**stats, **qstats, "source_sample": sample(tensor_bytes(W)),
+                                         "residual_sample": sample(tensor_bytes(q[""]))}, {"A": A0, "B": B0})
         stored, recon = residual_of(job, held[0] if held else working_copy(job, W, ran_on[0]), A0, B0, params.scale,
                                     out_dtype=out_dtype)
         stored = stored.cpu().contiguous()
@@ -226,9 +298,15 @@ def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, 
         return Replaced(stored, {"A": A0, "B": B0}, stats)
 
     done = rewrite_checkpoint(ckpt, od, RESIDUAL_DIR, plan_, compute, hashes=hashes, out_dtype=out_dtype,
-                              progress=progress, desc="decompose")
-    results = {by_tensor[n].module: ((extras["A"], extras["B"]), record) for n, (extras, record) in done.items()}
+                              progress=progress, desc="decompose", parts=parts, files=files)
+    results = {by_tensor[n].module: ((extras["A"], extras["B"]), record) for n, (extras, record) in done.items()
+               if n in by_tensor}
     return results, str(ran_on[0]) if ran_on else _resolved(device)
+
+
+def _split(name: str, parts: dict, record: dict, extras: dict | None = None) -> Replaced:
+    """A quantised weight as the rewrite engine writes it: the packed weight in `name`'s place, its parts beside."""
+    return Replaced(parts[""], extras or {}, record, parts={f"{name}.{k}": v for k, v in parts.items() if k})
 
 
 def _factors_only(ckpt, jobs, init, params, context, device, progress):

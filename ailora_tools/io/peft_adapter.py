@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ..architectures import auto_class
 from ..errors import FormatError, InputNotFoundError, UnsupportedError
+from ..quantization.nf4 import STATE as NF4_STATE
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -50,8 +51,12 @@ class Adapter:
         alpha = _pattern(c.get("alpha_pattern") or {}, module, c["lora_alpha"])
         return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
 
-    def check_fits(self, tensors: dict, *, adapter: object, base: object, config: dict | None = None) -> dict[str, str]:
+    def check_fits(self, tensors: dict, *, adapter: object, base: object, config: dict | None = None,
+                   takes_nf4: bool = False) -> dict[str, str]:
         """Every adapted module exists in the base (`tensors`: name -> TensorInfo) with a matching float shape.
+
+        A base weight stored NF4-packed (decompose --quantize) fits when its element count does, for callers that
+        `takes_nf4` (train); the others (merge, convert, spectrum) refuse it.
 
         Module names may differ from the base's tensor names by the base model prefix (`model_names.match`, with
         the base's `config`): an adapter for BertForSequenceClassification fits a bare BertModel checkpoint.
@@ -76,6 +81,15 @@ class Adapter:
                                   + (f" (it has e.g. {', '.join(near)})" if near else "")
                                   + "; pass the base this adapter was trained on")
             shape = (B.shape[0], A.shape[1])
+            if f"{info.name}.{NF4_STATE}" in tensors:
+                if not takes_nf4:
+                    raise UnsupportedError(f"{base}: {info.name} is NF4-quantised (decompose --quantize); only train "
+                                           "and PEFT take a quantised base so far: for this command, decompose without "
+                                           "--quantize")
+                if info.shape[0] != -(-shape[0] * shape[1] // 2):
+                    raise TargetError(f"{adapter}: {m} is {shape[0]}x{shape[1]} in the adapter but the NF4 weight "
+                                      f"{info.name} in {info.file} holds {info.shape[0]} bytes; pass the matching base")
+                continue
             if tuple(info.shape) != (shape[::-1] if self.config.get("fan_in_fan_out") else shape):
                 raise TargetError(f"{adapter}: {m} is {shape[0]}x{shape[1]} in the adapter but {info.name} in "
                                   f"{info.file} is {info.shape[0]}x{info.shape[1]}; pass the matching base")

@@ -9,6 +9,7 @@ seeds): the same on the same device, bit for bit.
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
@@ -17,7 +18,7 @@ from ..errors import AiloraError, NumericsError, UnsupportedError
 from ..init import Job, Settings, get_method, lora_scale
 from ..init.dora import magnitude
 from ..init.targets import architecture, assign_roles, is_transposed, matches
-from ..options import InitOptions
+from ..options import DecomposeOptions, InitOptions
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 def get_ailora_model(
     model, options: InitOptions | None = None, *, lora_dropout: float = 0.0, adapter_name: str = "default",
-    progress: bool = True, **settings,
+    progress: bool = True, quantize: str | None = None, loftq_iters: int = 0, **settings,
 ) -> PeftModel:
     """Wrap `model` in a PEFT LoRA initialised by `method`; the target base weights become residuals in place.
 
@@ -40,6 +41,9 @@ def get_ailora_model(
             W_res + s·B0·A0 (`init.dora.magnitude`), so the output is still unchanged at step 0.
         lora_dropout, adapter_name: passed to PEFT.
         progress: show a tqdm bar.
+        quantize: "nf4": each target's residual becomes a bitsandbytes `Linear4bit` (NF4, double quantisation), as
+            `decompose --quantize nf4` writes it, and PEFT wraps those (QLoRA on the residual: QPiSSA for PiSSA);
+            `loftq_iters` LoftQ alternations as `decompose --loftq-iters` (`decomposition.quantized`). Not with dora.
 
     Returns:
         The `PeftModel`. Save the initial adapter with `save_pretrained` before training to convert the trained
@@ -57,14 +61,16 @@ def get_ailora_model(
         >>> Trainer(model=model, args=args, train_dataset=ds).train()  # doctest: +SKIP
     """
     try:
-        return _wrap(model, options, settings, lora_dropout=lora_dropout, adapter_name=adapter_name, progress=progress)
+        return _wrap(model, options, settings, lora_dropout=lora_dropout, adapter_name=adapter_name, progress=progress,
+                     quantize=quantize, loftq_iters=loftq_iters)
     except AiloraError as e:  # the checks are shared with the commands: name the arguments, not the flags
         e.args = (re.sub(r"--(role|[a-z]+(?:-[a-z]+)*)\b",
                          lambda m: "roles" if m[1] == "role" else m[1].replace("-", "_"), str(e)),)
         raise
 
 
-def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: str, progress: bool):
+def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: str, progress: bool,
+          quantize: str | None, loftq_iters: int):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -78,6 +84,7 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
                                "transformers model (before get_peft_model / get_ailora_model, or after "
                                "merge_and_unload())")
     o = InitOptions.build(options, **settings)
+    DecomposeOptions(**asdict(o), quantize=quantize, loftq_iters=loftq_iters)  # the same checks as decompose's
     method, rank, alpha, rslora = o.method, o.rank, o.lora_alpha, o.rslora
     init = get_method(method)
     if init.needs_data:
@@ -100,13 +107,19 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
                       lora_dropout=lora_dropout, bias="none", init_lora_weights=True, task_type=task,
                       modules_to_save=heads or None,
                       fan_in_fan_out=any(is_transposed(m, arch) for m in role_of), use_dora=o.dora)
-    peft_model = get_peft_model(model, lora, adapter_name=adapter_name)
     params = Settings(rank, lora_scale(rank, alpha, rslora), o.svd, o.niter, o.oversample, o.seed)
     dev = resolve_device(o.device)
-    for m in tqdm(sorted(role_of), desc=f"{method} init", unit="matrix", disable=not progress):
+    if quantize:  # the residuals become Linear4bit layers before PEFT wraps them (its bitsandbytes LoRA layers)
+        if arch.transposed:
+            raise UnsupportedError(f"quantize={quantize!r}: {type(model).__name__} stores its linear weights "
+                                   "transposed (Conv1D), which bitsandbytes does not quantise; leave quantize out")
+        initial = _quantize_targets(model, layers, role_of, init, params, dev, loftq_iters, progress)
+    peft_model = get_peft_model(model, lora, adapter_name=adapter_name)
+    for m in tqdm(sorted(role_of), desc=f"{method} init", unit="matrix", disable=not progress or bool(quantize)):
         layer = peft_model.base_model.model.get_submodule(m)
         W = layer.get_base_layer().weight
-        A0, B0, residual = _initialise(W.detach(), init, m, role_of[m], is_transposed(m, arch), params, dev)
+        A0, B0, residual = (*initial[m], None) if quantize else _initialise(
+            W.detach(), init, m, role_of[m], is_transposed(m, arch), params, dev)
         with torch.no_grad():
             layer.lora_A[adapter_name].weight.copy_(A0)
             layer.lora_B[adapter_name].weight.copy_(B0)
@@ -118,14 +131,44 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
     return peft_model
 
 
+def _quantize_targets(model, layers: dict, role_of: dict, init, params, device, iters: int, progress: bool) -> dict:
+    """Replace each target Linear by a bitsandbytes Linear4bit holding its quantised residual (`decompose
+    --quantize`'s own code); return module -> (A0, B0) as the adapter starts."""
+    from ..decomposition.quantized import quantized_residual, refits
+    from ..decomposition.residual import initial_factors, working_copy
+    from ..quantization.nf4 import linear4bit
+
+    initial = {}
+    for m in tqdm(sorted(role_of), desc="quantise", unit="matrix", disable=not progress):
+        W = layers[m].weight.detach()
+        job = _job(m, W, role_of[m], False)
+        Wc = working_copy(job, W, device)
+        A0, B0, _ = initial_factors(job, Wc if init.needs_weights else None, init, params,
+                                    device=device if init.needs_weights else "cpu")
+        parts, A0, B0, _ = quantized_residual(job, Wc, A0, B0, params, dtype=job.tensor.dtype, iters=iters,
+                                              refit=refits(job, init.offsets_base))
+        del Wc
+        parent, _, name = m.rpartition(".")
+        setattr(model.get_submodule(parent), name, linear4bit({k: v.to(W.device) for k, v in parts.items()},
+                                                               layers[m].bias))
+        initial[m] = (A0, B0)
+    model.is_loaded_in_4bit = True  # as transformers marks a bitsandbytes model: PEFT then wraps with its 4-bit LoRA
+    return initial
+
+
+def _job(module: str, W: torch.Tensor, role: str | None, transposed: bool) -> Job:
+    from ..io.tensorio import TensorInfo
+
+    return Job(module, TensorInfo(f"{module}.weight", "the model in memory", _stored_dtype(W), tuple(W.shape), 0, 0),
+               role, transposed)
+
+
 def _initialise(W: torch.Tensor, init, module: str, role: str | None, transposed: bool, params, device):
     """(A0, B0, residual as stored or None) for one target, with decompose's own code and per-module seed."""
     from ..decomposition.residual import residual_target
     from ..init.svd import generator_for
-    from ..io.tensorio import TensorInfo
 
-    job = Job(module, TensorInfo(f"{module}.weight", "the model in memory", _stored_dtype(W), tuple(W.shape), 0, 0),
-              role, transposed)
+    job = _job(module, W, role, transposed)
     if not init.offsets_base:  # plain LoRA: the base stays as it is
         A0, B0, _ = init.factors(job, None, params, generator=generator_for(params.seed, module, "cpu"))
         return A0, B0, None

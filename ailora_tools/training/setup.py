@@ -76,7 +76,7 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
         initial, mode, warning = None, None, None
     else:
         initial = read_adapter(adapter, dora=True)
-        initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config)
+        initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config, takes_nf4=True)
         mode = resolve_adapter_base(o.adapter_base, adapter)
         warning = check_base(adapter, ckpt, flag="--base", force=force)
     tok, pad_id = load_tokenizer(o.tokenizer or base, flag="--tokenizer" if o.tokenizer else "--base")
