@@ -61,6 +61,8 @@ class Replaced:
     tensor: "torch.Tensor"
     extras: dict[str, "torch.Tensor"] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
+    #: the tensors written beside it, by output name, as `rewrite_checkpoint`'s `parts` planned them
+    parts: dict[str, "torch.Tensor"] = field(default_factory=dict)
 
 
 #: compute(info, W) -> Replaced
@@ -103,7 +105,8 @@ def rewrite_checkpoint(
     ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]], compute: Compute, *,
     hashes: Hashes, out_dtype: str | None = None, added: dict[str, "torch.Tensor"] | None = None,
     renamed: dict[str, str] | None = None, files: dict[str, bytes] | None = None, progress: bool = True,
-    desc: str = "",
+    desc: str = "", parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None = None,
+    dropped: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, tuple[dict, dict]]:
     """Write `od/subdir` as a copy of the checkpoint whose tensors in `plan` are replaced.
 
@@ -116,11 +119,16 @@ def rewrite_checkpoint(
             result use source names).
         files: new contents for non-weight files of the checkpoint (relative POSIX path, e.g. "config.json"),
             written instead of a copy.
+        parts: replaced tensors stored as several (a quantised weight and its scales): source name -> {output
+            name: (dtype, shape)}, the source name first (what `Replaced.tensor` holds), the others from
+            `Replaced.parts`; all of them in the source tensor's shard and in the index. Shapes are planned here,
+            before anything is computed, so that each shard's header is written first.
+        dropped: tensors left out of the output (and its index): the scales of a quantised weight stored otherwise.
 
     Returns:
         Tensor name -> (extras, record) of every replaced tensor, computed now or by an earlier run (`--resume`).
     """
-    added, renamed, files = added or {}, renamed or {}, files or {}
+    added, renamed, files, parts = added or {}, renamed or {}, files or {}, parts or {}
     for name in ckpt.extra_files:
         if name in files:
             _write_small(od, hashes, ckpt.root / name, name, _rel(subdir, name), files[name])
@@ -146,7 +154,7 @@ def rewrite_checkpoint(
             for s in todo[i:i + COPY_AHEAD]:  # the copies of the next shards overlap this one's compute
                 if s not in jobs and (s == shard or ckpt.ready(s)):  # a Hub shard waits only when it is this one
                     jobs[s] = _start(ckpt.shard(s), od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier,
-                                     added if s == last else {}, renamed)
+                                     added if s == last else {}, renamed, parts, dropped)
             bar.set_description(f"{desc} {shard}".strip(), refresh=False)
             job = jobs[shard]
             source = hashes.add("source", shard, job.header.path)
@@ -154,6 +162,14 @@ def rewrite_checkpoint(
                 for name in plan.get(shard, []):
                     new = compute(job.header.tensors[name], read_tensor(job.header, name, src.fileno()))
                     results[name] = (new.extras, new.record)
+                    if name in parts:  # a tensor stored as several, each checked against its planned place
+                        given = {name: new.tensor, **new.parts}
+                        if set(given) != set(parts[name]):
+                            raise ValueError(f"{name!r}: computed parts {sorted(given)}, planned {sorted(parts[name])}")
+                        for part, t in given.items():
+                            _write_part(job, part, t, parts[name][part], od.partial(_rel(subdir, shard)))
+                        bar.update(1)
+                        continue
                     data = tensor_bytes(new.tensor)  # its range is not part of the copy, so it is written at once
                     if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
                         raise OSError(f"short write of {name!r} into {od.partial(_rel(subdir, shard))}")
@@ -186,9 +202,20 @@ def rewrite_checkpoint(
         hasher.shutdown(wait=True)
         for job in jobs.values():
             os.close(job.fd)
-    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(added) or bool(renamed),
-                 added={n: last for n in added}, renamed=renamed)
+    split = {p: ckpt.tensors[n].file for n, ps in parts.items() for p in ps if p != n}
+    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(added) or bool(renamed) or bool(parts)
+                 or bool(dropped), added={n: last for n in added} | split, renamed=renamed, dropped=dropped)
     return results
+
+
+def _write_part(job: _Job, name: str, t: "torch.Tensor", planned: tuple[str, tuple[int, ...]], where: Path) -> None:
+    """Write one planned part of a replaced tensor at its offset, refusing any other dtype or shape."""
+    if (dtype_name(t.dtype), tuple(t.shape)) != (planned[0], tuple(planned[1])):
+        raise ValueError(f"{name!r} is {dtype_name(t.dtype)}{list(t.shape)}, but {planned[0]}{list(planned[1])} was "
+                         f"planned for it in {where}")
+    data = tensor_bytes(t)
+    if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
+        raise OSError(f"short write of {name!r} into {where}")
 
 
 def pending(ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]]) -> list[str]:
@@ -234,9 +261,10 @@ def _rel(subdir: str, name: str) -> str:
 
 
 def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier,
-           added: dict[str, "torch.Tensor"], renamed: dict[str, str]) -> _Job:
+           added: dict[str, "torch.Tensor"], renamed: dict[str, str], parts: dict, dropped=frozenset()) -> _Job:
     head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names},
-                                   {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()}, renamed)
+                                   {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()}, renamed,
+                                   {n: parts[n] for n in names if n in parts}, dropped)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
 
@@ -256,14 +284,14 @@ def _write_small(od: OutputDir, hashes: Hashes, src: Path, name: str, rel: str, 
 
 
 def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, changed: bool,
-                 added: dict[str, str], renamed: dict[str, str]) -> None:
+                 added: dict[str, str], renamed: dict[str, str], dropped=frozenset()) -> None:
     if ckpt.index_file is None:
         return
     rel, src = _rel(subdir, ckpt.index_file), ckpt.root / ckpt.index_file
     if not changed:
         return _copy_small(od, hashes, src, ckpt.index_file, rel)
     doc = json.loads(src.read_text())
-    doc["weight_map"] = {renamed.get(k, k): v for k, v in doc["weight_map"].items()} | added
+    doc["weight_map"] = {renamed.get(k, k): v for k, v in doc["weight_map"].items() if k not in dropped} | added
     doc.setdefault("metadata", {})["total_size"] = sum(
         (od.path / subdir / s).stat().st_size - read_header(od.path / subdir / s).data_start for s in ckpt.shards)
     with od.open_atomic(rel, "w") as f:

@@ -1,0 +1,106 @@
+"""An NF4-quantised residual (`decompose --quantize nf4`) read back: which weights are packed, their dequantised
+values, and the three checkpoints a trained adapter on it involves.
+
+A packed weight `M.weight` is stored as transformers saves a bitsandbytes 4-bit model: `M.weight` (uint8, two codes
+a byte) beside `M.weight.absmax`, `.quant_map`, `.nested_absmax`, `.nested_quant_map` and
+`.quant_state.bitsandbytes__nf4` (JSON). The model that was trained is dequant(Q) + s·B·A: what every export of
+such an adapter is measured against (`rel_error`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import InputNotFoundError, UnsupportedError
+from ..io.checkpoint import Checkpoint
+from ..manifests import DECOMPOSE_MANIFEST, RESIDUAL_DIR, read_manifest
+
+if TYPE_CHECKING:
+    import torch
+
+STATE = "quant_state.bitsandbytes__nf4"
+#: the tensors beside a packed `M.weight`: M.weight.SUFFIX
+PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", STATE)
+
+
+def quantized_weights(tensors) -> set[str]:
+    """The names of the NF4-packed weights among a checkpoint's tensor names."""
+    return {n[: -len(STATE) - 1] for n in tensors if n.endswith("." + STATE)}
+
+
+def packed_shape(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
+    """The [out, in] shape a packed weight dequantises to (its quant state's JSON)."""
+    from ..io.tensorio import read_tensor
+
+    raw = read_tensor(ckpt.shard(ckpt.tensors[f"{name}.{STATE}"].file), f"{name}.{STATE}")
+    return tuple(json.loads(bytes(raw.numpy()).decode())["shape"])
+
+
+def read_dequantized(ckpt: Checkpoint, name: str) -> "torch.Tensor":
+    """Tensor `name` as float32: an NF4-packed weight dequantised with bitsandbytes (`QuantState.from_dict` +
+    `dequantize_4bit`, the values transformers computes with), any other tensor as stored.
+
+    Raises:
+        UnsupportedError: a packed weight and no bitsandbytes.
+    """
+    from ..io.tensorio import read_tensor
+
+    def read(n):
+        return read_tensor(ckpt.shard(ckpt.tensors[n].file), n)
+
+    if f"{name}.{STATE}" not in ckpt.tensors:
+        return read(name).float()
+    try:
+        import bitsandbytes.functional as F
+    except ImportError as e:
+        raise UnsupportedError(f"{ckpt.source}: {name} is NF4-quantised; reading it needs bitsandbytes "
+                               "(pip install 'ailora-tools[quant]')") from e
+    state = F.QuantState.from_dict({k: read(f"{name}.{k}") for k in PARTS if f"{name}.{k}" in ckpt.tensors},
+                                   device="cpu")
+    return F.dequantize_4bit(read(name), state).float()
+
+
+def rel_error(result: "torch.Tensor", reference: "torch.Tensor") -> float:
+    """‖result − reference‖_F / ‖reference‖_F in float64 (0 for a zero reference equal to the result)."""
+    import torch
+
+    ref = reference.double()
+    norm = float(torch.linalg.vector_norm(ref))
+    diff = float(torch.linalg.vector_norm(result.double() - ref))
+    return diff / norm if norm > 0 else diff
+
+
+def is_quantized_residual(path: str | os.PathLike) -> bool:
+    """Whether a model directory holds NF4-packed weights (its config.json has a bitsandbytes quantization_config)."""
+    q = read_manifest(Path(path) / "config.json").get("quantization_config") or {}
+    return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit"))
+
+
+@dataclass
+class QuantizedRun:
+    """A trained adapter's quantised residual and the original it was decomposed from, as checkpoints."""
+
+    residual: Checkpoint
+    original: str  # the original model (path or Hub id) decompose read
+    packed: set[str]  # NF4-packed weight names in the residual
+
+    def open_original(self) -> Checkpoint:
+        try:
+            return Checkpoint.open(self.original)
+        except Exception as e:
+            raise InputNotFoundError(f"the original model {self.original} the quantised residual was decomposed from "
+                                     f"cannot be opened ({e}); it is needed for its float layout and weights") from e
+
+
+def quantized_run(initial: str | os.PathLike) -> QuantizedRun | None:
+    """The quantised residual beside an initial adapter (decompose's OUT/adapter), or None when it is float."""
+    out = Path(initial).parent
+    residual = out / RESIDUAL_DIR
+    if not residual.is_dir() or not is_quantized_residual(residual):
+        return None
+    ckpt = Checkpoint.open(residual)
+    original = (read_manifest(out / DECOMPOSE_MANIFEST).get("source") or {}).get("model")
+    return QuantizedRun(ckpt, original, quantized_weights(ckpt.tensors))
