@@ -104,3 +104,46 @@ def quantized_run(initial: str | os.PathLike) -> QuantizedRun | None:
     ckpt = Checkpoint.open(residual)
     original = (read_manifest(out / DECOMPOSE_MANIFEST).get("source") or {}).get("model")
     return QuantizedRun(ckpt, original, quantized_weights(ckpt.tensors))
+
+
+def float_view(ckpt: Checkpoint, dtype: str) -> dict:
+    """The checkpoint's tensors as the float model they dequantise to: packed weights with their [out, in] shape and
+    `dtype` (a safetensors dtype name), their scales left out."""
+    from dataclasses import replace
+
+    packed = quantized_weights(ckpt.tensors)
+    parts = {f"{n}.{k}" for n in packed for k in PARTS}
+    return {n: replace(t, shape=packed_shape(ckpt, n), dtype=dtype) if n in packed else t
+            for n, t in ckpt.tensors.items() if n not in parts}
+
+
+def compute_dtype(ckpt: Checkpoint) -> str:
+    """The safetensors dtype an NF4 checkpoint's packed weights dequantise to (its bnb_4bit_compute_dtype)."""
+    from ..io.tensorio import DTYPE_FLAGS
+
+    return DTYPE_FLAGS[(ckpt.config.get("quantization_config") or {}).get("bnb_4bit_compute_dtype") or "float32"]
+
+
+def trained_on(adapter: str | os.PathLike) -> tuple[QuantizedRun, "object"] | None:
+    """For an adapter trained on a quantised residual, or converted from one: the run and the TRAINED adapter
+    (whose dequant(Q) + s·B·A is the model every export is measured against); None otherwise."""
+    from ..io.peft_adapter import read_adapter
+    from ..manifests import CONVERT_MANIFEST, TRAIN_MANIFEST
+
+    d = Path(adapter)
+    converted = read_manifest(d / CONVERT_MANIFEST)
+    if converted.get("trained") and converted.get("initial"):
+        trained, initial = Path(converted["trained"]), Path(converted["initial"])
+    elif (d / TRAIN_MANIFEST).is_file():
+        trained, initial = d, Path(read_manifest(d / TRAIN_MANIFEST).get("initial_adapter", ""))
+    else:
+        return None
+    run = quantized_run(initial) if initial.name else None
+    return (run, read_adapter(trained)) if run is not None and trained.is_dir() else None
+
+
+def trained_reference(run: QuantizedRun, trained, name: str) -> "torch.Tensor":
+    """W_trained = dequant(Q) + s·B·A of weight `name` (float32): the model trained on the quantised residual."""
+    module = name.removesuffix(".weight")
+    W = read_dequantized(run.residual, name)
+    return W + trained.delta(module) if module in trained.factors else W

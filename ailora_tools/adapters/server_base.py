@@ -36,11 +36,12 @@ from ..io.hashing import file_digest
 from ..io.output import OutputDir
 from ..io.peft_adapter import read_adapter, write_adapter
 from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
-from ..io.tensorio import dtype_name, read_tensor
+from ..io.tensorio import dtype_name, read_tensor, torch_dtype
 from ..manifests import EXPORT_BASE_MANIFEST, RESIDUAL, base_of, check_base
 from ..options import choice
 from .nf4_residual import (
     PARTS,
+    compute_dtype,
     is_quantized_residual,
     packed_shape,
     quantized_weights,
@@ -165,14 +166,9 @@ def _scheme():
     return preset_name_to_scheme("W4A16", ["Linear"])
 
 
-def _compute_dtype(ckpt: Checkpoint) -> torch.dtype:
-    name = (ckpt.config.get("quantization_config") or {}).get("bnb_4bit_compute_dtype") or "float32"
-    return getattr(torch, name)
-
-
 def _write_w4a16(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, progress: bool) -> dict:
     """OUT/base: the residual with its NF4 weights (and their fused partners) as compressed-tensors W4A16."""
-    scheme, dtype = _scheme(), _compute_dtype(ckpt)
+    scheme, dtype = _scheme(), torch_dtype(compute_dtype(ckpt))
     packed = quantized_weights(ckpt.tensors)
     why = _vllm_quantized(ckpt, packed)
     shapes = {n: packed_shape(ckpt, n) if n in packed else tuple(ckpt.tensors[n].shape) for n in why}
