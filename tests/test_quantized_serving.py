@@ -1,7 +1,6 @@
 """Serving what was trained on an NF4-quantised residual: the base re-quantised for vLLM (compressed-tensors W4A16)
 and llama.cpp (GGUF Q4_0/Q8_0), convert and merge, each with its error against dequant(Q) + s·B·A measured."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,9 @@ from test_convert_merge import fake_training
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ailora_tools import convert, decompose, merge
-from ailora_tools.demo import data_file
 from ailora_tools.adapters.nf4_residual import read_dequantized
 from ailora_tools.adapters.server_base import export_base
+from ailora_tools.demo import data_file
 from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.manifests import stored_sample
 
