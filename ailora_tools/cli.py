@@ -297,6 +297,7 @@ def convert(trained, initial, out, max_rank, tolerance, dtype, base, server, max
             click.echo(f"  error {m:<40} {e:.3e}")
         return
     if not as_json:
+        _print_trained_errors(summary, "the LoRA on the original")
         if "serve_command" in summary:
             click.echo(f"serve with: {summary['serve_command']}")
         elif summary.get("vllm_max_lora_rank"):
@@ -328,6 +329,49 @@ def merge(base, adapter, out, dtype, revision, force, allow_pickle, overwrite, r
                   resume=resume, progress=_progress(quiet or as_json), force=force)
     if "worker" not in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
         _print_summary(summary, as_json, f"merged {summary['modules']} modules into {summary['output']}")
+        if not as_json:
+            _print_trained_errors(summary, "the merged model")
+
+
+def _print_trained_errors(summary: dict, what: str) -> None:
+    """For an adapter trained on a quantised residual: each weight's error against the model that was trained."""
+    if "trained_errors" not in summary:
+        return
+    click.echo(f"‖W − W_trained‖/‖W_trained‖ of {what} per weight (W_trained = dequant(Q) + s·B·A, the model trained "
+               f"on {summary['quantized_residual']}):")
+    for m, e in summary["trained_errors"].items():
+        click.echo(f"  {m:<48} {e:.3e}")
+
+
+@main.command("export-base")
+@click.argument("residual", type=click.Path())
+@click.option("--for", "server", required=True, type=click.Choice(["vllm", "llama.cpp"]),
+              help="vllm: compressed-tensors W4A16 pack-quantized (OUT/base, OUT/adapter); llama.cpp: a GGUF "
+                   "(OUT/base.gguf, OUT/adapter.gguf).")
+@click.option("--format", "fmt", type=click.Choice(["w4a16", "q4_0", "q8_0"]), default=None,
+              help="The base's weight format: w4a16 for vllm; q4_0 or q8_0 for llama.cpp [default: w4a16 / q4_0].")
+@click.option("--adapter", type=click.Path(), default=None,
+              help="The adapter trained on RESIDUAL: written beside the base as the server takes it.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory.")
+@_output_options
+@_fail_cleanly
+def export_base(residual, server, fmt, adapter, out, overwrite, as_json, quiet):
+    """Serve what was trained on a quantised residual (decompose --quantize nf4): write RESIDUAL re-quantised in the
+    server's base format, and the adapter unchanged as its LoRA; print each re-quantised weight's error
+    ‖dequant_server(W) − dequant_nf4(W)‖/‖dequant_nf4(W)‖. (vLLM also loads RESIDUAL as it is: --quantization
+    bitsandbytes.)"""
+    from .adapters.server_base import export_base as run
+
+    summary = run(residual, out, server=server, fmt=fmt, adapter=adapter, overwrite=overwrite,
+                  progress=_progress(quiet or as_json))
+    _print_summary(summary, as_json, f"wrote the {server} base of {residual} into {summary['output']}")
+    if not as_json:
+        click.echo("‖dequant_server(W) − dequant_nf4(W)‖/‖dequant_nf4(W)‖ per re-quantised weight:")
+        for m, e in summary["errors"].items():
+            click.echo(f"  {m:<48} {e:.3e}" + (" (float in the residual: fused with a quantised one)"
+                                               if m in summary.get("quantized_from_float", ()) else ""))
+        if "serve_command" in summary:
+            click.echo(f"serve with: {summary['serve_command']}")
 
 
 @main.command()

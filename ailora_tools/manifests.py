@@ -32,8 +32,10 @@ MERGE_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST = "ailora-merge.json", "spec
 #: every output's manifest, written last (a directory without one is not complete); `verify` knows them all
 #: `train --bitfit`'s output: trained bias terms (and a classification head), no adapter (`training.bitfit`)
 BITFIT_MANIFEST = "ailora-bitfit.json"
+#: `export-base`'s output: a quantised residual re-quantised for a server, and its adapter (`adapters.server_base`)
+EXPORT_BASE_MANIFEST = "ailora-export-base.json"
 MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST,
-             BITFIT_MANIFEST)
+             BITFIT_MANIFEST, EXPORT_BASE_MANIFEST)
 #: a decompose output's two directories; `convert --dora exact` writes DORA_BASE_DIR and ADAPTER_DIR
 RESIDUAL_DIR, ADAPTER_DIR, DORA_BASE_DIR = "residual", "adapter", "base"
 RESIDUAL, ORIGINAL = "residual", "original"
@@ -302,11 +304,6 @@ def _refuse_offset(adapter, meant: BaseOf) -> None:
         raise TargetError(f"{adapter} was trained on the original weights with the initial product s·B0·A0 "
                           "subtracted inside (exact mode), so alone it is not the trained change: run "
                           f"`ailora-tools convert --trained {adapter} -o LORA` and use LORA")
-
-
-def quantization_of(initial: str | os.PathLike) -> dict | None:
-    """decompose's `--quantize` settings for its initial adapter (OUT/adapter), or None when its residual is float."""
-    return read_manifest(Path(initial).parent / DECOMPOSE_MANIFEST).get("quantize")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

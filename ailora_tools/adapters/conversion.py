@@ -26,7 +26,6 @@ from ..errors import (
     InputNotFoundError,
     NumericsError,
     OptionError,
-    UnsupportedError,
 )
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
@@ -47,7 +46,6 @@ from ..manifests import (
     adapter_digest,
     check_base_dir,
     converted_identity,
-    quantization_of,
     read_manifest,
 )
 from ..options import at_least, choice
@@ -209,11 +207,6 @@ def convert(
         return export_for(trained, out, server=server, max_lora_rank=max_lora_rank, max_rank=max_rank,
                           tolerance=tolerance, dtype=dtype, base=base, overwrite=overwrite)
     initial = initial_adapter_of(trained, initial)
-    if quantization_of(initial):
-        raise UnsupportedError(f"--trained {trained}: trained on the NF4-quantised residual of {initial.parent} "
-                               "(decompose --quantize); a LoRA for the original model is not supported for it yet (the "
-                               "original differs from dequant(residual) + s·B0·A0 by the quantisation error): serve "
-                               "the adapter on that residual with PEFT")
     if base is not None and (original := converted_identity(trained, initial)) is not None:  # --base: that model?
         check_base_dir(trained, base, meant=BaseOf.from_block(original, manifest=str(trained / TRAIN_MANIFEST)))
     init_ad, tr_ad, task = read_adapter(initial), read_adapter(trained), task_record(trained)
@@ -252,13 +245,17 @@ def convert(
                                    max_lora_rank=max_lora_rank, tolerance=tolerance)
         config, factors, rank = lora.config, lora.factors, lora.config["r"]
         served["serve_command"] = serve_command(server, Path(out).absolute(), config["base_model_name_or_path"], rank)
+    from .nf4_residual import quantized_run
+
+    run = quantized_run(initial)
+    quantized = _trained_errors(run, tr_ad, Adapter(config, factors)) if run is not None else {}
     summary = {
         "trained": str(trained), "initial": str(initial), "output": str(Path(out).absolute()),
         "rank": rank, "lora_alpha": config["lora_alpha"], "use_rslora": rslora, "modules": len(factors),
         "vllm_max_lora_rank": served["vllm_max_lora_rank"] if served else vllm_max_lora_rank(rank),
         "worst_rel_fro_error": worst,
         "unchanged_modules": sorted(m for m, u in unchanged.items() if u), "errors": errors,
-        "modules_to_save": sorted(c.get("modules_to_save") or []), **served,
+        "modules_to_save": sorted(c.get("modules_to_save") or []), **served, **quantized,
     }
     with OutputDir(out, inputs=[trained, initial], overwrite=overwrite) as od:
         written = write_adapter(od.path, config, factors, dtype=torch_dtype(DTYPE_FLAGS[dtype]),
@@ -270,6 +267,22 @@ def convert(
         od.write_manifest(CONVERT_MANIFEST, {**summary, "task": task, "applies_to": converted_identity(trained, initial),
                                              "files": {"output": {p.name: file_digest(p) for p in written}}})
     return summary
+
+
+def _trained_errors(run, trained: Adapter, converted: Adapter) -> dict:
+    """For an adapter trained on a quantised residual: per weight ‖W + ΔW − W_trained‖ / ‖W_trained‖ with W_trained =
+    dequant(Q) + s·B·A (`nf4_residual`), what the LoRA on the original gives instead of the model that was trained:
+    the quantisation error, which no LoRA of the same rank removes. Read one matrix at a time."""
+    from .nf4_residual import read_dequantized, rel_error, trained_reference
+
+    original = run.open_original()
+    errors = {}
+    for name in sorted(run.packed | {f"{m}.weight" for m in trained.factors}):
+        m = name.removesuffix(".weight")
+        got = read_dequantized(original, name) + (converted.delta(m) if m in converted.factors else 0)
+        errors[m] = rel_error(got, trained_reference(run, trained, name))
+    return {"quantized_residual": str(run.residual.root), "trained_errors": errors,
+            "worst_trained_rel_fro_error": max(errors.values(), default=0.0)}
 
 
 def _name_or_path(base: str | None) -> str | None:

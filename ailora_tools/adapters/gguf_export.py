@@ -71,41 +71,12 @@ def gguf_tensors(adapter: Adapter, config: dict) -> tuple[str, float, dict[str, 
     return arch_name, alpha, out
 
 
-def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "f32",
-                overwrite: bool = False, force: bool = False) -> dict:
-    """Write a llama.cpp LoRA GGUF for `lora` on `base` (only the base's config.json is read).
-
-    Args:
-        lora: PEFT LoRA directory (e.g. from `convert`, relative to the ORIGINAL base).
-        base: the original base model directory.
-        out: the .gguf file to write (beside, then renamed).
-        outtype: f32, f16, bf16 or q8_0 (q8_0 needs rows that are multiples of 32; other tensors stay f16).
-        force: export although `base` holds weights that are not the model the adapter's manifests record.
-
-    Returns:
-        Summary: architecture, alpha, tensors, type of each, and the tensors q8_0 could not take.
-
-    Example:
-        >>> export_gguf("lora", "meta-llama/Llama-3.1-8B", "lora.gguf", outtype="q8_0")  # doctest: +SKIP
-    """
+def write_lora_gguf(path: Path, arch: str, alpha: float, tensors: dict[str, np.ndarray], outtype: str,
+                    ) -> tuple[dict[str, str], list[str]]:
+    """Write a LoRA GGUF at `path` (`gguf_tensors`' output); return each tensor's type and those q8_0 could not take."""
     import gguf
 
-    if outtype not in OUTTYPES:
-        raise UnsupportedError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
-    require_original(lora, "llama.cpp")
-    warning = check_base_dir(lora, base, flag="--base", force=force)
-    cfg_path = Path(base) / "config.json"
-    if not cfg_path.is_file():
-        raise InputNotFoundError(f"--base {base}: no config.json; pass the original base model directory")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputError(f"-o {out}: exists; pass --overwrite to replace it")
-    if Path(lora).resolve() in out.absolute().parents:
-        raise OutputError(f"-o {out}: lies inside the input {lora}; choose a path outside it")
-    adapter = read_adapter(lora)
-    arch, alpha, tensors = gguf_tensors(adapter, json.loads(cfg_path.read_text()))
-    tmp = out.with_name(f".{out.name}.partial")
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
@@ -123,11 +94,47 @@ def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.
         else:
             writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         types[name] = qtype.name
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return types, unquantized
+
+
+def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "f32",
+                overwrite: bool = False, force: bool = False) -> dict:
+    """Write a llama.cpp LoRA GGUF for `lora` on `base` (only the base's config.json is read).
+
+    Args:
+        lora: PEFT LoRA directory (e.g. from `convert`, relative to the ORIGINAL base).
+        base: the original base model directory.
+        out: the .gguf file to write (beside, then renamed).
+        outtype: f32, f16, bf16 or q8_0 (q8_0 needs rows that are multiples of 32; other tensors stay f16).
+        force: export although `base` holds weights that are not the model the adapter's manifests record.
+
+    Returns:
+        Summary: architecture, alpha, tensors, type of each, and the tensors q8_0 could not take.
+
+    Example:
+        >>> export_gguf("lora", "meta-llama/Llama-3.1-8B", "lora.gguf", outtype="q8_0")  # doctest: +SKIP
+    """
+    if outtype not in OUTTYPES:
+        raise UnsupportedError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    require_original(lora, "llama.cpp")
+    warning = check_base_dir(lora, base, flag="--base", force=force)
+    cfg_path = Path(base) / "config.json"
+    if not cfg_path.is_file():
+        raise InputNotFoundError(f"--base {base}: no config.json; pass the original base model directory")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputError(f"-o {out}: exists; pass --overwrite to replace it")
+    if Path(lora).resolve() in out.absolute().parents:
+        raise OutputError(f"-o {out}: lies inside the input {lora}; choose a path outside it")
+    adapter = read_adapter(lora)
+    arch, alpha, tensors = gguf_tensors(adapter, json.loads(cfg_path.read_text()))
+    tmp = out.with_name(f".{out.name}.partial")
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        types, unquantized = write_lora_gguf(tmp, arch, alpha, tensors, outtype)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

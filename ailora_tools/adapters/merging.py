@@ -36,6 +36,16 @@ from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 from ..manifests import MERGE_MANIFEST, base_of, check_base, fingerprints
 from ..training.bitfit import is_bitfit, read_bitfit
 from .conversion import task_record
+from .nf4_residual import (
+    PARTS,
+    compute_dtype,
+    float_view,
+    quantized_weights,
+    read_dequantized,
+    rel_error,
+    trained_on,
+    trained_reference,
+)
 
 
 def merge(
@@ -69,8 +79,10 @@ def merge(
         raise UnsupportedError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_FLAGS)}")
     lora = read_bitfit(adapter) if is_bitfit(adapter) else read_adapter(adapter, dora=True)  # BitFit: biases only
     ckpt = Checkpoint.open(base, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
-    tensors = ckpt.tensors
+    packed = quantized_weights(ckpt.tensors)  # an NF4 residual: merged as the float model it dequantises to
+    tensors = float_view(ckpt, DTYPE_FLAGS.get(dtype) or compute_dtype(ckpt)) if packed else ckpt.tensors
     weights = lora.check_fits(tensors, adapter=adapter, base=base, config=ckpt.config)
+    quant = trained_on(adapter)  # trained on a quantised residual: every merged weight measured against W_trained
     warning = check_base(adapter, ckpt, flag="BASE", force=force)
     module_of = {w: m for m, w in weights.items()}
     out_dtype = DTYPE_FLAGS.get(dtype)
@@ -79,9 +91,12 @@ def merge(
     if dtype is not None:
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
             config[key] = dtype
+    if packed:
+        config.pop("quantization_config", None)
+    measured = (quant[0].packed | {f"{m}.weight" for m in quant[1].factors}) if quant else set()
     plan: dict[str, list[str]] = {}  # with --dtype, every float tensor is cast, adapted or not
     for name, info in tensors.items():
-        if name in module_of or name in heads or (
+        if name in module_of or name in heads or name in packed or name in measured or (
                 out_dtype is not None and info.dtype in FLOAT_DTYPES and info.dtype != out_dtype):
             plan.setdefault(info.file, []).append(name)
     for names in plan.values():
@@ -91,6 +106,14 @@ def merge(
                 "applies_to": base_of(adapter).block(), **({"warnings": [f"--force: {warning}"]} if warning else {})}
 
     def compute(info: TensorInfo, W: torch.Tensor) -> Replaced:
+        if info.name in packed:
+            W, info = read_dequantized(ckpt, info.name).to(torch_dtype(tensors[info.name].dtype)), tensors[info.name]
+        new = _merged(info, W)
+        if quant and info.name in measured:
+            new.record["trained_rel_fro_error"] = rel_error(new.tensor, trained_reference(*quant, info.name))
+        return new
+
+    def _merged(info: TensorInfo, W: torch.Tensor) -> Replaced:
         target = torch_dtype(out_dtype) if out_dtype else W.dtype
         if info.name in heads:
             return Replaced(heads[info.name].to(target))
@@ -109,11 +132,18 @@ def merge(
     files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()} if config != ckpt.config else {}
     with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume, settings=settings) as od:
         done = rewrite_checkpoint(ckpt, od, "", plan, compute, hashes=hashes, out_dtype=out_dtype, added=added,
-                                  renamed=renamed, files=files, progress=progress, desc="merge")
+                                  renamed=renamed, files=files, progress=progress, desc="merge",
+                                  parts={n: {n: (tensors[n].dtype, tensors[n].shape)} for n in packed},
+                                  dropped={f"{n}.{k}" for n in packed for k in PARTS})
         largest = [r["max_abs_delta"] for _, r in done.values() if "max_abs_delta" in r]
         summary = {"output": str(od.path), "base": str(base), "adapter": str(adapter),
                    "modules": len(lora.factors), "max_abs_delta": max(largest, default=0.0),
                    "head_tensors": sorted([*heads, *added])}
+        if quant:  # ‖W_merged − (dequant(Q) + s·B·A)‖ / ‖…‖ per weight (`nf4_residual`)
+            errors = {n.removesuffix(".weight"): r["trained_rel_fro_error"] for n, (_, r) in done.items()
+                      if "trained_rel_fro_error" in r}
+            summary.update(quantized_residual=str(quant[0].residual.root), trained_errors=dict(sorted(errors.items())),
+                           worst_trained_rel_fro_error=max(errors.values(), default=0.0))
         od.write_manifest(MERGE_MANIFEST, {**settings, "files": hashes.result(), "summary": summary})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary

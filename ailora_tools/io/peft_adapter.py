@@ -56,7 +56,7 @@ class Adapter:
         """Every adapted module exists in the base (`tensors`: name -> TensorInfo) with a matching float shape.
 
         A base weight stored NF4-packed (decompose --quantize) fits when its element count does, for callers that
-        `takes_nf4` (train); the others (merge, convert, spectrum) refuse it.
+        `takes_nf4` (train); the others refuse it (merge reads such a base through `adapters.nf4_residual.float_view`).
 
         Module names may differ from the base's tensor names by the base model prefix (`model_names.match`, with
         the base's `config`): an adapter for BertForSequenceClassification fits a bare BertModel checkpoint.
@@ -83,9 +83,9 @@ class Adapter:
             shape = (B.shape[0], A.shape[1])
             if f"{info.name}.{NF4_STATE}" in tensors:
                 if not takes_nf4:
-                    raise UnsupportedError(f"{base}: {info.name} is NF4-quantised (decompose --quantize); only train "
-                                           "and PEFT take a quantised base so far: for this command, decompose without "
-                                           "--quantize")
+                    raise UnsupportedError(f"{base}: {info.name} is NF4-quantised (decompose --quantize); this command "
+                                           "takes float weights (train, convert, merge and export-base take an NF4 "
+                                           "residual): decompose without --quantize")
                 if info.shape[0] != -(-shape[0] * shape[1] // 2):
                     raise TargetError(f"{adapter}: {m} is {shape[0]}x{shape[1]} in the adapter but the NF4 weight "
                                       f"{info.name} in {info.file} holds {info.shape[0]} bytes; pass the matching base")

@@ -106,6 +106,7 @@ def rewrite_checkpoint(
     hashes: Hashes, out_dtype: str | None = None, added: dict[str, "torch.Tensor"] | None = None,
     renamed: dict[str, str] | None = None, files: dict[str, bytes] | None = None, progress: bool = True,
     desc: str = "", parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None = None,
+    dropped: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, tuple[dict, dict]]:
     """Write `od/subdir` as a copy of the checkpoint whose tensors in `plan` are replaced.
 
@@ -122,6 +123,7 @@ def rewrite_checkpoint(
             name: (dtype, shape)}, the source name first (what `Replaced.tensor` holds), the others from
             `Replaced.parts`; all of them in the source tensor's shard and in the index. Shapes are planned here,
             before anything is computed, so that each shard's header is written first.
+        dropped: tensors left out of the output (and its index): the scales of a quantised weight stored otherwise.
 
     Returns:
         Tensor name -> (extras, record) of every replaced tensor, computed now or by an earlier run (`--resume`).
@@ -152,7 +154,7 @@ def rewrite_checkpoint(
             for s in todo[i:i + COPY_AHEAD]:  # the copies of the next shards overlap this one's compute
                 if s not in jobs and (s == shard or ckpt.ready(s)):  # a Hub shard waits only when it is this one
                     jobs[s] = _start(ckpt.shard(s), od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier,
-                                     added if s == last else {}, renamed, parts)
+                                     added if s == last else {}, renamed, parts, dropped)
             bar.set_description(f"{desc} {shard}".strip(), refresh=False)
             job = jobs[shard]
             source = hashes.add("source", shard, job.header.path)
@@ -201,8 +203,8 @@ def rewrite_checkpoint(
         for job in jobs.values():
             os.close(job.fd)
     split = {p: ckpt.tensors[n].file for n, ps in parts.items() for p in ps if p != n}
-    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(added) or bool(renamed) or bool(parts),
-                 added={n: last for n in added} | split, renamed=renamed)
+    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(added) or bool(renamed) or bool(parts)
+                 or bool(dropped), added={n: last for n in added} | split, renamed=renamed, dropped=dropped)
     return results
 
 
@@ -259,10 +261,10 @@ def _rel(subdir: str, name: str) -> str:
 
 
 def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier,
-           added: dict[str, "torch.Tensor"], renamed: dict[str, str], parts: dict) -> _Job:
+           added: dict[str, "torch.Tensor"], renamed: dict[str, str], parts: dict, dropped=frozenset()) -> _Job:
     head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names},
                                    {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()}, renamed,
-                                   {n: parts[n] for n in names if n in parts})
+                                   {n: parts[n] for n in names if n in parts}, dropped)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
 
@@ -282,14 +284,14 @@ def _write_small(od: OutputDir, hashes: Hashes, src: Path, name: str, rel: str, 
 
 
 def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, changed: bool,
-                 added: dict[str, str], renamed: dict[str, str]) -> None:
+                 added: dict[str, str], renamed: dict[str, str], dropped=frozenset()) -> None:
     if ckpt.index_file is None:
         return
     rel, src = _rel(subdir, ckpt.index_file), ckpt.root / ckpt.index_file
     if not changed:
         return _copy_small(od, hashes, src, ckpt.index_file, rel)
     doc = json.loads(src.read_text())
-    doc["weight_map"] = {renamed.get(k, k): v for k, v in doc["weight_map"].items()} | added
+    doc["weight_map"] = {renamed.get(k, k): v for k, v in doc["weight_map"].items() if k not in dropped} | added
     doc.setdefault("metadata", {})["total_size"] = sum(
         (od.path / subdir / s).stat().st_size - read_header(od.path / subdir / s).data_start for s in ckpt.shards)
     with od.open_atomic(rel, "w") as f:

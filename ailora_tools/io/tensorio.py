@@ -187,12 +187,13 @@ def tensor_bytes(t) -> memoryview:
 
 def layout(header: ShardHeader, replaced: dict[str, str], added: dict[str, tuple[str, tuple[int, ...]]] | None = None,
            renamed: dict[str, str] | None = None, parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None = None,
-           ) -> tuple[bytes, dict[str, int], list[tuple[int, int, int]]]:
+           dropped: set[str] | frozenset[str] = frozenset()) -> tuple[bytes, dict[str, int], list[tuple[int, int, int]]]:
     """Plan an output shard whose tensors named in `replaced` get new bytes, of the dtype given there.
 
     `added` names new tensors (dtype, shape), placed after the existing ones; `renamed` gives existing tensors
     new names in the output header (source name -> output name); `parts` gives replaced tensors that become
-    several (a quantised weight and its scales): source name -> {output name: (dtype, shape)}, in their place.
+    several (a quantised weight and its scales): source name -> {output name: (dtype, shape)}, in their place;
+    `dropped` names tensors left out of the output.
     Returns the header bytes to write (8-byte length included; empty when the header is copied: no dtype
     change, nothing added or renamed), each tensor's absolute file offset in the new file (by its source
     name), and the copy operations (src_offset, dst_offset, length), merged into runs, that carry everything
@@ -200,7 +201,8 @@ def layout(header: ShardHeader, replaced: dict[str, str], added: dict[str, tuple
     """
     renamed = {n: to for n, to in (renamed or {}).items() if n in header.tensors}
     parts = {n: p for n, p in (parts or {}).items() if n in replaced}
-    if not added and not renamed and not parts and all(header.tensors[n].dtype == d for n, d in replaced.items()):
+    dropped = {n for n in dropped if n in header.tensors}
+    if not added and not renamed and not parts and not dropped and all(header.tensors[n].dtype == d for n, d in replaced.items()):
         head, offsets = b"", {n: header.data_start + t.begin for n, t in header.tensors.items()}
         keep, at = [], 0
         for t in sorted((header.tensors[n] for n in replaced), key=lambda t: t.begin):
@@ -211,7 +213,7 @@ def layout(header: ShardHeader, replaced: dict[str, str], added: dict[str, tuple
         doc, starts, pos = {}, {}, 0
         if header.metadata:
             doc["__metadata__"] = header.metadata
-        ordered = sorted(header.tensors.values(), key=lambda t: t.begin)
+        ordered = sorted((t for t in header.tensors.values() if t.name not in dropped), key=lambda t: t.begin)
         entries = [e for t in ordered for e in (
             [(n, d, shape, math.prod(shape)) for n, (d, shape) in parts[t.name].items()] if t.name in parts
             else [(t.name, replaced.get(t.name, t.dtype), t.shape, t.nbytes // DTYPES[t.dtype][1])])]
