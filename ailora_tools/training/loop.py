@@ -27,23 +27,26 @@ def evaluate(run: Run) -> dict[str, float] | None:
 
 
 def next_batch(run: Run, state: dict) -> dict[str, torch.Tensor]:
-    """The next micro-batch: each epoch in its own seeded order, the position kept in `state` for --resume."""
+    """The next micro-batch (all ranks' rows, on the CPU): each epoch in its own seeded order, the position kept
+    in `state` for --resume."""
     examples, size = run.data.train, run.options.batch_size
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(run.options.seed * 100003 + state["epoch"]))
     idx = order[state["pos"]: state["pos"] + size].tolist()
     state["pos"] += size
     if state["pos"] >= len(examples):
         state["epoch"], state["pos"] = state["epoch"] + 1, 0
-    return {k: v.to(run.device) for k, v in run.data.collate([examples[i] for i in idx]).items()}
+    return run.data.collate([examples[i] for i in idx])
 
 
-def train_steps(run: Run, state: dict, metrics: Metrics, checkpointer: Checkpointer, *, progress: bool) -> None:
+def train_steps(run: Run, state: dict, metrics: Metrics | None, checkpointer: Checkpointer | None, *,
+                progress: bool) -> None:
     """Run optimizer steps from `state["step"]` to `run.total`, a record each, a checkpoint every --save-every.
+    Ranks ≥ 1 of a torchrun launch (`metrics` and `checkpointer` None) compute their share and write nothing.
 
     Raises:
         NumericsError: a non-finite training loss (the output then has no manifest).
     """
-    o, model = run.options, run.model
+    o, model, ranks = run.options, run.model, run.ranks
     model.train()
     bar = tqdm(total=run.total, initial=state["step"], desc="train", disable=not progress)
     while state["step"] < run.total:
@@ -53,11 +56,14 @@ def train_steps(run: Run, state: dict, metrics: Metrics, checkpointer: Checkpoin
         step_loss, tokens, t0 = 0.0, 0, time.perf_counter()
         for _ in range(o.grad_accum):
             batch = next_batch(run, state)
-            tokens += int(batch["attention_mask"].sum())
+            part, share = ranks.shard(batch, run.task.loss_weight(batch["labels"]), run.task.loss_weight)
+            tokens += int(part["attention_mask"].sum()) if share else 0
             with torch.autocast("cuda", torch.bfloat16, enabled=run.autocast):
-                loss = model(**batch).loss / o.grad_accum
+                loss = model(**{k: v.to(run.device) for k, v in part.items()}).loss * share / o.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
+        step_loss, tokens = ranks.sum_gradients([p for p in run.params if p.requires_grad], step_loss, tokens)
+        tokens = int(tokens)
         if not math.isfinite(step_loss):
             raise NumericsError(f"step {state['step'] + 1}: the training loss is {step_loss}; lower --lr, use "
                                 "--dtype float32, or check the data (the output has no manifest)")
@@ -68,6 +74,8 @@ def train_steps(run: Run, state: dict, metrics: Metrics, checkpointer: Checkpoin
             torch.cuda.synchronize(run.device)
         state["step"] += 1
         state.update(extra)  # recorded in checkpoints
+        if metrics is None:  # a rank ≥ 1: rank 0 records, evaluates and saves
+            continue
         record = {"step": state["step"], "loss": step_loss, "lr": run.scheduler.get_last_lr()[0], "tokens": tokens,
                   "seconds": round(time.perf_counter() - t0, 4), **extra}
         if o.eval_every and state["step"] % o.eval_every == 0:

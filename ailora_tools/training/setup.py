@@ -15,6 +15,7 @@ import torch
 from .. import __version__
 from ..architectures import match
 from ..devices import resolve_device
+from ..distributed import use_local_gpu
 from ..errors import InputNotFoundError
 from ..io.checkpoint import Checkpoint
 from ..io.examples import check_rows
@@ -23,6 +24,7 @@ from ..io.tokenizer import load_tokenizer
 from ..manifests import check_base, train_identity
 from ..options import TrainOptions
 from .bitfit import BitFit, check_bitfit, load_bitfit_model
+from .data_parallel import Ranks
 from .exact_mode import resolve_adapter_base, subtract_initial
 from .progressive import Progressive
 from .tasks import Data, Task, load_data, load_model, resolve_task
@@ -46,6 +48,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     settings: dict  # what --resume compares; the manifest records it with the options
+    ranks: Ranks  # this process's rank and the number of ranks (torchrun); Ranks() for one process
     #: step hooks (Progtuning): `before_step(step) -> dict` adds fields to the step's record
     hooks: list = field(default_factory=list)
 
@@ -69,6 +72,7 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
     ckpt, task = check(base, data, o)
     from transformers import get_scheduler
 
+    use_local_gpu(o.device)  # under torchrun: "auto" and "cuda" are this rank's GPU
     dev = resolve_device(o.device)
     autocast = dev.type == "cuda" and o.dtype in ("auto", "bfloat16")
     if o.bitfit or adapter is None:  # BitFit: the base's own bias terms train, no adapter (`bitfit`)
@@ -98,6 +102,8 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
     model, config, task_info = (load_bitfit_model(task, base, labels=ds.labels, dtype=frozen) if o.bitfit else
                                 load_model(task, base, adapter, labels=ds.labels, dtype=frozen))
     model = model.to(dev)
+    if o.gradient_checkpointing:  # non-reentrant: no input needs requires_grad; the blocks' inner hooks run again
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if mode == "original":  # the initial factors under the model class's module names
         names = match(initial.factors, {n for n, _ in model.get_base_model().named_modules()},
                       prefix=task_info["base_model_prefix"])
@@ -108,7 +114,7 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
     scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps(total),
                               num_training_steps=total)
     return Run(o, task, ds, model, config, task_info, dev, autocast, mode, total, params, optimizer, scheduler,
-               settings, hooks)
+               settings, Ranks.start(dev), hooks)
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list:
