@@ -181,6 +181,9 @@ class TrainOptions(Options):
     gradient_checkpointing: bool = option(False, "Recompute each block's activations in the backward pass instead "
                                           "of keeping them (less memory for long sequences, about a third more "
                                           "compute; the same gradients).")
+    fsdp: bool = option(False, "Under torchrun: shard the model across the ranks (torch's FSDP2, one unit per "
+                        "transformer block), each device holding 1/N of the weights, for a base that does not fit "
+                        "on one device.")
     bitfit: bool = option(False, "BitFit: train only the bias terms of --base (and a classification head), no "
                           "--adapter; `merge BASE OUT` writes them into the model.")
 

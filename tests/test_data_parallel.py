@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cli, killed_at_update
+from conftest import cli, killed_at_update, one_line_error
 from safetensors.torch import load_file
 from test_distributed import ONE_THREAD, torchrun
 
@@ -90,8 +90,9 @@ def test_shares_of_the_ranks_add_up_to_the_loss_of_one_process(decomposed):
     assert Ranks().shard(batch, weight, run.task.loss_weight) == (batch, 1.0)
 
 
-def test_two_ranks_train_what_one_process_trains_and_rank_0_alone_writes(decomposed, straight, tmp_path):
-    ran = torchrun(*args(decomposed, tmp_path / "two"), "--json")
+@pytest.mark.parametrize("fsdp", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_ranks_train_what_one_process_trains_and_rank_0_alone_writes(decomposed, straight, tmp_path, fsdp):
+    ran = torchrun(*args(decomposed, tmp_path / "two"), "--json", *fsdp)
     assert ran.returncode == 0, ran.stderr
     summary = json.loads(ran.stdout)  # rank 0 alone reports; rank 1 prints nothing
     assert summary["processes"] == 2 and summary["steps"] == 6
@@ -101,11 +102,12 @@ def test_two_ranks_train_what_one_process_trains_and_rank_0_alone_writes(decompo
     assert cli("verify", tmp_path / "two").exit_code == 0
 
 
-def test_killed_on_two_ranks_resumes_on_one(decomposed, straight, tmp_path):
+def test_killed_on_two_sharded_ranks_resumes_on_one(decomposed, straight, tmp_path):
+    """--fsdp: the checkpoints hold the whole tensors (gathered), which one process resumes from."""
     killer = tmp_path / "kill.py"
     killer.write_text(KILL_AT_UPDATE)
     ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(killer), "6", *map(str, args(decomposed, tmp_path / "out")), "--quiet"],
+                          str(killer), "6", *map(str, args(decomposed, tmp_path / "out")), "--quiet", "--fsdp"],
                          capture_output=True, text=True, env=ONE_THREAD)  # the 6th update never happens
     assert ran.returncode != 0 and not (tmp_path / "out" / "ailora-train.json").exists()
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
@@ -114,11 +116,18 @@ def test_killed_on_two_ranks_resumes_on_one(decomposed, straight, tmp_path):
     same_training(straight, tmp_path / "out")
 
 
-def test_killed_on_one_process_resumes_on_two_ranks(decomposed, straight, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fsdp", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_killed_on_one_process_resumes_on_two_ranks(decomposed, straight, tmp_path, monkeypatch, fsdp):
     with killed_at_update(monkeypatch, 4):  # after step 3: resumes from the step-2 checkpoint
         train(decomposed / "residual", decomposed / "adapter", data_file("demo_train.jsonl"), tmp_path / "out",
               **OPTS, progress=False)
     assert not (tmp_path / "out" / "ailora-train.json").exists()
-    ran = torchrun(*args(decomposed, tmp_path / "out"), "--resume", "--quiet")
+    ran = torchrun(*args(decomposed, tmp_path / "out"), "--resume", "--quiet", *fsdp)  # --fsdp: each rank its shard
     assert ran.returncode == 0, ran.stderr
     same_training(straight, tmp_path / "out")
+
+
+def test_fsdp_needs_torchrun(decomposed, tmp_path):
+    one_line_error(cli(*args(decomposed, tmp_path / "out"), "--fsdp"), "--fsdp shards the model across the processes",
+                   "torchrun --nproc-per-node N")
+    assert not (tmp_path / "out").exists()

@@ -13,6 +13,11 @@ Rank 0 alone evaluates and writes (metrics, checkpoints, the output); the others
 step. Dropout: rank 0 draws from the one-process random stream (what checkpoints save); ranks ≥ 1 from their own,
 seeded by (seed, rank, the step they start at); with dropout, N ranks and one process are therefore equal in
 distribution, not bit for bit. Backends: gloo on CPUs, NCCL for CUDA tensors (gloo still carries objects).
+
+`--fsdp` shards the model itself (torch's FSDP2, `fully_shard`): each rank holds 1/N of every weight and FSDP
+sums the gradients instead of `sum_gradients`; the rows, shares and steps are the same. The whole of a trained
+tensor is then on no rank: every rank evaluates, and takes part in gathering what rank 0 writes
+(`distributed.full_tensor`); a checkpoint is read by every rank, each keeping its shard (`shard_like`).
 """
 from __future__ import annotations
 
@@ -57,6 +62,19 @@ class Ranks:
             return {k: v[:1] for k, v in batch.items()}, 0.0
         part = {k: v[rows] for k, v in batch.items()}
         return part, loss_weight(part["labels"]) / max(weight, 1)
+
+    def shard_model(self, model: torch.nn.Module, device: torch.device) -> None:
+        """`--fsdp`: shard `model` across the ranks with FSDP2, one unit per transformer block and one for the rest.
+        FSDP averages the gradients over the ranks, so the loop weights each rank's loss by N times its share."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        mesh = init_device_mesh(device.type, (self.world,))
+        for module in model.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
 
     def sum_gradients(self, params: list[torch.nn.Parameter], *numbers: float) -> list[float]:
         """Sum the gradients of `params` and the `numbers` over the ranks (in place); return the summed numbers. A

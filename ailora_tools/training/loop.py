@@ -41,7 +41,8 @@ def next_batch(run: Run, state: dict) -> dict[str, torch.Tensor]:
 def train_steps(run: Run, state: dict, metrics: Metrics | None, checkpointer: Checkpointer | None, *,
                 progress: bool) -> None:
     """Run optimizer steps from `state["step"]` to `run.total`, a record each, a checkpoint every --save-every.
-    Ranks ≥ 1 of a torchrun launch (`metrics` and `checkpointer` None) compute their share and write nothing.
+    Ranks ≥ 1 of a torchrun launch (`metrics` None) compute their share and write nothing; their `checkpointer`
+    (None, or with --fsdp one with no output) takes part in gathering what rank 0 saves.
 
     Raises:
         NumericsError: a non-finite training loss (the output then has no manifest).
@@ -60,9 +61,10 @@ def train_steps(run: Run, state: dict, metrics: Metrics | None, checkpointer: Ch
             tokens += int(part["attention_mask"].sum()) if share else 0
             with torch.autocast("cuda", torch.bfloat16, enabled=run.autocast):
                 loss = model(**{k: v.to(run.device) for k, v in part.items()}).loss * share / o.grad_accum
-            loss.backward()
+            (loss * ranks.world if o.fsdp else loss).backward()  # FSDP averages the gradients over the ranks
             step_loss += float(loss.detach())
-        step_loss, tokens = ranks.sum_gradients([p for p in run.params if p.requires_grad], step_loss, tokens)
+        summed = [] if o.fsdp else [p for p in run.params if p.requires_grad]  # --fsdp: FSDP sums the gradients
+        step_loss, tokens = ranks.sum_gradients(summed, step_loss, tokens)
         tokens = int(tokens)
         if not math.isfinite(step_loss):
             raise NumericsError(f"step {state['step'] + 1}: the training loss is {step_loss}; lower --lr, use "
@@ -74,15 +76,15 @@ def train_steps(run: Run, state: dict, metrics: Metrics | None, checkpointer: Ch
             torch.cuda.synchronize(run.device)
         state["step"] += 1
         state.update(extra)  # recorded in checkpoints
-        if metrics is None:  # a rank ≥ 1: rank 0 records, evaluates and saves
-            continue
         record = {"step": state["step"], "loss": step_loss, "lr": run.scheduler.get_last_lr()[0], "tokens": tokens,
                   "seconds": round(time.perf_counter() - t0, 4), **extra}
-        if o.eval_every and state["step"] % o.eval_every == 0:
+        # ranks ≥ 1 record nothing, and evaluate and save only with --fsdp, where each holds a shard of the model
+        if o.eval_every and state["step"] % o.eval_every == 0 and (metrics is not None or o.fsdp):
             record.update(evaluate(run) or {})
-        metrics.append(record)
+        if metrics is not None:
+            metrics.append(record)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
         bar.update(1)
-        if o.save_every and state["step"] % o.save_every == 0 and state["step"] < run.total:
+        if o.save_every and state["step"] % o.save_every == 0 and state["step"] < run.total and checkpointer:
             checkpointer.save(state)
     bar.close()

@@ -15,8 +15,8 @@ import torch
 from .. import __version__
 from ..architectures import match
 from ..devices import resolve_device
-from ..distributed import use_local_gpu
-from ..errors import InputNotFoundError
+from ..distributed import launched, use_local_gpu
+from ..errors import InputNotFoundError, OptionError
 from ..io.checkpoint import Checkpoint
 from ..io.examples import check_rows
 from ..io.peft_adapter import Adapter, read_adapter
@@ -62,6 +62,11 @@ def check(base: str | os.PathLike, data: str | os.PathLike, o: TrainOptions) -> 
     for flag, path in (("--data", data), ("--eval-data", o.eval_data)):
         if path is not None:
             check_rows(path, flag=flag, task=task.name, columns=o.columns, regression=o.num_labels == 1)
+    if o.fsdp and not launched():
+        raise OptionError("--fsdp shards the model across the processes torchrun starts: launch with `torchrun "
+                          "--nproc-per-node N -m ailora_tools.cli train ...`, or leave --fsdp out")
+    if o.fsdp and o.progressive:
+        raise OptionError("--fsdp with --progressive is not supported: leave one of them out")
     return ckpt, task
 
 
@@ -101,9 +106,13 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
     frozen = torch.bfloat16 if autocast else torch.float32
     model, config, task_info = (load_bitfit_model(task, base, labels=ds.labels, dtype=frozen) if o.bitfit else
                                 load_model(task, base, adapter, labels=ds.labels, dtype=frozen))
-    model = model.to(dev)
     if o.gradient_checkpointing:  # non-reentrant: no input needs requires_grad; the blocks' inner hooks run again
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ranks = Ranks.start(dev)
+    if o.fsdp:  # each rank keeps 1/N of every weight, moved to its device
+        ranks.shard_model(model, dev)
+    else:
+        model = model.to(dev)
     if mode == "original":  # the initial factors under the model class's module names
         names = match(initial.factors, {n for n, _ in model.get_base_model().named_modules()},
                       prefix=task_info["base_model_prefix"])
@@ -114,7 +123,7 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
     scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps(total),
                               num_training_steps=total)
     return Run(o, task, ds, model, config, task_info, dev, autocast, mode, total, params, optimizer, scheduler,
-               settings, Ranks.start(dev), hooks)
+               settings, ranks, hooks)
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list:

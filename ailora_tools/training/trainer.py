@@ -105,10 +105,19 @@ def train(
 
 
 def _follow(run, state: dict, started: float) -> dict:
-    """A rank ≥ 1: restore the checkpoint rank 0 resumes from, train its share of each step, write nothing."""
+    """A rank ≥ 1: restore the checkpoint rank 0 resumes from, train its share of each step, write nothing. With
+    --fsdp it holds a shard of the model, so it evaluates and gathers whenever rank 0 does."""
+    checkpointer = Checkpointer(None, run.model, run.optimizer, run.scheduler, run.config)
     if (latest := run.ranks.broadcast(None)) is not None:
-        Checkpointer(None, run.model, run.optimizer, run.scheduler, run.config).restore(latest, state)
+        checkpointer.restore(latest, state)
     run.ranks.fork_rng(run.options.seed, state["step"])
-    train_steps(run, state, None, None, progress=False)
+    sharded = run.options.fsdp
+    if sharded and state["step"] == 0:
+        evaluate(run)
+    train_steps(run, state, None, checkpointer if sharded else None, progress=False)
+    if sharded:
+        checkpointer.save(state)
+        write(None, run.model, run.config)
+        evaluate(run)
     run.ranks.close()
     return {"worker": run.ranks.rank, "steps": state["step"], "seconds": round(time.perf_counter() - started, 3)}
