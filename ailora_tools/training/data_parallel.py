@@ -14,13 +14,15 @@ step. Dropout: rank 0 draws from the one-process random stream (what checkpoints
 seeded by (seed, rank, the step they start at); with dropout, N ranks and one process are therefore equal in
 distribution, not bit for bit. Backends: gloo on CPUs, NCCL for CUDA tensors (gloo still carries objects).
 
-`--fsdp` shards the model itself (torch's FSDP2, `fully_shard`): each rank holds 1/N of every weight and FSDP
+`--fsdp` shards the model itself (torch's FSDP2, `fully_shard`): the ranks read the base in turn, each keeping
+1/N of every weight on its device before the next reads (one whole copy in host memory at a time), and FSDP
 sums the gradients instead of `sum_gradients`; the rows, shares and steps are the same. The whole of a trained
 tensor is then on no rank: every rank evaluates, and takes part in gathering what rank 0 writes
 (`distributed.full_tensor`); a checkpoint is read by every rank, each keeping its shard (`shard_like`).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,18 +36,35 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    mesh: object = None  # --fsdp: the ranks' DeviceMesh
 
     @classmethod
-    def start(cls, device: torch.device) -> "Ranks":
-        """Join the process group (not launched by torchrun: one rank, no group)."""
+    def start(cls, device: torch.device, *, fsdp: bool = False) -> "Ranks":
+        """Join the process group (not launched by torchrun: one rank, no group); `fsdp`: also make the mesh."""
         if not launched():
             return cls()
         import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
 
         if not dist.is_initialized():
             dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
                                     device_id=device if device.type == "cuda" else None)
-        return cls(dist.get_rank(), dist.get_world_size())
+        world = dist.get_world_size()
+        return cls(dist.get_rank(), world, init_device_mesh(device.type, (world,)) if fsdp else None)
+
+    @contextmanager
+    def in_turn(self, enabled: bool):
+        """With `enabled`, the ranks run the block one after the other, rank 0 first (each waits for the one before)."""
+        if not enabled or self.world == 1:
+            yield
+            return
+        import torch.distributed as dist
+
+        for _ in range(self.rank):
+            dist.barrier()
+        yield
+        for _ in range(self.world - self.rank):
+            dist.barrier()
 
     @property
     def writes(self) -> bool:
@@ -63,18 +82,17 @@ class Ranks:
         part = {k: v[rows] for k, v in batch.items()}
         return part, loss_weight(part["labels"]) / max(weight, 1)
 
-    def shard_model(self, model: torch.nn.Module, device: torch.device) -> None:
-        """`--fsdp`: shard `model` across the ranks with FSDP2, one unit per transformer block and one for the rest.
-        FSDP averages the gradients over the ranks, so the loop weights each rank's loss by N times its share."""
-        from torch.distributed.device_mesh import init_device_mesh
+    def shard_model(self, model: torch.nn.Module) -> None:
+        """`--fsdp`: shard `model` across the ranks with FSDP2, one unit per transformer block and one for the rest,
+        each rank's shards moved to its device (no communication). FSDP averages the gradients over the ranks, so
+        the loop weights each rank's loss by N times its share."""
         from torch.distributed.fsdp import fully_shard
         from transformers.modeling_layers import GradientCheckpointingLayer
 
-        mesh = init_device_mesh(device.type, (self.world,))
         for module in model.modules():
             if isinstance(module, GradientCheckpointingLayer):
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+                fully_shard(module, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
 
     def sum_gradients(self, params: list[torch.nn.Parameter], *numbers: float) -> list[float]:
         """Sum the gradients of `params` and the `numbers` over the ranks (in place); return the summed numbers. A

@@ -104,15 +104,16 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
     torch.manual_seed(o.seed)  # a new classification head is initialised from it
     # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
     frozen = torch.bfloat16 if autocast else torch.float32
-    model, config, task_info = (load_bitfit_model(task, base, labels=ds.labels, dtype=frozen) if o.bitfit else
-                                load_model(task, base, adapter, labels=ds.labels, dtype=frozen))
-    if o.gradient_checkpointing:  # non-reentrant: no input needs requires_grad; the blocks' inner hooks run again
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ranks = Ranks.start(dev)
-    if o.fsdp:  # each rank keeps 1/N of every weight, moved to its device
-        ranks.shard_model(model, dev)
-    else:
-        model = model.to(dev)
+    ranks = Ranks.start(dev, fsdp=o.fsdp)
+    with ranks.in_turn(o.fsdp):  # --fsdp: one rank at a time holds the whole base, until it keeps its shards
+        model, config, task_info = (load_bitfit_model(task, base, labels=ds.labels, dtype=frozen) if o.bitfit else
+                                    load_model(task, base, adapter, labels=ds.labels, dtype=frozen))
+        if o.gradient_checkpointing:  # non-reentrant: no input needs requires_grad; the blocks' hooks run again
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if o.fsdp:
+            ranks.shard_model(model)
+        else:
+            model = model.to(dev)
     if mode == "original":  # the initial factors under the model class's module names
         names = match(initial.factors, {n for n, _ in model.get_base_model().named_modules()},
                       prefix=task_info["base_model_prefix"])
