@@ -66,3 +66,13 @@ def test_bench_calibration_runs_engine_and_reference(tmp_path):
     assert "whole model + hooks (reference)" in rows and "layer-wise engine, batch 2" in rows
     g_diff, z_diff = (float(v) for v in rows["layer-wise engine, batch 2"].split("|")[7].split("/"))
     assert g_diff < 0.05 and z_diff < 1e-3  # bfloat16 compute on both sides
+
+
+@pytest.mark.slow
+def test_bench_train_distributed_compares_ranks(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_train_distributed.py"), "--hidden", "128", "--layers", "2",
+                    "--steps", "2", "--rounds", "1", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True)
+    (report,) = tmp_path.glob("train-distributed-cpu-*.md")
+    rows = [line.split("|") for line in report.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert [r[1].strip() for r in rows] == ["1", "2"] and float(rows[1][5]) < 1e-5  # the adapters agree

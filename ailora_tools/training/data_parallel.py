@@ -2,7 +2,7 @@
 
 What defines a run does not depend on N: the data order, `--batch-size` (examples per micro-batch, all ranks
 together), `--grad-accum` and so the steps and the learning-rate schedule. Every rank builds the same micro-batch
-and computes the loss over its contiguous slice of its rows (`torch.tensor_split`), weighted by its share of the
+and computes the loss over its contiguous slice of the rows (`torch.tensor_split`), weighted by its share of the
 batch's loss terms (tokens with a label, or examples), so that the shares sum, over the ranks, to the loss one
 process computes; the gradients are summed across ranks (one all-reduce per optimizer step, of the trainable
 tensors only: an adapter's are small) and every rank takes the same AdamW step. So N ranks compute what one

@@ -53,7 +53,8 @@ def train(
     Returns:
         Summary: steps, first and last training loss, eval loss (and the classification metrics), tokens/s,
         seconds, output path, and with `progressive` each stage's blocks, steps and tokens/s and the fraction
-        of updated parameter-steps.
+        of updated parameter-steps. Ranks ≥ 1 of a torchrun launch (`data_parallel`) write nothing and return
+        {"worker": rank, "steps", "seconds"}.
 
     Raises:
         AiloraError subclasses on bad input, before the model loads.
