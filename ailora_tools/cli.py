@@ -393,11 +393,17 @@ def export_base(residual, server, fmt, adapter, out, overwrite, as_json, quiet):
 @_fail_cleanly
 def train(base, adapter, data, out, resume, force, overwrite, as_json, quiet, **settings):
     """Train the adapter on its frozen base (the residual, or the original model for --no-residual adapters);
-    only the LoRA factors learn (and a classification head). --bitfit: only the base's bias terms learn, no adapter."""
+    only the LoRA factors learn (and a classification head). --bitfit: only the base's bias terms learn, no adapter.
+
+    Several GPUs or machines: `torchrun --nproc-per-node N -m ailora_tools.cli train ...`; --batch-size is the
+    micro-batch of all ranks together, each takes its slice, and rank 0 writes what one process would."""
+    from .distributed import is_worker
     from .training import train as run
 
     summary = run(base, adapter, data, out, TrainOptions.build(**settings), resume=resume, overwrite=overwrite,
-                  progress=_progress(quiet or as_json), force=force)
+                  progress=_progress(quiet or as_json) and not is_worker(), force=force)
+    if "worker" in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
+        return
     _print_summary(summary, as_json, f"trained {summary['steps']} steps into {summary['output']}")
     if "progressive" in summary and not as_json:
         for s in summary["progressive"]["stages"]:

@@ -10,6 +10,8 @@ from the checkpoint (a shared filesystem across nodes), computes their factors o
 (one rank-r product each) and writes. Results are small (the factors and their stats, r·(m + n) floats) and
 travel pickled over gloo (TCP, between nodes too). With the same kind of device and thread count on every
 rank the output is byte-identical to one process's: every random draw is seeded by (seed, module).
+
+`full_tensor` and `shard_like` move tensors between the whole and the shards `train --fsdp` keeps on each rank.
 """
 from __future__ import annotations
 
@@ -139,6 +141,25 @@ def assign(work: dict[str, float], world: int) -> dict[str, int]:
         owners[name] = min(reversed(range(world)), key=load.__getitem__)
         load[owners[name]] += w
     return owners
+
+
+def full_tensor(t):
+    """The whole of a tensor that `train --fsdp` shards across the ranks (a DTensor: every rank must call this, it
+    gathers), or `t` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(param, value):
+    """`value` (the whole tensor, on every rank) as `param` holds it: this rank's shard of it for a DTensor (no
+    communication), else `value` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return value
+    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                             src_data_rank=None)
 
 
 def _until_rank0_exits() -> None:

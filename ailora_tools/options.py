@@ -165,7 +165,8 @@ class TrainOptions(Options):
     epochs: int = option(1, "Passes over the data (ignored when --max-steps is given).", low=1)
     max_steps: int | None = option(None, "Optimizer steps to run.", low=1)
     lr: float = option(2e-4, "Peak learning rate (AdamW).", above=0)
-    batch_size: int = option(4, "Examples per micro-batch.", low=1)
+    batch_size: int = option(4, "Examples per micro-batch, all ranks together (under torchrun each rank takes its "
+                             "slice of them).", low=1)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", low=1)
     max_length: int = option(512, "Tokens per example (longer ones are cut).", low=2)
     warmup: int = option(0, "Warm-up steps.", low=0)
@@ -195,6 +196,12 @@ class TrainOptions(Options):
     text_pair_column: str | None = option(None, 'Column of the second text of a sentence pair [default: "text_b" '
                                           'with "text_a"].', metavar="NAME")
     label_column: str | None = option(None, 'Column of the label [default: "label"].', metavar="NAME")
+    gradient_checkpointing: bool = option(False, "Recompute each block's activations in the backward pass instead "
+                                          "of keeping them (less memory for long sequences, about a third more "
+                                          "compute; the same gradients).")
+    fsdp: bool = option(False, "Under torchrun: shard the model across the ranks (torch's FSDP2, one unit per "
+                        "transformer block), each device holding 1/N of the weights, for a base that does not fit "
+                        "on one device.")
     bitfit: bool = option(False, "BitFit: train only the bias terms of --base (and a classification head), no "
                           "--adapter; `merge BASE OUT` writes them into the model.")
 

@@ -87,3 +87,13 @@ def test_real_compare_split_is_balanced_deduplicated_and_seeded():
     assert split(rows, train=30, eval=12, min_confidence=0.6, seed=1) != (train, evals)
     with pytest.raises(SystemExit, match="'neg' rows"):
         split(rows, train=3000, eval=12, min_confidence=0.6, seed=0)
+
+
+@pytest.mark.slow
+def test_bench_train_distributed_compares_ranks(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_train_distributed.py"), "--hidden", "128", "--layers", "2",
+                    "--steps", "2", "--rounds", "1", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True)
+    (report,) = tmp_path.glob("train-distributed-cpu-*.md")
+    rows = [line.split("|") for line in report.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert [r[1].strip() for r in rows] == ["1", "2"] and float(rows[1][5]) < 1e-5  # the adapters agree

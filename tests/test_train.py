@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import killed_at_update
 
@@ -139,3 +140,26 @@ def test_resume_before_the_first_checkpoint_writes_each_step_once(decomposed, tm
     steps = [[r["step"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())]
              for d in ("t", "straight")]
     assert steps[0] == steps[1] == [0, 1, 2, 3, 4, 5, 6, 6]
+
+
+def test_gradient_checkpointing_trains_the_same(decomposed, tmp_path):
+    """Recomputing the blocks' activations in the backward pass (non-reentrant) changes no gradient."""
+    from safetensors.torch import load_file
+
+    from ailora_tools.options import TrainOptions
+    from ailora_tools.training.setup import prepare
+
+    args = (decomposed / "dec" / "residual", decomposed / "dec" / "adapter", data_file("demo_train.jsonl"))
+    run = prepare(*args, TrainOptions.build(gradient_checkpointing=True))
+    calls = []
+    run.model.get_base_model().model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+    run.model.train()
+    run.model(**run.data.collate(run.data.train[:4])).loss.backward()
+    assert len(calls) == 2  # the block's modules ran again in the backward pass
+    opts = dict(max_steps=4, lr=1e-2, batch_size=8, progress=False)
+    plain = train(*args, tmp_path / "plain", **opts)
+    checkpointed = train(*args, tmp_path / "gc", **opts, gradient_checkpointing=True)
+    assert checkpointed["last_loss"] == pytest.approx(plain["last_loss"], rel=1e-6)
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("plain", "gc"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..architectures import auto_class
+from ..distributed import full_tensor, shard_like
 from ..errors import FormatError, InputNotFoundError, UnsupportedError
 from ..quantization.nf4 import STATE as NF4_STATE
 
@@ -235,18 +236,19 @@ def read_adapter(directory: Path | str, *, strict: bool = True, dora: bool = Fal
 
 
 def adapter_of(model, config: dict) -> Adapter:
-    """The LoRA factors and modules_to_save parameters of a live PEFT model (float32, on the CPU), with `config`."""
+    """The LoRA factors and modules_to_save parameters of a live PEFT model (float32, on the CPU), with `config`.
+    A model sharded by `train --fsdp`: every rank calls this (the tensors are gathered)."""
     A: dict[str, torch.Tensor] = {}
     B: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
     mags: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if (m := _LIVE_LORA.match(name)) is not None:
-            (A if m.group(2) == "A" else B)[m.group(1)] = p.detach().float().cpu()
+            (A if m.group(2) == "A" else B)[m.group(1)] = full_tensor(p.detach()).float().cpu()
         elif (m := _LIVE_MAGNITUDE.match(name)) is not None:
-            mags[m.group(1)] = p.detach().float().cpu()
+            mags[m.group(1)] = full_tensor(p.detach()).float().cpu()
         elif (m := _LIVE_SAVED.match(name)) is not None:
-            extra[f"{m.group(1)}.{m.group(2)}"] = p.detach().float().cpu()
+            extra[f"{m.group(1)}.{m.group(2)}"] = full_tensor(p.detach()).float().cpu()
     return Adapter(config, {m: (A[m], B[m]) for m in A}, extra, mags)
 
 
@@ -265,16 +267,16 @@ def load_into(model, adapter: Adapter, *, source: object, extra: bool = True) ->
             if (m := _LIVE_LORA.match(name)) is not None:
                 if m.group(1) not in adapter.factors:
                     raise FormatError(f"{source}: has no factors for module {m.group(1)!r} of the model")
-                p.copy_(adapter.factors[m.group(1)][0 if m.group(2) == "A" else 1])
+                p.copy_(shard_like(p, adapter.factors[m.group(1)][0 if m.group(2) == "A" else 1]))
                 used.add(m.group(1))
             elif (m := _LIVE_MAGNITUDE.match(name)) is not None:  # DoRA: else PEFT's own m (of W + s·B·A at wrap time)
                 if m.group(1) not in adapter.magnitudes:
                     raise FormatError(f"{source}: has no DoRA magnitude vector for module {m.group(1)!r} of the model")
-                p.copy_(adapter.magnitudes[m.group(1)])
+                p.copy_(shard_like(p, adapter.magnitudes[m.group(1)]))
             elif extra and (m := _LIVE_SAVED.match(name)) is not None:
                 if (k := f"{m.group(1)}.{m.group(2)}") not in adapter.extra:
                     raise FormatError(f"{source}: has no tensor {k!r} for the model's modules_to_save")
-                p.copy_(adapter.extra[k])
+                p.copy_(shard_like(p, adapter.extra[k]))
     if set(adapter.factors) - used:
         raise FormatError(f"{source}: adapts modules the model does not have: {sorted(set(adapter.factors) - used)[:3]}")
 

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..architectures import match
+from ..distributed import full_tensor, shard_like
 from ..errors import FormatError, InputNotFoundError, OptionError, UnsupportedError
 from ..io.peft_adapter import Adapter
 from ..manifests import BITFIT_MANIFEST
@@ -61,10 +62,13 @@ class BitFit:
 
     names: list[str]
 
-    def write(self, directory: Path, model) -> list[Path]:
-        """Write the trained tensors (float32) as `bitfit_model.safetensors` in `directory`, beside then renamed."""
+    def write(self, directory: Path | None, model) -> list[Path]:
+        """Write the trained tensors (float32) as `bitfit_model.safetensors` in `directory`, beside then renamed.
+        Under `train --fsdp` every rank calls this (the tensors are gathered); those with no `directory` write none."""
         params = dict(model.named_parameters())
-        tensors = {n: params[n].detach().float().cpu().contiguous() for n in self.names}
+        tensors = {n: full_tensor(params[n].detach()).float().cpu().contiguous() for n in self.names}
+        if directory is None:
+            return []
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".{WEIGHTS_NAME}.partial"
         save_file(tensors, str(tmp), metadata={"format": "pt", "bitfit": "true"})
@@ -143,4 +147,4 @@ def load_bitfit(model, directory: str | os.PathLike) -> None:
             if params[target].shape != tensors[name].shape:
                 raise FormatError(f"{directory}: {name} is {tuple(tensors[name].shape)} but the model's "
                                   f"{target} is {tuple(params[target].shape)}; load the base it was trained on")
-            params[target].copy_(tensors[name])
+            params[target].copy_(shard_like(params[target], tensors[name]))

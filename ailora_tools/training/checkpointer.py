@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..distributed import full_tensor, shard_like
 from ..io.output import OutputDir
 from ..io.peft_adapter import adapter_of, load_into, read_adapter, write_adapter
 from .bitfit import BitFit
@@ -50,17 +51,22 @@ class Metrics:
 class Checkpointer:
     """Saves and restores the run's state under OUT/checkpoints (published by rename, see `OutputDir`)."""
 
-    def __init__(self, od: OutputDir, model, optimizer, scheduler, config: dict):
+    def __init__(self, od: OutputDir | None, model, optimizer, scheduler, config: dict):
         self.od, self.model, self.optimizer, self.scheduler, self.config = od, model, optimizer, scheduler, config
 
     def save(self, state: dict) -> None:
-        """checkpoints/step-N/: adapter, optimizer tensors + RNG (safetensors), trainer_state.json last."""
+        """checkpoints/step-N/: adapter, optimizer tensors + RNG (safetensors), trainer_state.json last. With no
+        output (a rank ≥ 1 of `train --fsdp`) it only takes part in gathering the tensors."""
         rel = f"{CKPT_DIR}/step-{state['step']:07d}"
-        tmp = self.od.partial(rel)
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = self.od.partial(rel) if self.od is not None else None
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         write(tmp, self.model, self.config)
         opt = self.optimizer.state_dict()
-        tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
+        tensors = {f"state.{i}.{k}": full_tensor(v.detach()).cpu().contiguous() for i, s in opt["state"].items()
+                   for k, v in s.items()}
+        if tmp is None:
+            return
         tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -83,11 +89,12 @@ class Checkpointer:
         else:
             load_into(self.model, read_adapter(ckpt, dora=True), source=ckpt)
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # the state's indices
         opt_state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("state."):
                 _, i, k = key.split(".", 2)
-                opt_state.setdefault(int(i), {})[k] = value
+                opt_state.setdefault(int(i), {})[k] = value if k == "step" else shard_like(params[int(i)], value)
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": saved["param_groups"]})
         self.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(tensors["rng.cpu"])
@@ -96,12 +103,15 @@ class Checkpointer:
         state.update({k: saved[k] for k in ("step", "epoch", "pos", "stage") if k in saved})
 
 
-def write(directory: Path, model, config: dict | BitFit) -> list[Path]:
+def write(directory: Path | None, model, config: dict | BitFit) -> list[Path]:
     """What `train` publishes and each checkpoint holds: the trained adapter as a PEFT directory (BitFit: the
-    trained biases)."""
+    trained biases). Under `train --fsdp` every rank calls this (the tensors are gathered); with no `directory`
+    nothing is written."""
     if isinstance(config, BitFit):
         return config.write(directory, model)
     trained = adapter_of(model, config)
+    if directory is None:
+        return []
     return write_adapter(directory, trained.config, trained.factors, extra=trained.extra, magnitudes=trained.magnitudes)
 
 

@@ -15,7 +15,8 @@ import torch
 from .. import __version__
 from ..architectures import match
 from ..devices import resolve_device
-from ..errors import InputNotFoundError
+from ..distributed import launched, use_local_gpu
+from ..errors import InputNotFoundError, OptionError
 from ..io.checkpoint import Checkpoint
 from ..io.examples import check_rows
 from ..io.peft_adapter import Adapter, read_adapter
@@ -23,6 +24,7 @@ from ..io.tokenizer import load_tokenizer
 from ..manifests import check_base, train_identity
 from ..options import TrainOptions
 from .bitfit import BitFit, check_bitfit, load_bitfit_model
+from .data_parallel import Ranks
 from .exact_mode import resolve_adapter_base, subtract_initial
 from .progressive import Progressive
 from .tasks import Data, Task, load_data, load_model, resolve_task
@@ -46,6 +48,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     settings: dict  # what --resume compares; the manifest records it with the options
+    ranks: Ranks  # this process's rank and the number of ranks (torchrun); Ranks() for one process
     #: step hooks (Progtuning): `before_step(step) -> dict` adds fields to the step's record
     hooks: list = field(default_factory=list)
 
@@ -59,6 +62,11 @@ def check(base: str | os.PathLike, data: str | os.PathLike, o: TrainOptions) -> 
     for flag, path in (("--data", data), ("--eval-data", o.eval_data)):
         if path is not None:
             check_rows(path, flag=flag, task=task.name, columns=o.columns, regression=o.num_labels == 1)
+    if o.fsdp and not launched():
+        raise OptionError("--fsdp shards the model across the processes torchrun starts: launch with `torchrun "
+                          "--nproc-per-node N -m ailora_tools.cli train ...`, or leave --fsdp out")
+    if o.fsdp and o.progressive:
+        raise OptionError("--fsdp with --progressive is not supported: leave one of them out")
     return ckpt, task
 
 
@@ -69,6 +77,7 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
     ckpt, task = check(base, data, o)
     from transformers import get_scheduler
 
+    use_local_gpu(o.device)  # under torchrun: "auto" and "cuda" are this rank's GPU
     dev = resolve_device(o.device)
     autocast = dev.type == "cuda" and o.dtype in ("auto", "bfloat16")
     if o.bitfit or adapter is None:  # BitFit: the base's own bias terms train, no adapter (`bitfit`)
@@ -95,9 +104,16 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
     torch.manual_seed(o.seed)  # a new classification head is initialised from it
     # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
     frozen = torch.bfloat16 if autocast else torch.float32
-    model, config, task_info = (load_bitfit_model(task, base, labels=ds.labels, dtype=frozen) if o.bitfit else
-                                load_model(task, base, adapter, labels=ds.labels, dtype=frozen))
-    model = model.to(dev)
+    ranks = Ranks.start(dev, fsdp=o.fsdp)
+    with ranks.in_turn(o.fsdp):  # --fsdp: one rank at a time holds the whole base, until it keeps its shards
+        model, config, task_info = (load_bitfit_model(task, base, labels=ds.labels, dtype=frozen) if o.bitfit else
+                                    load_model(task, base, adapter, labels=ds.labels, dtype=frozen))
+        if o.gradient_checkpointing:  # non-reentrant: no input needs requires_grad; the blocks' hooks run again
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if o.fsdp:
+            ranks.shard_model(model)
+        else:
+            model = model.to(dev)
     if mode == "original":  # the initial factors under the model class's module names
         names = match(initial.factors, {n for n, _ in model.get_base_model().named_modules()},
                       prefix=task_info["base_model_prefix"])
@@ -108,7 +124,7 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
     scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps(total),
                               num_training_steps=total)
     return Run(o, task, ds, model, config, task_info, dev, autocast, mode, total, params, optimizer, scheduler,
-               settings, hooks)
+               settings, ranks, hooks)
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list:

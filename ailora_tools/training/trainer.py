@@ -5,7 +5,8 @@ Only the LoRA factors train (transformers model + PEFT), and for sequence classi
 ORIGINAL model with the initial product subtracted inside the adapter (`exact_mode`, exact for
 16-bit checkpoints). `progressive` trains in Progtuning stages (`progressive`); `bitfit` trains no adapter but the base's own
 bias terms (`bitfit`). The pieces: `setup` (options,
-data, model, optimizer, schedule), `loop` (the steps), `checkpointer` (metrics.jsonl and resumable checkpoints).
+data, model, optimizer, schedule), `loop` (the steps), `checkpointer` (metrics.jsonl and resumable checkpoints),
+`data_parallel` (under torchrun: each rank its slice of every micro-batch; rank 0 writes).
 The output is a PEFT adapter directory plus `ailora-train.json`, which names the initial adapter (so that
 `convert` needs no other argument) and records the task.
 """
@@ -52,7 +53,8 @@ def train(
     Returns:
         Summary: steps, first and last training loss, eval loss (and the classification metrics), tokens/s,
         seconds, output path, and with `progressive` each stage's blocks, steps and tokens/s and the fraction
-        of updated parameter-steps.
+        of updated parameter-steps. Ranks ≥ 1 of a torchrun launch (`data_parallel`) write nothing and return
+        {"worker": rank, "steps", "seconds"}.
 
     Raises:
         AiloraError subclasses on bad input, before the model loads.
@@ -65,11 +67,13 @@ def train(
     o = TrainOptions.build(options, **settings)
     run = prepare(base, adapter, data, o, force=force)
     state = {"step": 0, "epoch": 0, "pos": 0}
+    if not run.ranks.writes:  # ranks ≥ 1 of a torchrun launch: the same steps on their rows; rank 0 writes
+        return _follow(run, state, started)
     with OutputDir(out, inputs=[Path(p) for p in (base, adapter) if p], overwrite=overwrite, resume=resume,
                    settings=run.settings) as od:
         metrics = Metrics(od.path / METRICS)
         checkpointer = Checkpointer(od, run.model, run.optimizer, run.scheduler, run.config)
-        if resume and (latest := checkpointer.latest()) is not None:
+        if (latest := run.ranks.broadcast(checkpointer.latest() if resume else None)) is not None:
             checkpointer.restore(latest, state)
         metrics.truncate(state["step"] or -1)  # what this run writes again: all of it when it starts at step 0
         if state["step"] > 0:  # resumed: the start is the first run's step-0 evaluation, not this step's
@@ -89,11 +93,32 @@ def train(
                    "last_loss": losses[-1] if losses else None,
                    **{f"{k}_start": v for k, v in (eval_start or {"eval_loss": None}).items()},
                    **(eval_end or {"eval_loss": None}), "adapter_base": run.mode,
-                   "trainable_parameters": sum(p.numel() for p in run.params), "tokens_per_s": tokens_per_s(history)}
+                   "trainable_parameters": sum(p.numel() for p in run.params), "tokens_per_s": tokens_per_s(history),
+                   "processes": run.ranks.world}
         for hook in run.hooks:
             summary.update(hook.report(history))
         od.write_manifest(BITFIT_MANIFEST if o.bitfit else TRAIN_MANIFEST, {**run.settings, "options": asdict(o), "summary": summary,
                                            "task": run.task_info,
                                            "files": {"output": {p.name: file_digest(p) for p in written}}})
+    run.ranks.close()
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _follow(run, state: dict, started: float) -> dict:
+    """A rank ≥ 1: restore the checkpoint rank 0 resumes from, train its share of each step, write nothing. With
+    --fsdp it holds a shard of the model, so it evaluates and gathers whenever rank 0 does."""
+    checkpointer = Checkpointer(None, run.model, run.optimizer, run.scheduler, run.config)
+    if (latest := run.ranks.broadcast(None)) is not None:
+        checkpointer.restore(latest, state)
+    run.ranks.fork_rng(run.options.seed, state["step"])
+    sharded = run.options.fsdp
+    if sharded and state["step"] == 0:
+        evaluate(run)
+    train_steps(run, state, None, checkpointer if sharded else None, progress=False)
+    if sharded:
+        checkpointer.save(state)
+        write(None, run.model, run.config)
+        evaluate(run)
+    run.ranks.close()
+    return {"worker": run.ranks.rank, "steps": state["step"], "seconds": round(time.perf_counter() - started, 3)}
