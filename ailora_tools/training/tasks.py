@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM, match, saved_task
+from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM, match, saved_task, task_of
 from ..errors import FormatError, TargetError, UnsupportedError
 from ..io.examples import (
     IGNORE,
@@ -71,13 +71,7 @@ def resolve_task(name: str, config: dict) -> Task:
     """
     if name not in CHOICES:
         raise TargetError(f"--task {name!r}: choose one of {', '.join(CHOICES)}")
-    if name != "auto":
-        return TASKS[name]
-    if (saved := saved_task(config)) in TASKS:
-        return TASKS[saved]
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    return TASKS[MASKED_LM if config.get("model_type") in MODEL_FOR_MASKED_LM_MAPPING_NAMES else CAUSAL_LM]
+    return TASKS[task_of(name, config)]
 
 
 @dataclass
