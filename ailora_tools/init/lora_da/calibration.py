@@ -464,7 +464,7 @@ class _Parts:
                 except AttributeError:
                     ok = False
             if not ok:
-                raise TargetError(f"{name}: not a linear module inside a {self.KIND} layer of {self.ckpt.source}; "
+                raise TargetError(f"{name}: not a linear module inside {self.KIND} layer of {self.ckpt.source}; "
                                   f"LoRA-DA calibrates modules named {self.EXAMPLE}")
             out.setdefault(index, {})[local] = name
         if not out:
@@ -511,7 +511,7 @@ class _Decoder(_Parts):
     """Llama, Mistral, Qwen2 as causal LMs: embed_tokens, decoder layers with rotary embeddings and causal masks,
     final norm + lm_head."""
 
-    KIND, EXAMPLE, PATTERN = "decoder", "model.layers.N.<module> (e.g. self_attn.q_proj)", LAYER_MODULE
+    KIND, EXAMPLE, PATTERN = "a decoder", "model.layers.N.<module> (e.g. self_attn.q_proj)", LAYER_MODULE
 
     def __init__(self, ckpt, task, dtype, dev, **_):
         super().__init__(ckpt, task, "AutoModelForCausalLM", dtype, dev)
@@ -556,7 +556,7 @@ class _Encoder(_Parts):
     encoder layers with the bidirectional padding mask, the MLM head or the classification head (BERT: pooler +
     classifier; RoBERTa: its two-layer head on the first token)."""
 
-    KIND, EXAMPLE, PATTERN = "encoder", "[bert.|roberta.]encoder.layer.N.<module> (e.g. attention.self.query)", \
+    KIND, EXAMPLE, PATTERN = "an encoder", "[bert.|roberta.]encoder.layer.N.<module> (e.g. attention.self.query)", \
         ENCODER_MODULE
     BUFFERS = {"position_ids": lambda config, shape: torch.arange(shape[-1]).expand(shape),
                "token_type_ids": lambda config, shape: torch.zeros(shape, dtype=torch.long)}
