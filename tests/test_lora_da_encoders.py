@@ -89,3 +89,17 @@ def test_no_offset_for_svd_methods_and_its_refusals(encoder, tmp_path):
         res = run_cli("decompose", src, "-o", tmp_path / "x", "--method", "pissa", "--targets", "query", *flags)
         assert res.exit_code == 1 and res.output.count("\n") == 1 and message in res.output, res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_get_ailora_model_no_offset_leaves_the_weights(encoder):
+    from ailora_tools import get_ailora_model
+
+    models = [AutoModelForSequenceClassification.from_pretrained(encoder("bert-cls")) for _ in range(2)]
+    original = models[1].bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    offset, plain = (get_ailora_model(m, method="pissa", rank=4, targets=("query",), no_offset=n, progress=False)
+                     for m, n in zip(models, (False, True)))
+    layer = lambda m: m.base_model.model.bert.encoder.layer[0].attention.self.query  # noqa: E731
+    assert torch.equal(layer(plain).get_base_layer().weight, original)  # the base as it is
+    assert not torch.equal(layer(offset).get_base_layer().weight, original)  # the residual
+    assert torch.equal(layer(plain).lora_A["default"].weight, layer(offset).lora_A["default"].weight)
+    assert torch.equal(layer(plain).lora_B["default"].weight, layer(offset).lora_B["default"].weight)

@@ -93,6 +93,10 @@ def decompose(
         raise OptionError(f"--method {o.method}: needs calibration samples; pass --data FILE.jsonl")
     if o.data is not None and not init.needs_data:
         raise OptionError(f"--data: --method {o.method} does not use data (only lora-da does); drop --data")
+    if o.data is not None:
+        from ..io.tables import table_format
+
+        table_format(o.data, "--data")  # there and readable now; its rows, for the task, in the method's `prepare`
     if o.data is None and DecomposeOptions.build(o, **TaskOptions.defaults()) != o:
         raise OptionError(f"--task and the column options: for calibration data (--data, lora-da); --method {o.method} "
                           "reads none; drop them")
@@ -103,11 +107,6 @@ def decompose(
     use_local_gpu(o.device)
     ckpt = Checkpoint.open(model, revision=o.revision, allow_pickle=o.allow_pickle,
                            scratch=Path(out).absolute().parent)
-    if o.data is not None:
-        from ..io.examples import check_rows
-
-        check_rows(o.data, flag="--data", task=task_of(o.task, ckpt.config), columns=o.columns,
-                   regression=o.num_labels == 1)
     jobs = plan(ckpt, init, o.targets, o.roles, o.rank)
     alpha = o.lora_alpha
     params = Settings(o.rank, lora_scale(o.rank, alpha, o.rslora), o.svd, o.niter, o.oversample, o.seed)

@@ -196,15 +196,8 @@ def calibrate(
     """
     require_transformers()
     ckpt = model if isinstance(model, Checkpoint) else Checkpoint.open(model)
+    task = check_supported(ckpt, task)
     model_type = ckpt.config.get("model_type")
-    if model_type not in SUPPORTED:
-        raise UnsupportedError(f"{ckpt.source}: model_type {model_type!r} is not supported by LoRA-DA calibration; "
-                               f"supported: {', '.join(SUPPORTED)}")
-    task = task_of(task, ckpt.config)
-    if model_type not in TASKS.get(task, ()):
-        kinds = [t for t, types in TASKS.items() if model_type in types]
-        raise UnsupportedError(f"{ckpt.source}: LoRA-DA calibrates a {model_type} model for {' or '.join(kinds)}, "
-                               f"not for --task {task}")
     if token_mask not in TOKEN_MASKS:
         raise UnsupportedError(f"token_mask {token_mask!r}: choose one of {', '.join(TOKEN_MASKS)}")
     if dtype is not None and dtype not in DTYPE_FLAGS:
@@ -217,6 +210,24 @@ def calibrate(
     targets = net.targets(modules)
     batches, skipped = _batches(examples, batch_size, token_mask, net, dev)
     return _run(net, targets, batches, skipped, activation_budget, scratch, progress)
+
+
+def check_supported(ckpt: Checkpoint, task: str) -> str:
+    """The task `task` ("auto" or a task) means for `ckpt`, if its kind of model calibrates for it.
+
+    Raises:
+        UnsupportedError: another model_type (naming the supported ones), or a task its kind does not calibrate for.
+    """
+    model_type = ckpt.config.get("model_type")
+    if model_type not in SUPPORTED:
+        raise UnsupportedError(f"{ckpt.source}: model_type {model_type!r} is not supported by LoRA-DA calibration; "
+                               f"supported: {', '.join(SUPPORTED)}")
+    task = task_of(task, ckpt.config)
+    if model_type not in TASKS.get(task, ()):
+        kinds = [t for t, types in TASKS.items() if model_type in types]
+        raise UnsupportedError(f"{ckpt.source}: LoRA-DA calibrates a {model_type} model for {' or '.join(kinds)}, "
+                               f"not for --task {task}")
+    return task
 
 
 def require_transformers() -> None:

@@ -24,14 +24,13 @@ class LoRADA(InitMethod):
     def prepare(self, ckpt, jobs, settings, *, data=None, samples: int = 64, max_length: int = 512, task=None,
                 device: str = "auto", progress: bool = True, **_):
         """`task`: the `options.TaskOptions` (task, columns, num_labels) the calibration samples are read for."""
-        from ...architectures import task_of
         from ...options import TaskOptions
-        from .calibration import calibrate, require_transformers
+        from .calibration import calibrate, check_supported, require_transformers
         from .maths import lora_da_factors
 
         require_transformers()  # before the data is read
         task = task or TaskOptions()
-        name = task_of(task.task, ckpt.config)
+        name = check_supported(ckpt, task.task)
         population, examples, labels = _calibration_samples(ckpt, data, name, task, samples, max_length,
                                                             seed=settings.seed)
         factors, inputs = {}, {}
