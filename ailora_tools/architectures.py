@@ -47,6 +47,19 @@ def saved_task(config) -> str | None:
     return (_head(config) or (None, None))[1]
 
 
+def task_of(name: str, config: dict) -> str:
+    """The task `name` ("auto" or a task) means for the model in `config`: for "auto", the one it was saved for, or for
+    a bare base model masked LM when its model type has a masked-LM class, causal LM otherwise. Imports transformers
+    only for a bare model."""
+    if name != "auto":
+        return name
+    if (saved := saved_task(config)) in (CAUSAL_LM, MASKED_LM, CLASSIFY):
+        return saved
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return MASKED_LM if config.get("model_type") in MODEL_FOR_MASKED_LM_MAPPING_NAMES else CAUSAL_LM
+
+
 def peft_task_type(config) -> str | None:
     """PEFT's task type for an adapter on the model in `config` ("CAUSAL_LM", "SEQ_CLS", ...), or None."""
     return (_head(config) or (None, None, None))[2]

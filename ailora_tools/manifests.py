@@ -39,6 +39,8 @@ MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFES
 #: a decompose output's two directories; `convert --dora exact` writes DORA_BASE_DIR and ADAPTER_DIR
 RESIDUAL_DIR, ADAPTER_DIR, DORA_BASE_DIR = "residual", "adapter", "base"
 RESIDUAL, ORIGINAL = "residual", "original"
+#: decompose's manifest key of `--no-offset`: the base was left as it is and training does not subtract s·B0·A0
+NO_OFFSET = "no_offset"
 #: how many tensors identify a model: the first, the last and evenly spaced ones between
 IDENTITY_TENSORS = 4
 
@@ -304,6 +306,13 @@ def _refuse_offset(adapter, meant: BaseOf) -> None:
         raise TargetError(f"{adapter} was trained on the original weights with the initial product s·B0·A0 "
                           "subtracted inside (exact mode), so alone it is not the trained change: run "
                           f"`ailora-tools convert --trained {adapter} -o LORA` and use LORA")
+
+
+def starts_offset(initial: str | os.PathLike) -> bool:
+    """Whether training from the initial adapter `initial` (decompose's OUT/adapter) starts exactly at its base:
+    s·B0·A0 taken out of the base (the residual) or, on the original, subtracted inside the adapter (exact mode).
+    False for a `--no-offset` decomposition, which starts at the original + s·B0·A0 as a plain LoRA would."""
+    return not read_manifest(Path(initial).parent / DECOMPOSE_MANIFEST).get(NO_OFFSET, False)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

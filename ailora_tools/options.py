@@ -77,6 +77,28 @@ def check(name: str, value, *, low=None, above=None, choices=None) -> None:
 
 
 @dataclass
+class TaskOptions(Options):
+    """What the data is for and where its columns are: `train`'s objective, and LoRA-DA's calibration loss in
+    `decompose` (the same loss, so that calibration sees what training will)."""
+
+    task: str = option("auto", "What to train for (and, for lora-da, calibrate on); auto: what the base was saved for (its config's architectures; "
+                       "a bare encoder: masked-lm).", choices=TASKS)
+    num_labels: int | None = option(None, "Classes of a new classification head (default: from the labels); 1: "
+                                    "regression (STS-B), float labels, Pearson/Spearman.", low=1)
+    text_column: str | None = option(None, 'Column (key) of the text [default: "text", or "text_a" for pairs].',
+                                     metavar="NAME")
+    text_pair_column: str | None = option(None, 'Column of the second text of a sentence pair [default: "text_b" '
+                                          'with "text_a"].', metavar="NAME")
+    label_column: str | None = option(None, 'Column of the label [default: "label"].', metavar="NAME")
+    @property
+    def columns(self):
+        """The data columns (`io.examples.Columns`) these options name."""
+        from .io.examples import Columns
+
+        return Columns(self.text_column, self.text_pair_column, self.label_column)
+
+
+@dataclass
 class InitOptions(Options):
     """How the initial adapter is computed from each target matrix: decompose, get_ailora_model and compare."""
 
@@ -97,6 +119,9 @@ class InitOptions(Options):
     device: str = option("auto", "Where the SVDs run: auto, cpu, cuda, cuda:N.")
     dora: bool = option(False, "DoRA (PEFT's use_dora): the adapter also holds a magnitude per output feature, set to "
                         "the row norms of the base + s·B0·A0 so that step 0 reproduces the model.")
+    no_offset: bool = option(False, "Leave the base as it is (the LoRA-DA authors' setting): s·B0·A0 is not subtracted, "
+                             "so step 0 is base + s·B0·A0, not the base; the adapter applies to the original model "
+                             "like plain LoRA, and no residual is written. Same factors as without it.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,7 +137,7 @@ class InitOptions(Options):
 
 
 @dataclass
-class DecomposeOptions(InitOptions):
+class DecomposeOptions(InitOptions, TaskOptions):
     """Everything `decompose` computes and writes besides where from and where to."""
 
     residual_dtype: str | None = option(None, "dtype of residual target weights (default: the checkpoint's).",
@@ -121,8 +146,9 @@ class DecomposeOptions(InitOptions):
     no_residual: bool = option(False, "Write only the adapter, no residual: train then runs on the ORIGINAL model "
                                "with s·B0·A0 subtracted inside the adapter, so convert serves exactly what was "
                                "trained (best for 16-bit checkpoints); takes seconds on any model size.")
-    data: str | None = option(None, 'Calibration JSONL for data-aware methods (lora-da): {"text"}, '
-                              '{"prompt","completion"} or {"messages"}.', metavar="PATH")
+    data: str | None = option(None, "Calibration data for data-aware methods (lora-da), in train's --data format for "
+                              "--task (decoders: causal-lm; encoders: masked-lm rows, or labeled rows with --task "
+                              "sequence-classification and the column options).", metavar="PATH")
     samples: int = option(64, "Calibration samples: the first N rows of --data.", low=1)
     max_length: int = option(512, "Longest calibration sample, in tokens (longer ones are refused).", low=2)
     allow_pickle: bool = option(False, "Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")
@@ -142,12 +168,19 @@ class DecomposeOptions(InitOptions):
         for name, given in (("--quantize-all", self.quantize_all), ("--loftq-iters", self.loftq_iters)):
             if given and self.quantize is None:
                 raise OptionError(f"{name}: applies to a quantised residual; add --quantize nf4")
-        if self.quantize is not None and (self.no_residual or self.dora):
-            raise OptionError(f"--quantize {self.quantize}: not with --{'no-residual' if self.no_residual else 'dora'}"
-                              f"{' (the quantised model is the residual)' if self.no_residual else ' (not supported yet)'}"
+        clash = next((f for f, on in (("no-residual", self.no_residual), ("no-offset", self.no_offset),
+                                      ("dora", self.dora)) if on), None)
+        if self.quantize is not None and clash:
+            raise OptionError(f"--quantize {self.quantize}: not with --{clash}"
+                              f"{' (the quantised model is the residual)' if clash != 'dora' else ' (not supported yet)'}"
                               "; drop one of the two")
-        if self.no_residual and self.residual_dtype is not None:
-            raise OptionError("--residual-dtype: --no-residual writes no residual; drop one of the two")
+        for given, other in (("--no-residual", self.no_residual), ("--no-offset", self.no_offset)):
+            if other and self.residual_dtype is not None:
+                raise OptionError(f"--residual-dtype: {given} writes no residual; drop one of the two")
+        if self.no_offset and self.no_residual:
+            raise OptionError("--no-offset and --no-residual: --no-residual trains on the original with s·B0·A0 "
+                              "subtracted (step 0 = the model), --no-offset without (step 0 = model + s·B0·A0); "
+                              "choose one")
         if self.dora and self.no_residual and self.method != "lora":
             raise OptionError(f"--dora: not with --no-residual for --method {self.method}: DoRA's norm is that of the "
                               "base the adapter applies to, and PEFT would not subtract s·B0·A0 from it; drop "
@@ -157,7 +190,7 @@ class DecomposeOptions(InitOptions):
 
 
 @dataclass
-class TrainOptions(Options):
+class TrainOptions(TaskOptions):
     """How `train` runs, besides the base, the adapter, the data and the output."""
 
     eval_data: str | None = option(None, "Evaluation data, in --data's format (eval loss, and the classification "
@@ -187,15 +220,6 @@ class TrainOptions(Options):
     adapter_base: str = option("auto", "auto: as decompose's manifest records. residual: train base + s·B·A. "
                                "original: train base + s(B·A − B0·A0) on the original model (exact).",
                                choices=ADAPTER_BASES)
-    task: str = option("auto", "What to train for; auto: what the base was saved for (its config's architectures; "
-                       "a bare encoder: masked-lm).", choices=TASKS)
-    num_labels: int | None = option(None, "Classes of a new classification head (default: from the labels); 1: "
-                                    "regression (STS-B), float labels, Pearson/Spearman.", low=1)
-    text_column: str | None = option(None, 'Column (key) of the text [default: "text", or "text_a" for pairs].',
-                                     metavar="NAME")
-    text_pair_column: str | None = option(None, 'Column of the second text of a sentence pair [default: "text_b" '
-                                          'with "text_a"].', metavar="NAME")
-    label_column: str | None = option(None, 'Column of the label [default: "label"].', metavar="NAME")
     gradient_checkpointing: bool = option(False, "Recompute each block's activations in the backward pass instead "
                                           "of keeping them (less memory for long sequences, about a third more "
                                           "compute; the same gradients).")
@@ -215,13 +239,6 @@ class TrainOptions(Options):
             raise OptionError(f"--warmup-ratio {self.warmup_ratio}: a fraction of the steps, at most 1")
         if self.warmup_ratio is not None and self.warmup:
             raise OptionError(f"--warmup-ratio {self.warmup_ratio} and --warmup {self.warmup}: give one of the two")
-
-    @property
-    def columns(self):
-        """The data columns (`io.examples.Columns`) these options name."""
-        from .io.examples import Columns
-
-        return Columns(self.text_column, self.text_pair_column, self.label_column)
 
     def warmup_steps(self, total: int) -> int:
         """--warmup, or --warmup-ratio of `total` steps (rounded up, as transformers' Trainer does)."""

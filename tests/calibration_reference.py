@@ -4,7 +4,9 @@ The reference for `ailora_tools.init.lora_da.calibration`: tests/test_calibratio
 against it, and bench_calibration.py times both. The whole model is loaded; each sample runs alone
 (the authors' batch size 1); Z and E[g²] come from hooks on each target module over the token mask
 (each module its own Z, nothing shared), G from the weights' `.grad` summed over samples; the loss is
-transformers' own (`model(input_ids, labels=...).loss`, a mean over the sample's loss tokens).
+transformers' own (`model(input_ids, labels=...).loss`, a mean over the sample's loss tokens; for an
+encoder the task class's: masked-LM, or classification through the head, a new one drawn after
+`torch.manual_seed(seed)` as `train` draws it).
 """
 from __future__ import annotations
 
@@ -16,12 +18,20 @@ IGNORE = -100
 
 
 def reference_statistics(model_dir, examples, modules, *, token_mask: str = "attention",
-                         dtype: torch.dtype = torch.float32) -> dict[str, dict]:
-    """name -> {"z", "y", "g", "tokens", "samples", "loss"} for each module (float32 tensors)."""
-    from transformers import AutoModelForCausalLM
+                         dtype: torch.dtype = torch.float32, task: str = "causal-lm", labels: dict | None = None,
+                         seed: int = 0) -> dict[str, dict]:
+    """name -> {"z", "y", "g", "tokens", "samples", "loss"} for each module (float32 tensors); `modules` as the
+    checkpoint names them (a bare encoder's without the task class's prefix)."""
+    import transformers
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval().requires_grad_(False)
+    auto = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
+            "sequence-classification": "AutoModelForSequenceClassification"}[task]
+    torch.manual_seed(seed)
+    model = getattr(transformers, auto).from_pretrained(model_dir, dtype=dtype, **(labels or {}))
+    model = model.eval().requires_grad_(False)
     named = dict(model.named_modules())
+    prefix = model.base_model_prefix + "."
+    named.update({m: named[prefix + m] for m in modules if m not in named})
     sums = {m: {"z": torch.zeros(named[m].in_features, named[m].in_features), "y": torch.zeros(named[m].out_features)}
             for m in modules}
     state: dict = {}
@@ -43,15 +53,23 @@ def reference_statistics(model_dir, examples, modules, *, token_mask: str = "att
                     named[m].register_forward_hook(partial(take_output, m))]
     tokens, samples, loss_sum = 0, 0, 0.0
     for e in examples:
-        labels = torch.tensor([e.labels])
-        if not bool((labels[0, 1:] != IGNORE).any()):
-            continue
-        if token_mask == "attention":
-            state["mask"] = torch.ones(len(e.input_ids), dtype=torch.bool)
+        inputs = {"input_ids": torch.tensor([e.input_ids])}
+        where = torch.zeros(len(e.input_ids), dtype=torch.bool)  # the positions whose outputs enter the loss
+        if task == "sequence-classification":
+            inputs["labels"] = torch.tensor([e.label])
+            if e.token_type_ids is not None:
+                inputs["token_type_ids"] = torch.tensor([e.token_type_ids])
+            where[0] = True
         else:
-            state["mask"] = torch.zeros(len(e.input_ids), dtype=torch.bool)
-            state["mask"][:-1] = labels[0, 1:] != IGNORE
-        loss = model(input_ids=torch.tensor([e.input_ids]), labels=labels).loss
+            inputs["labels"] = torch.tensor([e.labels])
+            if task == "causal-lm":
+                where[:-1] = inputs["labels"][0, 1:] != IGNORE
+            else:
+                where = inputs["labels"][0] != IGNORE
+            if not bool(where.any()):
+                continue
+        state["mask"] = torch.ones(len(e.input_ids), dtype=torch.bool) if token_mask == "attention" else where
+        loss = model(**inputs).loss
         loss.backward()
         tokens, samples, loss_sum = tokens + int(state["mask"].sum()), samples + 1, loss_sum + loss.item()
     for h in handles:

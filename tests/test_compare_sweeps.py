@@ -137,9 +137,9 @@ def test_rates_and_seeds_parse_and_fail_in_one_line(encoder, data, tmp_path):
             parse_lrs(bad, methods, 2e-4)
     with pytest.raises(OptionError, match="--seeds 0,0: give integers, each once"):
         parse_seeds("0,0")
-    with pytest.raises(OptionError, match="--methods lora-da: calibrates a causal LM on --data; not with --task "
+    with pytest.raises(OptionError, match="--methods lora-da: LoRA-DA does not calibrate a llama model for --task "
                                           "sequence-classification"):
-        compare(encoder("bert-bare"), data[0], tmp_path / "a", methods=["lora-da"], task="sequence-classification",
+        compare(encoder("llama"), data[0], tmp_path / "a", methods=["lora-da"], task="sequence-classification",
                 text_column="sentence1")
     with pytest.raises(OptionError, match="--metric pearson: not reported for --task sequence-classification"):
         compare(encoder("bert-bare"), data[0], tmp_path / "b", methods=["lora"], task="sequence-classification",
@@ -150,3 +150,17 @@ def test_rates_and_seeds_parse_and_fail_in_one_line(encoder, data, tmp_path):
     assert res.exit_code == 1 and res.output == (f"error: --data {data[0]}: no column 'gold' (--label-column); its "
                                                  "columns are 'sentence1', 'sentence2', 'label'\n")
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_lora_da_row_on_a_bert_classifier(encoder, data, tmp_path):
+    """LoRA-DA calibrates the encoder on the training data through the classification head, for train's task and
+    columns; its row sits in the table beside plain LoRA's."""
+    s = compare(encoder("bert-bare"), data[0], tmp_path / "cmp", eval_data=data[1], text_column="sentence1",
+                text_pair_column="sentence2", **dict(SWEEP, methods=["lora", "lora-da"], lr=2e-2, seeds=None,
+                                                     max_steps=2))
+    assert [r["run"] for r in s["runs"]] == ["lora", "lora-da"]
+    decomposed = json.loads((tmp_path / "cmp" / "lora-da" / "decomposed" / "ailora.json").read_text())
+    assert decomposed["method"] == "lora-da" and decomposed["data"]["task"] == "sequence-classification"
+    assert decomposed["options"]["text_pair_column"] == "sentence2" and decomposed["data"]["samples"] == 32
+    assert all(m["gradient_norm"] > 0 for m in decomposed["modules"].values())
+    assert "| lora-da | 0.02 |" in (tmp_path / "cmp" / "compare.md").read_text()

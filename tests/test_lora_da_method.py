@@ -80,13 +80,18 @@ def test_bad_input_is_one_line(base, tmp_path):
     refused("--data", DATA, "--samples", "4", "--max-length", "5", needle="more than --max-length 5")
     res = cli("decompose", base, "-o", tmp_path / "o", "--data", DATA)
     assert res.exit_code == 1 and "only lora-da does" in res.output
-    bert = build_model("bert", tmp_path / "bert")
-    shutil.copy(base / "tokenizer.json", bert / "tokenizer.json")
-    shutil.copy(base / "tokenizer_config.json", bert / "tokenizer_config.json")
-    res = cli("decompose", bert, "-o", tmp_path / "o", "--method", "lora-da", "--data", DATA, "--samples", "4",
-              "--targets", "query,value")
-    assert res.exit_code == 1 and "'bert' is not supported" in res.output and "llama" in res.output, res.output
+    gpt2 = build_model("gpt2", tmp_path / "gpt2")
+    shutil.copy(base / "tokenizer.json", gpt2 / "tokenizer.json")
+    shutil.copy(base / "tokenizer_config.json", gpt2 / "tokenizer_config.json")
+    res = cli("decompose", gpt2, "-o", tmp_path / "o", "--method", "lora-da", "--data", DATA, "--samples", "4",
+              "--targets", "c_attn")
+    assert res.exit_code == 1 and "'gpt2' is not supported" in res.output and "bert" in res.output, res.output
     assert not (tmp_path / "o").exists()
+    res = cli("decompose", base, "-o", tmp_path / "o", "--method", "pissa", "--text-column", "body")
+    assert res.exit_code == 1 and "--task and the column options: for calibration data" in res.output, res.output
+    res = cli("decompose", base, "-o", tmp_path / "o", "--method", "lora-da", "--data", DATA, "--samples", "4",
+              "--task", "masked-lm")
+    assert res.exit_code == 1 and "not for --task masked-lm" in res.output, res.output
 
 
 @pytest.mark.parametrize("masking", ["5.3", "4.52"])

@@ -1,6 +1,7 @@
 """Turn a trained adapter on the residual into a standard LoRA on the ORIGINAL base.
 
-ΔW = s·B·A − s0·B0·A0 = s'·[B·s/s' | −B0·s0/s']·[A ; A0]: a rank-2r LoRA, exact. One r and one α for
+ΔW = s·B·A − s0·B0·A0 = s'·[B·s/s' | −B0·s0/s']·[A ; A0]: a rank-2r LoRA, exact (from a `decompose --no-offset`
+start, ΔW = s·B·A: the trained adapter itself, its scale folded into B). One r and one α for
 every module (per-module scales folded into B), so servers that ignore rank/alpha patterns scale it
 right. `max_rank` re-compresses each module exactly up to truncation: QR of both factors, SVD of the
 small core, keep the largest triplets; the dropped singular values give the reported error.
@@ -47,6 +48,7 @@ from ..manifests import (
     check_base_dir,
     converted_identity,
     read_manifest,
+    starts_offset,
 )
 from ..options import at_least, choice
 from .check import VLLM_MAX_LORA_RANKS, check_adapter, vllm_max_lora_rank
@@ -97,11 +99,12 @@ def task_record(adapter_dir: str | os.PathLike) -> dict | None:
 
 
 def delta_factors(initial: Adapter, trained: Adapter, *, prefix: str | None = None,
-                  config: dict | None = None) -> tuple[dict, float, dict]:
+                  config: dict | None = None, offset: bool = True) -> tuple[dict, float, dict]:
     """Per module (B', A') with s'·B'·A' = ΔW, the common scale s', and a per-module ΔW-is-zero flag.
 
     Keys are the trained adapter's module names; the initial adapter's may differ from them by the base model
-    prefix (`prefix`, or looked up from the model `config` when the names differ).
+    prefix (`prefix`, or looked up from the model `config` when the names differ). `offset`: the base was offset by
+    s0·B0·A0 (or exact mode subtracted it); False for a `--no-offset` start, whose ΔW is s·B·A alone.
     """
     names = match(initial.factors, trained.factors, prefix=prefix, config=config)
     if len(names) != len(initial.factors) or len(trained.factors) != len(initial.factors):
@@ -117,7 +120,7 @@ def delta_factors(initial: Adapter, trained: Adapter, *, prefix: str | None = No
             raise FormatError(f"{m}: trained factors {tuple(A.shape)}/{tuple(B.shape)} do not match the initial "
                               f"{tuple(A0.shape)}/{tuple(B0.shape)}; pass the initial adapter this training started from")
         s, s0 = trained.scale(m), initial.scale(m)
-        if not B0.any():  # plain LoRA starts at B0 = 0: ΔW = s·B·A, rank r
+        if not offset or not B0.any():  # plain LoRA (B0 = 0) or no offset: ΔW = s·B·A, rank r
             out[m] = (B.double() * (s / s_common), A.double())
         else:
             B_cat = torch.cat([B.double() * (s / s_common), -B0.double() * (s0 / s_common)], dim=1)
@@ -211,7 +214,7 @@ def convert(
         check_base_dir(trained, base, meant=BaseOf.from_block(original, manifest=str(trained / TRAIN_MANIFEST)))
     init_ad, tr_ad, task = read_adapter(initial), read_adapter(trained), task_record(trained)
     pairs, scale, unchanged = delta_factors(init_ad, tr_ad, prefix=(task or {}).get("base_model_prefix"),
-                                            config=_model_config(init_ad))
+                                            config=_model_config(init_ad), offset=starts_offset(initial))
     if all(unchanged.values()):
         raise AiloraError(f"{trained}: the trained adapter equals the initial one {initial} (ΔW = 0): nothing "
                           "was learned, so there is nothing to convert; check that training ran and saved")

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import NumericsError, OptionError
 from ..init.dora import approximate_factors, exact_parts, merged_weight, oriented
-from ..manifests import ADAPTER_DIR, DORA_BASE_DIR
+from ..manifests import ADAPTER_DIR, DORA_BASE_DIR, starts_offset
 
 DORA_MODES = ("exact", "approximate")
 
@@ -96,7 +96,7 @@ def convert_dora(
     weights = tr.check_fits(ckpt.tensors, adapter=trained, base=trained_on, config=ckpt.config)
     transposed = bool(tr.config.get("fan_in_fan_out"))
     initial_of: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    if init is not None:
+    if init is not None and starts_offset(initial):  # (a --no-offset start trained on the original itself)
         names = match(init.factors, tr.factors, prefix=(task or {}).get("base_model_prefix"), config=ckpt.config)
         initial_of = {names[m]: (A0, B0, init.scale(m)) for m, (A0, B0) in init.factors.items() if m in names}
     original = base or (original_base_of(Path(initial)) if initial is not None else None) or trained_on

@@ -20,7 +20,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..architectures import CAUSAL_LM
 from ..errors import OptionError
 from ..init import METHODS
 from ..init.targets import architecture, assign_roles, linear_modules
@@ -29,7 +28,7 @@ from ..io.examples import check_rows
 from ..io.hashing import file_digest
 from ..io.output import JOURNAL_NAME, OutputDir
 from ..manifests import COMPARE_MANIFEST, fingerprints, input_digest
-from ..options import DecomposeOptions, InitOptions, TrainOptions, check
+from ..options import DecomposeOptions, InitOptions, TaskOptions, TrainOptions, check
 from ..training.metrics import CLASSIFICATION, HIGHER_IS_BETTER, REGRESSION, better
 
 REPORT_NAME = "compare.md"
@@ -69,8 +68,8 @@ def compare(
         model: local model directory or Hub id.
         data: training data (as for `train`: JSONL, CSV, TSV, Parquet or a `datasets` directory).
         out: output directory; must be empty unless `resume` or `overwrite`.
-        methods: init methods to compare (default: lora, pissa, milora, ailora, and lora-da when available and
-            the task is causal-lm), and "bitfit": `train(bitfit=True)` on the model itself, no decompose; "dora":
+        methods: init methods to compare (default: lora, pissa, milora, ailora, and lora-da where it calibrates
+            the model for the task: a Llama/Mistral/Qwen2 causal LM, a BERT/RoBERTa masked LM or classifier), and "bitfit": `train(bitfit=True)` on the model itself, no decompose; "dora":
             plain DoRA, and "METHOD+dora" (e.g. "pissa+dora"): that init with DoRA's magnitudes.
         progressive: K: also run every method with `train(progressive=K)` (runs named METHOD-progressiveK).
         target_loss: the loss for "steps to reach" (default: the highest final loss among the runs, which all
@@ -124,16 +123,21 @@ def compare(
     train_o = TrainOptions.build(training, **{k: v for k, v in settings.items() if k in TrainOptions.defaults()})
     ckpt = Checkpoint.open(model, revision=revision)
     task = resolve_task(train_o.task, ckpt.config)
-    default = [m for m in DEFAULT_METHODS if m in METHODS and (task.name == CAUSAL_LM or not METHODS[m].needs_data)]
+    from ..init.lora_da.calibration import TASKS as CALIBRATED
+
+    calibrates = ckpt.config.get("model_type") in CALIBRATED.get(task.name, ())  # LoRA-DA, for this model and task
+    default = [m for m in DEFAULT_METHODS if m in METHODS and (calibrates or not METHODS[m].needs_data)]
     methods = list(methods) if methods is not None else default
     unknown = [m for m in methods if m != BITFIT and (init_of(m)[0] not in METHODS or "+" in m and not init_of(m)[1])]
     if not methods or unknown or len(set(methods)) != len(methods):
         raise OptionError(f"--methods {','.join(methods)}: give each once, from {', '.join([*METHODS, BITFIT, DORA])} "
                           "(METHOD+dora for an init with DoRA)")
     calibrating = [m for m in methods if m != BITFIT and METHODS[init_of(m)[0]].needs_data]
-    if calibrating and task.name != CAUSAL_LM:
-        raise OptionError(f"--methods {','.join(calibrating)}: calibrates a causal LM on --data; not with --task "
-                          f"{task.name} (leave it out)")
+    if calibrating and not calibrates:
+        raise OptionError(f"--methods {','.join(calibrating)}: LoRA-DA does not calibrate a "
+                          f"{ckpt.config.get('model_type')} model for --task {task.name} (it calibrates "
+                          + "; ".join(f"{', '.join(types)} for {t}" for t, types in CALIBRATED.items())
+                          + "); leave it out")
     lrs = parse_lrs(lr_spec, methods, train_o.lr)
     seeds = parse_seeds(seeds)
     regression = train_o.num_labels == 1
@@ -181,7 +185,8 @@ def compare(
                 dec = {"residual": None, "adapter": None, "seconds": 0.0}
             elif dec is None:
                 calib = ({"data": data, "samples": min(CALIBRATION_SAMPLES, rows["--data"]),
-                          "max_length": train_o.max_length}
+                          "max_length": train_o.max_length,
+                          **{k: getattr(train_o, k) for k in TaskOptions.defaults()}}  # for train's task and columns
                          if METHODS[init_of(method)[0]].needs_data else {})  # lora-da calibrates on the training data
                 method_, dora = init_of(method)
                 seeded = {} if seed is None else {"seed": seed}

@@ -32,7 +32,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
 from ..io.tensorio import FLOAT_DTYPES
-from ..manifests import SPECTRUM_MANIFEST, TRAIN_MANIFEST
+from ..manifests import SPECTRUM_MANIFEST, TRAIN_MANIFEST, starts_offset
 
 SPECTRA_NAME = "spectra.safetensors"
 PLOT_SPECTRA, PLOT_LAYERS, PLOT_DELTA = "spectra.png", "layers.png", "delta.png"
@@ -183,7 +183,7 @@ def _adapter_deltas(adapter, initial, ckpt) -> dict:
     if initial is None and (Path(adapter) / TRAIN_MANIFEST).is_file():
         initial = initial_adapter_of(Path(adapter))
     if initial is not None:
-        pairs, scale, _ = delta_factors(read_adapter(initial), trained)
+        pairs, scale, _ = delta_factors(read_adapter(initial), trained, offset=starts_offset(initial))
     else:
         pairs = {m: (B.double() * trained.scale(m), A.double()) for m, (A, B) in trained.factors.items()}
         scale = 1.0

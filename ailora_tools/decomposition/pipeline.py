@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__
+from ..architectures import task_of
 from ..distributed import Sharing, is_worker, use_local_gpu, work
 from ..errors import NumericsError, OptionError, UnsupportedError
 from ..init import InitMethod, Job, Settings, get_method, lora_scale
@@ -34,6 +35,7 @@ from ..io.tensorio import (
 from ..manifests import (
     ADAPTER_DIR,
     DECOMPOSE_MANIFEST,
+    NO_OFFSET,
     ORIGINAL,
     RESIDUAL,
     RESIDUAL_DIR,
@@ -41,7 +43,7 @@ from ..manifests import (
     sample,
     stored_sample,
 )
-from ..options import DecomposeOptions
+from ..options import DecomposeOptions, TaskOptions
 
 
 def decompose(
@@ -66,8 +68,10 @@ def decompose(
             (`ailora_tools.init.METHODS`): "ailora" (query principal, value minor), "pissa", "milora", "lora" or
             "lora-da"; minor components are always exact; every module's random draw is seeded by (seed, name);
             `no_residual` writes only OUT/adapter and the manifest, for training on the ORIGINAL weights with
-            s·B0·A0 subtracted inside the adapter (`training.exact_mode`); `data`, `samples`, `max_length` are
-            calibration settings for methods that need data (lora-da).
+            s·B0·A0 subtracted inside the adapter (`training.exact_mode`); `no_offset` also writes only the adapter,
+            for training on the original weights as they are (the LoRA-DA authors' setting: step 0 is the model +
+            s·B0·A0; the adapter applies to the original like a plain LoRA); `data`, `samples`, `max_length`, with
+            `task` and the column options, are calibration settings for methods that need data (lora-da).
         overwrite, resume: see `OutputDir`. progress: show a tqdm bar.
         dora: write a DoRA adapter (`use_dora: true`) whose magnitude vectors are the row norms of
             W_base + s·B0·A0 (`init.dora`), W_base the residual as stored (the original for plain LoRA), so step 0
@@ -91,9 +95,12 @@ def decompose(
     if o.data is not None and not init.needs_data:
         raise OptionError(f"--data: --method {o.method} does not use data (only lora-da does); drop --data")
     if o.data is not None:
-        from ..io.examples import check_rows
+        from ..io.tables import table_format
 
-        check_rows(o.data, flag="--data")
+        table_format(o.data, "--data")  # there and readable now; its rows, for the task, in the method's `prepare`
+    if o.data is None and DecomposeOptions.build(o, **TaskOptions.defaults()) != o:
+        raise OptionError(f"--task and the column options: for calibration data (--data, lora-da); --method {o.method} "
+                          "reads none; drop them")
     if o.device not in ("auto", "cpu"):  # a CUDA device is checked now (this loads torch); auto and cpu cannot fail
         from ..devices import resolve_device
 
@@ -110,21 +117,23 @@ def decompose(
         "scale": params.scale, "targets": list(o.targets), "roles": {j.module: j.role for j in jobs},
         "svd": {"mode": o.svd, "niter": o.niter, "oversample": o.oversample, "seed": o.seed, "device": o.device},
         "residual_dtype": o.residual_dtype, "source": ckpt.describe(),
-        "adapter_base": RESIDUAL if (init.offsets_base or quant) and not o.no_residual else ORIGINAL,
+        "adapter_base": RESIDUAL if (init.offsets_base or quant) and not (o.no_residual or o.no_offset) else ORIGINAL,
     }
     if quant:
         settings["quantize"] = {k: v for k, v in quant.items() if k != "only"}
+    if o.no_offset and init.offsets_base:  # the base stays as it is and training does not subtract s·B0·A0
+        settings[NO_OFFSET] = True
     if o.dora:
         settings["dora"] = True
     if o.data is not None:
         from ..io.hashing import file_digest
 
         settings["data"] = {"path": str(Path(o.data).absolute()), "digest": file_digest(o.data),
-                            "samples": o.samples, "max_length": o.max_length}
+                            "samples": o.samples, "max_length": o.max_length, "task": task_of(o.task, ckpt.config)}
     hashes = Hashes()
     # before the output is claimed: data-aware methods calibrate here, and fail here on data or architecture
     context = init.prepare(ckpt, jobs, params, data=o.data, samples=o.samples, max_length=o.max_length,
-                           device=o.device, progress=progress and not is_worker())
+                           task=o, device=o.device, progress=progress and not is_worker())
     device = o.device
     if is_worker():
         return {"worker": int(os.environ["RANK"]), "seconds": round(time.perf_counter() - started, 3),

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
-from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM
-from ..errors import FormatError
+from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM, saved_task
+from ..errors import FormatError, TargetError
 from . import tables
 
 if TYPE_CHECKING:
@@ -239,6 +239,69 @@ def _label(value, key: str, regression: bool, *, text_cells: bool) -> int | str 
 
 def _kind(label) -> str:
     return "a string" if isinstance(label, str) else "a number" if isinstance(label, float) else "an integer"
+
+
+def label_ids(rows: list[LabeledRow], eval_rows: list[LabeledRow], *, data, eval_data, config: dict, base,
+              num_labels: int | None) -> tuple[dict | None, dict]:
+    """label -> class id (None: regression), and the head's config keys (num_labels, id2label, label2id,
+    problem_type), for a model of `config` (a head it already has fixes them) and --num-labels. Ids are the
+    integers as written, or names in sorted order.
+
+    Raises:
+        FormatError: labels of mixed types, or more than the head has. TargetError: --num-labels against the head.
+    """
+    every = [(data, r) for r in rows] + [(eval_data, r) for r in eval_rows]
+    first = rows[0]
+    for path, r in every:
+        if type(r.label) is not type(first.label):
+            raise FormatError(f"{path}:{r.line}: \"label\" is {_kind(r.label)} but {_kind(first.label)} in {data}:"
+                              f"{first.line}; use one type for every label")
+    head = _head_labels(config)
+    if num_labels is not None and head is not None and num_labels != len(head):
+        raise TargetError(f"--num-labels {num_labels}: the base {base} already has a classification head with "
+                          f"{len(head)} labels; leave --num-labels out")
+    if num_labels == 1 or (head is not None and len(head) == 1):  # regression (STS-B): one output, float labels
+        if not isinstance(first.label, float):
+            raise FormatError(f"{data}:{first.line}: label {first.label!r}; a regression head (--num-labels 1) "
+                              "needs numbers")
+        return None, {"num_labels": 1, "id2label": {0: "LABEL_0"}, "label2id": {"LABEL_0": 0},
+                      "problem_type": "regression"}
+    size = len(head) if head is not None else num_labels
+    whose = f"the classification head of {base}" if head is not None else f"--num-labels {num_labels}"
+    if isinstance(first.label, int):
+        path, top = max(every, key=lambda pr: pr[1].label)
+        if size is not None and top.label >= size:
+            raise FormatError(f"{path}:{top.line}: label {top.label}, but {whose} has {size} labels (ids 0..{size - 1})"
+                              "; give fewer labels" + ("" if head is not None else " or raise --num-labels"))
+        size = size or max(2, top.label + 1)
+        names = head or [f"LABEL_{i}" for i in range(size)]
+        ids = {i: i for i in range(size)}
+    else:
+        found = sorted({r.label for _, r in every})
+        if head is not None:
+            ids = {name: i for i, name in enumerate(head)}
+            unknown = [name for name in found if name not in ids]
+            if unknown:
+                raise FormatError(f"{data}: labels {unknown[:3]} are not among the {len(head)} labels of {whose} "
+                                  f"({', '.join(head[:5])}); use those names or the class ids 0..{len(head) - 1}")
+            names = head
+        else:
+            if size is not None and len(found) > size:
+                raise FormatError(f"{data}: {len(found)} label names ({', '.join(found[:5])}), but {whose} has {size} "
+                                  "labels; raise --num-labels")
+            size = size or max(2, len(found))
+            names = found + [f"LABEL_{i}" for i in range(len(found), size)]
+            ids = {name: i for i, name in enumerate(found)}
+    return ids, {"num_labels": size, "id2label": dict(enumerate(names)),
+                 "label2id": {name: i for i, name in enumerate(names)}, "problem_type": "single_label_classification"}
+
+
+def _head_labels(config: dict) -> list[str] | None:
+    """The label names of the classification head a checkpoint already has, or None."""
+    if saved_task(config) != CLASSIFY:
+        return None
+    id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
+    return [id2label[k] for k in sorted(id2label, key=int)]
 
 
 def tokenize_labeled(rows: list[LabeledRow], tokenizer, ids: dict | None, *, max_length: int) -> list[LabeledExample]:

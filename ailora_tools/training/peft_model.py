@@ -2,7 +2,8 @@
 
 For transformers' Trainer, TRL or any training loop: `get_ailora_model(model, method="ailora", rank=16)`
 wraps the model with PEFT's LoRA, writes the initial factors A0, B0 into each target's lora_A / lora_B, and
-replaces the target's base weight by its residual W − s·B0·A0, so the model's output is unchanged at step 0.
+replaces the target's base weight by its residual W − s·B0·A0, so the model's output is unchanged at step 0
+(with `no_offset`, the weights stay as they are and step 0 is W + s·B0·A0, as the LoRA-DA authors start).
 Factors and residuals are those `decompose` writes for the same settings (same functions, same per-module
 seeds): the same on the same device, bit for bit.
 """
@@ -119,7 +120,7 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
         layer = peft_model.base_model.model.get_submodule(m)
         W = layer.get_base_layer().weight
         A0, B0, residual = (*initial[m], None) if quantize else _initialise(
-            W.detach(), init, m, role_of[m], is_transposed(m, arch), params, dev)
+            W.detach(), init, m, role_of[m], is_transposed(m, arch), params, dev, offset=not o.no_offset)
         with torch.no_grad():
             layer.lora_A[adapter_name].weight.copy_(A0)
             layer.lora_B[adapter_name].weight.copy_(B0)
@@ -163,14 +164,19 @@ def _job(module: str, W: torch.Tensor, role: str | None, transposed: bool) -> Jo
                role, transposed)
 
 
-def _initialise(W: torch.Tensor, init, module: str, role: str | None, transposed: bool, params, device):
-    """(A0, B0, residual as stored or None) for one target, with decompose's own code and per-module seed."""
-    from ..decomposition.residual import residual_target
+def _initialise(W: torch.Tensor, init, module: str, role: str | None, transposed: bool, params, device, *,
+                offset: bool = True):
+    """(A0, B0, residual as stored or None) for one target, with decompose's own code and per-module seed;
+    `offset` False (`no_offset`): the factors alone, the base left as it is."""
+    from ..decomposition.residual import initial_factors, residual_target, working_copy
     from ..init.svd import generator_for
 
     job = _job(module, W, role, transposed)
     if not init.offsets_base:  # plain LoRA: the base stays as it is
         A0, B0, _ = init.factors(job, None, params, generator=generator_for(params.seed, module, "cpu"))
+        return A0, B0, None
+    if not offset:
+        A0, B0, _ = initial_factors(job, working_copy(job, W, device), init, params, device=device)
         return A0, B0, None
     residual, (A0, B0), _ = residual_target(job, W, init, params, device=device, out_dtype=None)
     return A0, B0, residual

@@ -1,7 +1,8 @@
 """Training setup: every option, file and data row checked, then the model, data, optimizer and schedule.
 
 Nothing here trains; `prepare` returns a `Run` that `loop.train_steps` drives. The base is decompose's
-residual, or the ORIGINAL model with the initial product subtracted inside the adapter (`exact_mode`).
+residual, or the ORIGINAL model with the initial product subtracted inside the adapter (`exact_mode`), or for a
+`decompose --no-offset` adapter the ORIGINAL model as it is (step 0 = the model + s·B0·A0).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.examples import check_rows
 from ..io.peft_adapter import Adapter, read_adapter
 from ..io.tokenizer import load_tokenizer
-from ..manifests import check_base, train_identity
+from ..manifests import NO_OFFSET, check_base, starts_offset, train_identity
 from ..options import TrainOptions
 from .bitfit import BitFit, check_bitfit, load_bitfit_model
 from .data_parallel import Ranks
@@ -88,6 +89,8 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
         initial.check_fits(ckpt.tensors, adapter=adapter, base=base, config=ckpt.config, takes_nf4=True)
         mode = resolve_adapter_base(o.adapter_base, adapter)
         warning = check_base(adapter, ckpt, flag="--base", force=force)
+    # exact mode subtracts s·B0·A0 on the original; a --no-offset adapter trains as it is, like a plain LoRA
+    exact = mode == "original" and starts_offset(adapter)
     tok, pad_id = load_tokenizer(o.tokenizer or base, flag="--tokenizer" if o.tokenizer else "--base")
     ds = load_data(task, data, o.eval_data, tok, pad_id=pad_id, config=ckpt.config, base=base,
                    max_length=o.max_length, seed=o.seed, num_labels=o.num_labels, columns=o.columns)
@@ -99,7 +102,7 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
                 "weight_decay": o.weight_decay, "columns": [o.text_column, o.text_pair_column, o.label_column],
                 "dtype": o.dtype, "tokenizer": o.tokenizer, "progressive": o.progressive,
                 # "residual": trained as base + s·B·A; "original": as base + s(B·A − B0·A0), what convert writes
-                "adapter_base": mode, "mode": "bitfit" if o.bitfit else "exact" if mode == "original" else "residual",
+                "adapter_base": mode, "mode": "bitfit" if o.bitfit else "exact" if exact else NO_OFFSET if mode == "original" else "residual",
                 "task": task.name, "labels": ds.labels, **train_identity(adapter, ckpt, mode, data, o.eval_data, warning)}
     torch.manual_seed(o.seed)  # a new classification head is initialised from it
     # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
@@ -114,7 +117,7 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
             ranks.shard_model(model)
         else:
             model = model.to(dev)
-    if mode == "original":  # the initial factors under the model class's module names
+    if exact:  # the initial factors under the model class's module names
         names = match(initial.factors, {n for n, _ in model.get_base_model().named_modules()},
                       prefix=task_info["base_model_prefix"])
         subtract_initial(model, Adapter(initial.config, {names[m]: f for m, f in initial.factors.items()}))

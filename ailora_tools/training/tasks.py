@@ -22,14 +22,14 @@ from typing import Callable
 
 import torch
 
-from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM, match, saved_task
-from ..errors import FormatError, TargetError, UnsupportedError
+from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM, match, task_of
+from ..errors import TargetError, UnsupportedError
 from ..io.examples import (
     IGNORE,
     Columns,
-    LabeledRow,
     collate,
     collate_labeled,
+    label_ids,
     load_jsonl,
     load_masked_jsonl,
     read_labeled,
@@ -71,13 +71,7 @@ def resolve_task(name: str, config: dict) -> Task:
     """
     if name not in CHOICES:
         raise TargetError(f"--task {name!r}: choose one of {', '.join(CHOICES)}")
-    if name != "auto":
-        return TASKS[name]
-    if (saved := saved_task(config)) in TASKS:
-        return TASKS[saved]
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    return TASKS[MASKED_LM if config.get("model_type") in MODEL_FOR_MASKED_LM_MAPPING_NAMES else CAUSAL_LM]
+    return TASKS[task_of(name, config)]
 
 
 @dataclass
@@ -111,7 +105,7 @@ def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike 
         regression = num_labels == 1
         rows = read_labeled(data, columns=columns, regression=regression)
         eval_rows = read_labeled(eval_data, flag="--eval-data", columns=columns, regression=regression) if eval_data else []
-        ids, labels = _labels(rows, eval_rows, data=data, eval_data=eval_data, config=config, base=base,
+        ids, labels = label_ids(rows, eval_rows, data=data, eval_data=eval_data, config=config, base=base,
                               num_labels=num_labels)
         if config.get("pad_token_id") is None:  # decoders classify at the last token that is not padding
             labels["pad_token_id"] = pad_id
@@ -127,67 +121,6 @@ def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike 
         load = lambda path, s: load_jsonl(path, tokenizer, max_length=max_length, columns=columns)  # noqa: E731
     return Data(load(data, seed), load(eval_data, seed + 1) if eval_data else [],
                 lambda batch: collate(batch, pad_id), None)
-
-
-def _labels(rows: list[LabeledRow], eval_rows: list[LabeledRow], *, data, eval_data, config: dict, base,
-            num_labels: int | None) -> tuple[dict, dict]:
-    """label -> class id, and the head's config keys. Ids are the integers as written, or names in sorted order."""
-    every = [(data, r) for r in rows] + [(eval_data, r) for r in eval_rows]
-    first = rows[0]
-    for path, r in every:
-        if type(r.label) is not type(first.label):
-            raise FormatError(f"{path}:{r.line}: \"label\" is {_kind(r.label)} but {_kind(first.label)} in {data}:"
-                              f"{first.line}; use one type for every label")
-    head = _head_labels(config)
-    if num_labels is not None and head is not None and num_labels != len(head):
-        raise TargetError(f"--num-labels {num_labels}: the base {base} already has a classification head with "
-                          f"{len(head)} labels; leave --num-labels out")
-    if num_labels == 1 or (head is not None and len(head) == 1):  # regression (STS-B): one output, float labels
-        if not isinstance(first.label, float):
-            raise FormatError(f"{data}:{first.line}: label {first.label!r}; a regression head (--num-labels 1) "
-                              "needs numbers")
-        return None, {"num_labels": 1, "id2label": {0: "LABEL_0"}, "label2id": {"LABEL_0": 0},
-                      "problem_type": "regression"}
-    size = len(head) if head is not None else num_labels
-    whose = f"the classification head of {base}" if head is not None else f"--num-labels {num_labels}"
-    if isinstance(first.label, int):
-        path, top = max(every, key=lambda pr: pr[1].label)
-        if size is not None and top.label >= size:
-            raise FormatError(f"{path}:{top.line}: label {top.label}, but {whose} has {size} labels (ids 0..{size - 1})"
-                              "; give fewer labels" + ("" if head is not None else " or raise --num-labels"))
-        size = size or max(2, top.label + 1)
-        names = head or [f"LABEL_{i}" for i in range(size)]
-        ids = {i: i for i in range(size)}
-    else:
-        found = sorted({r.label for _, r in every})
-        if head is not None:
-            ids = {name: i for i, name in enumerate(head)}
-            unknown = [name for name in found if name not in ids]
-            if unknown:
-                raise FormatError(f"{data}: labels {unknown[:3]} are not among the {len(head)} labels of {whose} "
-                                  f"({', '.join(head[:5])}); use those names or the class ids 0..{len(head) - 1}")
-            names = head
-        else:
-            if size is not None and len(found) > size:
-                raise FormatError(f"{data}: {len(found)} label names ({', '.join(found[:5])}), but {whose} has {size} "
-                                  "labels; raise --num-labels")
-            size = size or max(2, len(found))
-            names = found + [f"LABEL_{i}" for i in range(len(found), size)]
-            ids = {name: i for i, name in enumerate(found)}
-    return ids, {"num_labels": size, "id2label": dict(enumerate(names)),
-                 "label2id": {name: i for i, name in enumerate(names)}, "problem_type": "single_label_classification"}
-
-
-def _kind(label) -> str:
-    return "a string" if isinstance(label, str) else "a number" if isinstance(label, float) else "an integer"
-
-
-def _head_labels(config: dict) -> list[str] | None:
-    """The label names of the classification head a checkpoint already has, or None."""
-    if saved_task(config) != CLASSIFY:
-        return None
-    id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
-    return [id2label[k] for k in sorted(id2label, key=int)]
 
 
 def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, *, labels: dict | None,

@@ -1,11 +1,13 @@
 """LoRA-DA (arXiv 2510.24561): data-aware initial factors from calibration samples of the target data.
 
-`prepare` runs the calibration (`ailora_tools.calibration`: one decoder layer at a time, never the whole
-model) on the first `samples` rows of `--data`, and turns each module's statistics into (A0, B0) as soon as
+`prepare` runs the calibration (`ailora_tools.calibration`: one decoder or encoder layer at a time, never the
+whole model) on the first `samples` rows of `--data`, read as `train` reads them for the task (`--task`, the column
+options; masked-LM masks and a new classification head drawn from `--seed`, as `train --seed` draws them), and turns each module's statistics into (A0, B0) as soon as
 its layer is done (`ailora_tools.lora_da`), so only one layer's statistics are held at a time. `factors`
 then hands each module its pair; decompose writes the residual W − s·B0·A0 as for every other method, so
-training starts exactly at the pretrained model (the authors leave the base as it is and start at
-W + s·B0·A0; `--no-residual` with exact training is the closest to theirs that still starts at W).
+training starts exactly at the pretrained model. The authors leave the base as it is and start at
+W + s·B0·A0: that is `--no-offset` (the same factors; the adapter then applies to the original model, as a plain
+LoRA does); `--no-residual` with exact training keeps the original weights and still starts at W.
 """
 from __future__ import annotations
 
@@ -19,27 +21,21 @@ class LoRADA(InitMethod):
     needs_data = True
     needs_weights = False
 
-    def prepare(self, ckpt, jobs, settings, *, data=None, samples: int = 64, max_length: int = 512,
+    def prepare(self, ckpt, jobs, settings, *, data=None, samples: int = 64, max_length: int = 512, task=None,
                 device: str = "auto", progress: bool = True, **_):
-        from ...errors import FormatError
-        from ...io.examples import check_rows, load_jsonl
-        from ...io.tokenizer import load_tokenizer
-        from .calibration import calibrate, require_transformers
+        """`task`: the `options.TaskOptions` (task, columns, num_labels) the calibration samples are read for."""
+        from ...options import TaskOptions
+        from .calibration import calibrate, check_supported, require_transformers
         from .maths import lora_da_factors
 
         require_transformers()  # before the data is read
-        population = check_rows(data, flag="--data")
-        if population < samples:
-            raise FormatError(f"--data {data}: {population} rows, fewer than --samples {samples}; give more rows or "
-                              f"pass --samples {population}")
-        tokenizer, _ = load_tokenizer(ckpt.root, flag="MODEL")
-        examples = load_jsonl(data, tokenizer, max_length=1 << 30, limit=samples)
-        for i, ex in enumerate(examples, 1):
-            if len(ex.input_ids) > max_length:
-                raise FormatError(f"--data {data}: sample {i} has {len(ex.input_ids)} tokens, more than --max-length "
-                                  f"{max_length}; raise --max-length or shorten it (calibration does not cut samples)")
+        task = task or TaskOptions()
+        name = check_supported(ckpt, task.task)
+        population, examples, labels = _calibration_samples(ckpt, data, name, task, samples, max_length,
+                                                            seed=settings.seed)
         factors, inputs = {}, {}
-        for stats in calibrate(ckpt, examples, [j.module for j in jobs], device=device, progress=progress):
+        for stats in calibrate(ckpt, examples, [j.module for j in jobs], task=name, labels=labels, seed=settings.seed,
+                               device=device, progress=progress):
             if stats.input_key not in inputs:  # q/k/v read the same input: factor Z once
                 inputs = {stats.input_key: _factor(stats.input_factor, _device(device), stats.name)}
                 if inputs[stats.input_key].deficient:
@@ -53,6 +49,49 @@ class LoRADA(InitMethod):
 
     def factors(self, job, W, settings, *, context=None, generator=None):
         return context[job.module]
+
+
+def _calibration_samples(ckpt, data, task: str, options, samples: int, max_length: int, *, seed: int):
+    """(rows in `data`, its first `samples` rows tokenized for `task` as `train` reads them, the classification head's
+    config keys or None). Masked-LM rows are masked with train's seeded draw (`seed`: the same masks as `train
+    --seed` gives its first rows); classification labels get train's ids from these rows.
+
+    Raises:
+        FormatError: fewer rows than `samples`, a bad row, or a sample longer than `max_length` (not cut).
+    """
+    from ...architectures import CLASSIFY, MASKED_LM
+    from ...errors import FormatError
+    from ...io.examples import (
+        check_rows,
+        label_ids,
+        load_jsonl,
+        load_masked_jsonl,
+        read_labeled,
+        tokenize_labeled,
+    )
+    from ...io.tokenizer import load_tokenizer
+
+    regression = options.num_labels == 1
+    population = check_rows(data, flag="--data", task=task, columns=options.columns, regression=regression)
+    if population < samples:
+        raise FormatError(f"--data {data}: {population} rows, fewer than --samples {samples}; give more rows or "
+                          f"pass --samples {population}")
+    tokenizer, _ = load_tokenizer(ckpt.root, flag="MODEL")
+    labels = None
+    if task == CLASSIFY:
+        rows = read_labeled(data, columns=options.columns, regression=regression)
+        ids, labels = label_ids(rows, [], data=data, eval_data=None, config=ckpt.config, base=ckpt.source,
+                                num_labels=options.num_labels)  # from every row, as train (less its --eval-data)
+        examples = tokenize_labeled(rows[:samples], tokenizer, ids, max_length=1 << 30)
+    elif task == MASKED_LM:
+        examples = load_masked_jsonl(data, tokenizer, max_length=1 << 30, seed=seed, columns=options.columns)[:samples]
+    else:
+        examples = load_jsonl(data, tokenizer, max_length=1 << 30, limit=samples, columns=options.columns)
+    for i, ex in enumerate(examples, 1):
+        if len(ex.input_ids) > max_length:
+            raise FormatError(f"--data {data}: sample {i} has {len(ex.input_ids)} tokens, more than --max-length "
+                              f"{max_length}; raise --max-length or shorten it (calibration does not cut samples)")
+    return population, examples, labels
 
 
 def _factor(z, device, name: str):
