@@ -79,6 +79,15 @@ def prepare(size: str, work: Path, dtype: str, device: str, rank: int) -> Path:
     return model
 
 
+def write_report(out: Path, name: str, device: str, lines: list[str]) -> Path:
+    """Write `lines` to OUT/NAME-<device kind>-<date>.md and print it."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{device.split(':')[0]}-{datetime.date.today()}.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
+    return path
+
+
 def describe_machine(device: str) -> list[str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())

@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench_decompose import HERE, PY, describe_machine, prepare, run
+from bench_decompose import HERE, PY, describe_machine, prepare, run, write_report
 
 
 def workloads(model: Path, work: Path, ranks: int, method: str, svd: str, device: str, rank: int) -> dict:
@@ -89,10 +89,7 @@ def main() -> None:
             rss = max(x["rss"] for x in v) / 2**20
             lines.append(f"| {name} | {med:.2f} | {base / med:.2f}× | {rss:.0f} | {same} |")
         lines.append("")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"distributed-{args.device.split(':')[0]}-{datetime.date.today()}.md"
-    path.write_text("\n".join(lines) + "\n")
-    print(path.read_text())
+    write_report(args.out, "distributed", args.device, lines)
 
 
 if __name__ == "__main__":
