@@ -93,6 +93,15 @@ def describe_machine(device: str) -> list[str]:
             f"peft {versions[2]}, ailora-tools {versions[3]}"]
 
 
+def publish(lines: list[str], out: Path, name: str) -> Path:
+    """Write the report `lines` to OUT/name-DATE.md and print it."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{datetime.date.today()}.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
+    return path
+
+
 def table(results: dict[str, list[dict]]) -> list[str]:
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     copy, full, niter = med.get("copy (cp -r)"), med.get("PEFT pissa (full SVD)"), med.get("PEFT pissa_niter_4")

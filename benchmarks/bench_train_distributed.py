@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_decompose import HERE, PY, describe_machine
+from bench_decompose import HERE, PY, describe_machine, publish
 
 
 def prepare(work: Path, hidden: int, layers: int) -> tuple[Path, Path]:
@@ -90,10 +90,7 @@ def main() -> None:
     for n, v in results.items():
         lines.append(f"| {n} | {statistics.median(x['seconds'] for x in v):.2f} | {rate[n]:.0f} | "
                      f"{rate[n] / rate[first]:.2f}× | {adapter_difference(args.workdir / f'out-{first}', args.workdir / f'out-{n}'):.1e} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"train-distributed-{args.device.split(':')[0]}-{datetime.date.today()}.md"
-    path.write_text("\n".join(lines) + "\n")
-    print(path.read_text())
+    publish(lines, args.out, f"train-distributed-{args.device.split(':')[0]}")
 
 
 if __name__ == "__main__":
