@@ -97,3 +97,20 @@ def test_bench_train_distributed_compares_ranks(tmp_path):
     (report,) = tmp_path.glob("train-distributed-cpu-*.md")
     rows = [line.split("|") for line in report.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert [r[1].strip() for r in rows] == ["1", "2"] and float(rows[1][5]) < 1e-5  # the adapters agree
+
+
+@pytest.mark.slow
+def test_bench_qlora_compares_nf4_train_with_peft_qlora(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_qlora.py"), "--device", "cpu", "--seq", "64", "--steps", "3",
+                    "--warmup-steps", "1", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True)
+    (report,) = tmp_path.glob("qlora-cpu-*.md")
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in report.read_text().splitlines()
+            if r.startswith("| ") and not r.startswith(("| workload", "| ---"))}
+    assert list(rows) == ["decompose pissa --quantize nf4 --quantize-all", "ailora-tools train on the NF4 residual",
+                          "PEFT QLoRA (prepare_model_for_kbit_training)", "PEFT QLoRA, no prepare_model_for_kbit_training"]
+    assert rows["PEFT QLoRA (prepare_model_for_kbit_training)"][1] == "1.00×"
+    for name, (rate, ratio, gpu, rss, wall) in rows.items():
+        assert gpu == "" and float(rss) > 0 and float(wall) > 0  # no GPU on CPU
+        assert (rate == "") == name.startswith("decompose") and (ratio == "") == name.startswith("decompose")
+    assert "bitsandbytes " in report.read_text() and "'tiny' shape" in report.read_text()
