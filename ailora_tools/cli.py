@@ -17,9 +17,6 @@ from .console import logged_bars, no_hub_kernels, one_line_warnings
 #: compare --metric choices (as analysis.comparison.METRICS, without importing it before torch is needed)
 METRICS = ("auto", "loss", "accuracy", "f1", "matthews", "pearson", "spearman")
 
-# Idle OpenMP threads sleep instead of spinning: the SVDs alternate with copy and hash threads, and on few
-# cores spinning threads take their CPU (about 1.4 CPU-s of 7 on the 1.1B benchmark). Set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 logged_bars()  # before anything imports tqdm (ailora_tools.init does): it reads its settings from the environment then
 one_line_warnings()
 no_hub_kernels()
@@ -67,6 +64,14 @@ def _one_line(e: Exception) -> str:
     if isinstance(e, OSError):
         return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
     return f"{e.__class__.__name__}: {e} (rerun with --debug for the traceback)"
+
+
+def _passive_openmp() -> None:
+    """Streaming commands (decompose, merge): idle OpenMP threads sleep instead of spinning, unless
+    OMP_WAIT_POLICY is set. The SVDs alternate with copy and hash threads, and on few cores spinning threads take
+    their CPU (about 1.4 CPU-s of 7 on the 1.1B benchmark). Training keeps OpenMP's default: its many small ops
+    pay a thread wake-up each when the threads sleep (a CPU train step took 1.5x as long). Before torch loads."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _prehash(model: str, revision: str | None) -> None:
@@ -246,6 +251,7 @@ def decompose(model, out, allow_pickle, overwrite, resume, as_json, quiet, **set
     the factors of its share of the matrices, rank 0 writes the same bytes as one process."""
     if model is None:
         raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= in --config")
+    _passive_openmp()
     options = DecomposeOptions.build(allow_pickle=allow_pickle, **settings)
     _prehash(model, options.revision)
     from .decomposition import decompose as run
@@ -322,6 +328,7 @@ def merge(base, adapter, out, dtype, revision, force, allow_pickle, overwrite, r
     """Merge ADAPTER into BASE (W + s·B·A in float32), streaming shard by shard.
 
     Under torchrun (as for decompose) rank 0 merges alone: a merged matrix costs less than sending it."""
+    _passive_openmp()
     _prehash(base, revision)
     from .adapters.merging import merge as run
 

@@ -55,6 +55,20 @@ def test_errors_are_one_line_with_nonzero_exit(tiny, tmp_path):
     assert res.exit_code == 1 and res.exception is not None  # --debug re-raises for a traceback
 
 
+def test_openmp_threads_sleep_when_idle_only_in_the_streaming_commands(tmp_path, monkeypatch):
+    # decompose and merge alternate SVDs with I/O threads: idle OpenMP threads must not spin there; training's many
+    # small ops would pay a wake-up each, so train (and compare, demo) keep OpenMP's default
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    CliRunner().invoke(main, ["train", "--base", str(tmp_path / "nope"), "--adapter", str(tmp_path / "a"), "--data",
+                              str(tmp_path / "d.jsonl"), "-o", str(tmp_path / "t")])
+    assert "OMP_WAIT_POLICY" not in os.environ
+    CliRunner().invoke(main, ["decompose", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's setting wins
+    CliRunner().invoke(main, ["merge", str(tmp_path / "nope"), str(tmp_path / "a"), "-o", str(tmp_path / "m")])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_summary_and_progress(tiny, tmp_path):
     res = CliRunner().invoke(main, ["decompose", str(tiny("qwen2")), "-o", str(tmp_path / "o"), "--rank", "4",
                                     "--method", "pissa", "--svd", "exact"])

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from ailora_tools import decompose, get_ailora_model
 from ailora_tools.io.checkpoint import Checkpoint
+from ailora_tools.io.tensorio import read_tensor
 from ailora_tools.quantization.nf4 import STATE, quantize, read_dequantized
 
 pytest.importorskip("bitsandbytes")
@@ -147,6 +148,24 @@ def test_train_on_the_nf4_residual_on_cpu_loss_falls(tmp_path):
     decompose(base, tmp_path / "float", method="pissa", rank=4, progress=False)
     one_line_error(cli("train", "--base", tmp_path / "float" / "residual", "--adapter", tmp_path / "dec" / "adapter",
                        "--data", data, "-o", tmp_path / "t2", "--max-steps", "1"), "applies to the residual")
+
+
+def test_train_loads_the_nf4_residual_float_weights_in_the_asked_dtype(tmp_path):
+    # transformers keeps a pre-quantised checkpoint's float weights in their stored dtype whatever dtype is asked;
+    # train casts them (float32 on CPU) as PEFT's prepare_model_for_kbit_training does, the packed bytes untouched
+    from ailora_tools.training.tasks import TASKS, load_model
+
+    src = build_model("llama", tmp_path / "src", dtype=torch.bfloat16)
+    decompose(src, tmp_path / "dec", method="pissa", rank=4, quantize="nf4", quantize_all=True, progress=False)
+    model, _, _ = load_model(TASKS["causal-lm"], tmp_path / "dec" / "residual", tmp_path / "dec" / "adapter",
+                             labels=None, dtype=torch.float32)
+    floats = {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point()}
+    assert floats and set(floats.values()) == {torch.float32}, floats
+    q = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer")
+    assert isinstance(q, bnb.nn.Linear4bit) and q.weight.dtype == torch.uint8
+    stored = Checkpoint.open(tmp_path / "dec" / "residual")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(q.weight.data.flatten(), read_tensor(stored.shard(stored.tensors[name].file), name).flatten())
 
 
 def test_get_ailora_model_quantises_in_memory_as_decompose_writes(tmp_path):

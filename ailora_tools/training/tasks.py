@@ -173,6 +173,10 @@ def load_task_model(task: Task, base: str | os.PathLike, *, labels: dict | None,
 
     model, info = getattr(transformers, task.auto_class).from_pretrained(
         base, dtype=dtype, output_loading_info=True, **(labels or {}))
+    if getattr(model.config, "quantization_config", None):  # transformers keeps a pre-quantised checkpoint's float
+        for p in model.parameters():  # weights in their stored dtype: cast them as PEFT's prepare_model_for_kbit_training
+            if p.is_floating_point() and p.dtype != dtype:  # does (the packed NF4 weights are uint8: untouched)
+                p.data = p.data.to(dtype)
     missing = sorted(info["missing_keys"])
     if missing and not task.classifies:
         raise UnsupportedError(
