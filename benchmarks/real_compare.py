@@ -12,7 +12,7 @@ hundreds of times; duplicates would leak between train and eval), limited to row
 the LoRA paper's GLUE settings: linear decay, warm-up ratio 0.06, weight decay 0.1) with every seed and learning
 rate, and writes compare.md / compare.json / plots. The command it runs is printed and written to the results file.
 
-    python benchmarks/real_compare.py -o real-run          # the README's table: ~30 min on 2 CPU cores
+    python benchmarks/real_compare.py -o real-run          # the README's table: ~27 min on 2 CPU cores
     python benchmarks/real_compare.py -o pilot --methods lora,pissa --seeds 0 --lr 1e-3   # a quick look
 """
 from __future__ import annotations
