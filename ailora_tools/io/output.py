@@ -86,13 +86,10 @@ class OutputDir:
                                   "rerun with the same ones, or use --overwrite to start again")
             self.done = journal.get("done", {})
             return
-        if self.resume and not journal and existing:
-            from ..manifests import MANIFESTS
-
-            done = [m for m in MANIFESTS if (self.path / m).is_file()]
-            if done:
-                raise OutputError(f"--resume: the run in {self.path} is complete ({done[0]} is written); there is "
-                                  "nothing to resume: use it as it is, or pass --overwrite to run it again")
+        if self.resume and not journal and existing and not self.overwrite:
+            raise OutputError(f"--resume: {self.path} holds no interrupted run (no {JOURNAL_NAME}): its run is "
+                              "complete, or it is not an ailora-tools output; there is nothing to resume: use it as "
+                              "it is, or pass --overwrite to run it again")
         if existing and not self.overwrite:
             hint = "--resume to finish the interrupted run there, " if journal else ""
             raise OutputError(f"-o {self.path}: exists and is not empty; pass {hint}--overwrite to replace it, "
