@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..architectures import auto_class
 from ..distributed import full_tensor, shard_like
 from ..errors import FormatError, InputNotFoundError, UnsupportedError
-from ..quantization.nf4 import STATE as NF4_STATE
+from .nf4_layout import STATE as NF4_STATE
+from .tensorio import load_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -202,24 +202,20 @@ def read_adapter(directory: Path | str, *, strict: bool = True, dora: bool = Fal
     extra: dict[str, torch.Tensor] = {}
     mags: dict[str, torch.Tensor] = {}
     saved = [str(s) for s in config.get("modules_to_save") or []]
-    try:
-        with safe_open(str(w_path), framework="pt") as f:
-            for k in f.keys():
-                if config.get("use_dora") and (mm := _MAGNITUDE.match(k)) is not None:
-                    mags[mm.group(1)] = f.get_tensor(k)
-                    continue
-                m = _KEY.match(k)
-                if m is None and k.startswith(PREFIX) and _in_modules(k[len(PREFIX):], saved):
-                    extra[k[len(PREFIX):]] = f.get_tensor(k)
-                    continue
-                if m is None and not strict:
-                    continue
-                if m is None:
-                    raise FormatError(f"{w_path}: tensor {k!r} is not a LoRA A/B weight (e.g. {key('x.q_proj', 'A')}) "
-                                      "nor a parameter of a module in modules_to_save")
-                (A if m.group(2) == "A" else B)[m.group(1)] = f.get_tensor(k)
-    except (OSError, RuntimeError) as e:  # safetensors raises SafetensorError (an OSError subclass in newer versions)
-        raise FormatError(f"{w_path}: cannot read ({e})") from e
+    for k, t in load_tensors(w_path).items():
+        if config.get("use_dora") and (mm := _MAGNITUDE.match(k)) is not None:
+            mags[mm.group(1)] = t
+            continue
+        m = _KEY.match(k)
+        if m is None and k.startswith(PREFIX) and _in_modules(k[len(PREFIX):], saved):
+            extra[k[len(PREFIX):]] = t
+            continue
+        if m is None and not strict:
+            continue
+        if m is None:
+            raise FormatError(f"{w_path}: tensor {k!r} is not a LoRA A/B weight (e.g. {key('x.q_proj', 'A')}) "
+                              "nor a parameter of a module in modules_to_save")
+        (A if m.group(2) == "A" else B)[m.group(1)] = t
     if set(A) != set(B):
         raise FormatError(f"{w_path}: modules with only one of lora_A/lora_B: {sorted(set(A) ^ set(B))}")
     factors = {}

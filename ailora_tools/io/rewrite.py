@@ -39,6 +39,7 @@ from .tensorio import (
     copy_ranges,
     dtype_name,
     layout,
+    load_tensors,
     read_header,
     read_tensor,
     tensor_bytes,
@@ -248,9 +249,7 @@ def _reuse(od: OutputDir, piece: str, results: dict) -> None:
     rec = od.finished(piece)
     extras: dict[str, dict] = {n: {} for n in rec.get("records", {})}
     if rec.get("extras"):
-        from safetensors.torch import load_file
-
-        for key, value in load_file(str(od.path / od.WORK / f"{piece}.extras")).items():
+        for key, value in load_tensors(od.path / od.WORK / f"{piece}.extras").items():
             name, k = key.split("::", 1)
             extras[name][k] = value
     results.update({n: (extras[n], r) for n, r in rec.get("records", {}).items()})

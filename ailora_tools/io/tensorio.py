@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError, InputNotFoundError, UnsupportedError
 
 # torch is imported inside the functions that need it, so that the CLI can start hashing before it loads.
 #: safetensors dtype name -> (torch dtype name, or None when torch cannot compute with it; bytes per element)
@@ -28,6 +28,8 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 DTYPE_FLAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_HEADER = 100 * 1024 * 1024
 COPY_CHUNK = 8 * 1024 * 1024
+#: what to do about a damaged file, the end of every message that finds one
+REDO = "re-download or re-save it (an ailora-tools output: rerun the command that wrote it)"
 
 
 def torch_dtype(name: str):
@@ -99,11 +101,12 @@ def parse_header(path: Path, head: bytes, size: int, name: str | None = None) ->
     """
     path = Path(path)
     if len(head) < 8:
-        raise FormatError(f"{path}: not a safetensors file (only {size} bytes); re-download or re-save it")
+        raise FormatError(f"{path}: not a safetensors file (only {size} bytes, at least 8 needed); {REDO}")
     (n,) = struct.unpack("<Q", head[:8])
     if n > MAX_HEADER or 8 + n > size or len(head) < 8 + n:
         raise FormatError(
-            f"{path}: header length {n} runs past the file ({size} bytes): the file is truncated or corrupt"
+            f"{path}: header length {n} runs past the file ({size} bytes, at least {8 + n} needed): the file is "
+            f"truncated or corrupt; {REDO}"
         )
     raw = head[8:8 + n]
     return ShardHeader(path, raw, *_parse(path, name or path.name, raw, size - 8 - n), data_start=8 + n, size=size)
@@ -113,9 +116,9 @@ def _parse(path: Path, name: str, raw: bytes, buffer_size: int) -> tuple[dict, d
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__}); the file is corrupt") from e
+        raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__}); the file is corrupt; {REDO}") from e
     if not isinstance(doc, dict):
-        raise FormatError(f"{path}: header is not a JSON object; the file is corrupt")
+        raise FormatError(f"{path}: header is not a JSON object; the file is corrupt; {REDO}")
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FormatError(f"{path}: __metadata__ must map strings to strings")
@@ -125,7 +128,7 @@ def _parse(path: Path, name: str, raw: bytes, buffer_size: int) -> tuple[dict, d
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer; the file is corrupt")
+            raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer; the file is corrupt; {REDO}")
     return tensors, metadata
 
 
@@ -146,12 +149,12 @@ def _entry(path: Path, name: str, key: str, entry, buffer_size: int) -> TensorIn
     if offsets[1] - offsets[0] != numel * DTYPES[dtype][1]:
         raise FormatError(
             f"{path}: tensor {key!r} spans {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs "
-            f"{numel * DTYPES[dtype][1]}; the file is corrupt"
+            f"{numel * DTYPES[dtype][1]}; the file is corrupt; {REDO}"
         )
     if offsets[1] > buffer_size:
         raise FormatError(
-            f"{path}: tensor {key!r} ends at byte {offsets[1]} of a {buffer_size}-byte data buffer: "
-            "the file is truncated; re-download or re-save it"
+            f"{path}: tensor {key!r} ends at byte {offsets[1]} of a {buffer_size}-byte data buffer: the file is "
+            f"truncated ({offsets[1] - buffer_size} bytes missing); {REDO}"
         )
     return TensorInfo(key, name, dtype, tuple(shape), offsets[0], offsets[1])
 
@@ -172,10 +175,33 @@ def read_tensor(header: ShardHeader, name: str, fd: int | None = None):
         if own:
             os.close(fd)
     if got != info.nbytes:
-        raise FormatError(f"{header.path}: tensor {name!r} is cut short ({got} of {info.nbytes} bytes)")
+        raise FormatError(f"{header.path}: tensor {name!r} is cut short ({got} of {info.nbytes} bytes): the file "
+                          f"shrank while it was read; {REDO}")
     if not buf:
         return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
     return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+
+
+def load_tensors(path: Path | str) -> dict:
+    """Every tensor of a whole safetensors file (an adapter, trained biases, optimizer state), each read by its
+    byte range after the header is validated: a damaged file is named with the tensor and the byte counts.
+
+    Raises:
+        InputNotFoundError: no such file. FormatError: a truncated or corrupt file, naming it and what to do.
+        UnsupportedError: a dtype torch cannot read.
+
+    Example:
+        >>> load_tensors("trained/adapter_model.safetensors")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path}: no such file")
+    header = read_header(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return {name: read_tensor(header, name, fd) for name in header.tensors}
+    finally:
+        os.close(fd)
 
 
 def tensor_bytes(t) -> memoryview:

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..architectures import match
 from ..distributed import full_tensor, shard_like
 from ..errors import FormatError, InputNotFoundError, OptionError, UnsupportedError
 from ..io.peft_adapter import Adapter
+from ..io.tensorio import load_tensors
 from ..manifests import BITFIT_MANIFEST
 from .tasks import Task, describe_task, load_task_model
 
@@ -115,11 +115,7 @@ def read_bitfit(directory: str | os.PathLike) -> Adapter:
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise InputNotFoundError(f"{directory}: no {WEIGHTS_NAME}; pass the output of `train --bitfit`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except (OSError, RuntimeError) as e:
-        raise FormatError(f"{path}: cannot read ({e})") from e
+    tensors = load_tensors(path)
     manifest = Path(directory) / BITFIT_MANIFEST
     record = json.loads(manifest.read_text()).get("task") if manifest.is_file() else None
     return Adapter({"bitfit": True, "base_model_name_or_path": None,

@@ -11,11 +11,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..distributed import full_tensor, shard_like
 from ..io.output import OutputDir
 from ..io.peft_adapter import adapter_of, load_into, read_adapter, write_adapter
+from ..io.tensorio import load_tensors
 from .bitfit import BitFit
 
 CKPT_DIR = "checkpoints"
@@ -88,7 +89,7 @@ class Checkpointer:
             self.config.restore(ckpt, self.model)
         else:
             load_into(self.model, read_adapter(ckpt, dora=True), source=ckpt)
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        tensors = load_tensors(ckpt / "optimizer.safetensors")
         params = [p for group in self.optimizer.param_groups for p in group["params"]]  # the state's indices
         opt_state: dict[int, dict] = {}
         for key, value in tensors.items():
