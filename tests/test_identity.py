@@ -238,12 +238,13 @@ def test_resume_refuses_changed_data(two, tmp_path, monkeypatch, new_rows):
 # 7. the public names: covered by test_layout.py::test_every_public_name_imports_and_is_listed
 
 
-# 10. --resume on a finished run; -o naming a file
-def test_resume_of_a_finished_run_says_it_is_complete(two, tmp_path):
+# 10. --resume on a finished run (with other settings: with the same ones it is a no-op, tests/test_resume.py); -o
+# naming a file
+def test_resume_of_a_finished_run_with_other_settings_says_it_is_complete(two, tmp_path):
     shutil.copytree(two["A"]["trained"], tmp_path / "t")
     res = cli("train", "--base", two["A"]["residual"], "--adapter", two["A"]["initial"], "--data",
-              data_file("demo_train.jsonl"), "-o", tmp_path / "t", "--resume")
-    one_line_error(res, "is complete", "nothing to resume")
+              data_file("demo_train.jsonl"), "-o", tmp_path / "t", "--resume", "--quiet")
+    one_line_error(res, "(complete: ailora-train.json is written) used other settings", "--overwrite")
 
 
 def test_an_output_that_is_a_file_is_refused(two, tmp_path):

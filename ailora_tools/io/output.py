@@ -73,17 +73,7 @@ class OutputDir:
         existing = [p for p in self.path.iterdir() if p.name != LOCK_NAME]
         journal = self._read_journal()
         if self.resume and journal:
-            if journal.get("settings") != self.settings:
-                before = journal.get("settings", {})
-                changed = sorted(k for k in set(self.settings) | set(before) if self.settings.get(k) != before.get(k))
-                files = self.settings.get("inputs") or {}
-                moved = sorted(f for f in files if (before.get("inputs") or {}).get(f) != files[f])
-                if moved:  # "inputs": flag -> digest of a file the run reads (train's data)
-                    raise OutputError(f"--resume: {', '.join(moved)} changed since the run in {self.path} began (its "
-                                      "content differs from the one recorded): restore the file, or start again "
-                                      "with --overwrite")
-                raise OutputError(f"--resume: the run in {self.path} used other settings ({', '.join(changed)}); "
-                                  "rerun with the same ones, or use --overwrite to start again")
+            _same_settings(self.path, journal.get("settings", {}), self.settings)
             self.done = journal.get("done", {})
             return
         if self.resume and not journal and existing and not self.overwrite:
@@ -157,3 +147,37 @@ class OutputDir:
             json.dump(manifest, f, indent=2, sort_keys=True, default=str)
         (self.path / JOURNAL_NAME).unlink(missing_ok=True)
         shutil.rmtree(self.path / self.WORK, ignore_errors=True)
+
+
+def finished_run(path: Path | str, manifest: str, settings: dict) -> dict | None:
+    """The manifest of a run that finished in `path` with these `settings`, or None when none did (no manifest, or
+    an interrupted run's journal is there): what `--resume` then leaves as it is. Reads only; writes nothing.
+
+    Raises:
+        OutputError: the finished run used other settings (or read files whose content has changed since).
+    """
+    path = Path(path).expanduser().absolute()
+    if (path / JOURNAL_NAME).is_file():
+        return None
+    try:
+        record = json.loads((path / manifest).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    now = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    _same_settings(path, {k: record.get(k) for k in now}, now, complete=manifest)
+    return record
+
+
+def _same_settings(path: Path, before: dict, now: dict, complete: str | None = None) -> None:
+    """Refuse to resume a run made with other settings; `complete`: the manifest of a run that finished."""
+    if before == now:
+        return
+    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    files = now.get("inputs") or {}
+    moved = sorted(f for f in files if (before.get("inputs") or {}).get(f) != files[f])
+    run = f"the run in {path}" + (f" (complete: {complete} is written)" if complete else "")
+    if moved:  # "inputs": flag -> digest of a file the run reads (train's data)
+        raise OutputError(f"--resume: {', '.join(moved)} changed since {run} began (its content differs from the "
+                          "one recorded): restore the file, or start again with --overwrite")
+    raise OutputError(f"--resume: {run} used other settings ({', '.join(changed)}); rerun with the same ones, or "
+                      "use --overwrite to start again")

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+from ..errors import AiloraWarning
 from ..io.hashing import file_digest
-from ..io.output import OutputDir
+from ..io.output import OutputDir, finished_run
 from ..manifests import BITFIT_MANIFEST, TRAIN_MANIFEST
 from ..options import TrainOptions
-from .checkpointer import CKPT_DIR, METRICS, Checkpointer, Metrics, tokens_per_s, write
+from .checkpointer import CKPT_DIR, METRICS, Checkpointer, Metrics, recorded, tokens_per_s, write
 from .loop import evaluate, train_steps
 from .setup import prepare
 
@@ -46,7 +48,11 @@ def train(
             `label_column`).
         options: a `TrainOptions` (every field documented there); `settings` replace its fields by name
             (`train(base, adapter, data, out, max_steps=100, lr=1e-4)`).
-        resume: continue from the latest checkpoint in `out`. overwrite: start again. progress: a tqdm bar.
+        resume: continue from the latest checkpoint in `out`; with none there (no such directory, or killed
+            before its first checkpoint) start a fresh run and say so (an `AiloraWarning`); a run that finished
+            there with the same settings is left as it is and its summary returned ("resume": "complete, nothing
+            to do"), so that a job resubmitted with `--resume` succeeds. overwrite: start again.
+            progress: a tqdm bar.
         force: train although `base` is not the model the adapter's manifests record (fingerprints); the
             manifest then records the warning. Without it that is refused.
 
@@ -67,6 +73,10 @@ def train(
     o = TrainOptions.build(options, **settings)
     run = prepare(base, adapter, data, o, force=force)
     state = {"step": 0, "epoch": 0, "pos": 0}
+    manifest, recorded_settings = BITFIT_MANIFEST if o.bitfit else TRAIN_MANIFEST, {**run.settings, "task": run.task_info}
+    if (done := run.ranks.broadcast(finished_run(out, manifest, recorded_settings) if resume and run.ranks.writes
+                                    else None)) is not None:
+        return _nothing_to_do(run, done, out, started)
     if not run.ranks.writes:  # ranks ≥ 1 of a torchrun launch: the same steps on their rows; rank 0 writes
         return _follow(run, state, started)
     with OutputDir(out, inputs=[Path(p) for p in (base, adapter) if p], overwrite=overwrite, resume=resume,
@@ -75,6 +85,9 @@ def train(
         checkpointer = Checkpointer(od, run.model, run.optimizer, run.scheduler, run.config)
         if (latest := run.ranks.broadcast(checkpointer.latest() if resume else None)) is not None:
             checkpointer.restore(latest, state)
+        elif resume:
+            warnings.warn(AiloraWarning(f"--resume: nothing to resume in {od.path} (no checkpoint there): starting a "
+                                        "fresh run"), stacklevel=2)
         metrics.truncate(state["step"] or -1)  # what this run writes again: all of it when it starts at step 0
         if state["step"] > 0:  # resumed: the start is the first run's step-0 evaluation, not this step's
             eval_start = metrics.start_eval()
@@ -97,12 +110,22 @@ def train(
                    "processes": run.ranks.world}
         for hook in run.hooks:
             summary.update(hook.report(history))
-        od.write_manifest(BITFIT_MANIFEST if o.bitfit else TRAIN_MANIFEST, {**run.settings, "options": asdict(o), "summary": summary,
-                                           "task": run.task_info,
-                                           "files": {"output": {p.name: file_digest(p) for p in written}}})
+        od.write_manifest(manifest, {**recorded_settings, "options": asdict(o), "summary": summary,
+                                     "files": {"output": {p.name: file_digest(p) for p in written},
+                                               CKPT_DIR: recorded(od.path)}})
     run.ranks.close()
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _nothing_to_do(run, done: dict, out, started: float) -> dict:
+    """`--resume` of a run that finished with these settings: its summary, every file as it is."""
+    run.ranks.close()
+    seconds = round(time.perf_counter() - started, 3)
+    if not run.ranks.writes:
+        return {"worker": run.ranks.rank, "steps": done["summary"]["steps"], "seconds": seconds}
+    warnings.warn(AiloraWarning(f"--resume: the run in {Path(out).absolute()} is complete, nothing to do"), stacklevel=3)
+    return {**done["summary"], "resume": "complete, nothing to do", "seconds": seconds}
 
 
 def _follow(run, state: dict, started: float) -> dict:
