@@ -38,6 +38,8 @@ MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFES
              BITFIT_MANIFEST, EXPORT_BASE_MANIFEST)
 #: a decompose output's two directories; `convert --dora exact` writes DORA_BASE_DIR and ADAPTER_DIR
 RESIDUAL_DIR, ADAPTER_DIR, DORA_BASE_DIR = "residual", "adapter", "base"
+#: train's checkpoints (`training.checkpointer`): step-N/ each, recorded in the manifest's files["checkpoints"]
+CKPT_DIR = "checkpoints"
 RESIDUAL, ORIGINAL = "residual", "original"
 #: decompose's manifest key of `--no-offset`: the base was left as it is and training does not subtract s·B0·A0
 NO_OFFSET = "no_offset"

@@ -1,5 +1,5 @@
-"""Check an output directory: complete, every file as its manifest recorded it, and for decompose
-outputs that residual + adapter still reconstruct the source weights with the recorded error."""
+"""Check an output directory: complete, every file as its manifest recorded it (train's checkpoints too), and for
+decompose outputs that residual + adapter still reconstruct the source weights with the recorded error."""
 from __future__ import annotations
 
 import json
@@ -11,14 +11,16 @@ from .io.hashing import file_digest
 from .io.output import JOURNAL_NAME
 from .io.peft_adapter import read_adapter
 from .io.tensorio import read_header, read_tensor
-from .manifests import ADAPTER_DIR, DECOMPOSE_MANIFEST, MANIFESTS, RESIDUAL_DIR
+from .manifests import ADAPTER_DIR, CKPT_DIR, DECOMPOSE_MANIFEST, MANIFESTS, RESIDUAL_DIR
 
 
 def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
-    """Return {"manifest", "files_checked", "modules_checked", "problems": [...], "notes": [...]}.
+    """Return {"manifest", "files_checked", "modules_checked", "checkpoints_checked", "problems": [...], "notes": [...]}.
 
     Every output below `path` is checked too (a compare's runs, a folder of outputs such as the demo's), each
-    problem prefixed with its directory. An empty `problems` list means everything there is complete and intact.
+    problem prefixed with its directory, and so is every checkpoint of a `train` output (`checkpoints/step-N/`, as
+    its manifest records them; `checkpoints_checked` lists them, a note says which were removed). An empty
+    `problems` list means everything there is complete and intact.
 
     Raises:
         InputNotFoundError: `path` is not a directory.
@@ -39,6 +41,7 @@ def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
         part = _verify_one(sub, reconstruction)
         for key in ("files_checked", "modules_checked"):
             report[key] += part[key]
+        report["checkpoints_checked"] += [f"{sub.relative_to(root)}/{c}" for c in part["checkpoints_checked"]]
         for key in ("problems", "notes"):
             report[key] += [f"{sub.relative_to(root)}: {line}" for line in part[key]]
     if subs:
@@ -49,7 +52,8 @@ def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
 
 def _verify_one(root: Path, reconstruction: bool, top: bool = False) -> dict:
     """One output directory: its own manifest and the files it records (and, `top`, unfinished files below it)."""
-    report = {"path": str(root), "manifest": None, "files_checked": 0, "modules_checked": 0, "problems": [], "notes": []}
+    report = {"path": str(root), "manifest": None, "files_checked": 0, "modules_checked": 0, "checkpoints_checked": [],
+              "problems": [], "notes": []}
     problems = report["problems"]
     leftovers = sorted(str(p.relative_to(root)) for p in root.rglob(".*.partial")) if top else []
     if leftovers:
@@ -63,16 +67,42 @@ def _verify_one(root: Path, reconstruction: bool, top: bool = False) -> dict:
         return report
     report["manifest"] = found[0]
     manifest = json.loads((root / found[0]).read_text())
-    for rel, digest in sorted(manifest.get("files", {}).get("output", {}).items()):
-        f = root / rel
-        if not f.is_file():
-            problems.append(f"{rel}: missing")
-        elif file_digest(f) != digest:
-            problems.append(f"{rel}: content differs from the manifest (the file changed or is corrupt)")
-        report["files_checked"] += 1
+    _check_files(root, manifest.get("files", {}).get("output", {}), report)
+    _check_checkpoints(root, manifest, report)
     if reconstruction and found[0] == DECOMPOSE_MANIFEST and (root / RESIDUAL_DIR).is_dir():
         _check_reconstruction(root, manifest, report)
     return report
+
+
+def _check_files(root: Path, files: dict[str, str], report: dict) -> None:
+    for rel, digest in sorted(files.items()):
+        f = root / rel
+        if not f.is_file():
+            report["problems"].append(f"{rel}: missing")
+        elif file_digest(f) != digest:
+            report["problems"].append(f"{rel}: content differs from the manifest (the file changed or is corrupt)")
+        report["files_checked"] += 1
+
+
+def _check_checkpoints(root: Path, manifest: dict, report: dict) -> None:
+    """train's checkpoints, each as the manifest recorded it; one removed whole is a note, not a problem."""
+    recorded = manifest.get("files", {}).get(CKPT_DIR)
+    if recorded is None:
+        if (root / CKPT_DIR).is_dir():
+            report["notes"].append(f"{CKPT_DIR}/ not checked: the manifest records no digests for it (written by an "
+                                   "older ailora-tools)")
+        return
+    steps: dict[str, dict[str, str]] = {}
+    for rel, digest in recorded.items():
+        steps.setdefault(str(Path(rel).parent), {})[rel] = digest
+    for step, files in sorted(steps.items()):
+        if not (root / step).is_dir():
+            report["notes"].append(f"{step}: removed, not checked")
+            continue
+        _check_files(root, files, report)
+        report["checkpoints_checked"].append(step)
+    if report["checkpoints_checked"]:
+        report["manifest"] += f" and {len(report['checkpoints_checked'])} checkpoints in {CKPT_DIR}/"
 
 
 def _check_reconstruction(root: Path, manifest: dict, report: dict) -> None:
