@@ -47,6 +47,8 @@ def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
     if subs:
         inner = f"{len(subs)} outputs below ({', '.join(str(d.relative_to(root)) for d in subs)})"
         report["manifest"] = f"{report['manifest']} and {inner}" if report["manifest"] else inner
+    if report["checkpoints_checked"]:
+        report["manifest"] += f", {len(report['checkpoints_checked'])} train checkpoints"
     return report
 
 
@@ -101,8 +103,6 @@ def _check_checkpoints(root: Path, manifest: dict, report: dict) -> None:
             continue
         _check_files(root, files, report)
         report["checkpoints_checked"].append(step)
-    if report["checkpoints_checked"]:
-        report["manifest"] += f" and {len(report['checkpoints_checked'])} checkpoints in {CKPT_DIR}/"
 
 
 def _check_reconstruction(root: Path, manifest: dict, report: dict) -> None:
