@@ -15,7 +15,7 @@ from .manifests import ADAPTER_DIR, CKPT_DIR, DECOMPOSE_MANIFEST, MANIFESTS, RES
 
 
 def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
-    """Return {"manifest", "files_checked", "modules_checked", "checkpoints_checked", "problems": [...], "notes": [...]}.
+    """Return {"manifest", "files_checked", "modules_checked", "checkpoints_checked", "problems", "notes"}.
 
     Every output below `path` is checked too (a compare's runs, a folder of outputs such as the demo's), each
     problem prefixed with its directory, and so is every checkpoint of a `train` output (`checkpoints/step-N/`, as

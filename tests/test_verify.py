@@ -32,7 +32,8 @@ def test_a_finished_train_output_checks_its_checkpoints(trained):
                                    "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"))
     assert report["files_checked"] == len(files) + 2  # and the adapter's two files
     res = cli("verify", trained)
-    assert res.exit_code == 0 and f"{trained}: ailora-train.json, 2 train checkpoints; 10 files" in res.output, res.output
+    assert res.exit_code == 0, res.output
+    assert f"{trained}: ailora-train.json, 2 train checkpoints; 10 files" in res.output
 
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"])

@@ -1,4 +1,4 @@
-"""bitsandbytes NF4 on disk: the tensors and config transformers stores for a 4-bit model (the maths: `quantization.nf4`).
+"""bitsandbytes NF4 on disk: the tensors and config transformers stores for a 4-bit model (maths: `quantization.nf4`).
 
 A quantised linear weight `M.weight` [out, in] is stored as transformers saves a bitsandbytes 4-bit model:
 `M.weight` (uint8 [ceil(out·in/2), 1], two 4-bit codes per byte), `M.weight.absmax`, `M.weight.quant_map` and,

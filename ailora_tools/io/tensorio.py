@@ -116,7 +116,8 @@ def _parse(path: Path, name: str, raw: bytes, buffer_size: int) -> tuple[dict, d
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__}); the file is corrupt; {REDO}") from e
+        raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__}); the file is corrupt; "
+                          f"{REDO}") from e
     if not isinstance(doc, dict):
         raise FormatError(f"{path}: header is not a JSON object; the file is corrupt; {REDO}")
     metadata = doc.pop("__metadata__", None) or {}
@@ -128,7 +129,8 @@ def _parse(path: Path, name: str, raw: bytes, buffer_size: int) -> tuple[dict, d
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer; the file is corrupt; {REDO}")
+            raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer; the file is corrupt; "
+                              f"{REDO}")
     return tensors, metadata
 
 

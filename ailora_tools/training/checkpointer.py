@@ -78,8 +78,8 @@ class Checkpointer:
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         save_file(tensors, str(tmp / OPTIMIZER_NAME))
         files = {p.name: file_digest(p) for p in [*written, tmp / OPTIMIZER_NAME]}
-        (tmp / STATE_NAME).write_text(json.dumps({**state, "param_groups": opt["param_groups"],
-                                                  "scheduler": self.scheduler.state_dict(), "files": files}, default=str))
+        saved = {**state, "param_groups": opt["param_groups"], "scheduler": self.scheduler.state_dict(), "files": files}
+        (tmp / STATE_NAME).write_text(json.dumps(saved, default=str))
         shutil.rmtree(self.od.path / rel, ignore_errors=True)
         self.od.publish(rel)
 

@@ -73,9 +73,10 @@ def train(
     o = TrainOptions.build(options, **settings)
     run = prepare(base, adapter, data, o, force=force)
     state = {"step": 0, "epoch": 0, "pos": 0}
-    manifest, recorded_settings = BITFIT_MANIFEST if o.bitfit else TRAIN_MANIFEST, {**run.settings, "task": run.task_info}
-    if (done := run.ranks.broadcast(finished_run(out, manifest, recorded_settings) if resume and run.ranks.writes
-                                    else None)) is not None:
+    manifest = BITFIT_MANIFEST if o.bitfit else TRAIN_MANIFEST
+    recorded_settings = {**run.settings, "task": run.task_info}  # as the manifest records them
+    if (done := run.ranks.broadcast(finished_run(out, manifest, recorded_settings)
+                                    if resume and not overwrite and run.ranks.writes else None)) is not None:
         return _nothing_to_do(run, done, out, started)
     if not run.ranks.writes:  # ranks ≥ 1 of a torchrun launch: the same steps on their rows; rank 0 writes
         return _follow(run, state, started)
@@ -124,7 +125,8 @@ def _nothing_to_do(run, done: dict, out, started: float) -> dict:
     seconds = round(time.perf_counter() - started, 3)
     if not run.ranks.writes:
         return {"worker": run.ranks.rank, "steps": done["summary"]["steps"], "seconds": seconds}
-    warnings.warn(AiloraWarning(f"--resume: the run in {Path(out).absolute()} is complete, nothing to do"), stacklevel=3)
+    warnings.warn(AiloraWarning(f"--resume: the run in {Path(out).absolute()} is complete, nothing to do"),
+                  stacklevel=3)
     return {**done["summary"], "resume": "complete, nothing to do", "seconds": seconds}
 
 
