@@ -92,15 +92,16 @@ def test_csv_cells_that_are_numbers_are_ids_and_words_are_names(tmp_path):
     path.write_text("text,label\na,1.0\nb,0\nc, 2 \nd,1e0\n")
     assert [r.label for r in read_labeled(path)] == [1, 0, 2, 1]
     path.write_text("text,label\na,0.0\nb,1.0\nc,neutral\n")
-    with pytest.raises(FormatError, match=r'd\.csv:4: "label" is a name \("neutral"\) here but a number \(0\.0\) on line 2; '
-                                          "use one type for every label"):
+    with pytest.raises(FormatError, match=r'd\.csv:4: "label" is a name \("neutral"\) here but a number \(0\.0\) on '
+                                          "line 2; use one type for every label"):
         read_labeled(path)
 
 
 def test_gaps_and_negative_ids_are_refused_unless_the_head_names_the_classes(tmp_path):
     path = write(tmp_path / "d.csv", labeled(0, 2, 2, 0))
     rows = read_labeled(path)
-    with pytest.raises(FormatError, match=r"d\.csv: no row has class id 1 \(the ids are 0, 2\); class ids are 0\.\.K-1"):
+    with pytest.raises(FormatError, match=r"d\.csv: no row has class id 1 \(the ids are 0, 2\); class ids are "
+                                          r"0\.\.K-1"):
         label_ids(rows, [], data=path, eval_data=None, config={}, base="b", num_labels=None)
     with pytest.raises(FormatError, match=r"no row has class id 1"):
         label_ids(rows, [], data=path, eval_data=None, config={}, base="b", num_labels=3)
@@ -193,12 +194,18 @@ def test_a_glue_tsv_keeps_its_bare_quotes(tmp_path):
         ("it 's \"good\" , really", 1), ("\"the emperor 's club\" is a bore", 0), ("a \" stray quote", 0), ('"', 1)]
 
 
-def test_a_tsv_of_bare_quotes_and_a_quoted_multiline_cell_names_both_lines(tmp_path):
+@pytest.mark.parametrize("text,line,opens,closes", [
+    ('text\tlabel\nit \'s "good"\t1\n"Loved it.\nThe end pays off."\t1\nfine\t0\n', 3, 3, 4),
+    ('text\tlabel\nit \'s "good"\t1\n"A tab\there."\t1\n', 3, 3, 3),
+    ('text\tlabel\nit \'s "good"\t1\n"She said ""wow"" twice."\t1\n', 3, 3, 3),
+    ('label\ttext\n1\tit \'s "good"\n1\t"Loved it.\nThe end pays off."\n0\tfine\n', 4, 3, 4),
+])
+def test_a_tsv_of_bare_quotes_and_a_quoted_cell_names_both_lines(tmp_path, text, line, opens, closes):
     path = tmp_path / "d.tsv"
-    path.write_text('text\tlabel\nit \'s "good"\t1\n"Loved it.\nThe end pays off."\t1\nfine\t0\n')
-    with pytest.raises(FormatError, match=r'd\.tsv:3: a cell opens a quote on line 3 and closes it on line 4 \(as '
-                                          r"Python's csv module and pandas quote a cell holding a newline, a tab or a "
-                                          r"quote\), but line 2 holds a bare quote"):
+    path.write_text(text)
+    with pytest.raises(FormatError, match=rf"d\.tsv:{line}: a cell opens a quote on line {opens} and closes it on line "
+                                          rf"{closes} \(as Python's csv module and pandas quote a cell holding a "
+                                          r"newline, a tab or a quote\), but line 2 holds a bare quote"):
         list(table_rows(path))
 
 

@@ -37,7 +37,7 @@ class _Lines:
         return text
 
     def start(self) -> int:
-        """Begin a record; the line it starts on."""
+        """Begin a record; the line it will start on."""
         self.taken = []
         return self.line + 1
 
@@ -74,13 +74,17 @@ def _records(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with open(path, encoding="utf-8", newline="") as f:
         lines = _Lines(f)
-        if delimiter != "\t":
-            reader = csv.reader(lines, delimiter=delimiter)
-            while (start := lines.start()) and (cells := next(reader, None)) is not None:
-                if cells not in ([], [""]):
-                    yield start, cells
-        else:
+        if delimiter == "\t":
             yield from _tsv(path, lines)
+            return
+        reader = csv.reader(lines, delimiter=delimiter)
+        while True:
+            start = lines.start()
+            cells = next(reader, None)
+            if cells is None:
+                return
+            if cells not in ([], [""]):
+                yield start, cells
 
 
 def _tsv(path: Path, lines: _Lines) -> Iterator[tuple[int, list[str]]]:
@@ -88,11 +92,15 @@ def _tsv(path: Path, lines: _Lines) -> Iterator[tuple[int, list[str]]]:
     quoted: tuple[int, int] | None = None  # the first quoted record's lines, once one decided
     bare: int | None = None  # the first line holding a bare quote, once one decided
     width = None  # the header's cells
-    while (start := lines.start()) and (first := next(lines, None)) is not None:
+    while True:
+        start = lines.start()
+        first = next(lines, None)
+        if first is None:
+            return
         if '"' not in first or bare is not None:
             cells = first.rstrip("\r\n").split("\t")
-            if bare is not None and '"' in first and len(cells) < width:
-                _refuse_quoted_cell(path, start, first, lines, bare)
+            if bare is not None and (len(cells) != width or '"' in first and _quoted_line(first)):
+                _refuse_quoted_cell(path, start, bare, width)
         else:
             cells = _quoted_cells(first, lines)
             if cells is not None and _as_written_by_csv(cells, "".join(lines.taken)):
@@ -109,7 +117,7 @@ def _tsv(path: Path, lines: _Lines) -> Iterator[tuple[int, list[str]]]:
             yield start, cells
 
 
-def _quoted_cells(first: str, lines: _Lines) -> list[str] | None:
+def _quoted_cells(first: str, lines) -> list[str] | None:
     """The record that starts with `first` read as the csv module quotes it; None: a quote still open at the end."""
     try:
         return next(csv.reader(itertools.chain([first], lines), delimiter="\t"))
@@ -117,14 +125,29 @@ def _quoted_cells(first: str, lines: _Lines) -> list[str] | None:
         return None
 
 
-def _refuse_quoted_cell(path: Path, start: int, first: str, lines: _Lines, bare: int) -> None:
-    """Refuse a record of a TSV read as written that lacks cells because a quoted cell spans lines."""
-    cells = _quoted_cells(first, lines)
-    if cells is not None and lines.line > start and _as_written_by_csv(cells, "".join(lines.taken)):
-        raise FormatError(f"{path}:{start}: a cell opens a quote on line {start} and closes it on line {lines.line} "
-                          f"({QUOTING}), but line {bare} holds a bare quote (as GLUE's files do), so cells are "
-                          f"taken as written; {ONE_WAY}")
-    lines.rewind()
+def _quoted_line(line: str) -> bool:
+    """Whether `line` alone is a record as the csv module quotes it (a quoted cell with doubled quotes)."""
+    cells = next(csv.reader([line], delimiter="\t"), None)
+    return cells is not None and _as_written_by_csv(cells, line)
+
+
+def _refuse_quoted_cell(path: Path, line: int, bare: int, width: int, back: int = 20) -> None:
+    """Refuse a line of a TSV read as written whose cells are off because it is part of a record quoted as the csv
+    module quotes it (starting at most `back` lines before); return if there is none."""
+    with open(path, encoding="utf-8", newline="") as f:
+        top = max(2, line - back)  # never the header
+        rest = list(itertools.islice(f, top - 1, None))
+    for start in range(line, top - 1, -1):
+        if '"' not in rest[start - top]:
+            continue
+        lines = _Lines(iter(rest[start - top:]))
+        cells = _quoted_cells(next(lines), lines)
+        end = start + lines.line - 1
+        if (cells is not None and len(cells) == width and end >= line
+                and _as_written_by_csv(cells, "".join(lines.taken))):
+            raise FormatError(f"{path}:{line}: a cell opens a quote on line {start} and closes it on line {end} "
+                              f"({QUOTING}), but line {bare} holds a bare quote (as GLUE's files do), so cells are "
+                              f"taken as written; {ONE_WAY}")
 
 
 def _as_written_by_csv(cells: list[str], raw: str) -> bool:

@@ -165,10 +165,10 @@ def _cells_to_labels(rows: list[LabeledRow], path, key: str) -> None:
     number = next((r for r, x in zip(rows, numbers) if x is not None), None)
     word = next((r for r, x in zip(rows, numbers) if x is None), None)
     if number is not None and word is not None:
-        here, there = sorted((number, word), key=lambda r: r.line)[::-1]
-        kind = lambda r: f"a number ({r.label.strip()})" if r is number else f"a name ({json.dumps(r.label)})"  # noqa: E731
-        raise FormatError(f"{path}:{here.line}: {json.dumps(key)} is {kind(here)} here but {kind(there)} on line "
-                          f"{there.line}; use one type for every label")
+        kinds = {id(number): f"a number ({number.label.strip()})", id(word): f"a name ({json.dumps(word.label)})"}
+        there, here = sorted((number, word), key=lambda r: r.line)
+        raise FormatError(f"{path}:{here.line}: {json.dumps(key)} is {kinds[id(here)]} here but {kinds[id(there)]} on "
+                          f"line {there.line}; use one type for every label")
     for r, x in zip(rows, numbers):
         if x is not None:
             try:
@@ -286,5 +286,6 @@ def tokenize_labeled(rows: list[LabeledRow], tokenizer, ids: dict | None, *, max
     out = []
     for r in rows:
         enc = tokenizer(r.text_a, r.text_b, truncation=True, max_length=max_length)
-        out.append(LabeledExample(enc["input_ids"], enc.get("token_type_ids"), r.label if ids is None else ids[r.label]))
+        label = r.label if ids is None else ids[r.label]
+        out.append(LabeledExample(enc["input_ids"], enc.get("token_type_ids"), label))
     return out
