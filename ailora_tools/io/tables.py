@@ -2,6 +2,8 @@
 
 `rows(path, flag)` yields (position, row dict) for every example: the line number for JSONL, CSV and TSV (the
 header is line 1), the 1-based row for Parquet and `datasets` directories, so that errors name the place to fix.
+`task_rows` and `read` give them as the training tasks read them (`Columns` names the text, pair and label
+columns), each error naming the file and line. CSV and TSV cells, and how a TSV is quoted: `delimited`.
 The format comes from the suffix (`.jsonl`/`.json`, `.csv`, `.tsv`/`.tab`, `.parquet`/`.pq`) or, for a directory,
 from `datasets`' `dataset_info.json`/`state.json`. Parquet needs `pyarrow`; a `datasets` directory needs the
 optional `datasets` package (`pip install datasets`): each is asked for only when such a file is read.
@@ -19,7 +21,7 @@ from . import delimited
 JSONL, CSV, TSV, PARQUET, DATASETS = "jsonl", "csv", "tsv", "parquet", "datasets"
 SUFFIXES = {".jsonl": JSONL, ".json": JSONL, ".csv": CSV, ".tsv": TSV, ".tab": TSV, ".parquet": PARQUET,
             ".pq": PARQUET}
-#: formats whose cells are all strings as written (labels "0"/"1" are read as class ids when all are integers)
+#: formats whose cells are all strings as written (`labels` reads a label column of numbers as class ids)
 TEXT_CELLS = (CSV, TSV)
 T = TypeVar("T")
 
