@@ -131,8 +131,7 @@ def _label(row, columns: Columns, regression: bool, *, text_cells: bool, table: 
         raise ValueError(f"no {name} column; sequence-classification rows are "
                          + (LABELED_SHAPES if columns == Columns() else "text and label columns"))
     if value is None or isinstance(value, str) and not value.strip():
-        raise ValueError(f"{name} is empty; every row needs a label (a class id or name): fill it in or remove the "
-                         "row")
+        raise ValueError(f"{name} is empty; every row needs a label: fill it in or remove the row")
     if regression:
         if isinstance(value, str) and text_cells:
             try:
@@ -152,8 +151,8 @@ def _class_id(value, name: str) -> int:
     if isinstance(value, float):
         raise ValueError(f"{name} is {json.dumps(value)}, not a class id (an integer 0..K-1); {_REGRESSION}")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} is {json.dumps(value)}; labels are class ids (integers 0..K-1) or class names "
-                         f"(strings); {_REGRESSION}")
+        raise ValueError(f"{name} is {json.dumps(value, default=repr)}; labels are class ids (integers 0..K-1) or "
+                         f"class names (strings); {_REGRESSION}")
     if value < 0:
         raise ValueError(f"{name} is {value}; class ids are 0..K-1")
     return value
