@@ -24,7 +24,7 @@ from ..errors import OptionError
 from ..init import METHODS
 from ..init.targets import architecture, assign_roles, linear_modules
 from ..io.checkpoint import Checkpoint
-from ..io.examples import check_rows
+from ..io.examples import check_data
 from ..io.hashing import file_digest
 from ..io.output import JOURNAL_NAME, OutputDir
 from ..manifests import COMPARE_MANIFEST, fingerprints, input_digest
@@ -146,10 +146,8 @@ def compare(
         raise OptionError(f"--metric {metric}: not reported for --task {task.name}"
                           + (" with --num-labels 1" if regression else "") + "; choose "
                           + ", ".join(["loss", *(REGRESSION if regression else CLASSIFICATION if task.classifies else ())]))
-    rows = {}
-    for flag, path in (("--data", data), ("--eval-data", train_o.eval_data)):
-        if path is not None:  # every row, before any run (columns, labels)
-            rows[flag] = check_rows(path, flag=flag, task=task.name, columns=train_o.columns, regression=regression)
+    rows = check_data(task.name, data, train_o.eval_data, columns=train_o.columns,  # every row, before any run
+                      num_labels=train_o.num_labels, config=ckpt.config, base=model)
     names = list(linear_modules(ckpt.tensors))
     for m in (m for m in methods if m != BITFIT):  # a role error in the last method would surface too late
         assign_roles(METHODS[init_of(m)[0]], list(init_o.targets), names, architecture(ckpt.config), init_o.roles)

@@ -2,25 +2,42 @@
 
 `rows(path, flag)` yields (position, row dict) for every example: the line number for JSONL, CSV and TSV (the
 header is line 1), the 1-based row for Parquet and `datasets` directories, so that errors name the place to fix.
+`task_rows` and `read` give them as the training tasks read them (`Columns` names the text, pair and label
+columns), each error naming the file and line. CSV and TSV cells, and how a TSV is quoted: `delimited`.
 The format comes from the suffix (`.jsonl`/`.json`, `.csv`, `.tsv`/`.tab`, `.parquet`/`.pq`) or, for a directory,
 from `datasets`' `dataset_info.json`/`state.json`. Parquet needs `pyarrow`; a `datasets` directory needs the
 optional `datasets` package (`pip install datasets`): each is asked for only when such a file is read.
 """
 from __future__ import annotations
 
-import csv
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from ..errors import FormatError, InputNotFoundError, UnsupportedError
+from . import delimited
 
 JSONL, CSV, TSV, PARQUET, DATASETS = "jsonl", "csv", "tsv", "parquet", "datasets"
 SUFFIXES = {".jsonl": JSONL, ".json": JSONL, ".csv": CSV, ".tsv": TSV, ".tab": TSV, ".parquet": PARQUET,
             ".pq": PARQUET}
-#: formats whose cells are all strings as written (labels "0"/"1" are read as class ids when all are integers)
+#: formats whose cells are all strings as written (`labels` reads a label column of numbers as class ids)
 TEXT_CELLS = (CSV, TSV)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns hold the text, the second text of a pair and the label. None: the defaults ("text", or
+    "text_a" with an optional "text_b"; "label")."""
+
+    text: str | None = None
+    pair: str | None = None
+    label: str | None = None
+
+    @property
+    def label_name(self) -> str:
+        return self.label or "label"
 
 
 def table_format(path: str | Path, flag: str = "--data") -> str:
@@ -54,14 +71,15 @@ def rows(path: str | Path, flag: str = "--data") -> Iterator[tuple[int, object]]
     caller), the other formats' rows are dicts of column -> value.
 
     Raises:
-        InputNotFoundError, UnsupportedError (see `table_format`); FormatError: a line that is not JSON, a CSV row
-            with more cells than the header, an unreadable Parquet file.
+        InputNotFoundError, UnsupportedError (see `table_format`); FormatError: a line that is not JSON, a CSV or TSV
+            row with more or fewer cells than the header, a TSV quoted in one place and not in another
+            (`delimited`), an unreadable Parquet file.
     """
     kind = table_format(path, flag)
     if kind == JSONL:
         yield from _jsonl(Path(path))
     elif kind in (CSV, TSV):
-        yield from _delimited(Path(path), "," if kind == CSV else "\t")
+        yield from delimited.rows(Path(path), "," if kind == CSV else "\t")
     elif kind == PARQUET:
         yield from enumerate(_parquet(Path(path), flag), 1)
     else:
@@ -72,13 +90,59 @@ def columns(path: str | Path, flag: str = "--data") -> list[str] | None:
     """The column names of a table (None for JSONL, whose rows may differ), without reading its rows."""
     kind = table_format(path, flag)
     if kind in (CSV, TSV):
-        with open(path, encoding="utf-8", newline="") as f:
-            return next(csv.reader(f, delimiter="," if kind == CSV else "\t"), [])
+        return delimited.header(Path(path), "," if kind == CSV else "\t")
     if kind == PARQUET:
         return list(_pyarrow(flag, path).parquet.read_schema(path).names)
     if kind == DATASETS:
         return list(_load_dataset(Path(path), flag).column_names)
     return None
+
+
+def read(path: str | Path, parse: Callable[[int, object], T], flag: str = "--data",
+         columns: Columns | None = None) -> list[T]:
+    """parse(line number, row) for each row (`task_rows`); its TypeError, KeyError or ValueError becomes one
+    FormatError naming the file and line (row).
+
+    Raises:
+        FormatError: a bad row; no rows.
+    """
+    out = []
+    for lineno, row in task_rows(path, flag, columns):
+        try:
+            out.append(parse(lineno, row))
+        except (TypeError, KeyError, ValueError) as e:
+            raise FormatError(f"{path}:{lineno}: {e}") from e
+    if not out:
+        raise FormatError(f"{flag} {path}: no examples (the file is empty)")
+    return out
+
+
+def task_rows(path: str | Path, flag: str, named: Columns | None = None) -> Iterator[tuple[int, object]]:
+    """`rows`, without a table's empty (null) cells; for the language-model tasks --text-column names the "text".
+
+    Raises:
+        FormatError: a --text-column the table lacks; what `rows` raises.
+    """
+    text_column = named.text if named is not None else None
+    if text_column is not None:
+        header = columns(path, flag)
+        if header is not None and text_column not in header:
+            raise FormatError(f"{flag} {path}: no column {text_column!r} (--text-column); its columns are "
+                              f"{', '.join(map(repr, header))}")
+    table = table_format(path, flag) != JSONL
+    for lineno, row in rows(path, flag):
+        if text_column is not None and isinstance(row, dict) and text_column in row:
+            row = {"text": row[text_column]}
+        elif table and None in row.values():
+            row = {k: v for k, v in row.items() if v is not None}  # a table's empty cells: columns not used here
+        yield lineno, row
+
+
+def text(row: dict, key: str) -> str:
+    """The string in `row[key]`; ValueError naming the key otherwise."""
+    if not isinstance(row.get(key), str):
+        raise ValueError(f'"{key}" must be a string')
+    return row[key]
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, object]]:
@@ -89,20 +153,6 @@ def _jsonl(path: Path) -> Iterator[tuple[int, object]]:
                     yield lineno, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise FormatError(f"{path}:{lineno}: not JSON ({e})") from e
-
-
-def _delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, encoding="utf-8", newline="") as f:
-        # GLUE's TSVs hold quotes inside sentences: TSV cells are taken as written, CSV cells may be quoted
-        reader = csv.DictReader(f, delimiter=delimiter, restkey="\0extra",
-                                quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
-        for row in reader:
-            if "\0extra" in row:
-                raise FormatError(f"{path}:{reader.line_num}: more cells than the header's {len(reader.fieldnames)} "
-                                  "columns")
-            if any(v not in (None, "") for v in row.values()):
-                yield reader.line_num, row
 
 
 def _pyarrow(flag: str, path):

@@ -19,7 +19,7 @@ from ..devices import resolve_device
 from ..distributed import launched, use_local_gpu
 from ..errors import InputNotFoundError, OptionError
 from ..io.checkpoint import Checkpoint
-from ..io.examples import check_rows
+from ..io.examples import check_data
 from ..io.peft_adapter import Adapter, read_adapter
 from ..io.tokenizer import load_tokenizer
 from ..manifests import NO_OFFSET, check_base, starts_offset, train_identity
@@ -60,9 +60,7 @@ def check(base: str | os.PathLike, data: str | os.PathLike, o: TrainOptions) -> 
         raise InputNotFoundError(f"--base {base}: no such model directory")
     ckpt = Checkpoint.open(base)
     task = resolve_task(o.task, ckpt.config)
-    for flag, path in (("--data", data), ("--eval-data", o.eval_data)):
-        if path is not None:
-            check_rows(path, flag=flag, task=task.name, columns=o.columns, regression=o.num_labels == 1)
+    check_data(task.name, data, o.eval_data, columns=o.columns, num_labels=o.num_labels, config=ckpt.config, base=base)
     if o.fsdp and not launched():
         raise OptionError("--fsdp shards the model across the processes torchrun starts: launch with `torchrun "
                           "--nproc-per-node N -m ailora_tools.cli train ...`, or leave --fsdp out")

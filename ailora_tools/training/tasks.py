@@ -24,17 +24,8 @@ import torch
 
 from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM, match, task_of
 from ..errors import TargetError, UnsupportedError
-from ..io.examples import (
-    IGNORE,
-    Columns,
-    collate,
-    collate_labeled,
-    label_ids,
-    load_jsonl,
-    load_masked_jsonl,
-    read_labeled,
-    tokenize_labeled,
-)
+from ..io.examples import IGNORE, Columns, collate, collate_labeled, load_jsonl, load_masked_jsonl
+from ..io.labels import label_ids, read_labeled, tokenize_labeled
 from ..io.peft_adapter import load_into, read_adapter
 from ..options import TASKS as CHOICES
 
@@ -96,7 +87,8 @@ def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike 
             float labels and problem_type "regression"). columns: --text-column, --text-pair-column, --label-column.
 
     Raises:
-        FormatError: a bad line, labels of mixed types, or more labels than the head has.
+        FormatError: a bad line, labels of mixed types, a gap in the class ids, a label only `eval_data` has, or
+            more labels than the head has (`labels.label_ids`).
         TargetError: --num-labels for another task, or a tokenizer without what the task needs.
     """
     if num_labels is not None and not task.classifies:
