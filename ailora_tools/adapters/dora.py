@@ -99,7 +99,10 @@ def convert_dora(
     if init is not None and starts_offset(initial):  # (a --no-offset start trained on the original itself)
         names = match(init.factors, tr.factors, prefix=(task or {}).get("base_model_prefix"), config=ckpt.config)
         initial_of = {names[m]: (A0, B0, init.scale(m)) for m, (A0, B0) in init.factors.items() if m in names}
-    original = base or (original_base_of(Path(initial)) if initial is not None else None) or trained_on
+    recorded = (original_base_of(Path(initial)) if initial is not None else None) or trained_on
+    if base is not None:
+        _check_given_base(trained, initial, base, recorded, mode)
+    original = base or recorded
     out_dtype = torch_dtype(DTYPE_FLAGS[dtype])
     summary: dict = {"trained": str(trained), "initial": str(initial) if initial else None, "dora": mode,
                      "trained_on": str(trained_on), "output": str(Path(out).absolute()), "modules": len(tr.factors)}
@@ -196,3 +199,17 @@ def convert_dora(
     return summary
 
 
+def _check_given_base(trained: Path, initial, base: str, recorded: str, mode: str) -> None:
+    """Refuse a --base that contradicts the original model the manifests record: with another model's weights (as
+    `convert` does); for exact, whose LoRA applies to OUT/base, any other than the recorded one or a copy of it."""
+    from ..manifests import BaseOf, base_problem_dir, check_base_dir, converted_identity
+
+    identity = converted_identity(trained, initial or trained)
+    meant = BaseOf.from_block(identity, manifest=str(trained)) if identity else None
+    if meant is not None:
+        check_base_dir(trained, base, meant=meant)  # another model's weights: TargetError
+    same = Path(base).expanduser().resolve() == Path(recorded).expanduser().resolve() or (
+        meant is not None and base_problem_dir(trained, base, meant=meant) is None and any(Path(base).glob("*.safetensors")))
+    if mode == "exact" and not same:
+        raise OptionError(f"--base {base}: --dora exact writes the LoRA for OUT/base, made from the base {trained} was "
+                          f"trained on, whose original model is {recorded} (as its manifests record); drop --base")
