@@ -71,13 +71,15 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
     if target == "peft":
         found += [f for f in refusals(d, cfg, None, server="vllm") if f.rule == "bias"]
         return found + _peft_load(d, cfg, base)
-    export = f"ailora-tools convert --trained {d} --for {target}" + (" --base BASE" if target == "llama.cpp" else "")
+    export = f"ailora-tools convert --trained {d} --for {target}" + (
+        f" --base {meant.original or 'BASE'}" if target == "llama.cpp" else "")
+    to_original = (f"run `ailora-tools convert --trained {d} -o OUT --dora exact` and serve OUT/base with OUT/adapter "
+                   "(DoRA: see the [dora] finding)" if cfg.get("use_dora") else f"run `{export} -o LORA` and serve LORA")
     if meant.offset:
-        found.append(Finding("base", "trained in exact mode: the initial product is not in the adapter",
-                             f"run `{export} -o LORA` and serve LORA"))
+        found.append(Finding("base", "trained in exact mode: the initial product is not in the adapter", to_original))
     elif meant.kind == RESIDUAL:
         found.append(Finding("base", "the adapter applies to decompose's residual, not to the original model a server "
-                             "loads", f"run `{export} -o LORA` and serve LORA"))
+                             "loads", to_original))
     adapter = read_adapter(d, strict=False)
     found += refusals(d, cfg, adapter, server=target, base=base)
     ranks = {A.shape[0] for A, _ in adapter.factors.values()}

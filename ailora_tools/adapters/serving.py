@@ -43,8 +43,15 @@ SERVERS = ("vllm", "llama.cpp")
 
 
 def merge_fix(adapter: object) -> str:
-    """The command that serves what no LoRA can carry: merge it into the base."""
-    return f"run `ailora-tools merge BASE {adapter} -o MERGED` and serve MERGED"
+    """The command that serves what no LoRA can carry: merge it into the base its manifests record (BASE if none)."""
+    return f"run `ailora-tools merge {base_of(adapter).model or 'BASE'} {adapter} -o MERGED` and serve MERGED"
+
+
+def dora_fix(adapter: object, rank: int) -> str:
+    """The commands that serve a DoRA adapter: merge it, or convert it to a standard LoRA (exact or approximate)."""
+    return (f"{merge_fix(adapter)}; or convert it to a standard LoRA: `ailora-tools convert --trained {adapter} -o OUT "
+            "--dora exact` (a new base OUT/base plus the LoRA OUT/adapter, exact), or `ailora-tools convert --trained "
+            f"{adapter} -o LORA --dora approximate --max-rank {2 * rank}` (a LoRA on the original, its error measured)")
 
 
 def refusals(adapter_dir: str | os.PathLike, config: dict, adapter: Adapter | None, *, server: str,
@@ -63,10 +70,7 @@ def refusals(adapter_dir: str | os.PathLike, config: dict, adapter: Adapter | No
                         "adapter", merge_fix(d))]
     found = []
     if config.get("use_dora"):
-        found.append(Finding("dora", "use_dora is true (DoRA)",
-                             "merge it (`ailora-tools merge BASE ADAPTER -o merged`), or convert it to a standard LoRA "
-                             "(`ailora-tools convert --trained ADAPTER -o OUT --dora exact`: a new base plus a LoRA, "
-                             "exact; or `--dora approximate --tolerance X`: a LoRA on the original, with measured error)"))
+        found.append(Finding("dora", "use_dora is true (DoRA)", dora_fix(d, int(config.get("r") or 8))))
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         found.append(Finding("bias", f"bias is {config.get('bias')!r} / lora_bias {config.get('lora_bias')}: trained "
                              "biases are not LoRA weights", "merge the adapter with PEFT (merge_and_unload) and serve "
