@@ -279,6 +279,8 @@ def test_convert_dora_refuses_a_base_that_contradicts_the_recorded_one(base, tra
         assert res.exit_code == 1 and str(other) in res.output and not (tmp / f"o-{mode}").exists(), res.output
     res = cli("convert", "--trained", tmp / "t", "-o", tmp / "hub", "--dora", "exact", "--base", "org/another-model")
     assert res.exit_code == 1 and "drop --base" in res.output and not (tmp / "hub").exists()
+    convert(tmp / "t", tmp / "ah", dora="approximate", max_rank=8, base="org/another-model", progress=False)
+    assert read_adapter(tmp / "ah").config["base_model_name_or_path"] == "org/another-model"  # recorded as given
     assert cli("convert", "--trained", tmp / "t", "-o", tmp / "x", "--dora", "exact", "--base", base).exit_code == 0
 
 
