@@ -65,6 +65,23 @@ def peft_task_type(config) -> str | None:
     return (_head(config) or (None, None, None))[2]
 
 
+#: the modules PEFT saves whole (`modules_to_save`) for a SEQ_CLS adapter: it adds them when loading one
+PEFT_HEADS = ("classifier", "score")
+
+
+def head_tensors(names: Iterable[str], config) -> list[str]:
+    """The tensors of `names` (a checkpoint's) that PEFT loads from a SEQ_CLS adapter's `modules_to_save` for the
+    model in `config` (its `classifier`/`score` head); empty for any other task type.
+
+    Example:
+        >>> head_tensors(["bert.pooler.dense.weight", "classifier.weight"], {"architectures": ["BertForSequenceClassification"]})
+        ['classifier.weight']
+    """
+    if peft_task_type(config) != "SEQ_CLS":
+        return []
+    return sorted(n for n in names if n.split(".", 1)[0] in PEFT_HEADS)
+
+
 def auto_class(peft_task: str | None) -> str | None:
     """The transformers Auto class an adapter of PEFT task type `peft_task` applies to, or None."""
     return next((row[3] for row in HEADS if peft_task and row[2] == peft_task), None)

@@ -23,8 +23,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import TargetError
-from .io.hashing import bytes_digest
+from .errors import InputNotFoundError, OptionError, TargetError
+from .io.hashing import bytes_digest, file_digest
 
 SAMPLE_BYTES = 64 * 1024
 DECOMPOSE_MANIFEST, TRAIN_MANIFEST, CONVERT_MANIFEST = "ailora.json", "ailora-train.json", "ailora-convert.json"
@@ -327,8 +327,6 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 def adapter_digest(adapter: str | os.PathLike) -> str | None:
     """The digest of an adapter directory's weights file (None without one): an adapter recognised when copied."""
-    from .io.hashing import file_digest
-
     weights = Path(adapter) / "adapter_model.safetensors"
     return file_digest(weights) if weights.is_file() else None
 
@@ -336,8 +334,6 @@ def adapter_digest(adapter: str | os.PathLike) -> str | None:
 def input_digest(path: str | os.PathLike) -> str:
     """The digest of a data input: a file's (`file_digest`), or for a directory (a saved dataset) BLAKE3 of its
     files' relative paths and digests."""
-    from .io.hashing import file_digest
-
     p = Path(path)
     if not p.is_dir():
         return file_digest(p)
@@ -357,3 +353,50 @@ def train_identity(adapter, ckpt, kind: str, data, eval_data=None, warning: str 
         identity = trained_identity(adapter, ckpt, kind, forced=warning is not None)
     return {"applies_to": identity, "inputs": inputs,
             **({"warnings": [f"--force: {warning}"]} if warning else {})}
+
+
+def initial_adapter_of(trained: str | os.PathLike, given: str | os.PathLike | None = None) -> Path:
+    """The initial adapter a trained adapter started from, as its training manifest records; `given` (--initial)
+    only where no manifest names one, or where it holds the same weights (a copy).
+
+    Raises:
+        InputNotFoundError: no manifest and no `given`. OptionError: `given` is another adapter than the recorded
+        one, or the recorded one changed since training.
+    """
+    manifest = Path(trained) / TRAIN_MANIFEST
+    if not manifest.is_file() and given is None:
+        raise InputNotFoundError(f"{trained}: no {TRAIN_MANIFEST} naming the initial adapter; pass --initial")
+    if not manifest.is_file():
+        return Path(given)
+    m = json.loads(manifest.read_text())
+    recorded, digest = Path(m["initial_adapter"]), (m.get("inputs") or {}).get("--adapter")
+    if given is None or Path(given).resolve() == recorded.resolve():
+        if digest and recorded.is_dir() and adapter_digest(recorded) != digest:
+            raise OptionError(f"{trained}: the initial adapter {recorded} its {TRAIN_MANIFEST} names changed since "
+                              "training (its weights differ from the recorded digest); pass --initial with the adapter "
+                              "training started from")
+        return recorded
+    if digest is not None and adapter_digest(given) == digest:
+        return Path(given)  # the recorded adapter, copied or moved
+    raise OptionError(f"--initial {given}: {trained} was trained from {recorded} ({TRAIN_MANIFEST})" +
+                      (", whose weights differ from these" if digest else "") +
+                      "; drop --initial to use the recorded one, or pass a copy of it")
+
+
+def original_base_of(initial: str | os.PathLike) -> str | None:
+    """The original model an initial adapter was decomposed from (its decompose manifest's source)."""
+    return (read_manifest(Path(initial).parent / DECOMPOSE_MANIFEST).get("source") or {}).get("model")
+
+
+def task_record(adapter_dir: str | os.PathLike) -> dict | None:
+    """The task record (`training.tasks`) of a trained, converted or BitFit output's manifest, if it has one."""
+    for name in (TRAIN_MANIFEST, CONVERT_MANIFEST, BITFIT_MANIFEST):
+        if (path := Path(adapter_dir) / name).is_file():
+            return json.loads(path.read_text()).get("task")
+    return None
+
+
+def name_or_path(base: str | None) -> str | None:
+    """A base as a config records it: a local directory absolute (PEFT resolves relative ones), a Hub id as it is."""
+    return str(Path(base).expanduser().absolute()) if base and Path(base).expanduser().is_dir() else base
+

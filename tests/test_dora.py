@@ -269,6 +269,21 @@ def test_dora_errors_are_one_line(trained_dora, tmp_path):
     assert res.exit_code == 1 and "ailora-tools merge" in res.output and "--dora exact" in res.output
 
 
+def test_convert_dora_refuses_a_base_that_contradicts_the_recorded_one(base, trained_dora):
+    """--base is refused as --initial is: another model's weights (both modes), and for exact, whose LoRA applies to
+    OUT/base, any other model than the recorded original; that one (or a copy) is accepted."""
+    tmp = trained_dora
+    other = build_tiny_model(tmp / "other", seed=1)
+    for mode, flags in (("exact", []), ("approximate", ["--max-rank", "8"])):
+        res = cli("convert", "--trained", tmp / "t", "-o", tmp / f"o-{mode}", "--dora", mode, "--base", other, *flags)
+        assert res.exit_code == 1 and str(other) in res.output and not (tmp / f"o-{mode}").exists(), res.output
+    res = cli("convert", "--trained", tmp / "t", "-o", tmp / "hub", "--dora", "exact", "--base", "org/another-model")
+    assert res.exit_code == 1 and "drop --base" in res.output and not (tmp / "hub").exists()
+    convert(tmp / "t", tmp / "ah", dora="approximate", max_rank=8, base="org/another-model", progress=False)
+    assert read_adapter(tmp / "ah").config["base_model_name_or_path"] == "org/another-model"  # recorded as given
+    assert cli("convert", "--trained", tmp / "t", "-o", tmp / "x", "--dora", "exact", "--base", base).exit_code == 0
+
+
 def test_approximate_factors_error_is_the_dropped_energy():
     torch.manual_seed(0)
     delta = torch.randn(20, 16, dtype=torch.float64)

@@ -1,6 +1,8 @@
 """Serving what was trained on an NF4-quantised residual: the base re-quantised for vLLM (compressed-tensors W4A16)
 and llama.cpp (GGUF Q4_0/Q8_0), convert and merge, each with its error against dequant(Q) + s·B·A measured."""
 import json
+import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -107,12 +109,14 @@ def trained_logits(run, ids):
         return PeftModel.from_pretrained(model, run / "trained").eval()(input_ids=ids).logits
 
 
-def peft_logits(model, adapter):
-    from peft import PeftModel
-
+def readme_w4a16_logits(out: Path) -> torch.Tensor:
+    """Run the README's recipe for the vLLM base and its adapter in PEFT, as written (paths pointed at `out`)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "CompressedTensorsConfig" in b)
+    scope = {}
+    exec(textwrap.dedent(block).replace('"served-vllm/', f'"{out}/'), scope)
     with torch.no_grad():
-        model(input_ids=IDS)  # compressed-tensors decompresses on the first forward
-        return PeftModel.from_pretrained(model, adapter).eval()(input_ids=IDS).logits
+        return scope["model"].eval()(input_ids=IDS).logits
 
 
 def rel(a, b):
@@ -142,7 +146,7 @@ def test_export_base_vllm_w4a16_loads_in_transformers_and_serves_the_trained_mod
         ref = read_dequantized(res, f"{m}.weight")
         assert abs(float((W - ref).norm() / ref.norm()) - err) < 1e-6 and 0.02 < err < 0.2
     # served (W4A16 base as transformers loads it + the exported adapter) vs trained (NF4 residual + adapter)
-    served = peft_logits(AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32), out / "adapter")
+    served = readme_w4a16_logits(out)  # the README's way: PEFT on the base transformers loads, dequantised
     trained = trained_logits(run, IDS)
     assert s["worst_rel_fro_error"] / 10 < rel(served, trained) <= 2 * s["worst_rel_fro_error"]
     assert (out / "ailora-export-base.json").is_file() and s["adapter_rank"] == 8

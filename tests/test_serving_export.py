@@ -1,6 +1,7 @@
 """`convert --for vllm|llama.cpp` (issue #22, part 5): exports every server takes as they are, refusals with what to
 do, and `check` naming the exact command that fixes each finding."""
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -196,7 +197,8 @@ def test_a_trained_head_is_refused_not_dropped(trained, tmp_path):
     head = {"lm_head.weight": torch.zeros(128, 64)}
     write_adapter(tmp_path / "t", {**ad.config, "modules_to_save": ["lm_head"]}, ad.factors, extra=head)
     (tmp_path / "t" / "ailora-train.json").write_text(json.dumps({"initial_adapter": str(root / "dec" / "adapter")}))
-    with pytest.raises(UnsupportedError, match=r"modules_to_save has \['lm_head'\].*ailora-tools merge BASE"):
+    residual = re.escape(str(root / "dec" / "residual"))  # the fix names the base the adapter was trained on
+    with pytest.raises(UnsupportedError, match=rf"modules_to_save has \['lm_head'\].*ailora-tools merge {residual} "):
         convert(tmp_path / "t", tmp_path / "out", server="vllm")
     assert not (tmp_path / "out").exists()
     convert(tmp_path / "t", tmp_path / "plain")  # without --for the head is kept, as before
@@ -207,9 +209,9 @@ def test_modules_and_architectures_a_server_lacks_are_refused(tiny, tmp_path):
     decompose(tiny("bert"), tmp_path / "dec", rank=4, method="lora", progress=False)
     bert = tmp_path / "dec" / "adapter"
     refused(cli("convert", "--trained", bert, "--for", "vllm", "-o", tmp_path / "v"),
-            "vLLM does not serve LoRA on ['query', 'value']", "ailora-tools merge BASE")
+            "vLLM does not serve LoRA on ['query', 'value']", f"ailora-tools merge {tiny('bert')} {bert} -o MERGED")
     refused(cli("convert", "--trained", bert, "--for", "llama.cpp", "--base", tiny("bert"), "-o", tmp_path / "l"),
-            "architecture 'bert' is not supported", "ailora-tools merge BASE")
+            "architecture 'bert' is not supported", f"ailora-tools merge {tiny('bert')} {bert} -o MERGED")
     assert not (tmp_path / "v").exists() and not (tmp_path / "l").exists()
     llama = read_adapter(plain_lora(Path(tiny("llama")), tmp_path / "hub", r=4, alpha=4))
     write_adapter(tmp_path / "hub-id", {**llama.config, "base_model_name_or_path": "meta-llama/Llama-3.1-8B"},

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from ailora_tools import decompose, spectrum
 from ailora_tools.adapters.conversion import convert
+from ailora_tools.analysis import spectra as spectra_module
 from ailora_tools.cli import main
 from ailora_tools.errors import NumericsError, TargetError
 from ailora_tools.io import tensorio
@@ -38,7 +39,7 @@ def test_spectra_match_a_float64_svd_and_only_targets_are_read(tiny, tmp_path, m
     src = tiny("llama")
     read = []
     real = tensorio.read_tensor
-    monkeypatch.setattr(tensorio, "read_tensor", lambda h, name, fd=None: read.append(name) or real(h, name, fd))
+    monkeypatch.setattr(spectra_module, "read_tensor", lambda h, name, fd=None: read.append(name) or real(h, name, fd))
     s = spectrum(src, tmp_path / "s", rank=4, progress=False)
     out = tmp_path / "s"
     manifest = json.loads((out / "spectrum.json").read_text())

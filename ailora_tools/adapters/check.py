@@ -1,34 +1,21 @@
-"""Will this adapter load where it is going? Rules of vLLM, llama.cpp and PEFT, each with a fix: the exact command
-that fixes it (`convert --for`, which applies the servers' rules, or `merge` for what no LoRA can carry; those
-refusals are `serving.refusals`, shared with `convert --for`)."""
+"""Will this adapter load where it is going? Rules of vLLM, llama.cpp and PEFT (`rules`), each with a fix: the exact
+command that fixes it (`convert --for`, which applies the servers' rules, `convert --dora` for DoRA, or `merge` for
+what no LoRA can carry: those refusals are `rules.refusals`, shared with `convert --for`)."""
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 
-from ..errors import InputNotFoundError, NumericsError, OptionError
-from ..io.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from ..manifests import RESIDUAL, base_of, base_problem_dir
+import torch
+from safetensors import safe_open
 
-#: linear modules vLLM serves LoRA on for Llama-, Mistral- and Qwen2-style models
-VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
-#: the --max-lora-rank values a vLLM server accepts
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-TARGETS = ("vllm", "llama.cpp", "peft")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One broken rule: which, what is wrong, and what to do."""
-
-    rule: str
-    message: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"[{self.rule}] {self.message}; {self.fix}"
+from ..errors import InputNotFoundError, OptionError
+from ..io.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, model_class, read_adapter
+from ..manifests import RESIDUAL, BaseOf, base_of, base_problem_dir
+from ..training.bitfit import is_bitfit
+from .rules import TARGETS, VLLM_MAX_LORA_RANKS, Finding, refusals, vllm_max_lora_rank
 
 
 def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_rank: int = 16,
@@ -48,11 +35,6 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
     d = Path(lora)
     if not d.is_dir():
         raise InputNotFoundError(f"{d}: no such adapter directory")
-    from ..training.bitfit import is_bitfit
-    from .serving import (
-        refusals,  # the rules no export can fix, shared with `convert --for`
-    )
-
     if target != "peft" and is_bitfit(d):  # a `train --bitfit` output: trained biases, no adapter
         return refusals(d, {}, None, server=target)
     found: list[Finding] = []
@@ -71,45 +53,52 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
     if target == "peft":
         found += [f for f in refusals(d, cfg, None, server="vllm") if f.rule == "bias"]
         return found + _peft_load(d, cfg, base)
-    export = f"ailora-tools convert --trained {d} --for {target}" + (" --base BASE" if target == "llama.cpp" else "")
-    if meant.offset:
-        found.append(Finding("base", "trained in exact mode: the initial product is not in the adapter",
-                             f"run `{export} -o LORA` and serve LORA"))
-    elif meant.kind == RESIDUAL:
-        found.append(Finding("base", "the adapter applies to decompose's residual, not to the original model a server "
-                             "loads", f"run `{export} -o LORA` and serve LORA"))
+    export = f"ailora-tools convert --trained {d} --for {target}" + (
+        f" --base {meant.original or 'BASE'}" if target == "llama.cpp" else "")
+    found += _base_rule(d, cfg, meant, export)
     adapter = read_adapter(d, strict=False)
     found += refusals(d, cfg, adapter, server=target, base=base)
+    return found + (_vllm_rules(d, cfg, adapter, export, max_lora_rank) if target == "vllm" else [])
+
+
+def _base_rule(d: Path, cfg: dict, meant: BaseOf, export: str) -> list[Finding]:
+    """An adapter that is not a LoRA on the original model a server loads (residual, exact mode): convert it."""
+    fix = (f"run `ailora-tools convert --trained {d} -o OUT --dora exact` and serve OUT/base with OUT/adapter (DoRA: "
+           "see the [dora] finding)" if cfg.get("use_dora") else f"run `{export} -o LORA` and serve LORA")
+    if meant.offset:
+        return [Finding("base", "trained in exact mode: the initial product is not in the adapter", fix)]
+    if meant.kind == RESIDUAL:
+        return [Finding("base", "the adapter applies to decompose's residual, not to the original model a server "
+                        "loads", fix)]
+    return []
+
+
+def _vllm_rules(d: Path, cfg: dict, adapter, export: str, max_lora_rank: int) -> list[Finding]:
+    """vLLM's rules an export fixes: string init_lora_weights, a rank above the server's limit, rank/alpha patterns."""
+    found = []
     ranks = {A.shape[0] for A, _ in adapter.factors.values()}
-    if target == "vllm":
-        if isinstance(cfg.get("init_lora_weights"), str):
-            found.append(Finding("init_lora_weights", f"init_lora_weights is {cfg['init_lora_weights']!r}",
-                                 f"run `ailora-tools convert --trained {d} --initial INITIAL --for vllm -o LORA` "
-                                 "(INITIAL: the adapter training started from), or set it to true if the weights "
-                                 "already are a standard LoRA"))
-        if ranks and max(ranks) > max_lora_rank:
-            start = (f"start vLLM with --max-lora-rank {vllm_max_lora_rank(max(ranks))}, or "
-                     if max(ranks) <= VLLM_MAX_LORA_RANKS[-1] else "")
-            found.append(Finding("rank", f"rank {max(ranks)} exceeds --max-lora-rank {max_lora_rank}",
-                                 f"{start}run `{export} --max-lora-rank {max_lora_rank} -o LORA` (re-compresses "
-                                 "and reports the error)"))
-        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-            found.append(Finding("patterns", "rank_pattern / alpha_pattern are set (older vLLM ignores them and scales "
-                                 "wrongly)", f"run `{export} -o LORA`: it bakes every module's scale into B "
-                                 "(one r, lora_alpha = r)"))
+    if isinstance(cfg.get("init_lora_weights"), str):
+        found.append(Finding("init_lora_weights", f"init_lora_weights is {cfg['init_lora_weights']!r}",
+                             f"run `ailora-tools convert --trained {d} --initial INITIAL --for vllm -o LORA` "
+                             "(INITIAL: the adapter training started from), or set it to true if the weights "
+                             "already are a standard LoRA"))
+    if ranks and max(ranks) > max_lora_rank:
+        start = (f"start vLLM with --max-lora-rank {vllm_max_lora_rank(max(ranks))}, or "
+                 if max(ranks) <= VLLM_MAX_LORA_RANKS[-1] else "")
+        found.append(Finding("rank", f"rank {max(ranks)} exceeds --max-lora-rank {max_lora_rank}",
+                             f"{start}run `{export} --max-lora-rank {max_lora_rank} -o LORA` (re-compresses "
+                             "and reports the error)"))
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        found.append(Finding("patterns", "rank_pattern / alpha_pattern are set (older vLLM ignores them and scales "
+                             "wrongly)", f"run `{export} -o LORA`: it bakes every module's scale into B "
+                             "(one r, lora_alpha = r)"))
     return found
 
 
 def _peft_load(d: Path, cfg: dict, base) -> list[Finding]:
     """Load the adapter with PEFT onto the base model's architecture, built on the meta device (no weights read)."""
-    import warnings
-
-    import torch
     from peft import PeftModel, get_peft_model_state_dict
-    from safetensors import safe_open
     from transformers import AutoConfig
-
-    from ..io.peft_adapter import model_class
 
     where = Path(base or cfg.get("base_model_name_or_path") or "")
     if not (where / "config.json").is_file():
@@ -133,11 +122,3 @@ def _peft_load(d: Path, cfg: dict, base) -> list[Finding]:
         found.append(Finding("load", f"PEFT ignores {len(unused)} tensor(s) of the adapter, e.g. {unused[0]}",
                              "the adapter's target_modules or key names do not match this base"))
     return found
-
-
-def vllm_max_lora_rank(rank: int) -> int:
-    """The smallest `--max-lora-rank` a vLLM server accepts that fits `rank`."""
-    for choice in VLLM_MAX_LORA_RANKS:
-        if choice >= rank:
-            return choice
-    raise NumericsError(f"rank {rank} exceeds vLLM's largest --max-lora-rank (512); convert with --max-rank 512")

@@ -18,6 +18,7 @@ from ..manifests import (
     TRAIN_MANIFEST,
     read_manifest,
 )
+from .rules import vllm_max_lora_rank
 
 CARD_NAME = "README.md"
 #: never uploaded: hidden files (locks, partial files) and training checkpoints
@@ -76,7 +77,7 @@ def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
              f"from transformers import {auto}",
              f'model = PeftModel.from_pretrained({auto}.from_pretrained("{base}"{load}), "{repo_id}")', "```", "",
              "vLLM:", "", "```bash",
-             f"vllm serve {base} --enable-lora --max-lora-rank {_vllm(r)} --lora-modules adapter={repo_id}",
+             f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(r)} --lora-modules adapter={repo_id}",
              "```", "", "llama.cpp:", "", "```bash",
              "ailora-tools export-gguf ADAPTER_DIR --base BASE_DIR -o adapter.gguf",
              "llama-cli -m base.gguf --lora adapter.gguf", "```", ""]
@@ -89,12 +90,6 @@ def _is_hub_id(name: str) -> bool:
 
 def _uploaded(rel: Path) -> bool:
     return not any(part.startswith(".") for part in rel.parts) and rel.parts[0] != "checkpoints"
-
-
-def _vllm(rank: int) -> int:
-    from .check import vllm_max_lora_rank
-
-    return vllm_max_lora_rank(rank)
 
 
 def _manifest(d: Path, kind: str) -> dict | None:

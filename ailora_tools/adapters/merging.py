@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,9 +34,8 @@ from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, read_adapter
 from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
-from ..manifests import MERGE_MANIFEST, base_of, check_base, fingerprints
+from ..manifests import MERGE_MANIFEST, base_of, check_base, fingerprints, task_record
 from ..training.bitfit import is_bitfit, read_bitfit
-from .conversion import task_record
 from .nf4_residual import (
     PARTS,
     compute_dtype,
@@ -84,69 +84,106 @@ def merge(
     weights = lora.check_fits(tensors, adapter=adapter, base=base, config=ckpt.config)
     quant = trained_on(adapter)  # trained on a quantised residual: every merged weight measured against W_trained
     warning = check_base(adapter, ckpt, flag="BASE", force=force)
-    module_of = {w: m for m, w in weights.items()}
     out_dtype = DTYPE_FLAGS.get(dtype)
     heads, added, renamed, config = _head(lora, ckpt, adapter, base, out_dtype or (
         tensors[next(iter(weights.values()))].dtype if weights else "F32"))
-    if dtype is not None:
-        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
-            config[key] = dtype
-    if packed:
-        config.pop("quantization_config", None)
-    measured = (quant[0].packed | {f"{m}.weight" for m in quant[1].factors}) if quant else set()
-    plan: dict[str, list[str]] = {}  # with --dtype, every float tensor is cast, adapted or not
-    for name, info in tensors.items():
-        if name in module_of or name in heads or name in packed or name in measured or (
-                out_dtype is not None and info.dtype in FLOAT_DTYPES and info.dtype != out_dtype):
-            plan.setdefault(info.file, []).append(name)
-    for names in plan.values():
-        names.sort(key=lambda n: tensors[n].begin)
+    job = MergeJob(ckpt, tensors, lora, {w: m for m, w in weights.items()}, heads, packed, quant, out_dtype)
     settings = {"tool": __version__, "command": "merge", "base": ckpt.describe(), "adapter": str(adapter),
                 "adapter_config": lora.config, "dtype": dtype, "base_samples": fingerprints(ckpt),
                 "applies_to": base_of(adapter).block(), **({"warnings": [f"--force: {warning}"]} if warning else {})}
-
-    def compute(info: TensorInfo, W: torch.Tensor) -> Replaced:
-        if info.name in packed:
-            W, info = read_dequantized(ckpt, info.name).to(torch_dtype(tensors[info.name].dtype)), tensors[info.name]
-        new = _merged(info, W)
-        if quant and info.name in measured:
-            new.record["trained_rel_fro_error"] = rel_error(new.tensor, trained_reference(*quant, info.name))
-        return new
-
-    def _merged(info: TensorInfo, W: torch.Tensor) -> Replaced:
-        target = torch_dtype(out_dtype) if out_dtype else W.dtype
-        if info.name in heads:
-            return Replaced(heads[info.name].to(target))
-        if info.name not in module_of:
-            return Replaced(W.to(target))
-        if (module := module_of[info.name]) in lora.magnitudes:  # DoRA: m ⊙ (W + s·B·A) / ‖W + s·B·A‖ (dora.py)
-            merged = merged_weight(W, *lora.factors[module], lora.scale(module), lora.magnitudes[module],
-                                   transposed=bool(lora.config.get("fan_in_fan_out")))
-            return Replaced(merged.to(target), record={"max_abs_delta": float((merged - W.double()).abs().max())})
-        delta = lora.delta(module_of[info.name])
-        return Replaced((W.float() + delta).to(target), record={"max_abs_delta": float(delta.abs().max())})
-
     if is_worker():
         return {"worker": int(os.environ["RANK"]), "computed": 0, "seconds": round(time.perf_counter() - started, 3)}
     hashes = Hashes()
+    config = _merged_config(config, dtype, bool(packed))
     files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()} if config != ckpt.config else {}
     with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume, settings=settings) as od:
-        done = rewrite_checkpoint(ckpt, od, "", plan, compute, hashes=hashes, out_dtype=out_dtype, added=added,
+        done = rewrite_checkpoint(ckpt, od, "", job.plan(), job, hashes=hashes, out_dtype=out_dtype, added=added,
                                   renamed=renamed, files=files, progress=progress, desc="merge",
                                   parts={n: {n: (tensors[n].dtype, tensors[n].shape)} for n in packed},
                                   dropped={f"{n}.{k}" for n in packed for k in PARTS})
         largest = [r["max_abs_delta"] for _, r in done.values() if "max_abs_delta" in r]
         summary = {"output": str(od.path), "base": str(base), "adapter": str(adapter),
                    "modules": len(lora.factors), "max_abs_delta": max(largest, default=0.0),
-                   "head_tensors": sorted([*heads, *added])}
-        if quant:  # ‖W_merged − (dequant(Q) + s·B·A)‖ / ‖…‖ per weight (`nf4_residual`)
-            errors = {n.removesuffix(".weight"): r["trained_rel_fro_error"] for n, (_, r) in done.items()
-                      if "trained_rel_fro_error" in r}
-            summary.update(quantized_residual=str(quant[0].residual.root), trained_errors=dict(sorted(errors.items())),
-                           worst_trained_rel_fro_error=max(errors.values(), default=0.0))
+                   "head_tensors": sorted([*heads, *added]), **_quantized_summary(quant, done)}
         od.write_manifest(MERGE_MANIFEST, {**settings, "files": hashes.result(), "summary": summary})
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+@dataclass
+class MergeJob:
+    """What every merged tensor needs: the base, the adapter, which weight is which module's, the head's tensors,
+    the NF4-packed weights, the quantised run to measure against, and the output dtype. Called per tensor by
+    `rewrite_checkpoint`."""
+
+    ckpt: Checkpoint
+    tensors: dict[str, TensorInfo]  # the base as float tensors (an NF4 residual's dequantised view)
+    lora: Adapter
+    module_of: dict[str, str]  # weight tensor -> adapter module
+    heads: dict[str, torch.Tensor]  # base tensor -> the adapter's head tensor replacing it
+    packed: set[str]
+    quant: tuple | None  # (QuantizedRun, trained adapter) for an adapter trained on a quantised residual
+    out_dtype: str | None
+
+    @property
+    def measured(self) -> set[str]:
+        run, trained = self.quant or (None, None)
+        return (run.packed | {f"{m}.weight" for m in trained.factors}) if run else set()
+
+    def plan(self) -> dict[str, list[str]]:
+        """Shard -> the tensors rewritten, by offset; with --dtype every float tensor is cast, adapted or not."""
+        plan: dict[str, list[str]] = {}
+        special = set(self.module_of) | set(self.heads) | self.packed | self.measured
+        for name, info in self.tensors.items():
+            if name in special or (self.out_dtype is not None and info.dtype in FLOAT_DTYPES
+                                   and info.dtype != self.out_dtype):
+                plan.setdefault(info.file, []).append(name)
+        for names in plan.values():
+            names.sort(key=lambda n: self.tensors[n].begin)
+        return plan
+
+    def __call__(self, info: TensorInfo, W: torch.Tensor) -> Replaced:
+        if info.name in self.packed:
+            W = read_dequantized(self.ckpt, info.name).to(torch_dtype(self.tensors[info.name].dtype))
+            info = self.tensors[info.name]
+        new = self._merged(info, W)
+        if self.quant and info.name in self.measured:
+            new.record["trained_rel_fro_error"] = rel_error(new.tensor, trained_reference(*self.quant, info.name))
+        return new
+
+    def _merged(self, info: TensorInfo, W: torch.Tensor) -> Replaced:
+        target = torch_dtype(self.out_dtype) if self.out_dtype else W.dtype
+        if info.name in self.heads:
+            return Replaced(self.heads[info.name].to(target))
+        if info.name not in self.module_of:
+            return Replaced(W.to(target))
+        lora, module = self.lora, self.module_of[info.name]
+        if module in lora.magnitudes:  # DoRA: m ⊙ (W + s·B·A) / ‖W + s·B·A‖ (init.dora)
+            merged = merged_weight(W, *lora.factors[module], lora.scale(module), lora.magnitudes[module],
+                                   transposed=bool(lora.config.get("fan_in_fan_out")))
+            return Replaced(merged.to(target), record={"max_abs_delta": float((merged - W.double()).abs().max())})
+        delta = lora.delta(module)
+        return Replaced((W.float() + delta).to(target), record={"max_abs_delta": float(delta.abs().max())})
+
+
+def _merged_config(config: dict, dtype: str | None, packed: bool) -> dict:
+    """The merged model's config.json: --dtype recorded, no quantization_config for a dequantised NF4 residual."""
+    if dtype is not None:
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            config[key] = dtype
+    if packed:
+        config.pop("quantization_config", None)
+    return config
+
+
+def _quantized_summary(quant, done: dict) -> dict:
+    """‖W_merged − (dequant(Q) + s·B·A)‖ / ‖…‖ per weight (`nf4_residual`), for an adapter trained on an NF4 residual."""
+    if not quant:
+        return {}
+    errors = {n.removesuffix(".weight"): r["trained_rel_fro_error"] for n, (_, r) in done.items()
+              if "trained_rel_fro_error" in r}
+    return {"quantized_residual": str(quant[0].residual.root), "trained_errors": dict(sorted(errors.items())),
+            "worst_trained_rel_fro_error": max(errors.values(), default=0.0)}
 
 
 def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[dict, dict, dict, dict]:

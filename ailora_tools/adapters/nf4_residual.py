@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputNotFoundError
 from ..io.checkpoint import Checkpoint
-from ..manifests import DECOMPOSE_MANIFEST, RESIDUAL_DIR, read_manifest
+from ..io.peft_adapter import read_adapter
+from ..io.tensorio import DTYPE_FLAGS, read_tensor
+from ..manifests import CONVERT_MANIFEST, DECOMPOSE_MANIFEST, RESIDUAL_DIR, TRAIN_MANIFEST, read_manifest
 from ..quantization.nf4 import STATE, SUFFIXES, quantized_weights, read_dequantized
 
 if TYPE_CHECKING:
@@ -28,8 +30,6 @@ PARTS = tuple(k for k in SUFFIXES if k)
 
 def packed_shape(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
     """The [out, in] shape a packed weight dequantises to (its quant state's JSON)."""
-    from ..io.tensorio import read_tensor
-
     raw = read_tensor(ckpt.shard(ckpt.tensors[f"{name}.{STATE}"].file), f"{name}.{STATE}")
     return tuple(json.loads(bytes(raw.numpy()).decode())["shape"])
 
@@ -80,8 +80,6 @@ def quantized_run(initial: str | os.PathLike) -> QuantizedRun | None:
 def float_view(ckpt: Checkpoint, dtype: str) -> dict:
     """The checkpoint's tensors as the float model they dequantise to: packed weights with their [out, in] shape and
     `dtype` (a safetensors dtype name), their scales left out."""
-    from dataclasses import replace
-
     packed = quantized_weights(ckpt.tensors)
     parts = {f"{n}.{k}" for n in packed for k in PARTS}
     return {n: replace(t, shape=packed_shape(ckpt, n), dtype=dtype) if n in packed else t
@@ -90,17 +88,12 @@ def float_view(ckpt: Checkpoint, dtype: str) -> dict:
 
 def compute_dtype(ckpt: Checkpoint) -> str:
     """The safetensors dtype an NF4 checkpoint's packed weights dequantise to (its bnb_4bit_compute_dtype)."""
-    from ..io.tensorio import DTYPE_FLAGS
-
     return DTYPE_FLAGS[(ckpt.config.get("quantization_config") or {}).get("bnb_4bit_compute_dtype") or "float32"]
 
 
 def trained_on(adapter: str | os.PathLike) -> tuple[QuantizedRun, "object"] | None:
     """For an adapter trained on a quantised residual, or converted from one: the run and the TRAINED adapter
     (whose dequant(Q) + s·B·A is the model every export is measured against); None otherwise."""
-    from ..io.peft_adapter import read_adapter
-    from ..manifests import CONVERT_MANIFEST, TRAIN_MANIFEST
-
     d = Path(adapter)
     converted = read_manifest(d / CONVERT_MANIFEST)
     if converted.get("trained") and converted.get("initial"):

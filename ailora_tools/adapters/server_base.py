@@ -39,6 +39,7 @@ from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
 from ..io.tensorio import dtype_name, read_tensor, torch_dtype
 from ..manifests import EXPORT_BASE_MANIFEST, RESIDUAL, base_of, check_base
 from ..options import choice
+from .gguf_export import ARCHITECTURES, gguf_tensors, permute_rows, write_lora_gguf
 from .nf4_residual import (
     PARTS,
     compute_dtype,
@@ -48,6 +49,7 @@ from .nf4_residual import (
     read_dequantized,
     rel_error,
 )
+from .serving import serve_command, serve_rules
 
 SERVER_FORMATS = {"vllm": ("w4a16",), "llama.cpp": ("q4_0", "q8_0")}
 GROUP_SIZE = 128  # vLLM's W4A16 preset
@@ -112,9 +114,6 @@ def export_base(residual: str | os.PathLike, out: str | os.PathLike, *, server: 
 
 def _write_adapter(od: OutputDir, lora, adapter, server: str, summary: dict) -> dict:
     """The trained adapter as `server` takes it, applying to the exported base."""
-    from .gguf_export import gguf_tensors, write_lora_gguf
-    from .serving import serve_command, serve_rules
-
     lora.config["base_model_name_or_path"] = str(od.path / "base") if server == "vllm" else None
     served, report = serve_rules(lora, server=server, source=adapter, base=summary.get("config_dir"))
     if server == "vllm":
@@ -228,8 +227,6 @@ def _write_gguf(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, progr
     """OUT/base.gguf: a llama.cpp model of the residual, its NF4 weights as Q4_0/Q8_0, streamed tensor by tensor."""
     import gguf
 
-    from .gguf_export import ARCHITECTURES, permute_rows
-
     config = ckpt.config
     if config.get("model_type") not in ARCHITECTURES or not ARCHITECTURES[config["model_type"]][1]:
         raise UnsupportedError(f"--for llama.cpp: a base GGUF of model_type {config.get('model_type')!r} is not "
@@ -237,31 +234,8 @@ def _write_gguf(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, progr
     qtype = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0}[fmt]
     arch = gguf.MODEL_ARCH.LLAMA
     n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads") or n_head
-    names = gguf.get_tensor_name_map(arch, n_layers)
     packed = quantized_weights(ckpt.tensors)
-    dropped = {f"{n}.{k}" for n in packed for k in PARTS}
-    plan = []  # (hf name, gguf name, shape [out, in] or [n], ggml type, permutation)
-    for name, info in ckpt.tensors.items():
-        if name in dropped or name.endswith("rotary_emb.inv_freq"):
-            continue
-        out = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if out is None:
-            raise UnsupportedError(f"--for llama.cpp: {ckpt.source} has tensor {name}, which llama.cpp's llama "
-                                   "architecture has no place for")
-        shape = packed_shape(ckpt, name) if name in packed else tuple(info.shape)
-        if name in packed:
-            if shape[1] % 32:
-                raise UnsupportedError(f"--format {fmt}: rows of 32 values; {name} has {shape[1]}")
-            t = qtype
-        elif len(shape) == 1 or info.dtype == "F32":
-            t = gguf.GGMLQuantizationType.F32
-        else:
-            t = {"F16": gguf.GGMLQuantizationType.F16, "BF16": gguf.GGMLQuantizationType.BF16}[info.dtype]
-        heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else None
-        plan.append((name, out, shape, t, heads))
-    if config.get("tie_word_embeddings") is False and not any(p[1] == "output.weight" for p in plan):
-        raise InputNotFoundError(f"{ckpt.source}: no lm_head.weight, and the config does not tie it to the embedding")
+    plan = _gguf_plan(ckpt, gguf.get_tensor_name_map(arch, n_layers), packed, qtype, fmt)
     writer = gguf.GGUFWriter(str(od.partial("base.gguf")), gguf.MODEL_ARCH_NAMES[arch])
     _add_hparams(writer, config, qtype)
     _add_vocab(writer, ckpt.root, config["vocab_size"])
@@ -292,6 +266,38 @@ def _write_gguf(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, progr
     od.publish("base.gguf")
     return {"base": str(od.path / "base.gguf"), "errors": dict(sorted(errors.items())), "tensors": len(plan),
             "config_dir": str(ckpt.root)}
+
+
+def _gguf_plan(ckpt: Checkpoint, names, packed: set[str], qtype, fmt: str) -> list[tuple]:
+    """Per tensor of the residual: (hf name, gguf name, shape [out, in] or [n], ggml type, heads to permute by)."""
+    import gguf
+
+    config = ckpt.config
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    dropped = {f"{n}.{k}" for n in packed for k in PARTS}
+    plan = []  # (hf name, gguf name, shape [out, in] or [n], ggml type, permutation)
+    for name, info in ckpt.tensors.items():
+        if name in dropped or name.endswith("rotary_emb.inv_freq"):
+            continue
+        out = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if out is None:
+            raise UnsupportedError(f"--for llama.cpp: {ckpt.source} has tensor {name}, which llama.cpp's llama "
+                                   "architecture has no place for")
+        shape = packed_shape(ckpt, name) if name in packed else tuple(info.shape)
+        if name in packed:
+            if shape[1] % 32:
+                raise UnsupportedError(f"--format {fmt}: rows of 32 values; {name} has {shape[1]}")
+            t = qtype
+        elif len(shape) == 1 or info.dtype == "F32":
+            t = gguf.GGMLQuantizationType.F32
+        else:
+            t = {"F16": gguf.GGMLQuantizationType.F16, "BF16": gguf.GGMLQuantizationType.BF16}[info.dtype]
+        heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else None
+        plan.append((name, out, shape, t, heads))
+    if config.get("tie_word_embeddings") is False and not any(p[1] == "output.weight" for p in plan):
+        raise InputNotFoundError(f"{ckpt.source}: no lm_head.weight, and the config does not tie it to the embedding")
+    return plan
 
 
 def _add_hparams(writer, config: dict, qtype) -> None:

@@ -1,4 +1,4 @@
-"""Exports every server takes as they are (`convert --for vllm|llama.cpp`), and the refusals `check` reports.
+"""Exports every server takes as they are (`convert --for vllm|llama.cpp`); what none can take is `rules.refusals`.
 
 The rules, applied to a LoRA on the original model (a converted adapter, a plain PEFT LoRA, or what `convert`
 has just computed from a trained one):
@@ -8,7 +8,7 @@ has just computed from a trained one):
   ignore `use_rslora`; older vLLM ignores the patterns);
 - one rank for every module: padded with zeros (exact) to the next rank vLLM accepts (1, 8, 16, 32, 64, 128,
   256, 320, 512); above 512, or above `--max-lora-rank N` for a server started with a smaller limit, each module
-  is re-compressed (QR of both factors, SVD of the small core: `conversion.compress`) and the error reported;
+  is re-compressed (QR of both factors, SVD of the small core: `lowrank.compress`) and the error reported;
 - llama.cpp: one `adapter.lora.alpha` per file, so every module is brought to one rank with alpha = r; only
   modules llama.cpp maps to a tensor of the base's architecture;
 - refused, never dropped: a trained head or resized embedding (`modules_to_save`), trained biases (PEFT's
@@ -17,13 +17,10 @@ has just computed from a trained one):
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import torch
-
-from ..errors import NumericsError, OptionError, TargetError, UnsupportedError
+from ..errors import OptionError, TargetError, UnsupportedError
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
@@ -31,75 +28,9 @@ from ..io.tensorio import DTYPE_FLAGS, torch_dtype
 from ..manifests import CONVERT_MANIFEST, base_of, check_base_dir, require_original
 from ..options import at_least, choice
 from ..training.bitfit import is_bitfit
-from .check import (
-    VLLM_MAX_LORA_RANKS,
-    VLLM_MODULES,
-    Finding,
-    check_adapter,
-    vllm_max_lora_rank,
-)
-
-SERVERS = ("vllm", "llama.cpp")
-
-
-def merge_fix(adapter: object) -> str:
-    """The command that serves what no LoRA can carry: merge it into the base."""
-    return f"run `ailora-tools merge BASE {adapter} -o MERGED` and serve MERGED"
-
-
-def refusals(adapter_dir: str | os.PathLike, config: dict, adapter: Adapter | None, *, server: str,
-             base: str | os.PathLike | None = None) -> list[Finding]:
-    """The rules no export can fix for `server` ("vllm" or "llama.cpp"), each with the command that serves it.
-
-    Args:
-        adapter_dir: the adapter's directory (named in the fixes).
-        config: its adapter_config.json. adapter: its tensors (None: only the config is judged).
-        base: the base model directory (llama.cpp: its config.json names the architecture); default the config's
-            `base_model_name_or_path` when that is a local directory.
-    """
-    d = adapter_dir
-    if is_bitfit(d):
-        return [Finding("bitfit", "trained bias terms (train --bitfit) are not a LoRA: no server takes them as an "
-                        "adapter", merge_fix(d))]
-    found = []
-    if config.get("use_dora"):
-        found.append(Finding("dora", "use_dora is true (DoRA)",
-                             "merge it (`ailora-tools merge BASE ADAPTER -o merged`), or convert it to a standard LoRA "
-                             "(`ailora-tools convert --trained ADAPTER -o OUT --dora exact`: a new base plus a LoRA, "
-                             "exact; or `--dora approximate --tolerance X`: a LoRA on the original, with measured error)"))
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        found.append(Finding("bias", f"bias is {config.get('bias')!r} / lora_bias {config.get('lora_bias')}: trained "
-                             "biases are not LoRA weights", "merge the adapter with PEFT (merge_and_unload) and serve "
-                             'the merged model, or train with bias="none" and lora_bias=False'))
-    saved = sorted(config.get("modules_to_save") or []) or sorted({n.rsplit(".", 1)[0] for n in (adapter.extra if adapter
-                                                                                                 else {})})
-    if saved:
-        found.append(Finding("modules_to_save", f"modules_to_save has {saved} (a trained head or resized embedding): "
-                             f"{server} serves LoRA factors, and would drop or reject them",
-                             f"{merge_fix(d)}, or save those modules into the base and serve the adapter without them"))
-    modules = sorted({m.rsplit(".", 1)[-1] for m in (adapter.factors if adapter else {})})
-    if server == "vllm":
-        unknown = [m for m in modules if m not in VLLM_MODULES]
-        if unknown:
-            found.append(Finding("modules", f"vLLM does not serve LoRA on {unknown}",
-                                 f"use modules among {sorted(VLLM_MODULES)}, or {merge_fix(d)}"))
-        return found
-    if config.get("fan_in_fan_out"):
-        found.append(Finding("fan_in_fan_out", "fan_in_fan_out (Conv1D) layout", merge_fix(d)))
-        return found
-    where = base or config.get("base_model_name_or_path")
-    if where is None or not (Path(where) / "config.json").is_file():
-        found.append(Finding("base", f"no base model config.json at {where}" if where else "no --base given",
-                             "pass --base DIR, the original base model directory (only its config.json is read)"))
-    elif adapter is not None:
-        from .gguf_export import gguf_tensors
-
-        try:
-            gguf_tensors(adapter, json.loads((Path(where) / "config.json").read_text()))
-        except UnsupportedError as e:
-            found.append(Finding("architecture", str(e).removeprefix("export-gguf: "),
-                                 f"llama.cpp cannot take this adapter; {merge_fix(d)}"))
-    return found
+from .check import check_adapter
+from .lowrank import check_tolerance, fit_rank, pad_to_rank
+from .rules import SERVERS, VLLM_MAX_LORA_RANKS, refusals, vllm_max_lora_rank
 
 
 def serve_rules(adapter: Adapter, *, server: str, source: object, max_lora_rank: int | None = None,
@@ -140,23 +71,14 @@ def serve_rules(adapter: Adapter, *, server: str, source: object, max_lora_rank:
         raise UnsupportedError(f"{source} cannot be served by {server} as a LoRA: " + " | ".join(map(str, found)))
     caps = [c for c in (max_rank, max_lora_rank or (VLLM_MAX_LORA_RANKS[-1] if server == "vllm" else None)) if c]
     cap = min(caps) if caps else None
-    from .conversion import compress
-
-    baked, errors = {}, {}
-    for m, (A, B) in adapter.factors.items():
-        B, A = B.double() * adapter.scale(m), A.double()  # the scale lives in B: alpha = r gives s = 1
-        if cap is not None and A.shape[0] > cap:
-            B, A, errors[m] = compress(B, A, cap)
-        baked[m] = (A, B)
-    worst = max(errors.values(), default=0.0)
-    if tolerance is not None and worst > tolerance:
-        bad = ", ".join(f"{m} ({e:.2e})" for m, e in sorted(errors.items()) if e > tolerance)
-        raise NumericsError(f"{source}: re-compressing to rank {cap} for {server} loses more than --tolerance "
-                            f"{tolerance} in {bad}; raise --max-lora-rank / --max-rank (and the server's limit)")
+    # the scale lives in B: alpha = r gives s = 1
+    baked, errors = fit_rank({m: (B.double() * adapter.scale(m), A.double()) for m, (A, B) in adapter.factors.items()},
+                             cap)
+    worst = check_tolerance(errors, tolerance, f"{source}: re-compressing to rank {cap} for {server}",
+                            "raise --max-lora-rank / --max-rank (and the server's limit)")
     largest = max(A.shape[0] for A, _ in baked.values())
     rank = vllm_max_lora_rank(largest) if server == "vllm" else largest
-    factors = {m: (torch.nn.functional.pad(A, (0, 0, 0, rank - A.shape[0])),
-                   torch.nn.functional.pad(B, (0, rank - B.shape[1]))) for m, (A, B) in baked.items()}
+    factors = pad_to_rank(baked, rank)
     c = adapter.config
     config = lora_config(rank=rank, alpha=float(rank), targets=[m.rsplit(".", 1)[-1] for m in factors], rslora=False,
                          base=c.get("base_model_name_or_path"), task_type=c.get("task_type"),

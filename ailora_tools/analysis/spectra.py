@@ -20,6 +20,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..adapters.lowrank import delta_factors
+from ..devices import resolve_device
 from ..errors import NumericsError, UnsupportedError
 from ..init.targets import (
     architecture,
@@ -31,8 +33,10 @@ from ..init.targets import (
 from ..io.checkpoint import Checkpoint
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
-from ..io.tensorio import FLOAT_DTYPES
-from ..manifests import SPECTRUM_MANIFEST, TRAIN_MANIFEST, starts_offset
+from ..io.peft_adapter import read_adapter
+from ..io.tensorio import FLOAT_DTYPES, read_tensor
+from ..manifests import SPECTRUM_MANIFEST, TRAIN_MANIFEST, initial_adapter_of, starts_offset
+from .plots import per_layer_figure, spectra_figure
 
 SPECTRA_NAME = "spectra.safetensors"
 PLOT_SPECTRA, PLOT_LAYERS, PLOT_DELTA = "spectra.png", "layers.png", "delta.png"
@@ -95,8 +99,6 @@ def spectrum(
     import torch
     from safetensors.torch import save_file
 
-    from ..devices import resolve_device
-    from ..io.tensorio import read_tensor
 
     dev = resolve_device(device)
     rows, spectra = [], {}
@@ -175,9 +177,6 @@ def _adapter_deltas(adapter, initial, ckpt) -> dict:
     """{"trained", "initial", "norms": [{"module", "layer", "delta_fro"}]}, with ‖ΔW‖_F from small QR factors."""
     import torch
 
-    from ..adapters.conversion import delta_factors, initial_adapter_of
-    from ..io.peft_adapter import read_adapter
-
     trained = read_adapter(adapter)
     trained.check_fits(ckpt.tensors, adapter=adapter, base=ckpt.source)
     if initial is None and (Path(adapter) / TRAIN_MANIFEST).is_file():
@@ -201,8 +200,6 @@ def _mean(rows: list[dict], target: str, key: str) -> float | None:
 
 
 def _plots(od: OutputDir, rows, spectra, norms, rank: int, plot_layers: int, source: str) -> list[str]:
-    from .plots import per_layer_figure, spectra_figure
-
     written = []
     layers, targets, at = _grid(rows)
     if layers:

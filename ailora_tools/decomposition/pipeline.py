@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__
-from ..architectures import task_of
+from ..architectures import head_tensors, peft_task_type, task_of
 from ..distributed import Sharing, is_worker, use_local_gpu, work
 from ..errors import NumericsError, OptionError, UnsupportedError
 from ..init import InitMethod, Job, Settings, get_method, lora_scale
@@ -148,12 +148,13 @@ def decompose(
                 hashes.add("source", name, p)
             results, ran_on = _factors_only(ckpt, jobs, init, params, context, device, progress)
             base = ckpt.name_or_path
-        from ..architectures import peft_task_type
         from ..io.peft_adapter import lora_config, write_adapter
 
+        head = {n: read_tensor(ckpt.shard(ckpt.tensors[n].file), n) for n in head_tensors(ckpt.tensors, ckpt.config)}
         config = lora_config(rank=o.rank, alpha=alpha, targets=[j.module.rsplit(".", 1)[-1] for j in jobs],
                              rslora=o.rslora, base=base, task_type=peft_task_type(ckpt.config),
-                             fan_in_fan_out=any(j.transposed for j in jobs), dora=o.dora)
+                             fan_in_fan_out=any(j.transposed for j in jobs), dora=o.dora,
+                             modules_to_save=sorted({n.split(".", 1)[0] for n in head}))  # PEFT loads the head
         factors = {m: f for m, (f, _) in results.items()}
         magnitudes = None
         if o.dora:  # from the base as PEFT will load it: the residual as written, or the original
@@ -162,7 +163,7 @@ def decompose(
             on = Checkpoint.open(base) if settings["adapter_base"] == RESIDUAL else ckpt
             magnitudes = magnitudes_of(on, {j.module: j.tensor.name for j in jobs}, factors, params.scale,
                                        transposed={j.module: j.transposed for j in jobs})
-        for p in write_adapter(od.path / ADAPTER_DIR, config, factors, magnitudes=magnitudes):
+        for p in write_adapter(od.path / ADAPTER_DIR, config, factors, magnitudes=magnitudes, extra=head):
             hashes.add("output", f"{ADAPTER_DIR}/{p.name}", p)
         stats = {m: s for m, (_, s) in results.items()}
         summary = {

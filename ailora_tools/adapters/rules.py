@@ -1,0 +1,133 @@
+"""What servers take, as data and rules: vLLM's ranks and modules, a broken rule (`Finding`) with the command that
+fixes it, and the refusals no export can fix (shared by `check` and `convert --for`).
+
+Read from the servers' sources (vLLM 0.32/0.33, llama.cpp's convert_lora_to_gguf.py): vLLM serves LoRA on the
+modules its model class declares (`SERVABLE_MODULES`, per architecture; the default row is the Llama-, Mistral- and
+Qwen2-style set), up to `--max-lora-rank` from a fixed list; neither server takes DoRA, trained biases or whole
+trained modules (`modules_to_save`); llama.cpp needs an architecture and layout its converter maps. Every fix names
+real paths where the manifests record them (the base to merge into), so it runs as printed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import NumericsError, UnsupportedError
+from ..io.peft_adapter import Adapter
+from ..manifests import base_of
+from ..training.bitfit import is_bitfit
+from .gguf_export import gguf_tensors
+
+#: linear modules vLLM serves LoRA on for Llama-, Mistral- and Qwen2-style models
+VLLM_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
+                          "lm_head"})
+#: server -> model_type (None: any other) -> the modules it serves LoRA on; a new architecture is one row
+SERVABLE_MODULES: dict[str, dict[str | None, frozenset[str]]] = {"vllm": {None: VLLM_MODULES}}
+#: the --max-lora-rank values a vLLM server accepts
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+SERVERS = ("vllm", "llama.cpp")
+TARGETS = (*SERVERS, "peft")  # what `check --for` judges
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One broken rule: which, what is wrong, and what to do."""
+
+    rule: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"[{self.rule}] {self.message}; {self.fix}"
+
+
+def servable_modules(server: str, model_type: str | None = None) -> frozenset[str]:
+    """The module names `server` serves LoRA on for a model of `model_type` (the default row when not listed)."""
+    rows = SERVABLE_MODULES[server]
+    return rows.get(model_type, rows[None])
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest `--max-lora-rank` a vLLM server accepts that fits `rank`.
+
+    Raises:
+        NumericsError: a rank above vLLM's largest choice (512).
+    """
+    for choice in VLLM_MAX_LORA_RANKS:
+        if choice >= rank:
+            return choice
+    raise NumericsError(f"rank {rank} exceeds vLLM's largest --max-lora-rank (512); convert with --max-rank 512")
+
+
+def merge_fix(adapter: object) -> str:
+    """The command that serves what no LoRA can carry: merge it into the base its manifests record (BASE if none)."""
+    return f"run `ailora-tools merge {base_of(adapter).model or 'BASE'} {adapter} -o MERGED` and serve MERGED"
+
+
+def dora_fix(adapter: object, rank: int) -> str:
+    """The commands that serve a DoRA adapter: merge it, or convert it to a standard LoRA (exact or approximate)."""
+    return (f"{merge_fix(adapter)}; or convert it to a standard LoRA: `ailora-tools convert --trained {adapter} -o OUT "
+            "--dora exact` (a new base OUT/base plus the LoRA OUT/adapter, exact), or `ailora-tools convert --trained "
+            f"{adapter} -o LORA --dora approximate --max-rank {2 * rank}` (a LoRA on the original, its error measured)")
+
+
+def refusals(adapter_dir: str | os.PathLike, config: dict, adapter: Adapter | None, *, server: str,
+             base: str | os.PathLike | None = None) -> list[Finding]:
+    """The rules no export can fix for `server` ("vllm" or "llama.cpp"), each with the command that serves it.
+
+    Args:
+        adapter_dir: the adapter's directory (named in the fixes).
+        config: its adapter_config.json. adapter: its tensors (None: only the config is judged).
+        base: the base model directory (llama.cpp: its config.json names the architecture); default the config's
+            `base_model_name_or_path` when that is a local directory.
+    """
+    d = adapter_dir
+    if is_bitfit(d):
+        return [Finding("bitfit", "trained bias terms (train --bitfit) are not a LoRA: no server takes them as an "
+                        "adapter", merge_fix(d))]
+    found = _weights_refused(d, config, adapter, server)
+    modules = sorted({m.rsplit(".", 1)[-1] for m in (adapter.factors if adapter else {})})
+    if server == "vllm":
+        served = servable_modules("vllm")
+        if unknown := [m for m in modules if m not in served]:
+            found.append(Finding("modules", f"vLLM does not serve LoRA on {unknown}",
+                                 f"use modules among {sorted(served)}, or {merge_fix(d)}"))
+        return found
+    return found + _llama_cpp_refused(d, config, adapter, base)
+
+
+def _weights_refused(d, config: dict, adapter: Adapter | None, server: str) -> list[Finding]:
+    """DoRA, trained biases and whole trained modules: weights no server takes as a LoRA."""
+    found = []
+    if config.get("use_dora"):
+        found.append(Finding("dora", "use_dora is true (DoRA)", dora_fix(d, int(config.get("r") or 8))))
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        found.append(Finding("bias", f"bias is {config.get('bias')!r} / lora_bias {config.get('lora_bias')}: trained "
+                             "biases are not LoRA weights", "merge the adapter with PEFT (merge_and_unload) and serve "
+                             'the merged model, or train with bias="none" and lora_bias=False'))
+    saved = sorted(config.get("modules_to_save") or []) or sorted({n.rsplit(".", 1)[0] for n in (adapter.extra if adapter
+                                                                                                 else {})})
+    if saved:
+        found.append(Finding("modules_to_save", f"modules_to_save has {saved} (a trained head or resized embedding): "
+                             f"{server} serves LoRA factors, and would drop or reject them",
+                             f"{merge_fix(d)}, or save those modules into the base and serve the adapter without them"))
+    return found
+
+
+def _llama_cpp_refused(d, config: dict, adapter: Adapter | None, base) -> list[Finding]:
+    """llama.cpp's rules: no Conv1D layout, a base config.json naming an architecture its converter maps."""
+    if config.get("fan_in_fan_out"):
+        return [Finding("fan_in_fan_out", "fan_in_fan_out (Conv1D) layout", merge_fix(d))]
+    where = base or config.get("base_model_name_or_path")
+    if where is None or not (Path(where) / "config.json").is_file():
+        return [Finding("base", f"no base model config.json at {where}" if where else "no --base given",
+                        "pass --base DIR, the original base model directory (only its config.json is read)")]
+    if adapter is not None:
+        try:
+            gguf_tensors(adapter, json.loads((Path(where) / "config.json").read_text()))
+        except UnsupportedError as e:
+            return [Finding("architecture", str(e).removeprefix("export-gguf: "),
+                            f"llama.cpp cannot take this adapter; {merge_fix(d)}")]
+    return []
