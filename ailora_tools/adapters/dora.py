@@ -51,7 +51,7 @@ def convert_dora(
     from ..io.hashing import file_digest
     from ..io.output import OutputDir
     from ..io.peft_adapter import lora_config, read_adapter, write_adapter
-    from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
+    from ..io.rewrite import Hashes, Replaced, by_shard, rewrite_checkpoint
     from ..io.tensorio import DTYPE_FLAGS, read_tensor, torch_dtype
     from ..manifests import (
         CONVERT_MANIFEST,
@@ -110,11 +110,7 @@ def convert_dora(
         s_common = c["lora_alpha"] / (math.sqrt(c["r"]) if rslora else c["r"])
         rank = max(A.shape[0] for A, _ in tr.factors.values())
         module_of = {w: m for m, w in weights.items()}
-        plan: dict[str, list[str]] = {}
-        for name in module_of:
-            plan.setdefault(ckpt.tensors[name].file, []).append(name)
-        for names in plan.values():
-            names.sort(key=lambda n: ckpt.tensors[n].begin)
+        plan = by_shard(ckpt.tensors, module_of)
 
         def compute(info, W):
             mod = module_of[info.name]

@@ -31,7 +31,7 @@ from ..init.dora import merged_weight
 from ..io.checkpoint import Checkpoint
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, read_adapter
-from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
+from ..io.rewrite import Hashes, Replaced, by_shard, rewrite_checkpoint
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 from ..manifests import MERGE_MANIFEST, base_of, check_base, fingerprints
 from ..training.bitfit import is_bitfit, read_bitfit
@@ -94,13 +94,9 @@ def merge(
     if packed:
         config.pop("quantization_config", None)
     measured = (quant[0].packed | {f"{m}.weight" for m in quant[1].factors}) if quant else set()
-    plan: dict[str, list[str]] = {}  # with --dtype, every float tensor is cast, adapted or not
-    for name, info in tensors.items():
-        if name in module_of or name in heads or name in packed or name in measured or (
-                out_dtype is not None and info.dtype in FLOAT_DTYPES and info.dtype != out_dtype):
-            plan.setdefault(info.file, []).append(name)
-    for names in plan.values():
-        names.sort(key=lambda n: tensors[n].begin)
+    replaced = [name for name, info in tensors.items() if name in module_of or name in heads or name in packed
+                or name in measured or (out_dtype is not None and info.dtype in FLOAT_DTYPES and info.dtype != out_dtype)]
+    plan = by_shard(tensors, replaced)  # with --dtype, every float tensor is cast, adapted or not
     settings = {"tool": __version__, "command": "merge", "base": ckpt.describe(), "adapter": str(adapter),
                 "adapter_config": lora.config, "dtype": dtype, "base_samples": fingerprints(ckpt),
                 "applies_to": base_of(adapter).block(), **({"warnings": [f"--force: {warning}"]} if warning else {})}
