@@ -22,10 +22,10 @@ import json
 import os
 import shutil
 from collections import deque
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Callable
 
 from tqdm.auto import tqdm
