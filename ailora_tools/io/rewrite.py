@@ -189,7 +189,7 @@ def rewrite_checkpoint(
 def _rewrite_shards(run: _Rewrite, todo: list[str], reused: list[str], results: dict, progress: bool,
                     desc: str) -> None:
     """Rewrite the shards `todo` in order, each one's copy started a few shards ahead (`COPY_AHEAD`)."""
-    ckpt, last = run.ckpt, run.ckpt.shards[-1]
+    ckpt = run.ckpt
     copier, hasher = io_pool(IO_THREADS, "copy"), io_pool(1, "hash-out")  # hasher: digests of the bytes written
     hashing: deque[Future] = deque()
     jobs: dict[str, _Job] = {}
@@ -198,8 +198,7 @@ def _rewrite_shards(run: _Rewrite, todo: list[str], reused: list[str], results: 
         for i, shard in enumerate(todo):
             for s in todo[i:i + COPY_AHEAD]:  # the copies of the next shards overlap this one's compute
                 if s not in jobs and (s == shard or ckpt.ready(s)):  # a Hub shard waits only when it is this one
-                    jobs[s] = _start(ckpt.shard(s), run.od.partial(run.rel(s)), run.plan.get(s, []), run.out_dtype,
-                                     copier, run.added if s == last else {}, run.renamed, run.parts, run.dropped)
+                    jobs[s] = _start(run, s, copier)
             bar.set_description(f"{desc} {shard}".strip(), refresh=False)
             job = jobs[shard]
             source = run.hashes.add("source", shard, job.header.path)
@@ -313,12 +312,14 @@ def _rel(subdir: str, name: str) -> str:
     return f"{subdir}/{name}" if subdir else name
 
 
-def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier,
-           added: dict[str, "torch.Tensor"], renamed: dict[str, str], parts: dict, dropped=frozenset()) -> _Job:
-    head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names},
-                                   {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()}, renamed,
-                                   {n: parts[n] for n in names if n in parts}, dropped)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def _start(run: _Rewrite, shard: str, copier) -> _Job:
+    """Open the shard's output, lay it out and start copying its unchanged bytes on `copier`."""
+    header, names = run.ckpt.shard(shard), run.plan.get(shard, [])
+    added = run.added if shard == run.ckpt.shards[-1] else {}
+    head, offsets, copies = layout(header, {n: run.out_dtype or header.tensors[n].dtype for n in names},
+                                   {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()}, run.renamed,
+                                   {n: run.parts[n] for n in names if n in run.parts}, run.dropped)
+    fd = os.open(run.od.partial(run.rel(shard)), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
 
 
