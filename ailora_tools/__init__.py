@@ -31,7 +31,7 @@ _EXPORTS = {
     "AiloraError": "errors", "Checkpoint": "io.checkpoint",
     "decompose": "decomposition", "get_ailora_model": "training", "train": "training",
     "convert": "adapters", "merge": "adapters", "export_gguf": "adapters", "check_adapter": "adapters", "push": "adapters",
-    "spectrum": "analysis", "compare": "analysis",
+    "spectrum": "analysis", "compare": "comparison",
     "InitOptions": "options", "DecomposeOptions": "options", "TrainOptions": "options",
 }
 __all__ = [*_EXPORTS, "__version__"]
@@ -47,7 +47,7 @@ MOVED = {
     "peft_init": "training.peft_model", "data": "io.examples", "tokenizer": "io.tokenizer",
     "peft_format": "io.peft_adapter", "conversion": "adapters.conversion", "merging": "adapters.merging",
     "gguf_export": "adapters.gguf_export", "check": "adapters.check", "hub": "adapters.hub",
-    "spectra": "analysis.spectra", "comparison": "analysis.comparison", "plots": "analysis.plots",
+    "spectra": "analysis.spectra", "plots": "analysis.plots",
     "provenance": "manifests", "model_names": "architectures",
 }
 

@@ -593,7 +593,7 @@ def compare(model, data, out, methods, progressive, target_loss, smooth, lr, see
     """Compare init methods on MODEL with the same data, steps and seeds (decompose + train per method, seed and
     learning rate): a table of losses and metrics (mean ± std over seeds), steps to a target, time and trainable
     parameters, and plots against step."""
-    from .analysis import compare as run
+    from .comparison import compare as run
 
     init, training = _split(InitOptions, dict(settings)), _split(TrainOptions, dict(settings))
     summary = run(model, data, out, methods=None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],

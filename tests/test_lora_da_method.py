@@ -100,14 +100,14 @@ def test_transformers_too_old_for_calibration_is_one_line(base, tmp_path, monkey
     says which transformers it needs and which is installed, before calibrating or writing anything."""
     import transformers
 
-    from ailora_tools.init.lora_da import calibration
+    from ailora_tools.init.lora_da import calibration, masks
 
     def before_5_4(config, inputs_embeds, attention_mask, cache_position, past_key_values, position_ids=None):
         raise AssertionError("not to be called")
 
     old = None if masking == "4.52" else before_5_4
-    monkeypatch.setattr(calibration, "create_causal_mask", old)
-    monkeypatch.setattr(calibration, "create_sliding_window_causal_mask", old)
+    monkeypatch.setattr(masks, "create_causal_mask", old)
+    monkeypatch.setattr(masks, "create_sliding_window_causal_mask", old)
     monkeypatch.setattr(transformers, "__version__", f"{masking}.0")
     res = cli("decompose", base, "-o", tmp_path / "o", "--method", "lora-da", "--data", DATA, "--samples", "4")
     assert res.exit_code == 1 and res.output.count("\n") == 1, res.output

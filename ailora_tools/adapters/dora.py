@@ -22,7 +22,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
-from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
+from ..io.rewrite import Hashes, Replaced, by_shard, rewrite_checkpoint
 from ..io.tensorio import DTYPE_FLAGS, read_tensor, torch_dtype
 from ..manifests import (
     ADAPTER_DIR,
@@ -165,11 +165,7 @@ def _write_exact(plan: DoraPlan, out, *, overwrite: bool, progress: bool) -> dic
     s_common = config_scale(tr.config)
     rank = max(A.shape[0] for A, _ in tr.factors.values())
     module_of = {w: m for m, w in plan.weights.items()}
-    shards: dict[str, list[str]] = {}
-    for name in module_of:
-        shards.setdefault(ckpt.tensors[name].file, []).append(name)
-    for names in shards.values():
-        names.sort(key=lambda n: ckpt.tensors[n].begin)
+    shards = by_shard(ckpt.tensors, module_of)
 
     def compute(info, W):
         mod = module_of[info.name]

@@ -32,7 +32,7 @@ from ..init.dora import merged_weight
 from ..io.checkpoint import Checkpoint
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, read_adapter
-from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
+from ..io.rewrite import Hashes, Replaced, by_shard, rewrite_checkpoint
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
 from ..manifests import MERGE_MANIFEST, base_of, check_base, fingerprints, task_record
 from ..training.bitfit import is_bitfit, read_bitfit
@@ -132,15 +132,10 @@ class MergeJob:
 
     def plan(self) -> dict[str, list[str]]:
         """Shard -> the tensors rewritten, by offset; with --dtype every float tensor is cast, adapted or not."""
-        plan: dict[str, list[str]] = {}
         special = set(self.module_of) | set(self.heads) | self.packed | self.measured
-        for name, info in self.tensors.items():
-            if name in special or (self.out_dtype is not None and info.dtype in FLOAT_DTYPES
-                                   and info.dtype != self.out_dtype):
-                plan.setdefault(info.file, []).append(name)
-        for names in plan.values():
-            names.sort(key=lambda n: self.tensors[n].begin)
-        return plan
+        return by_shard(self.tensors, [
+            name for name, info in self.tensors.items() if name in special
+            or (self.out_dtype is not None and info.dtype in FLOAT_DTYPES and info.dtype != self.out_dtype)])
 
     def __call__(self, info: TensorInfo, W: torch.Tensor) -> Replaced:
         if info.name in self.packed:

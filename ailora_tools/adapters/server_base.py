@@ -35,7 +35,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
 from ..io.peft_adapter import read_adapter, write_adapter
-from ..io.rewrite import Hashes, Replaced, rewrite_checkpoint
+from ..io.rewrite import Hashes, Replaced, by_shard, rewrite_checkpoint
 from ..io.tensorio import dtype_name, read_tensor, torch_dtype
 from ..manifests import EXPORT_BASE_MANIFEST, RESIDUAL, base_of, check_base
 from ..options import choice
@@ -181,11 +181,7 @@ def _write_w4a16(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, prog
                  n + "_shape": ("I64", (2,))} for n, s in shapes.items()}
     renamed = {n: n + "_packed" for n in why}
     dropped = {f"{n}.{k}" for n in packed for k in PARTS}
-    plan: dict[str, list[str]] = {}
-    for n in why:
-        plan.setdefault(ckpt.tensors[n].file, []).append(n)
-    for names in plan.values():
-        names.sort(key=lambda n: ckpt.tensors[n].begin)
+    plan = by_shard(ckpt.tensors, why)
     errors: dict[str, float] = {}
 
     def compute(info, W):

@@ -77,43 +77,17 @@ def spectrum(
     """
     started = time.perf_counter()
     ckpt = Checkpoint.open(model, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
-    weights = linear_modules(ckpt.tensors)
-    resolved = resolve_targets(target_names(targets), list(weights), architecture(ckpt.config))
-    modules: dict[str, str] = {}  # module -> the target asked for (the stored name when two resolve to one)
-    for t, name in resolved.items():
-        for m in weights:
-            if matches(m, name):
-                modules[m] = name if m in modules else t
-    for m in modules:
-        info = weights[m]
-        if info.dtype not in FLOAT_DTYPES:
-            raise UnsupportedError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}; spectrum supports "
-                                   f"{', '.join(FLOAT_DTYPES)} (dequantize the checkpoint first)")
-        if not 1 <= rank < min(info.shape):
-            raise NumericsError(f"--rank {rank}: {info.name!r} is {info.shape[0]}x{info.shape[1]}, so rank must be "
-                                f"between 1 and {min(info.shape) - 1}")
+    modules = _modules(ckpt, targets, rank)
     deltas = _adapter_deltas(adapter, initial, ckpt) if adapter is not None else None
     settings = {"tool": __version__, "source": ckpt.describe(), "targets": list(targets), "rank": rank,
                 "method": METHOD, "device": device,
                 "adapter": None if deltas is None else {k: v for k, v in deltas.items() if k != "norms"}}
-    import torch
     from safetensors.torch import save_file
 
 
     dev = resolve_device(device)
-    rows, spectra = [], {}
-    order = sorted(modules, key=lambda m: (weights[m].file, weights[m].begin))
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, settings=settings) as od:
-        for m in tqdm(order, desc="spectrum", unit="matrix", disable=not progress):
-            info = weights[m]
-            W = read_tensor(ckpt.headers[info.file], info.name).to(dev, torch.float64)
-            fro2 = float(W.square().sum())
-            if not math.isfinite(fro2):
-                raise NumericsError(f"{info.file}: tensor {info.name!r} holds NaN or Inf; fix the checkpoint first")
-            spectra[m] = singular_values(W).cpu()
-            rows.append({"module": m, "layer": layer_of(m), "target": modules[m], "shape": list(info.shape),
-                         "dtype": info.dtype, **spectrum_stats(spectra[m], fro2, rank)})
-            del W
+        rows, spectra = _measure(ckpt, modules, rank, dev, progress)
         if deltas is not None:
             fro = {r["module"]: r["fro_norm"] for r in rows}
             for row in deltas["norms"]:
@@ -131,17 +105,67 @@ def spectrum(
                                                                                 "modules": deltas["norms"]},
             "plots": plots, "files": {"output": {f: file_digest(od.path / f) for f in files}},
         })
-    labels = list(dict.fromkeys(r["target"] for r in rows))
     summary = {"output": str(od.path), "modules": len(rows), "rank": rank, "plots": plots,
-               **{f"{t}_mean_energy_top": _mean(rows, t, "energy_top") for t in labels},
-               **{f"{t}_mean_energy_bottom": _mean(rows, t, "energy_bottom") for t in labels}}
-    if deltas is not None:
-        summary.update({f"{t}_mean_delta_fro": _mean(deltas["norms"], t, "delta_fro") for t in labels})
-    delta_of = {r["module"]: r["delta_fro"] for r in deltas["norms"]} if deltas is not None else {}
-    summary["rows"] = [{"module": r["module"], "sigma_max": r["sigma_max"], "energy_top": r["energy_top"],
-                        "energy_bottom": r["energy_bottom"], "delta_fro": delta_of.get(r["module"])} for r in rows]
+               **_means(rows, deltas), "rows": _rows(rows, deltas)}
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _modules(ckpt: Checkpoint, targets, rank: int) -> dict[str, str]:
+    """module -> the target asked for (the stored name when two resolve to one), each checked for dtype and rank."""
+    weights = linear_modules(ckpt.tensors)
+    resolved = resolve_targets(target_names(targets), list(weights), architecture(ckpt.config))
+    modules: dict[str, str] = {}
+    for t, name in resolved.items():
+        for m in weights:
+            if matches(m, name):
+                modules[m] = name if m in modules else t
+    for m in modules:
+        info = weights[m]
+        if info.dtype not in FLOAT_DTYPES:
+            raise UnsupportedError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}; spectrum supports "
+                                   f"{', '.join(FLOAT_DTYPES)} (dequantize the checkpoint first)")
+        if not 1 <= rank < min(info.shape):
+            raise NumericsError(f"--rank {rank}: {info.name!r} is {info.shape[0]}x{info.shape[1]}, so rank must be "
+                                f"between 1 and {min(info.shape) - 1}")
+    return modules
+
+
+def _measure(ckpt: Checkpoint, modules: dict[str, str], rank: int, dev, progress: bool):
+    """(one row per module, module -> σ on the CPU), reading the targets one at a time in file order on `dev`."""
+    import torch
+
+    weights = linear_modules(ckpt.tensors)
+    rows, spectra = [], {}
+    order = sorted(modules, key=lambda m: (weights[m].file, weights[m].begin))
+    for m in tqdm(order, desc="spectrum", unit="matrix", disable=not progress):
+        info = weights[m]
+        W = read_tensor(ckpt.headers[info.file], info.name).to(dev, torch.float64)
+        fro2 = float(W.square().sum())
+        if not math.isfinite(fro2):
+            raise NumericsError(f"{info.file}: tensor {info.name!r} holds NaN or Inf; fix the checkpoint first")
+        spectra[m] = singular_values(W).cpu()
+        rows.append({"module": m, "layer": layer_of(m), "target": modules[m], "shape": list(info.shape),
+                     "dtype": info.dtype, **spectrum_stats(spectra[m], fro2, rank)})
+        del W
+    return rows, spectra
+
+
+def _means(rows: list[dict], deltas: dict | None) -> dict:
+    """Per target: the mean top-r and bottom-r energy (and ‖ΔW‖_F)."""
+    labels = list(dict.fromkeys(r["target"] for r in rows))
+    means = {**{f"{t}_mean_energy_top": _mean(rows, t, "energy_top") for t in labels},
+             **{f"{t}_mean_energy_bottom": _mean(rows, t, "energy_bottom") for t in labels}}
+    if deltas is not None:
+        means.update({f"{t}_mean_delta_fro": _mean(deltas["norms"], t, "delta_fro") for t in labels})
+    return means
+
+
+def _rows(rows: list[dict], deltas: dict | None) -> list[dict]:
+    """The summary's rows: σ_max, energy_top, energy_bottom, delta_fro per module."""
+    delta_of = {r["module"]: r["delta_fro"] for r in deltas["norms"]} if deltas is not None else {}
+    return [{"module": r["module"], "sigma_max": r["sigma_max"], "energy_top": r["energy_top"],
+             "energy_bottom": r["energy_bottom"], "delta_fro": delta_of.get(r["module"])} for r in rows]
 
 
 def singular_values(W):

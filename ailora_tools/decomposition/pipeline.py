@@ -1,12 +1,12 @@
 """Stream a checkpoint into a residual base plus an initial adapter (AILoRA, PiSSA, MiLoRA, LoRA).
 
-One way through: plan the jobs (every target matrix with its role, validated before anything is written),
-compute each job's factors and residual with its init method (`ailora_tools.init`), write. The rewrite
-engine (`io.rewrite.rewrite_checkpoint`) copies every shard and puts each residual in its target's byte range,
-journaling each finished shard with its records for `--resume`. This module loads torch only when the first
-target is read: by then the first shards are being copied and hashed, so the torch import overlaps with I/O.
-Launched by torchrun, every rank plans the same jobs and computes the factors of its share of them; rank 0
-computes the residuals and alone writes (`distributed`).
+One way through: plan (every target matrix with its role, the options and the manifest's settings, validated before
+anything is written; the run's context in a `DecomposeRun`), then execute: compute each job's factors and residual
+with its init method (`ailora_tools.init`) and write the residual (`residual_checkpoint`, over the rewrite engine
+`io.rewrite`, journaled per shard for `--resume`) or only the factors (`factors`), the adapter, the manifest. This
+module loads torch only when the first target is read: by then the first shards are being copied and hashed, so the
+torch import overlaps with I/O. Launched by torchrun, every rank plans the same jobs and computes the factors of its
+share of them; rank 0 computes the residuals and alone writes (`distributed`).
 """
 from __future__ import annotations
 
@@ -17,21 +17,16 @@ from pathlib import Path
 
 from .. import __version__
 from ..architectures import head_tensors, peft_task_type, task_of
-from ..distributed import Sharing, is_worker, use_local_gpu, work
+from ..distributed import is_worker, use_local_gpu
 from ..errors import NumericsError, OptionError, UnsupportedError
 from ..init import InitMethod, Job, Settings, get_method, lora_scale
 from ..init.targets import architecture, assign_roles, is_transposed, linear_modules
 from ..io.checkpoint import Checkpoint
+from ..io.hashing import file_digest
 from ..io.output import OutputDir
-from ..io.rewrite import Hashes, Replaced, pending, rewrite_checkpoint
-from ..io.tensorio import (
-    DTYPE_FLAGS,
-    DTYPES,
-    FLOAT_DTYPES,
-    TensorInfo,
-    read_tensor,
-    tensor_bytes,
-)
+from ..io.rewrite import Hashes
+from ..io.tables import table_format
+from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor
 from ..manifests import (
     ADAPTER_DIR,
     DECOMPOSE_MANIFEST,
@@ -40,10 +35,11 @@ from ..manifests import (
     RESIDUAL,
     RESIDUAL_DIR,
     decompose_identity,
-    sample,
-    stored_sample,
 )
 from ..options import DecomposeOptions, TaskOptions
+from .context import DecomposeRun
+from .factors import factors_only, serve
+from .residual_checkpoint import write_residual
 
 
 def decompose(
@@ -90,13 +86,34 @@ def decompose(
     started = time.perf_counter()
     o = DecomposeOptions.build(options, **settings)
     init = get_method(o.method)
+    _check_options(o, init)
+    use_local_gpu(o.device)
+    ckpt = Checkpoint.open(model, revision=o.revision, allow_pickle=o.allow_pickle,
+                           scratch=Path(out).absolute().parent)
+    jobs = plan(ckpt, init, o.targets, o.roles, o.rank)
+    quant = _quantization(ckpt, jobs, o) if o.quantize else None
+    params = Settings(o.rank, lora_scale(o.rank, o.lora_alpha, o.rslora), o.svd, o.niter, o.oversample, o.seed)
+    recorded = _recorded(o, init, ckpt, jobs, params, quant)
+    # before the output is claimed: data-aware methods calibrate here, and fail here on data or architecture
+    context = init.prepare(ckpt, jobs, params, data=o.data, samples=o.samples, max_length=o.max_length,
+                           task=o, device=o.device, progress=progress and not is_worker())
+    run = DecomposeRun(ckpt, tuple(jobs), init, params, context, o.device, progress)
+    if is_worker():
+        return {"worker": int(os.environ["RANK"]), "seconds": round(time.perf_counter() - started, 3),
+                "computed": serve(run)}
+    with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=recorded) as od:
+        summary = _write(run, od, o, recorded, quant)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _check_options(o: DecomposeOptions, init: InitMethod) -> None:
+    """Refuse calibration settings the method does not use or lacks, and a CUDA device that is not there."""
     if init.needs_data and o.data is None:
         raise OptionError(f"--method {o.method}: needs calibration samples; pass --data FILE.jsonl")
     if o.data is not None and not init.needs_data:
         raise OptionError(f"--data: --method {o.method} does not use data (only lora-da does); drop --data")
     if o.data is not None:
-        from ..io.tables import table_format
-
         table_format(o.data, "--data")  # there and readable now; its rows, for the task, in the method's `prepare`
     if o.data is None and DecomposeOptions.build(o, **TaskOptions.defaults()) != o:
         raise OptionError(f"--task and the column options: for calibration data (--data, lora-da); --method {o.method} "
@@ -105,15 +122,13 @@ def decompose(
         from ..devices import resolve_device
 
         resolve_device(o.device)
-    use_local_gpu(o.device)
-    ckpt = Checkpoint.open(model, revision=o.revision, allow_pickle=o.allow_pickle,
-                           scratch=Path(out).absolute().parent)
-    jobs = plan(ckpt, init, o.targets, o.roles, o.rank)
-    quant = _quantization(ckpt, jobs, o) if o.quantize else None
-    alpha = o.lora_alpha
-    params = Settings(o.rank, lora_scale(o.rank, alpha, o.rslora), o.svd, o.niter, o.oversample, o.seed)
+
+
+def _recorded(o: DecomposeOptions, init: InitMethod, ckpt: Checkpoint, jobs: list[Job], params: Settings,
+              quant: dict | None) -> dict:
+    """The run's settings as the manifest records them (and `--resume` compares)."""
     settings = {
-        "tool": __version__, "method": o.method, "rank": o.rank, "alpha": alpha, "rslora": o.rslora,
+        "tool": __version__, "method": o.method, "rank": o.rank, "alpha": o.lora_alpha, "rslora": o.rslora,
         "scale": params.scale, "targets": list(o.targets), "roles": {j.module: j.role for j in jobs},
         "svd": {"mode": o.svd, "niter": o.niter, "oversample": o.oversample, "seed": o.seed, "device": o.device},
         "residual_dtype": o.residual_dtype, "source": ckpt.describe(),
@@ -126,63 +141,62 @@ def decompose(
     if o.dora:
         settings["dora"] = True
     if o.data is not None:
-        from ..io.hashing import file_digest
-
         settings["data"] = {"path": str(Path(o.data).absolute()), "digest": file_digest(o.data),
                             "samples": o.samples, "max_length": o.max_length, "task": task_of(o.task, ckpt.config)}
-    hashes = Hashes()
-    # before the output is claimed: data-aware methods calibrate here, and fail here on data or architecture
-    context = init.prepare(ckpt, jobs, params, data=o.data, samples=o.samples, max_length=o.max_length,
-                           task=o, device=o.device, progress=progress and not is_worker())
-    device = o.device
-    if is_worker():
-        return {"worker": int(os.environ["RANK"]), "seconds": round(time.perf_counter() - started, 3),
-                "computed": _serve(ckpt, jobs, init, params, context, device)}
-    with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=settings) as od:
-        if settings["adapter_base"] == RESIDUAL:
-            results, ran_on = _residual(ckpt, od, hashes, jobs, init, params, context, device,
-                                        DTYPE_FLAGS.get(o.residual_dtype), progress, quant)
-            base = str(od.path / RESIDUAL_DIR)
-        else:  # the base stays as it is: only the factors, but the manifest still names the source
-            for name, p in ckpt.files().items():
-                hashes.add("source", name, p)
-            results, ran_on = _factors_only(ckpt, jobs, init, params, context, device, progress)
-            base = ckpt.name_or_path
-        from ..io.peft_adapter import lora_config, write_adapter
+    return settings
 
-        head = {n: read_tensor(ckpt.shard(ckpt.tensors[n].file), n) for n in head_tensors(ckpt.tensors, ckpt.config)}
-        config = lora_config(rank=o.rank, alpha=alpha, targets=[j.module.rsplit(".", 1)[-1] for j in jobs],
-                             rslora=o.rslora, base=base, task_type=peft_task_type(ckpt.config),
-                             fan_in_fan_out=any(j.transposed for j in jobs), dora=o.dora,
-                             modules_to_save=sorted({n.split(".", 1)[0] for n in head}))  # PEFT loads the head
-        factors = {m: f for m, (f, _) in results.items()}
-        magnitudes = None
-        if o.dora:  # from the base as PEFT will load it: the residual as written, or the original
-            from ..init.dora import magnitudes_of
 
-            on = Checkpoint.open(base) if settings["adapter_base"] == RESIDUAL else ckpt
-            magnitudes = magnitudes_of(on, {j.module: j.tensor.name for j in jobs}, factors, params.scale,
-                                       transposed={j.module: j.transposed for j in jobs})
-        for p in write_adapter(od.path / ADAPTER_DIR, config, factors, magnitudes=magnitudes, extra=head):
-            hashes.add("output", f"{ADAPTER_DIR}/{p.name}", p)
-        stats = {m: s for m, (_, s) in results.items()}
-        summary = {
-            **{k: v for k, v in settings.items() if k != "roles"}, "output": str(od.path),
-            "residual": base if settings["adapter_base"] == RESIDUAL else None, "adapter": str(od.path / ADAPTER_DIR), "modules": len(jobs),
-            "worst_recon_rel_fro": max((s.get("recon_rel_fro", 0.0) for s in stats.values()), default=0.0),
-            "worst_recon_max_abs": max((s.get("recon_max_abs", 0.0) for s in stats.values()), default=0.0),
-        }
-        if quant:
-            from .quantized import error_table
+def _write(run: DecomposeRun, od: OutputDir, o: DecomposeOptions, settings: dict, quant: dict | None) -> dict:
+    """The residual (when the adapter applies to it), the adapter and, last, the manifest; return the summary."""
+    ckpt, hashes = run.ckpt, Hashes()
+    on_residual = settings["adapter_base"] == RESIDUAL
+    if on_residual:
+        results, ran_on = write_residual(run, od, hashes, DTYPE_FLAGS.get(o.residual_dtype), quant)
+        base = str(od.path / RESIDUAL_DIR)
+    else:  # the base stays as it is: only the factors, but the manifest still names the source
+        for name, p in ckpt.files().items():
+            hashes.add("source", name, p)
+        results, ran_on = factors_only(run)
+        base = ckpt.name_or_path
+    factors, stats = {m: f for m, (f, _) in results.items()}, {m: s for m, (_, s) in results.items()}
+    for p in _write_adapter(run, od, o, base, factors, on_residual):
+        hashes.add("output", f"{ADAPTER_DIR}/{p.name}", p)
+    summary = {
+        **{k: v for k, v in settings.items() if k != "roles"}, "output": str(od.path),
+        "residual": base if on_residual else None, "adapter": str(od.path / ADAPTER_DIR), "modules": len(run.jobs),
+        "worst_recon_rel_fro": max((s.get("recon_rel_fro", 0.0) for s in stats.values()), default=0.0),
+        "worst_recon_max_abs": max((s.get("recon_max_abs", 0.0) for s in stats.values()), default=0.0),
+    }
+    if quant:
+        from .quantized import error_table
 
-            summary["quant_error"] = error_table(stats, o.method, o.loftq_iters)
-        od.write_manifest(DECOMPOSE_MANIFEST, {**settings, "svd": {**settings["svd"], "ran_on": ran_on}, "options": asdict(o),
+        summary["quant_error"] = error_table(stats, o.method, o.loftq_iters)
+    od.write_manifest(DECOMPOSE_MANIFEST, {**settings, "svd": {**settings["svd"], "ran_on": ran_on}, "options": asdict(o),
                                            "files": hashes.result(), "modules": dict(sorted(stats.items())),
                                            "applies_to": decompose_identity(stats, original=ckpt.name_or_path, residual=(
-                                               RESIDUAL_DIR if settings["adapter_base"] == RESIDUAL else None),
-                                               kind=settings["adapter_base"])})
-    summary["seconds"] = round(time.perf_counter() - started, 3)
+                                               RESIDUAL_DIR if on_residual else None), kind=settings["adapter_base"])})
     return summary
+
+
+def _write_adapter(run: DecomposeRun, od: OutputDir, o: DecomposeOptions, base: str, factors: dict,
+                   on_residual: bool) -> list:
+    """OUT/adapter: the initial factors as a PEFT LoRA (DoRA with `o.dora`) on `base`; returns the files written."""
+    from ..io.peft_adapter import lora_config, write_adapter
+
+    jobs, ckpt = run.jobs, run.ckpt
+    head = {n: read_tensor(ckpt.shard(ckpt.tensors[n].file), n) for n in head_tensors(ckpt.tensors, ckpt.config)}
+    config = lora_config(rank=o.rank, alpha=o.lora_alpha, targets=[j.module.rsplit(".", 1)[-1] for j in jobs],
+                         rslora=o.rslora, base=base, task_type=peft_task_type(ckpt.config),
+                         fan_in_fan_out=any(j.transposed for j in jobs), dora=o.dora,
+                         modules_to_save=sorted({n.split(".", 1)[0] for n in head}))  # PEFT loads the head
+    magnitudes = None
+    if o.dora:  # from the base as PEFT will load it: the residual as written, or the original
+        from ..init.dora import magnitudes_of
+
+        on = Checkpoint.open(base) if on_residual else run.ckpt
+        magnitudes = magnitudes_of(on, {j.module: j.tensor.name for j in jobs}, factors, run.params.scale,
+                                   transposed={j.module: j.transposed for j in jobs})
+    return write_adapter(od.path / ADAPTER_DIR, config, factors, magnitudes=magnitudes, extra=head)
 
 
 def plan(ckpt: Checkpoint, init: InitMethod, targets, overrides: dict[str, str], rank: int) -> list[Job]:
@@ -230,130 +244,3 @@ def _quantization(ckpt: Checkpoint, jobs: list[Job], o: DecomposeOptions) -> dic
                   and m.rsplit(".", 1)[-1] not in HEADS)
     return {"type": o.quantize, "all": o.quantize_all, "loftq_iters": o.loftq_iters, "double_quant": True,
             "only": only}
-
-
-def _quant_files(ckpt: Checkpoint, quantized: set[str], out_dtype: str | None, double_quant: bool) -> dict[str, bytes]:
-    """config.json with the `quantization_config` transformers loads the quantised residual by."""
-    import json
-
-    from ..quantization.nf4 import quantization_config, skip_modules
-
-    linear = linear_modules(ckpt.tensors)
-    names = {m for m, t in linear.items() if t.name in quantized}
-    dtypes = {linear[m].dtype for m in names}
-    compute = DTYPES[out_dtype or (dtypes.pop() if len(dtypes) == 1 else "F32")][0]
-    config = {**ckpt.config, "quantization_config": quantization_config(
-        compute_dtype=compute, skip=skip_modules(linear, names), double_quant=double_quant)}
-    return {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
-
-
-def _residual(ckpt, od, hashes, jobs, init, params, context, device, out_dtype, progress, quant=None):
-    """Rewrite the checkpoint with residual targets (quantised with `quant`); return module -> ((A0, B0), stats) and
-    the device used."""
-    by_tensor = {j.tensor.name: j for j in jobs}
-    plan_: dict[str, list[str]] = {}
-    for j in jobs:
-        plan_.setdefault(j.tensor.file, []).append(j.tensor.name)
-    parts, files = {}, {}
-    if quant:
-        from ..quantization.nf4 import parts_layout
-
-        for name in quant["only"]:
-            plan_.setdefault(ckpt.tensors[name].file, []).append(name)
-        for file, names in plan_.items():
-            names.sort(key=lambda n: ckpt.tensors[n].begin)
-        for name in [*by_tensor, *quant["only"]]:
-            t = ckpt.tensors[name]
-            layout = parts_layout(t.shape, out_dtype or t.dtype, double_quant=quant["double_quant"])
-            parts[name] = {f"{name}.{k}" if k else name: v for k, v in layout.items()}
-        files = _quant_files(ckpt, set(parts), out_dtype, quant["double_quant"])
-    sharing = Sharing.start({n: work(by_tensor[n].tensor.shape) for n in pending(ckpt, od, RESIDUAL_DIR, plan_)
-                             if n in by_tensor})
-    ran_on: list = []
-
-    def compute(info: TensorInfo, W) -> Replaced:
-        from ..devices import resolve_device
-        from .residual import (  # torch loads here, while shards copy
-            initial_factors,
-            residual_of,
-            working_copy,
-        )
-
-        if not ran_on:  # "auto" is resolved once torch has loaded
-            ran_on.append(resolve_device(device))
-        if info.name not in by_tensor:  # --quantize-all: a weight without factors
-            from ..quantization.nf4 import quantize
-
-            return _split(info.name, quantize(W, dtype=out_dtype or info.dtype), {})
-        job, held = by_tensor[info.name], []
-
-        def here():  # this rank's job: the factors from the working copy the residual is then built in
-            held.append(working_copy(job, W, ran_on[0]))
-            return initial_factors(job, held[0], init, params, context=context, device=ran_on[0])
-
-        A0, B0, stats = sharing.result(info.name, here)  # or from the rank that computed them
-        if quant:
-            from .quantized import quantized_residual, refits
-
-            Wc = held[0] if held else working_copy(job, W, ran_on[0])
-            q, A0, B0, qstats = quantized_residual(job, Wc, A0, B0, params, dtype=out_dtype or info.dtype,
-                                                   iters=quant["loftq_iters"], refit=refits(job, init.offsets_base),
-                                                   double_quant=quant["double_quant"])
-            return _split(info.name, q, {**stats, **qstats, "source_sample": sample(tensor_bytes(W)),
-                                         "residual_sample": sample(tensor_bytes(q[""]))}, {"A": A0, "B": B0})
-        stored, recon = residual_of(job, held[0] if held else working_copy(job, W, ran_on[0]), A0, B0, params.scale,
-                                    out_dtype=out_dtype)
-        stored = stored.cpu().contiguous()
-        stats = {**stats, **recon, "source_sample": sample(tensor_bytes(W)), "residual_sample": sample(tensor_bytes(stored))}
-        return Replaced(stored, {"A": A0, "B": B0}, stats)
-
-    done = rewrite_checkpoint(ckpt, od, RESIDUAL_DIR, plan_, compute, hashes=hashes, out_dtype=out_dtype,
-                              progress=progress, desc="decompose", parts=parts, files=files)
-    results = {by_tensor[n].module: ((extras["A"], extras["B"]), record) for n, (extras, record) in done.items()
-               if n in by_tensor}
-    return results, str(ran_on[0]) if ran_on else _resolved(device)
-
-
-def _split(name: str, parts: dict, record: dict, extras: dict | None = None) -> Replaced:
-    """A quantised weight as the rewrite engine writes it: the packed weight in `name`'s place, its parts beside."""
-    return Replaced(parts[""], extras or {}, record, parts={f"{name}.{k}": v for k, v in parts.items() if k})
-
-
-def _factors_only(ckpt, jobs, init, params, context, device, progress):
-    """Factors without a residual (plain LoRA, or `no_residual`): W is read only when the method looks at it,
-    by its byte range; no shard is copied, so the cost is the SVDs, whatever the checkpoint's size."""
-    from tqdm.auto import tqdm
-
-    from ..devices import resolve_device
-
-    dev = resolve_device(device)
-    sharing = Sharing.start({j.tensor.name: work(j.tensor.shape) for j in jobs})
-    results = {}
-    for job in tqdm(jobs, desc="decompose", unit="matrix", disable=not progress):
-        A0, B0, stats = sharing.result(job.tensor.name, lambda: _factors(ckpt, job, init, params, context, dev))
-        results[job.module] = ((A0, B0), {**stats, "source_sample": stored_sample(ckpt, job.tensor.name)})
-    return results, str(dev)
-
-
-def _factors(ckpt, job: Job, init, params, context, dev):
-    """(A0, B0, stats) of one job, reading W from the checkpoint only when the method looks at it."""
-    from .residual import initial_factors, working_copy
-
-    if not init.needs_weights:  # the draw stays on the CPU, whatever the device
-        return initial_factors(job, None, init, params, context=context, device="cpu")
-    W = read_tensor(ckpt.shard(job.tensor.file), job.tensor.name)
-    return initial_factors(job, working_copy(job, W, dev), init, params, context=context, device=dev)
-
-
-def _serve(ckpt, jobs, init, params, context, device) -> int:
-    """Ranks ≥ 1 of a torchrun launch: compute the factors of this rank's share of rank 0's jobs; return how many."""
-    from ..devices import resolve_device
-
-    dev, by_tensor = resolve_device(device), {j.tensor.name: j for j in jobs}
-    return Sharing.start(None).serve(lambda name: _factors(ckpt, by_tensor[name], init, params, context, dev))
-
-
-def _resolved(device: str) -> str:
-    from ..devices import resolve_device
-
-    return str(resolve_device(device))

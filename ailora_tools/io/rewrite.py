@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 from collections import deque
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,37 @@ class Hashes:
         return files
 
 
+def by_shard(tensors: Mapping[str, TensorInfo], names: Iterable[str]) -> dict[str, list[str]]:
+    """`names` grouped by the shard that holds them, each group in file order (by byte offset): the `plan` of
+    `rewrite_checkpoint`."""
+    plan: dict[str, list[str]] = {}
+    for name in names:
+        plan.setdefault(tensors[name].file, []).append(name)
+    for group in plan.values():
+        group.sort(key=lambda n: tensors[n].begin)
+    return plan
+
+
+@dataclass(frozen=True)
+class _Rewrite:
+    """What every step of one `rewrite_checkpoint` call shares (its arguments, defaults filled in)."""
+
+    ckpt: Checkpoint
+    od: OutputDir
+    subdir: str
+    plan: dict[str, list[str]]
+    compute: Compute
+    hashes: Hashes
+    out_dtype: str | None
+    added: dict[str, "torch.Tensor"]
+    renamed: dict[str, str]
+    parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
+    dropped: set[str] | frozenset[str]
+
+    def rel(self, name: str) -> str:
+        return _rel(self.subdir, name)
+
+
 def rewrite_checkpoint(
     ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]], compute: Compute, *,
     hashes: Hashes, out_dtype: str | None = None, added: dict[str, "torch.Tensor"] | None = None,
@@ -112,7 +144,7 @@ def rewrite_checkpoint(
     """Write `od/subdir` as a copy of the checkpoint whose tensors in `plan` are replaced.
 
     Args:
-        plan: shard name -> tensor names to replace (in that shard).
+        plan: shard name -> tensor names to replace (in that shard; `by_shard` makes it).
         compute: gives each replacement; called in shard order, one tensor at a time.
         out_dtype: safetensors dtype ("F32", "BF16", ...) of replaced tensors; default as stored.
         added: new tensors (name -> tensor, stored as given), appended to the last shard and entered in the index.
@@ -129,71 +161,54 @@ def rewrite_checkpoint(
     Returns:
         Tensor name -> (extras, record) of every replaced tensor, computed now or by an earlier run (`--resume`).
     """
-    added, renamed, files, parts = added or {}, renamed or {}, files or {}, parts or {}
+    run = _Rewrite(ckpt, od, subdir, plan, compute, hashes, out_dtype, added or {}, renamed or {}, parts or {}, dropped)
+    files = files or {}
     for name in ckpt.extra_files:
         if name in files:
-            _write_small(od, hashes, ckpt.root / name, name, _rel(subdir, name), files[name])
+            _write_small(od, hashes, ckpt.root / name, name, run.rel(name), files[name])
         else:
-            _copy_small(od, hashes, ckpt.root / name, name, _rel(subdir, name))
-    last = ckpt.shards[-1]
+            _copy_small(od, hashes, ckpt.root / name, name, run.rel(name))
     results: dict[str, tuple[dict, dict]] = {}
     todo, reused = [], []
     for shard in ckpt.shards:
         if _reusable(od, subdir, shard):
-            _reuse(od, _rel(subdir, shard), results)
+            _reuse(od, run.rel(shard), results)
             reused.append(shard)
-            hashes.add("output", _rel(subdir, shard), od.path / subdir / shard)
+            hashes.add("output", run.rel(shard), od.path / subdir / shard)
         else:
             todo.append(shard)
     ckpt.fetch(todo + reused)  # Hub shards: downloaded one at a time, in this order, while earlier ones are processed
+    _rewrite_shards(run, todo, reused, results, progress, desc)
+    last = ckpt.shards[-1]
+    split = {p: ckpt.tensors[n].file for n, ps in run.parts.items() for p in ps if p != n}
+    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(run.added) or bool(run.renamed)
+                 or bool(run.parts) or bool(dropped), added={n: last for n in run.added} | split, renamed=run.renamed,
+                 dropped=dropped)
+    return results
+
+
+def _rewrite_shards(run: _Rewrite, todo: list[str], reused: list[str], results: dict, progress: bool,
+                    desc: str) -> None:
+    """Rewrite the shards `todo` in order, each one's copy started a few shards ahead (`COPY_AHEAD`)."""
+    ckpt = run.ckpt
     copier, hasher = io_pool(IO_THREADS, "copy"), io_pool(1, "hash-out")  # hasher: digests of the bytes written
     hashing: deque[Future] = deque()
     jobs: dict[str, _Job] = {}
-    bar = tqdm(total=sum(len(plan.get(s, [])) for s in todo), unit="matrix", disable=not progress)
+    bar = tqdm(total=sum(len(run.plan.get(s, [])) for s in todo), unit="matrix", disable=not progress)
     try:
         for i, shard in enumerate(todo):
             for s in todo[i:i + COPY_AHEAD]:  # the copies of the next shards overlap this one's compute
                 if s not in jobs and (s == shard or ckpt.ready(s)):  # a Hub shard waits only when it is this one
-                    jobs[s] = _start(ckpt.shard(s), od.partial(_rel(subdir, s)), plan.get(s, []), out_dtype, copier,
-                                     added if s == last else {}, renamed, parts, dropped)
+                    jobs[s] = _start(run, s, copier)
             bar.set_description(f"{desc} {shard}".strip(), refresh=False)
             job = jobs[shard]
-            source = hashes.add("source", shard, job.header.path)
-            with open(job.header.path, "rb") as src:
-                for name in plan.get(shard, []):
-                    new = compute(job.header.tensors[name], read_tensor(job.header, name, src.fileno()))
-                    results[name] = (new.extras, new.record)
-                    if name in parts:  # a tensor stored as several, each checked against its planned place
-                        given = {name: new.tensor, **new.parts}
-                        if set(given) != set(parts[name]):
-                            raise ValueError(f"{name!r}: computed parts {sorted(given)}, planned {sorted(parts[name])}")
-                        for part, t in given.items():
-                            _write_part(job, part, t, parts[name][part], od.partial(_rel(subdir, shard)))
-                        bar.update(1)
-                        continue
-                    data = tensor_bytes(new.tensor)  # its range is not part of the copy, so it is written at once
-                    if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
-                        raise OSError(f"short write of {name!r} into {od.partial(_rel(subdir, shard))}")
-                    if job.same_layout:  # the output's digest is the source's with this segment's replaced
-                        hashing.append(hasher.submit(bytes_digest, data))
-                        job.written[(job.offsets[name], job.offsets[name] + len(data))] = hashing[-1]
-                        if len(hashing) > HASH_AHEAD:
-                            hashing.popleft().result()
-                    bar.update(1)
-            for name, t in (added if shard == last else {}).items():
-                data = tensor_bytes(t)
-                if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
-                    raise OSError(f"short write of {name!r} into {od.partial(_rel(subdir, shard))}")
+            source = run.hashes.add("source", shard, job.header.path)
+            _fill(run, job, shard, results, hasher, hashing, bar)
             job.copied.result()
             os.close(jobs.pop(shard).fd)
-            final = od.publish(_rel(subdir, shard))
-            if job.same_layout:
-                hashes.add_patched(_rel(subdir, shard), source, job.written)
-            else:
-                hashes.add("output", _rel(subdir, shard), final)
-            od.mark_done(_rel(subdir, shard), _keep(od, _rel(subdir, shard), plan.get(shard, []), results))
+            _finish(run, job, shard, source, results)
         for shard in reused:
-            hashes.add("source", shard, ckpt.shard(shard).path)
+            run.hashes.add("source", shard, ckpt.shard(shard).path)
     finally:
         ckpt.stop_fetching()
         bar.close()
@@ -203,10 +218,49 @@ def rewrite_checkpoint(
         hasher.shutdown(wait=True)
         for job in jobs.values():
             os.close(job.fd)
-    split = {p: ckpt.tensors[n].file for n, ps in parts.items() for p in ps if p != n}
-    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(added) or bool(renamed) or bool(parts)
-                 or bool(dropped), added={n: last for n in added} | split, renamed=renamed, dropped=dropped)
-    return results
+
+
+def _fill(run: _Rewrite, job: _Job, shard: str, results: dict, hasher, hashing: deque[Future], bar) -> None:
+    """Compute the shard's replaced tensors and write each into its range (and the added tensors into the last
+    shard) while the rest of the shard is copied."""
+    where = run.od.partial(run.rel(shard))
+    with open(job.header.path, "rb") as src:
+        for name in run.plan.get(shard, []):
+            new = run.compute(job.header.tensors[name], read_tensor(job.header, name, src.fileno()))
+            results[name] = (new.extras, new.record)
+            if name in run.parts:  # a tensor stored as several, each checked against its planned place
+                given = {name: new.tensor, **new.parts}
+                if set(given) != set(run.parts[name]):
+                    raise ValueError(f"{name!r}: computed parts {sorted(given)}, planned {sorted(run.parts[name])}")
+                for part, t in given.items():
+                    _write_part(job, part, t, run.parts[name][part], where)
+                bar.update(1)
+                continue
+            data = tensor_bytes(new.tensor)  # its range is not part of the copy, so it is written at once
+            _write_at(job, name, data, where)
+            if job.same_layout:  # the output's digest is the source's with this segment's replaced
+                hashing.append(hasher.submit(bytes_digest, data))
+                job.written[(job.offsets[name], job.offsets[name] + len(data))] = hashing[-1]
+                if len(hashing) > HASH_AHEAD:
+                    hashing.popleft().result()
+            bar.update(1)
+    for name, t in (run.added if shard == run.ckpt.shards[-1] else {}).items():
+        _write_at(job, name, tensor_bytes(t), where)
+
+
+def _finish(run: _Rewrite, job: _Job, shard: str, source: Future, results: dict) -> None:
+    """Publish a written shard, hash it (from its source's digest when the layout is the same) and journal it."""
+    final = run.od.publish(run.rel(shard))
+    if job.same_layout:
+        run.hashes.add_patched(run.rel(shard), source, job.written)
+    else:
+        run.hashes.add("output", run.rel(shard), final)
+    run.od.mark_done(run.rel(shard), _keep(run.od, run.rel(shard), run.plan.get(shard, []), results))
+
+
+def _write_at(job: _Job, name: str, data, where: Path) -> None:
+    if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
+        raise OSError(f"short write of {name!r} into {where}")
 
 
 def _write_part(job: _Job, name: str, t: "torch.Tensor", planned: tuple[str, tuple[int, ...]], where: Path) -> None:
@@ -214,9 +268,7 @@ def _write_part(job: _Job, name: str, t: "torch.Tensor", planned: tuple[str, tup
     if (dtype_name(t.dtype), tuple(t.shape)) != (planned[0], tuple(planned[1])):
         raise ValueError(f"{name!r} is {dtype_name(t.dtype)}{list(t.shape)}, but {planned[0]}{list(planned[1])} was "
                          f"planned for it in {where}")
-    data = tensor_bytes(t)
-    if os.pwrite(job.fd, data, job.offsets[name]) != len(data):
-        raise OSError(f"short write of {name!r} into {where}")
+    _write_at(job, name, tensor_bytes(t), where)
 
 
 def pending(ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]]) -> list[str]:
@@ -259,12 +311,14 @@ def _rel(subdir: str, name: str) -> str:
     return f"{subdir}/{name}" if subdir else name
 
 
-def _start(header: ShardHeader, tmp: Path, names: list[str], out_dtype: str | None, copier,
-           added: dict[str, "torch.Tensor"], renamed: dict[str, str], parts: dict, dropped=frozenset()) -> _Job:
-    head, offsets, copies = layout(header, {n: out_dtype or header.tensors[n].dtype for n in names},
-                                   {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()}, renamed,
-                                   {n: parts[n] for n in names if n in parts}, dropped)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def _start(run: _Rewrite, shard: str, copier) -> _Job:
+    """Open the shard's output, lay it out and start copying its unchanged bytes on `copier`."""
+    header, names = run.ckpt.shard(shard), run.plan.get(shard, [])
+    added = run.added if shard == run.ckpt.shards[-1] else {}
+    head, offsets, copies = layout(header, {n: run.out_dtype or header.tensors[n].dtype for n in names},
+                                   {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()}, run.renamed,
+                                   {n: run.parts[n] for n in names if n in run.parts}, run.dropped)
+    fd = os.open(run.od.partial(run.rel(shard)), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
 
 

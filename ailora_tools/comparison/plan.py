@@ -1,0 +1,135 @@
+"""What a comparison will run, checked before any run starts: the options every run shares, the methods, the metric
+that chooses the rates, and every run (method × progressive × rate × seed)."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..errors import OptionError
+from ..init import METHODS
+from ..init.lora_da.calibration import TASKS as CALIBRATED
+from ..init.targets import architecture, assign_roles, linear_modules
+from ..io.checkpoint import Checkpoint
+from ..io.examples import check_data
+from ..manifests import fingerprints, input_digest
+from ..options import InitOptions, TrainOptions
+from ..training.bitfit import check_bitfit
+from ..training.metrics import CLASSIFICATION, REGRESSION
+from ..training.tasks import resolve_task
+from .sweeps import BITFIT, DEFAULT_METHODS, DORA, init_of, parse_lrs, parse_seeds
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run: a compare method, its progressive K (None: plain training), learning rate and seed (None: `seed`)."""
+
+    method: str
+    progressive: int | None
+    lr: float
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class ComparePlan:
+    """A comparison, validated: what every run shares and the runs, in order."""
+
+    model: str | os.PathLike
+    data: str | os.PathLike
+    revision: str | None
+    ckpt: Checkpoint
+    init: InitOptions  # its `method` is replaced by each run's
+    training: TrainOptions
+    methods: list[str]
+    metric: str
+    lrs: dict[str, list[float]]
+    seeds: list[int] | None
+    #: rows of --data (lora-da calibrates on up to `CALIBRATION_SAMPLES` of them), None if not counted
+    data_rows: int | None
+    runs: list[Run]
+    #: what the manifest records and `--resume` compares
+    settings: dict
+
+
+def plan_comparison(model, data, *, methods: list[str] | None, progressive: int | None, seeds, metric: str,
+                    init: InitOptions | None, training: TrainOptions | None, revision: str | None,
+                    settings: dict) -> ComparePlan:
+    """The comparison `compare` describes, every input checked (see `compare`'s Raises)."""
+    init_o, train_o, lr_spec = _options(init, training, dict(settings))
+    ckpt = Checkpoint.open(model, revision=revision)
+    task = resolve_task(train_o.task, ckpt.config)
+    methods = _methods(methods, ckpt, task)
+    lrs = parse_lrs(lr_spec, methods, train_o.lr)
+    seeds = parse_seeds(seeds)
+    regression = train_o.num_labels == 1
+    metric = _metric(metric, task, regression)
+    rows = check_data(task.name, data, train_o.eval_data, columns=train_o.columns,  # every row, before any run
+                      num_labels=train_o.num_labels, config=ckpt.config, base=model)
+    names = list(linear_modules(ckpt.tensors))
+    for m in (m for m in methods if m != BITFIT):  # a role error in the last method would surface too late
+        assign_roles(METHODS[init_of(m)[0]], list(init_o.targets), names, architecture(ckpt.config), init_o.roles)
+    if BITFIT in methods:  # a model without bias terms (Llama) is refused now, not after the other runs
+        check_bitfit(ckpt, base=model, adapter=None, bitfit=True, progressive=None)
+    if train_o.eval_every is None and train_o.eval_data is not None and train_o.max_steps:
+        train_o = TrainOptions.build(train_o, eval_every=max(1, train_o.max_steps // 10))
+    groups = [(m, None) for m in methods] + ([(m, progressive) for m in methods if m != BITFIT] if progressive else [])
+    runs = [Run(m, k, lr, seed) for m, k in groups for lr in lrs[m] for seed in (seeds or [None])]
+    recorded = _recorded(model, data, revision, ckpt, init_o, train_o, seeds, lrs)
+    return ComparePlan(model, data, revision, ckpt, init_o, train_o, methods, metric, lrs, seeds, rows.get("--data"),
+                       runs, recorded)
+
+
+def _options(init: InitOptions | None, training: TrainOptions | None, settings: dict):
+    """(InitOptions, TrainOptions, the `lr` sweep or None): `settings` by name into either; a single rate is a
+    TrainOptions field, anything else a sweep (`parse_lrs`)."""
+    lr_spec = settings.pop("lr", None)
+    if isinstance(lr_spec, (int, float)) and not isinstance(lr_spec, bool):
+        settings["lr"], lr_spec = lr_spec, None
+    unknown = sorted(set(settings) - set(InitOptions.defaults()) - set(TrainOptions.defaults()))
+    if unknown:
+        raise OptionError(f"compare has no setting {', '.join(unknown)}")
+    init_o = InitOptions.build(init, **{k: v for k, v in settings.items() if k in InitOptions.defaults()})
+    train_o = TrainOptions.build(training, **{k: v for k, v in settings.items() if k in TrainOptions.defaults()})
+    return init_o, train_o, lr_spec
+
+
+def _methods(methods: list[str] | None, ckpt: Checkpoint, task) -> list[str]:
+    """The compare methods given (default: `DEFAULT_METHODS` this version has, lora-da where it calibrates)."""
+    calibrates = ckpt.config.get("model_type") in CALIBRATED.get(task.name, ())  # LoRA-DA, for this model and task
+    default = [m for m in DEFAULT_METHODS if m in METHODS and (calibrates or not METHODS[m].needs_data)]
+    methods = list(methods) if methods is not None else default
+    unknown = [m for m in methods if m != BITFIT and (init_of(m)[0] not in METHODS or "+" in m and not init_of(m)[1])]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        raise OptionError(f"--methods {','.join(methods)}: give each once, from {', '.join([*METHODS, BITFIT, DORA])} "
+                          "(METHOD+dora for an init with DoRA)")
+    calibrating = [m for m in methods if m != BITFIT and METHODS[init_of(m)[0]].needs_data]
+    if calibrating and not calibrates:
+        raise OptionError(f"--methods {','.join(calibrating)}: LoRA-DA does not calibrate a "
+                          f"{ckpt.config.get('model_type')} model for --task {task.name} (it calibrates "
+                          + "; ".join(f"{', '.join(types)} for {t}" for t, types in CALIBRATED.items())
+                          + "); leave it out")
+    return methods
+
+
+def _metric(metric: str, task, regression: bool) -> str:
+    """The metric "auto" means for the task (accuracy, pearson for regression, loss), checked against it."""
+    metric = metric if metric != "auto" else ("pearson" if regression else "accuracy") if task.classifies else "loss"
+    if metric != "loss" and (not task.classifies or (metric in REGRESSION) != regression):
+        raise OptionError(f"--metric {metric}: not reported for --task {task.name}"
+                          + (" with --num-labels 1" if regression else "") + "; choose "
+                          + ", ".join(["loss", *(REGRESSION if regression else CLASSIFICATION if task.classifies else ())]))
+    return metric
+
+
+def _recorded(model, data, revision, ckpt: Checkpoint, init_o: InitOptions, train_o: TrainOptions, seeds, lrs) -> dict:
+    """The settings the manifest records: what every run shares, and what the runs were made from (the model's
+    fingerprints and the data's digests, for `--resume`)."""
+    shared = {k: v for k, v in asdict(init_o).items() if k != "method"}
+    return {"tool": __version__, "model": str(model), "source": ckpt.describe(), "data": str(Path(data).absolute()),
+            "revision": revision, **shared, **asdict(train_o),
+            "eval_data": str(Path(train_o.eval_data).absolute()) if train_o.eval_data is not None else None,
+            "seeds": seeds, "lrs": lrs,
+            "source_samples": fingerprints(ckpt),
+            "inputs": {"--data": input_digest(data),
+                       "--eval-data": input_digest(train_o.eval_data) if train_o.eval_data else None}}

@@ -1,0 +1,172 @@
+"""Compare initialisations on the user's model and data (the AILoRA paper's Fig. 3): same model, data, steps
+and seed for each method (and, with `progressive`, each method with and without progressive training).
+
+Each run is `decompose` then `train`, into OUT/<run>/decomposed and OUT/<run>/trained. The journal records
+finished pieces, so `resume` never redoes a finished run and continues an interrupted one from its last
+checkpoint. Runs are every method × learning rate × seed (`lr` sweeps, `seeds`); each method's rate is chosen
+on the eval data. Then OUT/compare.md, train_loss.png, eval_loss.png, eval_<metric>.png (classification) and, last,
+OUT/compare.json: first and final training loss, eval loss and metrics (final and best), steps to reach a loss
+and a metric, time and trainable parameters per run, and their mean ± std over seeds per method and rate.
+Planning (`plan`) checks every input first; this module executes the plan.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..decomposition import pipeline
+from ..init import METHODS
+from ..io.hashing import file_digest
+from ..io.output import JOURNAL_NAME, OutputDir
+from ..manifests import COMPARE_MANIFEST
+from ..options import DecomposeOptions, InitOptions, TaskOptions, TrainOptions, check
+from ..training import trainer
+from .curves import read_curves, trailing_mean
+from .plan import ComparePlan, Run, plan_comparison
+from .report import REPORT_NAME, report, write_plots
+from .summary import summarise
+from .sweeps import BITFIT, METRICS, init_of, run_name
+
+DECOMPOSED, TRAINED = "decomposed", "trained"
+#: calibration samples for data-aware methods: the first rows of the training data
+CALIBRATION_SAMPLES = 64
+
+
+def compare(
+    model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, methods: list[str] | None = None,
+    progressive: int | None = None, target_loss: float | None = None, smooth: int = 10,
+    seeds: list[int] | str | None = None, metric: str = "auto", target_metric: float | None = None,
+    init: InitOptions | None = None, training: TrainOptions | None = None, revision: str | None = None,
+    resume: bool = False, overwrite: bool = False, progress: bool = True, **settings,
+) -> dict:
+    """Run decompose + train for each method (and seed and learning rate) with identical settings; write a table
+    and plots.
+
+    Args:
+        model: local model directory or Hub id.
+        data: training data (as for `train`: JSONL, CSV, TSV, Parquet or a `datasets` directory).
+        out: output directory; must be empty unless `resume` or `overwrite`.
+        methods: init methods to compare (default: lora, pissa, milora, ailora, and lora-da where it calibrates
+            the model for the task: a Llama/Mistral/Qwen2 causal LM, a BERT/RoBERTa masked LM or classifier), and "bitfit": `train(bitfit=True)` on the model itself, no decompose; "dora":
+            plain DoRA, and "METHOD+dora" (e.g. "pissa+dora"): that init with DoRA's magnitudes.
+        progressive: K: also run every method with `train(progressive=K)` (runs named METHOD-progressiveK).
+        target_loss: the loss for "steps to reach" (default: the highest final loss among the runs, which all
+            of them reach; train and eval loss each get their own).
+        smooth: training losses are a trailing mean over this many steps for "final" and "steps to reach".
+        seeds: run every method with each seed (decompose's and train's; "0,1,2" or a list); tables show the
+            mean ± std over them. Default: the one `seed`.
+        metric: what chooses each method's learning rate and the target of "steps to reach": auto (accuracy for
+            classification, pearson for regression, loss otherwise), loss, accuracy, f1, matthews, pearson,
+            spearman; chosen on the eval data (without it: the final training loss).
+        target_metric: the value of `metric` for "steps to reach" (default: the worst final value among the
+            methods at their chosen rates).
+        init: how every run's adapter starts (`InitOptions`; its `method` is replaced by each of `methods`).
+        training: how every run trains (`TrainOptions`; eval_every defaults to a tenth of max_steps when there
+            is eval data). `settings` replace fields of either by name (`seed`, `device` both), e.g.
+            `compare(model, data, out, rank=8, max_steps=300, eval_data="eval.jsonl")`. `lr` may also be a
+            sweep: a list of rates (every method runs each; the best on eval is its rate), a mapping method ->
+            rate or rates, or their text form ("1e-4,5e-4,2e-3", "pissa=1e-4,lora=5e-4").
+        revision: Hub revision of `model`.
+        resume: keep finished runs of an interrupted comparison with the same settings and continue the
+            interrupted run (from its last checkpoint: use `save_every`; its time then counts the resumed part
+            only). overwrite: start again.
+
+    Returns:
+        {"output", "runs": [one record per run], "summary": [one record per method and rate, mean/std over
+        seeds], "best_lr": {method: rate}, "targets", "report", "plots", "seconds"}.
+
+    Raises:
+        AiloraError subclasses on bad input (methods, rates, seeds, targets, roles, files, columns, labels),
+        before any run starts.
+
+    Example:
+        >>> compare("Qwen/Qwen2.5-0.5B", "train.jsonl", "cmp", eval_data="eval.jsonl", max_steps=300)  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    check("--progressive", progressive, low=1)
+    check("--smooth", smooth, low=1)
+    check("--metric", metric, choices=METRICS)
+    plan = plan_comparison(model, data, methods=methods, progressive=progressive, seeds=seeds, metric=metric,
+                           init=init, training=training, revision=revision, settings=settings)
+    with OutputDir(out, inputs=[plan.ckpt.root], overwrite=overwrite, resume=resume, settings=plan.settings) as od:
+        bar = tqdm(plan.runs, desc="compare", unit="run", disable=not progress)
+        records = []
+        for run in plan.runs:
+            records.append(_execute(od, plan, run, bar, progress))
+            bar.update(1)
+        bar.close()
+        result = _conclude(od, plan, records, progressive=progressive, smooth=smooth, target_loss=target_loss,
+                           target_metric=target_metric)
+    return {**result, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _execute(od: OutputDir, plan: ComparePlan, run: Run, bar, progress: bool) -> dict:
+    """One run's record: decompose (shared by the method's rates and progressive variant, kept when finished), then
+    train; a run an earlier comparison finished is taken from the journal."""
+    swept_seed = run.seed if len(plan.seeds or ()) > 1 else None
+    name = run_name(run.method, run.progressive, run.lr if len(plan.lrs[run.method]) > 1 else None, swept_seed)
+    bar.set_postfix(run=name, refresh=False)
+    if (done := od.finished(name)) is not None:
+        return done
+    key = run_name(run.method, None, None, swept_seed)  # shared by rates, K
+    dec = _decomposed(od, plan, run, key, progress)
+    base = dec["residual"] or plan.ckpt.root  # plain LoRA trains on the untouched model
+    tr_dir = od.path / name / TRAINED
+    again = _again(tr_dir) if any((tr_dir / trainer.CKPT_DIR).glob("step-*/trainer_state.json")) else {"overwrite": True}
+    run_o = TrainOptions.build(plan.training, progressive=run.progressive, lr=run.lr, bitfit=run.method == BITFIT,
+                               **({} if run.seed is None else {"seed": run.seed}))
+    tr = trainer.train(base, dec["adapter"], plan.data, tr_dir, options=run_o, progress=progress, **again)
+    record = {"run": name, "method": run.method, "progressive": run.progressive, "lr": run.lr, "seed": run_o.seed,
+              "decompose_seconds": dec["seconds"], "train_seconds": tr["seconds"],
+              "trainable_parameters": tr["trainable_parameters"], "steps": tr["steps"]}
+    od.mark_done(name, record)
+    return record
+
+
+def _decomposed(od: OutputDir, plan: ComparePlan, run: Run, key: str, progress: bool) -> dict:
+    """The decompose summary a run trains from: finished earlier, run now, or none for bitfit (the model's own
+    bias terms train)."""
+    if run.method == BITFIT:
+        return {"residual": None, "adapter": None, "seconds": 0.0}
+    if (dec := od.finished(f"{key}/{DECOMPOSED}")) is not None:
+        return dec
+    t = plan.training
+    calib = ({"data": plan.data, "samples": min(CALIBRATION_SAMPLES, plan.data_rows), "max_length": t.max_length,
+              **{k: getattr(t, k) for k in TaskOptions.defaults()}}  # for train's task and columns
+             if METHODS[init_of(run.method)[0]].needs_data else {})  # lora-da calibrates on the training data
+    method, dora = init_of(run.method)
+    shared = {k: v for k, v in asdict(plan.init).items() if k != "method"}
+    seeded = {} if run.seed is None else {"seed": run.seed}
+    options = DecomposeOptions.build(None, **{**shared, **seeded, "method": method, "dora": dora},
+                                     revision=plan.revision, **calib)
+    dec_dir = od.path / key / DECOMPOSED
+    dec = pipeline.decompose(plan.model, dec_dir, options=options, progress=progress, **_again(dec_dir))
+    od.mark_done(f"{key}/{DECOMPOSED}", dec)
+    return dec
+
+
+def _conclude(od: OutputDir, plan: ComparePlan, records: list[dict], *, progressive, smooth: int, target_loss,
+              target_metric) -> dict:
+    """Summarise the runs, write the plots, compare.md and, last, the manifest; return compare's result."""
+    curves = {r["run"]: read_curves(od.path / r["run"] / TRAINED / "metrics.jsonl") for r in records}
+    smoothed = {run: trailing_mean(c["train"], smooth) for run, c in curves.items()}
+    summary, best_lr, goal = summarise(records, curves, smoothed, target_loss, plan.metric, target_metric)
+    plots = write_plots(od, records, best_lr, curves, smoothed, goal, smooth, plan.metric)
+    with od.open_atomic(REPORT_NAME, "w") as f:
+        f.write(report(summary, best_lr, goal, plan.settings, plots, smooth, plan.metric))
+    od.write_manifest(COMPARE_MANIFEST, {**plan.settings, "methods": plan.methods, "progressive": progressive,
+                                         "smooth": smooth, "metric": plan.metric, "targets_loss": goal,
+                                         "runs": records, "summary": summary, "best_lr": best_lr, "plots": plots,
+                                         "files": {"output": {f: file_digest(od.path / f)
+                                                              for f in [REPORT_NAME, *plots]}}})
+    return {"output": str(od.path), "runs": records, "summary": summary, "best_lr": best_lr, "targets": goal,
+            "report": str(od.path / REPORT_NAME), "plots": plots}
+
+
+def _again(path: Path) -> dict:
+    """How to call a sub-command on a directory an earlier compare left: resume its journal, else start over."""
+    return {"resume": True} if (path / JOURNAL_NAME).is_file() else {"overwrite": True}

@@ -1,0 +1,72 @@
+"""LoRA-DA's statistics of each target module, summed by hooks on the modules while a layer runs backward."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from .batches import Batch
+
+
+@dataclass
+class ModuleStatistics:
+    """LoRA-DA statistics of one target linear module W [out, in]; tensors float32 on the CPU."""
+
+    name: str
+    #: modules with the same key read the same input and share `input_factor` (the same tensor object)
+    input_key: str
+    input_factor: torch.Tensor  # Z = E[x xᵀ], [in, in]
+    output_factor: torch.Tensor  # E[g²], [out]
+    gradient: torch.Tensor  # G = ∂L/∂W averaged over samples, [out, in]
+    tokens: int  # tokens Z and the output factor average over
+    samples: int  # samples G averages over
+    skipped: int  # samples left out for having no loss token
+    loss: float  # mean calibration loss over the samples
+
+
+class StatisticsHooks:
+    """Hooks on one layer's target modules; sums in float32 on the device: Σxxᵀ per distinct input, Σg², Σgᵀx."""
+
+    def __init__(self, layer: torch.nn.Module, targets: dict[str, str], dev: torch.device):
+        self.handles, self.key, self.z, self.y, self.g = [], {}, {}, {}, {}
+        self.tokens = 0
+        for local, name in targets.items():
+            m = layer.get_submodule(local)
+            self.y[name] = torch.zeros(m.out_features, dtype=torch.float32, device=dev)
+            self.g[name] = torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=dev)
+            self.handles += [m.register_forward_pre_hook(partial(self._input, name)),
+                             m.register_forward_hook(partial(self._output, name))]
+
+    def start(self, batch: Batch) -> None:
+        self.batch, self.x, self.seen, self.real_x = batch, {}, [], {}
+        self.tokens += int(batch.factor.sum())
+
+    def _input(self, name: str, _module, args) -> None:
+        key = next((k for seen, k in self.seen if seen is args[0]), None)
+        if key is None:  # the first module to read this tensor names it and sums its Z
+            key = name
+            self.seen.append((args[0], key))
+            x = args[0].detach()[self.batch.factor].float()
+            if key not in self.z:
+                self.z[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.z[key].addmm_(x.T, x)
+        self.key[name], self.x[name] = key, args[0].detach()
+
+    def _output(self, name: str, _module, _args, out: torch.Tensor) -> None:
+        out.register_hook(partial(self._gradient, name))
+
+    def _gradient(self, name: str, g: torch.Tensor) -> None:
+        key = self.key[name]
+        if key not in self.real_x:
+            self.real_x[key] = self.x[name][self.batch.real].float()
+        self.g[name].addmm_(g[self.batch.real].float().T, self.real_x[key])
+        self.y[name].add_(g[self.batch.factor].float().square().sum(0))
+
+    def results(self, samples: int, skipped: int, loss: float) -> list[ModuleStatistics]:
+        for h in self.handles:
+            h.remove()
+        z = {k: (v / self.tokens).cpu() for k, v in self.z.items()}
+        return [ModuleStatistics(name, self.key[name], z[self.key[name]], (self.y[name] / self.tokens).cpu(),
+                                 (self.g[name] / samples).cpu(), self.tokens, samples, skipped, loss)
+                for name in self.y]
