@@ -1,4 +1,8 @@
 """The project's exceptions: one base class, each also a builtin so callers can catch either."""
+import re
+
+#: an option named in an OptionError's message: its field name in braces, `{max_rank}`
+_NAMED = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
 
 class AiloraError(Exception):
@@ -30,7 +34,24 @@ class OutputError(AiloraError, FileExistsError):
 
 
 class OptionError(AiloraError, ValueError):
-    """An option value out of range (a rank of 0, a negative alpha, a batch size of 0...)."""
+    """An option value out of range (a rank of 0, a negative alpha, a batch size of 0...), or options that clash.
+
+    The message names each option by its field name in braces (`"{rank} 0: must be at least 1"`): `str()` writes
+    the library's keyword (`rank 0: ...`), `spelled(flag)` the caller's spelling (the CLI: `--rank 0: ...`).
+    `field` is the first option named (None when the message names none).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.template = message
+        self.field = next(iter(_NAMED.findall(message)), None)
+
+    def __str__(self) -> str:
+        return self.spelled(lambda name: name)
+
+    def spelled(self, spell) -> str:
+        """The message with each named option written as `spell(field_name)`."""
+        return _NAMED.sub(lambda m: spell(m[1]), self.template)
 
 
 class HubError(AiloraError, ConnectionError):

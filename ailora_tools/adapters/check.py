@@ -11,12 +11,11 @@ from pathlib import Path
 from ..errors import InputNotFoundError, NumericsError, OptionError
 from ..io.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from ..manifests import RESIDUAL, base_of, base_problem_dir
+from ..options import CHECK_TARGETS, VLLM_MAX_LORA_RANKS
 
 #: linear modules vLLM serves LoRA on for Llama-, Mistral- and Qwen2-style models
 VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
-#: the --max-lora-rank values a vLLM server accepts
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-TARGETS = ("vllm", "llama.cpp", "peft")
+TARGETS = CHECK_TARGETS
 
 
 @dataclass(frozen=True)

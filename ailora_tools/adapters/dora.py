@@ -12,8 +12,8 @@ import torch
 from ..errors import NumericsError, OptionError
 from ..init.dora import approximate_factors, exact_parts, merged_weight, oriented
 from ..manifests import ADAPTER_DIR, DORA_BASE_DIR, starts_offset
+from ..options import DORA_MODES
 
-DORA_MODES = ("exact", "approximate")
 
 
 def convert_dora(

@@ -29,7 +29,7 @@ from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
 from ..io.tensorio import DTYPE_FLAGS, torch_dtype
 from ..manifests import CONVERT_MANIFEST, base_of, check_base_dir, require_original
-from ..options import at_least, choice
+from ..options import SERVERS, at_least, choice
 from ..training.bitfit import is_bitfit
 from .check import (
     VLLM_MAX_LORA_RANKS,
@@ -39,7 +39,6 @@ from .check import (
     vllm_max_lora_rank,
 )
 
-SERVERS = ("vllm", "llama.cpp")
 
 
 def merge_fix(adapter: object) -> str:

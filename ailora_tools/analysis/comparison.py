@@ -28,7 +28,7 @@ from ..io.examples import check_rows
 from ..io.hashing import file_digest
 from ..io.output import JOURNAL_NAME, OutputDir
 from ..manifests import COMPARE_MANIFEST, fingerprints, input_digest
-from ..options import DecomposeOptions, InitOptions, TaskOptions, TrainOptions, check
+from ..options import METRICS, DecomposeOptions, InitOptions, TaskOptions, TrainOptions, check
 from ..training.metrics import CLASSIFICATION, HIGHER_IS_BETTER, REGRESSION, better
 
 REPORT_NAME = "compare.md"
@@ -39,7 +39,6 @@ DECOMPOSED, TRAINED = "decomposed", "trained"
 CALIBRATION_SAMPLES = 64
 DEFAULT_METHODS = ("lora", "pissa", "milora", "ailora", "lora-da")
 #: --metric choices: what picks each method's learning rate (auto: accuracy, pearson for regression, or loss)
-METRICS = ("auto", "loss", *CLASSIFICATION, *REGRESSION)
 #: not an init method: `train --bitfit` on the model itself (no decompose; no progressive variant)
 BITFIT = "bitfit"
 #: "dora" is plain DoRA (`decompose --method lora --dora`); "METHOD+dora" is METHOD's init with DoRA's magnitudes

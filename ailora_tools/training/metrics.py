@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from ..options import CLASSIFICATION, REGRESSION
+
 #: metric -> True when higher is better (losses: lower)
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "matthews": True, "pearson": True, "spearman": True,
                     "loss": False}
-CLASSIFICATION = ("accuracy", "f1", "matthews")
-REGRESSION = ("pearson", "spearman")
 
 
 def classification_metrics(predictions: Sequence[int], labels: Sequence[int], num_labels: int) -> dict[str, float]:
