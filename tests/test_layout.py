@@ -123,6 +123,16 @@ def test_get_ailora_model_errors_name_its_keywords(tiny):
         get_ailora_model(model, loftq_iters=2, progress=False)
 
 
+
+def test_calibrate_out_of_range_numbers_are_option_errors(tiny):
+    from ailora_tools.errors import OptionError
+    from ailora_tools.init.lora_da.calibration import calibrate
+
+    with pytest.raises(OptionError, match=r"^batch_size 0 / activation_budget 0: need") as caught:
+        next(calibrate(tiny("llama"), [], ["model.layers.0.self_attn.q_proj"], batch_size=0, activation_budget=0))
+    assert caught.value.field == "batch_size"
+
+
 COMMANDS = ["decompose", "train", "convert", "merge", "spectrum", "check", "export-gguf", "export-base", "push",
             "compare", "demo", "verify"]
 

@@ -207,11 +207,6 @@ def read_labeled(path: str | Path, *, flag: str = "--data", columns: Columns | N
     return out
 
 
-def read_labeled_jsonl(path: str | Path, *, flag: str = "--data") -> list[LabeledRow]:
-    """`read_labeled` with the default columns (kept for callers of earlier versions)."""
-    return read_labeled(path, flag=flag)
-
-
 _INT = re.compile(r"-?\d+")
 
 
