@@ -184,6 +184,7 @@ import os, sys, warnings
 state = lambda: (warnings.showwarning, "kernels" in sys.modules, dict(os.environ), list(warnings.filters))
 before = state()
 import ailora_tools, ailora_tools.cli, ailora_tools.options, ailora_tools.config, ailora_tools.console
+ailora_tools.cli.main  # the commands
 assert "torch" not in sys.modules  # the CLI starts hashing before torch loads
 for name, a, b in zip(("showwarning", "kernels", "environ", "filters"), before, state()):
     assert a == b, (name, a, b)

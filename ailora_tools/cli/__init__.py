@@ -1,17 +1,18 @@
 """The `ailora-tools` command line: each command builds its option dataclass (`ailora_tools.options`) from its
-flags, calls the library, prints. Importing it changes nothing outside it; `run`, the console entry point (also
-`python -m ailora_tools.cli`, `torchrun -m ailora_tools.cli`), first sets what a command process needs."""
+flags, calls the library, prints. Importing it changes nothing outside it. `run`, the console entry point (also
+`python -m ailora_tools.cli`, `torchrun -m ailora_tools.cli`), first sets what a command process needs, then loads
+the commands (`main`, imported on first use: tqdm must not load before `console.logged_bars` has paced it)."""
 from __future__ import annotations
 
 import os
 import sys
 from typing import NoReturn
 
+from .. import lazy_exports
 from ..console import logged_bars, no_hub_kernels, one_line_warnings
-from . import adapters, analysis, pipeline  # noqa: F401  (the commands register on `main`)
-from .app import main
 
 __all__ = ["main", "run", "exit_now"]
+__getattr__, __dir__ = lazy_exports(__name__, {"main": "commands"}, ("run", "exit_now"))
 
 
 def exit_now(code: int) -> NoReturn:
@@ -29,7 +30,7 @@ def run() -> None:
     one_line_warnings()
     no_hub_kernels()
     try:
-        main()
+        __getattr__("main")()
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             exit_now(e.code or 0)

@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 import click
 
+from .. import adapters as stage  # its functions load torch on first use (after a command's hashing has started)
 from ..options.commands import (
     CheckOptions, ConvertOptions, ExportBaseOptions, ExportGgufOptions, MergeOptions, PushOptions, Report,
 )
@@ -20,10 +21,8 @@ from .flags import from_options
 @fail_cleanly
 def convert(trained, as_json, **settings):
     """Convert a trained adapter into a standard LoRA on the ORIGINAL base (rank 2r, or --max-rank)."""
-    from ..adapters import convert as run  # loads torch
-
     options = ConvertOptions.build(**settings)
-    summary = run(trained, **options.kwargs(), progress=progress(as_json))
+    summary = stage.convert(trained, **options.kwargs(), progress=progress(as_json))
     print_summary(summary, as_json, f"converted {summary['modules']} modules into {summary['output']}")
     if as_json:
         return
@@ -58,9 +57,7 @@ def merge(base, adapter, as_json, quiet, **settings):
     passive_openmp()
     options = MergeOptions.build(**settings)
     prehash(base, options.revision)
-    from ..adapters import merge as run  # loads torch: after the hashing has started
-
-    summary = run(base, adapter, **options.kwargs(), progress=progress(quiet or as_json))
+    summary = stage.merge(base, adapter, **options.kwargs(), progress=progress(quiet or as_json))
     if "worker" not in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
         print_summary(summary, as_json, f"merged {summary['modules']} modules into {summary['output']}")
         if not as_json:
@@ -76,10 +73,8 @@ def export_base(residual, as_json, quiet, **settings):
     server's base format, and the adapter unchanged as its LoRA; print each re-quantised weight's error
     ‖dequant_server(W) − dequant_nf4(W)‖/‖dequant_nf4(W)‖. (vLLM also loads RESIDUAL as it is: --quantization
     bitsandbytes.)"""
-    from ..adapters.server_base import export_base as run  # loads torch
-
     options = ExportBaseOptions.build(**settings)
-    summary = run(residual, **options.kwargs(), progress=progress(quiet or as_json))
+    summary = stage.export_base(residual, **options.kwargs(), progress=progress(quiet or as_json))
     print_summary(summary, as_json, f"wrote the {options.server} base of {residual} into {summary['output']}")
     if not as_json:
         click.echo("‖dequant_server(W) − dequant_nf4(W)‖/‖dequant_nf4(W)‖ per re-quantised weight:")
@@ -96,9 +91,7 @@ def export_base(residual, as_json, quiet, **settings):
 @fail_cleanly
 def export_gguf(lora, as_json, **settings):
     """Export LORA (a PEFT LoRA on the original base) as a llama.cpp LoRA adapter GGUF."""
-    from ..adapters import export_gguf as run  # loads torch
-
-    summary = run(lora, **ExportGgufOptions.build(**settings).kwargs())
+    summary = stage.export_gguf(lora, **ExportGgufOptions.build(**settings).kwargs())
     print_summary({k: v for k, v in summary.items() if k != "types"}, as_json, f"wrote {summary['output']}")
 
 
@@ -109,10 +102,8 @@ def export_gguf(lora, as_json, **settings):
 def check(lora, as_json, **settings):
     """Report every rule LORA breaks for vLLM, llama.cpp or PEFT, with what to do; exit 0 only if it passes.
     --for peft really loads the adapter with PEFT onto the base's architecture (no weights read)."""
-    from ..adapters import check_adapter  # loads torch
-
     options = CheckOptions.build(**settings)
-    findings = check_adapter(lora, **options.kwargs())
+    findings = stage.check_adapter(lora, **options.kwargs())
     if as_json:
         click.echo(json.dumps({"adapter": str(lora), "for": options.target, "passes": not findings,
                                "findings": [asdict(f) for f in findings]}, indent=2))
@@ -129,10 +120,8 @@ def check(lora, as_json, **settings):
 @fail_cleanly
 def push(directory, as_json, **settings):
     """Upload DIRECTORY to the Hub (token from HF_TOKEN or the HF cache; never printed), with a model card."""
-    from ..adapters import push as run  # loads torch
-
     options = PushOptions.build(**settings)
-    summary = run(directory, **options.kwargs())
+    summary = stage.push(directory, **options.kwargs())
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

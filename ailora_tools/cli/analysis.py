@@ -5,6 +5,7 @@ import json
 
 import click
 
+from .. import analysis  # its functions load torch on first use
 from ..options import InitOptions, TrainOptions
 from ..options.commands import CompareOptions, Report, SpectrumOptions
 from .app import fail_cleanly, main, print_summary, progress
@@ -18,10 +19,8 @@ from .flags import from_options, split
 def spectrum(model, as_json, quiet, **settings):
     """Singular-value spectra of MODEL's target matrices per layer (W^Q vs W^V), streamed one matrix at a time;
     with --adapter, the size of the trained update per layer."""
-    from ..analysis import spectrum as run  # loads torch
-
     options = SpectrumOptions.build(**settings)
-    summary = run(model, **{**options.kwargs(), "targets": list(options.targets)}, progress=progress(quiet or as_json))
+    summary = analysis.spectrum(model, **{**options.kwargs(), "targets": list(options.targets)}, progress=progress(quiet or as_json))
     print_summary(summary, as_json, f"spectra of {summary['modules']} modules in {summary['output']}")
     if not as_json:
         width = max(len(r["module"]) for r in summary["rows"])
@@ -43,11 +42,9 @@ def compare(model, as_json, quiet, **settings):
     """Compare init methods on MODEL with the same data, steps and seeds (decompose + train per method, seed and
     learning rate): a table of losses and metrics (mean ± std over seeds), steps to a target, time and trainable
     parameters, and plots against step."""
-    from ..analysis import compare as run  # loads torch
-
     o = split(CompareOptions, settings)  # first: its lr (rates) and progressive are not TrainOptions'
     init, training = split(InitOptions, dict(settings)), split(TrainOptions, dict(settings))
-    summary = run(model, o.data, o.out, methods=None if o.methods is None else [m.strip() for m in o.methods.split(",") if m.strip()],
+    summary = analysis.compare(model, o.data, o.out, methods=None if o.methods is None else [m.strip() for m in o.methods.split(",") if m.strip()],
                   progressive=o.progressive, target_loss=o.target_loss, smooth=o.smooth, seeds=o.seeds,
                   metric=o.metric, target_metric=o.target_metric, init=init, training=training, revision=o.revision,
                   resume=o.resume, overwrite=o.overwrite, progress=progress(quiet or as_json),

@@ -8,7 +8,7 @@ import typing
 import click
 
 from ..config import load_recipe
-from ..errors import AiloraError, OptionError
+from ..errors import AiloraError
 from ..init import METHODS
 from ..options import DecomposeOptions, InitOptions, TrainOptions, flag
 from ..options.commands import (
@@ -32,7 +32,7 @@ def flag_of(name: str) -> str:
 
 def in_flags(e: Exception) -> str:
     """An error's message, options written as the command line spells them."""
-    return e.spelled(flag_of) if isinstance(e, OptionError) else str(e)
+    return e.spelled(flag_of) if isinstance(e, AiloraError) else str(e)
 
 
 def from_options(*classes, skip: tuple[str, ...] = (), help: dict[str, str] | None = None):

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from .. import decomposition, training  # their functions load torch on first use: after the hashing has started
 from ..distributed import is_worker
 from ..options import DecomposeOptions, TrainOptions
 from ..options.commands import DemoOptions, OnBase, Report, Streams, VerifyOptions, Writes
@@ -29,9 +30,7 @@ def decompose(model, out, overwrite, resume, as_json, quiet, **settings):
     passive_openmp()
     options = DecomposeOptions.build(**settings)
     prehash(model, options.revision)
-    from ..decomposition import decompose as run  # loads torch: after the hashing has started
-
-    summary = run(model, out, options, overwrite=overwrite, resume=resume, progress=progress(quiet or as_json))
+    summary = decomposition.decompose(model, out, options, overwrite=overwrite, resume=resume, progress=progress(quiet or as_json))
     if "worker" not in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
         print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
         if summary.get("quant_error") and not as_json:
@@ -61,9 +60,7 @@ def train(base, adapter, data, out, resume, force, overwrite, as_json, quiet, **
 
     Several GPUs or machines: `torchrun --nproc-per-node N -m ailora_tools.cli train ...`; --batch-size is the
     micro-batch of all ranks together, each takes its slice, and rank 0 writes what one process would."""
-    from ..training import train as run  # loads torch
-
-    summary = run(base, adapter, data, out, TrainOptions.build(**settings), resume=resume, overwrite=overwrite,
+    summary = training.train(base, adapter, data, out, TrainOptions.build(**settings), resume=resume, overwrite=overwrite,
                   progress=progress(quiet or as_json) and not is_worker(), force=force)
     if "worker" in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
         return
