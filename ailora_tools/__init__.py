@@ -7,9 +7,6 @@ and hashing files while torch loads.
 """
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import sys
 from importlib import import_module
 
 __version__ = "0.1.0"
@@ -36,39 +33,3 @@ _EXPORTS = {
 }
 __all__ = [*_EXPORTS, "__version__"]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ("__version__",))
-
-#: Modules that moved into the stage subpackages in 0.2, by their old name: `import ailora_tools.calibration` and
-#: `from ailora_tools.lora_da import ...` keep working (the README of 0.1 named them). Not `ailora_tools.train`: that
-#: name is the function now (`from ailora_tools import train`); the module is `ailora_tools.training.trainer`.
-MOVED = {
-    "calibration": "init.lora_da.calibration", "lora_da": "init.lora_da.maths", "svd": "init.svd",
-    "targets": "init.targets", "residual": "decomposition.residual",
-    "tasks": "training.tasks", "progressive": "training.progressive", "initial_offset": "training.exact_mode",
-    "peft_init": "training.peft_model", "data": "io.examples", "tokenizer": "io.tokenizer",
-    "peft_format": "io.peft_adapter", "conversion": "adapters.conversion", "merging": "adapters.merging",
-    "gguf_export": "adapters.gguf_export", "check": "adapters.check", "hub": "adapters.hub",
-    "spectra": "analysis.spectra", "plots": "analysis.plots",
-    "provenance": "manifests", "model_names": "architectures",
-}
-
-
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports `ailora_tools.OLD` as a module that forwards every attribute to its new home."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        package, _, old = fullname.rpartition(".")
-        if package == __name__ and old in MOVED:
-            return importlib.util.spec_from_loader(fullname, self)
-        return None
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module) -> None:
-        new = import_module(f"{__name__}.{MOVED[module.__name__.rpartition('.')[2]]}")
-        module.__getattr__ = lambda name: getattr(new, name)
-        module.__doc__ = f"Moved to {new.__name__}: {new.__doc__ or ''}"
-
-
-if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
-    sys.meta_path.insert(0, _MovedModules())

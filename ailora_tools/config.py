@@ -5,9 +5,8 @@ CLI flags given explicitly override the file. Lists become comma-separated value
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from .errors import FormatError, InputNotFoundError
 

@@ -6,6 +6,8 @@ import os
 import sys
 import warnings
 
+from .errors import AiloraWarning
+
 
 def logged_bars() -> None:
     """When stderr is a file or a pipe, bars refresh at most every 30 s, so a long run leaves a few lines in a log
@@ -37,8 +39,6 @@ def quiet_libraries() -> None:
 
 def one_line_warnings() -> None:
     """Print our own warnings (`errors.AiloraWarning`) as `warning: ...` on stderr, once each, without a source line."""
-    from .errors import AiloraWarning
-
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):

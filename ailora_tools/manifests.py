@@ -13,7 +13,7 @@ logits. So every adapter-bearing manifest (decompose's ailora.json, ailora-train
 decomposition it came from, so that a wrong base is named for what it is. A fingerprint is BLAKE3 of a tensor's
 first 64 KiB as stored: two models of equal shapes (a second random init, another fine-tune) differ in it, so a
 model directory is recognised wherever it was moved, and another model with the same shapes is refused.
-`base_of` reads the block for any adapter directory (older manifests: from decompose's per-module samples);
+`base_of` reads the block for any adapter directory (`read_manifest` upgrades an older manifest first);
 `check_base` checks a Checkpoint against it. A PEFT adapter without an ailora-tools manifest is not checked.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .errors import InputNotFoundError, OptionError, TargetError
 from .io.hashing import bytes_digest, file_digest
+from .io.output import MANIFEST_SCHEMA
 
 SAMPLE_BYTES = 64 * 1024
 DECOMPOSE_MANIFEST, TRAIN_MANIFEST, CONVERT_MANIFEST = "ailora.json", "ailora-train.json", "ailora-convert.json"
@@ -165,8 +166,7 @@ def base_of(adapter: str | os.PathLike) -> BaseOf:
         d = d.parent  # `convert --dora exact`: OUT/adapter applies to OUT/base, as OUT/ailora-convert.json records
     if (d / CONVERT_MANIFEST).is_file():
         m = read_manifest(d / CONVERT_MANIFEST)
-        return (BaseOf.from_block(m["applies_to"], manifest=str(d / CONVERT_MANIFEST)) if m.get("applies_to")
-                else BaseOf(ORIGINAL, manifest=str(d / CONVERT_MANIFEST)))
+        return BaseOf.from_block(m["applies_to"], manifest=str(d / CONVERT_MANIFEST)) if m else BaseOf(None)
     if (d / BITFIT_MANIFEST).is_file():  # trained biases: they belong to the model they were trained in
         m = read_manifest(d / BITFIT_MANIFEST)
         where = str(d / BITFIT_MANIFEST)
@@ -183,15 +183,8 @@ def base_of(adapter: str | os.PathLike) -> BaseOf:
         return BaseOf(kind, offset, method, initial.residual, initial.original, initial.samples, where)
     if (d.parent / DECOMPOSE_MANIFEST).is_file():
         m = read_manifest(d.parent / DECOMPOSE_MANIFEST)
-        where = str(d.parent / DECOMPOSE_MANIFEST)
-        if m.get("applies_to"):
-            return BaseOf.from_block(m["applies_to"], root=d.parent, method=m.get("method"), manifest=where)
-        kind = m.get("adapter_base") or (ORIGINAL if m.get("method") == "lora" else RESIDUAL)
-        stats = [s for s in m.get("modules", {}).values() if "source_sample" in s]
-        samples = {ORIGINAL: {s["tensor"]: s["source_sample"] for s in stats},
-                   RESIDUAL: {s["tensor"]: s["residual_sample"] for s in stats if s.get("residual_sample")}}
-        return BaseOf(kind, False, m.get("method"), str(d.parent / RESIDUAL_DIR), (m.get("source") or {}).get("model"),
-                      samples, where)
+        return BaseOf.from_block(m["applies_to"], root=d.parent, method=m.get("method"),
+                                 manifest=str(d.parent / DECOMPOSE_MANIFEST)) if m else BaseOf(None)
     return BaseOf(None)
 
 
@@ -318,11 +311,26 @@ def starts_offset(initial: str | os.PathLike) -> bool:
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """A manifest's JSON, or {} when the file is missing or unreadable."""
+    """A manifest's JSON in the current shape (`upgrade`), or {} when the file is missing or unreadable."""
     try:
-        return json.loads(Path(path).read_text())
+        return upgrade(json.loads(Path(path).read_text()), Path(path).name)
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def upgrade(manifest: dict, name: str) -> dict:
+    """Manifest `name` (DECOMPOSE_MANIFEST, ...) brought to schema `MANIFEST_SCHEMA`. Schema 1 (no `schema` key)
+    had no `applies_to` block in decompose's manifest (its per-module samples say the same) nor in convert's (a
+    converted LoRA applies to the original)."""
+    if manifest.get("schema", 1) >= MANIFEST_SCHEMA or manifest.get("applies_to"):
+        return manifest
+    if name == CONVERT_MANIFEST:
+        manifest = {**manifest, "applies_to": BaseOf(ORIGINAL).block()}
+    elif name == DECOMPOSE_MANIFEST:
+        kind = manifest.get("adapter_base") or (ORIGINAL if manifest.get("method") == "lora" else RESIDUAL)
+        manifest = {**manifest, "applies_to": decompose_identity(
+            manifest.get("modules", {}), original=(manifest.get("source") or {}).get("model"), residual=RESIDUAL_DIR, kind=kind)}
+    return {**manifest, "schema": MANIFEST_SCHEMA}
 
 
 def adapter_digest(adapter: str | os.PathLike) -> str | None:

@@ -11,7 +11,13 @@ from .io.hashing import file_digest
 from .io.output import JOURNAL_NAME
 from .io.peft_adapter import read_adapter
 from .io.tensorio import read_header, read_tensor
-from .manifests import ADAPTER_DIR, CKPT_DIR, DECOMPOSE_MANIFEST, MANIFESTS, RESIDUAL_DIR
+from .manifests import (
+    ADAPTER_DIR,
+    CKPT_DIR,
+    DECOMPOSE_MANIFEST,
+    MANIFESTS,
+    RESIDUAL_DIR,
+)
 
 
 def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:

@@ -165,7 +165,7 @@ def test_bad_files_are_named(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 0.5}\n')
     with pytest.raises(FormatError, match=r'd\.jsonl:1: "label" is 0\.5, not a class id .*use --num-labels 1 for regression'):
         read_labeled(tmp_path / "d.jsonl")
-    with pytest.raises(OptionError, match="--warmup-ratio 0.06 and --warmup 10: give one of the two"):
+    with pytest.raises(OptionError, match="^warmup_ratio 0.06 and warmup 10: give one of the two"):
         TrainOptions(warmup_ratio=0.06, warmup=10)
 
 

@@ -14,8 +14,10 @@ from safetensors import safe_open
 from ..errors import InputNotFoundError, OptionError
 from ..io.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, model_class, read_adapter
 from ..manifests import RESIDUAL, BaseOf, base_of, base_problem_dir
+from ..options import CHECK_TARGETS as TARGETS
+from ..options import VLLM_MAX_LORA_RANKS
 from ..training.bitfit import is_bitfit
-from .rules import TARGETS, VLLM_MAX_LORA_RANKS, Finding, refusals, vllm_max_lora_rank
+from .rules import Finding, refusals, vllm_max_lora_rank
 
 
 def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_rank: int = 16,

@@ -22,7 +22,13 @@ import torch
 from ..errors import AiloraError, OptionError
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
-from ..io.peft_adapter import CONFIG_NAME, Adapter, lora_config, read_adapter, write_adapter
+from ..io.peft_adapter import (
+    CONFIG_NAME,
+    Adapter,
+    lora_config,
+    read_adapter,
+    write_adapter,
+)
 from ..io.tensorio import DTYPE_FLAGS, torch_dtype
 from ..manifests import (
     CONVERT_MANIFEST,
@@ -37,12 +43,12 @@ from ..manifests import (
     starts_offset,
     task_record,
 )
-from ..options import at_least, choice
+from ..options import VLLM_MAX_LORA_RANKS, at_least, choice
 from .check import check_adapter
 from .dora import convert_dora
 from .lowrank import alpha_for, check_tolerance, delta_factors, fit_rank, pad_to_rank
 from .nf4_residual import quantized_run, read_dequantized, rel_error, trained_reference
-from .rules import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+from .rules import vllm_max_lora_rank
 from .serving import export_for, serve_command, serve_rules
 
 

@@ -42,11 +42,9 @@ from ..manifests import (
     starts_offset,
     task_record,
 )
-from ..options import at_least, choice
+from ..options import DORA_MODES, at_least, choice
 from .lowrank import alpha_for, check_tolerance, config_scale, pad_to_rank
 from .rules import vllm_max_lora_rank
-
-DORA_MODES = ("exact", "approximate")
 
 
 @dataclass

@@ -20,10 +20,10 @@ import torch
 from ..errors import InputNotFoundError, OutputError, UnsupportedError
 from ..io.peft_adapter import Adapter, read_adapter
 from ..manifests import check_base_dir, require_original
+from ..options import OUTTYPES
 
 #: HF model_type -> (gguf architecture name, whether q/k rows are permuted)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def permute_rows(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:

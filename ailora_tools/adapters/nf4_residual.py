@@ -18,7 +18,13 @@ from ..errors import InputNotFoundError
 from ..io.checkpoint import Checkpoint
 from ..io.peft_adapter import read_adapter
 from ..io.tensorio import DTYPE_FLAGS, read_tensor
-from ..manifests import CONVERT_MANIFEST, DECOMPOSE_MANIFEST, RESIDUAL_DIR, TRAIN_MANIFEST, read_manifest
+from ..manifests import (
+    CONVERT_MANIFEST,
+    DECOMPOSE_MANIFEST,
+    RESIDUAL_DIR,
+    TRAIN_MANIFEST,
+    read_manifest,
+)
 from ..quantization.nf4 import STATE, SUFFIXES, quantized_weights, read_dequantized
 
 if TYPE_CHECKING:

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import NumericsError, UnsupportedError
 from ..io.peft_adapter import Adapter
 from ..manifests import base_of
+from ..options import VLLM_MAX_LORA_RANKS
 from ..training.bitfit import is_bitfit
 from .gguf_export import gguf_tensors
 
@@ -25,10 +26,6 @@ VLLM_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
                           "lm_head"})
 #: server -> model_type (None: any other) -> the modules it serves LoRA on; a new architecture is one row
 SERVABLE_MODULES: dict[str, dict[str | None, frozenset[str]]] = {"vllm": {None: VLLM_MODULES}}
-#: the --max-lora-rank values a vLLM server accepts
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-SERVERS = ("vllm", "llama.cpp")
-TARGETS = (*SERVERS, "peft")  # what `check --for` judges
 
 
 @dataclass(frozen=True)

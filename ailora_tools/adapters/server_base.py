@@ -38,7 +38,7 @@ from ..io.peft_adapter import read_adapter, write_adapter
 from ..io.rewrite import Hashes, Replaced, by_shard, rewrite_checkpoint
 from ..io.tensorio import dtype_name, read_tensor, torch_dtype
 from ..manifests import EXPORT_BASE_MANIFEST, RESIDUAL, base_of, check_base
-from ..options import choice
+from ..options import SERVER_FORMATS, choice
 from .gguf_export import ARCHITECTURES, gguf_tensors, permute_rows, write_lora_gguf
 from .nf4_residual import (
     PARTS,
@@ -51,7 +51,6 @@ from .nf4_residual import (
 )
 from .serving import serve_command, serve_rules
 
-SERVER_FORMATS = {"vllm": ("w4a16",), "llama.cpp": ("q4_0", "q8_0")}
 GROUP_SIZE = 128  # vLLM's W4A16 preset
 #: modules vLLM fuses into one layer (one quantisation scheme per fused layer)
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))

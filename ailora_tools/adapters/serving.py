@@ -26,11 +26,11 @@ from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
 from ..io.tensorio import DTYPE_FLAGS, torch_dtype
 from ..manifests import CONVERT_MANIFEST, base_of, check_base_dir, require_original
-from ..options import at_least, choice
+from ..options import SERVERS, VLLM_MAX_LORA_RANKS, at_least, choice
 from ..training.bitfit import is_bitfit
 from .check import check_adapter
 from .lowrank import check_tolerance, fit_rank, pad_to_rank
-from .rules import SERVERS, VLLM_MAX_LORA_RANKS, refusals, vllm_max_lora_rank
+from .rules import refusals, vllm_max_lora_rank
 
 
 def serve_rules(adapter: Adapter, *, server: str, source: object, max_lora_rank: int | None = None,

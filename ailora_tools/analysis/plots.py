@@ -75,25 +75,6 @@ def per_layer_figure(f: BinaryIO, layers: list[int], series: dict[str, dict[str,
     _save(fig, f)
 
 
-def loss_figure(f: BinaryIO, curves: dict[str, list[tuple[int, float]]], *, title: str, ylabel: str,
-                smoothed: dict[str, list[tuple[int, float]]] | None = None, target: float | None = None) -> None:
-    """Loss against step, one line per run; with `smoothed` curves the raw points are drawn faint beneath them.
-
-    Args:
-        curves: run name -> [(step, loss), ...].
-        smoothed: run name -> the smoothed curve drawn as the run's line.
-        target: a horizontal dashed line at this loss (the "steps to reach" threshold).
-    """
-    fig, (ax,) = _figure(1, width=6.4, height=4.2)
-    for colour, (name, pts) in zip(COLOURS, curves.items()):
-        if smoothed is not None:
-            ax.plot([s for s, _ in pts], [v for _, v in pts], color=colour, alpha=0.25, linewidth=0.8)
-            pts = smoothed[name]
-        ax.plot([s for s, _ in pts], [v for _, v in pts], color=colour, label=name,
-                marker=None if smoothed is not None else "o", markersize=3)
-    _against_step(fig, ax, f, title=title, ylabel=ylabel, target=target)
-
-
 def band_figure(f: BinaryIO, series: dict[str, list[list[tuple[int, float]]]], *, title: str, ylabel: str,
                 target: float | None = None) -> None:
     """A value against step, one line per run group: the mean over its curves (seeds), with a band of ± one

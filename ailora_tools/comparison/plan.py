@@ -14,9 +14,8 @@ from ..init.targets import architecture, assign_roles, linear_modules
 from ..io.checkpoint import Checkpoint
 from ..io.examples import check_data
 from ..manifests import fingerprints, input_digest
-from ..options import InitOptions, TrainOptions
+from ..options import CLASSIFICATION, REGRESSION, InitOptions, TrainOptions
 from ..training.bitfit import check_bitfit
-from ..training.metrics import CLASSIFICATION, REGRESSION
 from ..training.tasks import resolve_task
 from .sweeps import BITFIT, DEFAULT_METHODS, DORA, init_of, parse_lrs, parse_seeds
 

@@ -23,13 +23,20 @@ from ..init import METHODS
 from ..io.hashing import file_digest
 from ..io.output import JOURNAL_NAME, OutputDir
 from ..manifests import COMPARE_MANIFEST
-from ..options import DecomposeOptions, InitOptions, TaskOptions, TrainOptions, check
+from ..options import (
+    METRICS,
+    DecomposeOptions,
+    InitOptions,
+    TaskOptions,
+    TrainOptions,
+    check,
+)
 from ..training import trainer
 from .curves import read_curves, trailing_mean
 from .plan import ComparePlan, Run, plan_comparison
 from .report import REPORT_NAME, report, write_plots
 from .summary import summarise
-from .sweeps import BITFIT, METRICS, init_of, run_name
+from .sweeps import BITFIT, init_of, run_name
 
 DECOMPOSED, TRAINED = "decomposed", "trained"
 #: calibration samples for data-aware methods: the first rows of the training data

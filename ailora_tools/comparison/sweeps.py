@@ -6,12 +6,9 @@ import json
 import math
 
 from ..errors import OptionError
-from ..training.metrics import CLASSIFICATION, REGRESSION
 
 #: the methods compared by default, in this order, when this version has them
 DEFAULT_METHODS = ("lora", "pissa", "milora", "ailora", "lora-da")
-#: --metric choices: what picks each method's learning rate (auto: accuracy, pearson for regression, or loss)
-METRICS = ("auto", "loss", *CLASSIFICATION, *REGRESSION)
 #: not an init method: `train --bitfit` on the model itself (no decompose; no progressive variant)
 BITFIT = "bitfit"
 #: "dora" is plain DoRA (`decompose --method lora --dora`); "METHOD+dora" is METHOD's init with DoRA's magnitudes

@@ -52,7 +52,10 @@ class _Residuals:
 
     def __call__(self, info: TensorInfo, W) -> Replaced:
         from ..devices import resolve_device
-        from .residual import residual_of, working_copy  # torch loads here, while shards copy
+        from .residual import (  # torch loads here, while shards copy
+            residual_of,
+            working_copy,
+        )
 
         if self.ran_on is None:
             self.ran_on = resolve_device(self.run.device)

@@ -29,7 +29,7 @@ def get_method(name: str) -> InitMethod:
         OptionError: no such method, listing the registered ones.
     """
     if name not in METHODS:
-        raise OptionError(f"--method {name!r}: choose one of {', '.join(METHODS)}")
+        raise OptionError(f"{{method}} {name!r}: choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
 

@@ -86,15 +86,15 @@ def resolve_targets(targets: list[str], modules: list[str], arch: Architecture) 
         TargetError: a target matches no module; the message lists the module names that exist.
     """
     if not targets:
-        raise TargetError("--targets: no module names given; pass comma-separated module-name suffixes, e.g. "
-                          "--targets q_proj,v_proj")
+        raise TargetError("{targets}: no module names given; pass comma-separated module-name suffixes, e.g. "
+                          "{targets} q_proj,v_proj")
     resolved = {}
     for t in targets:
         name = t if any(matches(m, t) for m in modules) else arch.aliases.get(t, t)
         if not any(matches(m, name) for m in modules):
             known = sorted({m.rsplit(".", 1)[-1] for m in modules})
             raise TargetError(
-                f"--targets: {t!r} matches no module of this {arch.name} model; "
+                f"{{targets}}: {t!r} matches no module of this {arch.name} model; "
                 f"linear modules here end with: {', '.join(known)}"
             )
         resolved[t] = name
@@ -116,11 +116,11 @@ def assign_roles(method, targets: list[str], modules: list[str], arch: Architect
     """
     resolved = resolve_targets(targets, modules, arch)
     if overrides and not method.needs_roles:
-        raise TargetError(f"--role: {method.name} gives its targets no roles; --role applies to ailora, pissa "
+        raise TargetError(f"{{roles}}: {method.name} gives its targets no roles; {{roles}} applies to ailora, pissa "
                           "and milora")
     for key, role in overrides.items():
         if role not in ROLES:
-            raise TargetError(f"--role {key}={role}: role must be one of {', '.join(ROLES)}")
+            raise TargetError(f"{{roles}} {key}={role}: role must be one of {', '.join(ROLES)}")
     wanted: dict[str, list[tuple[str, str | None]]] = {}  # module -> [(requested target, role)]
     for t, name in resolved.items():
         for m in modules:
@@ -129,7 +129,7 @@ def assign_roles(method, targets: list[str], modules: list[str], arch: Architect
     for key, role in overrides.items():
         hit = [m for m in wanted if matches(m, key) or matches(m, resolved.get(key, key))]
         if not hit:
-            raise TargetError(f"--role {key}={role}: {key!r} is not among the targets ({', '.join(targets)})")
+            raise TargetError(f"{{roles}} {key}={role}: {key!r} is not among the targets ({', '.join(targets)})")
         for m in hit:
             wanted[m] = [(key, role)]
     roles: dict[str, str | None] = {}
@@ -140,15 +140,15 @@ def assign_roles(method, targets: list[str], modules: list[str], arch: Architect
             raise UnsupportedError(
                 f"{m} is a fused projection holding {FUSED.get(suffix, 'several projections')} in one matrix "
                 f"(asked for as {', '.join(t for t, _ in asked)}), so one LoRA pair cannot give them different roles "
-                f"({', '.join(f'{t}={r}' for t, r in asked)}). Use --method pissa or milora, or give the whole "
-                f"matrix one role explicitly with --role {suffix}=principal|minor"
+                f"({', '.join(f'{t}={r}' for t, r in asked)}). Use {{method}} pissa or milora, or give the "
+                f"whole matrix one role explicitly with {{roles}} {suffix}=principal|minor"
             )
         role = distinct.pop()
         if method.needs_roles and role is None:
             raise TargetError(
                 f"ailora gives query projections ({', '.join(arch.query) or 'none here'}) the principal role and "
                 f"value projections ({', '.join(arch.value) or 'none here'}) the minor role; {m} has neither. "
-                f"Give it one with --role {suffix}=principal|minor (targets: {', '.join(targets)})"
+                f"Give it one with {{roles}} {suffix}=principal|minor (targets: {', '.join(targets)})"
             )
         roles[m] = role
     return roles

@@ -34,7 +34,6 @@ from .labels import (  # noqa: F401  (sequence classification: importable from h
     LabeledRow,
     label_ids,
     read_labeled,
-    read_labeled_jsonl,
     tokenize_labeled,
 )
 from .tables import Columns

@@ -89,11 +89,6 @@ def read_labeled(path: str | Path, *, flag: str = "--data", columns: Columns | N
     return out
 
 
-def read_labeled_jsonl(path: str | Path, *, flag: str = "--data") -> list[LabeledRow]:
-    """`read_labeled` with the default columns (kept for callers of earlier versions)."""
-    return read_labeled(path, flag=flag)
-
-
 def _check_header(path, flag: str, columns: Columns, header: list[str]) -> None:
     for option, name in (("--text-column", columns.text), ("--text-pair-column", columns.pair),
                          ("--label-column", columns.label_name)):

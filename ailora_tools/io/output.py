@@ -17,6 +17,9 @@ from typing import Iterator
 
 from ..errors import OutputError
 
+#: the shape of the manifests this version writes (`manifests.upgrade` brings an older one to it)
+MANIFEST_SCHEMA = 2
+
 LOCK_NAME = ".ailora.lock"
 JOURNAL_NAME = ".ailora-progress.json"
 
@@ -142,9 +145,10 @@ class OutputDir:
         self.publish(rel)
 
     def write_manifest(self, rel: str, manifest: dict) -> None:
-        """Write the run's manifest last and drop the journal: from here on the directory is complete."""
+        """Write the run's manifest last (stamped with `MANIFEST_SCHEMA`) and drop the journal: from here on the
+        directory is complete."""
         with self.open_atomic(rel, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+            json.dump({**manifest, "schema": MANIFEST_SCHEMA}, f, indent=2, sort_keys=True, default=str)
         (self.path / JOURNAL_NAME).unlink(missing_ok=True)
         shutil.rmtree(self.path / self.WORK, ignore_errors=True)
 

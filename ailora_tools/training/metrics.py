@@ -13,8 +13,6 @@ from typing import Sequence
 #: metric -> True when higher is better (losses: lower)
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "matthews": True, "pearson": True, "spearman": True,
                     "loss": False}
-CLASSIFICATION = ("accuracy", "f1", "matthews")
-REGRESSION = ("pearson", "spearman")
 
 
 def classification_metrics(predictions: Sequence[int], labels: Sequence[int], num_labels: int) -> dict[str, float]:

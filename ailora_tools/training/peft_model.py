@@ -9,17 +9,23 @@ seeds): the same on the same device, bit for bit.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from ..errors import AiloraError, NumericsError, UnsupportedError
+from ..architectures import peft_task_type
+from ..decomposition.quantized import quantized_residual, refits
+from ..decomposition.residual import initial_factors, residual_target, working_copy
+from ..devices import resolve_device
+from ..errors import NumericsError, UnsupportedError
 from ..init import Job, Settings, get_method, lora_scale
 from ..init.dora import magnitude
+from ..init.svd import generator_for
 from ..init.targets import architecture, assign_roles, is_transposed, matches
+from ..io.tensorio import DTYPES, FLOAT_DTYPES, TensorInfo
 from ..options import DecomposeOptions, InitOptions
+from ..quantization.nf4 import linear4bit
 
 if TYPE_CHECKING:
     import torch
@@ -61,13 +67,8 @@ def get_ailora_model(
         >>> model = get_ailora_model(model, method="ailora", rank=16)  # doctest: +SKIP
         >>> Trainer(model=model, args=args, train_dataset=ds).train()  # doctest: +SKIP
     """
-    try:
-        return _wrap(model, options, settings, lora_dropout=lora_dropout, adapter_name=adapter_name, progress=progress,
-                     quantize=quantize, loftq_iters=loftq_iters)
-    except AiloraError as e:  # the checks are shared with the commands: name the arguments, not the flags
-        e.args = (re.sub(r"--(role|[a-z]+(?:-[a-z]+)*)\b",
-                         lambda m: "roles" if m[1] == "role" else m[1].replace("-", "_"), str(e)),)
-        raise
+    return _wrap(model, options, settings, lora_dropout=lora_dropout, adapter_name=adapter_name, progress=progress,
+                 quantize=quantize, loftq_iters=loftq_iters)
 
 
 def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: str, progress: bool,
@@ -77,8 +78,6 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers.pytorch_utils import Conv1D
 
-    from ..architectures import peft_task_type
-    from ..devices import resolve_device
 
     if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         raise UnsupportedError(f"{type(model).__name__} already holds PEFT adapter layers; pass the plain "
@@ -135,10 +134,6 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
 def _quantize_targets(model, layers: dict, role_of: dict, init, params, device, iters: int, progress: bool) -> dict:
     """Replace each target Linear by a bitsandbytes Linear4bit holding its quantised residual (`decompose
     --quantize`'s own code); return module -> (A0, B0) as the adapter starts."""
-    from ..decomposition.quantized import quantized_residual, refits
-    from ..decomposition.residual import initial_factors, working_copy
-    from ..quantization.nf4 import linear4bit
-
     initial = {}
     for m in tqdm(sorted(role_of), desc="quantise", unit="matrix", disable=not progress):
         W = layers[m].weight.detach()
@@ -158,8 +153,6 @@ def _quantize_targets(model, layers: dict, role_of: dict, init, params, device, 
 
 
 def _job(module: str, W: torch.Tensor, role: str | None, transposed: bool) -> Job:
-    from ..io.tensorio import TensorInfo
-
     return Job(module, TensorInfo(f"{module}.weight", "the model in memory", _stored_dtype(W), tuple(W.shape), 0, 0),
                role, transposed)
 
@@ -168,9 +161,6 @@ def _initialise(W: torch.Tensor, init, module: str, role: str | None, transposed
                 offset: bool = True):
     """(A0, B0, residual as stored or None) for one target, with decompose's own code and per-module seed;
     `offset` False (`no_offset`): the factors alone, the base left as it is."""
-    from ..decomposition.residual import initial_factors, residual_target, working_copy
-    from ..init.svd import generator_for
-
     job = _job(module, W, role, transposed)
     if not init.offsets_base:  # plain LoRA: the base stays as it is
         A0, B0, _ = init.factors(job, None, params, generator=generator_for(params.seed, module, "cpu"))
@@ -204,6 +194,4 @@ def _check_weights(model, weights: dict[str, torch.Tensor], role_of: dict[str, s
 
 def _stored_dtype(W: torch.Tensor) -> str | None:
     """W's safetensors dtype name among the float types decompose handles ("F32", "BF16", ...), else None."""
-    from ..io.tensorio import DTYPES, FLOAT_DTYPES
-
     return next((k for k in FLOAT_DTYPES if DTYPES[k][0] == str(W.dtype).removeprefix("torch.")), None)

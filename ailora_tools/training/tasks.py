@@ -24,7 +24,14 @@ import torch
 
 from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM, match, task_of
 from ..errors import TargetError, UnsupportedError
-from ..io.examples import IGNORE, Columns, collate, collate_labeled, load_jsonl, load_masked_jsonl
+from ..io.examples import (
+    IGNORE,
+    Columns,
+    collate,
+    collate_labeled,
+    load_jsonl,
+    load_masked_jsonl,
+)
 from ..io.labels import label_ids, read_labeled, tokenize_labeled
 from ..io.peft_adapter import load_into, read_adapter
 from ..options import TASKS as CHOICES

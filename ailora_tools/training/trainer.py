@@ -23,7 +23,15 @@ from ..io.hashing import file_digest
 from ..io.output import OutputDir, finished_run
 from ..manifests import BITFIT_MANIFEST, TRAIN_MANIFEST
 from ..options import TrainOptions
-from .checkpointer import CKPT_DIR, METRICS, Checkpointer, Metrics, recorded, tokens_per_s, write
+from .checkpointer import (
+    CKPT_DIR,
+    METRICS,
+    Checkpointer,
+    Metrics,
+    recorded,
+    tokens_per_s,
+    write,
+)
 from .loop import evaluate, train_steps
 from .setup import prepare
 

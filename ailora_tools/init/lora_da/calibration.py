@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 from ...architectures import CAUSAL_LM, CLASSIFY, MASKED_LM, task_of
 from ...devices import resolve_device
-from ...errors import UnsupportedError
+from ...errors import OptionError, UnsupportedError
 from ...io.checkpoint import Checkpoint
 from ...io.examples import Example, LabeledExample
 from ...io.tensorio import DTYPE_FLAGS, DTYPES
@@ -84,6 +84,7 @@ def calibrate(
     Raises:
         UnsupportedError: a model_type other than llama, mistral, qwen2, bert, roberta, xlm-roberta, or a task
             its kind does not calibrate for; a bad dtype, token_mask, device; a transformers older than 5.4.
+        OptionError: a batch_size below 1 or a negative activation_budget.
         TargetError: a module that is not a linear module inside a decoder or encoder layer.
         FormatError: no sample has a loss token; a token id outside the vocabulary; a label outside the head; a
             tensor missing or of the wrong shape in the checkpoint (a masked-LM task without the MLM head).
@@ -100,7 +101,7 @@ def calibrate(
     if dtype is not None and dtype not in DTYPE_FLAGS:
         raise UnsupportedError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_FLAGS)}")
     if batch_size < 1 or activation_budget < 0:
-        raise UnsupportedError(f"batch_size {batch_size} / activation_budget {activation_budget}: "
+        raise OptionError(f"{{batch_size}} {batch_size} / {{activation_budget}} {activation_budget}: "
                                "need batch_size >= 1 and activation_budget >= 0")
     dev = resolve_device(device)
     net = (DecoderParts if model_type in DECODERS else EncoderParts)(ckpt, task, dtype, dev, labels=labels, seed=seed)

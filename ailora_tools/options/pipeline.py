@@ -1,79 +1,22 @@
-"""Every setting of decompose and train, declared once as a typed dataclass field.
-
-A field carries its default, its help text and its range; from these come the library's keyword arguments
-(`decompose(model, out, rank=32)`), the command-line options (`cli.py` generates them), the recipe tables
-(`config.py`) and the manifests (`asdict`). A new option is one field here. Values are checked when the object is
-built, so `decompose(alpha=0)` and `ailora-tools decompose --alpha 0` fail the same way: one line naming the
-option, nothing read or written.
-"""
+"""Every setting of decompose and train (and the init settings compare and get_ailora_model share)."""
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 
-from .architectures import CAUSAL_LM, CLASSIFY, MASKED_LM
-from .errors import OptionError
+from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM
+from ..errors import OptionError
+from ..io.examples import Columns
+from .commands import DTYPES
+from .fields import Options, option
 
 SVD_MODES = ("exact", "randomized")
-DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULERS = ("cosine", "linear", "constant")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 ADAPTER_BASES = ("auto", "residual", "original")
 QUANTIZE = ("nf4",)
 TASKS = ("auto", CAUSAL_LM, MASKED_LM, CLASSIFY)
-
-
-def option(default, help: str, *, low: float | None = None, above: float | None = None, choices=None,
-           metavar: str | None = None, cli: str | None = None):
-    """A field with its help text and checks: `low` (≥), `above` (>), `choices`; None always passes. `cli`: the
-    command-line flag when it is not the field's name with dashes (`roles` is the repeatable `--role`)."""
-    meta = {"help": help, "low": low, "above": above, "choices": choices, "metavar": metavar, "cli": cli}
-    if isinstance(default, (dict, list, tuple)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of a field: `max_length` -> `--max-length`."""
-    return "--" + name.replace("_", "-")
-
-
-class Options:
-    """Base of the option dataclasses: checks every field on construction, builds from keyword arguments."""
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            check(flag(f.name), getattr(self, f.name), **{k: f.metadata.get(k) for k in ("low", "above", "choices")})
-
-    @classmethod
-    def build(cls, options: Options | None = None, /, **settings):
-        """`options` (or the defaults) with `settings` replacing fields; an unknown keyword is an OptionError."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(settings) - names)
-        if unknown:
-            raise OptionError(f"{cls.__name__} has no setting {', '.join(unknown)}; it has {', '.join(sorted(names))}")
-        base = {f.name: getattr(options, f.name) for f in fields(cls)} if options is not None else {}
-        return cls(**{**base, **settings})
-
-    @classmethod
-    def defaults(cls) -> dict:
-        """Field name -> default value."""
-        return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)}
-
-
-def check(name: str, value, *, low=None, above=None, choices=None) -> None:
-    """One value against its range; raises OptionError naming `name` (the flag)."""
-    if value is None:
-        return
-    if choices is not None and value not in choices:
-        raise OptionError(f"{name} {value!r}: choose one of {', '.join(choices)}")
-    if (low is not None or above is not None) and not _finite(value):
-        raise OptionError(f"{name} {value}: must be a finite number")
-    if low is not None and value < low:
-        raise OptionError(f"{name} {value}: must be at least {low:g}")
-    if above is not None and not value > above:
-        raise OptionError(f"{name} {value}: must be greater than {above:g}")
 
 
 @dataclass
@@ -93,8 +36,6 @@ class TaskOptions(Options):
     @property
     def columns(self):
         """The data columns (`io.examples.Columns`) these options name."""
-        from .io.examples import Columns
-
         return Columns(self.text_column, self.text_pair_column, self.label_column)
 
 
@@ -165,26 +106,26 @@ class DecomposeOptions(InitOptions, TaskOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, given in (("--quantize-all", self.quantize_all), ("--loftq-iters", self.loftq_iters)):
+        for name, given in (("quantize_all", self.quantize_all), ("loftq_iters", self.loftq_iters)):
             if given and self.quantize is None:
-                raise OptionError(f"{name}: applies to a quantised residual; add --quantize nf4")
-        clash = next((f for f, on in (("no-residual", self.no_residual), ("no-offset", self.no_offset),
+                raise OptionError(f"{{{name}}}: applies to a quantised residual; add {{quantize}} nf4")
+        clash = next((f for f, on in (("no_residual", self.no_residual), ("no_offset", self.no_offset),
                                       ("dora", self.dora)) if on), None)
         if self.quantize is not None and clash:
-            raise OptionError(f"--quantize {self.quantize}: not with --{clash}"
+            raise OptionError(f"{{quantize}} {self.quantize}: not with {{{clash}}}"
                               f"{' (the quantised model is the residual)' if clash != 'dora' else ' (not supported yet)'}"
                               "; drop one of the two")
-        for given, other in (("--no-residual", self.no_residual), ("--no-offset", self.no_offset)):
+        for given, other in (("no_residual", self.no_residual), ("no_offset", self.no_offset)):
             if other and self.residual_dtype is not None:
-                raise OptionError(f"--residual-dtype: {given} writes no residual; drop one of the two")
+                raise OptionError(f"{{residual_dtype}}: {{{given}}} writes no residual; drop one of the two")
         if self.no_offset and self.no_residual:
-            raise OptionError("--no-offset and --no-residual: --no-residual trains on the original with s·B0·A0 "
-                              "subtracted (step 0 = the model), --no-offset without (step 0 = model + s·B0·A0); "
+            raise OptionError("{no_offset} and {no_residual}: {no_residual} trains on the original with s·B0·A0 "
+                              "subtracted (step 0 = the model), {no_offset} without (step 0 = model + s·B0·A0); "
                               "choose one")
         if self.dora and self.no_residual and self.method != "lora":
-            raise OptionError(f"--dora: not with --no-residual for --method {self.method}: DoRA's norm is that of the "
-                              "base the adapter applies to, and PEFT would not subtract s·B0·A0 from it; drop "
-                              "--no-residual")
+            raise OptionError(f"{{dora}}: not with {{no_residual}} for {{method}} {self.method}: DoRA's norm is that "
+                              "of the base the adapter applies to, and PEFT would not subtract s·B0·A0 from it; drop "
+                              "{no_residual}")
         if self.data is not None:
             self.data = os.fspath(self.data)
 
@@ -236,29 +177,10 @@ class TrainOptions(TaskOptions):
         if self.tokenizer is not None:
             self.tokenizer = os.fspath(self.tokenizer)
         if self.warmup_ratio is not None and self.warmup_ratio > 1:
-            raise OptionError(f"--warmup-ratio {self.warmup_ratio}: a fraction of the steps, at most 1")
+            raise OptionError(f"{{warmup_ratio}} {self.warmup_ratio}: a fraction of the steps, at most 1")
         if self.warmup_ratio is not None and self.warmup:
-            raise OptionError(f"--warmup-ratio {self.warmup_ratio} and --warmup {self.warmup}: give one of the two")
+            raise OptionError(f"{{warmup_ratio}} {self.warmup_ratio} and {{warmup}} {self.warmup}: give one of the two")
 
     def warmup_steps(self, total: int) -> int:
-        """--warmup, or --warmup-ratio of `total` steps (rounded up, as transformers' Trainer does)."""
+        """warmup, or warmup_ratio of `total` steps (rounded up, as transformers' Trainer does)."""
         return math.ceil(self.warmup_ratio * total) if self.warmup_ratio is not None else self.warmup
-
-
-def at_least(flag_: str, value: float | None, low: float) -> None:
-    """`value` is None (not given) or a finite number ≥ `low`."""
-    check(flag_, value, low=low)
-
-
-def positive(flag_: str, value: float | None) -> None:
-    """`value` is None (not given) or a finite number > 0."""
-    check(flag_, value, above=0)
-
-
-def choice(flag_: str, value: str | None, allowed) -> None:
-    """`value` is None or one of `allowed`."""
-    check(flag_, value, choices=allowed)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
