@@ -30,13 +30,13 @@ from ..io.peft_adapter import (
     write_adapter,
 )
 from ..io.tensorio import DTYPE_FLAGS, torch_dtype
+from ..lineage import initial_adapter_of
 from ..manifests import (
     CONVERT_MANIFEST,
     TRAIN_MANIFEST,
     BaseOf,
     check_base_dir,
     converted_identity,
-    initial_adapter_of,
     name_or_path,
     original_base_of,
     read_manifest,

@@ -35,10 +35,10 @@ from ..io.hashing import file_digest
 from ..io.output import OutputDir
 from ..io.peft_adapter import read_adapter
 from ..io.tensorio import FLOAT_DTYPES, read_tensor
+from ..lineage import initial_adapter_of
 from ..manifests import (
     SPECTRUM_MANIFEST,
     TRAIN_MANIFEST,
-    initial_adapter_of,
     starts_offset,
 )
 from .plots import per_layer_figure, spectra_figure

@@ -22,7 +22,8 @@ from ..io.checkpoint import Checkpoint
 from ..io.examples import check_data
 from ..io.peft_adapter import Adapter, read_adapter
 from ..io.tokenizer import load_tokenizer
-from ..manifests import NO_OFFSET, check_base, starts_offset, train_identity
+from ..lineage import train_identity
+from ..manifests import NO_OFFSET, check_base, starts_offset
 from ..options import TrainOptions
 from .bitfit import BitFit, check_bitfit, load_bitfit_model
 from .data_parallel import Ranks
