@@ -16,10 +16,11 @@ rank the output is byte-identical to one process's: every random draw is seeded 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from .errors import AiloraError, RankError
 
@@ -64,7 +65,7 @@ class Sharing:
     owners: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, work: dict[str, float] | None) -> "Sharing":
+    def start(cls, work: dict[str, float] | None) -> Sharing:
         """Join the process group and agree on who computes what. Rank 0 passes the work of each tensor to share,
         in the order it will ask for them; the others pass None. Not launched by torchrun: one rank, no group."""
         if not launched():

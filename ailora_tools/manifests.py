@@ -77,7 +77,7 @@ class BaseOf:
                 "original": part[ORIGINAL], "residual": part[RESIDUAL] if self.residual else None}
 
     @classmethod
-    def from_block(cls, block: dict, *, root: Path | None = None, **kw) -> "BaseOf":
+    def from_block(cls, block: dict, *, root: Path | None = None, **kw) -> BaseOf:
         """From an `applies_to` block; a relative model path is relative to `root` (decompose's own residual)."""
         samples = {k: (block.get(k) or {}).get("samples") or {} for k in (ORIGINAL, RESIDUAL)}
         samples[block["kind"]] = block.get("samples") or samples[block["kind"]]

@@ -7,8 +7,8 @@ from conftest import killed_at_update
 from matplotlib.image import imread
 
 from ailora_tools import compare
-from ailora_tools.comparison.curves import steps_to_reach, trailing_mean
 from ailora_tools.cli import main
+from ailora_tools.comparison.curves import steps_to_reach, trailing_mean
 from ailora_tools.decomposition import pipeline as decomposition
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import OptionError, OutputError, UnsupportedError

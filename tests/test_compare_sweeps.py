@@ -11,8 +11,8 @@ from matplotlib.image import imread
 from test_encoders import FILLER, encoder, sentence  # noqa: F401  (encoder: the fixture)
 
 from ailora_tools import compare
-from ailora_tools.comparison.sweeps import parse_lrs, parse_seeds
 from ailora_tools.cli import main
+from ailora_tools.comparison.sweeps import parse_lrs, parse_seeds
 from ailora_tools.errors import OptionError
 
 METHODS = ["lora", "pissa"]

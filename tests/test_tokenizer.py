@@ -2,10 +2,10 @@
 import json
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 
 from ailora_tools import decompose

@@ -40,7 +40,7 @@ def packed_shape(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
     return tuple(json.loads(bytes(raw.numpy()).decode())["shape"])
 
 
-def rel_error(result: "torch.Tensor", reference: "torch.Tensor") -> float:
+def rel_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     """‖result − reference‖_F / ‖reference‖_F in float64 (0 for a zero reference equal to the result)."""
     import torch
 
@@ -97,7 +97,7 @@ def compute_dtype(ckpt: Checkpoint) -> str:
     return DTYPE_FLAGS[(ckpt.config.get("quantization_config") or {}).get("bnb_4bit_compute_dtype") or "float32"]
 
 
-def trained_on(adapter: str | os.PathLike) -> tuple[QuantizedRun, "object"] | None:
+def trained_on(adapter: str | os.PathLike) -> tuple[QuantizedRun, object] | None:
     """For an adapter trained on a quantised residual, or converted from one: the run and the TRAINED adapter
     (whose dequant(Q) + s·B·A is the model every export is measured against); None otherwise."""
     d = Path(adapter)
@@ -112,7 +112,7 @@ def trained_on(adapter: str | os.PathLike) -> tuple[QuantizedRun, "object"] | No
     return (run, read_adapter(trained)) if run is not None and trained.is_dir() else None
 
 
-def trained_reference(run: QuantizedRun, trained, name: str) -> "torch.Tensor":
+def trained_reference(run: QuantizedRun, trained, name: str) -> torch.Tensor:
     """W_trained = dequant(Q) + s·B·A of weight `name` (float32): the model trained on the quantised residual."""
     module = name.removesuffix(".weight")
     W = read_dequantized(run.residual, name).float()

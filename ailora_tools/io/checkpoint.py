@@ -15,10 +15,10 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 from ..errors import FormatError, InputNotFoundError, OptionError, UnsupportedError
 from .tensorio import MAX_HEADER, ShardHeader, TensorInfo, parse_header, read_header
@@ -53,7 +53,7 @@ class Checkpoint:
 
     @classmethod
     def open(cls, model: str | os.PathLike, *, revision: str | None = None, allow_pickle: bool = False,
-             scratch: str | os.PathLike | None = None) -> "Checkpoint":
+             scratch: str | os.PathLike | None = None) -> Checkpoint:
         """Resolve a local directory or a Hub repo id and read every shard header.
 
         Args:
@@ -89,7 +89,7 @@ class Checkpoint:
         return cls._from_hub(str(model), revision)
 
     @classmethod
-    def _from_hub(cls, repo_id: str, revision: str | None) -> "Checkpoint":
+    def _from_hub(cls, repo_id: str, revision: str | None) -> Checkpoint:
         from huggingface_hub import constants, snapshot_download
         from huggingface_hub.errors import (
             HfHubHTTPError,
@@ -127,7 +127,7 @@ class Checkpoint:
         return cls._load(repo_id, revision, root, repo_id, header, download)
 
     @classmethod
-    def _load(cls, source, revision, root: Path, repo_id, header, download=None) -> "Checkpoint":
+    def _load(cls, source, revision, root: Path, repo_id, header, download=None) -> Checkpoint:
         config_path = root / "config.json"
         if not config_path.is_file():
             raise InputNotFoundError(f"{source}: no config.json; pass a Hugging Face model directory")

@@ -12,8 +12,8 @@ import csv
 import io
 import itertools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import FormatError
 

@@ -198,7 +198,7 @@ def _example(row: dict, tok) -> Example:
     return _chat(row["messages"], tok)
 
 
-def _masked(row, tok, gen: "torch.Generator", max_length: int) -> Example:
+def _masked(row, tok, gen: torch.Generator, max_length: int) -> Example:
     import torch
 
     ids = tok(_masked_row(row), truncation=True, max_length=max_length)["input_ids"]
@@ -237,7 +237,7 @@ def _chat(messages: list[dict], tok) -> Example:
     return Example(ids, labels)
 
 
-def collate(batch: list[Example], pad_id: int) -> dict[str, "torch.Tensor"]:
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padding gets attention 0 and no loss."""
     import torch
 
@@ -252,7 +252,7 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, "torch.Tensor"]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def collate_labeled(batch: list[LabeledExample], pad_id: int) -> dict[str, "torch.Tensor"]:
+def collate_labeled(batch: list[LabeledExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a classification batch; labels are one class id per example."""
     import torch
 

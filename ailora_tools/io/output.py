@@ -11,9 +11,9 @@ import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import OutputError
 
@@ -53,7 +53,7 @@ class OutputDir:
                 raise OutputError(f"-o {self.path}: lies inside the input {src}; choose a directory outside it")
         self._lock_fd: int | None = None
 
-    def __enter__(self) -> "OutputDir":
+    def __enter__(self) -> OutputDir:
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"-o {self.path}: is a file, but the output is a directory; choose a directory path")
         self.path.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,11 @@ import json
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -60,11 +60,11 @@ class Replaced:
     """What `compute` gives for one tensor: what to store instead (same shape; the output dtype), tensors to keep
     (saved with the shard, so `--resume` gets them back) and a JSON-able record."""
 
-    tensor: "torch.Tensor"
-    extras: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    tensor: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
     #: the tensors written beside it, by output name, as `rewrite_checkpoint`'s `parts` planned them
-    parts: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 #: compute(info, W) -> Replaced
@@ -125,7 +125,7 @@ class _Rewrite:
     compute: Compute
     hashes: Hashes
     out_dtype: str | None
-    added: dict[str, "torch.Tensor"]
+    added: dict[str, torch.Tensor]
     renamed: dict[str, str]
     parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
     dropped: set[str] | frozenset[str]
@@ -136,7 +136,7 @@ class _Rewrite:
 
 def rewrite_checkpoint(
     ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]], compute: Compute, *,
-    hashes: Hashes, out_dtype: str | None = None, added: dict[str, "torch.Tensor"] | None = None,
+    hashes: Hashes, out_dtype: str | None = None, added: dict[str, torch.Tensor] | None = None,
     renamed: dict[str, str] | None = None, files: dict[str, bytes] | None = None, progress: bool = True,
     desc: str = "", parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None = None,
     dropped: set[str] | frozenset[str] = frozenset(),
@@ -263,7 +263,7 @@ def _write_at(job: _Job, name: str, data, where: Path) -> None:
         raise OSError(f"short write of {name!r} into {where}")
 
 
-def _write_part(job: _Job, name: str, t: "torch.Tensor", planned: tuple[str, tuple[int, ...]], where: Path) -> None:
+def _write_part(job: _Job, name: str, t: torch.Tensor, planned: tuple[str, tuple[int, ...]], where: Path) -> None:
     """Write one planned part of a replaced tensor at its offset, refusing any other dtype or shape."""
     if (dtype_name(t.dtype), tuple(t.shape)) != (planned[0], tuple(planned[1])):
         raise ValueError(f"{name!r} is {dtype_name(t.dtype)}{list(t.shape)}, but {planned[0]}{list(planned[1])} was "

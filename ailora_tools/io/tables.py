@@ -11,9 +11,10 @@ optional `datasets` package (`pip install datasets`): each is asked for only whe
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from ..errors import FormatError, InputNotFoundError, UnsupportedError
 from . import delimited

@@ -37,7 +37,7 @@ def _bnb():
     return F
 
 
-def quantize(W: "torch.Tensor", *, dtype: str, double_quant: bool = True) -> dict[str, "torch.Tensor"]:
+def quantize(W: torch.Tensor, *, dtype: str, double_quant: bool = True) -> dict[str, torch.Tensor]:
     """NF4 of W [out, in] (any float dtype, on CPU or a GPU bitsandbytes supports; quantised from float32) with
     bitsandbytes' `quantize_4bit`: suffix -> tensor on the CPU, shaped as `parts_layout` says.
 
@@ -75,7 +75,7 @@ def quantize(W: "torch.Tensor", *, dtype: str, double_quant: bool = True) -> dic
     return parts
 
 
-def dequantize(parts: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+def dequantize(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """The matrix NF4 `parts` (suffix -> tensor, as `quantize` gives or a checkpoint stores) hold, in the dtype its
     quant state names, on the device `parts` are on: what transformers' Linear4bit computes with."""
     F = _bnb()
@@ -84,7 +84,7 @@ def dequantize(parts: dict[str, "torch.Tensor"]) -> "torch.Tensor":
     return F.dequantize_4bit(weight, state)
 
 
-def read_dequantized(ckpt, name: str) -> "torch.Tensor":
+def read_dequantized(ckpt, name: str) -> torch.Tensor:
     """Tensor `name` of a checkpoint (`io.checkpoint.Checkpoint`) as a float tensor: an NF4-packed weight
     dequantised (in the dtype it dequantises to, on the CPU), any other tensor as stored. Reads only that tensor's
     bytes (and its parts'), wherever the index puts them.
@@ -104,7 +104,7 @@ def read_dequantized(ckpt, name: str) -> "torch.Tensor":
                        in ckpt.tensors})
 
 
-def linear4bit(parts: dict[str, "torch.Tensor"], bias: "torch.Tensor | None" = None):
+def linear4bit(parts: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
     """A bitsandbytes `Linear4bit` holding the NF4 `parts` (as `quantize` gives them) and `bias`, on their device:
     the layer transformers builds when it loads such a weight, for quantising a model in memory."""
     import torch

@@ -39,7 +39,7 @@ class Ranks:
     mesh: object = None  # --fsdp: the ranks' DeviceMesh
 
     @classmethod
-    def start(cls, device: torch.device, *, fsdp: bool = False) -> "Ranks":
+    def start(cls, device: torch.device, *, fsdp: bool = False) -> Ranks:
         """Join the process group (not launched by torchrun: one rank, no group); `fsdp`: also make the mesh."""
         if not launched():
             return cls()

@@ -8,7 +8,7 @@ predictions is undefined and reported as None.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 #: metric -> True when higher is better (losses: lower)
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "matthews": True, "pearson": True, "spearman": True,
