@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from ailora_tools import decompose, get_ailora_model
 from ailora_tools.io.checkpoint import Checkpoint
+from ailora_tools.io.nf4_layout import STATE
 from ailora_tools.io.tensorio import read_tensor
-from ailora_tools.quantization.nf4 import STATE, quantize, read_dequantized
+from ailora_tools.quantization.nf4 import quantize, read_dequantized
 
 pytest.importorskip("bitsandbytes")
 import bitsandbytes as bnb  # noqa: E402

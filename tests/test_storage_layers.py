@@ -30,14 +30,3 @@ def test_quantization_imports_storage_at_module_top_only():
     for path in (PKG / "quantization").glob("*.py"):
         inner = [m for m, at_top in _package_imports(path) if not at_top]
         assert not inner, f"quantization/{path.name} imports {inner} inside functions"
-
-
-def test_the_nf4_layout_is_one_object_wherever_it_is_imported_from():
-    from ailora_tools import quantization
-    from ailora_tools.io import nf4_layout
-    from ailora_tools.io.peft_adapter import NF4_STATE
-    from ailora_tools.quantization import nf4
-
-    assert NF4_STATE is nf4_layout.STATE is nf4.STATE
-    assert quantization.parts_layout is nf4.parts_layout is nf4_layout.parts_layout
-    assert nf4_layout.parts_layout((64, 32), "F32")[""] == ("U8", (1024, 1))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputNotFoundError
 from ..io.checkpoint import Checkpoint
+from ..io.nf4_layout import STATE, SUFFIXES, quantized_weights
 from ..io.peft_adapter import read_adapter
 from ..io.tensorio import DTYPE_FLAGS, read_tensor
 from ..manifests import (
@@ -25,7 +26,7 @@ from ..manifests import (
     TRAIN_MANIFEST,
     read_manifest,
 )
-from ..quantization.nf4 import STATE, SUFFIXES, quantized_weights, read_dequantized
+from ..quantization.nf4 import read_dequantized
 
 if TYPE_CHECKING:
     import torch

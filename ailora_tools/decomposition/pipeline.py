@@ -23,6 +23,7 @@ from ..init import InitMethod, Job, Settings, get_method, lora_scale
 from ..init.targets import architecture, assign_roles, is_transposed, linear_modules
 from ..io.checkpoint import Checkpoint
 from ..io.hashing import file_digest
+from ..io.nf4_layout import HEADS
 from ..io.output import OutputDir
 from ..io.rewrite import Hashes
 from ..io.tables import table_format
@@ -232,8 +233,6 @@ def _quantization(ckpt: Checkpoint, jobs: list[Job], o: DecomposeOptions) -> dic
     Raises:
         UnsupportedError: a Conv1D model (weights stored transposed).
     """
-    from ..quantization.nf4 import HEADS
-
     arch = architecture(ckpt.config)
     if arch.transposed:
         raise UnsupportedError(f"--quantize {o.quantize}: {ckpt.source} stores its linear weights transposed "

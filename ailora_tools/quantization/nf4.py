@@ -1,7 +1,7 @@
 """bitsandbytes NF4 maths, one matrix at a time: quantise, dequantise, a `Linear4bit` (no model in memory).
 
 What transformers stores for such a weight (tensor names, shapes, the packed quant state, config.json's
-`quantization_config`) is storage, in `io.nf4_layout`; its names are re-exported here for the stages that quantise.
+`quantization_config`) is storage, in `io.nf4_layout`.
 `read_dequantized(ckpt, name)` reads any weight of an NF4 checkpoint back as a float tensor (the dequantised
 values transformers computes with), for exporters and checks. bitsandbytes loads on the first call that
 quantises or dequantises, never on import.
@@ -11,17 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import UnsupportedError
-from ..io.nf4_layout import (  # noqa: F401  (partly re-exported: decomposition, adapters)
-    BLOCKSIZE,
-    HEADS,
-    QUANT_TYPE,
-    STATE,
-    SUFFIXES,
-    parts_layout,
-    quantization_config,
-    quantized_weights,
-    skip_modules,
-)
+from ..io.nf4_layout import BLOCKSIZE, QUANT_TYPE, STATE, SUFFIXES, parts_layout
 from ..io.tensorio import read_tensor, torch_dtype
 
 if TYPE_CHECKING:
