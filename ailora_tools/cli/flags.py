@@ -7,27 +7,17 @@ import typing
 
 import click
 
+from .. import options
 from ..config import load_recipe
 from ..errors import AiloraError
 from ..init import METHODS
-from ..options import DecomposeOptions, InitOptions, TrainOptions, flag
-from ..options.commands import (
-    CheckOptions,
-    CompareOptions,
-    ConvertOptions,
-    DemoOptions,
-    ExportBaseOptions,
-    ExportGgufOptions,
-    MergeOptions,
-    PushOptions,
-    Report,
-    SpectrumOptions,
-    VerifyOptions,
-)
+from ..options import flag
 
 #: every option dataclass a command takes: their fields' flags spell OptionErrors
-OPTION_CLASSES = (CompareOptions, DecomposeOptions, InitOptions, TrainOptions, ConvertOptions, MergeOptions, ExportGgufOptions,
-                  ExportBaseOptions, CheckOptions, PushOptions, SpectrumOptions, VerifyOptions, DemoOptions, Report)
+OPTION_CLASSES = (options.CompareOptions, options.DecomposeOptions, options.InitOptions, options.TrainOptions,
+                  options.ConvertOptions, options.MergeOptions, options.ExportGgufOptions, options.ExportBaseOptions,
+                  options.CheckOptions, options.PushOptions, options.SpectrumOptions, options.VerifyOptions,
+                  options.DemoOptions, options.Report)
 
 
 def flag_of(name: str) -> str:
