@@ -244,7 +244,7 @@ def _write_gguf(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, progr
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     errors = {}
-    for name, out, shape, t, heads in tqdm(plan, desc=f"gguf {fmt}", unit="tensor", disable=not progress):
+    for name, _out, _shape, t, heads in tqdm(plan, desc=f"gguf {fmt}", unit="tensor", disable=not progress):
         W = read_dequantized(ckpt, name) if name in packed else read_tensor(ckpt.shard(ckpt.tensors[name].file), name)
         if heads is not None:
             W = permute_rows(W, n_head, heads if heads != n_head else None)

@@ -224,7 +224,7 @@ def read_adapter(directory: Path | str, *, strict: bool = True, dora: bool = Fal
             raise FormatError(f"{w_path}: {m}: lora_A {tuple(A[m].shape)} and lora_B {tuple(B[m].shape)} do not chain")
         factors[m] = (A[m], B[m])
     if config.get("use_dora") and strict:
-        for m, (A_, B_) in factors.items():
+        for m, (_A, B_) in factors.items():
             if m not in mags or tuple(mags[m].shape) != (B_.shape[0],):
                 raise FormatError(f"{w_path}: DoRA module {m} has no lora_magnitude_vector of shape [{B_.shape[0]}] "
                                   f"(found {tuple(mags[m].shape) if m in mags else 'none'}); pass a complete DoRA adapter")

@@ -127,7 +127,7 @@ def _parse(path: Path, name: str, raw: bytes, buffer_size: int) -> tuple[dict, d
     for key, entry in doc.items():
         tensors[key] = _entry(path, name, key, entry, buffer_size)
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer; the file is corrupt; "
                               f"{REDO}")
