@@ -26,7 +26,8 @@ from ..options.commands import (
 )
 
 #: every option dataclass a command takes: their fields' flags spell OptionErrors
-OPTION_CLASSES = (CompareOptions, DecomposeOptions, InitOptions, TrainOptions, ConvertOptions, MergeOptions, ExportGgufOptions,
+OPTION_CLASSES = (CompareOptions, DecomposeOptions, InitOptions, TrainOptions, ConvertOptions, MergeOptions,
+                  ExportGgufOptions,
                   ExportBaseOptions, CheckOptions, PushOptions, SpectrumOptions, VerifyOptions, DemoOptions, Report)
 
 

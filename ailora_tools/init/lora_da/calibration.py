@@ -90,7 +90,8 @@ def calibrate(
             tensor missing or of the wrong shape in the checkpoint (a masked-LM task without the MLM head).
 
     Example:
-        >>> stats = {s.name: s for s in calibrate("./llama", examples, ["model.layers.0.self_attn.q_proj"])}  # doctest: +SKIP
+        >>> stats = {s.name: s for s in calibrate("./llama", examples,
+        ...                                       ["model.layers.0.self_attn.q_proj"])}  # doctest: +SKIP
     """
     require_transformers()
     ckpt = model if isinstance(model, Checkpoint) else Checkpoint.open(model)
