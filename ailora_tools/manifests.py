@@ -214,8 +214,8 @@ def base_problem(adapter: str | os.PathLike, ckpt, *, flag: str = "--base", mean
     if meant.kind == RESIDUAL and found == ORIGINAL:
         return (f"{adapter} applies to the residual {meant.residual} (decompose subtracted the initial product from "
                 f"the weights), but {flag} {ckpt.source} is the original model: the result would be off by s·B0·A0. "
-                f"Pass {flag} {meant.residual}, or run `ailora-tools convert` first to get a LoRA for the original "
-                "model")
+                f"Pass {flag} {meant.residual}, or run `ailora-tools convert` first to get a LoRA for the "
+                "original model")
     if meant.kind == ORIGINAL and (found == RESIDUAL or _residual_of(ckpt, meant)):
         return (f"{adapter} applies to the original model {meant.original}, but {flag} {ckpt.source} is a residual "
                 f"decompose wrote from it: pass {flag} {meant.original}")

@@ -130,8 +130,8 @@ def main() -> None:
              "targets q_proj and v_proj of every layer, bfloat16 checkpoint and compute, "
              f"{args.rounds} round(s), each workload its own process (`sync` before each, untimed)",
              "- engine: `ailora_tools.init.lora_da.calibration.calibrate`, one decoder layer at a time; reference: "
-             "`benchmarks/calibration_reference.py`, the whole model with hooks, one sample at a time (the authors' "
-             "way)",
+             "`benchmarks/calibration_reference.py`, the whole model with hooks, one sample at a time (the "
+             "authors' way)",
              "- difference: largest |engine − reference| / largest |reference| of G / of Z, over layer 0's q_proj "
              "and the last layer's v_proj (bfloat16 compute: the reference's G is the model's bfloat16 .grad, ours "
              "float32)", ""]

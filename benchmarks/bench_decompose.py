@@ -111,8 +111,8 @@ def describe_machine(device: str) -> list[str]:
 def table(results: dict[str, list[dict]]) -> list[str]:
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     copy, full, niter = med.get("copy (cp -r)"), med.get("PEFT pissa (full SVD)"), med.get("PEFT pissa_niter_4")
-    lines = ["| workload | median s | min s | peak RSS MiB | peak GPU MiB | × copy | PEFT full ÷ this | PEFT niter_4 ÷ "
-             "this |",
+    lines = ["| workload | median s | min s | peak RSS MiB | peak GPU MiB | × copy | PEFT full ÷ this | PEFT niter_4 "
+             "÷ this |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for k, v in results.items():
         rss = max(r["rss"] for r in v) / 2**20

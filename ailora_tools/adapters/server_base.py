@@ -339,8 +339,8 @@ def _add_vocab(writer, root: Path, vocab_size: int) -> None:
             last = e
     if vocab is None:
         raise InputNotFoundError(f"{root}: no tokenizer llama.cpp's converter reads (tokenizer.model, or a "
-                                 f"tokenizer.json of BPE type: {last}); copy the original model's tokenizer files "
-                                 "there")
+                                 f"tokenizer.json of BPE type: {last}); copy the original model's tokenizer "
+                                 "files there")
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores, types = [-10000.0] * vocab_size, [gguf.TokenType.UNUSED] * vocab_size
     for i, (text, score, toktype) in enumerate(vocab.all_tokens()):

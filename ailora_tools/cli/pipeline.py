@@ -36,8 +36,8 @@ def decompose(model, out, overwrite, resume, as_json, quiet, **settings):
     Several GPUs or machines: `torchrun --nproc-per-node N -m ailora_tools.cli decompose ...`; each rank computes
     the factors of its share of the matrices, rank 0 writes the same bytes as one process."""
     if model is None:
-        raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= in "
-                               "--config")
+        raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= "
+                               "in --config")
     passive_openmp()
     options = DecomposeOptions.build(**settings)
     prehash(model, options.revision)
@@ -83,8 +83,8 @@ def train(base, adapter, data, out, resume, force, overwrite, as_json, quiet, **
         for s in summary["progressive"]["stages"]:
             click.echo(f"  stage {s['stage']}: blocks {s['blocks'][0]}-{s['blocks'][1]}, steps {s['steps'][0]}-"
                        f"{s['steps'][1]}, {s['tokens_per_s']} tokens/s")
-        click.echo(f"  updated parameter-steps: {summary['progressive']['updated_parameter_fraction']:.1%} of plain "
-                   "training")
+        click.echo(f"  updated parameter-steps: {summary['progressive']['updated_parameter_fraction']:.1%} of "
+                   "plain training")
 
 
 @main.command()

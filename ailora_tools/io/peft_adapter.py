@@ -228,8 +228,8 @@ def read_adapter(directory: Path | str, *, strict: bool = True, dora: bool = Fal
         for m, (_A, B_) in factors.items():
             if m not in mags or tuple(mags[m].shape) != (B_.shape[0],):
                 raise FormatError(f"{w_path}: DoRA module {m} has no lora_magnitude_vector of shape [{B_.shape[0]}] "
-                                  f"(found {tuple(mags[m].shape) if m in mags else 'none'}); pass a complete DoRA "
-                                  "adapter")
+                                  f"(found {tuple(mags[m].shape) if m in mags else 'none'}); pass a complete "
+                                  "DoRA adapter")
     return Adapter(config, factors, extra, mags)
 
 

@@ -53,8 +53,8 @@ def check_bitfit(ckpt, *, base: object, adapter: object, bitfit: bool, progressi
         raise OptionError("--progressive applies to adapters; leave it out with --bitfit")
     if not bias_tensors(ckpt.tensors):
         raise UnsupportedError(f"--bitfit: {base} has no bias terms (Llama-family models have none), so BitFit has "
-                               "nothing to train; train a LoRA instead (`ailora-tools decompose`, then `train "
-                               "--adapter`)")
+                               "nothing to train; train a LoRA instead (`ailora-tools decompose`, then "
+                               "`train --adapter`)")
 
 
 @dataclass
