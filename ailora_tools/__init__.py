@@ -27,7 +27,8 @@ def lazy_exports(package: str, table: dict[str, str], extra: tuple[str, ...] = (
 _EXPORTS = {
     "AiloraError": "errors", "Checkpoint": "io.checkpoint",
     "decompose": "decomposition", "get_ailora_model": "training", "train": "training",
-    "convert": "adapters", "merge": "adapters", "export_gguf": "adapters", "check_adapter": "adapters", "push": "adapters",
+    "convert": "adapters", "merge": "adapters", "export_gguf": "adapters", "check_adapter": "adapters",
+    "push": "adapters",
     "spectrum": "analysis", "compare": "comparison",
     "InitOptions": "options", "DecomposeOptions": "options", "TrainOptions": "options",
 }

@@ -74,7 +74,8 @@ def head_tensors(names: Iterable[str], config) -> list[str]:
     model in `config` (its `classifier`/`score` head); empty for any other task type.
 
     Example:
-        >>> head_tensors(["bert.pooler.dense.weight", "classifier.weight"], {"architectures": ["BertForSequenceClassification"]})
+        >>> head_tensors(["bert.pooler.dense.weight", "classifier.weight"],
+        ...              {"architectures": ["BertForSequenceClassification"]})
         ['classifier.weight']
     """
     if peft_task_type(config) != "SEQ_CLS":
@@ -130,7 +131,8 @@ def match(names: Iterable[str], available: Collection[str], *, prefix: str | Non
         name -> its spelling in `available`; names found nowhere are left out (the caller names them in its error).
 
     Example:
-        >>> match(["bert.encoder.layer.0.attention.self.query"], {"encoder.layer.0.attention.self.query"}, prefix="bert")
+        >>> match(["bert.encoder.layer.0.attention.self.query"], {"encoder.layer.0.attention.self.query"},
+        ...       prefix="bert")
         {'bert.encoder.layer.0.attention.self.query': 'encoder.layer.0.attention.self.query'}
     """
     names = list(names)

@@ -42,7 +42,8 @@ def build_tiny_model(path: str | Path, *, seed: int = 0) -> Path:
     vocab = {t: i for i, t in enumerate(specials + list(string.printable[:-2]))}
     chars = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
     chars.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=chars, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=chars, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
     tok.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -83,9 +84,11 @@ def demo(out: str | Path = "ailora-demo", *, steps: int = 300, progress: bool = 
                 lambda p: (f"{len(list(p.glob('*.safetensors')))} shards", True))
     dec = step("decompose (ailora, r=8)", out / "decomposed",
                lambda: decompose(base, out / "decomposed", rank=8, progress=progress),
-               lambda s: (f"worst reconstruction error {s['worst_recon_rel_fro']:.1e}", s["worst_recon_rel_fro"] < 1e-6))
+               lambda s: (f"worst reconstruction error {s['worst_recon_rel_fro']:.1e}",
+                          s["worst_recon_rel_fro"] < 1e-6))
     tr = step("train", out / "trained",
-              lambda: train(out / "decomposed" / RESIDUAL_DIR, out / "decomposed" / ADAPTER_DIR, data_file("demo_train.jsonl"),
+              lambda: train(out / "decomposed" / RESIDUAL_DIR, out / "decomposed" / ADAPTER_DIR,
+                            data_file("demo_train.jsonl"),
                             out / "trained", eval_data=data_file("demo_eval.jsonl"), max_steps=steps, lr=1e-2,
                             batch_size=16, warmup=10, progress=progress),
               lambda s: (f"eval loss {s['eval_loss_start']:.3f} -> {s['eval_loss']:.3f}",
@@ -106,7 +109,8 @@ def demo(out: str | Path = "ailora-demo", *, steps: int = 300, progress: bool = 
             c = load(out / "merged")(**ids).logits
         return max(float((a - b).abs().max()), float((a - c).abs().max()), float((b - c).abs().max()))
 
-    step("parity check", out, parity, lambda d: (f"max logit difference {d:.1e} (limit {PARITY_TOL:.0e})", d <= PARITY_TOL))
+    step("parity check", out, parity,
+         lambda d: (f"max logit difference {d:.1e} (limit {PARITY_TOL:.0e})", d <= PARITY_TOL))
     (out / MARKER).write_text(json.dumps({"steps": rows, "train": tr, "convert": conv, "decompose": dec},
                                          indent=2, default=str))
     if not all(r["ok"] for r in rows):

@@ -19,7 +19,8 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError as e:
         raise UnsupportedError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from e
     if dev.type not in ("cpu", "cuda"):
-        raise UnsupportedError(f"--device {device!r}: only cpu and cuda devices are supported; use auto, cpu, cuda or cuda:N")
+        raise UnsupportedError(f"--device {device!r}: only cpu and cuda devices are supported; use auto, cpu, cuda "
+                               "or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UnsupportedError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

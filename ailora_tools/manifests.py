@@ -214,7 +214,8 @@ def base_problem(adapter: str | os.PathLike, ckpt, *, flag: str = "--base", mean
     if meant.kind == RESIDUAL and found == ORIGINAL:
         return (f"{adapter} applies to the residual {meant.residual} (decompose subtracted the initial product from "
                 f"the weights), but {flag} {ckpt.source} is the original model: the result would be off by s·B0·A0. "
-                f"Pass {flag} {meant.residual}, or run `ailora-tools convert` first to get a LoRA for the original model")
+                f"Pass {flag} {meant.residual}, or run `ailora-tools convert` first to get a LoRA for the "
+                "original model")
     if meant.kind == ORIGINAL and (found == RESIDUAL or _residual_of(ckpt, meant)):
         return (f"{adapter} applies to the original model {meant.original}, but {flag} {ckpt.source} is a residual "
                 f"decompose wrote from it: pass {flag} {meant.original}")
@@ -223,7 +224,8 @@ def base_problem(adapter: str | os.PathLike, ckpt, *, flag: str = "--base", mean
                                             f"{meant.original})" if meant.kind == RESIDUAL else ""))
     return (f"{adapter} applies to the {meant.kind} {meant.model}" +
             (f" of {meant.original}" if meant.kind == RESIDUAL and meant.original else "") +
-            f", but {flag} {ckpt.source} is {what} (its weights differ from the fingerprints {Path(meant.manifest).name} "
+            f", but {flag} {ckpt.source} is {what} (its weights differ from the fingerprints "
+            f"{Path(meant.manifest).name} "
             f"records): {todo}; if it is that model saved again (another dtype or format), pass --force")
 
 
@@ -329,7 +331,8 @@ def upgrade(manifest: dict, name: str) -> dict:
     elif name == DECOMPOSE_MANIFEST:
         kind = manifest.get("adapter_base") or (ORIGINAL if manifest.get("method") == "lora" else RESIDUAL)
         manifest = {**manifest, "applies_to": decompose_identity(
-            manifest.get("modules", {}), original=(manifest.get("source") or {}).get("model"), residual=RESIDUAL_DIR, kind=kind)}
+            manifest.get("modules", {}), original=(manifest.get("source") or {}).get("model"), residual=RESIDUAL_DIR,
+            kind=kind)}
     return {**manifest, "schema": MANIFEST_SCHEMA}
 
 

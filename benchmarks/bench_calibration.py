@@ -79,8 +79,8 @@ def prepare(size: str, work: Path, samples: int, tokens: int) -> tuple[Path, dic
 
     model = work / "model"
     if not (model / "model.safetensors.index.json").is_file():
-        code = (f"import sys, torch; sys.path.insert(0, {str(HERE.parent / 'tests')!r}); from synthetic import SIZES, synthetic_llama; "
-                f"synthetic_llama({str(model)!r}, dtype=torch.bfloat16, **SIZES[{size!r}])")
+        code = (f"import sys, torch; sys.path.insert(0, {str(HERE.parent / 'tests')!r}); from synthetic import SIZES, "
+                f"synthetic_llama; synthetic_llama({str(model)!r}, dtype=torch.bfloat16, **SIZES[{size!r}])")
         subprocess.run([PY, "-c", code], check=True)
     config = json.loads((model / "config.json").read_text())
     rng = random.Random(0)
@@ -130,7 +130,8 @@ def main() -> None:
              "targets q_proj and v_proj of every layer, bfloat16 checkpoint and compute, "
              f"{args.rounds} round(s), each workload its own process (`sync` before each, untimed)",
              "- engine: `ailora_tools.init.lora_da.calibration.calibrate`, one decoder layer at a time; reference: "
-             "`benchmarks/calibration_reference.py`, the whole model with hooks, one sample at a time (the authors' way)",
+             "`benchmarks/calibration_reference.py`, the whole model with hooks, one sample at a time (the "
+             "authors' way)",
              "- difference: largest |engine − reference| / largest |reference| of G / of Z, over layer 0's q_proj "
              "and the last layer's v_proj (bfloat16 compute: the reference's G is the model's bfloat16 .grad, ours "
              "float32)", ""]
@@ -150,12 +151,19 @@ def main() -> None:
                 results[name].append(r)
                 print(f"[{size} round {rnd + 1}] {name}: {r['seconds']:.2f} s, {r['rss'] / 2**20:.0f} MiB", flush=True)
         lines += [f"## {size}: {size_bytes / 1e9:.2f} GB, {config['num_hidden_layers']} layers", "",
-                  "| workload | median s | of which work s | peak RSS MiB | growth MiB | bound MiB | difference G / Z |",
+                  "| workload | median s | of which work s | peak RSS MiB | growth MiB | bound MiB "
+                  "| difference G / Z |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, (kind, batch) in jobs.items():
             v = results[name]
-            kept = min(1 << 30, (config["num_hidden_layers"] + 2) * args.samples * args.tokens * config["hidden_size"] * 2)
-            bound = "" if kind == "reference" else f"{memory_bound(config, data['modules'], batch_size=batch, max_tokens=args.tokens, activation_budget=kept) / 2**20:.0f}"
+            kept = min(1 << 30,
+                       (config["num_hidden_layers"] + 2) * args.samples * args.tokens * config["hidden_size"] * 2)
+            if kind == "reference":
+                bound = ""
+            else:
+                mib = memory_bound(config, data["modules"], batch_size=batch, max_tokens=args.tokens,
+                                   activation_budget=kept) / 2**20
+                bound = f"{mib:.0f}"
             diff = "0 (itself)" if kind == "reference" else difference(work, f"{kind}-{batch}.safetensors")
             lines.append(f"| {name} | {statistics.median(r['seconds'] for r in v):.2f} | "
                          f"{statistics.median(r['work'] for r in v):.2f} | "
@@ -163,7 +171,8 @@ def main() -> None:
                          f"{bound} | {diff} |")
         lines.append("")
     lines += ["Work: the child's time after its imports and reading the data (the rest is starting Python and "
-              "importing torch and transformers). Peak RSS is the child's VmHWM. Growth: that less the RSS once torch, transformers and the code are imported; the "
+              "importing torch and transformers). Peak RSS is the child's VmHWM. Growth: that less the RSS once torch, "
+              "transformers and the code are imported; the "
               "engine's bound (`memory_bound`) is for that growth, taking as activation budget what these runs keep "
               "in RAM, (layers + 2) × samples × tokens × hidden × 2 bytes (under the default budget of 1 GiB).", ""]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -37,14 +37,16 @@ def workloads(model: Path, work: Path, device: str, rank: int) -> dict[str, list
     return {
         "copy (cp -r)": ["cp", "-r", str(model), "{out}"],
         "decompose pissa randomized": cli + ["decompose", str(model), "-o", "{out}", "--method", "pissa", *common],
-        "decompose pissa exact": cli + ["decompose", str(model), "-o", "{out}", "--method", "pissa", "--svd", "exact", *common],
+        "decompose pissa exact": cli + ["decompose", str(model), "-o", "{out}", "--method", "pissa", "--svd", "exact",
+                                        *common],
         "decompose ailora randomized": cli + ["decompose", str(model), "-o", "{out}", *common],
         "decompose ailora exact": cli + ["decompose", str(model), "-o", "{out}", "--svd", "exact", *common],
         "PEFT pissa (full SVD)": [PY, str(HERE / "peft_pissa.py"), str(model), "{out}", "--init", "pissa",
                                   "--rank", str(rank), "--device", device],
         "PEFT pissa_niter_4": [PY, str(HERE / "peft_pissa.py"), str(model), "{out}", "--init", "pissa_niter_4",
                                "--rank", str(rank), "--device", device],
-        "merge (residual + trained)": cli + ["merge", str(work / "prep" / "residual"), str(work / "trained"), "-o", "{out}", "--quiet"],
+        "merge (residual + trained)": cli + ["merge", str(work / "prep" / "residual"), str(work / "trained"), "-o",
+                                             "{out}", "--quiet"],
         "convert (trained -> LoRA)": cli + ["convert", "--trained", str(work / "trained"), "-o", "{out}"],
     }
 
@@ -55,7 +57,8 @@ def run(argv: list[str], out: Path, stats: Path) -> dict:
     argv = [a.replace("{out}", str(out)) for a in argv]
     os.sync()  # no workload pays for writing back the one before it (not timed)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "BENCH_STATS": str(stats)})
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "BENCH_STATS": str(stats)})
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -68,14 +71,16 @@ def run(argv: list[str], out: Path, stats: Path) -> dict:
 def prepare(size: str, work: Path, dtype: str, device: str, rank: int) -> Path:
     model = work / "model"
     if not (model / "model.safetensors.index.json").is_file():
-        code = (f"import sys, torch; sys.path.insert(0, {str(HERE.parent / 'tests')!r}); from synthetic import size_spec, synthetic_llama; "
+        code = (f"import sys, torch; sys.path.insert(0, {str(HERE.parent / 'tests')!r}); from synthetic import "
+                "size_spec, synthetic_llama; "
                 f"synthetic_llama({str(model)!r}, dtype=torch.{dtype}, **size_spec({size!r}))")
         subprocess.run([PY, "-c", code], check=True)
     if not (work / "trained" / "adapter_config.json").is_file():
         shutil.rmtree(work / "prep", ignore_errors=True)
         subprocess.run([PY, str(HERE / "run_with_stats.py"), "decompose", str(model), "-o", str(work / "prep"),
                         "--rank", str(rank), "--quiet", "--device", device], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([PY, str(HERE / "prepare_trained.py"), str(work / "prep" / "adapter"), str(work / "trained")], check=True)
+        subprocess.run([PY, str(HERE / "prepare_trained.py"), str(work / "prep" / "adapter"), str(work / "trained")],
+                       check=True)
     return model
 
 
@@ -97,7 +102,8 @@ def describe_machine(device: str) -> list[str]:
                                "transformers.__version__, peft.__version__, ailora_tools.__version__, "
                                "torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"],
                               capture_output=True, text=True, check=True).stdout.split(maxsplit=4)
-    return [f"- machine: {cpu}, {os.cpu_count()} cores, {mem} GiB RAM, GPU: {versions[4].strip()}, device flag: {device}",
+    return [f"- machine: {cpu}, {os.cpu_count()} cores, {mem} GiB RAM, GPU: {versions[4].strip()}, device flag: "
+            f"{device}",
             f"- versions: python {platform.python_version()}, torch {versions[0]}, transformers {versions[1]}, "
             f"peft {versions[2]}, ailora-tools {versions[3]}"]
 
@@ -105,7 +111,8 @@ def describe_machine(device: str) -> list[str]:
 def table(results: dict[str, list[dict]]) -> list[str]:
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     copy, full, niter = med.get("copy (cp -r)"), med.get("PEFT pissa (full SVD)"), med.get("PEFT pissa_niter_4")
-    lines = ["| workload | median s | min s | peak RSS MiB | peak GPU MiB | × copy | PEFT full ÷ this | PEFT niter_4 ÷ this |",
+    lines = ["| workload | median s | min s | peak RSS MiB | peak GPU MiB | × copy | PEFT full ÷ this | PEFT niter_4 "
+             "÷ this |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for k, v in results.items():
         rss = max(r["rss"] for r in v) / 2**20
@@ -121,19 +128,25 @@ def targets(results: dict[str, list[dict]], device: str) -> list[str]:
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     rss = {k: max(r["rss"] for r in v) for k, v in results.items()}
     checks = [
-        ("pissa randomized ≥ 8× faster than PEFT full SVD", med["PEFT pissa (full SVD)"] / med["decompose pissa randomized"], 8, True),
-        ("pissa randomized ≥ 3× faster than PEFT pissa_niter_4", med["PEFT pissa_niter_4"] / med["decompose pissa randomized"], 3, True),
-        ("pissa exact ≥ 4× faster than PEFT full SVD", med["PEFT pissa (full SVD)"] / med["decompose pissa exact"], 4, True),
-        ("ailora ≤ 1.5× pissa (randomized)", med["decompose ailora randomized"] / med["decompose pissa randomized"], 1.5, False),
+        ("pissa randomized ≥ 8× faster than PEFT full SVD",
+         med["PEFT pissa (full SVD)"] / med["decompose pissa randomized"], 8, True),
+        ("pissa randomized ≥ 3× faster than PEFT pissa_niter_4",
+         med["PEFT pissa_niter_4"] / med["decompose pissa randomized"], 3, True),
+        ("pissa exact ≥ 4× faster than PEFT full SVD", med["PEFT pissa (full SVD)"] / med["decompose pissa exact"], 4,
+         True),
+        ("ailora ≤ 1.5× pissa (randomized)", med["decompose ailora randomized"] / med["decompose pissa randomized"],
+         1.5, False),
         ("ailora ≤ 1.5× pissa (exact)", med["decompose ailora exact"] / med["decompose pissa exact"], 1.5, False),
         ("pissa randomized ≤ 3× plain copy", med["decompose pissa randomized"] / med["copy (cp -r)"], 3, False),
-        ("peak RSS ≤ 1/4 of PEFT's", max(rss[k] for k in rss if k.startswith("decompose")) / rss["PEFT pissa (full SVD)"], 0.25, False),
+        ("peak RSS ≤ 1/4 of PEFT's",
+         max(rss[k] for k in rss if k.startswith("decompose")) / rss["PEFT pissa (full SVD)"], 0.25, False),
     ]
     slowest = max(v for k, v in med.items() if k.startswith("decompose")) / med["copy (cp -r)"]
     if device.startswith("cuda"):
         checks.append(("on a GPU, every decompose ≤ 1.3× plain copy", slowest, 1.3, False))
     checks.append(("many cores, big checkpoint: every decompose ≤ 1.0× plain copy", slowest, 1.0, False))
-    return [f"- {name}: {value:.2f} (target {'≥' if up else '≤'} {goal}) — {'met' if (value >= goal if up else value <= goal) else 'NOT met'}"
+    return [f"- {name}: {value:.2f} (target {'≥' if up else '≤'} {goal}) — "
+            f"{'met' if (value >= goal if up else value <= goal) else 'NOT met'}"
             for name, value, goal, up in checks]
 
 
@@ -180,7 +193,8 @@ def main() -> None:
             lines += [f"Targets{scope}:", "", *targets(results, args.device), ""]
     if len(rss_by_size) > 1:
         lo, hi = min(rss_by_size.values()), max(rss_by_size.values())
-        lines += [f"Peak RSS of decompose across sizes: {', '.join(f'{k} {v / 2**20:.0f} MiB' for k, v in rss_by_size.items())} "
+        lines += ["Peak RSS of decompose across sizes: "
+                  f"{', '.join(f'{k} {v / 2**20:.0f} MiB' for k, v in rss_by_size.items())} "
                   f"(spread {hi / lo - 1:.0%}; target: flat within 20%)", ""]
     args.out.mkdir(parents=True, exist_ok=True)
     dest = args.out / f"decompose-{args.device}-{datetime.date.today()}.md"

@@ -23,7 +23,8 @@ from bench_decompose import HERE, PY, describe_machine, prepare, run, write_repo
 
 
 def workloads(model: Path, work: Path, ranks: int, method: str, svd: str, device: str, rank: int) -> dict:
-    launch = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "ailora_tools.cli"] \
+    launch = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m",
+              "ailora_tools.cli"] \
         if ranks > 1 else [PY, str(HERE / "run_with_stats.py")]
     return {
         f"decompose {method} {svd}, {ranks} rank(s)": launch + [
@@ -80,11 +81,13 @@ def main() -> None:
                 outputs[name] = digests(out)
                 shutil.rmtree(out)
                 print(f"{size} round {r + 1}: {name}: {results[name][-1]['seconds']:.2f} s", flush=True)
-        lines += [f"## {size}", "", "| workload | median s | speed-up vs 1 rank | largest process peak RSS MiB | outputs as 1 rank's |",
+        lines += [f"## {size}", "",
+                  "| workload | median s | speed-up vs 1 rank | largest process peak RSS MiB | outputs as 1 rank's |",
                   "| --- | ---: | ---: | ---: | --- |"]
         for name, v in results.items():
             first = name.rsplit(",", 1)[0] + f", {args.ranks[0]} rank(s)"
-            med, base = statistics.median(x["seconds"] for x in v), statistics.median(x["seconds"] for x in results[first])
+            med, base = (statistics.median(x["seconds"] for x in v),
+                         statistics.median(x["seconds"] for x in results[first]))
             same = "byte-identical" if outputs[name] == outputs[first] else "DIFFERENT"
             rss = max(x["rss"] for x in v) / 2**20
             lines.append(f"| {name} | {med:.2f} | {base / med:.2f}× | {rss:.0f} | {same} |")

@@ -103,7 +103,8 @@ def main() -> None:
              ("- σ error: largest |σ − σ₆₄|/σ₆₄ against a float64 full SVD; residual: largest ||W v − σ u|| / σ_max; "
               "paths: method:Krylov steps × matrices (gram32 = float32 Gram + float64 Rayleigh–Ritz)"), "",
              ("| matrices | r | exact s | svd float32 s | exact / svd (per round) | randomized s | σ error | residual "
-              "| paths | minor (float64 Gram) s |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+              "| paths | minor (float64 Gram) s |"),
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for kind, mats in kinds(args.kinds).items():
         refs = {name: torch.linalg.svdvals(W.double()) for name, W in mats.items()}
         for W in list(mats.values())[:2]:  # warm-up
@@ -123,7 +124,8 @@ def main() -> None:
             ratio = statistics.median(e / s for e, s in zip(times["exact", r], times["svd", 0]))  # per round
             serr, res, paths = exact_accuracy(mats, r, refs)
             lines.append(f"| {kind} ({len(mats)}) | {r} | {exact_s:.3f} | {svd_s:.3f} | {ratio:.2f} | "
-                         f"{rand_s:.3f} | {serr:.1e} | {res:.1e} | {paths} | {statistics.median(times['minor', r]):.3f} |")
+                         f"{rand_s:.3f} | {serr:.1e} | {res:.1e} | {paths} | "
+                         f"{statistics.median(times['minor', r]):.3f} |")
             print(lines[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     dest = args.out / f"exact-cpu-{datetime.date.today()}.md"

@@ -7,7 +7,7 @@ that stage's steps (from metrics.jsonl: forward + backward + optimizer, no eval)
 fraction of updated parameter-steps and the final eval loss of both. The table goes to benchmarks/results/.
 Nothing here is asserted.
 
-    python benchmarks/bench_progressive.py                     # 8 blocks, hidden 256, 4 stages, 40 steps, 2 rounds (~3 min on 2 cores)
+    python benchmarks/bench_progressive.py   # 8 blocks, hidden 256, 4 stages, 40 steps, 2 rounds (~3 min on 2 cores)
     python benchmarks/bench_progressive.py --layers 16 --hidden 512 --device cuda
 """
 from __future__ import annotations
@@ -37,7 +37,8 @@ def build(work: Path, *, layers: int, hidden: int, seq: int, examples: int) -> t
 
     tok_dir = build_tiny_model(work / "tok")
     vocab = json.loads((tok_dir / "config.json").read_text())["vocab_size"]
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers,
                          num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
                          max_position_embeddings=max(512, seq), bos_token_id=1, eos_token_id=2, pad_token_id=3)
     torch.manual_seed(0)
@@ -77,7 +78,8 @@ def train_run(dec: Path, data: Path, evals: Path, out: Path, args, stages: int |
 def tokens_per_s(metrics: list[dict], steps: list[int]) -> float:
     """Median over the steps of tokens/s; step 1 (warm-up: allocations, first kernels) left out unless alone."""
     rows = [m for m in metrics if "seconds" in m and steps[0] <= m["step"] <= steps[1]]
-    return statistics.median(m["tokens"] / m["seconds"] for m in (rows[1:] if rows[0]["step"] == 1 and len(rows) > 1 else rows))
+    return statistics.median(m["tokens"] / m["seconds"]
+                             for m in (rows[1:] if rows[0]["step"] == 1 and len(rows) > 1 else rows))
 
 
 def main() -> None:
@@ -117,8 +119,8 @@ def main() -> None:
              "runs (above the core count, other processes shared the cores and the figures carry their noise)",
              f"- Llama-style, {args.layers} blocks, hidden {args.hidden}, random weights; AILoRA r = 16 on q_proj and "
              f"v_proj; {args.steps} steps of {args.batch_size} × {args.seq} tokens; float32; median of {args.rounds} "
-             "round(s); tokens/s = median over each stage's steps of one step's tokens / its seconds (forward + backward + "
-             "optimizer step; no eval; step 1, the warm-up, left out)", "",
+             "round(s); tokens/s = median over each stage's steps of one step's tokens / its seconds (forward + "
+             "backward + optimizer step; no eval; step 1, the warm-up, left out)", "",
              "| stage | blocks updated | steps | plain tokens/s | progressive tokens/s | speed-up |",
              "| ---: | --- | --- | ---: | ---: | ---: |"]
     for s in stages:

@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from synthetic import size_spec, synthetic_llama  # noqa: E402
 
 DEFAULTS = {"cuda": dict(size="tinyllama", steps=30, warmup_steps=5, rounds=3),  # --seq 512, --batch-size 4 on both
-            "cpu": dict(size="tiny", steps=14, warmup_steps=6, rounds=1)}  # bitsandbytes compiles its CPU kernels in the first steps
+            # bitsandbytes compiles its CPU kernels in the first steps
+            "cpu": dict(size="tiny", steps=14, warmup_steps=6, rounds=1)}
 PEFT = "PEFT QLoRA (prepare_model_for_kbit_training)"  # the baseline of the ratio column
 
 
@@ -100,7 +101,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--targets", help="decompose --targets (default: decompose's)")
-    p.add_argument("--quantize-targets-only", action="store_true", help="NF4 for the targets only, not every linear layer")
+    p.add_argument("--quantize-targets-only", action="store_true",
+                   help="NF4 for the targets only, not every linear layer")
     p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/ailora-bench/qlora"))
     p.add_argument("--out", type=Path, default=HERE / "results")

@@ -45,12 +45,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--iters", type=int, nargs="+", default=[0, 1, 2, 3, 5])
-    ap.add_argument("--out", default=None, help="Markdown results file (default: benchmarks/results/quantize-cpu-DATE.md)")
+    ap.add_argument("--out", default=None,
+                    help="Markdown results file (default: benchmarks/results/quantize-cpu-DATE.md)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         src, what, targets = model(Path(tmp))
-        runs = [("pissa", targets), ("lora", targets), ("ailora", "query,value" if "query" in targets else "q_proj,v_proj")]
+        runs = [("pissa", targets), ("lora", targets),
+                ("ailora", "query,value" if "query" in targets else "q_proj,v_proj")]
         for method, tg in runs:
             for T in args.iters:
                 s = decompose(src, Path(tmp) / f"{method}{T}", method=method, rank=args.rank, targets=tg,

@@ -83,7 +83,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     methods = {k: v for k, v in METHODS.items() if not args.methods or any(m in k for m in args.methods)}
-    lines = [f"# SVD methods, {datetime.date.today()}", "", f"Command: `python benchmarks/bench_svd.py {shlex.join(sys.argv[1:])}`", "",
+    lines = [f"# SVD methods, {datetime.date.today()}", "",
+             f"Command: `python benchmarks/bench_svd.py {shlex.join(sys.argv[1:])}`", "",
              f"- {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"threads {torch.get_num_threads()}, devices {' '.join(args.devices)}"
              + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"),
@@ -109,7 +110,8 @@ def main() -> None:
                         sync(device)
                         times.append(time.perf_counter() - t0)
                     err = float(((u.double() * s.double()) @ vh.double() - refs[role]).norm() / refs[role].norm())
-                    lines.append(f"| {device.type} | {n} | {role} | {name} | {statistics.median(times):.4f} | {err:.1e} |")
+                    lines.append(f"| {device.type} | {n} | {role} | {name} | {statistics.median(times):.4f} | "
+                                 f"{err:.1e} |")
                     print(lines[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     dest = args.out / f"svd-{'-'.join(args.devices)}-{'-'.join(map(str, args.sizes))}-{datetime.date.today()}.md"

@@ -27,12 +27,12 @@ def prepare(work: Path, hidden: int, layers: int) -> tuple[Path, Path]:
     """A synthetic Llama with the demo's character vocabulary, its tokenizer, and its decompose output."""
     model, tokenizer = work / "model", work / "tokenizer"
     if not (work / "dec" / "ailora.json").is_file():
-        code = (f"import sys; sys.path.insert(0, {str(HERE.parent / 'tests')!r}); from synthetic import synthetic_llama; "
-                "from ailora_tools.demo import build_tiny_model; from ailora_tools import decompose; "
+        code = (f"import sys; sys.path.insert(0, {str(HERE.parent / 'tests')!r}); from synthetic import "
+                "synthetic_llama; from ailora_tools.demo import build_tiny_model; from ailora_tools import decompose; "
                 f"from transformers import AutoTokenizer; build_tiny_model({str(tokenizer)!r}); "
                 f"v = len(AutoTokenizer.from_pretrained({str(tokenizer)!r})); "
-                f"synthetic_llama({str(model)!r}, layers={layers}, hidden={hidden}, inter={hidden * 2}, kv=2, vocab=v); "
-                f"decompose({str(model)!r}, {str(work / 'dec')!r}, rank=16, progress=False)")
+                f"synthetic_llama({str(model)!r}, layers={layers}, hidden={hidden}, inter={hidden * 2}, kv=2, "
+                f"vocab=v); decompose({str(model)!r}, {str(work / 'dec')!r}, rank=16, progress=False)")
         subprocess.run([PY, "-c", code], check=True)
     return work / "dec", tokenizer
 
@@ -84,12 +84,14 @@ def main() -> None:
              f"{args.steps} steps of {args.batch_size} examples (all ranks together), demo data (max 128 tokens); "
              f"{args.threads} BLAS thread(s) per process, median of {args.rounds} round(s), command: "
              f"`python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`", "",
-             f"| ranks | median s (with start-up) | training tokens/s | × {first} rank(s) | max abs Δ adapter vs {first} rank(s) |",
+             f"| ranks | median s (with start-up) | training tokens/s | × {first} rank(s) | max abs Δ adapter vs "
+             f"{first} rank(s) |",
              "| ---: | ---: | ---: | ---: | ---: |"]
     rate = {n: statistics.median(x["tokens_per_s"] for x in v) for n, v in results.items()}
     for n, v in results.items():
         lines.append(f"| {n} | {statistics.median(x['seconds'] for x in v):.2f} | {rate[n]:.0f} | "
-                     f"{rate[n] / rate[first]:.2f}× | {adapter_difference(args.workdir / f'out-{first}', args.workdir / f'out-{n}'):.1e} |")
+                     f"{rate[n] / rate[first]:.2f}× | "
+                     f"{adapter_difference(args.workdir / f'out-{first}', args.workdir / f'out-{n}'):.1e} |")
     write_report(args.out, "train-distributed", args.device, lines)
 
 

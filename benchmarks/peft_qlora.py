@@ -58,7 +58,8 @@ tok = AutoTokenizer.from_pretrained(args.tokenizer)
 rows = [json.loads(line)["text"] for line in Path(args.data).read_text().splitlines() if line.strip()]
 ids = [tok(t, add_special_tokens=False, truncation=True, max_length=args.seq)["input_ids"] for t in rows]
 if min(map(len, ids)) < args.seq:
-    raise SystemExit(f"{args.data}: a row has {min(map(len, ids))} tokens, fewer than --seq {args.seq}; give longer rows")
+    raise SystemExit(f"{args.data}: a row has {min(map(len, ids))} tokens, fewer than --seq {args.seq}; give "
+                     "longer rows")
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=0, num_training_steps=args.steps)

@@ -16,10 +16,13 @@ def test_bench_decompose_runs_every_workload(tmp_path):
                    check=True, capture_output=True, text=True)
     (report,) = (tmp_path / "results").glob("decompose-cpu-*.md")
     text = report.read_text()
-    for workload in ("copy (cp -r)", "decompose pissa randomized", "decompose pissa exact", "decompose ailora randomized",
-                     "PEFT pissa (full SVD)", "PEFT pissa_niter_4", "merge (residual + trained)", "convert (trained -> LoRA)"):
+    for workload in ("copy (cp -r)", "decompose pissa randomized", "decompose pissa exact",
+                     "decompose ailora randomized",
+                     "PEFT pissa (full SVD)", "PEFT pissa_niter_4", "merge (residual + trained)",
+                     "convert (trained -> LoRA)"):
         assert f"| {workload} |" in text
-    assert "Targets (set for the 1.1B checkpoint; shown for reference):" in text and "peak RSS ≤ 1/4 of PEFT's" in text and "Command: `python benchmarks/bench_decompose.py" in text
+    assert ("Targets (set for the 1.1B checkpoint; shown for reference):" in text and "peak RSS ≤ 1/4 of PEFT's" in text
+            and "Command: `python benchmarks/bench_decompose.py" in text)
     assert f"## tiny: 0.00 GB, bfloat16, 2 shards; {os.cpu_count()} cores, device cpu" in text
     assert "every decompose ≤ 1.0× plain copy" in text
 
@@ -46,7 +49,8 @@ def test_bench_svd_runs_every_method(tmp_path):
 
 @pytest.mark.slow
 def test_bench_progressive_reports_every_stage(tmp_path):
-    subprocess.run([sys.executable, str(BENCH / "bench_progressive.py"), "--layers", "4", "--hidden", "64", "--seq", "32",
+    subprocess.run([sys.executable, str(BENCH / "bench_progressive.py"), "--layers", "4", "--hidden", "64", "--seq",
+                    "32",
                     "--steps", "6", "--stages", "3", "--rounds", "1", "--workdir", str(tmp_path / "work"),
                     "--out", str(tmp_path / "results")], check=True, capture_output=True, text=True)
     (report,) = (tmp_path / "results").glob("progressive-cpu-*.md")
@@ -95,7 +99,8 @@ def test_bench_train_distributed_compares_ranks(tmp_path):
                     "--steps", "2", "--rounds", "1", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)],
                    check=True, capture_output=True, text=True)
     (report,) = tmp_path.glob("train-distributed-cpu-*.md")
-    rows = [line.split("|") for line in report.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    rows = [line.split("|") for line in report.read_text().splitlines()
+            if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert [r[1].strip() for r in rows] == ["1", "2"] and float(rows[1][5]) < 1e-5  # the adapters agree
 
 
@@ -108,7 +113,8 @@ def test_bench_qlora_compares_nf4_train_with_peft_qlora(tmp_path):
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in report.read_text().splitlines()
             if r.startswith("| ") and not r.startswith(("| workload", "| ---"))}
     assert list(rows) == ["decompose pissa --quantize nf4 --quantize-all", "ailora-tools train on the NF4 residual",
-                          "PEFT QLoRA (prepare_model_for_kbit_training)", "PEFT QLoRA, no prepare_model_for_kbit_training"]
+                          "PEFT QLoRA (prepare_model_for_kbit_training)",
+                          "PEFT QLoRA, no prepare_model_for_kbit_training"]
     assert rows["PEFT QLoRA (prepare_model_for_kbit_training)"][1] == "1.00×"
     for name, (rate, ratio, gpu, rss, wall) in rows.items():
         assert gpu == "" and float(rss) > 0 and float(wall) > 0  # no GPU on CPU

@@ -97,7 +97,8 @@ def test_bitfit_trains_a_new_classification_head_and_merges_it(tmp_path):
 
     trained = AutoModelForSequenceClassification.from_pretrained(src, num_labels=2, dtype=torch.float32)
     load_bitfit(trained, tmp_path / "bf")
-    enc = {"input_ids": torch.tensor([[2, 7, 9, 3], [2, 11, 3, 0]]), "attention_mask": torch.tensor([[1] * 4, [1, 1, 1, 0]])}
+    enc = {"input_ids": torch.tensor([[2, 7, 9, 3], [2, 11, 3, 0]]),
+           "attention_mask": torch.tensor([[1] * 4, [1, 1, 1, 0]])}
     with torch.no_grad():
         expected = trained.eval()(**enc).logits
     merge(src, tmp_path / "bf", tmp_path / "m", progress=False)

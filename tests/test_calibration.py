@@ -20,7 +20,8 @@ from ailora_tools.init.lora_da.calibration import calibrate, memory_bound
 from ailora_tools.io.examples import IGNORE, Example
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-MODULES = [f"model.layers.{i}.{m}" for i in range(2) for m in (*ATTN, "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
+MODULES = [f"model.layers.{i}.{m}" for i in range(2)
+           for m in (*ATTN, "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
 
 
 def dataset(seed: int = 0, n: int = 6, vocab: int = 128) -> list[Example]:

@@ -28,7 +28,7 @@ def trained_with_the_python_api(src, tmp_path):
     model.save_pretrained(tmp_path / "init")
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:  # lora_A/B and the head (modules_to_save)
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     model.save_pretrained(tmp_path / "trained")

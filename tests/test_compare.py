@@ -101,7 +101,8 @@ def test_interrupted_comparison_resumes_without_redoing_finished_runs(setup, str
     summary = compare(*args, **opts, resume=True)
     assert calls == [("train", str(tmp_path / "c" / "ailora" / "trained"))]  # lora and ailora's decompose kept
     assert lora_adapter.stat().st_mtime_ns == before
-    metrics = [json.loads(line) for line in (tmp_path / "c" / "ailora" / "trained" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line)
+               for line in (tmp_path / "c" / "ailora" / "trained" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
     reference = {r["run"]: r for r in straight[1]["runs"]}
     for r in summary["runs"]:  # exactly what the uninterrupted comparison got (save_every does not change training)

@@ -72,7 +72,8 @@ def test_every_method_seed_and_rate_with_mean_std_and_best_rate(straight):
         best = max(rows, key=lambda lr: (rows[lr]["eval"]["accuracy"]["mean"], -list(rows).index(lr)))
         assert manifest["best_lr"][method] == best and rows[best]["best_lr"]
     table = (out / "compare.md").read_text()
-    assert "| run | lr | trainable params |" in table and "final accuracy | best accuracy | steps to accuracy target" in table
+    assert ("| run | lr | trainable params |" in table
+            and "final accuracy | best accuracy | steps to accuracy target" in table)
     assert "## Learning rates: final eval accuracy" in table and " ± " in table
     assert manifest["plots"] == ["train_loss.png", "eval_loss.png", "eval_accuracy.png"]
     img = imread(out / "eval_accuracy.png")
@@ -132,7 +133,8 @@ def test_rates_and_seeds_parse_and_fail_in_one_line(encoder, data, tmp_path):
     assert parse_lrs({"pissa": [1e-4, 2e-4]}, methods, 3e-4)["pissa"] == [1e-4, 2e-4]
     assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds(None) is None
     for bad, message in (("dora=1e-4", "--lr dora=1e-4: dora is not among the compared methods"),
-                         ("fast", "--lr fast: 'fast' is not a number"), ("0", "--lr 0: rate 0 must be a finite number greater than 0")):
+                         ("fast", "--lr fast: 'fast' is not a number"),
+                         ("0", "--lr 0: rate 0 must be a finite number greater than 0")):
         with pytest.raises(OptionError, match=message):
             parse_lrs(bad, methods, 2e-4)
     with pytest.raises(OptionError, match="--seeds 0,0: give integers, each once"):

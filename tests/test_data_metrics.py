@@ -101,7 +101,8 @@ def write_all(tmp_path, rows: list[dict]) -> dict[str, object]:
         w.writeheader()
         w.writerows(rows)
     # as GLUE writes its TSVs: cells as they are, quotes included
-    paths["tsv"].write_text("".join("\t".join(map(str, r)) + "\n" for r in [list(rows[0]), *[r.values() for r in rows]]))
+    paths["tsv"].write_text("".join("\t".join(map(str, r)) + "\n" for r in [list(rows[0]),
+                                                                            *[r.values() for r in rows]]))
     pq.write_table(pa.Table.from_pylist(rows), paths["parquet"])
     import datasets  # the test extra installs it (for users it is the optional [datasets] extra)
 
@@ -163,7 +164,8 @@ def test_bad_files_are_named(tmp_path):
     with pytest.raises(UnsupportedError, match="not a `datasets` save_to_disk directory"):
         read_labeled(tmp_path / "empty")
     (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 0.5}\n')
-    with pytest.raises(FormatError, match=r'd\.jsonl:1: "label" is 0\.5, not a class id .*use --num-labels 1 for regression'):
+    with pytest.raises(FormatError,
+                       match=r'd\.jsonl:1: "label" is 0\.5, not a class id .*use --num-labels 1 for regression'):
         read_labeled(tmp_path / "d.jsonl")
     with pytest.raises(OptionError, match="^warmup_ratio 0.06 and warmup 10: give one of the two"):
         TrainOptions(warmup_ratio=0.06, warmup=10)

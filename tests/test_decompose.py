@@ -58,7 +58,8 @@ def test_bfloat16_checkpoint_tolerance(tiny, tmp_path):
     src = tiny("llama", torch.bfloat16)
     decompose(src, tmp_path / "out", rank=4, progress=False)
     ref = logits(load(src, "llama"), "llama")
-    got = logits(PeftModel.from_pretrained(load(tmp_path / "out" / "residual", "llama"), tmp_path / "out" / "adapter"), "llama")
+    got = logits(PeftModel.from_pretrained(load(tmp_path / "out" / "residual", "llama"), tmp_path / "out" / "adapter"),
+                 "llama")
     assert (got - ref).abs().max() <= 0.01 * ref.abs().max()
     stats = json.loads((tmp_path / "out" / "ailora.json").read_text())["modules"]
     assert all(0 < s["recon_rel_fro"] <= 2**-8 for s in stats.values())  # bfloat16 unit roundoff
@@ -152,7 +153,7 @@ def test_no_residual_gives_the_residual_runs_factors(tiny, tmp_path, kind):
 
 def test_fused_qkv_with_ailora_says_why(tiny, tmp_path):
     src = tiny("gpt2")
-    with pytest.raises(UnsupportedError, match=r"c_attn is a fused projection holding Q, K and V.*--method pissa"):
+    with pytest.raises(UnsupportedError, match=r"c_attn is a fused projection holding Q, K and V.*method pissa"):
         decompose(src, tmp_path / "out", method="ailora", rank=4, progress=False)
     assert not (tmp_path / "out").exists()
 

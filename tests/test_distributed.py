@@ -71,7 +71,8 @@ def test_resume_and_merge_on_two_ranks(model, tmp_path):
     same_outputs(tmp_path / "one", tmp_path / "two", "ailora.json")
     assert single("verify", tmp_path / "two").returncode == 0
 
-    ran = torchrun("merge", tmp_path / "two" / "residual", tmp_path / "two" / "adapter", "-o", tmp_path / "m2", "--quiet")
+    ran = torchrun("merge", tmp_path / "two" / "residual", tmp_path / "two" / "adapter", "-o", tmp_path / "m2",
+                   "--quiet")
     assert ran.returncode == 0, ran.stderr
     one = single("merge", tmp_path / "one" / "residual", tmp_path / "one" / "adapter", "-o", tmp_path / "m1", "--quiet")
     assert one.returncode == 0, one.stderr

@@ -58,7 +58,8 @@ def test_decompose_dora_loads_in_peft_and_reproduces_the_model_at_step_0(base, t
     assert set(ad.magnitudes) == set(ad.factors)
     assert json.loads((tmp_path / "d" / "ailora.json").read_text())["dora"] is True
     on = base if method == "lora" else tmp_path / "d" / "residual"
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(on, dtype=torch.float32), tmp_path / "d" / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(on, dtype=torch.float32),
+                                      tmp_path / "d" / "adapter")
     assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
     torch.manual_seed(0)
     with torch.no_grad():
@@ -149,7 +150,8 @@ def test_merge_dora_equals_peft_merge_and_unload(tiny, tmp_path, kind, method):
 def test_dora_maths_match_peft_layer():
     torch.manual_seed(0)
     layer = torch.nn.Linear(12, 10)
-    model = get_peft_model(torch.nn.Sequential(layer), LoraConfig(r=3, lora_alpha=6, target_modules=["0"], use_dora=True))
+    model = get_peft_model(torch.nn.Sequential(layer),
+                           LoraConfig(r=3, lora_alpha=6, target_modules=["0"], use_dora=True))
     dora = model.base_model.model[0]
     with torch.no_grad():
         dora.lora_B["default"].weight.normal_()
@@ -208,7 +210,8 @@ def test_convert_dora_exact_and_full_rank_approximate_on_every_architecture(tiny
     fake_training(tmp_path / "d" / "adapter", tmp_path / "t", trained_on=tmp_path / "d" / "residual")
     expected = logits(PeftModel.from_pretrained(load(tmp_path / "d" / "residual", kind), tmp_path / "t").eval(), kind)
     convert(tmp_path / "t", tmp_path / "x", dora="exact", progress=False)
-    got = logits(PeftModel.from_pretrained(load(tmp_path / "x" / "base", kind), tmp_path / "x" / "adapter").eval(), kind)
+    got = logits(PeftModel.from_pretrained(load(tmp_path / "x" / "base", kind), tmp_path / "x" / "adapter").eval(),
+                 kind)
     assert (got - expected).abs().max() <= 1e-4
     convert(tmp_path / "t", tmp_path / "a", dora="approximate", max_rank=128, progress=False)
     got = logits(PeftModel.from_pretrained(load(src, kind), tmp_path / "a").eval(), kind)

@@ -234,7 +234,8 @@ def test_classification_on_a_checkpoint_with_its_own_head(encoder, tmp_path):
     replaced in place (none added) and config.json keeps its labels."""
     src = encoder("bert-cls")
     names = ("negative", "positive")
-    data, evals = sst2(tmp_path / "t.jsonl", 96, seed=1, names=names), sst2(tmp_path / "d.jsonl", 64, seed=2, names=names)
+    data, evals = sst2(tmp_path / "t.jsonl", 96, seed=1, names=names), sst2(tmp_path / "d.jsonl", 64, seed=2,
+                                                                            names=names)
     summary = chain(src, tmp_path, "auto", data, evals, "--max-steps", "80")  # auto: ...ForSequenceClassification
     assert summary["eval_loss"] < 0.85 * summary["eval_loss_start"], summary
     logits = assert_parity(AutoModelForSequenceClassification, src, tmp_path)
@@ -460,7 +461,8 @@ def test_eval_labels_of_another_type_and_too_many_for_the_head(encoder, bare_dec
     res = CliRunner().invoke(main, ["train", "--base", str(dec / "residual"), "--adapter", str(dec / "adapter"),
                                     "--data", str(train_rows), "-o", str(tmp_path / "o")])  # auto: classification
     assert res.exit_code == 1 and res.output.count("\n") == 1
-    assert "t.jsonl:1: label 3, but the classification head of" in res.output and "has 3 labels (ids 0..2)" in res.output
+    assert ("t.jsonl:1: label 3, but the classification head of" in res.output
+            and "has 3 labels (ids 0..2)" in res.output)
 
 
 def test_masked_lm_needs_a_checkpoint_with_its_head(bare_decomposed, tmp_path):

@@ -27,7 +27,8 @@ def bf16(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("exact")
     build_tiny_model(root / "f32")
-    AutoModelForCausalLM.from_pretrained(root / "f32").to(torch.bfloat16).save_pretrained(root / "base", max_shard_size="200KB")
+    AutoModelForCausalLM.from_pretrained(root / "f32").to(torch.bfloat16).save_pretrained(root / "base",
+                                                                                         max_shard_size="200KB")
     for f in (root / "f32").iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, root / "base" / f.name)
@@ -98,7 +99,8 @@ def test_trained_equals_served_exactly_only_without_the_residual(bf16):
         for m, (A, B) in done.factors.items():
             A0, B0 = init.factors[m]
             W = merged.get_submodule(m).weight
-            W.copy_(W.double() + done.scale(m) * (B.double() @ A.double()) - init.scale(m) * (B0.double() @ A0.double()))
+            W.copy_(W.double() + done.scale(m) * (B.double() @ A.double())
+                    - init.scale(m) * (B0.double() @ A0.double()))
     assert _rel(served_exact, _logits(merged)) <= TOL
 
     # the default way is NOT exact on a bf16 checkpoint: the residual was rounded to bf16
@@ -125,7 +127,8 @@ def test_adapter_base_original_without_a_manifest(bf16, tmp_path):
     """A bare initial adapter (no decompose manifest) trains exactly with --adapter-base original."""
     shutil.copytree(bf16 / "orig" / "adapter", tmp_path / "bare")
     opts = dict(max_steps=3, lr=1e-2, batch_size=16, progress=False)
-    s = train(bf16 / "base", tmp_path / "bare", data_file("demo_train.jsonl"), tmp_path / "t", adapter_base="original", **opts)
+    s = train(bf16 / "base", tmp_path / "bare", data_file("demo_train.jsonl"), tmp_path / "t", adapter_base="original",
+              **opts)
     ref = train(bf16 / "base", bf16 / "orig" / "adapter", data_file("demo_train.jsonl"), tmp_path / "ref", **opts)
     assert s["adapter_base"] == "original" and s["last_loss"] == ref["last_loss"]
     a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "t", tmp_path / "ref"))

@@ -67,7 +67,8 @@ def _accepted(adapter, base) -> bool:
 
 def test_two_random_models_of_equal_shapes_have_other_identities(two):
     a, b = (base_of(two[x]["lora"]) for x in MODELS)
-    assert a.kind == b.kind == "original" and a.samples["original"] and a.samples["original"].keys() == b.samples["original"].keys()
+    assert (a.kind == b.kind == "original" and a.samples["original"]
+            and a.samples["original"].keys() == b.samples["original"].keys())
     assert all(a.samples["original"][t] != b.samples["original"][t] for t in a.samples["original"])
     for x in MODELS:  # every adapter-bearing manifest records its applies_to block
         for path, name in ((two[x]["initial"].parent, "ailora.json"), (two[x]["trained"], "ailora-train.json"),
@@ -111,7 +112,8 @@ def test_exactly_the_matching_bases_are_accepted_by_train(two, tmp_path, model):
         if _accepted((model, "initial"), base):
             train(where, two[model]["initial"], data, tmp_path / "ok", max_steps=1, batch_size=2, progress=False)
         else:
-            res = cli("train", "--base", where, "--adapter", two[model]["initial"], "--data", data, "-o", tmp_path / "t")
+            res = cli("train", "--base", where, "--adapter", two[model]["initial"], "--data", data, "-o",
+                      tmp_path / "t")
             one_line_error(res, str(where))
             assert not (tmp_path / "t").exists()
 
@@ -143,7 +145,8 @@ def test_a_converted_lora_on_the_residual_is_refused(two, tmp_path):
 def test_convert_refuses_an_initial_adapter_the_manifest_contradicts(two, tmp_path):
     other = tmp_path / "other"
     decompose(two["A"]["original"], other, rank=4, seed=7, progress=False)  # same model, other draw
-    one_line_error(cli("convert", "--trained", two["A"]["trained"], "--initial", other / "adapter", "-o", tmp_path / "l"),
+    one_line_error(cli("convert", "--trained", two["A"]["trained"], "--initial", other / "adapter", "-o",
+                       tmp_path / "l"),
                    "--initial", "drop --initial")
     assert not (tmp_path / "l").exists()
     copy = shutil.copytree(two["A"]["initial"], tmp_path / "copy")  # a copy of the recorded one is fine
@@ -164,8 +167,10 @@ def test_convert_refuses_a_recorded_initial_adapter_that_changed(two, tmp_path):
 def test_another_model_of_equal_shapes_is_refused_and_force_records_a_warning(two, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(rows(4))
-    res = cli("train", "--base", two["B"]["residual"], "--adapter", two["A"]["initial"], "--data", data, "-o", tmp_path / "t")
-    one_line_error(res, f"applies to the residual {two['A']['residual']}", f"--base {two['B']['residual']} is the residual "
+    res = cli("train", "--base", two["B"]["residual"], "--adapter", two["A"]["initial"], "--data", data, "-o",
+              tmp_path / "t")
+    one_line_error(res, f"applies to the residual {two['A']['residual']}",
+                   f"--base {two['B']['residual']} is the residual "
                    "of another decomposition", "--force")
     res = cli("merge", two["B"]["original"], two["A"]["lora"], "-o", tmp_path / "m")
     one_line_error(res, f"BASE {two['B']['original']} is another model", f"pass BASE {two['A']['original'].absolute()}")
@@ -204,7 +209,8 @@ def test_verify_checks_every_manifest_below(two, tmp_path):
     (out / "compare.md").write_text("report\n")
     from ailora_tools.io.hashing import file_digest
 
-    (out / "compare.json").write_text(json.dumps({"files": {"output": {"compare.md": file_digest(out / "compare.md")}}}))
+    digest = file_digest(out / "compare.md")
+    (out / "compare.json").write_text(json.dumps({"files": {"output": {"compare.md": digest}}}))
     shutil.copytree(two["A"]["trained"], out / "ailora" / "trained")
     assert verify(out)["problems"] == []
     weights = out / "ailora" / "trained" / "adapter_model.safetensors"

@@ -31,7 +31,8 @@ def test_every_public_name_imports_and_is_listed():
 
 
 def test_every_readme_import_line_runs():
-    lines = sorted({m.strip() for m in re.findall(r"^\s*((?:from ailora_tools\S* import .+)|(?:import ailora_tools\S*))$",
+    lines = sorted({m.strip() for m in re.findall(r"^\s*((?:from ailora_tools\S* import .+)|"
+                                                  r"(?:import ailora_tools\S*))$",
                                                   README.read_text(), flags=re.M)})
     assert len(lines) >= 2
     for line in lines:
@@ -51,7 +52,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_no_module_depends_on_one_above_its_stage():
-    top = {p.stem for p in PKG.glob("*.py")} | {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    top = {p.stem for p in PKG.glob("*.py")} | {p.name for p in PKG.iterdir()
+                                                if p.is_dir() and (p / "__init__.py").exists()}
     shared = top - set(STAGES) - ENTRY_POINTS
     assert len({p.stem for p in PKG.glob("*.py")} - ENTRY_POINTS) <= 10, "at most about ten top-level modules"
     for path in PKG.rglob("*.py"):
@@ -64,7 +66,8 @@ def test_no_module_depends_on_one_above_its_stage():
             if owner in shared:
                 assert first not in STAGES, f"{path.relative_to(PKG)} (shared ground) imports the stage {dep}"
             elif first in STAGES:
-                assert STAGES.index(first) <= STAGES.index(owner), f"{path.relative_to(PKG)} imports {dep}, a later stage"
+                assert STAGES.index(first) <= STAGES.index(owner), (f"{path.relative_to(PKG)} imports {dep}, "
+                                                                    "a later stage")
 
 
 @pytest.mark.slow
@@ -99,7 +102,8 @@ def test_options_are_checked_once_for_library_and_command():
     for cls, bad, text in ((DecomposeOptions, {"rank": 0}, "rank 0: must be at least 1"),
                            (DecomposeOptions, {"alpha": 0.0}, "alpha 0.0: must be greater than 0"),
                            (TrainOptions, {"lr": float("nan")}, "lr nan: must be a finite number"),
-                           (TrainOptions, {"warmup_ratio": 0.1, "warmup": 3}, "warmup_ratio 0.1 and warmup 3: give one")):
+                           (TrainOptions, {"warmup_ratio": 0.1, "warmup": 3},
+                            "warmup_ratio 0.1 and warmup 3: give one")):
         with pytest.raises(OptionError, match=f"^{text}") as caught:
             cls.build(**bad)
         assert caught.value.field == next(iter(bad)) and "--" not in str(caught.value)
@@ -170,9 +174,11 @@ def test_every_command_option_comes_from_a_dataclass_and_shows_in_help():
                 assert f.name in params and flag_of(f.name) in params[f.name].opts, (command, f.name)
                 assert flag_of(f.name) in text, (command, f.name)
                 if f.metadata.get("choices") and f.name != "method":
-                    assert list(params[f.name].type.choices) == [str(c) for c in f.metadata["choices"]], (command, f.name)
+                    choices = [str(c) for c in f.metadata["choices"]]
+                    assert list(params[f.name].type.choices) == choices, (command, f.name)
         hand = {n for n, p in params.items() if isinstance(p, __import__("click").Option)} - {
-            f.name for cls in [*classes, options.Report, options.Streams, options.OnBase] for f in dataclasses.fields(cls)}
+            f.name for cls in [*classes, options.Report, options.Streams, options.OnBase]
+            for f in dataclasses.fields(cls)}
         assert hand <= {"out", "base", "adapter", "data", "trained", "config"}, (command, hand)
 
 

@@ -152,7 +152,8 @@ def test_bad_input_raises_numerics_errors():
     x = torch.randn(50, 8)
     Z, G, y = x.T @ x / 50, torch.randn(6, 8), torch.rand(6)
     cases = [
-        (lambda: lora_da_factors(G, y, factor_input(Z), rank=8, population_size=10), r"rank 8 must be at least 1 and below the input size 8"),
+        (lambda: lora_da_factors(G, y, factor_input(Z), rank=8, population_size=10),
+         r"rank 8 must be at least 1 and below the input size 8"),
         (lambda: lora_da_factors(torch.zeros(6, 8), y, factor_input(Z), rank=2, population_size=10, name="q"),
          r"q: the natural gradient is zero"),
         (lambda: factor_input(-torch.eye(8), name="layers.0.q"), r"layers.0.q: Z \+ 1e-06·I is not positive definite"),

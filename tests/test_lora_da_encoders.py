@@ -22,7 +22,8 @@ def lora_da(src, out, data, *flags):
     return out
 
 
-@pytest.mark.parametrize("kind,task,auto", [("bert-bare", "sequence-classification", AutoModelForSequenceClassification),
+@pytest.mark.parametrize("kind,task,auto",
+                         [("bert-bare", "sequence-classification", AutoModelForSequenceClassification),
                                             ("roberta", "masked-lm", AutoModelForMaskedLM)])
 def test_lora_da_on_encoders_end_to_end_with_parity(encoder, tmp_path, kind, task, auto):
     src = encoder(kind)
@@ -68,7 +69,8 @@ def test_no_offset_keeps_the_base_same_factors_and_converts_to_the_trained_adapt
         cli("merge", src, adapter, "-o", tmp_path / name, "--json")
     expected = outputs(PeftModel.from_pretrained(auto.from_pretrained(src), tmp_path / "trained"), src)
     assert (expected - step0).abs().max() > 1e-3  # training moved it
-    got = {"original + converted": outputs(PeftModel.from_pretrained(auto.from_pretrained(src), tmp_path / "lora"), src),
+    got = {"original + converted": outputs(PeftModel.from_pretrained(auto.from_pretrained(src), tmp_path / "lora"),
+                                           src),
            "merged original + trained": outputs(load_merged(auto, tmp_path / "m1"), src),
            "merged original + converted": outputs(load_merged(auto, tmp_path / "m2"), src)}
     for what, logits in got.items():

@@ -102,7 +102,8 @@ def test_non_finite_loss_stops_training(work, tmp_path):
 
 # 4. convert --max-rank 0, and check --for peft really loads with PEFT
 def test_convert_max_rank_zero_is_refused(work, tmp_path):
-    one_line_error(cli("convert", "--trained", work["trained"], "-o", tmp_path / "l", "--max-rank", "0"), "--max-rank 0")
+    one_line_error(cli("convert", "--trained", work["trained"], "-o", tmp_path / "l", "--max-rank", "0"),
+                   "--max-rank 0")
     assert not (tmp_path / "l").exists()
 
 
@@ -223,7 +224,8 @@ def command(kind, work, out):
        scale=st.sampled_from([1, 7, 1000]))
 def test_invalid_numbers_are_refused(work, tmp_path, case, scale):
     kind, flag, value = case
-    value = value if value in ("0",) else str(float(value) * scale if "." in value or "e" in value else int(value) * scale)
+    value = value if value in ("0",) else str(float(value) * scale if "." in value or "e" in value
+                                              else int(value) * scale)
     out = tmp_path / f"o-{kind}-{flag}-{value}"
     res = cli(*command(kind, work, out), flag, value)
     one_line_error(res, flag)

@@ -51,7 +51,8 @@ def test_same_factors_and_residual_as_decompose(tiny, tmp_path, kind, method, dt
     for m, (A, B) in written.factors.items():  # bit for bit
         assert torch.equal(state[f"base_model.model.{m}.lora_A.default.weight"], A)
         assert torch.equal(state[f"base_model.model.{m}.lora_B.default.weight"], B)
-    base = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    base = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v
+            for k, v in state.items() if "lora_" not in k}
     residual = tensors(tmp_path / "dec" / "residual") if method != "lora" else original
     assert set(original) <= set(base) and set(base) - set(original) <= {"lm_head.weight"}  # tied in GPT-2
     for name in original:
@@ -123,7 +124,8 @@ def test_bad_input(tiny):
         get_ailora_model(model, rank=32, progress=False)
     with pytest.raises(UnsupportedError, match=r"fused projection"):
         get_ailora_model(load(tiny("gpt2")), rank=4)
-    tied = LlamaForCausalLM(make_config("llama").__class__(**{**make_config("llama").to_dict(), "tie_word_embeddings": True}))
+    tied = LlamaForCausalLM(make_config("llama").__class__(**{**make_config("llama").to_dict(),
+                                                              "tie_word_embeddings": True}))
     with pytest.raises(UnsupportedError, match=r"lm_head.weight is tied to model.embed_tokens.weight"):
         get_ailora_model(tied, method="pissa", targets=["lm_head"], rank=4)
     model.model.layers[0].self_attn.q_proj.weight = torch.nn.Parameter(

@@ -142,7 +142,8 @@ def test_frozen_blocks_stay_identical_and_stages_are_reported(decomposed, tmp_pa
     out = tmp_path / "t"
     s = train(decomposed / "dec" / "residual", decomposed / "dec" / "adapter", data_file("demo_train.jsonl"), out,
               max_steps=12, lr=1e-2, batch_size=8, save_every=4, progressive=3, progress=False)
-    initial, at4, at8 = decomposed / "dec" / "adapter", out / "checkpoints" / "step-0000004", out / "checkpoints" / "step-0000008"
+    initial, at4, at8 = (decomposed / "dec" / "adapter", out / "checkpoints" / "step-0000004",
+                         out / "checkpoints" / "step-0000008")
     # parts of 4 blocks in 3 stages: [0], [1], [2, 3]; stages run steps 1-4, 5-8, 9-12
     assert not _same(_block_factors(initial, 0), _block_factors(at4, 0))  # block 0 trained in stage 1 ...
     assert _same(_block_factors(at4, 0), _block_factors(out, 0))  # ... and not a bit changed after it

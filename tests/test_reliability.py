@@ -147,7 +147,8 @@ BAD_MODELS = {
     "offsets overlap": (_overlap, r"overlap in the data buffer"),
     "offsets past the file": (_past_end, r"q_proj.weight' ends at byte .* the file is truncated"),
     "index escapes the dir": (_index(_escape), r"sends .* to '\.\./evil\.safetensors', outside the model directory"),
-    "index names a missing shard": (_index(_missing_shard), r"shard model-99999-of-99999.safetensors named by the index is missing"),
+    "index names a missing shard": (_index(_missing_shard),
+                                    r"shard model-99999-of-99999.safetensors named by the index is missing"),
     "index names a tensor twice": (_index(_twice), r"names .*q_proj.weight' twice"),
     "int8 target": (_int8, r"q_proj.weight' has dtype I8; decompose supports F64, F32, F16, BF16"),
     "nan in target": (_nan, r"q_proj.weight' holds NaN or Inf"),
@@ -175,7 +176,8 @@ def test_allow_pickle_loads_with_weights_only(tiny, tmp_path):
     _pickle_only(model)
     code, out = cli("decompose", model, "-o", tmp_path / "out", "--rank", "4", "--quiet", "--allow-pickle")
     assert code == 0, out
-    got = logits(PeftModel.from_pretrained(load(tmp_path / "out" / "residual", "llama"), tmp_path / "out" / "adapter"), "llama")
+    got = logits(PeftModel.from_pretrained(load(tmp_path / "out" / "residual", "llama"), tmp_path / "out" / "adapter"),
+                 "llama")
     assert (got - logits(load(tiny("llama"), "llama"), "llama")).abs().max() <= 1e-4
     import gc
     gc.collect()
@@ -188,8 +190,10 @@ def test_allow_pickle_loads_with_weights_only(tiny, tmp_path):
     (["decompose", "{llama}", "-o", "{out}", "--targets", "nope"], r"'nope' matches no module .* q_proj"),
     (["decompose", "{llama}", "-o", "{llama}/inside"], r"lies inside the input"),
     (["decompose", "{llama}", "-o", "{out}", "--device", "gpu"], r"--device 'gpu': not a device; use auto, cpu, cuda"),
-    (["decompose", "{llama}", "-o", "{out}", "--device", "cuda:7"], r"--device cuda:7: (CUDA is not available|this machine has)"),
-    (["convert", "--trained", "{missing}", "-o", "{out}"], r"missing: no ailora-train.json naming the initial adapter; pass --initial"),
+    (["decompose", "{llama}", "-o", "{out}", "--device", "cuda:7"],
+     r"--device cuda:7: (CUDA is not available|this machine has)"),
+    (["convert", "--trained", "{missing}", "-o", "{out}"],
+     r"missing: no ailora-train.json naming the initial adapter; pass --initial"),
     (["merge", "{missing}", "{adapter}", "-o", "{out}"], r"missing: no such directory"),
     (["merge", "{bert}", "{adapter}", "-o", "{out}"], r"adapts module .* but the base .* has no tensor"),
     (["train", "--base", "{bert}", "--adapter", "{adapter}", "--data", "{data}", "-o", "{out}"],
@@ -210,7 +214,8 @@ def test_bad_arguments_are_refused_with_one_line(tiny, tmp_path, args, message):
     decompose(llama, tmp_path / "plain", rank=4, method="lora", progress=False)  # applies to the original
     (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
     fill = {"missing": tmp_path / "missing", "out": tmp_path / "out", "llama": llama, "bert": tiny("bert"),
-            "adapter": tmp_path / "dec" / "adapter", "lora": tmp_path / "plain" / "adapter", "data": tmp_path / "d.jsonl"}
+            "adapter": tmp_path / "dec" / "adapter", "lora": tmp_path / "plain" / "adapter",
+            "data": tmp_path / "d.jsonl"}
     code, out = cli(*[a.format(**fill) for a in args])
     assert code == 1 and out.startswith("error: ") and out.count("\n") == 1, out
     assert re.search(message, out), out
@@ -296,7 +301,8 @@ main()
 
 
 def run_killed(*args):
-    return subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_SHARD, *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_SHARD, *map(str, args)], capture_output=True,
+                          text=True)
 
 
 def tree_hashes(d: Path) -> dict:
@@ -339,11 +345,14 @@ def test_sigkill_then_resume_is_byte_identical(synthetic, tmp_path):
     code, out = cli("verify", tmp_path / "out")
     assert code == 0 and "12 modules checked" in out, out
 
-    killed = run_killed("merge", tmp_path / "out" / "residual", tmp_path / "out" / "adapter", "-o", tmp_path / "m", "--quiet")
+    killed = run_killed("merge", tmp_path / "out" / "residual", tmp_path / "out" / "adapter", "-o", tmp_path / "m",
+                        "--quiet")
     assert killed.returncode == -9 and not (tmp_path / "m" / "ailora-merge.json").exists()
-    code, out = cli("merge", tmp_path / "out" / "residual", tmp_path / "out" / "adapter", "-o", tmp_path / "m", "--resume", "--quiet")
+    code, out = cli("merge", tmp_path / "out" / "residual", tmp_path / "out" / "adapter", "-o", tmp_path / "m",
+                    "--resume", "--quiet")
     assert code == 0, out
-    code, out = cli("merge", tmp_path / "out" / "residual", tmp_path / "out" / "adapter", "-o", tmp_path / "m2", "--quiet")
+    code, out = cli("merge", tmp_path / "out" / "residual", tmp_path / "out" / "adapter", "-o", tmp_path / "m2",
+                    "--quiet")
     assert code == 0, out
     ha, hb = tree_hashes(tmp_path / "m"), tree_hashes(tmp_path / "m2")
     assert ha.pop("ailora-merge.json") and hb.pop("ailora-merge.json") and ha == hb

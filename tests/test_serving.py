@@ -172,7 +172,8 @@ class Recorder:
     def upload_folder(self, *, folder_path, repo_id, **kw):
         import fnmatch
         files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()
-                       and not any(fnmatch.fnmatch(str(p.relative_to(folder_path)), pat) for pat in kw["ignore_patterns"]))
+                       and not any(fnmatch.fnmatch(str(p.relative_to(folder_path)), pat)
+                                   for pat in kw["ignore_patterns"]))
         Recorder.calls.append(("upload_folder", {"repo_id": repo_id, "files": files, **kw}))
         return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
 

@@ -229,7 +229,8 @@ def test_adapters_for_a_residual_are_sent_to_convert(trained, tmp_path):
     refused(cli("convert", "--trained", tmp_path / "pissa", "--for", "vllm", "-o", tmp_path / "b"),
             "init_lora_weights is 'pissa'", "--initial INITIAL --for vllm")
     found = check_adapter(root / "trained", target="llama.cpp", base=src)
-    assert found[0].rule == "base" and f"ailora-tools convert --trained {root / 'trained'} --for llama.cpp" in found[0].fix
+    assert (found[0].rule == "base"
+            and f"ailora-tools convert --trained {root / 'trained'} --for llama.cpp" in found[0].fix)
 
 
 def test_allowed_ranks_are_the_servers():

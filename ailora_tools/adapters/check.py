@@ -104,7 +104,8 @@ def _peft_load(d: Path, cfg: dict, base) -> list[Finding]:
 
     where = Path(base or cfg.get("base_model_name_or_path") or "")
     if not (where / "config.json").is_file():
-        return [Finding("base", f"no base model config at {where}", "pass --base DIR (the model the adapter applies to)")]
+        return [Finding("base", f"no base model config at {where}",
+                        "pass --base DIR (the model the adapter applies to)")]
     try:
         config = AutoConfig.from_pretrained(where)
         with torch.device("meta"):

@@ -121,7 +121,8 @@ def convert(
         lora, plan.served = serve_rules(Adapter(plan.config, plan.factors, plan.source.extra), server=server,
                                         source=trained, max_lora_rank=max_lora_rank, tolerance=tolerance)
         plan.config, plan.factors = lora.config, lora.factors
-        plan.served["serve_command"] = serve_command(server, Path(out).absolute(), plan.config["base_model_name_or_path"],
+        plan.served["serve_command"] = serve_command(server, Path(out).absolute(),
+                                                     plan.config["base_model_name_or_path"],
                                                      plan.config["r"])
     return _write(plan, out, dtype=dtype, overwrite=overwrite, server=server, max_rank=max_rank)
 
@@ -165,8 +166,10 @@ def plan_conversion(trained: Path, *, initial=None, max_rank: int | None = None,
     factors = pad_to_rank(kept, rank)  # one r for every module: zero directions
     c = tr_ad.config
     rslora = bool(c.get("use_rslora"))
-    config = lora_config(rank=rank, alpha=alpha_for(scale, rank, rslora), targets=[m.rsplit(".", 1)[-1] for m in factors],
-                         rslora=rslora, base=name_or_path(base or original_base_of(initial) or c.get("base_model_name_or_path")),
+    config = lora_config(rank=rank, alpha=alpha_for(scale, rank, rslora),
+                         targets=[m.rsplit(".", 1)[-1] for m in factors],
+                         rslora=rslora,
+                         base=name_or_path(base or original_base_of(initial) or c.get("base_model_name_or_path")),
                          task_type=c.get("task_type"), fan_in_fan_out=bool(c.get("fan_in_fan_out")),
                          modules_to_save=c.get("modules_to_save"))
     return Conversion(Path(trained), initial, task, tr_ad, config, factors, errors, worst, unchanged)

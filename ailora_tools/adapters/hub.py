@@ -77,7 +77,8 @@ def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
              f"from transformers import {auto}",
              f'model = PeftModel.from_pretrained({auto}.from_pretrained("{base}"{load}), "{repo_id}")', "```", "",
              "vLLM:", "", "```bash",
-             f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(r)} --lora-modules adapter={repo_id}",
+             f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(r)} "
+             f"--lora-modules adapter={repo_id}",
              "```", "", "llama.cpp:", "", "```bash",
              "ailora-tools export-gguf ADAPTER_DIR --base BASE_DIR -o adapter.gguf",
              "llama-cli -m base.gguf --lora adapter.gguf", "```", ""]

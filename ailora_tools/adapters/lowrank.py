@@ -98,7 +98,8 @@ def delta_factors(initial: Adapter, trained: Adapter, *, prefix: str | None = No
         A0, B0 = initial.factors[m]
         if A.shape != A0.shape or B.shape != B0.shape:
             raise FormatError(f"{m}: trained factors {tuple(A.shape)}/{tuple(B.shape)} do not match the initial "
-                              f"{tuple(A0.shape)}/{tuple(B0.shape)}; pass the initial adapter this training started from")
+                              f"{tuple(A0.shape)}/{tuple(B0.shape)}; pass the initial adapter this training "
+                              "started from")
         s, s0 = trained.scale(m), initial.scale(m)
         if not offset or not B0.any():  # plain LoRA (B0 = 0) or no offset: ΔW = s·B·A, rank r
             out[m] = (B.double() * (s / s_common), A.double())

@@ -172,7 +172,8 @@ def _merged_config(config: dict, dtype: str | None, packed: bool) -> dict:
 
 
 def _quantized_summary(quant, done: dict) -> dict:
-    """‖W_merged − (dequant(Q) + s·B·A)‖ / ‖…‖ per weight (`nf4_residual`), for an adapter trained on an NF4 residual."""
+    """‖W_merged − (dequant(Q) + s·B·A)‖ / ‖…‖ per weight (`nf4_residual`), for an adapter trained on an NF4
+    residual."""
     if not quant:
         return {}
     errors = {n.removesuffix(".weight"): r["trained_rel_fro_error"] for n, (_, r) in done.items()

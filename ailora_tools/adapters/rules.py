@@ -104,8 +104,8 @@ def _weights_refused(d, config: dict, adapter: Adapter | None, server: str) -> l
         found.append(Finding("bias", f"bias is {config.get('bias')!r} / lora_bias {config.get('lora_bias')}: trained "
                              "biases are not LoRA weights", "merge the adapter with PEFT (merge_and_unload) and serve "
                              'the merged model, or train with bias="none" and lora_bias=False'))
-    saved = sorted(config.get("modules_to_save") or []) or sorted({n.rsplit(".", 1)[0] for n in (adapter.extra if adapter
-                                                                                                 else {})})
+    saved = sorted(config.get("modules_to_save") or []) or sorted({n.rsplit(".", 1)[0]
+                                                                   for n in (adapter.extra if adapter else {})})
     if saved:
         found.append(Finding("modules_to_save", f"modules_to_save has {saved} (a trained head or resized embedding): "
                              f"{server} serves LoRA factors, and would drop or reject them",

@@ -142,7 +142,8 @@ def _vllm_quantized(ckpt: Checkpoint, packed: set[str]) -> dict[str, str]:
 
 def _w4a16(W: torch.Tensor, scheme, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """compressed-tensors' W4A16 of W [out, in] (per group of 128 inputs: scale = max|w| / 7.5 as its
-    `calculate_qparams` gives it, int4 codes packed by its `PackedQuantizationCompressor`), and its dequantised value."""
+    `calculate_qparams` gives it, int4 codes packed by its `PackedQuantizationCompressor`), and its dequantised
+    value."""
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization.utils import calculate_qparams
 
@@ -244,7 +245,7 @@ def _write_gguf(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, progr
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     errors = {}
-    for name, out, shape, t, heads in tqdm(plan, desc=f"gguf {fmt}", unit="tensor", disable=not progress):
+    for name, _out, _shape, t, heads in tqdm(plan, desc=f"gguf {fmt}", unit="tensor", disable=not progress):
         W = read_dequantized(ckpt, name) if name in packed else read_tensor(ckpt.shard(ckpt.tensors[name].file), name)
         if heads is not None:
             W = permute_rows(W, n_head, heads if heads != n_head else None)
@@ -338,7 +339,8 @@ def _add_vocab(writer, root: Path, vocab_size: int) -> None:
             last = e
     if vocab is None:
         raise InputNotFoundError(f"{root}: no tokenizer llama.cpp's converter reads (tokenizer.model, or a "
-                                 f"tokenizer.json of BPE type: {last}); copy the original model's tokenizer files there")
+                                 f"tokenizer.json of BPE type: {last}); copy the original model's tokenizer "
+                                 "files there")
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores, types = [-10000.0] * vocab_size, [gguf.TokenType.UNUSED] * vocab_size
     for i, (text, score, toktype) in enumerate(vocab.all_tokens()):

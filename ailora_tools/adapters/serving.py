@@ -94,8 +94,10 @@ def serve_rules(adapter: Adapter, *, server: str, source: object, max_lora_rank:
 def serve_command(server: str, lora: object, base: object, rank: int) -> str:
     """How to start `server` with the exported adapter."""
     if server == "vllm":
-        return f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} --lora-modules adapter={lora}"
-    return f"ailora-tools export-gguf {lora} --base {base} -o adapter.gguf, then llama-server -m BASE.gguf --lora adapter.gguf"
+        return (f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} "
+                f"--lora-modules adapter={lora}")
+    return (f"ailora-tools export-gguf {lora} --base {base} -o adapter.gguf, "
+            "then llama-server -m BASE.gguf --lora adapter.gguf")
 
 
 def export_for(adapter: str | os.PathLike, out: str | os.PathLike, *, server: str, max_lora_rank: int | None = None,

@@ -219,7 +219,8 @@ def _adapter_deltas(adapter, initial, ckpt) -> dict:
     for m, (B, A) in sorted(pairs.items()):
         core = torch.linalg.qr(B).R @ torch.linalg.qr(A.T).R.T  # ‖B·A‖_F = ‖R_B R_Aᵀ‖_F, no out×in product
         norms.append({"module": m, "layer": layer_of(m), "delta_fro": scale * float(torch.linalg.matrix_norm(core))})
-    return {"trained": str(Path(adapter).absolute()), "initial": None if initial is None else str(Path(initial).absolute()),
+    return {"trained": str(Path(adapter).absolute()),
+            "initial": None if initial is None else str(Path(initial).absolute()),
             "norms": norms}
 
 

@@ -32,7 +32,9 @@ from .flags import from_options
 
 
 @main.command()
-@click.option("--trained", required=True, type=click.Path(), help="Adapter trained on the residual (ours or PEFT's PiSSA workflow); with --for, also a LoRA already on the original model (converted, plain PEFT).")
+@click.option("--trained", required=True, type=click.Path(),
+              help="Adapter trained on the residual (ours or PEFT's PiSSA workflow); with --for, also a LoRA already "
+              "on the original model (converted, plain PEFT).")
 @from_options(ConvertOptions, Report, skip=("quiet",))
 @fail_cleanly
 def convert(trained, as_json, **settings):

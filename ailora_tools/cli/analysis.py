@@ -20,7 +20,8 @@ def spectrum(model, as_json, quiet, **settings):
     """Singular-value spectra of MODEL's target matrices per layer (W^Q vs W^V), streamed one matrix at a time;
     with --adapter, the size of the trained update per layer."""
     options = SpectrumOptions.build(**settings)
-    summary = analysis.spectrum(model, **{**options.kwargs(), "targets": list(options.targets)}, progress=progress(quiet or as_json))
+    summary = analysis.spectrum(model, **{**options.kwargs(), "targets": list(options.targets)},
+                                progress=progress(quiet or as_json))
     print_summary(summary, as_json, f"spectra of {summary['modules']} modules in {summary['output']}")
     if not as_json:
         width = max(len(r["module"]) for r in summary["rows"])
@@ -44,7 +45,9 @@ def compare(model, as_json, quiet, **settings):
     parameters, and plots against step."""
     o = split(CompareOptions, settings)  # first: its lr (rates) and progressive are not TrainOptions'
     init, training = split(InitOptions, dict(settings)), split(TrainOptions, dict(settings))
-    summary = comparison.compare(model, o.data, o.out, methods=None if o.methods is None else [m.strip() for m in o.methods.split(",") if m.strip()],
+    summary = comparison.compare(model, o.data, o.out,
+                                 methods=None if o.methods is None else [m.strip() for m in o.methods.split(",")
+                                                                         if m.strip()],
                   progressive=o.progressive, target_loss=o.target_loss, smooth=o.smooth, seeds=o.seeds,
                   metric=o.metric, target_metric=o.target_metric, init=init, training=training, revision=o.revision,
                   resume=o.resume, overwrite=o.overwrite, progress=progress(quiet or as_json),

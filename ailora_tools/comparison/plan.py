@@ -118,7 +118,8 @@ def _metric(metric: str, task, regression: bool) -> str:
     if metric != "loss" and (not task.classifies or (metric in REGRESSION) != regression):
         raise OptionError(f"--metric {metric}: not reported for --task {task.name}"
                           + (" with --num-labels 1" if regression else "") + "; choose "
-                          + ", ".join(["loss", *(REGRESSION if regression else CLASSIFICATION if task.classifies else ())]))
+                          + ", ".join(["loss",
+                                       *(REGRESSION if regression else CLASSIFICATION if task.classifies else ())]))
     return metric
 
 

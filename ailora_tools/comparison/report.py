@@ -19,7 +19,8 @@ def report(summary: list[dict], best_lr: dict, goal: dict, settings: dict, plots
     names = sorted({k for row in chosen for k in row["eval"]}, key=lambda k: (k != metric, k))
     lines = _preamble(goal, settings, rates, smooth, metric)
     if len(rates) > 1:
-        lines += [f"Each method at its best learning rate by final eval {metric} (all rates below and in compare.json).",
+        lines += [f"Each method at its best learning rate by final eval {metric} "
+                  "(all rates below and in compare.json).",
                   ""]
     head = ["run", "lr", "trainable params", "first train loss", "final train loss", "steps to train target",
             "eval loss start", "final eval loss", "steps to eval target"]
@@ -31,7 +32,8 @@ def report(summary: list[dict], best_lr: dict, goal: dict, settings: dict, plots
     lines.append("")
     if len(rates) > 1:
         what = f"final eval {metric}" if metric != "loss" else "final eval loss (train loss without eval data)"
-        lines += [f"## Learning rates: {what}", "", "| run | lr | " + what + " | chosen |", "| --- | ---: | ---: | --- |"]
+        lines += [f"## Learning rates: {what}", "", "| run | lr | " + what + " | chosen |",
+                  "| --- | ---: | ---: | --- |"]
         lines += [f"| {row['run']} | {row['lr']:g} | {_num(row['selection'])} | {'yes' if row['best_lr'] else ''} |"
                   for row in summary]
         lines.append("")
@@ -87,7 +89,8 @@ def _steps(row: dict, key: str, target) -> str:
     return _num(row[key], "{:.1f}" if total > 1 else "{:.0f}") + ("" if n == total else f" ({n}/{total} seeds)")
 
 
-def write_plots(od: OutputDir, records: list[dict], best_lr: dict, curves: dict, smoothed: dict, goal: dict, smooth: int,
+def write_plots(od: OutputDir, records: list[dict], best_lr: dict, curves: dict, smoothed: dict, goal: dict,
+                smooth: int,
            metric: str) -> list[str]:
     """train_loss.png, eval_loss.png and eval_<metric>.png: each method at its chosen rate, the mean over seeds with
     a band of ± one standard deviation."""
@@ -99,7 +102,8 @@ def write_plots(od: OutputDir, records: list[dict], best_lr: dict, curves: dict,
             groups.setdefault(f"{g} (lr {r['lr']:g})" if swept else g, []).append(r["run"])
     written = []
     panels = [(PLOT_TRAIN, {label: [smoothed[run] for run in runs] for label, runs in groups.items()},
-               f"Training loss ({smooth}-step trailing mean)" if smooth > 1 else "Training loss", "loss", goal["train"]),
+               f"Training loss ({smooth}-step trailing mean)" if smooth > 1 else "Training loss", "loss",
+               goal["train"]),
               (PLOT_EVAL, {label: [curves[run]["eval"] for run in runs] for label, runs in groups.items()},
                "Eval loss", "eval loss", goal["eval"])]
     if metric != "loss":

@@ -58,7 +58,8 @@ def compare(
         data: training data (as for `train`: JSONL, CSV, TSV, Parquet or a `datasets` directory).
         out: output directory; must be empty unless `resume` or `overwrite`.
         methods: init methods to compare (default: lora, pissa, milora, ailora, and lora-da where it calibrates
-            the model for the task: a Llama/Mistral/Qwen2 causal LM, a BERT/RoBERTa masked LM or classifier), and "bitfit": `train(bitfit=True)` on the model itself, no decompose; "dora":
+            the model for the task: a Llama/Mistral/Qwen2 causal LM, a BERT/RoBERTa masked LM or classifier), and
+            "bitfit": `train(bitfit=True)` on the model itself, no decompose; "dora":
             plain DoRA, and "METHOD+dora" (e.g. "pissa+dora"): that init with DoRA's magnitudes.
         progressive: K: also run every method with `train(progressive=K)` (runs named METHOD-progressiveK).
         target_loss: the loss for "steps to reach" (default: the highest final loss among the runs, which all
@@ -123,7 +124,8 @@ def _execute(od: OutputDir, plan: ComparePlan, run: Run, bar, progress: bool) ->
     dec = _decomposed(od, plan, run, key, progress)
     base = dec["residual"] or plan.ckpt.root  # plain LoRA trains on the untouched model
     tr_dir = od.path / name / TRAINED
-    again = _again(tr_dir) if any((tr_dir / trainer.CKPT_DIR).glob("step-*/trainer_state.json")) else {"overwrite": True}
+    again = (_again(tr_dir) if any((tr_dir / trainer.CKPT_DIR).glob("step-*/trainer_state.json"))
+             else {"overwrite": True})
     run_o = TrainOptions.build(plan.training, progressive=run.progressive, lr=run.lr, bitfit=run.method == BITFIT,
                                **({} if run.seed is None else {"seed": run.seed}))
     tr = trainer.train(base, dec["adapter"], plan.data, tr_dir, options=run_o, progress=progress, **again)

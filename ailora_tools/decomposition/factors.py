@@ -21,7 +21,7 @@ def factors_only(run: DecomposeRun) -> tuple[dict, str]:
     sharing = Sharing.start({j.tensor.name: work(j.tensor.shape) for j in run.jobs})
     results = {}
     for job in tqdm(run.jobs, desc="decompose", unit="matrix", disable=not run.progress):
-        A0, B0, stats = sharing.result(job.tensor.name, lambda: factors_of(run, job, dev))
+        A0, B0, stats = sharing.result(job.tensor.name, lambda job=job: factors_of(run, job, dev))
         results[job.module] = ((A0, B0), {**stats, "source_sample": stored_sample(run.ckpt, job.tensor.name)})
     return results, str(dev)
 

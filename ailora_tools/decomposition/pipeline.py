@@ -172,10 +172,13 @@ def _write(run: DecomposeRun, od: OutputDir, o: DecomposeOptions, settings: dict
         from .quantized import error_table
 
         summary["quant_error"] = error_table(stats, o.method, o.loftq_iters)
-    od.write_manifest(DECOMPOSE_MANIFEST, {**settings, "svd": {**settings["svd"], "ran_on": ran_on}, "options": asdict(o),
-                                           "files": hashes.result(), "modules": dict(sorted(stats.items())),
-                                           "applies_to": decompose_identity(stats, original=ckpt.name_or_path, residual=(
-                                               RESIDUAL_DIR if on_residual else None), kind=settings["adapter_base"])})
+    od.write_manifest(DECOMPOSE_MANIFEST, {**settings, "svd": {**settings["svd"], "ran_on": ran_on},
+                                           "options": asdict(o), "files": hashes.result(),
+                                           "modules": dict(sorted(stats.items())),
+                                           "applies_to": decompose_identity(
+                                               stats, original=ckpt.name_or_path,
+                                               residual=RESIDUAL_DIR if on_residual else None,
+                                               kind=settings["adapter_base"])})
     return summary
 
 
@@ -236,8 +239,8 @@ def _quantization(ckpt: Checkpoint, jobs: list[Job], o: DecomposeOptions) -> dic
     arch = architecture(ckpt.config)
     if arch.transposed:
         raise UnsupportedError(f"--quantize {o.quantize}: {ckpt.source} stores its linear weights transposed "
-                               f"(Conv1D: {', '.join(arch.transposed)}), which bitsandbytes does not load pre-quantised; "
-                               "decompose without --quantize")
+                               f"(Conv1D: {', '.join(arch.transposed)}), which bitsandbytes does not load "
+                               "pre-quantised; decompose without --quantize")
     linear, targets = linear_modules(ckpt.tensors), {j.module for j in jobs}
     only = sorted(t.name for m, t in linear.items() if o.quantize_all and m not in targets and t.dtype in FLOAT_DTYPES
                   and m.rsplit(".", 1)[-1] not in HEADS)

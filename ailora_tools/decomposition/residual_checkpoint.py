@@ -69,7 +69,8 @@ class _Residuals:
             return self._quantized(job, info, W, Wc, A0, B0, stats)
         stored, recon = residual_of(job, Wc, A0, B0, self.run.params.scale, out_dtype=self.out_dtype)
         stored = stored.cpu().contiguous()
-        stats = {**stats, **recon, "source_sample": sample(tensor_bytes(W)), "residual_sample": sample(tensor_bytes(stored))}
+        stats = {**stats, **recon, "source_sample": sample(tensor_bytes(W)),
+                 "residual_sample": sample(tensor_bytes(stored))}
         return Replaced(stored, {"A": A0, "B": B0}, stats)
 
     def _own(self, job: Job, W):

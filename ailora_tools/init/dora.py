@@ -105,7 +105,8 @@ def check_initial_offset(initial) -> None:
     """
     if initial.config.get("use_dora") and any(bool(B0.any()) for _, B0 in initial.factors.values()):
         raise UnsupportedError("DoRA with an initial product on the original model (--no-residual) is not supported: "
-                               "PEFT's DoRA norm would include s·B0·A0; decompose with the residual (drop --no-residual)")
+                               "PEFT's DoRA norm would include s·B0·A0; decompose with the residual "
+                               "(drop --no-residual)")
 
 
 def magnitudes_of(ckpt, tensor_of: dict[str, str], factors: dict, scale: float, *, transposed: dict[str, bool]

@@ -45,7 +45,8 @@ GPT_NEOX = Architecture(
     "gpt_neox", query=(), value=(),
     aliases={"q_proj": "query_key_value", "k_proj": "query_key_value", "v_proj": "query_key_value"},
 )
-PHI3 = Architecture("phi3", query=(), value=(), aliases={"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"})
+PHI3 = Architecture("phi3", query=(), value=(),
+                    aliases={"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"})
 #: model_type -> Architecture; anything absent is treated as Llama-like (q_proj / v_proj)
 REGISTRY = {
     **{t: BERT for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie")},

@@ -102,7 +102,8 @@ class Checkpoint:
             root = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
         except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as e:
             why = ("HF_HUB_OFFLINE is set, so only the local cache was searched; unset it to download"
-                   if constants.HF_HUB_OFFLINE else f"{_root_cause(e)}; check the id, --revision, your token and network")
+                   if constants.HF_HUB_OFFLINE else f"{_root_cause(e)}; check the id, --revision, your token "
+                   "and network")
             raise InputNotFoundError(f"{repo_id}: not found on the Hub or in the local cache ({why})") from e
 
         commit = root.name  # the snapshot folder is named by the commit: headers and downloads agree
@@ -114,8 +115,9 @@ class Checkpoint:
                 head, size = hub_header(repo_id, commit, name)
             except (HfHubHTTPError, OSError, KeyError, ValueError) as e:
                 raise InputNotFoundError(f"{repo_id}: shard {name} is not in the local cache and its header could "
-                                         f"not be read from the Hub ({_root_cause(e)}); check your connection and "
-                                         "token" + (", or unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else "")) from e
+                                         f"not be read from the Hub ({_root_cause(e)}); check your connection "
+                                         "and token"
+                                         + (", or unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else "")) from e
             return parse_header(root / name, head, size, name), True
 
         def download(name: str) -> Path:
@@ -270,7 +272,8 @@ def hub_header(repo_id: str, revision: str, name: str, *, session=None) -> tuple
 
     def get(first: int, last: int):
         try:
-            response = (session or get_session()).get(url, headers={**build_hf_headers(), "range": f"bytes={first}-{last}"},
+            response = (session or get_session()).get(url,
+                                                      headers={**build_hf_headers(), "range": f"bytes={first}-{last}"},
                                          timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
         except Exception as e:  # the HTTP client's connection and timeout errors are not OSErrors
             raise OSError(f"{e.__class__.__name__}: {e}") from e

@@ -1,9 +1,9 @@
 """PEFT LoRA adapter directories: adapter_config.json + adapter_model.safetensors.
 
-Keys are `base_model.model.<module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]). DoRA adapters (`use_dora: true`) add `base_model.model.<module>.lora_magnitude_vector` ([out]) per module, read
-into `Adapter.magnitudes` (the maths is in `init.dora`). Modules trained
-whole (`modules_to_save`, e.g. a classification head) are saved as PEFT saves them: their plain parameter names,
-`base_model.model.classifier.weight`.
+Keys are `base_model.model.<module>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]). DoRA adapters
+(`use_dora: true`) add `base_model.model.<module>.lora_magnitude_vector` ([out]) per module, read into
+`Adapter.magnitudes` (the maths is in `init.dora`). Modules trained whole (`modules_to_save`, e.g. a classification
+head) are saved as PEFT saves them: their plain parameter names, `base_model.model.classifier.weight`.
 """
 from __future__ import annotations
 
@@ -193,10 +193,11 @@ def read_adapter(directory: Path | str, *, strict: bool = True, dora: bool = Fal
     except json.JSONDecodeError as e:
         raise FormatError(f"{cfg_path}: not valid JSON ({e})") from e
     if config.get("peft_type") != "LORA":
-        raise UnsupportedError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+        raise UnsupportedError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; "
+                               "only LORA adapters are supported")
     if strict and config.get("use_dora") and not dora:
-        raise UnsupportedError(f"{cfg_path}: a DoRA adapter (use_dora: true) needs its base: `ailora-tools merge` it, or "
-                               "`ailora-tools convert --dora exact|approximate` it to a standard LoRA first")
+        raise UnsupportedError(f"{cfg_path}: a DoRA adapter (use_dora: true) needs its base: `ailora-tools merge` it, "
+                               "or `ailora-tools convert --dora exact|approximate` it to a standard LoRA first")
     A: dict[str, torch.Tensor] = {}
     B: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
@@ -224,10 +225,11 @@ def read_adapter(directory: Path | str, *, strict: bool = True, dora: bool = Fal
             raise FormatError(f"{w_path}: {m}: lora_A {tuple(A[m].shape)} and lora_B {tuple(B[m].shape)} do not chain")
         factors[m] = (A[m], B[m])
     if config.get("use_dora") and strict:
-        for m, (A_, B_) in factors.items():
+        for m, (_A, B_) in factors.items():
             if m not in mags or tuple(mags[m].shape) != (B_.shape[0],):
                 raise FormatError(f"{w_path}: DoRA module {m} has no lora_magnitude_vector of shape [{B_.shape[0]}] "
-                                  f"(found {tuple(mags[m].shape) if m in mags else 'none'}); pass a complete DoRA adapter")
+                                  f"(found {tuple(mags[m].shape) if m in mags else 'none'}); pass a complete "
+                                  "DoRA adapter")
     return Adapter(config, factors, extra, mags)
 
 
@@ -274,7 +276,8 @@ def load_into(model, adapter: Adapter, *, source: object, extra: bool = True) ->
                     raise FormatError(f"{source}: has no tensor {k!r} for the model's modules_to_save")
                 p.copy_(shard_like(p, adapter.extra[k]))
     if set(adapter.factors) - used:
-        raise FormatError(f"{source}: adapts modules the model does not have: {sorted(set(adapter.factors) - used)[:3]}")
+        raise FormatError(f"{source}: adapts modules the model does not have: "
+                          f"{sorted(set(adapter.factors) - used)[:3]}")
 
 
 def _in_modules(name: str, modules: list[str]) -> bool:

@@ -20,7 +20,8 @@ from ..errors import FormatError, InputNotFoundError, UnsupportedError
 DTYPES: dict[str, tuple[str | None, int]] = {
     "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
     "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1), "U16": (None, 2), "U32": (None, 4), "U64": (None, 8), "F8_E4M3": (None, 1), "F8_E5M2": (None, 1),
+    "BOOL": ("bool", 1), "U16": (None, 2), "U32": (None, 4), "U64": (None, 8), "F8_E4M3": (None, 1),
+    "F8_E5M2": (None, 1),
 }
 #: dtypes whose matrices can be decomposed, merged or written as residuals
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -127,7 +128,7 @@ def _parse(path: Path, name: str, raw: bytes, buffer_size: int) -> tuple[dict, d
     for key, entry in doc.items():
         tensors[key] = _entry(path, name, key, entry, buffer_size)
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer; the file is corrupt; "
                               f"{REDO}")
@@ -214,8 +215,10 @@ def tensor_bytes(t) -> memoryview:
 
 
 def layout(header: ShardHeader, replaced: dict[str, str], added: dict[str, tuple[str, tuple[int, ...]]] | None = None,
-           renamed: dict[str, str] | None = None, parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None = None,
-           dropped: set[str] | frozenset[str] = frozenset()) -> tuple[bytes, dict[str, int], list[tuple[int, int, int]]]:
+           renamed: dict[str, str] | None = None,
+           parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None = None,
+           dropped: set[str] | frozenset[str] = frozenset()) -> tuple[bytes, dict[str, int],
+                                                                      list[tuple[int, int, int]]]:
     """Plan an output shard whose tensors named in `replaced` get new bytes, of the dtype given there.
 
     `added` names new tensors (dtype, shape), placed after the existing ones; `renamed` gives existing tensors
@@ -230,7 +233,8 @@ def layout(header: ShardHeader, replaced: dict[str, str], added: dict[str, tuple
     renamed = {n: to for n, to in (renamed or {}).items() if n in header.tensors}
     parts = {n: p for n, p in (parts or {}).items() if n in replaced}
     dropped = {n for n in dropped if n in header.tensors}
-    if not added and not renamed and not parts and not dropped and all(header.tensors[n].dtype == d for n, d in replaced.items()):
+    if (not added and not renamed and not parts and not dropped
+            and all(header.tensors[n].dtype == d for n, d in replaced.items())):
         head, offsets = b"", {n: header.data_start + t.begin for n, t in header.tensors.items()}
         keep, at = [], 0
         for t in sorted((header.tensors[n] for n in replaced), key=lambda t: t.begin):

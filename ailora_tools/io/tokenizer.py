@@ -67,7 +67,8 @@ def _require_sentencepiece(flag: str, source) -> None:
     missing = [name.split(".")[-1] for name in SENTENCEPIECE_PACKAGES if not _importable(name)]
     if missing:
         raise UnsupportedError(f"{flag} {source}: its tokenizer is a sentencepiece model, which transformers reads "
-                               f"only with the packages sentencepiece and protobuf; missing here: {', '.join(missing)}; "
+                               "only with the packages sentencepiece and protobuf; missing here: "
+                               f"{', '.join(missing)}; "
                                "run `pip install sentencepiece protobuf`")
 
 

@@ -24,8 +24,9 @@ class TaskOptions(Options):
     """What the data is for and where its columns are: `train`'s objective, and LoRA-DA's calibration loss in
     `decompose` (the same loss, so that calibration sees what training will)."""
 
-    task: str = option("auto", "What to train for (and, for lora-da, calibrate on); auto: what the base was saved for (its config's architectures; "
-                       "a bare encoder: masked-lm).", choices=TASKS)
+    task: str = option("auto",
+                       "What to train for (and, for lora-da, calibrate on); auto: what the base was saved for (its "
+                       "config's architectures; a bare encoder: masked-lm).", choices=TASKS)
     num_labels: int | None = option(None, "Classes of a new classification head (default: from the labels); 1: "
                                     "regression (STS-B), float labels, Pearson/Spearman.", low=1)
     text_column: str | None = option(None, 'Column (key) of the text [default: "text", or "text_a" for pairs].',
@@ -60,7 +61,8 @@ class InitOptions(Options):
     device: str = option("auto", "Where the SVDs run: auto, cpu, cuda, cuda:N.")
     dora: bool = option(False, "DoRA (PEFT's use_dora): the adapter also holds a magnitude per output feature, set to "
                         "the row norms of the base + s·B0·A0 so that step 0 reproduces the model.")
-    no_offset: bool = option(False, "Leave the base as it is (the LoRA-DA authors' setting): s·B0·A0 is not subtracted, "
+    no_offset: bool = option(False,
+                             "Leave the base as it is (the LoRA-DA authors' setting): s·B0·A0 is not subtracted, "
                              "so step 0 is base + s·B0·A0, not the base; the adapter applies to the original model "
                              "like plain LoRA, and no residual is written. Same factors as without it.")
 
@@ -112,9 +114,8 @@ class DecomposeOptions(InitOptions, TaskOptions):
         clash = next((f for f, on in (("no_residual", self.no_residual), ("no_offset", self.no_offset),
                                       ("dora", self.dora)) if on), None)
         if self.quantize is not None and clash:
-            raise OptionError(f"{{quantize}} {self.quantize}: not with {{{clash}}}"
-                              f"{' (the quantised model is the residual)' if clash != 'dora' else ' (not supported yet)'}"
-                              "; drop one of the two")
+            why = " (the quantised model is the residual)" if clash != "dora" else " (not supported yet)"
+            raise OptionError(f"{{quantize}} {self.quantize}: not with {{{clash}}}{why}; drop one of the two")
         for given, other in (("no_residual", self.no_residual), ("no_offset", self.no_offset)):
             if other and self.residual_dtype is not None:
                 raise OptionError(f"{{residual_dtype}}: {{{given}}} writes no residual; drop one of the two")

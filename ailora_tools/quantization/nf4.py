@@ -83,7 +83,8 @@ def read_dequantized(ckpt, name: str) -> torch.Tensor:
         UnsupportedError: a packed weight and no bitsandbytes.
 
     Example:
-        >>> W = read_dequantized(Checkpoint.open("out/residual"), "model.layers.0.self_attn.q_proj.weight")  # doctest: +SKIP
+        >>> W = read_dequantized(Checkpoint.open("out/residual"),
+        ...                      "model.layers.0.self_attn.q_proj.weight")  # doctest: +SKIP
     """
     def read(n):
         return read_tensor(ckpt.shard(ckpt.tensors[n].file), n)

@@ -53,7 +53,8 @@ def check_bitfit(ckpt, *, base: object, adapter: object, bitfit: bool, progressi
         raise OptionError("--progressive applies to adapters; leave it out with --bitfit")
     if not bias_tensors(ckpt.tensors):
         raise UnsupportedError(f"--bitfit: {base} has no bias terms (Llama-family models have none), so BitFit has "
-                               "nothing to train; train a LoRA instead (`ailora-tools decompose`, then `train --adapter`)")
+                               "nothing to train; train a LoRA instead (`ailora-tools decompose`, then "
+                               "`train --adapter`)")
 
 
 @dataclass
@@ -102,7 +103,8 @@ def load_bitfit_model(task: Task, base: str | os.PathLike, *, labels: dict | Non
 def is_bitfit(directory: str | os.PathLike) -> bool:
     """Whether `directory` is a `train --bitfit` output (its manifest or its tensors file is there)."""
     d = Path(directory)
-    return (d / BITFIT_MANIFEST).is_file() or ((d / WEIGHTS_NAME).is_file() and not (d / "adapter_config.json").exists())
+    return (d / BITFIT_MANIFEST).is_file() or ((d / WEIGHTS_NAME).is_file()
+                                               and not (d / "adapter_config.json").exists())
 
 
 def read_bitfit(directory: str | os.PathLike) -> Adapter:

@@ -30,7 +30,8 @@ def next_batch(run: Run, state: dict) -> dict[str, torch.Tensor]:
     """The next micro-batch (all ranks' rows, on the CPU): each epoch in its own seeded order, the position kept
     in `state` for --resume."""
     examples, size = run.data.train, run.options.batch_size
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(run.options.seed * 100003 + state["epoch"]))
+    order = torch.randperm(len(examples),
+                           generator=torch.Generator().manual_seed(run.options.seed * 100003 + state["epoch"]))
     idx = order[state["pos"]: state["pos"] + size].tolist()
     state["pos"] += size
     if state["pos"] >= len(examples):

@@ -103,7 +103,8 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
     exact = {m for m in layers if any(matches(m, s) for s in suffixes)} == set(role_of)
     task = peft_task_type(config) or peft_task_type({"architectures": [type(model).__name__]})  # from a config: no
     heads = [n for n in ("classifier", "score") if task == "SEQ_CLS" and hasattr(model, n)]  # architectures yet
-    lora = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=suffixes if exact else sorted(role_of),
+    lora = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora,
+                      target_modules=suffixes if exact else sorted(role_of),
                       lora_dropout=lora_dropout, bias="none", init_lora_weights=True, task_type=task,
                       modules_to_save=heads or None,
                       fan_in_fan_out=any(is_transposed(m, arch) for m in role_of), use_dora=o.dora)
@@ -188,8 +189,8 @@ def _check_weights(model, weights: dict[str, torch.Tensor], role_of: dict[str, s
                                 f"{min(W.shape)}")
         tied = [n for n in names.get(id(W), []) if n != f"{m}.weight"]
         if tied and role_of[m] is not None:  # plain LoRA leaves the weight as it is
-            raise UnsupportedError(f"{m}.weight is tied to {', '.join(tied)}; replacing it by its residual would change "
-                                   f"that too. Leave {m.rsplit('.', 1)[-1]} out of targets or untie the weights")
+            raise UnsupportedError(f"{m}.weight is tied to {', '.join(tied)}; replacing it by its residual would "
+                                   f"change that too. Leave {m.rsplit('.', 1)[-1]} out of targets or untie the weights")
 
 
 def _stored_dtype(W: torch.Tensor) -> str | None:

@@ -93,16 +93,21 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
     tok, pad_id = load_tokenizer(o.tokenizer or base, flag="--tokenizer" if o.tokenizer else "--base")
     ds = load_data(task, data, o.eval_data, tok, pad_id=pad_id, config=ckpt.config, base=base,
                    max_length=o.max_length, seed=o.seed, num_labels=o.num_labels, columns=o.columns)
-    total = o.max_steps if o.max_steps is not None else o.epochs * math.ceil(len(ds.train) / (o.batch_size * o.grad_accum))
-    settings = {"tool": __version__, "base": str(Path(base).absolute()), "initial_adapter": str(Path(adapter).absolute()) if adapter else None,
-                "data": str(Path(data).absolute()), "eval_data": str(Path(o.eval_data).absolute()) if o.eval_data else None,
+    total = (o.max_steps if o.max_steps is not None
+             else o.epochs * math.ceil(len(ds.train) / (o.batch_size * o.grad_accum)))
+    settings = {"tool": __version__, "base": str(Path(base).absolute()),
+                "initial_adapter": str(Path(adapter).absolute()) if adapter else None,
+                "data": str(Path(data).absolute()),
+                "eval_data": str(Path(o.eval_data).absolute()) if o.eval_data else None,
                 "steps": total, "lr": o.lr, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
                 "max_length": o.max_length, "warmup": o.warmup_steps(total), "scheduler": o.scheduler, "seed": o.seed,
                 "weight_decay": o.weight_decay, "columns": [o.text_column, o.text_pair_column, o.label_column],
                 "dtype": o.dtype, "tokenizer": o.tokenizer, "progressive": o.progressive,
                 # "residual": trained as base + s·B·A; "original": as base + s(B·A − B0·A0), what convert writes
-                "adapter_base": mode, "mode": "bitfit" if o.bitfit else "exact" if exact else NO_OFFSET if mode == "original" else "residual",
-                "task": task.name, "labels": ds.labels, **train_identity(adapter, ckpt, mode, data, o.eval_data, warning)}
+                "adapter_base": mode,
+                "mode": "bitfit" if o.bitfit else "exact" if exact else NO_OFFSET if mode == "original" else "residual",
+                "task": task.name, "labels": ds.labels,
+                **train_identity(adapter, ckpt, mode, data, o.eval_data, warning)}
     torch.manual_seed(o.seed)  # a new classification head is initialised from it
     # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32
     frozen = torch.bfloat16 if autocast else torch.float32

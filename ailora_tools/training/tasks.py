@@ -103,7 +103,8 @@ def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike 
     if task.classifies:
         regression = num_labels == 1
         rows = read_labeled(data, columns=columns, regression=regression)
-        eval_rows = read_labeled(eval_data, flag="--eval-data", columns=columns, regression=regression) if eval_data else []
+        eval_rows = read_labeled(eval_data, flag="--eval-data", columns=columns,
+                                 regression=regression) if eval_data else []
         ids, labels = label_ids(rows, eval_rows, data=data, eval_data=eval_data, config=config, base=base,
                               num_labels=num_labels)
         if config.get("pad_token_id") is None:  # decoders classify at the last token that is not padding
@@ -172,9 +173,11 @@ def load_task_model(task: Task, base: str | os.PathLike, *, labels: dict | None,
 
     model, info = getattr(transformers, task.auto_class).from_pretrained(
         base, dtype=dtype, output_loading_info=True, **(labels or {}))
-    if getattr(model.config, "quantization_config", None):  # transformers keeps a pre-quantised checkpoint's float
-        for p in model.parameters():  # weights in their stored dtype: cast them as PEFT's prepare_model_for_kbit_training
-            if p.is_floating_point() and p.dtype != dtype:  # does (the packed NF4 weights are uint8: untouched)
+    # transformers keeps a pre-quantised checkpoint's float weights in their stored dtype: cast them as PEFT's
+    # prepare_model_for_kbit_training does (the packed NF4 weights are uint8: untouched)
+    if getattr(model.config, "quantization_config", None):
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
                 p.data = p.data.to(dtype)
     missing = sorted(info["missing_keys"])
     if missing and not task.classifies:

@@ -3,8 +3,8 @@
 Only the LoRA factors train (transformers model + PEFT), and for sequence classification the head
 (`tasks`: which class, data, head and metric each task has). The base is decompose's residual, or the
 ORIGINAL model with the initial product subtracted inside the adapter (`exact_mode`, exact for
-16-bit checkpoints). `progressive` trains in Progtuning stages (`progressive`); `bitfit` trains no adapter but the base's own
-bias terms (`bitfit`). The pieces: `setup` (options,
+16-bit checkpoints). `progressive` trains in Progtuning stages (`progressive`); `bitfit` trains no adapter but the
+base's own bias terms (`bitfit`). The pieces: `setup` (options,
 data, model, optimizer, schedule), `loop` (the steps), `checkpointer` (metrics.jsonl and resumable checkpoints),
 `data_parallel` (under torchrun: each rank its slice of every micro-batch; rank 0 writes).
 The output is a PEFT adapter directory plus `ailora-train.json`, which names the initial adapter (so that

@@ -42,7 +42,8 @@ def build_batches(examples: Sequence[Example] | Sequence[LabeledExample], size: 
             the head cannot take; no sample with a loss token.
     """
     kept = _kept(examples, net)
-    return [_batch(kept[s:s + size], token_mask, net, dev) for s in range(0, len(kept), size)], len(examples) - len(kept)
+    batches = [_batch(kept[s:s + size], token_mask, net, dev) for s in range(0, len(kept), size)]
+    return batches, len(examples) - len(kept)
 
 
 def _kept(examples, net: ModelParts) -> list:
@@ -52,7 +53,8 @@ def _kept(examples, net: ModelParts) -> list:
         labeled = isinstance(e, LabeledExample)
         if labeled != (task == CLASSIFY):
             raise FormatError(f"calibration sample {n}: {'labeled rows are' if labeled else 'token labels are'} not "
-                              f"what --task {task} calibrates on; give {'labeled' if task == CLASSIFY else 'text'} rows")
+                              f"what --task {task} calibrates on; "
+                              f"give {'labeled' if task == CLASSIFY else 'text'} rows")
         if not e.input_ids or not labeled and len(e.input_ids) != len(e.labels):
             raise FormatError(f"calibration sample {n}: {len(e.input_ids)} token ids but "
                               f"{1 if labeled else len(e.labels)} labels; they must match and not be empty")

@@ -90,7 +90,8 @@ def calibrate(
             tensor missing or of the wrong shape in the checkpoint (a masked-LM task without the MLM head).
 
     Example:
-        >>> stats = {s.name: s for s in calibrate("./llama", examples, ["model.layers.0.self_attn.q_proj"])}  # doctest: +SKIP
+        >>> stats = {s.name: s for s in calibrate("./llama", examples,
+        ...                                       ["model.layers.0.self_attn.q_proj"])}  # doctest: +SKIP
     """
     require_transformers()
     ckpt = model if isinstance(model, Checkpoint) else Checkpoint.open(model)
@@ -149,12 +150,12 @@ def memory_bound(config: dict, modules: Sequence[str], *, batch_size: int, max_t
     stored = config.get("torch_dtype") or config.get("dtype") or "float32"
     compute = dtype or ("bfloat16" if stored == "bfloat16" else "float32")  # as `calibrate` chooses
     b = max(DTYPES[DTYPE_FLAGS.get(name, "F32")][1] for name in (stored, compute))
-    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    H, F, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads = config["num_attention_heads"]
     hd = config.get("head_dim") or H // heads
     kv = config.get("num_key_value_heads") or heads
     shapes = {"q_proj": (heads * hd, H), "k_proj": (kv * hd, H), "v_proj": (kv * hd, H), "o_proj": (H, heads * hd),
-              "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+              "gate_proj": (F, H), "up_proj": (F, H), "down_proj": (H, F)}
     layer = sum(o * i + o for o, i in shapes.values()) + 2 * H  # weights, biases (Qwen2's q/k/v), two norms
     per_layer: dict[str, list[tuple[int, int]]] = {}
     for m in modules:
@@ -163,6 +164,6 @@ def memory_bound(config: dict, modules: Sequence[str], *, batch_size: int, max_t
     stats = max((sum(o * i + o for o, i in s) + sum(i * i for i in {i for _, i in s}) for s in per_layer.values()),
                 default=0)  # (one Z per distinct input width: its upper bound)
     tokens = batch_size * max_tokens
-    work = tokens * (32 * H + 12 * I) * 4 + 3 * batch_size * heads * max_tokens**2 * 4
+    work = tokens * (32 * H + 12 * F) * 4 + 3 * batch_size * heads * max_tokens**2 * 4
     head = 3 * min(tokens * V * 4, HEAD_CHUNK_BYTES)
     return FIXED_OVERHEAD + 2 * max(layer, V * H) * b + activation_budget + 4 * stats + work + head

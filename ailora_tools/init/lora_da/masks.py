@@ -22,8 +22,8 @@ TRANSFORMERS_NEEDED = "5.4"
 
 
 def require_transformers() -> None:
-    """Check that transformers' mask functions take what `decoder.DecoderParts.layer_kwargs` passes: `inputs_embeds=` and no
-    `cache_position` (required before 5.4; transformers.masking_utils itself is new in 4.53).
+    """Check that transformers' mask functions take what `decoder.DecoderParts.layer_kwargs` passes:
+    `inputs_embeds=` and no `cache_position` (required before 5.4; transformers.masking_utils itself is new in 4.53).
 
     Raises:
         UnsupportedError: an older transformers, naming the installed and the required version.

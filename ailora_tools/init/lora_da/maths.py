@@ -152,7 +152,8 @@ def lora_da_factors(
     G = gradient.to(device=dev, dtype=torch.float64)
     y = output_factor.to(device=dev, dtype=torch.float64)
     if not (bool(torch.isfinite(G).all()) and bool(torch.isfinite(y).all())):
-        raise NumericsError(f"{name}: the gradient or the output factor has NaN or Inf entries; check the calibration run")
+        raise NumericsError(f"{name}: the gradient or the output factor has NaN or Inf entries; check the "
+                            "calibration run")
     y_inverse = 1.0 / (y + input_factor.damping)
     D = -torch.cholesky_solve(G.T, input_factor.cholesky) * y_inverse[None, :]  # [in, out]
     sigma = triplets(D.T, 1, PRINCIPAL, generator=generator_for(seed, name, dev)).sigma_max
@@ -176,7 +177,8 @@ def lora_da_factors(
     root = math.sqrt(gamma)
     diagnostics = {
         "gradient_norm": float(torch.linalg.matrix_norm(G)), "sigma_max": sigma,
-        "eigenvalue_min": float(evals[0]), "eigenvalue_edge": float(evals[rank - 1]), "eigenvalue_next": float(evals[rank]),
+        "eigenvalue_min": float(evals[0]), "eigenvalue_edge": float(evals[rank - 1]),
+        "eigenvalue_next": float(evals[rank]),
         "bias_norm": bias_norm, "variance_norm": beta * c * float(torch.linalg.matrix_norm(input_factor.inverse)),
         "captured": float(projected.square().sum() / D.square().sum()), "gamma": float(gamma),
     }

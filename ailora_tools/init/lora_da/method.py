@@ -1,13 +1,13 @@
 """LoRA-DA (arXiv 2510.24561): data-aware initial factors from calibration samples of the target data.
 
-`prepare` runs the calibration (`calibration`: one decoder or encoder layer at a time, never the
-whole model) on the first `samples` rows of `--data`, read as `train` reads them for the task (`--task`, the column
-options; masked-LM masks and a new classification head drawn from `--seed`, as `train --seed` draws them), and turns each module's statistics into (A0, B0) as soon as
-its layer is done (`maths`), so only one layer's statistics are held at a time. `factors`
-then hands each module its pair; decompose writes the residual W − s·B0·A0 as for every other method, so
-training starts exactly at the pretrained model. The authors leave the base as it is and start at
-W + s·B0·A0: that is `--no-offset` (the same factors; the adapter then applies to the original model, as a plain
-LoRA does); `--no-residual` with exact training keeps the original weights and still starts at W.
+`prepare` runs the calibration (`calibration`: one decoder or encoder layer at a time, never the whole model) on the
+first `samples` rows of `--data`, read as `train` reads them for the task (`--task`, the column options; masked-LM masks
+and a new classification head drawn from `--seed`, as `train --seed` draws them), and turns each module's statistics
+into (A0, B0) as soon as its layer is done (`maths`), so only one layer's statistics are held at a time. `factors` then
+hands each module its pair; decompose writes the residual W − s·B0·A0 as for every other method, so training starts
+exactly at the pretrained model. The authors leave the base as it is and start at W + s·B0·A0: that is `--no-offset`
+(the same factors; the adapter then applies to the original model, as a plain LoRA does); `--no-residual` with exact
+training keeps the original weights and still starts at W.
 """
 from __future__ import annotations
 

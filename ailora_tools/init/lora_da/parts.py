@@ -64,7 +64,7 @@ class ModelParts:
         `tensor_name`). A parameter the checkpoint lacks is an error unless `init` is given:
         then the modules holding them are drawn by the model's own initialisation (as from_pretrained does)."""
         where = next(n for n, m in self.model.named_modules() if m is module)
-        for local, buf in module.named_buffers():
+        for local, _buf in module.named_buffers():
             if local.rsplit(".", 1)[-1] not in self.BUFFERS:  # to_empty would leave them uninitialised
                 raise UnsupportedError(f"{self.ckpt.source}: {local} is a buffer this transformers version's "
                                        "layers did not hold; LoRA-DA calibration cannot fill it")
