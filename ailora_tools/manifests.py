@@ -166,7 +166,9 @@ def base_of(adapter: str | os.PathLike) -> BaseOf:
         d = d.parent  # `convert --dora exact`: OUT/adapter applies to OUT/base, as OUT/ailora-convert.json records
     if (d / CONVERT_MANIFEST).is_file():
         m = read_manifest(d / CONVERT_MANIFEST)
-        return BaseOf.from_block(m["applies_to"], manifest=str(d / CONVERT_MANIFEST)) if m else BaseOf(None)
+        # a converted LoRA applies to the original (a plain PEFT LoRA's conversion records no fingerprints)
+        return (BaseOf.from_block(m["applies_to"], manifest=str(d / CONVERT_MANIFEST)) if m.get("applies_to")
+                else BaseOf(ORIGINAL, manifest=str(d / CONVERT_MANIFEST)))
     if (d / BITFIT_MANIFEST).is_file():  # trained biases: they belong to the model they were trained in
         m = read_manifest(d / BITFIT_MANIFEST)
         where = str(d / BITFIT_MANIFEST)

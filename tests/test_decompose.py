@@ -169,7 +169,7 @@ def test_fused_qkv_pissa_transposed_conv1d(tiny, tmp_path):
 
 
 def test_ailora_target_without_role_lists_fix(tiny, tmp_path):
-    with pytest.raises(TargetError, match=r"k_proj has neither.*--role k_proj=principal\|minor"):
+    with pytest.raises(TargetError, match=r"k_proj has neither.*roles k_proj=principal\|minor"):
         decompose(tiny("llama"), tmp_path / "out", targets=["q_proj", "k_proj", "v_proj"], rank=4, progress=False)
     decompose(tiny("llama"), tmp_path / "out", targets=["q_proj", "k_proj", "v_proj"], roles={"k_proj": "minor"},
               rank=4, progress=False)
