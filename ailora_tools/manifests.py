@@ -44,6 +44,8 @@ CKPT_DIR = "checkpoints"
 RESIDUAL, ORIGINAL = "residual", "original"
 #: decompose's manifest key of `--no-offset`: the base was left as it is and training does not subtract s·B0·A0
 NO_OFFSET = "no_offset"
+#: decompose's manifest key of the factors that stay frozen in training (MiCA: ["lora_B"]; `init.InitMethod.frozen`)
+FROZEN = "frozen"
 #: how many tensors identify a model: the first, the last and evenly spaced ones between
 IDENTITY_TENSORS = 4
 
@@ -312,6 +314,16 @@ def starts_offset(initial: str | os.PathLike) -> bool:
     s·B0·A0 taken out of the base (the residual) or, on the original, subtracted inside the adapter (exact mode).
     False for a `--no-offset` decomposition, which starts at the original + s·B0·A0 as a plain LoRA would."""
     return not read_manifest(Path(initial).parent / DECOMPOSE_MANIFEST).get(NO_OFFSET, False)
+
+
+def frozen_factors(initial: str | os.PathLike) -> tuple[str, ...]:
+    """The factors ("lora_A", "lora_B") that stay frozen when training from the initial adapter `initial`: as
+    decompose's manifest records them, or ("lora_B",) for an adapter PEFT made with `init_lora_weights="mica"`."""
+    recorded = read_manifest(Path(initial).parent / DECOMPOSE_MANIFEST).get(FROZEN)
+    if recorded is not None:
+        return tuple(recorded)
+    peft_init = read_manifest(Path(initial) / "adapter_config.json").get("init_lora_weights")
+    return ("lora_B",) if peft_init == "mica" else ()
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import InputNotFoundError, OptionError
+from ..init.peft_inits import applies_to_original
 from ..io.peft_adapter import CONFIG_NAME, WEIGHTS_NAME, model_class, read_adapter
 from ..manifests import RESIDUAL, BaseOf, base_of, base_problem_dir
 from ..options import CHECK_TARGETS as TARGETS
@@ -79,8 +80,12 @@ def _vllm_rules(d: Path, cfg: dict, adapter, export: str, max_lora_rank: int) ->
     """vLLM's rules an export fixes: string init_lora_weights, a rank above the server's limit, rank/alpha patterns."""
     found = []
     ranks = {A.shape[0] for A, _ in adapter.factors.values()}
-    if isinstance(cfg.get("init_lora_weights"), str):
-        found.append(Finding("init_lora_weights", f"init_lora_weights is {cfg['init_lora_weights']!r}",
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and applies_to_original(init):  # PEFT's init left the base as it is (mica, eva, ...)
+        found.append(Finding("init_lora_weights", f"init_lora_weights is {init!r}",
+                             f"run `ailora-tools convert --trained {d} --for vllm -o LORA` (it writes true)"))
+    elif isinstance(init, str):
+        found.append(Finding("init_lora_weights", f"init_lora_weights is {init!r}",
                              f"run `ailora-tools convert --trained {d} --initial INITIAL --for vllm -o LORA` "
                              "(INITIAL: the adapter training started from), or set it to true if the weights "
                              "already are a standard LoRA"))

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from ..errors import OptionError, TargetError, UnsupportedError
+from ..init.peft_inits import applies_to_original
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
@@ -130,7 +131,7 @@ def export_for(adapter: str | os.PathLike, out: str | os.PathLike, *, server: st
     lora = read_adapter(d, strict=False)
     if not refusals(d, lora.config, lora, server=server, base=base):
         lora = read_adapter(d)  # strict: a tensor that is no LoRA factor is an error, never dropped
-    if isinstance(lora.config.get("init_lora_weights"), str):
+    if not applies_to_original(lora.config.get("init_lora_weights")):  # mica, orthogonal, eva: written as true
         raise TargetError(f"{d}: init_lora_weights is {lora.config['init_lora_weights']!r}: a PiSSA-style adapter "
                           "applies to its residual, not to the original model; run `ailora-tools convert --trained "
                           f"{d} --initial INITIAL --for {server} -o LORA` (INITIAL: the adapter training started from)")

@@ -31,6 +31,7 @@ from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor
 from ..manifests import (
     ADAPTER_DIR,
     DECOMPOSE_MANIFEST,
+    FROZEN,
     NO_OFFSET,
     ORIGINAL,
     RESIDUAL,
@@ -94,6 +95,7 @@ def decompose(
     jobs = plan(ckpt, init, o.targets, o.roles, o.rank)
     quant = _quantization(ckpt, jobs, o) if o.quantize else None
     params = Settings(o.rank, lora_scale(o.rank, o.lora_alpha, o.rslora), o.svd, o.niter, o.oversample, o.seed)
+    init.check_settings(params)
     recorded = _recorded(o, init, ckpt, jobs, params, quant)
     # before the output is claimed: data-aware methods calibrate here, and fail here on data or architecture
     context = init.prepare(ckpt, jobs, params, data=o.data, samples=o.samples, max_length=o.max_length,
@@ -137,8 +139,10 @@ def _recorded(o: DecomposeOptions, init: InitMethod, ckpt: Checkpoint, jobs: lis
     }
     if quant:
         settings["quantize"] = {k: v for k, v in quant.items() if k != "only"}
-    if o.no_offset and init.offsets_base:  # the base stays as it is and training does not subtract s·B0·A0
-        settings[NO_OFFSET] = True
+    if o.no_offset and init.offsets_base or not init.subtracts_product:  # the base stays as it is and training
+        settings[NO_OFFSET] = True  # does not subtract s·B0·A0 (MiCA, orthogonal: PEFT's start, W + s·B0·A0)
+    if init.frozen:
+        settings[FROZEN] = list(init.frozen)
     if o.dora:
         settings["dora"] = True
     if o.data is not None:

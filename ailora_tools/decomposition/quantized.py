@@ -6,8 +6,8 @@ principal singular triplets of W − dequant(Q) (the best rank-r fit of what qua
 B = U√Σ/√s, A = √Σ Vᵀ/√s, seeded per module), then Q = NF4(W − s·B·A) again. That refit keeps a method's choice
 where it is the principal one (PiSSA, AILoRA's query projections) and is LoftQ proper for plain LoRA (B = 0 at the
 start: Q = NF4(W) first). A minor-role target (MiLoRA, AILoRA's value projections) keeps its minor factors, and a
-data-aware one (lora-da) its calibrated ones: the principal fit of the quantisation error would replace exactly
-what the method chose, so those are quantised once.
+data-aware one (lora-da) its calibrated ones, and so do MiCA and orthogonal: the principal fit of the quantisation
+error would replace exactly what the method chose, so those are quantised once.
 
 Recorded per module: `quant_rel_fro` = ‖W − (dequant(Q) + s·B·A)‖ / ‖W‖ for the written result, `qlora_rel_fro`
 for plain QLoRA on the same matrix (Q = NF4(W), B = 0), and `loftq_rel_fro`, the error after each step (step 0:
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..init import Job, Settings
+from ..init import InitMethod, Job, Settings
 from ..init.method import svd_factors
 from ..init.svd import generator_for
 from ..init.targets import PRINCIPAL
@@ -52,9 +52,11 @@ def quantized_residual(job: Job, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
     return parts, A.float().cpu().contiguous(), B.float().cpu().contiguous(), stats
 
 
-def refits(job: Job, offsets_base: bool) -> bool:
-    """Whether LoftQ's alternation applies to a target (see the module docstring)."""
-    return job.role == PRINCIPAL or not offsets_base
+def refits(job: Job, method: InitMethod) -> bool:
+    """Whether LoftQ's alternation applies to a target (see the module docstring); never to a method that starts at
+    W + s·B0·A0 as PEFT does (MiCA's frozen B0, orthogonal's pair: `subtracts_product` False), whose factors are
+    its choice."""
+    return method.subtracts_product and (job.role == PRINCIPAL or not method.offsets_base)
 
 
 def error_table(stats: dict[str, dict], method: str, iters: int) -> dict[str, dict[str, float]]:

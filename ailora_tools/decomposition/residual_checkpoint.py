@@ -86,7 +86,7 @@ class _Residuals:
 
         q, A0, B0, qstats = quantized_residual(job, Wc, A0, B0, self.run.params, dtype=self.out_dtype or info.dtype,
                                                iters=self.quant["loftq_iters"],
-                                               refit=refits(job, self.run.init.offsets_base),
+                                               refit=refits(job, self.run.init),
                                                double_quant=self.quant["double_quant"])
         return _split(info.name, q, {**stats, **qstats, "source_sample": sample(tensor_bytes(W)),
                                      "residual_sample": sample(tensor_bytes(q[""]))}, {"A": A0, "B": B0})

@@ -16,10 +16,14 @@ from .method import (
     lora_scale,
     svd_factors,
 )
+from .mica import MiCA
 from .milora import MiLoRA
+from .olora import OLoRA
+from .orthogonal import Orthogonal
 from .pissa import PiSSA
 
 METHODS: dict[str, InitMethod] = {m.name: m for m in (AILoRA(), PiSSA(), MiLoRA(), LoRA(), LoRADA())}
+METHODS.update({m.name: m for m in (OLoRA(), MiCA(), Orthogonal())})  # PEFT's data-free inits
 
 
 def get_method(name: str) -> InitMethod:

@@ -63,11 +63,24 @@ class InitMethod:
     offsets_base: bool = True
     #: `factors` reads W (False: only its shape)
     needs_weights: bool = True
+    #: with `offsets_base` False, whether training and convert still take s·B0·A0 out (plain LoRA: it is 0); False
+    #: for methods whose start W + s·B0·A0 is PEFT's (MiCA: A0 = 0; orthogonal: B0·A0 = 0 up to rounding): the
+    #: decompose manifest records `no_offset`, so the adapter trains and converts as a plain LoRA on the original
+    subtracts_product: bool = True
+    #: factors that stay frozen in training ("lora_B" for MiCA), recorded in the decompose manifest (`frozen`)
+    frozen: tuple[str, ...] = ()
 
     def role_of(self, target: str, name: str, arch: Architecture) -> str | None:
         """The role of a requested target (`name`: what it is called in this architecture); None: no role (the
         default, for methods that do not split the spectrum; with `needs_roles` that target is refused)."""
         return None
+
+    def check_settings(self, settings: Settings) -> None:
+        """Refuse settings this method cannot take (decompose and get_ailora_model call it before writing anything).
+
+        Raises:
+            OptionError: naming the option.
+        """
 
     def prepare(self, ckpt: Checkpoint, jobs: list[Job], settings: Settings, **options) -> Any:
         """Work done once before any factor (e.g. calibration); its result is passed to `factors`."""

@@ -1,9 +1,11 @@
-"""AILoRA / PiSSA / MiLoRA / LoRA initialisation of an in-memory transformers model, as PEFT's `get_peft_model`.
+"""Any data-free init (AILoRA, PiSSA, MiLoRA, LoRA, OLoRA, MiCA, orthogonal) of an in-memory transformers model, as
+PEFT's `get_peft_model`.
 
 For transformers' Trainer, TRL or any training loop: `get_ailora_model(model, method="ailora", rank=16)`
 wraps the model with PEFT's LoRA, writes the initial factors A0, B0 into each target's lora_A / lora_B, and
 replaces the target's base weight by its residual W − s·B0·A0, so the model's output is unchanged at step 0
-(with `no_offset`, the weights stay as they are and step 0 is W + s·B0·A0, as the LoRA-DA authors start).
+(with `no_offset`, the weights stay as they are and step 0 is W + s·B0·A0, as the LoRA-DA authors start; MiCA and
+orthogonal leave them as they are too, their B0·A0 being 0, and MiCA's lora_B is frozen).
 Factors and residuals are those `decompose` writes for the same settings (same functions, same per-module
 seeds): the same on the same device, bit for bit.
 """
@@ -26,6 +28,7 @@ from ..init.targets import architecture, assign_roles, is_transposed, matches
 from ..io.tensorio import DTYPES, FLOAT_DTYPES, TensorInfo
 from ..options import DecomposeOptions, InitOptions
 from ..quantization.nf4 import linear4bit
+from .frozen import freeze_factors
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +112,7 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
                       modules_to_save=heads or None,
                       fan_in_fan_out=any(is_transposed(m, arch) for m in role_of), use_dora=o.dora)
     params = Settings(rank, lora_scale(rank, alpha, rslora), o.svd, o.niter, o.oversample, o.seed)
+    init.check_settings(params)
     dev = resolve_device(o.device)
     if quantize:  # the residuals become Linear4bit layers before PEFT wraps them (its bitsandbytes LoRA layers)
         if arch.transposed:
@@ -129,6 +133,7 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
             if o.dora:  # PEFT set m = ‖W‖ when it wrapped the model; DoRA's m is that of the base it now sees
                 layer.lora_magnitude_vector[adapter_name].weight.copy_(
                     magnitude(W.detach(), A0, B0, params.scale, transposed=is_transposed(m, arch)))
+    freeze_factors(peft_model, init.frozen, adapter_name)  # MiCA's B
     return peft_model
 
 
@@ -143,7 +148,7 @@ def _quantize_targets(model, layers: dict, role_of: dict, init, params, device, 
         A0, B0, _ = initial_factors(job, Wc if init.needs_weights else None, init, params,
                                     device=device if init.needs_weights else "cpu")
         parts, A0, B0, _ = quantized_residual(job, Wc, A0, B0, params, dtype=job.tensor.dtype, iters=iters,
-                                              refit=refits(job, init.offsets_base))
+                                              refit=refits(job, init))
         del Wc
         parent, _, name = m.rpartition(".")
         setattr(model.get_submodule(parent), name, linear4bit({k: v.to(W.device) for k, v in parts.items()},
@@ -163,11 +168,10 @@ def _initialise(W: torch.Tensor, init, module: str, role: str | None, transposed
     """(A0, B0, residual as stored or None) for one target, with decompose's own code and per-module seed;
     `offset` False (`no_offset`): the factors alone, the base left as it is."""
     job = _job(module, W, role, transposed)
-    if not init.offsets_base:  # plain LoRA: the base stays as it is
-        A0, B0, _ = init.factors(job, None, params, generator=generator_for(params.seed, module, "cpu"))
-        return A0, B0, None
-    if not offset:
-        A0, B0, _ = initial_factors(job, working_copy(job, W, device), init, params, device=device)
+    if not (init.offsets_base and offset):  # the base stays as it is (plain LoRA, MiCA, orthogonal, no_offset)
+        A0, B0, _ = (initial_factors(job, working_copy(job, W, device), init, params, device=device)
+                     if init.needs_weights else
+                     init.factors(job, None, params, generator=generator_for(params.seed, module, "cpu")))
         return A0, B0, None
     residual, (A0, B0), _ = residual_target(job, W, init, params, device=device, out_dtype=None)
     return A0, B0, residual

@@ -106,7 +106,7 @@ class Progressive:
         self.params: dict[int | None, list[torch.nn.Parameter]] = {}  # block index (None: outside) -> LoRA params
         container = None
         for name, p in model.get_base_model().named_parameters():
-            if ".lora_" not in name:
+            if ".lora_" not in name or not p.requires_grad:  # (MiCA's B stays frozen)
                 continue
             m = _BLOCK.match(name)
             if m is not None and container not in (None, m["container"]):

@@ -23,7 +23,7 @@ from ..io.examples import check_data
 from ..io.peft_adapter import Adapter, read_adapter
 from ..io.tokenizer import load_tokenizer
 from ..lineage import train_identity
-from ..manifests import NO_OFFSET, check_base, starts_offset
+from ..manifests import NO_OFFSET, check_base, frozen_factors, starts_offset
 from ..options import TrainOptions
 from .bitfit import BitFit, check_bitfit, load_bitfit_model
 from .data_parallel import Ranks
@@ -107,6 +107,7 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
                 "adapter_base": mode,
                 "mode": "bitfit" if o.bitfit else "exact" if exact else NO_OFFSET if mode == "original" else "residual",
                 "task": task.name, "labels": ds.labels,
+                **({"frozen": list(fixed)} if adapter and (fixed := frozen_factors(adapter)) else {}),  # MiCA's B
                 **train_identity(adapter, ckpt, mode, data, o.eval_data, warning)}
     torch.manual_seed(o.seed)  # a new classification head is initialised from it
     # frozen base in bfloat16 on CUDA (half the memory); PEFT keeps the trainable factors in float32

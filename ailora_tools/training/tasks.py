@@ -34,7 +34,9 @@ from ..io.examples import (
 )
 from ..io.labels import label_ids, read_labeled, tokenize_labeled
 from ..io.peft_adapter import load_into, read_adapter
+from ..manifests import frozen_factors
 from ..options import TASKS as CHOICES
+from .frozen import freeze_factors
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
     renamed = dataclasses.replace(initial, factors={names[m]: f for m, f in initial.factors.items()},
                                   magnitudes={names[m]: v for m, v in initial.magnitudes.items()})
     load_into(peft_model, renamed, source=adapter, extra=False)
+    freeze_factors(peft_model, frozen_factors(adapter))  # MiCA's B
     config = {**initial.config, "task_type": task.peft_task_type, "modules_to_save": heads or None}
     return peft_model, config, describe_task(task, model, heads, labels)
 
