@@ -1,6 +1,7 @@
 """PEFT's data-free inits as ours: olora, mica, orthogonal against PEFT 0.21's own init on a tiny Llama and a tiny
 BERT (factors, residual base, step-0 logits), then decompose → train → convert → merge with logits parity, the
 servers' exports, get_ailora_model, a PEFT-made OLoRA pair converted with --initial, and a compare row each."""
+
 import json
 
 import pytest
@@ -30,8 +31,10 @@ def peft_parts(model):
     """PEFT's factors per module (A, B) and its base weights by module, under our module names."""
     state = {k.removeprefix("base_model.model."): v for k, v in model.state_dict().items()}
     mods = {k.removesuffix(".lora_A.default.weight") for k in state if k.endswith(".lora_A.default.weight")}
-    return ({m: (state[f"{m}.lora_A.default.weight"], state[f"{m}.lora_B.default.weight"]) for m in mods},
-            {m: state[f"{m}.base_layer.weight"] for m in mods})
+    return (
+        {m: (state[f"{m}.lora_A.default.weight"], state[f"{m}.lora_B.default.weight"]) for m in mods},
+        {m: state[f"{m}.base_layer.weight"] for m in mods},
+    )
 
 
 def weights_of(d, modules):
@@ -57,8 +60,9 @@ def test_olora_matches_peft(tiny, tmp_path, kind):
         torch.testing.assert_close(W, their_base[m], atol=2e-5, rtol=0)
         assert (W - original[m]).abs().max() > 1e-2
     ref, theirs_out = logits(load(src, kind), kind), logits(model, kind)
-    ours_out = logits(PeftModel.from_pretrained(load(tmp_path / "d" / "residual", kind), tmp_path / "d" / "adapter"),
-                      kind)
+    ours_out = logits(
+        PeftModel.from_pretrained(load(tmp_path / "d" / "residual", kind), tmp_path / "d" / "adapter"), kind
+    )
     torch.testing.assert_close(ours_out, theirs_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours_out, ref, atol=1e-5, rtol=0)  # step 0 is the model
 
@@ -195,10 +199,16 @@ def test_peft_mica_adapter_serves_as_it_is(tiny, tmp_path):
                 p.normal_(0, 0.05)
     model.save_pretrained(tmp_path / "trained")  # init_lora_weights "mica": a LoRA on the original
     s = convert(tmp_path / "trained", tmp_path / "v", server="vllm")
-    assert s["check"] == [] and json.loads((tmp_path / "v" / "adapter_config.json").read_text())[
-        "init_lora_weights"] is True
-    torch.testing.assert_close(logits(PeftModel.from_pretrained(load(src, "llama"), tmp_path / "v"), "llama"),
-                               logits(model, "llama"), atol=1e-5, rtol=0)
+    assert (
+        s["check"] == []
+        and json.loads((tmp_path / "v" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    )
+    torch.testing.assert_close(
+        logits(PeftModel.from_pretrained(load(src, "llama"), tmp_path / "v"), "llama"),
+        logits(model, "llama"),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_odd_rank_refused_for_orthogonal(tiny, tmp_path):
@@ -208,8 +218,19 @@ def test_odd_rank_refused_for_orthogonal(tiny, tmp_path):
 
 
 def test_compare_rows(base, tmp_path):
-    s = compare(base, DATA, tmp_path / "c", methods=["olora", "mica", "orthogonal"], rank=4, max_steps=2, lr=1e-2,
-                batch_size=8, seed=1, device="cpu", progress=False)
+    s = compare(
+        base,
+        DATA,
+        tmp_path / "c",
+        methods=["olora", "mica", "orthogonal"],
+        rank=4,
+        max_steps=2,
+        lr=1e-2,
+        batch_size=8,
+        seed=1,
+        device="cpu",
+        progress=False,
+    )
     rows = {r["run"]: r for r in s["runs"]}
     assert sorted(rows) == ["mica", "olora", "orthogonal"]
     assert all(r["steps"] == 2 and r["first_loss"] > 0 for r in rows.values())

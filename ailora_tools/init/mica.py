@@ -7,6 +7,7 @@ manifest records `frozen: ["lora_B"]` (train freezes it) and `no_offset` (conver
 vectors have a free sign each; ours come from the float64 Gram method (`svd.triplets`, minor directions exact), PEFT's
 from a float32 SVD, so B0 agrees with PEFT's up to the sign of each column.
 """
+
 from __future__ import annotations
 
 from .method import InitMethod
@@ -28,10 +29,21 @@ class MiCA(InitMethod):
 
         from .svd import triplets
 
-        t = triplets(W, settings.rank, job.role, mode=settings.svd, niter=settings.niter,
-                     oversample=settings.oversample, generator=generator)
-        stats = {"role": job.role, "sigma_max": t.sigma_max, "sigma_edge": float(t.S[0] if job.role == MINOR
-                                                                                   else t.S[-1]),
-                 "energy_fraction": t.energy_fraction, "deficient_directions": t.deficient}
+        t = triplets(
+            W,
+            settings.rank,
+            job.role,
+            mode=settings.svd,
+            niter=settings.niter,
+            oversample=settings.oversample,
+            generator=generator,
+        )
+        stats = {
+            "role": job.role,
+            "sigma_max": t.sigma_max,
+            "sigma_edge": float(t.S[0] if job.role == MINOR else t.S[-1]),
+            "energy_fraction": t.energy_fraction,
+            "deficient_directions": t.deficient,
+        }
         A0 = torch.zeros(settings.rank, job.shape[1], dtype=torch.float32)
         return A0, t.U.to(torch.float32).contiguous(), stats

@@ -6,6 +6,7 @@ from the QR of W[:, :r], and the rest of R[:r] is Q_rᵀ·W. Cost O(out·in·r) 
 PEFT's full QR (LAPACK's reflectors give each diagonal entry of R the opposite sign of its pivot). PEFT factors the
 weight as stored, so on Conv1D (GPT-2) its B0 has W's [in, out] layout; ours factors [out, in] for every layer.
 """
+
 from __future__ import annotations
 
 from .method import InitMethod

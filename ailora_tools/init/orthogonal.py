@@ -8,6 +8,7 @@ The draws are PEFT's, in its order (randn(r, r), randn(in, r/2), randn(r/2, out)
 to that generator's seed. The decompose manifest records `no_offset`: the adapter trains and converts as a plain
 LoRA on the original (convert writes s·B·A, rank r).
 """
+
 from __future__ import annotations
 
 from ..errors import OptionError
@@ -24,8 +25,10 @@ class Orthogonal(InitMethod):
 
     def check_settings(self, settings):
         if settings.rank % 2:
-            raise OptionError(f"{{rank}} {settings.rank}: {self.name} needs an even rank (PEFT's orthogonal init "
-                              f"splits one r×r orthogonal matrix in two halves); pass {settings.rank + 1}")
+            raise OptionError(
+                f"{{rank}} {settings.rank}: {self.name} needs an even rank (PEFT's orthogonal init "
+                f"splits one r×r orthogonal matrix in two halves); pass {settings.rank + 1}"
+            )
 
     def factors(self, job, W, settings, *, context=None, generator=None):
         import torch

@@ -5,6 +5,7 @@ form: such an adapter applies to that rewritten base until it is converted (`con
 orthogonal and MiCA leave the base as it is (B0 = 0, or B0·A0 = 0): the adapter already is a LoRA on the original,
 and only the string needs rewriting to `true` for vLLM, which refuses the strings it does not know.
 """
+
 from __future__ import annotations
 
 #: init_lora_weights values (pissa also as pissa_niter_N) whose init rewrites the base

@@ -2,6 +2,7 @@
 (`manifests.frozen_factors`). The factor's `requires_grad` is cleared and, where PEFT has it (0.19+), the factor is
 registered as PEFT's MiCA variant registers it (`frozen_peft_weight_names`), so PEFT's own adapter switching keeps
 it frozen too."""
+
 from __future__ import annotations
 
 
