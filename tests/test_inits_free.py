@@ -211,10 +211,13 @@ def test_peft_mica_adapter_serves_as_it_is(tiny, tmp_path):
     )
 
 
-def test_odd_rank_refused_for_orthogonal(tiny, tmp_path):
+def test_odd_rank_refused_for_orthogonal(tiny, base, tmp_path):
     res = cli("decompose", tiny("llama"), "-o", tmp_path / "o", "--method", "orthogonal", "--rank", "3")
     one_line_error(res, "--rank 3", "even rank")
     assert not (tmp_path / "o").exists()
+    res = cli("compare", base, "--data", DATA, "-o", tmp_path / "c", "--methods", "lora,orthogonal", "--rank", "3")
+    one_line_error(res, "--rank 3", "even rank")
+    assert not (tmp_path / "c").exists()
 
 
 def test_compare_rows(base, tmp_path):

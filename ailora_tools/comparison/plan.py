@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import OptionError
-from ..init import METHODS
+from ..init import METHODS, Settings
 from ..init.lora_da.calibration import TASKS as CALIBRATED
 from ..init.targets import architecture, assign_roles, linear_modules
 from ..io.checkpoint import Checkpoint
@@ -69,6 +69,7 @@ def plan_comparison(model, data, *, methods: list[str] | None, progressive: int 
     names = list(linear_modules(ckpt.tensors))
     for m in (m for m in methods if m != BITFIT):  # a role error in the last method would surface too late
         assign_roles(METHODS[init_of(m)[0]], list(init_o.targets), names, architecture(ckpt.config), init_o.roles)
+        METHODS[init_of(m)[0]].check_settings(Settings(init_o.rank, 1.0))  # (orthogonal: an even rank)
     if BITFIT in methods:  # a model without bias terms (Llama) is refused now, not after the other runs
         check_bitfit(ckpt, base=model, adapter=None, bitfit=True, progressive=None)
     if train_o.eval_every is None and train_o.eval_data is not None and train_o.max_steps:
