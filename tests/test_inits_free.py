@@ -11,7 +11,7 @@ from conftest import lm_logits as lm
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from ailora_tools import compare, convert, decompose, get_ailora_model, merge
+from ailora_tools import compare, convert, decompose, get_ailora_model, merge, spectrum
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.init.svd import generator_for
 from ailora_tools.io.peft_adapter import read_adapter
@@ -130,6 +130,10 @@ def test_decompose_train_convert_merge_parity(base, tmp_path, method, rank):
     s = convert(tmp_path / "t", tmp_path / "l")
     assert s["rank"] == rank and s["worst_rel_fro_error"] == 0.0  # olora: rank 2r on the original; else rank r
     merge(base, tmp_path / "l", tmp_path / "m", progress=False)
+    rows = spectrum(base, tmp_path / "s", rank=4, adapter=tmp_path / "t", device="cpu", progress=False)["rows"]
+    lora = read_adapter(tmp_path / "l")
+    for r in rows:  # ‖ΔW‖_F as convert's LoRA gives it (no offset subtracted for mica and orthogonal)
+        assert r["delta_fro"] == pytest.approx(float(lora.delta(r["module"]).norm()), rel=1e-4)
     out = lm(on, tmp_path / "t")
     assert (out - lm(base)).abs().max() > 1e-3
     assert (out - lm(base, tmp_path / "l")).abs().max() < 1e-4
