@@ -63,8 +63,9 @@ def decompose(
         out: output directory; must be empty unless `overwrite` or `resume`.
         options: a `DecomposeOptions` (every field documented there); `settings` replace its fields by name
             (`decompose(model, out, method="pissa", rank=32)`). The method is a registered init method
-            (`ailora_tools.init.METHODS`): "ailora" (query principal, value minor), "pissa", "milora", "lora" or
-            "lora-da"; minor components are always exact; every module's random draw is seeded by (seed, name);
+            (`ailora_tools.init.METHODS`): "ailora" (query principal, value minor), "pissa", "milora", "lora",
+            "lora-da", or PEFT's "olora", "mica", "orthogonal" (docs/inits.md); minor components are always exact;
+            every module's random draw is seeded by (seed, name);
             `no_residual` writes only OUT/adapter and the manifest, for training on the ORIGINAL weights with
             s·B0·A0 subtracted inside the adapter (`training.exact_mode`); `no_offset` also writes only the adapter,
             for training on the original weights as they are (the LoRA-DA authors' setting: step 0 is the model +

@@ -16,7 +16,7 @@ from .targets import MINOR
 
 class MiCA(InitMethod):
     name = "mica"
-    summary = "B0 = minor left singular vectors, frozen; A0 = 0 (PEFT's mica; no residual written)"
+    summary = "frozen B0 = minor left singular vectors, A0 = 0, no residual written (PEFT's mica)"
     offsets_base = False
     subtracts_product = False
     frozen = ("lora_B",)

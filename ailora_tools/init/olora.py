@@ -14,7 +14,7 @@ from .method import InitMethod
 
 class OLoRA(InitMethod):
     name = "olora"
-    summary = "B0 = Q[:, :r], A0 = R[:r] of W's QR (PEFT's olora); residual W − s·B0·A0"
+    summary = "W's QR: B0 = Q[:, :r], A0 = R[:r], residual W − s·B0·A0 (PEFT's olora)"
     needs_roles = False
 
     def factors(self, job, W, settings, *, context=None, generator=None):

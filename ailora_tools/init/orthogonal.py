@@ -17,7 +17,7 @@ from .method import InitMethod
 
 class Orthogonal(InitMethod):
     name = "orthogonal"
-    summary = "random orthogonal A0, B0 with B0·A0 = 0 (PEFT's orthogonal; even rank; no residual written)"
+    summary = "random orthogonal A0, B0 with B0·A0 = 0, even rank, no residual written (PEFT's orthogonal)"
     needs_roles = False
     offsets_base = False
     needs_weights = False
