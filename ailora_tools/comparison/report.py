@@ -37,7 +37,9 @@ def report(summary: list[dict], best_lr: dict, goal: dict, settings: dict, plots
         what = f"final eval {metric}" if metric != "loss" else "final eval loss (train loss without eval data)"
         lines += [f"## Learning rates: {what}", "", "| run | lr | " + what + " | chosen |",
                   "| --- | ---: | ---: | --- |"]
-        lines += [f"| {row['run']} | {row['lr']:g} | {_num(row['selection'])} | {'yes' if row['best_lr'] else ''} |"
+        lines += [f"| {row['run']} | {row['lr']:g} | {_num(row['selection'])}"
+                  + (f" ({len(row['diverged'])} diverged)" if row["diverged"] else "")
+                  + f" | {'yes' if row['best_lr'] else ''} |"
                   for row in summary]
         lines.append("")
     lines += search_lines(extra["searches"], best_lr, metric)

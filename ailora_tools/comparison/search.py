@@ -89,8 +89,11 @@ def search(method: str, evaluate: Callable[[float], float | None], spec: SearchS
 
 
 def edge_of_best(path: list[dict], higher: bool) -> str | None:
-    """ "highest" or "lowest" when the best of the rates tried is at that edge (every best, if tied), else None."""
+    """ "highest" or "lowest" when the best of the rates tried is at that edge (every best, if tied; "lowest"
+    when every rate diverged), else None."""
     top = max(rank(p["value"], higher) for p in path)
+    if top[0] is False:  # every rate diverged: lower
+        return "lowest"
     best = {p["lr"] for p in path if rank(p["value"], higher) == top}
     lrs = sorted(p["lr"] for p in path)
     if best - {lrs[0], lrs[-1]}:

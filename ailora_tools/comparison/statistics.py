@@ -104,10 +104,11 @@ def seeds_to_resolve(mean: float, std: float, confidence: float = CONFIDENCE) ->
         return None
     if std == 0:
         return 2
-    for n in range(2, MAX_SEEDS + 1):
-        if stats.t.ppf((1 + confidence) / 2, n - 1) * std / math.sqrt(n) < abs(mean):
-            return n
-    return None
+    import numpy as np
+
+    n = np.arange(2, MAX_SEEDS + 1)
+    resolved = np.flatnonzero(stats.t.ppf((1 + confidence) / 2, n - 1) * std / np.sqrt(n) < abs(mean))
+    return int(n[resolved[0]]) if resolved.size else None
 
 
 def binomial_se(accuracy: float, n: int) -> float:
