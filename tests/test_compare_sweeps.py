@@ -77,6 +77,15 @@ def test_every_method_seed_and_rate_with_mean_std_and_best_rate(straight):
         best = max(rows, key=lambda lr: (-len(rows[lr]["diverged"]),
                                          rows[lr]["eval"].get("accuracy", {"mean": -1})["mean"], -list(rows).index(lr)))
         assert manifest["best_lr"][method] == best and rows[best]["best_lr"]
+    lora, pissa = manifest["verdicts"]  # pissa against lora at their chosen rates, paired by seed
+    assert lora["verdict"] == "baseline" and pissa["baseline"] == "lora"
+    pick = lambda m: {r["seed"]: r["selection"] for r in manifest["runs"]  # noqa: E731
+                      if r["method"] == m and r["lr"] == manifest["best_lr"][m] and not r["diverged"]}
+    paired = [pick("pissa")[k] - pick("lora")[k] for k in sorted(set(pick("pissa")) & set(pick("lora")))]
+    assert pissa["n"] == len(paired) and (not paired or pissa["mean"] == pytest.approx(sum(paired) / len(paired)))
+    assert pissa["verdict"] in ("better", "worse", "no resolvable difference", "too few seeds")
+    assert (pissa["verdict"] == "too few seeds") == (len(paired) < 2)
+    assert lora["binomial_se"] == pytest.approx((lora["value"] * (1 - lora["value"]) / 16) ** 0.5)
     table = (out / "compare.md").read_text()
     assert ("| run | lr | trainable params |" in table
             and "final accuracy | best accuracy | steps to accuracy target" in table)
