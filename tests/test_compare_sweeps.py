@@ -77,6 +77,7 @@ def test_every_method_seed_and_rate_with_mean_std_and_best_rate(straight):
         best = max(rows, key=lambda lr: (-len(rows[lr]["diverged"]),
                                          rows[lr]["eval"].get("accuracy", {"mean": -1})["mean"], -list(rows).index(lr)))
         assert manifest["best_lr"][method] == best and rows[best]["best_lr"]
+        assert manifest["edges"][method] == ("highest" if best == 2e-2 else "lowest")  # a 2-rate grid: always an edge
     lora, pissa = manifest["verdicts"]  # pissa against lora at their chosen rates, paired by seed
     assert lora["verdict"] == "baseline" and pissa["baseline"] == "lora"
     pick = lambda m: {r["seed"]: r["selection"] for r in manifest["runs"]  # noqa: E731
@@ -90,6 +91,7 @@ def test_every_method_seed_and_rate_with_mean_std_and_best_rate(straight):
     assert ("| run | lr | trainable params |" in table
             and "final accuracy | best accuracy | steps to accuracy target" in table)
     assert "## Learning rates: final eval accuracy" in table and " ± " in table
+    assert "**Chosen rate at an edge of the rates tried**" in table and "widen --lr or use --lr auto" in table
     assert manifest["plots"] == ["train_loss.png", "eval_loss.png", "eval_accuracy.png"]
     img = imread(out / "eval_accuracy.png")
     assert img.ndim == 3 and float(img[..., :3].std()) > 0.05
