@@ -166,3 +166,32 @@ def test_dry_run_prints_the_plan_and_runs_nothing(encoder, data, tmp_path):  # n
         ],
     )
     assert res.exit_code == 1 and res.output == "error: --baseline pissa: not among the compared methods (lora)\n"
+
+
+def test_a_run_stopped_by_a_non_finite_loss_is_recorded_as_diverged(encoder, data, tmp_path, monkeypatch):  # noqa: F811
+    """Training raises on a NaN loss; compare records that run as diverged, leaves it out of the means, chooses
+    another rate and finishes."""
+    from ailora_tools.errors import NumericsError
+    from ailora_tools.training import trainer
+
+    real = trainer.train
+
+    def train(*a, options, **k):
+        if options.lr == 5e-3:
+            raise NumericsError("step 1: the training loss is nan")
+        return real(*a, options=options, **k)
+
+    monkeypatch.setattr(trainer, "train", train)
+    s = compare(
+        encoder("bert-bare"),
+        data[0],
+        tmp_path / "cmp",
+        eval_data=data[1],
+        **dict(AUTO, lr="1e-3,5e-3", seeds=None, progress=False),
+    )
+    failed = next(r for r in s["runs"] if r["lr"] == 5e-3)
+    assert failed["failed"] == "step 1: the training loss is nan" and failed["diverged"]
+    row = next(r for r in s["summary"] if r["lr"] == 5e-3)
+    assert row["diverged"] == [failed["seed"]] and row["eval_loss"] is None
+    assert s["best_lr"] == {"lora": 1e-3} and s["edges"] == {"lora": "lowest"}
+    assert "| lora | 0.005 |  (1 diverged) |  |" in (tmp_path / "cmp" / "compare.md").read_text()

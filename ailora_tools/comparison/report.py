@@ -124,7 +124,7 @@ def _preamble(goal: dict, settings: dict, rates: list[float], smooth: int, metri
 
 def _cells(row: dict, names: list[str], goal: dict, metric: str) -> list[str]:
     """One method's row of the main table."""
-    cells = [row["run"], f"{row['lr']:g}", f"{row['trainable_parameters']:,}", _num(row["first_loss"]),
+    cells = [row["run"], f"{row['lr']:g}", _num(row["trainable_parameters"], "{:,}"), _num(row["first_loss"]),
              _num(row["final_loss"]), _steps(row, "steps_to_train_target", goal["train"]),
              _num(row["eval_loss_start"]), _num(row["eval_loss"]), _steps(row, "steps_to_eval_target", goal["eval"])]
     for k in names:

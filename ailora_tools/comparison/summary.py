@@ -45,7 +45,7 @@ def measure(r: dict, c: dict, smoothed: list, metric: str) -> None:
     """A run's first, final and best losses and metrics, whether it diverged, and the value that ranks it, into
     its record."""
     train, evals = c["train"], c["eval"]
-    r["diverged"] = diverged([v for _, v in train], smoothed[-1][1] if smoothed else None)
+    r["diverged"] = bool(r.get("failed")) or diverged([v for _, v in train], smoothed[-1][1] if smoothed else None)
     r["first_loss"] = train[0][1] if train else None
     r["final_loss"] = smoothed[-1][1] if train else None
     r["eval_loss_start"] = evals[0][1] if evals and evals[0][0] == 0 else None
@@ -102,7 +102,7 @@ def _row(group: str, lr: float, runs: list[dict], best_lr: dict) -> dict:
         "run": group, "method": runs[0]["method"], "progressive": runs[0]["progressive"], "lr": lr,
         "best_lr": lr == best_lr[group], "seeds": [r["seed"] for r in runs], "runs": [r["run"] for r in runs],
         "diverged": [r["seed"] for r in runs if r["diverged"]],
-        "trainable_parameters": runs[0]["trainable_parameters"],
+        "trainable_parameters": next((r["trainable_parameters"] for r in runs if r["trainable_parameters"]), None),
         **{k: mean_std([r[k] for r in kept]) for k in STATS},
         "reached": {k: sum(r[k] is not None for r in kept) for k in STATS if k.startswith("steps_to")},
         "eval": {k: mean_std([r["eval"].get(k) for r in kept]) for k in names},
