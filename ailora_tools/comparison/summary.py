@@ -140,6 +140,7 @@ def verdicts(records: list[dict], summary: list[dict], best_lr: dict, plan) -> t
         if g == base or base not in values:
             out.update(verdict="baseline" if g == base else "no baseline")
         else:
-            out.update(difference(values.get(g, {}), values[base], higher=higher, interval=plan.interval))
+            d = difference(values.get(g, {}), values[base], higher=higher, interval=plan.interval)
+            out.update({k: v for k, v in d.items() if k != "seeds"}, paired_seeds=d["seeds"])
         rows.append(out)
     return edges, rows
