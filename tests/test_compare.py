@@ -70,7 +70,9 @@ def test_table_json_and_plots(straight):
         assert r["steps_to_train_target"] is not None and 1 <= r["steps_to_train_target"] <= 6
         assert r["steps_to_eval_target"] in (3, 6)
     table = (out / "compare.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| lora ") or line.startswith("| ailora ")]
+    main_table, against = table.split("## Against lora")
+    rows = [line for line in main_table.splitlines() if line.startswith(("| lora ", "| ailora "))]
+    assert "| ailora | 0.01 | " in against and "| too few seeds |" in against  # one seed: no verdict possible
     assert len(rows) == 2 and f"{trainable:,}" in rows[0] and f"{ailora['eval_loss']:.4f}" in rows[1]
     assert "![train loss](train_loss.png)" in table and "![eval loss](eval_loss.png)" in table
     for name in ("train_loss.png", "eval_loss.png"):

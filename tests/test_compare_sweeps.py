@@ -60,21 +60,38 @@ def test_every_method_seed_and_rate_with_mean_std_and_best_rate(straight):
     manifest = json.loads((out / "compare.json").read_text())
     assert manifest["metric"] == "accuracy" and manifest["seeds"] == [0, 1]
     assert manifest["lrs"] == {"lora": [5e-3, 2e-2], "pissa": [5e-3, 2e-2]}
-    for row in manifest["summary"]:  # mean ± std over the two seeds of each method and rate
+    for row in manifest["summary"]:  # mean ± std over the two seeds of each method and rate, less runs that diverged
         runs = [r for r in manifest["runs"] if r["run"] in row["runs"]]
-        accs = [r["eval"]["accuracy"] for r in runs]
-        assert row["eval"]["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
-        assert row["eval"]["accuracy"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+        assert row["diverged"] == [r["seed"] for r in runs if r["final_loss"] > r["first_loss"]]
+        accs = [r["eval"]["accuracy"] for r in runs if not r["diverged"]]
+        if not accs:
+            assert row["eval"] == {}
+            continue
+        assert row["eval"]["accuracy"]["mean"] == pytest.approx(sum(accs) / len(accs))
+        assert row["eval"]["accuracy"]["std"] == pytest.approx(abs(accs[0] - accs[-1]) / 2 ** 0.5)
         assert row["best"]["accuracy"]["mean"] >= row["eval"]["accuracy"]["mean"] - 1e-12
+        assert row["eval"]["accuracy"]["n"] == len(accs)
         assert row["seeds"] == [0, 1]
-    for method in METHODS:  # the best rate is the one with the best mean final eval accuracy
+    for method in METHODS:  # the best rate: the fewest diverged seeds, then the best mean final eval accuracy
         rows = {row["lr"]: row for row in manifest["summary"] if row["method"] == method}
-        best = max(rows, key=lambda lr: (rows[lr]["eval"]["accuracy"]["mean"], -list(rows).index(lr)))
+        best = max(rows, key=lambda lr: (-len(rows[lr]["diverged"]),
+                                         rows[lr]["eval"].get("accuracy", {"mean": -1})["mean"], -list(rows).index(lr)))
         assert manifest["best_lr"][method] == best and rows[best]["best_lr"]
+        assert manifest["edges"][method] == ("highest" if best == 2e-2 else "lowest")  # a 2-rate grid: always an edge
+    lora, pissa = manifest["verdicts"]  # pissa against lora at their chosen rates, paired by seed
+    assert lora["verdict"] == "baseline" and pissa["baseline"] == "lora"
+    pick = lambda m: {r["seed"]: r["selection"] for r in manifest["runs"]  # noqa: E731
+                      if r["method"] == m and r["lr"] == manifest["best_lr"][m] and not r["diverged"]}
+    paired = [pick("pissa")[k] - pick("lora")[k] for k in sorted(set(pick("pissa")) & set(pick("lora")))]
+    assert pissa["n"] == len(paired) and (not paired or pissa["mean"] == pytest.approx(sum(paired) / len(paired)))
+    assert pissa["verdict"] in ("better", "worse", "no resolvable difference", "too few seeds")
+    assert (pissa["verdict"] == "too few seeds") == (len(paired) < 2)
+    assert lora["binomial_se"] == pytest.approx((lora["value"] * (1 - lora["value"]) / 16) ** 0.5)
     table = (out / "compare.md").read_text()
     assert ("| run | lr | trainable params |" in table
             and "final accuracy | best accuracy | steps to accuracy target" in table)
     assert "## Learning rates: final eval accuracy" in table and " ± " in table
+    assert "**Chosen rate at an edge of the rates tried**" in table and "widen --lr or use --lr auto" in table
     assert manifest["plots"] == ["train_loss.png", "eval_loss.png", "eval_accuracy.png"]
     img = imread(out / "eval_accuracy.png")
     assert img.ndim == 3 and float(img[..., :3].std()) > 0.05

@@ -50,10 +50,15 @@ def compare(model, as_json, quiet, **settings):
                                                                          if m.strip()],
                   progressive=o.progressive, target_loss=o.target_loss, smooth=o.smooth, seeds=o.seeds,
                   metric=o.metric, target_metric=o.target_metric, init=init, training=training, revision=o.revision,
+                  baseline=o.baseline, interval=o.interval, lr_factor=o.lr_factor, lr_max_rates=o.lr_max_rates,
+                  search_keep=o.search_keep, search_steps=o.search_steps, lr_center=o.lr_center,
+                  dry_run=o.dry_run,
                   resume=o.resume, overwrite=o.overwrite, progress=progress(quiet or as_json),
                   **({} if o.lr is None else {"lr": o.lr}))
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    elif o.dry_run:
+        click.echo(summary["plan"] + "; nothing run (--dry-run)")
     else:
         click.echo(open(summary["report"], encoding="utf-8").read())
         click.echo(f"written to {summary['output']}")

@@ -18,17 +18,24 @@ from ..manifests import fingerprints
 from ..options import CLASSIFICATION, REGRESSION, InitOptions, TrainOptions
 from ..training.bitfit import check_bitfit
 from ..training.tasks import resolve_task
+from .search import SearchSpec, first_grid
+from .statistics import INTERVALS
 from .sweeps import BITFIT, DEFAULT_METHODS, DORA, init_of, parse_lrs, parse_seeds
+
+#: `--lr auto`
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class Run:
-    """One run: a compare method, its progressive K (None: plain training), learning rate and seed (None: `seed`)."""
+    """One run: a compare method, its progressive K (None: plain training), learning rate, seed (None: `seed`) and,
+    for a search run, its steps (None: the comparison's)."""
 
     method: str
     progressive: int | None
     lr: float
     seed: int | None
+    steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -50,18 +57,29 @@ class ComparePlan:
     runs: list[Run]
     #: what the manifest records and `--resume` compares
     settings: dict
+    #: `--lr auto`'s search (None: the rates given); `runs` are then its first grids
+    search: SearchSpec | None = None
+    #: the method the others are compared with, and how (`statistics.difference`)
+    baseline: str | None = None
+    interval: str = "t"
+    #: rows of --eval-data, for the binomial standard error of accuracy
+    eval_rows: int | None = None
 
 
 def plan_comparison(model, data, *, methods: list[str] | None, progressive: int | None, seeds, metric: str,
                     init: InitOptions | None, training: TrainOptions | None, revision: str | None,
-                    settings: dict) -> ComparePlan:
+                    settings: dict, search: SearchSpec | None = None, baseline: str | None = None,
+                    interval: str = "t") -> ComparePlan:
     """The comparison `compare` describes, every input checked (see `compare`'s Raises)."""
     init_o, train_o, lr_spec = _options(init, training, dict(settings))
     ckpt = Checkpoint.open(model, revision=revision)
     task = resolve_task(train_o.task, ckpt.config)
     methods = _methods(methods, ckpt, task)
-    lrs = parse_lrs(lr_spec, methods, train_o.lr)
+    auto = isinstance(lr_spec, str) and lr_spec.strip().lower() == AUTO
+    search = _search(search or SearchSpec()) if auto else None
+    lrs = {m: first_grid(m, search) for m in methods} if auto else parse_lrs(lr_spec, methods, train_o.lr)
     seeds = parse_seeds(seeds)
+    baseline = _baseline(baseline, methods, interval)
     regression = train_o.num_labels == 1
     metric = _metric(metric, task, regression)
     rows = check_data(task.name, data, train_o.eval_data, columns=train_o.columns,  # every row, before any run
@@ -75,10 +93,39 @@ def plan_comparison(model, data, *, methods: list[str] | None, progressive: int 
     if train_o.eval_every is None and train_o.eval_data is not None and train_o.max_steps:
         train_o = TrainOptions.build(train_o, eval_every=max(1, train_o.max_steps // 10))
     groups = [(m, None) for m in methods] + ([(m, progressive) for m in methods if m != BITFIT] if progressive else [])
-    runs = [Run(m, k, lr, seed) for m, k in groups for lr in lrs[m] for seed in (seeds or [None])]
-    recorded = _recorded(model, data, revision, ckpt, init_o, train_o, seeds, lrs)
+    searched = (seeds or [None])[:1] if search else (seeds or [None])  # a search tries its grid with one seed
+    runs = [Run(m, k, lr, seed, search.steps if search else None) for m, k in groups for lr in lrs[m]
+            for seed in searched]
+    recorded = {**_recorded(model, data, revision, ckpt, init_o, train_o, seeds, lrs),
+                "search": asdict(search) if search else None, "baseline": baseline, "interval": interval}
     return ComparePlan(model, data, revision, ckpt, init_o, train_o, methods, metric, lrs, seeds, rows.get("--data"),
-                       runs, recorded)
+                       runs, recorded, search, baseline, interval, rows.get("--eval-data"))
+
+
+def _search(spec: SearchSpec) -> SearchSpec:
+    """`--lr auto`'s settings, checked."""
+    if not spec.factor > 1.1:
+        raise OptionError(f"--lr-factor {spec.factor}: give a factor above 1.1 between rates (2, or 3.162 for √10)")
+    if spec.max_rates < 3:
+        raise OptionError(f"--lr-max-rates {spec.max_rates}: the first grid alone has 3 rates; give 3 or more")
+    if spec.keep < 1:
+        raise OptionError(f"--search-keep {spec.keep}: keep at least 1 rate")
+    if spec.center is not None and not 0 < spec.center < 1:
+        raise OptionError(f"--lr-center {spec.center}: give a rate between 0 and 1")
+    if spec.steps is not None and spec.steps < 1:
+        raise OptionError(f"--search-steps {spec.steps}: give at least 1 step")
+    return spec
+
+
+def _baseline(baseline: str | None, methods: list[str], interval: str) -> str:
+    """The method the others are compared with: `baseline`, or lora when compared, else the first method."""
+    if interval not in INTERVALS:
+        raise OptionError(f"--interval {interval}: choose {' or '.join(INTERVALS)}")
+    if baseline is None:
+        return "lora" if "lora" in methods else methods[0]
+    if baseline not in methods:
+        raise OptionError(f"--baseline {baseline}: not among the compared methods ({', '.join(methods)})")
+    return baseline
 
 
 def _options(init: InitOptions | None, training: TrainOptions | None, settings: dict):

