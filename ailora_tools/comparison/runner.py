@@ -88,8 +88,8 @@ def compare(
         seeds], "best_lr": {method: rate}, "targets", "report", "plots", "seconds"}.
 
     Raises:
-        AiloraError subclasses on bad input (methods, rates, seeds, targets, roles, files, columns, labels),
-        before any run starts.
+        AiloraError: (a subclass) on bad input (methods, rates, seeds, targets, roles, files, columns, labels),
+            before any run starts.
 
     Example:
         >>> compare("Qwen/Qwen2.5-0.5B", "train.jsonl", "cmp", eval_data="eval.jsonl", max_steps=300)  # doctest: +SKIP
