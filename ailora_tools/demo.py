@@ -33,6 +33,14 @@ def data_file(name: str) -> Path:
     return Path(str(resources.files("ailora_tools") / "data" / name))
 
 
+def copy_data(out: Path) -> Path:
+    """Copy the demo's data files to `out/data` (train.jsonl, eval.jsonl), for the commands a user runs next."""
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "eval"):
+        shutil.copyfile(data_file(f"demo_{split}.jsonl"), out / "data" / f"{split}.jsonl")
+    return out / "data"
+
+
 def build_tiny_model(path: str | Path, *, seed: int = 0) -> Path:
     """Save a random tiny Llama (GQA, 4 layers, hidden 128) with a character-level tokenizer, in shards."""
     from tokenizers import Tokenizer, decoders, models
@@ -70,6 +78,7 @@ def demo(out: str | Path = "ailora-demo", *, steps: int = 300, progress: bool = 
         raise OutputError(f"-o {out}: exists and is not an earlier demo; choose another directory")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    copy_data(out)
     rows: list[dict] = []
 
     def step(name: str, path: Path, fn, check):

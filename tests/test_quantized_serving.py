@@ -110,8 +110,9 @@ def trained_logits(run, ids):
 
 
 def readme_w4a16_logits(out: Path) -> torch.Tensor:
-    """Run the README's recipe for the vLLM base and its adapter in PEFT, as written (paths pointed at `out`)."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    """Run the serving guide's recipe for the vLLM base and its adapter in PEFT, as written (paths pointed at `out`)."""
+    root = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+    readme = (root / "docs" / "guides" / "serving.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "CompressedTensorsConfig" in b)
     scope = {}
     exec(textwrap.dedent(block).replace('"served-vllm/', f'"{out}/'), scope)

@@ -60,7 +60,11 @@ def merge(
         adapter: PEFT LoRA adapter directory, or the output of `train --bitfit` (its biases and head are written).
         out: output model directory.
         dtype: float32, float16 or bfloat16 for the merged weights (default: as stored).
-        revision, allow_pickle, overwrite, resume, progress: as for `decompose`.
+        revision: Hub revision of `base` (as for `decompose`).
+        allow_pickle: accept .bin/.pt weights (loaded with `torch.load(weights_only=True)`).
+        overwrite: replace a non-empty `out`.
+        resume: finish an interrupted merge in `out`.
+        progress: show a tqdm bar.
         force: merge although `base` is not the model the adapter's manifests record (a warning in the manifest).
 
     Returns:

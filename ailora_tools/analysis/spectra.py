@@ -67,15 +67,16 @@ def spectrum(
             LoRA and ΔW = s·BA.
         plot_layers: how many layers (evenly spaced, first and last included) spectra.png shows.
         device: where the eigenvalues are computed: auto, cpu, cuda, cuda:N.
-        revision, allow_pickle: as for decompose.
+        revision: Hub revision of `model` (as for decompose).
+        allow_pickle: accept .bin/.pt weights (loaded with `torch.load(weights_only=True)`).
 
     Returns:
         Summary: output path, module count, per target the mean top-r / bottom-r energy (and ‖ΔW‖_F), and
         `rows`, one per module: σ_max, energy_top, energy_bottom, delta_fro.
 
     Raises:
-        AiloraError subclasses on bad input (unknown target, rank, non-float weights, an adapter that does
-        not fit the model), before anything is written.
+        AiloraError: (a subclass) on bad input (unknown target, rank, non-float weights, an adapter that does
+            not fit the model), before anything is written.
 
     Example:
         >>> spectrum("meta-llama/Llama-3.1-8B", "spec", rank=16)  # doctest: +SKIP

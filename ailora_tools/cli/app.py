@@ -43,8 +43,9 @@ class Group(click.Group):
 @click.version_option(__version__, prog_name="ailora-tools")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def main(debug: bool) -> None:
-    """AILoRA / PiSSA / MiLoRA tooling: decompose a checkpoint into a frozen residual plus an
-    initial adapter, train it, convert it to a standard LoRA, merge, export and publish."""
+    """SVD-initialised LoRA (AILoRA, PiSSA, MiLoRA, LoRA-DA, DoRA, ...): decompose a checkpoint into a frozen
+    residual plus an initial adapter, train it, compare inits, convert it to a standard LoRA that vLLM and
+    llama.cpp serve, merge, export and publish."""
 
 
 def fail_cleanly(fn):

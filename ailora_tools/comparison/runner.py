@@ -105,8 +105,8 @@ def compare(
         "report", "plots", "seconds"}; with `dry_run`: {"plan": text, "runs": [names], "bounds": (least, most)}.
 
     Raises:
-        AiloraError subclasses on bad input (methods, rates, seeds, targets, roles, files, columns, labels),
-        before any run starts.
+        AiloraError: (a subclass) on bad input (methods, rates, seeds, targets, roles, files, columns, labels),
+            before any run starts.
 
     Example:
         >>> compare("Qwen/Qwen2.5-0.5B", "train.jsonl", "cmp", eval_data="eval.jsonl", max_steps=300)  # doctest: +SKIP

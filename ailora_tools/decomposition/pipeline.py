@@ -71,17 +71,19 @@ def decompose(
             for training on the original weights as they are (the LoRA-DA authors' setting: step 0 is the model +
             s·B0·A0; the adapter applies to the original like a plain LoRA); `data`, `samples`, `max_length`, with
             `task` and the column options, are calibration settings for methods that need data (lora-da).
-        overwrite, resume: see `OutputDir`. progress: show a tqdm bar.
-        dora: write a DoRA adapter (`use_dora: true`) whose magnitude vectors are the row norms of
+            With `dora`, a DoRA adapter (`use_dora: true`) whose magnitude vectors are the row norms of
             W_base + s·B0·A0 (`init.dora`), W_base the residual as stored (the original for plain LoRA), so step 0
-            reproduces the model. Not with `no_residual` for methods that offset the base.
+            reproduces the model; not with `no_residual` for methods that offset the base.
+        overwrite: replace a non-empty `out` (see `OutputDir`).
+        resume: finish an interrupted run in `out` (see `OutputDir`).
+        progress: show a tqdm bar.
 
     Returns:
         The run's summary (settings, paths, worst reconstruction error, seconds); on ranks ≥ 1 of a torchrun
         launch only {"worker": its rank, "computed", "seconds"}.
 
     Raises:
-        AiloraError subclasses on bad input, before anything is written.
+        AiloraError: (a subclass) on bad input, before anything is written.
 
     Example:
         >>> decompose("Qwen/Qwen2.5-0.5B", "out", rank=16)  # doctest: +SKIP

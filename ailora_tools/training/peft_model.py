@@ -33,11 +33,12 @@ from .frozen import freeze_factors
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
+    from transformers import PreTrainedModel
 
 
 def get_ailora_model(
-    model, options: InitOptions | None = None, *, lora_dropout: float = 0.0, adapter_name: str = "default",
-    progress: bool = True, quantize: str | None = None, loftq_iters: int = 0, **settings,
+    model: PreTrainedModel, options: InitOptions | None = None, *, lora_dropout: float = 0.0,
+    adapter_name: str = "default", progress: bool = True, quantize: str | None = None, loftq_iters: int = 0, **settings,
 ) -> PeftModel:
     """Wrap `model` in a PEFT LoRA initialised by `method`; the target base weights become residuals in place.
 
@@ -49,7 +50,8 @@ def get_ailora_model(
             method="pissa", rank=32)`). `device` is where the SVDs run; results go back where the weights are.
             With `dora` (PEFT's `use_dora=True`) each module's magnitude vector is set to the row norms of
             W_res + s·B0·A0 (`init.dora.magnitude`), so the output is still unchanged at step 0.
-        lora_dropout, adapter_name: passed to PEFT.
+        lora_dropout: passed to PEFT's `LoraConfig`.
+        adapter_name: passed to PEFT.
         progress: show a tqdm bar.
         quantize: "nf4": each target's residual becomes a bitsandbytes `Linear4bit` (NF4, double quantisation), as
             `decompose --quantize nf4` writes it, and PEFT wraps those (QLoRA on the residual: QPiSSA for PiSSA);

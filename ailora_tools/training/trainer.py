@@ -71,7 +71,7 @@ def train(
         {"worker": rank, "steps", "seconds"}.
 
     Raises:
-        AiloraError subclasses on bad input, before the model loads.
+        AiloraError: (a subclass) on bad input, before the model loads.
 
     Example:
         >>> train("out/residual", "out/adapter", "train.jsonl", "trained", max_steps=100)  # doctest: +SKIP
