@@ -17,7 +17,7 @@ from ailora_tools.adapters.nf4_residual import read_dequantized
 from ailora_tools.adapters.server_base import export_base
 from ailora_tools.demo import data_file
 from ailora_tools.io.checkpoint import Checkpoint
-from ailora_tools.manifests import stored_sample
+from ailora_tools.io.fingerprints import stored_sample
 
 bnb = pytest.importorskip("bitsandbytes.functional")
 TARGETS = ("q_proj", "v_proj")
