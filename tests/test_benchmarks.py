@@ -28,7 +28,7 @@ def test_bench_decompose_runs_every_workload(tmp_path):
 
 
 def test_synthetic_sizes_of_big_models():
-    from synthetic import size_spec
+    from ailora_tools.testing.synthetic import size_spec
 
     assert size_spec("8b") == dict(layers=32, hidden=4096, inter=14336, kv=8, vocab=128256, head_dim=128, shards=4)
     assert size_spec("70b-layers:8") == dict(layers=8, hidden=8192, inter=28672, kv=8, vocab=128256, head_dim=128,

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from calibration_reference import reference_statistics
 from transformers import (
     MistralConfig,
     MistralForCausalLM,
@@ -18,6 +17,7 @@ from transformers import (
 from ailora_tools.errors import AiloraError, FormatError, TargetError, UnsupportedError
 from ailora_tools.init.lora_da.calibration import calibrate, memory_bound
 from ailora_tools.io.examples import IGNORE, Example
+from ailora_tools.testing.calibration_reference import reference_statistics
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MODULES = [f"model.layers.{i}.{m}" for i in range(2)
@@ -155,7 +155,7 @@ def test_bad_input_is_one_clear_line(tiny):
 @pytest.mark.slow
 def test_peak_memory_stays_within_stated_bound(tmp_path):
     """Module docstring bound, on a 136-layer checkpoint more than 10x the bound; nothing fits the activation budget."""
-    from synthetic import synthetic_llama
+    from ailora_tools.testing.synthetic import synthetic_llama
 
     src = synthetic_llama(tmp_path / "deep", layers=136, hidden=256, inter=2048, kv=2, vocab=1024, per_shard=16)
     size = sum(p.stat().st_size for p in Path(src).glob("*.safetensors"))
@@ -165,7 +165,7 @@ def test_peak_memory_stays_within_stated_bound(tmp_path):
     bound = memory_bound(json.loads((Path(src) / "config.json").read_text()), modules, batch_size=2, max_tokens=24,
                          activation_budget=1 << 20)
     assert size >= 10 * bound
-    out = subprocess.run([sys.executable, str(Path(__file__).parent / "calibration_memprobe.py"), str(src),
+    out = subprocess.run([sys.executable, "-m", "ailora_tools.testing.calibration_memprobe", str(src),
                           json.dumps(options)], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # as the CLI sets it: spinning is slow here
     probe = json.loads(out.stdout.strip().splitlines()[-1])

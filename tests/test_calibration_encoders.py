@@ -3,7 +3,6 @@
 drawn as `train` draws it."""
 import pytest
 import torch
-from calibration_reference import reference_statistics
 from test_calibration import assert_matches_reference, run
 from transformers import (
     BertConfig,
@@ -16,6 +15,7 @@ from transformers import (
 
 from ailora_tools.errors import FormatError, TargetError, UnsupportedError
 from ailora_tools.io.examples import IGNORE, Example, LabeledExample
+from ailora_tools.testing.calibration_reference import reference_statistics
 
 VOCAB = 40
 LAYER = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",

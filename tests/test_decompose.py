@@ -189,7 +189,7 @@ def test_peak_memory_stays_within_stated_bound(tmp_path):
     import subprocess
     import sys
 
-    from synthetic import synthetic_llama
+    from ailora_tools.testing.synthetic import synthetic_llama
 
     src = tmp_path / "big"
     synthetic_llama(src, layers=24, hidden=256, inter=10240, kv=2, vocab=32000, per_shard=2)
@@ -197,7 +197,7 @@ def test_peak_memory_stays_within_stated_bound(tmp_path):
     bound = 64 * 2**20 + 16 * 256 * 256 * 4
     assert size >= 10 * bound
     for method in ("ailora", "pissa"):
-        out = subprocess.run([sys.executable, str(Path(__file__).parent / "memprobe.py"), str(src),
+        out = subprocess.run([sys.executable, "-m", "ailora_tools.testing.memprobe", str(src),
                               str(tmp_path / method), json.dumps({"method": method})],
                              capture_output=True, text=True, check=True)
         probe = json.loads(out.stdout.strip().splitlines()[-1])

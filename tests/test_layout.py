@@ -14,7 +14,7 @@ PKG = Path(ailora_tools.__file__).parent
 README = PKG.parent / "README.md"
 #: the pipeline's stages, left to right: a stage may import shared ground and the stages to its left
 STAGES = ["init", "decomposition", "training", "adapters", "analysis", "comparison"]
-ENTRY_POINTS = {"cli", "demo", "__init__"}
+ENTRY_POINTS = {"cli", "demo", "testing", "__init__"}  # above every stage: they may use them all
 
 
 def test_every_public_name_imports_and_is_listed():

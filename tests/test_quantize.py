@@ -100,7 +100,7 @@ def test_quantize_all_quantises_every_linear_weight_but_the_head(tmp_path):
 
 
 def test_error_falls_from_qlora_to_qpissa_to_loftq_and_the_command_prints_it(tmp_path):
-    from synthetic import synthetic_llama
+    from ailora_tools.testing.synthetic import synthetic_llama
 
     src = synthetic_llama(tmp_path / "src", layers=2, hidden=128, inter=256, kv=2, vocab=256, shards=2)
     res = cli("decompose", src, "-o", tmp_path / "out", "--method", "pissa", "--rank", "8", "--quantize", "nf4",
@@ -203,13 +203,13 @@ def test_quantisation_modules_import_without_bitsandbytes():
 def test_quantised_decompose_peak_memory_is_flat_in_the_layer_count(tmp_path):
     """24 layers against 2, same matrices: the peak above the baseline stays within a few of the largest matrix
     (memprobe.py)."""
-    from synthetic import synthetic_llama
+    from ailora_tools.testing.synthetic import synthetic_llama
 
     peaks = {}
     for layers in (2, 24):
         src = tmp_path / f"l{layers}"
         synthetic_llama(src, layers=layers, hidden=256, inter=4096, kv=2, vocab=8000, per_shard=2)
-        out = subprocess.run([sys.executable, str(Path(__file__).parent / "memprobe.py"), str(src),
+        out = subprocess.run([sys.executable, "-m", "ailora_tools.testing.memprobe", str(src),
                               str(tmp_path / f"o{layers}"), json.dumps({"method": "pissa", "quantize": "nf4",
                                                                        "quantize_all": True, "loftq_iters": 1})],
                              capture_output=True, text=True, check=True)

@@ -17,13 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 from safetensors.torch import save_file
-from synthetic import synthetic_llama
 
 from ailora_tools import decompose
 from ailora_tools.cli import main
 from ailora_tools.errors import AiloraError, FormatError
 from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.io.tensorio import read_header
+from ailora_tools.testing.synthetic import synthetic_llama
 
 
 def cli(*args):

@@ -1,9 +1,9 @@
 """The SVD methods against a float64 reference: converged exact path, its fallback, minor accuracy."""
 import torch
-from synthetic import powerlaw, spiked
 
 from ailora_tools.init import svd
 from ailora_tools.init.svd import generator_for, triplets
+from ailora_tools.testing.synthetic import powerlaw, spiked
 
 
 def projection(W, r, largest):

@@ -1,6 +1,6 @@
 """Subprocess helper for the calibration peak-memory test: run `calibrate` and report RSS growth.
 
-Usage: python calibration_memprobe.py MODEL OPTIONS_JSON
+Usage: python -m ailora_tools.testing.calibration_memprobe MODEL OPTIONS_JSON
 OPTIONS_JSON: {"modules": [...], "samples": N, "tokens": T, "prompt": P, and calibrate's keyword options}.
 Prints JSON {"baseline": bytes, "peak": bytes, "modules": count}: VmRSS just before calibrate and VmHWM
 after it. The samples are random token ids, the first P of each without loss. Each statistics object
@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import torch
-from memprobe import settle, status  # this folder is on sys.path when run as a script
-from synthetic import synthetic_llama
 
 from ailora_tools.init.lora_da.calibration import calibrate
 from ailora_tools.io.examples import Example
+from ailora_tools.testing.memprobe import settle, status
+from ailora_tools.testing.synthetic import synthetic_llama
 
 if __name__ == "__main__":
     options = json.loads(sys.argv[2])

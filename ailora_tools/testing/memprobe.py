@@ -1,6 +1,6 @@
 """Subprocess helper for the peak-memory test: decompose and report RSS growth.
 
-Usage: python memprobe.py MODEL OUT [decompose options as JSON]
+Usage: python -m ailora_tools.testing.memprobe MODEL OUT [decompose options as JSON]
 Prints JSON {"baseline", "peak", "device", "fixed"} (bytes): VmRSS just before decompose and VmHWM after it.
 (VmHWM, not ru_maxrss: the latter also counts the parent's RSS at fork time, before exec.)
 
