@@ -74,14 +74,8 @@ def _calibration_samples(ckpt, data, task: str, options, samples: int, max_lengt
     """
     from ...architectures import CLASSIFY, MASKED_LM
     from ...errors import FormatError
-    from ...io.examples import (
-        check_rows,
-        label_ids,
-        load_jsonl,
-        load_masked_jsonl,
-        read_labeled,
-        tokenize_labeled,
-    )
+    from ...io.examples import check_rows, load_jsonl, load_masked_jsonl
+    from ...io.labels import label_ids, read_labeled, tokenize_labeled
     from ...io.tokenizer import load_tokenizer
 
     regression = options.num_labels == 1
