@@ -131,8 +131,10 @@ def main() -> None:
 
 def report(results: dict[str, list[dict]], args) -> None:
     med = lambda name, key: statistics.median(r[key] for r in results[name])  # noqa: E731
-    gib = lambda name, key: (f"{max(r[key] for r in results[name]) / 2**30:.2f}"  # noqa: E731
-                             if results[name][0][key] is not None else "")
+
+    def gib(name, key):
+        return f"{max(r[key] for r in results[name]) / 2**30:.2f}" if results[name][0][key] is not None else ""
+
     device = args.device.split(":")[0]
     what = (f"{args.model}" if args.model else f"synthetic Llama of testing.synthetic's {args.size!r} shape "
             f"({size_spec(args.size)}), bfloat16, random weights, the demo's character tokenizer")

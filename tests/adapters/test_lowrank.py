@@ -97,3 +97,26 @@ def test_scale_and_alpha_are_inverse():
     for rslora in (False, True):
         config = {"r": 16, "lora_alpha": alpha_for(0.5, 16, rslora), "use_rslora": rslora}
         assert config_scale(config) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_scales_are_the_s_peft_multiplies_by(rslora):
+    """config_scale, lora_scale and Adapter.scale (rank_pattern and alpha_pattern too) give the s PEFT's own LoRA
+    layers multiply B·A by: α/r, or α/√r with rsLoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    from ailora_tools.init import lora_scale
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8), "v_proj": torch.nn.Linear(8, 8)})
+    config = LoraConfig(r=16, lora_alpha=32, use_rslora=rslora, target_modules=["q_proj", "v_proj"],
+                        rank_pattern={"v_proj": 4}, alpha_pattern={"v_proj": 2})
+    peft_model = get_peft_model(model, config)
+    peft_s = {m: peft_model.base_model.model[m].scaling["default"] for m in ("q_proj", "v_proj")}
+    assert peft_s == pytest.approx({"q_proj": 8.0 if rslora else 2.0, "v_proj": 1.0 if rslora else 0.5})
+    saved = {"r": 16, "lora_alpha": 32, "use_rslora": rslora, "rank_pattern": {"v_proj": 4},
+             "alpha_pattern": {"v_proj": 2}}
+    ours = Adapter(saved, {m: (rand(16, 8), rand(8, 16)) for m in ("q_proj", "v_proj")})
+    assert {m: ours.scale(m) for m in peft_s} == pytest.approx(peft_s)
+    assert config_scale(saved) == pytest.approx(peft_s["q_proj"]) == lora_scale(16, 32, rslora)
+    assert lora_scale(4, 2, rslora) == pytest.approx(peft_s["v_proj"])
