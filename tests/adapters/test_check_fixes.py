@@ -1,4 +1,4 @@
-"""Every fix `check` prints is a command that works on that adapter (issue #31 item 5): for each kind of adapter the
+"""Every fix `check` prints is a command that works on that adapter: for each kind of adapter the
 tool produces, `check --for vllm` and `--for llama.cpp` run, and every `ailora-tools ...` command their findings
 print runs as printed (only the output placeholders LORA, OUT, MERGED filled in) and exits 0."""
 import itertools

@@ -1,4 +1,4 @@
-"""Acceptance of the convert/merge issue: parity on logits, exact re-compression, PEFT agreement."""
+"""convert and merge: parity on logits, exact re-compression, PEFT agreement."""
 import json
 from pathlib import Path
 

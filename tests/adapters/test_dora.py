@@ -1,4 +1,4 @@
-"""DoRA (issue #22): decompose --dora from every init, get_ailora_model(dora=True), train, merge (= PEFT's
+"""DoRA: decompose --dora from every init, get_ailora_model(dora=True), train, merge (= PEFT's
 merge_and_unload), convert --dora exact / approximate."""
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Acceptance of the serving/publishing issue: GGUF export, vLLM/llama.cpp/PEFT checks, push."""
+"""Serving and publishing: GGUF export, vLLM/llama.cpp/PEFT checks, push."""
 import json
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""`convert --for vllm|llama.cpp` (issue #22, part 5): exports every server takes as they are, refusals with what to
+"""`convert --for vllm|llama.cpp`: exports every server takes as they are, refusals with what to
 do, and `check` naming the exact command that fixes each finding."""
 import json
 import re

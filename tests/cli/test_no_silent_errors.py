@@ -1,4 +1,4 @@
-"""Issue #15: a run that exits 0 is right, or it does not exit 0. One test (or more) per item of the issue."""
+"""No silent errors: a run that exits 0 is right, or it does not exit 0 (each way a run could go wrong quietly)."""
 import json
 import os
 import shutil

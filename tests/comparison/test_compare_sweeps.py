@@ -1,4 +1,4 @@
-"""Issue #23 items 1, 3, 4: compare on a tiny BERT classifier, every method × seed × learning rate, mean ± std over
+"""compare sweeps on a tiny BERT classifier, every method × seed × learning rate, mean ± std over
 seeds, the best rate per method chosen on eval, metric plots, and a sweep interrupted and resumed equal to an
 uninterrupted one."""
 import json

@@ -1,4 +1,4 @@
-"""Acceptance of the decompose issue: logits parity, byte identity, PEFT agreement, determinism."""
+"""decompose: logits parity, byte identity, PEFT agreement, determinism."""
 import json
 import shutil
 from pathlib import Path

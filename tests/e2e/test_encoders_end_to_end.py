@@ -1,4 +1,4 @@
-"""Encoders end to end (issue #14): tiny BERT saved bare (BertModel: `encoder.layer.N...`) and with a `bert.` prefix
+"""Encoders end to end: tiny BERT saved bare (BertModel: `encoder.layer.N...`) and with a `bert.` prefix
 (BertForMaskedLM, BertForSequenceClassification), tiny RoBERTa (RobertaForMaskedLM: `roberta.`), through
 decompose → train (masked LM, sequence classification) → convert → merge, with logits parity between
 residual + trained adapter, original + converted LoRA and both merged models, each loaded the way users load it."""

@@ -1,4 +1,4 @@
-"""decompose --method lora-da on BERT and RoBERTa (issue #23 item 5) end to end, and `--no-offset`, the LoRA-DA
+"""decompose --method lora-da on BERT and RoBERTa end to end, and `--no-offset`, the LoRA-DA
 authors' setting: the base stays as it is, the factors are the offset run's bit for bit, step 0 is base + s·B0·A0,
 and train → convert → merge give the trained model on the original."""
 import json

@@ -1,4 +1,4 @@
-"""Issue #31 items 1, 2, 3 and 9: sequence-classification labels as every data format writes them (an empty label,
+"""Sequence-classification labels as every data format writes them (an empty label,
 numbers, a label only the evaluation file has) and TSVs quoted as Python's csv module and pandas write them."""
 import csv
 import json

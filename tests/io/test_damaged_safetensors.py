@@ -1,4 +1,4 @@
-"""Issue #31 item 4: a damaged safetensors file the tool reads (an adapter, a residual shard, trained biases,
+"""A damaged safetensors file the tool reads (an adapter, a residual shard, trained biases,
 optimizer state) is named, with the tensor and the byte counts where the header says them, and what to do."""
 import re
 

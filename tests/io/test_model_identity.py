@@ -1,5 +1,5 @@
-"""Issue #25: every output carries the identity of the model it was made from and of the base it applies to, and
-every command that puts an adapter on a base checks it. One test (or more) per item of the issue, and a property
+"""Model identity: every output carries the identity of the model it was made from and of the base it applies to, and
+every command that puts an adapter on a base checks it. One test (or more) per guarantee, and a property
 test over (model, adapter) pairs from two models of equal shapes and both bases."""
 import json
 import os
@@ -244,7 +244,7 @@ def test_resume_refuses_changed_data(two, tmp_path, monkeypatch, new_rows):
 # 7. the public names: covered by test_layout.py::test_every_public_name_imports_and_is_listed
 
 
-# 10. --resume on a finished run (with other settings: with the same ones it is a no-op, tests/test_resume.py); -o
+# 10. --resume on a finished run (with other settings: with the same ones it is a no-op, test_train_resume.py); -o
 # naming a file
 def test_resume_of_a_finished_run_with_other_settings_says_it_is_complete(two, tmp_path):
     shutil.copytree(two["A"]["trained"], tmp_path / "t")

@@ -1,4 +1,4 @@
-"""Acceptance of the reliability issue: bad input, property-based parsing, kill + resume, ENOSPC, locks."""
+"""Reliability: bad input, property-based parsing, kill + resume, ENOSPC, locks."""
 import errno
 import fcntl
 import json

@@ -1,4 +1,4 @@
-"""Issue #32 item 2: storage (`io/`) sits below the manifests and the NF4 maths; NF4's on-disk layout is storage."""
+"""Storage (`io/`) sits below the manifests and the NF4 maths; NF4's on-disk layout is storage."""
 import ast
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Issue #31 item 11: `verify` checks a train output's checkpoints (checkpoints/step-N/) as its manifest records them,
+"""`verify` checks a train output's checkpoints (checkpoints/step-N/) as its manifest records them,
 names a damaged file there, and says which checkpoints it checked and which were removed."""
 import json
 import shutil

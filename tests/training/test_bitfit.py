@@ -1,4 +1,4 @@
-"""BitFit (issue #22, part 2): `train --bitfit` trains only bias terms (and a classification head), `merge` writes
+"""BitFit: `train --bitfit` trains only bias terms (and a classification head), `merge` writes
 them into the model; a model without bias terms (Llama) is refused in one line."""
 import json
 

@@ -1,4 +1,4 @@
-"""Issue #23 items 1-2: evaluation metrics against scikit-learn / SciPy on known predictions; data files as CSV, TSV,
+"""Evaluation metrics against scikit-learn / SciPy on known predictions; data files as CSV, TSV,
 JSONL, Parquet and `datasets` directories with named columns, pairs and regression labels; one-line errors."""
 import csv
 import json

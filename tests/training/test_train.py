@@ -1,4 +1,4 @@
-"""Acceptance of the trainer/demo/recipes issue."""
+"""`train`, the demo and the recipes: what a training run writes, resumes and reports."""
 import json
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Issue #31 item 8: `train --resume` as a scheduler that always passes it wants: with nothing to resume it starts a
+"""`train --resume` as a scheduler that always passes it wants: with nothing to resume it starts a
 fresh run and says so; a run that finished with the same settings is left as it is (exit 0, "complete, nothing to
 do"); a damaged checkpoint is named before anything loads from it."""
 import json
