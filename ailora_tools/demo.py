@@ -69,60 +69,79 @@ def demo(out: str | Path = "ailora-demo", *, steps: int = 300, progress: bool = 
         OutputError: `out` exists, is not empty and is not an earlier demo.
         AiloraError: a check failed (the rows are in the message).
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     quiet_libraries()  # the demo prints its own table; loading bars would bury it
-    out = Path(out).absolute()
+    out = _fresh_output(Path(out).absolute())
+    log = _StepLog()
+    base, results = _run_workflow(log, out, steps, progress)
+    log.step("parity check", out, lambda: _max_logit_difference(base, out),
+             lambda d: (f"max logit difference {d:.1e} (limit {PARITY_TOL:.0e})", d <= PARITY_TOL))
+    rows = log.rows
+    (out / MARKER).write_text(json.dumps({"steps": rows, **results}, indent=2, default=str))
+    if not all(r["ok"] for r in rows):
+        failed = "; ".join(f"{r['step']}: {r['check']}" for r in rows if not r["ok"])
+        raise AiloraError(f"demo checks failed: {failed} (details in {out / MARKER})")
+    return rows
+
+
+def _run_workflow(log: _StepLog, out: Path, steps: int, progress: bool) -> tuple[Path, dict]:
+    """Build, decompose, train, convert and merge in `out`, each step checked; the base and the summaries."""
+    base = log.step("build tiny model", out / "base", lambda: build_tiny_model(out / "base"),
+                    lambda p: (f"{len(list(p.glob('*.safetensors')))} shards", True))
+    dec = log.step("decompose (ailora, r=8)", out / "decomposed",
+                   lambda: decompose(base, out / "decomposed", rank=8, progress=progress),
+                   lambda s: (f"worst reconstruction error {s['worst_recon_rel_fro']:.1e}",
+                              s["worst_recon_rel_fro"] < 1e-6))
+    tr = log.step("train", out / "trained",
+                  lambda: train(out / "decomposed" / RESIDUAL_DIR, out / "decomposed" / ADAPTER_DIR,
+                                data_file("demo_train.jsonl"),
+                                out / "trained", eval_data=data_file("demo_eval.jsonl"), max_steps=steps, lr=1e-2,
+                                batch_size=16, warmup=10, progress=progress),
+                  lambda s: (f"eval loss {s['eval_loss_start']:.3f} -> {s['eval_loss']:.3f}",
+                             s["eval_loss"] < 0.8 * s["eval_loss_start"]))
+    conv = log.step("convert", out / "lora", lambda: convert(out / "trained", out / "lora"),
+                    lambda s: (f"rank {s['rank']}, vLLM --max-lora-rank {s['vllm_max_lora_rank']}",
+                               s["worst_rel_fro_error"] == 0.0))
+    log.step("merge", out / "merged", lambda: merge(base, out / "lora", out / "merged", progress=progress),
+             lambda s: (f"{s['modules']} modules merged", True))
+    return base, {"train": tr, "convert": conv, "decompose": dec}
+
+
+def _fresh_output(out: Path) -> Path:
+    """`out`, emptied: new, empty, or an earlier demo's (anything else is refused)."""
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise OutputError(f"-o {out}: exists and is not an earlier demo; choose another directory")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     copy_data(out)
-    rows: list[dict] = []
+    return out
 
-    def step(name: str, path: Path, fn, check):
+
+class _StepLog:
+    """The demo's table: one row per step (name, output, seconds, check, ok)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def step(self, name: str, path: Path, fn, check):
+        """Run `fn`, check its result (`check` -> (text, ok)), record the row; the result."""
         t0 = time.perf_counter()
         result = fn()
         text, ok = check(result)
-        rows.append({"step": name, "output": str(path), "seconds": round(time.perf_counter() - t0, 2),
-                     "check": text, "ok": ok})
+        self.rows.append({"step": name, "output": str(path), "seconds": round(time.perf_counter() - t0, 2),
+                          "check": text, "ok": ok})
         return result
 
-    base = step("build tiny model", out / "base", lambda: build_tiny_model(out / "base"),
-                lambda p: (f"{len(list(p.glob('*.safetensors')))} shards", True))
-    dec = step("decompose (ailora, r=8)", out / "decomposed",
-               lambda: decompose(base, out / "decomposed", rank=8, progress=progress),
-               lambda s: (f"worst reconstruction error {s['worst_recon_rel_fro']:.1e}",
-                          s["worst_recon_rel_fro"] < 1e-6))
-    tr = step("train", out / "trained",
-              lambda: train(out / "decomposed" / RESIDUAL_DIR, out / "decomposed" / ADAPTER_DIR,
-                            data_file("demo_train.jsonl"),
-                            out / "trained", eval_data=data_file("demo_eval.jsonl"), max_steps=steps, lr=1e-2,
-                            batch_size=16, warmup=10, progress=progress),
-              lambda s: (f"eval loss {s['eval_loss_start']:.3f} -> {s['eval_loss']:.3f}",
-                         s["eval_loss"] < 0.8 * s["eval_loss_start"]))
-    conv = step("convert", out / "lora", lambda: convert(out / "trained", out / "lora"),
-                lambda s: (f"rank {s['rank']}, vLLM --max-lora-rank {s['vllm_max_lora_rank']}",
-                           s["worst_rel_fro_error"] == 0.0))
-    step("merge", out / "merged", lambda: merge(base, out / "lora", out / "merged", progress=progress),
-         lambda s: (f"{s['modules']} modules merged", True))
 
-    def parity():
-        tok = AutoTokenizer.from_pretrained(base)
-        ids = tok(["Q: 12 + 30 = ?\nA: 42", "Q: 7 - 9 = ?\nA: -2"], return_tensors="pt", padding=True)
-        load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
-        with torch.no_grad():
-            a = PeftModel.from_pretrained(load(base), out / "lora")(**ids).logits
-            b = PeftModel.from_pretrained(load(out / "decomposed" / RESIDUAL_DIR), out / "trained")(**ids).logits
-            c = load(out / "merged")(**ids).logits
-        return max(float((a - b).abs().max()), float((a - c).abs().max()), float((b - c).abs().max()))
+def _max_logit_difference(base: Path, out: Path) -> float:
+    """The largest logit difference between original + converted LoRA, residual + trained adapter and merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    step("parity check", out, parity,
-         lambda d: (f"max logit difference {d:.1e} (limit {PARITY_TOL:.0e})", d <= PARITY_TOL))
-    (out / MARKER).write_text(json.dumps({"steps": rows, "train": tr, "convert": conv, "decompose": dec},
-                                         indent=2, default=str))
-    if not all(r["ok"] for r in rows):
-        failed = "; ".join(f"{r['step']}: {r['check']}" for r in rows if not r["ok"])
-        raise AiloraError(f"demo checks failed: {failed} (details in {out / MARKER})")
-    return rows
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = tok(["Q: 12 + 30 = ?\nA: 42", "Q: 7 - 9 = ?\nA: -2"], return_tensors="pt", padding=True)
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
+    with torch.no_grad():
+        a = PeftModel.from_pretrained(load(base), out / "lora")(**ids).logits
+        b = PeftModel.from_pretrained(load(out / "decomposed" / RESIDUAL_DIR), out / "trained")(**ids).logits
+        c = load(out / "merged")(**ids).logits
+    return max(float((a - b).abs().max()), float((a - c).abs().max()), float((b - c).abs().max()))

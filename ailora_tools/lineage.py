@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 from .errors import InputNotFoundError, OptionError
+from .io.fingerprints import fingerprints
 from .io.hashing import bytes_digest, file_digest
-from .manifests import ORIGINAL, TRAIN_MANIFEST, BaseOf, fingerprints, trained_identity
+from .manifests import ORIGINAL, TRAIN_MANIFEST, BaseOf, trained_identity
 
 
 def adapter_digest(adapter: str | os.PathLike) -> str | None:

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TargetError
-from .io.hashing import bytes_digest
+from .io.fingerprints import fingerprints, pick, stored_sample
 from .io.output import MANIFEST_SCHEMA
 
-SAMPLE_BYTES = 64 * 1024
 DECOMPOSE_MANIFEST, TRAIN_MANIFEST, CONVERT_MANIFEST = "ailora.json", "ailora-train.json", "ailora-convert.json"
 MERGE_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST = "ailora-merge.json", "spectrum.json", "compare.json"
 #: every output's manifest, written last (a directory without one is not complete); `verify` knows them all
@@ -46,8 +45,6 @@ RESIDUAL, ORIGINAL = "residual", "original"
 NO_OFFSET = "no_offset"
 #: decompose's manifest key of the factors that stay frozen in training (MiCA: ["lora_B"]; `init.InitMethod.frozen`)
 FROZEN = "frozen"
-#: how many tensors identify a model: the first, the last and evenly spaced ones between
-IDENTITY_TENSORS = 4
 
 
 @dataclass
@@ -88,39 +85,6 @@ class BaseOf:
             residual = str(root / residual)
         return cls(block["kind"], residual=residual, original=(block.get(ORIGINAL) or {}).get("model"),
                    samples=samples, **kw)
-
-
-def sample(data) -> str:
-    """The fingerprint of a tensor's stored bytes: BLAKE3 of its first 64 KiB."""
-    return bytes_digest(memoryview(data)[:SAMPLE_BYTES]).hex()
-
-
-def stored_sample(ckpt, name: str) -> str | None:
-    """The fingerprint of tensor `name` as `ckpt` (a Checkpoint) stores it; None if it has no such tensor."""
-    info = ckpt.tensors.get(name)
-    if info is None:
-        return None
-    header = ckpt.shard(info.file)  # a Hub shard: once it is here
-    with open(header.path, "rb") as f:
-        f.seek(header.data_start + info.begin)
-        return sample(f.read(min(SAMPLE_BYTES, info.nbytes)))
-
-
-def pick(names) -> list[str]:
-    """The few of `names` (sorted) that identify a model: the first, the last and evenly spaced ones between."""
-    names = sorted(names)
-    if len(names) <= IDENTITY_TENSORS:
-        return names
-    step = (len(names) - 1) / (IDENTITY_TENSORS - 1)
-    return sorted({names[round(i * step)] for i in range(IDENTITY_TENSORS)})
-
-
-def fingerprints(ckpt, tensors=None) -> dict[str, str]:
-    """{tensor: fingerprint} of `tensors` in `ckpt` (default: `pick` among its matrices); absent ones left out."""
-    if tensors is None:
-        tensors = pick(n for n, t in ckpt.tensors.items() if len(t.shape) == 2)
-    found = {t: stored_sample(ckpt, t) for t in tensors}
-    return {t: s for t, s in found.items() if s is not None}
 
 
 def decompose_identity(modules: dict[str, dict], *, original: str, residual: str | None, kind: str) -> dict:

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # synthetic models and the reference live with the tests
 PY = sys.executable
 CHECKED = ("model.layers.0.self_attn.q_proj", "model.layers.{last}.self_attn.v_proj")
 
@@ -37,11 +36,11 @@ def child(kind: str, model: str, work: Path, batch_size: int, device: str) -> No
     """One workload: compute the statistics; keep those of the CHECKED modules in work/<kind>-<batch>.safetensors
     and the RSS before the work (all imports done) and at its peak in work/<kind>-<batch>.json."""
     import torch
-    from calibration_reference import reference_statistics
     from safetensors.torch import save_file
 
     from ailora_tools.init.lora_da.calibration import calibrate
     from ailora_tools.io.examples import Example
+    from ailora_tools.testing.calibration_reference import reference_statistics
 
     data = json.loads((work / "data.json").read_text())
     examples = [Example(e["input_ids"], e["labels"]) for e in data["examples"]]
@@ -79,7 +78,7 @@ def prepare(size: str, work: Path, samples: int, tokens: int) -> tuple[Path, dic
 
     model = work / "model"
     if not (model / "model.safetensors.index.json").is_file():
-        code = (f"import sys, torch; sys.path.insert(0, {str(HERE.parent / 'tests')!r}); from synthetic import SIZES, "
+        code = (f"import torch; from ailora_tools.testing.synthetic import SIZES, "
                 f"synthetic_llama; synthetic_llama({str(model)!r}, dtype=torch.bfloat16, **SIZES[{size!r}])")
         subprocess.run([PY, "-c", code], check=True)
     config = json.loads((model / "config.json").read_text())
@@ -130,7 +129,7 @@ def main() -> None:
              "targets q_proj and v_proj of every layer, bfloat16 checkpoint and compute, "
              f"{args.rounds} round(s), each workload its own process (`sync` before each, untimed)",
              "- engine: `ailora_tools.init.lora_da.calibration.calibrate`, one decoder layer at a time; reference: "
-             "`benchmarks/calibration_reference.py`, the whole model with hooks, one sample at a time (the "
+             "`ailora_tools/testing/calibration_reference.py`, the whole model with hooks, one sample at a time (the "
              "authors' way)",
              "- difference: largest |engine − reference| / largest |reference| of G / of Z, over layer 0's q_proj "
              "and the last layer's v_proj (bfloat16 compute: the reference's G is the model's bfloat16 .grad, ours "

@@ -71,7 +71,7 @@ def run(argv: list[str], out: Path, stats: Path) -> dict:
 def prepare(size: str, work: Path, dtype: str, device: str, rank: int) -> Path:
     model = work / "model"
     if not (model / "model.safetensors.index.json").is_file():
-        code = (f"import sys, torch; sys.path.insert(0, {str(HERE.parent / 'tests')!r}); from synthetic import "
+        code = (f"import torch; from ailora_tools.testing.synthetic import "
                 "size_spec, synthetic_llama; "
                 f"synthetic_llama({str(model)!r}, dtype=torch.{dtype}, **size_spec({size!r}))")
         subprocess.run([PY, "-c", code], check=True)
@@ -162,7 +162,6 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--only", nargs="*", default=None, help="run only workloads whose name contains one of these")
     args = p.parse_args()
-    sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # synthetic models live with the tests
     lines = [f"# decompose benchmark, {datetime.date.today()}", "",
              f"Command: `python benchmarks/bench_decompose.py {shlex.join(sys.argv[1:])}`", "",
              *describe_machine(args.device),

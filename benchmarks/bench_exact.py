@@ -29,10 +29,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # synthetic matrices live with the tests
-from synthetic import powerlaw, spiked  # noqa: E402
-
 from ailora_tools.init.svd import generator_for, triplets  # noqa: E402
+from ailora_tools.testing.synthetic import powerlaw, spiked  # noqa: E402
 
 
 def minilm() -> dict[str, torch.Tensor] | None:

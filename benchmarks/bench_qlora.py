@@ -33,8 +33,7 @@ from bench_decompose import HERE, PY, describe_machine, run, write_report
 from bench_progressive import tokens_per_s
 
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from synthetic import size_spec, synthetic_llama  # noqa: E402
+from ailora_tools.testing.synthetic import size_spec, synthetic_llama  # noqa: E402
 
 DEFAULTS = {"cuda": dict(size="tinyllama", steps=30, warmup_steps=5, rounds=3),  # --seq 512, --batch-size 4 on both
             # bitsandbytes compiles its CPU kernels in the first steps
@@ -91,7 +90,7 @@ def workloads(model: Path, tokenizer: Path, data: Path, args) -> dict[str, list[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="a local checkpoint (default: a synthetic Llama of --size)")
-    p.add_argument("--size", help="tests/synthetic.py SIZES name (default: tinyllama on CUDA, tiny on CPU)")
+    p.add_argument("--size", help="testing.synthetic SIZES name (default: tinyllama on CUDA, tiny on CPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda where there is one)")
     p.add_argument("--steps", type=int)
     p.add_argument("--warmup-steps", type=int, help="first steps left out of tokens/s")
@@ -132,10 +131,12 @@ def main() -> None:
 
 def report(results: dict[str, list[dict]], args) -> None:
     med = lambda name, key: statistics.median(r[key] for r in results[name])  # noqa: E731
-    gib = lambda name, key: (f"{max(r[key] for r in results[name]) / 2**30:.2f}"  # noqa: E731
-                             if results[name][0][key] is not None else "")
+
+    def gib(name, key):
+        return f"{max(r[key] for r in results[name]) / 2**30:.2f}" if results[name][0][key] is not None else ""
+
     device = args.device.split(":")[0]
-    what = (f"{args.model}" if args.model else f"synthetic Llama of tests/synthetic.py's {args.size!r} shape "
+    what = (f"{args.model}" if args.model else f"synthetic Llama of testing.synthetic's {args.size!r} shape "
             f"({size_spec(args.size)}), bfloat16, random weights, the demo's character tokenizer")
     lines = [f"# train on an NF4 residual against PEFT's QLoRA ({datetime.date.today()})", "",
              f"Command: `{shlex.join(['python', 'benchmarks/bench_qlora.py', *sys.argv[1:]])}`", "",

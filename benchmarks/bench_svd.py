@@ -23,10 +23,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # synthetic models live with the tests
-from synthetic import spiked  # noqa: E402
-
 from ailora_tools.init.svd import generator_for, triplets  # noqa: E402
+from ailora_tools.testing.synthetic import spiked  # noqa: E402
 
 
 def _svd(W, r, largest, dtype):

@@ -27,7 +27,7 @@ def prepare(work: Path, hidden: int, layers: int) -> tuple[Path, Path]:
     """A synthetic Llama with the demo's character vocabulary, its tokenizer, and its decompose output."""
     model, tokenizer = work / "model", work / "tokenizer"
     if not (work / "dec" / "ailora.json").is_file():
-        code = (f"import sys; sys.path.insert(0, {str(HERE.parent / 'tests')!r}); from synthetic import "
+        code = (f"from ailora_tools.testing.synthetic import "
                 "synthetic_llama; from ailora_tools.demo import build_tiny_model; from ailora_tools import decompose; "
                 f"from transformers import AutoTokenizer; build_tiny_model({str(tokenizer)!r}); "
                 f"v = len(AutoTokenizer.from_pretrained({str(tokenizer)!r})); "

@@ -1,84 +1,24 @@
-"""Tiny real models (several shards each) and helpers shared by the tests. Nothing reaches the network."""
+"""Fixtures and hooks shared by every test: tiny real models (several shards each), built once per session. Nothing
+reaches the network. Plain helpers are in tests/helpers (imported as `helpers`)."""
+import json
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import contextlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModel,
-    AutoModelForCausalLM,
-    BertConfig,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from helpers import build_model  # noqa: E402
+from helpers.encoders import build_encoder  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from ailora_tools.demo import build_tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
-
-
-def make_config(kind: str):
-    if kind == "llama":  # grouped-query attention: 4 query heads, 2 KV heads
-        return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    if kind == "qwen2":  # q/k/v biases
-        return Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    if kind == "bert":
-        return BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=64, max_position_embeddings=64)
-    if kind == "gpt2":
-        return GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)
-    raise ValueError(kind)
-
-
-MODEL_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "bert": BertModel, "gpt2": GPT2LMHeadModel}
-
-
-def build_model(kind: str, path, *, dtype=torch.float32, seed: int = 0, shard: str = "40KB"):
-    """Save a tiny random model of `kind` at `path` in several safetensors shards."""
-    torch.manual_seed(seed)
-    model = MODEL_CLASSES[kind](make_config(kind)).to(dtype)
-    with torch.no_grad():  # make biases non-zero so that they matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(path, max_shard_size=shard)
-    return path
-
-
-def load(path, kind: str):
-    auto = AutoModel if kind == "bert" else AutoModelForCausalLM
-    return auto.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def logits(model, kind: str) -> torch.Tensor:
-    torch.manual_seed(123)
-    ids = torch.randint(3, 90, (2, 12))
-    with torch.no_grad():
-        out = model(input_ids=ids)
-    return out.last_hidden_state if kind == "bert" else out.logits
-
-
-def lm_logits(model_dir, adapter=None) -> torch.Tensor:
-    """Causal-LM logits of a saved model (float32), with a PEFT adapter on it when given, on fixed random ids."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        return model(input_ids=torch.randint(4, 90, (2, 16))).logits
 
 
 @pytest.fixture(scope="session")
@@ -95,61 +35,31 @@ def tiny(tmp_path_factory):
     return get
 
 
-def expected_digest(path: Path) -> str:
-    """The manifest digest of a file, computed independently of ailora_tools: BLAKE3 of the digests of a
-    safetensors file's header, tensors and gaps plus its size; plain BLAKE3 for any other file."""
-    import json
+@pytest.fixture(scope="session")
+def encoder(tmp_path_factory):
+    """encoder(kind) -> path of a cached tiny encoder with its tokenizer (`helpers.encoders.build_encoder`)."""
+    cache = {}
 
-    from blake3 import blake3
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = build_encoder(kind, tmp_path_factory.mktemp(kind))
+        return cache[kind]
 
-    data = Path(path).read_bytes()
-    if Path(path).suffix != ".safetensors":
-        return "blake3:" + blake3(data).hexdigest()
-    start = 8 + int.from_bytes(data[:8], "little")
-    spans = sorted((start + v["data_offsets"][0], start + v["data_offsets"][1])
-                   for k, v in json.loads(data[8:start]).items() if k != "__metadata__")
-    cuts, at = [(0, start)], start
-    for b, e in spans:
-        cuts += [(at, b)] if b > at else []
-        cuts.append((b, e))
-        at = max(at, e)
-    cuts += [(at, len(data))] if at < len(data) else []
-    parts = b"".join(blake3(data[b:e]).digest() for b, e in cuts)
-    return "blake3-tensors:" + blake3(parts + len(data).to_bytes(8, "little")).hexdigest()
+    return get
 
 
-@contextlib.contextmanager
-def killed_at_update(monkeypatch, n: int):
-    """The n-th optimizer update (AdamW.step) raises KeyboardInterrupt, as if the run were killed just before it;
-    the block must end that way."""
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            yield
-    finally:
-        monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-
-
-def cli(*args):
-    """Run the `ailora-tools` command line in this process (arguments as strings); the click Result."""
-    from click.testing import CliRunner
-
-    from ailora_tools.cli import main
-
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(res, *needles):
-    """The command failed with exit code 1 and one `error:` line holding every needle."""
-    assert res.exit_code == 1, res.output
-    assert res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
-    for n in needles:
-        assert n in res.output, res.output
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny Llama (no bias terms) and a tiny Qwen2 (q/k/v biases) sharing the demo's tokenizer."""
+    root = tmp_path_factory.mktemp("bitfit")
+    llama = build_tiny_model(root / "llama")
+    vocab = json.loads((llama / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False))
+    qwen.save_pretrained(root / "qwen2", max_shard_size="100KB")
+    for f in llama.iterdir():
+        if "token" in f.name or f.name == "chat_template.jinja":
+            shutil.copy(f, root / "qwen2" / f.name)
+    return {"llama": llama, "qwen2": root / "qwen2", "root": root}

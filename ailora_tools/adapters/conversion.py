@@ -104,9 +104,7 @@ def convert(
         >>> convert("trained", "lora", initial="out/adapter", max_rank=32)  # doctest: +SKIP
     """
     if dora is not None:
-        if server is not None or max_lora_rank is not None:
-            raise OptionError(f"--dora {dora}: not with --for/--max-lora-rank; convert first, then run `ailora-tools "
-                              "convert --trained OUT/adapter --for SERVER` (exact) or on OUT (approximate)")
+        _refuse_server_with_dora(dora, server=server, max_lora_rank=max_lora_rank)
         return convert_dora(trained, out, mode=dora, initial=initial, max_rank=max_rank, tolerance=tolerance,
                             accept_error=accept_error, dtype=dtype, base=base, overwrite=overwrite,
                             progress=progress)
@@ -117,14 +115,26 @@ def convert(
         return export_for(trained, out, server=server, max_lora_rank=max_lora_rank, max_rank=max_rank,
                           tolerance=tolerance, dtype=dtype, base=base, overwrite=overwrite)
     plan = plan_conversion(trained, initial=initial, max_rank=max_rank, tolerance=tolerance, base=base)
-    if server is not None:  # the server's rules on the converted LoRA (serving.py); refusals raise before writing
-        lora, plan.served = serve_rules(Adapter(plan.config, plan.factors, plan.source.extra), server=server,
-                                        source=trained, max_lora_rank=max_lora_rank, tolerance=tolerance)
-        plan.config, plan.factors = lora.config, lora.factors
-        plan.served["serve_command"] = serve_command(server, Path(out).absolute(),
-                                                     plan.config["base_model_name_or_path"],
-                                                     plan.config["r"])
+    if server is not None:
+        _apply_server_rules(plan, trained, out, server=server, max_lora_rank=max_lora_rank, tolerance=tolerance)
     return _write(plan, out, dtype=dtype, overwrite=overwrite, server=server, max_rank=max_rank)
+
+
+def _refuse_server_with_dora(dora: str, *, server: str | None, max_lora_rank: int | None) -> None:
+    """A DoRA conversion takes no server options: the server's rules run on its result, in a second step."""
+    if server is not None or max_lora_rank is not None:
+        raise OptionError(f"--dora {dora}: not with --for/--max-lora-rank; convert first, then run `ailora-tools "
+                          "convert --trained OUT/adapter --for SERVER` (exact) or on OUT (approximate)")
+
+
+def _apply_server_rules(plan: Conversion, trained: Path, out, *, server: str, max_lora_rank: int | None,
+                        tolerance: float | None) -> None:
+    """The server's rules on the planned LoRA (serving.py), in place; refusals raise before anything is written."""
+    lora, plan.served = serve_rules(Adapter(plan.config, plan.factors, plan.source.extra), server=server,
+                                    source=trained, max_lora_rank=max_lora_rank, tolerance=tolerance)
+    plan.config, plan.factors = lora.config, lora.factors
+    plan.served["serve_command"] = serve_command(server, Path(out).absolute(), plan.config["base_model_name_or_path"],
+                                                 plan.config["r"])
 
 
 def _check_options(trained, *, max_rank, tolerance, dtype, accept_error) -> None:

@@ -19,6 +19,7 @@ from ..architectures import match
 from ..errors import OptionError
 from ..init.dora import approximate_factors, exact_parts, merged_weight, oriented
 from ..io.checkpoint import Checkpoint
+from ..io.fingerprints import fingerprints, pick
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, lora_config, read_adapter, write_adapter
@@ -35,10 +36,8 @@ from ..manifests import (
     check_base,
     check_base_dir,
     converted_identity,
-    fingerprints,
     name_or_path,
     original_base_of,
-    pick,
     starts_offset,
     task_record,
 )
@@ -183,17 +182,24 @@ def _write_exact(plan: DoraPlan, out, *, overwrite: bool, progress: bool) -> dic
                               base=str(new_base), rslora=bool(tr.config.get("use_rslora")))
         for p in write_adapter(od.path / ADAPTER_DIR, config, factors, dtype=plan.out_dtype, extra=tr.extra):
             hashes.add("output", f"{ADAPTER_DIR}/{p.name}", p)
-        summary = {**plan.summary, "rank": rank, "lora_alpha": config["lora_alpha"],
-                   "vllm_max_lora_rank": vllm_max_lora_rank(rank), "base": str(new_base),
-                   "adapter": str(od.path / ADAPTER_DIR), "base_is_original": False,
-                   "note": f"the LoRA applies to {new_base} (D·W in the adapted matrices), not to the original "
-                           f"{plan.original}: serve both together"}
-        # the LoRA applies to OUT/base as it is: recognised by its fingerprints
-        applies_to = BaseOf(ORIGINAL, original=str(new_base), samples={ORIGINAL: fingerprints(
-            Checkpoint.open(new_base), pick(plan.weights.values()))}).block()
+        summary = _exact_summary(plan, rank, config["lora_alpha"], new_base, od.path / ADAPTER_DIR)
         od.write_manifest(CONVERT_MANIFEST, {**summary, "task": plan.task, "original": str(plan.original),
-                                             "applies_to": applies_to, "files": hashes.result()})
+                                             "applies_to": _applies_to_new_base(plan, new_base),
+                                             "files": hashes.result()})
     return summary
+
+
+def _exact_summary(plan: DoraPlan, rank: int, alpha: float, new_base: Path, adapter: Path) -> dict:
+    return {**plan.summary, "rank": rank, "lora_alpha": alpha, "vllm_max_lora_rank": vllm_max_lora_rank(rank),
+            "base": str(new_base), "adapter": str(adapter), "base_is_original": False,
+            "note": f"the LoRA applies to {new_base} (D·W in the adapted matrices), not to the original "
+                    f"{plan.original}: serve both together"}
+
+
+def _applies_to_new_base(plan: DoraPlan, new_base: Path) -> dict:
+    """The manifest block: the LoRA applies to OUT/base as it is, recognised by its fingerprints."""
+    samples = {ORIGINAL: fingerprints(Checkpoint.open(new_base), pick(plan.weights.values()))}
+    return BaseOf(ORIGINAL, original=str(new_base), samples=samples).block()
 
 
 def _write_approximate(plan: DoraPlan, out, *, max_rank, tolerance, accept_error: bool, overwrite: bool,

@@ -39,50 +39,71 @@ def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
     base = (cfg.get("base_model_name_or_path") if converted else source) or source or cfg.get("base_model_name_or_path")
     base = base or "unknown"
     method = decomposed.get("method", "lora")
-    license_ = _license(base)
+    task = (trained or converted or {}).get("task") or {}  # the class the adapter's module names are for
+    body = [*_card_summary(repo_id, base, method, cfg), *_card_history(trained, converted, decomposed),
+            *_card_roles(decomposed.get("roles", {})), *_card_usage(base, repo_id, cfg, task)]
+    return "\n".join(_card_front_matter(base, method)) + "\n\n" + "\n".join(body)
+
+
+def _card_front_matter(base: str, method: str) -> list[str]:
     tags = list(dict.fromkeys(["ailora-tools", "lora", method]))
     front = ["---", f"base_model: {base}", "library_name: peft", "tags:", *[f"- {t}" for t in tags]]
-    if license_:
+    if license_ := _license(base):
         front.append(f"license: {license_}")
-    front.append("---")
-    roles = decomposed.get("roles", {})
-    role_lines = "".join(f"| `{m}` | {r} |\n" for m, r in sorted(roles.items())[:12])
-    more = f"| … | {len(roles) - 12} more |\n" if len(roles) > 12 else ""
+    return [*front, "---"]
+
+
+def _card_summary(repo_id: str, base: str, method: str, cfg: dict) -> list[str]:
     link = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{base}`"
     what = f"**{method}** ({METHODS[method].summary})" if method in METHODS else f"**{method}**"
-    body = [
+    return [
         f"# {repo_id.rsplit('/', 1)[-1]}", "",
         f"A LoRA adapter for {link} made with ailora-tools.", "",
         f"- initialisation: {what}",
         f"- rank: {cfg.get('r')}, lora_alpha: {cfg.get('lora_alpha')}, rsLoRA: {bool(cfg.get('use_rslora'))}",
         f"- target modules: {', '.join(cfg.get('target_modules') or [])}",
     ]
+
+
+def _card_history(trained: dict | None, converted: dict | None, decomposed: dict) -> list[str]:
+    """What the adapter applies to, and its training."""
+    lines = []
     if converted:
-        body.append("- converted to a standard LoRA on the original base: apply it to the untouched base model")
+        lines.append("- converted to a standard LoRA on the original base: apply it to the untouched base model")
     elif decomposed.get("adapter_base") == "residual":
-        body.append("- applies to the residual base that decompose wrote, not to the original model; run "
-                    "`ailora-tools convert` for a LoRA on the original")
+        lines.append("- applies to the residual base that decompose wrote, not to the original model; run "
+                     "`ailora-tools convert` for a LoRA on the original")
     if trained:
         s = trained.get("summary", {})
-        body.append(f"- training: {s.get('steps')} steps, loss {s.get('first_loss')} → {s.get('last_loss')}, "
-                    f"eval loss {s.get('eval_loss')}")
-    if role_lines:
-        body += ["", "| module | role |", "| --- | --- |", role_lines + more]
+        lines.append(f"- training: {s.get('steps')} steps, loss {s.get('first_loss')} → {s.get('last_loss')}, "
+                     f"eval loss {s.get('eval_loss')}")
+    return lines
+
+
+def _card_roles(roles: dict) -> list[str]:
+    """A table of the modules' roles (the first 12)."""
+    if not roles:
+        return []
+    role_lines = "".join(f"| `{m}` | {r} |\n" for m, r in sorted(roles.items())[:12])
+    more = f"| … | {len(roles) - 12} more |\n" if len(roles) > 12 else ""
+    return ["", "| module | role |", "| --- | --- |", role_lines + more]
+
+
+def _card_usage(base: str, repo_id: str, cfg: dict, task: dict) -> list[str]:
+    """How to load the adapter with PEFT, vLLM and llama.cpp."""
     r = cfg.get("r") or 16
-    task = (trained or converted or {}).get("task") or {}  # the class the adapter's module names are for
     auto, head = task.get("auto_class", "AutoModelForCausalLM"), task.get("config") or {}
     load = "".join(f", {k}={v}" for k, v in (("num_labels", len(head.get("id2label", {})) or None),
                                               ("pad_token_id", head.get("pad_token_id"))) if v is not None)
-    body += ["", "## Use", "", "PEFT:", "", "```python", "from peft import PeftModel",
-             f"from transformers import {auto}",
-             f'model = PeftModel.from_pretrained({auto}.from_pretrained("{base}"{load}), "{repo_id}")', "```", "",
-             "vLLM:", "", "```bash",
-             f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(r)} "
-             f"--lora-modules adapter={repo_id}",
-             "```", "", "llama.cpp:", "", "```bash",
-             "ailora-tools export-gguf ADAPTER_DIR --base BASE_DIR -o adapter.gguf",
-             "llama-cli -m base.gguf --lora adapter.gguf", "```", ""]
-    return "\n".join(front) + "\n\n" + "\n".join(body)
+    return ["", "## Use", "", "PEFT:", "", "```python", "from peft import PeftModel",
+            f"from transformers import {auto}",
+            f'model = PeftModel.from_pretrained({auto}.from_pretrained("{base}"{load}), "{repo_id}")', "```", "",
+            "vLLM:", "", "```bash",
+            f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(r)} "
+            f"--lora-modules adapter={repo_id}",
+            "```", "", "llama.cpp:", "", "```bash",
+            "ailora-tools export-gguf ADAPTER_DIR --base BASE_DIR -o adapter.gguf",
+            "llama-cli -m base.gguf --lora adapter.gguf", "```", ""]
 
 
 def _is_hub_id(name: str) -> bool:

@@ -30,11 +30,12 @@ from ..distributed import is_worker
 from ..errors import TargetError, UnsupportedError
 from ..init.dora import merged_weight
 from ..io.checkpoint import Checkpoint
+from ..io.fingerprints import fingerprints
 from ..io.output import OutputDir
 from ..io.peft_adapter import Adapter, read_adapter
 from ..io.rewrite import Hashes, Replaced, by_shard, rewrite_checkpoint
 from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, torch_dtype
-from ..manifests import MERGE_MANIFEST, base_of, check_base, fingerprints, task_record
+from ..manifests import MERGE_MANIFEST, base_of, check_base, task_record
 from ..training.bitfit import is_bitfit, read_bitfit
 from .nf4_residual import (
     PARTS,
@@ -81,6 +82,28 @@ def merge(
     started = time.perf_counter()
     if dtype is not None and dtype not in DTYPE_FLAGS:
         raise UnsupportedError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_FLAGS)}")
+    plan = _plan_merge(base, adapter, out, dtype=dtype, revision=revision, allow_pickle=allow_pickle, force=force)
+    if is_worker():
+        return {"worker": int(os.environ["RANK"]), "computed": 0, "seconds": round(time.perf_counter() - started, 3)}
+    summary = _write_merged(plan, base, adapter, out, overwrite=overwrite, resume=resume, progress=progress)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+@dataclass
+class MergePlan:
+    """A checked merge, before anything is written: the per-tensor job, the head's new and renamed tensors, the
+    merged config.json and the manifest's settings."""
+
+    job: MergeJob
+    added: dict
+    renamed: dict
+    config: dict
+    settings: dict
+
+
+def _plan_merge(base, adapter, out, *, dtype: str | None, revision, allow_pickle: bool, force: bool) -> MergePlan:
+    """Read and check the adapter and the base (shapes, the base the manifests record, the head) for a merge."""
     lora = read_bitfit(adapter) if is_bitfit(adapter) else read_adapter(adapter, dora=True)  # BitFit: biases only
     ckpt = Checkpoint.open(base, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
     packed = quantized_weights(ckpt.tensors)  # an NF4 residual: merged as the float model it dequantises to
@@ -95,22 +118,26 @@ def merge(
     settings = {"tool": __version__, "command": "merge", "base": ckpt.describe(), "adapter": str(adapter),
                 "adapter_config": lora.config, "dtype": dtype, "base_samples": fingerprints(ckpt),
                 "applies_to": base_of(adapter).block(), **({"warnings": [f"--force: {warning}"]} if warning else {})}
-    if is_worker():
-        return {"worker": int(os.environ["RANK"]), "computed": 0, "seconds": round(time.perf_counter() - started, 3)}
-    hashes = Hashes()
-    config = _merged_config(config, dtype, bool(packed))
-    files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()} if config != ckpt.config else {}
-    with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume, settings=settings) as od:
-        done = rewrite_checkpoint(ckpt, od, "", job.plan(), job, hashes=hashes, out_dtype=out_dtype, added=added,
-                                  renamed=renamed, files=files, progress=progress, desc="merge",
-                                  parts={n: {n: (tensors[n].dtype, tensors[n].shape)} for n in packed},
+    return MergePlan(job, added, renamed, _merged_config(config, dtype, bool(packed)), settings)
+
+
+def _write_merged(plan: MergePlan, base, adapter, out, *, overwrite: bool, resume: bool, progress: bool) -> dict:
+    """OUT: the base with every planned tensor rewritten, the rest copied; its manifest; the summary."""
+    job, ckpt, hashes = plan.job, plan.job.ckpt, Hashes()
+    packed, tensors = job.packed, job.tensors
+    changed = plan.config != ckpt.config
+    files = {"config.json": json.dumps(plan.config, indent=2, sort_keys=True).encode()} if changed else {}
+    with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume,
+                   settings=plan.settings) as od:
+        done = rewrite_checkpoint(ckpt, od, "", job.plan(), job, hashes=hashes, out_dtype=job.out_dtype,
+                                  added=plan.added, renamed=plan.renamed, files=files, progress=progress,
+                                  desc="merge", parts={n: {n: (tensors[n].dtype, tensors[n].shape)} for n in packed},
                                   dropped={f"{n}.{k}" for n in packed for k in PARTS})
         largest = [r["max_abs_delta"] for _, r in done.values() if "max_abs_delta" in r]
         summary = {"output": str(od.path), "base": str(base), "adapter": str(adapter),
-                   "modules": len(lora.factors), "max_abs_delta": max(largest, default=0.0),
-                   "head_tensors": sorted([*heads, *added]), **_quantized_summary(quant, done)}
-        od.write_manifest(MERGE_MANIFEST, {**settings, "files": hashes.result(), "summary": summary})
-    summary["seconds"] = round(time.perf_counter() - started, 3)
+                   "modules": len(job.lora.factors), "max_abs_delta": max(largest, default=0.0),
+                   "head_tensors": sorted([*job.heads, *plan.added]), **_quantized_summary(job.quant, done)}
+        od.write_manifest(MERGE_MANIFEST, {**plan.settings, "files": hashes.result(), "summary": summary})
     return summary
 
 

@@ -88,33 +88,44 @@ def spectrum(
     settings = {"tool": __version__, "source": ckpt.describe(), "targets": list(targets), "rank": rank,
                 "method": METHOD, "device": device,
                 "adapter": None if deltas is None else {k: v for k, v in deltas.items() if k != "norms"}}
-    from safetensors.torch import save_file
-
-
     dev = resolve_device(device)
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, settings=settings) as od:
         rows, spectra = _measure(ckpt, modules, rank, dev, progress)
         if deltas is not None:
-            fro = {r["module"]: r["fro_norm"] for r in rows}
-            for row in deltas["norms"]:
-                row["target"] = modules.get(row["module"], row["module"].rsplit(".", 1)[-1])
-                if row["module"] in fro:
-                    row["delta_rel"] = row["delta_fro"] / fro[row["module"]] if fro[row["module"]] > 0 else None
+            _relate_deltas(deltas["norms"], rows, modules)
         rows.sort(key=lambda r: (r["layer"] if r["layer"] is not None else -1, r["target"], r["module"]))
-        save_file(spectra, str(od.partial(SPECTRA_NAME)))
-        od.publish(SPECTRA_NAME)
-        name = ckpt.repo_id or Path(ckpt.source).name
-        plots = _plots(od, rows, spectra, deltas["norms"] if deltas else None, rank, plot_layers, name)
-        files = [SPECTRA_NAME, *plots]
-        od.write_manifest(SPECTRUM_MANIFEST, {
-            **settings, "modules": rows, "adapter": None if deltas is None else {**settings["adapter"],
-                                                                                "modules": deltas["norms"]},
-            "plots": plots, "files": {"output": {f: file_digest(od.path / f) for f in files}},
-        })
+        plots = _write_results(od, ckpt, settings, rows, spectra, deltas, rank, plot_layers)
     summary = {"output": str(od.path), "modules": len(rows), "rank": rank, "plots": plots,
                **_means(rows, deltas), "rows": _rows(rows, deltas)}
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _relate_deltas(norms: list[dict], rows: list[dict], modules: dict[str, str]) -> None:
+    """Each adapter module's row gets its target and ‖ΔW‖_F / ‖W‖_F (in place)."""
+    fro = {r["module"]: r["fro_norm"] for r in rows}
+    for row in norms:
+        row["target"] = modules.get(row["module"], row["module"].rsplit(".", 1)[-1])
+        if row["module"] in fro:
+            row["delta_rel"] = row["delta_fro"] / fro[row["module"]] if fro[row["module"]] > 0 else None
+
+
+def _write_results(od: OutputDir, ckpt: Checkpoint, settings: dict, rows: list[dict], spectra: dict,
+                   deltas: dict | None, rank: int, plot_layers: int) -> list[str]:
+    """OUT/spectra.safetensors, the plots and, last, the manifest; the plots' names."""
+    from safetensors.torch import save_file
+
+    save_file(spectra, str(od.partial(SPECTRA_NAME)))
+    od.publish(SPECTRA_NAME)
+    name = ckpt.repo_id or Path(ckpt.source).name
+    plots = _plots(od, rows, spectra, deltas["norms"] if deltas else None, rank, plot_layers, name)
+    files = [SPECTRA_NAME, *plots]
+    od.write_manifest(SPECTRUM_MANIFEST, {
+        **settings, "modules": rows, "adapter": None if deltas is None else {**settings["adapter"],
+                                                                            "modules": deltas["norms"]},
+        "plots": plots, "files": {"output": {f: file_digest(od.path / f) for f in files}},
+    })
+    return plots
 
 
 def _modules(ckpt: Checkpoint, targets, rank: int) -> dict[str, str]:

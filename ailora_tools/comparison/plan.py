@@ -13,8 +13,8 @@ from ..init.lora_da.calibration import TASKS as CALIBRATED
 from ..init.targets import architecture, assign_roles, linear_modules
 from ..io.checkpoint import Checkpoint
 from ..io.examples import check_data
+from ..io.fingerprints import fingerprints
 from ..lineage import input_digest
-from ..manifests import fingerprints
 from ..options import CLASSIFICATION, REGRESSION, InitOptions, TrainOptions
 from ..training.bitfit import check_bitfit
 from ..training.tasks import resolve_task

@@ -8,8 +8,8 @@ from tqdm.auto import tqdm
 
 from ..distributed import Sharing, work
 from ..init import Job
+from ..io.fingerprints import stored_sample
 from ..io.tensorio import read_tensor
-from ..manifests import stored_sample
 from .context import DecomposeRun
 
 

@@ -13,11 +13,12 @@ from ..distributed import Sharing, work
 from ..init import Job
 from ..init.targets import linear_modules
 from ..io.checkpoint import Checkpoint
+from ..io.fingerprints import sample
 from ..io.nf4_layout import parts_layout, quantization_config, skip_modules
 from ..io.output import OutputDir
 from ..io.rewrite import Hashes, Replaced, by_shard, pending, rewrite_checkpoint
 from ..io.tensorio import DTYPES, TensorInfo, tensor_bytes
-from ..manifests import RESIDUAL_DIR, sample
+from ..manifests import RESIDUAL_DIR
 from ..quantization.nf4 import quantize
 from .context import DecomposeRun
 

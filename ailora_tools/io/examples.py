@@ -28,14 +28,7 @@ from typing import TYPE_CHECKING
 from ..architectures import CAUSAL_LM, CLASSIFY, MASKED_LM
 from ..errors import FormatError
 from . import tables
-from .labels import (  # noqa: F401  (sequence classification: importable from here too)
-    LABELED_SHAPES,
-    LabeledExample,
-    LabeledRow,
-    label_ids,
-    read_labeled,
-    tokenize_labeled,
-)
+from .labels import LabeledExample, label_ids, read_labeled
 from .tables import Columns
 
 if TYPE_CHECKING:

@@ -207,43 +207,56 @@ def label_ids(rows: list[LabeledRow], eval_rows: list[LabeledRow], *, data, eval
         raise TargetError(f"--num-labels {num_labels}: the base {base} already has a classification head with "
                           f"{len(head)} labels; leave --num-labels out")
     if num_labels == 1 or (head is not None and len(head) == 1):  # regression (STS-B): one output, float labels
-        if not isinstance(first.label, float):
-            raise FormatError(f"{data}:{first.line}: label {first.label!r}; a regression head (--num-labels 1) "
-                              "needs numbers")
-        return None, {"num_labels": 1, "id2label": {0: "LABEL_0"}, "label2id": {"LABEL_0": 0},
-                      "problem_type": "regression"}
+        return None, _regression_head(first, data)
     if head is None:
         _check_eval_labels(rows, eval_rows, data=data, eval_data=eval_data)
     size = len(head) if head is not None else num_labels
     whose = f"the classification head of {base}" if head is not None else f"--num-labels {num_labels}"
     if isinstance(first.label, int):
-        path, top = max(every, key=lambda pr: pr[1].label)
-        if size is not None and top.label >= size:
-            raise FormatError(f"{path}:{top.line}: label {top.label}, but {whose} has {size} labels (ids 0..{size - 1})"
-                              "; give fewer labels" + ("" if head is not None else " or raise --num-labels"))
-        if head is None:
-            _check_no_gap(rows, data)
-        size = size or max(2, top.label + 1)
-        names = head or [f"LABEL_{i}" for i in range(size)]
-        ids = {i: i for i in range(size)}
+        ids, names = _integer_labels(every, rows, head, size, whose=whose, data=data)
     else:
-        found = sorted({r.label for _, r in every})
-        if head is not None:
-            ids = {name: i for i, name in enumerate(head)}
-            unknown = [name for name in found if name not in ids]
-            if unknown:
-                raise FormatError(f"{data}: labels {unknown[:3]} are not among the {len(head)} labels of {whose} "
-                                  f"({', '.join(head[:5])}); use those names or the class ids 0..{len(head) - 1}")
-            names = head
-        else:
-            if size is not None and len(found) > size:
-                raise FormatError(f"{data}: {len(found)} label names ({', '.join(found[:5])}), but {whose} has {size} "
-                                  "labels; raise --num-labels")
-            size = size or max(2, len(found))
-            names = found + [f"LABEL_{i}" for i in range(len(found), size)]
-            ids = {name: i for i, name in enumerate(found)}
-    return ids, {"num_labels": size, "id2label": dict(enumerate(names)),
+        ids, names = _named_labels(every, head, size, whose=whose, data=data)
+    return ids, {"num_labels": len(names), "id2label": dict(enumerate(names)),
                  "label2id": {name: i for i, name in enumerate(names)}, "problem_type": "single_label_classification"}
+
+
+def _regression_head(first: LabeledRow, data) -> dict:
+    """The head's config keys for a regression (one output); its labels must be numbers."""
+    if not isinstance(first.label, float):
+        raise FormatError(f"{data}:{first.line}: label {first.label!r}; a regression head (--num-labels 1) "
+                          "needs numbers")
+    return {"num_labels": 1, "id2label": {0: "LABEL_0"}, "label2id": {"LABEL_0": 0}, "problem_type": "regression"}
+
+
+def _integer_labels(every: list, rows: list[LabeledRow], head: list[str] | None, size: int | None, *, whose: str,
+                    data) -> tuple[dict, list[str]]:
+    """Class ids as written: (id -> id, the head's label names), checked against the head's size."""
+    path, top = max(every, key=lambda pr: pr[1].label)
+    if size is not None and top.label >= size:
+        raise FormatError(f"{path}:{top.line}: label {top.label}, but {whose} has {size} labels (ids 0..{size - 1})"
+                          "; give fewer labels" + ("" if head is not None else " or raise --num-labels"))
+    if head is None:
+        _check_no_gap(rows, data)
+    size = size or max(2, top.label + 1)
+    return {i: i for i in range(size)}, head or [f"LABEL_{i}" for i in range(size)]
+
+
+def _named_labels(every: list, head: list[str] | None, size: int | None, *, whose: str,
+                  data) -> tuple[dict, list[str]]:
+    """Label names: the head's ids for its names, or the names in sorted order; (name -> id, the head's names)."""
+    found = sorted({r.label for _, r in every})
+    if head is not None:
+        ids = {name: i for i, name in enumerate(head)}
+        unknown = [name for name in found if name not in ids]
+        if unknown:
+            raise FormatError(f"{data}: labels {unknown[:3]} are not among the {len(head)} labels of {whose} "
+                              f"({', '.join(head[:5])}); use those names or the class ids 0..{len(head) - 1}")
+        return ids, head
+    if size is not None and len(found) > size:
+        raise FormatError(f"{data}: {len(found)} label names ({', '.join(found[:5])}), but {whose} has {size} "
+                          "labels; raise --num-labels")
+    size = size or max(2, len(found))
+    return {name: i for i, name in enumerate(found)}, found + [f"LABEL_{i}" for i in range(len(found), size)]
 
 
 def _check_eval_labels(rows: list[LabeledRow], eval_rows: list[LabeledRow], *, data, eval_data) -> None:

@@ -235,43 +235,62 @@ def layout(header: ShardHeader, replaced: dict[str, str], added: dict[str, tuple
     dropped = {n for n in dropped if n in header.tensors}
     if (not added and not renamed and not parts and not dropped
             and all(header.tensors[n].dtype == d for n, d in replaced.items())):
-        head, offsets = b"", {n: header.data_start + t.begin for n, t in header.tensors.items()}
-        keep, at = [], 0
-        for t in sorted((header.tensors[n] for n in replaced), key=lambda t: t.begin):
-            keep.append((at, at, header.data_start + t.begin - at))
-            at = header.data_start + t.end
-        keep.append((at, at, header.size - at))
+        head, offsets, keep = _same_header(header, replaced)
     else:
-        doc, starts, pos = {}, {}, 0
-        if header.metadata:
-            doc["__metadata__"] = header.metadata
-        ordered = sorted((t for t in header.tensors.values() if t.name not in dropped), key=lambda t: t.begin)
-        entries = [e for t in ordered for e in (
-            [(n, d, shape, math.prod(shape)) for n, (d, shape) in parts[t.name].items()] if t.name in parts
-            else [(t.name, replaced.get(t.name, t.dtype), t.shape, t.nbytes // DTYPES[t.dtype][1])])]
-        for name, (dtype, shape) in (added or {}).items():
-            if name in header.tensors:
-                raise ValueError(f"{header.path}: tensor {name!r} exists; it cannot be added")
-            entries.append((name, dtype, shape, math.prod(shape)))
-        for name, dtype, shape, numel in entries:
-            out_name, n = renamed.get(name, name), numel * DTYPES[dtype][1]
-            if out_name in doc:
-                raise ValueError(f"{header.path}: two tensors would be named {out_name!r} in the output")
-            doc[out_name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
-            starts[name] = pos
-            pos += n
-        js = json.dumps(doc, separators=(",", ":")).encode()
-        js += b" " * (-len(js) % 8)
-        head = struct.pack("<Q", len(js)) + js
-        offsets = {name: len(head) + start for name, start in starts.items()}
-        keep = [(header.data_start + t.begin, offsets[t.name], t.nbytes) for t in ordered if t.name not in replaced]
+        head, offsets, keep = _new_header(header, replaced, added or {}, renamed, parts, dropped)
+    return head, offsets, _merged_runs(keep)
+
+
+def _same_header(header: ShardHeader, replaced: dict[str, str]) -> tuple[bytes, dict[str, int], list]:
+    """The layout when the header is copied: every tensor where it was, the bytes between replaced ones copied."""
+    offsets = {n: header.data_start + t.begin for n, t in header.tensors.items()}
+    keep, at = [], 0
+    for t in sorted((header.tensors[n] for n in replaced), key=lambda t: t.begin):
+        keep.append((at, at, header.data_start + t.begin - at))
+        at = header.data_start + t.end
+    keep.append((at, at, header.size - at))
+    return b"", offsets, keep
+
+
+def _new_header(header: ShardHeader, replaced: dict[str, str], added: dict, renamed: dict[str, str], parts: dict,
+                dropped: set[str]) -> tuple[bytes, dict[str, int], list]:
+    """The layout under a new header: the tensors in their order (parts in place of their source, added ones last),
+    packed; the kept tensors' bytes copied one by one."""
+    doc, starts, pos = {}, {}, 0
+    if header.metadata:
+        doc["__metadata__"] = header.metadata
+    ordered = sorted((t for t in header.tensors.values() if t.name not in dropped), key=lambda t: t.begin)
+    entries = [e for t in ordered for e in (
+        [(n, d, shape, math.prod(shape)) for n, (d, shape) in parts[t.name].items()] if t.name in parts
+        else [(t.name, replaced.get(t.name, t.dtype), t.shape, t.nbytes // DTYPES[t.dtype][1])])]
+    for name, (dtype, shape) in added.items():
+        if name in header.tensors:
+            raise ValueError(f"{header.path}: tensor {name!r} exists; it cannot be added")
+        entries.append((name, dtype, shape, math.prod(shape)))
+    for name, dtype, shape, numel in entries:
+        out_name, n = renamed.get(name, name), numel * DTYPES[dtype][1]
+        if out_name in doc:
+            raise ValueError(f"{header.path}: two tensors would be named {out_name!r} in the output")
+        doc[out_name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        starts[name] = pos
+        pos += n
+    js = json.dumps(doc, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    head = struct.pack("<Q", len(js)) + js
+    offsets = {name: len(head) + start for name, start in starts.items()}
+    keep = [(header.data_start + t.begin, offsets[t.name], t.nbytes) for t in ordered if t.name not in replaced]
+    return head, offsets, keep
+
+
+def _merged_runs(keep: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The copy operations (src, dst, length) with adjacent ones joined and empty ones left out."""
     runs: list[tuple[int, int, int]] = []
     for s, d, n in keep:
         if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
             runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + n)
         elif n:
             runs.append((s, d, n))
-    return head, offsets, runs
+    return runs
 
 
 def copy_ranges(src: Path, dst_fd: int, head: bytes, copies: list[tuple[int, int, int]]) -> None:

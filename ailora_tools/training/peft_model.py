@@ -79,22 +79,16 @@ def get_ailora_model(
 def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: str, progress: bool,
           quantize: str | None, loftq_iters: int):
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft import get_peft_model
     from transformers.pytorch_utils import Conv1D
 
-
-    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
-        raise UnsupportedError(f"{type(model).__name__} already holds PEFT adapter layers; pass the plain "
-                               "transformers model (before get_peft_model / get_ailora_model, or after "
-                               "merge_and_unload())")
+    _refuse_peft_model(model)
     o = InitOptions.build(options, **settings)
     DecomposeOptions(**asdict(o), quantize=quantize, loftq_iters=loftq_iters)  # the same checks as decompose's
-    method, rank, alpha, rslora = o.method, o.rank, o.lora_alpha, o.rslora
-    init = get_method(method)
+    init = get_method(o.method)
     if init.needs_data:
-        raise UnsupportedError(f"method={method!r} needs calibration data; use `ailora-tools decompose --method "
-                               f"{method} --data ...` and load its adapter with PEFT")
+        raise UnsupportedError(f"method={o.method!r} needs calibration data; use `ailora-tools decompose --method "
+                               f"{o.method} --data ...` and load its adapter with PEFT")
     config = getattr(model, "config", None)
     if not hasattr(config, "to_dict"):
         raise UnsupportedError(f"{type(model).__name__} has no transformers config; pass a transformers model "
@@ -103,29 +97,60 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
     arch = architecture(config)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     role_of = assign_roles(init, list(o.targets), list(layers), arch, o.roles)
-    _check_weights(model, {m: layers[m].weight for m in role_of}, role_of, rank)
-    suffixes = sorted({m.rsplit(".", 1)[-1] for m in role_of})
-    exact = {m for m in layers if any(matches(m, s) for s in suffixes)} == set(role_of)
-    task = peft_task_type(config) or peft_task_type({"architectures": [type(model).__name__]})  # from a config: no
-    heads = [n for n in ("classifier", "score") if task == "SEQ_CLS" and hasattr(model, n)]  # architectures yet
-    lora = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora,
-                      target_modules=suffixes if exact else sorted(role_of),
-                      lora_dropout=lora_dropout, bias="none", init_lora_weights=True, task_type=task,
-                      modules_to_save=heads or None,
-                      fan_in_fan_out=any(is_transposed(m, arch) for m in role_of), use_dora=o.dora)
-    params = Settings(rank, lora_scale(rank, alpha, rslora), o.svd, o.niter, o.oversample, o.seed)
+    _check_weights(model, {m: layers[m].weight for m in role_of}, role_of, o.rank)
+    lora = _lora_config(model, o, config, arch, layers, role_of, lora_dropout)
+    params = Settings(o.rank, lora_scale(o.rank, o.lora_alpha, o.rslora), o.svd, o.niter, o.oversample, o.seed)
     init.check_settings(params)
     dev = resolve_device(o.device)
+    initial = None
     if quantize:  # the residuals become Linear4bit layers before PEFT wraps them (its bitsandbytes LoRA layers)
         if arch.transposed:
             raise UnsupportedError(f"quantize={quantize!r}: {type(model).__name__} stores its linear weights "
                                    "transposed (Conv1D), which bitsandbytes does not quantise; leave quantize out")
         initial = _quantize_targets(model, layers, role_of, init, params, dev, loftq_iters, progress)
     peft_model = get_peft_model(model, lora, adapter_name=adapter_name)
-    for m in tqdm(sorted(role_of), desc=f"{method} init", unit="matrix", disable=not progress or bool(quantize)):
+    _fill_adapter(peft_model, adapter_name, o, init, role_of, arch, params, dev, initial, progress)
+    freeze_factors(peft_model, init.frozen, adapter_name)  # MiCA's B
+    return peft_model
+
+
+def _refuse_peft_model(model) -> None:
+    """A model that already holds PEFT layers is refused: the initialisation needs the plain weights."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise UnsupportedError(f"{type(model).__name__} already holds PEFT adapter layers; pass the plain "
+                               "transformers model (before get_peft_model / get_ailora_model, or after "
+                               "merge_and_unload())")
+
+
+def _lora_config(model, o: InitOptions, config: dict, arch, layers: dict, role_of: dict, lora_dropout: float):
+    """PEFT's LoraConfig for the targets: their suffixes when those name exactly them, else the full names; the
+    classification head as modules_to_save."""
+    from peft import LoraConfig
+
+    suffixes = sorted({m.rsplit(".", 1)[-1] for m in role_of})
+    exact = {m for m in layers if any(matches(m, s) for s in suffixes)} == set(role_of)
+    task = peft_task_type(config) or peft_task_type({"architectures": [type(model).__name__]})  # from a config: no
+    heads = [n for n in ("classifier", "score") if task == "SEQ_CLS" and hasattr(model, n)]  # architectures yet
+    return LoraConfig(r=o.rank, lora_alpha=o.lora_alpha, use_rslora=o.rslora,
+                      target_modules=suffixes if exact else sorted(role_of),
+                      lora_dropout=lora_dropout, bias="none", init_lora_weights=True, task_type=task,
+                      modules_to_save=heads or None,
+                      fan_in_fan_out=any(is_transposed(m, arch) for m in role_of), use_dora=o.dora)
+
+
+def _fill_adapter(peft_model, adapter_name: str, o: InitOptions, init, role_of: dict, arch, params: Settings, dev,
+                  initial: dict | None, progress: bool) -> None:
+    """Each target's A0, B0 (and DoRA magnitude) into PEFT's layers, its residual into the base weight; with
+    `initial` (quantised targets) the factors computed already."""
+    import torch
+
+    for m in tqdm(sorted(role_of), desc=f"{o.method} init", unit="matrix", disable=not progress or initial is not None):
         layer = peft_model.base_model.model.get_submodule(m)
         W = layer.get_base_layer().weight
-        A0, B0, residual = (*initial[m], None) if quantize else _initialise(
+        A0, B0, residual = (*initial[m], None) if initial is not None else _initialise(
             W.detach(), init, m, role_of[m], is_transposed(m, arch), params, dev, offset=not o.no_offset)
         with torch.no_grad():
             layer.lora_A[adapter_name].weight.copy_(A0)
@@ -135,8 +160,6 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
             if o.dora:  # PEFT set m = ‖W‖ when it wrapped the model; DoRA's m is that of the base it now sees
                 layer.lora_magnitude_vector[adapter_name].weight.copy_(
                     magnitude(W.detach(), A0, B0, params.scale, transposed=is_transposed(m, arch)))
-    freeze_factors(peft_model, init.frozen, adapter_name)  # MiCA's B
-    return peft_model
 
 
 def _quantize_targets(model, layers: dict, role_of: dict, init, params, device, iters: int, progress: bool) -> dict:

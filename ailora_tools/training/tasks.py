@@ -117,10 +117,11 @@ def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike 
     if task.name == MASKED_LM:
         if tokenizer.mask_token_id is None:
             raise TargetError(f"--task masked-lm: the tokenizer of {base} has no mask token")
-        load = lambda path, s: load_masked_jsonl(path, tokenizer, max_length=max_length, seed=s,  # noqa: E731
-                                                 columns=columns)
+        def load(path, s):
+            return load_masked_jsonl(path, tokenizer, max_length=max_length, seed=s, columns=columns)
     else:
-        load = lambda path, s: load_jsonl(path, tokenizer, max_length=max_length, columns=columns)  # noqa: E731
+        def load(path, s):
+            return load_jsonl(path, tokenizer, max_length=max_length, columns=columns)
     return Data(load(data, seed), load(eval_data, seed + 1) if eval_data else [],
                 lambda batch: collate(batch, pad_id), None)
 

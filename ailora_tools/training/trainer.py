@@ -92,16 +92,7 @@ def train(
                    settings=run.settings) as od:
         metrics = Metrics(od.path / METRICS)
         checkpointer = Checkpointer(od, run.model, run.optimizer, run.scheduler, run.config)
-        if (latest := run.ranks.broadcast(checkpointer.latest() if resume else None)) is not None:
-            checkpointer.restore(latest, state)
-        elif resume:
-            warnings.warn(AiloraWarning(f"--resume: nothing to resume in {od.path} (no checkpoint there): starting a "
-                                        "fresh run"), stacklevel=2)
-        metrics.truncate(state["step"] or -1)  # what this run writes again: all of it when it starts at step 0
-        if state["step"] > 0:  # resumed: the start is the first run's step-0 evaluation, not this step's
-            eval_start = metrics.start_eval()
-        elif (eval_start := evaluate(run)) is not None:
-            metrics.append({"step": 0, **eval_start})
+        eval_start = _start(run, od, checkpointer, metrics, state, resume=resume)
         # ---- train ---------------------------------------------------------------------------------
         train_steps(run, state, metrics, checkpointer, progress=progress)
         # ---- save ----------------------------------------------------------------------------------
@@ -109,21 +100,44 @@ def train(
         written = write(od.path, run.model, run.config)
         if (eval_end := evaluate(run)) is not None:
             metrics.append({"step": state["step"], **eval_end, "final": True})
-        history = metrics.history()
-        losses = [r["loss"] for r in history if "loss" in r]
-        summary = {"output": str(od.path), "steps": state["step"], "first_loss": losses[0] if losses else None,
-                   "last_loss": losses[-1] if losses else None,
-                   **{f"{k}_start": v for k, v in (eval_start or {"eval_loss": None}).items()},
-                   **(eval_end or {"eval_loss": None}), "adapter_base": run.mode,
-                   "trainable_parameters": sum(p.numel() for p in run.params), "tokens_per_s": tokens_per_s(history),
-                   "processes": run.ranks.world}
-        for hook in run.hooks:
-            summary.update(hook.report(history))
+        summary = _summary(run, od.path, state, eval_start, eval_end, metrics.history())
         od.write_manifest(manifest, {**recorded_settings, "options": asdict(o), "summary": summary,
                                      "files": {"output": {p.name: file_digest(p) for p in written},
                                                CKPT_DIR: recorded(od.path)}})
     run.ranks.close()
     summary["seconds"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _start(run, od: OutputDir, checkpointer: Checkpointer, metrics: Metrics, state: dict, *,
+           resume: bool) -> dict | None:
+    """Restore the latest checkpoint (with --resume) into `state`, or start fresh; the evaluation at step 0 (the
+    first run's, when resumed)."""
+    if (latest := run.ranks.broadcast(checkpointer.latest() if resume else None)) is not None:
+        checkpointer.restore(latest, state)
+    elif resume:
+        warnings.warn(AiloraWarning(f"--resume: nothing to resume in {od.path} (no checkpoint there): starting a "
+                                    "fresh run"), stacklevel=3)
+    metrics.truncate(state["step"] or -1)  # what this run writes again: all of it when it starts at step 0
+    if state["step"] > 0:  # resumed: the start is the first run's step-0 evaluation, not this step's
+        return metrics.start_eval()
+    if (eval_start := evaluate(run)) is not None:
+        metrics.append({"step": 0, **eval_start})
+    return eval_start
+
+
+def _summary(run, output: Path, state: dict, eval_start: dict | None, eval_end: dict | None,
+             history: list[dict]) -> dict:
+    """Steps, first and last loss, evaluations at the start and the end, throughput, and the hooks' reports."""
+    losses = [r["loss"] for r in history if "loss" in r]
+    summary = {"output": str(output), "steps": state["step"], "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None,
+               **{f"{k}_start": v for k, v in (eval_start or {"eval_loss": None}).items()},
+               **(eval_end or {"eval_loss": None}), "adapter_base": run.mode,
+               "trainable_parameters": sum(p.numel() for p in run.params), "tokens_per_s": tokens_per_s(history),
+               "processes": run.ranks.world}
+    for hook in run.hooks:
+        summary.update(hook.report(history))
     return summary
 
 

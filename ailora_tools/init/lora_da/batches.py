@@ -10,7 +10,8 @@ import torch
 
 from ...architectures import CAUSAL_LM, CLASSIFY
 from ...errors import FormatError
-from ...io.examples import IGNORE, Example, LabeledExample
+from ...io.examples import IGNORE, Example
+from ...io.labels import LabeledExample
 
 if TYPE_CHECKING:
     from .parts import ModelParts

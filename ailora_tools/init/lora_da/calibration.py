@@ -17,7 +17,8 @@ from ...architectures import CAUSAL_LM, CLASSIFY, MASKED_LM, task_of
 from ...devices import resolve_device
 from ...errors import OptionError, UnsupportedError
 from ...io.checkpoint import Checkpoint
-from ...io.examples import Example, LabeledExample
+from ...io.examples import Example
+from ...io.labels import LabeledExample
 from ...io.tensorio import DTYPE_FLAGS, DTYPES
 from .batches import build_batches
 from .decoder import LAYER_MODULE, DecoderParts

@@ -27,7 +27,6 @@ class LoRADA(InitMethod):
         from ...options import TaskOptions
         from .calibration import calibrate, check_supported
         from .masks import require_transformers
-        from .maths import lora_da_factors
 
         require_transformers()  # before the data is read
         task = task or TaskOptions()
@@ -38,18 +37,31 @@ class LoRADA(InitMethod):
         for stats in calibrate(ckpt, examples, [j.module for j in jobs], task=name, labels=labels, seed=settings.seed,
                                device=device, progress=progress):
             if stats.input_key not in inputs:  # q/k/v read the same input: factor Z once
-                inputs = {stats.input_key: _factor(stats.input_factor, _device(device), stats.name)}
-                if inputs[stats.input_key].deficient:
-                    _warn_deficient(stats, inputs[stats.input_key], samples)
-            f = lora_da_factors(stats.gradient, stats.output_factor, inputs[stats.input_key], rank=settings.rank,
-                                population_size=population, seed=settings.seed, name=stats.name)
-            factors[stats.name] = (f.a, f.b, {"role": None, **f.diagnostics, "damping": inputs[stats.input_key].damping,
-                                              "input_rank": inputs[stats.input_key].rank,
-                                              "calibration_loss": stats.loss, "calibration_tokens": stats.tokens})
+                inputs = {stats.input_key: _input_factor(stats, device, samples)}
+            factors[stats.name] = _module_factors(stats, inputs[stats.input_key], rank=settings.rank,
+                                                  population=population, seed=settings.seed)
         return factors
 
     def factors(self, job, W, settings, *, context=None, generator=None):
         return context[job.module]
+
+
+def _input_factor(stats, device: str, samples: int):
+    """The module's Z factored (`_factor`) where the factors are computed; a warning when it is rank-deficient."""
+    factor = _factor(stats.input_factor, _device(device), stats.name)
+    if factor.deficient:
+        _warn_deficient(stats, factor, samples)
+    return factor
+
+
+def _module_factors(stats, input_factor, *, rank: int, population: int, seed: int) -> tuple:
+    """(A0, B0, the module's record) from its calibration statistics."""
+    from .maths import lora_da_factors
+
+    f = lora_da_factors(stats.gradient, stats.output_factor, input_factor, rank=rank, population_size=population,
+                        seed=seed, name=stats.name)
+    return (f.a, f.b, {"role": None, **f.diagnostics, "damping": input_factor.damping, "input_rank": input_factor.rank,
+                       "calibration_loss": stats.loss, "calibration_tokens": stats.tokens})
 
 
 def _calibration_samples(ckpt, data, task: str, options, samples: int, max_length: int, *, seed: int):
@@ -62,14 +74,8 @@ def _calibration_samples(ckpt, data, task: str, options, samples: int, max_lengt
     """
     from ...architectures import CLASSIFY, MASKED_LM
     from ...errors import FormatError
-    from ...io.examples import (
-        check_rows,
-        label_ids,
-        load_jsonl,
-        load_masked_jsonl,
-        read_labeled,
-        tokenize_labeled,
-    )
+    from ...io.examples import check_rows, load_jsonl, load_masked_jsonl
+    from ...io.labels import label_ids, read_labeled, tokenize_labeled
     from ...io.tokenizer import load_tokenizer
 
     regression = options.num_labels == 1

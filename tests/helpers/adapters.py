@@ -1,0 +1,82 @@
+"""Adapters as training would leave them (seeded noise on the factors), and an NF4-quantised residual built by hand."""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ailora_tools.io.checkpoint import Checkpoint
+from ailora_tools.io.fingerprints import stored_sample
+from ailora_tools.io.peft_adapter import read_adapter, write_adapter
+
+#: the modules whose residual `quantize_residual` quantises
+QUANTIZED_TARGETS = ("q_proj", "v_proj")
+
+
+def fake_training(initial: Path, out: Path, *, seed=0, only_B=False, scale=0.05):
+    """Change A and B as training would (seeded noise), keeping the initial config."""
+    ad = read_adapter(initial)
+    g = torch.Generator().manual_seed(seed)
+    trained = {}
+    for m, (A, B) in ad.factors.items():
+        dA = torch.zeros_like(A) if only_B else torch.randn(A.shape, generator=g) * scale
+        trained[m] = (A + dA, B + torch.randn(B.shape, generator=g) * scale)
+    write_adapter(out, ad.config, trained)
+    (out / "ailora-train.json").write_text(json.dumps({"initial_adapter": str(initial)}))
+    return out
+
+
+def fake_dora_training(adapter: Path, out: Path, *, seed=0, scale=0.05, trained_on=None):
+    """Move A, B and m as training would (seeded noise), keeping the adapter's config."""
+    ad = read_adapter(adapter, dora=True)
+    g = torch.Generator().manual_seed(seed)
+    factors = {m: (A + torch.randn(A.shape, generator=g) * scale, B + torch.randn(B.shape, generator=g) * scale)
+               for m, (A, B) in ad.factors.items()}
+    mags = {m: v * (1 + torch.randn(v.shape, generator=g) * 0.1) for m, v in ad.magnitudes.items()}
+    write_adapter(out, ad.config, factors, magnitudes=mags)
+    record = {"initial_adapter": str(adapter)}
+    if trained_on is not None:
+        record["base"] = str(trained_on)
+    (out / "ailora-train.json").write_text(json.dumps(record))
+    return out
+
+
+def quantize_residual(dec: Path, targets=QUANTIZED_TARGETS) -> None:
+    """decompose --quantize nf4's residual, built by hand: each target residual weight as bitsandbytes NF4
+    (blocksize 64, double quantisation) in transformers' layout, config.json's quantization_config, and the
+    decompose manifest's residual fingerprints updated."""
+    import bitsandbytes.functional as bnb
+
+    res = dec / "residual"
+    for shard in sorted(res.glob("*.safetensors")):
+        tensors, changed = load_file(shard), False
+        for name in [n for n in list(tensors) if n.endswith(tuple(f"{t}.weight" for t in targets))]:
+            packed, state = bnb.quantize_4bit(tensors[name].float(), quant_type="nf4", blocksize=64,
+                                              compress_statistics=True)
+            tensors[name] = packed
+            tensors.update({f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()})
+            changed = True
+        if changed:
+            save_file(tensors, shard, metadata={"format": "pt"})
+    index = res / "model.safetensors.index.json"
+    if index.is_file():
+        doc = json.loads(index.read_text())
+        doc["weight_map"] = {n: f for f in [p.name for p in res.glob("*.safetensors")] for n in load_file(res / f)}
+        index.write_text(json.dumps(doc))
+    config = json.loads((res / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes", "_load_in_4bit": True, "_load_in_8bit": False, "load_in_4bit": True,
+        "load_in_8bit": False, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_skip_modules": ["k_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "float32",
+        "bnb_4bit_quant_storage": "uint8"}
+    (res / "config.json").write_text(json.dumps(config, indent=2))
+    manifest = json.loads((dec / "ailora.json").read_text())
+    ckpt = Checkpoint.open(res)
+    samples = manifest["applies_to"]["samples"]
+    for t in samples:
+        samples[t] = stored_sample(ckpt, t)
+    manifest["applies_to"].get("residual", {})["samples"] = dict(samples)
+    manifest["quantize"] = {"type": "nf4", "all": False, "loftq_iters": 0, "double_quant": True}
+    (dec / "ailora.json").write_text(json.dumps(manifest, indent=2))

@@ -1,0 +1,27 @@
+"""LoRA-DA calibration as the tests run it, and its comparison with the whole-model reference
+(`ailora_tools.testing.calibration_reference`)."""
+import pytest
+import torch
+
+from ailora_tools.init.lora_da.calibration import calibrate
+
+ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+MODULES = [f"model.layers.{i}.{m}" for i in range(2)
+           for m in (*ATTN, "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+def run(model, examples, modules=MODULES, **options) -> dict:
+    """name -> the statistics `calibrate` yields for it (on the CPU, no progress bar)."""
+    return {s.name: s for s in calibrate(model, examples, modules, device="cpu", progress=False, **options)}
+
+
+def assert_matches_reference(got: dict, ref: dict, tol: float = 2e-5) -> None:
+    """Z, E[g²] and G of each module within `tol` (relative to the largest entry) of the reference's; the same
+    token and sample counts and loss."""
+    for name, r in ref.items():
+        s = got[name]
+        for mine, theirs in ((s.input_factor, r["z"]), (s.output_factor, r["y"]), (s.gradient, r["g"])):
+            assert mine.dtype == torch.float32 and mine.shape == theirs.shape
+            assert (mine - theirs).abs().max() <= tol * theirs.abs().max(), name
+        assert (s.tokens, s.samples) == (r["tokens"], r["samples"])
+        assert s.loss == pytest.approx(r["loss"], rel=1e-5)
