@@ -7,7 +7,7 @@ import random
 import pytest
 from click.testing import CliRunner
 from helpers import killed_at_update
-from helpers.encoders import FILLER, sentence
+from helpers.encoders import sentence
 from matplotlib.image import imread
 
 from ailora_tools import compare
@@ -21,23 +21,6 @@ SWEEP = dict(task="sequence-classification", rank=4, targets=("query", "value"),
              eval_every=2, device="cpu", methods=METHODS, lr="5e-3,2e-2", seeds=[0, 1], progress=False)
 KEYS = ("first_loss", "final_loss", "eval_loss", "eval_loss_start", "eval", "best", "eval_start",
         "trainable_parameters", "steps_to_metric_target")
-
-
-def pairs_csv(path, n: int, seed: int):
-    """MRPC-shaped CSV: sentence1, sentence2, label ("yes" when sentence1 is positive)."""
-    rng = random.Random(seed)
-    lines = ["sentence1,sentence2,label"]
-    for _ in range(n):
-        a = rng.random() < 0.5
-        lines.append(f"{sentence(rng, a)},{rng.choice(FILLER)},{'yes' if a else 'no'}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    return pairs_csv(root / "train.csv", 32, 1), pairs_csv(root / "dev.csv", 16, 2)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import cli, load, logits, one_line_error
-from conftest import lm_logits as lm
+from helpers import cli, load, logits, one_line_error
+from helpers import lm_logits as lm
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 

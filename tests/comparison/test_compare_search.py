@@ -6,9 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import killed_at_update
-from test_compare_sweeps import data  # noqa: F401  (the fixture)
-from test_encoders import encoder  # noqa: F401  (the fixture)
+from helpers import killed_at_update
 
 from ailora_tools import compare
 from ailora_tools.cli import main
