@@ -118,8 +118,8 @@ def serve_check(directory: str | os.PathLike, *, server: str, prompts: str | os.
     """
     choice("--server", server, SERVERS)
     at_least("--tolerance", tolerance, 0)
-    export = export_of(directory, server)
     exe = _find_python(server, python)  # before any work: no environment, one line with the recipe
+    export = export_of(directory, server)
     ids = read_prompts(prompts, export) if prompts is not None else default_prompts(export)
     served = _serve(export, server, ids, exe)
     reference = reference_logprobs(export.trained, ids)
