@@ -13,7 +13,7 @@ import ailora_tools
 PKG = Path(ailora_tools.__file__).parent
 README = PKG.parent / "README.md"
 #: the pipeline's stages, left to right: a stage may import shared ground and the stages to its left
-STAGES = ["init", "decomposition", "training", "adapters", "analysis", "comparison"]
+STAGES = ["init", "decomposition", "training", "adapters", "servers", "analysis", "comparison"]
 ENTRY_POINTS = {"cli", "demo", "__init__"}
 
 
