@@ -67,7 +67,3 @@ class RankError(AiloraError):
 class AiloraWarning(Warning):
     """Something the user should know about a result that is still written (the CLI prints it as one line);
     not a UserWarning, so that --quiet, which silences the libraries' warnings, keeps it."""
-
-
-class ServerError(AiloraError, RuntimeError):
-    """A real server (vLLM, llama.cpp) that failed on what it was given, or served what the check refuses."""

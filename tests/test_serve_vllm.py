@@ -64,7 +64,8 @@ def exports(kind: str, root: Path) -> dict:
         "rslora-padded": (src, root / "padded", roles),
         "recompressed": (src, root / "recompressed", Trained(str(src), str(root / "recompressed"))),
         "merged": (root / "merged", None, trained),
-        "dora-exact": (root / "dora-exact" / "base", root / "dora-exact" / "adapter", trained_of(root / "trained-dora")),
+        "dora-exact": (root / "dora-exact" / "base", root / "dora-exact" / "adapter",
+                       trained_of(root / "trained-dora")),
     }}
 
 

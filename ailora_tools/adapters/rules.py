@@ -114,17 +114,19 @@ def _weights_refused(d, config: dict, adapter: Adapter | None, server: str) -> l
 
 
 def _llama_cpp_refused(d, config: dict, adapter: Adapter | None, base) -> list[Finding]:
-    """llama.cpp's rules: no Conv1D layout, a base config.json naming an architecture its converter maps."""
-    if config.get("fan_in_fan_out"):
-        return [Finding("fan_in_fan_out", "fan_in_fan_out (Conv1D) layout", merge_fix(d))]
+    """llama.cpp's rules: a base config.json naming an architecture its converter maps (`gguf_export.LAYOUTS`), and
+    modules it holds (Conv1D only on GPT-2, no mixture-of-experts experts)."""
     where = base or config.get("base_model_name_or_path")
     if where is None or not (Path(where) / "config.json").is_file():
         return [Finding("base", f"no base model config.json at {where}" if where else "no --base given",
                         "pass --base DIR, the original base model directory (only its config.json is read)")]
+    base_config = json.loads((Path(where) / "config.json").read_text())
     if adapter is not None:
         try:
-            gguf_tensors(adapter, json.loads((Path(where) / "config.json").read_text()))
+            gguf_tensors(adapter, base_config)
         except UnsupportedError as e:
             return [Finding("architecture", str(e).removeprefix("export-gguf: "),
                             f"llama.cpp cannot take this adapter; {merge_fix(d)}")]
+    elif config.get("fan_in_fan_out") and base_config.get("model_type") != "gpt2":
+        return [Finding("fan_in_fan_out", "fan_in_fan_out (Conv1D) layout on a model other than GPT-2", merge_fix(d))]
     return []

@@ -1,5 +1,9 @@
-"""Stage 5, served: the real servers (vLLM, llama.cpp) run on what the toolkit exports, each in its own environment,
-and `serve_check`, which compares what they serve with the trained model."""
+"""Stage 5, the real servers: run llama.cpp and vLLM on what the adapters stage exports, in their own environments
+(each server pins its own builds; it runs as a subprocess of its interpreter), to compare with transformers.
+
+Modules: `llama_cpp` (llama.cpp's own base converter, and its logits with or without a LoRA GGUF), `vllm` (vLLM's
+prompt log-probabilities, several models and LoRAs in one process), `reference` (the trained model the manifests
+name, in transformers), `check` (`serve_check`: an export served against the trained model)."""
 from .. import lazy_exports
 
 _EXPORTS = {"serve_check": "check"}

