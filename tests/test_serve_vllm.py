@@ -3,6 +3,9 @@ served with the real server, its prompt log-probabilities compared with the trai
 
 One vLLM process serves every model of this module (`served`): engines start one after the other, LoRAs share
 their base's engine. Without the vLLM environment these tests fail with the recipe that builds it."""
+import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from ailora_tools import convert, decompose, merge
 from ailora_tools.adapters import export_base
 from ailora_tools.io.peft_adapter import read_adapter
+from ailora_tools.servers import serve_check
 from ailora_tools.servers.reference import Trained, reference_logprobs, trained_of
 from ailora_tools.servers.vllm import Run, find_python, serve_runs
 
@@ -58,7 +62,7 @@ def exports(kind: str, root: Path) -> dict:
     fake_dora_training(root / "dora" / "adapter", root / "trained-dora", trained_on=root / "dora" / "residual")
     convert(root / "trained-dora", root / "dora-exact", dora="exact")
     trained, roles = trained_of(root / "trained"), trained_of(root / "trained-roles")
-    return {"reports": {"padded": padded, "recompressed": recompressed}, "served": {
+    return {"root": root, "reports": {"padded": padded, "recompressed": recompressed}, "served": {
         "base alone": (src, None, trained),
         "plain": (src, root / "plain", trained),
         "rslora-padded": (src, root / "padded", roles),
@@ -133,6 +137,24 @@ def test_vllm_serves_the_w4a16_export_within_the_formats_floor(served):
     worst = served["w4a16"]["worst"]
     print("W4A16 worst |served - trained| log-prob:", worst)
     assert worst["trained"] <= 2 * worst["initial"], worst
+
+
+def test_serve_check_passes_on_a_correct_export_and_fails_on_a_wrong_one(served, tmp_path):
+    root = served["llama"]["root"]
+    ok = serve_check(root / "plain", server="vllm")
+    assert ok["passes"] and ok["kind"] == "lora" and ok["worst"] <= FLOAT32, ok
+    assert ok["trained"] == f"{root / 'trained'} on {root / 'dec' / 'residual'}"
+    # the adapter trained on the residual, served on the original model: s·B0·A0 is missing
+    wrong = tmp_path / "wrong"
+    shutil.copytree(root / "trained", wrong)
+    config = json.loads((wrong / "adapter_config.json").read_text())
+    (wrong / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(root / "model")}))
+    res = cli("serve-check", wrong, "--server", "vllm")
+    assert res.exit_code == 1 and "FAILS" in res.output, res.output
+    measured = float(re.search(r"FAILS: worst ([0-9.e+-]+)", res.output)[1])
+    print(f"serve-check: correct export {ok['worst']:.2e}, residual adapter on the original {measured:.2e}")
+    assert measured > 100 * max(ok["worst"], FLOAT32 / 100)
+    assert len(re.findall(r"prompt \d \(16 tokens\): worst", res.output)) == 4, res.output
 
 
 def test_without_the_environment_the_recipe_is_one_line(tmp_path, monkeypatch):
