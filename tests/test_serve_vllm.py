@@ -21,7 +21,7 @@ from ailora_tools.adapters import export_base
 from ailora_tools.io.peft_adapter import read_adapter
 from ailora_tools.servers import serve_check
 from ailora_tools.servers.reference import Trained, reference_logprobs, trained_of
-from ailora_tools.servers.vllm import Run, find_python, serve_runs
+from ailora_tools.servers.vllm import Run, VllmError, find_python, serve_runs
 
 pytestmark = pytest.mark.serve
 KINDS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -88,19 +88,16 @@ def w4a16_exports(root: Path) -> dict:
                        "initial": (base, root / "initial" / "adapter", Trained(str(src)))}}
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """kind -> {"reports", "served": name -> (model, lora, trained), "worst": name -> max |vLLM − trained|}."""
-    found = {kind: exports(kind, tmp_path_factory.mktemp(f"vllm-{kind}")) for kind in KINDS}
-    found["w4a16"] = w4a16_exports(tmp_path_factory.mktemp("vllm-w4a16"))
+def serve_and_compare(found: dict, dtype: str = "float32") -> dict:
+    """Serve every export of `found` (kind -> exports) in one vLLM process, LoRAs sharing their model's engine; add
+    each export's worst |vLLM − trained| log-probability as found[kind]["worst"][name]."""
     runs, names = [], []
     for kind, f in found.items():
         by_model = {}
         for name, (model, lora, _) in f["served"].items():
             by_model.setdefault(str(model), []).append((name, lora))
-        for model, items in by_model.items():  # vLLM's CPU build runs W4A16 in bfloat16 only
-            runs.append(Run(model, tuple(str(lora) if lora else None for _, lora in items),
-                            dtype="bfloat16" if kind == "w4a16" else "float32"))
+        for model, items in by_model.items():
+            runs.append(Run(model, tuple(str(lora) if lora else None for _, lora in items), dtype=dtype))
             names.append((kind, [n for n, _ in items]))
     got = serve_runs(runs, PROMPTS)
     for (kind, run_names), per_lora in zip(names, got):
@@ -108,6 +105,14 @@ def served(tmp_path_factory):
             reference = reference_logprobs(found[kind]["served"][name][2], PROMPTS)
             found[kind].setdefault("worst", {})[name] = max(float((s - r).abs().max())
                                                             for s, r in zip(logprobs, reference))
+    return found
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """kind -> {"root", "reports", "served": name -> (model, lora, trained), "worst": name -> max |vLLM − trained|}."""
+    found = serve_and_compare({kind: exports(kind, tmp_path_factory.mktemp(f"vllm-{kind}")) for kind in KINDS})
+    print("worst |vLLM - trained| log-prob:", {k: f["worst"] for k, f in found.items()})
     return found
 
 
@@ -133,8 +138,14 @@ def test_padding_and_recompression_are_as_reported(served, kind):
     assert recompressed["serving_worst_rel_fro_error"] == max(recompressed["recompressed"].values()) > 0
 
 
-def test_vllm_serves_the_w4a16_export_within_the_formats_floor(served):
-    worst = served["w4a16"]["worst"]
+AVX512 = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else True
+
+
+@pytest.mark.xfail(not AVX512, raises=VllmError, strict=True,
+                   reason="vLLM 0.32's CPU build runs W4A16 with cpu_gemm_wna16, which its AVX2 build lacks")
+def test_vllm_serves_the_w4a16_export_within_the_formats_floor(tmp_path):
+    found = serve_and_compare({"w4a16": w4a16_exports(tmp_path)}, dtype="bfloat16")  # its CPU kernel: bf16 only
+    worst = found["w4a16"]["worst"]
     print("W4A16 worst |served - trained| log-prob:", worst)
     assert worst["trained"] <= 2 * worst["initial"], worst
 

@@ -30,7 +30,9 @@ def serve(run: dict, prompts: list[list[int]]) -> list[list[list[float]]]:
     served = []
     for i, path in enumerate(loras):
         request = LoRARequest(f"adapter-{i}", i + 1, path) if path else None
-        outs = llm.generate(inputs, params, lora_request=request, use_tqdm=False)
+        # one prompt a call: vLLM 0.32's CPU LoRA kernels fail on a batch of several prompts with a LoRA (einsum
+        # size mismatch)
+        outs = [llm.generate([x], params, lora_request=request, use_tqdm=False)[0] for x in inputs]
         served.append([[float(step[t].logprob) for step, t in zip(o.prompt_logprobs[1:], p[1:])]
                        for o, p in zip(outs, prompts)])
     del llm
