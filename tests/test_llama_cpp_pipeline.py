@@ -4,6 +4,7 @@
 Bounds: 20x llama.cpp's float32 floor on the base (the same model without adapter against transformers); a quantised
 base within its format's floor (the same export with the initial adapter against the model it starts from).
 """
+
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import transformers
 from peft import PeftModel
 from test_convert_merge import fake_training
-from test_llama_cpp_serving import FACTOR, PROMPTS, SMALL, Family, bases, hf_logits, python, worst  # noqa: F401
+from test_llama_cpp_serving import FACTOR, PROMPTS, SMALL, Family, build_bases, hf_logits, python, worst  # noqa: F401
 from test_quantized_serving import quantize_residual
 
 from ailora_tools import convert, decompose, export_gguf, merge
@@ -26,8 +27,8 @@ LLAMA = Family("LlamaConfig", SMALL, ("q_proj", "v_proj"))
 
 
 @pytest.fixture(scope="module")
-def llama(bases):
-    return bases("llama-plain", LLAMA)
+def llama(tmp_path_factory, python):
+    return build_bases(tmp_path_factory.mktemp("llama-cpp"), {"llama": LLAMA}, python)["llama"]
 
 
 def peft_logits(model_dir: Path, adapter: Path | None = None) -> list[torch.Tensor]:
@@ -78,10 +79,13 @@ def test_export_base_served_with_its_adapter(llama, quantized, python, fmt, tmp_
         export_base(quantized / "dec" / "residual", out, server="llama.cpp", fmt=fmt, adapter=adapter, progress=False)
         got = llama_cpp.logits(out / "base.gguf", PROMPTS, lora_gguf=out / "adapter.gguf", python=python)
         diffs[name] = worst(got, nf4_logits(llama, quantized, adapter))
-    effect = worst(nf4_logits(llama, quantized, quantized / "trained"),
-                   nf4_logits(llama, quantized, quantized / "dec" / "adapter"))
-    print(f"export-base {fmt}: trained {diffs['trained']:.2e}, format floor (initial) {diffs['initial']:.2e}, "
-          f"effect {effect:.2e}")
+    effect = worst(
+        nf4_logits(llama, quantized, quantized / "trained"), nf4_logits(llama, quantized, quantized / "dec" / "adapter")
+    )
+    print(
+        f"export-base {fmt}: trained {diffs['trained']:.2e}, format floor (initial) {diffs['initial']:.2e}, "
+        f"effect {effect:.2e}"
+    )
     assert diffs["trained"] <= 2 * diffs["initial"] and effect > 4 * diffs["initial"]
 
 
