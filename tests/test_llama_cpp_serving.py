@@ -9,6 +9,7 @@ llama.cpp's own float32 floor: the same base without adapter against transformer
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import pytest
@@ -86,12 +87,13 @@ FAMILIES = {
             "num_experts": 4,
             "num_experts_per_tok": 2,
             "moe_intermediate_size": 32,
+            "norm_topk_prob": True,  # as Qwen3-MoE checkpoints (llama.cpp's qwen3moe normalises the top-k weights)
         },
         ATTN,
         bpe=True,
     ),
     "gemma2": Family(
-        "Gemma2Config", {**SMALL, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}, ATTN + MLP
+        "Gemma2Config", {**SMALL, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64}, ATTN + MLP
     ),
     "gemma3_text": Family(
         "Gemma3TextConfig", {**SMALL, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}, ATTN + MLP
@@ -154,6 +156,7 @@ def spm_tokenizer(root: Path) -> Path:
         bos_id=1,
         eos_id=2,
         pad_id=-1,
+        user_defined_symbols=["<|endoftext|>"],  # llama.cpp's vocab loader looks it up in a model named phi3
         minloglevel=2,
     )
     return root / "tokenizer.model"
@@ -191,12 +194,17 @@ def worst(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 @dataclass
 class Base:
-    """A tiny model, llama.cpp's GGUF of it, and llama.cpp's float32 floor on it (max |logit| difference)."""
+    """A tiny model and llama.cpp's GGUF of it."""
 
     family: Family
     model: Path
     gguf: Path
-    floor: float
+
+    @cached_property
+    def floor(self) -> float:
+        """llama.cpp's float32 floor on this base: max |logit difference| against transformers, without adapter."""
+        model = transformers.AutoModelForCausalLM.from_pretrained(self.model, dtype=torch.float32).eval()
+        return worst(llama_cpp.logits(self.gguf, PROMPTS), hf_logits(model))
 
 
 def save_model(root: Path, name: str, fam: Family, python: str) -> Path:
@@ -224,15 +232,10 @@ def save_model(root: Path, name: str, fam: Family, python: str) -> Path:
 
 
 def build_bases(root: Path, families: dict[str, Family], python: str) -> dict[str, Base]:
-    """Each family's Base: the models, llama.cpp's converter on all of them (one process), llama.cpp's floors."""
+    """Each family's Base: the models, and llama.cpp's converter on all of them (one process)."""
     models = {name: save_model(root, name, fam, python) for name, fam in families.items()}
     ggufs = llama_cpp.convert_bases([(m, root / f"{name}.gguf") for name, m in models.items()], python=python)
-    out = {}
-    for (name, fam), gguf_path in zip(families.items(), ggufs, strict=True):
-        model = transformers.AutoModelForCausalLM.from_pretrained(models[name], dtype=torch.float32).eval()
-        floor = worst(llama_cpp.logits(gguf_path, PROMPTS, python=python), hf_logits(model))
-        out[name] = Base(fam, models[name], gguf_path, floor)
-    return out
+    return {name: Base(fam, models[name], g) for (name, fam), g in zip(families.items(), ggufs, strict=True)}
 
 
 @pytest.fixture(scope="module")

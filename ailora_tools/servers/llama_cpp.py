@@ -84,10 +84,10 @@ def source_dir(python: str | None = None) -> Path:
     return src
 
 
-def _run(cmd: list[str], what: str, timeout: float) -> None:
+def _run(cmd: list[str], what: str, timeout: float, cwd: str | None = None) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired as e:
         raise LlamaCppError(f"{what}: no answer after {timeout:.0f} s") from e
     if done.returncode:
@@ -175,6 +175,7 @@ def logits(
             )
         )
         what = f"llama.cpp on {base_gguf}" + (f" with {lora_gguf}" if lora_gguf else "")
-        _run([python, str(WORKER), str(job), str(out)], what, timeout=600)
+        # run as -c code in an empty folder: as a script, its own folder would shadow llama_cpp with this module
+        _run([python, "-c", WORKER.read_text(), str(job), str(out)], what, timeout=600, cwd=tmp)
         with np.load(out) as data:
             return [torch.from_numpy(data[f"p{i}"].copy()) for i in range(len(prompts))]
