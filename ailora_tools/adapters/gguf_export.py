@@ -121,11 +121,11 @@ def gguf_tensors(adapter: Adapter, config: dict) -> tuple[str, float, dict[str, 
     out: dict[str, np.ndarray] = {}
     for module, (A, B) in sorted(adapter.factors.items()):
         found = names.get_type_and_name(module)
-        if found is None:
-            raise UnsupportedError(f"export-gguf: module {module!r} has no llama.cpp tensor in a {arch_name} model")
-        if ".experts" in module or any(k in found[0].name for k in EXPERT_TENSORS):
+        if ".experts" in module or (found and any(k in found[0].name for k in EXPERT_TENSORS)):
             raise UnsupportedError(f"export-gguf: module {module!r} is a mixture-of-experts expert or router; "
                                    "llama.cpp adapters are exported for attention and dense modules only")
+        if found is None:
+            raise UnsupportedError(f"export-gguf: module {module!r} has no llama.cpp tensor in a {arch_name} model")
         fold = adapter.scale(module) / (alpha / A.shape[0])
         B = _rows(layout, module, B.float() * fold, config)
         out[f"{found[1]}.weight.lora_a"] = A.float().contiguous().numpy()

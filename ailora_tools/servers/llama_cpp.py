@@ -9,6 +9,7 @@ Example:
     >>> [t.shape for t in logits(base, [[1, 2, 3]], lora_gguf="adapter.gguf")]  # doctest: +SKIP
     [torch.Size([3, 32000])]
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,9 +28,11 @@ from ..errors import AiloraError, InputNotFoundError
 VERSION = "0.3.36"  # the llama-cpp-python release .ci/servers builds (its sdist vendors llama.cpp)
 DEFAULT_ENV = Path.home() / ".cache" / "ailora-ci" / "servers" / f"llama.cpp-{VERSION}"
 PYTHON_ENV, SRC_ENV = "AILORA_LLAMA_CPP_PYTHON", "AILORA_LLAMA_CPP_SRC"
-RECIPE = (f"build it with `bash .ci/servers llama.cpp` (llama-cpp-python=={VERSION} from its sdist, with its vendored "
-          f"gguf-py, in {DEFAULT_ENV}), or point {PYTHON_ENV} (or --python) at an interpreter where `import llama_cpp` "
-          "works")
+RECIPE = (
+    f"build it with `bash .ci/servers llama.cpp` (llama-cpp-python=={VERSION} from its sdist, with its vendored "
+    f"gguf-py, in {DEFAULT_ENV}), or point {PYTHON_ENV} (or --python) at an interpreter where `import llama_cpp` "
+    "works"
+)
 WORKER = Path(__file__).with_name("_llama_cpp_worker.py")
 
 
@@ -74,15 +77,17 @@ def source_dir(python: str | None = None) -> Path:
     src = Path(where) if where else Path(find_python(python)).parent.parent / "src" / "vendor" / "llama.cpp"
     if not (src / "convert_hf_to_gguf.py").is_file():
         how = f"{SRC_ENV}={where}" if where else f"{src}"
-        raise InputNotFoundError(f"llama.cpp: no convert_hf_to_gguf.py in {how}; point {SRC_ENV} at the llama.cpp "
-                                 f"source tree (vendor/llama.cpp of the llama-cpp-python sdist), or {RECIPE}")
+        raise InputNotFoundError(
+            f"llama.cpp: no convert_hf_to_gguf.py in {how}; point {SRC_ENV} at the llama.cpp "
+            f"source tree (vendor/llama.cpp of the llama-cpp-python sdist), or {RECIPE}"
+        )
     return src
 
 
-def _run(cmd: list[str], what: str, timeout: float) -> None:
+def _run(cmd: list[str], what: str, timeout: float, cwd: str | None = None) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired as e:
         raise LlamaCppError(f"{what}: no answer after {timeout:.0f} s") from e
     if done.returncode:
@@ -90,8 +95,9 @@ def _run(cmd: list[str], what: str, timeout: float) -> None:
         raise LlamaCppError(f"{what} failed (exit {done.returncode}): {tail}")
 
 
-def convert_base(model_dir: str | os.PathLike, out_gguf: str | os.PathLike, *, outtype: str = "f32",
-                 python: str | None = None) -> Path:
+def convert_base(
+    model_dir: str | os.PathLike, out_gguf: str | os.PathLike, *, outtype: str = "f32", python: str | None = None
+) -> Path:
     """Convert a HF model directory to a GGUF with llama.cpp's own convert_hf_to_gguf.py.
 
     Args:
@@ -105,18 +111,38 @@ def convert_base(model_dir: str | os.PathLike, out_gguf: str | os.PathLike, *, o
     Raises:
         InputNotFoundError: no llama.cpp environment or source tree. LlamaCppError: the converter failed.
     """
-    if not (Path(model_dir) / "config.json").is_file():
-        raise InputNotFoundError(f"{model_dir}: no config.json; pass a HF model directory")
+    return convert_bases([(model_dir, out_gguf)], outtype=outtype, python=python)[0]
+
+
+def convert_bases(
+    models: list[tuple[str | os.PathLike, str | os.PathLike]], *, outtype: str = "f32", python: str | None = None
+) -> list[Path]:
+    """`convert_base` for several (model_dir, out_gguf) pairs in one converter process (its imports paid once)."""
+    for model_dir, _ in models:
+        if not (Path(model_dir) / "config.json").is_file():
+            raise InputNotFoundError(f"{model_dir}: no config.json; pass a HF model directory")
     python = find_python(python)
-    out = Path(out_gguf)
-    cmd = [python, str(source_dir(python) / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
-           "--outtype", outtype]
-    _run(cmd, f"llama.cpp's convert_hf_to_gguf.py on {model_dir}", timeout=1800)
-    return out
+    script = source_dir(python) / "convert_hf_to_gguf.py"
+    argvs = [[str(script), str(m), "--outfile", str(o), "--outtype", outtype] for m, o in models]
+    driver = (
+        f"import runpy, sys\nsys.path.insert(0, {str(script.parent)!r})\n"
+        f"for argv in {argvs!r}:\n"
+        "    sys.argv = argv\n"
+        "    runpy.run_path(argv[0], run_name='__main__')\n"
+    )
+    names = ", ".join(str(m) for m, _ in models)
+    _run([python, "-c", driver], f"llama.cpp's convert_hf_to_gguf.py on {names}", timeout=1800)
+    return [Path(o) for _, o in models]
 
 
-def logits(base_gguf: str | os.PathLike, prompts: list[list[int]], *, lora_gguf: str | os.PathLike | None = None,
-           lora_scale: float = 1.0, python: str | None = None) -> list[torch.Tensor]:
+def logits(
+    base_gguf: str | os.PathLike,
+    prompts: list[list[int]],
+    *,
+    lora_gguf: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
+    python: str | None = None,
+) -> list[torch.Tensor]:
     """llama.cpp's logits at every position of each prompt (float32 KV cache, no flash attention).
 
     Args:
@@ -137,10 +163,19 @@ def logits(base_gguf: str | os.PathLike, prompts: list[list[int]], *, lora_gguf:
     with tempfile.TemporaryDirectory(prefix="ailora-llama-cpp-") as tmp:
         job, out = Path(tmp, "job.json"), Path(tmp, "logits.npz")
         n_ctx = max(8, max((len(p) for p in prompts), default=1))
-        job.write_text(json.dumps({"base": str(base_gguf), "lora": str(lora_gguf) if lora_gguf else None,
-                                   "lora_scale": float(lora_scale), "prompts": [list(map(int, p)) for p in prompts],
-                                   "n_ctx": n_ctx}))
+        job.write_text(
+            json.dumps(
+                {
+                    "base": str(base_gguf),
+                    "lora": str(lora_gguf) if lora_gguf else None,
+                    "lora_scale": float(lora_scale),
+                    "prompts": [list(map(int, p)) for p in prompts],
+                    "n_ctx": n_ctx,
+                }
+            )
+        )
         what = f"llama.cpp on {base_gguf}" + (f" with {lora_gguf}" if lora_gguf else "")
-        _run([python, str(WORKER), str(job), str(out)], what, timeout=600)
+        # run as -c code in an empty folder: as a script, its own folder would shadow llama_cpp with this module
+        _run([python, "-c", WORKER.read_text(), str(job), str(out)], what, timeout=600, cwd=tmp)
         with np.load(out) as data:
             return [torch.from_numpy(data[f"p{i}"].copy()) for i in range(len(prompts))]
