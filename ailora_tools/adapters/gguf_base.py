@@ -14,7 +14,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.output import OutputDir
 from ..io.rewrite import Hashes
 from ..io.tensorio import read_tensor
-from .gguf_export import ARCHITECTURES, permute_rows
+from .gguf_export import LAYOUTS, permute_rows
 from .nf4_residual import PARTS, packed_shape, quantized_weights, read_dequantized, rel_error
 
 
@@ -23,7 +23,8 @@ def write_gguf_base(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, p
     import gguf
 
     config = ckpt.config
-    if config.get("model_type") not in ARCHITECTURES or not ARCHITECTURES[config["model_type"]][1]:
+    layout = LAYOUTS.get(config.get("model_type"))
+    if layout is None or layout.arch != "LLAMA" or config.get("num_local_experts"):
         raise UnsupportedError(f"--for llama.cpp: a base GGUF of model_type {config.get('model_type')!r} is not "
                                "supported (Llama and Mistral are); serve the NF4 residual with vLLM or PEFT")
     qtype = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0}[fmt]

@@ -1,0 +1,304 @@
+"""llama.cpp itself serves what export-gguf writes, for every architecture its converter handles.
+
+Each family: a tiny random model with a tokenizer llama.cpp's converter reads, its base GGUF written by llama.cpp's own
+convert_hf_to_gguf.py, a trained-like adapter (non-zero B, rsLoRA, a per-module alpha and rank), our export-gguf, and
+llama.cpp's logits (llama-cpp-python built from its sdist, float32) against transformers + PEFT's. The bound is 20x
+llama.cpp's own float32 floor: the same base without adapter against transformers. The llama.cpp environment is
+`bash .ci/servers llama.cpp`'s; without it these tests fail with that recipe (they are marked `serve`).
+"""
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from ailora_tools import export_gguf
+from ailora_tools.adapters.gguf_export import LAYOUTS
+from ailora_tools.demo import data_file
+from ailora_tools.servers import llama_cpp
+
+pytestmark = pytest.mark.serve
+PROMPTS = [torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (12, 7)]
+#: llama.cpp against transformers, with an adapter: within this many times the same base's floor without one
+FACTOR = 20
+
+
+@dataclass(frozen=True)
+class Family:
+    """A tiny model of one architecture: its config class and arguments, LoRA targets, tokenizer kind."""
+
+    config: str
+    kwargs: dict
+    targets: tuple[str, ...]
+    bpe: bool = False  # the converter reads only a byte-level BPE tokenizer.json for it (else sentencepiece)
+    peft: dict = field(default_factory=dict)
+    legacy: dict = field(
+        default_factory=dict
+    )  # config.json keys the converter reads and transformers 5 no longer writes
+
+
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    vocab_size=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+BPE_VOCAB = 50257  # GPT-2's (llama.cpp's converter recognises a BPE tokenizer by its output: a real one)
+FAMILIES = {
+    "llama": Family(
+        "LlamaConfig",
+        {
+            **SMALL,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+        ATTN + MLP,
+    ),
+    "mistral": Family("MistralConfig", {**SMALL, "sliding_window": None}, ATTN + MLP),
+    "mixtral": Family("MixtralConfig", {**SMALL, "num_local_experts": 4, "num_experts_per_tok": 2}, ATTN),
+    "smollm3": Family("SmolLM3Config", {**SMALL}, ATTN + MLP),
+    "qwen2": Family("Qwen2Config", SMALL, ATTN + MLP),
+    "qwen3": Family("Qwen3Config", {**SMALL, "head_dim": 16}, ATTN + MLP),
+    "qwen3_moe": Family(
+        "Qwen3MoeConfig",
+        {
+            **SMALL,
+            "vocab_size": BPE_VOCAB,
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,  # as Qwen3-MoE checkpoints (llama.cpp's qwen3moe normalises the top-k weights)
+        },
+        ATTN,
+        bpe=True,
+    ),
+    "gemma2": Family(
+        "Gemma2Config", {**SMALL, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64}, ATTN + MLP
+    ),
+    "gemma3_text": Family(
+        "Gemma3TextConfig", {**SMALL, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}, ATTN + MLP
+    ),
+    "phi3": Family(
+        "Phi3Config",
+        {**SMALL, "original_max_position_embeddings": 64},
+        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    ),
+    "gpt_neox": Family(
+        "GPTNeoXConfig",
+        {**SMALL, "vocab_size": BPE_VOCAB, "num_key_value_heads": None},
+        ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+        bpe=True,
+        legacy={"rotary_pct": 0.25},  # transformers 5: rope_parameters' partial_rotary_factor
+    ),
+    "olmo2": Family("Olmo2Config", {**SMALL, "vocab_size": BPE_VOCAB}, ATTN + MLP, bpe=True),
+    "gpt_oss": Family(
+        "GptOssConfig",
+        {
+            **SMALL,
+            "vocab_size": BPE_VOCAB,
+            "head_dim": 16,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 8,
+        },
+        ATTN,
+        bpe=True,
+    ),
+    "gpt2": Family(
+        "GPT2Config",
+        dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=BPE_VOCAB),
+        ("c_attn", "c_proj", "c_fc"),
+        bpe=True,
+        peft={"fan_in_fan_out": True},
+        legacy={"n_ctx": 64},  # transformers 5: n_positions only
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def python():
+    """llama.cpp's interpreter; fails (does not skip) with the build recipe when there is none."""
+    return llama_cpp.find_python()
+
+
+def spm_tokenizer(root: Path) -> Path:
+    """A 100-piece sentencepiece model trained on the demo corpus (llama.cpp's converters read tokenizer.model)."""
+    import sentencepiece as spm
+
+    rows = [json.loads(line) for line in data_file("demo_train.jsonl").read_text().splitlines()]
+    (root / "corpus.txt").write_text("\n".join(r["prompt"] + r["completion"] for r in rows))
+    spm.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"),
+        model_prefix=str(root / "tokenizer"),
+        vocab_size=100,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        user_defined_symbols=["<|endoftext|>"],  # llama.cpp's vocab loader looks it up in a model named phi3
+        minloglevel=2,
+    )
+    return root / "tokenizer.model"
+
+
+def gpt2_tokenizer(root: Path, python: str) -> Path:
+    """GPT-2's byte-level BPE as a tokenizer.json, from the vocabulary llama.cpp ships (models/ggml-vocab-gpt-2.gguf):
+    the converter identifies a BPE pre-tokenizer by hashing its output, so only a real one passes."""
+    import gguf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    reader = gguf.GGUFReader(llama_cpp.source_dir(python) / "models" / "ggml-vocab-gpt-2.gguf")
+    fields = {k: v.contents() for k, v in reader.fields.items() if k.startswith("tokenizer.ggml.")}
+    vocab = {t: i for i, t in enumerate(fields["tokenizer.ggml.tokens"])}
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    root.mkdir(parents=True, exist_ok=True)
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"})
+    )
+    return root / "tokenizer.json"
+
+
+def hf_logits(model) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([p])).logits[0].float() for p in PROMPTS]
+
+
+def worst(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+@dataclass
+class Base:
+    """A tiny model and llama.cpp's GGUF of it."""
+
+    family: Family
+    model: Path
+    gguf: Path
+
+    @cached_property
+    def floor(self) -> float:
+        """llama.cpp's float32 floor on this base: max |logit difference| against transformers, without adapter."""
+        model = transformers.AutoModelForCausalLM.from_pretrained(self.model, dtype=torch.float32).eval()
+        return worst(llama_cpp.logits(self.gguf, PROMPTS), hf_logits(model))
+
+
+def save_model(root: Path, name: str, fam: Family, python: str) -> Path:
+    """A tiny random model of `fam` at root/name (norms and biases moved off their init, so a misplaced one shows),
+    with its tokenizer and the config keys llama.cpp's converter reads."""
+    torch.manual_seed(0)
+    config = getattr(transformers, fam.config)(**fam.kwargs, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(root / name, max_shard_size="500KB")
+    saved = json.loads((root / name / "config.json").read_text())
+    (root / name / "config.json").write_text(json.dumps({**saved, **fam.legacy}, indent=2))
+    if fam.bpe:
+        if not (root / "bpe" / "tokenizer.json").is_file():
+            gpt2_tokenizer(root / "bpe", python)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (root / name / f).write_bytes((root / "bpe" / f).read_bytes())
+    else:
+        spm = root / "tokenizer.model" if (root / "tokenizer.model").is_file() else spm_tokenizer(root)
+        (root / name / "tokenizer.model").write_bytes(spm.read_bytes())
+    return root / name
+
+
+def build_bases(root: Path, families: dict[str, Family], python: str) -> dict[str, Base]:
+    """Each family's Base: the models, and llama.cpp's converter on all of them (one process)."""
+    models = {name: save_model(root, name, fam, python) for name, fam in families.items()}
+    ggufs = llama_cpp.convert_bases([(m, root / f"{name}.gguf") for name, m in models.items()], python=python)
+    return {name: Base(fam, models[name], g) for (name, fam), g in zip(families.items(), ggufs, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, python):
+    """Every family's Base, built once per module."""
+    return build_bases(tmp_path_factory.mktemp("llama-cpp"), FAMILIES, python)
+
+
+def trained_like(base: Base, out: Path) -> Path:
+    """A PEFT LoRA as after training (random non-zero A and B), rsLoRA, with a per-module alpha and rank."""
+    fam = base.family
+    model = transformers.AutoModelForCausalLM.from_pretrained(base.model, dtype=torch.float32)
+    first, last = fam.targets[0], fam.targets[-1]
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=list(fam.targets),
+        alpha_pattern={first: 3.0},
+        rank_pattern={last: 2},
+        **fam.peft,
+    )
+    model = get_peft_model(model, config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_llama_cpp_serves_the_export_of_every_family(bases, python, family, tmp_path):
+    base = bases[family]
+    lora = trained_like(base, tmp_path / "lora")
+    export_gguf(lora, base.model, tmp_path / "lora.gguf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(base.model, dtype=torch.float32)
+    want = hf_logits(PeftModel.from_pretrained(model, lora).eval())
+    effect = worst(want, hf_logits(transformers.AutoModelForCausalLM.from_pretrained(base.model).eval()))
+    got = llama_cpp.logits(base.gguf, PROMPTS, lora_gguf=tmp_path / "lora.gguf", python=python)
+    diff, bound = worst(got, want), FACTOR * base.floor
+    print(f"{family}: adapter {diff:.2e}, floor {base.floor:.2e}, adapter effect {effect:.2e}")
+    assert diff <= bound, f"{family}: llama.cpp is {diff:.3g} from transformers, floor {base.floor:.3g}"
+    assert effect > 10 * bound, f"{family}: the adapter moves the logits by {effect:.3g} only: the test cannot see it"
+
+
+def test_layouts_are_the_converter_classes_of_llama_cpp(python):
+    """gguf_export.LAYOUTS holds llama.cpp's rules: per model type, the class llama.cpp's convert_hf_to_gguf.py
+    converts its transformers class with, that class's gguf MODEL_ARCH, and whether it permutes q/k."""
+    import subprocess
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    hf = {mt: MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[mt] for mt in LAYOUTS}
+    script = (
+        "import json, sys; from conversion import get_model_class; "
+        f"print(json.dumps({{mt: (c.__name__, c.model_arch.name, bool(getattr(c, 'undo_permute', False))) "
+        f"for mt, c in ((mt, get_model_class(name)) for mt, name in {hf!r}.items())}}))"
+    )
+    src = llama_cpp.source_dir(python)
+    done = subprocess.run([python, "-c", script], cwd=src, capture_output=True, text=True, timeout=300, check=True)
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = {mt: [lay.converter, lay.arch, lay.permute_qk] for mt, lay in LAYOUTS.items()}
+    assert ours == {mt: list(v) for mt, v in theirs.items()}
+    assert set(FAMILIES) == set(LAYOUTS)  # every family the exporter claims is served in these tests
