@@ -72,6 +72,11 @@ def is_expert(module: str, config: dict) -> bool:
     return layout is not None and split_name(module, layout) is not None
 
 
+def expert_modules(modules) -> list[str]:
+    """The per-expert matrices among `modules` (an adapter's), sorted; empty when it adapts no expert."""
+    return sorted(m for m in modules if any(split_name(m, lay) for lay in LAYOUTS.values()))
+
+
 def pattern_key(piece: str) -> str:
     """The rank/alpha pattern key (PEFT's regex rule) of every expert's `piece`."""
     return rf"experts\.\d+\.{re.escape(piece)}"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NumericsError, UnsupportedError
+from ..experts import expert_modules
 from ..io.peft_adapter import Adapter
 from ..manifests import base_of
 from ..options import VLLM_MAX_LORA_RANKS
@@ -117,6 +118,9 @@ def _llama_cpp_refused(d, config: dict, adapter: Adapter | None, base) -> list[F
     """llama.cpp's rules: no Conv1D layout, a base config.json naming an architecture its converter maps."""
     if config.get("fan_in_fan_out"):
         return [Finding("fan_in_fan_out", "fan_in_fan_out (Conv1D) layout", merge_fix(d))]
+    if adapter is not None and (experts := expert_modules(adapter.factors)):
+        return [Finding("experts", f"adapts {len(experts)} expert matrices (e.g. {experts[0]}): llama.cpp's LoRA "
+                        "converter has no expert tensors", f"{merge_fix(d)} (convert_hf_to_gguf.py takes MERGED)")]
     where = base or config.get("base_model_name_or_path")
     if where is None or not (Path(where) / "config.json").is_file():
         return [Finding("base", f"no base model config.json at {where}" if where else "no --base given",

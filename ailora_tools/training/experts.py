@@ -45,7 +45,8 @@ def expert_training(initial: Adapter, config: dict, *, source: object) -> Expert
                               f"{', '.join(layout.pieces[fused])} (decompose with {{targets}} {fused})")
         ranks.setdefault(fused, set()).add(sum(initial.factors[m][0].shape[0] for m in found.values()))
         scales.setdefault(fused, set()).update(initial.scale(m) for m in found.values())
-    rslora, lora, saved = bool(initial.config.get("use_rslora")), _patterns(initial.config), {}
+    pieces = {pattern_key(p) for p in layout.piece_names()}  # the per-expert form's keys: no module of the model
+    rslora, lora, saved = bool(initial.config.get("use_rslora")), _patterns(initial.config, pieces), {}
     for fused in ranks:
         if len(ranks[fused]) > 1 or len(scales[fused]) > 1:
             raise TargetError(f"{source}: the experts' {fused} pieces have different ranks or scales; pass an adapter "
@@ -61,6 +62,6 @@ def expert_training(initial: Adapter, config: dict, *, source: object) -> Expert
     return ExpertTraining({m: initial.factors[m] for m in parts}, lora, saved)
 
 
-def _patterns(config: dict) -> dict:
-    return {"rank_pattern": dict(config.get("rank_pattern") or {}),
-            "alpha_pattern": dict(config.get("alpha_pattern") or {})}
+def _patterns(config: dict, leave_out: set[str]) -> dict:
+    return {k: {key: v for key, v in (config.get(k) or {}).items() if key not in leave_out}
+            for k in ("rank_pattern", "alpha_pattern")}
