@@ -13,6 +13,7 @@ the scale kept by `alpha_pattern`); after training each piece is expert e's rows
 (rank R). GPT-OSS stores its experts fused (`experts.gate_up_proj` [E, H, 2I], gate and up interleaved, with biases):
 its expert weights are refused by name (`STORED_FUSED`).
 """
+
 from __future__ import annotations
 
 import math
@@ -147,7 +148,7 @@ def fuse_into(wrapper, fused_name: str, layout: ExpertLayout, factors: dict, ada
         if sum(A.shape[0] for A, _ in pairs) != R:
             raise ValueError(f"{names[0]}: ranks {[A.shape[0] for A, _ in pairs]} do not add up to {R}")
         with torch.no_grad():
-            A_live[e * R:(e + 1) * R].copy_(torch.cat([A for A, _ in pairs]))
+            A_live[e * R : (e + 1) * R].copy_(torch.cat([A for A, _ in pairs]))
             B_view[:, :, e].copy_(torch.block_diag(*[B for _, B in pairs]))
         used.update(names)
     return used
@@ -163,9 +164,9 @@ def unfuse(wrapper, fused_name: str, layout: ExpertLayout, adapter_name: str) ->
     out = {}
     for e in range(E):
         names = stored_names(fused_name, layout, e)
-        A_e, B_e, rows = A_live[e * R:(e + 1) * R], B_view[:, :, e], B_live.shape[0] // len(names)
+        A_e, B_e, rows = A_live[e * R : (e + 1) * R], B_view[:, :, e], B_live.shape[0] // len(names)
         for k, name in enumerate(names):
-            out[name] = (A_e.clone(), B_e[k * rows:(k + 1) * rows].clone())
+            out[name] = (A_e.clone(), B_e[k * rows : (k + 1) * rows].clone())
     return out
 
 
@@ -184,8 +185,11 @@ def lift_initial(initial, trained):
     import torch
 
     layout, factors = layout_by_names(trained.factors), dict(initial.factors)
-    config = {**initial.config, "rank_pattern": dict(initial.config.get("rank_pattern") or {}),
-              "alpha_pattern": dict(initial.config.get("alpha_pattern") or {})}
+    config = {
+        **initial.config,
+        "rank_pattern": dict(initial.config.get("rank_pattern") or {}),
+        "alpha_pattern": dict(initial.config.get("alpha_pattern") or {}),
+    }
     rslora = bool(config.get("use_rslora"))
     for m, (A, _B) in trained.factors.items():
         parts = split_name(m, layout) if layout and m in initial.factors else None

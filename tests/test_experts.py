@@ -1,6 +1,7 @@
 """Mixture-of-experts end to end on tiny Qwen3-MoE and Mixtral (per-expert checkpoints, transformers 5's fused expert
 parameters): expert targets as users write them, decompose -> train -> convert -> merge exact on logits with the
 router's bytes unchanged, and every unsupported shape or option refused before anything is written."""
+
 import json
 from pathlib import Path
 
@@ -14,15 +15,35 @@ from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import OptionError, TargetError, UnsupportedError
 from ailora_tools.training.tasks import load_model, resolve_task
 
-COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+COMMON = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts_per_tok=2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+)
 CONFIGS = {
-    "qwen3_moe": lambda v: transformers.Qwen3MoeConfig(vocab_size=v, intermediate_size=96, moe_intermediate_size=32,
-                                                       num_experts=4, decoder_sparse_step=1, mlp_only_layers=[],
-                                                       **COMMON),
+    "qwen3_moe": lambda v: transformers.Qwen3MoeConfig(
+        vocab_size=v,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=4,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        **COMMON,
+    ),
     "mixtral": lambda v: transformers.MixtralConfig(vocab_size=v, intermediate_size=32, num_local_experts=4, **COMMON),
-    "gpt_oss": lambda v: transformers.GptOssConfig(vocab_size=v, intermediate_size=32, num_local_experts=4,
-                                                   layer_types=["sliding_attention", "full_attention"], **COMMON),
+    "gpt_oss": lambda v: transformers.GptOssConfig(
+        vocab_size=v,
+        intermediate_size=32,
+        num_local_experts=4,
+        layer_types=["sliding_attention", "full_attention"],
+        **COMMON,
+    ),
 }
 #: the router's tensor in each family's checkpoint
 ROUTER = {"qwen3_moe": "mlp.gate.weight", "mixtral": "block_sparse_moe.gate.weight"}
@@ -39,7 +60,8 @@ def moe(tmp_path_factory):
             torch.manual_seed(0)
             path = root / kind
             transformers.AutoModelForCausalLM.from_config(CONFIGS[kind](len(tok))).save_pretrained(
-                path, max_shard_size="60KB")
+                path, max_shard_size="60KB"
+            )
             tok.save_pretrained(path)
             cache[kind] = path
         return cache[kind]
@@ -82,8 +104,9 @@ def test_expert_lora_decompose_train_convert_merge_exact(moe, tmp_path, kind, ta
     res, initial = tmp_path / "dec" / "residual", tmp_path / "dec" / "adapter"
     assert (logits(res, initial) - original).abs().max() < 1e-5  # step 0 in the fused form training uses
     assert (logits(res, initial, peft=True) - original).abs().max() < 1e-5  # and as PEFT folds the pairs itself
-    train(res, initial, data_file("demo_train.jsonl"), tmp_path / "t", max_steps=3, lr=1e-2, batch_size=8,
-          progress=False)
+    train(
+        res, initial, data_file("demo_train.jsonl"), tmp_path / "t", max_steps=3, lr=1e-2, batch_size=8, progress=False
+    )
     trained = logits(res, tmp_path / "t")
     assert (trained - original).abs().max() > 1e-3  # the experts learned something
     convert(tmp_path / "t", tmp_path / "lora", progress=False)
@@ -92,35 +115,54 @@ def test_expert_lora_decompose_train_convert_merge_exact(moe, tmp_path, kind, ta
     merge(base, tmp_path / "lora", tmp_path / "merged", progress=False)
     assert (logits(tmp_path / "merged") - trained).abs().max() < 1e-4
     router = tensor_bytes(base, ROUTER[kind])
-    assert len(router) == 2 and tensor_bytes(res, ROUTER[kind]) == router == tensor_bytes(tmp_path / "merged",
-                                                                                            ROUTER[kind])
+    assert len(router) == 2 and tensor_bytes(res, ROUTER[kind]) == router == tensor_bytes(
+        tmp_path / "merged", ROUTER[kind]
+    )
     assert tensor_bytes(tmp_path / "merged", "q_proj.weight") == tensor_bytes(base, "q_proj.weight")
 
 
-@pytest.mark.parametrize("kind,spellings", [
-    ("qwen3_moe", ["gate_proj,up_proj,down_proj", "gate_up_proj,down_proj", "experts.gate_up_proj,experts.down_proj",
-                   "mlp.experts.gate_up_proj,mlp.experts.down_proj", "experts"]),
-    ("mixtral", ["w1,w2,w3", "gate_up_proj,down_proj", "mlp.experts.gate_up_proj,mlp.experts.down_proj", "experts"]),
-])
+@pytest.mark.parametrize(
+    "kind,spellings",
+    [
+        (
+            "qwen3_moe",
+            [
+                "gate_proj,up_proj,down_proj",
+                "gate_up_proj,down_proj",
+                "experts.gate_up_proj,experts.down_proj",
+                "mlp.experts.gate_up_proj,mlp.experts.down_proj",
+                "experts",
+            ],
+        ),
+        (
+            "mixtral",
+            ["w1,w2,w3", "gate_up_proj,down_proj", "mlp.experts.gate_up_proj,mlp.experts.down_proj", "experts"],
+        ),
+    ],
+)
 def test_expert_targets_as_users_write_them(moe, tmp_path, kind, spellings):
     chosen = []
     for i, targets in enumerate(spellings):
-        decompose(moe(kind), tmp_path / str(i), method="lora", rank=2, targets=targets, no_residual=True,
-                  progress=False)
+        decompose(
+            moe(kind), tmp_path / str(i), method="lora", rank=2, targets=targets, no_residual=True, progress=False
+        )
         chosen.append(set(json.loads((tmp_path / str(i) / "ailora.json").read_text())["roles"]))
     assert all(c == chosen[0] for c in chosen) and len(chosen[0]) == 24
     assert not any(m.endswith(".gate") or "router" in m for m in chosen[0])  # the router only when named
 
 
-@pytest.mark.parametrize("kind,settings,error,words", [
-    ("qwen3_moe", {"targets": "gate_proj"}, TargetError, ["gate_proj without up_proj", "gate_up_proj"]),
-    ("mixtral", {"targets": "w1,w2"}, TargetError, ["w1 without w3"]),
-    ("gpt_oss", {"targets": "gate_up_proj"}, UnsupportedError, ["fused", "qwen3_moe, qwen2_moe, mixtral"]),
-    ("gpt_oss", {"targets": "experts"}, UnsupportedError, ["gpt_oss"]),
-    ("qwen3_moe", {"targets": "experts", "dora": True}, OptionError, ["dora", "expert"]),
-    ("qwen3_moe", {"targets": "experts", "quantize": "nf4"}, OptionError, ["quantize", "expert"]),
-    ("qwen3_moe", {"targets": "experts", "no_residual": True}, OptionError, ["no_residual", "expert"]),
-])
+@pytest.mark.parametrize(
+    "kind,settings,error,words",
+    [
+        ("qwen3_moe", {"targets": "gate_proj"}, TargetError, ["gate_proj without up_proj", "gate_up_proj"]),
+        ("mixtral", {"targets": "w1,w2"}, TargetError, ["w1 without w3"]),
+        ("gpt_oss", {"targets": "gate_up_proj"}, UnsupportedError, ["fused", "qwen3_moe, qwen2_moe, mixtral"]),
+        ("gpt_oss", {"targets": "experts"}, UnsupportedError, ["gpt_oss"]),
+        ("qwen3_moe", {"targets": "experts", "dora": True}, OptionError, ["dora", "expert"]),
+        ("qwen3_moe", {"targets": "experts", "quantize": "nf4"}, OptionError, ["quantize", "expert"]),
+        ("qwen3_moe", {"targets": "experts", "no_residual": True}, OptionError, ["no_residual", "expert"]),
+    ],
+)
 def test_unsupported_expert_shapes_and_options_refused_before_writing(moe, tmp_path, kind, settings, error, words):
     with pytest.raises(error) as e:
         decompose(moe(kind), tmp_path / "out", method="pissa", rank=2, progress=False, **settings)
@@ -130,8 +172,15 @@ def test_unsupported_expert_shapes_and_options_refused_before_writing(moe, tmp_p
 
 def test_lora_da_on_experts_refused_up_front(moe, tmp_path):
     with pytest.raises(OptionError, match="routed to each expert"):
-        decompose(moe("qwen3_moe"), tmp_path / "out", method="lora-da", rank=2, targets="experts",
-                  data=data_file("demo_train.jsonl"), progress=False)
+        decompose(
+            moe("qwen3_moe"),
+            tmp_path / "out",
+            method="lora-da",
+            rank=2,
+            targets="experts",
+            data=data_file("demo_train.jsonl"),
+            progress=False,
+        )
     assert not (tmp_path / "out").exists()
 
 

@@ -7,6 +7,7 @@ fused names expand to every expert's stored pieces. The router (`gate`, `router`
 Checkpoints that store experts fused (GPT-OSS) and the options PEFT cannot apply to fused expert parameters are
 refused here, before anything is written.
 """
+
 from __future__ import annotations
 
 import re
@@ -38,14 +39,19 @@ def expert_targets(config: dict, targets: list[str], modules: list[str], tensors
 
 def _refuse_stored_fused(config: dict, target: str, tensors: dict[str, TensorInfo]) -> None:
     name = target.rsplit(".", 1)[-1]
-    fused = sorted(n for n, t in tensors.items() if len(t.shape) == 3 and ".experts." in n
-                   and (name == "experts" or n.rsplit(".", 1)[-1] == name))
+    fused = sorted(
+        n
+        for n, t in tensors.items()
+        if len(t.shape) == 3 and ".experts." in n and (name == "experts" or n.rsplit(".", 1)[-1] == name)
+    )
     if fused:
         kind = config.get("model_type", "this model")
         what = STORED_FUSED.get(kind, f"{fused[0]} {list(tensors[fused[0]].shape)}")
-        raise UnsupportedError(f"{{targets}} {target}: {kind} checkpoints store their experts fused ({what}); expert "
-                               f"LoRA supports checkpoints storing one matrix per expert ({SUPPORTED}); adapt "
-                               "this model's attention projections instead ({targets} q_proj,k_proj,v_proj,o_proj)")
+        raise UnsupportedError(
+            f"{{targets}} {target}: {kind} checkpoints store their experts fused ({what}); expert "
+            f"LoRA supports checkpoints storing one matrix per expert ({SUPPORTED}); adapt "
+            "this model's attention projections instead ({targets} q_proj,k_proj,v_proj,o_proj)"
+        )
 
 
 def _expand(target: str, layout: ExpertLayout, modules: list[str]) -> list[str]:
@@ -61,8 +67,16 @@ def _expand(target: str, layout: ExpertLayout, modules: list[str]) -> list[str]:
     return [f"{head}experts.{e}.{p}" for e in range(count) for p in pieces] or [target]
 
 
-def check_expert_jobs(config: dict, modules: list[str], *, dora: bool, quantize: str | None, needs_data: bool,
-                      no_residual: bool, offsets_base: bool) -> None:
+def check_expert_jobs(
+    config: dict,
+    modules: list[str],
+    *,
+    dora: bool,
+    quantize: str | None,
+    needs_data: bool,
+    no_residual: bool,
+    offsets_base: bool,
+) -> None:
     """Refuse, before anything is written, what an expert LoRA cannot be: some pieces of a fused parameter without
     the others, DoRA or NF4 on experts (PEFT adapts fused expert parameters with plain LoRA only), calibration data
     per expert, training on the original with the initial product subtracted.
@@ -79,15 +93,27 @@ def check_expert_jobs(config: dict, modules: list[str], *, dora: bool, quantize:
         group = layout.pieces[layout.fused_of(piece)]
         missing = [p for p in group if f"{prefix}.{layout.stored_block}.experts.{e}.{p}" not in chosen]
         if missing:
-            raise TargetError(f"{{targets}}: {piece} without {', '.join(missing)}: transformers holds an expert's "
-                              f"{' and '.join(group)} in one fused parameter {layout.fused_of(piece)}, which PEFT "
-                              f"adapts whole; target {layout.fused_of(piece)} (or all of {', '.join(group)})")
-    for flag, on, why in (("dora", dora, "PEFT's LoRA on fused expert parameters has no DoRA"),
-                          ("quantize", quantize, "bitsandbytes quantises linear layers, not fused expert parameters"),
-                          ("data", needs_data, "per-expert calibration needs the tokens routed to each expert, which "
-                                               "this tool does not record; use pissa, milora, ailora or lora"),
-                          ("no_residual", no_residual and offsets_base, "training on the original subtracts s·B0·A0 "
-                                                                        "per linear layer, which fused experts have "
-                                                                        "not; decompose with a residual")):
+            raise TargetError(
+                f"{{targets}}: {piece} without {', '.join(missing)}: transformers holds an expert's "
+                f"{' and '.join(group)} in one fused parameter {layout.fused_of(piece)}, which PEFT "
+                f"adapts whole; target {layout.fused_of(piece)} (or all of {', '.join(group)})"
+            )
+    for flag, on, why in (
+        ("dora", dora, "PEFT's LoRA on fused expert parameters has no DoRA"),
+        ("quantize", quantize, "bitsandbytes quantises linear layers, not fused expert parameters"),
+        (
+            "data",
+            needs_data,
+            "per-expert calibration needs the tokens routed to each expert, which "
+            "this tool does not record; use pissa, milora, ailora or lora",
+        ),
+        (
+            "no_residual",
+            no_residual and offsets_base,
+            "training on the original subtracts s·B0·A0 "
+            "per linear layer, which fused experts have "
+            "not; decompose with a residual",
+        ),
+    ):
         if on:
             raise OptionError(f"{{{flag}}}: not with expert targets ({next(iter(experts))}): {why}")

@@ -1,5 +1,6 @@
 """Training an expert LoRA in the form PEFT uses for a transformers 5 MoE model: its fused 3-D expert parameters
 through `target_parameters` (`ailora_tools.experts` says how per-expert pairs fuse and come apart again)."""
+
 from __future__ import annotations
 
 import re
@@ -40,17 +41,21 @@ def expert_training(initial: Adapter, config: dict, *, source: object) -> Expert
     for (_prefix, e, fused), found in groups.items():
         missing = [p for p in layout.pieces[fused] if p not in found]
         if missing:
-            raise TargetError(f"{source}: adapts {next(iter(found.values()))} but not {', '.join(missing)} of expert "
-                              f"{e}; transformers holds them in one fused parameter {fused}, so adapt all of "
-                              f"{', '.join(layout.pieces[fused])} (decompose with {{targets}} {fused})")
+            raise TargetError(
+                f"{source}: adapts {next(iter(found.values()))} but not {', '.join(missing)} of expert "
+                f"{e}; transformers holds them in one fused parameter {fused}, so adapt all of "
+                f"{', '.join(layout.pieces[fused])} (decompose with {{targets}} {fused})"
+            )
         ranks.setdefault(fused, set()).add(sum(initial.factors[m][0].shape[0] for m in found.values()))
         scales.setdefault(fused, set()).update(initial.scale(m) for m in found.values())
     pieces = {pattern_key(p) for p in layout.piece_names()}  # the per-expert form's keys: no module of the model
     rslora, lora, saved = bool(initial.config.get("use_rslora")), _patterns(initial.config, pieces), {}
     for fused in ranks:
         if len(ranks[fused]) > 1 or len(scales[fused]) > 1:
-            raise TargetError(f"{source}: the experts' {fused} pieces have different ranks or scales; pass an adapter "
-                              "decomposed with one rank and alpha")
+            raise TargetError(
+                f"{source}: the experts' {fused} pieces have different ranks or scales; pass an adapter "
+                "decomposed with one rank and alpha"
+            )
         rank, scale = ranks[fused].pop(), scales[fused].pop()
         key = re.escape(fused_key(layout.block, fused))
         lora["rank_pattern"][key], lora["alpha_pattern"][key] = rank, alpha_for(scale, rank, rslora)
@@ -63,5 +68,7 @@ def expert_training(initial: Adapter, config: dict, *, source: object) -> Expert
 
 
 def _patterns(config: dict, leave_out: set[str]) -> dict:
-    return {k: {key: v for key, v in (config.get(k) or {}).items() if key not in leave_out}
-            for k in ("rank_pattern", "alpha_pattern")}
+    return {
+        k: {key: v for key, v in (config.get(k) or {}).items() if key not in leave_out}
+        for k in ("rank_pattern", "alpha_pattern")
+    }
