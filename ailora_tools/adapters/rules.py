@@ -86,7 +86,9 @@ def refusals(adapter_dir: str | os.PathLike, config: dict, adapter: Adapter | No
         return [Finding("bitfit", "trained bias terms (train --bitfit) are not a LoRA: no server takes them as an "
                         "adapter", merge_fix(d))]
     found = _weights_refused(d, config, adapter, server)
-    modules = sorted({m.rsplit(".", 1)[-1] for m in (adapter.factors if adapter else {})})
+    factors = adapter.factors if adapter else {}
+    experts = set(expert_modules(factors))  # vLLM serves per-expert pairs on the MoE classes it declares LoRA for
+    modules = sorted({m.rsplit(".", 1)[-1] for m in factors if m not in experts})
     if server == "vllm":
         served = servable_modules("vllm")
         if unknown := [m for m in modules if m not in served]:
