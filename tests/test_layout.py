@@ -13,7 +13,7 @@ import ailora_tools
 PKG = Path(ailora_tools.__file__).parent
 README = PKG.parent / "README.md"
 #: the pipeline's stages, left to right: a stage may import shared ground and the stages to its left
-STAGES = ["init", "decomposition", "training", "adapters", "analysis", "comparison"]
+STAGES = ["init", "decomposition", "training", "adapters", "servers", "analysis", "comparison"]
 ENTRY_POINTS = {"cli", "demo", "__init__"}
 
 
@@ -138,7 +138,7 @@ def test_calibrate_out_of_range_numbers_are_option_errors(tiny):
 
 
 COMMANDS = ["decompose", "train", "convert", "merge", "spectrum", "check", "export-gguf", "export-base", "push",
-            "compare", "demo", "verify"]
+            "compare", "demo", "verify", "serve-check"]
 
 
 def test_every_command_option_comes_from_a_dataclass_and_shows_in_help():
@@ -162,7 +162,8 @@ def test_every_command_option_comes_from_a_dataclass_and_shows_in_help():
           "check": [options.CheckOptions], "export-gguf": [options.ExportGgufOptions],
           "export-base": [options.ExportBaseOptions], "push": [options.PushOptions],
           "compare": [options.CompareOptions, options.InitOptions, options.TrainOptions],
-          "demo": [options.DemoOptions], "verify": [options.VerifyOptions]}
+          "demo": [options.DemoOptions], "verify": [options.VerifyOptions],
+          "serve-check": [options.ServeCheckOptions]}
     assert set(of) == set(COMMANDS) == set(main.commands)
     for command, classes in of.items():
         params = {p.name: p for p in main.commands[command].params}

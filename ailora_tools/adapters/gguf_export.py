@@ -7,11 +7,20 @@
 - Llama-family q_proj / k_proj: lora_B's rows get the head permutation llama.cpp applies to the base;
 - llama.cpp scales by alpha / rank (rank read from the tensor): rsLoRA and any per-module scale are
   folded into lora_B so that rule gives each module its PEFT scale.
+
+Every architecture llama.cpp's convert_hf_to_gguf.py converts from the families in `LAYOUTS`: each row is the
+converter class it is read from (llama.cpp as vendored by llama-cpp-python 0.3.36, `conversion/*.py`), its gguf
+`MODEL_ARCH`, and the one transform of a weight's rows that class makes and a LoRA must follow (B's rows, since
+ΔW = B·A): Llama's q/k head permutation, GPT-NeoX's per-head q/k/v interleave undone. The fused projections
+(Phi-3 `qkv_proj`/`gate_up_proj`, GPT-2 `c_attn`, GPT-NeoX `query_key_value`) stay fused as llama.cpp holds them;
+GPT-2's Conv1D weights are transposed by the converter to [out, in], the orientation PEFT's factors already have.
+Gemma's norm offsets touch no LoRA target. The serving tests check this table against the converter's classes.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +32,36 @@ from ..io.peft_adapter import Adapter, read_adapter
 from ..manifests import base_of, check_base_dir, require_original
 from ..options import OUTTYPES
 
-#: HF model_type -> (gguf architecture name, whether q/k rows are permuted)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+
+@dataclass(frozen=True)
+class Layout:
+    """How llama.cpp's converter lays out one architecture: its class, gguf MODEL_ARCH and the row transform."""
+
+    converter: str  # the class of llama.cpp's convert_hf_to_gguf.py (conversion/*.py) the rules are read from
+    arch: str  # its gguf.MODEL_ARCH member
+    permute_qk: bool = False  # LlamaModel.undo_permute: q_proj/k_proj rows in llama.cpp's rope order
+    neox_qkv: bool = False  # GPTNeoXModel: query_key_value rows [head, q|k|v, d] -> [q|k|v, head, d]
+
+
+#: HF model_type -> llama.cpp's converter rules for it (the Hugging Face class its config.json names)
+LAYOUTS = {
+    "llama": Layout("LlamaModel", "LLAMA", permute_qk=True),
+    "mistral": Layout("LlamaModel", "LLAMA", permute_qk=True),
+    "mixtral": Layout("LlamaModel", "LLAMA", permute_qk=True),
+    "smollm3": Layout("SmolLM3Model", "SMOLLM3", permute_qk=True),
+    "qwen2": Layout("Qwen2Model", "QWEN2"),
+    "qwen3": Layout("Qwen3Model", "QWEN3"),
+    "qwen3_moe": Layout("Qwen3MoeModel", "QWEN3MOE"),
+    "gemma2": Layout("Gemma2Model", "GEMMA2"),
+    "gemma3_text": Layout("Gemma3Model", "GEMMA3"),
+    "phi3": Layout("Phi3MiniModel", "PHI3"),
+    "gpt_neox": Layout("GPTNeoXModel", "GPTNEOX", neox_qkv=True),
+    "olmo2": Layout("Olmo2Model", "OLMO2"),
+    "gpt_oss": Layout("GptOssModel", "GPT_OSS"),
+    "gpt2": Layout("GPT2Model", "GPT2"),
+}
+#: the gguf tensors no LoRA of ours goes to: mixture-of-experts experts and routers
+EXPERT_TENSORS = ("FFN_GATE_INP", "_EXP")
 
 
 def permute_rows(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -32,6 +69,37 @@ def permute_rows(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> 
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def neox_qkv_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """GPT-NeoX's fused query_key_value rows [head, q|k|v, d] in llama.cpp's converter's order [q|k|v, head, d]."""
+    return w.reshape(n_head, 3, w.shape[0] // n_head // 3, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+
+
+def layout_of(config: dict, what: str = "export-gguf") -> Layout:
+    """llama.cpp's converter rules for the base model of `config` (its config.json).
+
+    Raises:
+        UnsupportedError: an architecture llama.cpp's converter does not convert from this table's families.
+    """
+    model_type = config.get("model_type")
+    if model_type not in LAYOUTS:
+        raise UnsupportedError(f"{what}: architecture {model_type!r} is not supported; supported (as llama.cpp's "
+                               f"converter lays them out): {', '.join(sorted(LAYOUTS))}")
+    return LAYOUTS[model_type]
+
+
+def _rows(layout: Layout, module: str, B: torch.Tensor, config: dict) -> torch.Tensor:
+    """B with its rows in the order llama.cpp's converter gives the base weight's rows."""
+    n_head = config.get("num_attention_heads") or config.get("n_head")
+    leaf = module.rsplit(".", 1)[-1]
+    if layout.permute_qk and leaf == "q_proj":
+        return permute_rows(B, n_head, n_head)
+    if layout.permute_qk and leaf == "k_proj":
+        return permute_rows(B, n_head, config.get("num_key_value_heads") or n_head)
+    if layout.neox_qkv and leaf == "query_key_value":
+        return neox_qkv_rows(B, n_head)
+    return B
 
 
 def gguf_tensors(adapter: Adapter, config: dict) -> tuple[str, float, dict[str, np.ndarray]]:
@@ -42,33 +110,27 @@ def gguf_tensors(adapter: Adapter, config: dict) -> tuple[str, float, dict[str, 
     """
     import gguf
 
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedError(f"export-gguf: architecture {model_type!r} is not supported; supported: "
-                               f"{', '.join(sorted(ARCHITECTURES))}")
-    if adapter.config.get("fan_in_fan_out"):
-        raise UnsupportedError("export-gguf: fan_in_fan_out (Conv1D) adapters are not supported")
-    arch_name, permute = ARCHITECTURES[model_type]
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
-    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    n_head = config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads", n_head)
+    layout = layout_of(config)
+    if adapter.config.get("fan_in_fan_out") and layout.converter != "GPT2Model":
+        raise UnsupportedError("export-gguf: fan_in_fan_out (Conv1D) adapters are supported on GPT-2 only")
+    arch = gguf.MODEL_ARCH[layout.arch]
+    arch_name = gguf.MODEL_ARCH_NAMES[arch]
+    names = gguf.get_tensor_name_map(arch, config.get("num_hidden_layers") or config["n_layer"])
     first = next(iter(sorted(adapter.factors)))
     rank0 = adapter.factors[first][0].shape[0]
     alpha = adapter.scale(first) * rank0  # llama.cpp: scale = alpha / rank
     out: dict[str, np.ndarray] = {}
     for module, (A, B) in sorted(adapter.factors.items()):
-        name = names.get_name(module)
-        if name is None:
+        found = names.get_type_and_name(module)
+        if found is None:
             raise UnsupportedError(f"export-gguf: module {module!r} has no llama.cpp tensor in a {arch_name} model")
+        if ".experts" in module or any(k in found[0].name for k in EXPERT_TENSORS):
+            raise UnsupportedError(f"export-gguf: module {module!r} is a mixture-of-experts expert or router; "
+                                   "llama.cpp adapters are exported for attention and dense modules only")
         fold = adapter.scale(module) / (alpha / A.shape[0])
-        B = B.float() * fold
-        if permute and module.endswith("q_proj"):
-            B = permute_rows(B, n_head, n_head)
-        elif permute and module.endswith("k_proj"):
-            B = permute_rows(B, n_head, n_kv)
-        out[f"{name}.weight.lora_a"] = A.float().contiguous().numpy()
-        out[f"{name}.weight.lora_b"] = B.contiguous().numpy()
+        B = _rows(layout, module, B.float() * fold, config)
+        out[f"{found[1]}.weight.lora_a"] = A.float().contiguous().numpy()
+        out[f"{found[1]}.weight.lora_b"] = B.contiguous().numpy()
     return arch_name, alpha, out
 
 

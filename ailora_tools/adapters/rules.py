@@ -2,10 +2,11 @@
 fixes it, and the refusals no export can fix (shared by `check` and `convert --for`).
 
 Read from the servers' sources (vLLM 0.32/0.33, llama.cpp's convert_lora_to_gguf.py): vLLM serves LoRA on the
-modules its model class declares (`SERVABLE_MODULES`, per architecture; the default row is the Llama-, Mistral- and
-Qwen2-style set), up to `--max-lora-rank` from a fixed list; neither server takes DoRA, trained biases or whole
-trained modules (`modules_to_save`); llama.cpp needs an architecture and layout its converter maps. Every fix names
-real paths where the manifests record them (the base to merge into), so it runs as printed.
+modules its model class declares (`SERVABLE_MODULES`, per architecture, read from vLLM 0.32.0; an architecture not
+listed gets the Llama-, Mistral- and Qwen2-style set, one whose class declares no `SupportsLoRA` none), up to
+`--max-lora-rank` from a fixed list; neither server takes DoRA, trained biases or whole trained modules
+(`modules_to_save`); llama.cpp needs an architecture and layout its converter maps. Every fix names real paths
+where the manifests record them (the base to merge into), so it runs as printed.
 """
 from __future__ import annotations
 
@@ -25,8 +26,19 @@ from .gguf_export import gguf_tensors
 #: linear modules vLLM serves LoRA on for Llama-, Mistral- and Qwen2-style models
 VLLM_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
                           "lm_head"})
-#: server -> model_type (None: any other) -> the modules it serves LoRA on; a new architecture is one row
-SERVABLE_MODULES: dict[str, dict[str | None, frozenset[str]]] = {"vllm": {None: VLLM_MODULES}}
+#: the vLLM release the per-architecture rows below were read from (`.ci/vllm_lora_modules.py` re-reads them from an
+#: installed vLLM; the serving tests compare)
+VLLM_TABLE_VERSION = "0.32.0"
+#: model_type -> (vLLM's model class, the modules it serves LoRA on: the linear layers' names with each packed layer
+#: replaced by what its `packed_modules_mapping` lists, and `embedding_modules`; empty: no `SupportsLoRA`)
+VLLM_READ: dict[str, tuple[str, tuple[str, ...]]] = {
+}
+#: model_type -> vLLM's model class (named in refusals)
+VLLM_CLASSES = {t: cls for t, (cls, _) in VLLM_READ.items()}
+#: server -> model_type (None: any other) -> the modules it serves LoRA on (empty: none); a new architecture is one
+#: row, mixture-of-experts expert modules included
+SERVABLE_MODULES: dict[str, dict[str | None, frozenset[str]]] = {
+    "vllm": {None: VLLM_MODULES, **{t: frozenset(m) for t, (_, m) in VLLM_READ.items()}}}
 
 
 @dataclass(frozen=True)
@@ -90,12 +102,28 @@ def refusals(adapter_dir: str | os.PathLike, config: dict, adapter: Adapter | No
     experts = set(expert_modules(factors))  # vLLM serves per-expert pairs on the MoE classes it declares LoRA for
     modules = sorted({m.rsplit(".", 1)[-1] for m in factors if m not in experts})
     if server == "vllm":
-        served = servable_modules("vllm")
-        if unknown := [m for m in modules if m not in served]:
-            found.append(Finding("modules", f"vLLM does not serve LoRA on {unknown}",
-                                 f"use modules among {sorted(served)}, or {merge_fix(d)}"))
-        return found
+        return found + _vllm_refused(d, modules, _model_type(base or config.get("base_model_name_or_path")))
     return found + _llama_cpp_refused(d, config, adapter, base)
+
+
+def _model_type(base) -> str | None:
+    """The model_type of a local base model's config.json (None: no such file)."""
+    path = Path(str(base)) / "config.json" if base else None
+    return json.loads(path.read_text()).get("model_type") if path is not None and path.is_file() else None
+
+
+def _vllm_refused(d, modules: list[str], model_type: str | None) -> list[Finding]:
+    """vLLM's rule on modules: its model class for `model_type` declares LoRA support, and serves these modules."""
+    served = servable_modules("vllm", model_type)
+    if not served:
+        cls = VLLM_CLASSES.get(model_type, model_type)
+        return [Finding("architecture", f"vLLM {VLLM_TABLE_VERSION}'s {cls} ({model_type}) does not declare "
+                        "SupportsLoRA: vLLM serves no LoRA on this architecture", merge_fix(d))]
+    if unknown := [m for m in modules if m not in served]:
+        arch = f" on {VLLM_CLASSES[model_type]}" if model_type in VLLM_CLASSES else ""
+        return [Finding("modules", f"vLLM does not serve LoRA on {unknown}{arch}",
+                        f"use modules among {sorted(served)}, or {merge_fix(d)}")]
+    return []
 
 
 def _weights_refused(d, config: dict, adapter: Adapter | None, server: str) -> list[Finding]:
@@ -117,9 +145,8 @@ def _weights_refused(d, config: dict, adapter: Adapter | None, server: str) -> l
 
 
 def _llama_cpp_refused(d, config: dict, adapter: Adapter | None, base) -> list[Finding]:
-    """llama.cpp's rules: no Conv1D layout, a base config.json naming an architecture its converter maps."""
-    if config.get("fan_in_fan_out"):
-        return [Finding("fan_in_fan_out", "fan_in_fan_out (Conv1D) layout", merge_fix(d))]
+    """llama.cpp's rules: a base config.json naming an architecture its converter maps (`gguf_export.LAYOUTS`), and
+    modules it holds (Conv1D only on GPT-2, no mixture-of-experts experts)."""
     if adapter is not None and (experts := expert_modules(adapter.factors)):
         return [Finding("experts", f"adapts {len(experts)} expert matrices (e.g. {experts[0]}): llama.cpp's LoRA "
                         "converter has no expert tensors", f"{merge_fix(d)} (convert_hf_to_gguf.py takes MERGED)")]
@@ -127,10 +154,13 @@ def _llama_cpp_refused(d, config: dict, adapter: Adapter | None, base) -> list[F
     if where is None or not (Path(where) / "config.json").is_file():
         return [Finding("base", f"no base model config.json at {where}" if where else "no --base given",
                         "pass --base DIR, the original base model directory (only its config.json is read)")]
+    base_config = json.loads((Path(where) / "config.json").read_text())
     if adapter is not None:
         try:
-            gguf_tensors(adapter, json.loads((Path(where) / "config.json").read_text()))
+            gguf_tensors(adapter, base_config)
         except UnsupportedError as e:
             return [Finding("architecture", str(e).removeprefix("export-gguf: "),
                             f"llama.cpp cannot take this adapter; {merge_fix(d)}")]
+    elif config.get("fan_in_fan_out") and base_config.get("model_type") != "gpt2":
+        return [Finding("fan_in_fan_out", "fan_in_fan_out (Conv1D) layout on a model other than GPT-2", merge_fix(d))]
     return []

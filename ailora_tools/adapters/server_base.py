@@ -39,7 +39,7 @@ from ..io.rewrite import Hashes, Replaced, by_shard, rewrite_checkpoint
 from ..io.tensorio import dtype_name, read_tensor, torch_dtype
 from ..manifests import EXPORT_BASE_MANIFEST, RESIDUAL, base_of, check_base
 from ..options import SERVER_FORMATS, choice
-from .gguf_export import ARCHITECTURES, gguf_tensors, permute_rows, write_lora_gguf
+from .gguf_export import LAYOUTS, gguf_tensors, permute_rows, write_lora_gguf
 from .nf4_residual import (
     PARTS,
     compute_dtype,
@@ -224,7 +224,8 @@ def _write_gguf(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, progr
     import gguf
 
     config = ckpt.config
-    if config.get("model_type") not in ARCHITECTURES or not ARCHITECTURES[config["model_type"]][1]:
+    layout = LAYOUTS.get(config.get("model_type"))
+    if layout is None or layout.arch != "LLAMA" or config.get("num_local_experts"):
         raise UnsupportedError(f"--for llama.cpp: a base GGUF of model_type {config.get('model_type')!r} is not "
                                "supported (Llama and Mistral are); serve the NF4 residual with vLLM or PEFT")
     qtype = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0}[fmt]

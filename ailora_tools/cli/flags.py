@@ -17,7 +17,7 @@ from ..options import flag
 OPTION_CLASSES = (options.CompareOptions, options.DecomposeOptions, options.InitOptions, options.TrainOptions,
                   options.ConvertOptions, options.MergeOptions, options.ExportGgufOptions, options.ExportBaseOptions,
                   options.CheckOptions, options.PushOptions, options.SpectrumOptions, options.VerifyOptions,
-                  options.DemoOptions, options.Report)
+                  options.DemoOptions, options.Report, options.ServeCheckOptions)
 
 
 def flag_of(name: str) -> str:

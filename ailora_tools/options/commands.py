@@ -129,6 +129,21 @@ class CheckOptions(Options):
 
 
 @dataclass
+class ServeCheckOptions(Options):
+    """`serve-check`: an export served by the real server, compared with the trained model."""
+
+    server: str | None = option(None, "The server that runs DIR (also spelled --for, as for check and convert).",
+                                choices=SERVERS, cli="--server", short="--for", required=True)
+    prompts: str | None = option(None, "A file of prompts, one a line: a JSON list of token ids, or text (the "
+                                 "model's tokenizer) [default: 4 fixed random prompts of 16 tokens].")
+    tolerance: float | None = option(None, "Largest |served − trained| log-probability accepted [default: 1e-3 "
+                                     "vLLM float32, 0.15 vLLM W4A16; llama.cpp 2e-3 float, 0.05 Q8_0, 0.25 Q4_0].",
+                                     low=0)
+    python: str | None = option(None, "The interpreter of the server's environment [default: $AILORA_VLLM_PYTHON / "
+                                "$AILORA_LLAMA_CPP_PYTHON, the environment `.ci/servers` builds, or this one].")
+
+
+@dataclass
 class PushOptions(Options):
     """`push`: a directory to a Hub repo with a model card."""
 
