@@ -77,9 +77,9 @@ def moe(tmp_path_factory):
     return get
 
 
-def logits(base, adapter=None, *, peft: bool = False) -> torch.Tensor:
-    """Logits on fixed ids of `base` alone, with `adapter` as training loads it (fused experts), or with `peft`
-    as PEFT's own `PeftModel.from_pretrained` loads it."""
+def logits(base, adapter=None, *, peft: bool = False, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits on `ids` (default: fixed random ones) of `base` alone, with `adapter` as training loads it (fused
+    experts), or with `peft` as PEFT's own `PeftModel.from_pretrained` loads it."""
     if adapter is None or peft:
         model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         if peft:
@@ -91,7 +91,7 @@ def logits(base, adapter=None, *, peft: bool = False) -> torch.Tensor:
         model, _, _ = load_model(resolve_task("causal-lm", config), base, adapter, labels=None, dtype=torch.float32)
     torch.manual_seed(0)
     with torch.no_grad():
-        return model.eval()(input_ids=torch.randint(4, 90, (2, 16))).logits
+        return model.eval()(input_ids=torch.randint(4, 90, (2, 16)) if ids is None else ids).logits
 
 
 def tensor_bytes(model_dir: Path, suffix: str) -> dict[str, bytes]:
@@ -207,3 +207,57 @@ def test_llama_cpp_refuses_expert_lora_naming_the_merge(moe, tmp_path):
     with pytest.raises(UnsupportedError, match="ailora-tools merge"):
         export_gguf(tmp_path / "dec" / "adapter", base, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.serve
+def test_vllm_serves_the_expert_lora_as_trained(tmp_path):
+    """vLLM 0.32's CPU build serves `convert --for vllm` of an expert LoRA (per-expert pairs, one rank, scale baked)
+    on the original model within 1e-3 of the trained model's log-probabilities, Qwen3-MoE and Mixtral alike."""
+    from ailora_tools.servers.vllm import Run, serve_runs
+
+    tok = transformers.AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "llama"))
+    wide = dict(COMMON, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64)  # vLLM CPU: 64
+    configs = {
+        "qwen3_moe": transformers.Qwen3MoeConfig(
+            vocab_size=len(tok),
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_experts=4,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            **wide,
+        ),
+        "mixtral": transformers.MixtralConfig(vocab_size=len(tok), intermediate_size=32, num_local_experts=4, **wide),
+    }
+    torch.manual_seed(0)
+    prompts = torch.randint(4, 90, (2, 16)).tolist()
+    runs, expected = [], []
+    for kind, config in configs.items():
+        root = tmp_path / kind
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "base", max_shard_size="100KB")
+        tok.save_pretrained(root / "base")
+        decompose(root / "base", root / "dec", method="pissa", rank=4, targets="experts", progress=False)
+        train(
+            root / "dec" / "residual",
+            root / "dec" / "adapter",
+            data_file("demo_train.jsonl"),
+            root / "t",
+            max_steps=3,
+            lr=1e-2,
+            batch_size=8,
+            progress=False,
+        )
+        convert(root / "t", root / "vllm", server="vllm", progress=False)
+        ids = torch.tensor(prompts)
+        for base, adapter in ((root / "base", None), (root / "dec" / "residual", root / "t")):
+            logp = torch.log_softmax(logits(base, adapter, ids=ids).double(), dim=-1)
+            expected.append(logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0])
+        runs.append(Run(str(root / "base"), (None, str(root / "vllm"))))
+    served = serve_runs(runs, prompts)
+    for k, run in enumerate(served):
+        base, trained = expected[2 * k], expected[2 * k + 1]
+        alone, with_lora = torch.stack(run[0]), torch.stack(run[1])
+        assert (alone - base).abs().max() < 1e-3  # the floor: vLLM's base against transformers'
+        assert (with_lora - trained).abs().max() < 1e-3
+        assert (trained - base).abs().max() > 1e-2  # the LoRA matters at that precision
