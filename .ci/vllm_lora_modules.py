@@ -6,8 +6,10 @@
 What vLLM serves a LoRA on, as its LoRA loader decides (`vllm/lora`): the names of the model's linear layers, each
 packed layer replaced by the modules `packed_modules_mapping` says it packs (Llama's `qkv_proj` takes q/k/v_proj;
 Phi-3's takes `qkv_proj` itself), plus the keys of `embedding_modules`; none where the class does not declare
-`SupportsLoRA`. The linear layers are read from the source of the model's module and of the vLLM model modules it
-imports from (the `self.NAME = ...Linear(` assignments), without building a model.
+`SupportsLoRA`; "*" (any linear layer) for an architecture vLLM runs through its Transformers modelling backend,
+which swaps every linear layer of the transformers model for its own. The linear layers are read from the source of
+the model's module and of the vLLM model modules it imports from (the `self.NAME = ...Linear(` assignments),
+without building a model.
 """
 import importlib
 import inspect
@@ -50,8 +52,9 @@ def servable(arch: str) -> dict:
     if not supports_lora(cls):
         return {"class": class_name, "supports_lora": False, "modules": []}
     packed = getattr(cls, "packed_modules_mapping", {}) or {}
-    modules = set()
-    for name in linear_names(module):
+    # the Transformers modelling backend swaps every linear layer of the transformers model for vLLM's: any name
+    modules = {"*"} if module_name == "transformers" else set()
+    for name in linear_names(module) if not modules else ():
         modules |= set(packed.get(name, [name]))
     modules |= set(getattr(cls, "embedding_modules", {}) or {})
     return {"class": class_name, "supports_lora": True, "modules": sorted(modules)}

@@ -2,6 +2,7 @@
 on its fused `qkv_proj` / `gate_up_proj` is served, a GPT-2 one refused naming why; the recorded table is what the
 installed vLLM declares (serve marker: it needs the vLLM environment)."""
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def test_a_module_vllm_does_not_serve_on_that_architecture_is_named(tmp_path):
 def test_the_recorded_table_is_what_the_installed_vllm_declares():
     python = find_python()
     done = subprocess.run([python, str(ROOT / ".ci" / "vllm_lora_modules.py")], capture_output=True, text=True,
-                          timeout=600, env={"VLLM_TARGET_DEVICE": "cpu", "PATH": "/usr/bin:/bin"})
+                          timeout=600, env={**os.environ, "VLLM_TARGET_DEVICE": "cpu", "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr[-2000:]
     read = json.loads(done.stdout)
     assert read["vllm"].split("+")[0] == VLLM_TABLE_VERSION

@@ -26,12 +26,33 @@ from .gguf_export import gguf_tensors
 #: linear modules vLLM serves LoRA on for Llama-, Mistral- and Qwen2-style models
 VLLM_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
                           "lm_head"})
+ANY_LINEAR = "*"
 #: the vLLM release the per-architecture rows below were read from (`.ci/vllm_lora_modules.py` re-reads them from an
 #: installed vLLM; the serving tests compare)
 VLLM_TABLE_VERSION = "0.32.0"
 #: model_type -> (vLLM's model class, the modules it serves LoRA on: the linear layers' names with each packed layer
-#: replaced by what its `packed_modules_mapping` lists, and `embedding_modules`; empty: no `SupportsLoRA`)
+#: replaced by what its `packed_modules_mapping` lists, and `embedding_modules`; empty: no `SupportsLoRA`; ANY_LINEAR:
+#: vLLM's Transformers modelling backend, which swaps every linear layer of the transformers model for its own)
 VLLM_READ: dict[str, tuple[str, tuple[str, ...]]] = {
+    "gemma2": ("Gemma2ForCausalLM", ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")),
+    "gemma3_text": ("Gemma3ForCausalLM", ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")),
+    "gpt2": ("GPT2LMHeadModel", ()),
+    "gpt_neox": ("TransformersForCausalLM", ("*", "embed_tokens")),
+    "gpt_oss": ("GptOssForCausalLM", ("k_proj", "o_proj", "q_proj", "router", "v_proj")),
+    "llama": ("LlamaForCausalLM", (
+        "down_proj", "embed_tokens", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "score", "up_proj",
+        "v_proj")),
+    "mistral": ("MistralForCausalLM", ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")),
+    "mixtral": ("MixtralForCausalLM", ("embed_tokens", "gate", "k_proj", "lm_head", "o_proj", "q_proj", "v_proj")),
+    "olmo2": ("TransformersForCausalLM", ("*", "embed_tokens")),
+    "phi3": ("Phi3ForCausalLM", ("down_proj", "embed_tokens", "gate_up_proj", "lm_head", "o_proj", "qkv_proj")),
+    "qwen2": ("Qwen2ForCausalLM", ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")),
+    "qwen3": ("Qwen3ForCausalLM", (
+        "down_proj", "embed_tokens", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj")),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", (
+        "down_proj", "embed_tokens", "gate", "gate_up_proj", "k_proj", "lm_head", "o_proj", "q_proj",
+        "shared_expert_gate", "v_proj")),
+    "smollm3": ("TransformersForCausalLM", ("*", "embed_tokens")),
 }
 #: model_type -> vLLM's model class (named in refusals)
 VLLM_CLASSES = {t: cls for t, (cls, _) in VLLM_READ.items()}
@@ -119,7 +140,7 @@ def _vllm_refused(d, modules: list[str], model_type: str | None) -> list[Finding
         cls = VLLM_CLASSES.get(model_type, model_type)
         return [Finding("architecture", f"vLLM {VLLM_TABLE_VERSION}'s {cls} ({model_type}) does not declare "
                         "SupportsLoRA: vLLM serves no LoRA on this architecture", merge_fix(d))]
-    if unknown := [m for m in modules if m not in served]:
+    if unknown := [m for m in modules if m not in served and ANY_LINEAR not in served]:
         arch = f" on {VLLM_CLASSES[model_type]}" if model_type in VLLM_CLASSES else ""
         return [Finding("modules", f"vLLM does not serve LoRA on {unknown}{arch}",
                         f"use modules among {sorted(served)}, or {merge_fix(d)}")]

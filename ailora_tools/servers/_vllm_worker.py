@@ -54,6 +54,8 @@ def main(request_path: str, result_path: str) -> None:
 
 
 if __name__ == "__main__":
+    here = os.path.dirname(os.path.abspath(__file__))  # on sys.path as the script's directory: its vllm.py would
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]  # shadow the real vllm
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     main(sys.argv[1], sys.argv[2])

@@ -95,6 +95,7 @@ def serve_runs(runs: list[Run], prompts: list[list[int]], *, python: str | os.Pa
         raise VllmError("prompts: each needs at least 2 tokens (the first has no log-probability)")
     exe = find_python(python)
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the worker's process: one start, one teardown
            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), "PYTHONPATH": ""}
     with tempfile.TemporaryDirectory(prefix="ailora-vllm-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
