@@ -210,54 +210,44 @@ def test_llama_cpp_refuses_expert_lora_naming_the_merge(moe, tmp_path):
 
 
 @pytest.mark.serve
-def test_vllm_serves_the_expert_lora_as_trained(tmp_path):
-    """vLLM 0.32's CPU build serves `convert --for vllm` of an expert LoRA (per-expert pairs, one rank, scale baked)
-    on the original model within 1e-3 of the trained model's log-probabilities, Qwen3-MoE and Mixtral alike."""
-    from ailora_tools.servers.vllm import Run, serve_runs
+def test_vllm_cpu_serves_the_moe_base_but_not_its_expert_lora(tmp_path):
+    """vLLM 0.32 reads `convert --for vllm`'s per-expert pairs (one rank, scale baked) for Qwen3-MoE, but its LoRA
+    on fused MoE layers (`FusedMoEWithLoRA`) runs Triton kernels only (`lora/ops/triton_ops/fused_moe_lora_op.py`),
+    which its CPU build lacks: the base is served within 1e-3 of transformers, the expert LoRA fails in vLLM. When a
+    vLLM build gains that kernel, the last assertion fails: then compare with the trained log-probabilities."""
+    from ailora_tools.servers.vllm import Run, VllmError, serve_runs
 
     tok = transformers.AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "llama"))
     wide = dict(COMMON, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64)  # vLLM CPU: 64
-    configs = {
-        "qwen3_moe": transformers.Qwen3MoeConfig(
-            vocab_size=len(tok),
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            num_experts=4,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            **wide,
-        ),
-        "mixtral": transformers.MixtralConfig(vocab_size=len(tok), intermediate_size=32, num_local_experts=4, **wide),
-    }
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=len(tok),
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=4,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        **wide,
+    )
     torch.manual_seed(0)
-    prompts = torch.randint(4, 90, (2, 16)).tolist()
-    runs, expected = [], []
-    for kind, config in configs.items():
-        root = tmp_path / kind
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "base", max_shard_size="100KB")
-        tok.save_pretrained(root / "base")
-        decompose(root / "base", root / "dec", method="pissa", rank=4, targets="experts", progress=False)
-        train(
-            root / "dec" / "residual",
-            root / "dec" / "adapter",
-            data_file("demo_train.jsonl"),
-            root / "t",
-            max_steps=3,
-            lr=1e-2,
-            batch_size=8,
-            progress=False,
-        )
-        convert(root / "t", root / "vllm", server="vllm", progress=False)
-        ids = torch.tensor(prompts)
-        for base, adapter in ((root / "base", None), (root / "dec" / "residual", root / "t")):
-            logp = torch.log_softmax(logits(base, adapter, ids=ids).double(), dim=-1)
-            expected.append(logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0])
-        runs.append(Run(str(root / "base"), (None, str(root / "vllm"))))
-    served = serve_runs(runs, prompts)
-    for k, run in enumerate(served):
-        base, trained = expected[2 * k], expected[2 * k + 1]
-        alone, with_lora = torch.stack(run[0]), torch.stack(run[1])
-        assert (alone - base).abs().max() < 1e-3  # the floor: vLLM's base against transformers'
-        assert (with_lora - trained).abs().max() < 1e-3
-        assert (trained - base).abs().max() > 1e-2  # the LoRA matters at that precision
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    tok.save_pretrained(tmp_path / "base")
+    decompose(tmp_path / "base", tmp_path / "dec", method="pissa", rank=4, targets="experts", progress=False)
+    train(
+        tmp_path / "dec" / "residual",
+        tmp_path / "dec" / "adapter",
+        data_file("demo_train.jsonl"),
+        tmp_path / "t",
+        max_steps=2,
+        lr=1e-2,
+        batch_size=8,
+        progress=False,
+    )
+    convert(tmp_path / "t", tmp_path / "vllm", server="vllm", progress=False)
+    assert check_adapter(tmp_path / "vllm", target="vllm", max_lora_rank=16, base=tmp_path / "base") == []
+    ids = torch.randint(4, 90, (2, 16))
+    logp = torch.log_softmax(logits(tmp_path / "base", ids=ids).double(), dim=-1)[:, :-1]
+    expected = logp.gather(-1, ids[:, 1:, None])[..., 0]
+    ((alone,),) = serve_runs([Run(str(tmp_path / "base"))], ids.tolist())
+    assert (torch.stack(alone) - expected).abs().max() < 1e-3
+    with pytest.raises(VllmError, match="triton"):
+        serve_runs([Run(str(tmp_path / "base"), (str(tmp_path / "vllm"),), max_lora_rank=16)], ids.tolist())
