@@ -185,6 +185,8 @@ def lift_initial(initial, trained):
     import torch
 
     layout, factors = layout_by_names(trained.factors), dict(initial.factors)
+    if layout is None:
+        return initial
     config = {
         **initial.config,
         "rank_pattern": dict(initial.config.get("rank_pattern") or {}),
@@ -192,7 +194,7 @@ def lift_initial(initial, trained):
     }
     rslora = bool(config.get("use_rslora"))
     for m, (A, _B) in trained.factors.items():
-        parts = split_name(m, layout) if layout and m in initial.factors else None
+        parts = split_name(m, layout) if m in initial.factors else None
         if parts is None or initial.factors[m][0].shape[0] == A.shape[0]:
             continue
         prefix, e, piece = parts
