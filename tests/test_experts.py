@@ -251,3 +251,20 @@ def test_vllm_cpu_serves_the_moe_base_but_not_its_expert_lora(tmp_path):
     assert (torch.stack(alone) - expected).abs().max() < 1e-3
     with pytest.raises(VllmError, match="triton"):
         serve_runs([Run(str(tmp_path / "base"), (str(tmp_path / "vllm"),), max_lora_rank=16)], ids.tolist())
+
+
+def test_plain_lora_on_experts_trains_on_the_original(moe, tmp_path):
+    base = moe("mixtral")
+    decompose(base, tmp_path / "dec", method="lora", rank=2, targets="experts", progress=False)
+    assert (logits(base, tmp_path / "dec" / "adapter") - logits(base)).abs().max() == 0  # B0 = 0
+    train(
+        base,
+        tmp_path / "dec" / "adapter",
+        data_file("demo_train.jsonl"),
+        tmp_path / "t",
+        max_steps=1,
+        lr=1e-2,
+        batch_size=4,
+        progress=False,
+    )
+    assert (logits(base, tmp_path / "t") - logits(base)).abs().max() > 1e-4

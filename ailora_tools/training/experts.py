@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..errors import TargetError
-from ..experts import alpha_for, fused_key, layout_of, pattern_key, split_name
+from ..errors import TargetError, UnsupportedError
+from ..experts import alpha_for, fused_key, is_expert, layout_of, pattern_key, split_name
 from ..io.peft_adapter import Adapter
 
 
@@ -72,3 +72,17 @@ def _patterns(config: dict, leave_out: set[str]) -> dict:
         k: {key: v for key, v in (config.get(k) or {}).items() if key not in leave_out}
         for k in ("rank_pattern", "alpha_pattern")
     }
+
+
+def linear_offsets(initial: Adapter, config: dict, *, source: object) -> dict:
+    """The initial factors that training on the original subtracts (`exact_mode`): every module's but the experts',
+    whose fused parameters have no linear layer to hook; a plain LoRA's experts start at B0 = 0 and need none.
+
+    Raises:
+        UnsupportedError: an expert with a non-zero initial product (decompose refuses to write one).
+    """
+    experts = {m: f for m, f in initial.factors.items() if is_expert(m, config)}
+    if offset := next((m for m, (_, B0) in experts.items() if B0.any()), None):
+        raise UnsupportedError(f"{source}: {offset} starts at a non-zero s·B0·A0, which training on the original "
+                               "cannot subtract from fused expert parameters; train on decompose's residual")
+    return {m: f for m, f in initial.factors.items() if m not in experts}

@@ -28,6 +28,7 @@ from ..options import TrainOptions
 from .bitfit import BitFit, check_bitfit, load_bitfit_model
 from .data_parallel import Ranks
 from .exact_mode import resolve_adapter_base, subtract_initial
+from .experts import linear_offsets
 from .progressive import Progressive
 from .tasks import Data, Task, load_data, load_model, resolve_task
 
@@ -121,10 +122,11 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
             ranks.shard_model(model)
         else:
             model = model.to(dev)
-    if exact:  # the initial factors under the model class's module names
-        names = match(initial.factors, {n for n, _ in model.get_base_model().named_modules()},
+    if exact:  # the initial factors under the model class's module names (experts: B0 = 0, nothing to subtract)
+        offsets = linear_offsets(initial, ckpt.config, source=adapter)
+        names = match(offsets, {n for n, _ in model.get_base_model().named_modules()},
                       prefix=task_info["base_model_prefix"])
-        subtract_initial(model, Adapter(initial.config, {names[m]: f for m, f in initial.factors.items()}))
+        subtract_initial(model, Adapter(initial.config, {names[m]: f for m, f in offsets.items()}))
     params = [p for p in model.parameters() if p.requires_grad]
     hooks = [Progressive(model, stages=o.progressive, total_steps=total)] if o.progressive else []
     optimizer = torch.optim.AdamW(decay_groups(model, o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
