@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AiloraError, OptionError
+from ..experts import lift_initial
 from ..io.hashing import file_digest
 from ..io.output import OutputDir
 from ..io.peft_adapter import (
@@ -162,7 +163,8 @@ def plan_conversion(trained: Path, *, initial=None, max_rank: int | None = None,
     initial = initial_adapter_of(trained, initial)
     if base is not None and (original := converted_identity(trained, initial)) is not None:  # --base: that model?
         check_base_dir(trained, base, meant=BaseOf.from_block(original, manifest=str(trained / TRAIN_MANIFEST)))
-    init_ad, tr_ad, task = read_adapter(initial), read_adapter(trained), task_record(trained)
+    tr_ad, task = read_adapter(trained), task_record(trained)
+    init_ad = lift_initial(read_adapter(initial), tr_ad)  # experts trained fused: the initial pairs in that form
     pairs, scale, unchanged = delta_factors(init_ad, tr_ad, prefix=(task or {}).get("base_model_prefix"),
                                             config=_model_config(init_ad), offset=starts_offset(initial))
     if all(unchanged.values()):

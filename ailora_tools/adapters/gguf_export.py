@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from ..errors import InputNotFoundError, OutputError, UnsupportedError
+from ..experts import expert_modules
 from ..io.peft_adapter import Adapter, read_adapter
-from ..manifests import check_base_dir, require_original
+from ..manifests import base_of, check_base_dir, require_original
 from ..options import OUTTYPES
 
 
@@ -193,6 +194,10 @@ def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.
     if Path(lora).resolve() in out.absolute().parents:
         raise OutputError(f"-o {out}: lies inside the input {lora}; choose a path outside it")
     adapter = read_adapter(lora)
+    if experts := expert_modules(adapter.factors):  # llama.cpp's LoRA converter maps no expert tensor
+        raise UnsupportedError(f"export-gguf: {lora} adapts {len(experts)} expert matrices (e.g. {experts[0]}), which "
+                               f"llama.cpp's LoRA format has no tensors for; run `ailora-tools merge "
+                               f"{base_of(lora).model or base} {lora} -o MERGED` and convert MERGED to GGUF")
     arch, alpha, tensors = gguf_tensors(adapter, json.loads(cfg_path.read_text()))
     tmp = out.with_name(f".{out.name}.partial")
     try:

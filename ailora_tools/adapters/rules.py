@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NumericsError, UnsupportedError
+from ..experts import expert_modules
 from ..io.peft_adapter import Adapter
 from ..manifests import base_of
 from ..options import VLLM_MAX_LORA_RANKS
@@ -118,7 +119,9 @@ def refusals(adapter_dir: str | os.PathLike, config: dict, adapter: Adapter | No
         return [Finding("bitfit", "trained bias terms (train --bitfit) are not a LoRA: no server takes them as an "
                         "adapter", merge_fix(d))]
     found = _weights_refused(d, config, adapter, server)
-    modules = sorted({m.rsplit(".", 1)[-1] for m in (adapter.factors if adapter else {})})
+    factors = adapter.factors if adapter else {}
+    experts = set(expert_modules(factors))  # vLLM serves per-expert pairs on the MoE classes it declares LoRA for
+    modules = sorted({m.rsplit(".", 1)[-1] for m in factors if m not in experts})
     if server == "vllm":
         return found + _vllm_refused(d, modules, _model_type(base or config.get("base_model_name_or_path")))
     return found + _llama_cpp_refused(d, config, adapter, base)
@@ -165,6 +168,9 @@ def _weights_refused(d, config: dict, adapter: Adapter | None, server: str) -> l
 def _llama_cpp_refused(d, config: dict, adapter: Adapter | None, base) -> list[Finding]:
     """llama.cpp's rules: a base config.json naming an architecture its converter maps (`gguf_export.LAYOUTS`), and
     modules it holds (Conv1D only on GPT-2, no mixture-of-experts experts)."""
+    if adapter is not None and (experts := expert_modules(adapter.factors)):
+        return [Finding("experts", f"adapts {len(experts)} expert matrices (e.g. {experts[0]}): llama.cpp's LoRA "
+                        "converter has no expert tensors", f"{merge_fix(d)} (convert_hf_to_gguf.py takes MERGED)")]
     where = base or config.get("base_model_name_or_path")
     if where is None or not (Path(where) / "config.json").is_file():
         return [Finding("base", f"no base model config.json at {where}" if where else "no --base given",

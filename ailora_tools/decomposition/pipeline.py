@@ -20,6 +20,7 @@ from ..architectures import head_tensors, peft_task_type, task_of
 from ..distributed import is_worker, use_local_gpu
 from ..errors import NumericsError, OptionError, UnsupportedError
 from ..init import InitMethod, Job, Settings, get_method, lora_scale
+from ..init.experts import check_expert_jobs, expert_targets
 from ..init.targets import architecture, assign_roles, is_transposed, linear_modules
 from ..io.checkpoint import Checkpoint
 from ..io.hashing import file_digest
@@ -96,6 +97,8 @@ def decompose(
     ckpt = Checkpoint.open(model, revision=o.revision, allow_pickle=o.allow_pickle,
                            scratch=Path(out).absolute().parent)
     jobs = plan(ckpt, init, o.targets, o.roles, o.rank)
+    check_expert_jobs(ckpt.config, [j.module for j in jobs], dora=o.dora, quantize=o.quantize,
+                      needs_data=init.needs_data, no_residual=o.no_residual, offsets_base=init.offsets_base)
     quant = _quantization(ckpt, jobs, o) if o.quantize else None
     params = Settings(o.rank, lora_scale(o.rank, o.lora_alpha, o.rslora), o.svd, o.niter, o.oversample, o.seed)
     init.check_settings(params)
@@ -219,7 +222,8 @@ def plan(ckpt: Checkpoint, init: InitMethod, targets, overrides: dict[str, str],
     """
     arch = architecture(ckpt.config)
     weights = linear_modules(ckpt.tensors)
-    roles = assign_roles(init, list(targets), list(weights), arch, dict(overrides))
+    targets = expert_targets(ckpt.config, list(targets), list(weights), ckpt.tensors)  # fused names: every expert
+    roles = assign_roles(init, targets, list(weights), arch, dict(overrides))
     jobs = [Job(m, weights[m], roles[m], is_transposed(m, arch))
             for m in sorted(roles, key=lambda m: (weights[m].file, weights[m].begin))]
     for job in jobs:

@@ -240,14 +240,30 @@ def adapter_of(model, config: dict) -> Adapter:
     B: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
     mags: dict[str, torch.Tensor] = {}
+    wrapped, experts = _live_experts(model)
     for name, p in model.named_parameters():
+        if (m := _LIVE_LORA.match(name)) is not None and m.group(1) in wrapped:
+            continue
         if (m := _LIVE_LORA.match(name)) is not None:
             (A if m.group(2) == "A" else B)[m.group(1)] = full_tensor(p.detach()).float().cpu()
         elif (m := _LIVE_MAGNITUDE.match(name)) is not None:
             mags[m.group(1)] = full_tensor(p.detach()).float().cpu()
         elif (m := _LIVE_SAVED.match(name)) is not None:
             extra[f"{m.group(1)}.{m.group(2)}"] = full_tensor(p.detach()).float().cpu()
-    return Adapter(config, {m: (A[m], B[m]) for m in A}, extra, mags)
+    return Adapter(config, {**{m: (A[m], B[m]) for m in A}, **experts}, extra, mags)
+
+
+def _live_experts(model, factors: dict | None = None) -> tuple[set[str], dict]:
+    """A live model's expert LoRA (`experts`: PEFT's fused `target_parameters`): (the wrappers' module names, their
+    factors per expert); with `factors`, copy those in instead and return the modules used."""
+    from ..experts import live_factors, load_live, wrappers
+
+    if not wrappers(model):
+        return set(), {} if factors is None else set()
+    config = model.config.to_dict()
+    if factors is None:
+        return live_factors(model, config, "default")
+    return load_live(model, config, factors, "default")
 
 
 def load_into(model, adapter: Adapter, *, source: object, extra: bool = True) -> None:
@@ -259,9 +275,14 @@ def load_into(model, adapter: Adapter, *, source: object, extra: bool = True) ->
     Raises:
         FormatError: a module on one side only, naming it and `source`.
     """
-    used: set[str] = set()
+    try:
+        wrapped, used = _live_experts(model, adapter.factors)
+    except (KeyError, ValueError) as e:
+        raise FormatError(f"{source}: does not fit the model's fused expert parameters ({e})") from e
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if (m := _LIVE_LORA.match(name)) is not None and m.group(1) in wrapped:
+                continue
             if (m := _LIVE_LORA.match(name)) is not None:
                 if m.group(1) not in adapter.factors:
                     raise FormatError(f"{source}: has no factors for module {m.group(1)!r} of the model")

@@ -28,6 +28,7 @@ from ..options import TrainOptions
 from .bitfit import BitFit, check_bitfit, load_bitfit_model
 from .data_parallel import Ranks
 from .exact_mode import resolve_adapter_base, subtract_initial
+from .experts import linear_offsets
 from .progressive import Progressive
 from .tasks import Data, Task, load_data, load_model, resolve_task
 
@@ -92,7 +93,7 @@ def prepare(base: str | os.PathLike, adapter: str | os.PathLike | None, data: st
     ranks = Ranks.start(dev, fsdp=o.fsdp)
     model, config, task_info = _load_model(task, base, adapter, ds, o, dev, ranks, autocast=autocast)
     if exact:
-        _subtract_initial(model, initial, task_info)
+        _subtract_initial(model, initial, task_info, ckpt.config, adapter)
     params = [p for p in model.parameters() if p.requires_grad]
     hooks = [Progressive(model, stages=o.progressive, total_steps=total)] if o.progressive else []
     optimizer, scheduler = _optimizer(model, o, total)
@@ -122,11 +123,12 @@ def _read_data(task: Task, base, data, o: TrainOptions, ckpt: Checkpoint) -> tup
     return ds, total
 
 
-def _subtract_initial(model, initial: Adapter, task_info: dict) -> None:
-    """Exact mode: the initial product subtracted inside the adapter, its factors under the model class's names."""
-    names = match(initial.factors, {n for n, _ in model.get_base_model().named_modules()},
-                  prefix=task_info["base_model_prefix"])
-    subtract_initial(model, Adapter(initial.config, {names[m]: f for m, f in initial.factors.items()}))
+def _subtract_initial(model, initial: Adapter, task_info: dict, config: dict, adapter) -> None:
+    """Exact mode: the initial product subtracted inside the adapter, its factors under the model class's names
+    (experts: B0 = 0, nothing to subtract)."""
+    offsets = linear_offsets(initial, config, source=adapter)
+    names = match(offsets, {n for n, _ in model.get_base_model().named_modules()}, prefix=task_info["base_model_prefix"])
+    subtract_initial(model, Adapter(initial.config, {names[m]: f for m, f in offsets.items()}))
 
 
 def _settings(base, adapter, data, o: TrainOptions, total: int) -> dict:

@@ -37,6 +37,7 @@ from ..io.peft_adapter import load_into, read_adapter
 from ..manifests import frozen_factors
 from ..options import TASKS as CHOICES
 from .frozen import freeze_factors
+from .experts import expert_training
 
 
 @dataclass(frozen=True)
@@ -147,21 +148,23 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
     model, heads = load_task_model(task, base, labels=labels, dtype=dtype)
     cls, prefix = type(model).__name__, model.base_model_prefix
     initial = read_adapter(adapter, dora=True)
-    names = match(initial.factors, {n for n, _ in model.named_modules()}, prefix=prefix)
-    if len(names) < len(initial.factors):
-        lost = sorted(set(initial.factors) - set(names))
+    experts = expert_training(initial, model.config.to_dict(), source=adapter)  # fused 3-D parameters
+    plain = [m for m in initial.factors if m not in experts.factors]
+    names = match(plain, {n for n, _ in model.named_modules()}, prefix=prefix)
+    if len(names) < len(plain):
+        lost = sorted(set(plain) - set(names))
         raise TargetError(f"{adapter}: adapts {lost[0]!r}, which {cls} on {base} does not have (nor with or without "
                           f"the prefix {prefix!r}); pass the adapter decomposed from this model")
     fields = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type"}
     lora = {k: v for k, v in initial.config.items() if k in fields}
     lora.update(target_modules=sorted(names.values()), modules_to_save=list(heads) or None,  # PEFT extends it
-                task_type=task.peft_task_type, inference_mode=False)
+                task_type=task.peft_task_type, inference_mode=False, **experts.lora)
     peft_model = get_peft_model(model, LoraConfig(**lora))
-    renamed = dataclasses.replace(initial, factors={names[m]: f for m, f in initial.factors.items()},
+    renamed = dataclasses.replace(initial, factors={**{names[m]: initial.factors[m] for m in plain}, **experts.factors},
                                   magnitudes={names[m]: v for m, v in initial.magnitudes.items()})
     load_into(peft_model, renamed, source=adapter, extra=False)
     freeze_factors(peft_model, frozen_factors(adapter))  # MiCA's B
-    config = {**initial.config, "task_type": task.peft_task_type, "modules_to_save": heads or None}
+    config = {**initial.config, "task_type": task.peft_task_type, "modules_to_save": heads or None, **experts.saved}
     return peft_model, config, describe_task(task, model, heads, labels)
 
 
