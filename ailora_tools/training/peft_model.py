@@ -14,15 +14,16 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from ..architectures import peft_task_type
+from ..architectures import linear_layers, peft_task_type
 from ..decomposition.quantized import quantized_residual, refits
 from ..decomposition.residual import initial_factors, residual_target, working_copy
 from ..devices import resolve_device
 from ..errors import NumericsError, UnsupportedError
 from ..init import Job, Settings, get_method, lora_scale
 from ..init.dora import magnitude
+from ..init.fused import job_rows
 from ..init.svd import generator_for
-from ..init.targets import architecture, assign_roles, is_transposed, matches
+from ..init.targets import ALL_LINEAR, architecture, assign_roles, is_transposed, matches
 from ..io.tensorio import DTYPES, FLOAT_DTYPES, TensorInfo
 from ..options import DecomposeOptions, InitOptions
 from ..quantization.nf4 import linear4bit
@@ -97,8 +98,7 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
     config = config.to_dict()
     arch = architecture(config)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
-    role_of = assign_roles(init, list(o.targets), list(layers), arch, o.roles)
-    _check_weights(model, {m: layers[m].weight for m in role_of}, role_of, rank)
+    role_of, rows = _roles(model, init, o, layers, arch, config)
     suffixes = sorted({m.rsplit(".", 1)[-1] for m in role_of})
     exact = {m for m in layers if any(matches(m, s) for s in suffixes)} == set(role_of)
     task = peft_task_type(config) or peft_task_type({"architectures": [type(model).__name__]})  # from a config: no
@@ -114,13 +114,14 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
         if arch.transposed:
             raise UnsupportedError(f"quantize={quantize!r}: {type(model).__name__} stores its linear weights "
                                    "transposed (Conv1D), which bitsandbytes does not quantise; leave quantize out")
-        initial = _quantize_targets(model, layers, role_of, init, params, dev, loftq_iters, progress)
+        initial = _quantize_targets(model, layers, role_of, rows, init, params, dev, loftq_iters, progress)
     peft_model = get_peft_model(model, lora, adapter_name=adapter_name)
     for m in tqdm(sorted(role_of), desc=f"{method} init", unit="matrix", disable=not progress or bool(quantize)):
         layer = peft_model.base_model.model.get_submodule(m)
         W = layer.get_base_layer().weight
         A0, B0, residual = (*initial[m], None) if quantize else _initialise(
-            W.detach(), init, m, role_of[m], is_transposed(m, arch), params, dev, offset=not o.no_offset)
+            W.detach(), init, _job(m, W, role_of[m], is_transposed(m, arch), rows[m]), params, dev,
+            offset=not o.no_offset)
         with torch.no_grad():
             layer.lora_A[adapter_name].weight.copy_(A0)
             layer.lora_B[adapter_name].weight.copy_(B0)
@@ -132,13 +133,24 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
     return peft_model
 
 
-def _quantize_targets(model, layers: dict, role_of: dict, init, params, device, iters: int, progress: bool) -> dict:
+def _roles(model, init, o: InitOptions, layers: dict, arch, config: dict) -> tuple[dict, dict]:
+    """Each target module's role and, for a fused Q/K/V matrix split between roles, its rows; weights checked."""
+    linear = linear_layers(config, model) if ALL_LINEAR in o.targets else None
+    role_of = assign_roles(init, list(o.targets), list(layers), arch, o.roles, linear=linear)
+    _check_weights(model, {m: layers[m].weight for m in role_of}, role_of, o.rank)
+    shapes = {m: tuple(layers[m].weight.shape[::-1] if is_transposed(m, arch) else layers[m].weight.shape)
+              for m in role_of}
+    return role_of, {m: job_rows(m, r, shapes[m], arch, config, o.rank) for m, r in role_of.items()}
+
+
+def _quantize_targets(model, layers: dict, role_of: dict, rows: dict, init, params, device, iters: int,
+                      progress: bool) -> dict:
     """Replace each target Linear by a bitsandbytes Linear4bit holding its quantised residual (`decompose
     --quantize`'s own code); return module -> (A0, B0) as the adapter starts."""
     initial = {}
     for m in tqdm(sorted(role_of), desc="quantise", unit="matrix", disable=not progress):
         W = layers[m].weight.detach()
-        job = _job(m, W, role_of[m], False)
+        job = _job(m, W, role_of[m], False, rows[m])
         Wc = working_copy(job, W, device)
         A0, B0, _ = initial_factors(job, Wc if init.needs_weights else None, init, params,
                                     device=device if init.needs_weights else "cpu")
@@ -153,18 +165,16 @@ def _quantize_targets(model, layers: dict, role_of: dict, init, params, device, 
     return initial
 
 
-def _job(module: str, W: torch.Tensor, role: str | None, transposed: bool) -> Job:
+def _job(module: str, W: torch.Tensor, role: str | None, transposed: bool, rows=None) -> Job:
     return Job(module, TensorInfo(f"{module}.weight", "the model in memory", _stored_dtype(W), tuple(W.shape), 0, 0),
-               role, transposed)
+               role, transposed, rows)
 
 
-def _initialise(W: torch.Tensor, init, module: str, role: str | None, transposed: bool, params, device, *,
-                offset: bool = True):
+def _initialise(W: torch.Tensor, init, job: Job, params, device, *, offset: bool = True):
     """(A0, B0, residual as stored or None) for one target, with decompose's own code and per-module seed;
     `offset` False (`no_offset`): the factors alone, the base left as it is."""
-    job = _job(module, W, role, transposed)
     if not init.offsets_base:  # plain LoRA: the base stays as it is
-        A0, B0, _ = init.factors(job, None, params, generator=generator_for(params.seed, module, "cpu"))
+        A0, B0, _ = init.factors(job, None, params, generator=generator_for(params.seed, job.module, "cpu"))
         return A0, B0, None
     if not offset:
         A0, B0, _ = initial_factors(job, working_copy(job, W, device), init, params, device=device)
