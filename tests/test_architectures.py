@@ -5,6 +5,7 @@ Each run records its row; the last test renders them as docs/support.md and fail
 (regenerate it with `AILORA_UPDATE_SUPPORT=1 pytest tests/test_architectures.py`). The vLLM and llama.cpp columns
 come from the library's own rules (`check_adapter`, over `adapters/rules.py`), so they follow those rules.
 """
+
 import json
 import os
 from pathlib import Path
@@ -27,8 +28,14 @@ RESULTS: dict[str, dict[str, str]] = {}
 def perturbed(initial: Path, out: Path) -> Path:
     """The initial adapter with seeded changes to A and B, as training would make (for a model train refuses)."""
     ad, g = read_adapter(initial), torch.Generator().manual_seed(0)
-    write_adapter(out, ad.config, {m: (A + 0.05 * torch.randn(A.shape, generator=g),
-                                       B + 0.05 * torch.randn(B.shape, generator=g)) for m, (A, B) in ad.factors.items()})
+    write_adapter(
+        out,
+        ad.config,
+        {
+            m: (A + 0.05 * torch.randn(A.shape, generator=g), B + 0.05 * torch.randn(B.shape, generator=g))
+            for m, (A, B) in ad.factors.items()
+        },
+    )
     return out
 
 
@@ -47,8 +54,14 @@ def trained(kind: str, src: Path, dec: Path, tmp: Path, row: dict) -> Path:
         assert not out.exists()  # refused before anything was written
         row["train"] = "refused: encoder-decoder"
         return perturbed(dec / "adapter", out)
-    train(dec / "residual", dec / "adapter", data(tmp / "d.jsonl"), out, task="masked-lm" if kind in MASKED else "auto",
-          **settings)
+    train(
+        dec / "residual",
+        dec / "adapter",
+        data(tmp / "d.jsonl"),
+        out,
+        task="masked-lm" if kind in MASKED else "auto",
+        **settings,
+    )
     row["train"] = "yes"
     return out
 
@@ -98,5 +111,8 @@ def test_support_table_is_generated_from_the_matrix():
     if os.environ.get("AILORA_UPDATE_SUPPORT"):
         SUPPORT.write_text(table)
     assert SUPPORT.is_file() and SUPPORT.read_text() == table, (
-        "docs/support.md differs from the matrix; regenerate: AILORA_UPDATE_SUPPORT=1 pytest tests/test_architectures.py"
-        + "\n" + json.dumps(RESULTS, indent=1))
+        "docs/support.md differs from the matrix; regenerate: "
+        "AILORA_UPDATE_SUPPORT=1 pytest tests/test_architectures.py"
+        + "\n"
+        + json.dumps(RESULTS, indent=1)
+    )

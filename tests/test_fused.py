@@ -1,5 +1,6 @@
 """AILoRA on fused Q/K/V matrices (Phi-3, GPT-NeoX, GPT-2's Conv1D, ModernBERT), targets as users write them
 (`all-linear`, part of a fused matrix), and the default roles of the modules the AILoRA paper does not name."""
+
 import json
 
 import pytest
@@ -42,8 +43,9 @@ def rows(ranges) -> torch.Tensor:
 def test_fused_qkv_blocks_are_the_roles_svd_products(models, tmp_path, kind):
     src, rank = models(kind), 6
     decompose(src, tmp_path / "dec", targets=[FUSED[kind]], rank=rank, alpha=12, svd="exact", progress=False)
-    assert (logits(kind, tmp_path / "dec" / "residual", tmp_path / "dec" / "adapter")
-            - logits(kind, src)).abs().max() <= 1e-5  # step 0 is the original model
+    assert (
+        logits(kind, tmp_path / "dec" / "residual", tmp_path / "dec" / "adapter") - logits(kind, src)
+    ).abs().max() <= 1e-5  # step 0 is the original model
     manifest = json.loads((tmp_path / "dec" / "ailora.json").read_text())
     adapter, W = read_adapter(tmp_path / "dec" / "adapter"), weights(src)
     r_q, r_v = split_ranks(rank)
@@ -72,8 +74,12 @@ def test_layouts_follow_the_attention_code():
 
     neox = qkv_rows("gpt_neox.layers.0.attention.query_key_value", 48, GPT_NEOX, {"num_attention_heads": 2})
     assert (neox.q, neox.k, neox.v) == (((0, 8), (24, 32)), ((8, 16), (32, 40)), ((16, 24), (40, 48)))
-    phi = qkv_rows("model.layers.0.self_attn.qkv_proj", 128, PHI3,
-                   {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64})
+    phi = qkv_rows(
+        "model.layers.0.self_attn.qkv_proj",
+        128,
+        PHI3,
+        {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64},
+    )
     assert (phi.q, phi.k, phi.v) == (((0, 64),), ((64, 96),), ((96, 128),))
 
 
@@ -82,8 +88,9 @@ def test_get_ailora_model_gives_decompose_factors_on_a_fused_matrix(models, tmp_
 
     src = models("phi3")
     decompose(src, tmp_path / "dec", targets=["qkv_proj"], rank=4, progress=False)
-    model = get_ailora_model(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), targets=["qkv_proj"],
-                             rank=4, progress=False)
+    model = get_ailora_model(
+        AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), targets=["qkv_proj"], rank=4, progress=False
+    )
     expected = read_adapter(tmp_path / "dec" / "adapter").factors
     for name, p in model.named_parameters():
         if ".lora_" in name:
@@ -91,9 +98,15 @@ def test_get_ailora_model_gives_decompose_factors_on_a_fused_matrix(models, tmp_
             torch.testing.assert_close(p.detach(), expected[module][0 if ".lora_A" in name else 1], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("kind, target, fused", [("phi3", "q_proj", "qkv_proj"), ("phi3", "gate_proj", "gate_up_proj"),
-                                                 ("gpt_neox", "v_proj", "query_key_value"),
-                                                 ("modernbert", "k_proj", "Wqkv")])
+@pytest.mark.parametrize(
+    "kind, target, fused",
+    [
+        ("phi3", "q_proj", "qkv_proj"),
+        ("phi3", "gate_proj", "gate_up_proj"),
+        ("gpt_neox", "v_proj", "query_key_value"),
+        ("modernbert", "k_proj", "Wqkv"),
+    ],
+)
 def test_part_of_a_fused_matrix_is_refused_naming_it(models, tmp_path, kind, target, fused):
     with pytest.raises(TargetError, match=rf"'{target}' is part of the fused {fused}.*target {fused} instead"):
         decompose(models(kind), tmp_path / "out", targets=[target], rank=4, progress=False)
@@ -103,8 +116,9 @@ def test_part_of_a_fused_matrix_is_refused_naming_it(models, tmp_path, kind, tar
 def test_rank_one_cannot_be_shared_by_q_and_v(models, tmp_path):
     with pytest.raises(NumericsError, match=r"rank 1: .*qkv_proj is a fused Q/K/V matrix"):
         decompose(models("phi3"), tmp_path / "out", targets=["qkv_proj"], rank=1, progress=False)
-    decompose(models("phi3"), tmp_path / "one", targets=["qkv_proj"], roles={"qkv_proj": "principal"}, rank=1,
-              progress=False)  # one role for the whole matrix: any rank
+    decompose(
+        models("phi3"), tmp_path / "one", targets=["qkv_proj"], roles={"qkv_proj": "principal"}, rank=1, progress=False
+    )  # one role for the whole matrix: any rank
     assert set(json.loads((tmp_path / "one" / "ailora.json").read_text())["roles"].values()) == {"principal"}
 
 
@@ -119,19 +133,33 @@ def test_all_linear_is_every_linear_layer_but_the_head(models, tmp_path, kind):
     auto = AutoModelForMaskedLM if kind == "bert" else AutoModelForCausalLM
     peft = get_peft_model(auto.from_pretrained(src), LoraConfig(r=2, target_modules="all-linear"))
     ours = {m.removeprefix("bert.") for m in roles}
-    theirs = {n.removeprefix("base_model.model.").removeprefix("bert.").rsplit(".lora_A", 1)[0]
-              for n, _ in peft.named_parameters() if ".lora_A." in n}
+    theirs = {
+        n.removeprefix("base_model.model.").removeprefix("bert.").rsplit(".lora_A", 1)[0]
+        for n, _ in peft.named_parameters()
+        if ".lora_A." in n
+    }
     assert ours == theirs and not any("lm_head" in m or "decoder" in m for m in ours)
-    assert (logits(kind, tmp_path / "dec" / "residual", tmp_path / "dec" / "adapter")
-            - logits(kind, src)).abs().max() <= 1e-4
+    assert (
+        logits(kind, tmp_path / "dec" / "residual", tmp_path / "dec" / "adapter") - logits(kind, src)
+    ).abs().max() <= 1e-4
 
 
 def test_ailora_default_roles_and_role_overrides(models, tmp_path):
-    decompose(models("llama"), tmp_path / "d", targets=["all-linear"], roles={"down_proj": "minor"}, rank=2,
-              progress=False)
-    roles = {m.rsplit(".", 1)[-1]: r for m, r in json.loads((tmp_path / "d" / "ailora.json").read_text())["roles"].items()}
-    assert roles == {"q_proj": "principal", "k_proj": "principal", "v_proj": "minor", "o_proj": "minor",
-                     "gate_proj": "principal", "up_proj": "principal", "down_proj": "minor"}
+    decompose(
+        models("llama"), tmp_path / "d", targets=["all-linear"], roles={"down_proj": "minor"}, rank=2, progress=False
+    )
+    roles = {
+        m.rsplit(".", 1)[-1]: r for m, r in json.loads((tmp_path / "d" / "ailora.json").read_text())["roles"].items()
+    }
+    assert roles == {
+        "q_proj": "principal",
+        "k_proj": "principal",
+        "v_proj": "minor",
+        "o_proj": "minor",
+        "gate_proj": "principal",
+        "up_proj": "principal",
+        "down_proj": "minor",
+    }
     with pytest.raises(TargetError, match="all-linear already names every linear layer; pass it alone"):
         decompose(models("llama"), tmp_path / "x", targets=["all-linear", "q_proj"], progress=False)
 

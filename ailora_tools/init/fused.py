@@ -15,6 +15,7 @@ Row layouts (`LAYOUTS`), read from transformers 5.25's attention code: "thirds" 
 `view(3, heads, head_dim)`): Q, K, V in equal contiguous thirds; "q-kv" (Phi-3): Q (heads × head_dim), then K and V
 (kv_heads × head_dim each); "per-head" (GPT-NeoX `view(heads, 3 × head_size)`): per head, its Q, K and V rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,15 +76,19 @@ def qkv_rows(module: str, out: int, arch: Architecture, config: dict) -> Rows:
             return Rows(layout, ((0, q),), ((q, q + kv),), ((q + kv, out),))
     if layout == "per-head" and out % (3 * heads) == 0:
         d = out // (3 * heads)
-        return Rows(layout, *(tuple((3 * d * h + i * d, 3 * d * h + (i + 1) * d) for h in range(heads))
-                              for i in range(3)))
-    raise UnsupportedError(f"{module}: {out} output rows do not fit the {layout} Q/K/V layout of this {arch.name} "
-                           f"config ({heads} heads); give the matrix one role with {{roles}} "
-                           f"{module.rsplit('.', 1)[-1]}=principal|minor")
+        return Rows(
+            layout, *(tuple((3 * d * h + i * d, 3 * d * h + (i + 1) * d) for h in range(heads)) for i in range(3))
+        )
+    raise UnsupportedError(
+        f"{module}: {out} output rows do not fit the {layout} Q/K/V layout of this {arch.name} "
+        f"config ({heads} heads); give the matrix one role with {{roles}} "
+        f"{module.rsplit('.', 1)[-1]}=principal|minor"
+    )
 
 
-def job_rows(module: str, role: str | None, shape: tuple[int, int], arch: Architecture, config: dict,
-             rank: int) -> Rows | None:
+def job_rows(
+    module: str, role: str | None, shape: tuple[int, int], arch: Architecture, config: dict, rank: int
+) -> Rows | None:
     """For a target with the SPLIT role, its Q/K/V rows (`qkv_rows`, W [out, in] of `shape`), the rank checked
     (`check_split`); None for any other role."""
     if role != SPLIT:
@@ -102,10 +107,12 @@ def check_split(module: str, rows: Rows, in_features: int, rank: int) -> None:
     for part, r in zip("qv", split_ranks(rank)):
         size = min(sum(e - b for b, e in getattr(rows, part)), in_features)
         if not 0 < r < size:
-            raise NumericsError(f"{{rank}} {rank}: {module} is a fused Q/K/V matrix whose rank ailora shares "
-                                f"between Q's principal and V's minor directions (r_Q, r_V = {split_ranks(rank)}); "
-                                f"each must be at least 1 and below {size}, the size of the {part.upper()} block; "
-                                "pass a {rank} of 2 or more that fits")
+            raise NumericsError(
+                f"{{rank}} {rank}: {module} is a fused Q/K/V matrix whose rank ailora shares "
+                f"between Q's principal and V's minor directions (r_Q, r_V = {split_ranks(rank)}); "
+                f"each must be at least 1 and below {size}, the size of the {part.upper()} block; "
+                "pass a {rank} of 2 or more that fits"
+            )
 
 
 def fused_factors(W: torch.Tensor, rows: Rows, settings: Settings, *, generator=None):
@@ -118,16 +125,37 @@ def fused_factors(W: torch.Tensor, rows: Rows, settings: Settings, *, generator=
 
     r_q, r_v = split_ranks(settings.rank)
     B0 = torch.zeros(W.shape[0], settings.rank, dtype=torch.float32, device=W.device)
-    As, stats = [], {"role": SPLIT, "fused": {
-        "rows": rows.record(), "rank": {"q": r_q, "v": r_v}, "columns": {"q": [0, r_q], "v": [r_q, r_q + r_v]}}}
+    As, stats = (
+        [],
+        {
+            "role": SPLIT,
+            "fused": {
+                "rows": rows.record(),
+                "rank": {"q": r_q, "v": r_v},
+                "columns": {"q": [0, r_q], "v": [r_q, r_q + r_v]},
+            },
+        },
+    )
     for part, role, r, col in (("q", PRINCIPAL, r_q, 0), ("v", MINOR, r_v, r_q)):
         idx = rows.index(part).to(W.device)
-        t = triplets(W[idx], r, role, mode=settings.svd, niter=settings.niter, oversample=settings.oversample,
-                     generator=generator)
+        t = triplets(
+            W[idx],
+            r,
+            role,
+            mode=settings.svd,
+            niter=settings.niter,
+            oversample=settings.oversample,
+            generator=generator,
+        )
         A, B = factors_from_triplets(t, settings.scale)
         As.append(A)
-        B0[idx, col:col + r] = B
+        B0[idx, col : col + r] = B
         edge = float(t.S[-1] if role == PRINCIPAL else t.S[0])
-        stats[part] = {"role": role, "sigma_max": t.sigma_max, "sigma_edge": edge,
-                       "energy_fraction": t.energy_fraction, "deficient_directions": t.deficient}
+        stats[part] = {
+            "role": role,
+            "sigma_max": t.sigma_max,
+            "sigma_edge": edge,
+            "energy_fraction": t.energy_fraction,
+            "deficient_directions": t.deficient,
+        }
     return torch.cat(As).contiguous(), B0, stats
