@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
+from .errors import UnsupportedError
+
 CAUSAL_LM, MASKED_LM, CLASSIFY = "causal-lm", "masked-lm", "sequence-classification"
 
 #: class-name suffix -> (training task, PEFT task type, transformers Auto class); the first suffix found wins
@@ -155,11 +157,16 @@ def linear_layers(config: dict, model=None) -> list[str]:
         import transformers
         from transformers import AutoConfig, AutoModel
 
-        cfg = AutoConfig.for_model(**config)
         names = config.get("architectures") or []
         cls = getattr(transformers, names[0], None) if names else None
-        with torch.device("meta"):
-            model = (cls or AutoModel)._from_config(cfg) if cls else AutoModel.from_config(cfg)
+        try:
+            cfg = AutoConfig.for_model(**config)
+            with torch.device("meta"):
+                model = cls._from_config(cfg) if cls else AutoModel.from_config(cfg)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            what = " ".join(names) or config.get("model_type")
+            raise UnsupportedError(f"{{targets}} all-linear: transformers cannot build {what} to list its linear "
+                                   f"layers ({e.__class__.__name__}); name the modules in {{targets}}") from None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is None and peft_task_type(config) == "SEQ_CLS":
         out = next((getattr(model, n) for n in PEFT_HEADS if getattr(model, n, None) is not None), None)

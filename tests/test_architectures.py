@@ -112,7 +112,5 @@ def test_support_table_is_generated_from_the_matrix():
         SUPPORT.write_text(table)
     assert SUPPORT.is_file() and SUPPORT.read_text() == table, (
         "docs/support.md differs from the matrix; regenerate: "
-        "AILORA_UPDATE_SUPPORT=1 pytest tests/test_architectures.py"
-        + "\n"
-        + json.dumps(RESULTS, indent=1)
+        "AILORA_UPDATE_SUPPORT=1 pytest tests/test_architectures.py" + "\n" + json.dumps(RESULTS, indent=1)
     )
