@@ -166,3 +166,28 @@ def test_ailora_default_roles_and_role_overrides(models, tmp_path):
 
 def test_zoo_targets_name_whole_matrices():
     assert all(ZOO[k][3] == v for k, v in FUSED.items())
+
+
+def test_refusals_are_one_line_naming_the_flags(models, tmp_path):
+    from conftest import cli, one_line_error
+
+    res = cli("decompose", models("phi3"), "-o", tmp_path / "o", "--targets", "q_proj,v_proj")
+    one_line_error(res, "--targets: 'q_proj' is part of the fused qkv_proj", "target qkv_proj instead")
+    res = cli("decompose", models("phi3"), "-o", tmp_path / "o", "--targets", "qkv_proj", "--rank", "1")
+    one_line_error(res, "--rank 1: model.layers.0.self_attn.qkv_proj is a fused Q/K/V matrix")
+    t5 = models("t5")
+    decompose(t5, tmp_path / "dec", rank=2, progress=False)
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
+    res = cli(
+        "train",
+        "--base",
+        tmp_path / "dec" / "residual",
+        "--adapter",
+        tmp_path / "dec" / "adapter",
+        "--data",
+        tmp_path / "d.jsonl",
+        "-o",
+        tmp_path / "t",
+    )
+    one_line_error(res, "T5ForConditionalGeneration is an encoder-decoder", "decompose, convert and merge take it")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "t").exists()
