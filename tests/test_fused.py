@@ -105,6 +105,7 @@ def test_get_ailora_model_gives_decompose_factors_on_a_fused_matrix(models, tmp_
         ("phi3", "gate_proj", "gate_up_proj"),
         ("gpt_neox", "v_proj", "query_key_value"),
         ("modernbert", "k_proj", "Wqkv"),
+        ("modernbert", "up_proj", "Wi"),
     ],
 )
 def test_part_of_a_fused_matrix_is_refused_naming_it(models, tmp_path, kind, target, fused):

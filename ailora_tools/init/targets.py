@@ -23,6 +23,7 @@ ALL_LINEAR = "all-linear"
 FUSED = {
     "c_attn": "Q, K and V", "query_key_value": "Q, K and V", "qkv_proj": "Q, K and V",
     "Wqkv": "Q, K and V", "W_pack": "Q, K and V", "qkv": "Q, K and V", "gate_up_proj": "gate and up",
+    "Wi": "the GLU's input and gate",
 }
 
 
@@ -55,17 +56,20 @@ BERT = Architecture(
 )
 GPT2 = Architecture(
     "gpt2", query=(), key=(), value=(), output=("attn.c_proj",),
-    aliases={"o_proj": "attn.c_proj"}, parts=_parts("c_attn"), fused={"c_attn": "thirds"},
+    aliases={"o_proj": "attn.c_proj", "up_proj": "c_fc", "down_proj": "mlp.c_proj"}, parts=_parts("c_attn"),
+    fused={"c_attn": "thirds"},
     transposed=("c_attn", "c_proj", "c_fc"),
 )
 GPT_NEOX = Architecture("gpt_neox", query=(), key=(), value=(), output=("attention.dense",),
-                        aliases={"o_proj": "attention.dense"}, parts=_parts("query_key_value"),
+                        aliases={"o_proj": "attention.dense", "up_proj": "dense_h_to_4h", "down_proj": "dense_4h_to_h"},
+                        parts=_parts("query_key_value"),
                         fused={"query_key_value": "per-head"})
 PHI3 = Architecture("phi3", query=(), key=(), value=(),
                     parts=_parts("qkv_proj", ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj")),
                     fused={"qkv_proj": "q-kv"})
 MODERNBERT = Architecture("modernbert", query=(), key=(), value=(), output=("attn.Wo",),
-                          aliases={"o_proj": "attn.Wo"}, parts=_parts("Wqkv"), fused={"Wqkv": "thirds"})
+                          aliases={"o_proj": "attn.Wo", "down_proj": "mlp.Wo"},
+                          parts=_parts("Wqkv", ("gate_proj", "Wi"), ("up_proj", "Wi")), fused={"Wqkv": "thirds"})
 T5 = Architecture("t5", query=("q",), key=("k",), value=("v",), output=("o",),
                   aliases={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"})
 #: model_type -> Architecture; anything absent is treated as Llama-like (q_proj / v_proj)
