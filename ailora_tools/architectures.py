@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
+from .errors import UnsupportedError
+
 CAUSAL_LM, MASKED_LM, CLASSIFY = "causal-lm", "masked-lm", "sequence-classification"
 
 #: class-name suffix -> (training task, PEFT task type, transformers Auto class); the first suffix found wins
@@ -139,3 +141,33 @@ def match(names: Iterable[str], available: Collection[str], *, prefix: str | Non
     if prefix is None and config is not None and any(n not in available for n in names):
         prefix = base_model_prefix(config)
     return {n: found for n in names if (found := rename(n, available, prefix)) is not None}
+
+
+def linear_layers(config: dict, model=None) -> list[str]:
+    """PEFT's `all-linear`: the names of every `nn.Linear` / `Conv1D` layer of `model` (default: the class config.json
+    names, built on the meta device, no weights) except the output head (the output embeddings, or a SEQ_CLS model's
+    `classifier`/`score`), as `peft.tuners.tuners_utils._maybe_include_all_linear_layers` selects them.
+
+    Imports transformers and torch (seconds); only `all-linear` asks.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    if model is None:
+        import transformers
+        from transformers import AutoConfig, AutoModel
+
+        names = config.get("architectures") or []
+        cls = getattr(transformers, names[0], None) if names else None
+        try:
+            cfg = AutoConfig.for_model(**config)
+            with torch.device("meta"):
+                model = cls._from_config(cfg) if cls else AutoModel.from_config(cfg)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            what = " ".join(names) or config.get("model_type")
+            raise UnsupportedError(f"{{targets}} all-linear: transformers cannot build {what} to list its linear "
+                                   f"layers ({e.__class__.__name__}); name the modules in {{targets}}") from None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None and peft_task_type(config) == "SEQ_CLS":
+        out = next((getattr(model, n) for n in PEFT_HEADS if getattr(model, n, None) is not None), None)
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not out]

@@ -131,7 +131,7 @@ def _write_results(od: OutputDir, ckpt: Checkpoint, settings: dict, rows: list[d
 def _modules(ckpt: Checkpoint, targets, rank: int) -> dict[str, str]:
     """module -> the target asked for (the stored name when two resolve to one), each checked for dtype and rank."""
     weights = linear_modules(ckpt.tensors)
-    resolved = resolve_targets(target_names(targets), list(weights), architecture(ckpt.config))
+    resolved = resolve_targets(target_names(targets), list(weights), architecture(ckpt.config), config=ckpt.config)
     modules: dict[str, str] = {}
     for t, name in resolved.items():
         for m in weights:

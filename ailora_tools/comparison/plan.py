@@ -86,7 +86,8 @@ def plan_comparison(model, data, *, methods: list[str] | None, progressive: int 
                       num_labels=train_o.num_labels, config=ckpt.config, base=model)
     names = list(linear_modules(ckpt.tensors))
     for m in (m for m in methods if m != BITFIT):  # a role error in the last method would surface too late
-        assign_roles(METHODS[init_of(m)[0]], list(init_o.targets), names, architecture(ckpt.config), init_o.roles)
+        assign_roles(METHODS[init_of(m)[0]], list(init_o.targets), names, architecture(ckpt.config), init_o.roles,
+                     config=ckpt.config)
         METHODS[init_of(m)[0]].check_settings(Settings(init_o.rank, 1.0))  # (orthogonal: an even rank)
     if BITFIT in methods:  # a model without bias terms (Llama) is refused now, not after the other runs
         check_bitfit(ckpt, base=model, adapter=None, bitfit=True, progressive=None)

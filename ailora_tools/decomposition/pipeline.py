@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .. import __version__
@@ -21,6 +21,7 @@ from ..distributed import is_worker, use_local_gpu
 from ..errors import NumericsError, OptionError, UnsupportedError
 from ..init import InitMethod, Job, Settings, get_method, lora_scale
 from ..init.experts import check_expert_jobs, expert_targets
+from ..init.fused import job_rows
 from ..init.targets import architecture, assign_roles, is_transposed, linear_modules
 from ..io.checkpoint import Checkpoint
 from ..io.hashing import file_digest
@@ -223,11 +224,12 @@ def plan(ckpt: Checkpoint, init: InitMethod, targets, overrides: dict[str, str],
     arch = architecture(ckpt.config)
     weights = linear_modules(ckpt.tensors)
     targets = expert_targets(ckpt.config, list(targets), list(weights), ckpt.tensors)  # fused names: every expert
-    roles = assign_roles(init, targets, list(weights), arch, dict(overrides))
-    jobs = [Job(m, weights[m], roles[m], is_transposed(m, arch))
-            for m in sorted(roles, key=lambda m: (weights[m].file, weights[m].begin))]
-    for job in jobs:
+    roles = assign_roles(init, targets, list(weights), arch, dict(overrides), config=ckpt.config)
+    jobs = []
+    for m in sorted(roles, key=lambda m: (weights[m].file, weights[m].begin)):
+        job = Job(m, weights[m], roles[m], is_transposed(m, arch))
         _check_target(job.tensor, rank)
+        jobs.append(replace(job, rows=job_rows(m, roles[m], job.shape, arch, ckpt.config, rank)))
     return jobs
 
 

@@ -19,17 +19,20 @@ if TYPE_CHECKING:  # torch loads on first use, so that decompose can start copyi
 
     from ..io.checkpoint import Checkpoint
     from ..io.tensorio import TensorInfo
+    from .fused import Rows
     from .svd import Triplets
 
 
 @dataclass(frozen=True)
 class Job:
-    """One target matrix: its module name, stored tensor, role, and whether it is stored [in, out] (Conv1D)."""
+    """One target matrix: its module name, stored tensor, role, whether it is stored [in, out] (Conv1D), and for a
+    fused Q/K/V matrix with the SPLIT role, which rows are Q, K and V (`init.fused.Rows`)."""
 
     module: str
     tensor: TensorInfo
     role: str | None
     transposed: bool
+    rows: Rows | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -70,9 +73,9 @@ class InitMethod:
     #: factors that stay frozen in training ("lora_B" for MiCA), recorded in the decompose manifest (`frozen`)
     frozen: tuple[str, ...] = ()
 
-    def role_of(self, target: str, name: str, arch: Architecture) -> str | None:
-        """The role of a requested target (`name`: what it is called in this architecture); None: no role (the
-        default, for methods that do not split the spectrum; with `needs_roles` that target is refused)."""
+    def role_of(self, module: str, arch: Architecture) -> str | None:
+        """The role of a target module of a model of `arch`; None: no role (the default, for methods that do not
+        split the spectrum; with `needs_roles` that target is refused)."""
         return None
 
     def check_settings(self, settings: Settings) -> None:

@@ -21,7 +21,7 @@ class MiCA(InitMethod):
     subtracts_product = False
     frozen = ("lora_B",)
 
-    def role_of(self, target, name, arch):
+    def role_of(self, module, arch):
         return MINOR
 
     def factors(self, job, W, settings, *, context=None, generator=None):

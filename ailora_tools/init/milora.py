@@ -7,5 +7,5 @@ class MiLoRA(InitMethod):
     name = "milora"
     summary = "all targets minor"
 
-    def role_of(self, target, name, arch):
+    def role_of(self, module, arch):
         return MINOR

@@ -7,5 +7,5 @@ class PiSSA(InitMethod):
     name = "pissa"
     summary = "all targets principal"
 
-    def role_of(self, target, name, arch):
+    def role_of(self, module, arch):
         return PRINCIPAL

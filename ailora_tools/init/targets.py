@@ -1,56 +1,81 @@
 """Which modules are targets, what role each gets, and what each architecture calls them.
 
 Name mapping is data: one `Architecture` entry per model family, looked up by config `model_type`.
-A module is a target when its name equals a target name or ends with "." + it (PEFT's rule).
+A module is a target when its name equals a target name or ends with "." + it (PEFT's rule); `all-linear` (PEFT's
+shortcut) is every linear layer but the output head. A Llama-style name for part of a fused matrix (`q_proj` on
+Phi-3's `qkv_proj`) is refused, naming the fused module: one LoRA pair adapts a whole matrix.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import TargetError, UnsupportedError
+from ..architectures import linear_layers, match
+from ..errors import TargetError
 from ..io.tensorio import TensorInfo
 
 PRINCIPAL, MINOR = "principal", "minor"
 ROLES = (PRINCIPAL, MINOR)
+#: a fused Q/K/V matrix under AILoRA: its Q rows principal, its V rows minor, K's initial product zero (`init.fused`)
+SPLIT = "principal+minor"
+#: PEFT's target shortcut: every linear layer except the output head
+ALL_LINEAR = "all-linear"
 #: fused projections across architectures: name -> what it holds
 FUSED = {
     "c_attn": "Q, K and V", "query_key_value": "Q, K and V", "qkv_proj": "Q, K and V",
     "Wqkv": "Q, K and V", "W_pack": "Q, K and V", "qkv": "Q, K and V", "gate_up_proj": "gate and up",
+    "Wi": "the GLU's input and gate",
 }
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """Module names of one model family. `aliases` maps Llama-style names to this family's names."""
+    """Module names of one model family (suffixes, PEFT's rule). `aliases` maps Llama-style names to this family's
+    names for the same matrix; `parts` maps them to the fused matrix that holds them with others (refused as targets);
+    `fused` maps a fused Q/K/V matrix to its row layout (`init.fused.LAYOUTS`)."""
 
     name: str
     query: tuple[str, ...] = ("q_proj",)
+    key: tuple[str, ...] = ("k_proj",)
     value: tuple[str, ...] = ("v_proj",)
+    output: tuple[str, ...] = ("o_proj",)
     aliases: dict[str, str] = field(default_factory=dict)
+    parts: dict[str, str] = field(default_factory=dict)
+    fused: dict[str, str] = field(default_factory=dict)
     #: Conv1D modules that store W transposed ([in, out]); adapters need fan_in_fan_out
     transposed: tuple[str, ...] = ()
 
 
+def _parts(fused: str, *extra: tuple[str, str]) -> dict[str, str]:
+    return {**{k: fused for k in ("q_proj", "k_proj", "v_proj")}, **dict(extra)}
+
+
 LLAMA_LIKE = Architecture("llama-like")
 BERT = Architecture(
-    "bert", query=("query",), value=("value",),
+    "bert", query=("query",), key=("key",), value=("value",), output=("attention.output.dense",),
     aliases={"q_proj": "query", "k_proj": "key", "v_proj": "value"},
 )
 GPT2 = Architecture(
-    "gpt2", query=(), value=(),
-    aliases={"q_proj": "c_attn", "k_proj": "c_attn", "v_proj": "c_attn", "o_proj": "attn.c_proj"},
+    "gpt2", query=(), key=(), value=(), output=("attn.c_proj",),
+    aliases={"o_proj": "attn.c_proj", "up_proj": "c_fc", "down_proj": "mlp.c_proj"}, parts=_parts("c_attn"),
+    fused={"c_attn": "thirds"},
     transposed=("c_attn", "c_proj", "c_fc"),
 )
-GPT_NEOX = Architecture(
-    "gpt_neox", query=(), value=(),
-    aliases={"q_proj": "query_key_value", "k_proj": "query_key_value", "v_proj": "query_key_value"},
-)
-PHI3 = Architecture("phi3", query=(), value=(),
-                    aliases={"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"})
+GPT_NEOX = Architecture("gpt_neox", query=(), key=(), value=(), output=("attention.dense",),
+                        aliases={"o_proj": "attention.dense", "up_proj": "dense_h_to_4h", "down_proj": "dense_4h_to_h"},
+                        parts=_parts("query_key_value"),
+                        fused={"query_key_value": "per-head"})
+PHI3 = Architecture("phi3", query=(), key=(), value=(),
+                    parts=_parts("qkv_proj", ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj")),
+                    fused={"qkv_proj": "q-kv"})
+MODERNBERT = Architecture("modernbert", query=(), key=(), value=(), output=("attn.Wo",),
+                          aliases={"o_proj": "attn.Wo", "down_proj": "mlp.Wo"},
+                          parts=_parts("Wqkv", ("gate_proj", "Wi"), ("up_proj", "Wi")), fused={"Wqkv": "thirds"})
+T5 = Architecture("t5", query=("q",), key=("k",), value=("v",), output=("o",),
+                  aliases={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"})
 #: model_type -> Architecture; anything absent is treated as Llama-like (q_proj / v_proj)
 REGISTRY = {
     **{t: BERT for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie")},
-    "gpt2": GPT2, "gpt_neox": GPT_NEOX, "phi3": PHI3,
+    "gpt2": GPT2, "gpt_neox": GPT_NEOX, "phi3": PHI3, "modernbert": MODERNBERT, **{t: T5 for t in ("t5", "mt5")},
 }
 
 
@@ -80,19 +105,35 @@ def target_names(targets) -> list[str]:
     return [t.strip() for t in targets if t.strip()]
 
 
-def resolve_targets(targets: list[str], modules: list[str], arch: Architecture) -> dict[str, str]:
-    """Map each requested target to the name it has in this model (aliases applied).
+def resolve_targets(targets: list[str], modules: list[str], arch: Architecture, *, linear: list[str] | None = None,
+                    config: dict | None = None) -> dict[str, str]:
+    """Map each requested target to the name it has in this model (aliases applied); `all-linear` to each of
+    `linear` (the model's linear layers but the output head) by its full name; without `linear`, to those of the
+    class the model `config` names (`architectures.linear_layers`), as `modules` spells them.
 
     Raises:
-        TargetError: a target matches no module; the message lists the module names that exist.
+        TargetError: a target matches no module (the message lists the module names that exist), names only part of
+            a fused matrix (naming the fused module), or `all-linear` given with other targets.
     """
     if not targets:
         raise TargetError("{targets}: no module names given; pass comma-separated module-name suffixes, e.g. "
-                          "{targets} q_proj,v_proj")
+                          "{targets} q_proj,v_proj, or all-linear")
+    if ALL_LINEAR in targets:
+        if len(targets) > 1:
+            raise TargetError(f"{{targets}}: {ALL_LINEAR} already names every linear layer; pass it alone (not with "
+                              f"{', '.join(t for t in targets if t != ALL_LINEAR)})")
+        if linear is None:
+            linear = list(match(linear_layers(config or {}), set(modules), config=config).values())
+        return {m: m for m in linear}
     resolved = {}
     for t in targets:
         name = t if any(matches(m, t) for m in modules) else arch.aliases.get(t, t)
         if not any(matches(m, name) for m in modules):
+            if (whole := arch.parts.get(t)) and any(matches(m, whole) for m in modules):
+                raise TargetError(
+                    f"{{targets}}: {t!r} is part of the fused {whole} in this {arch.name} model ({whole} holds "
+                    f"{FUSED.get(whole, 'several projections')} in one matrix), and one LoRA pair adapts a whole "
+                    f"matrix; target {whole} instead (see docs/fused-projections.md)")
             known = sorted({m.rsplit(".", 1)[-1] for m in modules})
             raise TargetError(
                 f"{{targets}}: {t!r} matches no module of this {arch.name} model; "
@@ -102,57 +143,45 @@ def resolve_targets(targets: list[str], modules: list[str], arch: Architecture) 
     return resolved
 
 
-def assign_roles(method, targets: list[str], modules: list[str], arch: Architecture,
-                 overrides: dict[str, str]) -> dict[str, str | None]:
-    """Give every matched module its role: principal, minor, or None (methods without roles).
+def assign_roles(method, targets: list[str], modules: list[str], arch: Architecture, overrides: dict[str, str], *,
+                 linear: list[str] | None = None, config: dict | None = None) -> dict[str, str | None]:
+    """Give every matched module its role: principal, minor, SPLIT (a fused Q/K/V matrix under ailora) or None
+    (methods without roles).
 
-    `method` is an init method (`ailora_tools.init`): its `role_of(target, name, arch)` gives each requested
-    target's role and `needs_roles` says whether every module must have one. `overrides` maps a
-    target/module suffix to a role (--role).
+    `method` is an init method (`ailora_tools.init`): its `role_of(module, arch)` gives each target module's role
+    and `needs_roles` says whether every module must have one. `overrides` maps a target/module suffix to a role
+    (--role). `linear`, `config`: what `all-linear` stands for (`resolve_targets`).
 
     Raises:
-        TargetError: an override names no target, overrides for a method without roles, or a module without
-            the role its method needs.
-        UnsupportedError: roles that differ inside one fused projection.
+        TargetError: a target that fits no module, an override that names no target, overrides for a method
+            without roles, or a module without the role its method needs.
     """
-    resolved = resolve_targets(targets, modules, arch)
+    resolved = resolve_targets(targets, modules, arch, linear=linear, config=config)
     if overrides and not method.needs_roles:
         raise TargetError(f"{{roles}}: {method.name} gives its targets no roles; {{roles}} applies to ailora, pissa "
                           "and milora")
     for key, role in overrides.items():
         if role not in ROLES:
             raise TargetError(f"{{roles}} {key}={role}: role must be one of {', '.join(ROLES)}")
-    wanted: dict[str, list[tuple[str, str | None]]] = {}  # module -> [(requested target, role)]
-    for t, name in resolved.items():
-        for m in modules:
-            if matches(m, name):
-                wanted.setdefault(m, []).append((t, method.role_of(t, name, arch)))
+    roles = {m: method.role_of(m, arch) for m in modules if any(matches(m, name) for name in resolved.values())}
     for key, role in overrides.items():
-        hit = [m for m in wanted if matches(m, key) or matches(m, resolved.get(key, key))]
+        hit = [m for m in roles if matches(m, key) or matches(m, arch.aliases.get(key, key))]
         if not hit:
             raise TargetError(f"{{roles}} {key}={role}: {key!r} is not among the targets ({', '.join(targets)})")
-        for m in hit:
-            wanted[m] = [(key, role)]
-    roles: dict[str, str | None] = {}
-    for m, asked in wanted.items():
-        distinct = {r for _, r in asked}
-        suffix = m.rsplit(".", 1)[-1]
-        if len(distinct) > 1:
-            raise UnsupportedError(
-                f"{m} is a fused projection holding {FUSED.get(suffix, 'several projections')} in one matrix "
-                f"(asked for as {', '.join(t for t, _ in asked)}), so one LoRA pair cannot give them different roles "
-                f"({', '.join(f'{t}={r}' for t, r in asked)}). Use {{method}} pissa or milora, or give the "
-                f"whole matrix one role explicitly with {{roles}} {suffix}=principal|minor"
-            )
-        role = distinct.pop()
+        roles.update(dict.fromkeys(hit, role))
+    for m, role in roles.items():
         if method.needs_roles and role is None:
-            raise TargetError(
-                f"ailora gives query projections ({', '.join(arch.query) or 'none here'}) the principal role and "
-                f"value projections ({', '.join(arch.value) or 'none here'}) the minor role; {m} has neither. "
-                f"Give it one with {{roles}} {suffix}=principal|minor (targets: {', '.join(targets)})"
-            )
-        roles[m] = role
+            raise TargetError(f"{m}: {method.name} gives it no role; give it one with {{roles}} "
+                              f"{m.rsplit('.', 1)[-1]}=principal|minor (targets: {', '.join(targets)})")
     return roles
+
+
+def role_in_attention(module: str, arch: Architecture) -> str | None:
+    """Which attention matrix `module` is in `arch`: "query", "key", "value", "output", "qkv" (fused) or None."""
+    for what in ("query", "key", "value", "output"):
+        if any(matches(module, n) for n in getattr(arch, what)):
+            return what
+    return "qkv" if any(matches(module, n) for n in arch.fused) else None
 
 
 def is_transposed(module: str, arch: Architecture) -> bool:

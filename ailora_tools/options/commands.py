@@ -161,7 +161,8 @@ class SpectrumOptions(Writes):
     out: str | None = option(None, "Output directory (spectrum.json, spectra.safetensors, PNG plots).", short="-o",
                              required=True)
     targets: tuple[str, ...] = option(("q_proj", "v_proj"), "Comma-separated module-name suffixes; aliases such as "
-                                      "BERT's query/value are resolved.")
+                                      "BERT's query/value are resolved; all-linear: every linear layer but the "
+                                      "output head.")
     rank: int = option(16, "r: energy in the top-r and bottom-r directions, σ at their edges.")
     adapter: str | None = option(None, "A trained adapter: adds ‖ΔW‖_F per layer.")
     initial: str | None = option(None, "Its initial adapter (default: the one its ailora-train.json names; none: "

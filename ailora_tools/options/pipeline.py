@@ -49,9 +49,13 @@ class InitOptions(Options):
     alpha: float | None = option(None, "LoRA alpha (default: rank, so s = 1).", above=0)
     rslora: bool = option(False, "Scale by alpha/sqrt(r) instead of alpha/r.")
     targets: tuple[str, ...] = option(("q_proj", "v_proj"), "Comma-separated module-name suffixes; aliases such as "
-                                      "BERT's query/value are resolved.")
-    roles: dict[str, str] = option({}, "NAME=principal|minor, repeatable; overrides the method's roles.",
-                                   cli="--role")
+                                      "BERT's query/value are resolved; all-linear: every linear layer but the output "
+                                      "head (PEFT's). A fused matrix is targeted whole (qkv_proj, c_attn, "
+                                      "query_key_value, Wqkv): q_proj on it is refused.")
+    roles: dict[str, str] = option({}, "NAME=principal|minor, repeatable; overrides the method's roles. ailora's "
+                                   "defaults: Q and K principal, V and the attention output minor (the QK and OV "
+                                   "circuits), every other module principal (PiSSA's); a fused QKV matrix: Q rows "
+                                   "principal, V rows minor, in one pair (docs/fused-projections.md).", cli="--role")
     svd: str = option("randomized", "Principal components: exact (converged to 1e-5·σ_max) or seeded randomized. "
                       "Minor ones are always exact.", choices=SVD_MODES)
     niter: int = option(4, "Randomized SVD power iterations.", low=0)

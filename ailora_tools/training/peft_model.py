@@ -16,15 +16,16 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from ..architectures import peft_task_type
+from ..architectures import linear_layers, peft_task_type
 from ..decomposition.quantized import quantized_residual, refits
 from ..decomposition.residual import initial_factors, residual_target, working_copy
 from ..devices import resolve_device
 from ..errors import NumericsError, UnsupportedError
 from ..init import Job, Settings, get_method, lora_scale
 from ..init.dora import magnitude
+from ..init.fused import job_rows
 from ..init.svd import generator_for
-from ..init.targets import architecture, assign_roles, is_transposed, matches
+from ..init.targets import ALL_LINEAR, architecture, assign_roles, is_transposed, matches
 from ..io.tensorio import DTYPES, FLOAT_DTYPES, TensorInfo
 from ..options import DecomposeOptions, InitOptions
 from ..quantization.nf4 import linear4bit
@@ -96,8 +97,7 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
     config = config.to_dict()
     arch = architecture(config)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
-    role_of = assign_roles(init, list(o.targets), list(layers), arch, o.roles)
-    _check_weights(model, {m: layers[m].weight for m in role_of}, role_of, o.rank)
+    role_of, rows = _roles(model, init, o, layers, arch, config)
     lora = _lora_config(model, o, config, arch, layers, role_of, lora_dropout)
     params = Settings(o.rank, lora_scale(o.rank, o.lora_alpha, o.rslora), o.svd, o.niter, o.oversample, o.seed)
     init.check_settings(params)
@@ -107,9 +107,9 @@ def _wrap(model, options, settings: dict, *, lora_dropout: float, adapter_name: 
         if arch.transposed:
             raise UnsupportedError(f"quantize={quantize!r}: {type(model).__name__} stores its linear weights "
                                    "transposed (Conv1D), which bitsandbytes does not quantise; leave quantize out")
-        initial = _quantize_targets(model, layers, role_of, init, params, dev, loftq_iters, progress)
+        initial = _quantize_targets(model, layers, role_of, rows, init, params, dev, loftq_iters, progress)
     peft_model = get_peft_model(model, lora, adapter_name=adapter_name)
-    _fill_adapter(peft_model, adapter_name, o, init, role_of, arch, params, dev, initial, progress)
+    _fill_adapter(peft_model, adapter_name, o, init, role_of, rows, arch, params, dev, initial, progress)
     freeze_factors(peft_model, init.frozen, adapter_name)  # MiCA's B
     return peft_model
 
@@ -141,8 +141,8 @@ def _lora_config(model, o: InitOptions, config: dict, arch, layers: dict, role_o
                       fan_in_fan_out=any(is_transposed(m, arch) for m in role_of), use_dora=o.dora)
 
 
-def _fill_adapter(peft_model, adapter_name: str, o: InitOptions, init, role_of: dict, arch, params: Settings, dev,
-                  initial: dict | None, progress: bool) -> None:
+def _fill_adapter(peft_model, adapter_name: str, o: InitOptions, init, role_of: dict, rows: dict, arch,
+                  params: Settings, dev, initial: dict | None, progress: bool) -> None:
     """Each target's A0, B0 (and DoRA magnitude) into PEFT's layers, its residual into the base weight; with
     `initial` (quantised targets) the factors computed already."""
     import torch
@@ -151,7 +151,8 @@ def _fill_adapter(peft_model, adapter_name: str, o: InitOptions, init, role_of: 
         layer = peft_model.base_model.model.get_submodule(m)
         W = layer.get_base_layer().weight
         A0, B0, residual = (*initial[m], None) if initial is not None else _initialise(
-            W.detach(), init, m, role_of[m], is_transposed(m, arch), params, dev, offset=not o.no_offset)
+            W.detach(), init, _job(m, W, role_of[m], is_transposed(m, arch), rows[m]), params, dev,
+            offset=not o.no_offset)
         with torch.no_grad():
             layer.lora_A[adapter_name].weight.copy_(A0)
             layer.lora_B[adapter_name].weight.copy_(B0)
@@ -162,13 +163,24 @@ def _fill_adapter(peft_model, adapter_name: str, o: InitOptions, init, role_of: 
                     magnitude(W.detach(), A0, B0, params.scale, transposed=is_transposed(m, arch)))
 
 
-def _quantize_targets(model, layers: dict, role_of: dict, init, params, device, iters: int, progress: bool) -> dict:
+def _roles(model, init, o: InitOptions, layers: dict, arch, config: dict) -> tuple[dict, dict]:
+    """Each target module's role and, for a fused Q/K/V matrix split between roles, its rows; weights checked."""
+    linear = linear_layers(config, model) if ALL_LINEAR in o.targets else None
+    role_of = assign_roles(init, list(o.targets), list(layers), arch, o.roles, linear=linear)
+    _check_weights(model, {m: layers[m].weight for m in role_of}, role_of, o.rank)
+    shapes = {m: tuple(layers[m].weight.shape[::-1] if is_transposed(m, arch) else layers[m].weight.shape)
+              for m in role_of}
+    return role_of, {m: job_rows(m, r, shapes[m], arch, config, o.rank) for m, r in role_of.items()}
+
+
+def _quantize_targets(model, layers: dict, role_of: dict, rows: dict, init, params, device, iters: int,
+                      progress: bool) -> dict:
     """Replace each target Linear by a bitsandbytes Linear4bit holding its quantised residual (`decompose
     --quantize`'s own code); return module -> (A0, B0) as the adapter starts."""
     initial = {}
     for m in tqdm(sorted(role_of), desc="quantise", unit="matrix", disable=not progress):
         W = layers[m].weight.detach()
-        job = _job(m, W, role_of[m], False)
+        job = _job(m, W, role_of[m], False, rows[m])
         Wc = working_copy(job, W, device)
         A0, B0, _ = initial_factors(job, Wc if init.needs_weights else None, init, params,
                                     device=device if init.needs_weights else "cpu")
@@ -183,20 +195,18 @@ def _quantize_targets(model, layers: dict, role_of: dict, init, params, device, 
     return initial
 
 
-def _job(module: str, W: torch.Tensor, role: str | None, transposed: bool) -> Job:
+def _job(module: str, W: torch.Tensor, role: str | None, transposed: bool, rows=None) -> Job:
     return Job(module, TensorInfo(f"{module}.weight", "the model in memory", _stored_dtype(W), tuple(W.shape), 0, 0),
-               role, transposed)
+               role, transposed, rows)
 
 
-def _initialise(W: torch.Tensor, init, module: str, role: str | None, transposed: bool, params, device, *,
-                offset: bool = True):
+def _initialise(W: torch.Tensor, init, job: Job, params, device, *, offset: bool = True):
     """(A0, B0, residual as stored or None) for one target, with decompose's own code and per-module seed;
     `offset` False (`no_offset`): the factors alone, the base left as it is."""
-    job = _job(module, W, role, transposed)
     if not (init.offsets_base and offset):  # the base stays as it is (plain LoRA, MiCA, orthogonal, no_offset)
         A0, B0, _ = (initial_factors(job, working_copy(job, W, device), init, params, device=device)
                      if init.needs_weights else
-                     init.factors(job, None, params, generator=generator_for(params.seed, module, "cpu")))
+                     init.factors(job, None, params, generator=generator_for(params.seed, job.module, "cpu")))
         return A0, B0, None
     residual, (A0, B0), _ = residual_target(job, W, init, params, device=device, out_dtype=None)
     return A0, B0, residual

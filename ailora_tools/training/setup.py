@@ -127,7 +127,8 @@ def _subtract_initial(model, initial: Adapter, task_info: dict, config: dict, ad
     """Exact mode: the initial product subtracted inside the adapter, its factors under the model class's names
     (experts: B0 = 0, nothing to subtract)."""
     offsets = linear_offsets(initial, config, source=adapter)
-    names = match(offsets, {n for n, _ in model.get_base_model().named_modules()}, prefix=task_info["base_model_prefix"])
+    names = match(offsets, {n for n, _ in model.get_base_model().named_modules()},
+                  prefix=task_info["base_model_prefix"])
     subtract_initial(model, Adapter(initial.config, {names[m]: f for m, f in offsets.items()}))
 
 

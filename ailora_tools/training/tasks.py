@@ -36,8 +36,8 @@ from ..io.labels import label_ids, read_labeled, tokenize_labeled
 from ..io.peft_adapter import load_into, read_adapter
 from ..manifests import frozen_factors
 from ..options import TASKS as CHOICES
-from .frozen import freeze_factors
 from .experts import expert_training
+from .frozen import freeze_factors
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,16 @@ def resolve_task(name: str, config: dict) -> Task:
 
     Raises:
         TargetError: an unknown name.
+        UnsupportedError: an encoder-decoder (sequence-to-sequence) model, such as T5.
     """
     if name not in CHOICES:
         raise TargetError(f"--task {name!r}: choose one of {', '.join(CHOICES)}")
+    if config.get("is_encoder_decoder"):
+        kind = " ".join(config.get("architectures") or []) or config.get("model_type", "this model")
+        raise UnsupportedError(f"{kind} is an encoder-decoder (sequence-to-sequence) model; train supports "
+                               "decoder-only causal LMs and encoders (masked LM, sequence classification). decompose, "
+                               "convert and merge take it: train OUT/adapter on OUT/residual with PEFT and "
+                               "transformers' Seq2SeqTrainer, then convert or merge it here")
     return TASKS[task_of(name, config)]
 
 

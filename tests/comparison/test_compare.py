@@ -11,7 +11,7 @@ from ailora_tools.cli import main
 from ailora_tools.comparison.curves import steps_to_reach, trailing_mean
 from ailora_tools.decomposition import pipeline as decomposition
 from ailora_tools.demo import build_tiny_model, data_file
-from ailora_tools.errors import OptionError, OutputError, UnsupportedError
+from ailora_tools.errors import OptionError, OutputError, TargetError
 from ailora_tools.training import trainer as train_module
 from ailora_tools.verify import verify
 
@@ -132,7 +132,7 @@ def test_bad_input_fails_before_any_run(tiny, setup, tmp_path):
         compare(setup / "base", data, tmp_path / "a", methods=["lora", "vera"])
     with pytest.raises(OptionError, match="METHOD\\+dora"):
         compare(setup / "base", data, tmp_path / "a", methods=["pissa+lora"])
-    with pytest.raises(UnsupportedError, match="fused projection"):  # ailora on GPT-2, found before lora trains
+    with pytest.raises(TargetError, match="part of the fused c_attn"):  # q_proj on GPT-2, found before lora trains
         compare(tiny("gpt2"), data, tmp_path / "b", methods=["lora", "ailora"])
     res = CliRunner().invoke(main, ["compare", str(setup / "base"), "--data", str(tmp_path / "none.jsonl"),
                                     "-o", str(tmp_path / "c")])

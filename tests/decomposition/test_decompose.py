@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 from ailora_tools import decompose
-from ailora_tools.errors import TargetError, UnsupportedError
+from ailora_tools.errors import TargetError
 from ailora_tools.io.peft_adapter import read_adapter
 from ailora_tools.io.tensorio import read_header
 
@@ -151,10 +151,10 @@ def test_no_residual_gives_the_residual_runs_factors(tiny, tmp_path, kind):
     assert all(torch.equal(a, b) for m in res for a, b in zip(res[m], orig[m]))
 
 
-def test_fused_qkv_with_ailora_says_why(tiny, tmp_path):
+def test_part_of_a_fused_qkv_is_refused_naming_the_fused_module(tiny, tmp_path):
     src = tiny("gpt2")
-    with pytest.raises(UnsupportedError, match=r"c_attn is a fused projection holding Q, K and V.*method pissa"):
-        decompose(src, tmp_path / "out", method="ailora", rank=4, progress=False)
+    with pytest.raises(TargetError, match=r"'q_proj' is part of the fused c_attn.*target c_attn instead"):
+        decompose(src, tmp_path / "out", method="ailora", rank=4, progress=False)  # default targets q_proj,v_proj
     assert not (tmp_path / "out").exists()
 
 
@@ -168,9 +168,7 @@ def test_fused_qkv_pissa_transposed_conv1d(tiny, tmp_path):
     assert (logits(model, "gpt2") - logits(load(src, "gpt2"), "gpt2")).abs().max() <= 1e-4
 
 
-def test_ailora_target_without_role_lists_fix(tiny, tmp_path):
-    with pytest.raises(TargetError, match=r"k_proj has neither.*roles k_proj=principal\|minor"):
-        decompose(tiny("llama"), tmp_path / "out", targets=["q_proj", "k_proj", "v_proj"], rank=4, progress=False)
+def test_ailora_default_role_for_k_is_overridden_by_role(tiny, tmp_path):
     decompose(tiny("llama"), tmp_path / "out", targets=["q_proj", "k_proj", "v_proj"], roles={"k_proj": "minor"},
               rank=4, progress=False)
     roles = json.loads((tmp_path / "out" / "ailora.json").read_text())["roles"]

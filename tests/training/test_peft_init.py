@@ -17,7 +17,7 @@ from transformers import (
 
 from ailora_tools import convert, decompose, get_ailora_model
 from ailora_tools.demo import build_tiny_model, data_file
-from ailora_tools.errors import NumericsError, OptionError, UnsupportedError
+from ailora_tools.errors import NumericsError, OptionError, TargetError, UnsupportedError
 from ailora_tools.io.examples import collate, load_jsonl
 from ailora_tools.io.peft_adapter import read_adapter
 
@@ -41,7 +41,8 @@ def load(path, dtype=torch.float32):
 ])
 def test_same_factors_and_residual_as_decompose(tiny, tmp_path, kind, method, dtype, svd):
     src = tiny(kind, dtype)
-    opts = dict(method=method, rank=4, alpha=8, seed=3, svd=svd, device="cpu")
+    opts = dict(method=method, rank=4, alpha=8, seed=3, svd=svd, device="cpu",
+                targets=["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj"])
     decompose(src, tmp_path / "dec", progress=False, **opts)
     written = read_adapter(tmp_path / "dec" / "adapter")
     original = tensors(src)
@@ -122,7 +123,7 @@ def test_bad_input(tiny):
         get_ailora_model(model, method="dora")
     with pytest.raises(NumericsError, match=r"rank=32: model.layers.0.self_attn.v_proj.weight is 32x64"):
         get_ailora_model(model, rank=32, progress=False)
-    with pytest.raises(UnsupportedError, match=r"fused projection"):
+    with pytest.raises(TargetError, match=r"'q_proj' is part of the fused c_attn"):  # the default targets
         get_ailora_model(load(tiny("gpt2")), rank=4)
     tied = LlamaForCausalLM(make_config("llama").__class__(**{**make_config("llama").to_dict(),
                                                               "tie_word_embeddings": True}))
