@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from ..errors import OptionError
 from .ailora import AILoRA
+from .corda import CorDA
 from .lora import LoRA
 from .lora_da.method import LoRADA
+from .lora_ga import LoRAGA
 from .method import (
     InitMethod,
     Job,
@@ -19,7 +21,8 @@ from .method import (
 from .milora import MiLoRA
 from .pissa import PiSSA
 
-METHODS: dict[str, InitMethod] = {m.name: m for m in (AILoRA(), PiSSA(), MiLoRA(), LoRA(), LoRADA())}
+METHODS: dict[str, InitMethod] = {m.name: m for m in (AILoRA(), PiSSA(), MiLoRA(), LoRA(), LoRADA(),
+                                                     CorDA(), LoRAGA())}
 
 
 def get_method(name: str) -> InitMethod:
