@@ -40,7 +40,7 @@ class LoRAGA(InitMethod):
         """`task`: the decompose options (task, columns; `ga_direction`, `ga_scale`, `ga_gamma`)."""
         from ..errors import OptionError
         from .lora_da.method import calibrated
-        from .svd import generator_for, triplets
+        from .svd import Triplets, generator_for, triplets
         from .targets import PRINCIPAL
 
         small = next((j for j in jobs if 2 * settings.rank >= min(j.shape)), None)
@@ -72,6 +72,8 @@ class LoRAGA(InitMethod):
                 oversample=settings.oversample,
                 generator=generator_for(settings.seed, s.name, "cpu"),
             )
+            # copies: the triplets may be views into a full-width decomposition, which they would keep alive
+            t = Triplets(t.U.clone(), t.S.clone(), t.Vh.clone(), t.sigma_max, t.energy_fraction, t.deficient)
             found[s.name] = (
                 t,
                 {"gradient_norm": float(s.gradient.norm()), "calibration_tokens": s.tokens, "calibration_loss": s.loss},
