@@ -155,7 +155,9 @@ def signs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             {"direction": "ArBr", "scale": "gd_scale"},
             ("--ga-direction", "ArBr", "--ga-scale", "gd_scale"),
         ),
-        ("bert", "lora-ga", {"direction": "A2rBr", "scale": "unit"}, ("--ga-direction", "A2rBr", "--ga-scale", "unit")),
+        # (not A2rBr on this BERT: its gradients from 32 short sentences have rank below 2r, so A0's rows r..2r would
+        # be null-space directions that neither SVD determines)
+        ("bert", "lora-ga", {"scale": "unit"}, ("--ga-scale", "unit")),
     ],
 )
 def test_same_factors_residual_and_start_as_peft(llama, encoder, tmp_path, kind, method, config, flags):
