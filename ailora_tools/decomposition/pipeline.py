@@ -19,7 +19,7 @@ from .. import __version__
 from ..architectures import head_tensors, peft_task_type, task_of
 from ..distributed import is_worker, use_local_gpu
 from ..errors import NumericsError, OptionError, UnsupportedError
-from ..init import InitMethod, Job, Settings, get_method, lora_scale
+from ..init import METHODS, InitMethod, Job, Settings, get_method, lora_scale
 from ..init.experts import check_expert_jobs, expert_targets
 from ..init.fused import job_rows
 from ..init.targets import architecture, assign_roles, is_transposed, linear_modules
@@ -66,8 +66,9 @@ def decompose(
         options: a `DecomposeOptions` (every field documented there); `settings` replace its fields by name
             (`decompose(model, out, method="pissa", rank=32)`). The method is a registered init method
             (`ailora_tools.init.METHODS`): "ailora" (query principal, value minor), "pissa", "milora", "lora",
-            "lora-da", or PEFT's "olora", "mica", "orthogonal" (docs/inits.md); minor components are always exact;
-            every module's random draw is seeded by (seed, name);
+            "lora-da", "corda" or "lora-ga" (the last three calibrate on `data`), or PEFT's data-free "olora", "mica",
+            "orthogonal" (docs/inits.md); minor components are always exact; every module's random draw is seeded by
+            (seed, name);
             `no_residual` writes only OUT/adapter and the manifest, for training on the ORIGINAL weights with
             s·B0·A0 subtracted inside the adapter (`training.exact_mode`); `no_offset` also writes only the adapter,
             for training on the original weights as they are (the LoRA-DA authors' setting: step 0 is the model +
@@ -122,7 +123,8 @@ def _check_options(o: DecomposeOptions, init: InitMethod) -> None:
     if init.needs_data and o.data is None:
         raise OptionError(f"--method {o.method}: needs calibration samples; pass --data FILE.jsonl")
     if o.data is not None and not init.needs_data:
-        raise OptionError(f"--data: --method {o.method} does not use data (only lora-da does); drop --data")
+        users = ", ".join(m for m, i in METHODS.items() if i.needs_data)
+        raise OptionError(f"--data: --method {o.method} does not use data (only {users} do); drop --data")
     if o.data is not None:
         table_format(o.data, "--data")  # there and readable now; its rows, for the task, in the method's `prepare`
     if o.data is None and DecomposeOptions.build(o, **TaskOptions.defaults()) != o:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from ..errors import OptionError
 from .ailora import AILoRA
+from .corda import CorDA
 from .lora import LoRA
 from .lora_da.method import LoRADA
+from .lora_ga import LoRAGA
 from .method import (
     InitMethod,
     Job,
@@ -24,6 +26,7 @@ from .pissa import PiSSA
 
 METHODS: dict[str, InitMethod] = {m.name: m for m in (AILoRA(), PiSSA(), MiLoRA(), LoRA(), LoRADA())}
 METHODS.update({m.name: m for m in (OLoRA(), MiCA(), Orthogonal())})  # PEFT's data-free inits
+METHODS.update({m.name: m for m in (CorDA(), LoRAGA())})  # PEFT's data-aware inits, on LoRA-DA's calibration
 
 
 def get_method(name: str) -> InitMethod:

@@ -25,7 +25,7 @@ from .decoder import LAYER_MODULE, DecoderParts
 from .encoder import EncoderParts
 from .masks import require_transformers
 from .runner import HEAD_CHUNK_BYTES, run_layers
-from .statistics import ModuleStatistics
+from .statistics import CovarianceHooks, GradientHooks, ModuleStatistics, StatisticsHooks
 
 #: model_type values whose decoder layers calibrate (causal LM), and whose encoder layers do (masked LM, classification)
 DECODERS, ENCODERS = ("llama", "mistral", "qwen2"), ("bert", "roberta", "xlm-roberta")
@@ -34,6 +34,9 @@ SUPPORTED = DECODERS + ENCODERS
 TASKS = {CAUSAL_LM: DECODERS, MASKED_LM: ENCODERS, CLASSIFY: ENCODERS}
 TOKEN_MASKS = ("attention", "labels")
 FIXED_OVERHEAD = 64 << 20
+#: what `calibrate` sums per module: LoRA-DA's statistics, the loss gradient alone (LoRA-GA), the input covariance
+#: as PEFT's CorDA takes it (forward only)
+STATISTICS = {"lora-da": StatisticsHooks, "gradient": GradientHooks, "covariance": CovarianceHooks}
 
 
 def calibrate(
@@ -51,8 +54,10 @@ def calibrate(
     activation_budget: int = 1 << 30,
     scratch: str | os.PathLike | None = None,
     progress: bool = True,
+    statistics: str = "lora-da",
 ) -> Iterator[ModuleStatistics]:
-    """LoRA-DA statistics of each target module, yielded layer by layer from the top once that layer is done.
+    """Statistics of each target module (LoRA-DA's by default), yielded layer by layer once that layer is done: from
+    the top, or from the bottom for the forward-only "covariance".
 
     Everything is checked before this returns; the work runs as the iterator is consumed. Drop each
     statistics object once used to keep memory bounded (docs/lora-da-calibration.md gives the bound).
@@ -78,6 +83,8 @@ def calibrate(
         activation_budget: bytes of layer inputs and gradients kept in RAM; the rest goes to files.
         scratch: directory for those files (default: the system's temporary directory).
         progress: show a progress bar (one step per layer and pass).
+        statistics: what to sum (`STATISTICS`): "lora-da" (Z, E[g²], G), "gradient" (G only: LoRA-GA), "covariance"
+            (CorDA's input covariance in `input_factor`, forward only: the head is never loaded).
 
     Returns:
         An iterator of `ModuleStatistics`, one per module.
@@ -100,6 +107,8 @@ def calibrate(
     model_type = ckpt.config.get("model_type")
     if token_mask not in TOKEN_MASKS:
         raise UnsupportedError(f"token_mask {token_mask!r}: choose one of {', '.join(TOKEN_MASKS)}")
+    if statistics not in STATISTICS:
+        raise UnsupportedError(f"statistics {statistics!r}: choose one of {', '.join(STATISTICS)}")
     if dtype is not None and dtype not in DTYPE_FLAGS:
         raise UnsupportedError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_FLAGS)}")
     if batch_size < 1 or activation_budget < 0:
@@ -109,7 +118,7 @@ def calibrate(
     net = (DecoderParts if model_type in DECODERS else EncoderParts)(ckpt, task, dtype, dev, labels=labels, seed=seed)
     targets = net.targets(modules)
     batches, skipped = build_batches(examples, batch_size, token_mask, net, dev)
-    return run_layers(net, targets, batches, skipped, activation_budget, scratch, progress)
+    return run_layers(net, targets, batches, skipped, activation_budget, scratch, progress, STATISTICS[statistics])
 
 
 def check_supported(ckpt: Checkpoint, task: str) -> str:

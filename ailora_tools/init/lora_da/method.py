@@ -31,7 +31,7 @@ class LoRADA(InitMethod):
         require_transformers()  # before the data is read
         task = task or TaskOptions()
         name = check_supported(ckpt, task.task)
-        population, examples, labels = _calibration_samples(ckpt, data, name, task, samples, max_length,
+        population, examples, labels = calibration_samples(ckpt, data, name, task, samples, max_length,
                                                             seed=settings.seed)
         factors, inputs = {}, {}
         for stats in calibrate(ckpt, examples, [j.module for j in jobs], task=name, labels=labels, seed=settings.seed,
@@ -64,7 +64,24 @@ def _module_factors(stats, input_factor, *, rank: int, population: int, seed: in
                        "calibration_loss": stats.loss, "calibration_tokens": stats.tokens})
 
 
-def _calibration_samples(ckpt, data, task: str, options, samples: int, max_length: int, *, seed: int):
+def calibrated(ckpt, jobs, settings, statistics: str, *, data, samples: int, max_length: int, task, device: str,
+               progress: bool):
+    """(rows in `data`, an iterator of each job's `statistics` as `calibration.calibrate` sums them) on the first
+    `samples` rows of `data`, read for `task` (`options.TaskOptions`) as LoRA-DA's `prepare` reads them: the
+    calibration of the other data-aware methods (CorDA, LoRA-GA). Everything is checked before this returns."""
+    from ...options import TaskOptions
+    from .calibration import calibrate, check_supported
+    from .masks import require_transformers
+
+    require_transformers()  # before the data is read
+    task = task or TaskOptions()
+    name = check_supported(ckpt, task.task)
+    population, examples, labels = calibration_samples(ckpt, data, name, task, samples, max_length, seed=settings.seed)
+    return population, calibrate(ckpt, examples, [j.module for j in jobs], task=name, labels=labels,
+                                 seed=settings.seed, device=device, progress=progress, statistics=statistics)
+
+
+def calibration_samples(ckpt, data, task: str, options, samples: int, max_length: int, *, seed: int):
     """(rows in `data`, its first `samples` rows tokenized for `task` as `train` reads them, the classification head's
     config keys or None). Masked-LM rows are masked with train's seeded draw (`seed`: the same masks as `train
     --seed` gives its first rows); classification labels get train's ids from these rows.

@@ -1,5 +1,6 @@
 """The streamed model runner: embeddings, then each layer over all samples without autograd, the head's loss and
-its gradient, then each layer again from the top with autograd while hooks take the statistics
+its gradient, then each layer again from the top with autograd while hooks take the statistics; for forward-only
+statistics (CorDA's) the hooks take them in the first pass, which stops at the last target layer
 (docs/lora-da-calibration.md)."""
 from __future__ import annotations
 
@@ -17,20 +18,25 @@ HEAD_CHUNK_BYTES = 32 << 20  # float32 logits per lm_head chunk
 
 
 def run_layers(net: ModelParts, targets: dict[int, dict[str, str]], batches: list[Batch], skipped: int,
-               budget: int, scratch, progress: bool) -> Iterator[ModuleStatistics]:
-    """Each target's statistics, layer by layer from the top (`targets`: layer index -> {local name: full name});
-    layer inputs and gradients spill beyond `budget` bytes into files under `scratch`; closes `net` at the end."""
+               budget: int, scratch, progress: bool, hooks=StatisticsHooks) -> Iterator[ModuleStatistics]:
+    """Each target's statistics as `hooks` (a class of `statistics`) sum them, layer by layer from the top, or from
+    the bottom for forward-only hooks (`targets`: layer index -> {local name: full name}); layer inputs and gradients
+    spill beyond `budget` bytes into files under `scratch`; closes `net` at the end."""
     layers, first = len(net.layers), min(targets)
     samples = sum(len(b.ids) for b in batches)
     store = SpillStore(budget, scratch)
-    bar = tqdm(total=2 * layers - first + 2, desc="LoRA-DA calibration", unit="step", disable=not progress)
+    steps = 2 * layers - first + 2 if hooks.BACKWARD else max(targets) + 2
+    bar = tqdm(total=steps, desc="calibration", unit="step", disable=not progress)
     try:
+        if not hooks.BACKWARD:
+            yield from _forward_statistics(net, store, batches, targets, hooks, (samples, skipped), bar)
+            return
         _forward(net, store, batches, first, bar)
         loss = _head(net, store, batches, layers) / samples
         bar.update()
         for i in range(layers - 1, first - 1, -1):  # backward, recomputing each layer from its input
             layer = net.load(net.layers[i])
-            collector = StatisticsHooks(layer, targets[i], net.device) if i in targets else None
+            collector = hooks(layer, targets[i], net.device) if i in targets else None
             for b, batch in enumerate(batches):
                 h = store.get(("h", i, b), remove=True).to(net.device).requires_grad_(True)
                 grad = store.get(("g", i + 1, b), remove=True).to(net.device)
@@ -65,6 +71,28 @@ def _forward(net: ModelParts, store: SpillStore, batches: list[Batch], first: in
             store.put(("h", i + 1, b), _output(layer(h, **net.layer_kwargs(i, h, batch))))
         net.unload(layer)
         bar.update()
+
+
+@torch.no_grad()
+def _forward_statistics(net: ModelParts, store: SpillStore, batches: list[Batch], targets: dict, hooks, counts: tuple,
+                        bar) -> Iterator[ModuleStatistics]:
+    """Embeddings, then each layer up to the last target one with `hooks` on its targets, keeping only the next
+    layer's inputs; each target layer's statistics as soon as it is done (`counts`: samples, skipped)."""
+    for b, h in enumerate(net.embed(batches)):
+        store.put(("h", 0, b), h)
+    bar.update()
+    for i in range(max(targets) + 1):
+        layer = net.load(net.layers[i])
+        collector = hooks(layer, targets[i], net.device) if i in targets else None
+        for b, batch in enumerate(batches):
+            h = store.get(("h", i, b), remove=True).to(net.device)
+            if collector is not None:
+                collector.start(batch)
+            store.put(("h", i + 1, b), _output(layer(h, **net.layer_kwargs(i, h, batch))))
+        net.unload(layer)
+        bar.update()
+        if collector is not None:
+            yield from collector.results(*counts, float("nan"))
 
 
 def _output(out) -> torch.Tensor:

@@ -1,0 +1,158 @@
+"""corda and lora-ga: `decompose` (layer-streamed calibration, then the residual written shard by shard) against PEFT's
+own init (the whole model loaded, `preprocess_corda` / `preprocess_loraga` over the same samples one at a time, then
+`get_peft_model`) on the same Llama-3.2-1B-shaped checkpoint with its layers cut down (synthetic, bfloat16).
+
+Each workload runs as its own process: wall time and peak RSS (VmHWM), and its growth over the RSS after imports.
+Targets q_proj, v_proj, down_proj of every layer, rank 8, the demo's calibration data and tokenizer. The markdown
+table goes to benchmarks/results/. Nothing here is asserted.
+
+    python benchmarks/bench_inits_data.py                       # 4 layers, vocabulary 32000: a few minutes on 2 cores
+    python benchmarks/bench_inits_data.py --layers 16 --vocab 128256   # the full 1B shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+TARGETS, RANK, SAMPLES = ("q_proj", "v_proj", "down_proj"), 8, 8
+
+
+def vm(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def child(kind: str, method: str, model: str, work: Path) -> None:
+    """One workload; writes work/<kind>-<method>.json with the RSS after imports, the peak and the seconds."""
+    import torch
+    from peft import LoraConfig, LoraGAConfig, get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+    from peft.tuners.lora.loraga import preprocess_loraga
+    from transformers import AutoModelForCausalLM
+
+    from ailora_tools.decomposition import decompose
+    from ailora_tools.demo import data_file
+    from ailora_tools.init.lora_da.method import calibration_samples
+    from ailora_tools.io.checkpoint import Checkpoint
+    from ailora_tools.options import DecomposeOptions
+
+    torch.set_num_threads(2)
+    data = data_file("demo_train.jsonl")
+    baseline, t0 = vm("VmRSS"), time.perf_counter()
+    if kind == "ours":
+        decompose(
+            model,
+            work / f"out-{method}",
+            method=method,
+            rank=RANK,
+            targets=TARGETS,
+            data=data,
+            samples=SAMPLES,
+            max_length=128,
+            device="cpu",
+            progress=False,
+            overwrite=True,
+        )
+    else:
+        _, examples, _ = calibration_samples(
+            Checkpoint.open(model), data, "causal-lm", DecomposeOptions(), SAMPLES, 128, seed=0
+        )
+        rows = [(torch.tensor([e.input_ids]), torch.tensor([e.labels])) for e in examples]
+        net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+        if method == "corda":
+            config = LoraConfig(
+                r=RANK,
+                lora_alpha=RANK,
+                target_modules=list(TARGETS),
+                init_lora_weights="corda",
+                corda_config=CordaConfig(corda_method="ipm"),
+            )
+            net.eval()
+            preprocess_corda(net, config, run_model=lambda: [net(input_ids=i) for i, _ in rows])
+        else:
+            config = LoraConfig(
+                r=RANK,
+                lora_alpha=RANK,
+                target_modules=list(TARGETS),
+                init_lora_weights="lora_ga",
+                lora_ga_config=LoraGAConfig(),
+            )
+            preprocess_loraga(net, config, lambda: [net(input_ids=i, labels=t).loss.backward() for i, t in rows])
+        get_peft_model(net, config)
+    (work / f"{kind}-{method}.json").write_text(
+        json.dumps({"baseline": baseline, "peak": vm("VmHWM"), "seconds": time.perf_counter() - t0})
+    )
+
+
+def build(path: Path, layers: int, vocab: int) -> Path:
+    import torch
+    from synthetic import synthetic_llama
+
+    from ailora_tools.demo import build_tiny_model
+
+    synthetic_llama(
+        path, layers=layers, hidden=2048, inter=8192, kv=8, vocab=vocab, head_dim=64, dtype=torch.bfloat16, per_shard=2
+    )
+    tok = build_tiny_model(path.parent / "tok")
+    for f in tok.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--methods", default="corda,lora-ga")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = build(work / "model", args.layers, args.vocab)
+        size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+        rows = []
+        for method in args.methods.split(","):
+            for kind in ("ours", "peft"):
+                subprocess.run([sys.executable, __file__, "--child", kind, method, str(model), str(work)], check=True)
+                r = json.loads((work / f"{kind}-{method}.json").read_text())
+                rows.append((method, kind, r))
+    gib = 1 << 30
+    lines = [
+        f"# bench_inits_data ({datetime.date.today()}): Llama-3.2-1B shape, {args.layers} layers, vocabulary "
+        f"{args.vocab}, bfloat16 ({size / gib:.2f} GiB); targets {','.join(TARGETS)}, rank {RANK}, "
+        f"{SAMPLES} samples",
+        "",
+        "| method | init | seconds | peak RSS GiB | growth GiB | peak vs PEFT | time vs PEFT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by = {(m, k): r for m, k, r in rows}
+    for method, kind, r in rows:
+        peft = by[(method, "peft")]
+        lines.append(
+            f"| {method} | {kind} | {r['seconds']:.1f} | {r['peak'] / gib:.2f} | "
+            f"{(r['peak'] - r['baseline']) / gib:.2f} | {r['peak'] / peft['peak']:.2f} | "
+            f"{r['seconds'] / peft['seconds']:.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = HERE / "results" / f"inits_data-{args.layers}layers.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5]))
+    else:
+        main()

@@ -1,0 +1,197 @@
+"""corda and lora-ga match PEFT's own init (peft 0.21: `preprocess_corda` / `preprocess_loraga`, then
+`get_peft_model`) on a tiny Llama and a tiny BERT, on the same calibration samples: the factors (each singular
+direction up to its sign, which PEFT's SVD leaves free), the residual base, and the step-0 outputs.
+
+PEFT's LoRA-GA takes the gradient's SVD with `torch.svd_lowrank(q=min(4r, min(shape)))`, a random projection drawn
+from torch's global generator: exact only when q reaches min(shape), so the ranks here are chosen for that (4r = the
+hidden size) and the comparison is deterministic. Its `random` direction draws from the same unseeded generator
+(ours per module from --seed); its `weight_svd` scale estimates σ_max(W) by the same random projection (ours exact).
+"""
+
+import json
+import random
+import string
+
+import pytest
+import torch
+from conftest import cli
+from peft import LoraConfig, LoraGAConfig, get_peft_model
+from peft.tuners.lora.config import CordaConfig
+from peft.tuners.lora.corda import preprocess_corda
+from peft.tuners.lora.loraga import preprocess_loraga
+from safetensors.torch import load_file
+from test_encoders import encoder, texts  # noqa: F401  (encoder: fixture)
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
+
+from ailora_tools.demo import build_tiny_model
+from ailora_tools.init import lora_scale
+from ailora_tools.init.lora_da.method import calibration_samples
+from ailora_tools.io.checkpoint import Checkpoint
+from ailora_tools.io.examples import IGNORE
+from ailora_tools.options import DecomposeOptions
+
+SAMPLES = 32
+#: (kind, auto class, task, targets, rank, alpha): 4r is the width of the targets' smaller side (see above)
+CASES = {
+    "llama": (AutoModelForCausalLM, "causal-lm", ("q_proj", "o_proj"), 16, 8.0),
+    "bert": (AutoModelForMaskedLM, "masked-lm", ("query", "value"), 12, 24.0),
+}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """The demo's tokenizer on a smaller Llama (2 layers, hidden 64, GQA), in shards."""
+    path = build_tiny_model(tmp_path_factory.mktemp("llama") / "base")
+    for f in path.glob("model*.safetensors*"):
+        f.unlink()
+    config = LlamaConfig.from_pretrained(path)
+    config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2))
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path, max_shard_size="60KB")
+    return path
+
+
+def source(kind, llama, encoder, tmp_path):
+    """The model and its calibration data: varied enough that the input covariance has no cluster of equal
+    eigenvalues (whose directions no SVD pins down, in float32 as PEFT computes or in float64 as we do)."""
+    if kind == "llama":
+        rng = random.Random(0)
+        rows = (
+            "".join(rng.choice(string.ascii_letters + string.digits + " +-=?") for _ in range(40))
+            for _ in range(SAMPLES)
+        )
+        path = tmp_path / "random.jsonl"
+        path.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+        return llama, path
+    return encoder("bert-mlm"), texts(tmp_path / "texts.jsonl", SAMPLES, seed=3)
+
+
+def samples(src, data, task):
+    """The calibration samples decompose reads (the same function), those with a loss token, as tensors."""
+    ckpt = Checkpoint.open(src)
+    _, examples, _ = calibration_samples(ckpt, data, task, DecomposeOptions(task=task), SAMPLES, 64, seed=0)
+    keep = [e for e in examples if any(label != IGNORE for label in e.labels[task == "causal-lm" :])]
+    return [(torch.tensor([e.input_ids]), torch.tensor([e.labels])) for e in keep]
+
+
+def peft_init(src, auto, kind, method, data, task, targets, rank, alpha, **config):
+    """PEFT's own init: its model (residual + adapter) and the config."""
+    model = auto.from_pretrained(src, dtype=torch.float32)
+    rows = samples(src, data, task)
+    if method == "corda":
+        lora = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=list(targets),
+            init_lora_weights="corda",
+            corda_config=CordaConfig(corda_method=config.get("corda_mode", "ipm")),
+        )
+        model.eval()
+        preprocess_corda(model, lora, run_model=lambda: [model(input_ids=ids) for ids, _ in rows])
+    else:
+        lora = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=list(targets),
+            init_lora_weights="lora_ga",
+            lora_ga_config=LoraGAConfig(**config),
+        )
+
+        def train_step():
+            for ids, labels in rows:
+                model(input_ids=ids, labels=labels).loss.backward()
+
+        preprocess_loraga(model, lora, train_step)
+    return get_peft_model(model, lora).eval()
+
+
+def ours(src, out, method, data, task, targets, rank, alpha, *flags):
+    res = cli(
+        "decompose",
+        src,
+        "-o",
+        out,
+        "--method",
+        method,
+        "--data",
+        data,
+        "--task",
+        task,
+        "--samples",
+        str(SAMPLES),
+        "--max-length",
+        "64",
+        "--targets",
+        ",".join(targets),
+        "--rank",
+        str(rank),
+        "--alpha",
+        str(alpha),
+        "--svd",
+        "exact",
+        "--quiet",
+        *flags,
+    )
+    assert res.exit_code == 0, res.output
+    return load_file(out / "adapter" / "adapter_model.safetensors"), Checkpoint.open(out / "residual")
+
+
+def signs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The sign of each row of `a` that best matches the same row of `b`."""
+    return torch.where((a * b).sum(1) < 0, -1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "kind,method,config,flags",
+    [
+        ("llama", "corda", {}, ()),
+        ("llama", "corda", {"corda_mode": "kpm"}, ("--corda-mode", "kpm")),
+        ("bert", "corda", {}, ()),
+        ("llama", "lora-ga", {}, ()),
+        ("bert", "lora-ga", {}, ()),
+        (
+            "llama",
+            "lora-ga",
+            {"direction": "ArBr", "scale": "gd_scale"},
+            ("--ga-direction", "ArBr", "--ga-scale", "gd_scale"),
+        ),
+        # (not A2rBr on this BERT: its gradients from 32 short sentences have rank below 2r, so A0's rows r..2r would
+        # be null-space directions that neither SVD determines)
+        ("bert", "lora-ga", {"scale": "unit"}, ("--ga-scale", "unit")),
+    ],
+)
+def test_same_factors_residual_and_start_as_peft(llama, encoder, tmp_path, kind, method, config, flags):
+    auto, task, targets, rank, alpha = CASES[kind]
+    src, data = source(kind, llama, encoder, tmp_path)
+    peft = peft_init(src, auto, kind, method.replace("-", "_"), data, task, targets, rank, alpha, **config)
+    adapter, residual = ours(src, tmp_path / "d", method, data, task, targets, rank, alpha, *flags)
+    original = auto.from_pretrained(src, dtype=torch.float32).eval()
+    s = lora_scale(rank, alpha, False)
+    # KPM keeps W·C's smallest directions, which PEFT's float32 SVD finds only to about eps32·σ_max over their gaps;
+    # LoRA-GA's gradient, summed layer by layer here and through the whole model there, agrees to float32 rounding
+    tol = {"kpm": 3e-2, "lora-ga": 1e-3}.get(config.get("corda_mode", method), 2e-4)
+    checked = 0
+    for name, layer in peft.base_model.model.named_modules():
+        if not hasattr(layer, "lora_A"):
+            continue
+        key = f"base_model.model.{name}"
+        A, B = adapter[f"{key}.lora_A.weight"], adapter[f"{key}.lora_B.weight"]
+        pA, pB = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        dA, dB = signs(A, pA), signs(B.T, pB.T)  # each direction up to its sign
+        torch.testing.assert_close(A * dA[:, None], pA, rtol=0, atol=tol * float(pA.abs().max()))
+        torch.testing.assert_close(B * dB, pB, rtol=0, atol=tol * float(pB.abs().max()))
+        if method == "corda":  # A's and B's directions pair up: one sign each
+            assert torch.equal(dA, dB)
+        W = original.get_submodule(name).weight.detach()
+        stored = residual.tensors[f"{name}.weight"].name if f"{name}.weight" in residual.tensors else None
+        ours_res = load_file(residual.root / residual.tensors[stored].file)[stored]
+        # PEFT's residual, with our signs: W − s·(B·D_B)(D_A·A)
+        expect = layer.get_base_layer().weight.detach() + s * pB @ pA - s * (pB * dB) @ (dA[:, None] * pA)
+        torch.testing.assert_close(ours_res, expect, rtol=0, atol=2 * tol * float((s * pB @ pA).abs().max()))
+        assert (W - ours_res).abs().max() > 1e-4 * W.abs().max()  # the base is offset
+        checked += 1
+    assert checked == 2 * original.config.num_hidden_layers
+    ids = samples(src, data, task)[0][0]
+    with torch.no_grad():
+        want = original(input_ids=ids).logits
+        torch.testing.assert_close(peft(input_ids=ids).logits, want, rtol=0, atol=1e-4)
