@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 TARGETS, RANK, SAMPLES = ("q_proj", "v_proj", "down_proj"), 8, 8
 
 
@@ -97,9 +96,9 @@ def child(kind: str, method: str, model: str, work: Path) -> None:
 
 def build(path: Path, layers: int, vocab: int) -> Path:
     import torch
-    from synthetic import synthetic_llama
 
     from ailora_tools.demo import build_tiny_model
+    from ailora_tools.testing.synthetic import synthetic_llama
 
     synthetic_llama(
         path, layers=layers, hidden=2048, inter=8192, kv=8, vocab=vocab, head_dim=64, dtype=torch.bfloat16, per_shard=2

@@ -87,9 +87,9 @@ def run(argv: list[str], out: Path) -> dict:
 def prepare(work: Path, layers: int) -> Path:
     model = work / f"model-{layers}"
     if not (model / "model.safetensors.index.json").is_file():
-        sys.path.insert(0, str(HERE.parent / "tests"))  # the synthetic checkpoints live with the tests
         import torch
-        from synthetic import synthetic_llama
+
+        from ailora_tools.testing.synthetic import synthetic_llama
 
         synthetic_llama(str(model), layers=layers, dtype=torch.bfloat16, shards=2, **SHAPE)
     return model

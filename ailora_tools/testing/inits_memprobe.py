@@ -1,7 +1,7 @@
 """Subprocess helper for the data-aware inits' peak-memory test: run a method's `prepare` (its calibration and
 factors, as decompose runs it) and report RSS growth.
 
-Usage: python inits_memprobe.py MODEL METHOD DATA WARM
+Usage: python -m ailora_tools.testing.inits_memprobe MODEL METHOD DATA WARM
 Prints JSON {"baseline": bytes, "peak": bytes, "modules": count, "kept": bytes}: VmRSS just before `prepare`, VmHWM
 after it, and the bytes of the factors it keeps for every module (the output, which grows with depth). Layer inputs
 and gradients spill to files beyond 1 MiB (`calibrate`'s activation budget, 1 GiB by default), so that what is held
@@ -15,13 +15,12 @@ import json
 import sys
 import tempfile
 
-from memprobe import settle, status  # this folder is on sys.path when run as a script
-
 import ailora_tools.init.lora_da.calibration as calibration
 from ailora_tools.decomposition.pipeline import plan
 from ailora_tools.init import Settings, get_method, lora_scale
 from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.options import DecomposeOptions
+from ailora_tools.testing.memprobe import settle, status
 
 TARGETS, RANK = ("q_proj", "v_proj", "down_proj"), 4
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from zoo import ZOO, build, logits
+from helpers.zoo import ZOO, build, logits
 
 from ailora_tools import decompose, get_ailora_model
 from ailora_tools.errors import NumericsError, TargetError
@@ -170,7 +170,7 @@ def test_zoo_targets_name_whole_matrices():
 
 
 def test_refusals_are_one_line_naming_the_flags(models, tmp_path):
-    from conftest import cli, one_line_error
+    from helpers import cli, one_line_error
 
     res = cli("decompose", models("phi3"), "-o", tmp_path / "o", "--targets", "q_proj,v_proj")
     one_line_error(res, "--targets: 'q_proj' is part of the fused qkv_proj", "target qkv_proj instead")

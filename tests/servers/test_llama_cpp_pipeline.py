@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers.adapters import fake_training, quantize_residual
+from helpers.llama_cpp import FACTOR, PROMPTS, SMALL, Family, build_bases, hf_logits, worst
 from peft import PeftModel
-from test_convert_merge import fake_training
-from test_llama_cpp_serving import FACTOR, PROMPTS, SMALL, Family, build_bases, hf_logits, python, worst  # noqa: F401
-from test_quantized_serving import quantize_residual
 
 from ailora_tools import convert, decompose, export_gguf, merge
 from ailora_tools.adapters.nf4_residual import read_dequantized

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from synthetic import synthetic_llama
 
 from ailora_tools.demo import build_tiny_model, data_file
+from ailora_tools.testing.synthetic import synthetic_llama
 
 SHAPE = dict(hidden=128, inter=512, kv=2, vocab=512, head_dim=32, per_shard=4)
 
@@ -41,7 +41,8 @@ def test_peak_memory_is_flat_from_2_to_24_layers(tmp_path, method):
         out = subprocess.run(
             [
                 sys.executable,
-                str(Path(__file__).parent / "inits_memprobe.py"),
+                "-m",
+                "ailora_tools.testing.inits_memprobe",
                 str(src),
                 method,
                 str(data_file("demo_train.jsonl")),

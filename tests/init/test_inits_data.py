@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import cli, lm_logits
+from helpers import cli, lm_logits
+from helpers.calibration import samples
 from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 from peft.tuners.lora.loraga import preprocess_loraga
-from test_inits_data_peft import llama, samples  # noqa: F401  (llama: fixture)
 from transformers import AutoModelForCausalLM
 
 from ailora_tools.adapters.conversion import convert

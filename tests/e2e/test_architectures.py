@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from zoo import MASKED, SEQ2SEQ, ZOO, build, data, logits
+from helpers.zoo import MASKED, SEQ2SEQ, ZOO, build, data, logits
 
 from ailora_tools import check_adapter, convert, decompose, merge
 from ailora_tools.errors import UnsupportedError

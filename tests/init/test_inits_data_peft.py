@@ -14,21 +14,18 @@ import string
 
 import pytest
 import torch
-from conftest import cli
+from helpers import cli
+from helpers.calibration import samples
+from helpers.encoders import texts
 from peft import LoraConfig, LoraGAConfig, get_peft_model
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 from peft.tuners.lora.loraga import preprocess_loraga
 from safetensors.torch import load_file
-from test_encoders import encoder, texts  # noqa: F401  (encoder: fixture)
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from ailora_tools.demo import build_tiny_model
 from ailora_tools.init import lora_scale
-from ailora_tools.init.lora_da.method import calibration_samples
 from ailora_tools.io.checkpoint import Checkpoint
-from ailora_tools.io.examples import IGNORE
-from ailora_tools.options import DecomposeOptions
 
 SAMPLES = 32
 #: (kind, auto class, task, targets, rank, alpha): 4r is the width of the targets' smaller side (see above)
@@ -36,19 +33,6 @@ CASES = {
     "llama": (AutoModelForCausalLM, "causal-lm", ("q_proj", "o_proj"), 16, 8.0),
     "bert": (AutoModelForMaskedLM, "masked-lm", ("query", "value"), 12, 24.0),
 }
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """The demo's tokenizer on a smaller Llama (2 layers, hidden 64, GQA), in shards."""
-    path = build_tiny_model(tmp_path_factory.mktemp("llama") / "base")
-    for f in path.glob("model*.safetensors*"):
-        f.unlink()
-    config = LlamaConfig.from_pretrained(path)
-    config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2))
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path, max_shard_size="60KB")
-    return path
 
 
 def source(kind, llama, encoder, tmp_path):
@@ -64,14 +48,6 @@ def source(kind, llama, encoder, tmp_path):
         path.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
         return llama, path
     return encoder("bert-mlm"), texts(tmp_path / "texts.jsonl", SAMPLES, seed=3)
-
-
-def samples(src, data, task):
-    """The calibration samples decompose reads (the same function), those with a loss token, as tensors."""
-    ckpt = Checkpoint.open(src)
-    _, examples, _ = calibration_samples(ckpt, data, task, DecomposeOptions(task=task), SAMPLES, 64, seed=0)
-    keep = [e for e in examples if any(label != IGNORE for label in e.labels[task == "causal-lm" :])]
-    return [(torch.tensor([e.input_ids]), torch.tensor([e.labels])) for e in keep]
 
 
 def peft_init(src, auto, kind, method, data, task, targets, rank, alpha, **config):

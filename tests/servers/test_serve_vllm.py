@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli
-from test_convert_merge import fake_training
-from test_dora import fake_training as fake_dora_training
-from test_quantized_serving import quantize_residual
+from helpers import cli
+from helpers.adapters import fake_dora_training, fake_training, quantize_residual
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from ailora_tools import convert, decompose, merge
