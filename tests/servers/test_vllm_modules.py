@@ -17,7 +17,7 @@ from ailora_tools.adapters.rules import SERVABLE_MODULES, VLLM_READ, VLLM_TABLE_
 from ailora_tools.io.peft_adapter import read_adapter
 from ailora_tools.servers.vllm import find_python
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def peft_lora(model, base: Path, out: Path, targets: list[str]) -> Path:
