@@ -60,4 +60,6 @@ def test_peak_memory_is_flat_from_2_to_24_layers(tmp_path, method):
     size = sum(p.stat().st_size for p in (tmp_path / "l24").glob("*.safetensors"))
     assert size > 20 * weights
     (grown2, kept2), (grown24, kept24) = peaks[2], peaks[24]
-    assert grown24 - grown2 - (kept24 - kept2) <= 2 * weights, (peaks, weights)  # 22 more layers
+    # 22 more layers hold 22 layers of weights (21 MB here) if anything keeps them; bookkeeping per module is about
+    # 90 KB a layer (corda measured 1.9-2.0 MB over 22 layers)
+    assert grown24 - grown2 - (kept24 - kept2) <= 2.5 * weights, (peaks, weights)
