@@ -8,7 +8,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from .errors import FormatError, InputNotFoundError
+from .errors import FormatError
+from .io.documents import read_document
 
 
 def load_recipe(path: str | Path, section: str) -> dict:
@@ -18,12 +19,8 @@ def load_recipe(path: str | Path, section: str) -> dict:
         InputNotFoundError: no such file. FormatError: bad TOML or no such table.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"--config {path}: no such file")
-    try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise FormatError(f"--config {path}: not valid TOML ({e})") from e
+    doc = read_document(path, tomllib.loads, missing=f"--config {path}: no such file",
+                        invalid=f"--config {path}: not valid TOML")
     if section not in doc:
         raise FormatError(f"--config {path}: no [{section}] table (it has: {', '.join(doc) or 'nothing'})")
     out = {}

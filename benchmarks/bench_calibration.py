@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_decompose import describe_machine, run_arguments, write_report
+
 HERE = Path(__file__).parent
 PY = sys.executable
 CHECKED = ("model.layers.0.self_attn.q_proj", "model.layers.{last}.self_attn.v_proj")
@@ -109,17 +111,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="engine micro-batch sizes to run")
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/ailora-bench-calibration"))
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    run_arguments(p, rounds=1, workdir="/tmp/ailora-bench-calibration")
     p.add_argument("--child", nargs=4, metavar=("KIND", "MODEL", "WORK", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         kind, model, work, batch = args.child
         return child(kind, model, Path(work), int(batch), args.device)
-    from bench_decompose import describe_machine
-
     from ailora_tools.init.lora_da.calibration import memory_bound
 
     lines = [f"# LoRA-DA calibration benchmark, {datetime.date.today()}", "",
@@ -174,10 +171,7 @@ def main() -> None:
               "transformers and the code are imported; the "
               "engine's bound (`memory_bound`) is for that growth, taking as activation budget what these runs keep "
               "in RAM, (layers + 2) × samples × tokens × hidden × 2 bytes (under the default budget of 1 GiB).", ""]
-    args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"calibration-{args.device}-{datetime.date.today()}.md"
-    dest.write_text("\n".join(lines))
-    print(f"wrote {dest}")
+    write_report(args.out, "calibration", args.device, lines)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,14 @@ def write_report(out: Path, name: str, device: str, lines: list[str]) -> Path:
     return path
 
 
+def run_arguments(p: argparse.ArgumentParser, *, rounds: int, workdir: str) -> None:
+    """The options every benchmark takes: rounds, device, a work directory, the report's directory."""
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workdir", type=Path, default=Path(workdir))
+    p.add_argument("--out", type=Path, default=HERE / "results")
+
+
 def describe_machine(device: str) -> list[str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -154,12 +162,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["170m", "tinyllama"],
                    help="names from synthetic.SIZES, or 70b-layers:N")
-    p.add_argument("--rounds", type=int, default=3)
+    run_arguments(p, rounds=3, workdir="/tmp/ailora-bench")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/ailora-bench"))
-    p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--only", nargs="*", default=None, help="run only workloads whose name contains one of these")
     args = p.parse_args()
     lines = [f"# decompose benchmark, {datetime.date.today()}", "",
@@ -195,10 +200,7 @@ def main() -> None:
         lines += ["Peak RSS of decompose across sizes: "
                   f"{', '.join(f'{k} {v / 2**20:.0f} MiB' for k, v in rss_by_size.items())} "
                   f"(spread {hi / lo - 1:.0%}; target: flat within 20%)", ""]
-    args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"decompose-{args.device}-{datetime.date.today()}.md"
-    dest.write_text("\n".join(lines))
-    print(f"wrote {dest}")
+    write_report(args.out, "decompose", args.device, lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench_decompose import HERE, PY, describe_machine, prepare, run, write_report
+from bench_decompose import HERE, PY, describe_machine, prepare, run, run_arguments, write_report
 
 
 def workloads(model: Path, work: Path, ranks: int, method: str, svd: str, device: str, rank: int) -> dict:
@@ -56,11 +56,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="BLAS threads per process (OMP_NUM_THREADS)")
     p.add_argument("--method", default="milora", help="milora: every target's minor components, the most compute")
     p.add_argument("--svd", default="exact")
-    p.add_argument("--rounds", type=int, default=2)
+    run_arguments(p, rounds=2, workdir="/tmp/ailora-bench")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/ailora-bench"))
-    p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     lines = [f"# decompose and merge on torchrun ranks ({datetime.date.today()})", "",

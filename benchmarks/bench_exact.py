@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_decompose import write_report
 
 HERE = Path(__file__).parent
 from ailora_tools.init.svd import generator_for, triplets  # noqa: E402
@@ -125,10 +126,7 @@ def main() -> None:
                          f"{rand_s:.3f} | {serr:.1e} | {res:.1e} | {paths} | "
                          f"{statistics.median(times['minor', r]):.3f} |")
             print(lines[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"exact-cpu-{datetime.date.today()}.md"
-    dest.write_text("\n".join(lines) + "\n")
-    print(f"wrote {dest}")
+    print(f"wrote {write_report(args.out, 'exact', 'cpu', lines)}")
 
 
 if __name__ == "__main__":

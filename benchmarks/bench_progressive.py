@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_decompose import run_arguments, write_report
+
 HERE = Path(__file__).parent
 
 
@@ -90,10 +92,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--stages", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workdir", type=Path, default=Path("bench-progressive"))
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    run_arguments(p, rounds=2, workdir="bench-progressive")
     args = p.parse_args()
 
     import torch
@@ -135,11 +134,7 @@ def main() -> None:
               f"Final eval loss: plain {statistics.median(s['eval_loss'] for s in runs['plain']):.4f}, progressive "
               f"{statistics.median(s['eval_loss'] for s in runs['progressive']):.4f} "
               f"(start {runs['plain'][0]['eval_loss_start']:.4f})."]
-    args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"progressive-{'cuda' if args.device.startswith('cuda') else 'cpu'}-{datetime.date.today()}.md"
-    dest.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {dest}")
+    print(f"wrote {write_report(args.out, 'progressive', args.device, lines)}")
 
 
 if __name__ == "__main__":

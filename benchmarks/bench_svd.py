@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_decompose import write_report
 
 HERE = Path(__file__).parent
 from ailora_tools.init.svd import generator_for, triplets  # noqa: E402
@@ -111,10 +112,8 @@ def main() -> None:
                     lines.append(f"| {device.type} | {n} | {role} | {name} | {statistics.median(times):.4f} | "
                                  f"{err:.1e} |")
                     print(lines[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"svd-{'-'.join(args.devices)}-{'-'.join(map(str, args.sizes))}-{datetime.date.today()}.md"
-    dest.write_text("\n".join(lines) + "\n")
-    print(f"wrote {dest}")
+    devices = "-".join(d.split(":")[0] for d in args.devices)
+    print(f"wrote {write_report(args.out, 'svd-' + devices, '-'.join(map(str, args.sizes)), lines)}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_decompose import HERE, PY, describe_machine, write_report
+from bench_decompose import HERE, PY, describe_machine, run_arguments, write_report
 
 
 def prepare(work: Path, hidden: int, layers: int) -> tuple[Path, Path]:
@@ -66,10 +66,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=16, help="examples per micro-batch, all ranks together")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/ailora-bench/train-distributed"))
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    run_arguments(p, rounds=2, workdir="/tmp/ailora-bench/train-distributed")
     args = p.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     dec, tokenizer = prepare(args.workdir, args.hidden, args.layers)

@@ -80,34 +80,36 @@ def corpus(cache: Path) -> list[dict]:
     return rows
 
 
-def split(rows: list[dict], *, train: int, eval: int, min_confidence: float, seed: int) -> tuple[list, list]:
-    """Deduplicated (case-insensitive text), confident rows; per class the same share of train and eval."""
+def balanced(rows: list[dict], *, train: int, eval: int, seed: int = 0, label: str = "label") -> tuple[list, list]:
+    """Deduplicated (case-insensitive text); per value of `label` the same share of a train and an eval set."""
     seen, by_label = set(), defaultdict(list)
     for r in rows:
-        key = r["text"].lower()
-        if r["confidence"] >= min_confidence and key not in seen:
-            seen.add(key)
-            by_label[r["sentiment"]].append({"text": r["text"], "sentiment": r["sentiment"]})
-    rng = random.Random(seed)
+        if r["text"].lower() not in seen:
+            seen.add(r["text"].lower())
+            by_label[r[label]].append(r)
+    rng, tr, ev = random.Random(seed), [], []
     labels = sorted(by_label)
-    tr, ev = [], []
-    for i, label in enumerate(labels):
-        group = by_label[label]
+    for i, value in enumerate(labels):
+        group = by_label[value]
         rng.shuffle(group)
-        n_tr = train // len(labels) + (i < train % len(labels))
-        n_ev = eval // len(labels) + (i < eval % len(labels))
+        n_tr, n_ev = train // len(labels) + (i < train % len(labels)), eval // len(labels) + (i < eval % len(labels))
         if len(group) < n_tr + n_ev:
-            sys.exit(f"only {len(group)} {label!r} rows at confidence >= {min_confidence}; ask for fewer")
-        tr += group[:n_tr]
-        ev += group[n_tr:n_tr + n_ev]
+            sys.exit(f"only {len(group)} {value!r} rows; ask for fewer")
+        tr, ev = tr + group[:n_tr], ev + group[n_tr : n_tr + n_ev]
     rng.shuffle(tr)
     rng.shuffle(ev)
     return tr, ev
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
+def split(rows: list[dict], *, train: int, eval: int, min_confidence: float, seed: int) -> tuple[list, list]:
+    """Deduplicated (case-insensitive text), confident rows; per class the same share of train and eval."""
+    confident = [{"text": r["text"], "sentiment": r["sentiment"]} for r in rows if r["confidence"] >= min_confidence]
+    return balanced(confident, train=train, eval=eval, seed=seed, label="sentiment")
+
+
+def write_csv(rows: list[dict], path: Path, fields: tuple[str, ...] = ("text", "sentiment")) -> Path:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["text", "sentiment"])
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     return path

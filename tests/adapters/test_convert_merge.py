@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import load, logits
-from helpers.adapters import fake_training
+from helpers.adapters import fake_training, peft_converted_pair
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ailora_tools import convert, decompose, merge
@@ -90,15 +90,7 @@ def test_peft_pissa_pair_converts_like_peft(tiny, tmp_path, rslora):
                            target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
     model.peft_config["default"].init_lora_weights = True
     model.save_pretrained(tmp_path / "init")
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(tmp_path / "trained")
-    model.save_pretrained(tmp_path / "peftconv", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
-    convert(tmp_path / "trained", tmp_path / "ours", initial=tmp_path / "init")
-    ours, theirs = read_adapter(tmp_path / "ours"), read_adapter(tmp_path / "peftconv")
+    ours, theirs = peft_converted_pair(model, tmp_path)
     assert ours.config["r"] == theirs.config["r"] == 8
     assert ours.config["lora_alpha"] == pytest.approx(theirs.config["lora_alpha"])
     for m in theirs.factors:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 from helpers import cli, load, logits
-from helpers.adapters import fake_training
+from helpers.adapters import fake_training, randomize_lora
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -36,12 +36,7 @@ def plain_lora(src: Path, out: Path, *, r: int, alpha: float, seed: int = 0, **k
     """A PEFT LoRA as PEFT saves it, with random non-zero B (as after training)."""
     model = get_peft_model(load(src, "llama"), LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
                                                           **kw))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    model.save_pretrained(out)
+    randomize_lora(model, seed=seed, scale=0.1).save_pretrained(out)
     return out
 
 

@@ -130,39 +130,20 @@ def test_interrupted_search_resumed_takes_the_same_path(encoder, data, searched,
     assert [r["run"] for r in resumed["runs"]] == [r["run"] for r in straight["runs"]]
 
 
-def test_dry_run_prints_the_plan_and_runs_nothing(encoder, data, tmp_path):  # noqa: F811
-    res = CliRunner().invoke(
-        main,
-        [
-            "compare",
-            str(encoder("bert-bare")),
-            "--data",
-            str(data[0]),
-            "-o",
-            str(tmp_path / "cmp"),
-            *FLAGS,
-            "--dry-run",
-        ],
+def _dry_run(encoder, data, tmp_path, *extra):  # noqa: F811
+    return CliRunner().invoke(
+        main, ["compare", str(encoder("bert-bare")), "--data", str(data[0]), "-o", str(tmp_path / "cmp"), *FLAGS,
+               *extra, "--dry-run"]
     )
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(encoder, data, tmp_path):  # noqa: F811
+    res = _dry_run(encoder, data, tmp_path)
     assert res.exit_code == 0, res.output
     assert "lora: search from lr 1e-07, 1e-06, 1e-05" in res.stdout
     assert res.stdout.rstrip().endswith("4 to 9 runs; nothing run (--dry-run)")
     assert not (tmp_path / "cmp").exists()
-    res = CliRunner().invoke(
-        main,
-        [
-            "compare",
-            str(encoder("bert-bare")),
-            "--data",
-            str(data[0]),
-            "-o",
-            str(tmp_path / "cmp"),
-            *FLAGS,
-            "--baseline",
-            "pissa",
-            "--dry-run",
-        ],
-    )
+    res = _dry_run(encoder, data, tmp_path, "--baseline", "pissa")
     assert res.exit_code == 1 and res.output == "error: --baseline pissa: not among the compared methods (lora)\n"
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers.zoo import SMALL
 from safetensors import safe_open
 
 from ailora_tools import check_adapter, convert, decompose, export_gguf, merge, train
@@ -15,16 +16,11 @@ from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import OptionError, TargetError, UnsupportedError
 from ailora_tools.training.tasks import load_model, resolve_task
 
+#: zoo's small decoder settings, with 16-wide heads and 2 experts per token
 COMMON = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    {k: v for k, v in SMALL.items() if k not in ("vocab_size", "intermediate_size", "max_position_embeddings")},
     head_dim=16,
     num_experts_per_tok=2,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=3,
 )
 CONFIGS = {
     "qwen3_moe": lambda v: transformers.Qwen3MoeConfig(
@@ -53,6 +49,14 @@ CONFIGS = {
         **COMMON,
     ),
 }
+
+
+def _train(base, adapter, out, *, steps: int, batch_size: int):
+    """`train` on the demo data at lr 1e-2."""
+    return train(base, adapter, data_file("demo_train.jsonl"), out, max_steps=steps, lr=1e-2, batch_size=batch_size,
+                 progress=False)
+
+
 #: the router's tensor in each family's checkpoint
 ROUTER = {"qwen3_moe": "mlp.gate.weight", "mixtral": "block_sparse_moe.gate.weight", "qwen2_moe": "mlp.gate.weight"}
 
@@ -117,9 +121,7 @@ def test_expert_lora_decompose_train_convert_merge_exact(moe, tmp_path, kind, ta
     peft_folds = kind != "qwen2_moe"
     if peft_folds:
         assert (logits(res, initial, peft=True) - original).abs().max() < 1e-5
-    train(
-        res, initial, data_file("demo_train.jsonl"), tmp_path / "t", max_steps=3, lr=1e-2, batch_size=8, progress=False
-    )
+    _train(res, initial, tmp_path / "t", steps=3, batch_size=8)
     trained = logits(res, tmp_path / "t")
     assert (trained - original).abs().max() > 1e-3  # the experts learned something
     convert(tmp_path / "t", tmp_path / "lora", progress=False)
@@ -232,16 +234,7 @@ def test_vllm_cpu_serves_the_moe_base_but_not_its_expert_lora(tmp_path):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base", max_shard_size="100KB")
     tok.save_pretrained(tmp_path / "base")
     decompose(tmp_path / "base", tmp_path / "dec", method="pissa", rank=4, targets="experts", progress=False)
-    train(
-        tmp_path / "dec" / "residual",
-        tmp_path / "dec" / "adapter",
-        data_file("demo_train.jsonl"),
-        tmp_path / "t",
-        max_steps=2,
-        lr=1e-2,
-        batch_size=8,
-        progress=False,
-    )
+    _train(tmp_path / "dec" / "residual", tmp_path / "dec" / "adapter", tmp_path / "t", steps=2, batch_size=8)
     convert(tmp_path / "t", tmp_path / "vllm", server="vllm", progress=False)
     assert check_adapter(tmp_path / "vllm", target="vllm", max_lora_rank=16, base=tmp_path / "base") == []
     ids = torch.randint(4, 90, (2, 16))
@@ -257,14 +250,5 @@ def test_plain_lora_on_experts_trains_on_the_original(moe, tmp_path):
     base = moe("mixtral")
     decompose(base, tmp_path / "dec", method="lora", rank=2, targets="experts", progress=False)
     assert (logits(base, tmp_path / "dec" / "adapter") - logits(base)).abs().max() == 0  # B0 = 0
-    train(
-        base,
-        tmp_path / "dec" / "adapter",
-        data_file("demo_train.jsonl"),
-        tmp_path / "t",
-        max_steps=1,
-        lr=1e-2,
-        batch_size=4,
-        progress=False,
-    )
+    _train(base, tmp_path / "dec" / "adapter", tmp_path / "t", steps=1, batch_size=4)
     assert (logits(base, tmp_path / "t") - logits(base)).abs().max() > 1e-4

@@ -26,6 +26,32 @@ def fake_training(initial: Path, out: Path, *, seed=0, only_B=False, scale=0.05)
     return out
 
 
+def randomize_lora(model, *, seed: int, scale: float):
+    """Every lora_ parameter of a PEFT model set to seeded noise × `scale` (a B far from zero, as after training)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def peft_converted_pair(model, tmp_path: Path):
+    """A PEFT model (its adapter saved as TMP/init) trained by seeded noise on its lora_ parameters, then converted
+    by PEFT (TMP/peftconv) and by us (TMP/ours, `convert --initial TMP/init`): (ours, PEFT's) as read back."""
+    from ailora_tools import convert
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path / "trained")
+    model.save_pretrained(tmp_path / "peftconv", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    convert(tmp_path / "trained", tmp_path / "ours", initial=tmp_path / "init")
+    return read_adapter(tmp_path / "ours"), read_adapter(tmp_path / "peftconv")
+
+
 def fake_dora_training(adapter: Path, out: Path, *, seed=0, scale=0.05, trained_on=None):
     """Move A, B and m as training would (seeded noise), keeping the adapter's config."""
     ad = read_adapter(adapter, dora=True)

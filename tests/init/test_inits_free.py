@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import cli, load, logits, one_line_error
 from helpers import lm_logits as lm
+from helpers.adapters import peft_converted_pair
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -178,15 +179,7 @@ def test_peft_olora_pair_converts_with_initial(tiny, tmp_path):
     src = tiny("llama")
     model = peft_model(src, "llama", "olora")
     model.save_pretrained(tmp_path / "init")  # init_lora_weights "olora": applies to PEFT's residual
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(tmp_path / "trained")
-    model.save_pretrained(tmp_path / "peftconv", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
-    convert(tmp_path / "trained", tmp_path / "ours", initial=tmp_path / "init")
-    ours, theirs = read_adapter(tmp_path / "ours"), read_adapter(tmp_path / "peftconv")
+    ours, theirs = peft_converted_pair(model, tmp_path)
     assert ours.config["r"] == theirs.config["r"] == 8 and ours.config["init_lora_weights"] is True
     for m in theirs.factors:
         torch.testing.assert_close(ours.delta(m), theirs.delta(m), atol=1e-6, rtol=0)

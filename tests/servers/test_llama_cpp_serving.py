@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers.adapters import randomize_lora
 from helpers.llama_cpp import FACTOR, FAMILIES, PROMPTS, Base, build_bases, hf_logits, worst
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -45,12 +46,7 @@ def trained_like(base: Base, out: Path) -> Path:
         **fam.peft,
     )
     model = get_peft_model(model, config)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.save_pretrained(out)
+    randomize_lora(model, seed=1, scale=0.2).save_pretrained(out)
     return out
 
 
