@@ -207,11 +207,16 @@ class Base:
         return worst(llama_cpp.logits(self.gguf, PROMPTS), hf_logits(model))
 
     @cached_property
+    def trained_logits(self) -> list[torch.Tensor]:
+        """llama.cpp's logits for the trained model as its own converter writes it (the LoRA merged)."""
+        return llama_cpp.logits(self.trained_gguf, PROMPTS)
+
+    @cached_property
     def trained_floor(self) -> float:
         """llama.cpp's float32 floor on the trained model: its own converter on the LoRA merged, against transformers
         on it (what llama.cpp gives that model without any export of ours)."""
         model = transformers.AutoModelForCausalLM.from_pretrained(self.trained, dtype=torch.float32).eval()
-        return worst(llama_cpp.logits(self.trained_gguf, PROMPTS), hf_logits(model))
+        return worst(self.trained_logits, hf_logits(model))
 
 
 def trained_like(model_dir: Path, fam: Family, out: Path) -> Path:

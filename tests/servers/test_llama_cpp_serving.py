@@ -36,7 +36,8 @@ def bases(tmp_path_factory, python, request):
 def test_llama_cpp_serves_the_export_of_every_family(bases, python, family, tmp_path):
     """Served = trained within 20x llama.cpp's float32 floor: the larger of its difference to transformers on the base
     and on the trained model (its own converter on the LoRA merged: where llama.cpp approximates, e.g. GELU through an
-    fp16 table, its error grows with the weights, so the base alone understates it)."""
+    fp16 table, its error grows with the weights, so the base alone understates it). And served = llama.cpp's own
+    conversion of the trained model within 20x the base's floor: the export adds no error of its own."""
     base = bases[family]
     export_gguf(base.lora, base.model, tmp_path / "lora.gguf")
     model = transformers.AutoModelForCausalLM.from_pretrained(base.model, dtype=torch.float32)
@@ -44,12 +45,14 @@ def test_llama_cpp_serves_the_export_of_every_family(bases, python, family, tmp_
     effect = worst(want, hf_logits(transformers.AutoModelForCausalLM.from_pretrained(base.model).eval()))
     got = llama_cpp.logits(base.gguf, PROMPTS, lora_gguf=tmp_path / "lora.gguf", python=python)
     floor = max(base.floor, base.trained_floor)
-    diff, bound = worst(got, want), FACTOR * floor
+    diff, bound, own = worst(got, want), FACTOR * floor, worst(got, base.trained_logits)
     print(
         f"{family}: adapter {diff:.2e}, floor {base.floor:.2e} (base) {base.trained_floor:.2e} (trained), "
-        f"ratio {diff / floor:.1f} ({diff / base.floor:.1f} to the base's), adapter effect {effect:.2e}"
+        f"ratio {diff / floor:.1f} ({diff / base.floor:.1f} to the base's), adapter effect {effect:.2e}, "
+        f"to llama.cpp's own trained model {own:.2e}"
     )
     assert diff <= bound, f"{family}: llama.cpp is {diff:.3g} from transformers, floor {floor:.3g}"
+    assert own <= FACTOR * base.floor, f"{family}: the export is {own:.3g} from llama.cpp's own trained model"
     assert effect > 10 * bound, f"{family}: the adapter moves the logits by {effect:.3g} only: the test cannot see it"
 
 
