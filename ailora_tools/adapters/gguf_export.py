@@ -76,16 +76,6 @@ def neox_qkv_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 3, w.shape[0] // n_head // 3, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
 
 
-#: families llama.cpp's converter lays out whose served logits the serving tests could not match to transformers'
-#: (tests/servers/test_llama_cpp_serving.py, llama-cpp-python 0.3.36; docs/llama-cpp.md): refused until they do
-UNVERIFIED = {
-    "gemma2": "llama.cpp's own Gemma 2 base differs from transformers' by 0.7 in the logits (soft-capping), so no "
-    "adapter on it can be checked",
-    "gpt_neox": "llama.cpp served our GPT-NeoX export 21x its float32 floor from the trained model (bound 20x)",
-    "gpt_oss": "llama.cpp served our GPT-OSS attention export 1e-2 from the trained model (3000x its floor)",
-}
-
-
 def layout_of(config: dict, what: str = "export-gguf") -> Layout:
     """llama.cpp's converter rules for the base model of `config` (its config.json).
 
@@ -93,13 +83,9 @@ def layout_of(config: dict, what: str = "export-gguf") -> Layout:
         UnsupportedError: an architecture llama.cpp's converter does not convert from this table's families.
     """
     model_type = config.get("model_type")
-    if model_type in UNVERIFIED:
-        raise UnsupportedError(f"{what}: architecture {model_type!r} is not supported yet: {UNVERIFIED[model_type]}; "
-                               "merge the adapter (ailora-tools merge) and convert the merged model with llama.cpp's "
-                               "convert_hf_to_gguf.py")
     if model_type not in LAYOUTS:
         raise UnsupportedError(f"{what}: architecture {model_type!r} is not supported; supported (as llama.cpp's "
-                               f"converter lays them out): {', '.join(sorted(set(LAYOUTS) - set(UNVERIFIED)))}")
+                               f"converter lays them out): {', '.join(sorted(LAYOUTS))}")
     return LAYOUTS[model_type]
 
 

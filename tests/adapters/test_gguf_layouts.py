@@ -4,7 +4,7 @@ name what is supported. llama.cpp itself serves every family in test_llama_cpp_s
 import pytest
 import torch
 
-from ailora_tools.adapters.gguf_export import LAYOUTS, UNVERIFIED, gguf_tensors, neox_qkv_rows
+from ailora_tools.adapters.gguf_export import LAYOUTS, gguf_tensors, neox_qkv_rows
 from ailora_tools.errors import UnsupportedError
 from ailora_tools.io.peft_adapter import Adapter
 
@@ -30,7 +30,7 @@ def test_every_family_maps_its_targets_and_keeps_a_by_b():
         "gpt_neox": "gpt_neox.layers.1.attention.query_key_value",
         "phi3": "model.layers.1.self_attn.qkv_proj",
     }
-    for model_type in set(LAYOUTS) - set(UNVERIFIED):  # those are refused (their own test)
+    for model_type in LAYOUTS:
         module = modules.get(model_type, "model.layers.1.self_attn.v_proj")
         ad = adapter(module, fan_in_fan_out=model_type == "gpt2")
         _, alpha, tensors = gguf_tensors(ad, {**CONFIG, "model_type": model_type})
@@ -45,7 +45,6 @@ def test_every_family_maps_its_targets_and_keeps_a_by_b():
     ("model_type", "module", "config", "needle"),
     [
         ("bert", "encoder.layer.0.attention.self.query", {}, "architecture 'bert' is not supported; supported"),
-        ("gpt_oss", "model.layers.0.self_attn.v_proj", {}, "'gpt_oss' is not supported yet: llama.cpp served"),
         ("qwen3_moe", "model.layers.0.mlp.gate", {}, "mixture-of-experts expert or router"),
         ("mixtral", "model.layers.0.mlp.experts.0.w1", {}, "mixture-of-experts expert or router"),
         ("llama", "model.layers.0.self_attn.q_proj", {"fan_in_fan_out": True}, "supported on GPT-2 only"),
