@@ -15,7 +15,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.examples import check_data
 from ..io.fingerprints import fingerprints
 from ..lineage import input_digest
-from ..options import CLASSIFICATION, REGRESSION, InitOptions, TrainOptions
+from ..options import CLASSIFICATION, METRICS, REGRESSION, InitOptions, TrainOptions, check
 from ..training.bitfit import check_bitfit
 from ..training.tasks import resolve_task
 from .search import SearchSpec, first_grid
@@ -36,6 +36,30 @@ class Run:
     lr: float
     seed: int | None
     steps: int | None = None
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """What `compare` runs besides the methods and reports: each method also with progressive training (K), the
+    training loss's smoothing, the metric that chooses rates, the targets of "steps to reach", the baseline and the
+    interval of the differences (`compare`'s settings of these names)."""
+
+    progressive: int | None = None
+    smooth: int = 10
+    metric: str = "auto"
+    target_loss: float | None = None
+    target_metric: float | None = None
+    baseline: str | None = None
+    interval: str = "t"
+
+    @classmethod
+    def take(cls, settings: dict) -> ReportSpec:
+        """The spec `settings` give, those keys removed from `settings`; its numbers and choices checked."""
+        spec = cls(**{name: settings.pop(name) for name in cls.__dataclass_fields__ if name in settings})
+        check("--progressive", spec.progressive, low=1)
+        check("--smooth", spec.smooth, low=1)
+        check("--metric", spec.metric, choices=METRICS)
+        return spec
 
 
 @dataclass(frozen=True)
@@ -64,15 +88,16 @@ class ComparePlan:
     interval: str = "t"
     #: rows of --eval-data, for the binomial standard error of accuracy
     eval_rows: int | None = None
+    #: what was asked of the report (`metric` and `baseline` above are its choices resolved)
+    report: ReportSpec = ReportSpec()
 
 
-def plan_comparison(model, data, *, methods: list[str] | None, progressive: int | None, seeds, metric: str,
-                    init: InitOptions | None, training: TrainOptions | None, revision: str | None,
-                    settings: dict, baseline: str | None = None, interval: str = "t") -> ComparePlan:
+def plan_comparison(model, data, *, methods: list[str] | None, seeds, init: InitOptions | None,
+                    training: TrainOptions | None, revision: str | None, settings: dict) -> ComparePlan:
     """The comparison `compare` describes, every input checked (see `compare`'s Raises); `settings` are fields of
-    `InitOptions` and `TrainOptions`, `lr` (a rate, a sweep or "auto") and `SearchSpec.take`'s."""
+    `InitOptions` and `TrainOptions`, `lr` (a rate, a sweep or "auto"), `SearchSpec.take`'s and `ReportSpec`'s."""
     settings = dict(settings)
-    spec = SearchSpec.take(settings)
+    spec, asked = SearchSpec.take(settings), ReportSpec.take(settings)
     init_o, train_o, lr_spec = _options(init, training, settings)
     ckpt = Checkpoint.open(model, revision=revision)
     task = resolve_task(train_o.task, ckpt.config)
@@ -81,18 +106,25 @@ def plan_comparison(model, data, *, methods: list[str] | None, progressive: int 
     search = _search(spec) if auto else None
     lrs = {m: first_grid(m, search) for m in methods} if auto else parse_lrs(lr_spec, methods, train_o.lr)
     seeds = parse_seeds(seeds)
-    baseline = _baseline(baseline, methods, interval)
-    metric = _metric(metric, task, train_o.num_labels == 1)
-    rows = check_data(task.name, data, train_o.eval_data, columns=train_o.columns,  # every row, before any run
-                      num_labels=train_o.num_labels, config=ckpt.config, base=model)
+    baseline = _baseline(asked.baseline, methods, asked.interval)
+    metric = _metric(asked.metric, task, train_o.num_labels == 1)
+    train_o, rows = _data(data, train_o, task, ckpt, model)
     _check_methods(methods, init_o, ckpt, model)
+    runs = _runs(methods, asked.progressive, lrs, seeds, search)
+    recorded = {**_recorded(model, data, revision, ckpt, init_o, train_o, seeds, lrs),
+                "search": asdict(search) if search else None, "baseline": baseline, "interval": asked.interval}
+    return ComparePlan(model, data, revision, ckpt, init_o, train_o, methods, metric, lrs, seeds, rows.get("--data"),
+                       runs, recorded, search, baseline, asked.interval, rows.get("--eval-data"), asked)
+
+
+def _data(data, train_o: TrainOptions, task, ckpt: Checkpoint, model) -> tuple[TrainOptions, dict]:
+    """Every row of --data and --eval-data checked before any run (their row counts), and the training options with
+    eval_every defaulting to a tenth of max_steps where there is eval data."""
+    rows = check_data(task.name, data, train_o.eval_data, columns=train_o.columns, num_labels=train_o.num_labels,
+                      config=ckpt.config, base=model)
     if train_o.eval_every is None and train_o.eval_data is not None and train_o.max_steps:
         train_o = TrainOptions.build(train_o, eval_every=max(1, train_o.max_steps // 10))
-    runs = _runs(methods, progressive, lrs, seeds, search)
-    recorded = {**_recorded(model, data, revision, ckpt, init_o, train_o, seeds, lrs),
-                "search": asdict(search) if search else None, "baseline": baseline, "interval": interval}
-    return ComparePlan(model, data, revision, ckpt, init_o, train_o, methods, metric, lrs, seeds, rows.get("--data"),
-                       runs, recorded, search, baseline, interval, rows.get("--eval-data"))
+    return train_o, rows
 
 
 def _check_methods(methods: list[str], init_o: InitOptions, ckpt: Checkpoint, model) -> None:

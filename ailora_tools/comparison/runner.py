@@ -26,12 +26,10 @@ from ..io.hashing import file_digest
 from ..io.output import JOURNAL_NAME, OutputDir
 from ..manifests import COMPARE_MANIFEST
 from ..options import (
-    METRICS,
     DecomposeOptions,
     InitOptions,
     TaskOptions,
     TrainOptions,
-    check,
 )
 from ..training import trainer
 from .costs import describe, run_bounds
@@ -49,11 +47,9 @@ CALIBRATION_SAMPLES = 64
 
 def compare(
     model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, methods: list[str] | None = None,
-    progressive: int | None = None, target_loss: float | None = None, smooth: int = 10,
-    seeds: list[int] | str | None = None, metric: str = "auto", target_metric: float | None = None,
-    init: InitOptions | None = None, training: TrainOptions | None = None, revision: str | None = None,
-    baseline: str | None = None, interval: str = "t", dry_run: bool = False, resume: bool = False,
-    overwrite: bool = False, progress: bool = True, **settings,
+    seeds: list[int] | str | None = None, init: InitOptions | None = None, training: TrainOptions | None = None,
+    revision: str | None = None, dry_run: bool = False, resume: bool = False, overwrite: bool = False,
+    progress: bool = True, **settings,
 ) -> dict:
     """Run decompose + train for each method (and seed and learning rate) with identical settings; write a table
     and plots.
@@ -66,12 +62,15 @@ def compare(
             the model for the task: a Llama/Mistral/Qwen2 causal LM, a BERT/RoBERTa masked LM or classifier), and
             "bitfit": `train(bitfit=True)` on the model itself, no decompose; "dora":
             plain DoRA, and "METHOD+dora" (e.g. "pissa+dora"): that init with DoRA's magnitudes.
+        seeds: run every method with each seed (decompose's and train's; "0,1,2" or a list); tables show the
+            mean ± std over them. Default: the one `seed`.
+        settings: what the report asks (`ReportSpec`: progressive, smooth, metric, target_loss, target_metric,
+            baseline, interval), the learning-rate search's shape (`SearchSpec`) and fields of `InitOptions` and
+            `TrainOptions`, by name:
         progressive: K: also run every method with `train(progressive=K)` (runs named METHOD-progressiveK).
         target_loss: the loss for "steps to reach" (default: the highest final loss among the runs, which all
             of them reach; train and eval loss each get their own).
         smooth: training losses are a trailing mean over this many steps for "final" and "steps to reach".
-        seeds: run every method with each seed (decompose's and train's; "0,1,2" or a list); tables show the
-            mean ± std over them. Default: the one `seed`.
         metric: what chooses each method's learning rate and the target of "steps to reach": auto (accuracy for
             classification, pearson for regression, loss otherwise), loss, accuracy, f1, matthews, pearson,
             spearman; chosen on the eval data (without it: the final training loss).
@@ -111,12 +110,8 @@ def compare(
         >>> compare("Qwen/Qwen2.5-0.5B", "train.jsonl", "cmp", eval_data="eval.jsonl", max_steps=300)  # doctest: +SKIP
     """
     started = time.perf_counter()
-    check("--progressive", progressive, low=1)
-    check("--smooth", smooth, low=1)
-    check("--metric", metric, choices=METRICS)
-    plan = plan_comparison(model, data, methods=methods, progressive=progressive, seeds=seeds, metric=metric,
-                           init=init, training=training, revision=revision, settings=settings,
-                           baseline=baseline, interval=interval)
+    plan = plan_comparison(model, data, methods=methods, seeds=seeds, init=init, training=training, revision=revision,
+                           settings=settings)
     if dry_run:
         return {"plan": describe(plan), "runs": [_name(plan, r) for r in plan.runs], "bounds": run_bounds(plan)}
     with OutputDir(out, inputs=[plan.ckpt.root], overwrite=overwrite, resume=resume, settings=plan.settings) as od:
@@ -126,10 +121,10 @@ def compare(
             tqdm.write(f"compare: {low} runs" if low == high else f"compare: {low} to {high} runs (--lr auto)",
                        file=sys.stderr)
         records, searches = schedule(plan, lambda run: _execute(od, plan, run, bar, progress),
-                                     lambda record: _curves(od, record), smooth=smooth, bar=bar, progress=progress)
+                                     lambda record: _curves(od, record), smooth=plan.report.smooth, bar=bar,
+                                     progress=progress)
         bar.close()
-        result = _conclude(od, plan, records, searches, progressive=progressive, smooth=smooth,
-                           target_loss=target_loss, target_metric=target_metric)
+        result = _conclude(od, plan, records, searches)
     return {**result, "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -203,13 +198,14 @@ def _decomposed(od: OutputDir, plan: ComparePlan, run: Run, key: str, progress: 
     return dec
 
 
-def _conclude(od: OutputDir, plan: ComparePlan, records: list[dict], searches: dict, *, progressive, smooth: int,
-              target_loss, target_metric) -> dict:
+def _conclude(od: OutputDir, plan: ComparePlan, records: list[dict], searches: dict) -> dict:
     """Summarise the runs, test the differences, write the plots, compare.md and, last, the manifest; return
     compare's result."""
+    asked, smooth = plan.report, plan.report.smooth
     curves = {r["run"]: _curves(od, r) for r in records}
     smoothed = {run: trailing_mean(c["train"], smooth) for run, c in curves.items()}
-    summary, best_lr, goal = summarise(records, curves, smoothed, target_loss, plan.metric, target_metric)
+    summary, best_lr, goal = summarise(records, curves, smoothed, asked.target_loss, plan.metric,
+                                       asked.target_metric)
     edges, rows = verdicts(records, summary, best_lr, plan)
     plots = write_plots(od, [r for r in records if r["search_steps"] is None], best_lr, curves, smoothed, goal, smooth,
                         plan.metric)
@@ -218,7 +214,7 @@ def _conclude(od: OutputDir, plan: ComparePlan, records: list[dict], searches: d
                        extra={"verdicts": rows, "edges": edges, "searches": searches}))
     found = {"runs": records, "summary": summary, "best_lr": best_lr, "edges": edges, "searches": searches,
              "verdicts": rows}
-    od.write_manifest(COMPARE_MANIFEST, {**plan.settings, "methods": plan.methods, "progressive": progressive,
+    od.write_manifest(COMPARE_MANIFEST, {**plan.settings, "methods": plan.methods, "progressive": asked.progressive,
                                          "smooth": smooth, "metric": plan.metric, "targets_loss": goal, **found,
                                          "eval_rows": plan.eval_rows, "plots": plots,
                                          "files": {"output": {f: file_digest(od.path / f)

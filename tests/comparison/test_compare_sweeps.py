@@ -63,8 +63,11 @@ def test_every_method_seed_and_rate_with_mean_std_and_best_rate(straight):
         assert manifest["edges"][method] == ("highest" if best == 2e-2 else "lowest")  # a 2-rate grid: always an edge
     lora, pissa = manifest["verdicts"]  # pissa against lora at their chosen rates, paired by seed
     assert lora["verdict"] == "baseline" and pissa["baseline"] == "lora"
-    pick = lambda m: {r["seed"]: r["selection"] for r in manifest["runs"]  # noqa: E731
-                      if r["method"] == m and r["lr"] == manifest["best_lr"][m] and not r["diverged"]}
+
+    def pick(m):
+        return {r["seed"]: r["selection"] for r in manifest["runs"]
+                if r["method"] == m and r["lr"] == manifest["best_lr"][m] and not r["diverged"]}
+
     paired = [pick("pissa")[k] - pick("lora")[k] for k in sorted(set(pick("pissa")) & set(pick("lora")))]
     assert pissa["n"] == len(paired) and (not paired or pissa["mean"] == pytest.approx(sum(paired) / len(paired)))
     assert pissa["verdict"] in ("better", "worse", "no resolvable difference", "too few seeds")
