@@ -81,6 +81,13 @@ def calibrated(ckpt, jobs, settings, statistics: str, *, data, samples: int, max
                                  seed=settings.seed, device=device, progress=progress, statistics=statistics)
 
 
+def calibrated_from(ckpt, jobs, settings, statistics: str, options: dict):
+    """`calibrated` with the keyword options decompose hands a method's `prepare` (data, samples, max_length, task,
+    device, progress; LoRA-DA's defaults where absent): the preamble of CorDA's, LoRA-GA's and EVA's `prepare`."""
+    defaults = {"data": None, "samples": 64, "max_length": 512, "task": None, "device": "auto", "progress": True}
+    return calibrated(ckpt, jobs, settings, statistics, **{k: options.get(k, d) for k, d in defaults.items()})
+
+
 def calibration_samples(ckpt, data, task: str, options, samples: int, max_length: int, *, seed: int):
     """(rows in `data`, its first `samples` rows tokenized for `task` as `train` reads them, the classification head's
     config keys or None). Masked-LM rows are masked with train's seeded draw (`seed`: the same masks as `train

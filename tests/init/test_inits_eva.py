@@ -1,0 +1,118 @@
+"""eva matches PEFT's own EVA (peft 0.21: `initialize_lora_eva_weights` on a model made with
+`init_lora_weights="eva"`) on a tiny Llama and a tiny BERT, on the same calibration samples: A0 (each direction up to
+its sign), the rank of every module after the redistribution (ρ > 1), B0 = 0, and the step-0 outputs (the model's).
+
+PEFT's incremental PCA is deterministic but approximate: each step keeps only round(r·ρ) components and takes a
+`torch.svd_lowrank` of q = 2·round(r·ρ) columns (seed 42), and it stops once consecutive steps agree (`tau`). It is
+exact when the dataloader is one batch of every sample (PEFT cycles it: the second step sees the same rows, which
+leaves the components and their ratios as the first step's) and q reaches the input width, which the ranks here are
+chosen for (2·r·ρ = hidden size). `use_label_mask=False`: every real token, as ours takes them.
+"""
+
+import json
+
+import pytest
+import torch
+from helpers import cli
+from helpers.calibration import SAMPLES, samples, source
+from peft import EvaConfig, LoraConfig, get_peft_model
+from peft.tuners.lora.eva import initialize_lora_eva_weights
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+from ailora_tools.init.eva import redistribute
+
+RHO = 2.0
+#: (auto class, task, alpha) per kind
+CASES = {"llama": (AutoModelForCausalLM, "causal-lm", 8.0), "bert": (AutoModelForMaskedLM, "masked-lm", 24.0)}
+#: (kind, ρ, targets, rank): 2·r·ρ = the hidden size, every target reading a hidden-wide input
+EVA_CASES = [
+    ("llama", RHO, ("q_proj", "v_proj", "o_proj"), 16),
+    ("bert", RHO, ("query", "value", "attention.output.dense"), 12),
+    ("llama", 1.0, ("q_proj", "o_proj"), 32),  # ρ = 1: r everywhere (r = 32: the width 64 again)
+]
+
+
+def peft_eva(src, auto, data, task, targets, rank, alpha, rho):
+    model = auto.from_pretrained(src, dtype=torch.float32).eval()
+    rows = samples(src, data, task, SAMPLES)
+    width = max(ids.shape[1] for ids, _ in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (row, _) in enumerate(rows):
+        ids[i, : row.shape[1]], mask[i, : row.shape[1]] = row[0], 1
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        init_lora_weights="eva",
+        eva_config=EvaConfig(rho=rho, use_label_mask=False),
+    )
+    peft = get_peft_model(model, lora, low_cpu_mem_usage=True)
+    initialize_lora_eva_weights(peft, [{"input_ids": ids, "attention_mask": mask}], show_progress_bar=False)
+    return peft.eval(), ids[:1, : rows[0][0].shape[1]]
+
+
+def ours(src, out, data, task, targets, rank, alpha, rho):
+    flags = ("--task", task, "--samples", str(SAMPLES), "--max-length", "64", "--targets", ",".join(targets))
+    res = cli("decompose", src, "-o", out, "--method", "eva", "--data", data, *flags, "--rank", str(rank),
+              "--alpha", str(alpha), "--eva-rho", str(rho), "--quiet")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert not (out / "residual").exists()  # the base is untouched
+    return load_file(out / "adapter" / "adapter_model.safetensors"), json.loads(
+        (out / "adapter" / "adapter_config.json").read_text()
+    )
+
+
+def aligned(A, pA):
+    """A with each row's sign that best matches PEFT's row, and those signs."""
+    d = torch.where((A * pA).sum(1) < 0, -1.0, 1.0)
+    return A * d[:, None], d
+
+
+@pytest.mark.parametrize("kind,rho,targets,rank", EVA_CASES)
+def test_same_factors_ranks_and_start_as_peft(llama, encoder, tmp_path, kind, rho, targets, rank):
+    auto, task, alpha = CASES[kind]
+    src, data = source(kind, llama, encoder, tmp_path)
+    peft, ids = peft_eva(src, auto, data, task, targets, rank, alpha, rho)
+    adapter, config = ours(src, tmp_path / "d", data, task, targets, rank, alpha, rho)
+    pc = peft.peft_config["default"]
+    assert config["rank_pattern"] == pc.rank_pattern and config["alpha_pattern"] == pc.alpha_pattern
+    ranks = {}
+    for name, layer in peft.base_model.model.named_modules():
+        if not hasattr(layer, "lora_A"):
+            continue
+        key = f"base_model.model.{name}"
+        A, B = adapter[f"{key}.lora_A.weight"], adapter[f"{key}.lora_B.weight"]
+        pA = layer.lora_A["default"].weight.detach()
+        assert A.shape == pA.shape and B.shape == (layer.out_features, pA.shape[0])  # the same rank
+        assert torch.equal(B, torch.zeros_like(B)) and not layer.lora_B["default"].weight.any()
+        assert layer.scaling["default"] == pytest.approx(alpha / rank)  # α·rₘ/r over rₘ: the scale of rank r
+        flipped, d = aligned(A, pA)
+        torch.testing.assert_close(flipped, pA, rtol=0, atol=2e-4)  # unit vectors: float32 vs float64
+        assert (d > 0).all()  # and PEFT's sign convention (each row's largest entry positive)
+        ranks[name] = A.shape[0]
+    dropped = {k.rsplit(".lora_A", 1)[0][len("base_model.model.") :] for k in adapter if ".lora_A" in k} - set(ranks)
+    assert not dropped  # PEFT leaves out the rank-0 modules, and so do we
+    assert sum(ranks.values()) <= rank * 2 * len(targets)  # the budget, less what rank-0 modules would have had
+    if rho == 1.0:
+        assert set(ranks.values()) == {rank} and config["rank_pattern"] == {}
+    else:
+        assert len(set(ranks.values())) > 1 and max(ranks.values()) <= round(rank * rho)
+    with torch.no_grad():
+        want = auto.from_pretrained(src, dtype=torch.float32).eval()(input_ids=ids).logits
+        torch.testing.assert_close(peft(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+
+
+def test_the_comparison_catches_a_wrong_sign_scale_or_rank():
+    """The checks above fail on a flipped direction (not PEFT's sign), a scaled one, or one rank moved."""
+    torch.manual_seed(0)
+    pA = torch.linalg.qr(torch.randn(16, 8)).Q.T
+    flipped, d = aligned(pA * torch.tensor([1.0] * 7 + [-1.0])[:, None], pA)
+    assert not (d > 0).all()
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(aligned(pA * 1.01, pA)[0], pA, rtol=0, atol=2e-4)
+    ratios = {"a": torch.tensor([0.5, 0.2, 0.1]), "b": torch.tensor([0.4, 0.3, 0.05])}
+    assert redistribute(ratios, 4) == {"a": 2, "b": 2} and redistribute(ratios, 5) == {"a": 3, "b": 2}
+    tie = {"q": torch.tensor([0.5, 0.2]), "v": torch.tensor([0.5, 0.2])}  # one input: ties go to the earlier
+    assert redistribute(tie, 3) == {"q": 2, "v": 1}
