@@ -6,13 +6,13 @@ import string
 
 import pytest
 import torch
-from helpers.encoders import texts
 
 from ailora_tools.init.lora_da.calibration import calibrate
 from ailora_tools.init.lora_da.method import calibration_samples
 from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.io.examples import IGNORE
 from ailora_tools.options import DecomposeOptions
+from helpers.encoders import texts
 
 #: calibration rows of the PEFT-comparison tests (`source`)
 SAMPLES = 32
