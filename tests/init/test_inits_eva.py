@@ -13,16 +13,27 @@ import json
 
 import pytest
 import torch
-from helpers import cli
+from helpers import cli, lm_logits
 from helpers.calibration import SAMPLES, samples, source
 from peft import EvaConfig, LoraConfig, get_peft_model
 from peft.tuners.lora.eva import initialize_lora_eva_weights
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+from ailora_tools.adapters.conversion import convert
+from ailora_tools.adapters.merging import merge
+from ailora_tools.comparison.runner import compare
+from ailora_tools.decomposition import decompose
+from ailora_tools.demo import data_file
+from ailora_tools.errors import UnsupportedError
 from ailora_tools.init.eva import redistribute
+from ailora_tools.io.peft_adapter import read_adapter
+from ailora_tools.training import get_ailora_model
+from ailora_tools.training.trainer import train
 
 RHO = 2.0
+DATA = data_file("demo_train.jsonl")
+PARITY = 1e-4
 #: (auto class, task, alpha) per kind
 CASES = {"llama": (AutoModelForCausalLM, "causal-lm", 8.0), "bert": (AutoModelForMaskedLM, "masked-lm", 24.0)}
 #: (kind, ρ, targets, rank): 2·r·ρ = the hidden size, every target reading a hidden-wide input
@@ -116,3 +127,57 @@ def test_the_comparison_catches_a_wrong_sign_scale_or_rank():
     assert redistribute(ratios, 4) == {"a": 2, "b": 2} and redistribute(ratios, 5) == {"a": 3, "b": 2}
     tie = {"q": torch.tensor([0.5, 0.2]), "v": torch.tensor([0.5, 0.2])}  # one input: ties go to the earlier
     assert redistribute(tie, 3) == {"q": 2, "v": 1}
+
+
+def test_decompose_train_convert_merge_parity(llama, tmp_path):
+    """Ranks by module survive train, convert and merge: trained = converted = merged logits."""
+    s = decompose(llama, tmp_path / "d", method="eva", rank=4, eva_rho=3.0, data=DATA, samples=8, max_length=64,
+                  progress=False, targets=("q_proj", "v_proj", "down_proj"))  # fmt: skip
+    manifest = json.loads((tmp_path / "d" / "ailora.json").read_text())
+    assert manifest["method"] == "eva" and manifest["adapter_base"] == "original" and manifest["no_offset"]
+    assert s["residual"] is None and not (tmp_path / "d" / "residual").exists()
+    initial = read_adapter(tmp_path / "d" / "adapter")
+    ranks = {m: A.shape[0] for m, (A, _) in initial.factors.items()}
+    assert len(set(ranks.values())) > 1 and sum(ranks.values()) <= 4 * 6 and max(ranks.values()) <= 12
+    assert initial.config["rank_pattern"] == {m: k for m, k in ranks.items() if k != 4}
+    start = lm_logits(llama, tmp_path / "d" / "adapter")
+    torch.testing.assert_close(start, lm_logits(llama), rtol=0, atol=0)  # B0 = 0: exactly the model
+    train(llama, tmp_path / "d" / "adapter", DATA, tmp_path / "t", max_steps=3, lr=1e-2, batch_size=8, progress=False)
+    trained_ad = read_adapter(tmp_path / "t")
+    assert {m: A.shape[0] for m, (A, _) in trained_ad.factors.items()} == ranks  # the ranks trained
+    trained = lm_logits(llama, tmp_path / "t")
+    assert (trained - start).abs().max() > 1e-3  # training moved the model
+    convert(tmp_path / "t", tmp_path / "l")
+    merge(llama, tmp_path / "l", tmp_path / "m", progress=False)
+    assert (trained - lm_logits(llama, tmp_path / "l")).abs().max() < PARITY
+    assert (trained - lm_logits(tmp_path / "m")).abs().max() < PARITY
+    assert read_adapter(tmp_path / "l").config["r"] == max(ranks.values())  # no offset: s·B·A at the largest rank
+
+
+def test_compare_row(llama, tmp_path):
+    s = compare(llama, DATA, tmp_path / "c", methods=["eva"], progress=False, rank=4, max_steps=2, lr=1e-2,
+                batch_size=8, seed=1, device="cpu")  # fmt: skip
+    assert [r["run"] for r in s["runs"]] == ["eva"]
+    assert json.loads((tmp_path / "c" / "eva" / "decomposed" / "ailora.json").read_text())["method"] == "eva"
+    assert "| eva |" in (tmp_path / "c" / "compare.md").read_text()
+
+
+def test_bad_calibration_input_is_one_line(llama, tmp_path):
+    def refused(*args, needle):
+        res = cli("decompose", llama, "-o", tmp_path / "o", "--method", "eva", *args)
+        assert res.exit_code == 1 and res.output.count("\n") == 1 and needle in res.output, res.output
+        assert not (tmp_path / "o").exists()
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
+    refused(needle="needs calibration samples; pass --data")
+    refused("--data", tmp_path / "empty.jsonl", needle="no examples")
+    refused("--data", tmp_path / "bad.jsonl", needle="bad.jsonl:2")
+    refused("--data", DATA, "--samples", "100000", needle="fewer than --samples 100000")
+    refused("--data", DATA, "--samples", "4", "--max-length", "5", needle="more than --max-length 5")
+    refused("--data", DATA, "--eva-rho", "0.5", needle="--eva-rho")
+    refused("--data", DATA, "--rank", "24", "--eva-rho", "3", needle="input width 64; lower --eva-rho")
+    (tmp_path / "short.jsonl").write_text('{"text": "a b"}\n')
+    refused("--data", tmp_path / "short.jsonl", "--samples", "1", needle="fewer than the 32 input directions")
+    with pytest.raises(UnsupportedError, match="decompose --method eva --data"):
+        get_ailora_model(AutoModelForCausalLM.from_pretrained(llama), method="eva", rank=4)
