@@ -66,7 +66,8 @@ def decompose(
         options: a `DecomposeOptions` (every field documented there); `settings` replace its fields by name
             (`decompose(model, out, method="pissa", rank=32)`). The method is a registered init method
             (`ailora_tools.init.METHODS`): "ailora" (query principal, value minor), "pissa", "milora", "lora",
-            "lora-da", "corda" or "lora-ga" (the last three calibrate on `data`), or PEFT's data-free "olora", "mica",
+            "lora-da", "corda", "lora-ga" or "eva" (the last four calibrate on `data`; eva's ranks differ by module,
+            recorded as `rank_pattern`), or PEFT's data-free "olora", "mica",
             "orthogonal" (docs/inits.md); minor components are always exact; every module's random draw is seeded by
             (seed, name);
             `no_residual` writes only OUT/adapter and the manifest, for training on the ORIGINAL weights with

@@ -102,7 +102,7 @@ def principal_directions(scatter, top: int, tokens: int, *, name: str):
             "calibrate on more and more varied samples"
         )
     values, vectors = torch.linalg.eigh(scatter)
-    values, V = values.flip(0)[:top].clamp(min=0), vectors.flip(1)[:, :top].T
+    values, V = values[-top:].flip(0).clamp(min=0), vectors[:, -top:].flip(1).T  # descending, no full copy
     picked = V.abs().argmax(1)
     V = V * V[torch.arange(top), picked].sign()[:, None]  # PEFT's svd_flip: each row's largest entry positive
     return V.float(), values / total

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import cli, lm_logits
 from helpers.calibration import SAMPLES, samples, source
-from peft import EvaConfig, LoraConfig, get_peft_model
+from peft import EvaConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.eva import initialize_lora_eva_weights
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
@@ -27,7 +27,7 @@ from ailora_tools.decomposition import decompose
 from ailora_tools.demo import data_file
 from ailora_tools.errors import UnsupportedError
 from ailora_tools.init.eva import redistribute
-from ailora_tools.io.peft_adapter import read_adapter
+from ailora_tools.io.peft_adapter import read_adapter, with_ranks
 from ailora_tools.training import get_ailora_model
 from ailora_tools.training.trainer import train
 
@@ -181,3 +181,35 @@ def test_bad_calibration_input_is_one_line(llama, tmp_path):
     refused("--data", tmp_path / "short.jsonl", "--samples", "1", needle="fewer than the 32 input directions")
     with pytest.raises(UnsupportedError, match="decompose --method eva --data"):
         get_ailora_model(AutoModelForCausalLM.from_pretrained(llama), method="eva", rank=4)
+
+
+def test_peft_made_eva_adapter_converts_with_its_ranks(llama, tmp_path):
+    """An adapter PEFT's EVA made (ranks by module) and PEFT trained converts for vLLM as it is: the same logits."""
+    peft, _ = peft_eva(llama, AutoModelForCausalLM, DATA, "causal-lm", ("q_proj", "down_proj"), 4, 8.0, RHO)
+    assert peft.peft_config["default"].rank_pattern  # the ranks were redistributed
+    peft.train()
+    optim = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.5)
+    for ids, labels in samples(llama, DATA, "causal-lm", 8):  # PEFT's training, by hand
+        peft(input_ids=ids, labels=labels).loss.backward()
+        optim.step()
+        optim.zero_grad()
+    peft.save_pretrained(tmp_path / "trained")
+    res = cli("convert", "--trained", tmp_path / "trained", "-o", tmp_path / "l", "--for", "vllm", "--json")
+    assert res.exit_code == 0, res.output
+    assert read_adapter(tmp_path / "l").config["init_lora_weights"] is True
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        trained = peft.eval()(input_ids=ids).logits
+        original = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+        converted = PeftModel.from_pretrained(original, tmp_path / "l").eval()(input_ids=ids).logits
+    assert (trained - converted).abs().max() < PARITY
+
+
+def test_a_rank_0_module_is_left_out_as_peft_does():
+    A, B = torch.ones(3, 8), torch.zeros(5, 3)
+    config = {"r": 2, "lora_alpha": 4.0, "target_modules": ["q_proj"]}
+    factors = {"m.0.q_proj": (A, B), "m.1.q_proj": (A[:0], B[:, :0]), "m.2.q_proj": (A[:2], B[:, :2])}
+    out, kept = with_ranks(config, factors)
+    assert list(kept) == ["m.0.q_proj", "m.2.q_proj"] and out["target_modules"] == ["m.0.q_proj", "m.2.q_proj"]
+    assert out["rank_pattern"] == {"m.0.q_proj": 3} and out["alpha_pattern"] == {"m.0.q_proj": 6.0}
+    assert with_ranks(config, {"m.2.q_proj": (A[:2], B[:, :2])})[0]["target_modules"] == ["q_proj"]
