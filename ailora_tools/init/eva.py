@@ -10,7 +10,7 @@ done, the budget r × targets goes to the largest ratios over all targets (each 
 target, ties to the earlier target), as PEFT's `_get_rank_distribution`: target m gets rank rₘ ≤ round(r·ρ), A0 its
 first rₘ vectors, B0 = 0 (the base is untouched). ρ = 1 keeps r everywhere. A target given rank 0 gets no adapter,
 as PEFT drops it. decompose records rₘ ≠ r in `rank_pattern` and α·rₘ/r in `alpha_pattern` (PEFT's
-`adjust_scaling_factors`, its default: the scale α/r stays that of rank r).
+`adjust_scaling_factors`, its default: without rsLoRA the scale α/r stays that of rank r).
 """
 
 from __future__ import annotations

@@ -130,8 +130,8 @@ def lora_config(
 
 def with_ranks(config: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict, dict]:
     """(`config`, `factors`) for factors whose ranks differ by module (EVA's), as PEFT's EVA writes them: `rank_pattern`
-    for each module of rank ≠ r, `alpha_pattern` α·rₘ/r (its scale α/r unchanged), and the modules of rank 0 left out
-    (and `target_modules` then the full names of the others, so that PEFT adapts none of them)."""
+    for each module of rank ≠ r, `alpha_pattern` α·rₘ/r (without rsLoRA its scale α/r unchanged), and the modules of
+    rank 0 left out (and `target_modules` then the full names of the others, so that PEFT adapts none of them)."""
     r, alpha = config["r"], config["lora_alpha"]
     kept = {m: f for m, f in factors.items() if f[0].shape[0] > 0}
     ranks = {m: A.shape[0] for m, (A, _) in kept.items() if A.shape[0] != r}
