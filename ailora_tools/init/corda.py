@@ -26,13 +26,13 @@ class CorDA(InitMethod):
     needs_weights = False
 
     def prepare(self, ckpt, jobs, settings, **options):
-        """`options`: decompose's calibration settings (`lora_da.method.calibrated_from`); `task`: the decompose
+        """`options`: decompose's calibration settings (`lora_da.method.calibrated`); `task`: the decompose
         options (task, columns; `corda_mode`)."""
         from ..io.tensorio import read_tensor
-        from .lora_da.method import calibrated_from
+        from .lora_da.method import calibrated
 
         mode = getattr(options.get("task"), "corda_mode", "ipm")
-        population, stats = calibrated_from(ckpt, jobs, settings, "covariance", options)
+        population, stats = calibrated(ckpt, jobs, settings, "covariance", options)
         by_name, found = {j.module: j for j in jobs}, {}
         for s in stats:
             job = by_name[s.name]

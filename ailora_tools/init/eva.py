@@ -31,13 +31,13 @@ class EVA(InitMethod):
     subtracts_product = False  # B0 = 0: the start is the model, and convert writes s·B·A at each module's rank
 
     def prepare(self, ckpt, jobs, settings, **options):
-        """`options`: decompose's calibration settings (`lora_da.method.calibrated_from`); `task`: the decompose
+        """`options`: decompose's calibration settings (`lora_da.method.calibrated`); `task`: the decompose
         options (task, columns; `eva_rho`)."""
-        from .lora_da.method import calibrated_from
+        from .lora_da.method import calibrated
 
         rho = float(getattr(options.get("task"), "eva_rho", 2.0))
         top = check_components(jobs, settings.rank, rho)
-        population, stats = calibrated_from(ckpt, jobs, settings, "centered", options)
+        population, stats = calibrated(ckpt, jobs, settings, "centered", options)
         found, by_input = {}, {}
         for s in stats:
             if s.input_key not in by_input:  # one eigendecomposition per distinct input

@@ -24,10 +24,10 @@ class LoRAGA(InitMethod):
     needs_data = True
 
     def prepare(self, ckpt, jobs, settings, **options):
-        """`options`: decompose's calibration settings (`lora_da.method.calibrated_from`); `task`: the decompose
+        """`options`: decompose's calibration settings (`lora_da.method.calibrated`); `task`: the decompose
         options (task, columns; `ga_direction`, `ga_scale`, `ga_gamma`)."""
         from ..errors import OptionError
-        from .lora_da.method import calibrated_from
+        from .lora_da.method import calibrated
         from .svd import Triplets, generator_for, triplets
         from .targets import PRINCIPAL
 
@@ -37,7 +37,7 @@ class LoRAGA(InitMethod):
                 f"{{rank}} {settings.rank}: lora-ga takes 2r = {2 * settings.rank} singular directions "
                 f"of the gradient, not below {small.module}'s {min(small.shape)}; lower --rank"
             )
-        population, stats = calibrated_from(ckpt, jobs, settings, "gradient", options)
+        population, stats = calibrated(ckpt, jobs, settings, "gradient", options)
         found = {}
         for s in stats:
             t = triplets(
