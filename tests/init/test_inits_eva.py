@@ -10,6 +10,7 @@ chosen for (2·r·ρ = hidden size). `use_label_mask=False`: every real token, a
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -129,27 +130,51 @@ def test_the_comparison_catches_a_wrong_sign_scale_or_rank():
     assert redistribute(tie, 3) == {"q": 2, "v": 1}
 
 
-def test_decompose_train_convert_merge_parity(llama, tmp_path):
-    """Ranks by module survive train, convert and merge: trained = converted = merged logits."""
-    s = decompose(llama, tmp_path / "d", method="eva", rank=4, eva_rho=3.0, data=DATA, samples=8, max_length=64,
-                  progress=False, targets=("q_proj", "v_proj", "down_proj"))  # fmt: skip
+def concentrated(tmp_path, llama):
+    """The fixture's Llama with layer 0's attention and layer 1's MLP reading 2 of the 64 hidden directions: their
+    inputs' variance sits in 2 directions, so at r = 1, ρ = 8 they take the budget and layer 1's q/k/v get rank 0."""
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[2:] = 0
+        model.model.layers[1].post_attention_layernorm.weight[2:] = 0
+    shutil.copytree(llama, tmp_path / "c")
+    for f in (tmp_path / "c").glob("model*.safetensors*"):
+        f.unlink()
+    model.save_pretrained(tmp_path / "c", max_shard_size="60KB")
+    return tmp_path / "c"
+
+
+@pytest.mark.parametrize(
+    "concentrate,targets,rank,rho,zero",
+    [
+        (False, ("q_proj", "v_proj", "down_proj"), 4, 3.0, 0),
+        (True, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 1, 8.0, 3),
+    ],
+)
+def test_decompose_train_convert_merge_parity(llama, tmp_path, concentrate, targets, rank, rho, zero):
+    """Ranks by module, rank 0 included, survive train, convert and merge: trained = converted = merged logits."""
+    src = concentrated(tmp_path, llama) if concentrate else llama
+    s = decompose(src, tmp_path / "d", method="eva", rank=rank, eva_rho=rho, data=DATA, samples=8, max_length=64,
+                  progress=False, targets=targets)  # fmt: skip
     manifest = json.loads((tmp_path / "d" / "ailora.json").read_text())
     assert manifest["method"] == "eva" and manifest["adapter_base"] == "original" and manifest["no_offset"]
     assert s["residual"] is None and not (tmp_path / "d" / "residual").exists()
     initial = read_adapter(tmp_path / "d" / "adapter")
     ranks = {m: A.shape[0] for m, (A, _) in initial.factors.items()}
-    assert len(set(ranks.values())) > 1 and sum(ranks.values()) <= 4 * 6 and max(ranks.values()) <= 12
-    assert initial.config["rank_pattern"] == {m: k for m, k in ranks.items() if k != 4}
-    start = lm_logits(llama, tmp_path / "d" / "adapter")
-    torch.testing.assert_close(start, lm_logits(llama), rtol=0, atol=0)  # B0 = 0: exactly the model
-    train(llama, tmp_path / "d" / "adapter", DATA, tmp_path / "t", max_steps=3, lr=1e-2, batch_size=8, progress=False)
+    assert len(set(ranks.values())) > 1 and max(ranks.values()) <= round(rank * rho)
+    assert sum(ranks.values()) == rank * 2 * len(targets)  # the whole budget, shared out
+    assert len(ranks) == 2 * len(targets) - zero  # the rank-0 modules left out
+    assert initial.config["rank_pattern"] == {m: k for m, k in ranks.items() if k != rank}
+    start = lm_logits(src, tmp_path / "d" / "adapter")
+    torch.testing.assert_close(start, lm_logits(src), rtol=0, atol=0)  # B0 = 0: exactly the model
+    train(src, tmp_path / "d" / "adapter", DATA, tmp_path / "t", max_steps=3, lr=1e-2, batch_size=8, progress=False)
     trained_ad = read_adapter(tmp_path / "t")
     assert {m: A.shape[0] for m, (A, _) in trained_ad.factors.items()} == ranks  # the ranks trained
-    trained = lm_logits(llama, tmp_path / "t")
+    trained = lm_logits(src, tmp_path / "t")
     assert (trained - start).abs().max() > 1e-3  # training moved the model
     convert(tmp_path / "t", tmp_path / "l")
-    merge(llama, tmp_path / "l", tmp_path / "m", progress=False)
-    assert (trained - lm_logits(llama, tmp_path / "l")).abs().max() < PARITY
+    merge(src, tmp_path / "l", tmp_path / "m", progress=False)
+    assert (trained - lm_logits(src, tmp_path / "l")).abs().max() < PARITY
     assert (trained - lm_logits(tmp_path / "m")).abs().max() < PARITY
     assert read_adapter(tmp_path / "l").config["r"] == max(ranks.values())  # no offset: s·B·A at the largest rank
 
