@@ -45,9 +45,9 @@ EVA_CASES = [
 ]
 
 
-def peft_eva(src, auto, data, task, targets, rank, alpha, rho):
+def peft_eva(src, auto, data, task, targets, rank, alpha, rho, count=SAMPLES):
     model = auto.from_pretrained(src, dtype=torch.float32).eval()
-    rows = samples(src, data, task, SAMPLES)
+    rows = samples(src, data, task, count)
     width = max(ids.shape[1] for ids, _ in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -65,8 +65,8 @@ def peft_eva(src, auto, data, task, targets, rank, alpha, rho):
     return peft.eval(), ids[:1, : rows[0][0].shape[1]]
 
 
-def ours(src, out, data, task, targets, rank, alpha, rho):
-    flags = ("--task", task, "--samples", str(SAMPLES), "--max-length", "64", "--targets", ",".join(targets))
+def ours(src, out, data, task, targets, rank, alpha, rho, count=SAMPLES):
+    flags = ("--task", task, "--samples", str(count), "--max-length", "64", "--targets", ",".join(targets))
     res = cli("decompose", src, "-o", out, "--method", "eva", "--data", data, *flags, "--rank", str(rank),
               "--alpha", str(alpha), "--eva-rho", str(rho), "--quiet")  # fmt: skip
     assert res.exit_code == 0, res.output
@@ -238,3 +238,21 @@ def test_a_rank_0_module_is_left_out_as_peft_does():
     assert list(kept) == ["m.0.q_proj", "m.2.q_proj"] and out["target_modules"] == ["m.0.q_proj", "m.2.q_proj"]
     assert out["rank_pattern"] == {"m.0.q_proj": 3} and out["alpha_pattern"] == {"m.0.q_proj": 6.0}
     assert with_ranks(config, {"m.2.q_proj": (A[:2], B[:, :2])})[0]["target_modules"] == ["q_proj"]
+
+
+def test_rank_0_modules_as_peft(llama, tmp_path):
+    """Where the redistribution gives modules rank 0, PEFT's EVA and ours give the same ranks and drop the same ones."""
+    src, targets = (
+        concentrated(tmp_path, llama),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    )
+    peft, _ = peft_eva(src, AutoModelForCausalLM, DATA, "causal-lm", targets, 1, 8.0, 8.0, count=8)
+    adapter, config = ours(src, tmp_path / "d", DATA, "causal-lm", targets, 1, 8.0, 8.0, count=8)
+    theirs = {
+        n: m.lora_A["default"].weight.shape[0] for n, m in peft.base_model.model.named_modules() if hasattr(m, "lora_A")
+    }
+    mine = {
+        k[len("base_model.model.") : -len(".lora_A.weight")]: v.shape[0] for k, v in adapter.items() if ".lora_A" in k
+    }
+    assert mine == theirs and len(theirs) < 2 * len(targets)
+    assert config["rank_pattern"] == peft.peft_config["default"].rank_pattern
