@@ -114,6 +114,8 @@ def test_same_factors_ranks_and_start_as_peft(llama, encoder, tmp_path, kind, rh
     with torch.no_grad():
         want = auto.from_pretrained(src, dtype=torch.float32).eval()(input_ids=ids).logits
         torch.testing.assert_close(peft(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+        mine = PeftModel.from_pretrained(auto.from_pretrained(src, dtype=torch.float32), tmp_path / "d" / "adapter")
+        torch.testing.assert_close(mine.eval()(input_ids=ids).logits, want, rtol=0, atol=1e-5)  # ours on the original
 
 
 def test_the_comparison_catches_a_wrong_sign_scale_or_rank():
