@@ -66,7 +66,8 @@ def decompose(
         options: a `DecomposeOptions` (every field documented there); `settings` replace its fields by name
             (`decompose(model, out, method="pissa", rank=32)`). The method is a registered init method
             (`ailora_tools.init.METHODS`): "ailora" (query principal, value minor), "pissa", "milora", "lora",
-            "lora-da", "corda" or "lora-ga" (the last three calibrate on `data`), or PEFT's data-free "olora", "mica",
+            "lora-da", "corda", "lora-ga" or "eva" (the last four calibrate on `data`; eva's ranks differ by module,
+            recorded as `rank_pattern`), or PEFT's data-free "olora", "mica",
             "orthogonal" (docs/inits.md); minor components are always exact; every module's random draw is seeded by
             (seed, name);
             `no_residual` writes only OUT/adapter and the manifest, for training on the ORIGINAL weights with
@@ -198,7 +199,7 @@ def _write(run: DecomposeRun, od: OutputDir, o: DecomposeOptions, settings: dict
 def _write_adapter(run: DecomposeRun, od: OutputDir, o: DecomposeOptions, base: str, factors: dict,
                    on_residual: bool) -> list:
     """OUT/adapter: the initial factors as a PEFT LoRA (DoRA with `o.dora`) on `base`; returns the files written."""
-    from ..io.peft_adapter import lora_config, write_adapter
+    from ..io.peft_adapter import lora_config, with_ranks, write_adapter
 
     jobs, ckpt = run.jobs, run.ckpt
     head = {n: read_tensor(ckpt.shard(ckpt.tensors[n].file), n) for n in head_tensors(ckpt.tensors, ckpt.config)}
@@ -206,6 +207,7 @@ def _write_adapter(run: DecomposeRun, od: OutputDir, o: DecomposeOptions, base: 
                          rslora=o.rslora, base=base, task_type=peft_task_type(ckpt.config),
                          fan_in_fan_out=any(j.transposed for j in jobs), dora=o.dora,
                          modules_to_save=sorted({n.split(".", 1)[0] for n in head}))  # PEFT loads the head
+    config, factors = with_ranks(config, factors)  # ranks by module (EVA's): rank_pattern, alpha_pattern
     magnitudes = None
     if o.dora:  # from the base as PEFT will load it: the residual as written, or the original
         from ..init.dora import magnitudes_of

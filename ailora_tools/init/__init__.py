@@ -7,6 +7,7 @@ from __future__ import annotations
 from ..errors import OptionError
 from .ailora import AILoRA
 from .corda import CorDA
+from .eva import EVA
 from .lora import LoRA
 from .lora_da.method import LoRADA
 from .lora_ga import LoRAGA
@@ -26,7 +27,7 @@ from .pissa import PiSSA
 
 METHODS: dict[str, InitMethod] = {m.name: m for m in (AILoRA(), PiSSA(), MiLoRA(), LoRA(), LoRADA())}
 METHODS.update({m.name: m for m in (OLoRA(), MiCA(), Orthogonal())})  # PEFT's data-free inits
-METHODS.update({m.name: m for m in (CorDA(), LoRAGA())})  # PEFT's data-aware inits, on LoRA-DA's calibration
+METHODS.update({m.name: m for m in (CorDA(), LoRAGA(), EVA())})  # PEFT's data-aware inits, on LoRA-DA's calibration
 
 
 def get_method(name: str) -> InitMethod:

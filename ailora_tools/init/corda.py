@@ -25,37 +25,14 @@ class CorDA(InitMethod):
     needs_data = True
     needs_weights = False
 
-    def prepare(
-        self,
-        ckpt,
-        jobs,
-        settings,
-        *,
-        data=None,
-        samples: int = 64,
-        max_length: int = 512,
-        task=None,
-        device: str = "auto",
-        progress: bool = True,
-        **_,
-    ):
-        """`task`: the decompose options (task, columns; `corda_mode`)."""
+    def prepare(self, ckpt, jobs, settings, **options):
+        """`options`: decompose's calibration settings (`lora_da.method.calibrated`); `task`: the decompose
+        options (task, columns; `corda_mode`)."""
         from ..io.tensorio import read_tensor
         from .lora_da.method import calibrated
 
-        mode = getattr(task, "corda_mode", "ipm")
-        population, stats = calibrated(
-            ckpt,
-            jobs,
-            settings,
-            "covariance",
-            data=data,
-            samples=samples,
-            max_length=max_length,
-            task=task,
-            device=device,
-            progress=progress,
-        )
+        mode = getattr(options.get("task"), "corda_mode", "ipm")
+        population, stats = calibrated(ckpt, jobs, settings, "covariance", options)
         by_name, found = {j.module: j for j in jobs}, {}
         for s in stats:
             job = by_name[s.name]

@@ -23,21 +23,9 @@ class LoRAGA(InitMethod):
     needs_roles = False
     needs_data = True
 
-    def prepare(
-        self,
-        ckpt,
-        jobs,
-        settings,
-        *,
-        data=None,
-        samples: int = 64,
-        max_length: int = 512,
-        task=None,
-        device: str = "auto",
-        progress: bool = True,
-        **_,
-    ):
-        """`task`: the decompose options (task, columns; `ga_direction`, `ga_scale`, `ga_gamma`)."""
+    def prepare(self, ckpt, jobs, settings, **options):
+        """`options`: decompose's calibration settings (`lora_da.method.calibrated`); `task`: the decompose
+        options (task, columns; `ga_direction`, `ga_scale`, `ga_gamma`)."""
         from ..errors import OptionError
         from .lora_da.method import calibrated
         from .svd import Triplets, generator_for, triplets
@@ -49,18 +37,7 @@ class LoRAGA(InitMethod):
                 f"{{rank}} {settings.rank}: lora-ga takes 2r = {2 * settings.rank} singular directions "
                 f"of the gradient, not below {small.module}'s {min(small.shape)}; lower --rank"
             )
-        population, stats = calibrated(
-            ckpt,
-            jobs,
-            settings,
-            "gradient",
-            data=data,
-            samples=samples,
-            max_length=max_length,
-            task=task,
-            device=device,
-            progress=progress,
-        )
+        population, stats = calibrated(ckpt, jobs, settings, "gradient", options)
         found = {}
         for s in stats:
             t = triplets(
@@ -78,7 +55,7 @@ class LoRAGA(InitMethod):
                 t,
                 {"gradient_norm": float(s.gradient.norm()), "calibration_tokens": s.tokens, "calibration_loss": s.loss},
             )
-        return found, options_of(task)
+        return found, options_of(options.get("task"))
 
     def factors(self, job, W, settings, *, context=None, generator=None):
         import torch

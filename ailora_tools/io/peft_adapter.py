@@ -128,6 +128,18 @@ def lora_config(
     }
 
 
+def with_ranks(config: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict, dict]:
+    """(`config`, `factors`) for factors whose ranks differ by module (EVA's), as PEFT's EVA writes them: `rank_pattern`
+    for each module of rank ≠ r, `alpha_pattern` α·rₘ/r (without rsLoRA its scale α/r unchanged), and the modules of
+    rank 0 left out (and `target_modules` then the full names of the others, so that PEFT adapts none of them)."""
+    r, alpha = config["r"], config["lora_alpha"]
+    kept = {m: f for m, f in factors.items() if f[0].shape[0] > 0}
+    ranks = {m: A.shape[0] for m, (A, _) in kept.items() if A.shape[0] != r}
+    targets = sorted(kept) if len(kept) < len(factors) else config["target_modules"]
+    alphas = {m: alpha * k / r for m, k in ranks.items()}
+    return {**config, "target_modules": targets, "rank_pattern": ranks, "alpha_pattern": alphas}, kept
+
+
 def model_class(task: str | None, config=None):
     """The transformers class an adapter of PEFT task type `task` applies to: the task's Auto class, else the
     class config.json's `architectures` names, else AutoModel."""

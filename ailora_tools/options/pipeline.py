@@ -93,9 +93,10 @@ class DecomposeOptions(InitOptions, TaskOptions):
     no_residual: bool = option(False, "Write only the adapter, no residual: train then runs on the ORIGINAL model "
                                "with s·B0·A0 subtracted inside the adapter, so convert serves exactly what was "
                                "trained (best for 16-bit checkpoints); takes seconds on any model size.")
-    data: str | None = option(None, "Calibration data for data-aware methods (lora-da, corda, lora-ga), in train's "
-                              "--data format for --task (decoders: causal-lm; encoders: masked-lm rows, or labeled "
-                              "rows with --task sequence-classification and the column options).", metavar="PATH")
+    data: str | None = option(None, "Calibration data for data-aware methods (lora-da, corda, lora-ga, eva), in "
+                              "train's --data format for --task (decoders: causal-lm; encoders: masked-lm rows, or "
+                              "labeled rows with --task sequence-classification and the column options).",
+                              metavar="PATH")
     samples: int = option(64, "Calibration samples: the first N rows of --data.", low=1)
     max_length: int = option(512, "Longest calibration sample, in tokens (longer ones are refused).", low=2)
     corda_mode: str = option("ipm", "corda: keep the r largest directions of W·C (ipm, instruction-previewed) or the "
@@ -105,6 +106,8 @@ class DecomposeOptions(InitOptions, TaskOptions):
     ga_scale: str = option("stable", "lora-ga: how B0 (or both) is scaled (PEFT's LoraGAConfig.scale).",
                            choices=("stable", "weight_svd", "gd_scale", "unit"))
     ga_gamma: float = option(16.0, "lora-ga: γ of the stable scale.", above=0)
+    eva_rho: float = option(2.0, "eva: each target's rank at most round(r·ρ), the total r × targets redistributed "
+                            "by explained variance (PEFT's EvaConfig.rho); 1 keeps r everywhere.", low=1)
     allow_pickle: bool = option(False, "Accept .bin/.pt weights (loaded with torch.load(weights_only=True)).")
     quantize: str | None = option(None, "Write the residual targets pre-quantised (bitsandbytes NF4, double "
                                   "quantisation; transformers loads it as it is): QLoRA on the residual (QPiSSA for "

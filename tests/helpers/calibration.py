@@ -1,5 +1,9 @@
 """LoRA-DA calibration as the tests run it, and its comparison with the whole-model reference
 (`ailora_tools.testing.calibration_reference`)."""
+import json
+import random
+import string
+
 import pytest
 import torch
 
@@ -8,7 +12,10 @@ from ailora_tools.init.lora_da.method import calibration_samples
 from ailora_tools.io.checkpoint import Checkpoint
 from ailora_tools.io.examples import IGNORE
 from ailora_tools.options import DecomposeOptions
+from helpers.encoders import texts
 
+#: calibration rows of the PEFT-comparison tests (`source`)
+SAMPLES = 32
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MODULES = [f"model.layers.{i}.{m}" for i in range(2)
            for m in (*ATTN, "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
@@ -37,3 +44,18 @@ def samples(src, data, task, count: int = 32):
     _, examples, _ = calibration_samples(ckpt, data, task, DecomposeOptions(task=task), count, 64, seed=0)
     keep = [e for e in examples if any(label != IGNORE for label in e.labels[task == "causal-lm" :])]
     return [(torch.tensor([e.input_ids]), torch.tensor([e.labels])) for e in keep]
+
+
+def source(kind, llama, encoder, tmp_path):
+    """The model and its calibration data: varied enough that the input covariance has no cluster of equal
+    eigenvalues (whose directions no SVD pins down, in float32 as PEFT computes or in float64 as we do)."""
+    if kind == "llama":
+        rng = random.Random(0)
+        rows = (
+            "".join(rng.choice(string.ascii_letters + string.digits + " +-=?") for _ in range(40))
+            for _ in range(SAMPLES)
+        )
+        path = tmp_path / "random.jsonl"
+        path.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+        return llama, path
+    return encoder("bert-mlm"), texts(tmp_path / "texts.jsonl", SAMPLES, seed=3)

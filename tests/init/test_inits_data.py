@@ -161,4 +161,4 @@ def test_bad_calibration_input_is_one_line(llama, tmp_path):
         refused(method, "--data", DATA, "--samples", "100000", needle="fewer than --samples 100000")
         refused(method, "--data", DATA, "--samples", "4", "--max-length", "5", needle="more than --max-length 5")
     refused("lora-ga", "--data", DATA, "--rank", "32", needle="lora-ga takes 2r = 64 singular directions")
-    refused("pissa", "--data", DATA, needle="only lora-da, corda, lora-ga do")
+    refused("pissa", "--data", DATA, needle="only lora-da, corda, lora-ga, eva do")

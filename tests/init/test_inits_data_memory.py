@@ -1,4 +1,4 @@
-"""corda and lora-ga calibrate at a peak memory flat in depth, as LoRA-DA does: the same model shapes at 2 and 24
+"""corda, lora-ga and eva calibrate at a peak memory flat in depth, as LoRA-DA does: the same model shapes at 2 and 24
 layers (every layer's q/v/down projections targeted) grow the peak by less than two layers' weights beyond the factors
 kept for the new layers (the output itself)."""
 
@@ -36,7 +36,10 @@ GROWS = pytest.mark.xfail(strict=False, reason="lora-ga's peak grows ~0.14 MB pe
 NOISY = pytest.mark.xfail(strict=False, reason="peak RSS growth is noisy under load (1.9-7.3 MB measured for corda)")
 
 
-@pytest.mark.parametrize("method", [pytest.param("corda", marks=NOISY), pytest.param("lora-ga", marks=GROWS)])
+@pytest.mark.parametrize(
+    "method",
+    [pytest.param("corda", marks=NOISY), pytest.param("lora-ga", marks=GROWS), pytest.param("eva", marks=NOISY)],
+)
 def test_peak_memory_is_flat_from_2_to_24_layers(tmp_path, method):
     tok = build_tiny_model(tmp_path / "tok")
     warm = model(tmp_path / "warm", 2, tok)

@@ -8,15 +8,10 @@ hidden size) and the comparison is deterministic. Its `random` direction draws f
 (ours per module from --seed); its `weight_svd` scale estimates σ_max(W) by the same random projection (ours exact).
 """
 
-import json
-import random
-import string
-
 import pytest
 import torch
 from helpers import cli
-from helpers.calibration import samples
-from helpers.encoders import texts
+from helpers.calibration import SAMPLES, samples, source
 from peft import LoraConfig, LoraGAConfig, get_peft_model
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
@@ -27,27 +22,11 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 from ailora_tools.init import lora_scale
 from ailora_tools.io.checkpoint import Checkpoint
 
-SAMPLES = 32
 #: (kind, auto class, task, targets, rank, alpha): 4r is the width of the targets' smaller side (see above)
 CASES = {
     "llama": (AutoModelForCausalLM, "causal-lm", ("q_proj", "o_proj"), 16, 8.0),
     "bert": (AutoModelForMaskedLM, "masked-lm", ("query", "value"), 12, 24.0),
 }
-
-
-def source(kind, llama, encoder, tmp_path):
-    """The model and its calibration data: varied enough that the input covariance has no cluster of equal
-    eigenvalues (whose directions no SVD pins down, in float32 as PEFT computes or in float64 as we do)."""
-    if kind == "llama":
-        rng = random.Random(0)
-        rows = (
-            "".join(rng.choice(string.ascii_letters + string.digits + " +-=?") for _ in range(40))
-            for _ in range(SAMPLES)
-        )
-        path = tmp_path / "random.jsonl"
-        path.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
-        return llama, path
-    return encoder("bert-mlm"), texts(tmp_path / "texts.jsonl", SAMPLES, seed=3)
 
 
 def peft_init(src, auto, kind, method, data, task, targets, rank, alpha, **config):

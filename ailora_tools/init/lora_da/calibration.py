@@ -25,7 +25,7 @@ from .decoder import LAYER_MODULE, DecoderParts
 from .encoder import EncoderParts
 from .masks import require_transformers
 from .runner import HEAD_CHUNK_BYTES, run_layers
-from .statistics import CovarianceHooks, GradientHooks, ModuleStatistics, StatisticsHooks
+from .statistics import CenteredHooks, CovarianceHooks, GradientHooks, ModuleStatistics, StatisticsHooks
 
 #: model_type values whose decoder layers calibrate (causal LM), and whose encoder layers do (masked LM, classification)
 DECODERS, ENCODERS = ("llama", "mistral", "qwen2"), ("bert", "roberta", "xlm-roberta")
@@ -35,8 +35,9 @@ TASKS = {CAUSAL_LM: DECODERS, MASKED_LM: ENCODERS, CLASSIFY: ENCODERS}
 TOKEN_MASKS = ("attention", "labels")
 FIXED_OVERHEAD = 64 << 20
 #: what `calibrate` sums per module: LoRA-DA's statistics, the loss gradient alone (LoRA-GA), the input covariance
-#: as PEFT's CorDA takes it (forward only)
-STATISTICS = {"lora-da": StatisticsHooks, "gradient": GradientHooks, "covariance": CovarianceHooks}
+#: as PEFT's CorDA takes it (forward only), the inputs' centred scatter (EVA, forward only)
+STATISTICS = {"lora-da": StatisticsHooks, "gradient": GradientHooks, "covariance": CovarianceHooks,
+              "centered": CenteredHooks}
 
 
 def calibrate(
@@ -84,7 +85,8 @@ def calibrate(
         scratch: directory for those files (default: the system's temporary directory).
         progress: show a progress bar (one step per layer and pass).
         statistics: what to sum (`STATISTICS`): "lora-da" (Z, E[g²], G), "gradient" (G only: LoRA-GA), "covariance"
-            (CorDA's input covariance in `input_factor`, forward only: the head is never loaded).
+            (CorDA's input covariance in `input_factor`, forward only: the head is never loaded), "centered" (EVA:
+            the float64 scatter Σ(x − μ)(x − μ)ᵀ of the inputs' real tokens in `input_factor`, forward only).
 
     Returns:
         An iterator of `ModuleStatistics`, one per module.

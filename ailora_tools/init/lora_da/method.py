@@ -64,21 +64,25 @@ def _module_factors(stats, input_factor, *, rank: int, population: int, seed: in
                        "calibration_loss": stats.loss, "calibration_tokens": stats.tokens})
 
 
-def calibrated(ckpt, jobs, settings, statistics: str, *, data, samples: int, max_length: int, task, device: str,
-               progress: bool):
-    """(rows in `data`, an iterator of each job's `statistics` as `calibration.calibrate` sums them) on the first
-    `samples` rows of `data`, read for `task` (`options.TaskOptions`) as LoRA-DA's `prepare` reads them: the
-    calibration of the other data-aware methods (CorDA, LoRA-GA). Everything is checked before this returns."""
+def calibrated(ckpt, jobs, settings, statistics: str, options: dict):
+    """(rows in `--data`, an iterator of each job's `statistics` as `calibration.calibrate` sums them) on its first
+    `samples` rows, read for `task` (`options.TaskOptions`) as LoRA-DA's `prepare` reads them: the calibration of the
+    other data-aware methods (CorDA, LoRA-GA, EVA), from the keyword options decompose hands a method's `prepare`
+    (data, samples, max_length, task, device, progress; LoRA-DA's defaults where absent). Everything is checked before
+    this returns."""
     from ...options import TaskOptions
     from .calibration import calibrate, check_supported
     from .masks import require_transformers
 
+    get = {"data": None, "samples": 64, "max_length": 512, "task": None, "device": "auto", "progress": True}
+    o = {k: options.get(k, d) for k, d in get.items()}
     require_transformers()  # before the data is read
-    task = task or TaskOptions()
+    task = o["task"] or TaskOptions()
     name = check_supported(ckpt, task.task)
-    population, examples, labels = calibration_samples(ckpt, data, name, task, samples, max_length, seed=settings.seed)
+    population, examples, labels = calibration_samples(ckpt, o["data"], name, task, o["samples"], o["max_length"],
+                                                        seed=settings.seed)
     return population, calibrate(ckpt, examples, [j.module for j in jobs], task=name, labels=labels,
-                                 seed=settings.seed, device=device, progress=progress, statistics=statistics)
+                                 seed=settings.seed, device=o["device"], progress=o["progress"], statistics=statistics)
 
 
 def calibration_samples(ckpt, data, task: str, options, samples: int, max_length: int, *, seed: int):

@@ -1,6 +1,7 @@
 """Statistics of each target module, summed by hooks on the modules while its layer runs: LoRA-DA's (`StatisticsHooks`,
-backward), the loss gradient alone (`GradientHooks`, backward: LoRA-GA) and the input covariance (`CovarianceHooks`,
-forward only: CorDA). A hooks class's `BACKWARD` says whether the runner takes the loss and goes back down."""
+backward), the loss gradient alone (`GradientHooks`, backward: LoRA-GA), the input covariance (`CovarianceHooks`,
+forward only: CorDA) and the inputs' centred scatter (`CenteredHooks`, forward only: EVA). A hooks class's `BACKWARD`
+says whether the runner takes the loss and goes back down."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ class ModuleStatistics:
     name: str
     #: modules with the same key read the same input and share `input_factor` (the same tensor object)
     input_key: str
-    input_factor: torch.Tensor | None  # Z = E[x xᵀ] (CorDA: PEFT's covariance), [in, in]
+    input_factor: torch.Tensor | None  # Z = E[x xᵀ] (CorDA: PEFT's covariance; EVA: float64 scatter), [in, in]
     output_factor: torch.Tensor | None  # E[g²], [out]
     gradient: torch.Tensor | None  # G = ∂L/∂W averaged over samples, [out, in]
     tokens: int  # tokens Z and the output factor average over
@@ -146,5 +147,42 @@ class CovarianceHooks:
         for h in self.handles:
             h.remove()
         z = {k: (v / self.samples).cpu() for k, v in self.z.items()}
+        return [ModuleStatistics(name, key, z[key], None, None, self.tokens, samples, skipped, loss)
+                for name, key in self.key.items()]
+
+
+class CenteredHooks:
+    """Forward hooks that sum, once per distinct input, Σx and Σxxᵀ over its real tokens in float64 and hand over the
+    centred scatter Σ(x − μ)(x − μ)ᵀ: what PEFT's EVA takes the incremental PCA of (its inputs, mean removed)."""
+
+    BACKWARD = False
+
+    def __init__(self, layer: torch.nn.Module, targets: dict[str, str], dev: torch.device):
+        self.handles, self.key, self.sum, self.z, self.tokens = [], {}, {}, {}, 0
+        for local, name in targets.items():
+            self.handles.append(layer.get_submodule(local).register_forward_pre_hook(partial(self._input, name)))
+
+    def start(self, batch: Batch) -> None:
+        self.batch, self.seen = batch, []
+        self.tokens += int(batch.real.sum())
+
+    @torch.no_grad()
+    def _input(self, name: str, _module, args) -> None:
+        key = next((k for seen, k in self.seen if seen is args[0]), None)
+        if key is None:
+            key = name
+            self.seen.append((args[0], key))
+            x = args[0].detach()[self.batch.real].double()
+            if key not in self.z:
+                self.z[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                self.sum[key] = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self.z[key].addmm_(x.T, x)
+            self.sum[key].add_(x.sum(0))
+        self.key[name] = key
+
+    def results(self, samples: int, skipped: int, loss: float) -> list[ModuleStatistics]:
+        for h in self.handles:
+            h.remove()
+        z = {k: (v - torch.outer(self.sum[k], self.sum[k]) / self.tokens).cpu() for k, v in self.z.items()}
         return [ModuleStatistics(name, key, z[key], None, None, self.tokens, samples, skipped, loss)
                 for name, key in self.key.items()]
