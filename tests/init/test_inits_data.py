@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import cli, lm_logits
+from helpers import cli, compare_briefly, lm_logits
 from helpers.calibration import samples
 from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
 from peft.tuners.lora.config import CordaConfig
@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM
 
 from ailora_tools.adapters.conversion import convert
 from ailora_tools.adapters.merging import merge
-from ailora_tools.comparison.runner import compare
 from ailora_tools.decomposition import decompose
 from ailora_tools.demo import data_file
 from ailora_tools.io.peft_adapter import read_adapter
@@ -69,19 +68,7 @@ def test_decompose_train_convert_merge_parity(llama, tmp_path, method, extra):
 
 
 def test_compare_rows(llama, tmp_path):
-    s = compare(
-        llama,
-        DATA,
-        tmp_path / "c",
-        methods=["corda", "lora-ga"],
-        progress=False,
-        rank=4,
-        max_steps=2,
-        lr=1e-2,
-        batch_size=8,
-        seed=1,
-        device="cpu",
-    )
+    s = compare_briefly(llama, DATA, tmp_path / "c", ["corda", "lora-ga"])
     assert [r["run"] for r in s["runs"]] == ["corda", "lora-ga"]
     for m in ("corda", "lora-ga"):
         assert json.loads((tmp_path / "c" / m / "decomposed" / "ailora.json").read_text())["method"] == m

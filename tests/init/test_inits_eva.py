@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import cli, lm_logits
+from helpers import cli, compare_briefly, lm_logits
 from helpers.calibration import SAMPLES, samples, source
 from peft import EvaConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.eva import initialize_lora_eva_weights
@@ -23,7 +23,6 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from ailora_tools.adapters.conversion import convert
 from ailora_tools.adapters.merging import merge
-from ailora_tools.comparison.runner import compare
 from ailora_tools.decomposition import decompose
 from ailora_tools.demo import data_file
 from ailora_tools.errors import UnsupportedError
@@ -182,8 +181,7 @@ def test_decompose_train_convert_merge_parity(llama, tmp_path, concentrate, targ
 
 
 def test_compare_row(llama, tmp_path):
-    s = compare(llama, DATA, tmp_path / "c", methods=["eva"], progress=False, rank=4, max_steps=2, lr=1e-2,
-                batch_size=8, seed=1, device="cpu")  # fmt: skip
+    s = compare_briefly(llama, DATA, tmp_path / "c", ["eva"])
     assert [r["run"] for r in s["runs"]] == ["eva"]
     assert json.loads((tmp_path / "c" / "eva" / "decomposed" / "ailora.json").read_text())["method"] == "eva"
     assert "| eva |" in (tmp_path / "c" / "compare.md").read_text()

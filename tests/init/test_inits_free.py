@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from helpers import cli, load, logits, one_line_error
+from helpers import cli, compare_briefly, load, logits, one_line_error
 from helpers import lm_logits as lm
 from helpers.adapters import peft_converted_pair
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from ailora_tools import compare, convert, decompose, get_ailora_model, merge, spectrum
+from ailora_tools import convert, decompose, get_ailora_model, merge, spectrum
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.init.svd import generator_for
 from ailora_tools.io.peft_adapter import read_adapter
@@ -218,19 +218,7 @@ def test_odd_rank_refused_for_orthogonal(tiny, base, tmp_path):
 
 
 def test_compare_rows(base, tmp_path):
-    s = compare(
-        base,
-        DATA,
-        tmp_path / "c",
-        methods=["olora", "mica", "orthogonal"],
-        rank=4,
-        max_steps=2,
-        lr=1e-2,
-        batch_size=8,
-        seed=1,
-        device="cpu",
-        progress=False,
-    )
+    s = compare_briefly(base, DATA, tmp_path / "c", ["olora", "mica", "orthogonal"])
     rows = {r["run"]: r for r in s["runs"]}
     assert sorted(rows) == ["mica", "olora", "orthogonal"]
     assert all(r["steps"] == 2 and r["first_loss"] > 0 for r in rows.values())

@@ -112,77 +112,84 @@ class GradientHooks:
                 for name, g in self.g.items()]
 
 
-class CovarianceHooks:
-    """Forward hooks that sum CorDA's input covariance as PEFT's `preprocess_corda` does with one sample per forward
-    call: C = mean over samples of X̂ᵀX̂, X̂ a sample's inputs (its real tokens) divided by |max(X)|; once per
-    distinct input (q/k/v share theirs)."""
+class _InputHooks:
+    """Forward pre-hooks on the targets that see each distinct input once a batch: targets reading the same tensor
+    (q/k/v) share the first one's key (`first`)."""
 
     BACKWARD = False
 
     def __init__(self, layer: torch.nn.Module, targets: dict[str, str], dev: torch.device):
-        self.handles, self.key, self.z, self.samples, self.tokens = [], {}, {}, 0, 0
+        self.handles, self.key, self.z, self.tokens = [], {}, {}, 0
         for local, name in targets.items():
             self.handles.append(layer.get_submodule(local).register_forward_pre_hook(partial(self._input, name)))
 
     def start(self, batch: Batch) -> None:
         self.batch, self.seen = batch, []
-        self.samples += len(batch.ids)
         self.tokens += int(batch.real.sum())
+
+    def first(self, name: str, x: torch.Tensor) -> bool:
+        """Record `name`'s input key; True when `x` is new this batch (then its key is `name`)."""
+        key = next((k for seen, k in self.seen if seen is x), None)
+        if key is None:
+            self.seen.append((x, name))
+        self.key[name] = key or name
+        return key is None
+
+    def _close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class CovarianceHooks(_InputHooks):
+    """Forward hooks that sum CorDA's input covariance as PEFT's `preprocess_corda` does with one sample per forward
+    call: C = mean over samples of X̂ᵀX̂, X̂ a sample's inputs (its real tokens) divided by |max(X)|; once per
+    distinct input (q/k/v share theirs)."""
+
+    def __init__(self, layer: torch.nn.Module, targets: dict[str, str], dev: torch.device):
+        super().__init__(layer, targets, dev)
+        self.samples = 0
+
+    def start(self, batch: Batch) -> None:
+        super().start(batch)
+        self.samples += len(batch.ids)
 
     @torch.no_grad()
     def _input(self, name: str, _module, args) -> None:
-        key = next((k for seen, k in self.seen if seen is args[0]), None)
-        if key is None:
-            key = name
-            self.seen.append((args[0], key))
+        if self.first(name, args[0]):
             for row, real in zip(args[0], self.batch.real):
                 x = row[real].float()
                 x = x / x.max().abs()
-                if key not in self.z:
-                    self.z[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-                self.z[key].addmm_(x.T, x)
-        self.key[name] = key
+                if name not in self.z:
+                    self.z[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+                self.z[name].addmm_(x.T, x)
 
     def results(self, samples: int, skipped: int, loss: float) -> list[ModuleStatistics]:
-        for h in self.handles:
-            h.remove()
+        self._close()
         z = {k: (v / self.samples).cpu() for k, v in self.z.items()}
         return [ModuleStatistics(name, key, z[key], None, None, self.tokens, samples, skipped, loss)
                 for name, key in self.key.items()]
 
 
-class CenteredHooks:
+class CenteredHooks(_InputHooks):
     """Forward hooks that sum, once per distinct input, Σx and Σxxᵀ over its real tokens in float64 and hand over the
     centred scatter Σ(x − μ)(x − μ)ᵀ: what PEFT's EVA takes the incremental PCA of (its inputs, mean removed)."""
 
-    BACKWARD = False
-
     def __init__(self, layer: torch.nn.Module, targets: dict[str, str], dev: torch.device):
-        self.handles, self.key, self.sum, self.z, self.tokens = [], {}, {}, {}, 0
-        for local, name in targets.items():
-            self.handles.append(layer.get_submodule(local).register_forward_pre_hook(partial(self._input, name)))
-
-    def start(self, batch: Batch) -> None:
-        self.batch, self.seen = batch, []
-        self.tokens += int(batch.real.sum())
+        super().__init__(layer, targets, dev)
+        self.sum = {}
 
     @torch.no_grad()
     def _input(self, name: str, _module, args) -> None:
-        key = next((k for seen, k in self.seen if seen is args[0]), None)
-        if key is None:
-            key = name
-            self.seen.append((args[0], key))
+        if self.first(name, args[0]):
             x = args[0].detach()[self.batch.real].double()
-            if key not in self.z:
-                self.z[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-                self.sum[key] = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-            self.z[key].addmm_(x.T, x)
-            self.sum[key].add_(x.sum(0))
-        self.key[name] = key
+            if name not in self.z:
+                self.z[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                self.sum[name] = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self.z[name].addmm_(x.T, x)
+            self.sum[name].add_(x.sum(0))
 
     def results(self, samples: int, skipped: int, loss: float) -> list[ModuleStatistics]:
-        for h in self.handles:
-            h.remove()
+        self._close()
         z = {k: (v - torch.outer(self.sum[k], self.sum[k]) / self.tokens).cpu() for k, v in self.z.items()}
         return [ModuleStatistics(name, key, z[key], None, None, self.tokens, samples, skipped, loss)
                 for name, key in self.key.items()]
