@@ -6,7 +6,8 @@ Each workload runs as its own process: wall time and peak RSS (VmHWM), and its g
 Targets q_proj, v_proj, down_proj of every layer, rank 8, the demo's calibration data and tokenizer. The markdown
 table goes to benchmarks/results/. Nothing here is asserted.
 
-    python benchmarks/bench_inits_data.py                       # 4 layers, vocabulary 32000: a few minutes on 2 cores
+    python benchmarks/bench_inits_data.py --layers 2   # results/inits-data-cpu-2026-12-06.md: over an hour
+                                                       # on 2 loaded cores (CorDA's 8192² work, a bfloat16 backward)
     python benchmarks/bench_inits_data.py --layers 16 --vocab 128256   # the full 1B shape
 """
 
