@@ -6,7 +6,8 @@ Each workload runs as its own process: wall time and peak RSS (VmHWM), and its g
 Targets q_proj, v_proj, down_proj of every layer, rank 8, the demo's calibration data and tokenizer. The markdown
 table goes to benchmarks/results/. Nothing here is asserted.
 
-    python benchmarks/bench_inits_data.py                       # 4 layers, vocabulary 32000: a few minutes on 2 cores
+    python benchmarks/bench_inits_data.py --layers 2   # results/inits-data-cpu-2026-12-06.md: over an hour
+                                                       # on 2 loaded cores (CorDA's 8192² work, a bfloat16 backward)
     python benchmarks/bench_inits_data.py --layers 16 --vocab 128256   # the full 1B shape
 """
 
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-TARGETS, RANK, SAMPLES = ("q_proj", "v_proj", "down_proj"), 8, 8
+TARGETS, RANK = ("q_proj", "v_proj", "down_proj"), 8
 
 
 def vm(field: str) -> int:
@@ -31,20 +32,14 @@ def vm(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def child(kind: str, method: str, model: str, work: Path) -> None:
+def child(kind: str, method: str, model: str, work: Path, samples: int) -> None:
     """One workload; writes work/<kind>-<method>.json with the RSS after imports, the peak and the seconds."""
     import torch
-    from peft import LoraConfig, LoraGAConfig, get_peft_model
-    from peft.tuners.lora.config import CordaConfig
-    from peft.tuners.lora.corda import preprocess_corda
-    from peft.tuners.lora.loraga import preprocess_loraga
     from transformers import AutoModelForCausalLM
 
     from ailora_tools.decomposition import decompose
     from ailora_tools.demo import data_file
-    from ailora_tools.init.lora_da.method import calibration_samples
-    from ailora_tools.io.checkpoint import Checkpoint
-    from ailora_tools.options import DecomposeOptions
+    from ailora_tools.testing.peft_data_inits import calibration_rows, peft_init
 
     torch.set_num_threads(2)
     data = data_file("demo_train.jsonl")
@@ -57,38 +52,16 @@ def child(kind: str, method: str, model: str, work: Path) -> None:
             rank=RANK,
             targets=TARGETS,
             data=data,
-            samples=SAMPLES,
+            samples=samples,
             max_length=128,
             device="cpu",
             progress=False,
             overwrite=True,
         )
     else:
-        _, examples, _ = calibration_samples(
-            Checkpoint.open(model), data, "causal-lm", DecomposeOptions(), SAMPLES, 128, seed=0
-        )
-        rows = [(torch.tensor([e.input_ids]), torch.tensor([e.labels])) for e in examples]
+        rows = calibration_rows(model, data, "causal-lm", samples, 128)
         net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
-        if method == "corda":
-            config = LoraConfig(
-                r=RANK,
-                lora_alpha=RANK,
-                target_modules=list(TARGETS),
-                init_lora_weights="corda",
-                corda_config=CordaConfig(corda_method="ipm"),
-            )
-            net.eval()
-            preprocess_corda(net, config, run_model=lambda: [net(input_ids=i) for i, _ in rows])
-        else:
-            config = LoraConfig(
-                r=RANK,
-                lora_alpha=RANK,
-                target_modules=list(TARGETS),
-                init_lora_weights="lora_ga",
-                lora_ga_config=LoraGAConfig(),
-            )
-            preprocess_loraga(net, config, lambda: [net(input_ids=i, labels=t).loss.backward() for i, t in rows])
-        get_peft_model(net, config)
+        peft_init(net, method, rows, rank=RANK, alpha=RANK, targets=TARGETS)
     (work / f"{kind}-{method}.json").write_text(
         json.dumps({"baseline": baseline, "peak": vm("VmHWM"), "seconds": time.perf_counter() - t0})
     )
@@ -114,6 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--methods", default="corda,lora-ga")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,14 +97,15 @@ def main() -> None:
         rows = []
         for method in args.methods.split(","):
             for kind in ("ours", "peft"):
-                subprocess.run([sys.executable, __file__, "--child", kind, method, str(model), str(work)], check=True)
+                command = [__file__, "--child", kind, method, str(model), str(work), str(args.samples)]
+                subprocess.run([sys.executable, *command], check=True)
                 r = json.loads((work / f"{kind}-{method}.json").read_text())
                 rows.append((method, kind, r))
     gib = 1 << 30
     lines = [
         f"# bench_inits_data ({datetime.date.today()}): Llama-3.2-1B shape, {args.layers} layers, vocabulary "
         f"{args.vocab}, bfloat16 ({size / gib:.2f} GiB); targets {','.join(TARGETS)}, rank {RANK}, "
-        f"{SAMPLES} samples",
+        f"{args.samples} samples",
         "",
         "| method | init | seconds | peak RSS GiB | growth GiB | peak vs PEFT | time vs PEFT |",
         "|---|---|---|---|---|---|---|",
@@ -145,13 +120,13 @@ def main() -> None:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    out = HERE / "results" / f"inits_data-{args.layers}layers.md"
+    out = HERE / "results" / f"inits-data-cpu-{datetime.date.today()}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text(text)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5]))
+        child(sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5]), int(sys.argv[6]))
     else:
         main()

@@ -57,13 +57,16 @@ def corda_factors(W, C, rank: int, scale: float, mode: str, *, name: str):
 
     from ..errors import NumericsError
 
-    W, C = W.double(), C.double()
-    eye = torch.eye(C.shape[0], dtype=C.dtype)
-    mean, damping = float(C.diagonal().mean()), DAMPING
+    # [in, in] float64 at once: C + λI, its inverse and their product (the diagonal added in place, no identity held)
+    W, mean, damping = W.double(), float(C.diagonal().double().mean()), DAMPING
     while True:
-        fixed = C + eye * (mean * damping)
+        fixed = C.double()
+        fixed.diagonal().add_(mean * damping)
         inverse = torch.linalg.inv_ex(fixed).inverse
-        error = float(torch.dist(fixed @ inverse, eye))
+        check = fixed @ inverse
+        check.diagonal().sub_(1)
+        error = float(torch.linalg.vector_norm(check))
+        del check
         if error < INVERSE_ERROR:
             break
         if not error == error or damping > MAX_DAMPING or not mean > 0:  # NaN, or no λ helps

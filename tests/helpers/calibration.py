@@ -8,10 +8,7 @@ import pytest
 import torch
 
 from ailora_tools.init.lora_da.calibration import calibrate
-from ailora_tools.init.lora_da.method import calibration_samples
-from ailora_tools.io.checkpoint import Checkpoint
-from ailora_tools.io.examples import IGNORE
-from ailora_tools.options import DecomposeOptions
+from ailora_tools.testing.peft_data_inits import calibration_rows
 from helpers.encoders import texts
 
 #: calibration rows of the PEFT-comparison tests (`source`)
@@ -40,10 +37,7 @@ def assert_matches_reference(got: dict, ref: dict, tol: float = 2e-5) -> None:
 
 def samples(src, data, task, count: int = 32):
     """The calibration samples decompose reads (the same function), those with a loss token, as tensors."""
-    ckpt = Checkpoint.open(src)
-    _, examples, _ = calibration_samples(ckpt, data, task, DecomposeOptions(task=task), count, 64, seed=0)
-    keep = [e for e in examples if any(label != IGNORE for label in e.labels[task == "causal-lm" :])]
-    return [(torch.tensor([e.input_ids]), torch.tensor([e.labels])) for e in keep]
+    return calibration_rows(src, data, task, count)
 
 
 def source(kind, llama, encoder, tmp_path):

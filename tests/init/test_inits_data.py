@@ -8,10 +8,7 @@ import pytest
 import torch
 from helpers import cli, compare_briefly, lm_logits
 from helpers.calibration import samples
-from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
-from peft.tuners.lora.config import CordaConfig
-from peft.tuners.lora.corda import preprocess_corda
-from peft.tuners.lora.loraga import preprocess_loraga
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from ailora_tools.adapters.conversion import convert
@@ -19,6 +16,7 @@ from ailora_tools.adapters.merging import merge
 from ailora_tools.decomposition import decompose
 from ailora_tools.demo import data_file
 from ailora_tools.io.peft_adapter import read_adapter
+from ailora_tools.testing.peft_data_inits import peft_init
 from ailora_tools.training.trainer import train
 
 DATA = data_file("demo_train.jsonl")
@@ -79,26 +77,7 @@ def test_compare_rows(llama, tmp_path):
 def test_peft_made_adapter_converts_with_initial(llama, tmp_path, method):
     model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
     rows = samples(llama, DATA, "causal-lm")[:8]
-    if method == "corda":
-        config = LoraConfig(
-            r=4,
-            lora_alpha=8,
-            target_modules=["q_proj", "v_proj"],
-            init_lora_weights="corda",
-            corda_config=CordaConfig(corda_method="ipm"),
-        )
-        model.eval()
-        preprocess_corda(model, config, run_model=lambda: [model(input_ids=ids) for ids, _ in rows])
-    else:
-        config = LoraConfig(
-            r=4,
-            lora_alpha=8,
-            target_modules=["q_proj", "v_proj"],
-            init_lora_weights="lora_ga",
-            lora_ga_config=LoraGAConfig(),
-        )
-        preprocess_loraga(model, config, lambda: [model(input_ids=i, labels=t).loss.backward() for i, t in rows])
-    peft = get_peft_model(model, config)
+    peft, config = peft_init(model, method, rows, rank=4, alpha=8, targets=["q_proj", "v_proj"])
     peft.save_pretrained(tmp_path / "init")
     assert read_adapter(tmp_path / "init").config["init_lora_weights"] == method
     optim = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.5)

@@ -12,15 +12,12 @@ import pytest
 import torch
 from helpers import cli
 from helpers.calibration import SAMPLES, samples, source
-from peft import LoraConfig, LoraGAConfig, get_peft_model
-from peft.tuners.lora.config import CordaConfig
-from peft.tuners.lora.corda import preprocess_corda
-from peft.tuners.lora.loraga import preprocess_loraga
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from ailora_tools.init import lora_scale
 from ailora_tools.io.checkpoint import Checkpoint
+from ailora_tools.testing.peft_data_inits import peft_init as reference
 
 #: (kind, auto class, task, targets, rank, alpha): 4r is the width of the targets' smaller side (see above)
 CASES = {
@@ -30,34 +27,10 @@ CASES = {
 
 
 def peft_init(src, auto, kind, method, data, task, targets, rank, alpha, **config):
-    """PEFT's own init: its model (residual + adapter) and the config."""
+    """PEFT's own init: its model (residual + adapter)."""
     model = auto.from_pretrained(src, dtype=torch.float32)
     rows = samples(src, data, task)
-    if method == "corda":
-        lora = LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            target_modules=list(targets),
-            init_lora_weights="corda",
-            corda_config=CordaConfig(corda_method=config.get("corda_mode", "ipm")),
-        )
-        model.eval()
-        preprocess_corda(model, lora, run_model=lambda: [model(input_ids=ids) for ids, _ in rows])
-    else:
-        lora = LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            target_modules=list(targets),
-            init_lora_weights="lora_ga",
-            lora_ga_config=LoraGAConfig(**config),
-        )
-
-        def train_step():
-            for ids, labels in rows:
-                model(input_ids=ids, labels=labels).loss.backward()
-
-        preprocess_loraga(model, lora, train_step)
-    return get_peft_model(model, lora).eval()
+    return reference(model, method, rows, rank=rank, alpha=alpha, targets=targets, **config)[0].eval()
 
 
 def ours(src, out, method, data, task, targets, rank, alpha, *flags):
