@@ -11,6 +11,7 @@ which swaps every linear layer of the transformers model for its own. The linear
 the model's module and of the vLLM model modules it imports from (the `self.NAME = ...Linear(` assignments),
 without building a model.
 """
+
 import importlib
 import inspect
 import json
@@ -19,11 +20,20 @@ import sys
 
 #: model_type -> the architecture its checkpoints name (transformers' class; vLLM registers the same names)
 ARCHITECTURES = {
-    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-    "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
-    "gpt_neox": "GPTNeoXForCausalLM", "olmo2": "Olmo2ForCausalLM", "gpt_oss": "GptOssForCausalLM",
-    "smollm3": "SmolLM3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
 }
 LINEAR = re.compile(r"self\.(\w+)\s*(?::[^=]+)?=\s*(?:\w+\.)*(\w*Linear)\(")
 IMPORTED = re.compile(r"from (?:vllm\.model_executor\.models)?\.(\w+) import")
@@ -35,8 +45,12 @@ def linear_names(module) -> set[str]:
     names = {m[0] for m in LINEAR.findall(source)}
     for other in set(IMPORTED.findall(source)) - {"interfaces", "utils", "module_mapping", "interfaces_base"}:
         try:
-            names |= {m[0] for m in LINEAR.findall(inspect.getsource(
-                importlib.import_module(f"vllm.model_executor.models.{other}")))}
+            names |= {
+                m[0]
+                for m in LINEAR.findall(
+                    inspect.getsource(importlib.import_module(f"vllm.model_executor.models.{other}"))
+                )
+            }
         except (ImportError, OSError):
             continue
     return names

@@ -12,6 +12,7 @@ the module names of the class it is loaded on. `match` applies transformers' rul
 convert and merge pair an adapter's modules with a checkpoint's tensors (or another adapter's modules) whatever
 prefix each carries.
 """
+
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
@@ -113,14 +114,15 @@ def rename(name: str, available: Collection[str], prefix: str | None) -> str | N
     if name in available:
         return name
     if prefix:
-        for candidate in (name[len(prefix) + 1:] if name.startswith(prefix + ".") else None, f"{prefix}.{name}"):
+        for candidate in (name[len(prefix) + 1 :] if name.startswith(prefix + ".") else None, f"{prefix}.{name}"):
             if candidate is not None and candidate in available:
                 return candidate
     return None
 
 
-def match(names: Iterable[str], available: Collection[str], *, prefix: str | None = None,
-          config: dict | None = None) -> dict[str, str]:
+def match(
+    names: Iterable[str], available: Collection[str], *, prefix: str | None = None, config: dict | None = None
+) -> dict[str, str]:
     """Map each of `names` to the name `available` holds for the same module or tensor (see `rename`).
 
     Args:
@@ -165,8 +167,10 @@ def linear_layers(config: dict, model=None) -> list[str]:
                 model = cls._from_config(cfg) if cls else AutoModel.from_config(cfg)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             what = " ".join(names) or config.get("model_type")
-            raise UnsupportedError(f"{{targets}} all-linear: transformers cannot build {what} to list its linear "
-                                   f"layers ({e.__class__.__name__}); name the modules in {{targets}}") from None
+            raise UnsupportedError(
+                f"{{targets}} all-linear: transformers cannot build {what} to list its linear "
+                f"layers ({e.__class__.__name__}); name the modules in {{targets}}"
+            ) from None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is None and peft_task_type(config) == "SEQ_CLS":
         out = next((getattr(model, n) for n in PEFT_HEADS if getattr(model, n, None) is not None), None)

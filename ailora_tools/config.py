@@ -3,6 +3,7 @@
 CLI flags given explicitly override the file. Lists become comma-separated values, and a
 [decompose.roles] table becomes repeated --role NAME=ROLE.
 """
+
 from __future__ import annotations
 
 import tomllib
@@ -19,8 +20,9 @@ def load_recipe(path: str | Path, section: str) -> dict:
         InputNotFoundError: no such file. FormatError: bad TOML or no such table.
     """
     path = Path(path)
-    doc = read_document(path, tomllib.loads, missing=f"--config {path}: no such file",
-                        invalid=f"--config {path}: not valid TOML")
+    doc = read_document(
+        path, tomllib.loads, missing=f"--config {path}: no such file", invalid=f"--config {path}: not valid TOML"
+    )
     if section not in doc:
         raise FormatError(f"--config {path}: no [{section}] table (it has: {', '.join(doc) or 'nothing'})")
     out = {}

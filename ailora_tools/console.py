@@ -1,4 +1,5 @@
 """What the commands print besides their results: progress bars and the libraries' own chatter."""
+
 from __future__ import annotations
 
 import logging
@@ -67,4 +68,5 @@ def no_hub_kernels() -> None:
         return
     sys.modules.setdefault("kernels", None)
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: not str(record.msg).startswith(_BNB_KERNEL_WARNING))
+        lambda record: not str(record.msg).startswith(_BNB_KERNEL_WARNING)
+    )

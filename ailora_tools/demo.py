@@ -3,6 +3,7 @@
 decompose (ailora) → train → convert → merge, then a parity check: original + converted LoRA,
 residual + trained adapter and the merged model must give the same logits. No network.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ from .manifests import ADAPTER_DIR, RESIDUAL_DIR
 from .training.trainer import train
 
 MARKER = "demo.json"
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 PARITY_TOL = 1e-4
 
 
@@ -50,12 +53,23 @@ def build_tiny_model(path: str | Path, *, seed: int = 0) -> Path:
     vocab = {t: i for i, t in enumerate(specials + list(string.printable[:-2]))}
     chars = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
     chars.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=chars, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=chars, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     tok.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path, max_shard_size="400KB")
     tok.save_pretrained(path)
@@ -73,8 +87,12 @@ def demo(out: str | Path = "ailora-demo", *, steps: int = 300, progress: bool = 
     out = _fresh_output(Path(out).absolute())
     log = _StepLog()
     base, results = _run_workflow(log, out, steps, progress)
-    log.step("parity check", out, lambda: _max_logit_difference(base, out),
-             lambda d: (f"max logit difference {d:.1e} (limit {PARITY_TOL:.0e})", d <= PARITY_TOL))
+    log.step(
+        "parity check",
+        out,
+        lambda: _max_logit_difference(base, out),
+        lambda d: (f"max logit difference {d:.1e} (limit {PARITY_TOL:.0e})", d <= PARITY_TOL),
+    )
     rows = log.rows
     (out / MARKER).write_text(json.dumps({"steps": rows, **results}, indent=2, default=str))
     if not all(r["ok"] for r in rows):
@@ -85,24 +103,53 @@ def demo(out: str | Path = "ailora-demo", *, steps: int = 300, progress: bool = 
 
 def _run_workflow(log: _StepLog, out: Path, steps: int, progress: bool) -> tuple[Path, dict]:
     """Build, decompose, train, convert and merge in `out`, each step checked; the base and the summaries."""
-    base = log.step("build tiny model", out / "base", lambda: build_tiny_model(out / "base"),
-                    lambda p: (f"{len(list(p.glob('*.safetensors')))} shards", True))
-    dec = log.step("decompose (ailora, r=8)", out / "decomposed",
-                   lambda: decompose(base, out / "decomposed", rank=8, progress=progress),
-                   lambda s: (f"worst reconstruction error {s['worst_recon_rel_fro']:.1e}",
-                              s["worst_recon_rel_fro"] < 1e-6))
-    tr = log.step("train", out / "trained",
-                  lambda: train(out / "decomposed" / RESIDUAL_DIR, out / "decomposed" / ADAPTER_DIR,
-                                data_file("demo_train.jsonl"),
-                                out / "trained", eval_data=data_file("demo_eval.jsonl"), max_steps=steps, lr=1e-2,
-                                batch_size=16, warmup=10, progress=progress),
-                  lambda s: (f"eval loss {s['eval_loss_start']:.3f} -> {s['eval_loss']:.3f}",
-                             s["eval_loss"] < 0.8 * s["eval_loss_start"]))
-    conv = log.step("convert", out / "lora", lambda: convert(out / "trained", out / "lora"),
-                    lambda s: (f"rank {s['rank']}, vLLM --max-lora-rank {s['vllm_max_lora_rank']}",
-                               s["worst_rel_fro_error"] == 0.0))
-    log.step("merge", out / "merged", lambda: merge(base, out / "lora", out / "merged", progress=progress),
-             lambda s: (f"{s['modules']} modules merged", True))
+    base = log.step(
+        "build tiny model",
+        out / "base",
+        lambda: build_tiny_model(out / "base"),
+        lambda p: (f"{len(list(p.glob('*.safetensors')))} shards", True),
+    )
+    dec = log.step(
+        "decompose (ailora, r=8)",
+        out / "decomposed",
+        lambda: decompose(base, out / "decomposed", rank=8, progress=progress),
+        lambda s: (f"worst reconstruction error {s['worst_recon_rel_fro']:.1e}", s["worst_recon_rel_fro"] < 1e-6),
+    )
+    tr = log.step(
+        "train",
+        out / "trained",
+        lambda: train(
+            out / "decomposed" / RESIDUAL_DIR,
+            out / "decomposed" / ADAPTER_DIR,
+            data_file("demo_train.jsonl"),
+            out / "trained",
+            eval_data=data_file("demo_eval.jsonl"),
+            max_steps=steps,
+            lr=1e-2,
+            batch_size=16,
+            warmup=10,
+            progress=progress,
+        ),
+        lambda s: (
+            f"eval loss {s['eval_loss_start']:.3f} -> {s['eval_loss']:.3f}",
+            s["eval_loss"] < 0.8 * s["eval_loss_start"],
+        ),
+    )
+    conv = log.step(
+        "convert",
+        out / "lora",
+        lambda: convert(out / "trained", out / "lora"),
+        lambda s: (
+            f"rank {s['rank']}, vLLM --max-lora-rank {s['vllm_max_lora_rank']}",
+            s["worst_rel_fro_error"] == 0.0,
+        ),
+    )
+    log.step(
+        "merge",
+        out / "merged",
+        lambda: merge(base, out / "lora", out / "merged", progress=progress),
+        lambda s: (f"{s['modules']} modules merged", True),
+    )
     return base, {"train": tr, "convert": conv, "decompose": dec}
 
 
@@ -127,8 +174,9 @@ class _StepLog:
         t0 = time.perf_counter()
         result = fn()
         text, ok = check(result)
-        self.rows.append({"step": name, "output": str(path), "seconds": round(time.perf_counter() - t0, 2),
-                          "check": text, "ok": ok})
+        self.rows.append(
+            {"step": name, "output": str(path), "seconds": round(time.perf_counter() - t0, 2), "check": text, "ok": ok}
+        )
         return result
 
 

@@ -13,6 +13,7 @@ rank the output is byte-identical to one process's: every random draw is seeded 
 
 `full_tensor` and `shard_like` move tensors between the whole and the shards `train --fsdp` keeps on each rank.
 """
+
 from __future__ import annotations
 
 import os
@@ -159,8 +160,9 @@ def shard_like(param, value):
 
     if not isinstance(param, DTensor):
         return value
-    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
-                             src_data_rank=None)
+    return distribute_tensor(
+        value.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+    )
 
 
 def _until_rank0_exits() -> None:

@@ -1,4 +1,5 @@
 """The project's exceptions: one base class, each also a builtin so callers can catch either."""
+
 from __future__ import annotations
 
 import re

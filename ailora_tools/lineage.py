@@ -1,5 +1,6 @@
 """What a run started from, as its manifest records it: the digests of its inputs (the initial adapter's weights,
 the data files) that `--resume` and `convert` compare, and the initial adapter a trained one came from."""
+
 from __future__ import annotations
 
 import json
@@ -32,14 +33,16 @@ def train_identity(adapter, ckpt, kind: str, data, eval_data=None, warning: str 
     """What ailora-train.json records of a run's identity: `applies_to` (`trained_identity`), `inputs` (the
     digests of the initial adapter's weights and of the data files, which `--resume` and `convert` compare), and
     the warning of a forced base."""
-    inputs = {**({"--adapter": adapter_digest(adapter)} if adapter is not None else {}), "--data": input_digest(data),
-              **({"--eval-data": input_digest(eval_data)} if eval_data is not None else {})}
+    inputs = {
+        **({"--adapter": adapter_digest(adapter)} if adapter is not None else {}),
+        "--data": input_digest(data),
+        **({"--eval-data": input_digest(eval_data)} if eval_data is not None else {}),
+    }
     if adapter is None:  # BitFit: the trained biases belong to the model they were trained in
         identity = BaseOf(ORIGINAL, original=ckpt.name_or_path, samples={ORIGINAL: fingerprints(ckpt)}).block()
     else:
         identity = trained_identity(adapter, ckpt, kind, forced=warning is not None)
-    return {"applies_to": identity, "inputs": inputs,
-            **({"warnings": [f"--force: {warning}"]} if warning else {})}
+    return {"applies_to": identity, "inputs": inputs, **({"warnings": [f"--force: {warning}"]} if warning else {})}
 
 
 def initial_adapter_of(trained: str | os.PathLike, given: str | os.PathLike | None = None) -> Path:
@@ -59,12 +62,16 @@ def initial_adapter_of(trained: str | os.PathLike, given: str | os.PathLike | No
     recorded, digest = Path(m["initial_adapter"]), (m.get("inputs") or {}).get("--adapter")
     if given is None or Path(given).resolve() == recorded.resolve():
         if digest and recorded.is_dir() and adapter_digest(recorded) != digest:
-            raise OptionError(f"{trained}: the initial adapter {recorded} its {TRAIN_MANIFEST} names changed since "
-                              "training (its weights differ from the recorded digest); pass --initial with the adapter "
-                              "training started from")
+            raise OptionError(
+                f"{trained}: the initial adapter {recorded} its {TRAIN_MANIFEST} names changed since "
+                "training (its weights differ from the recorded digest); pass --initial with the adapter "
+                "training started from"
+            )
         return recorded
     if digest is not None and adapter_digest(given) == digest:
         return Path(given)  # the recorded adapter, copied or moved
-    raise OptionError(f"--initial {given}: {trained} was trained from {recorded} ({TRAIN_MANIFEST})" +
-                      (", whose weights differ from these" if digest else "") +
-                      "; drop --initial to use the recorded one, or pass a copy of it")
+    raise OptionError(
+        f"--initial {given}: {trained} was trained from {recorded} ({TRAIN_MANIFEST})"
+        + (", whose weights differ from these" if digest else "")
+        + "; drop --initial to use the recorded one, or pass a copy of it"
+    )

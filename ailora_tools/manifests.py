@@ -16,6 +16,7 @@ model directory is recognised wherever it was moved, and another model with the 
 `base_of` reads the block for any adapter directory (`read_manifest` upgrades an older manifest first);
 `check_base` checks a Checkpoint against it. A PEFT adapter without an ailora-tools manifest is not checked.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,16 @@ MERGE_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST = "ailora-merge.json", "spec
 BITFIT_MANIFEST = "ailora-bitfit.json"
 #: `export-base`'s output: a quantised residual re-quantised for a server, and its adapter (`adapters.server_base`)
 EXPORT_BASE_MANIFEST = "ailora-export-base.json"
-MANIFESTS = (DECOMPOSE_MANIFEST, MERGE_MANIFEST, CONVERT_MANIFEST, TRAIN_MANIFEST, SPECTRUM_MANIFEST, COMPARE_MANIFEST,
-             BITFIT_MANIFEST, EXPORT_BASE_MANIFEST)
+MANIFESTS = (
+    DECOMPOSE_MANIFEST,
+    MERGE_MANIFEST,
+    CONVERT_MANIFEST,
+    TRAIN_MANIFEST,
+    SPECTRUM_MANIFEST,
+    COMPARE_MANIFEST,
+    BITFIT_MANIFEST,
+    EXPORT_BASE_MANIFEST,
+)
 #: a decompose output's two directories; `convert --dora exact` writes DORA_BASE_DIR and ADAPTER_DIR
 RESIDUAL_DIR, ADAPTER_DIR, DORA_BASE_DIR = "residual", "adapter", "base"
 #: train's checkpoints (`training.checkpointer`): step-N/ each, recorded in the manifest's files["checkpoints"]
@@ -70,10 +79,17 @@ class BaseOf:
         """This identity as the `applies_to` block of a manifest (None when the base is unknown)."""
         if self.kind is None:
             return None
-        part = {k: {"model": m, "samples": self.samples.get(k, {})} for k, m in ((ORIGINAL, self.original),
-                                                                                   (RESIDUAL, self.residual))}
-        return {"kind": self.kind, "model": self.model, "samples": self.samples.get(self.kind, {}),
-                "original": part[ORIGINAL], "residual": part[RESIDUAL] if self.residual else None}
+        part = {
+            k: {"model": m, "samples": self.samples.get(k, {})}
+            for k, m in ((ORIGINAL, self.original), (RESIDUAL, self.residual))
+        }
+        return {
+            "kind": self.kind,
+            "model": self.model,
+            "samples": self.samples.get(self.kind, {}),
+            "original": part[ORIGINAL],
+            "residual": part[RESIDUAL] if self.residual else None,
+        }
 
     @classmethod
     def from_block(cls, block: dict, *, root: Path | None = None, **kw) -> BaseOf:
@@ -83,8 +99,9 @@ class BaseOf:
         residual = (block.get(RESIDUAL) or {}).get("model")
         if residual is not None and root is not None and not Path(residual).is_absolute():
             residual = str(root / residual)
-        return cls(block["kind"], residual=residual, original=(block.get(ORIGINAL) or {}).get("model"),
-                   samples=samples, **kw)
+        return cls(
+            block["kind"], residual=residual, original=(block.get(ORIGINAL) or {}).get("model"), samples=samples, **kw
+        )
 
 
 def decompose_identity(modules: dict[str, dict], *, original: str, residual: str | None, kind: str) -> dict:
@@ -120,8 +137,7 @@ def converted_identity(trained: str | os.PathLike, initial: str | os.PathLike) -
     for source in (trained, initial):
         meant = base_of(source)
         if meant.kind is not None and (meant.original or meant.samples.get(ORIGINAL)):
-            return BaseOf(ORIGINAL, original=meant.original, residual=meant.residual,
-                          samples=meant.samples).block()
+            return BaseOf(ORIGINAL, original=meant.original, residual=meant.residual, samples=meant.samples).block()
     return None
 
 
@@ -133,8 +149,11 @@ def base_of(adapter: str | os.PathLike) -> BaseOf:
     if (d / CONVERT_MANIFEST).is_file():
         m = read_manifest(d / CONVERT_MANIFEST)
         # a converted LoRA applies to the original (a plain PEFT LoRA's conversion records no fingerprints)
-        return (BaseOf.from_block(m["applies_to"], manifest=str(d / CONVERT_MANIFEST)) if m.get("applies_to")
-                else BaseOf(ORIGINAL, manifest=str(d / CONVERT_MANIFEST)))
+        return (
+            BaseOf.from_block(m["applies_to"], manifest=str(d / CONVERT_MANIFEST))
+            if m.get("applies_to")
+            else BaseOf(ORIGINAL, manifest=str(d / CONVERT_MANIFEST))
+        )
     if (d / BITFIT_MANIFEST).is_file():  # trained biases: they belong to the model they were trained in
         m = read_manifest(d / BITFIT_MANIFEST)
         where = str(d / BITFIT_MANIFEST)
@@ -151,8 +170,13 @@ def base_of(adapter: str | os.PathLike) -> BaseOf:
         return BaseOf(kind, offset, method, initial.residual, initial.original, initial.samples, where)
     if (d.parent / DECOMPOSE_MANIFEST).is_file():
         m = read_manifest(d.parent / DECOMPOSE_MANIFEST)
-        return BaseOf.from_block(m["applies_to"], root=d.parent, method=m.get("method"),
-                                 manifest=str(d.parent / DECOMPOSE_MANIFEST)) if m else BaseOf(None)
+        return (
+            BaseOf.from_block(
+                m["applies_to"], root=d.parent, method=m.get("method"), manifest=str(d.parent / DECOMPOSE_MANIFEST)
+            )
+            if m
+            else BaseOf(None)
+        )
     return BaseOf(None)
 
 
@@ -180,21 +204,30 @@ def base_problem(adapter: str | os.PathLike, ckpt, *, flag: str = "--base", mean
     if found == meant.kind:
         return None
     if meant.kind == RESIDUAL and found == ORIGINAL:
-        return (f"{adapter} applies to the residual {meant.residual} (decompose subtracted the initial product from "
-                f"the weights), but {flag} {ckpt.source} is the original model: the result would be off by s·B0·A0. "
-                f"Pass {flag} {meant.residual}, or run `ailora-tools convert` first to get a LoRA for the "
-                "original model")
+        return (
+            f"{adapter} applies to the residual {meant.residual} (decompose subtracted the initial product from "
+            f"the weights), but {flag} {ckpt.source} is the original model: the result would be off by s·B0·A0. "
+            f"Pass {flag} {meant.residual}, or run `ailora-tools convert` first to get a LoRA for the "
+            "original model"
+        )
     if meant.kind == ORIGINAL and (found == RESIDUAL or _residual_of(ckpt, meant)):
-        return (f"{adapter} applies to the original model {meant.original}, but {flag} {ckpt.source} is a residual "
-                f"decompose wrote from it: pass {flag} {meant.original}")
+        return (
+            f"{adapter} applies to the original model {meant.original}, but {flag} {ckpt.source} is a residual "
+            f"decompose wrote from it: pass {flag} {meant.original}"
+        )
     what = describe(ckpt)
-    todo = (f"pass {flag} {meant.model}" + (" (or run `ailora-tools convert` and use the LoRA on the original "
-                                            f"{meant.original})" if meant.kind == RESIDUAL else ""))
-    return (f"{adapter} applies to the {meant.kind} {meant.model}" +
-            (f" of {meant.original}" if meant.kind == RESIDUAL and meant.original else "") +
-            f", but {flag} {ckpt.source} is {what} (its weights differ from the fingerprints "
-            f"{Path(meant.manifest).name} "
-            f"records): {todo}; if it is that model saved again (another dtype or format), pass --force")
+    todo = f"pass {flag} {meant.model}" + (
+        f" (or run `ailora-tools convert` and use the LoRA on the original {meant.original})"
+        if meant.kind == RESIDUAL
+        else ""
+    )
+    return (
+        f"{adapter} applies to the {meant.kind} {meant.model}"
+        + (f" of {meant.original}" if meant.kind == RESIDUAL and meant.original else "")
+        + f", but {flag} {ckpt.source} is {what} (its weights differ from the fingerprints "
+        f"{Path(meant.manifest).name} "
+        f"records): {todo}; if it is that model saved again (another dtype or format), pass --force"
+    )
 
 
 def check_base(adapter: str | os.PathLike, ckpt, *, flag: str = "--base", force: bool = False) -> str | None:
@@ -212,8 +245,9 @@ def check_base(adapter: str | os.PathLike, ckpt, *, flag: str = "--base", force:
     return problem
 
 
-def base_problem_dir(adapter: str | os.PathLike, base: str | os.PathLike, *, flag: str = "--base",
-                     meant: BaseOf | None = None) -> str | None:
+def base_problem_dir(
+    adapter: str | os.PathLike, base: str | os.PathLike, *, flag: str = "--base", meant: BaseOf | None = None
+) -> str | None:
     """`base_problem` for a base given as a directory that may hold only config.json (llama.cpp, serving checks):
     its weights are checked when it has them."""
     from .io.checkpoint import Checkpoint
@@ -224,8 +258,14 @@ def base_problem_dir(adapter: str | os.PathLike, base: str | os.PathLike, *, fla
     return base_problem(adapter, Checkpoint.open(d), flag=flag, meant=meant)
 
 
-def check_base_dir(adapter: str | os.PathLike, base: str | os.PathLike, *, flag: str = "--base",
-                   force: bool = False, meant: BaseOf | None = None) -> str | None:
+def check_base_dir(
+    adapter: str | os.PathLike,
+    base: str | os.PathLike,
+    *,
+    flag: str = "--base",
+    force: bool = False,
+    meant: BaseOf | None = None,
+) -> str | None:
     """`check_base` for a base directory that may hold only config.json (`base_problem_dir`)."""
     problem = base_problem_dir(adapter, base, flag=flag, meant=meant)
     if problem is not None and not force:
@@ -262,15 +302,19 @@ def require_original(adapter: str | os.PathLike, what: str) -> None:
     meant = base_of(adapter)
     _refuse_offset(adapter, meant)
     if meant.kind == RESIDUAL:
-        raise TargetError(f"{adapter} applies to decompose's residual, not to the original model that {what} "
-                          f"uses: run `ailora-tools convert --trained {adapter} -o LORA` and use LORA")
+        raise TargetError(
+            f"{adapter} applies to decompose's residual, not to the original model that {what} "
+            f"uses: run `ailora-tools convert --trained {adapter} -o LORA` and use LORA"
+        )
 
 
 def _refuse_offset(adapter, meant: BaseOf) -> None:
     if meant.offset:
-        raise TargetError(f"{adapter} was trained on the original weights with the initial product s·B0·A0 "
-                          "subtracted inside (exact mode), so alone it is not the trained change: run "
-                          f"`ailora-tools convert --trained {adapter} -o LORA` and use LORA")
+        raise TargetError(
+            f"{adapter} was trained on the original weights with the initial product s·B0·A0 "
+            "subtracted inside (exact mode), so alone it is not the trained change: run "
+            f"`ailora-tools convert --trained {adapter} -o LORA` and use LORA"
+        )
 
 
 def starts_offset(initial: str | os.PathLike) -> bool:
@@ -308,9 +352,15 @@ def upgrade(manifest: dict, name: str) -> dict:
         manifest = {**manifest, "applies_to": BaseOf(ORIGINAL).block()}
     elif name == DECOMPOSE_MANIFEST:
         kind = manifest.get("adapter_base") or (ORIGINAL if manifest.get("method") == "lora" else RESIDUAL)
-        manifest = {**manifest, "applies_to": decompose_identity(
-            manifest.get("modules", {}), original=(manifest.get("source") or {}).get("model"), residual=RESIDUAL_DIR,
-            kind=kind)}
+        manifest = {
+            **manifest,
+            "applies_to": decompose_identity(
+                manifest.get("modules", {}),
+                original=(manifest.get("source") or {}).get("model"),
+                residual=RESIDUAL_DIR,
+                kind=kind,
+            ),
+        }
     return {**manifest, "schema": MANIFEST_SCHEMA}
 
 
@@ -330,4 +380,3 @@ def task_record(adapter_dir: str | os.PathLike) -> dict | None:
 def name_or_path(base: str | None) -> str | None:
     """A base as a config records it: a local directory absolute (PEFT resolves relative ones), a Hub id as it is."""
     return str(Path(base).expanduser().absolute()) if base and Path(base).expanduser().is_dir() else base
-

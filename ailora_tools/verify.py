@@ -1,5 +1,6 @@
 """Check an output directory: complete, every file as its manifest recorded it (train's checkpoints too), and for
 decompose outputs that residual + adapter still reconstruct the source weights with the recorded error."""
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,15 @@ def verify(path: str | os.PathLike, *, reconstruction: bool = True) -> dict:
 
 def _verify_one(root: Path, reconstruction: bool, top: bool = False) -> dict:
     """One output directory: its own manifest and the files it records (and, `top`, unfinished files below it)."""
-    report = {"path": str(root), "manifest": None, "files_checked": 0, "modules_checked": 0, "checkpoints_checked": [],
-              "problems": [], "notes": []}
+    report = {
+        "path": str(root),
+        "manifest": None,
+        "files_checked": 0,
+        "modules_checked": 0,
+        "checkpoints_checked": [],
+        "problems": [],
+        "notes": [],
+    }
     problems = report["problems"]
     leftovers = sorted(str(p.relative_to(root)) for p in root.rglob(".*.partial")) if top else []
     if leftovers:
@@ -70,8 +78,9 @@ def _verify_one(root: Path, reconstruction: bool, top: bool = False) -> dict:
         problems.append("an interrupted run's journal is present: rerun the same command with --resume")
     found = [m for m in MANIFESTS if (root / m).is_file()]
     if not found:
-        problems.append(f"no manifest ({' / '.join(MANIFESTS)}): not an ailora-tools output directory, or its run "
-                        "has not finished")
+        problems.append(
+            f"no manifest ({' / '.join(MANIFESTS)}): not an ailora-tools output directory, or its run has not finished"
+        )
         return report
     report["manifest"] = found[0]
     manifest = json.loads((root / found[0]).read_text())
@@ -97,8 +106,9 @@ def _check_checkpoints(root: Path, manifest: dict, report: dict) -> None:
     recorded = manifest.get("files", {}).get(CKPT_DIR)
     if recorded is None:
         if (root / CKPT_DIR).is_dir():
-            report["notes"].append(f"{CKPT_DIR}/ not checked: the manifest records no digests for it (written by an "
-                                   "older ailora-tools)")
+            report["notes"].append(
+                f"{CKPT_DIR}/ not checked: the manifest records no digests for it (written by an older ailora-tools)"
+            )
         return
     steps: dict[str, dict[str, str]] = {}
     for rel, digest in recorded.items():
@@ -131,6 +141,8 @@ def _check_reconstruction(root: Path, manifest: dict, report: dict) -> None:
         delta = adapter.scale(module) * (B.double() @ A.double())  # as decompose computed it
         err = float((R + (delta.T if adapter.config.get("fan_in_fan_out") else delta) - W).abs().max())
         if not err <= stats["recon_max_abs"] * 1.01 + 1e-9 * float(W.abs().max()):
-            report["problems"].append(f"{module}: residual + adapter differs from the source by {err:.3g} "
-                                      f"(recorded {stats['recon_max_abs']:.3g})")
+            report["problems"].append(
+                f"{module}: residual + adapter differs from the source by {err:.3g} "
+                f"(recorded {stats['recon_max_abs']:.3g})"
+            )
         report["modules_checked"] += 1

@@ -12,6 +12,7 @@ Sizes are synthetic.SIZES names or "70b-layers:N" (N layers of Llama-3.1-70B's s
 random-looking bytes at disk speed and real spectra only for q_proj and v_proj (see synthetic.py). Every table
 records the machine's core count and the device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,16 +38,36 @@ def workloads(model: Path, work: Path, device: str, rank: int) -> dict[str, list
     return {
         "copy (cp -r)": ["cp", "-r", str(model), "{out}"],
         "decompose pissa randomized": cli + ["decompose", str(model), "-o", "{out}", "--method", "pissa", *common],
-        "decompose pissa exact": cli + ["decompose", str(model), "-o", "{out}", "--method", "pissa", "--svd", "exact",
-                                        *common],
+        "decompose pissa exact": cli
+        + ["decompose", str(model), "-o", "{out}", "--method", "pissa", "--svd", "exact", *common],
         "decompose ailora randomized": cli + ["decompose", str(model), "-o", "{out}", *common],
         "decompose ailora exact": cli + ["decompose", str(model), "-o", "{out}", "--svd", "exact", *common],
-        "PEFT pissa (full SVD)": [PY, str(HERE / "peft_pissa.py"), str(model), "{out}", "--init", "pissa",
-                                  "--rank", str(rank), "--device", device],
-        "PEFT pissa_niter_4": [PY, str(HERE / "peft_pissa.py"), str(model), "{out}", "--init", "pissa_niter_4",
-                               "--rank", str(rank), "--device", device],
-        "merge (residual + trained)": cli + ["merge", str(work / "prep" / "residual"), str(work / "trained"), "-o",
-                                             "{out}", "--quiet"],
+        "PEFT pissa (full SVD)": [
+            PY,
+            str(HERE / "peft_pissa.py"),
+            str(model),
+            "{out}",
+            "--init",
+            "pissa",
+            "--rank",
+            str(rank),
+            "--device",
+            device,
+        ],
+        "PEFT pissa_niter_4": [
+            PY,
+            str(HERE / "peft_pissa.py"),
+            str(model),
+            "{out}",
+            "--init",
+            "pissa_niter_4",
+            "--rank",
+            str(rank),
+            "--device",
+            device,
+        ],
+        "merge (residual + trained)": cli
+        + ["merge", str(work / "prep" / "residual"), str(work / "trained"), "-o", "{out}", "--quiet"],
         "convert (trained -> LoRA)": cli + ["convert", "--trained", str(work / "trained"), "-o", "{out}"],
     }
 
@@ -57,8 +78,9 @@ def run(argv: list[str], out: Path, stats: Path) -> dict:
     argv = [a.replace("{out}", str(out)) for a in argv]
     os.sync()  # no workload pays for writing back the one before it (not timed)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "BENCH_STATS": str(stats)})
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "BENCH_STATS": str(stats)}
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -71,16 +93,34 @@ def run(argv: list[str], out: Path, stats: Path) -> dict:
 def prepare(size: str, work: Path, dtype: str, device: str, rank: int) -> Path:
     model = work / "model"
     if not (model / "model.safetensors.index.json").is_file():
-        code = (f"import torch; from ailora_tools.testing.synthetic import "
-                "size_spec, synthetic_llama; "
-                f"synthetic_llama({str(model)!r}, dtype=torch.{dtype}, **size_spec({size!r}))")
+        code = (
+            f"import torch; from ailora_tools.testing.synthetic import "
+            "size_spec, synthetic_llama; "
+            f"synthetic_llama({str(model)!r}, dtype=torch.{dtype}, **size_spec({size!r}))"
+        )
         subprocess.run([PY, "-c", code], check=True)
     if not (work / "trained" / "adapter_config.json").is_file():
         shutil.rmtree(work / "prep", ignore_errors=True)
-        subprocess.run([PY, str(HERE / "run_with_stats.py"), "decompose", str(model), "-o", str(work / "prep"),
-                        "--rank", str(rank), "--quiet", "--device", device], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([PY, str(HERE / "prepare_trained.py"), str(work / "prep" / "adapter"), str(work / "trained")],
-                       check=True)
+        subprocess.run(
+            [
+                PY,
+                str(HERE / "run_with_stats.py"),
+                "decompose",
+                str(model),
+                "-o",
+                str(work / "prep"),
+                "--rank",
+                str(rank),
+                "--quiet",
+                "--device",
+                device,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        subprocess.run(
+            [PY, str(HERE / "prepare_trained.py"), str(work / "prep" / "adapter"), str(work / "trained")], check=True
+        )
     return model
 
 
@@ -102,32 +142,57 @@ def run_arguments(p: argparse.ArgumentParser, *, rounds: int, workdir: str) -> N
 
 
 def describe_machine(device: str) -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next((int(line.split()[1]) // 1024**2 for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), 0)
-    versions = subprocess.run([PY, "-c", "import torch, transformers, peft, ailora_tools; print(torch.__version__, "
-                               "transformers.__version__, peft.__version__, ailora_tools.__version__, "
-                               "torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"],
-                              capture_output=True, text=True, check=True).stdout.split(maxsplit=4)
-    return [f"- machine: {cpu}, {os.cpu_count()} cores, {mem} GiB RAM, GPU: {versions[4].strip()}, device flag: "
-            f"{device}",
-            f"- versions: python {platform.python_version()}, torch {versions[0]}, transformers {versions[1]}, "
-            f"peft {versions[2]}, ailora-tools {versions[3]}"]
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        (
+            int(line.split()[1]) // 1024**2
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        0,
+    )
+    versions = subprocess.run(
+        [
+            PY,
+            "-c",
+            "import torch, transformers, peft, ailora_tools; print(torch.__version__, "
+            "transformers.__version__, peft.__version__, ailora_tools.__version__, "
+            "torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split(maxsplit=4)
+    return [
+        f"- machine: {cpu}, {os.cpu_count()} cores, {mem} GiB RAM, GPU: {versions[4].strip()}, device flag: {device}",
+        f"- versions: python {platform.python_version()}, torch {versions[0]}, transformers {versions[1]}, "
+        f"peft {versions[2]}, ailora-tools {versions[3]}",
+    ]
 
 
 def table(results: dict[str, list[dict]]) -> list[str]:
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     copy, full, niter = med.get("copy (cp -r)"), med.get("PEFT pissa (full SVD)"), med.get("PEFT pissa_niter_4")
-    lines = ["| workload | median s | min s | peak RSS MiB | peak GPU MiB | × copy | PEFT full ÷ this | PEFT niter_4 "
-             "÷ this |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| workload | median s | min s | peak RSS MiB | peak GPU MiB | × copy | PEFT full ÷ this | PEFT niter_4 "
+        "÷ this |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for k, v in results.items():
         rss = max(r["rss"] for r in v) / 2**20
         gpu = max((r["gpu"] or 0) for r in v) / 2**20
         vs = [f"{base / med[k]:.2f}" if base else "" for base in (full, niter)]  # blank where --only left PEFT out
-        lines.append(f"| {k} | {med[k]:.2f} | {min(r['seconds'] for r in v):.2f} | {rss:.0f} | "
-                     f"{gpu:.0f} | {med[k] / copy:.2f} | {vs[0]} | {vs[1]} |")
+        lines.append(
+            f"| {k} | {med[k]:.2f} | {min(r['seconds'] for r in v):.2f} | {rss:.0f} | "
+            f"{gpu:.0f} | {med[k] / copy:.2f} | {vs[0]} | {vs[1]} |"
+        )
     return lines
 
 
@@ -136,43 +201,71 @@ def targets(results: dict[str, list[dict]], device: str) -> list[str]:
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     rss = {k: max(r["rss"] for r in v) for k, v in results.items()}
     checks = [
-        ("pissa randomized ≥ 8× faster than PEFT full SVD",
-         med["PEFT pissa (full SVD)"] / med["decompose pissa randomized"], 8, True),
-        ("pissa randomized ≥ 3× faster than PEFT pissa_niter_4",
-         med["PEFT pissa_niter_4"] / med["decompose pissa randomized"], 3, True),
-        ("pissa exact ≥ 4× faster than PEFT full SVD", med["PEFT pissa (full SVD)"] / med["decompose pissa exact"], 4,
-         True),
-        ("ailora ≤ 1.5× pissa (randomized)", med["decompose ailora randomized"] / med["decompose pissa randomized"],
-         1.5, False),
+        (
+            "pissa randomized ≥ 8× faster than PEFT full SVD",
+            med["PEFT pissa (full SVD)"] / med["decompose pissa randomized"],
+            8,
+            True,
+        ),
+        (
+            "pissa randomized ≥ 3× faster than PEFT pissa_niter_4",
+            med["PEFT pissa_niter_4"] / med["decompose pissa randomized"],
+            3,
+            True,
+        ),
+        (
+            "pissa exact ≥ 4× faster than PEFT full SVD",
+            med["PEFT pissa (full SVD)"] / med["decompose pissa exact"],
+            4,
+            True,
+        ),
+        (
+            "ailora ≤ 1.5× pissa (randomized)",
+            med["decompose ailora randomized"] / med["decompose pissa randomized"],
+            1.5,
+            False,
+        ),
         ("ailora ≤ 1.5× pissa (exact)", med["decompose ailora exact"] / med["decompose pissa exact"], 1.5, False),
         ("pissa randomized ≤ 3× plain copy", med["decompose pissa randomized"] / med["copy (cp -r)"], 3, False),
-        ("peak RSS ≤ 1/4 of PEFT's",
-         max(rss[k] for k in rss if k.startswith("decompose")) / rss["PEFT pissa (full SVD)"], 0.25, False),
+        (
+            "peak RSS ≤ 1/4 of PEFT's",
+            max(rss[k] for k in rss if k.startswith("decompose")) / rss["PEFT pissa (full SVD)"],
+            0.25,
+            False,
+        ),
     ]
     slowest = max(v for k, v in med.items() if k.startswith("decompose")) / med["copy (cp -r)"]
     if device.startswith("cuda"):
         checks.append(("on a GPU, every decompose ≤ 1.3× plain copy", slowest, 1.3, False))
     checks.append(("many cores, big checkpoint: every decompose ≤ 1.0× plain copy", slowest, 1.0, False))
-    return [f"- {name}: {value:.2f} (target {'≥' if up else '≤'} {goal}) — "
-            f"{'met' if (value >= goal if up else value <= goal) else 'NOT met'}"
-            for name, value, goal, up in checks]
+    return [
+        f"- {name}: {value:.2f} (target {'≥' if up else '≤'} {goal}) — "
+        f"{'met' if (value >= goal if up else value <= goal) else 'NOT met'}"
+        for name, value, goal, up in checks
+    ]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", nargs="+", default=["170m", "tinyllama"],
-                   help="names from synthetic.SIZES, or 70b-layers:N")
+    p.add_argument(
+        "--sizes", nargs="+", default=["170m", "tinyllama"], help="names from synthetic.SIZES, or 70b-layers:N"
+    )
     run_arguments(p, rounds=3, workdir="/tmp/ailora-bench")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--only", nargs="*", default=None, help="run only workloads whose name contains one of these")
     args = p.parse_args()
-    lines = [f"# decompose benchmark, {datetime.date.today()}", "",
-             f"Command: `python benchmarks/bench_decompose.py {shlex.join(sys.argv[1:])}`", "",
-             *describe_machine(args.device),
-             f"- rank {args.rank}, targets q_proj and v_proj, {args.rounds} rounds interleaved, each workload its own "
-             "process; the source is in the page cache after the first round (for every workload alike); `sync` before "
-             "each workload, untimed, so none pays for writing back the output of the one before", ""]
+    lines = [
+        f"# decompose benchmark, {datetime.date.today()}",
+        "",
+        f"Command: `python benchmarks/bench_decompose.py {shlex.join(sys.argv[1:])}`",
+        "",
+        *describe_machine(args.device),
+        f"- rank {args.rank}, targets q_proj and v_proj, {args.rounds} rounds interleaved, each workload its own "
+        "process; the source is in the page cache after the first round (for every workload alike); `sync` before "
+        "each workload, untimed, so none pays for writing back the output of the one before",
+        "",
+    ]
     rss_by_size = {}
     for size in args.sizes:
         work = args.workdir / size.replace(":", "-")
@@ -190,16 +283,24 @@ def main() -> None:
         shutil.rmtree(work / "out", ignore_errors=True)
         rss_by_size[size] = max(r["rss"] for k, v in results.items() if k.startswith("decompose") for r in v)
         n_shards = len(list(model.glob("*.safetensors")))
-        lines += [f"## {size}: {size_bytes / 1e9:.2f} GB, {args.dtype}, {n_shards} shards; {os.cpu_count()} cores, "
-                  f"device {args.device}", "", *table(results), ""]
+        lines += [
+            f"## {size}: {size_bytes / 1e9:.2f} GB, {args.dtype}, {n_shards} shards; {os.cpu_count()} cores, "
+            f"device {args.device}",
+            "",
+            *table(results),
+            "",
+        ]
         if not args.only:
             scope = "" if size == "tinyllama" else " (set for the 1.1B checkpoint; shown for reference)"
             lines += [f"Targets{scope}:", "", *targets(results, args.device), ""]
     if len(rss_by_size) > 1:
         lo, hi = min(rss_by_size.values()), max(rss_by_size.values())
-        lines += ["Peak RSS of decompose across sizes: "
-                  f"{', '.join(f'{k} {v / 2**20:.0f} MiB' for k, v in rss_by_size.items())} "
-                  f"(spread {hi / lo - 1:.0%}; target: flat within 20%)", ""]
+        lines += [
+            "Peak RSS of decompose across sizes: "
+            f"{', '.join(f'{k} {v / 2**20:.0f} MiB' for k, v in rss_by_size.items())} "
+            f"(spread {hi / lo - 1:.0%}; target: flat within 20%)",
+            "",
+        ]
     write_report(args.out, "decompose", args.device, lines)
 
 

@@ -11,6 +11,7 @@ exact against a float64 full SVD: the largest relative σ error and the largest 
     python benchmarks/bench_exact.py                       # ranks 8 and 16, every kind, 3 rounds
     python benchmarks/bench_exact.py --kinds minilm --rounds 5 --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,20 +91,33 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = {"svd": lambda W, r, name: torch.linalg.svd(W, full_matrices=False),
-               "exact": functools.partial(ours, "principal", "exact"),
-               "randomized": functools.partial(ours, "principal", "randomized"),
-               "minor": functools.partial(ours, "minor", "exact")}
-    lines = [f"# Exact principal components against a full SVD, {datetime.date.today()}", "",
-             f"Command: `python benchmarks/bench_exact.py {shlex.join(sys.argv[1:])}`", "",
-             (f"- {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads "
-              f"{torch.get_num_threads()}, CPU only; seconds = total over the kind's matrices, median of "
-              f"{args.rounds} interleaved rounds"),
-             ("- σ error: largest |σ − σ₆₄|/σ₆₄ against a float64 full SVD; residual: largest ||W v − σ u|| / σ_max; "
-              "paths: method:Krylov steps × matrices (gram32 = float32 Gram + float64 Rayleigh–Ritz)"), "",
-             ("| matrices | r | exact s | svd float32 s | exact / svd (per round) | randomized s | σ error | residual "
-              "| paths | minor (float64 Gram) s |"),
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    methods = {
+        "svd": lambda W, r, name: torch.linalg.svd(W, full_matrices=False),
+        "exact": functools.partial(ours, "principal", "exact"),
+        "randomized": functools.partial(ours, "principal", "randomized"),
+        "minor": functools.partial(ours, "minor", "exact"),
+    }
+    lines = [
+        f"# Exact principal components against a full SVD, {datetime.date.today()}",
+        "",
+        f"Command: `python benchmarks/bench_exact.py {shlex.join(sys.argv[1:])}`",
+        "",
+        (
+            f"- {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads "
+            f"{torch.get_num_threads()}, CPU only; seconds = total over the kind's matrices, median of "
+            f"{args.rounds} interleaved rounds"
+        ),
+        (
+            "- σ error: largest |σ − σ₆₄|/σ₆₄ against a float64 full SVD; residual: largest ||W v − σ u|| / σ_max; "
+            "paths: method:Krylov steps × matrices (gram32 = float32 Gram + float64 Rayleigh–Ritz)"
+        ),
+        "",
+        (
+            "| matrices | r | exact s | svd float32 s | exact / svd (per round) | randomized s | σ error | residual "
+            "| paths | minor (float64 Gram) s |"
+        ),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
     for kind, mats in kinds(args.kinds).items():
         refs = {name: torch.linalg.svdvals(W.double()) for name, W in mats.items()}
         for W in list(mats.values())[:2]:  # warm-up
@@ -112,7 +126,7 @@ def main() -> None:
         times = collections.defaultdict(list)
         for _ in range(args.rounds):
             for key, fn in methods.items():
-                for r in ([0] if key == "svd" else args.ranks):
+                for r in [0] if key == "svd" else args.ranks:
                     t0 = time.perf_counter()
                     for name, W in mats.items():
                         fn(W, r, name)
@@ -122,9 +136,11 @@ def main() -> None:
             exact_s, rand_s = statistics.median(times["exact", r]), statistics.median(times["randomized", r])
             ratio = statistics.median(e / s for e, s in zip(times["exact", r], times["svd", 0]))  # per round
             serr, res, paths = exact_accuracy(mats, r, refs)
-            lines.append(f"| {kind} ({len(mats)}) | {r} | {exact_s:.3f} | {svd_s:.3f} | {ratio:.2f} | "
-                         f"{rand_s:.3f} | {serr:.1e} | {res:.1e} | {paths} | "
-                         f"{statistics.median(times['minor', r]):.3f} |")
+            lines.append(
+                f"| {kind} ({len(mats)}) | {r} | {exact_s:.3f} | {svd_s:.3f} | {ratio:.2f} | "
+                f"{rand_s:.3f} | {serr:.1e} | {res:.1e} | {paths} | "
+                f"{statistics.median(times['minor', r]):.3f} |"
+            )
             print(lines[-1], flush=True)
     print(f"wrote {write_report(args.out, 'exact', 'cpu', lines)}")
 

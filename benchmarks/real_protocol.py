@@ -127,10 +127,16 @@ def main() -> None:
     if args.dry_run:
         subprocess.run(cmd, check=True)
         return
-    run_and_report(cmd, args.out / "compare", f"real-protocol-{args.corpus}",
-                   f"The protocol (--lr auto, 5 seeds, differences against LoRA) on all-MiniLM-L6-v2, corpus "
-                   f"{args.corpus}", f"python benchmarks/real_protocol.py --corpus {args.corpus} -o {args.out}",
-                   len(train), len(evals))
+    run_and_report(
+        cmd,
+        args.out / "compare",
+        f"real-protocol-{args.corpus}",
+        f"The protocol (--lr auto, 5 seeds, differences against LoRA) on all-MiniLM-L6-v2, corpus {args.corpus}",
+        f"python benchmarks/real_protocol.py --corpus {args.corpus} -o {args.out}",
+        len(train),
+        len(evals),
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
 """Run the ailora-tools CLI as its console script does and record the peak GPU memory in $BENCH_STATS (JSON)."""
+
 import json
 import os
 import sys

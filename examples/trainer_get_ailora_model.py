@@ -31,8 +31,15 @@ def main(model_dir: str = "demo/base", out: str = "trainer-run", data: str = "de
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_ailora_model(model, method="ailora", rank=8, targets="q_proj,v_proj")  # a PeftModel
     model.save_pretrained(out / "init")  # the initial adapter: convert needs it
-    args = TrainingArguments(out / "run", max_steps=10, per_device_train_batch_size=1, learning_rate=1e-2,
-                             report_to=[], use_cpu=True, save_strategy="no")
+    args = TrainingArguments(
+        out / "run",
+        max_steps=10,
+        per_device_train_batch_size=1,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
     Trainer(model=model, args=args, train_dataset=rows(Path(data), tokenizer)).train()
     model.save_pretrained(out / "trained")
     summary = ailora_tools.convert(out / "trained", out / "lora", initial=out / "init")  # rank-2r LoRA, exact

@@ -1,5 +1,6 @@
 """Fixtures and hooks shared by every test: tiny real models (several shards each), built once per session. Nothing
 reaches the network. Plain helpers are in tests/helpers (imported as `helpers`)."""
+
 import json
 import os
 import shutil
@@ -55,9 +56,21 @@ def models(tmp_path_factory):
     llama = build_tiny_model(root / "llama")
     vocab = json.loads((llama / "config.json").read_text())["vocab_size"]
     torch.manual_seed(0)
-    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False))
+    qwen = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            tie_word_embeddings=False,
+        )
+    )
     qwen.save_pretrained(root / "qwen2", max_shard_size="100KB")
     for f in llama.iterdir():
         if "token" in f.name or f.name == "chat_template.jinja":

@@ -1,6 +1,7 @@
 """Will this adapter load where it is going? Rules of vLLM, llama.cpp and PEFT (`rules`), each with a fix: the exact
 command that fixes it (`convert --for`, which applies the servers' rules, `convert --dora` for DoRA, or `merge` for
 what no LoRA can carry: those refusals are `rules.refusals`, shared with `convert --for`)."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ from ..training.bitfit import is_bitfit
 from .rules import Finding, refusals, vllm_max_lora_rank
 
 
-def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_rank: int = 16,
-                  base: str | os.PathLike | None = None) -> list[Finding]:
+def check_adapter(
+    lora: str | os.PathLike, *, target: str = "vllm", max_lora_rank: int = 16, base: str | os.PathLike | None = None
+) -> list[Finding]:
     """Every rule `lora` breaks for `target` ("vllm", "llama.cpp" or "peft"); empty when it passes.
 
     Args:
@@ -50,14 +52,18 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
         found.append(Finding("peft_type", f"peft_type is {cfg.get('peft_type')!r}", "only LoRA adapters are supported"))
         return found
     meant = base_of(d)  # a residual adapter is sent to convert below; any other is checked against --base
-    if base is not None and (target == "peft" or not (meant.offset or meant.kind == RESIDUAL)) and (
-            problem := base_problem_dir(d, base)) is not None:  # the fingerprints (`manifests`)
+    if (
+        base is not None
+        and (target == "peft" or not (meant.offset or meant.kind == RESIDUAL))
+        and (problem := base_problem_dir(d, base)) is not None
+    ):  # the fingerprints (`manifests`)
         found.append(Finding("base", problem, "the adapter was made for another model (see above)"))
     if target == "peft":
         found += [f for f in refusals(d, cfg, None, server="vllm") if f.rule == "bias"]
         return found + _peft_load(d, cfg, base)
     export = f"ailora-tools convert --trained {d} --for {target}" + (
-        f" --base {meant.original or 'BASE'}" if target == "llama.cpp" else "")
+        f" --base {meant.original or 'BASE'}" if target == "llama.cpp" else ""
+    )
     found += _base_rule(d, cfg, meant, export)
     adapter = read_adapter(d, strict=False)
     found += refusals(d, cfg, adapter, server=target, base=base)
@@ -66,13 +72,20 @@ def check_adapter(lora: str | os.PathLike, *, target: str = "vllm", max_lora_ran
 
 def _base_rule(d: Path, cfg: dict, meant: BaseOf, export: str) -> list[Finding]:
     """An adapter that is not a LoRA on the original model a server loads (residual, exact mode): convert it."""
-    fix = (f"run `ailora-tools convert --trained {d} -o OUT --dora exact` and serve OUT/base with OUT/adapter (DoRA: "
-           "see the [dora] finding)" if cfg.get("use_dora") else f"run `{export} -o LORA` and serve LORA")
+    fix = (
+        f"run `ailora-tools convert --trained {d} -o OUT --dora exact` and serve OUT/base with OUT/adapter (DoRA: "
+        "see the [dora] finding)"
+        if cfg.get("use_dora")
+        else f"run `{export} -o LORA` and serve LORA"
+    )
     if meant.offset:
         return [Finding("base", "trained in exact mode: the initial product is not in the adapter", fix)]
     if meant.kind == RESIDUAL:
-        return [Finding("base", "the adapter applies to decompose's residual, not to the original model a server "
-                        "loads", fix)]
+        return [
+            Finding(
+                "base", "the adapter applies to decompose's residual, not to the original model a server loads", fix
+            )
+        ]
     return []
 
 
@@ -82,23 +95,44 @@ def _vllm_rules(d: Path, cfg: dict, adapter, export: str, max_lora_rank: int) ->
     ranks = {A.shape[0] for A, _ in adapter.factors.values()}
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and applies_to_original(init):  # PEFT's init left the base as it is (mica, eva, ...)
-        found.append(Finding("init_lora_weights", f"init_lora_weights is {init!r}",
-                             f"run `ailora-tools convert --trained {d} --for vllm -o LORA` (it writes true)"))
+        found.append(
+            Finding(
+                "init_lora_weights",
+                f"init_lora_weights is {init!r}",
+                f"run `ailora-tools convert --trained {d} --for vllm -o LORA` (it writes true)",
+            )
+        )
     elif isinstance(init, str):
-        found.append(Finding("init_lora_weights", f"init_lora_weights is {init!r}",
-                             f"run `ailora-tools convert --trained {d} --initial INITIAL --for vllm -o LORA` "
-                             "(INITIAL: the adapter training started from), or set it to true if the weights "
-                             "already are a standard LoRA"))
+        found.append(
+            Finding(
+                "init_lora_weights",
+                f"init_lora_weights is {init!r}",
+                f"run `ailora-tools convert --trained {d} --initial INITIAL --for vllm -o LORA` "
+                "(INITIAL: the adapter training started from), or set it to true if the weights "
+                "already are a standard LoRA",
+            )
+        )
     if ranks and max(ranks) > max_lora_rank:
-        start = (f"start vLLM with --max-lora-rank {vllm_max_lora_rank(max(ranks))}, or "
-                 if max(ranks) <= VLLM_MAX_LORA_RANKS[-1] else "")
-        found.append(Finding("rank", f"rank {max(ranks)} exceeds --max-lora-rank {max_lora_rank}",
-                             f"{start}run `{export} --max-lora-rank {max_lora_rank} -o LORA` (re-compresses "
-                             "and reports the error)"))
+        start = (
+            f"start vLLM with --max-lora-rank {vllm_max_lora_rank(max(ranks))}, or "
+            if max(ranks) <= VLLM_MAX_LORA_RANKS[-1]
+            else ""
+        )
+        found.append(
+            Finding(
+                "rank",
+                f"rank {max(ranks)} exceeds --max-lora-rank {max_lora_rank}",
+                f"{start}run `{export} --max-lora-rank {max_lora_rank} -o LORA` (re-compresses and reports the error)",
+            )
+        )
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        found.append(Finding("patterns", "rank_pattern / alpha_pattern are set (older vLLM ignores them and scales "
-                             "wrongly)", f"run `{export} -o LORA`: it bakes every module's scale into B "
-                             "(one r, lora_alpha = r)"))
+        found.append(
+            Finding(
+                "patterns",
+                "rank_pattern / alpha_pattern are set (older vLLM ignores them and scales wrongly)",
+                f"run `{export} -o LORA`: it bakes every module's scale into B (one r, lora_alpha = r)",
+            )
+        )
     return found
 
 
@@ -109,8 +143,9 @@ def _peft_load(d: Path, cfg: dict, base) -> list[Finding]:
 
     where = Path(base or cfg.get("base_model_name_or_path") or "")
     if not (where / "config.json").is_file():
-        return [Finding("base", f"no base model config at {where}",
-                        "pass --base DIR (the model the adapter applies to)")]
+        return [
+            Finding("base", f"no base model config at {where}", "pass --base DIR (the model the adapter applies to)")
+        ]
     try:
         config = AutoConfig.from_pretrained(where)
         with torch.device("meta"):
@@ -120,13 +155,26 @@ def _peft_load(d: Path, cfg: dict, base) -> list[Finding]:
             warnings.simplefilter("always")
             loaded = PeftModel.from_pretrained(model, str(d), low_cpu_mem_usage=True)
     except Exception as e:  # noqa: BLE001  (whatever PEFT raises is the finding)
-        return [Finding("load", f"PEFT cannot load it: {' '.join(str(e).split())[:300]}",
-                        "fix the config or weights, or re-save the adapter with PEFT's save_pretrained")]
-    found = [Finding("load", str(w.message)[:300], "the adapter does not fit this base: pass the base it was made for")
-             for w in caught if "missing adapter keys" in str(w.message)]
+        return [
+            Finding(
+                "load",
+                f"PEFT cannot load it: {' '.join(str(e).split())[:300]}",
+                "fix the config or weights, or re-save the adapter with PEFT's save_pretrained",
+            )
+        ]
+    found = [
+        Finding("load", str(w.message)[:300], "the adapter does not fit this base: pass the base it was made for")
+        for w in caught
+        if "missing adapter keys" in str(w.message)
+    ]
     with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
         unused = sorted(set(f.keys()) - set(get_peft_model_state_dict(loaded)))
     if unused:
-        found.append(Finding("load", f"PEFT ignores {len(unused)} tensor(s) of the adapter, e.g. {unused[0]}",
-                             "the adapter's target_modules or key names do not match this base"))
+        found.append(
+            Finding(
+                "load",
+                f"PEFT ignores {len(unused)} tensor(s) of the adapter, e.g. {unused[0]}",
+                "the adapter's target_modules or key names do not match this base",
+            )
+        )
     return found

@@ -11,6 +11,7 @@ The trained adapter names modules as the class it was trained on (BertForSequenc
 they are paired through the base model prefix the training manifest records (`model_names`), and the output
 keeps the trained names and its `modules_to_save` (a classification head) unchanged.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,10 +71,20 @@ class Conversion:
 
 
 def convert(
-    trained: str | os.PathLike, out: str | os.PathLike, *, initial: str | os.PathLike | None = None,
-    max_rank: int | None = None, tolerance: float | None = None, dtype: str = "float32", base: str | None = None,
-    overwrite: bool = False, server: str | None = None, max_lora_rank: int | None = None, dora: str | None = None,
-    accept_error: bool = False, progress: bool = True,
+    trained: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    initial: str | os.PathLike | None = None,
+    max_rank: int | None = None,
+    tolerance: float | None = None,
+    dtype: str = "float32",
+    base: str | None = None,
+    overwrite: bool = False,
+    server: str | None = None,
+    max_lora_rank: int | None = None,
+    dora: str | None = None,
+    accept_error: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Write a PEFT LoRA directory that gives the trained model on the original (untouched) base.
 
@@ -106,15 +117,34 @@ def convert(
     """
     if dora is not None:
         _refuse_server_with_dora(dora, server=server, max_lora_rank=max_lora_rank)
-        return convert_dora(trained, out, mode=dora, initial=initial, max_rank=max_rank, tolerance=tolerance,
-                            accept_error=accept_error, dtype=dtype, base=base, overwrite=overwrite,
-                            progress=progress)
+        return convert_dora(
+            trained,
+            out,
+            mode=dora,
+            initial=initial,
+            max_rank=max_rank,
+            tolerance=tolerance,
+            accept_error=accept_error,
+            dtype=dtype,
+            base=base,
+            overwrite=overwrite,
+            progress=progress,
+        )
     _check_options(trained, max_rank=max_rank, tolerance=tolerance, dtype=dtype, accept_error=accept_error)
     trained = Path(trained)
     if server is not None and initial is None and not (trained / TRAIN_MANIFEST).is_file():
         # already a LoRA on the original model: only the server's rules
-        return export_for(trained, out, server=server, max_lora_rank=max_lora_rank, max_rank=max_rank,
-                          tolerance=tolerance, dtype=dtype, base=base, overwrite=overwrite)
+        return export_for(
+            trained,
+            out,
+            server=server,
+            max_lora_rank=max_lora_rank,
+            max_rank=max_rank,
+            tolerance=tolerance,
+            dtype=dtype,
+            base=base,
+            overwrite=overwrite,
+        )
     plan = plan_conversion(trained, initial=initial, max_rank=max_rank, tolerance=tolerance, base=base)
     if server is not None:
         _apply_server_rules(plan, trained, out, server=server, max_lora_rank=max_lora_rank, tolerance=tolerance)
@@ -124,18 +154,27 @@ def convert(
 def _refuse_server_with_dora(dora: str, *, server: str | None, max_lora_rank: int | None) -> None:
     """A DoRA conversion takes no server options: the server's rules run on its result, in a second step."""
     if server is not None or max_lora_rank is not None:
-        raise OptionError(f"--dora {dora}: not with --for/--max-lora-rank; convert first, then run `ailora-tools "
-                          "convert --trained OUT/adapter --for SERVER` (exact) or on OUT (approximate)")
+        raise OptionError(
+            f"--dora {dora}: not with --for/--max-lora-rank; convert first, then run `ailora-tools "
+            "convert --trained OUT/adapter --for SERVER` (exact) or on OUT (approximate)"
+        )
 
 
-def _apply_server_rules(plan: Conversion, trained: Path, out, *, server: str, max_lora_rank: int | None,
-                        tolerance: float | None) -> None:
+def _apply_server_rules(
+    plan: Conversion, trained: Path, out, *, server: str, max_lora_rank: int | None, tolerance: float | None
+) -> None:
     """The server's rules on the planned LoRA (serving.py), in place; refusals raise before anything is written."""
-    lora, plan.served = serve_rules(Adapter(plan.config, plan.factors, plan.source.extra), server=server,
-                                    source=trained, max_lora_rank=max_lora_rank, tolerance=tolerance)
+    lora, plan.served = serve_rules(
+        Adapter(plan.config, plan.factors, plan.source.extra),
+        server=server,
+        source=trained,
+        max_lora_rank=max_lora_rank,
+        tolerance=tolerance,
+    )
     plan.config, plan.factors = lora.config, lora.factors
-    plan.served["serve_command"] = serve_command(server, Path(out).absolute(), plan.config["base_model_name_or_path"],
-                                                 plan.config["r"])
+    plan.served["serve_command"] = serve_command(
+        server, Path(out).absolute(), plan.config["base_model_name_or_path"], plan.config["r"]
+    )
 
 
 def _check_options(trained, *, max_rank, tolerance, dtype, accept_error) -> None:
@@ -143,16 +182,19 @@ def _check_options(trained, *, max_rank, tolerance, dtype, accept_error) -> None
     if accept_error:
         raise OptionError("--accept-error: only for --dora approximate")
     if read_manifest(Path(trained) / CONFIG_NAME).get("use_dora"):  # (a BitFit output has no adapter config)
-        raise OptionError(f"--trained {trained}: a DoRA adapter (use_dora is true); choose --dora exact (a new base + "
-                          "LoRA, no error) or --dora approximate --max-rank R|--tolerance X (a LoRA on the original, "
-                          f"error measured), or serve it merged: `ailora-tools merge BASE {trained} -o MERGED`")
+        raise OptionError(
+            f"--trained {trained}: a DoRA adapter (use_dora is true); choose --dora exact (a new base + "
+            "LoRA, no error) or --dora approximate --max-rank R|--tolerance X (a LoRA on the original, "
+            f"error measured), or serve it merged: `ailora-tools merge BASE {trained} -o MERGED`"
+        )
     at_least("--max-rank", max_rank, 1)
     at_least("--tolerance", tolerance, 0)
     choice("--dtype", dtype, DTYPE_FLAGS)
 
 
-def plan_conversion(trained: Path, *, initial=None, max_rank: int | None = None, tolerance: float | None = None,
-                    base: str | None = None) -> Conversion:
+def plan_conversion(
+    trained: Path, *, initial=None, max_rank: int | None = None, tolerance: float | None = None, base: str | None = None
+) -> Conversion:
     """The LoRA on the original model that `convert` writes for `trained`: ΔW's factors (`lowrank.delta_factors`),
     re-compressed to `max_rank`, padded to one rank, with its config.
 
@@ -165,11 +207,18 @@ def plan_conversion(trained: Path, *, initial=None, max_rank: int | None = None,
         check_base_dir(trained, base, meant=BaseOf.from_block(original, manifest=str(trained / TRAIN_MANIFEST)))
     tr_ad, task = read_adapter(trained), task_record(trained)
     init_ad = lift_initial(read_adapter(initial), tr_ad)  # experts trained fused: the initial pairs in that form
-    pairs, scale, unchanged = delta_factors(init_ad, tr_ad, prefix=(task or {}).get("base_model_prefix"),
-                                            config=_model_config(init_ad), offset=starts_offset(initial))
+    pairs, scale, unchanged = delta_factors(
+        init_ad,
+        tr_ad,
+        prefix=(task or {}).get("base_model_prefix"),
+        config=_model_config(init_ad),
+        offset=starts_offset(initial),
+    )
     if all(unchanged.values()):
-        raise AiloraError(f"{trained}: the trained adapter equals the initial one {initial} (ΔW = 0): nothing "
-                          "was learned, so there is nothing to convert; check that training ran and saved")
+        raise AiloraError(
+            f"{trained}: the trained adapter equals the initial one {initial} (ΔW = 0): nothing "
+            "was learned, so there is nothing to convert; check that training ran and saved"
+        )
     full_rank = max(B.shape[1] for B, _ in pairs.values())
     rank = full_rank if max_rank is None else min(max_rank, full_rank)
     kept, recompressed = fit_rank(pairs, rank)
@@ -178,12 +227,16 @@ def plan_conversion(trained: Path, *, initial=None, max_rank: int | None = None,
     factors = pad_to_rank(kept, rank)  # one r for every module: zero directions
     c = tr_ad.config
     rslora = bool(c.get("use_rslora"))
-    config = lora_config(rank=rank, alpha=alpha_for(scale, rank, rslora),
-                         targets=[m.rsplit(".", 1)[-1] for m in factors],
-                         rslora=rslora,
-                         base=name_or_path(base or original_base_of(initial) or c.get("base_model_name_or_path")),
-                         task_type=c.get("task_type"), fan_in_fan_out=bool(c.get("fan_in_fan_out")),
-                         modules_to_save=c.get("modules_to_save"))
+    config = lora_config(
+        rank=rank,
+        alpha=alpha_for(scale, rank, rslora),
+        targets=[m.rsplit(".", 1)[-1] for m in factors],
+        rslora=rslora,
+        base=name_or_path(base or original_base_of(initial) or c.get("base_model_name_or_path")),
+        task_type=c.get("task_type"),
+        fan_in_fan_out=bool(c.get("fan_in_fan_out")),
+        modules_to_save=c.get("modules_to_save"),
+    )
     return Conversion(Path(trained), initial, task, tr_ad, config, factors, errors, worst, unchanged)
 
 
@@ -193,24 +246,48 @@ def _write(plan: Conversion, out, *, dtype: str, overwrite: bool, server: str | 
     run = quantized_run(plan.initial)
     quantized = _trained_errors(run, plan.source, Adapter(config, plan.factors)) if run is not None else {}
     summary = {
-        "trained": str(plan.trained), "initial": str(plan.initial), "output": str(Path(out).absolute()),
-        "rank": config["r"], "lora_alpha": config["lora_alpha"], "use_rslora": bool(c.get("use_rslora")),
+        "trained": str(plan.trained),
+        "initial": str(plan.initial),
+        "output": str(Path(out).absolute()),
+        "rank": config["r"],
+        "lora_alpha": config["lora_alpha"],
+        "use_rslora": bool(c.get("use_rslora")),
         "modules": len(plan.factors),
         "vllm_max_lora_rank": served["vllm_max_lora_rank"] if served else vllm_max_lora_rank(config["r"]),
         "worst_rel_fro_error": plan.worst,
-        "unchanged_modules": sorted(m for m, u in plan.unchanged.items() if u), "errors": plan.errors,
-        "modules_to_save": sorted(c.get("modules_to_save") or []), **served, **quantized,
+        "unchanged_modules": sorted(m for m, u in plan.unchanged.items() if u),
+        "errors": plan.errors,
+        "modules_to_save": sorted(c.get("modules_to_save") or []),
+        **served,
+        **quantized,
     }
     with OutputDir(out, inputs=[plan.trained, plan.initial], overwrite=overwrite) as od:
-        written = write_adapter(od.path, config, plan.factors, dtype=torch_dtype(DTYPE_FLAGS[dtype]),
-                                extra=plan.source.extra if server is None else None)
+        written = write_adapter(
+            od.path,
+            config,
+            plan.factors,
+            dtype=torch_dtype(DTYPE_FLAGS[dtype]),
+            extra=plan.source.extra if server is None else None,
+        )
         summary["check_for"] = server or "vllm"  # the output checked against the server's rules (check.py)
-        summary["check"] = summary["vllm_check"] = [str(f) for f in check_adapter(
-            od.path, target=server or "vllm", max_lora_rank=summary["vllm_max_lora_rank"] or VLLM_MAX_LORA_RANKS[-1],
-            base=config["base_model_name_or_path"])]
-        od.write_manifest(CONVERT_MANIFEST, {**summary, "task": plan.task,
-                                             "applies_to": converted_identity(plan.trained, plan.initial),
-                                             "files": {"output": {p.name: file_digest(p) for p in written}}})
+        summary["check"] = summary["vllm_check"] = [
+            str(f)
+            for f in check_adapter(
+                od.path,
+                target=server or "vllm",
+                max_lora_rank=summary["vllm_max_lora_rank"] or VLLM_MAX_LORA_RANKS[-1],
+                base=config["base_model_name_or_path"],
+            )
+        ]
+        od.write_manifest(
+            CONVERT_MANIFEST,
+            {
+                **summary,
+                "task": plan.task,
+                "applies_to": converted_identity(plan.trained, plan.initial),
+                "files": {"output": {p.name: file_digest(p) for p in written}},
+            },
+        )
     return summary
 
 
@@ -230,5 +307,8 @@ def _trained_errors(run, trained: Adapter, converted: Adapter) -> dict:
         m = name.removesuffix(".weight")
         got = read_dequantized(original, name) + (converted.delta(m) if m in converted.factors else 0)
         errors[m] = rel_error(got, trained_reference(run, trained, name))
-    return {"quantized_residual": str(run.residual.root), "trained_errors": errors,
-            "worst_trained_rel_fro_error": max(errors.values(), default=0.0)}
+    return {
+        "quantized_residual": str(run.residual.root),
+        "trained_errors": errors,
+        "worst_trained_rel_fro_error": max(errors.values(), default=0.0),
+    }

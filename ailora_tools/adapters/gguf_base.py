@@ -1,6 +1,7 @@
 """The llama.cpp base of `export-base --for llama.cpp`: a full GGUF of the Llama architecture, the NF4 residual's
 weights as Q4_0 or Q8_0 (`gguf.quants`), every other matrix as stored, q/k rows permuted, the hyper-parameters and the
 tokenizer as llama.cpp's convert_hf_to_gguf.py writes them; each quantised weight's error measured."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,10 @@ def write_gguf_base(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, p
     config = ckpt.config
     layout = LAYOUTS.get(config.get("model_type"))
     if layout is None or layout.arch != "LLAMA" or config.get("num_local_experts"):
-        raise UnsupportedError(f"--for llama.cpp: a base GGUF of model_type {config.get('model_type')!r} is not "
-                               "supported (Llama and Mistral are); serve the NF4 residual with vLLM or PEFT")
+        raise UnsupportedError(
+            f"--for llama.cpp: a base GGUF of model_type {config.get('model_type')!r} is not "
+            "supported (Llama and Mistral are); serve the NF4 residual with vLLM or PEFT"
+        )
     qtype = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0}[fmt]
     arch = gguf.MODEL_ARCH.LLAMA
     n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
@@ -39,8 +42,9 @@ def write_gguf_base(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, p
         byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, t) if t == qtype else shape
         dt = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(t, np.uint8)
         nbytes = int(np.prod(byte_shape)) * (np.dtype(dt).itemsize if t != gguf.GGMLQuantizationType.BF16 else 2)
-        writer.add_tensor_info(out, byte_shape, np.dtype(dt) if t != gguf.GGMLQuantizationType.BF16 else np.uint8,
-                               nbytes, raw_dtype=t)
+        writer.add_tensor_info(
+            out, byte_shape, np.dtype(dt) if t != gguf.GGMLQuantizationType.BF16 else np.uint8, nbytes, raw_dtype=t
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -60,8 +64,12 @@ def write_gguf_base(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, p
         writer.write_tensor_data(data)
     writer.close()
     od.publish("base.gguf")
-    return {"base": str(od.path / "base.gguf"), "errors": dict(sorted(errors.items())), "tensors": len(plan),
-            "config_dir": str(ckpt.root)}
+    return {
+        "base": str(od.path / "base.gguf"),
+        "errors": dict(sorted(errors.items())),
+        "tensors": len(plan),
+        "config_dir": str(ckpt.root),
+    }
 
 
 def _gguf_plan(ckpt: Checkpoint, names, packed: set[str], qtype, fmt: str) -> list[tuple]:
@@ -78,8 +86,10 @@ def _gguf_plan(ckpt: Checkpoint, names, packed: set[str], qtype, fmt: str) -> li
             continue
         out = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if out is None:
-            raise UnsupportedError(f"--for llama.cpp: {ckpt.source} has tensor {name}, which llama.cpp's llama "
-                                   "architecture has no place for")
+            raise UnsupportedError(
+                f"--for llama.cpp: {ckpt.source} has tensor {name}, which llama.cpp's llama "
+                "architecture has no place for"
+            )
         shape = packed_shape(ckpt, name) if name in packed else tuple(info.shape)
         if name in packed:
             if shape[1] % 32:
@@ -103,8 +113,9 @@ def _add_hparams(writer, config: dict, qtype) -> None:
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     kind = rope.get("rope_type") or rope.get("type") or "default"
     if kind not in ("default", "linear"):
-        raise UnsupportedError(f"--for llama.cpp: rope scaling {kind!r} is not supported by export-base (default and "
-                               "linear are)")
+        raise UnsupportedError(
+            f"--for llama.cpp: rope scaling {kind!r} is not supported by export-base (default and linear are)"
+        )
     n_head = config["num_attention_heads"]
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -114,8 +125,12 @@ def _add_hparams(writer, config: dict, qtype) -> None:
     writer.add_head_count_kv(config.get("num_key_value_heads") or n_head)
     writer.add_rope_freq_base(float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_file_type({gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
-                          gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+    writer.add_file_type(
+        {
+            gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+            gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[qtype]
+    )
     writer.add_vocab_size(config["vocab_size"])
     writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
     if kind == "linear":
@@ -138,9 +153,11 @@ def _add_vocab(writer, root: Path, vocab_size: int) -> None:
         except (FileNotFoundError, ValueError, TypeError) as e:
             last = e
     if vocab is None:
-        raise InputNotFoundError(f"{root}: no tokenizer llama.cpp's converter reads (tokenizer.model, or a "
-                                 f"tokenizer.json of BPE type: {last}); copy the original model's tokenizer "
-                                 "files there")
+        raise InputNotFoundError(
+            f"{root}: no tokenizer llama.cpp's converter reads (tokenizer.model, or a "
+            f"tokenizer.json of BPE type: {last}); copy the original model's tokenizer "
+            "files there"
+        )
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores, types = [-10000.0] * vocab_size, [gguf.TokenType.UNUSED] * vocab_size
     for i, (text, score, toktype) in enumerate(vocab.all_tokens()):

@@ -16,6 +16,7 @@ converter class it is read from (llama.cpp as vendored by llama-cpp-python 0.3.3
 GPT-2's Conv1D weights are transposed by the converter to [out, in], the orientation PEFT's factors already have.
 Gemma's norm offsets touch no LoRA target. The serving tests check this table against the converter's classes.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,8 +85,10 @@ def layout_of(config: dict, what: str = "export-gguf") -> Layout:
     """
     model_type = config.get("model_type")
     if model_type not in LAYOUTS:
-        raise UnsupportedError(f"{what}: architecture {model_type!r} is not supported; supported (as llama.cpp's "
-                               f"converter lays them out): {', '.join(sorted(LAYOUTS))}")
+        raise UnsupportedError(
+            f"{what}: architecture {model_type!r} is not supported; supported (as llama.cpp's "
+            f"converter lays them out): {', '.join(sorted(LAYOUTS))}"
+        )
     return LAYOUTS[model_type]
 
 
@@ -123,8 +126,10 @@ def gguf_tensors(adapter: Adapter, config: dict) -> tuple[str, float, dict[str, 
     for module, (A, B) in sorted(adapter.factors.items()):
         found = names.get_type_and_name(module)
         if ".experts" in module or (found and any(k in found[0].name for k in EXPERT_TENSORS)):
-            raise UnsupportedError(f"export-gguf: module {module!r} is a mixture-of-experts expert or router; "
-                                   "llama.cpp adapters are exported for attention and dense modules only")
+            raise UnsupportedError(
+                f"export-gguf: module {module!r} is a mixture-of-experts expert or router; "
+                "llama.cpp adapters are exported for attention and dense modules only"
+            )
         if found is None:
             raise UnsupportedError(f"export-gguf: module {module!r} has no llama.cpp tensor in a {arch_name} model")
         fold = adapter.scale(module) / (alpha / A.shape[0])
@@ -134,8 +139,13 @@ def gguf_tensors(adapter: Adapter, config: dict) -> tuple[str, float, dict[str, 
     return arch_name, alpha, out
 
 
-def write_lora_gguf(path: Path, arch: str, alpha: float, tensors: dict[str, np.ndarray], outtype: str,
-                    ) -> tuple[dict[str, str], list[str]]:
+def write_lora_gguf(
+    path: Path,
+    arch: str,
+    alpha: float,
+    tensors: dict[str, np.ndarray],
+    outtype: str,
+) -> tuple[dict[str, str], list[str]]:
     """Write a LoRA GGUF at `path` (`gguf_tensors`' output); return each tensor's type and those q8_0 could not take."""
     import gguf
 
@@ -145,8 +155,12 @@ def write_lora_gguf(path: Path, arch: str, alpha: float, tensors: dict[str, np.n
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     types, unquantized = {}, []
     for name, data in tensors.items():
-        qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-                 "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+        qtype = {
+            "f32": gguf.GGMLQuantizationType.F32,
+            "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16,
+            "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        }[outtype]
         if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
             qtype = gguf.GGMLQuantizationType.F16
             unquantized.append(name)
@@ -164,8 +178,15 @@ def write_lora_gguf(path: Path, arch: str, alpha: float, tensors: dict[str, np.n
     return types, unquantized
 
 
-def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "f32",
-                overwrite: bool = False, force: bool = False) -> dict:
+def export_gguf(
+    lora: str | os.PathLike,
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    outtype: str = "f32",
+    overwrite: bool = False,
+    force: bool = False,
+) -> dict:
     """Write a llama.cpp LoRA GGUF for `lora` on `base` (only the base's config.json is read).
 
     Args:
@@ -195,9 +216,11 @@ def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.
         raise OutputError(f"-o {out}: lies inside the input {lora}; choose a path outside it")
     adapter = read_adapter(lora)
     if experts := expert_modules(adapter.factors):  # llama.cpp's LoRA converter maps no expert tensor
-        raise UnsupportedError(f"export-gguf: {lora} adapts {len(experts)} expert matrices (e.g. {experts[0]}), which "
-                               f"llama.cpp's LoRA format has no tensors for; run `ailora-tools merge "
-                               f"{base_of(lora).model or base} {lora} -o MERGED` and convert MERGED to GGUF")
+        raise UnsupportedError(
+            f"export-gguf: {lora} adapts {len(experts)} expert matrices (e.g. {experts[0]}), which "
+            f"llama.cpp's LoRA format has no tensors for; run `ailora-tools merge "
+            f"{base_of(lora).model or base} {lora} -o MERGED` and convert MERGED to GGUF"
+        )
     arch, alpha, tensors = gguf_tensors(adapter, json.loads(cfg_path.read_text()))
     tmp = out.with_name(f".{out.name}.partial")
     try:
@@ -206,7 +229,19 @@ def export_gguf(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"output": str(out.absolute()), "architecture": arch, "alpha": alpha, "tensors": len(tensors),
-            "outtype": outtype, "types": types, "not_quantized": unquantized, "warning": warning,
-            "note": (f"q8_0 needs rows that are multiples of 32: {len(unquantized)} tensors (row length = rank "
-                     "for lora_b) were written as f16" if unquantized else "")}
+    return {
+        "output": str(out.absolute()),
+        "architecture": arch,
+        "alpha": alpha,
+        "tensors": len(tensors),
+        "outtype": outtype,
+        "types": types,
+        "not_quantized": unquantized,
+        "warning": warning,
+        "note": (
+            f"q8_0 needs rows that are multiples of 32: {len(unquantized)} tensors (row length = rank "
+            "for lora_b) were written as f16"
+            if unquantized
+            else ""
+        ),
+    }

@@ -1,4 +1,5 @@
 """Publish a directory to the Hugging Face Hub with a model card; the token is never printed or logged."""
+
 from __future__ import annotations
 
 import json
@@ -33,15 +34,23 @@ def model_card(directory: Path, repo_id: str = "REPO_ID") -> str:
     cfg = json.loads((adapter / CONFIG_NAME).read_text()) if (adapter / CONFIG_NAME).is_file() else {}
     trained, converted = _manifest(d, "train"), _manifest(d, "convert")
     initial = (trained or {}).get("initial_adapter") or (converted or {}).get("initial")
-    decomposed = (_manifest(d, "decompose") or _manifest(d.parent, "decompose")
-                  or (_manifest(Path(initial).parent, "decompose") if initial else None) or {})
+    decomposed = (
+        _manifest(d, "decompose")
+        or _manifest(d.parent, "decompose")
+        or (_manifest(Path(initial).parent, "decompose") if initial else None)
+        or {}
+    )
     source = (decomposed.get("source") or {}).get("model")
     base = (cfg.get("base_model_name_or_path") if converted else source) or source or cfg.get("base_model_name_or_path")
     base = base or "unknown"
     method = decomposed.get("method", "lora")
     task = (trained or converted or {}).get("task") or {}  # the class the adapter's module names are for
-    body = [*_card_summary(repo_id, base, method, cfg), *_card_history(trained, converted, decomposed),
-            *_card_roles(decomposed.get("roles", {})), *_card_usage(base, repo_id, cfg, task)]
+    body = [
+        *_card_summary(repo_id, base, method, cfg),
+        *_card_history(trained, converted, decomposed),
+        *_card_roles(decomposed.get("roles", {})),
+        *_card_usage(base, repo_id, cfg, task),
+    ]
     return "\n".join(_card_front_matter(base, method)) + "\n\n" + "\n".join(body)
 
 
@@ -57,8 +66,10 @@ def _card_summary(repo_id: str, base: str, method: str, cfg: dict) -> list[str]:
     link = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{base}`"
     what = f"**{method}** ({METHODS[method].summary})" if method in METHODS else f"**{method}**"
     return [
-        f"# {repo_id.rsplit('/', 1)[-1]}", "",
-        f"A LoRA adapter for {link} made with ailora-tools.", "",
+        f"# {repo_id.rsplit('/', 1)[-1]}",
+        "",
+        f"A LoRA adapter for {link} made with ailora-tools.",
+        "",
         f"- initialisation: {what}",
         f"- rank: {cfg.get('r')}, lora_alpha: {cfg.get('lora_alpha')}, rsLoRA: {bool(cfg.get('use_rslora'))}",
         f"- target modules: {', '.join(cfg.get('target_modules') or [])}",
@@ -71,12 +82,16 @@ def _card_history(trained: dict | None, converted: dict | None, decomposed: dict
     if converted:
         lines.append("- converted to a standard LoRA on the original base: apply it to the untouched base model")
     elif decomposed.get("adapter_base") == "residual":
-        lines.append("- applies to the residual base that decompose wrote, not to the original model; run "
-                     "`ailora-tools convert` for a LoRA on the original")
+        lines.append(
+            "- applies to the residual base that decompose wrote, not to the original model; run "
+            "`ailora-tools convert` for a LoRA on the original"
+        )
     if trained:
         s = trained.get("summary", {})
-        lines.append(f"- training: {s.get('steps')} steps, loss {s.get('first_loss')} → {s.get('last_loss')}, "
-                     f"eval loss {s.get('eval_loss')}")
+        lines.append(
+            f"- training: {s.get('steps')} steps, loss {s.get('first_loss')} → {s.get('last_loss')}, "
+            f"eval loss {s.get('eval_loss')}"
+        )
     return lines
 
 
@@ -93,17 +108,37 @@ def _card_usage(base: str, repo_id: str, cfg: dict, task: dict) -> list[str]:
     """How to load the adapter with PEFT, vLLM and llama.cpp."""
     r = cfg.get("r") or 16
     auto, head = task.get("auto_class", "AutoModelForCausalLM"), task.get("config") or {}
-    load = "".join(f", {k}={v}" for k, v in (("num_labels", len(head.get("id2label", {})) or None),
-                                              ("pad_token_id", head.get("pad_token_id"))) if v is not None)
-    return ["", "## Use", "", "PEFT:", "", "```python", "from peft import PeftModel",
-            f"from transformers import {auto}",
-            f'model = PeftModel.from_pretrained({auto}.from_pretrained("{base}"{load}), "{repo_id}")', "```", "",
-            "vLLM:", "", "```bash",
-            f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(r)} "
-            f"--lora-modules adapter={repo_id}",
-            "```", "", "llama.cpp:", "", "```bash",
-            "ailora-tools export-gguf ADAPTER_DIR --base BASE_DIR -o adapter.gguf",
-            "llama-cli -m base.gguf --lora adapter.gguf", "```", ""]
+    load = "".join(
+        f", {k}={v}"
+        for k, v in (("num_labels", len(head.get("id2label", {})) or None), ("pad_token_id", head.get("pad_token_id")))
+        if v is not None
+    )
+    return [
+        "",
+        "## Use",
+        "",
+        "PEFT:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        f"from transformers import {auto}",
+        f'model = PeftModel.from_pretrained({auto}.from_pretrained("{base}"{load}), "{repo_id}")',
+        "```",
+        "",
+        "vLLM:",
+        "",
+        "```bash",
+        f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(r)} --lora-modules adapter={repo_id}",
+        "```",
+        "",
+        "llama.cpp:",
+        "",
+        "```bash",
+        "ailora-tools export-gguf ADAPTER_DIR --base BASE_DIR -o adapter.gguf",
+        "llama-cli -m base.gguf --lora adapter.gguf",
+        "```",
+        "",
+    ]
 
 
 def _is_hub_id(name: str) -> bool:
@@ -127,8 +162,16 @@ def _license(base: str) -> str | None:
     return None
 
 
-def push(directory: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, dry_run: bool = False, token: str | None = None) -> dict:
+def push(
+    directory: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+) -> dict:
     """create_repo + upload_folder; writes README.md (model card) into `directory` when it has none.
 
     The token comes from `token`, HF_TOKEN or the HF cache (huggingface_hub's rules) and is never
@@ -141,11 +184,20 @@ def push(directory: str | os.PathLike, repo_id: str, *, private: bool = False, r
     if not d.is_dir() or not any(d.iterdir()):
         raise InputNotFoundError(f"{d}: no such directory, or it is empty")
     card = (d / CARD_NAME).read_text() if (d / CARD_NAME).is_file() else model_card(d, repo_id)
-    files = [(str(p.relative_to(d)), p.stat().st_size) for p in sorted(d.rglob("*"))
-             if p.is_file() and _uploaded(p.relative_to(d)) and p.name != CARD_NAME]
+    files = [
+        (str(p.relative_to(d)), p.stat().st_size)
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and _uploaded(p.relative_to(d)) and p.name != CARD_NAME
+    ]
     files.append((CARD_NAME, len(card.encode())))
-    summary = {"repo_id": repo_id, "private": private, "revision": revision, "dry_run": dry_run,
-               "files": [{"path": p, "bytes": n} for p, n in sorted(files)], "card": card}
+    summary = {
+        "repo_id": repo_id,
+        "private": private,
+        "revision": revision,
+        "dry_run": dry_run,
+        "files": [{"path": p, "bytes": n} for p, n in sorted(files)],
+        "card": card,
+    }
     if dry_run:
         return summary
     if not (d / CARD_NAME).is_file():
@@ -155,12 +207,19 @@ def push(directory: str | os.PathLike, repo_id: str, *, private: bool = False, r
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(folder_path=str(d), repo_id=repo_id, repo_type="model", revision=revision,
-                                   commit_message=commit_message or f"Upload {d.name} with ailora-tools",
-                                   ignore_patterns=IGNORED)
+        commit = api.upload_folder(
+            folder_path=str(d),
+            repo_id=repo_id,
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message or f"Upload {d.name} with ailora-tools",
+            ignore_patterns=IGNORED,
+        )
     except Exception as e:  # httpx/requests connection errors, HfHubHTTPError (401, 403, 404...)
-        raise HubError(f"push {repo_id}: the Hub refused or could not be reached ({e.__class__.__name__}: "
-                       f"{' '.join(str(e).split())[:200]}); check your network, HF_ENDPOINT and token "
-                       "(`huggingface-cli login`)") from e
+        raise HubError(
+            f"push {repo_id}: the Hub refused or could not be reached ({e.__class__.__name__}: "
+            f"{' '.join(str(e).split())[:200]}); check your network, HF_ENDPOINT and token "
+            "(`huggingface-cli login`)"
+        ) from e
     summary["url"] = str(getattr(commit, "commit_url", None) or url)
     return summary

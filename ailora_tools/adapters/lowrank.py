@@ -6,6 +6,7 @@ Factors follow PEFT: A [r, in], B [out, r], ΔW = s·B·A. A trained adapter sta
 Re-compressing B·A to rank k (`compress`) is exact up to truncation: QR of both factors, SVD of the small core, keep
 the largest triplets; the dropped singular values give the relative Frobenius error.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,15 +45,22 @@ def compress(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     return Qb @ (Uc[:, :k] * root), (root[:, None] * Vch[:k]) @ Qa.T, err
 
 
-def pad_to_rank(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int
-                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def pad_to_rank(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Every module's (A, B) brought to `rank` with zero directions (rows of A, columns of B): the product is kept."""
-    return {m: (torch.nn.functional.pad(A, (0, 0, 0, rank - A.shape[0])),
-                torch.nn.functional.pad(B, (0, rank - B.shape[1]))) for m, (A, B) in factors.items()}
+    return {
+        m: (
+            torch.nn.functional.pad(A, (0, 0, 0, rank - A.shape[0])),
+            torch.nn.functional.pad(B, (0, rank - B.shape[1])),
+        )
+        for m, (A, B) in factors.items()
+    }
 
 
-def fit_rank(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], cap: int | None
-             ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+def fit_rank(
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], cap: int | None
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
     """Per module (B, A) re-compressed to at most `cap` (None: kept) as (A, B), and the error of each re-compressed
     module (`compress`); modules at or below the cap are kept exactly and have no entry."""
     out, errors = {}, {}
@@ -76,8 +84,9 @@ def check_tolerance(errors: dict[str, float], tolerance: float | None, what: str
     return worst
 
 
-def delta_factors(initial: Adapter, trained: Adapter, *, prefix: str | None = None,
-                  config: dict | None = None, offset: bool = True) -> tuple[dict, float, dict]:
+def delta_factors(
+    initial: Adapter, trained: Adapter, *, prefix: str | None = None, config: dict | None = None, offset: bool = True
+) -> tuple[dict, float, dict]:
     """Per module (B', A') with s'·B'·A' = ΔW, the common scale s', and a per-module ΔW-is-zero flag.
 
     Keys are the trained adapter's module names; the initial adapter's may differ from them by the base model
@@ -97,9 +106,11 @@ def delta_factors(initial: Adapter, trained: Adapter, *, prefix: str | None = No
     for m, (A, B) in trained.factors.items():
         A0, B0 = initial.factors[m]
         if A.shape != A0.shape or B.shape != B0.shape:
-            raise FormatError(f"{m}: trained factors {tuple(A.shape)}/{tuple(B.shape)} do not match the initial "
-                              f"{tuple(A0.shape)}/{tuple(B0.shape)}; pass the initial adapter this training "
-                              "started from")
+            raise FormatError(
+                f"{m}: trained factors {tuple(A.shape)}/{tuple(B.shape)} do not match the initial "
+                f"{tuple(A0.shape)}/{tuple(B0.shape)}; pass the initial adapter this training "
+                "started from"
+            )
         s, s0 = trained.scale(m), initial.scale(m)
         if not offset or not B0.any():  # plain LoRA (B0 = 0) or no offset: ΔW = s·B·A, rank r
             out[m] = (B.double() * (s / s_common), A.double())

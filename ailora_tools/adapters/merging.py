@@ -14,6 +14,7 @@ transformers before v5 refuses a checkpoint that mixes bare base tensors and a h
 rank 0 merges alone: a merged matrix costs one rank-r product, less than sending it between processes would;
 the other ranks check the input and end.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,9 +51,17 @@ from .nf4_residual import (
 
 
 def merge(
-    base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
-    revision: str | None = None, allow_pickle: bool = False, overwrite: bool = False, resume: bool = False,
-    progress: bool = True, force: bool = False,
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    force: bool = False,
 ) -> dict:
     """Write OUT as a complete HF model directory with the adapter merged into the base.
 
@@ -112,12 +121,21 @@ def _plan_merge(base, adapter, out, *, dtype: str | None, revision, allow_pickle
     quant = trained_on(adapter)  # trained on a quantised residual: every merged weight measured against W_trained
     warning = check_base(adapter, ckpt, flag="BASE", force=force)
     out_dtype = DTYPE_FLAGS.get(dtype)
-    heads, added, renamed, config = _head(lora, ckpt, adapter, base, out_dtype or (
-        tensors[next(iter(weights.values()))].dtype if weights else "F32"))
+    heads, added, renamed, config = _head(
+        lora, ckpt, adapter, base, out_dtype or (tensors[next(iter(weights.values()))].dtype if weights else "F32")
+    )
     job = MergeJob(ckpt, tensors, lora, {w: m for m, w in weights.items()}, heads, packed, quant, out_dtype)
-    settings = {"tool": __version__, "command": "merge", "base": ckpt.describe(), "adapter": str(adapter),
-                "adapter_config": lora.config, "dtype": dtype, "base_samples": fingerprints(ckpt),
-                "applies_to": base_of(adapter).block(), **({"warnings": [f"--force: {warning}"]} if warning else {})}
+    settings = {
+        "tool": __version__,
+        "command": "merge",
+        "base": ckpt.describe(),
+        "adapter": str(adapter),
+        "adapter_config": lora.config,
+        "dtype": dtype,
+        "base_samples": fingerprints(ckpt),
+        "applies_to": base_of(adapter).block(),
+        **({"warnings": [f"--force: {warning}"]} if warning else {}),
+    }
     return MergePlan(job, added, renamed, _merged_config(config, dtype, bool(packed)), settings)
 
 
@@ -127,16 +145,33 @@ def _write_merged(plan: MergePlan, base, adapter, out, *, overwrite: bool, resum
     packed, tensors = job.packed, job.tensors
     changed = plan.config != ckpt.config
     files = {"config.json": json.dumps(plan.config, indent=2, sort_keys=True).encode()} if changed else {}
-    with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume,
-                   settings=plan.settings) as od:
-        done = rewrite_checkpoint(ckpt, od, "", job.plan(), job, hashes=hashes, out_dtype=job.out_dtype,
-                                  added=plan.added, renamed=plan.renamed, files=files, progress=progress,
-                                  desc="merge", parts={n: {n: (tensors[n].dtype, tensors[n].shape)} for n in packed},
-                                  dropped={f"{n}.{k}" for n in packed for k in PARTS})
+    with OutputDir(out, inputs=[ckpt.root, adapter], overwrite=overwrite, resume=resume, settings=plan.settings) as od:
+        done = rewrite_checkpoint(
+            ckpt,
+            od,
+            "",
+            job.plan(),
+            job,
+            hashes=hashes,
+            out_dtype=job.out_dtype,
+            added=plan.added,
+            renamed=plan.renamed,
+            files=files,
+            progress=progress,
+            desc="merge",
+            parts={n: {n: (tensors[n].dtype, tensors[n].shape)} for n in packed},
+            dropped={f"{n}.{k}" for n in packed for k in PARTS},
+        )
         largest = [r["max_abs_delta"] for _, r in done.values() if "max_abs_delta" in r]
-        summary = {"output": str(od.path), "base": str(base), "adapter": str(adapter),
-                   "modules": len(job.lora.factors), "max_abs_delta": max(largest, default=0.0),
-                   "head_tensors": sorted([*job.heads, *plan.added]), **_quantized_summary(job.quant, done)}
+        summary = {
+            "output": str(od.path),
+            "base": str(base),
+            "adapter": str(adapter),
+            "modules": len(job.lora.factors),
+            "max_abs_delta": max(largest, default=0.0),
+            "head_tensors": sorted([*job.heads, *plan.added]),
+            **_quantized_summary(job.quant, done),
+        }
         od.write_manifest(MERGE_MANIFEST, {**plan.settings, "files": hashes.result(), "summary": summary})
     return summary
 
@@ -164,9 +199,15 @@ class MergeJob:
     def plan(self) -> dict[str, list[str]]:
         """Shard -> the tensors rewritten, by offset; with --dtype every float tensor is cast, adapted or not."""
         special = set(self.module_of) | set(self.heads) | self.packed | self.measured
-        return by_shard(self.tensors, [
-            name for name, info in self.tensors.items() if name in special
-            or (self.out_dtype is not None and info.dtype in FLOAT_DTYPES and info.dtype != self.out_dtype)])
+        return by_shard(
+            self.tensors,
+            [
+                name
+                for name, info in self.tensors.items()
+                if name in special
+                or (self.out_dtype is not None and info.dtype in FLOAT_DTYPES and info.dtype != self.out_dtype)
+            ],
+        )
 
     def __call__(self, info: TensorInfo, W: torch.Tensor) -> Replaced:
         if info.name in self.packed:
@@ -185,8 +226,13 @@ class MergeJob:
             return Replaced(W.to(target))
         lora, module = self.lora, self.module_of[info.name]
         if module in lora.magnitudes:  # DoRA: m ⊙ (W + s·B·A) / ‖W + s·B·A‖ (init.dora)
-            merged = merged_weight(W, *lora.factors[module], lora.scale(module), lora.magnitudes[module],
-                                   transposed=bool(lora.config.get("fan_in_fan_out")))
+            merged = merged_weight(
+                W,
+                *lora.factors[module],
+                lora.scale(module),
+                lora.magnitudes[module],
+                transposed=bool(lora.config.get("fan_in_fan_out")),
+            )
             return Replaced(merged.to(target), record={"max_abs_delta": float((merged - W.double()).abs().max())})
         delta = lora.delta(module)
         return Replaced((W.float() + delta).to(target), record={"max_abs_delta": float(delta.abs().max())})
@@ -207,10 +253,16 @@ def _quantized_summary(quant, done: dict) -> dict:
     residual."""
     if not quant:
         return {}
-    errors = {n.removesuffix(".weight"): r["trained_rel_fro_error"] for n, (_, r) in done.items()
-              if "trained_rel_fro_error" in r}
-    return {"quantized_residual": str(quant[0].residual.root), "trained_errors": dict(sorted(errors.items())),
-            "worst_trained_rel_fro_error": max(errors.values(), default=0.0)}
+    errors = {
+        n.removesuffix(".weight"): r["trained_rel_fro_error"]
+        for n, (_, r) in done.items()
+        if "trained_rel_fro_error" in r
+    }
+    return {
+        "quantized_residual": str(quant[0].residual.root),
+        "trained_errors": dict(sorted(errors.items())),
+        "worst_trained_rel_fro_error": max(errors.values(), default=0.0),
+    }
 
 
 def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[dict, dict, dict, dict]:
@@ -227,9 +279,11 @@ def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[d
             added[name] = t.to(torch_dtype(dtype))
         elif tuple(tensors[found[name]].shape) != tuple(t.shape):
             info = tensors[found[name]]
-            raise TargetError(f"{adapter}: modules_to_save tensor {name} is {tuple(t.shape)} but {info.name} in "
-                              f"{info.file} of the base {base} is {tuple(info.shape)}; pass the base this adapter was "
-                              "trained on")
+            raise TargetError(
+                f"{adapter}: modules_to_save tensor {name} is {tuple(t.shape)} but {info.name} in "
+                f"{info.file} of the base {base} is {tuple(info.shape)}; pass the base this adapter was "
+                "trained on"
+            )
         else:
             replaced[found[name]] = t
     record = task_record(adapter) or {}
@@ -239,8 +293,10 @@ def _head(lora: Adapter, ckpt: Checkpoint, adapter, base, dtype: str) -> tuple[d
         renamed = {n: f"{prefix}.{n}" for n in tensors} if bare else {}
         return replaced, added, renamed, {**ckpt.config, **record["config"]}
     if saved_task(ckpt.config) != CLASSIFY:
-        raise TargetError(f"{adapter}: has modules_to_save {lora.config.get('modules_to_save')} but no "
-                          "ailora-train.json or ailora-convert.json recording their class and labels, and the base "
-                          f"{base} is no sequence-classification model; merge an adapter trained or converted by "
-                          "ailora-tools")
+        raise TargetError(
+            f"{adapter}: has modules_to_save {lora.config.get('modules_to_save')} but no "
+            "ailora-train.json or ailora-convert.json recording their class and labels, and the base "
+            f"{base} is no sequence-classification model; merge an adapter trained or converted by "
+            "ailora-tools"
+        )
     return replaced, added, {}, dict(ckpt.config)

@@ -6,6 +6,7 @@ a byte) beside `M.weight.absmax`, `.quant_map`, `.nested_absmax`, `.nested_quant
 `.quant_state.bitsandbytes__nf4` (JSON). The model that was trained is dequant(Q) + s·B·A: what every export of
 such an adapter is measured against (`rel_error`).
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,10 @@ class QuantizedRun:
         try:
             return Checkpoint.open(self.original)
         except Exception as e:
-            raise InputNotFoundError(f"the original model {self.original} the quantised residual was decomposed from "
-                                     f"cannot be opened ({e}); it is needed for its float layout and weights") from e
+            raise InputNotFoundError(
+                f"the original model {self.original} the quantised residual was decomposed from "
+                f"cannot be opened ({e}); it is needed for its float layout and weights"
+            ) from e
 
 
 def quantized_run(initial: str | os.PathLike) -> QuantizedRun | None:
@@ -89,8 +92,11 @@ def float_view(ckpt: Checkpoint, dtype: str) -> dict:
     `dtype` (a safetensors dtype name), their scales left out."""
     packed = quantized_weights(ckpt.tensors)
     parts = {f"{n}.{k}" for n in packed for k in PARTS}
-    return {n: replace(t, shape=packed_shape(ckpt, n), dtype=dtype) if n in packed else t
-            for n, t in ckpt.tensors.items() if n not in parts}
+    return {
+        n: replace(t, shape=packed_shape(ckpt, n), dtype=dtype) if n in packed else t
+        for n, t in ckpt.tensors.items()
+        if n not in parts
+    }
 
 
 def compute_dtype(ckpt: Checkpoint) -> str:

@@ -18,6 +18,7 @@ residual's NF4 weights are re-quantised into it, read one matrix at a time, and 
 With the trained adapter, its LoRA for that server goes beside (`serving.serve_rules`: scale in B, allowed rank;
 llama.cpp: a LoRA GGUF, `gguf_export`): the adapter is unchanged, only the base's weights are.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,16 @@ GROUP_SIZE = 128  # vLLM's W4A16 preset
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def export_base(residual: str | os.PathLike, out: str | os.PathLike, *, server: str, fmt: str | None = None,
-                adapter: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+def export_base(
+    residual: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    server: str,
+    fmt: str | None = None,
+    adapter: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Write the trained model's base (the quantised residual re-quantised for `server`) and, with `adapter`, its LoRA.
 
     Args:
@@ -78,15 +87,19 @@ def export_base(residual: str | os.PathLike, out: str | os.PathLike, *, server: 
     if not (Path(residual) / "config.json").is_file():
         raise InputNotFoundError(f"{residual}: no config.json; pass decompose's OUT/residual")
     if not is_quantized_residual(residual):
-        raise UnsupportedError(f"{residual}: its weights are not NF4-quantised (no bitsandbytes quantization_config "
-                               "in config.json); a float residual needs no export: serve it as it is, or convert the "
-                               "adapter to the original (`ailora-tools convert`)")
+        raise UnsupportedError(
+            f"{residual}: its weights are not NF4-quantised (no bitsandbytes quantization_config "
+            "in config.json); a float residual needs no export: serve it as it is, or convert the "
+            "adapter to the original (`ailora-tools convert`)"
+        )
     ckpt = Checkpoint.open(residual)
     lora = None
     if adapter is not None:
         if base_of(adapter).kind != RESIDUAL:
-            raise OptionError(f"--adapter {adapter}: applies to the original model, not to a residual; export-base "
-                              "serves an adapter trained on the quantised residual")
+            raise OptionError(
+                f"--adapter {adapter}: applies to the original model, not to a residual; export-base "
+                "serves an adapter trained on the quantised residual"
+            )
         check_base(adapter, ckpt, flag="RESIDUAL")
         lora = read_adapter(adapter)
     write = _write_w4a16 if server == "vllm" else write_gguf_base
@@ -94,9 +107,14 @@ def export_base(residual: str | os.PathLike, out: str | os.PathLike, *, server: 
         hashes = Hashes()
         summary = write(ckpt, od, fmt, hashes, progress)
         errors = summary["errors"]
-        summary.update(server=server, format=fmt, residual=str(Path(residual).absolute()), output=str(od.path),
-                       worst_rel_fro_error=max(errors.values(), default=0.0),
-                       mean_rel_fro_error=sum(errors.values()) / len(errors) if errors else 0.0)
+        summary.update(
+            server=server,
+            format=fmt,
+            residual=str(Path(residual).absolute()),
+            output=str(od.path),
+            worst_rel_fro_error=max(errors.values(), default=0.0),
+            mean_rel_fro_error=sum(errors.values()) / len(errors) if errors else 0.0,
+        )
         if lora is not None:
             summary.update(_write_adapter(od, lora, adapter, server, summary))
         files = hashes.result()
@@ -105,8 +123,9 @@ def export_base(residual: str | os.PathLike, out: str | os.PathLike, *, server: 
             if p.is_file() and not p.name.startswith(".") and rel not in files["output"]:
                 files["output"][rel] = file_digest(p)
         summary.pop("config_dir", None)
-        od.write_manifest(EXPORT_BASE_MANIFEST, {"tool": __version__, "command": "export-base", **summary,
-                                                 "files": files})
+        od.write_manifest(
+            EXPORT_BASE_MANIFEST, {"tool": __version__, "command": "export-base", **summary, "files": files}
+        )
     return summary
 
 
@@ -149,8 +168,9 @@ def _w4a16(W: torch.Tensor, scheme, dtype: torch.dtype) -> tuple[dict[str, torch
     W = W.to(dtype)
     groups = W.reshape(W.shape[0], -1, GROUP_SIZE)
     scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), scheme.weights)
-    compressed = PackedQuantizationCompressor.compress({"weight": W, "weight_scale": scale, "weight_zero_point": zero},
-                                                       scheme)
+    compressed = PackedQuantizationCompressor.compress(
+        {"weight": W, "weight_scale": scale, "weight_zero_point": zero}, scheme
+    )
     back = PackedQuantizationCompressor.decompress(dict(compressed), scheme)["weight"]
     return {k: compressed[k] for k in ("weight_packed", "weight_scale", "weight_shape")}, back
 
@@ -159,8 +179,9 @@ def _scheme():
     try:
         from compressed_tensors.quantization import preset_name_to_scheme
     except ImportError as e:
-        raise UnsupportedError("--for vllm needs compressed-tensors: pip install 'ailora-tools[serve]' (or pip install "
-                               "compressed-tensors)") from e
+        raise UnsupportedError(
+            "--for vllm needs compressed-tensors: pip install 'ailora-tools[serve]' (or pip install compressed-tensors)"
+        ) from e
     return preset_name_to_scheme("W4A16", ["Linear"])
 
 
@@ -172,12 +193,16 @@ def _write_w4a16(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, prog
     shapes = {n: packed_shape(ckpt, n) if n in packed else tuple(ckpt.tensors[n].shape) for n in why}
     bad = sorted(n for n, s in shapes.items() if s[1] % GROUP_SIZE)
     if bad:
-        raise UnsupportedError(f"{ckpt.source}: W4A16 quantises groups of {GROUP_SIZE} inputs; {bad[0]} has "
-                               f"{shapes[bad[0]][1]} (and {len(bad) - 1} more); serve it with --for llama.cpp or as "
-                               "the NF4 checkpoint it is (vllm serve RESIDUAL --quantization bitsandbytes)")
+        raise UnsupportedError(
+            f"{ckpt.source}: W4A16 quantises groups of {GROUP_SIZE} inputs; {bad[0]} has "
+            f"{shapes[bad[0]][1]} (and {len(bad) - 1} more); serve it with --for llama.cpp or as "
+            "the NF4 checkpoint it is (vllm serve RESIDUAL --quantization bitsandbytes)"
+        )
     sdt = dtype_name(dtype)
-    parts = {n: {n: ("I32", (s[0], s[1] // 8)), n + "_scale": (sdt, (s[0], s[1] // GROUP_SIZE)),
-                 n + "_shape": ("I64", (2,))} for n, s in shapes.items()}
+    parts = {
+        n: {n: ("I32", (s[0], s[1] // 8)), n + "_scale": (sdt, (s[0], s[1] // GROUP_SIZE)), n + "_shape": ("I64", (2,))}
+        for n, s in shapes.items()
+    }
     renamed = {n: n + "_packed" for n in why}
     dropped = {f"{n}.{k}" for n in packed for k in PARTS}
     plan = by_shard(ckpt.tensors, why)
@@ -187,22 +212,42 @@ def _write_w4a16(ckpt: Checkpoint, od: OutputDir, fmt: str, hashes: Hashes, prog
         ref = read_dequantized(ckpt, info.name).to(dtype)
         stored, back = _w4a16(ref, scheme, dtype)
         errors[info.name.removesuffix(".weight")] = rel_error(back, ref)
-        return Replaced(stored["weight_packed"], parts={info.name + "_scale": stored["weight_scale"],
-                                                        info.name + "_shape": stored["weight_shape"]},
-                        record={"rel_fro_error": errors[info.name.removesuffix(".weight")]})
+        return Replaced(
+            stored["weight_packed"],
+            parts={info.name + "_scale": stored["weight_scale"], info.name + "_shape": stored["weight_shape"]},
+            record={"rel_fro_error": errors[info.name.removesuffix(".weight")]},
+        )
 
-    linear = {n.removesuffix(".weight") for n, t in ckpt.tensors.items() if len(t.shape) == 2 and n.endswith(".weight")
-              and "embed" not in n} | {n.removesuffix(".weight") for n in packed}
+    linear = {
+        n.removesuffix(".weight")
+        for n, t in ckpt.tensors.items()
+        if len(t.shape) == 2 and n.endswith(".weight") and "embed" not in n
+    } | {n.removesuffix(".weight") for n in packed}
     ignore = sorted(linear - {n.removesuffix(".weight") for n in why})
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     files = {"config.json": json.dumps(_ct_config(config, ignore), indent=2, sort_keys=True).encode()}
-    done = rewrite_checkpoint(ckpt, od, "base", plan, compute, hashes=hashes, parts=parts, renamed=renamed,
-                              dropped=dropped, files=files, progress=progress, desc="w4a16")
+    done = rewrite_checkpoint(
+        ckpt,
+        od,
+        "base",
+        plan,
+        compute,
+        hashes=hashes,
+        parts=parts,
+        renamed=renamed,
+        dropped=dropped,
+        files=files,
+        progress=progress,
+        desc="w4a16",
+    )
     for n, (_, record) in done.items():
         errors.setdefault(n.removesuffix(".weight"), record["rel_fro_error"])
-    return {"base": str(od.path / "base"), "errors": dict(sorted(errors.items())),
-            "quantized_from_float": sorted(n.removesuffix(".weight") for n, w in why.items() if w == "fused"),
-            "ignored": ignore}
+    return {
+        "base": str(od.path / "base"),
+        "errors": dict(sorted(errors.items())),
+        "quantized_from_float": sorted(n.removesuffix(".weight") for n, w in why.items() if w == "fused"),
+        "ignored": ignore,
+    }
 
 
 def _ct_config(config: dict, ignore: list[str]) -> dict:
@@ -210,8 +255,9 @@ def _ct_config(config: dict, ignore: list[str]) -> dict:
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    qc = QuantizationConfig(config_groups={"group_0": _scheme()}, format="pack-quantized",
-                            quantization_status="compressed", ignore=ignore)
+    qc = QuantizationConfig(
+        config_groups={"group_0": _scheme()}, format="pack-quantized", quantization_status="compressed", ignore=ignore
+    )
     with tempfile.TemporaryDirectory() as d:
         Path(d, "config.json").write_text(json.dumps(config))
         ModelCompressor(quantization_config=qc).update_config(d)

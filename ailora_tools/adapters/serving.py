@@ -15,6 +15,7 @@ has just computed from a trained one):
   `bias`/`lora_bias`, or a `train --bitfit` output), DoRA, modules the server serves no LoRA on. Each refusal
   says what to do (merge; or serve the head/embedding with the base).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,16 @@ from .lowrank import check_tolerance, fit_rank, pad_to_rank
 from .rules import refusals, vllm_max_lora_rank
 
 
-def serve_rules(adapter: Adapter, *, server: str, source: object, max_lora_rank: int | None = None,
-                max_rank: int | None = None, tolerance: float | None = None,
-                base: str | os.PathLike | None = None) -> tuple[Adapter, dict]:
+def serve_rules(
+    adapter: Adapter,
+    *,
+    server: str,
+    source: object,
+    max_lora_rank: int | None = None,
+    max_rank: int | None = None,
+    tolerance: float | None = None,
+    base: str | os.PathLike | None = None,
+) -> tuple[Adapter, dict]:
     """`adapter` (a LoRA on the original model) as `server` takes it: scales baked, one allowed rank, refusals.
 
     Args:
@@ -73,37 +81,66 @@ def serve_rules(adapter: Adapter, *, server: str, source: object, max_lora_rank:
     caps = [c for c in (max_rank, max_lora_rank or (VLLM_MAX_LORA_RANKS[-1] if server == "vllm" else None)) if c]
     cap = min(caps) if caps else None
     # the scale lives in B: alpha = r gives s = 1
-    baked, errors = fit_rank({m: (B.double() * adapter.scale(m), A.double()) for m, (A, B) in adapter.factors.items()},
-                             cap)
-    worst = check_tolerance(errors, tolerance, f"{source}: re-compressing to rank {cap} for {server}",
-                            "raise --max-lora-rank / --max-rank (and the server's limit)")
+    baked, errors = fit_rank(
+        {m: (B.double() * adapter.scale(m), A.double()) for m, (A, B) in adapter.factors.items()}, cap
+    )
+    worst = check_tolerance(
+        errors,
+        tolerance,
+        f"{source}: re-compressing to rank {cap} for {server}",
+        "raise --max-lora-rank / --max-rank (and the server's limit)",
+    )
     largest = max(A.shape[0] for A, _ in baked.values())
     rank = vllm_max_lora_rank(largest) if server == "vllm" else largest
     factors = pad_to_rank(baked, rank)
     c = adapter.config
-    config = lora_config(rank=rank, alpha=float(rank), targets=[m.rsplit(".", 1)[-1] for m in factors], rslora=False,
-                         base=c.get("base_model_name_or_path"), task_type=c.get("task_type"),
-                         fan_in_fan_out=bool(c.get("fan_in_fan_out")))
-    report = {"server": server, "rank": rank, "lora_alpha": float(rank), "use_rslora": False,
-              "ranks_before": sorted({A.shape[0] for A, _ in adapter.factors.values()}),
-              "padded_modules": sorted(m for m, (A, _) in baked.items() if A.shape[0] < rank),
-              "recompressed": errors, "serving_worst_rel_fro_error": worst,
-              "vllm_max_lora_rank": vllm_max_lora_rank(rank) if rank <= VLLM_MAX_LORA_RANKS[-1] else None}
+    config = lora_config(
+        rank=rank,
+        alpha=float(rank),
+        targets=[m.rsplit(".", 1)[-1] for m in factors],
+        rslora=False,
+        base=c.get("base_model_name_or_path"),
+        task_type=c.get("task_type"),
+        fan_in_fan_out=bool(c.get("fan_in_fan_out")),
+    )
+    report = {
+        "server": server,
+        "rank": rank,
+        "lora_alpha": float(rank),
+        "use_rslora": False,
+        "ranks_before": sorted({A.shape[0] for A, _ in adapter.factors.values()}),
+        "padded_modules": sorted(m for m, (A, _) in baked.items() if A.shape[0] < rank),
+        "recompressed": errors,
+        "serving_worst_rel_fro_error": worst,
+        "vllm_max_lora_rank": vllm_max_lora_rank(rank) if rank <= VLLM_MAX_LORA_RANKS[-1] else None,
+    }
     return Adapter(config, factors), report
 
 
 def serve_command(server: str, lora: object, base: object, rank: int) -> str:
     """How to start `server` with the exported adapter."""
     if server == "vllm":
-        return (f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} "
-                f"--lora-modules adapter={lora}")
-    return (f"ailora-tools export-gguf {lora} --base {base} -o adapter.gguf, "
-            "then llama-server -m BASE.gguf --lora adapter.gguf")
+        return (
+            f"vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} --lora-modules adapter={lora}"
+        )
+    return (
+        f"ailora-tools export-gguf {lora} --base {base} -o adapter.gguf, "
+        "then llama-server -m BASE.gguf --lora adapter.gguf"
+    )
 
 
-def export_for(adapter: str | os.PathLike, out: str | os.PathLike, *, server: str, max_lora_rank: int | None = None,
-               max_rank: int | None = None, tolerance: float | None = None, dtype: str = "float32",
-               base: str | None = None, overwrite: bool = False) -> dict:
+def export_for(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    server: str,
+    max_lora_rank: int | None = None,
+    max_rank: int | None = None,
+    tolerance: float | None = None,
+    dtype: str = "float32",
+    base: str | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Write `adapter`, a LoRA that already applies to the original model (a converted one, a plain PEFT LoRA), as
     `server` takes it (`serve_rules`). A trained adapter goes through `conversion.convert(server=...)` instead.
 
@@ -132,22 +169,38 @@ def export_for(adapter: str | os.PathLike, out: str | os.PathLike, *, server: st
     if not refusals(d, lora.config, lora, server=server, base=base):
         lora = read_adapter(d)  # strict: a tensor that is no LoRA factor is an error, never dropped
     if not applies_to_original(lora.config.get("init_lora_weights")):  # mica, orthogonal, eva: written as true
-        raise TargetError(f"{d}: init_lora_weights is {lora.config['init_lora_weights']!r}: a PiSSA-style adapter "
-                          "applies to its residual, not to the original model; run `ailora-tools convert --trained "
-                          f"{d} --initial INITIAL --for {server} -o LORA` (INITIAL: the adapter training started from)")
+        raise TargetError(
+            f"{d}: init_lora_weights is {lora.config['init_lora_weights']!r}: a PiSSA-style adapter "
+            "applies to its residual, not to the original model; run `ailora-tools convert --trained "
+            f"{d} --initial INITIAL --for {server} -o LORA` (INITIAL: the adapter training started from)"
+        )
     if base is not None:
         check_base_dir(d, base, flag="--base")  # the model the manifest records, when --base holds weights
         lora.config["base_model_name_or_path"] = str(Path(base).absolute()) if Path(base).is_dir() else base
-    served, report = serve_rules(lora, server=server, source=d, max_lora_rank=max_lora_rank, max_rank=max_rank,
-                                 tolerance=tolerance)
+    served, report = serve_rules(
+        lora, server=server, source=d, max_lora_rank=max_lora_rank, max_rank=max_rank, tolerance=tolerance
+    )
     where = served.config["base_model_name_or_path"]
-    summary = {"adapter": str(d), "output": str(Path(out).absolute()), "modules": len(served.factors), **report,
-               "serve_command": serve_command(server, Path(out).absolute(), where or "BASE", report["rank"])}
+    summary = {
+        "adapter": str(d),
+        "output": str(Path(out).absolute()),
+        "modules": len(served.factors),
+        **report,
+        "serve_command": serve_command(server, Path(out).absolute(), where or "BASE", report["rank"]),
+    }
     with OutputDir(out, inputs=[d], overwrite=overwrite) as od:
         written = write_adapter(od.path, served.config, served.factors, dtype=torch_dtype(DTYPE_FLAGS[dtype]))
         summary["check_for"] = server
-        summary["check"] = [str(f) for f in check_adapter(od.path, target=server, base=where,
-                                                          max_lora_rank=max_lora_rank or report["rank"])]
-        od.write_manifest(CONVERT_MANIFEST, {**summary, "applies_to": base_of(d).block(),
-                                             "files": {"output": {p.name: file_digest(p) for p in written}}})
+        summary["check"] = [
+            str(f)
+            for f in check_adapter(od.path, target=server, base=where, max_lora_rank=max_lora_rank or report["rank"])
+        ]
+        od.write_manifest(
+            CONVERT_MANIFEST,
+            {
+                **summary,
+                "applies_to": base_of(d).block(),
+                "files": {"output": {p.name: file_digest(p) for p in written}},
+            },
+        )
     return summary

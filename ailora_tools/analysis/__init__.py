@@ -1,4 +1,5 @@
 """Stage 5, analyse: singular-value spectra of a model's targets, and plots."""
+
 from .. import lazy_exports
 
 _EXPORTS = {"spectrum": "spectra"}

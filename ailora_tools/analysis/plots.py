@@ -3,13 +3,24 @@
 Each function draws one figure from plain data and writes it to an open binary file, so callers publish it
 through `OutputDir.open_atomic`.
 """
+
 from __future__ import annotations
 
 from typing import BinaryIO
 
 #: colours for targets / runs, in order (matplotlib's tab10)
-COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
-           "tab:olive", "tab:cyan")
+COLOURS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+)
 DPI = 110
 
 
@@ -49,8 +60,14 @@ def spectra_figure(f: BinaryIO, panels: list[tuple[str, dict[str, list[float]]]]
     _save(fig, f)
 
 
-def per_layer_figure(f: BinaryIO, layers: list[int], series: dict[str, dict[str, list[float | None]]],
-                     title: str, *, log: tuple[str, ...] = ()) -> None:
+def per_layer_figure(
+    f: BinaryIO,
+    layers: list[int],
+    series: dict[str, dict[str, list[float | None]]],
+    title: str,
+    *,
+    log: tuple[str, ...] = (),
+) -> None:
     """One panel per quantity, one line per target, plotted against the layer index.
 
     Args:
@@ -75,8 +92,14 @@ def per_layer_figure(f: BinaryIO, layers: list[int], series: dict[str, dict[str,
     _save(fig, f)
 
 
-def band_figure(f: BinaryIO, series: dict[str, list[list[tuple[int, float]]]], *, title: str, ylabel: str,
-                target: float | None = None) -> None:
+def band_figure(
+    f: BinaryIO,
+    series: dict[str, list[list[tuple[int, float]]]],
+    *,
+    title: str,
+    ylabel: str,
+    target: float | None = None,
+) -> None:
     """A value against step, one line per run group: the mean over its curves (seeds), with a band of ± one
     standard deviation where there are several.
 
@@ -94,12 +117,24 @@ def band_figure(f: BinaryIO, series: dict[str, list[list[tuple[int, float]]]], *
                 at.setdefault(step, []).append(v)
         steps = sorted(at)
         mean = [statistics.fmean(at[s]) for s in steps]
-        ax.plot(steps, mean, color=colour, label=name + (f" ({len(curves)} seeds)" if len(curves) > 1 else ""),
-                marker="o" if len(steps) <= 30 else None, markersize=3)
+        ax.plot(
+            steps,
+            mean,
+            color=colour,
+            label=name + (f" ({len(curves)} seeds)" if len(curves) > 1 else ""),
+            marker="o" if len(steps) <= 30 else None,
+            markersize=3,
+        )
         if len(curves) > 1:
             std = [statistics.stdev(at[s]) if len(at[s]) > 1 else 0.0 for s in steps]
-            ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
-                            color=colour, alpha=0.2, linewidth=0)
+            ax.fill_between(
+                steps,
+                [m - d for m, d in zip(mean, std)],
+                [m + d for m, d in zip(mean, std)],
+                color=colour,
+                alpha=0.2,
+                linewidth=0,
+            )
     _against_step(fig, ax, f, title=title, ylabel=ylabel, target=target)
 
 

@@ -9,6 +9,7 @@ the r minor directions), and the fraction of ‖W‖_F² in each. Given a traine
 ΔW = s(BA − B0A0) (or s·BA for a standard LoRA). Writes OUT/spectrum.json (last), OUT/spectra.safetensors
 (every σ) and PNG plots.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,10 +51,19 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 
 def spectrum(
-    model: str | os.PathLike, out: str | os.PathLike, *, targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
-    rank: int = 16, adapter: str | os.PathLike | None = None, initial: str | os.PathLike | None = None,
-    plot_layers: int = 4, device: str = "auto", revision: str | None = None, allow_pickle: bool = False,
-    overwrite: bool = False, progress: bool = True,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
+    rank: int = 16,
+    adapter: str | os.PathLike | None = None,
+    initial: str | os.PathLike | None = None,
+    plot_layers: int = 4,
+    device: str = "auto",
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Write OUT/spectra.safetensors, PNG plots and, last, OUT/spectrum.json for the target matrices of `model`.
 
@@ -85,9 +95,15 @@ def spectrum(
     ckpt = Checkpoint.open(model, revision=revision, allow_pickle=allow_pickle, scratch=Path(out).absolute().parent)
     modules = _modules(ckpt, targets, rank)
     deltas = _adapter_deltas(adapter, initial, ckpt) if adapter is not None else None
-    settings = {"tool": __version__, "source": ckpt.describe(), "targets": list(targets), "rank": rank,
-                "method": METHOD, "device": device,
-                "adapter": None if deltas is None else {k: v for k, v in deltas.items() if k != "norms"}}
+    settings = {
+        "tool": __version__,
+        "source": ckpt.describe(),
+        "targets": list(targets),
+        "rank": rank,
+        "method": METHOD,
+        "device": device,
+        "adapter": None if deltas is None else {k: v for k, v in deltas.items() if k != "norms"},
+    }
     dev = resolve_device(device)
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, settings=settings) as od:
         rows, spectra = _measure(ckpt, modules, rank, dev, progress)
@@ -95,8 +111,14 @@ def spectrum(
             _relate_deltas(deltas["norms"], rows, modules)
         rows.sort(key=lambda r: (r["layer"] if r["layer"] is not None else -1, r["target"], r["module"]))
         plots = _write_results(od, ckpt, settings, rows, spectra, deltas, rank, plot_layers)
-    summary = {"output": str(od.path), "modules": len(rows), "rank": rank, "plots": plots,
-               **_means(rows, deltas), "rows": _rows(rows, deltas)}
+    summary = {
+        "output": str(od.path),
+        "modules": len(rows),
+        "rank": rank,
+        "plots": plots,
+        **_means(rows, deltas),
+        "rows": _rows(rows, deltas),
+    }
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -110,8 +132,16 @@ def _relate_deltas(norms: list[dict], rows: list[dict], modules: dict[str, str])
             row["delta_rel"] = row["delta_fro"] / fro[row["module"]] if fro[row["module"]] > 0 else None
 
 
-def _write_results(od: OutputDir, ckpt: Checkpoint, settings: dict, rows: list[dict], spectra: dict,
-                   deltas: dict | None, rank: int, plot_layers: int) -> list[str]:
+def _write_results(
+    od: OutputDir,
+    ckpt: Checkpoint,
+    settings: dict,
+    rows: list[dict],
+    spectra: dict,
+    deltas: dict | None,
+    rank: int,
+    plot_layers: int,
+) -> list[str]:
     """OUT/spectra.safetensors, the plots and, last, the manifest; the plots' names."""
     from safetensors.torch import save_file
 
@@ -120,11 +150,16 @@ def _write_results(od: OutputDir, ckpt: Checkpoint, settings: dict, rows: list[d
     name = ckpt.repo_id or Path(ckpt.source).name
     plots = _plots(od, rows, spectra, deltas["norms"] if deltas else None, rank, plot_layers, name)
     files = [SPECTRA_NAME, *plots]
-    od.write_manifest(SPECTRUM_MANIFEST, {
-        **settings, "modules": rows, "adapter": None if deltas is None else {**settings["adapter"],
-                                                                            "modules": deltas["norms"]},
-        "plots": plots, "files": {"output": {f: file_digest(od.path / f) for f in files}},
-    })
+    od.write_manifest(
+        SPECTRUM_MANIFEST,
+        {
+            **settings,
+            "modules": rows,
+            "adapter": None if deltas is None else {**settings["adapter"], "modules": deltas["norms"]},
+            "plots": plots,
+            "files": {"output": {f: file_digest(od.path / f) for f in files}},
+        },
+    )
     return plots
 
 
@@ -140,11 +175,15 @@ def _modules(ckpt: Checkpoint, targets, rank: int) -> dict[str, str]:
     for m in modules:
         info = weights[m]
         if info.dtype not in FLOAT_DTYPES:
-            raise UnsupportedError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}; spectrum supports "
-                                   f"{', '.join(FLOAT_DTYPES)} (dequantize the checkpoint first)")
+            raise UnsupportedError(
+                f"{info.file}: tensor {info.name!r} has dtype {info.dtype}; spectrum supports "
+                f"{', '.join(FLOAT_DTYPES)} (dequantize the checkpoint first)"
+            )
         if not 1 <= rank < min(info.shape):
-            raise NumericsError(f"--rank {rank}: {info.name!r} is {info.shape[0]}x{info.shape[1]}, so rank must be "
-                                f"between 1 and {min(info.shape) - 1}")
+            raise NumericsError(
+                f"--rank {rank}: {info.name!r} is {info.shape[0]}x{info.shape[1]}, so rank must be "
+                f"between 1 and {min(info.shape) - 1}"
+            )
     return modules
 
 
@@ -162,8 +201,16 @@ def _measure(ckpt: Checkpoint, modules: dict[str, str], rank: int, dev, progress
         if not math.isfinite(fro2):
             raise NumericsError(f"{info.file}: tensor {info.name!r} holds NaN or Inf; fix the checkpoint first")
         spectra[m] = singular_values(W).cpu()
-        rows.append({"module": m, "layer": layer_of(m), "target": modules[m], "shape": list(info.shape),
-                     "dtype": info.dtype, **spectrum_stats(spectra[m], fro2, rank)})
+        rows.append(
+            {
+                "module": m,
+                "layer": layer_of(m),
+                "target": modules[m],
+                "shape": list(info.shape),
+                "dtype": info.dtype,
+                **spectrum_stats(spectra[m], fro2, rank),
+            }
+        )
         del W
     return rows, spectra
 
@@ -171,8 +218,10 @@ def _measure(ckpt: Checkpoint, modules: dict[str, str], rank: int, dev, progress
 def _means(rows: list[dict], deltas: dict | None) -> dict:
     """Per target: the mean top-r and bottom-r energy (and ‖ΔW‖_F)."""
     labels = list(dict.fromkeys(r["target"] for r in rows))
-    means = {**{f"{t}_mean_energy_top": _mean(rows, t, "energy_top") for t in labels},
-             **{f"{t}_mean_energy_bottom": _mean(rows, t, "energy_bottom") for t in labels}}
+    means = {
+        **{f"{t}_mean_energy_top": _mean(rows, t, "energy_top") for t in labels},
+        **{f"{t}_mean_energy_bottom": _mean(rows, t, "energy_bottom") for t in labels},
+    }
     if deltas is not None:
         means.update({f"{t}_mean_delta_fro": _mean(deltas["norms"], t, "delta_fro") for t in labels})
     return means
@@ -181,8 +230,16 @@ def _means(rows: list[dict], deltas: dict | None) -> dict:
 def _rows(rows: list[dict], deltas: dict | None) -> list[dict]:
     """The summary's rows: σ_max, energy_top, energy_bottom, delta_fro per module."""
     delta_of = {r["module"]: r["delta_fro"] for r in deltas["norms"]} if deltas is not None else {}
-    return [{"module": r["module"], "sigma_max": r["sigma_max"], "energy_top": r["energy_top"],
-             "energy_bottom": r["energy_bottom"], "delta_fro": delta_of.get(r["module"])} for r in rows]
+    return [
+        {
+            "module": r["module"],
+            "sigma_max": r["sigma_max"],
+            "energy_top": r["energy_top"],
+            "energy_bottom": r["energy_bottom"],
+            "delta_fro": delta_of.get(r["module"]),
+        }
+        for r in rows
+    ]
 
 
 def singular_values(W):
@@ -198,13 +255,16 @@ def spectrum_stats(s, fro2: float, rank: int) -> dict:
     sq = s.square()
     floor = float(s[0]) * math.sqrt(n * 2.220446049250313e-16)
     return {
-        "sigma_max": float(s[0]), "sigma_min": float(s[-1]),
+        "sigma_max": float(s[0]),
+        "sigma_min": float(s[-1]),
         "sigma_top_edge": float(s[rank - 1]),  # σ_r: the smallest of the r principal directions
         "sigma_bottom_edge": float(s[n - rank]),  # σ_{n−r+1}: the largest of the r minor directions
         "energy_top": float(sq[:rank].sum()) / fro2 if fro2 > 0 else 0.0,
-        "energy_bottom": float(sq[n - rank:].sum()) / fro2 if fro2 > 0 else 0.0,
-        "fro_norm": math.sqrt(fro2), "stable_rank": fro2 / float(sq[0]) if float(sq[0]) > 0 else 0.0,
-        "noise_floor": floor, "unresolved": int((s <= floor).sum()),
+        "energy_bottom": float(sq[n - rank :].sum()) / fro2 if fro2 > 0 else 0.0,
+        "fro_norm": math.sqrt(fro2),
+        "stable_rank": fro2 / float(sq[0]) if float(sq[0]) > 0 else 0.0,
+        "noise_floor": floor,
+        "unresolved": int((s <= floor).sum()),
     }
 
 
@@ -231,9 +291,11 @@ def _adapter_deltas(adapter, initial, ckpt) -> dict:
     for m, (B, A) in sorted(pairs.items()):
         core = torch.linalg.qr(B).R @ torch.linalg.qr(A.T).R.T  # ‖B·A‖_F = ‖R_B R_Aᵀ‖_F, no out×in product
         norms.append({"module": m, "layer": layer_of(m), "delta_fro": scale * float(torch.linalg.matrix_norm(core))})
-    return {"trained": str(Path(adapter).absolute()),
-            "initial": None if initial is None else str(Path(initial).absolute()),
-            "norms": norms}
+    return {
+        "trained": str(Path(adapter).absolute()),
+        "initial": None if initial is None else str(Path(initial).absolute()),
+        "norms": norms,
+    }
 
 
 def _mean(rows: list[dict], target: str, key: str) -> float | None:
@@ -247,14 +309,17 @@ def _plots(od: OutputDir, rows, spectra, norms, rank: int, plot_layers: int, sou
     if layers:
         k = max(1, min(plot_layers, len(layers)))
         shown = sorted({layers[round(i * (len(layers) - 1) / max(k - 1, 1))] for i in range(k)})
-        panels = [(f"layer {x}", {t: spectra[at[(x, t)]["module"]].tolist() for t in targets if (x, t) in at})
-                  for x in shown]
+        panels = [
+            (f"layer {x}", {t: spectra[at[(x, t)]["module"]].tolist() for t in targets if (x, t) in at}) for x in shown
+        ]
         with od.open_atomic(PLOT_SPECTRA) as f:
             spectra_figure(f, panels, rank, f"Singular values of {', '.join(targets)} ({source})")
         bottom = f"share of ‖W‖²_F in the bottom {rank} directions"
-        series = {"σ_max": _series(at, layers, targets, "sigma_max"),
-                  f"share of ‖W‖²_F in the top {rank} directions": _series(at, layers, targets, "energy_top"),
-                  bottom: _series(at, layers, targets, "energy_bottom")}
+        series = {
+            "σ_max": _series(at, layers, targets, "sigma_max"),
+            f"share of ‖W‖²_F in the top {rank} directions": _series(at, layers, targets, "energy_top"),
+            bottom: _series(at, layers, targets, "energy_bottom"),
+        }
         with od.open_atomic(PLOT_LAYERS) as f:
             per_layer_figure(f, layers, series, f"Per-layer spectra, r = {rank} ({source})", log=(bottom,))
         written += [PLOT_SPECTRA, PLOT_LAYERS]

@@ -2,6 +2,7 @@
 flags, calls the library, prints. Importing it changes nothing outside it. `run`, the console entry point (also
 `python -m ailora_tools.cli`, `torchrun -m ailora_tools.cli`), first sets what a command process needs, then loads
 the commands (`main`, imported on first use: tqdm must not load before `console.logged_bars` has paced it)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """convert, merge, export-gguf, export-base, check, push: serving a trained adapter."""
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,13 @@ from .flags import from_options
 
 
 @main.command()
-@click.option("--trained", required=True, type=click.Path(),
-              help="Adapter trained on the residual (ours or PEFT's PiSSA workflow); with --for, also a LoRA already "
-              "on the original model (converted, plain PEFT).")
+@click.option(
+    "--trained",
+    required=True,
+    type=click.Path(),
+    help="Adapter trained on the residual (ours or PEFT's PiSSA workflow); with --for, also a LoRA already "
+    "on the original model (converted, plain PEFT).",
+)
 @from_options(ConvertOptions, Report, skip=("quiet",))
 @fail_cleanly
 def convert(trained, as_json, **settings):
@@ -46,8 +51,9 @@ def convert(trained, as_json, **settings):
         return
     if options.dora is not None:
         if options.dora == "exact":
-            click.echo(f"note: the base is NOT the original model: serve {summary['base']} with the LoRA "
-                       f"{summary['adapter']}")
+            click.echo(
+                f"note: the base is NOT the original model: serve {summary['base']} with the LoRA {summary['adapter']}"
+            )
         for m, e in sorted(summary.get("errors", {}).items()):
             click.echo(f"  error {m:<40} {e:.3e}")
         return
@@ -97,8 +103,14 @@ def export_base(residual, as_json, quiet, **settings):
     if not as_json:
         click.echo("‖dequant_server(W) − dequant_nf4(W)‖/‖dequant_nf4(W)‖ per re-quantised weight:")
         for m, e in summary["errors"].items():
-            click.echo(f"  {m:<48} {e:.3e}" + (" (float in the residual: fused with a quantised one)"
-                                               if m in summary.get("quantized_from_float", ()) else ""))
+            click.echo(
+                f"  {m:<48} {e:.3e}"
+                + (
+                    " (float in the residual: fused with a quantised one)"
+                    if m in summary.get("quantized_from_float", ())
+                    else ""
+                )
+            )
         if "serve_command" in summary:
             click.echo(f"serve with: {summary['serve_command']}")
 
@@ -123,8 +135,17 @@ def check(lora, as_json, **settings):
     options = CheckOptions.build(**settings)
     findings = stage.check_adapter(lora, **options.kwargs())
     if as_json:
-        click.echo(json.dumps({"adapter": str(lora), "for": options.target, "passes": not findings,
-                               "findings": [asdict(f) for f in findings]}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "adapter": str(lora),
+                    "for": options.target,
+                    "passes": not findings,
+                    "findings": [asdict(f) for f in findings],
+                },
+                indent=2,
+            )
+        )
     else:
         for f in findings:
             click.echo(f"fail {f}")

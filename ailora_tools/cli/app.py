@@ -1,4 +1,5 @@
 """The `ailora-tools` group and what every command shares: one-line errors, progress, summaries."""
+
 from __future__ import annotations
 
 import errno
@@ -50,6 +51,7 @@ def main(debug: bool) -> None:
 
 def fail_cleanly(fn):
     """Turn library errors into one line on stderr and exit code 1 (a traceback only with --debug)."""
+
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -65,6 +67,7 @@ def fail_cleanly(fn):
         except KeyboardInterrupt:
             click.echo("interrupted; rerun with --resume to finish the job", err=True)
             sys.exit(130)
+
     return wrapper
 
 
@@ -72,8 +75,10 @@ def _one_line(e: Exception) -> str:
     if isinstance(e, AiloraError):
         return in_flags(e)
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return (f"no space left on device{f' writing {e.filename}' if e.filename else ''}: free space or choose "
-                "another output directory, then rerun with --resume (the output is incomplete: it has no manifest)")
+        return (
+            f"no space left on device{f' writing {e.filename}' if e.filename else ''}: free space or choose "
+            "another output directory, then rerun with --resume (the output is incomplete: it has no manifest)"
+        )
     if isinstance(e, OSError):
         return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
     return f"{e.__class__.__name__}: {e} (rerun with --debug for the traceback)"
@@ -120,7 +125,9 @@ def print_trained_errors(summary: dict, what: str) -> None:
     """For an adapter trained on a quantised residual: each weight's error against the model that was trained."""
     if "trained_errors" not in summary:
         return
-    click.echo(f"‖W − W_trained‖/‖W_trained‖ of {what} per weight (W_trained = dequant(Q) + s·B·A, the model trained "
-               f"on {summary['quantized_residual']}):")
+    click.echo(
+        f"‖W − W_trained‖/‖W_trained‖ of {what} per weight (W_trained = dequant(Q) + s·B·A, the model trained "
+        f"on {summary['quantized_residual']}):"
+    )
     for m, e in summary["trained_errors"].items():
         click.echo(f"  {m:<48} {e:.3e}")

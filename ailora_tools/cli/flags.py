@@ -1,5 +1,6 @@
 """Command-line options generated from the option dataclasses (`ailora_tools.options`), recipes, and errors
 written in flags."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,10 +15,23 @@ from ..init import METHODS
 from ..options import flag
 
 #: every option dataclass a command takes: their fields' flags spell OptionErrors
-OPTION_CLASSES = (options.CompareOptions, options.DecomposeOptions, options.InitOptions, options.TrainOptions,
-                  options.ConvertOptions, options.MergeOptions, options.ExportGgufOptions, options.ExportBaseOptions,
-                  options.CheckOptions, options.PushOptions, options.SpectrumOptions, options.VerifyOptions,
-                  options.DemoOptions, options.Report, options.ServeCheckOptions)
+OPTION_CLASSES = (
+    options.CompareOptions,
+    options.DecomposeOptions,
+    options.InitOptions,
+    options.TrainOptions,
+    options.ConvertOptions,
+    options.MergeOptions,
+    options.ExportGgufOptions,
+    options.ExportBaseOptions,
+    options.CheckOptions,
+    options.PushOptions,
+    options.SpectrumOptions,
+    options.VerifyOptions,
+    options.DemoOptions,
+    options.Report,
+    options.ServeCheckOptions,
+)
 
 
 def flag_of(name: str) -> str:
@@ -52,13 +66,18 @@ def from_options(*classes, skip: tuple[str, ...] = (), help: dict[str, str] | No
         for decorator in reversed(decorators):
             fn = decorator(fn)
         return fn
+
     return apply
 
 
 def _click_option(f: dataclasses.Field, hint, default, help: str | None):
     meta = f.metadata
-    kwargs = {"default": default, "help": help or meta["help"], "metavar": meta.get("metavar"),
-              "required": meta.get("required", False)}
+    kwargs = {
+        "default": default,
+        "help": help or meta["help"],
+        "metavar": meta.get("metavar"),
+        "required": meta.get("required", False),
+    }
     kind = typing.get_origin(hint)
     base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
     if hint is bool:
@@ -74,8 +93,9 @@ def _click_option(f: dataclasses.Field, hint, default, help: str | None):
     if kwargs["required"]:
         kwargs.update(default=None, show_default=False)
     if f.name == "method":
-        kwargs.update(type=click.Choice(list(METHODS)),
-                      help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".")
+        kwargs.update(
+            type=click.Choice(list(METHODS)), help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + "."
+        )
     names = [n for n in (meta.get("short"), meta.get("cli") or flag(f.name)) if n]
     return click.option(*names, f.name, **kwargs)
 
@@ -101,6 +121,7 @@ def split(cls, kwargs: dict):
 
 def config_option(section: str):
     """--config FILE: a recipe's [section] table becomes the command's defaults; explicit flags win."""
+
     def load(ctx, _param, value):
         if value is not None:
             try:
@@ -109,9 +130,18 @@ def config_option(section: str):
                 raise click.BadParameter(str(e)) from e
             unknown = sorted(set(table) - {p.name for p in ctx.command.params} - {"model"})
             if unknown:
-                raise click.BadParameter(f"{value}: [{section}] has no option {', '.join(unknown)} (see `ailora-tools "
-                                         f"{section} --help`)")
+                raise click.BadParameter(
+                    f"{value}: [{section}] has no option {', '.join(unknown)} (see `ailora-tools {section} --help`)"
+                )
             ctx.default_map = {**(ctx.default_map or {}), **table}
         return value
-    return click.option("--config", type=click.Path(), default=None, is_eager=True, expose_value=False,
-                        callback=load, help=f"Recipe TOML whose [{section}] table sets defaults (flags override).")
+
+    return click.option(
+        "--config",
+        type=click.Path(),
+        default=None,
+        is_eager=True,
+        expose_value=False,
+        callback=load,
+        help=f"Recipe TOML whose [{section}] table sets defaults (flags override).",
+    )

@@ -1,4 +1,5 @@
 """decompose, train, demo, verify: the pipeline's commands."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ from .flags import config_option, from_options
 @main.command()
 @config_option("decompose")
 @click.argument("model", required=False)
-@click.option("-o", "--out", required=True, type=click.Path(),
-              help="Output directory (residual/, adapter/, ailora.json).")
+@click.option(
+    "-o", "--out", required=True, type=click.Path(), help="Output directory (residual/, adapter/, ailora.json)."
+)
 @from_options(DecomposeOptions, Streams, Report)
 @fail_cleanly
 def decompose(model, out, overwrite, resume, as_json, quiet, **settings):
@@ -36,13 +38,15 @@ def decompose(model, out, overwrite, resume, as_json, quiet, **settings):
     Several GPUs or machines: `torchrun --nproc-per-node N -m ailora_tools.cli decompose ...`; each rank computes
     the factors of its share of the matrices, rank 0 writes the same bytes as one process."""
     if model is None:
-        raise click.UsageError("missing MODEL (a model directory or Hub id), on the command line or as model= "
-                               "in --config")
+        raise click.UsageError(
+            "missing MODEL (a model directory or Hub id), on the command line or as model= in --config"
+        )
     passive_openmp()
     options = DecomposeOptions.build(**settings)
     prehash(model, options.revision)
-    summary = decomposition.decompose(model, out, options, overwrite=overwrite, resume=resume,
-                                      progress=progress(quiet or as_json))
+    summary = decomposition.decompose(
+        model, out, options, overwrite=overwrite, resume=resume, progress=progress(quiet or as_json)
+    )
     if "worker" not in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
         print_summary(summary, as_json, f"decomposed {summary['modules']} modules into {summary['output']}")
         if summary.get("quant_error") and not as_json:
@@ -53,19 +57,37 @@ def decompose(model, out, overwrite, resume, as_json, quiet, **settings):
 
 @main.command()
 @config_option("train")
-@click.option("--base", required=True, type=click.Path(),
-              help="Frozen base: the residual model directory from decompose, or the ORIGINAL model for an adapter "
-                   "from decompose --no-residual.")
-@click.option("--adapter", default=None, type=click.Path(),
-              help="Initial adapter (OUT/adapter from decompose); not with --bitfit.")
-@click.option("--data", required=True, type=click.Path(),
-              help='Training data: JSONL, CSV, TSV, Parquet or a datasets save_to_disk directory. Causal LM: {"text"}, '
-                   '{"prompt","completion"} or {"messages"}; masked LM: {"text"}; sequence classification: '
-                   '{"text","label"} or {"text_a","text_b","label"} (or --text-column, --text-pair-column, '
-                   '--label-column).')
+@click.option(
+    "--base",
+    required=True,
+    type=click.Path(),
+    help="Frozen base: the residual model directory from decompose, or the ORIGINAL model for an adapter "
+    "from decompose --no-residual.",
+)
+@click.option(
+    "--adapter",
+    default=None,
+    type=click.Path(),
+    help="Initial adapter (OUT/adapter from decompose); not with --bitfit.",
+)
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(),
+    help='Training data: JSONL, CSV, TSV, Parquet or a datasets save_to_disk directory. Causal LM: {"text"}, '
+    '{"prompt","completion"} or {"messages"}; masked LM: {"text"}; sequence classification: '
+    '{"text","label"} or {"text_a","text_b","label"} (or --text-column, --text-pair-column, '
+    "--label-column).",
+)
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output directory for the trained adapter.")
-@from_options(TrainOptions, Streams, OnBase, Report, skip=("allow_pickle",),
-              help={"resume": "Continue from the latest checkpoint in OUT."})
+@from_options(
+    TrainOptions,
+    Streams,
+    OnBase,
+    Report,
+    skip=("allow_pickle",),
+    help={"resume": "Continue from the latest checkpoint in OUT."},
+)
 @fail_cleanly
 def train(base, adapter, data, out, resume, force, overwrite, as_json, quiet, **settings):
     """Train the adapter on its frozen base (the residual, or the original model for --no-residual adapters);
@@ -73,18 +95,29 @@ def train(base, adapter, data, out, resume, force, overwrite, as_json, quiet, **
 
     Several GPUs or machines: `torchrun --nproc-per-node N -m ailora_tools.cli train ...`; --batch-size is the
     micro-batch of all ranks together, each takes its slice, and rank 0 writes what one process would."""
-    summary = training.train(base, adapter, data, out, TrainOptions.build(**settings), resume=resume,
-                             overwrite=overwrite,
-                  progress=progress(quiet or as_json) and not is_worker(), force=force)
+    summary = training.train(
+        base,
+        adapter,
+        data,
+        out,
+        TrainOptions.build(**settings),
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress(quiet or as_json) and not is_worker(),
+        force=force,
+    )
     if "worker" in summary:  # ranks ≥ 1 of a torchrun launch print nothing: rank 0 reports the run
         return
     print_summary(summary, as_json, f"trained {summary['steps']} steps into {summary['output']}")
     if "progressive" in summary and not as_json:
         for s in summary["progressive"]["stages"]:
-            click.echo(f"  stage {s['stage']}: blocks {s['blocks'][0]}-{s['blocks'][1]}, steps {s['steps'][0]}-"
-                       f"{s['steps'][1]}, {s['tokens_per_s']} tokens/s")
-        click.echo(f"  updated parameter-steps: {summary['progressive']['updated_parameter_fraction']:.1%} of "
-                   "plain training")
+            click.echo(
+                f"  stage {s['stage']}: blocks {s['blocks'][0]}-{s['blocks'][1]}, steps {s['steps'][0]}-"
+                f"{s['steps'][1]}, {s['tokens_per_s']} tokens/s"
+            )
+        click.echo(
+            f"  updated parameter-steps: {summary['progressive']['updated_parameter_fraction']:.1%} of plain training"
+        )
 
 
 @main.command()
@@ -117,8 +150,10 @@ def verify(out, as_json, **settings):
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        click.echo(f"{out}: {report['manifest'] or 'no manifest'}; {report['files_checked']} files and "
-                   f"{report['modules_checked']} modules checked")
+        click.echo(
+            f"{out}: {report['manifest'] or 'no manifest'}; {report['files_checked']} files and "
+            f"{report['modules_checked']} modules checked"
+        )
         for line in report["notes"]:
             click.echo(f"  note: {line}")
         for line in report["problems"]:

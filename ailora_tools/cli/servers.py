@@ -1,4 +1,5 @@
 """serve-check: an export served by the real server (vLLM, llama.cpp), compared with the trained model."""
+
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 data, then summarise, plot and report: `plan` checks everything first, `costs` says how many runs and how long,
 `runner` executes the runs `schedule` orders (with `--lr auto`, `search`'s), `summary`, `curves` and `statistics`
 measure and test the differences, `report` writes."""
+
 from .. import lazy_exports
 
 _EXPORTS = {"compare": "runner", "parse_lrs": "sweeps", "parse_seeds": "sweeps"}

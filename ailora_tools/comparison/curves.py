@@ -1,5 +1,6 @@
 """A training run's curves as compare reads them: losses and metrics per step, smoothed, the step a target is
 reached, and the mean ± std over seeds."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,11 @@ def read_curves(metrics: Path) -> dict:
         for key, value in row.items():
             if key.startswith("eval_") and key != "eval_loss":
                 scores.setdefault(key.removeprefix("eval_"), {})[row["step"]] = value
-    return {"train": sorted(train.items()), "eval": sorted(evals.items()),
-            "metrics": {k: sorted((s, v) for s, v in c.items() if v is not None) for k, c in scores.items()}}
+    return {
+        "train": sorted(train.items()),
+        "eval": sorted(evals.items()),
+        "metrics": {k: sorted((s, v) for s, v in c.items() if v is not None) for k, c in scores.items()},
+    }
 
 
 def trailing_mean(curve: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:

@@ -1,5 +1,6 @@
 """What a comparison will run, checked before any run starts: the options every run shares, the methods, the metric
 that chooses the rates, and every run (method × progressive × rate × seed)."""
+
 from __future__ import annotations
 
 import os
@@ -92,8 +93,17 @@ class ComparePlan:
     report: ReportSpec = ReportSpec()
 
 
-def plan_comparison(model, data, *, methods: list[str] | None, seeds, init: InitOptions | None,
-                    training: TrainOptions | None, revision: str | None, settings: dict) -> ComparePlan:
+def plan_comparison(
+    model,
+    data,
+    *,
+    methods: list[str] | None,
+    seeds,
+    init: InitOptions | None,
+    training: TrainOptions | None,
+    revision: str | None,
+    settings: dict,
+) -> ComparePlan:
     """The comparison `compare` describes, every input checked (see `compare`'s Raises); `settings` are fields of
     `InitOptions` and `TrainOptions`, `lr` (a rate, a sweep or "auto"), `SearchSpec.take`'s and `ReportSpec`'s."""
     settings = dict(settings)
@@ -111,17 +121,46 @@ def plan_comparison(model, data, *, methods: list[str] | None, seeds, init: Init
     train_o, rows = _data(data, train_o, task, ckpt, model)
     _check_methods(methods, init_o, ckpt, model)
     runs = _runs(methods, asked.progressive, lrs, seeds, search)
-    recorded = {**_recorded(model, data, revision, ckpt, init_o, train_o, seeds, lrs),
-                "search": asdict(search) if search else None, "baseline": baseline, "interval": asked.interval}
-    return ComparePlan(model, data, revision, ckpt, init_o, train_o, methods, metric, lrs, seeds, rows.get("--data"),
-                       runs, recorded, search, baseline, asked.interval, rows.get("--eval-data"), asked)
+    recorded = {
+        **_recorded(model, data, revision, ckpt, init_o, train_o, seeds, lrs),
+        "search": asdict(search) if search else None,
+        "baseline": baseline,
+        "interval": asked.interval,
+    }
+    return ComparePlan(
+        model,
+        data,
+        revision,
+        ckpt,
+        init_o,
+        train_o,
+        methods,
+        metric,
+        lrs,
+        seeds,
+        rows.get("--data"),
+        runs,
+        recorded,
+        search,
+        baseline,
+        asked.interval,
+        rows.get("--eval-data"),
+        asked,
+    )
 
 
 def _data(data, train_o: TrainOptions, task, ckpt: Checkpoint, model) -> tuple[TrainOptions, dict]:
     """Every row of --data and --eval-data checked before any run (their row counts), and the training options with
     eval_every defaulting to a tenth of max_steps where there is eval data."""
-    rows = check_data(task.name, data, train_o.eval_data, columns=train_o.columns, num_labels=train_o.num_labels,
-                      config=ckpt.config, base=model)
+    rows = check_data(
+        task.name,
+        data,
+        train_o.eval_data,
+        columns=train_o.columns,
+        num_labels=train_o.num_labels,
+        config=ckpt.config,
+        base=model,
+    )
     if train_o.eval_every is None and train_o.eval_data is not None and train_o.max_steps:
         train_o = TrainOptions.build(train_o, eval_every=max(1, train_o.max_steps // 10))
     return train_o, rows
@@ -132,21 +171,29 @@ def _check_methods(methods: list[str], init_o: InitOptions, ckpt: Checkpoint, mo
     in the last method would surface too late)."""
     names = list(linear_modules(ckpt.tensors))
     for m in (m for m in methods if m != BITFIT):
-        assign_roles(METHODS[init_of(m)[0]], list(init_o.targets), names, architecture(ckpt.config), init_o.roles,
-                     config=ckpt.config)
+        assign_roles(
+            METHODS[init_of(m)[0]],
+            list(init_o.targets),
+            names,
+            architecture(ckpt.config),
+            init_o.roles,
+            config=ckpt.config,
+        )
         METHODS[init_of(m)[0]].check_settings(Settings(init_o.rank, 1.0))  # (orthogonal: an even rank)
     if BITFIT in methods:  # a model without bias terms (Llama) is refused now, not after the other runs
         check_bitfit(ckpt, base=model, adapter=None, bitfit=True, progressive=None)
 
 
-def _runs(methods: list[str], progressive: int | None, lrs: dict, seeds: list[int] | None,
-          search: SearchSpec | None) -> list[Run]:
+def _runs(
+    methods: list[str], progressive: int | None, lrs: dict, seeds: list[int] | None, search: SearchSpec | None
+) -> list[Run]:
     """Every run, in order: method (then each with progressive K) × rate × seed; a search tries its grid with the
     first seed only."""
     groups = [(m, None) for m in methods] + ([(m, progressive) for m in methods if m != BITFIT] if progressive else [])
     searched = (seeds or [None])[:1] if search else (seeds or [None])
-    return [Run(m, k, lr, seed, search.steps if search else None) for m, k in groups for lr in lrs[m]
-            for seed in searched]
+    return [
+        Run(m, k, lr, seed, search.steps if search else None) for m, k in groups for lr in lrs[m] for seed in searched
+    ]
 
 
 def _search(spec: SearchSpec) -> SearchSpec:
@@ -196,14 +243,18 @@ def _methods(methods: list[str] | None, ckpt: Checkpoint, task) -> list[str]:
     methods = list(methods) if methods is not None else default
     unknown = [m for m in methods if m != BITFIT and (init_of(m)[0] not in METHODS or "+" in m and not init_of(m)[1])]
     if not methods or unknown or len(set(methods)) != len(methods):
-        raise OptionError(f"--methods {','.join(methods)}: give each once, from {', '.join([*METHODS, BITFIT, DORA])} "
-                          "(METHOD+dora for an init with DoRA)")
+        raise OptionError(
+            f"--methods {','.join(methods)}: give each once, from {', '.join([*METHODS, BITFIT, DORA])} "
+            "(METHOD+dora for an init with DoRA)"
+        )
     calibrating = [m for m in methods if m != BITFIT and METHODS[init_of(m)[0]].needs_data]
     if calibrating and not calibrates:
-        raise OptionError(f"--methods {','.join(calibrating)}: LoRA-DA does not calibrate a "
-                          f"{ckpt.config.get('model_type')} model for --task {task.name} (it calibrates "
-                          + "; ".join(f"{', '.join(types)} for {t}" for t, types in CALIBRATED.items())
-                          + "); leave it out")
+        raise OptionError(
+            f"--methods {','.join(calibrating)}: LoRA-DA does not calibrate a "
+            f"{ckpt.config.get('model_type')} model for --task {task.name} (it calibrates "
+            + "; ".join(f"{', '.join(types)} for {t}" for t, types in CALIBRATED.items())
+            + "); leave it out"
+        )
     return methods
 
 
@@ -211,10 +262,12 @@ def _metric(metric: str, task, regression: bool) -> str:
     """The metric "auto" means for the task (accuracy, pearson for regression, loss), checked against it."""
     metric = metric if metric != "auto" else ("pearson" if regression else "accuracy") if task.classifies else "loss"
     if metric != "loss" and (not task.classifies or (metric in REGRESSION) != regression):
-        raise OptionError(f"--metric {metric}: not reported for --task {task.name}"
-                          + (" with --num-labels 1" if regression else "") + "; choose "
-                          + ", ".join(["loss",
-                                       *(REGRESSION if regression else CLASSIFICATION if task.classifies else ())]))
+        raise OptionError(
+            f"--metric {metric}: not reported for --task {task.name}"
+            + (" with --num-labels 1" if regression else "")
+            + "; choose "
+            + ", ".join(["loss", *(REGRESSION if regression else CLASSIFICATION if task.classifies else ())])
+        )
     return metric
 
 
@@ -222,10 +275,20 @@ def _recorded(model, data, revision, ckpt: Checkpoint, init_o: InitOptions, trai
     """The settings the manifest records: what every run shares, and what the runs were made from (the model's
     fingerprints and the data's digests, for `--resume`)."""
     shared = {k: v for k, v in asdict(init_o).items() if k != "method"}
-    return {"tool": __version__, "model": str(model), "source": ckpt.describe(), "data": str(Path(data).absolute()),
-            "revision": revision, **shared, **asdict(train_o),
-            "eval_data": str(Path(train_o.eval_data).absolute()) if train_o.eval_data is not None else None,
-            "seeds": seeds, "lrs": lrs,
-            "source_samples": fingerprints(ckpt),
-            "inputs": {"--data": input_digest(data),
-                       "--eval-data": input_digest(train_o.eval_data) if train_o.eval_data else None}}
+    return {
+        "tool": __version__,
+        "model": str(model),
+        "source": ckpt.describe(),
+        "data": str(Path(data).absolute()),
+        "revision": revision,
+        **shared,
+        **asdict(train_o),
+        "eval_data": str(Path(train_o.eval_data).absolute()) if train_o.eval_data is not None else None,
+        "seeds": seeds,
+        "lrs": lrs,
+        "source_samples": fingerprints(ckpt),
+        "inputs": {
+            "--data": input_digest(data),
+            "--eval-data": input_digest(train_o.eval_data) if train_o.eval_data else None,
+        },
+    }

@@ -9,6 +9,7 @@ OUT/compare.json: first and final training loss, eval loss and metrics (final an
 and a metric, time and trainable parameters per run, and their mean ± std over seeds per method and rate.
 Planning (`plan`) checks every input first; this module executes the plan.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,10 +47,20 @@ CALIBRATION_SAMPLES = 64
 
 
 def compare(
-    model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, methods: list[str] | None = None,
-    seeds: list[int] | str | None = None, init: InitOptions | None = None, training: TrainOptions | None = None,
-    revision: str | None = None, dry_run: bool = False, resume: bool = False, overwrite: bool = False,
-    progress: bool = True, **settings,
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    methods: list[str] | None = None,
+    seeds: list[int] | str | None = None,
+    init: InitOptions | None = None,
+    training: TrainOptions | None = None,
+    revision: str | None = None,
+    dry_run: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **settings,
 ) -> dict:
     """Run decompose + train for each method (and seed and learning rate) with identical settings; write a table
     and plots.
@@ -110,19 +121,26 @@ def compare(
         >>> compare("Qwen/Qwen2.5-0.5B", "train.jsonl", "cmp", eval_data="eval.jsonl", max_steps=300)  # doctest: +SKIP
     """
     started = time.perf_counter()
-    plan = plan_comparison(model, data, methods=methods, seeds=seeds, init=init, training=training, revision=revision,
-                           settings=settings)
+    plan = plan_comparison(
+        model, data, methods=methods, seeds=seeds, init=init, training=training, revision=revision, settings=settings
+    )
     if dry_run:
         return {"plan": describe(plan), "runs": [_name(plan, r) for r in plan.runs], "bounds": run_bounds(plan)}
     with OutputDir(out, inputs=[plan.ckpt.root], overwrite=overwrite, resume=resume, settings=plan.settings) as od:
         low, high = run_bounds(plan)
         bar = tqdm(total=low, desc="compare", unit="run", disable=not progress)
         if progress:
-            tqdm.write(f"compare: {low} runs" if low == high else f"compare: {low} to {high} runs (--lr auto)",
-                       file=sys.stderr)
-        records, searches = schedule(plan, lambda run: _execute(od, plan, run, bar, progress),
-                                     lambda record: _curves(od, record), smooth=plan.report.smooth, bar=bar,
-                                     progress=progress)
+            tqdm.write(
+                f"compare: {low} runs" if low == high else f"compare: {low} to {high} runs (--lr auto)", file=sys.stderr
+            )
+        records, searches = schedule(
+            plan,
+            lambda run: _execute(od, plan, run, bar, progress),
+            lambda record: _curves(od, record),
+            smooth=plan.report.smooth,
+            bar=bar,
+            progress=progress,
+        )
         bar.close()
         result = _conclude(od, plan, records, searches)
     return {**result, "seconds": round(time.perf_counter() - started, 3)}
@@ -132,8 +150,9 @@ def _name(plan: ComparePlan, run: Run) -> str:
     """A run's directory: the rate when the method has several (or searches), the seed when several, the steps of
     a shortened search run."""
     swept_seed = run.seed if len(plan.seeds or ()) > 1 else None
-    name = run_name(run.method, run.progressive, run.lr if plan.search or len(plan.lrs[run.method]) > 1 else None,
-                    swept_seed)
+    name = run_name(
+        run.method, run.progressive, run.lr if plan.search or len(plan.lrs[run.method]) > 1 else None, swept_seed
+    )
     return name + (f"-steps{run.steps}" if run.steps else "")
 
 
@@ -157,19 +176,31 @@ def _execute(od: OutputDir, plan: ComparePlan, run: Run, bar, progress: bool) ->
     dec = _decomposed(od, plan, run, key, progress)
     base = dec["residual"] or plan.ckpt.root  # plain LoRA trains on the untouched model
     tr_dir = od.path / name / TRAINED
-    again = (_again(tr_dir) if any((tr_dir / trainer.CKPT_DIR).glob("step-*/trainer_state.json"))
-             else {"overwrite": True})
-    run_o = TrainOptions.build(plan.training, progressive=run.progressive, lr=run.lr, bitfit=run.method == BITFIT,
-                               **({} if run.seed is None else {"seed": run.seed}),
-                               **({} if run.steps is None else {"max_steps": run.steps}))
-    record = {"run": name, "method": run.method, "progressive": run.progressive, "lr": run.lr, "seed": run_o.seed,
-              "search_steps": run.steps, "decompose_seconds": dec["seconds"]}
+    again = (
+        _again(tr_dir) if any((tr_dir / trainer.CKPT_DIR).glob("step-*/trainer_state.json")) else {"overwrite": True}
+    )
+    run_o = TrainOptions.build(
+        plan.training,
+        progressive=run.progressive,
+        lr=run.lr,
+        bitfit=run.method == BITFIT,
+        **({} if run.seed is None else {"seed": run.seed}),
+        **({} if run.steps is None else {"max_steps": run.steps}),
+    )
+    record = {
+        "run": name,
+        "method": run.method,
+        "progressive": run.progressive,
+        "lr": run.lr,
+        "seed": run_o.seed,
+        "search_steps": run.steps,
+        "decompose_seconds": dec["seconds"],
+    }
     started = time.perf_counter()
     try:
         tr = trainer.train(base, dec["adapter"], plan.data, tr_dir, options=run_o, progress=progress, **again)
     except NumericsError as e:  # a non-finite loss: the run diverged
-        record.update(failed=str(e), train_seconds=time.perf_counter() - started, trainable_parameters=None,
-                      steps=None)
+        record.update(failed=str(e), train_seconds=time.perf_counter() - started, trainable_parameters=None, steps=None)
     else:
         record.update(train_seconds=tr["seconds"], trainable_parameters=tr["trainable_parameters"], steps=tr["steps"])
     od.mark_done(name, record)
@@ -184,14 +215,22 @@ def _decomposed(od: OutputDir, plan: ComparePlan, run: Run, key: str, progress: 
     if (dec := od.finished(f"{key}/{DECOMPOSED}")) is not None:
         return dec
     t = plan.training
-    calib = ({"data": plan.data, "samples": min(CALIBRATION_SAMPLES, plan.data_rows), "max_length": t.max_length,
-              **{k: getattr(t, k) for k in TaskOptions.defaults()}}  # for train's task and columns
-             if METHODS[init_of(run.method)[0]].needs_data else {})  # lora-da calibrates on the training data
+    calib = (
+        {
+            "data": plan.data,
+            "samples": min(CALIBRATION_SAMPLES, plan.data_rows),
+            "max_length": t.max_length,
+            **{k: getattr(t, k) for k in TaskOptions.defaults()},
+        }  # for train's task and columns
+        if METHODS[init_of(run.method)[0]].needs_data
+        else {}
+    )  # lora-da calibrates on the training data
     method, dora = init_of(run.method)
     shared = {k: v for k, v in asdict(plan.init).items() if k != "method"}
     seeded = {} if run.seed is None else {"seed": run.seed}
-    options = DecomposeOptions.build(None, **{**shared, **seeded, "method": method, "dora": dora},
-                                     revision=plan.revision, **calib)
+    options = DecomposeOptions.build(
+        None, **{**shared, **seeded, "method": method, "dora": dora}, revision=plan.revision, **calib
+    )
     dec_dir = od.path / key / DECOMPOSED
     dec = pipeline.decompose(plan.model, dec_dir, options=options, progress=progress, **_again(dec_dir))
     od.mark_done(f"{key}/{DECOMPOSED}", dec)
@@ -204,21 +243,47 @@ def _conclude(od: OutputDir, plan: ComparePlan, records: list[dict], searches: d
     asked, smooth = plan.report, plan.report.smooth
     curves = {r["run"]: _curves(od, r) for r in records}
     smoothed = {run: trailing_mean(c["train"], smooth) for run, c in curves.items()}
-    summary, best_lr, goal = summarise(records, curves, smoothed, asked.target_loss, plan.metric,
-                                       asked.target_metric)
+    summary, best_lr, goal = summarise(records, curves, smoothed, asked.target_loss, plan.metric, asked.target_metric)
     edges, rows = verdicts(records, summary, best_lr, plan)
-    plots = write_plots(od, [r for r in records if r["search_steps"] is None], best_lr, curves, smoothed, goal, smooth,
-                        plan.metric)
+    plots = write_plots(
+        od, [r for r in records if r["search_steps"] is None], best_lr, curves, smoothed, goal, smooth, plan.metric
+    )
     with od.open_atomic(REPORT_NAME, "w") as f:
-        f.write(report(summary, best_lr, goal, plan.settings, plots, smooth, plan.metric,
-                       extra={"verdicts": rows, "edges": edges, "searches": searches}))
-    found = {"runs": records, "summary": summary, "best_lr": best_lr, "edges": edges, "searches": searches,
-             "verdicts": rows}
-    od.write_manifest(COMPARE_MANIFEST, {**plan.settings, "methods": plan.methods, "progressive": asked.progressive,
-                                         "smooth": smooth, "metric": plan.metric, "targets_loss": goal, **found,
-                                         "eval_rows": plan.eval_rows, "plots": plots,
-                                         "files": {"output": {f: file_digest(od.path / f)
-                                                              for f in [REPORT_NAME, *plots]}}})
+        f.write(
+            report(
+                summary,
+                best_lr,
+                goal,
+                plan.settings,
+                plots,
+                smooth,
+                plan.metric,
+                extra={"verdicts": rows, "edges": edges, "searches": searches},
+            )
+        )
+    found = {
+        "runs": records,
+        "summary": summary,
+        "best_lr": best_lr,
+        "edges": edges,
+        "searches": searches,
+        "verdicts": rows,
+    }
+    od.write_manifest(
+        COMPARE_MANIFEST,
+        {
+            **plan.settings,
+            "methods": plan.methods,
+            "progressive": asked.progressive,
+            "smooth": smooth,
+            "metric": plan.metric,
+            "targets_loss": goal,
+            **found,
+            "eval_rows": plan.eval_rows,
+            "plots": plots,
+            "files": {"output": {f: file_digest(od.path / f) for f in [REPORT_NAME, *plots]}},
+        },
+    )
     return {"output": str(od.path), **found, "targets": goal, "report": str(od.path / REPORT_NAME), "plots": plots}
 
 

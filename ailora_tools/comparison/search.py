@@ -49,8 +49,13 @@ class SearchSpec:
 
 
 #: compare's settings (and flags) for a `SearchSpec`'s fields
-SETTINGS = {"lr_factor": "factor", "lr_max_rates": "max_rates", "search_keep": "keep", "search_steps": "steps",
-            "lr_center": "center"}
+SETTINGS = {
+    "lr_factor": "factor",
+    "lr_max_rates": "max_rates",
+    "search_keep": "keep",
+    "search_steps": "steps",
+    "lr_center": "center",
+}
 
 
 def family(method: str) -> str:

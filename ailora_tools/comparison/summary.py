@@ -1,5 +1,6 @@
 """A comparison's numbers: each run's losses, metrics and steps to the targets, their mean ± std over seeds per method
 and rate (runs that diverged counted apart, not averaged in), and each method's chosen rate."""
+
 from __future__ import annotations
 
 from ..training.metrics import HIGHER_IS_BETTER, better
@@ -9,12 +10,28 @@ from .statistics import binomial_se, difference, diverged
 from .sweeps import group_name
 
 #: per-run values aggregated over seeds in the summary
-STATS = ("first_loss", "final_loss", "eval_loss_start", "eval_loss", "steps_to_train_target", "steps_to_eval_target",
-         "steps_to_metric_target", "train_seconds", "decompose_seconds", "selection")
+STATS = (
+    "first_loss",
+    "final_loss",
+    "eval_loss_start",
+    "eval_loss",
+    "steps_to_train_target",
+    "steps_to_eval_target",
+    "steps_to_metric_target",
+    "train_seconds",
+    "decompose_seconds",
+    "selection",
+)
 
 
-def summarise(records: list[dict], curves: dict, smoothed: dict, target_loss: float | None, metric: str,
-              target_metric: float | None) -> tuple[list[dict], dict, dict]:
+def summarise(
+    records: list[dict],
+    curves: dict,
+    smoothed: dict,
+    target_loss: float | None,
+    metric: str,
+    target_metric: float | None,
+) -> tuple[list[dict], dict, dict]:
     """Add each run's losses and metrics (from its metrics.jsonl, which a resumed run continues) and steps to reach
     the targets to its record; aggregate over seeds per method and rate; choose each method's rate. Search runs
     with fewer steps (`--search-steps`) are measured but neither aggregated nor chosen from.
@@ -35,8 +52,11 @@ def summarise(records: list[dict], curves: dict, smoothed: dict, target_loss: fl
     for r in records:
         r["steps_to_train_target"] = steps_to_reach(smoothed[r["run"]], goal["train"]) if finals else None
         r["steps_to_eval_target"] = steps_to_reach(curves[r["run"]]["eval"], goal["eval"]) if evals else None
-        r["steps_to_metric_target"] = (steps_to_reach(curves[r["run"]]["metrics"].get(metric, []), goal["metric"],
-                                                      higher=higher) if goal["metric"] is not None else None)
+        r["steps_to_metric_target"] = (
+            steps_to_reach(curves[r["run"]]["metrics"].get(metric, []), goal["metric"], higher=higher)
+            if goal["metric"] is not None
+            else None
+        )
     summary = [_row(group, lr, runs, best_lr) for (group, lr), runs in by_rate.items()]
     return summary, best_lr, goal
 
@@ -52,8 +72,11 @@ def measure(r: dict, c: dict, smoothed: list, metric: str) -> None:
     r["eval_loss"] = evals[-1][1] if evals else None
     r["eval_start"] = {k: v[0][1] for k, v in c["metrics"].items() if v and v[0][0] == 0}
     r["eval"] = {k: v[-1][1] for k, v in c["metrics"].items() if v}
-    r["best"] = {k: (max if HIGHER_IS_BETTER.get(k, True) else min)(x for s, x in v if s > 0)
-                 for k, v in c["metrics"].items() if any(s > 0 for s, _ in v)}
+    r["best"] = {
+        k: (max if HIGHER_IS_BETTER.get(k, True) else min)(x for s, x in v if s > 0)
+        for k, v in c["metrics"].items()
+        if any(s > 0 for s, _ in v)
+    }
     if evals and any(s > 0 for s, _ in evals):
         r["best"]["loss"] = min(x for s, x in evals if s > 0)
     r["selection"] = _selection(r, metric)
@@ -74,8 +97,11 @@ def _choose_rates(by_rate: dict[tuple, list[dict]], metric: str) -> dict[str, fl
     for (group, lr), runs in by_rate.items():
         value = (mean_std([r["selection"] for r in runs if not r["diverged"]]) or {}).get("mean")
         key = (len(runs), -sum(r["diverged"] for r in runs))
-        if group not in best_lr or key > chosen[group][0] or (key == chosen[group][0]
-                                                               and better(metric, value, chosen[group][1])):
+        if (
+            group not in best_lr
+            or key > chosen[group][0]
+            or (key == chosen[group][0] and better(metric, value, chosen[group][1]))
+        ):
             best_lr[group], chosen[group] = lr, (key, value)
     return best_lr
 
@@ -86,10 +112,13 @@ def _targets(best: list[dict], target_loss: float | None, metric: str, target_me
     evals = [r["eval_loss"] for r in best if r["eval_loss"] is not None]
     values = [v for r in best if metric != "loss" and (v := r["eval"].get(metric)) is not None]
     worst = min if HIGHER_IS_BETTER[metric] else max
-    goal = {"train": target_loss if target_loss is not None else max(finals, default=None),
-            "eval": target_loss if target_loss is not None else max(evals, default=None),
-            "given": target_loss is not None, "metric_name": metric,
-            "metric": target_metric if target_metric is not None else worst(values, default=None)}
+    goal = {
+        "train": target_loss if target_loss is not None else max(finals, default=None),
+        "eval": target_loss if target_loss is not None else max(evals, default=None),
+        "given": target_loss is not None,
+        "metric_name": metric,
+        "metric": target_metric if target_metric is not None else worst(values, default=None),
+    }
     return goal, finals, evals
 
 
@@ -99,8 +128,13 @@ def _row(group: str, lr: float, runs: list[dict], best_lr: dict) -> dict:
     kept = [r for r in runs if not r["diverged"]]
     names = sorted({k for r in kept for k in r["eval"]})
     return {
-        "run": group, "method": runs[0]["method"], "progressive": runs[0]["progressive"], "lr": lr,
-        "best_lr": lr == best_lr[group], "seeds": [r["seed"] for r in runs], "runs": [r["run"] for r in runs],
+        "run": group,
+        "method": runs[0]["method"],
+        "progressive": runs[0]["progressive"],
+        "lr": lr,
+        "best_lr": lr == best_lr[group],
+        "seeds": [r["seed"] for r in runs],
+        "runs": [r["run"] for r in runs],
         "diverged": [r["seed"] for r in runs if r["diverged"]],
         "trainable_parameters": next((r["trainable_parameters"] for r in runs if r["trainable_parameters"]), None),
         **{k: mean_std([r[k] for r in kept]) for k in STATS},
@@ -133,10 +167,20 @@ def verdicts(records: list[dict], summary: list[dict], best_lr: dict, plan) -> t
     for row in (row for row in summary if row["best_lr"]):
         g, base = row["run"], group_name(plan.baseline, row["progressive"] if plan.baseline != "bitfit" else None)
         mean = (row["selection"] or {}).get("mean")
-        out = {"run": g, "lr": row["lr"], "edge": edges[g], "seeds": len(row["seeds"]), "diverged": row["diverged"],
-               "baseline": base, "value": mean,
-               "binomial_se": (binomial_se(mean, plan.eval_rows)
-                               if plan.metric == "accuracy" and plan.eval_rows and mean is not None else None)}
+        out = {
+            "run": g,
+            "lr": row["lr"],
+            "edge": edges[g],
+            "seeds": len(row["seeds"]),
+            "diverged": row["diverged"],
+            "baseline": base,
+            "value": mean,
+            "binomial_se": (
+                binomial_se(mean, plan.eval_rows)
+                if plan.metric == "accuracy" and plan.eval_rows and mean is not None
+                else None
+            ),
+        }
         if g == base or base not in values:
             out.update(verdict="baseline" if g == base else "no baseline")
         else:

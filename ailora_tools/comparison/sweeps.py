@@ -1,5 +1,6 @@
 """What a comparison's runs are called and which rates and seeds they sweep: compare's method names (an init method,
 "bitfit", "dora", "METHOD+dora"), run directories, `--lr` and `--seeds`."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,12 @@ def init_of(run_method: str) -> tuple[str, bool]:
 
 def run_name(method: str, progressive: int | None, lr: float | None, seed: int | None) -> str:
     """A run's directory: METHOD[-progressiveK][-lrRATE][-seedS] (rate and seed only when swept)."""
-    return (method + (f"-progressive{progressive}" if progressive else "") + (f"-lr{lr:g}" if lr is not None else "")
-            + (f"-seed{seed}" if seed is not None else ""))
+    return (
+        method
+        + (f"-progressive{progressive}" if progressive else "")
+        + (f"-lr{lr:g}" if lr is not None else "")
+        + (f"-seed{seed}" if seed is not None else "")
+    )
 
 
 def group_name(method: str, progressive: int | None) -> str:
@@ -67,8 +72,9 @@ def parse_lrs(spec, methods: list[str], default: float) -> dict[str, list[float]
             try:
                 rate = float(v)
             except (TypeError, ValueError):
-                raise OptionError(f"--lr {text}: {v!r} is not a number; give rates (1e-4,5e-4) or METHOD=RATE "
-                                  "pairs") from None
+                raise OptionError(
+                    f"--lr {text}: {v!r} is not a number; give rates (1e-4,5e-4) or METHOD=RATE pairs"
+                ) from None
             if not math.isfinite(rate) or rate <= 0:
                 raise OptionError(f"--lr {text}: rate {v} must be a finite number greater than 0")
             if rate not in rates:

@@ -1,4 +1,5 @@
 """What every step of one decompose run shares, planned before anything is written."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

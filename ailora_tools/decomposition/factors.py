@@ -2,6 +2,7 @@
 
 W is read only when the method looks at it, by its byte range; no shard is copied, so the cost is the SVDs, whatever
 the checkpoint's size. torch loads with the first computation (`devices`, `residual`)."""
+
 from __future__ import annotations
 
 from tqdm.auto import tqdm

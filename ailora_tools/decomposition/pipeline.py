@@ -8,6 +8,7 @@ module loads torch only when the first target is read: by then the first shards 
 torch import overlaps with I/O. Launched by torchrun, every rank plans the same jobs and computes the factors of its
 share of them; rank 0 computes the residuals and alone writes (`distributed`).
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,14 @@ from .residual_checkpoint import write_residual
 
 
 def decompose(
-    model: str | os.PathLike, out: str | os.PathLike, options: DecomposeOptions | None = None, *,
-    overwrite: bool = False, resume: bool = False, progress: bool = True, **settings,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    options: DecomposeOptions | None = None,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    **settings,
 ) -> dict:
     """Write OUT/residual (HF model dir), OUT/adapter (PEFT LoRA) and, last, OUT/ailora.json.
 
@@ -97,22 +104,40 @@ def decompose(
     init = get_method(o.method)
     _check_options(o, init)
     use_local_gpu(o.device)
-    ckpt = Checkpoint.open(model, revision=o.revision, allow_pickle=o.allow_pickle,
-                           scratch=Path(out).absolute().parent)
+    ckpt = Checkpoint.open(model, revision=o.revision, allow_pickle=o.allow_pickle, scratch=Path(out).absolute().parent)
     jobs = plan(ckpt, init, o.targets, o.roles, o.rank)
-    check_expert_jobs(ckpt.config, [j.module for j in jobs], dora=o.dora, quantize=o.quantize,
-                      needs_data=init.needs_data, no_residual=o.no_residual, offsets_base=init.offsets_base)
+    check_expert_jobs(
+        ckpt.config,
+        [j.module for j in jobs],
+        dora=o.dora,
+        quantize=o.quantize,
+        needs_data=init.needs_data,
+        no_residual=o.no_residual,
+        offsets_base=init.offsets_base,
+    )
     quant = _quantization(ckpt, jobs, o) if o.quantize else None
     params = Settings(o.rank, lora_scale(o.rank, o.lora_alpha, o.rslora), o.svd, o.niter, o.oversample, o.seed)
     init.check_settings(params)
     recorded = _recorded(o, init, ckpt, jobs, params, quant)
     # before the output is claimed: data-aware methods calibrate here, and fail here on data or architecture
-    context = init.prepare(ckpt, jobs, params, data=o.data, samples=o.samples, max_length=o.max_length,
-                           task=o, device=o.device, progress=progress and not is_worker())
+    context = init.prepare(
+        ckpt,
+        jobs,
+        params,
+        data=o.data,
+        samples=o.samples,
+        max_length=o.max_length,
+        task=o,
+        device=o.device,
+        progress=progress and not is_worker(),
+    )
     run = DecomposeRun(ckpt, tuple(jobs), init, params, context, o.device, progress)
     if is_worker():
-        return {"worker": int(os.environ["RANK"]), "seconds": round(time.perf_counter() - started, 3),
-                "computed": serve(run)}
+        return {
+            "worker": int(os.environ["RANK"]),
+            "seconds": round(time.perf_counter() - started, 3),
+            "computed": serve(run),
+        }
     with OutputDir(out, inputs=[ckpt.root], overwrite=overwrite, resume=resume, settings=recorded) as od:
         summary = _write(run, od, o, recorded, quant)
     summary["seconds"] = round(time.perf_counter() - started, 3)
@@ -129,22 +154,32 @@ def _check_options(o: DecomposeOptions, init: InitMethod) -> None:
     if o.data is not None:
         table_format(o.data, "--data")  # there and readable now; its rows, for the task, in the method's `prepare`
     if o.data is None and DecomposeOptions.build(o, **TaskOptions.defaults()) != o:
-        raise OptionError(f"--task and the column options: for calibration data (--data, lora-da); --method {o.method} "
-                          "reads none; drop them")
+        raise OptionError(
+            f"--task and the column options: for calibration data (--data, lora-da); --method {o.method} "
+            "reads none; drop them"
+        )
     if o.device not in ("auto", "cpu"):  # a CUDA device is checked now (this loads torch); auto and cpu cannot fail
         from ..devices import resolve_device
 
         resolve_device(o.device)
 
 
-def _recorded(o: DecomposeOptions, init: InitMethod, ckpt: Checkpoint, jobs: list[Job], params: Settings,
-              quant: dict | None) -> dict:
+def _recorded(
+    o: DecomposeOptions, init: InitMethod, ckpt: Checkpoint, jobs: list[Job], params: Settings, quant: dict | None
+) -> dict:
     """The run's settings as the manifest records them (and `--resume` compares)."""
     settings = {
-        "tool": __version__, "method": o.method, "rank": o.rank, "alpha": o.lora_alpha, "rslora": o.rslora,
-        "scale": params.scale, "targets": list(o.targets), "roles": {j.module: j.role for j in jobs},
+        "tool": __version__,
+        "method": o.method,
+        "rank": o.rank,
+        "alpha": o.lora_alpha,
+        "rslora": o.rslora,
+        "scale": params.scale,
+        "targets": list(o.targets),
+        "roles": {j.module: j.role for j in jobs},
         "svd": {"mode": o.svd, "niter": o.niter, "oversample": o.oversample, "seed": o.seed, "device": o.device},
-        "residual_dtype": o.residual_dtype, "source": ckpt.describe(),
+        "residual_dtype": o.residual_dtype,
+        "source": ckpt.describe(),
         "adapter_base": RESIDUAL if (init.offsets_base or quant) and not (o.no_residual or o.no_offset) else ORIGINAL,
     }
     if quant:
@@ -156,8 +191,13 @@ def _recorded(o: DecomposeOptions, init: InitMethod, ckpt: Checkpoint, jobs: lis
     if o.dora:
         settings["dora"] = True
     if o.data is not None:
-        settings["data"] = {"path": str(Path(o.data).absolute()), "digest": file_digest(o.data),
-                            "samples": o.samples, "max_length": o.max_length, "task": task_of(o.task, ckpt.config)}
+        settings["data"] = {
+            "path": str(Path(o.data).absolute()),
+            "digest": file_digest(o.data),
+            "samples": o.samples,
+            "max_length": o.max_length,
+            "task": task_of(o.task, ckpt.config),
+        }
     return settings
 
 
@@ -177,8 +217,11 @@ def _write(run: DecomposeRun, od: OutputDir, o: DecomposeOptions, settings: dict
     for p in _write_adapter(run, od, o, base, factors, on_residual):
         hashes.add("output", f"{ADAPTER_DIR}/{p.name}", p)
     summary = {
-        **{k: v for k, v in settings.items() if k != "roles"}, "output": str(od.path),
-        "residual": base if on_residual else None, "adapter": str(od.path / ADAPTER_DIR), "modules": len(run.jobs),
+        **{k: v for k, v in settings.items() if k != "roles"},
+        "output": str(od.path),
+        "residual": base if on_residual else None,
+        "adapter": str(od.path / ADAPTER_DIR),
+        "modules": len(run.jobs),
         "worst_recon_rel_fro": max((s.get("recon_rel_fro", 0.0) for s in stats.values()), default=0.0),
         "worst_recon_max_abs": max((s.get("recon_max_abs", 0.0) for s in stats.values()), default=0.0),
     }
@@ -186,35 +229,57 @@ def _write(run: DecomposeRun, od: OutputDir, o: DecomposeOptions, settings: dict
         from .quantized import error_table
 
         summary["quant_error"] = error_table(stats, o.method, o.loftq_iters)
-    od.write_manifest(DECOMPOSE_MANIFEST, {**settings, "svd": {**settings["svd"], "ran_on": ran_on},
-                                           "options": asdict(o), "files": hashes.result(),
-                                           "modules": dict(sorted(stats.items())),
-                                           "applies_to": decompose_identity(
-                                               stats, original=ckpt.name_or_path,
-                                               residual=RESIDUAL_DIR if on_residual else None,
-                                               kind=settings["adapter_base"])})
+    od.write_manifest(
+        DECOMPOSE_MANIFEST,
+        {
+            **settings,
+            "svd": {**settings["svd"], "ran_on": ran_on},
+            "options": asdict(o),
+            "files": hashes.result(),
+            "modules": dict(sorted(stats.items())),
+            "applies_to": decompose_identity(
+                stats,
+                original=ckpt.name_or_path,
+                residual=RESIDUAL_DIR if on_residual else None,
+                kind=settings["adapter_base"],
+            ),
+        },
+    )
     return summary
 
 
-def _write_adapter(run: DecomposeRun, od: OutputDir, o: DecomposeOptions, base: str, factors: dict,
-                   on_residual: bool) -> list:
+def _write_adapter(
+    run: DecomposeRun, od: OutputDir, o: DecomposeOptions, base: str, factors: dict, on_residual: bool
+) -> list:
     """OUT/adapter: the initial factors as a PEFT LoRA (DoRA with `o.dora`) on `base`; returns the files written."""
     from ..io.peft_adapter import lora_config, with_ranks, write_adapter
 
     jobs, ckpt = run.jobs, run.ckpt
     head = {n: read_tensor(ckpt.shard(ckpt.tensors[n].file), n) for n in head_tensors(ckpt.tensors, ckpt.config)}
-    config = lora_config(rank=o.rank, alpha=o.lora_alpha, targets=[j.module.rsplit(".", 1)[-1] for j in jobs],
-                         rslora=o.rslora, base=base, task_type=peft_task_type(ckpt.config),
-                         fan_in_fan_out=any(j.transposed for j in jobs), dora=o.dora,
-                         modules_to_save=sorted({n.split(".", 1)[0] for n in head}))  # PEFT loads the head
+    config = lora_config(
+        rank=o.rank,
+        alpha=o.lora_alpha,
+        targets=[j.module.rsplit(".", 1)[-1] for j in jobs],
+        rslora=o.rslora,
+        base=base,
+        task_type=peft_task_type(ckpt.config),
+        fan_in_fan_out=any(j.transposed for j in jobs),
+        dora=o.dora,
+        modules_to_save=sorted({n.split(".", 1)[0] for n in head}),
+    )  # PEFT loads the head
     config, factors = with_ranks(config, factors)  # ranks by module (EVA's): rank_pattern, alpha_pattern
     magnitudes = None
     if o.dora:  # from the base as PEFT will load it: the residual as written, or the original
         from ..init.dora import magnitudes_of
 
         on = Checkpoint.open(base) if on_residual else run.ckpt
-        magnitudes = magnitudes_of(on, {j.module: j.tensor.name for j in jobs}, factors, run.params.scale,
-                                   transposed={j.module: j.transposed for j in jobs})
+        magnitudes = magnitudes_of(
+            on,
+            {j.module: j.tensor.name for j in jobs},
+            factors,
+            run.params.scale,
+            transposed={j.module: j.transposed for j in jobs},
+        )
     return write_adapter(od.path / ADAPTER_DIR, config, factors, magnitudes=magnitudes, extra=head)
 
 
@@ -239,11 +304,14 @@ def plan(ckpt: Checkpoint, init: InitMethod, targets, overrides: dict[str, str],
 
 def _check_target(t: TensorInfo, rank: int) -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise UnsupportedError(f"{t.file}: tensor {t.name!r} has dtype {t.dtype}; decompose supports "
-                               f"{', '.join(FLOAT_DTYPES)} (dequantize the checkpoint first)")
+        raise UnsupportedError(
+            f"{t.file}: tensor {t.name!r} has dtype {t.dtype}; decompose supports "
+            f"{', '.join(FLOAT_DTYPES)} (dequantize the checkpoint first)"
+        )
     if rank >= min(t.shape):
-        raise NumericsError(f"--rank {rank}: {t.name!r} is {t.shape[0]}x{t.shape[1]}, so rank must be below "
-                            f"{min(t.shape)}")
+        raise NumericsError(
+            f"--rank {rank}: {t.name!r} is {t.shape[0]}x{t.shape[1]}, so rank must be below {min(t.shape)}"
+        )
 
 
 def _quantization(ckpt: Checkpoint, jobs: list[Job], o: DecomposeOptions) -> dict:
@@ -255,11 +323,15 @@ def _quantization(ckpt: Checkpoint, jobs: list[Job], o: DecomposeOptions) -> dic
     """
     arch = architecture(ckpt.config)
     if arch.transposed:
-        raise UnsupportedError(f"--quantize {o.quantize}: {ckpt.source} stores its linear weights transposed "
-                               f"(Conv1D: {', '.join(arch.transposed)}), which bitsandbytes does not load "
-                               "pre-quantised; decompose without --quantize")
+        raise UnsupportedError(
+            f"--quantize {o.quantize}: {ckpt.source} stores its linear weights transposed "
+            f"(Conv1D: {', '.join(arch.transposed)}), which bitsandbytes does not load "
+            "pre-quantised; decompose without --quantize"
+        )
     linear, targets = linear_modules(ckpt.tensors), {j.module for j in jobs}
-    only = sorted(t.name for m, t in linear.items() if o.quantize_all and m not in targets and t.dtype in FLOAT_DTYPES
-                  and m.rsplit(".", 1)[-1] not in HEADS)
-    return {"type": o.quantize, "all": o.quantize_all, "loftq_iters": o.loftq_iters, "double_quant": True,
-            "only": only}
+    only = sorted(
+        t.name
+        for m, t in linear.items()
+        if o.quantize_all and m not in targets and t.dtype in FLOAT_DTYPES and m.rsplit(".", 1)[-1] not in HEADS
+    )
+    return {"type": o.quantize, "all": o.quantize_all, "loftq_iters": o.loftq_iters, "double_quant": True, "only": only}

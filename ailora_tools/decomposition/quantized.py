@@ -13,6 +13,7 @@ Recorded per module: `quant_rel_fro` = ‖W − (dequant(Q) + s·B·A)‖ / ‖W
 for plain QLoRA on the same matrix (Q = NF4(W), B = 0), and `loftq_rel_fro`, the error after each step (step 0:
 the method's factors). dequant(Q) is taken in the dtype the model computes with. Peak memory: a few copies of W.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,9 +25,18 @@ from ..init.targets import PRINCIPAL
 from ..quantization.nf4 import dequantize, quantize
 
 
-def quantized_residual(job: Job, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, settings: Settings, *,
-                       dtype: str, iters: int, refit: bool, double_quant: bool = True,
-                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict]:
+def quantized_residual(
+    job: Job,
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    settings: Settings,
+    *,
+    dtype: str,
+    iters: int,
+    refit: bool,
+    double_quant: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict]:
     """(NF4 parts of the residual, A, B as written (float32, CPU), the module's stats) for one target.
 
     Args:
@@ -46,9 +56,14 @@ def quantized_residual(job: Job, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
         del target
         parts, err = _quantize_after(W, A, B, settings.scale, dtype, double_quant)
         errors.append(float(torch.linalg.vector_norm(err)) / norm)
-    stats = {"quant_rel_fro": errors[-1], "qlora_rel_fro": qlora,
-             "recon_rel_fro": errors[-1], "recon_max_abs": float(err.abs().max()), "loftq_iters": steps,
-             **({"loftq_rel_fro": errors} if steps else {})}
+    stats = {
+        "quant_rel_fro": errors[-1],
+        "qlora_rel_fro": qlora,
+        "recon_rel_fro": errors[-1],
+        "recon_max_abs": float(err.abs().max()),
+        "loftq_iters": steps,
+        **({"loftq_rel_fro": errors} if steps else {}),
+    }
     return parts, A.float().cpu().contiguous(), B.float().cpu().contiguous(), stats
 
 
@@ -62,8 +77,10 @@ def refits(job: Job, method: InitMethod) -> bool:
 def error_table(stats: dict[str, dict], method: str, iters: int) -> dict[str, dict[str, float]]:
     """Mean and max over modules of the recorded errors: plain QLoRA, the method's factors quantised once, and
     (T > 0) the written result after LoftQ; for `decompose`'s summary."""
-    rows = {"qlora": [s["qlora_rel_fro"] for s in stats.values()],
-            method: [s.get("loftq_rel_fro", [s["quant_rel_fro"]])[0] for s in stats.values()]}
+    rows = {
+        "qlora": [s["qlora_rel_fro"] for s in stats.values()],
+        method: [s.get("loftq_rel_fro", [s["quant_rel_fro"]])[0] for s in stats.values()],
+    }
     if iters:
         rows[f"{method}+loftq{iters}"] = [s["quant_rel_fro"] for s in stats.values()]
     return {k: {"mean": sum(v) / len(v), "max": max(v)} for k, v in rows.items() if v}

@@ -2,6 +2,7 @@
 
 Adding a method: a subclass of `InitMethod` in its own file, plus one line in `METHODS`.
 """
+
 from __future__ import annotations
 
 from ..errors import OptionError
@@ -41,5 +42,13 @@ def get_method(name: str) -> InitMethod:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "get_method", "InitMethod", "Job", "Settings", "lora_scale", "svd_factors",
-           "factors_from_triplets"]
+__all__ = [
+    "METHODS",
+    "get_method",
+    "InitMethod",
+    "Job",
+    "Settings",
+    "lora_scale",
+    "svd_factors",
+    "factors_from_triplets",
+]

@@ -6,6 +6,7 @@ circuit), starts minor like V; every other module (MLP, pooler, ...) starts prin
 converges fastest when every linear layer is adapted. `--role NAME=principal|minor` overrides any of them.
 A fused Q/K/V matrix (Phi-3 `qkv_proj`, GPT-2 `c_attn`, ...) gets both roles in one pair (`init.fused`).
 """
+
 from .fused import fused_factors
 from .method import InitMethod, svd_factors
 from .targets import MINOR, PRINCIPAL, SPLIT, role_in_attention
@@ -16,8 +17,10 @@ DEFAULT_ROLES = {"query": PRINCIPAL, "key": PRINCIPAL, "value": MINOR, "output":
 
 class AILoRA(InitMethod):
     name = "ailora"
-    summary = ("query principal, value minor; key principal, attention output minor, others principal (--role "
-               "overrides); a fused QKV matrix gets both in one pair")
+    summary = (
+        "query principal, value minor; key principal, attention output minor, others principal (--role "
+        "overrides); a fused QKV matrix gets both in one pair"
+    )
 
     def role_of(self, module, arch):
         return DEFAULT_ROLES.get(role_in_attention(module, arch), PRINCIPAL)

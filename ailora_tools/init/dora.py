@@ -16,6 +16,7 @@ Conversion to a standard LoRA, two ways (`adapters.dora.convert_dora` streams a 
 - approximate (`approximate_factors`): the truncated SVD of ΔW = W' − W_original, with the relative Frobenius
   error of what is dropped, per module.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ def _combined(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, t
     return oriented(W, transposed) + scale * (B.double() @ A.double())
 
 
-def magnitude(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *, transposed: bool = False
-              ) -> torch.Tensor:
+def magnitude(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *, transposed: bool = False
+) -> torch.Tensor:
     """m = ‖W + s·B·A‖ per output feature, float32 [out]: DoRA's initial magnitude, so that step 0 is the base.
 
     Args:
@@ -49,8 +51,9 @@ def magnitude(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *
     return torch.linalg.vector_norm(_combined(W, A, B, scale, transposed), dim=1).float()
 
 
-def scaling_of(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, m: torch.Tensor, *,
-               transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def scaling_of(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, m: torch.Tensor, *, transposed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(D = m / ‖W + s·B·A‖ per output feature, W + s·B·A [out, in]), both float64."""
     V = _combined(W, A, B, scale, transposed)
     norm = torch.linalg.vector_norm(V, dim=1)
@@ -59,24 +62,27 @@ def scaling_of(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, 
     return m.double() / norm, V
 
 
-def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, m: torch.Tensor, *,
-                  transposed: bool = False) -> torch.Tensor:
+def merged_weight(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, m: torch.Tensor, *, transposed: bool = False
+) -> torch.Tensor:
     """W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ in float64, stored like W (transposed back for Conv1D): PEFT's merge."""
     D, V = scaling_of(W, A, B, scale, m, transposed=transposed)
     out = D[:, None] * V
     return out.T if transposed else out
 
 
-def exact_parts(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, m: torch.Tensor, *,
-                transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_parts(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, m: torch.Tensor, *, transposed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(new base D·W stored like W, D·B), float64, with D·W + s·(D·B)·A = W' exactly (up to rounding)."""
     D, _ = scaling_of(W, A, B, scale, m, transposed=transposed)
     base = D[:, None] * oriented(W, transposed)
     return (base.T if transposed else base), D[:, None] * B.double()
 
 
-def approximate_factors(delta: torch.Tensor, *, max_rank: int | None, tolerance: float | None
-                        ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+def approximate_factors(
+    delta: torch.Tensor, *, max_rank: int | None, tolerance: float | None
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Truncated SVD of ΔW [out, in]: (B' [out, k], A' [k, in]) with B'·A' the best rank-k approximation, the
     relative Frobenius error ‖ΔW − B'·A'‖ / ‖ΔW‖, and ‖ΔW‖. k is `max_rank`, or the smallest rank whose error is at
     most `tolerance` (capped by `max_rank` when both are given)."""
@@ -104,13 +110,16 @@ def check_initial_offset(initial) -> None:
         UnsupportedError: a DoRA adapter with a non-zero initial product.
     """
     if initial.config.get("use_dora") and any(bool(B0.any()) for _, B0 in initial.factors.values()):
-        raise UnsupportedError("DoRA with an initial product on the original model (--no-residual) is not supported: "
-                               "PEFT's DoRA norm would include s·B0·A0; decompose with the residual "
-                               "(drop --no-residual)")
+        raise UnsupportedError(
+            "DoRA with an initial product on the original model (--no-residual) is not supported: "
+            "PEFT's DoRA norm would include s·B0·A0; decompose with the residual "
+            "(drop --no-residual)"
+        )
 
 
-def magnitudes_of(ckpt, tensor_of: dict[str, str], factors: dict, scale: float, *, transposed: dict[str, bool]
-                  ) -> dict[str, torch.Tensor]:
+def magnitudes_of(
+    ckpt, tensor_of: dict[str, str], factors: dict, scale: float, *, transposed: dict[str, bool]
+) -> dict[str, torch.Tensor]:
     """DoRA's initial magnitude of every module (`magnitude`), reading only each module's weight from `ckpt` (an
     `io.checkpoint.Checkpoint` of the base the adapter applies to; `tensor_of`: module -> tensor name)."""
     from ..io.tensorio import read_tensor

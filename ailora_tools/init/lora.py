@@ -1,4 +1,5 @@
 """Plain LoRA (PEFT's default): A0 Kaiming-uniform (a = √5), B0 = 0, so the base is left untouched."""
+
 from __future__ import annotations
 
 import math

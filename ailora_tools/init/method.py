@@ -6,6 +6,7 @@ with `prepare` run once before any factor), whether its initial product is subtr
 `svd_factors`: with s the LoRA scale (α/r, or α/√r with rsLoRA) and W ≈ U Σ Vᵀ on the kept directions,
 B0 = U √Σ / √s and A0 = √Σ Vᵀ / √s, so s·B0·A0 = U Σ Vᵀ.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,15 @@ class InitMethod:
         """Work done once before any factor (e.g. calibration); its result is passed to `factors`."""
         return None
 
-    def factors(self, job: Job, W: torch.Tensor | None, settings: Settings, *, context: Any = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def factors(
+        self,
+        job: Job,
+        W: torch.Tensor | None,
+        settings: Settings,
+        *,
+        context: Any = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(A0 [r, in], B0 [out, r]) in float32 and this module's manifest stats, for W [out, in]."""
         return svd_factors(W, job.role, settings, generator=generator)
 
@@ -104,11 +112,23 @@ def svd_factors(W: torch.Tensor, role: str, settings: Settings, *, generator=Non
     """Factors from W's principal or minor singular triplets, with the spectrum facts the manifest records."""
     from .svd import triplets
 
-    t = triplets(W, settings.rank, role, mode=settings.svd, niter=settings.niter, oversample=settings.oversample,
-                 generator=generator)
+    t = triplets(
+        W,
+        settings.rank,
+        role,
+        mode=settings.svd,
+        niter=settings.niter,
+        oversample=settings.oversample,
+        generator=generator,
+    )
     A0, B0 = factors_from_triplets(t, settings.scale)
-    stats = {"role": role, "sigma_max": t.sigma_max, "sigma_edge": float(t.S[-1] if role == PRINCIPAL else t.S[0]),
-             "energy_fraction": t.energy_fraction, "deficient_directions": t.deficient}
+    stats = {
+        "role": role,
+        "sigma_max": t.sigma_max,
+        "sigma_edge": float(t.S[-1] if role == PRINCIPAL else t.S[0]),
+        "energy_fraction": t.energy_fraction,
+        "deficient_directions": t.deficient,
+    }
     return A0, B0, stats
 
 

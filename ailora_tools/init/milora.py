@@ -1,4 +1,5 @@
 """MiLoRA (arXiv 2406.09044): every target starts from its minor singular components."""
+
 from .method import InitMethod
 from .targets import MINOR
 

@@ -1,4 +1,5 @@
 """PiSSA (arXiv 2404.02948): every target starts from its principal singular components."""
+
 from .method import InitMethod
 from .targets import PRINCIPAL
 

@@ -17,6 +17,7 @@ Directions whose σ is numerically zero (rank-deficient W: below the noise level
 it, see `_complete`) get an arbitrary orthonormal completion and σ set to that floor, so the adapter never
 starts at exactly zero; the residual absorbs the difference.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,7 +59,13 @@ def generator_for(seed: int, name: str, device: torch.device) -> torch.Generator
 
 
 def triplets(
-    W: torch.Tensor, r: int, role: str, *, mode: str = "exact", niter: int = 4, oversample: int = 8,
+    W: torch.Tensor,
+    r: int,
+    role: str,
+    *,
+    mode: str = "exact",
+    niter: int = 4,
+    oversample: int = 8,
     generator: torch.Generator | None = None,
 ) -> Triplets:
     """The r principal (largest) or minor (smallest) singular triplets of W.
@@ -178,7 +185,7 @@ def _worth_continuing(history: list[float], m: int, n: int, b: int, d: int, r: i
 
 def _gram32_cost(m: int, n: int) -> float:
     s, big = sorted((m, n))
-    return 2 * s * s * big + EIGH_COST * s ** 3
+    return 2 * s * s * big + EIGH_COST * s**3
 
 
 def _step_cost(m: int, n: int, b: int, d: int, r: int) -> float:
@@ -202,7 +209,7 @@ def _row_blocks(W: torch.Tensor):
     """(row slice, float64 copy of those rows) in blocks of about 4 MiB."""
     rows = max(1, (4 << 20) // (8 * W.shape[1]))
     for i in range(0, W.shape[0], rows):
-        yield slice(i, i + rows), W[i:i + rows].double()
+        yield slice(i, i + rows), W[i : i + rows].double()
 
 
 def _complete(U, S, Vh, floor: float, gen: torch.Generator | None):

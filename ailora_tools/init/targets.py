@@ -5,6 +5,7 @@ A module is a target when its name equals a target name or ends with "." + it (P
 shortcut) is every linear layer but the output head. A Llama-style name for part of a fused matrix (`q_proj` on
 Phi-3's `qkv_proj`) is refused, naming the fused module: one LoRA pair adapts a whole matrix.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,8 +22,13 @@ SPLIT = "principal+minor"
 ALL_LINEAR = "all-linear"
 #: fused projections across architectures: name -> what it holds
 FUSED = {
-    "c_attn": "Q, K and V", "query_key_value": "Q, K and V", "qkv_proj": "Q, K and V",
-    "Wqkv": "Q, K and V", "W_pack": "Q, K and V", "qkv": "Q, K and V", "gate_up_proj": "gate and up",
+    "c_attn": "Q, K and V",
+    "query_key_value": "Q, K and V",
+    "qkv_proj": "Q, K and V",
+    "Wqkv": "Q, K and V",
+    "W_pack": "Q, K and V",
+    "qkv": "Q, K and V",
+    "gate_up_proj": "gate and up",
     "Wi": "the GLU's input and gate",
 }
 
@@ -51,31 +57,68 @@ def _parts(fused: str, *extra: tuple[str, str]) -> dict[str, str]:
 
 LLAMA_LIKE = Architecture("llama-like")
 BERT = Architecture(
-    "bert", query=("query",), key=("key",), value=("value",), output=("attention.output.dense",),
+    "bert",
+    query=("query",),
+    key=("key",),
+    value=("value",),
+    output=("attention.output.dense",),
     aliases={"q_proj": "query", "k_proj": "key", "v_proj": "value"},
 )
 GPT2 = Architecture(
-    "gpt2", query=(), key=(), value=(), output=("attn.c_proj",),
-    aliases={"o_proj": "attn.c_proj", "up_proj": "c_fc", "down_proj": "mlp.c_proj"}, parts=_parts("c_attn"),
+    "gpt2",
+    query=(),
+    key=(),
+    value=(),
+    output=("attn.c_proj",),
+    aliases={"o_proj": "attn.c_proj", "up_proj": "c_fc", "down_proj": "mlp.c_proj"},
+    parts=_parts("c_attn"),
     fused={"c_attn": "thirds"},
     transposed=("c_attn", "c_proj", "c_fc"),
 )
-GPT_NEOX = Architecture("gpt_neox", query=(), key=(), value=(), output=("attention.dense",),
-                        aliases={"o_proj": "attention.dense", "up_proj": "dense_h_to_4h", "down_proj": "dense_4h_to_h"},
-                        parts=_parts("query_key_value"),
-                        fused={"query_key_value": "per-head"})
-PHI3 = Architecture("phi3", query=(), key=(), value=(),
-                    parts=_parts("qkv_proj", ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj")),
-                    fused={"qkv_proj": "q-kv"})
-MODERNBERT = Architecture("modernbert", query=(), key=(), value=(), output=("attn.Wo",),
-                          aliases={"o_proj": "attn.Wo", "down_proj": "mlp.Wo"},
-                          parts=_parts("Wqkv", ("gate_proj", "Wi"), ("up_proj", "Wi")), fused={"Wqkv": "thirds"})
-T5 = Architecture("t5", query=("q",), key=("k",), value=("v",), output=("o",),
-                  aliases={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"})
+GPT_NEOX = Architecture(
+    "gpt_neox",
+    query=(),
+    key=(),
+    value=(),
+    output=("attention.dense",),
+    aliases={"o_proj": "attention.dense", "up_proj": "dense_h_to_4h", "down_proj": "dense_4h_to_h"},
+    parts=_parts("query_key_value"),
+    fused={"query_key_value": "per-head"},
+)
+PHI3 = Architecture(
+    "phi3",
+    query=(),
+    key=(),
+    value=(),
+    parts=_parts("qkv_proj", ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj")),
+    fused={"qkv_proj": "q-kv"},
+)
+MODERNBERT = Architecture(
+    "modernbert",
+    query=(),
+    key=(),
+    value=(),
+    output=("attn.Wo",),
+    aliases={"o_proj": "attn.Wo", "down_proj": "mlp.Wo"},
+    parts=_parts("Wqkv", ("gate_proj", "Wi"), ("up_proj", "Wi")),
+    fused={"Wqkv": "thirds"},
+)
+T5 = Architecture(
+    "t5",
+    query=("q",),
+    key=("k",),
+    value=("v",),
+    output=("o",),
+    aliases={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"},
+)
 #: model_type -> Architecture; anything absent is treated as Llama-like (q_proj / v_proj)
 REGISTRY = {
     **{t: BERT for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie")},
-    "gpt2": GPT2, "gpt_neox": GPT_NEOX, "phi3": PHI3, "modernbert": MODERNBERT, **{t: T5 for t in ("t5", "mt5")},
+    "gpt2": GPT2,
+    "gpt_neox": GPT_NEOX,
+    "phi3": PHI3,
+    "modernbert": MODERNBERT,
+    **{t: T5 for t in ("t5", "mt5")},
 }
 
 
@@ -105,8 +148,14 @@ def target_names(targets) -> list[str]:
     return [t.strip() for t in targets if t.strip()]
 
 
-def resolve_targets(targets: list[str], modules: list[str], arch: Architecture, *, linear: list[str] | None = None,
-                    config: dict | None = None) -> dict[str, str]:
+def resolve_targets(
+    targets: list[str],
+    modules: list[str],
+    arch: Architecture,
+    *,
+    linear: list[str] | None = None,
+    config: dict | None = None,
+) -> dict[str, str]:
     """Map each requested target to the name it has in this model (aliases applied); `all-linear` to each of
     `linear` (the model's linear layers but the output head) by its full name; without `linear`, to those of the
     class the model `config` names (`architectures.linear_layers`), as `modules` spells them.
@@ -116,12 +165,16 @@ def resolve_targets(targets: list[str], modules: list[str], arch: Architecture, 
             a fused matrix (naming the fused module), or `all-linear` given with other targets.
     """
     if not targets:
-        raise TargetError("{targets}: no module names given; pass comma-separated module-name suffixes, e.g. "
-                          "{targets} q_proj,v_proj, or all-linear")
+        raise TargetError(
+            "{targets}: no module names given; pass comma-separated module-name suffixes, e.g. "
+            "{targets} q_proj,v_proj, or all-linear"
+        )
     if ALL_LINEAR in targets:
         if len(targets) > 1:
-            raise TargetError(f"{{targets}}: {ALL_LINEAR} already names every linear layer; pass it alone (not with "
-                              f"{', '.join(t for t in targets if t != ALL_LINEAR)})")
+            raise TargetError(
+                f"{{targets}}: {ALL_LINEAR} already names every linear layer; pass it alone (not with "
+                f"{', '.join(t for t in targets if t != ALL_LINEAR)})"
+            )
         if linear is None:
             linear = list(match(linear_layers(config or {}), set(modules), config=config).values())
         return {m: m for m in linear}
@@ -133,7 +186,8 @@ def resolve_targets(targets: list[str], modules: list[str], arch: Architecture, 
                 raise TargetError(
                     f"{{targets}}: {t!r} is part of the fused {whole} in this {arch.name} model ({whole} holds "
                     f"{FUSED.get(whole, 'several projections')} in one matrix), and one LoRA pair adapts a whole "
-                    f"matrix; target {whole} instead (see docs/fused-projections.md)")
+                    f"matrix; target {whole} instead (see docs/fused-projections.md)"
+                )
             known = sorted({m.rsplit(".", 1)[-1] for m in modules})
             raise TargetError(
                 f"{{targets}}: {t!r} matches no module of this {arch.name} model; "
@@ -143,8 +197,16 @@ def resolve_targets(targets: list[str], modules: list[str], arch: Architecture, 
     return resolved
 
 
-def assign_roles(method, targets: list[str], modules: list[str], arch: Architecture, overrides: dict[str, str], *,
-                 linear: list[str] | None = None, config: dict | None = None) -> dict[str, str | None]:
+def assign_roles(
+    method,
+    targets: list[str],
+    modules: list[str],
+    arch: Architecture,
+    overrides: dict[str, str],
+    *,
+    linear: list[str] | None = None,
+    config: dict | None = None,
+) -> dict[str, str | None]:
     """Give every matched module its role: principal, minor, SPLIT (a fused Q/K/V matrix under ailora) or None
     (methods without roles).
 
@@ -158,8 +220,9 @@ def assign_roles(method, targets: list[str], modules: list[str], arch: Architect
     """
     resolved = resolve_targets(targets, modules, arch, linear=linear, config=config)
     if overrides and not method.needs_roles:
-        raise TargetError(f"{{roles}}: {method.name} gives its targets no roles; {{roles}} applies to ailora, pissa "
-                          "and milora")
+        raise TargetError(
+            f"{{roles}}: {method.name} gives its targets no roles; {{roles}} applies to ailora, pissa and milora"
+        )
     for key, role in overrides.items():
         if role not in ROLES:
             raise TargetError(f"{{roles}} {key}={role}: role must be one of {', '.join(ROLES)}")
@@ -171,8 +234,10 @@ def assign_roles(method, targets: list[str], modules: list[str], arch: Architect
         roles.update(dict.fromkeys(hit, role))
     for m, role in roles.items():
         if method.needs_roles and role is None:
-            raise TargetError(f"{m}: {method.name} gives it no role; give it one with {{roles}} "
-                              f"{m.rsplit('.', 1)[-1]}=principal|minor (targets: {', '.join(targets)})")
+            raise TargetError(
+                f"{m}: {method.name} gives it no role; give it one with {{roles}} "
+                f"{m.rsplit('.', 1)[-1]}=principal|minor (targets: {', '.join(targets)})"
+            )
     return roles
 
 

@@ -11,6 +11,7 @@ How much I/O runs in parallel scales with the cores this process may use: `IO_TH
 of copy workers and the number of threads that hash one large segment. `AILORA_IO_THREADS=N` (a positive
 integer) overrides it.
 """
+
 from __future__ import annotations
 
 import os

@@ -8,6 +8,7 @@ apply) on a background thread, one at a time in the order a run asks for them (`
 downloads while shard k is processed; `shard` waits for one and checks that the file that arrived has the
 header that was validated.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,14 @@ class Checkpoint:
     _downloader: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, model: str | os.PathLike, *, revision: str | None = None, allow_pickle: bool = False,
-             scratch: str | os.PathLike | None = None) -> Checkpoint:
+    def open(
+        cls,
+        model: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        allow_pickle: bool = False,
+        scratch: str | os.PathLike | None = None,
+    ) -> Checkpoint:
         """Resolve a local directory or a Hub repo id and read every shard header.
 
         Args:
@@ -74,8 +81,10 @@ class Checkpoint:
         """
         path = Path(model).expanduser()
         if path.is_dir() and revision is not None:
-            raise OptionError(f"--revision {revision}: applies to Hub ids only, and {model} is a local directory; "
-                              "check out that revision there, or drop --revision")
+            raise OptionError(
+                f"--revision {revision}: applies to Hub ids only, and {model} is a local directory; "
+                "check out that revision there, or drop --revision"
+            )
         if path.is_dir():
             if allow_pickle and _pickle_only(path):
                 staged = Path(tempfile.mkdtemp(prefix=".ailora-unpickled-", dir=scratch))
@@ -102,9 +111,11 @@ class Checkpoint:
         try:
             root = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
         except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as e:
-            why = ("HF_HUB_OFFLINE is set, so only the local cache was searched; unset it to download"
-                   if constants.HF_HUB_OFFLINE else f"{_root_cause(e)}; check the id, --revision, your token "
-                   "and network")
+            why = (
+                "HF_HUB_OFFLINE is set, so only the local cache was searched; unset it to download"
+                if constants.HF_HUB_OFFLINE
+                else f"{_root_cause(e)}; check the id, --revision, your token and network"
+            )
             raise InputNotFoundError(f"{repo_id}: not found on the Hub or in the local cache ({why})") from e
 
         commit = root.name  # the snapshot folder is named by the commit: headers and downloads agree
@@ -115,10 +126,11 @@ class Checkpoint:
             try:
                 head, size = hub_header(repo_id, commit, name)
             except (HfHubHTTPError, OSError, KeyError, ValueError) as e:
-                raise InputNotFoundError(f"{repo_id}: shard {name} is not in the local cache and its header could "
-                                         f"not be read from the Hub ({_root_cause(e)}); check your connection "
-                                         "and token"
-                                         + (", or unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else "")) from e
+                raise InputNotFoundError(
+                    f"{repo_id}: shard {name} is not in the local cache and its header could "
+                    f"not be read from the Hub ({_root_cause(e)}); check your connection "
+                    "and token" + (", or unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else "")
+                ) from e
             return parse_header(root / name, head, size, name), True
 
         def download(name: str) -> Path:
@@ -132,8 +144,12 @@ class Checkpoint:
     @classmethod
     def _load(cls, source, revision, root: Path, repo_id, header, download=None) -> Checkpoint:
         config_path = root / "config.json"
-        config = read_document(config_path, json.loads, invalid=f"{config_path}: not valid JSON",
-                               missing=f"{source}: no config.json; pass a Hugging Face model directory")
+        config = read_document(
+            config_path,
+            json.loads,
+            invalid=f"{config_path}: not valid JSON",
+            missing=f"{source}: no config.json; pass a Hugging Face model directory",
+        )
         files = {p.name for p in root.iterdir() if p.is_file()}
         if INDEX_NAME in files:
             shards, index_file = _shards_from_index(root / INDEX_NAME), INDEX_NAME
@@ -155,8 +171,9 @@ class Checkpoint:
             headers[name], remote = header(name)
             if remote:
                 pending[name] = None
-        ckpt = cls(source, revision, root, config, shards, headers, index_file, repo_id, _download=download,
-                   _pending=pending)
+        ckpt = cls(
+            source, revision, root, config, shards, headers, index_file, repo_id, _download=download, _pending=pending
+        )
         ckpt.extra_files = _extra_files(root, index_file)
         ckpt._check_index(root / INDEX_NAME if index_file else None)
         return ckpt
@@ -210,9 +227,11 @@ class Checkpoint:
         path, expected = self._pending[name].result(), self.headers[name]
         got = read_header(path, name)
         if (got.raw, got.size) != (expected.raw, expected.size):
-            raise FormatError(f"{path}: the downloaded file ({got.size} bytes) does not have the header checked before "
-                              f"writing ({expected.size} bytes); delete it from the Hugging Face cache and rerun with "
-                              "--resume (the output is incomplete: it has no manifest)")
+            raise FormatError(
+                f"{path}: the downloaded file ({got.size} bytes) does not have the header checked before "
+                f"writing ({expected.size} bytes); delete it from the Hugging Face cache and rerun with "
+                "--resume (the output is incomplete: it has no manifest)"
+            )
         del self._pending[name]
         self.headers[name] = got
         return got
@@ -249,10 +268,12 @@ class Checkpoint:
 
 def _local(source: str, root: Path):
     """The header of each shard of a local directory."""
+
     def header(name: str) -> tuple[ShardHeader, bool]:
         if not (root / name).is_file():
             raise InputNotFoundError(f"{source}: shard {name} named by the index is missing; re-download it")
         return read_header(root / name, name), False
+
     return header
 
 
@@ -269,9 +290,11 @@ def hub_header(repo_id: str, revision: str, name: str, *, session=None) -> tuple
 
     def get(first: int, last: int):
         try:
-            response = (session or get_session()).get(url,
-                                                      headers={**build_hf_headers(), "range": f"bytes={first}-{last}"},
-                                         timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            response = (session or get_session()).get(
+                url,
+                headers={**build_hf_headers(), "range": f"bytes={first}-{last}"},
+                timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+            )
         except Exception as e:  # the HTTP client's connection and timeout errors are not OSErrors
             raise OSError(f"{e.__class__.__name__}: {e}") from e
         hf_raise_for_status(response)
@@ -283,7 +306,7 @@ def hub_header(repo_id: str, revision: str, name: str, *, session=None) -> tuple
     n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
     if len(head) < 8 + n <= min(size, 8 + MAX_HEADER):
         head += get(len(head), 8 + n - 1).content
-    return head[:8 + n], size
+    return head[: 8 + n], size
 
 
 def hub_download(repo_id: str, name: str, revision: str) -> str:

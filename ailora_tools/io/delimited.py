@@ -6,6 +6,7 @@ holds a tab, a newline or a quote (`"say ""hi"" twice"`), so such a cell may spa
 quote decides: when it is exactly what the csv module writes for its cells, the file is quoted; otherwise cells
 are taken as written. A file that mixes the two is refused, naming a line of each.
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,8 +60,10 @@ def rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
     header = next(records, (1, []))[1]
     for line, cells in records:
         if len(cells) != len(header):
-            raise FormatError(f"{path}:{line}: {len(cells)} cells, {'more' if len(cells) > len(header) else 'fewer'} "
-                              f"than the header's {len(header)} columns")
+            raise FormatError(
+                f"{path}:{line}: {len(cells)} cells, {'more' if len(cells) > len(header) else 'fewer'} "
+                f"than the header's {len(header)} columns"
+            )
         if any(cells):
             yield line, dict(zip(header, cells))
 
@@ -106,9 +109,11 @@ def _tsv(path: Path, lines: _Lines) -> Iterator[tuple[int, list[str]]]:
             if cells is not None and _as_written_by_csv(cells, "".join(lines.taken)):
                 quoted = quoted or (start, lines.line)
             elif quoted is not None:
-                raise FormatError(f"{path}:{start}: a bare quote in a cell (as GLUE's files hold), but a cell opens "
-                                  f"a quote on line {quoted[0]} and closes it on line {quoted[1]} ({QUOTING}); "
-                                  f"{ONE_WAY}")
+                raise FormatError(
+                    f"{path}:{start}: a bare quote in a cell (as GLUE's files hold), but a cell opens "
+                    f"a quote on line {quoted[0]} and closes it on line {quoted[1]} ({QUOTING}); "
+                    f"{ONE_WAY}"
+                )
             else:
                 lines.rewind()
                 bare, cells = start, first.rstrip("\r\n").split("\t")
@@ -140,14 +145,20 @@ def _refuse_quoted_cell(path: Path, line: int, bare: int, width: int, back: int 
     for start in range(line, top - 1, -1):
         if '"' not in rest[start - top]:
             continue
-        lines = _Lines(iter(rest[start - top:]))
+        lines = _Lines(iter(rest[start - top :]))
         cells = _quoted_cells(next(lines), lines)
         end = start + lines.line - 1
-        if (cells is not None and len(cells) == width and end >= line
-                and _as_written_by_csv(cells, "".join(lines.taken))):
-            raise FormatError(f"{path}:{line}: a cell opens a quote on line {start} and closes it on line {end} "
-                              f"({QUOTING}), but line {bare} holds a bare quote (as GLUE's files do), so cells are "
-                              f"taken as written; {ONE_WAY}")
+        if (
+            cells is not None
+            and len(cells) == width
+            and end >= line
+            and _as_written_by_csv(cells, "".join(lines.taken))
+        ):
+            raise FormatError(
+                f"{path}:{line}: a cell opens a quote on line {start} and closes it on line {end} "
+                f"({QUOTING}), but line {bare} holds a bare quote (as GLUE's files do), so cells are "
+                f"taken as written; {ONE_WAY}"
+            )
 
 
 def _as_written_by_csv(cells: list[str], raw: str) -> bool:

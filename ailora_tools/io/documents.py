@@ -1,4 +1,5 @@
 """A small text document read and parsed (a recipe's TOML, a model's config.json), with errors naming the file."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

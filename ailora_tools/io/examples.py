@@ -19,6 +19,7 @@ RTE), read by `labels` (its docstring says what a label is in each format). `Col
 label columns (--text-column, --text-pair-column, --label-column). Regression (a head with one output,
 `regression=True`): labels are numbers.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,8 +47,14 @@ class Example:
     labels: list[int]
 
 
-def check_rows(path: str | Path, *, flag: str = "--data", task: str = CAUSAL_LM, columns: Columns | None = None,
-               regression: bool = False) -> int:
+def check_rows(
+    path: str | Path,
+    *,
+    flag: str = "--data",
+    task: str = CAUSAL_LM,
+    columns: Columns | None = None,
+    regression: bool = False,
+) -> int:
     """Check a JSONL file's shape without a tokenizer, so bad data fails in a second, before any model loads:
     every line an object of one of the causal-LM shapes, {"text"} for masked-lm, or a labeled row (one label
     type in the file) for sequence-classification. Returns the number of rows.
@@ -66,8 +73,16 @@ def check_rows(path: str | Path, *, flag: str = "--data", task: str = CAUSAL_LM,
     return n
 
 
-def check_data(task: str, data: str | Path, eval_data: str | Path | None = None, *, columns: Columns | None = None,
-               num_labels: int | None = None, config: dict, base) -> dict[str, int]:
+def check_data(
+    task: str,
+    data: str | Path,
+    eval_data: str | Path | None = None,
+    *,
+    columns: Columns | None = None,
+    num_labels: int | None = None,
+    config: dict,
+    base,
+) -> dict[str, int]:
     """Check train's --data and --eval-data for `task` before any model loads (train and compare call it): every
     row's shape (`check_rows`) and, for sequence classification, the labels of both files together (`label_ids`:
     one type, no gap in the class ids, no label only --eval-data has, no more labels than the head has).
@@ -90,15 +105,24 @@ def check_data(task: str, data: str | Path, eval_data: str | Path | None = None,
     files = {"--data": data, **({"--eval-data": eval_data} if eval_data is not None else {})}
     if task != CLASSIFY:
         return {flag: check_rows(path, flag=flag, task=task, columns=columns) for flag, path in files.items()}
-    read = {flag: read_labeled(path, flag=flag, columns=columns, regression=num_labels == 1)
-            for flag, path in files.items()}
-    label_ids(read["--data"], read.get("--eval-data", []), data=data, eval_data=eval_data, config=config, base=base,
-              num_labels=num_labels)
+    read = {
+        flag: read_labeled(path, flag=flag, columns=columns, regression=num_labels == 1) for flag, path in files.items()
+    }
+    label_ids(
+        read["--data"],
+        read.get("--eval-data", []),
+        data=data,
+        eval_data=eval_data,
+        config=config,
+        base=base,
+        num_labels=num_labels,
+    )
     return {flag: len(rows) for flag, rows in read.items()}
 
 
-def load_jsonl(path: str | Path, tokenizer, *, max_length: int, limit: int | None = None,
-               columns: Columns | None = None) -> list[Example]:
+def load_jsonl(
+    path: str | Path, tokenizer, *, max_length: int, limit: int | None = None, columns: Columns | None = None
+) -> list[Example]:
     """Read and tokenize a JSONL file (its first `limit` rows when given); every example must keep at least
     one loss token after `max_length`.
 
@@ -115,8 +139,11 @@ def load_jsonl(path: str | Path, tokenizer, *, max_length: int, limit: int | Non
             raise FormatError(f"{path}:{lineno}: {e}") from e
         kept = Example(ex.input_ids[:max_length], ex.labels[:max_length])
         if not any(label != IGNORE for label in kept.labels[1:]):  # the first token is never predicted
-            why = (f"its loss tokens start after --max-length {max_length}; raise it or shorten the prompt"
-                   if any(label != IGNORE for label in ex.labels[1:]) else _no_loss_reason(row))
+            why = (
+                f"its loss tokens start after --max-length {max_length}; raise it or shorten the prompt"
+                if any(label != IGNORE for label in ex.labels[1:])
+                else _no_loss_reason(row)
+            )
             raise FormatError(f"{path}:{lineno}: no token carries loss ({why}); fix or remove the line")
         examples.append(kept)
         if limit is not None and len(examples) == limit:
@@ -126,8 +153,9 @@ def load_jsonl(path: str | Path, tokenizer, *, max_length: int, limit: int | Non
     return examples
 
 
-def load_masked_jsonl(path: str | Path, tokenizer, *, max_length: int, seed: int,
-                      columns: Columns | None = None) -> list[Example]:
+def load_masked_jsonl(
+    path: str | Path, tokenizer, *, max_length: int, seed: int, columns: Columns | None = None
+) -> list[Example]:
     """Read {"text"} rows (other keys ignored), tokenize them with special tokens and mask them for a masked-LM
     loss (seeded).
 
@@ -167,8 +195,14 @@ def _masked_shape(row, path, lineno) -> None:
 def _masked_row(row) -> str:
     """The text of a masked-LM row (other keys are ignored); ValueError for a row without "text" or with "label"."""
     if not isinstance(row, dict) or "text" not in row or "label" in row:
-        raise ValueError('masked-LM rows are {"text"}' + (' (rows with "label" are for --task sequence-classification)'
-                                                          if isinstance(row, dict) and "label" in row else ""))
+        raise ValueError(
+            'masked-LM rows are {"text"}'
+            + (
+                ' (rows with "label" are for --task sequence-classification)'
+                if isinstance(row, dict) and "label" in row
+                else ""
+            )
+        )
     return tables.text(row, "text")
 
 

@@ -1,5 +1,6 @@
 """Fingerprints that recognise a model directory wherever it was moved: BLAKE3 of a tensor's first 64 KiB as stored,
 for a few tensors picked to identify it (`manifests`' `applies_to` blocks record them)."""
+
 from __future__ import annotations
 
 from .hashing import bytes_digest

@@ -14,6 +14,7 @@ cores a segment of 32 MiB or more (and a buffer as large) is hashed on `backgrou
 (BLAKE3's tree hashing: the digest does not depend on it), so hashing stays ahead of parallel copies.
 `ailora-tools verify` recomputes either kind.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -119,7 +120,7 @@ def _hash_range(fd: int, start: int, end: int) -> blake3:
         length = min(base + WINDOW, end) - base
         with mmap.mmap(fd, length, offset=base, access=mmap.ACCESS_READ) as window:
             with memoryview(window) as view:
-                h.update(view[start - base:])
+                h.update(view[start - base :])
         start = base + length
     return h
 

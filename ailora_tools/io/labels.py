@@ -12,6 +12,7 @@ JSON null or a missing key, a Parquet null is refused with the file and line):
   base's classification head already has them.
 - Regression (--num-labels 1): every label is a finite number.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,9 @@ class LabeledExample:
     label: int | float
 
 
-def read_labeled(path: str | Path, *, flag: str = "--data", columns: Columns | None = None,
-                 regression: bool = False) -> list[LabeledRow]:
+def read_labeled(
+    path: str | Path, *, flag: str = "--data", columns: Columns | None = None, regression: bool = False
+) -> list[LabeledRow]:
     """Read and validate sequence-classification rows (no tokenizer needed, so before any model loads), their
     labels read by the rules of the module docstring.
 
@@ -77,8 +79,10 @@ def read_labeled(path: str | Path, *, flag: str = "--data", columns: Columns | N
     def parse(line: int, row) -> LabeledRow:
         label = _label(row, columns, regression, text_cells=text_cells, table=header is not None)
         if first and type(label) is not type(first[0].label):
-            raise ValueError(f'{json.dumps(columns.label_name)} is {_kind(label)} here but {_kind(first[0].label)} '
-                             f"on line {first[0].line}; use one type for every label")
+            raise ValueError(
+                f"{json.dumps(columns.label_name)} is {_kind(label)} here but {_kind(first[0].label)} "
+                f"on line {first[0].line}; use one type for every label"
+            )
         parsed = LabeledRow(line, *_texts(row, columns), label)
         first[:] = first or [parsed]
         return parsed
@@ -90,15 +94,22 @@ def read_labeled(path: str | Path, *, flag: str = "--data", columns: Columns | N
 
 
 def _check_header(path, flag: str, columns: Columns, header: list[str]) -> None:
-    for option, name in (("--text-column", columns.text), ("--text-pair-column", columns.pair),
-                         ("--label-column", columns.label_name)):
+    for option, name in (
+        ("--text-column", columns.text),
+        ("--text-pair-column", columns.pair),
+        ("--label-column", columns.label_name),
+    ):
         if name is not None and name not in header:
-            raise FormatError(f"{flag} {path}: no column {name!r} ({option}"
-                              f"{'' if option != '--label-column' or columns.label else ' default'}); its "
-                              f"columns are {', '.join(map(repr, header))}")
+            raise FormatError(
+                f"{flag} {path}: no column {name!r} ({option}"
+                f"{'' if option != '--label-column' or columns.label else ' default'}); its "
+                f"columns are {', '.join(map(repr, header))}"
+            )
     if columns.text is None and "text" not in header and "text_a" not in header:
-        raise FormatError(f"{flag} {path}: no \"text\" or \"text_a\" column; name the text column with "
-                          f"--text-column (its columns are {', '.join(map(repr, header))})")
+        raise FormatError(
+            f'{flag} {path}: no "text" or "text_a" column; name the text column with '
+            f"--text-column (its columns are {', '.join(map(repr, header))})"
+        )
 
 
 def _texts(row: dict, columns: Columns) -> tuple[str, str | None]:
@@ -110,8 +121,10 @@ def _texts(row: dict, columns: Columns) -> tuple[str, str | None]:
     if "text_a" in row:
         pair = columns.pair or "text_b"
         return tables.text(row, "text_a"), tables.text(row, pair) if pair in row else None
-    raise ValueError(f'no "text" or "text_a" column; sequence-classification rows are {LABELED_SHAPES} '
-                     "(or name the columns with --text-column, --text-pair-column, --label-column)")
+    raise ValueError(
+        f'no "text" or "text_a" column; sequence-classification rows are {LABELED_SHAPES} '
+        "(or name the columns with --text-column, --text-pair-column, --label-column)"
+    )
 
 
 def _label(row, columns: Columns, regression: bool, *, text_cells: bool, table: bool) -> int | str | float:
@@ -123,8 +136,10 @@ def _label(row, columns: Columns, regression: bool, *, text_cells: bool, table: 
         raise ValueError("each line must be a JSON object")
     value = row.get(key)
     if key not in row and not table:
-        raise ValueError(f"no {name} column; sequence-classification rows are "
-                         + (LABELED_SHAPES if columns == Columns() else "text and label columns"))
+        raise ValueError(
+            f"no {name} column; sequence-classification rows are "
+            + (LABELED_SHAPES if columns == Columns() else "text and label columns")
+        )
     if value is None or isinstance(value, str) and not value.strip():
         raise ValueError(f"{name} is empty; every row needs a label: fill it in or remove the row")
     if regression:
@@ -146,8 +161,10 @@ def _class_id(value, name: str) -> int:
     if isinstance(value, float):
         raise ValueError(f"{name} is {json.dumps(value)}, not a class id (an integer 0..K-1); {_REGRESSION}")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} is {json.dumps(value, default=repr)}; labels are class ids (integers 0..K-1) or "
-                         f"class names (strings); {_REGRESSION}")
+        raise ValueError(
+            f"{name} is {json.dumps(value, default=repr)}; labels are class ids (integers 0..K-1) or "
+            f"class names (strings); {_REGRESSION}"
+        )
     if value < 0:
         raise ValueError(f"{name} is {value}; class ids are 0..K-1")
     return value
@@ -161,8 +178,10 @@ def _cells_to_labels(rows: list[LabeledRow], path, key: str) -> None:
     if number is not None and word is not None:
         kinds = {id(number): f"a number ({number.label.strip()})", id(word): f"a name ({json.dumps(word.label)})"}
         there, here = sorted((number, word), key=lambda r: r.line)
-        raise FormatError(f"{path}:{here.line}: {json.dumps(key)} is {kinds[id(here)]} here but {kinds[id(there)]} on "
-                          f"line {there.line}; use one type for every label")
+        raise FormatError(
+            f"{path}:{here.line}: {json.dumps(key)} is {kinds[id(here)]} here but {kinds[id(there)]} on "
+            f"line {there.line}; use one type for every label"
+        )
     for r, x in zip(rows, numbers):
         if x is not None:
             try:
@@ -182,8 +201,9 @@ def _kind(label) -> str:
     return "a string" if isinstance(label, str) else "a number" if isinstance(label, float) else "an integer"
 
 
-def label_ids(rows: list[LabeledRow], eval_rows: list[LabeledRow], *, data, eval_data, config: dict, base,
-              num_labels: int | None) -> tuple[dict | None, dict]:
+def label_ids(
+    rows: list[LabeledRow], eval_rows: list[LabeledRow], *, data, eval_data, config: dict, base, num_labels: int | None
+) -> tuple[dict | None, dict]:
     """label -> class id (None: regression), and the head's config keys (num_labels, id2label, label2id,
     problem_type), for a model of `config` (a head it already has fixes them) and --num-labels. Ids are the
     integers as written, or names in sorted order.
@@ -200,12 +220,16 @@ def label_ids(rows: list[LabeledRow], eval_rows: list[LabeledRow], *, data, eval
     first = rows[0]
     for path, r in every:
         if type(r.label) is not type(first.label):
-            raise FormatError(f"{path}:{r.line}: \"label\" is {_kind(r.label)} but {_kind(first.label)} in {data}:"
-                              f"{first.line}; use one type for every label")
+            raise FormatError(
+                f'{path}:{r.line}: "label" is {_kind(r.label)} but {_kind(first.label)} in {data}:'
+                f"{first.line}; use one type for every label"
+            )
     head = _head_labels(config)
     if num_labels is not None and head is not None and num_labels != len(head):
-        raise TargetError(f"--num-labels {num_labels}: the base {base} already has a classification head with "
-                          f"{len(head)} labels; leave --num-labels out")
+        raise TargetError(
+            f"--num-labels {num_labels}: the base {base} already has a classification head with "
+            f"{len(head)} labels; leave --num-labels out"
+        )
     if num_labels == 1 or (head is not None and len(head) == 1):  # regression (STS-B): one output, float labels
         return None, _regression_head(first, data)
     if head is None:
@@ -216,45 +240,56 @@ def label_ids(rows: list[LabeledRow], eval_rows: list[LabeledRow], *, data, eval
         ids, names = _integer_labels(every, rows, head, size, whose=whose, data=data)
     else:
         ids, names = _named_labels(every, head, size, whose=whose, data=data)
-    return ids, {"num_labels": len(names), "id2label": dict(enumerate(names)),
-                 "label2id": {name: i for i, name in enumerate(names)}, "problem_type": "single_label_classification"}
+    return ids, {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+        "problem_type": "single_label_classification",
+    }
 
 
 def _regression_head(first: LabeledRow, data) -> dict:
     """The head's config keys for a regression (one output); its labels must be numbers."""
     if not isinstance(first.label, float):
-        raise FormatError(f"{data}:{first.line}: label {first.label!r}; a regression head (--num-labels 1) "
-                          "needs numbers")
+        raise FormatError(
+            f"{data}:{first.line}: label {first.label!r}; a regression head (--num-labels 1) needs numbers"
+        )
     return {"num_labels": 1, "id2label": {0: "LABEL_0"}, "label2id": {"LABEL_0": 0}, "problem_type": "regression"}
 
 
-def _integer_labels(every: list, rows: list[LabeledRow], head: list[str] | None, size: int | None, *, whose: str,
-                    data) -> tuple[dict, list[str]]:
+def _integer_labels(
+    every: list, rows: list[LabeledRow], head: list[str] | None, size: int | None, *, whose: str, data
+) -> tuple[dict, list[str]]:
     """Class ids as written: (id -> id, the head's label names), checked against the head's size."""
     path, top = max(every, key=lambda pr: pr[1].label)
     if size is not None and top.label >= size:
-        raise FormatError(f"{path}:{top.line}: label {top.label}, but {whose} has {size} labels (ids 0..{size - 1})"
-                          "; give fewer labels" + ("" if head is not None else " or raise --num-labels"))
+        raise FormatError(
+            f"{path}:{top.line}: label {top.label}, but {whose} has {size} labels (ids 0..{size - 1})"
+            "; give fewer labels" + ("" if head is not None else " or raise --num-labels")
+        )
     if head is None:
         _check_no_gap(rows, data)
     size = size or max(2, top.label + 1)
     return {i: i for i in range(size)}, head or [f"LABEL_{i}" for i in range(size)]
 
 
-def _named_labels(every: list, head: list[str] | None, size: int | None, *, whose: str,
-                  data) -> tuple[dict, list[str]]:
+def _named_labels(every: list, head: list[str] | None, size: int | None, *, whose: str, data) -> tuple[dict, list[str]]:
     """Label names: the head's ids for its names, or the names in sorted order; (name -> id, the head's names)."""
     found = sorted({r.label for _, r in every})
     if head is not None:
         ids = {name: i for i, name in enumerate(head)}
         unknown = [name for name in found if name not in ids]
         if unknown:
-            raise FormatError(f"{data}: labels {unknown[:3]} are not among the {len(head)} labels of {whose} "
-                              f"({', '.join(head[:5])}); use those names or the class ids 0..{len(head) - 1}")
+            raise FormatError(
+                f"{data}: labels {unknown[:3]} are not among the {len(head)} labels of {whose} "
+                f"({', '.join(head[:5])}); use those names or the class ids 0..{len(head) - 1}"
+            )
         return ids, head
     if size is not None and len(found) > size:
-        raise FormatError(f"{data}: {len(found)} label names ({', '.join(found[:5])}), but {whose} has {size} "
-                          "labels; raise --num-labels")
+        raise FormatError(
+            f"{data}: {len(found)} label names ({', '.join(found[:5])}), but {whose} has {size} "
+            "labels; raise --num-labels"
+        )
     size = size or max(2, len(found))
     return {name: i for i, name in enumerate(found)}, found + [f"LABEL_{i}" for i in range(len(found), size)]
 
@@ -264,9 +299,11 @@ def _check_eval_labels(rows: list[LabeledRow], eval_rows: list[LabeledRow], *, d
     present = {r.label for r in rows}
     for r in eval_rows:
         if r.label not in present:
-            raise FormatError(f"--eval-data {eval_data}:{r.line}: label {r.label!r} is in no row of --data {data}; "
-                              "a class only the evaluation has never trains: add rows of it to --data or leave it "
-                              "out of --eval-data")
+            raise FormatError(
+                f"--eval-data {eval_data}:{r.line}: label {r.label!r} is in no row of --data {data}; "
+                "a class only the evaluation has never trains: add rows of it to --data or leave it "
+                "out of --eval-data"
+            )
 
 
 def _check_no_gap(rows: list[LabeledRow], data) -> None:
@@ -275,8 +312,10 @@ def _check_no_gap(rows: list[LabeledRow], data) -> None:
     gap = next((i for i in range(max(present)) if i not in present), None)
     if gap is not None:
         shown = ", ".join(map(str, sorted(present)[:8])) + (", ..." if len(present) > 8 else "")
-        raise FormatError(f"{data}: no row has class id {gap} (the ids are {shown}); class ids are 0..K-1, each "
-                          "with rows: number the classes without gaps, or give them as names")
+        raise FormatError(
+            f"{data}: no row has class id {gap} (the ids are {shown}); class ids are 0..K-1, each "
+            "with rows: number the classes without gaps, or give them as names"
+        )
 
 
 def _head_labels(config: dict) -> list[str] | None:

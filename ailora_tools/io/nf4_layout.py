@@ -8,6 +8,7 @@ with double quantisation (the default), `M.weight.nested_absmax` and `M.weight.n
 Every shape is known from W's shape before W is quantised (`parts_layout`: the JSON is padded with spaces to
 its longest length), so the rewrite engine writes a shard's header first and each matrix's parts as they come.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,12 @@ def parts_layout(shape: tuple[int, int], dtype: str, *, double_quant: bool = Tru
     blocks = -(-n // BLOCKSIZE)
     parts = {"": ("U8", (-(-n // 2), 1))}
     if double_quant:
-        parts.update(absmax=("U8", (blocks,)), quant_map=("F32", (16,)),
-                     nested_absmax=("F32", (-(-blocks // NESTED_BLOCKSIZE),)), nested_quant_map=("F32", (256,)))
+        parts.update(
+            absmax=("U8", (blocks,)),
+            quant_map=("F32", (16,)),
+            nested_absmax=("F32", (-(-blocks // NESTED_BLOCKSIZE),)),
+            nested_quant_map=("F32", (256,)),
+        )
     else:
         parts.update(absmax=("F32", (blocks,)), quant_map=("F32", (16,)))
     parts[STATE] = ("U8", (len(_state_json(shape, dtype, double_quant, _LONGEST_FLOAT)),))
@@ -74,8 +79,18 @@ def skip_modules(linear, quantized) -> list[str]:
 def quantization_config(*, compute_dtype: str, skip: list[str], double_quant: bool = True) -> dict:
     """config.json's `quantization_config` for an NF4 checkpoint (what transformers' BitsAndBytesConfig saves).
     `compute_dtype`: torch dtype name ("bfloat16", "float32")."""
-    return {"quant_method": "bitsandbytes", "_load_in_4bit": True, "_load_in_8bit": False, "load_in_4bit": True,
-            "load_in_8bit": False, "llm_int8_threshold": 6.0, "llm_int8_skip_modules": list(skip),
-            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
-            "bnb_4bit_quant_type": QUANT_TYPE, "bnb_4bit_use_double_quant": double_quant,
-            "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": "uint8"}
+    return {
+        "quant_method": "bitsandbytes",
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_skip_modules": list(skip),
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "bnb_4bit_quant_type": QUANT_TYPE,
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+    }

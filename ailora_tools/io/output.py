@@ -5,6 +5,7 @@ manifest is written last, so a directory without it is never taken as finished. 
 (`.ailora-progress.json`) records finished pieces and the settings that made them; `--resume` reuses
 them only when the settings match.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -41,8 +42,15 @@ class OutputDir:
     #: scratch files a run keeps for --resume (removed with the journal once the manifest is written)
     WORK = ".work"
 
-    def __init__(self, path: Path | str, *, inputs: list[Path] = (), overwrite: bool = False,
-                 resume: bool = False, settings: dict | None = None):
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        inputs: list[Path] = (),
+        overwrite: bool = False,
+        resume: bool = False,
+        settings: dict | None = None,
+    ):
         self.path = Path(path).expanduser().absolute()
         self.settings = json.loads(json.dumps(settings or {}, sort_keys=True, default=str))
         self.overwrite, self.resume = overwrite, resume
@@ -63,8 +71,10 @@ class OutputDir:
         except BlockingIOError as e:
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise OutputError(f"-o {self.path}: another ailora-tools run is writing there (locked); wait for it "
-                              "or choose another directory") from e
+            raise OutputError(
+                f"-o {self.path}: another ailora-tools run is writing there (locked); wait for it "
+                "or choose another directory"
+            ) from e
         try:
             self._prepare()
         except BaseException:
@@ -80,13 +90,17 @@ class OutputDir:
             self.done = journal.get("done", {})
             return
         if self.resume and not journal and existing and not self.overwrite:
-            raise OutputError(f"--resume: {self.path} holds no interrupted run (no {JOURNAL_NAME}): its run is "
-                              "complete, or it is not an ailora-tools output; there is nothing to resume: use it as "
-                              "it is, or pass --overwrite to run it again")
+            raise OutputError(
+                f"--resume: {self.path} holds no interrupted run (no {JOURNAL_NAME}): its run is "
+                "complete, or it is not an ailora-tools output; there is nothing to resume: use it as "
+                "it is, or pass --overwrite to run it again"
+            )
         if existing and not self.overwrite:
             hint = "--resume to finish the interrupted run there, " if journal else ""
-            raise OutputError(f"-o {self.path}: exists and is not empty; pass {hint}--overwrite to replace it, "
-                              "or choose another directory")
+            raise OutputError(
+                f"-o {self.path}: exists and is not empty; pass {hint}--overwrite to replace it, "
+                "or choose another directory"
+            )
         for p in existing:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         self._write_journal()
@@ -181,7 +195,11 @@ def _same_settings(path: Path, before: dict, now: dict, complete: str | None = N
     moved = sorted(f for f in files if (before.get("inputs") or {}).get(f) != files[f])
     run = f"the run in {path}" + (f" (complete: {complete} is written)" if complete else "")
     if moved:  # "inputs": flag -> digest of a file the run reads (train's data)
-        raise OutputError(f"--resume: {', '.join(moved)} changed since {run} began (its content differs from the "
-                          "one recorded): restore the file, or start again with --overwrite")
-    raise OutputError(f"--resume: {run} used other settings ({', '.join(changed)}); rerun with the same ones, or "
-                      "use --overwrite to start again")
+        raise OutputError(
+            f"--resume: {', '.join(moved)} changed since {run} began (its content differs from the "
+            "one recorded): restore the file, or start again with --overwrite"
+        )
+    raise OutputError(
+        f"--resume: {run} used other settings ({', '.join(changed)}); rerun with the same ones, or "
+        "use --overwrite to start again"
+    )

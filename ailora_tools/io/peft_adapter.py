@@ -5,6 +5,7 @@ Keys are `base_model.model.<module>.lora_A.weight` ([r, in]) and `.lora_B.weight
 `Adapter.magnitudes` (the maths is in `init.dora`). Modules trained whole (`modules_to_save`, e.g. a classification
 head) are saved as PEFT saves them: their plain parameter names, `base_model.model.classifier.weight`.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,9 @@ class Adapter:
         alpha = _pattern(c.get("alpha_pattern") or {}, module, c["lora_alpha"])
         return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
 
-    def check_fits(self, tensors: dict, *, adapter: object, base: object, config: dict | None = None,
-                   takes_nf4: bool = False) -> dict[str, str]:
+    def check_fits(
+        self, tensors: dict, *, adapter: object, base: object, config: dict | None = None, takes_nf4: bool = False
+    ) -> dict[str, str]:
         """Every adapted module exists in the base (`tensors`: name -> TensorInfo) with a matching float shape.
 
         A base weight stored NF4-packed (decompose --quantize) fits when its element count does, for callers that
@@ -78,25 +80,34 @@ class Adapter:
             info = tensors.get(weights[m] + ".weight") if m in weights else None
             if info is None:
                 near = sorted(n for n in tensors if n.endswith(m.rsplit(".", 1)[-1] + ".weight"))[:3]
-                raise TargetError(f"{adapter}: adapts module {m!r} but the base {base} has no tensor {m}.weight"
-                                  + (f" (it has e.g. {', '.join(near)})" if near else "")
-                                  + "; pass the base this adapter was trained on")
+                raise TargetError(
+                    f"{adapter}: adapts module {m!r} but the base {base} has no tensor {m}.weight"
+                    + (f" (it has e.g. {', '.join(near)})" if near else "")
+                    + "; pass the base this adapter was trained on"
+                )
             shape = (B.shape[0], A.shape[1])
             if f"{info.name}.{NF4_STATE}" in tensors:
                 if not takes_nf4:
-                    raise UnsupportedError(f"{base}: {info.name} is NF4-quantised (decompose --quantize); this command "
-                                           "takes float weights (train, convert, merge and export-base take an NF4 "
-                                           "residual): decompose without --quantize")
+                    raise UnsupportedError(
+                        f"{base}: {info.name} is NF4-quantised (decompose --quantize); this command "
+                        "takes float weights (train, convert, merge and export-base take an NF4 "
+                        "residual): decompose without --quantize"
+                    )
                 if info.shape[0] != -(-shape[0] * shape[1] // 2):
-                    raise TargetError(f"{adapter}: {m} is {shape[0]}x{shape[1]} in the adapter but the NF4 weight "
-                                      f"{info.name} in {info.file} holds {info.shape[0]} bytes; pass the matching base")
+                    raise TargetError(
+                        f"{adapter}: {m} is {shape[0]}x{shape[1]} in the adapter but the NF4 weight "
+                        f"{info.name} in {info.file} holds {info.shape[0]} bytes; pass the matching base"
+                    )
                 continue
             if tuple(info.shape) != (shape[::-1] if self.config.get("fan_in_fan_out") else shape):
-                raise TargetError(f"{adapter}: {m} is {shape[0]}x{shape[1]} in the adapter but {info.name} in "
-                                  f"{info.file} is {info.shape[0]}x{info.shape[1]}; pass the matching base")
+                raise TargetError(
+                    f"{adapter}: {m} is {shape[0]}x{shape[1]} in the adapter but {info.name} in "
+                    f"{info.file} is {info.shape[0]}x{info.shape[1]}; pass the matching base"
+                )
             if info.dtype not in FLOAT_DTYPES:
-                raise UnsupportedError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}; supported: "
-                                       f"{', '.join(FLOAT_DTYPES)}")
+                raise UnsupportedError(
+                    f"{info.file}: tensor {info.name!r} has dtype {info.dtype}; supported: {', '.join(FLOAT_DTYPES)}"
+                )
         return {m: w + ".weight" for m, w in weights.items()}
 
     def delta(self, module: str) -> torch.Tensor:
@@ -114,17 +125,36 @@ def _pattern(patterns: dict, module: str, default):
 
 
 def lora_config(
-    *, rank: int, alpha: float, targets: list[str], rslora: bool, base: str, task_type: str | None,
-    fan_in_fan_out: bool = False, modules_to_save: list[str] | None = None, dora: bool = False,
+    *,
+    rank: int,
+    alpha: float,
+    targets: list[str],
+    rslora: bool,
+    base: str,
+    task_type: str | None,
+    fan_in_fan_out: bool = False,
+    modules_to_save: list[str] | None = None,
+    dora: bool = False,
 ) -> dict:
     """An adapter_config.json for a plain LoRA that PEFT and vLLM load without re-initialising it (`dora`: a DoRA
     adapter, `use_dora: true`, which PEFT loads and vLLM does not)."""
     return {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base,
-        "r": rank, "lora_alpha": alpha, "use_rslora": rslora, "target_modules": sorted(set(targets)),
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True, "use_dora": dora, "modules_to_save": modules_to_save or None,
-        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base,
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_rslora": rslora,
+        "target_modules": sorted(set(targets)),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": True,
+        "use_dora": dora,
+        "modules_to_save": modules_to_save or None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
     }
 
 
@@ -157,9 +187,15 @@ def key(module: str, which: str) -> str:
     return f"{PREFIX}{module}.lora_{which}.weight"
 
 
-def write_adapter(directory: Path, config: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  *, dtype: torch.dtype = torch.float32, extra: dict[str, torch.Tensor] | None = None,
-                  magnitudes: dict[str, torch.Tensor] | None = None) -> list[Path]:
+def write_adapter(
+    directory: Path,
+    config: dict,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    extra: dict[str, torch.Tensor] | None = None,
+    magnitudes: dict[str, torch.Tensor] | None = None,
+) -> list[Path]:
     """Write weights, then config, each beside its name and renamed into place; return both paths.
 
     `extra`: the `modules_to_save` parameters by name ("classifier.weight"), which `config` must list.
@@ -205,11 +241,14 @@ def read_adapter(directory: Path | str, *, strict: bool = True, dora: bool = Fal
     except json.JSONDecodeError as e:
         raise FormatError(f"{cfg_path}: not valid JSON ({e})") from e
     if config.get("peft_type") != "LORA":
-        raise UnsupportedError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; "
-                               "only LORA adapters are supported")
+        raise UnsupportedError(
+            f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported"
+        )
     if strict and config.get("use_dora") and not dora:
-        raise UnsupportedError(f"{cfg_path}: a DoRA adapter (use_dora: true) needs its base: `ailora-tools merge` it, "
-                               "or `ailora-tools convert --dora exact|approximate` it to a standard LoRA first")
+        raise UnsupportedError(
+            f"{cfg_path}: a DoRA adapter (use_dora: true) needs its base: `ailora-tools merge` it, "
+            "or `ailora-tools convert --dora exact|approximate` it to a standard LoRA first"
+        )
     A: dict[str, torch.Tensor] = {}
     B: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
@@ -220,14 +259,16 @@ def read_adapter(directory: Path | str, *, strict: bool = True, dora: bool = Fal
             mags[mm.group(1)] = t
             continue
         m = _KEY.match(k)
-        if m is None and k.startswith(PREFIX) and _in_modules(k[len(PREFIX):], saved):
-            extra[k[len(PREFIX):]] = t
+        if m is None and k.startswith(PREFIX) and _in_modules(k[len(PREFIX) :], saved):
+            extra[k[len(PREFIX) :]] = t
             continue
         if m is None and not strict:
             continue
         if m is None:
-            raise FormatError(f"{w_path}: tensor {k!r} is not a LoRA A/B weight (e.g. {key('x.q_proj', 'A')}) "
-                              "nor a parameter of a module in modules_to_save")
+            raise FormatError(
+                f"{w_path}: tensor {k!r} is not a LoRA A/B weight (e.g. {key('x.q_proj', 'A')}) "
+                "nor a parameter of a module in modules_to_save"
+            )
         (A if m.group(2) == "A" else B)[m.group(1)] = t
     if set(A) != set(B):
         raise FormatError(f"{w_path}: modules with only one of lora_A/lora_B: {sorted(set(A) ^ set(B))}")
@@ -239,9 +280,11 @@ def read_adapter(directory: Path | str, *, strict: bool = True, dora: bool = Fal
     if config.get("use_dora") and strict:
         for m, (_A, B_) in factors.items():
             if m not in mags or tuple(mags[m].shape) != (B_.shape[0],):
-                raise FormatError(f"{w_path}: DoRA module {m} has no lora_magnitude_vector of shape [{B_.shape[0]}] "
-                                  f"(found {tuple(mags[m].shape) if m in mags else 'none'}); pass a complete "
-                                  "DoRA adapter")
+                raise FormatError(
+                    f"{w_path}: DoRA module {m} has no lora_magnitude_vector of shape [{B_.shape[0]}] "
+                    f"(found {tuple(mags[m].shape) if m in mags else 'none'}); pass a complete "
+                    "DoRA adapter"
+                )
     return Adapter(config, factors, extra, mags)
 
 
@@ -309,8 +352,9 @@ def load_into(model, adapter: Adapter, *, source: object, extra: bool = True) ->
                     raise FormatError(f"{source}: has no tensor {k!r} for the model's modules_to_save")
                 p.copy_(shard_like(p, adapter.extra[k]))
     if set(adapter.factors) - used:
-        raise FormatError(f"{source}: adapts modules the model does not have: "
-                          f"{sorted(set(adapter.factors) - used)[:3]}")
+        raise FormatError(
+            f"{source}: adapts modules the model does not have: {sorted(set(adapter.factors) - used)[:3]}"
+        )
 
 
 def _in_modules(name: str, modules: list[str]) -> bool:

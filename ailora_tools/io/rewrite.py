@@ -16,6 +16,7 @@ checkpoint's shards download in the order they are needed (`Checkpoint.fetch`), 
 once it is here, so the next shard downloads while this one is processed; one that arrives with another
 header than the one validated stops the run before anything of it is written.
 """
+
 from __future__ import annotations
 
 import json
@@ -135,10 +136,20 @@ class _Rewrite:
 
 
 def rewrite_checkpoint(
-    ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[str]], compute: Compute, *,
-    hashes: Hashes, out_dtype: str | None = None, added: dict[str, torch.Tensor] | None = None,
-    renamed: dict[str, str] | None = None, files: dict[str, bytes] | None = None, progress: bool = True,
-    desc: str = "", parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None = None,
+    ckpt: Checkpoint,
+    od: OutputDir,
+    subdir: str,
+    plan: dict[str, list[str]],
+    compute: Compute,
+    *,
+    hashes: Hashes,
+    out_dtype: str | None = None,
+    added: dict[str, torch.Tensor] | None = None,
+    renamed: dict[str, str] | None = None,
+    files: dict[str, bytes] | None = None,
+    progress: bool = True,
+    desc: str = "",
+    parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None = None,
     dropped: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, tuple[dict, dict]]:
     """Write `od/subdir` as a copy of the checkpoint whose tensors in `plan` are replaced.
@@ -181,14 +192,22 @@ def rewrite_checkpoint(
     _rewrite_shards(run, todo, reused, results, progress, desc)
     last = ckpt.shards[-1]
     split = {p: ckpt.tensors[n].file for n, ps in run.parts.items() for p in ps if p != n}
-    _write_index(ckpt, od, hashes, subdir, changed=out_dtype is not None or bool(run.added) or bool(run.renamed)
-                 or bool(run.parts) or bool(dropped), added={n: last for n in run.added} | split, renamed=run.renamed,
-                 dropped=dropped)
+    _write_index(
+        ckpt,
+        od,
+        hashes,
+        subdir,
+        changed=out_dtype is not None or bool(run.added) or bool(run.renamed) or bool(run.parts) or bool(dropped),
+        added={n: last for n in run.added} | split,
+        renamed=run.renamed,
+        dropped=dropped,
+    )
     return results
 
 
-def _rewrite_shards(run: _Rewrite, todo: list[str], reused: list[str], results: dict, progress: bool,
-                    desc: str) -> None:
+def _rewrite_shards(
+    run: _Rewrite, todo: list[str], reused: list[str], results: dict, progress: bool, desc: str
+) -> None:
     """Rewrite the shards `todo` in order, each one's copy started a few shards ahead (`COPY_AHEAD`)."""
     ckpt = run.ckpt
     copier, hasher = io_pool(IO_THREADS, "copy"), io_pool(1, "hash-out")  # hasher: digests of the bytes written
@@ -197,7 +216,7 @@ def _rewrite_shards(run: _Rewrite, todo: list[str], reused: list[str], results: 
     bar = tqdm(total=sum(len(run.plan.get(s, [])) for s in todo), unit="matrix", disable=not progress)
     try:
         for i, shard in enumerate(todo):
-            for s in todo[i:i + COPY_AHEAD]:  # the copies of the next shards overlap this one's compute
+            for s in todo[i : i + COPY_AHEAD]:  # the copies of the next shards overlap this one's compute
                 if s not in jobs and (s == shard or ckpt.ready(s)):  # a Hub shard waits only when it is this one
                     jobs[s] = _start(run, s, copier)
             bar.set_description(f"{desc} {shard}".strip(), refresh=False)
@@ -266,8 +285,10 @@ def _write_at(job: _Job, name: str, data, where: Path) -> None:
 def _write_part(job: _Job, name: str, t: torch.Tensor, planned: tuple[str, tuple[int, ...]], where: Path) -> None:
     """Write one planned part of a replaced tensor at its offset, refusing any other dtype or shape."""
     if (dtype_name(t.dtype), tuple(t.shape)) != (planned[0], tuple(planned[1])):
-        raise ValueError(f"{name!r} is {dtype_name(t.dtype)}{list(t.shape)}, but {planned[0]}{list(planned[1])} was "
-                         f"planned for it in {where}")
+        raise ValueError(
+            f"{name!r} is {dtype_name(t.dtype)}{list(t.shape)}, but {planned[0]}{list(planned[1])} was "
+            f"planned for it in {where}"
+        )
     _write_at(job, name, tensor_bytes(t), where)
 
 
@@ -280,8 +301,11 @@ def pending(ckpt: Checkpoint, od: OutputDir, subdir: str, plan: dict[str, list[s
 def _reusable(od: OutputDir, subdir: str, shard: str) -> bool:
     """Whether an earlier run finished this shard: journaled, published, and its extras (if any) saved."""
     rec = od.finished(_rel(subdir, shard))
-    return rec is not None and (od.path / subdir / shard).is_file() and (
-        not rec.get("extras") or (od.path / od.WORK / f"{_rel(subdir, shard)}.extras").is_file())
+    return (
+        rec is not None
+        and (od.path / subdir / shard).is_file()
+        and (not rec.get("extras") or (od.path / od.WORK / f"{_rel(subdir, shard)}.extras").is_file())
+    )
 
 
 def _keep(od: OutputDir, piece: str, names: list[str], results: dict) -> dict:
@@ -315,9 +339,14 @@ def _start(run: _Rewrite, shard: str, copier) -> _Job:
     """Open the shard's output, lay it out and start copying its unchanged bytes on `copier`."""
     header, names = run.ckpt.shard(shard), run.plan.get(shard, [])
     added = run.added if shard == run.ckpt.shards[-1] else {}
-    head, offsets, copies = layout(header, {n: run.out_dtype or header.tensors[n].dtype for n in names},
-                                   {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()}, run.renamed,
-                                   {n: run.parts[n] for n in names if n in run.parts}, run.dropped)
+    head, offsets, copies = layout(
+        header,
+        {n: run.out_dtype or header.tensors[n].dtype for n in names},
+        {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in added.items()},
+        run.renamed,
+        {n: run.parts[n] for n in names if n in run.parts},
+        run.dropped,
+    )
     fd = os.open(run.od.partial(run.rel(shard)), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     return _Job(header, fd, offsets, copier.submit(copy_ranges, header.path, fd, head, copies), not head, {})
 
@@ -336,8 +365,16 @@ def _write_small(od: OutputDir, hashes: Hashes, src: Path, name: str, rel: str, 
     hashes.add("output", rel, od.path / rel)
 
 
-def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, changed: bool,
-                 added: dict[str, str], renamed: dict[str, str], dropped=frozenset()) -> None:
+def _write_index(
+    ckpt: Checkpoint,
+    od: OutputDir,
+    hashes: Hashes,
+    subdir: str,
+    changed: bool,
+    added: dict[str, str],
+    renamed: dict[str, str],
+    dropped=frozenset(),
+) -> None:
     if ckpt.index_file is None:
         return
     rel, src = _rel(subdir, ckpt.index_file), ckpt.root / ckpt.index_file
@@ -346,7 +383,8 @@ def _write_index(ckpt: Checkpoint, od: OutputDir, hashes: Hashes, subdir: str, c
     doc = json.loads(src.read_text())
     doc["weight_map"] = {renamed.get(k, k): v for k, v in doc["weight_map"].items() if k not in dropped} | added
     doc.setdefault("metadata", {})["total_size"] = sum(
-        (od.path / subdir / s).stat().st_size - read_header(od.path / subdir / s).data_start for s in ckpt.shards)
+        (od.path / subdir / s).stat().st_size - read_header(od.path / subdir / s).data_start for s in ckpt.shards
+    )
     with od.open_atomic(rel, "w") as f:
         json.dump(doc, f, indent=2)
     hashes.add("source", ckpt.index_file, src)

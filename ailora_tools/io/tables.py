@@ -8,6 +8,7 @@ The format comes from the suffix (`.jsonl`/`.json`, `.csv`, `.tsv`/`.tab`, `.par
 from `datasets`' `dataset_info.json`/`state.json`. Parquet needs `pyarrow`; a `datasets` directory needs the
 optional `datasets` package (`pip install datasets`): each is asked for only when such a file is read.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,7 @@ from ..errors import FormatError, InputNotFoundError, UnsupportedError
 from . import delimited
 
 JSONL, CSV, TSV, PARQUET, DATASETS = "jsonl", "csv", "tsv", "parquet", "datasets"
-SUFFIXES = {".jsonl": JSONL, ".json": JSONL, ".csv": CSV, ".tsv": TSV, ".tab": TSV, ".parquet": PARQUET,
-            ".pq": PARQUET}
+SUFFIXES = {".jsonl": JSONL, ".json": JSONL, ".csv": CSV, ".tsv": TSV, ".tab": TSV, ".parquet": PARQUET, ".pq": PARQUET}
 #: formats whose cells are all strings as written (`labels` reads a label column of numbers as class ids)
 TEXT_CELLS = (CSV, TSV)
 T = TypeVar("T")
@@ -52,18 +52,24 @@ def table_format(path: str | Path, flag: str = "--data") -> str:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-            raise UnsupportedError(f"{flag} {path}: a DatasetDict with splits {', '.join(splits)}; pass one split's "
-                                   f"directory, e.g. {path / (splits[0] if splits else 'train')}")
+            raise UnsupportedError(
+                f"{flag} {path}: a DatasetDict with splits {', '.join(splits)}; pass one split's "
+                f"directory, e.g. {path / (splits[0] if splits else 'train')}"
+            )
         if (path / "state.json").is_file() or (path / "dataset_info.json").is_file():
             return DATASETS
-        raise UnsupportedError(f"{flag} {path}: a directory that is not a `datasets` save_to_disk directory (no "
-                               "state.json); pass a .jsonl, .csv, .tsv or .parquet file or such a directory")
+        raise UnsupportedError(
+            f"{flag} {path}: a directory that is not a `datasets` save_to_disk directory (no "
+            "state.json); pass a .jsonl, .csv, .tsv or .parquet file or such a directory"
+        )
     if not path.is_file():
         raise InputNotFoundError(f"{flag} {path}: no such data file")
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
-        raise UnsupportedError(f"{flag} {path}: unknown data format {path.suffix or '(no suffix)'!r}; use .jsonl, "
-                               ".csv, .tsv, .parquet or a `datasets` save_to_disk directory")
+        raise UnsupportedError(
+            f"{flag} {path}: unknown data format {path.suffix or '(no suffix)'!r}; use .jsonl, "
+            ".csv, .tsv, .parquet or a `datasets` save_to_disk directory"
+        )
     return kind
 
 
@@ -99,8 +105,9 @@ def columns(path: str | Path, flag: str = "--data") -> list[str] | None:
     return None
 
 
-def read(path: str | Path, parse: Callable[[int, object], T], flag: str = "--data",
-         columns: Columns | None = None) -> list[T]:
+def read(
+    path: str | Path, parse: Callable[[int, object], T], flag: str = "--data", columns: Columns | None = None
+) -> list[T]:
     """parse(line number, row) for each row (`task_rows`); its TypeError, KeyError or ValueError becomes one
     FormatError naming the file and line (row).
 
@@ -128,8 +135,10 @@ def task_rows(path: str | Path, flag: str, named: Columns | None = None) -> Iter
     if text_column is not None:
         header = columns(path, flag)
         if header is not None and text_column not in header:
-            raise FormatError(f"{flag} {path}: no column {text_column!r} (--text-column); its columns are "
-                              f"{', '.join(map(repr, header))}")
+            raise FormatError(
+                f"{flag} {path}: no column {text_column!r} (--text-column); its columns are "
+                f"{', '.join(map(repr, header))}"
+            )
     table = table_format(path, flag) != JSONL
     for lineno, row in rows(path, flag):
         if text_column is not None and isinstance(row, dict) and text_column in row:
@@ -177,8 +186,10 @@ def _load_dataset(path: Path, flag: str):
     try:
         import datasets
     except ImportError as e:
-        raise UnsupportedError(f"{flag} {path}: a `datasets` directory needs the datasets package; pip install "
-                               "datasets (or export it to .parquet/.jsonl)") from e
+        raise UnsupportedError(
+            f"{flag} {path}: a `datasets` directory needs the datasets package; pip install "
+            "datasets (or export it to .parquet/.jsonl)"
+        ) from e
     try:
         return datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as e:

@@ -4,6 +4,7 @@ A safetensors file is an 8-byte little-endian header length N, N bytes of JSON, 
 Offsets in the header count from the start of the buffer. A tensor rewritten with the same dtype and
 shape occupies the same byte range, so a shard is patched by copying its bytes and overwriting ranges.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,20 @@ from ..errors import FormatError, InputNotFoundError, UnsupportedError
 # torch is imported inside the functions that need it, so that the CLI can start hashing before it loads.
 #: safetensors dtype name -> (torch dtype name, or None when torch cannot compute with it; bytes per element)
 DTYPES: dict[str, tuple[str | None, int]] = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1), "U16": (None, 2), "U32": (None, 4), "U64": (None, 8), "F8_E4M3": (None, 1),
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "U16": (None, 2),
+    "U32": (None, 4),
+    "U64": (None, 8),
+    "F8_E4M3": (None, 1),
     "F8_E5M2": (None, 1),
 }
 #: dtypes whose matrices can be decomposed, merged or written as residuals
@@ -109,7 +121,7 @@ def parse_header(path: Path, head: bytes, size: int, name: str | None = None) ->
             f"{path}: header length {n} runs past the file ({size} bytes, at least {8 + n} needed): the file is "
             f"truncated or corrupt; {REDO}"
         )
-    raw = head[8:8 + n]
+    raw = head[8 : 8 + n]
     return ShardHeader(path, raw, *_parse(path, name or path.name, raw, size - 8 - n), data_start=8 + n, size=size)
 
 
@@ -117,8 +129,9 @@ def _parse(path: Path, name: str, raw: bytes, buffer_size: int) -> tuple[dict, d
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__}); the file is corrupt; "
-                          f"{REDO}") from e
+        raise FormatError(
+            f"{path}: header is not valid JSON ({e.__class__.__name__}); the file is corrupt; {REDO}"
+        ) from e
     if not isinstance(doc, dict):
         raise FormatError(f"{path}: header is not a JSON object; the file is corrupt; {REDO}")
     metadata = doc.pop("__metadata__", None) or {}
@@ -130,8 +143,9 @@ def _parse(path: Path, name: str, raw: bytes, buffer_size: int) -> tuple[dict, d
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer; the file is corrupt; "
-                              f"{REDO}")
+            raise FormatError(
+                f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer; the file is corrupt; {REDO}"
+            )
     return tensors, metadata
 
 
@@ -143,8 +157,12 @@ def _entry(path: Path, name: str, key: str, entry, buffer_size: int) -> TensorIn
         raise FormatError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise FormatError(f"{path}: tensor {key!r} has invalid shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
         raise FormatError(f"{path}: tensor {key!r} has invalid data_offsets {offsets!r}")
     numel = 1
     for d in shape:
@@ -178,8 +196,10 @@ def read_tensor(header: ShardHeader, name: str, fd: int | None = None):
         if own:
             os.close(fd)
     if got != info.nbytes:
-        raise FormatError(f"{header.path}: tensor {name!r} is cut short ({got} of {info.nbytes} bytes): the file "
-                          f"shrank while it was read; {REDO}")
+        raise FormatError(
+            f"{header.path}: tensor {name!r} is cut short ({got} of {info.nbytes} bytes): the file "
+            f"shrank while it was read; {REDO}"
+        )
     if not buf:
         return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
     return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape)
@@ -214,11 +234,14 @@ def tensor_bytes(t) -> memoryview:
     return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def layout(header: ShardHeader, replaced: dict[str, str], added: dict[str, tuple[str, tuple[int, ...]]] | None = None,
-           renamed: dict[str, str] | None = None,
-           parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None = None,
-           dropped: set[str] | frozenset[str] = frozenset()) -> tuple[bytes, dict[str, int],
-                                                                      list[tuple[int, int, int]]]:
+def layout(
+    header: ShardHeader,
+    replaced: dict[str, str],
+    added: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+    renamed: dict[str, str] | None = None,
+    parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None = None,
+    dropped: set[str] | frozenset[str] = frozenset(),
+) -> tuple[bytes, dict[str, int], list[tuple[int, int, int]]]:
     """Plan an output shard whose tensors named in `replaced` get new bytes, of the dtype given there.
 
     `added` names new tensors (dtype, shape), placed after the existing ones; `renamed` gives existing tensors
@@ -233,8 +256,13 @@ def layout(header: ShardHeader, replaced: dict[str, str], added: dict[str, tuple
     renamed = {n: to for n, to in (renamed or {}).items() if n in header.tensors}
     parts = {n: p for n, p in (parts or {}).items() if n in replaced}
     dropped = {n for n in dropped if n in header.tensors}
-    if (not added and not renamed and not parts and not dropped
-            and all(header.tensors[n].dtype == d for n, d in replaced.items())):
+    if (
+        not added
+        and not renamed
+        and not parts
+        and not dropped
+        and all(header.tensors[n].dtype == d for n, d in replaced.items())
+    ):
         head, offsets, keep = _same_header(header, replaced)
     else:
         head, offsets, keep = _new_header(header, replaced, added or {}, renamed, parts, dropped)
@@ -252,17 +280,24 @@ def _same_header(header: ShardHeader, replaced: dict[str, str]) -> tuple[bytes, 
     return b"", offsets, keep
 
 
-def _new_header(header: ShardHeader, replaced: dict[str, str], added: dict, renamed: dict[str, str], parts: dict,
-                dropped: set[str]) -> tuple[bytes, dict[str, int], list]:
+def _new_header(
+    header: ShardHeader, replaced: dict[str, str], added: dict, renamed: dict[str, str], parts: dict, dropped: set[str]
+) -> tuple[bytes, dict[str, int], list]:
     """The layout under a new header: the tensors in their order (parts in place of their source, added ones last),
     packed; the kept tensors' bytes copied one by one."""
     doc, starts, pos = {}, {}, 0
     if header.metadata:
         doc["__metadata__"] = header.metadata
     ordered = sorted((t for t in header.tensors.values() if t.name not in dropped), key=lambda t: t.begin)
-    entries = [e for t in ordered for e in (
-        [(n, d, shape, math.prod(shape)) for n, (d, shape) in parts[t.name].items()] if t.name in parts
-        else [(t.name, replaced.get(t.name, t.dtype), t.shape, t.nbytes // DTYPES[t.dtype][1])])]
+    entries = [
+        e
+        for t in ordered
+        for e in (
+            [(n, d, shape, math.prod(shape)) for n, (d, shape) in parts[t.name].items()]
+            if t.name in parts
+            else [(t.name, replaced.get(t.name, t.dtype), t.shape, t.nbytes // DTYPES[t.dtype][1])]
+        )
+    ]
     for name, (dtype, shape) in added.items():
         if name in header.tensors:
             raise ValueError(f"{header.path}: tensor {name!r} exists; it cannot be added")

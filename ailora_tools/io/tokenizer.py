@@ -6,6 +6,7 @@ dependencies of this project; without them transformers fails with a misleading 
 `tiktoken`, which is replaced here by one naming what to install); and no pad token (most Llama
 tokenizers), where the end-of-sequence token pads (padding is masked out of attention and loss anyway).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,8 +16,15 @@ from pathlib import Path
 from ..errors import InputNotFoundError, UnsupportedError
 
 #: files any one of which makes a directory a tokenizer for AutoTokenizer
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 SENTENCEPIECE_PACKAGES = ("sentencepiece", "google.protobuf")
 
@@ -44,8 +52,10 @@ def load_tokenizer(source: str | os.PathLike, *, flag: str = "--tokenizer"):
     is_dir = path.is_dir()
     if is_dir and not any((path / f).is_file() for f in TOKENIZER_FILES):
         hint = " or pass --tokenizer DIR_OR_HUB_ID (e.g. the original model)" if flag != "--tokenizer" else ""
-        raise InputNotFoundError(f"{flag} {source}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); copy the "
-                                 f"original model's tokenizer files into it{hint}")
+        raise InputNotFoundError(
+            f"{flag} {source}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); copy the "
+            f"original model's tokenizer files into it{hint}"
+        )
     if is_dir and not (path / "tokenizer.json").is_file() and any((path / f).is_file() for f in SENTENCEPIECE_FILES):
         _require_sentencepiece(flag, source)
     try:
@@ -56,8 +66,10 @@ def load_tokenizer(source: str | os.PathLike, *, flag: str = "--tokenizer"):
         raise
     except OSError as e:
         why = " ".join(str(e).split())[:200]
-        raise InputNotFoundError(f"{flag} {source}: cannot load a tokenizer from it ({why}); pass a directory with "
-                                 "tokenizer files or a Hub id that is in the HF cache") from e
+        raise InputNotFoundError(
+            f"{flag} {source}: cannot load a tokenizer from it ({why}); pass a directory with "
+            "tokenizer files or a Hub id that is in the HF cache"
+        ) from e
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id, 0):
         if candidate is not None:
             return tokenizer, int(candidate)
@@ -66,10 +78,12 @@ def load_tokenizer(source: str | os.PathLike, *, flag: str = "--tokenizer"):
 def _require_sentencepiece(flag: str, source) -> None:
     missing = [name.split(".")[-1] for name in SENTENCEPIECE_PACKAGES if not _importable(name)]
     if missing:
-        raise UnsupportedError(f"{flag} {source}: its tokenizer is a sentencepiece model, which transformers reads "
-                               "only with the packages sentencepiece and protobuf; missing here: "
-                               f"{', '.join(missing)}; "
-                               "run `pip install sentencepiece protobuf`")
+        raise UnsupportedError(
+            f"{flag} {source}: its tokenizer is a sentencepiece model, which transformers reads "
+            "only with the packages sentencepiece and protobuf; missing here: "
+            f"{', '.join(missing)}; "
+            "run `pip install sentencepiece protobuf`"
+        )
 
 
 def _importable(name: str) -> bool:

@@ -3,6 +3,7 @@
 A field's metadata gives the command-line option too (`cli.options` generates it): the flag (`flag(name)` unless
 `cli` says otherwise), `short` (`-o`), `required`, `choices`, `metavar`.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,13 +12,31 @@ from dataclasses import MISSING, field, fields
 from ..errors import OptionError
 
 
-def option(default, help: str, *, low: float | None = None, above: float | None = None, choices=None,
-           metavar: str | None = None, cli: str | None = None, short: str | None = None, required: bool = False):
+def option(
+    default,
+    help: str,
+    *,
+    low: float | None = None,
+    above: float | None = None,
+    choices=None,
+    metavar: str | None = None,
+    cli: str | None = None,
+    short: str | None = None,
+    required: bool = False,
+):
     """A field with its help text and checks: `low` (≥), `above` (>), `choices`; None always passes. `cli`: the
     command-line flag when it is not the field's name with dashes (`roles` is the repeatable `--role`); `short`: a
     one-letter alias (`-o`); `required`: the command needs it (the library takes it as an argument)."""
-    meta = {"help": help, "low": low, "above": above, "choices": choices, "metavar": metavar, "cli": cli,
-            "short": short, "required": required}
+    meta = {
+        "help": help,
+        "low": low,
+        "above": above,
+        "choices": choices,
+        "metavar": metavar,
+        "cli": cli,
+        "short": short,
+        "required": required,
+    }
     if isinstance(default, (dict, list, tuple)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)

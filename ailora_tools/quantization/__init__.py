@@ -2,6 +2,7 @@
 on-disk layout transformers loads is storage (`io.nf4_layout`). bitsandbytes
 is optional (`pip install 'ailora-tools[quant]'`) and loads only when a matrix is quantised or dequantised, never
 when this package is imported."""
+
 from .. import lazy_exports
 
 _EXPORTS = {n: "nf4" for n in ("quantize", "dequantize", "read_dequantized", "linear4bit")}

@@ -6,6 +6,7 @@ What transformers stores for such a weight (tensor names, shapes, the packed qua
 values transformers computes with), for exporters and checks. bitsandbytes loads on the first call that
 quantises or dequantises, never on import.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -22,8 +23,9 @@ def _bnb():
     try:
         import bitsandbytes.functional as F
     except ImportError as e:
-        raise UnsupportedError("--quantize nf4 needs bitsandbytes: pip install 'ailora-tools[quant]' (or "
-                               "pip install bitsandbytes)") from e
+        raise UnsupportedError(
+            "--quantize nf4 needs bitsandbytes: pip install 'ailora-tools[quant]' (or pip install bitsandbytes)"
+        ) from e
     return F
 
 
@@ -46,22 +48,27 @@ def quantize(W: torch.Tensor, *, dtype: str, double_quant: bool = True) -> dict[
     import torch
 
     F = _bnb()
-    packed, state = F.quantize_4bit(W.to(torch.float32).contiguous(), blocksize=BLOCKSIZE,
-                                    compress_statistics=double_quant, quant_type=QUANT_TYPE)
+    packed, state = F.quantize_4bit(
+        W.to(torch.float32).contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type=QUANT_TYPE
+    )
     state.dtype = torch_dtype(dtype)
     parts = {"": packed, **state.as_dict(packed=True)}
     layout = parts_layout(tuple(W.shape), dtype, double_quant=double_quant)
     raw = bytes(parts[STATE].cpu().numpy())
     want = layout[STATE][1][0]
     if len(raw) > want:
-        raise UnsupportedError(f"this bitsandbytes writes a quant state of {len(raw)} bytes, more than the {want} "
-                               "ailora-tools plans for; install the bitsandbytes version pyproject.toml names")
+        raise UnsupportedError(
+            f"this bitsandbytes writes a quant state of {len(raw)} bytes, more than the {want} "
+            "ailora-tools plans for; install the bitsandbytes version pyproject.toml names"
+        )
     parts[STATE] = torch.frombuffer(bytearray(raw + b" " * (want - len(raw))), dtype=torch.uint8)
     parts = {k: parts[k].detach().to("cpu").contiguous() for k in layout}
     for k, (_, shape) in layout.items():
         if tuple(parts[k].shape) != shape:
-            raise UnsupportedError(f"bitsandbytes returned {k or 'weight'} of shape {tuple(parts[k].shape)}, not "
-                                   f"{shape}; install the bitsandbytes version pyproject.toml names")
+            raise UnsupportedError(
+                f"bitsandbytes returned {k or 'weight'} of shape {tuple(parts[k].shape)}, not "
+                f"{shape}; install the bitsandbytes version pyproject.toml names"
+            )
     return parts
 
 
@@ -86,13 +93,15 @@ def read_dequantized(ckpt, name: str) -> torch.Tensor:
         >>> W = read_dequantized(Checkpoint.open("out/residual"),
         ...                      "model.layers.0.self_attn.q_proj.weight")  # doctest: +SKIP
     """
+
     def read(n):
         return read_tensor(ckpt.shard(ckpt.tensors[n].file), n)
 
     if f"{name}.{STATE}" not in ckpt.tensors:
         return read(name)
-    return dequantize({k: read(f"{name}.{k}" if k else name) for k in SUFFIXES if (f"{name}.{k}" if k else name)
-                       in ckpt.tensors})
+    return dequantize(
+        {k: read(f"{name}.{k}" if k else name) for k in SUFFIXES if (f"{name}.{k}" if k else name) in ckpt.tensors}
+    )
 
 
 def linear4bit(parts: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
@@ -105,11 +114,22 @@ def linear4bit(parts: dict[str, torch.Tensor], bias: torch.Tensor | None = None)
 
     state = F.QuantState.from_dict({k: v for k, v in parts.items() if k}, device=parts[""].device)
     out_f, in_f = state.shape
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=state.dtype, compress_statistics=state.nested,
-                              quant_type=QUANT_TYPE, device="meta")
-    layer.weight = bnb.nn.Params4bit.from_prequantized(data=parts[""], quantized_stats={k: v for k, v in parts.items()
-                                                                                        if k},
-                                                       requires_grad=False, device=parts[""].device, module=layer)
+    layer = bnb.nn.Linear4bit(
+        in_f,
+        out_f,
+        bias=False,
+        compute_dtype=state.dtype,
+        compress_statistics=state.nested,
+        quant_type=QUANT_TYPE,
+        device="meta",
+    )
+    layer.weight = bnb.nn.Params4bit.from_prequantized(
+        data=parts[""],
+        quantized_stats={k: v for k, v in parts.items() if k},
+        requires_grad=False,
+        device=parts[""].device,
+        module=layer,
+    )
     if bias is not None:
         layer.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
     return layer

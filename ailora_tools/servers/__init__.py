@@ -4,6 +4,7 @@
 Modules: `llama_cpp` (llama.cpp's own base converter, and its logits with or without a LoRA GGUF), `vllm` (vLLM's
 prompt log-probabilities, several models and LoRAs in one process), `reference` (the trained model the manifests
 name, in transformers), `check` (`serve_check`: an export served against the trained model)."""
+
 from .. import lazy_exports
 
 _EXPORTS = {"serve_check": "check"}

@@ -22,9 +22,17 @@ def serve(run: dict, prompts: list[list[int]]) -> list[list[list[float]]]:
 
     loras = run["loras"]
     lora = any(loras)
-    llm = LLM(model=run["model"], dtype=run["dtype"], enforce_eager=True, skip_tokenizer_init=True, seed=0,
-              enable_lora=lora, max_lora_rank=run["max_lora_rank"] if lora else 16, max_loras=1,
-              max_model_len=max(len(p) for p in prompts) + 1)
+    llm = LLM(
+        model=run["model"],
+        dtype=run["dtype"],
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+        seed=0,
+        enable_lora=lora,
+        max_lora_rank=run["max_lora_rank"] if lora else 16,
+        max_loras=1,
+        max_model_len=max(len(p) for p in prompts) + 1,
+    )
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     served = []
@@ -33,8 +41,9 @@ def serve(run: dict, prompts: list[list[int]]) -> list[list[list[float]]]:
         # one prompt a call: vLLM 0.32's CPU LoRA kernels fail on a batch of several prompts with a LoRA (einsum
         # size mismatch)
         outs = [llm.generate([x], params, lora_request=request, use_tqdm=False)[0] for x in inputs]
-        served.append([[float(step[t].logprob) for step, t in zip(o.prompt_logprobs[1:], p[1:])]
-                       for o, p in zip(outs, prompts)])
+        served.append(
+            [[float(step[t].logprob) for step, t in zip(o.prompt_logprobs[1:], p[1:])] for o, p in zip(outs, prompts)]
+        )
     del llm
     gc.collect()
     return served

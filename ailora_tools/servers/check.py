@@ -14,6 +14,7 @@ For llama.cpp, a model directory is converted with llama.cpp's own converter and
 `export-gguf` (unless DIR holds its GGUF), in a temporary directory. The log-probabilities of each prompt's tokens
 are compared with the trained model's in transformers (float32); the worst difference per prompt is reported.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,13 @@ from .reference import Trained, reference_logprobs, trained_of
 
 #: (server, base format) -> the largest |served − trained| log-probability accepted by default: float32 serving
 #: (measured 1e-6 on vLLM, 2e-4 on llama.cpp), vLLM's W4A16 base in bfloat16, llama.cpp's quantised bases
-TOLERANCES = {("vllm", None): 1e-3, ("vllm", "w4a16"): 0.15, ("llama.cpp", None): 2e-3, ("llama.cpp", "q8_0"): 0.05,
-              ("llama.cpp", "q4_0"): 0.25}
+TOLERANCES = {
+    ("vllm", None): 1e-3,
+    ("vllm", "w4a16"): 0.15,
+    ("llama.cpp", None): 2e-3,
+    ("llama.cpp", "q8_0"): 0.05,
+    ("llama.cpp", "q4_0"): 0.25,
+}
 PROMPTS, PROMPT_TOKENS = 4, 16
 
 
@@ -76,8 +82,9 @@ def export_of(directory: str | os.PathLike, server: str) -> Export:
         files = ("base", ADAPTER_DIR) if based["server"] == "vllm" else ("base.gguf", "adapter.gguf")
         if based["server"] != server:
             raise OptionError(f"--server {server}: {d} is export-base's output for {based['server']}")
-        return Export("export-base", str(d / files[0]), str(d / files[1]), trained_of(based["adapter"]),
-                      based.get("format"))
+        return Export(
+            "export-base", str(d / files[0]), str(d / files[1]), trained_of(based["adapter"]), based.get("format")
+        )
     merged = read_manifest(d / MERGE_MANIFEST)
     if merged:
         summary = merged.get("summary") or {}
@@ -88,12 +95,20 @@ def export_of(directory: str | os.PathLike, server: str) -> Export:
         if not base:
             raise InputNotFoundError(f"{d}/{CONFIG_NAME} names no base_model_name_or_path to serve it on")
         return Export("lora", str(base), str(d), trained_of(d, base=base))
-    raise InputNotFoundError(f"{d}: not a convert, export-base or merge output, nor a PEFT LoRA (no "
-                             f"{CONVERT_MANIFEST}, {EXPORT_BASE_MANIFEST}, {MERGE_MANIFEST} or {CONFIG_NAME})")
+    raise InputNotFoundError(
+        f"{d}: not a convert, export-base or merge output, nor a PEFT LoRA (no "
+        f"{CONVERT_MANIFEST}, {EXPORT_BASE_MANIFEST}, {MERGE_MANIFEST} or {CONFIG_NAME})"
+    )
 
 
-def serve_check(directory: str | os.PathLike, *, server: str, prompts: str | os.PathLike | None = None,
-                tolerance: float | None = None, python: str | os.PathLike | None = None) -> dict:
+def serve_check(
+    directory: str | os.PathLike,
+    *,
+    server: str,
+    prompts: str | os.PathLike | None = None,
+    tolerance: float | None = None,
+    python: str | os.PathLike | None = None,
+) -> dict:
     """Serve `directory` with the real `server` and compare its prompt log-probabilities with the trained model's.
 
     Args:
@@ -125,9 +140,18 @@ def serve_check(directory: str | os.PathLike, *, server: str, prompts: str | os.
     reference = reference_logprobs(export.trained, ids)
     worst = [float((s - r).abs().max()) for s, r in zip(served, reference)]
     limit = tolerance if tolerance is not None else TOLERANCES[(server, export.fmt)]
-    return {"directory": str(directory), "server": server, "kind": export.kind, "served": export.describe(),
-            "trained": export.trained.describe(), "tolerance": limit, "prompt_tokens": [len(p) for p in ids],
-            "per_prompt": worst, "worst": max(worst), "passes": max(worst) <= limit}
+    return {
+        "directory": str(directory),
+        "server": server,
+        "kind": export.kind,
+        "served": export.describe(),
+        "trained": export.trained.describe(),
+        "tolerance": limit,
+        "prompt_tokens": [len(p) for p in ids],
+        "per_prompt": worst,
+        "worst": max(worst),
+        "passes": max(worst) <= limit,
+    }
 
 
 def _find_python(server: str, python) -> str:
@@ -150,8 +174,10 @@ def _serve(export: Export, server: str, ids: list[list[int]], exe: str) -> list[
     with tempfile.TemporaryDirectory(prefix="ailora-serve-check-") as tmp:
         base, lora = _as_gguf(export, Path(tmp), exe)
         found = logits(base, ids, lora_gguf=lora, python=exe)
-    return [torch.log_softmax(x.double(), dim=-1)[:-1].gather(1, torch.tensor(p[1:])[:, None])[:, 0]
-            for x, p in zip(found, ids)]
+    return [
+        torch.log_softmax(x.double(), dim=-1)[:-1].gather(1, torch.tensor(p[1:])[:, None])[:, 0]
+        for x, p in zip(found, ids)
+    ]
 
 
 def _as_gguf(export: Export, tmp: Path, exe: str) -> tuple[Path, Path | None]:

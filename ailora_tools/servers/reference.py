@@ -5,6 +5,7 @@ and, trained in exact mode, with the initial product subtracted inside (`trainin
 (`convert`, `convert --dora exact`, `export-base`, `merge`) records the adapter it came from, so every export leads
 back to one trained adapter and its base (`trained_of`).
 """
+
 from __future__ import annotations
 
 import os

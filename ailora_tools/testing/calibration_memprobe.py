@@ -9,6 +9,7 @@ shapes (in the scratch directory) loads the modules calibrate imports on first u
 allocations: a fixed cost, whatever the checkpoint, that the bound leaves out (on the test's 136-layer model, 2 CPU
 cores: 98 MiB above the baseline without the warm-up, 24 MiB with it; the bound is 86 MiB).
 """
+
 import json
 import sys
 from pathlib import Path
@@ -25,14 +26,31 @@ if __name__ == "__main__":
     modules, n, tokens, prompt = (options.pop(k) for k in ("modules", "samples", "tokens", "prompt"))
     g = torch.Generator().manual_seed(0)
     vocab = json.loads(Path(sys.argv[1], "config.json").read_text())["vocab_size"]
-    examples = [Example(ids, [-100] * prompt + ids[prompt:])
-                for ids in (torch.randint(0, vocab, (tokens,), generator=g).tolist() for _ in range(n))]
+    examples = [
+        Example(ids, [-100] * prompt + ids[prompt:])
+        for ids in (torch.randint(0, vocab, (tokens,), generator=g).tolist() for _ in range(n))
+    ]
     cfg = json.loads(Path(sys.argv[1], "config.json").read_text())
-    warm = synthetic_llama(Path(options["scratch"]) / "warm", layers=2, hidden=cfg["hidden_size"],
-                           inter=cfg["intermediate_size"], kv=cfg["num_key_value_heads"], vocab=vocab,
-                           head_dim=cfg["hidden_size"] // cfg["num_attention_heads"])
-    sum(1 for _ in calibrate(warm, examples, [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)], device="cpu",
-                             progress=False, **options))
+    warm = synthetic_llama(
+        Path(options["scratch"]) / "warm",
+        layers=2,
+        hidden=cfg["hidden_size"],
+        inter=cfg["intermediate_size"],
+        kv=cfg["num_key_value_heads"],
+        vocab=vocab,
+        head_dim=cfg["hidden_size"] // cfg["num_attention_heads"],
+    )
+    sum(
+        1
+        for _ in calibrate(
+            warm,
+            examples,
+            [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)],
+            device="cpu",
+            progress=False,
+            **options,
+        )
+    )
     settle()
     baseline = status("VmRSS")
     count = sum(1 for _ in calibrate(sys.argv[1], examples, modules, device="cpu", progress=False, **options))

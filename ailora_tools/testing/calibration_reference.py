@@ -8,6 +8,7 @@ transformers' own (`model(input_ids, labels=...).loss`, a mean over the sample's
 encoder the task class's: masked-LM, or classification through the head, a new one drawn after
 `torch.manual_seed(seed)` as `train` draws it).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -17,14 +18,24 @@ import torch
 IGNORE = -100
 
 
-def reference_statistics(model_dir, examples, modules, *, token_mask: str = "attention",
-                         dtype: torch.dtype = torch.float32, task: str = "causal-lm", labels: dict | None = None,
-                         seed: int = 0) -> dict[str, dict]:
+def reference_statistics(
+    model_dir,
+    examples,
+    modules,
+    *,
+    token_mask: str = "attention",
+    dtype: torch.dtype = torch.float32,
+    task: str = "causal-lm",
+    labels: dict | None = None,
+    seed: int = 0,
+) -> dict[str, dict]:
     """name -> {"z", "y", "g", "tokens", "samples", "loss"} for each module (float32 tensors); `modules` as the
     checkpoint names them (a bare encoder's without the task class's prefix)."""
     model, named = _load(model_dir, modules, task=task, dtype=dtype, labels=labels, seed=seed)
-    sums = {m: {"z": torch.zeros(named[m].in_features, named[m].in_features), "y": torch.zeros(named[m].out_features)}
-            for m in modules}
+    sums = {
+        m: {"z": torch.zeros(named[m].in_features, named[m].in_features), "y": torch.zeros(named[m].out_features)}
+        for m in modules
+    }
     state: dict = {}
 
     def take_input(name, _module, args):
@@ -40,8 +51,10 @@ def reference_statistics(model_dir, examples, modules, *, token_mask: str = "att
     handles = []
     for m in modules:
         named[m].weight.requires_grad_(True)
-        handles += [named[m].register_forward_pre_hook(partial(take_input, m)),
-                    named[m].register_forward_hook(partial(take_output, m))]
+        handles += [
+            named[m].register_forward_pre_hook(partial(take_input, m)),
+            named[m].register_forward_hook(partial(take_output, m)),
+        ]
     tokens, samples, loss_sum = 0, 0, 0.0
     for e in examples:
         inputs, where = _inputs(e, task)
@@ -53,8 +66,17 @@ def reference_statistics(model_dir, examples, modules, *, token_mask: str = "att
         tokens, samples, loss_sum = tokens + int(state["mask"].sum()), samples + 1, loss_sum + loss.item()
     for h in handles:
         h.remove()
-    return {m: {"z": sums[m]["z"] / tokens, "y": sums[m]["y"] / tokens, "g": named[m].weight.grad.float() / samples,
-                "tokens": tokens, "samples": samples, "loss": loss_sum / samples} for m in modules}
+    return {
+        m: {
+            "z": sums[m]["z"] / tokens,
+            "y": sums[m]["y"] / tokens,
+            "g": named[m].weight.grad.float() / samples,
+            "tokens": tokens,
+            "samples": samples,
+            "loss": loss_sum / samples,
+        }
+        for m in modules
+    }
 
 
 def _inputs(e, task: str) -> tuple[dict, torch.Tensor]:
@@ -80,8 +102,11 @@ def _load(model_dir, modules, *, task: str, dtype: torch.dtype, labels: dict | N
     by name, `modules` also under the names without the base model prefix."""
     import transformers
 
-    auto = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
-            "sequence-classification": "AutoModelForSequenceClassification"}[task]
+    auto = {
+        "causal-lm": "AutoModelForCausalLM",
+        "masked-lm": "AutoModelForMaskedLM",
+        "sequence-classification": "AutoModelForSequenceClassification",
+    }[task]
     torch.manual_seed(seed)
     model = getattr(transformers, auto).from_pretrained(model_dir, dtype=dtype, **(labels or {}))
     model = model.eval().requires_grad_(False)

@@ -10,6 +10,7 @@ them, freed heap goes back to the system (malloc_trim), the peak is reset (/proc
 cache is emptied so that the measured run hashes everything again, and "fixed" reports what that warm-up
 left in the resident set.
 """
+
 import ctypes
 import json
 import sys

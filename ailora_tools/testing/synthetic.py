@@ -9,6 +9,7 @@ Layers are spread over shards like Hugging Face's sharded saves, embeddings in t
 Sizes: the names in SIZES, and "70b-layers:N" (N decoder layers of Llama-3.1-70B's shape, 1.7 GB each in
 bfloat16, plus its 2.1 GB embedding and head).
 """
+
 import json
 import os
 import struct
@@ -49,16 +50,29 @@ def powerlaw(n: int, exponent: float, seed: int) -> torch.Tensor:
     return ((U * torch.arange(1, n + 1, dtype=torch.float64) ** -exponent) @ V.T).float()
 
 
-def synthetic_llama(path, *, layers, hidden, inter, kv, vocab, dtype=torch.float32, shards=None, per_shard=None,
-                    head_dim=64, seed=0):
+def synthetic_llama(
+    path, *, layers, hidden, inter, kv, vocab, dtype=torch.float32, shards=None, per_shard=None, head_dim=64, seed=0
+):
     """Write config.json, the shards and model.safetensors.index.json; return the directory."""
     os.makedirs(path, exist_ok=True)
     heads = max(1, hidden // head_dim)
-    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
-           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-           "num_key_value_heads": kv, "head_dim": head_dim, "vocab_size": vocab, "max_position_embeddings": 2048,
-           "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
-           "hidden_act": "silu", "rope_theta": 10000.0}
+    cfg = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "hidden_act": "silu",
+        "rope_theta": 10000.0,
+    }
     with open(f"{path}/config.json", "w") as f:
         json.dump(cfg, f, indent=2)
     g = torch.Generator().manual_seed(seed)
@@ -121,7 +135,7 @@ def _write_shard(path: str, tensors: dict, dtype: torch.dtype, fill: torch.Tenso
             begin, end = doc[name]["data_offsets"]
             if kind == "fill":
                 for start in range(0, end - begin, len(block)):
-                    f.write(block[:min(len(block), end - begin - start)])
+                    f.write(block[: min(len(block), end - begin - start)])
             else:
                 value = spiked(*shape, g) if kind == "spiked" else torch.ones(shape)
                 f.write(value.to(dtype).contiguous().view(torch.uint8).numpy().tobytes())

@@ -11,6 +11,7 @@ The output is the trained tensors in `bitfit_model.safetensors`, named as the ta
 tensors are decoded, every other byte is copied; `load_bitfit` puts them into a loaded model. Trained biases are
 not a LoRA: no server takes them as an adapter (`check` and `convert --for` say to merge).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,16 +46,20 @@ def check_bitfit(ckpt, *, base: object, adapter: object, bitfit: bool, progressi
         UnsupportedError: a model with no bias terms (Llama-family models).
     """
     if not bitfit:
-        raise OptionError("--adapter is missing: pass the initial adapter (OUT/adapter from decompose), or --bitfit "
-                          "to train the base model's bias terms instead")
+        raise OptionError(
+            "--adapter is missing: pass the initial adapter (OUT/adapter from decompose), or --bitfit "
+            "to train the base model's bias terms instead"
+        )
     if adapter is not None:
         raise OptionError(f"--bitfit trains the bias terms of --base itself; it takes no --adapter ({adapter})")
     if progressive is not None:
         raise OptionError("--progressive applies to adapters; leave it out with --bitfit")
     if not bias_tensors(ckpt.tensors):
-        raise UnsupportedError(f"--bitfit: {base} has no bias terms (Llama-family models have none), so BitFit has "
-                               "nothing to train; train a LoRA instead (`ailora-tools decompose`, then "
-                               "`train --adapter`)")
+        raise UnsupportedError(
+            f"--bitfit: {base} has no bias terms (Llama-family models have none), so BitFit has "
+            "nothing to train; train a LoRA instead (`ailora-tools decompose`, then "
+            "`train --adapter`)"
+        )
 
 
 @dataclass
@@ -81,8 +86,9 @@ class BitFit:
         load_bitfit(model, directory)
 
 
-def load_bitfit_model(task: Task, base: str | os.PathLike, *, labels: dict | None,
-                      dtype: torch.dtype) -> tuple[torch.nn.Module, BitFit, dict]:
+def load_bitfit_model(
+    task: Task, base: str | os.PathLike, *, labels: dict | None, dtype: torch.dtype
+) -> tuple[torch.nn.Module, BitFit, dict]:
     """The task's class on `base` with every parameter frozen but the bias terms and the head.
 
     Returns:
@@ -103,8 +109,9 @@ def load_bitfit_model(task: Task, base: str | os.PathLike, *, labels: dict | Non
 def is_bitfit(directory: str | os.PathLike) -> bool:
     """Whether `directory` is a `train --bitfit` output (its manifest or its tensors file is there)."""
     d = Path(directory)
-    return (d / BITFIT_MANIFEST).is_file() or ((d / WEIGHTS_NAME).is_file()
-                                               and not (d / "adapter_config.json").exists())
+    return (d / BITFIT_MANIFEST).is_file() or (
+        (d / WEIGHTS_NAME).is_file() and not (d / "adapter_config.json").exists()
+    )
 
 
 def read_bitfit(directory: str | os.PathLike) -> Adapter:
@@ -120,8 +127,11 @@ def read_bitfit(directory: str | os.PathLike) -> Adapter:
     tensors = load_tensors(path)
     manifest = Path(directory) / BITFIT_MANIFEST
     record = json.loads(manifest.read_text()).get("task") if manifest.is_file() else None
-    return Adapter({"bitfit": True, "base_model_name_or_path": None,
-                    "modules_to_save": (record or {}).get("modules_to_save")}, {}, tensors)
+    return Adapter(
+        {"bitfit": True, "base_model_name_or_path": None, "modules_to_save": (record or {}).get("modules_to_save")},
+        {},
+        tensors,
+    )
 
 
 def load_bitfit(model, directory: str | os.PathLike) -> None:
@@ -138,11 +148,15 @@ def load_bitfit(model, directory: str | os.PathLike) -> None:
     found = match(tensors, params, prefix=getattr(model, "base_model_prefix", None) or None)
     lost = sorted(set(tensors) - set(found))
     if lost:
-        raise FormatError(f"{directory}: tensor {lost[0]!r} is no parameter of {type(model).__name__}; load the "
-                          "class it was trained on (its ailora-bitfit.json names it: task.model_class)")
+        raise FormatError(
+            f"{directory}: tensor {lost[0]!r} is no parameter of {type(model).__name__}; load the "
+            "class it was trained on (its ailora-bitfit.json names it: task.model_class)"
+        )
     with torch.no_grad():
         for name, target in found.items():
             if params[target].shape != tensors[name].shape:
-                raise FormatError(f"{directory}: {name} is {tuple(tensors[name].shape)} but the model's "
-                                  f"{target} is {tuple(params[target].shape)}; load the base it was trained on")
+                raise FormatError(
+                    f"{directory}: {name} is {tuple(tensors[name].shape)} but the model's "
+                    f"{target} is {tuple(params[target].shape)}; load the base it was trained on"
+                )
             params[target].copy_(shard_like(params[target], tensors[name]))

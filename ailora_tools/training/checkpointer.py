@@ -6,6 +6,7 @@ digest of every other file of the checkpoint); `--resume` checks the newest comp
 restores it and continues exactly. `recorded` gathers every checkpoint's digests for the run's manifest, where
 `verify` checks them.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,11 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         written = write(tmp, self.model, self.config)
         opt = self.optimizer.state_dict()
-        tensors = {f"state.{i}.{k}": full_tensor(v.detach()).cpu().contiguous() for i, s in opt["state"].items()
-                   for k, v in s.items()}
+        tensors = {
+            f"state.{i}.{k}": full_tensor(v.detach()).cpu().contiguous()
+            for i, s in opt["state"].items()
+            for k, v in s.items()
+        }
         if tmp is None:
             return
         tensors["rng.cpu"] = torch.get_rng_state()
@@ -97,8 +101,10 @@ class Checkpointer:
         saved = json.loads((ckpt / STATE_NAME).read_text())
         for name, digest in saved.get("files", {}).items():
             if not (ckpt / name).is_file() or file_digest(ckpt / name) != digest:
-                raise FormatError(f"{ckpt / name}: missing or not as {STATE_NAME} recorded it (damaged); delete "
-                                  f"{ckpt} to resume from the checkpoint before it, or start again with --overwrite")
+                raise FormatError(
+                    f"{ckpt / name}: missing or not as {STATE_NAME} recorded it (damaged); delete "
+                    f"{ckpt} to resume from the checkpoint before it, or start again with --overwrite"
+                )
         if isinstance(self.config, BitFit):
             self.config.restore(ckpt, self.model)
         else:

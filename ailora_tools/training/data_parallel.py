@@ -20,6 +20,7 @@ sums the gradients instead of `sum_gradients`; the rows, shares and steps are th
 tensor is then on no rank: every rank evaluates, and takes part in gathering what rank 0 writes
 (`distributed.full_tensor`); a checkpoint is read by every rank, each keeping its shard (`shard_like`).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -47,8 +48,11 @@ class Ranks:
         from torch.distributed.device_mesh import init_device_mesh
 
         if not dist.is_initialized():
-            dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
-                                    device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(
+                "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                timeout=TIMEOUT,
+                device_id=device if device.type == "cuda" else None,
+            )
         world = dist.get_world_size()
         return cls(dist.get_rank(), world, init_device_mesh(device.type, (world,)) if fsdp else None)
 
@@ -109,10 +113,10 @@ class Ranks:
             dist.all_reduce(flat)
         dist.all_reduce(counts)
         at = 0
-        for p, present in zip(params, counts[len(numbers):].tolist()):
-            p.grad = flat[at:at + p.numel()].view_as(p) if present else None
+        for p, present in zip(params, counts[len(numbers) :].tolist()):
+            p.grad = flat[at : at + p.numel()].view_as(p) if present else None
             at += p.numel()
-        return counts[:len(numbers)].tolist()
+        return counts[: len(numbers)].tolist()
 
     def broadcast(self, value):
         """Rank 0's `value` on every rank (a picklable object)."""
@@ -135,4 +139,3 @@ class Ranks:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-

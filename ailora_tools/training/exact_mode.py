@@ -9,6 +9,7 @@ Two ways to train an SVD-initialised adapter (A, B start at A0, B0):
 
 `adapter_base` is recorded in decompose's `ailora.json` and in `ailora-train.json`.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,9 +36,11 @@ def resolve_adapter_base(flag: str, initial: str | os.PathLike) -> str:
     recorded = base_of(initial).kind
     if flag != "auto" and recorded is not None and flag != recorded:
         again = "with" if flag == "original" else "without"
-        raise TargetError(f"--adapter-base {flag}: the initial adapter {initial} was decomposed relative to the "
-                          f"{recorded} model ({Path(initial).parent / DECOMPOSE_MANIFEST}); drop the flag, or "
-                          f"decompose again {again} --no-residual")
+        raise TargetError(
+            f"--adapter-base {flag}: the initial adapter {initial} was decomposed relative to the "
+            f"{recorded} model ({Path(initial).parent / DECOMPOSE_MANIFEST}); drop the flag, or "
+            f"decompose again {again} --no-residual"
+        )
     return recorded or ("residual" if flag == "auto" else flag)
 
 
@@ -70,11 +73,13 @@ def subtract_initial(model, initial: Adapter) -> list:
         try:
             layer = base.get_submodule(module)
         except AttributeError as e:
-            raise TargetError(f"initial adapter: module {module!r} is not in the model; pass the adapter the "
-                              "model was loaded with") from e
+            raise TargetError(
+                f"initial adapter: module {module!r} is not in the model; pass the adapter the model was loaded with"
+            ) from e
         device = next(layer.parameters()).device
-        handles.append(layer.register_forward_hook(
-            _offset(A0.float().to(device), B0.float().to(device), initial.scale(module))))
+        handles.append(
+            layer.register_forward_hook(_offset(A0.float().to(device), B0.float().to(device), initial.scale(module)))
+        )
     return handles
 
 
@@ -83,4 +88,5 @@ def _offset(A0: torch.Tensor, B0: torch.Tensor, scale: float):
         x = args[0]
         product = torch.nn.functional.linear(torch.nn.functional.linear(x.to(A0.dtype), A0), B0)
         return out - (scale * product).to(out.dtype)
+
     return hook

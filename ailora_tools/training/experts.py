@@ -83,6 +83,8 @@ def linear_offsets(initial: Adapter, config: dict, *, source: object) -> dict:
     """
     experts = {m: f for m, f in initial.factors.items() if is_expert(m, config)}
     if offset := next((m for m, (_, B0) in experts.items() if B0.any()), None):
-        raise UnsupportedError(f"{source}: {offset} starts at a non-zero s·B0·A0, which training on the original "
-                               "cannot subtract from fused expert parameters; train on decompose's residual")
+        raise UnsupportedError(
+            f"{source}: {offset} starts at a non-zero s·B0·A0, which training on the original "
+            "cannot subtract from fused expert parameters; train on decompose's residual"
+        )
     return {m: f for m, f in initial.factors.items() if m not in experts}

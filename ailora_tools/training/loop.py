@@ -3,6 +3,7 @@
 Step hooks (`Run.hooks`, such as Progtuning's stages) run before each step and add fields to its record, so the
 loop itself has no special cases.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,25 +23,34 @@ def evaluate(run: Run) -> dict[str, float] | None:
     eval_spearman) on the eval data; None without eval data."""
     if not run.data.eval:
         return None
-    return run_eval(run.model, run.task, run.data.eval, run.data.collate, batch_size=run.options.batch_size,
-                    device=run.device, autocast=run.autocast)
+    return run_eval(
+        run.model,
+        run.task,
+        run.data.eval,
+        run.data.collate,
+        batch_size=run.options.batch_size,
+        device=run.device,
+        autocast=run.autocast,
+    )
 
 
 def next_batch(run: Run, state: dict) -> dict[str, torch.Tensor]:
     """The next micro-batch (all ranks' rows, on the CPU): each epoch in its own seeded order, the position kept
     in `state` for --resume."""
     examples, size = run.data.train, run.options.batch_size
-    order = torch.randperm(len(examples),
-                           generator=torch.Generator().manual_seed(run.options.seed * 100003 + state["epoch"]))
-    idx = order[state["pos"]: state["pos"] + size].tolist()
+    order = torch.randperm(
+        len(examples), generator=torch.Generator().manual_seed(run.options.seed * 100003 + state["epoch"])
+    )
+    idx = order[state["pos"] : state["pos"] + size].tolist()
     state["pos"] += size
     if state["pos"] >= len(examples):
         state["epoch"], state["pos"] = state["epoch"] + 1, 0
     return run.data.collate([examples[i] for i in idx])
 
 
-def train_steps(run: Run, state: dict, metrics: Metrics | None, checkpointer: Checkpointer | None, *,
-                progress: bool) -> None:
+def train_steps(
+    run: Run, state: dict, metrics: Metrics | None, checkpointer: Checkpointer | None, *, progress: bool
+) -> None:
     """Run optimizer steps from `state["step"]` to `run.total`, a record each, a checkpoint every --save-every.
     Ranks ≥ 1 of a torchrun launch (`metrics` None) compute their share and write nothing; their `checkpointer`
     (None, or with --fsdp one with no output) takes part in gathering what rank 0 saves.
@@ -68,8 +78,10 @@ def train_steps(run: Run, state: dict, metrics: Metrics | None, checkpointer: Ch
         step_loss, tokens = ranks.sum_gradients(summed, step_loss, tokens)
         tokens = int(tokens)
         if not math.isfinite(step_loss):
-            raise NumericsError(f"step {state['step'] + 1}: the training loss is {step_loss}; lower --lr, use "
-                                "--dtype float32, or check the data (the output has no manifest)")
+            raise NumericsError(
+                f"step {state['step'] + 1}: the training loss is {step_loss}; lower --lr, use "
+                "--dtype float32, or check the data (the output has no manifest)"
+            )
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -77,8 +89,14 @@ def train_steps(run: Run, state: dict, metrics: Metrics | None, checkpointer: Ch
             torch.cuda.synchronize(run.device)
         state["step"] += 1
         state.update(extra)  # recorded in checkpoints
-        record = {"step": state["step"], "loss": step_loss, "lr": run.scheduler.get_last_lr()[0], "tokens": tokens,
-                  "seconds": round(time.perf_counter() - t0, 4), **extra}
+        record = {
+            "step": state["step"],
+            "loss": step_loss,
+            "lr": run.scheduler.get_last_lr()[0],
+            "tokens": tokens,
+            "seconds": round(time.perf_counter() - t0, 4),
+            **extra,
+        }
         # ranks ≥ 1 record nothing, and evaluate and save only with --fsdp, where each holds a shard of the model
         if o.eval_every and state["step"] % o.eval_every == 0 and (metrics is not None or o.fsdp):
             record.update(evaluate(run) or {})

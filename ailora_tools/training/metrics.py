@@ -5,14 +5,14 @@ for more), Matthews correlation (CoLA), Pearson and Spearman correlation (STS-B,
 Every metric is reported at every evaluation (`eval_<name>` in metrics.jsonl); a correlation of constant
 predictions is undefined and reported as None.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
 #: metric -> True when higher is better (losses: lower)
-HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "matthews": True, "pearson": True, "spearman": True,
-                    "loss": False}
+HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "matthews": True, "pearson": True, "spearman": True, "loss": False}
 
 
 def classification_metrics(predictions: Sequence[int], labels: Sequence[int], num_labels: int) -> dict[str, float]:
@@ -23,10 +23,16 @@ def classification_metrics(predictions: Sequence[int], labels: Sequence[int], nu
 
     with warnings.catch_warnings():  # a class never predicted: F1 0 for it, as scikit-learn defines it
         warnings.simplefilter("ignore")
-        f1 = (f1_score(labels, predictions, average="binary", pos_label=1, zero_division=0) if num_labels == 2
-              else f1_score(labels, predictions, average="macro", labels=list(range(num_labels)), zero_division=0))
-        return {"accuracy": float(accuracy_score(labels, predictions)), "f1": float(f1),
-                "matthews": float(matthews_corrcoef(labels, predictions))}
+        f1 = (
+            f1_score(labels, predictions, average="binary", pos_label=1, zero_division=0)
+            if num_labels == 2
+            else f1_score(labels, predictions, average="macro", labels=list(range(num_labels)), zero_division=0)
+        )
+        return {
+            "accuracy": float(accuracy_score(labels, predictions)),
+            "f1": float(f1),
+            "matthews": float(matthews_corrcoef(labels, predictions)),
+        }
 
 
 def regression_metrics(predictions: Sequence[float], labels: Sequence[float]) -> dict[str, float | None]:
@@ -39,8 +45,7 @@ def regression_metrics(predictions: Sequence[float], labels: Sequence[float]) ->
         warnings.simplefilter("ignore")  # constant input: SciPy warns and returns NaN
         pearson = float(pearsonr(predictions, labels)[0]) if len(labels) > 1 else math.nan
         spearman = float(spearmanr(predictions, labels)[0]) if len(labels) > 1 else math.nan
-    return {"pearson": None if math.isnan(pearson) else pearson,
-            "spearman": None if math.isnan(spearman) else spearman}
+    return {"pearson": None if math.isnan(pearson) else pearson, "spearman": None if math.isnan(spearman) else spearman}
 
 
 def better(metric: str, a: float | None, b: float | None) -> bool:

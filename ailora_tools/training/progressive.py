@@ -16,6 +16,7 @@ The pure functions below are the schedule; `Progressive` applies it to a PEFT mo
 bit-identical) and detaches the hidden state entering the lowest training block, so the backward pass
 never reaches the blocks below it.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,8 +41,10 @@ def parts(n_blocks: int, stages: int) -> list[range]:
     if stages < 1:
         raise TargetError(f"--progressive {stages}: must be at least 1")
     if stages > n_blocks:
-        raise TargetError(f"--progressive {stages}: the model has {n_blocks} transformer blocks, so at most "
-                          f"{n_blocks} stages (one part of at least one block each)")
+        raise TargetError(
+            f"--progressive {stages}: the model has {n_blocks} transformer blocks, so at most "
+            f"{n_blocks} stages (one part of at least one block each)"
+        )
     size = n_blocks // stages
     return [range(k * size, (k + 1) * size if k < stages - 1 else n_blocks) for k in range(stages)]
 
@@ -57,8 +60,10 @@ def stage_bounds(total_steps: int, stages: int) -> list[range]:
         [range(0, 3), range(3, 6), range(6, 10)]
     """
     if total_steps < stages:
-        raise TargetError(f"--progressive {stages}: training has only {total_steps} steps; each stage needs at "
-                          "least one (raise --max-steps or --epochs, or use fewer stages)")
+        raise TargetError(
+            f"--progressive {stages}: training has only {total_steps} steps; each stage needs at "
+            "least one (raise --max-steps or --epochs, or use fewer stages)"
+        )
     return [range(k * total_steps // stages, (k + 1) * total_steps // stages) for k in range(stages)]
 
 
@@ -84,8 +89,10 @@ def updated_fraction(block_params: list[int], other_params: int, total_steps: in
         0.75
     """
     bounds = stage_bounds(total_steps, stages)
-    updated = sum(len(bounds[k]) * (sum(block_params[trainable_blocks(k, len(block_params), stages).start:])
-                                    + other_params) for k in range(stages))
+    updated = sum(
+        len(bounds[k]) * (sum(block_params[trainable_blocks(k, len(block_params), stages).start :]) + other_params)
+        for k in range(stages)
+    )
     everything = total_steps * (sum(block_params) + other_params)
     return updated / everything if everything else 1.0
 
@@ -110,13 +117,17 @@ class Progressive:
                 continue
             m = _BLOCK.match(name)
             if m is not None and container not in (None, m["container"]):
-                raise TargetError(f"--progressive: adapted modules lie in two block lists ({container} and "
-                                  f"{m['container']}); Progtuning needs one stack of transformer blocks")
+                raise TargetError(
+                    f"--progressive: adapted modules lie in two block lists ({container} and "
+                    f"{m['container']}); Progtuning needs one stack of transformer blocks"
+                )
             container = m["container"] if m else container
             self.params.setdefault(int(m["index"]) if m else None, []).append(p)
         if container is None:
-            raise TargetError("--progressive: no adapted module lies in a numbered list of transformer blocks "
-                              "(such as model.layers.N); Progtuning needs one")
+            raise TargetError(
+                "--progressive: no adapted module lies in a numbered list of transformer blocks "
+                "(such as model.layers.N); Progtuning needs one"
+            )
         self.blocks = model.get_base_model().get_submodule(container)
         self.n_blocks = len(self.blocks)
         stage_bounds(total_steps, stages)
@@ -147,10 +158,15 @@ class Progressive:
         """For the run's summary: each stage's blocks, steps and tokens/s, and the updated parameter-steps."""
         from .checkpointer import tokens_per_s
 
-        return {"progressive": {
-            "stages": [{**s, "tokens_per_s": tokens_per_s([r for r in history if r.get("stage") == s["stage"]])}
-                       for s in self.describe()],
-            "updated_parameter_fraction": self.updated_fraction()}}
+        return {
+            "progressive": {
+                "stages": [
+                    {**s, "tokens_per_s": tokens_per_s([r for r in history if r.get("stage") == s["stage"]])}
+                    for s in self.describe()
+                ],
+                "updated_parameter_fraction": self.updated_fraction(),
+            }
+        }
 
     def block_params(self) -> tuple[list[int], int]:
         """Trainable parameter counts per block (bottom first) and outside the blocks."""
@@ -165,8 +181,14 @@ class Progressive:
     def describe(self) -> list[dict]:
         """Per stage (1-based): the blocks it updates and its optimizer steps (1-based, inclusive)."""
         bounds = stage_bounds(self.total_steps, self.stages)
-        return [{"stage": k + 1, "blocks": [trainable_blocks(k, self.n_blocks, self.stages).start, self.n_blocks - 1],
-                 "steps": [bounds[k].start + 1, bounds[k].stop]} for k in range(self.stages)]
+        return [
+            {
+                "stage": k + 1,
+                "blocks": [trainable_blocks(k, self.n_blocks, self.stages).start, self.n_blocks - 1],
+                "steps": [bounds[k].start + 1, bounds[k].stop],
+            }
+            for k in range(self.stages)
+        ]
 
 
 def _detach_input(_module, args, kwargs):

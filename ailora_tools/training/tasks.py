@@ -13,6 +13,7 @@ lacks are a head. For sequence classification the head (a new classifier, seeded
 also e.g. BERT's pooler when a masked-LM checkpoint has none) trains with the adapter and is saved as PEFT's
 `modules_to_save`. For the LM tasks every weight must come from the checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,9 +60,14 @@ class Task:
         return int(((labels[:, 1:] if self.name == CAUSAL_LM else labels) != IGNORE).sum())
 
 
-TASKS = {t.name: t for t in (Task(CAUSAL_LM, "AutoModelForCausalLM", "CAUSAL_LM"),
-                             Task(MASKED_LM, "AutoModelForMaskedLM", None),
-                             Task(CLASSIFY, "AutoModelForSequenceClassification", "SEQ_CLS"))}
+TASKS = {
+    t.name: t
+    for t in (
+        Task(CAUSAL_LM, "AutoModelForCausalLM", "CAUSAL_LM"),
+        Task(MASKED_LM, "AutoModelForMaskedLM", None),
+        Task(CLASSIFY, "AutoModelForSequenceClassification", "SEQ_CLS"),
+    )
+}
 
 
 def resolve_task(name: str, config: dict) -> Task:
@@ -75,10 +81,12 @@ def resolve_task(name: str, config: dict) -> Task:
         raise TargetError(f"--task {name!r}: choose one of {', '.join(CHOICES)}")
     if config.get("is_encoder_decoder"):
         kind = " ".join(config.get("architectures") or []) or config.get("model_type", "this model")
-        raise UnsupportedError(f"{kind} is an encoder-decoder (sequence-to-sequence) model; train supports "
-                               "decoder-only causal LMs and encoders (masked LM, sequence classification). decompose, "
-                               "convert and merge take it: train OUT/adapter on OUT/residual with PEFT and "
-                               "transformers' Seq2SeqTrainer, then convert or merge it here")
+        raise UnsupportedError(
+            f"{kind} is an encoder-decoder (sequence-to-sequence) model; train supports "
+            "decoder-only causal LMs and encoders (masked LM, sequence classification). decompose, "
+            "convert and merge take it: train OUT/adapter on OUT/residual with PEFT and "
+            "transformers' Seq2SeqTrainer, then convert or merge it here"
+        )
     return TASKS[task_of(name, config)]
 
 
@@ -92,9 +100,20 @@ class Data:
     labels: dict | None  # num_labels, id2label, label2id, problem_type (pad_token_id): the model's and merged config
 
 
-def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike | None, tokenizer, *, pad_id: int,
-              config: dict, base: object, max_length: int, seed: int, num_labels: int | None = None,
-              columns: Columns | None = None) -> Data:
+def load_data(
+    task: Task,
+    data: str | os.PathLike,
+    eval_data: str | os.PathLike | None,
+    tokenizer,
+    *,
+    pad_id: int,
+    config: dict,
+    base: object,
+    max_length: int,
+    seed: int,
+    num_labels: int | None = None,
+    columns: Columns | None = None,
+) -> Data:
     """Read, validate and tokenize the data for `task` (before any model loads).
 
     Args:
@@ -113,29 +132,39 @@ def load_data(task: Task, data: str | os.PathLike, eval_data: str | os.PathLike 
     if task.classifies:
         regression = num_labels == 1
         rows = read_labeled(data, columns=columns, regression=regression)
-        eval_rows = read_labeled(eval_data, flag="--eval-data", columns=columns,
-                                 regression=regression) if eval_data else []
-        ids, labels = label_ids(rows, eval_rows, data=data, eval_data=eval_data, config=config, base=base,
-                              num_labels=num_labels)
+        eval_rows = (
+            read_labeled(eval_data, flag="--eval-data", columns=columns, regression=regression) if eval_data else []
+        )
+        ids, labels = label_ids(
+            rows, eval_rows, data=data, eval_data=eval_data, config=config, base=base, num_labels=num_labels
+        )
         if config.get("pad_token_id") is None:  # decoders classify at the last token that is not padding
             labels["pad_token_id"] = pad_id
-        return Data(tokenize_labeled(rows, tokenizer, ids, max_length=max_length),
-                    tokenize_labeled(eval_rows, tokenizer, ids, max_length=max_length),
-                    lambda batch: collate_labeled(batch, pad_id), labels)
+        return Data(
+            tokenize_labeled(rows, tokenizer, ids, max_length=max_length),
+            tokenize_labeled(eval_rows, tokenizer, ids, max_length=max_length),
+            lambda batch: collate_labeled(batch, pad_id),
+            labels,
+        )
     if task.name == MASKED_LM:
         if tokenizer.mask_token_id is None:
             raise TargetError(f"--task masked-lm: the tokenizer of {base} has no mask token")
+
         def load(path, s):
             return load_masked_jsonl(path, tokenizer, max_length=max_length, seed=s, columns=columns)
     else:
+
         def load(path, s):
             return load_jsonl(path, tokenizer, max_length=max_length, columns=columns)
-    return Data(load(data, seed), load(eval_data, seed + 1) if eval_data else [],
-                lambda batch: collate(batch, pad_id), None)
+
+    return Data(
+        load(data, seed), load(eval_data, seed + 1) if eval_data else [], lambda batch: collate(batch, pad_id), None
+    )
 
 
-def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, *, labels: dict | None,
-               dtype: torch.dtype) -> tuple[torch.nn.Module, dict, dict]:
+def load_model(
+    task: Task, base: str | os.PathLike, adapter: str | os.PathLike, *, labels: dict | None, dtype: torch.dtype
+) -> tuple[torch.nn.Module, dict, dict]:
     """The task's class on `base` as a PEFT model holding the initial adapter's factors, under the class's names.
 
     The head (classification: the weights outside the base model and those the checkpoint lacks) trains with the
@@ -160,23 +189,34 @@ def load_model(task: Task, base: str | os.PathLike, adapter: str | os.PathLike, 
     names = match(plain, {n for n, _ in model.named_modules()}, prefix=prefix)
     if len(names) < len(plain):
         lost = sorted(set(plain) - set(names))
-        raise TargetError(f"{adapter}: adapts {lost[0]!r}, which {cls} on {base} does not have (nor with or without "
-                          f"the prefix {prefix!r}); pass the adapter decomposed from this model")
+        raise TargetError(
+            f"{adapter}: adapts {lost[0]!r}, which {cls} on {base} does not have (nor with or without "
+            f"the prefix {prefix!r}); pass the adapter decomposed from this model"
+        )
     fields = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type"}
     lora = {k: v for k, v in initial.config.items() if k in fields}
-    lora.update(target_modules=sorted(names.values()), modules_to_save=list(heads) or None,  # PEFT extends it
-                task_type=task.peft_task_type, inference_mode=False, **experts.lora)
+    lora.update(
+        target_modules=sorted(names.values()),
+        modules_to_save=list(heads) or None,  # PEFT extends it
+        task_type=task.peft_task_type,
+        inference_mode=False,
+        **experts.lora,
+    )
     peft_model = get_peft_model(model, LoraConfig(**lora))
-    renamed = dataclasses.replace(initial, factors={**{names[m]: initial.factors[m] for m in plain}, **experts.factors},
-                                  magnitudes={names[m]: v for m, v in initial.magnitudes.items()})
+    renamed = dataclasses.replace(
+        initial,
+        factors={**{names[m]: initial.factors[m] for m in plain}, **experts.factors},
+        magnitudes={names[m]: v for m, v in initial.magnitudes.items()},
+    )
     load_into(peft_model, renamed, source=adapter, extra=False)
     freeze_factors(peft_model, frozen_factors(adapter))  # MiCA's B
     config = {**initial.config, "task_type": task.peft_task_type, "modules_to_save": heads or None, **experts.saved}
     return peft_model, config, describe_task(task, model, heads, labels)
 
 
-def load_task_model(task: Task, base: str | os.PathLike, *, labels: dict | None,
-                    dtype: torch.dtype) -> tuple[torch.nn.Module, list[str]]:
+def load_task_model(
+    task: Task, base: str | os.PathLike, *, labels: dict | None, dtype: torch.dtype
+) -> tuple[torch.nn.Module, list[str]]:
     """The task's transformers class on `base`, and the module names of its head (classification only: the
     children outside the base model, and base modules the checkpoint lacks, such as BERT's pooler).
 
@@ -186,7 +226,8 @@ def load_task_model(task: Task, base: str | os.PathLike, *, labels: dict | None,
     import transformers
 
     model, info = getattr(transformers, task.auto_class).from_pretrained(
-        base, dtype=dtype, output_loading_info=True, **(labels or {}))
+        base, dtype=dtype, output_loading_info=True, **(labels or {})
+    )
     # transformers keeps a pre-quantised checkpoint's float weights in their stored dtype: cast them as PEFT's
     # prepare_model_for_kbit_training does (the packed NF4 weights are uint8: untouched)
     if getattr(model.config, "quantization_config", None):
@@ -198,7 +239,8 @@ def load_task_model(task: Task, base: str | os.PathLike, *, labels: dict | None,
         raise UnsupportedError(
             f"--task {task.name}: {type(model).__name__} needs weights that {base} lacks ({', '.join(missing[:3])}"
             f"{', ...' if len(missing) > 3 else ''}): it has no {task.name} head; train with --task {CLASSIFY}, or "
-            "decompose a checkpoint saved with that head")
+            "decompose a checkpoint saved with that head"
+        )
     return model, _heads(model, missing) if task.classifies else []
 
 
@@ -207,8 +249,14 @@ def describe_task(task: Task, model, heads: list[str], labels: dict | None) -> d
     head modules and the config keys a merged model needs (`config`)."""
     cls = type(model).__name__
     merged_config = {"architectures": [cls], **{k: v for k, v in labels.items() if k != "num_labels"}} if labels else {}
-    return {"task": task.name, "auto_class": task.auto_class, "model_class": cls,
-            "base_model_prefix": model.base_model_prefix, "modules_to_save": heads, "config": merged_config}
+    return {
+        "task": task.name,
+        "auto_class": task.auto_class,
+        "model_class": cls,
+        "base_model_prefix": model.base_model_prefix,
+        "modules_to_save": heads,
+        "config": merged_config,
+    }
 
 
 def _heads(model, missing: list[str]) -> list[str]:
@@ -219,8 +267,9 @@ def _heads(model, missing: list[str]) -> list[str]:
     return sorted(heads)
 
 
-def evaluate(model, task: Task, examples: list, collate_fn: Callable, *, batch_size: int, device: torch.device,
-             autocast: bool) -> dict[str, float]:
+def evaluate(
+    model, task: Task, examples: list, collate_fn: Callable, *, batch_size: int, device: torch.device, autocast: bool
+) -> dict[str, float]:
     """Mean loss over the examples (per token for LMs, per example for classification) and, for classification,
     accuracy, F1 and Matthews correlation, or for regression (one output) Pearson and Spearman correlation
     (`metrics`). Leaves the model in train mode."""
@@ -230,7 +279,7 @@ def evaluate(model, task: Task, examples: list, collate_fn: Callable, *, batch_s
     total, weight, predictions, labels, width = 0.0, 0, [], [], 0
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
         for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate_fn(examples[i:i + batch_size]).items()}
+            batch = {k: v.to(device) for k, v in collate_fn(examples[i : i + batch_size]).items()}
             out = model(**batch)
             n = task.loss_weight(batch["labels"])
             total += float(out.loss) * n
@@ -243,7 +292,10 @@ def evaluate(model, task: Task, examples: list, collate_fn: Callable, *, batch_s
     model.train()
     result = {"eval_loss": total / max(weight, 1)}
     if task.classifies:
-        scores = regression_metrics(predictions, labels) if width == 1 else classification_metrics(
-            predictions, labels, width)
+        scores = (
+            regression_metrics(predictions, labels)
+            if width == 1
+            else classification_metrics(predictions, labels, width)
+        )
         result.update({f"eval_{k}": v for k, v in scores.items()})
     return result

@@ -10,6 +10,7 @@ data, model, optimizer, schedule), `loop` (the steps), `checkpointer` (metrics.j
 The output is a PEFT adapter directory plus `ailora-train.json`, which names the initial adapter (so that
 `convert` needs no other argument) and records the task.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,9 +40,17 @@ __all__ = ["train", "CKPT_DIR"]
 
 
 def train(
-    base: str | os.PathLike, adapter: str | os.PathLike | None, data: str | os.PathLike, out: str | os.PathLike,
-    options: TrainOptions | None = None, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-    force: bool = False, **settings,
+    base: str | os.PathLike,
+    adapter: str | os.PathLike | None,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    options: TrainOptions | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    force: bool = False,
+    **settings,
 ) -> dict:
     """Train `adapter` on the frozen `base` and write a PEFT adapter directory to `out`.
 
@@ -83,13 +92,17 @@ def train(
     state = {"step": 0, "epoch": 0, "pos": 0}
     manifest = BITFIT_MANIFEST if o.bitfit else TRAIN_MANIFEST
     recorded_settings = {**run.settings, "task": run.task_info}  # as the manifest records them
-    if (done := run.ranks.broadcast(finished_run(out, manifest, recorded_settings)
-                                    if resume and not overwrite and run.ranks.writes else None)) is not None:
+    if (
+        done := run.ranks.broadcast(
+            finished_run(out, manifest, recorded_settings) if resume and not overwrite and run.ranks.writes else None
+        )
+    ) is not None:
         return _nothing_to_do(run, done, out, started)
     if not run.ranks.writes:  # ranks ≥ 1 of a torchrun launch: the same steps on their rows; rank 0 writes
         return _follow(run, state, started)
-    with OutputDir(out, inputs=[Path(p) for p in (base, adapter) if p], overwrite=overwrite, resume=resume,
-                   settings=run.settings) as od:
+    with OutputDir(
+        out, inputs=[Path(p) for p in (base, adapter) if p], overwrite=overwrite, resume=resume, settings=run.settings
+    ) as od:
         metrics = Metrics(od.path / METRICS)
         checkpointer = Checkpointer(od, run.model, run.optimizer, run.scheduler, run.config)
         eval_start = _start(run, od, checkpointer, metrics, state, resume=resume)
@@ -101,23 +114,32 @@ def train(
         if (eval_end := evaluate(run)) is not None:
             metrics.append({"step": state["step"], **eval_end, "final": True})
         summary = _summary(run, od.path, state, eval_start, eval_end, metrics.history())
-        od.write_manifest(manifest, {**recorded_settings, "options": asdict(o), "summary": summary,
-                                     "files": {"output": {p.name: file_digest(p) for p in written},
-                                               CKPT_DIR: recorded(od.path)}})
+        od.write_manifest(
+            manifest,
+            {
+                **recorded_settings,
+                "options": asdict(o),
+                "summary": summary,
+                "files": {"output": {p.name: file_digest(p) for p in written}, CKPT_DIR: recorded(od.path)},
+            },
+        )
     run.ranks.close()
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 
 
-def _start(run, od: OutputDir, checkpointer: Checkpointer, metrics: Metrics, state: dict, *,
-           resume: bool) -> dict | None:
+def _start(
+    run, od: OutputDir, checkpointer: Checkpointer, metrics: Metrics, state: dict, *, resume: bool
+) -> dict | None:
     """Restore the latest checkpoint (with --resume) into `state`, or start fresh; the evaluation at step 0 (the
     first run's, when resumed)."""
     if (latest := run.ranks.broadcast(checkpointer.latest() if resume else None)) is not None:
         checkpointer.restore(latest, state)
     elif resume:
-        warnings.warn(AiloraWarning(f"--resume: nothing to resume in {od.path} (no checkpoint there): starting a "
-                                    "fresh run"), stacklevel=3)
+        warnings.warn(
+            AiloraWarning(f"--resume: nothing to resume in {od.path} (no checkpoint there): starting a fresh run"),
+            stacklevel=3,
+        )
     metrics.truncate(state["step"] or -1)  # what this run writes again: all of it when it starts at step 0
     if state["step"] > 0:  # resumed: the start is the first run's step-0 evaluation, not this step's
         return metrics.start_eval()
@@ -126,16 +148,23 @@ def _start(run, od: OutputDir, checkpointer: Checkpointer, metrics: Metrics, sta
     return eval_start
 
 
-def _summary(run, output: Path, state: dict, eval_start: dict | None, eval_end: dict | None,
-             history: list[dict]) -> dict:
+def _summary(
+    run, output: Path, state: dict, eval_start: dict | None, eval_end: dict | None, history: list[dict]
+) -> dict:
     """Steps, first and last loss, evaluations at the start and the end, throughput, and the hooks' reports."""
     losses = [r["loss"] for r in history if "loss" in r]
-    summary = {"output": str(output), "steps": state["step"], "first_loss": losses[0] if losses else None,
-               "last_loss": losses[-1] if losses else None,
-               **{f"{k}_start": v for k, v in (eval_start or {"eval_loss": None}).items()},
-               **(eval_end or {"eval_loss": None}), "adapter_base": run.mode,
-               "trainable_parameters": sum(p.numel() for p in run.params), "tokens_per_s": tokens_per_s(history),
-               "processes": run.ranks.world}
+    summary = {
+        "output": str(output),
+        "steps": state["step"],
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        **{f"{k}_start": v for k, v in (eval_start or {"eval_loss": None}).items()},
+        **(eval_end or {"eval_loss": None}),
+        "adapter_base": run.mode,
+        "trainable_parameters": sum(p.numel() for p in run.params),
+        "tokens_per_s": tokens_per_s(history),
+        "processes": run.ranks.world,
+    }
     for hook in run.hooks:
         summary.update(hook.report(history))
     return summary
@@ -147,8 +176,9 @@ def _nothing_to_do(run, done: dict, out, started: float) -> dict:
     seconds = round(time.perf_counter() - started, 3)
     if not run.ranks.writes:
         return {"worker": run.ranks.rank, "steps": done["summary"]["steps"], "seconds": seconds}
-    warnings.warn(AiloraWarning(f"--resume: the run in {Path(out).absolute()} is complete, nothing to do"),
-                  stacklevel=3)
+    warnings.warn(
+        AiloraWarning(f"--resume: the run in {Path(out).absolute()} is complete, nothing to do"), stacklevel=3
+    )
     return {**done["summary"], "resume": "complete, nothing to do", "seconds": seconds}
 
 

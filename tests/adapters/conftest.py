@@ -1,4 +1,5 @@
 """Fixtures of the adapter tests: a decomposition whose residual is NF4-quantised, with an adapter trained on it."""
+
 import json
 
 import pytest
@@ -18,14 +19,29 @@ def run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("qserve")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(config).save_pretrained(root / "model", max_shard_size="200KB")
     rows = [json.loads(line) for line in data_file("demo_train.jsonl").read_text().splitlines()]
     (root / "corpus.txt").write_text("\n".join(r["prompt"] + r["completion"] for r in rows))
-    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "model" / "tokenizer"),
-                                   vocab_size=100, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                                   minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"),
+        model_prefix=str(root / "model" / "tokenizer"),
+        vocab_size=100,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
     (root / "model" / "tokenizer.vocab").unlink()
     decompose(root / "model", root / "dec", method="pissa", rank=4, alpha=8, targets=QUANTIZED_TARGETS, progress=False)
     quantize_residual(root / "dec")

@@ -1,6 +1,7 @@
 """Every fix `check` prints is a command that works on that adapter: for each kind of adapter the
 tool produces, `check --for vllm` and `--for llama.cpp` run, and every `ailora-tools ...` command their findings
 print runs as printed (only the output placeholders LORA, OUT, MERGED filled in) and exits 0."""
+
 import itertools
 import json
 import re
@@ -65,8 +66,9 @@ def test_fixes_of_a_converted_adapter_and_a_bitfit_output_run(llama, models, tmp
     decompose(llama, tmp_path / "d", method="pissa", rank=4, alpha=8, progress=False)
     convert(fake_training(tmp_path / "d" / "adapter", tmp_path / "t"), tmp_path / "lora")
     assert run_fixes(tmp_path / "lora", tmp_path) == []  # a LoRA on the original: nothing to fix
-    train(models["qwen2"], None, data_file("demo_train.jsonl"), tmp_path / "bf", bitfit=True, max_steps=1,
-          progress=False)
+    train(
+        models["qwen2"], None, data_file("demo_train.jsonl"), tmp_path / "bf", bitfit=True, max_steps=1, progress=False
+    )
     ran = run_fixes(tmp_path / "bf", tmp_path)
     assert ran and all(c.startswith(f"ailora-tools merge {models['qwen2']}") for c in ran)
 

@@ -1,6 +1,7 @@
 """A classifier's adapter loaded the ways the README shows, on a tiny BERT with its own head:
 decompose's adapter on `AutoModelForSequenceClassification` with PEFT, and the Python API's routes from a model
 trained with `get_ailora_model` to a LoRA on the original (`convert`, or the rebuilt residual), on logits."""
+
 import torch
 from helpers.encoders import PARITY, build_encoder, decompose, outputs
 from peft import PeftModel

@@ -1,4 +1,5 @@
 """convert and merge: parity on logits, exact re-compression, PEFT agreement."""
+
 import json
 from pathlib import Path
 
@@ -43,8 +44,9 @@ def test_convert_then_peft_on_original_matches_trained_on_residual(workflow):
     w1, w2 = load(tmp / "m1", kind).state_dict(), load(tmp / "m2", kind).state_dict()
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], atol=1e-6, rtol=1e-5)
-    assert sorted(p.name for p in (tmp / "m1").iterdir() if not p.name.startswith("ailora")) == \
-        sorted(p.name for p in src.iterdir())
+    assert sorted(p.name for p in (tmp / "m1").iterdir() if not p.name.startswith("ailora")) == sorted(
+        p.name for p in src.iterdir()
+    )
 
 
 def test_max_rank_exact_when_true_rank_fits(tiny, tmp_path):
@@ -86,8 +88,12 @@ def test_untrained_adapter_is_reported(tiny, tmp_path):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_pissa_pair_converts_like_peft(tiny, tmp_path, rslora):
     src = tiny("llama")
-    model = get_peft_model(load(src, "llama"), LoraConfig(r=4, lora_alpha=8, use_rslora=rslora,
-                           target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    model = get_peft_model(
+        load(src, "llama"),
+        LoraConfig(
+            r=4, lora_alpha=8, use_rslora=rslora, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"
+        ),
+    )
     model.peft_config["default"].init_lora_weights = True
     model.save_pretrained(tmp_path / "init")
     ours, theirs = peft_converted_pair(model, tmp_path)
@@ -99,8 +105,15 @@ def test_peft_pissa_pair_converts_like_peft(tiny, tmp_path, rslora):
 
 def test_merge_matches_peft_merge_and_unload_with_patterns(tiny, tmp_path):
     src = tiny("qwen2")
-    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj"],
-                     rank_pattern={"o_proj": 2}, alpha_pattern={"v_proj": 3}, init_lora_weights=False)
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "o_proj"],
+        rank_pattern={"o_proj": 2},
+        alpha_pattern={"v_proj": 3},
+        init_lora_weights=False,
+    )
     model = get_peft_model(load(src, "qwen2"), cfg)
     model.save_pretrained(tmp_path / "lora")
     merged = model.merge_and_unload()
@@ -115,8 +128,11 @@ def test_merge_matches_peft_merge_and_unload_with_patterns(tiny, tmp_path):
 
 def test_merge_rejects_adapter_for_another_base(tiny, tmp_path):
     decompose(tiny("llama"), tmp_path / "dec", rank=4, progress=False)
-    with pytest.raises(TargetError, match=r"adapts module 'model.layers.0.self_attn.q_proj' but the base .* has no "
-                                          r"tensor model.layers.0.self_attn.q_proj.weight"):
+    with pytest.raises(
+        TargetError,
+        match=r"adapts module 'model.layers.0.self_attn.q_proj' but the base .* has no "
+        r"tensor model.layers.0.self_attn.q_proj.weight",
+    ):
         merge(tiny("bert"), tmp_path / "dec" / "adapter", tmp_path / "m", progress=False)
     ad = read_adapter(tmp_path / "dec" / "adapter")
     write_adapter(tmp_path / "narrow", ad.config, {m: (A, B[:16]) for m, (A, B) in ad.factors.items()})

@@ -1,5 +1,6 @@
 """DoRA: decompose --dora from every init, get_ailora_model(dora=True), train, merge (= PEFT's
 merge_and_unload), convert --dora exact / approximate."""
+
 import json
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def base(tmp_path_factory):
 
 # ---- 1. DoRA from every init -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["lora", "pissa", "milora", "ailora", "lora-da"])
 def test_decompose_dora_loads_in_peft_and_reproduces_the_model_at_step_0(base, tmp_path, method):
     extra = {"data": DATA, "samples": 8, "max_length": 64} if method == "lora-da" else {}
@@ -44,8 +46,9 @@ def test_decompose_dora_loads_in_peft_and_reproduces_the_model_at_step_0(base, t
     assert set(ad.magnitudes) == set(ad.factors)
     assert json.loads((tmp_path / "d" / "ailora.json").read_text())["dora"] is True
     on = base if method == "lora" else tmp_path / "d" / "residual"
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(on, dtype=torch.float32),
-                                      tmp_path / "d" / "adapter")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(on, dtype=torch.float32), tmp_path / "d" / "adapter"
+    )
     assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
     torch.manual_seed(0)
     with torch.no_grad():
@@ -56,8 +59,15 @@ def test_decompose_dora_loads_in_peft_and_reproduces_the_model_at_step_0(base, t
 def test_get_ailora_model_dora_equals_decompose_and_keeps_step_0(base, tmp_path):
     decompose(base, tmp_path / "d", method="pissa", rank=4, alpha=8, svd="exact", dora=True, progress=False)
     expected = lm_logits(base)
-    model = get_ailora_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), method="pissa", rank=4,
-                             alpha=8, svd="exact", dora=True, progress=False)
+    model = get_ailora_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        method="pissa",
+        rank=4,
+        alpha=8,
+        svd="exact",
+        dora=True,
+        progress=False,
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         got = model.eval()(input_ids=torch.randint(4, 90, (2, 16))).logits
@@ -72,8 +82,15 @@ def test_get_ailora_model_dora_equals_decompose_and_keeps_step_0(base, tmp_path)
 def test_get_ailora_model_dora_keeps_step_0_on_other_architectures(tiny, kind):
     src = Path(tiny(kind))
     expected = logits(load(src, kind), kind)
-    model = get_ailora_model(load(src, kind), method="ailora" if kind == "bert" else "pissa", rank=4, alpha=8,
-                             targets=TARGETS[kind], dora=True, progress=False)
+    model = get_ailora_model(
+        load(src, kind),
+        method="ailora" if kind == "bert" else "pissa",
+        rank=4,
+        alpha=8,
+        targets=TARGETS[kind],
+        dora=True,
+        progress=False,
+    )
     assert (logits(model.eval(), kind) - expected).abs().max() <= 1e-5
 
 
@@ -93,8 +110,9 @@ def test_train_dora_moves_the_model_and_round_trips(base, tmp_path, monkeypatch)
     with killed_at_update(monkeypatch, 4):  # killed after step 3: resumes from the step-2 checkpoint
         train(*args, tmp_path / "r", **opts)
     train(*args, tmp_path / "r", resume=True, **opts)
-    assert (tmp_path / "t" / "adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "r" / "adapter_model.safetensors").read_bytes()  # magnitudes restored with the factors
+    assert (tmp_path / "t" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "r" / "adapter_model.safetensors"
+    ).read_bytes()  # magnitudes restored with the factors
     trained = read_adapter(tmp_path / "t", dora=True)
     initial = read_adapter(tmp_path / "d" / "adapter", dora=True)
     assert json.loads((tmp_path / "t" / "adapter_config.json").read_text())["use_dora"] is True
@@ -111,6 +129,7 @@ def test_train_dora_moves_the_model_and_round_trips(base, tmp_path, monkeypatch)
 
 
 # ---- 3. merge = PEFT's merge_and_unload -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2", "bert"])
 @pytest.mark.parametrize("method", ["pissa", "lora"])  # adapter on the residual / on the original base
@@ -136,8 +155,9 @@ def test_merge_dora_equals_peft_merge_and_unload(tiny, tmp_path, kind, method):
 def test_dora_maths_match_peft_layer():
     torch.manual_seed(0)
     layer = torch.nn.Linear(12, 10)
-    model = get_peft_model(torch.nn.Sequential(layer),
-                           LoraConfig(r=3, lora_alpha=6, target_modules=["0"], use_dora=True))
+    model = get_peft_model(
+        torch.nn.Sequential(layer), LoraConfig(r=3, lora_alpha=6, target_modules=["0"], use_dora=True)
+    )
     dora = model.base_model.model[0]
     with torch.no_grad():
         dora.lora_B["default"].weight.normal_()
@@ -157,6 +177,7 @@ def test_dora_maths_match_peft_layer():
 
 
 # ---- 4. DoRA → LoRA -------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def trained_dora(base, tmp_path):
@@ -196,8 +217,9 @@ def test_convert_dora_exact_and_full_rank_approximate_on_every_architecture(tiny
     fake_dora_training(tmp_path / "d" / "adapter", tmp_path / "t", trained_on=tmp_path / "d" / "residual")
     expected = logits(PeftModel.from_pretrained(load(tmp_path / "d" / "residual", kind), tmp_path / "t").eval(), kind)
     convert(tmp_path / "t", tmp_path / "x", dora="exact", progress=False)
-    got = logits(PeftModel.from_pretrained(load(tmp_path / "x" / "base", kind), tmp_path / "x" / "adapter").eval(),
-                 kind)
+    got = logits(
+        PeftModel.from_pretrained(load(tmp_path / "x" / "base", kind), tmp_path / "x" / "adapter").eval(), kind
+    )
     assert (got - expected).abs().max() <= 1e-4
     convert(tmp_path / "t", tmp_path / "a", dora="approximate", max_rank=128, progress=False)
     got = logits(PeftModel.from_pretrained(load(src, kind), tmp_path / "a").eval(), kind)
@@ -221,8 +243,9 @@ def test_convert_dora_approximate_reports_the_measured_error(base, trained_dora)
     lora = read_adapter(tmp / "a")
     assert lora.config["base_model_name_or_path"] == str(base) and lora.config["r"] == 8
     original = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
-    peft_merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp / "d" / "residual",
-                                                                                 dtype=torch.float32), tmp / "t")
+    peft_merged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp / "d" / "residual", dtype=torch.float32), tmp / "t"
+    )
     target = peft_merged.merge_and_unload().state_dict()
     assert set(printed) == set(lora.factors)
     for m, err in printed.items():
@@ -230,8 +253,12 @@ def test_convert_dora_approximate_reports_the_measured_error(base, trained_dora)
         measured = float(torch.linalg.norm(W + lora.delta(m).double() - Wp) / torch.linalg.norm(Wp - W))
         assert abs(measured - err) <= 1e-4 * max(err, 1e-3), (m, measured, err)
     # full rank: exact up to rounding, so the LoRA on the original gives the trained model
-    assert cli("convert", "--trained", tmp / "t", "-o", tmp / "f", "--dora", "approximate", "--max-rank", "128",
-               "--json").exit_code == 0
+    assert (
+        cli(
+            "convert", "--trained", tmp / "t", "-o", tmp / "f", "--dora", "approximate", "--max-rank", "128", "--json"
+        ).exit_code
+        == 0
+    )
     expected = lm_logits(tmp / "d" / "residual", tmp / "t")
     assert (lm_logits(base, tmp / "f") - expected).abs().max() <= 1e-4
 

@@ -1,4 +1,5 @@
 """The LoRA algebra of `adapters.lowrank`, against dense products and torch.linalg.svd."""
+
 import math
 
 import pytest
@@ -88,8 +89,11 @@ def test_padding_and_fitting_keep_the_product():
 def test_tolerance_names_every_module_above_it():
     assert check_tolerance({"a": 0.1, "b": 0.3}, None, "x", "y") == 0.3
     assert check_tolerance({"a": 0.1}, 0.2, "x", "y") == 0.1
-    with pytest.raises(NumericsError, match=r"--max-rank 2: relative error above --tolerance 0.05 in a \(1.00e-01\), "
-                                            r"b \(3.00e-01\); raise it"):
+    with pytest.raises(
+        NumericsError,
+        match=r"--max-rank 2: relative error above --tolerance 0.05 in a \(1.00e-01\), "
+        r"b \(3.00e-01\); raise it",
+    ):
         check_tolerance({"a": 0.1, "b": 0.3, "c": 0.01}, 0.05, "--max-rank 2", "raise it")
 
 
@@ -109,13 +113,24 @@ def test_scales_are_the_s_peft_multiplies_by(rslora):
 
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8), "v_proj": torch.nn.Linear(8, 8)})
-    config = LoraConfig(r=16, lora_alpha=32, use_rslora=rslora, target_modules=["q_proj", "v_proj"],
-                        rank_pattern={"v_proj": 4}, alpha_pattern={"v_proj": 2})
+    config = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        use_rslora=rslora,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 4},
+        alpha_pattern={"v_proj": 2},
+    )
     peft_model = get_peft_model(model, config)
     peft_s = {m: peft_model.base_model.model[m].scaling["default"] for m in ("q_proj", "v_proj")}
     assert peft_s == pytest.approx({"q_proj": 8.0 if rslora else 2.0, "v_proj": 1.0 if rslora else 0.5})
-    saved = {"r": 16, "lora_alpha": 32, "use_rslora": rslora, "rank_pattern": {"v_proj": 4},
-             "alpha_pattern": {"v_proj": 2}}
+    saved = {
+        "r": 16,
+        "lora_alpha": 32,
+        "use_rslora": rslora,
+        "rank_pattern": {"v_proj": 4},
+        "alpha_pattern": {"v_proj": 2},
+    }
     ours = Adapter(saved, {m: (rand(16, 8), rand(8, 16)) for m in ("q_proj", "v_proj")})
     assert {m: ours.scale(m) for m in peft_s} == pytest.approx(peft_s)
     assert config_scale(saved) == pytest.approx(peft_s["q_proj"]) == lora_scale(16, 32, rslora)

@@ -1,5 +1,6 @@
 """Serving what was trained on an NF4-quantised residual: the base re-quantised for vLLM (compressed-tensors W4A16)
 and llama.cpp (GGUF Q4_0/Q8_0), convert and merge, each with its error against dequant(Q) + s·B·A measured."""
+
 import json
 import re
 import textwrap
@@ -61,12 +62,14 @@ def test_export_base_vllm_w4a16_loads_in_transformers_and_serves_the_trained_mod
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization import preset_name_to_scheme
 
-    s = export_base(run / "dec" / "residual", tmp_path / "out", server="vllm", adapter=run / "trained",
-                    progress=False)
+    s = export_base(run / "dec" / "residual", tmp_path / "out", server="vllm", adapter=run / "trained", progress=False)
     out = tmp_path / "out"
     q = json.loads((out / "base" / "config.json").read_text())["quantization_config"]
-    assert (q["quant_method"], q["format"], q["config_groups"]["group_0"]["weights"]["group_size"]) == \
-        ("compressed-tensors", "pack-quantized", 128)
+    assert (q["quant_method"], q["format"], q["config_groups"]["group_0"]["weights"]["group_size"]) == (
+        "compressed-tensors",
+        "pack-quantized",
+        128,
+    )
     assert "lm_head" in q["ignore"] and not any("q_proj" in n or "k_proj" in n for n in q["ignore"])
     assert s["quantized_from_float"] == [f"model.layers.{i}.self_attn.k_proj" for i in (0, 1)]  # fused with q/v
     # the file's values, decompressed by compressed-tensors, are the recorded error away from dequant_nf4
@@ -74,8 +77,10 @@ def test_export_base_vllm_w4a16_loads_in_transformers_and_serves_the_trained_mod
     assert not any(n.endswith(".absmax") for n in base.tensors)
     scheme = preset_name_to_scheme("W4A16", ["Linear"])
     for m, err in s["errors"].items():
-        sd = {k: read_dequantized(base, f"{m}.{k}") if k == "weight_scale" else
-              read_tensor_of(base, f"{m}.{k}") for k in ("weight_packed", "weight_scale", "weight_shape")}
+        sd = {
+            k: read_dequantized(base, f"{m}.{k}") if k == "weight_scale" else read_tensor_of(base, f"{m}.{k}")
+            for k in ("weight_packed", "weight_scale", "weight_shape")
+        }
         W = PackedQuantizationCompressor.decompress(sd, scheme)["weight"]
         ref = read_dequantized(res, f"{m}.weight")
         assert abs(float((W - ref).norm() / ref.norm()) - err) < 1e-6 and 0.02 < err < 0.2
@@ -98,8 +103,9 @@ def test_export_base_llama_cpp_gguf_reads_back(run, tmp_path, fmt):
 
     from ailora_tools.adapters.gguf_export import permute_rows
 
-    s = export_base(run / "dec" / "residual", tmp_path / "out", server="llama.cpp", fmt=fmt,
-                    adapter=run / "trained", progress=False)
+    s = export_base(
+        run / "dec" / "residual", tmp_path / "out", server="llama.cpp", fmt=fmt, adapter=run / "trained", progress=False
+    )
     reader = gguf.GGUFReader(tmp_path / "out" / "base.gguf")
     fields = {k: f.contents() for k, f in reader.fields.items()}
     assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
@@ -113,11 +119,15 @@ def test_export_base_llama_cpp_gguf_reads_back(run, tmp_path, fmt):
     qtype, low, high = want[fmt]
     served = {}
     for i in (0, 1):
-        for short, hf, heads in (("attn_q", "q_proj", (4, None)), ("attn_v", "v_proj", None),
-                                 ("attn_k", "k_proj", (4, 2))):
+        for short, hf, heads in (
+            ("attn_q", "q_proj", (4, None)),
+            ("attn_v", "v_proj", None),
+            ("attn_k", "k_proj", (4, 2)),
+        ):
             t = tensors[f"blk.{i}.{short}.weight"]
             W = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(
-                [int(d) for d in reversed(t.shape)])
+                [int(d) for d in reversed(t.shape)]
+            )
             ref = read_dequantized(res, f"model.layers.{i}.self_attn.{hf}.weight")
             if heads:
                 ref = permute_rows(ref, *heads)  # llama.cpp's q/k row order
@@ -138,8 +148,9 @@ def test_export_base_llama_cpp_gguf_reads_back(run, tmp_path, fmt):
         got = PeftModel.from_pretrained(model, run / "trained").eval()(input_ids=IDS).logits
     assert s["worst_rel_fro_error"] / 10 < rel(got, trained_logits(run, IDS)) <= 2 * s["worst_rel_fro_error"]
     lora = gguf.GGUFReader(tmp_path / "out" / "adapter.gguf")
-    assert {t.name for t in lora.tensors} == {f"blk.{i}.attn_{x}.weight.lora_{y}" for i in (0, 1) for x in "qv"
-                                              for y in "ab"}
+    assert {t.name for t in lora.tensors} == {
+        f"blk.{i}.attn_{x}.weight.lora_{y}" for i in (0, 1) for x in "qv" for y in "ab"
+    }
 
 
 def unpermute(w, n_head):
@@ -176,8 +187,17 @@ def test_convert_and_merge_measure_against_the_trained_model(run, tmp_path):
 
 
 def test_cli_prints_the_errors(run, tmp_path):
-    res = cli("export-base", str(run / "dec" / "residual"), "--for", "llama.cpp", "--adapter", str(run / "trained"),
-              "-o", str(tmp_path / "g"), "--quiet")
+    res = cli(
+        "export-base",
+        str(run / "dec" / "residual"),
+        "--for",
+        "llama.cpp",
+        "--adapter",
+        str(run / "trained"),
+        "-o",
+        str(tmp_path / "g"),
+        "--quiet",
+    )
     assert res.exit_code == 0, res.output
     assert "model.layers.0.self_attn.q_proj" in res.output and "llama-server -m" in res.output
     res = cli("convert", "--trained", str(run / "trained"), "-o", str(tmp_path / "lora"))

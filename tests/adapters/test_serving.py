@@ -1,4 +1,5 @@
 """Serving and publishing: GGUF export, vLLM/llama.cpp/PEFT checks, push."""
+
 import json
 from pathlib import Path
 
@@ -108,8 +109,10 @@ def test_q8_0_where_rows_allow_and_says_where_not(converted):
 
 def test_unsupported_architecture_is_named(tiny, tmp_path):
     decompose(tiny("bert"), tmp_path / "dec", rank=4, method="lora", progress=False)
-    code = CliRunner().invoke(main, ["export-gguf", str(tmp_path / "dec" / "adapter"), "--base", str(tiny("bert")),
-                                     "-o", str(tmp_path / "b.gguf")])
+    code = CliRunner().invoke(
+        main,
+        ["export-gguf", str(tmp_path / "dec" / "adapter"), "--base", str(tiny("bert")), "-o", str(tmp_path / "b.gguf")],
+    )
     assert code.exit_code == 1 and "architecture 'bert' is not supported" in code.output
     assert not (tmp_path / "b.gguf").exists()
 
@@ -171,9 +174,13 @@ class Recorder:
 
     def upload_folder(self, *, folder_path, repo_id, **kw):
         import fnmatch
-        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()
-                       and not any(fnmatch.fnmatch(str(p.relative_to(folder_path)), pat)
-                                   for pat in kw["ignore_patterns"]))
+
+        files = sorted(
+            str(p.relative_to(folder_path))
+            for p in Path(folder_path).rglob("*")
+            if p.is_file()
+            and not any(fnmatch.fnmatch(str(p.relative_to(folder_path)), pat) for pat in kw["ignore_patterns"])
+        )
         Recorder.calls.append(("upload_folder", {"repo_id": repo_id, "files": files, **kw}))
         return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
 
@@ -187,8 +194,9 @@ def test_push_records_calls_card_and_hides_token(converted, monkeypatch):
     dry = CliRunner().invoke(main, ["push", str(tmp / "lora"), "--repo-id", "me/tiny-ailora", "--dry-run"])
     assert dry.exit_code == 0 and Recorder.calls == [] and not (tmp / "lora" / "README.md").exists()
     assert "adapter_model.safetensors" in dry.output and "base_model:" in dry.output
-    res = CliRunner().invoke(main, ["push", str(tmp / "lora"), "--repo-id", "me/tiny-ailora", "--private",
-                                    "--commit-message", "first"])
+    res = CliRunner().invoke(
+        main, ["push", str(tmp / "lora"), "--repo-id", "me/tiny-ailora", "--private", "--commit-message", "first"]
+    )
     assert res.exit_code == 0, res.output
     assert secret not in res.output and secret not in dry.output
     kinds = [c[0] for c in Recorder.calls]

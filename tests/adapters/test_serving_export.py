@@ -1,5 +1,6 @@
 """`convert --for vllm|llama.cpp`: exports every server takes as they are, refusals with what to
 do, and `check` naming the exact command that fixes each finding."""
+
 import json
 import re
 import shlex
@@ -34,8 +35,9 @@ def peft_logits(src: Path, adapter: Path) -> torch.Tensor:
 
 def plain_lora(src: Path, out: Path, *, r: int, alpha: float, seed: int = 0, **kw) -> Path:
     """A PEFT LoRA as PEFT saves it, with random non-zero B (as after training)."""
-    model = get_peft_model(load(src, "llama"), LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
-                                                          **kw))
+    model = get_peft_model(
+        load(src, "llama"), LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], **kw)
+    )
     randomize_lora(model, seed=seed, scale=0.1).save_pretrained(out)
     return out
 
@@ -77,14 +79,16 @@ def test_for_vllm_from_a_trained_adapter_bakes_the_scale_and_pads_the_rank(train
     assert res.exit_code == 0 and "vLLM check: passed" in res.output and "vllm serve" in res.output, res.output
     a, b = read_adapter(tmp_path / "v"), read_adapter(tmp_path / "v2")
     for m in a.factors:
-        torch.testing.assert_close(a.factors[m][1] @ a.factors[m][0], b.factors[m][1] @ b.factors[m][0], atol=1e-6,
-                                   rtol=0)
+        torch.testing.assert_close(
+            a.factors[m][1] @ a.factors[m][0], b.factors[m][1] @ b.factors[m][0], atol=1e-6, rtol=0
+        )
 
 
 def test_for_vllm_on_a_plain_peft_lora_with_rslora_and_patterns(tiny, tmp_path):
     src = Path(tiny("llama"))
-    lora = plain_lora(src, tmp_path / "peft", r=5, alpha=7, use_rslora=True, rank_pattern={"v_proj": 3},
-                      alpha_pattern={"q_proj": 2.0})
+    lora = plain_lora(
+        src, tmp_path / "peft", r=5, alpha=7, use_rslora=True, rank_pattern={"v_proj": 3}, alpha_pattern={"q_proj": 2.0}
+    )
     found = check_adapter(lora, target="vllm", max_lora_rank=8)
     assert [f.rule for f in found] == ["patterns"]
     command = found[0].fix.split("`")[1]
@@ -158,12 +162,15 @@ def refused(res, *needles):
         assert n in res.output, res.output
 
 
-@pytest.mark.parametrize("change,needles", [
-    ({"modules_to_save": ["lm_head"]}, ["modules_to_save has ['lm_head']", "ailora-tools merge BASE"]),
-    ({"modules_to_save": ["score"]}, ["modules_to_save has ['score']", "serve the adapter without them"]),
-    ({"bias": "all"}, ["bias is 'all'", "merge_and_unload"]),
-    ({"use_dora": True}, ["use_dora is true", "ailora-tools merge", "--dora exact"]),
-])
+@pytest.mark.parametrize(
+    "change,needles",
+    [
+        ({"modules_to_save": ["lm_head"]}, ["modules_to_save has ['lm_head']", "ailora-tools merge BASE"]),
+        ({"modules_to_save": ["score"]}, ["modules_to_save has ['score']", "serve the adapter without them"]),
+        ({"bias": "all"}, ["bias is 'all'", "merge_and_unload"]),
+        ({"use_dora": True}, ["use_dora is true", "ailora-tools merge", "--dora exact"]),
+    ],
+)
 def test_what_no_lora_carries_is_refused_with_what_to_do(trained, tmp_path, change, needles):
     _, root = trained
     ad = read_adapter(root / "lora")
@@ -181,8 +188,10 @@ def test_a_tensor_that_is_no_lora_factor_is_refused_not_dropped(trained, tmp_pat
     tensors = load_file(weights)
     tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, 128)
     save_file(tensors, weights)
-    refused(cli("convert", "--trained", tmp_path / "emb", "--for", "vllm", "-o", tmp_path / "out"),
-            "lora_embedding_A' is not a LoRA A/B weight")
+    refused(
+        cli("convert", "--trained", tmp_path / "emb", "--for", "vllm", "-o", tmp_path / "out"),
+        "lora_embedding_A' is not a LoRA A/B weight",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -203,16 +212,26 @@ def test_a_trained_head_is_refused_not_dropped(trained, tmp_path):
 def test_modules_and_architectures_a_server_lacks_are_refused(tiny, tmp_path):
     decompose(tiny("bert"), tmp_path / "dec", rank=4, method="lora", progress=False)
     bert = tmp_path / "dec" / "adapter"
-    refused(cli("convert", "--trained", bert, "--for", "vllm", "-o", tmp_path / "v"),
-            "vLLM does not serve LoRA on ['query', 'value']", f"ailora-tools merge {tiny('bert')} {bert} -o MERGED")
-    refused(cli("convert", "--trained", bert, "--for", "llama.cpp", "--base", tiny("bert"), "-o", tmp_path / "l"),
-            "architecture 'bert' is not supported", f"ailora-tools merge {tiny('bert')} {bert} -o MERGED")
+    refused(
+        cli("convert", "--trained", bert, "--for", "vllm", "-o", tmp_path / "v"),
+        "vLLM does not serve LoRA on ['query', 'value']",
+        f"ailora-tools merge {tiny('bert')} {bert} -o MERGED",
+    )
+    refused(
+        cli("convert", "--trained", bert, "--for", "llama.cpp", "--base", tiny("bert"), "-o", tmp_path / "l"),
+        "architecture 'bert' is not supported",
+        f"ailora-tools merge {tiny('bert')} {bert} -o MERGED",
+    )
     assert not (tmp_path / "v").exists() and not (tmp_path / "l").exists()
     llama = read_adapter(plain_lora(Path(tiny("llama")), tmp_path / "hub", r=4, alpha=4))
-    write_adapter(tmp_path / "hub-id", {**llama.config, "base_model_name_or_path": "meta-llama/Llama-3.1-8B"},
-                  llama.factors)  # a base that is no local directory: llama.cpp's rules need its config.json
-    refused(cli("convert", "--trained", tmp_path / "hub-id", "--for", "llama.cpp", "-o", tmp_path / "h"),
-            "no base model config.json at meta-llama/Llama-3.1-8B", "pass --base DIR")
+    write_adapter(
+        tmp_path / "hub-id", {**llama.config, "base_model_name_or_path": "meta-llama/Llama-3.1-8B"}, llama.factors
+    )  # a base that is no local directory: llama.cpp's rules need its config.json
+    refused(
+        cli("convert", "--trained", tmp_path / "hub-id", "--for", "llama.cpp", "-o", tmp_path / "h"),
+        "no base model config.json at meta-llama/Llama-3.1-8B",
+        "pass --base DIR",
+    )
 
 
 def test_adapters_for_a_residual_are_sent_to_convert(trained, tmp_path):
@@ -221,11 +240,15 @@ def test_adapters_for_a_residual_are_sent_to_convert(trained, tmp_path):
         export_for(root / "dec" / "adapter", tmp_path / "a", server="vllm")
     ad = read_adapter(root / "lora")
     write_adapter(tmp_path / "pissa", {**ad.config, "init_lora_weights": "pissa"}, ad.factors)
-    refused(cli("convert", "--trained", tmp_path / "pissa", "--for", "vllm", "-o", tmp_path / "b"),
-            "init_lora_weights is 'pissa'", "--initial INITIAL --for vllm")
+    refused(
+        cli("convert", "--trained", tmp_path / "pissa", "--for", "vllm", "-o", tmp_path / "b"),
+        "init_lora_weights is 'pissa'",
+        "--initial INITIAL --for vllm",
+    )
     found = check_adapter(root / "trained", target="llama.cpp", base=src)
-    assert (found[0].rule == "base"
-            and f"ailora-tools convert --trained {root / 'trained'} --for llama.cpp" in found[0].fix)
+    assert (
+        found[0].rule == "base" and f"ailora-tools convert --trained {root / 'trained'} --for llama.cpp" in found[0].fix
+    )
 
 
 def test_allowed_ranks_are_the_servers():

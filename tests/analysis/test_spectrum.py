@@ -1,4 +1,5 @@
 """`spectrum`: singular values against a float64 SVD, ‖ΔW‖_F against dense products, streaming, plots, CLI."""
+
 import json
 import math
 
@@ -75,8 +76,9 @@ def test_delta_norms_against_dense_products(tiny, tmp_path):
     decompose(src, tmp_path / "dec", rank=4, alpha=8, progress=False)
     initial = read_adapter(tmp_path / "dec" / "adapter")
     torch.manual_seed(1)
-    moved = {m: (A + 0.05 * torch.randn_like(A), B + 0.05 * torch.randn_like(B))
-             for m, (A, B) in initial.factors.items()}
+    moved = {
+        m: (A + 0.05 * torch.randn_like(A), B + 0.05 * torch.randn_like(B)) for m, (A, B) in initial.factors.items()
+    }
     trained = tmp_path / "trained"
     write_adapter(trained, initial.config, moved)  # a "trained" adapter, named by a training manifest as train writes
     (trained / TRAIN_MANIFEST).write_text(json.dumps({"initial_adapter": str(tmp_path / "dec" / "adapter")}))
@@ -92,8 +94,9 @@ def test_delta_norms_against_dense_products(tiny, tmp_path):
         A0, B0 = initial.factors[m]
         dense = s * (B.double() @ A.double() - B0.double() @ A0.double())
         assert by_module[m]["delta_fro"] == pytest.approx(float(dense.norm()), rel=1e-10)
-        assert by_module[m]["delta_rel"] == pytest.approx(float(dense.norm() / W[m + ".weight"].double().norm()),
-                                                          rel=1e-10)
+        assert by_module[m]["delta_rel"] == pytest.approx(
+            float(dense.norm() / W[m + ".weight"].double().norm()), rel=1e-10
+        )
     assert_png(tmp_path / "s" / "delta.png")
     # the same update as a standard rank-2r LoRA on the original base (convert's output): ΔW = s'·B'A'
     convert(trained, tmp_path / "lora")

@@ -1,4 +1,5 @@
 """No silent errors: a run that exits 0 is right, or it does not exit 0 (each way a run could go wrong quietly)."""
+
 import json
 import os
 import shutil
@@ -22,8 +23,10 @@ ROOT = Path(__file__).parents[2]
 
 
 def complete_looking(out: Path) -> bool:
-    return any((out / m).is_file() for m in ("ailora.json", "ailora-train.json", "ailora-convert.json",
-                                              "ailora-merge.json", "adapter_config.json"))
+    return any(
+        (out / m).is_file()
+        for m in ("ailora.json", "ailora-train.json", "ailora-convert.json", "ailora-merge.json", "adapter_config.json")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +43,9 @@ def work(tmp_path_factory):
     write_adapter(root / "trained", init.config, moved)
     (root / "trained" / "ailora-train.json").write_text(json.dumps({"initial_adapter": str(root / "dec" / "adapter")}))
     data = root / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Q: {i} + 1 = ?\nA: ", "completion": str(i + 1)})
-                              for i in range(8)) + "\n")
+    data.write_text(
+        "\n".join(json.dumps({"prompt": f"Q: {i} + 1 = ?\nA: ", "completion": str(i + 1)}) for i in range(8)) + "\n"
+    )
     return {"root": root, "base": base, "dec": root / "dec", "trained": root / "trained", "data": data}
 
 
@@ -75,16 +79,30 @@ def test_the_residual_is_recognised_wherever_it_moved(work, tmp_path):
 
 
 # 3. no token carrying loss gave NaN every step
-@pytest.mark.parametrize("row,why", [
-    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
-    ({"text": ""}, "empty text"),
-    ({"prompt": "x" * 40, "completion": "y"}, "--max-length 16"),
-])
+@pytest.mark.parametrize(
+    "row,why",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+        ({"text": ""}, "empty text"),
+        ({"prompt": "x" * 40, "completion": "y"}, "--max-length 16"),
+    ],
+)
 def test_rows_without_loss_tokens_fail_before_training(work, tmp_path, row, why):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(row) + "\n")
-    res = cli("train", "--base", work["dec"] / "residual", "--adapter", work["dec"] / "adapter", "--data", data,
-              "-o", tmp_path / "t", "--max-length", "16")
+    res = cli(
+        "train",
+        "--base",
+        work["dec"] / "residual",
+        "--adapter",
+        work["dec"] / "adapter",
+        "--data",
+        data,
+        "-o",
+        tmp_path / "t",
+        "--max-length",
+        "16",
+    )
     one_line_error(res, f"{data}:2: no token carries loss", why)
     assert not (tmp_path / "t").exists()
 
@@ -92,8 +110,20 @@ def test_rows_without_loss_tokens_fail_before_training(work, tmp_path, row, why)
 def test_non_finite_loss_stops_training(work, tmp_path):
     init = read_adapter(work["dec"] / "adapter")
     write_adapter(tmp_path / "huge", init.config, {m: (A * 1e30, B * 1e30) for m, (A, B) in init.factors.items()})
-    res = cli("train", "--base", work["dec"] / "residual", "--adapter", tmp_path / "huge", "--data", work["data"],
-              "-o", tmp_path / "t", "--max-steps", "3", "--quiet")
+    res = cli(
+        "train",
+        "--base",
+        work["dec"] / "residual",
+        "--adapter",
+        tmp_path / "huge",
+        "--data",
+        work["data"],
+        "-o",
+        tmp_path / "t",
+        "--max-steps",
+        "3",
+        "--quiet",
+    )
     one_line_error(res, "step 1: the training loss is")
     assert not complete_looking(tmp_path / "t")
     metrics = tmp_path / "t" / "metrics.jsonl"
@@ -102,8 +132,9 @@ def test_non_finite_loss_stops_training(work, tmp_path):
 
 # 4. convert --max-rank 0, and check --for peft really loads with PEFT
 def test_convert_max_rank_zero_is_refused(work, tmp_path):
-    one_line_error(cli("convert", "--trained", work["trained"], "-o", tmp_path / "l", "--max-rank", "0"),
-                   "--max-rank 0")
+    one_line_error(
+        cli("convert", "--trained", work["trained"], "-o", tmp_path / "l", "--max-rank", "0"), "--max-rank 0"
+    )
     assert not (tmp_path / "l").exists()
 
 
@@ -201,11 +232,27 @@ def test_model_cards_say_what_the_adapter_is(work, tmp_path):
 
 # 9. numbers out of range: exit 1, one line naming the option, nothing complete-looking
 BAD_NUMBERS = {
-    "decompose": [("--rank", "0"), ("--rank", "-3"), ("--alpha", "0"), ("--alpha", "-1"), ("--niter", "-1"),
-                  ("--oversample", "-2")],
-    "train": [("--max-steps", "0"), ("--max-steps", "-5"), ("--epochs", "0"), ("--batch-size", "0"),
-              ("--grad-accum", "0"), ("--lr", "0"), ("--lr", "-1e-4"), ("--max-length", "0"), ("--warmup", "-1"),
-              ("--save-every", "0"), ("--eval-every", "0")],
+    "decompose": [
+        ("--rank", "0"),
+        ("--rank", "-3"),
+        ("--alpha", "0"),
+        ("--alpha", "-1"),
+        ("--niter", "-1"),
+        ("--oversample", "-2"),
+    ],
+    "train": [
+        ("--max-steps", "0"),
+        ("--max-steps", "-5"),
+        ("--epochs", "0"),
+        ("--batch-size", "0"),
+        ("--grad-accum", "0"),
+        ("--lr", "0"),
+        ("--lr", "-1e-4"),
+        ("--max-length", "0"),
+        ("--warmup", "-1"),
+        ("--save-every", "0"),
+        ("--eval-every", "0"),
+    ],
     "convert": [("--max-rank", "0"), ("--max-rank", "-1"), ("--tolerance", "-0.5")],
 }
 
@@ -214,18 +261,30 @@ def command(kind, work, out):
     if kind == "decompose":
         return ["decompose", work["base"], "-o", out]
     if kind == "train":
-        return ["train", "--base", work["dec"] / "residual", "--adapter", work["dec"] / "adapter", "--data",
-                work["data"], "-o", out]
+        return [
+            "train",
+            "--base",
+            work["dec"] / "residual",
+            "--adapter",
+            work["dec"] / "adapter",
+            "--data",
+            work["data"],
+            "-o",
+            out,
+        ]
     return ["convert", "--trained", work["trained"], "-o", out]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=st.sampled_from([(k, f, v) for k, opts in BAD_NUMBERS.items() for f, v in opts]),
-       scale=st.sampled_from([1, 7, 1000]))
+@given(
+    case=st.sampled_from([(k, f, v) for k, opts in BAD_NUMBERS.items() for f, v in opts]),
+    scale=st.sampled_from([1, 7, 1000]),
+)
 def test_invalid_numbers_are_refused(work, tmp_path, case, scale):
     kind, flag, value = case
-    value = value if value in ("0",) else str(float(value) * scale if "." in value or "e" in value
-                                              else int(value) * scale)
+    value = (
+        value if value in ("0",) else str(float(value) * scale if "." in value or "e" in value else int(value) * scale)
+    )
     out = tmp_path / f"o-{kind}-{flag}-{value}"
     res = cli(*command(kind, work, out), flag, value)
     one_line_error(res, flag)
@@ -236,9 +295,11 @@ def test_invalid_numbers_are_refused(work, tmp_path, case, scale):
 def test_data_errors_come_before_the_model_loads(work, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txet": "typo"}\n')
-    code = ("import sys\nfrom ailora_tools.training.trainer import train\ntry:\n"
-            f"    train({str(work['dec'] / 'residual')!r}, {str(work['dec'] / 'adapter')!r}, {str(bad)!r}, 'o')\n"
-            "except Exception as e:\n    print(e, 'peft' in sys.modules, 'transformers' in sys.modules)")
+    code = (
+        "import sys\nfrom ailora_tools.training.trainer import train\ntry:\n"
+        f"    train({str(work['dec'] / 'residual')!r}, {str(work['dec'] / 'adapter')!r}, {str(bad)!r}, 'o')\n"
+        "except Exception as e:\n    print(e, 'peft' in sys.modules, 'transformers' in sys.modules)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert f"{bad}:2: expected" in res.stdout and res.stdout.strip().endswith("False False"), res.stdout + res.stderr
 
@@ -259,9 +320,22 @@ def test_convert_of_plain_lora_keeps_its_rank(work, tmp_path):
 
 @pytest.mark.slow
 def test_broken_pipe_is_quiet(work, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "ailora_tools.cli", "decompose", str(work["base"]), "-o",
-                             str(tmp_path / "o"), "--rank", "4", "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ailora_tools.cli",
+            "decompose",
+            str(work["base"]),
+            "-o",
+            str(tmp_path / "o"),
+            "--rank",
+            "4",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.read(1)
     proc.stdout.close()
     err = proc.stderr.read().decode()
@@ -271,10 +345,28 @@ def test_broken_pipe_is_quiet(work, tmp_path):
 
 @pytest.mark.slow
 def test_quiet_is_quiet(work, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "ailora_tools.cli", "train", "--base", str(work["dec"] / "residual"),
-                          "--adapter", str(work["dec"] / "adapter"), "--data", str(work["data"]), "-o",
-                          str(tmp_path / "t"), "--max-steps", "1", "--quiet"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONWARNINGS": "default"})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ailora_tools.cli",
+            "train",
+            "--base",
+            str(work["dec"] / "residual"),
+            "--adapter",
+            str(work["dec"] / "adapter"),
+            "--data",
+            str(work["data"]),
+            "-o",
+            str(tmp_path / "t"),
+            "--max-steps",
+            "1",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
     assert res.returncode == 0 and res.stderr == "", res.stderr
 
 
@@ -298,21 +390,34 @@ def test_usage_errors_are_one_line(work, tmp_path):
 @pytest.mark.slow
 def test_unreachable_hub_names_the_real_cause(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_ETAG_TIMEOUT="2",
-               HF_HUB_DOWNLOAD_TIMEOUT="2")
-    res = subprocess.run([sys.executable, "-m", "ailora_tools.cli", "decompose", "acme/absent", "-o",
-                          str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    env.update(
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HUB_CACHE=str(tmp_path / "cache"),
+        HF_HUB_ETAG_TIMEOUT="2",
+        HF_HUB_DOWNLOAD_TIMEOUT="2",
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "ailora_tools.cli", "decompose", "acme/absent", "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert res.returncode == 1 and "HF_HUB_OFFLINE" not in res.stderr and "Connect" in res.stderr, res.stderr
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f.txt").write_text("x")
-    res = subprocess.run([sys.executable, "-m", "ailora_tools.cli", "push", str(tmp_path / "d"), "--repo-id", "me/x"],
-                         capture_output=True, text=True, env={**env, "HF_TOKEN": "hf_dummy"})
+    res = subprocess.run(
+        [sys.executable, "-m", "ailora_tools.cli", "push", str(tmp_path / "d"), "--repo-id", "me/x"],
+        capture_output=True,
+        text=True,
+        env={**env, "HF_TOKEN": "hf_dummy"},
+    )
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "could not be reached" in res.stderr, res.stderr
 
 
 def test_revision_with_a_local_directory_is_refused(work, tmp_path):
-    one_line_error(cli("decompose", work["base"], "-o", tmp_path / "o", "--revision", "v2"), "--revision v2",
-                   "Hub ids only")
+    one_line_error(
+        cli("decompose", work["base"], "-o", tmp_path / "o", "--revision", "v2"), "--revision v2", "Hub ids only"
+    )
 
 
 def test_verify_and_check_on_what_they_were_given(work, tmp_path):

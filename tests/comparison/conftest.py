@@ -1,4 +1,5 @@
 """The comparison tests' shared data: an MRPC-shaped sentence-pair corpus."""
+
 import random
 
 import pytest

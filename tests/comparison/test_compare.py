@@ -1,4 +1,5 @@
 """`compare`: one decompose + train per method with the same settings, the table, the plots, resume."""
+
 import json
 
 import pytest
@@ -33,11 +34,38 @@ def setup(tmp_path_factory):
 def straight(setup):
     """An uninterrupted comparison of lora and ailora, through the CLI."""
     out = setup / "straight"
-    res = CliRunner().invoke(main, [
-        "compare", str(setup / "base"), "--data", str(data_file("demo_train.jsonl")), "--eval-data",
-        str(setup / "eval.jsonl"), "-o", str(out), "--methods", "lora,ailora", "--rank", str(RANK), "--max-steps", "6",
-        "--lr", "1e-2", "--batch-size", "8", "--eval-every", "3", "--seed", "1", "--device", "cpu", "--smooth", "2",
-        "--json"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "compare",
+            str(setup / "base"),
+            "--data",
+            str(data_file("demo_train.jsonl")),
+            "--eval-data",
+            str(setup / "eval.jsonl"),
+            "-o",
+            str(out),
+            "--methods",
+            "lora,ailora",
+            "--rank",
+            str(RANK),
+            "--max-steps",
+            "6",
+            "--lr",
+            "1e-2",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "3",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+            "--smooth",
+            "2",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     return out, json.loads(res.stdout)
 
@@ -87,8 +115,9 @@ def test_table_json_and_plots(straight):
 @pytest.mark.slow
 def test_interrupted_comparison_resumes_without_redoing_finished_runs(setup, straight, tmp_path, monkeypatch):
     args = (setup / "base", data_file("demo_train.jsonl"), tmp_path / "c")
-    opts = dict(OPTS, eval_data=setup / "eval.jsonl", methods=["lora", "ailora"], smooth=2, save_every=3,
-                progress=False)
+    opts = dict(
+        OPTS, eval_data=setup / "eval.jsonl", methods=["lora", "ailora"], smooth=2, save_every=3, progress=False
+    )
     with killed_at_update(monkeypatch, 11):  # lora takes steps 1-6; ailora dies at its 5th, after its checkpoint at 3
         compare(*args, **opts)
     lora_adapter = tmp_path / "c" / "lora" / "trained" / "adapter_model.safetensors"
@@ -96,15 +125,17 @@ def test_interrupted_comparison_resumes_without_redoing_finished_runs(setup, str
     calls = []
     for module, name in ((decomposition, "decompose"), (train_module, "train")):
         real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append((_name, str(a[-1])))
-                            or _real(*a, **k))
+        monkeypatch.setattr(
+            module, name, lambda *a, _real=real, _name=name, **k: calls.append((_name, str(a[-1]))) or _real(*a, **k)
+        )
     with pytest.raises(OutputError, match="exists and is not empty; pass --resume"):
         compare(*args, **opts)
     summary = compare(*args, **opts, resume=True)
     assert calls == [("train", str(tmp_path / "c" / "ailora" / "trained"))]  # lora and ailora's decompose kept
     assert lora_adapter.stat().st_mtime_ns == before
-    metrics = [json.loads(line)
-               for line in (tmp_path / "c" / "ailora" / "trained" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(line) for line in (tmp_path / "c" / "ailora" / "trained" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
     reference = {r["run"]: r for r in straight[1]["runs"]}
     for r in summary["runs"]:  # exactly what the uninterrupted comparison got (save_every does not change training)
@@ -114,8 +145,15 @@ def test_interrupted_comparison_resumes_without_redoing_finished_runs(setup, str
 
 @pytest.mark.slow
 def test_progressive_runs_both_variants_and_lora_da_calibrates(setup, tmp_path):
-    s = compare(setup / "base", data_file("demo_train.jsonl"), tmp_path / "p", methods=["ailora", "lora-da"],
-                progressive=2, progress=False, **dict(OPTS, max_steps=2))
+    s = compare(
+        setup / "base",
+        data_file("demo_train.jsonl"),
+        tmp_path / "p",
+        methods=["ailora", "lora-da"],
+        progressive=2,
+        progress=False,
+        **dict(OPTS, max_steps=2),
+    )
     runs = [(r["run"], r["progressive"]) for r in s["runs"]]
     assert runs == [("ailora", None), ("lora-da", None), ("ailora-progressive2", 2), ("lora-da-progressive2", 2)]
     trained = json.loads((tmp_path / "p" / "ailora-progressive2" / "trained" / "ailora-train.json").read_text())
@@ -134,8 +172,9 @@ def test_bad_input_fails_before_any_run(tiny, setup, tmp_path):
         compare(setup / "base", data, tmp_path / "a", methods=["pissa+lora"])
     with pytest.raises(TargetError, match="part of the fused c_attn"):  # q_proj on GPT-2, found before lora trains
         compare(tiny("gpt2"), data, tmp_path / "b", methods=["lora", "ailora"])
-    res = CliRunner().invoke(main, ["compare", str(setup / "base"), "--data", str(tmp_path / "none.jsonl"),
-                                    "-o", str(tmp_path / "c")])
+    res = CliRunner().invoke(
+        main, ["compare", str(setup / "base"), "--data", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "c")]
+    )
     assert res.exit_code == 1 and res.output == f"error: --data {tmp_path / 'none.jsonl'}: no such data file\n"
     assert not any((tmp_path / d).exists() for d in "abc")
 
@@ -148,9 +187,15 @@ def test_smoothing_and_steps_to_reach():
 
 @pytest.mark.slow
 def test_dora_rows_decompose_with_dora(setup, tmp_path):
-    """"dora" is plain DoRA and "pissa+dora" PiSSA's init with DoRA's magnitudes: both train as DoRA adapters."""
-    s = compare(setup / "base", data_file("demo_train.jsonl"), tmp_path / "d", methods=["dora", "pissa+dora"],
-                progress=False, **dict(OPTS, max_steps=2))
+    """ "dora" is plain DoRA and "pissa+dora" PiSSA's init with DoRA's magnitudes: both train as DoRA adapters."""
+    s = compare(
+        setup / "base",
+        data_file("demo_train.jsonl"),
+        tmp_path / "d",
+        methods=["dora", "pissa+dora"],
+        progress=False,
+        **dict(OPTS, max_steps=2),
+    )
     assert [r["run"] for r in s["runs"]] == ["dora", "pissa+dora"]
     for run, method in (("dora", "lora"), ("pissa+dora", "pissa")):
         decomposed = json.loads((tmp_path / "d" / run / "decomposed" / "ailora.json").read_text())

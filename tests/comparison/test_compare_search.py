@@ -132,8 +132,18 @@ def test_interrupted_search_resumed_takes_the_same_path(encoder, data, searched,
 
 def _dry_run(encoder, data, tmp_path, *extra):  # noqa: F811
     return CliRunner().invoke(
-        main, ["compare", str(encoder("bert-bare")), "--data", str(data[0]), "-o", str(tmp_path / "cmp"), *FLAGS,
-               *extra, "--dry-run"]
+        main,
+        [
+            "compare",
+            str(encoder("bert-bare")),
+            "--data",
+            str(data[0]),
+            "-o",
+            str(tmp_path / "cmp"),
+            *FLAGS,
+            *extra,
+            "--dry-run",
+        ],
     )
 
 

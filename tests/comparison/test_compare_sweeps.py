@@ -1,6 +1,7 @@
 """compare sweeps on a tiny BERT classifier, every method × seed × learning rate, mean ± std over
 seeds, the best rate per method chosen on eval, metric plots, and a sweep interrupted and resumed equal to an
 uninterrupted one."""
+
 import json
 import random
 
@@ -17,17 +18,44 @@ from ailora_tools.errors import OptionError
 
 METHODS = ["lora", "pissa"]
 #: every comparison here: 2 methods × 2 rates × 2 seeds, 4 steps each, evaluated every 2
-SWEEP = dict(task="sequence-classification", rank=4, targets=("query", "value"), max_steps=4, batch_size=8,
-             eval_every=2, device="cpu", methods=METHODS, lr="5e-3,2e-2", seeds=[0, 1], progress=False)
-KEYS = ("first_loss", "final_loss", "eval_loss", "eval_loss_start", "eval", "best", "eval_start",
-        "trainable_parameters", "steps_to_metric_target")
+SWEEP = dict(
+    task="sequence-classification",
+    rank=4,
+    targets=("query", "value"),
+    max_steps=4,
+    batch_size=8,
+    eval_every=2,
+    device="cpu",
+    methods=METHODS,
+    lr="5e-3,2e-2",
+    seeds=[0, 1],
+    progress=False,
+)
+KEYS = (
+    "first_loss",
+    "final_loss",
+    "eval_loss",
+    "eval_loss_start",
+    "eval",
+    "best",
+    "eval_start",
+    "trainable_parameters",
+    "steps_to_metric_target",
+)
 
 
 @pytest.fixture(scope="module")
 def straight(encoder, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "cmp"
-    return out, compare(encoder("bert-bare"), data[0], out, eval_data=data[1], text_column="sentence1",
-                        text_pair_column="sentence2", **SWEEP)
+    return out, compare(
+        encoder("bert-bare"),
+        data[0],
+        out,
+        eval_data=data[1],
+        text_column="sentence1",
+        text_pair_column="sentence2",
+        **SWEEP,
+    )
 
 
 def test_every_method_seed_and_rate_with_mean_std_and_best_rate(straight):
@@ -51,22 +79,31 @@ def test_every_method_seed_and_rate_with_mean_std_and_best_rate(straight):
             assert row["eval"] == {}
             continue
         assert row["eval"]["accuracy"]["mean"] == pytest.approx(sum(accs) / len(accs))
-        assert row["eval"]["accuracy"]["std"] == pytest.approx(abs(accs[0] - accs[-1]) / 2 ** 0.5)
+        assert row["eval"]["accuracy"]["std"] == pytest.approx(abs(accs[0] - accs[-1]) / 2**0.5)
         assert row["best"]["accuracy"]["mean"] >= row["eval"]["accuracy"]["mean"] - 1e-12
         assert row["eval"]["accuracy"]["n"] == len(accs)
         assert row["seeds"] == [0, 1]
     for method in METHODS:  # the best rate: the fewest diverged seeds, then the best mean final eval accuracy
         rows = {row["lr"]: row for row in manifest["summary"] if row["method"] == method}
-        best = max(rows, key=lambda lr: (-len(rows[lr]["diverged"]),
-                                         rows[lr]["eval"].get("accuracy", {"mean": -1})["mean"], -list(rows).index(lr)))
+        best = max(
+            rows,
+            key=lambda lr: (
+                -len(rows[lr]["diverged"]),
+                rows[lr]["eval"].get("accuracy", {"mean": -1})["mean"],
+                -list(rows).index(lr),
+            ),
+        )
         assert manifest["best_lr"][method] == best and rows[best]["best_lr"]
         assert manifest["edges"][method] == ("highest" if best == 2e-2 else "lowest")  # a 2-rate grid: always an edge
     lora, pissa = manifest["verdicts"]  # pissa against lora at their chosen rates, paired by seed
     assert lora["verdict"] == "baseline" and pissa["baseline"] == "lora"
 
     def pick(m):
-        return {r["seed"]: r["selection"] for r in manifest["runs"]
-                if r["method"] == m and r["lr"] == manifest["best_lr"][m] and not r["diverged"]}
+        return {
+            r["seed"]: r["selection"]
+            for r in manifest["runs"]
+            if r["method"] == m and r["lr"] == manifest["best_lr"][m] and not r["diverged"]
+        }
 
     paired = [pick("pissa")[k] - pick("lora")[k] for k in sorted(set(pick("pissa")) & set(pick("lora")))]
     assert pissa["n"] == len(paired) and (not paired or pissa["mean"] == pytest.approx(sum(paired) / len(paired)))
@@ -74,8 +111,10 @@ def test_every_method_seed_and_rate_with_mean_std_and_best_rate(straight):
     assert (pissa["verdict"] == "too few seeds") == (len(paired) < 2)
     assert lora["binomial_se"] == pytest.approx((lora["value"] * (1 - lora["value"]) / 16) ** 0.5)
     table = (out / "compare.md").read_text()
-    assert ("| run | lr | trainable params |" in table
-            and "final accuracy | best accuracy | steps to accuracy target" in table)
+    assert (
+        "| run | lr | trainable params |" in table
+        and "final accuracy | best accuracy | steps to accuracy target" in table
+    )
     assert "## Learning rates: final eval accuracy" in table and " ± " in table
     assert "**Chosen rate at an edge of the rates tried**" in table and "widen --lr or use --lr auto" in table
     assert manifest["plots"] == ["train_loss.png", "eval_loss.png", "eval_accuracy.png"]
@@ -113,12 +152,46 @@ def test_regression_compare_reports_pearson_with_per_method_rates(encoder, tmp_p
     rng = random.Random(3)
     rows = ["text,score"] + [f"{sentence(rng, a)},{float(a) * 5:.1f}" for a in (rng.random() < 0.5 for _ in range(24))]
     (tmp_path / "stsb.csv").write_text("\n".join(rows) + "\n")
-    res = CliRunner().invoke(main, [
-        "compare", str(encoder("bert-bare")), "--data", str(tmp_path / "stsb.csv"), "--eval-data",
-        str(tmp_path / "stsb.csv"), "-o", str(tmp_path / "cmp"), "--task", "sequence-classification",
-        "--num-labels", "1", "--label-column", "score", "--methods", "lora,ailora", "--lr", "ailora=1e-3,lora=1e-2",
-        "--rank", "4", "--targets", "query,value", "--max-steps", "2", "--batch-size", "8", "--eval-every", "2",
-        "--device", "cpu", "--warmup-ratio", "0.5", "--weight-decay", "0.1", "--json"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "compare",
+            str(encoder("bert-bare")),
+            "--data",
+            str(tmp_path / "stsb.csv"),
+            "--eval-data",
+            str(tmp_path / "stsb.csv"),
+            "-o",
+            str(tmp_path / "cmp"),
+            "--task",
+            "sequence-classification",
+            "--num-labels",
+            "1",
+            "--label-column",
+            "score",
+            "--methods",
+            "lora,ailora",
+            "--lr",
+            "ailora=1e-3,lora=1e-2",
+            "--rank",
+            "4",
+            "--targets",
+            "query,value",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "2",
+            "--device",
+            "cpu",
+            "--warmup-ratio",
+            "0.5",
+            "--weight-decay",
+            "0.1",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     s = json.loads(res.stdout)
     assert [(r["run"], r["lr"]) for r in s["runs"]] == [("lora", 1e-2), ("ailora", 1e-3)]
@@ -132,37 +205,78 @@ def test_rates_and_seeds_parse_and_fail_in_one_line(encoder, data, tmp_path):
     assert parse_lrs(None, methods, 2e-4) == {m: [2e-4] for m in methods}
     assert parse_lrs("1e-4,5e-4", methods, 2e-4) == {m: [1e-4, 5e-4] for m in methods}
     assert parse_lrs("pissa=1e-4,lora=5e-4,lora=1e-3", methods, 2e-4) == {
-        "lora": [5e-4, 1e-3], "pissa": [1e-4], "ailora": [2e-4]}
+        "lora": [5e-4, 1e-3],
+        "pissa": [1e-4],
+        "ailora": [2e-4],
+    }
     assert parse_lrs({"pissa": [1e-4, 2e-4]}, methods, 3e-4)["pissa"] == [1e-4, 2e-4]
     assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds(None) is None
-    for bad, message in (("dora=1e-4", "--lr dora=1e-4: dora is not among the compared methods"),
-                         ("fast", "--lr fast: 'fast' is not a number"),
-                         ("0", "--lr 0: rate 0 must be a finite number greater than 0")):
+    for bad, message in (
+        ("dora=1e-4", "--lr dora=1e-4: dora is not among the compared methods"),
+        ("fast", "--lr fast: 'fast' is not a number"),
+        ("0", "--lr 0: rate 0 must be a finite number greater than 0"),
+    ):
         with pytest.raises(OptionError, match=message):
             parse_lrs(bad, methods, 2e-4)
     with pytest.raises(OptionError, match="--seeds 0,0: give integers, each once"):
         parse_seeds("0,0")
-    with pytest.raises(OptionError, match="--methods lora-da: LoRA-DA does not calibrate a llama model for --task "
-                                          "sequence-classification"):
-        compare(encoder("llama"), data[0], tmp_path / "a", methods=["lora-da"], task="sequence-classification",
-                text_column="sentence1")
+    with pytest.raises(
+        OptionError,
+        match="--methods lora-da: LoRA-DA does not calibrate a llama model for --task sequence-classification",
+    ):
+        compare(
+            encoder("llama"),
+            data[0],
+            tmp_path / "a",
+            methods=["lora-da"],
+            task="sequence-classification",
+            text_column="sentence1",
+        )
     with pytest.raises(OptionError, match="--metric pearson: not reported for --task sequence-classification"):
-        compare(encoder("bert-bare"), data[0], tmp_path / "b", methods=["lora"], task="sequence-classification",
-                metric="pearson")
-    res = CliRunner().invoke(main, ["compare", str(encoder("bert-bare")), "--data", str(data[0]), "-o",
-                                    str(tmp_path / "c"), "--task", "sequence-classification", "--methods", "lora",
-                                    "--label-column", "gold"])
-    assert res.exit_code == 1 and res.output == (f"error: --data {data[0]}: no column 'gold' (--label-column); its "
-                                                 "columns are 'sentence1', 'sentence2', 'label'\n")
+        compare(
+            encoder("bert-bare"),
+            data[0],
+            tmp_path / "b",
+            methods=["lora"],
+            task="sequence-classification",
+            metric="pearson",
+        )
+    res = CliRunner().invoke(
+        main,
+        [
+            "compare",
+            str(encoder("bert-bare")),
+            "--data",
+            str(data[0]),
+            "-o",
+            str(tmp_path / "c"),
+            "--task",
+            "sequence-classification",
+            "--methods",
+            "lora",
+            "--label-column",
+            "gold",
+        ],
+    )
+    assert res.exit_code == 1 and res.output == (
+        f"error: --data {data[0]}: no column 'gold' (--label-column); its "
+        "columns are 'sentence1', 'sentence2', 'label'\n"
+    )
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_lora_da_row_on_a_bert_classifier(encoder, data, tmp_path):
     """LoRA-DA calibrates the encoder on the training data through the classification head, for train's task and
     columns; its row sits in the table beside plain LoRA's."""
-    s = compare(encoder("bert-bare"), data[0], tmp_path / "cmp", eval_data=data[1], text_column="sentence1",
-                text_pair_column="sentence2", **dict(SWEEP, methods=["lora", "lora-da"], lr=2e-2, seeds=None,
-                                                     max_steps=2))
+    s = compare(
+        encoder("bert-bare"),
+        data[0],
+        tmp_path / "cmp",
+        eval_data=data[1],
+        text_column="sentence1",
+        text_pair_column="sentence2",
+        **dict(SWEEP, methods=["lora", "lora-da"], lr=2e-2, seeds=None, max_steps=2),
+    )
     assert [r["run"] for r in s["runs"]] == ["lora", "lora-da"]
     decomposed = json.loads((tmp_path / "cmp" / "lora-da" / "decomposed" / "ailora.json").read_text())
     assert decomposed["method"] == "lora-da" and decomposed["data"]["task"] == "sequence-classification"

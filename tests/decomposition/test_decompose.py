@@ -1,4 +1,5 @@
 """decompose: logits parity, byte identity, PEFT agreement, determinism."""
+
 import json
 import shutil
 from pathlib import Path
@@ -49,8 +50,9 @@ def test_residual_plus_adapter_gives_original_logits(tiny, tmp_path, kind, metho
     assert any(d.startswith("blake3:") for d in manifest["files"]["output"].values())
     if method == "ailora":
         roles = {m.rsplit(".", 1)[-1]: r for m, r in manifest["roles"].items()}
-        assert roles == ({"query": "principal", "value": "minor"} if kind == "bert"
-                         else {"q_proj": "principal", "v_proj": "minor"})
+        assert roles == (
+            {"query": "principal", "value": "minor"} if kind == "bert" else {"q_proj": "principal", "v_proj": "minor"}
+        )
 
 
 def test_bfloat16_checkpoint_tolerance(tiny, tmp_path):
@@ -58,8 +60,9 @@ def test_bfloat16_checkpoint_tolerance(tiny, tmp_path):
     src = tiny("llama", torch.bfloat16)
     decompose(src, tmp_path / "out", rank=4, progress=False)
     ref = logits(load(src, "llama"), "llama")
-    got = logits(PeftModel.from_pretrained(load(tmp_path / "out" / "residual", "llama"), tmp_path / "out" / "adapter"),
-                 "llama")
+    got = logits(
+        PeftModel.from_pretrained(load(tmp_path / "out" / "residual", "llama"), tmp_path / "out" / "adapter"), "llama"
+    )
     assert (got - ref).abs().max() <= 0.01 * ref.abs().max()
     stats = json.loads((tmp_path / "out" / "ailora.json").read_text())["modules"]
     assert all(0 < s["recon_rel_fro"] <= 2**-8 for s in stats.values())  # bfloat16 unit roundoff
@@ -93,8 +96,12 @@ def test_non_targets_byte_identical_and_targets_are_residual(tiny, tmp_path):
 def test_pissa_exact_matches_peft(tiny, tmp_path, alpha, rslora):
     src = tiny("llama")
     decompose(src, tmp_path / "out", method="pissa", svd="exact", rank=4, alpha=alpha, rslora=rslora, progress=False)
-    peft_model = get_peft_model(load(src, "llama"), LoraConfig(r=4, lora_alpha=alpha, use_rslora=rslora,
-                                target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    peft_model = get_peft_model(
+        load(src, "llama"),
+        LoraConfig(
+            r=4, lora_alpha=alpha, use_rslora=rslora, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"
+        ),
+    )
     ours = read_adapter(tmp_path / "out" / "adapter")
     residual = all_tensors(tmp_path / "out" / "residual")
     checked = 0
@@ -104,8 +111,9 @@ def test_pissa_exact_matches_peft(tiny, tmp_path, alpha, rslora):
         module = name.removeprefix("base_model.model.")
         A, B = ours.factors[module]
         s = mod.scaling["default"]
-        torch.testing.assert_close(s * B @ A, s * mod.lora_B["default"].weight @ mod.lora_A["default"].weight,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            s * B @ A, s * mod.lora_B["default"].weight @ mod.lora_A["default"].weight, atol=1e-5, rtol=0
+        )
         torch.testing.assert_close(residual[module + ".weight"], mod.base_layer.weight, atol=1e-5, rtol=0)
         assert ours.scale(module) == pytest.approx(s)
         checked += 1
@@ -169,8 +177,14 @@ def test_fused_qkv_pissa_transposed_conv1d(tiny, tmp_path):
 
 
 def test_ailora_default_role_for_k_is_overridden_by_role(tiny, tmp_path):
-    decompose(tiny("llama"), tmp_path / "out", targets=["q_proj", "k_proj", "v_proj"], roles={"k_proj": "minor"},
-              rank=4, progress=False)
+    decompose(
+        tiny("llama"),
+        tmp_path / "out",
+        targets=["q_proj", "k_proj", "v_proj"],
+        roles={"k_proj": "minor"},
+        rank=4,
+        progress=False,
+    )
     roles = json.loads((tmp_path / "out" / "ailora.json").read_text())["roles"]
     assert roles["model.layers.0.self_attn.k_proj"] == "minor"
 
@@ -195,9 +209,19 @@ def test_peak_memory_stays_within_stated_bound(tmp_path):
     bound = 64 * 2**20 + 16 * 256 * 256 * 4
     assert size >= 10 * bound
     for method in ("ailora", "pissa"):
-        out = subprocess.run([sys.executable, "-m", "ailora_tools.testing.memprobe", str(src),
-                              str(tmp_path / method), json.dumps({"method": method})],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ailora_tools.testing.memprobe",
+                str(src),
+                str(tmp_path / method),
+                json.dumps({"method": method}),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         probe = json.loads(out.stdout.strip().splitlines()[-1])
         assert probe["peak"] - probe["baseline"] <= bound, (method, probe, bound)
         assert (tmp_path / method / "ailora.json").is_file()

@@ -1,4 +1,5 @@
 """decompose and merge launched by torchrun: two CPU processes (gloo) write what one process writes."""
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,11 @@ from ailora_tools.io.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.slow  # torchrun launches: seconds each
 
+
 def single(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ailora_tools.cli", *map(str, args)], capture_output=True, text=True,
-                          env=ONE_THREAD)
+    return subprocess.run(
+        [sys.executable, "-m", "ailora_tools.cli", *map(str, args)], capture_output=True, text=True, env=ONE_THREAD
+    )
 
 
 def same_outputs(a, b, manifest: str) -> None:
@@ -61,8 +64,9 @@ def test_resume_and_merge_on_two_ranks(model, tmp_path):
     same_outputs(tmp_path / "one", tmp_path / "two", "ailora.json")
     assert single("verify", tmp_path / "two").returncode == 0
 
-    ran = torchrun("merge", tmp_path / "two" / "residual", tmp_path / "two" / "adapter", "-o", tmp_path / "m2",
-                   "--quiet")
+    ran = torchrun(
+        "merge", tmp_path / "two" / "residual", tmp_path / "two" / "adapter", "-o", tmp_path / "m2", "--quiet"
+    )
     assert ran.returncode == 0, ran.stderr
     one = single("merge", tmp_path / "one" / "residual", tmp_path / "one" / "adapter", "-o", tmp_path / "m1", "--quiet")
     assert one.returncode == 0, one.stderr

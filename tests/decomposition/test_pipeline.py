@@ -1,5 +1,6 @@
 """The streaming pipeline under decompose and merge: copy plans, tensor-wise digests, background threads,
 torch loading after the copies start, and the console entry point's exit codes."""
+
 import json
 import os
 import subprocess
@@ -39,7 +40,7 @@ def test_layout_copies_everything_but_the_replaced_ranges(shard, replaced):
             assert not covered[i]
             covered[i] = True
     for name, t in header.tensors.items():
-        inside = covered[offsets[name]:offsets[name] + t.nbytes]
+        inside = covered[offsets[name] : offsets[name] + t.nbytes]
         assert all(not c for c in inside) if name in replaced else all(inside)
     assert sum(covered) == header.size - sum(header.tensors[n].nbytes for n in replaced)
     assert all(runs[i][0] + runs[i][2] < runs[i + 1][0] for i in range(len(runs) - 1))  # adjacent runs merged
@@ -51,10 +52,10 @@ def test_layout_with_a_dtype_change_rewrites_the_header(shard, tmp_path):
     out = tmp_path / "o.safetensors"
     data = shard.read_bytes()
     buf = bytearray(offsets["t5"] + header.tensors["t5"].nbytes)
-    buf[:len(head)] = head
+    buf[: len(head)] = head
     for s, d, n in runs:
-        buf[d:d + n] = data[s:s + n]
-    buf[offsets["t2"]:offsets["t2"] + 4 * 5 * 5] = torch.full((5, 5), 7.0).numpy().tobytes()
+        buf[d : d + n] = data[s : s + n]
+    buf[offsets["t2"] : offsets["t2"] + 4 * 5 * 5] = torch.full((5, 5), 7.0).numpy().tobytes()
     out.write_bytes(bytes(buf))
     rewritten = read_header(out)
     assert rewritten.tensors["t2"].dtype == "F32" and rewritten.tensors["t3"].dtype == "BF16"
@@ -70,12 +71,13 @@ def test_layout_renames_in_the_header_and_keeps_every_byte(shard, tmp_path):
     head, offsets, runs = layout(header, {"t4": "BF16"}, {"head": ("F32", (2, 3))}, renamed)
     assert head  # a new header, though no dtype changes
     data, buf = shard.read_bytes(), bytearray(offsets["head"] + 4 * 6)
-    buf[:len(head)] = head
+    buf[: len(head)] = head
     for s, d, n in runs:
-        buf[d:d + n] = data[s:s + n]
-    buf[offsets["t4"]:offsets["t4"] + header.tensors["t4"].nbytes] = torch.full((7, 5), 9.0, dtype=torch.bfloat16
-                                                                                 ).view(torch.int16).numpy().tobytes()
-    buf[offsets["head"]:] = torch.ones(2, 3).numpy().tobytes()
+        buf[d : d + n] = data[s : s + n]
+    buf[offsets["t4"] : offsets["t4"] + header.tensors["t4"].nbytes] = (
+        torch.full((7, 5), 9.0, dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
+    )
+    buf[offsets["head"] :] = torch.ones(2, 3).numpy().tobytes()
     (tmp_path / "o.safetensors").write_bytes(bytes(buf))
     got, ref = load_file(str(tmp_path / "o.safetensors")), load_file(str(shard))
     assert set(got) == {f"bert.{k}" for k in ref} | {"head"}
@@ -92,8 +94,10 @@ def _with_gap(path: Path) -> Path:
     import struct
 
     a, b = torch.arange(6, dtype=torch.float32), torch.arange(4, dtype=torch.float32) + 10
-    doc = {"a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]},
-           "b": {"dtype": "F32", "shape": [4], "data_offsets": [28, 44]}}
+    doc = {
+        "a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [28, 44]},
+    }
     js = json.dumps(doc).encode()
     js += b" " * (-len(js) % 8)
     path.write_bytes(struct.pack("<Q", len(js)) + js + a.numpy().tobytes() + b"\xde\xad\xbe\xef" + b.numpy().tobytes())
@@ -109,7 +113,7 @@ def test_tensorwise_digest_covers_every_byte(shard, tmp_path):
     assert file_digest(shard).startswith("blake3-tensors:") and file_digest(other).startswith("blake3:")
     data = gap.read_bytes()
     for i in range(0, len(data), 7):  # any changed byte, header, tensor or gap, changes the digest
-        (tmp_path / "x.safetensors").write_bytes(data[:i] + bytes([data[i] ^ 1]) + data[i + 1:])
+        (tmp_path / "x.safetensors").write_bytes(data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :])
         assert file_digest(tmp_path / "x.safetensors") != file_digest(gap)
 
 
@@ -179,11 +183,14 @@ def test_decompose_loads_torch_only_after_the_copies_start(tiny, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("args,code", [(["--version"], 0), (["decompose"], 1), (["verify", "/nonexistent/out"], 1)])
 def test_console_entry_point_keeps_exit_codes(args, code):
-    proc = subprocess.run([sys.executable, "-c", "from ailora_tools.cli import run; run()", *args],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", "from ailora_tools.cli import run; run()", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == code, proc.stderr
     assert (proc.stdout + proc.stderr).strip()  # output was flushed before the fast exit
-
 
 
 def test_parallel_copies_and_hashing_give_the_same_outputs_and_digests(tiny, tmp_path, monkeypatch):
@@ -198,8 +205,11 @@ def test_parallel_copies_and_hashing_give_the_same_outputs_and_digests(tiny, tmp
     monkeypatch.setattr(rewrite, "IO_THREADS", 4)
     monkeypatch.setattr(hashing, "PARALLEL_BYTES", 1024)
     threads, real_blake3 = [], hashing.blake3
-    monkeypatch.setattr(hashing, "blake3", lambda *a, max_threads=1: threads.append(max_threads)
-                        or real_blake3(*a, max_threads=max_threads))
+    monkeypatch.setattr(
+        hashing,
+        "blake3",
+        lambda *a, max_threads=1: threads.append(max_threads) or real_blake3(*a, max_threads=max_threads),
+    )
     barrier, lock, met, real_copy = threading.Barrier(2, timeout=30), threading.Lock(), [], rewrite.copy_ranges
 
     def copy(*args):

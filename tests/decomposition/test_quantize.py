@@ -1,4 +1,5 @@
 """decompose --quantize nf4 (QPiSSA, LoftQ), training on the NF4 residual, get_ailora_model(quantize="nf4")."""
+
 import json
 import subprocess
 import sys
@@ -40,8 +41,9 @@ def _by_hand(src, out: Path):
         for module in json.loads((out / "ailora.json").read_text())["modules"]:
             A = adapter[f"base_model.model.{module}.lora_A.weight"]
             B = adapter[f"base_model.model.{module}.lora_B.weight"]
-            model.get_submodule(module).weight.copy_(read_dequantized(residual, f"{module}.weight").float()
-                                                     + scale * B @ A)
+            model.get_submodule(module).weight.copy_(
+                read_dequantized(residual, f"{module}.weight").float() + scale * B @ A
+            )
     return model
 
 
@@ -73,16 +75,19 @@ def test_packed_bytes_are_bitsandbytes_own_and_sit_in_the_shard_and_index(tmp_pa
     name = "model.layers.1.self_attn.q_proj.weight"
     with safe_open(str(res / index[name]), "pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys() if k.startswith(name)}
-    assert set(stored) == {name, *(f"{name}.{k}" for k in ("absmax", "quant_map", "nested_absmax",
-                                                           "nested_quant_map", STATE))}
+    assert set(stored) == {
+        name,
+        *(f"{name}.{k}" for k in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", STATE)),
+    }
     assert all(index[k] == index[name] for k in stored)
     state = json.loads(bytes(stored[f"{name}.{STATE}"].numpy()))
     assert state["shape"] == [64, 64] and state["dtype"] == "float32" and state["quant_type"] == "nf4"
     W = load_file(next(p for p in Path(src).glob("*.safetensors") if name in load_file(p)))[name].double()
     adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
     key = "base_model.model.model.layers.1.self_attn.q_proj"
-    ours = quantize(W - adapter[f"{key}.lora_B.weight"].double() @ adapter[f"{key}.lora_A.weight"].double(),
-                    dtype="F32")
+    ours = quantize(
+        W - adapter[f"{key}.lora_B.weight"].double() @ adapter[f"{key}.lora_A.weight"].double(), dtype="F32"
+    )
     assert torch.equal(ours[""], stored[name]) and torch.equal(ours["absmax"], stored[f"{name}.absmax"])
 
 
@@ -103,8 +108,21 @@ def test_error_falls_from_qlora_to_qpissa_to_loftq_and_the_command_prints_it(tmp
     from ailora_tools.testing.synthetic import synthetic_llama
 
     src = synthetic_llama(tmp_path / "src", layers=2, hidden=128, inter=256, kv=2, vocab=256, shards=2)
-    res = cli("decompose", src, "-o", tmp_path / "out", "--method", "pissa", "--rank", "8", "--quantize", "nf4",
-              "--loftq-iters", "3", "--quiet")
+    res = cli(
+        "decompose",
+        src,
+        "-o",
+        tmp_path / "out",
+        "--method",
+        "pissa",
+        "--rank",
+        "8",
+        "--quantize",
+        "nf4",
+        "--loftq-iters",
+        "3",
+        "--quiet",
+    )
     assert res.exit_code == 0, res.output
     rows = [line.split() for line in res.output.splitlines() if line.startswith("    ")]
     table = {r[0]: (float(r[1]), float(r[2])) for r in rows}
@@ -132,23 +150,57 @@ def test_train_on_the_nf4_residual_on_cpu_loss_falls(tmp_path):
     base = build_tiny_model(tmp_path / "base")
     decompose(base, tmp_path / "dec", method="pissa", rank=4, quantize="nf4", progress=False)
     data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Q: {i} + 1 = ?\nA: ", "completion": str(i + 1)})
-                              for i in range(16)) + "\n")
-    res = cli("train", "--base", tmp_path / "dec" / "residual", "--adapter", tmp_path / "dec" / "adapter", "--data",
-              data, "-o", tmp_path / "t", "--max-steps", "12", "--lr", "3e-3", "--device", "cpu", "--json")
+    data.write_text(
+        "\n".join(json.dumps({"prompt": f"Q: {i} + 1 = ?\nA: ", "completion": str(i + 1)}) for i in range(16)) + "\n"
+    )
+    res = cli(
+        "train",
+        "--base",
+        tmp_path / "dec" / "residual",
+        "--adapter",
+        tmp_path / "dec" / "adapter",
+        "--data",
+        data,
+        "-o",
+        tmp_path / "t",
+        "--max-steps",
+        "12",
+        "--lr",
+        "3e-3",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output[res.output.index("{"):])
+    summary = json.loads(res.output[res.output.index("{") :])
     assert summary["last_loss"] < summary["first_loss"] - 0.2, summary
     trained = load_file(tmp_path / "t" / "adapter_model.safetensors")
     initial = load_file(tmp_path / "dec" / "adapter" / "adapter_model.safetensors")
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
     # the trained adapter belongs to the quantised residual: spectrum (float weights only) says so in one line
-    one_line_error(cli("spectrum", tmp_path / "dec" / "residual", "--adapter", tmp_path / "t", "-o", tmp_path / "s"),
-                   "q_proj.weight' has dtype U8", "dequantize the checkpoint first")
+    one_line_error(
+        cli("spectrum", tmp_path / "dec" / "residual", "--adapter", tmp_path / "t", "-o", tmp_path / "s"),
+        "q_proj.weight' has dtype U8",
+        "dequantize the checkpoint first",
+    )
     # and train refuses the float residual of another run for it (identity through fingerprints of the packed bytes)
     decompose(base, tmp_path / "float", method="pissa", rank=4, progress=False)
-    one_line_error(cli("train", "--base", tmp_path / "float" / "residual", "--adapter", tmp_path / "dec" / "adapter",
-                       "--data", data, "-o", tmp_path / "t2", "--max-steps", "1"), "applies to the residual")
+    one_line_error(
+        cli(
+            "train",
+            "--base",
+            tmp_path / "float" / "residual",
+            "--adapter",
+            tmp_path / "dec" / "adapter",
+            "--data",
+            data,
+            "-o",
+            tmp_path / "t2",
+            "--max-steps",
+            "1",
+        ),
+        "applies to the residual",
+    )
 
 
 def test_train_loads_the_nf4_residual_float_weights_in_the_asked_dtype(tmp_path):
@@ -158,8 +210,13 @@ def test_train_loads_the_nf4_residual_float_weights_in_the_asked_dtype(tmp_path)
 
     src = build_model("llama", tmp_path / "src", dtype=torch.bfloat16)
     decompose(src, tmp_path / "dec", method="pissa", rank=4, quantize="nf4", quantize_all=True, progress=False)
-    model, _, _ = load_model(TASKS["causal-lm"], tmp_path / "dec" / "residual", tmp_path / "dec" / "adapter",
-                             labels=None, dtype=torch.float32)
+    model, _, _ = load_model(
+        TASKS["causal-lm"],
+        tmp_path / "dec" / "residual",
+        tmp_path / "dec" / "adapter",
+        labels=None,
+        dtype=torch.float32,
+    )
     floats = {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point()}
     assert floats and set(floats.values()) == {torch.float32}, floats
     q = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer")
@@ -174,18 +231,29 @@ def test_get_ailora_model_quantises_in_memory_as_decompose_writes(tmp_path):
 
     src = build_model("llama", tmp_path / "src")
     decompose(src, tmp_path / "out", method="pissa", rank=4, quantize="nf4", loftq_iters=1, progress=False)
-    model = get_ailora_model(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), method="pissa", rank=4,
-                             quantize="nf4", loftq_iters=1, progress=False)
+    model = get_ailora_model(
+        AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32),
+        method="pissa",
+        rank=4,
+        quantize="nf4",
+        loftq_iters=1,
+        progress=False,
+    )
     assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj, LoraLinear4bit)
     torch.testing.assert_close(_logits(model), _logits(_by_hand(src, tmp_path / "out")), atol=2e-5, rtol=0)
     with pytest.raises(Exception, match="quantize nf4: not with dora"):
         get_ailora_model(AutoModelForCausalLM.from_pretrained(src), quantize="nf4", dora=True, progress=False)
 
 
-@pytest.mark.parametrize("args,needle", [(["--loftq-iters", "2"], "--loftq-iters"),
-                                         (["--quantize-all"], "--quantize-all"),
-                                         (["--quantize", "nf4", "--no-residual"], "--no-residual"),
-                                         (["--quantize", "int3"], "--quantize")])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--loftq-iters", "2"], "--loftq-iters"),
+        (["--quantize-all"], "--quantize-all"),
+        (["--quantize", "nf4", "--no-residual"], "--no-residual"),
+        (["--quantize", "int3"], "--quantize"),
+    ],
+)
 def test_quantize_options_are_checked_before_anything_is_written(tmp_path, args, needle):
     src = build_model("llama", tmp_path / "src")
     one_line_error(cli("decompose", src, "-o", tmp_path / "o", *args), needle)
@@ -193,8 +261,10 @@ def test_quantize_options_are_checked_before_anything_is_written(tmp_path, args,
 
 
 def test_quantisation_modules_import_without_bitsandbytes():
-    code = ("import sys, ailora_tools.quantization.nf4, ailora_tools.decomposition.quantized, ailora_tools.cli; "
-            "assert 'bitsandbytes' not in sys.modules")
+    code = (
+        "import sys, ailora_tools.quantization.nf4, ailora_tools.decomposition.quantized, ailora_tools.cli; "
+        "assert 'bitsandbytes' not in sys.modules"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -209,10 +279,19 @@ def test_quantised_decompose_peak_memory_is_flat_in_the_layer_count(tmp_path):
     for layers in (2, 24):
         src = tmp_path / f"l{layers}"
         synthetic_llama(src, layers=layers, hidden=256, inter=4096, kv=2, vocab=8000, per_shard=2)
-        out = subprocess.run([sys.executable, "-m", "ailora_tools.testing.memprobe", str(src),
-                              str(tmp_path / f"o{layers}"), json.dumps({"method": "pissa", "quantize": "nf4",
-                                                                       "quantize_all": True, "loftq_iters": 1})],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ailora_tools.testing.memprobe",
+                str(src),
+                str(tmp_path / f"o{layers}"),
+                json.dumps({"method": "pissa", "quantize": "nf4", "quantize_all": True, "loftq_iters": 1}),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         probe = json.loads(out.stdout.strip().splitlines()[-1])
         peaks[layers] = probe["peak"] - probe["baseline"]
     matrix = 256 * 4096 * 8  # the largest quantised matrix, in float64

@@ -1,4 +1,5 @@
 """Smoke tests: each benchmark script runs at a tiny size and writes its table (no timing is asserted)."""
+
 import os
 import subprocess
 import sys
@@ -11,18 +12,41 @@ BENCH = Path(__file__).parents[2] / "benchmarks"
 
 @pytest.mark.slow
 def test_bench_decompose_runs_every_workload(tmp_path):
-    subprocess.run([sys.executable, str(BENCH / "bench_decompose.py"), "--sizes", "tiny", "--rounds", "1",
-                    "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "results")],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_decompose.py"),
+            "--sizes",
+            "tiny",
+            "--rounds",
+            "1",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "results"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (report,) = (tmp_path / "results").glob("decompose-cpu-*.md")
     text = report.read_text()
-    for workload in ("copy (cp -r)", "decompose pissa randomized", "decompose pissa exact",
-                     "decompose ailora randomized",
-                     "PEFT pissa (full SVD)", "PEFT pissa_niter_4", "merge (residual + trained)",
-                     "convert (trained -> LoRA)"):
+    for workload in (
+        "copy (cp -r)",
+        "decompose pissa randomized",
+        "decompose pissa exact",
+        "decompose ailora randomized",
+        "PEFT pissa (full SVD)",
+        "PEFT pissa_niter_4",
+        "merge (residual + trained)",
+        "convert (trained -> LoRA)",
+    ):
         assert f"| {workload} |" in text
-    assert ("Targets (set for the 1.1B checkpoint; shown for reference):" in text and "peak RSS ≤ 1/4 of PEFT's" in text
-            and "Command: `python benchmarks/bench_decompose.py" in text)
+    assert (
+        "Targets (set for the 1.1B checkpoint; shown for reference):" in text
+        and "peak RSS ≤ 1/4 of PEFT's" in text
+        and "Command: `python benchmarks/bench_decompose.py" in text
+    )
     assert f"## tiny: 0.00 GB, bfloat16, 2 shards; {os.cpu_count()} cores, device cpu" in text
     assert "every decompose ≤ 1.0× plain copy" in text
 
@@ -31,14 +55,30 @@ def test_synthetic_sizes_of_big_models():
     from ailora_tools.testing.synthetic import size_spec
 
     assert size_spec("8b") == dict(layers=32, hidden=4096, inter=14336, kv=8, vocab=128256, head_dim=128, shards=4)
-    assert size_spec("70b-layers:8") == dict(layers=8, hidden=8192, inter=28672, kv=8, vocab=128256, head_dim=128,
-                                             per_shard=3)
+    assert size_spec("70b-layers:8") == dict(
+        layers=8, hidden=8192, inter=28672, kv=8, vocab=128256, head_dim=128, per_shard=3
+    )
 
 
 @pytest.mark.slow
 def test_bench_svd_runs_every_method(tmp_path):
-    subprocess.run([sys.executable, str(BENCH / "bench_svd.py"), "--sizes", "96", "--repeats", "1",
-                    "--devices", "cpu", "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_svd.py"),
+            "--sizes",
+            "96",
+            "--repeats",
+            "1",
+            "--devices",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (report,) = tmp_path.glob("svd-cpu-*.md")
     assert f"{os.cpu_count()} cores" in report.read_text() and "devices cpu" in report.read_text()
     rows = [line for line in report.read_text().splitlines() if line.startswith("| cpu | 96 |")]
@@ -49,10 +89,31 @@ def test_bench_svd_runs_every_method(tmp_path):
 
 @pytest.mark.slow
 def test_bench_progressive_reports_every_stage(tmp_path):
-    subprocess.run([sys.executable, str(BENCH / "bench_progressive.py"), "--layers", "4", "--hidden", "64", "--seq",
-                    "32",
-                    "--steps", "6", "--stages", "3", "--rounds", "1", "--workdir", str(tmp_path / "work"),
-                    "--out", str(tmp_path / "results")], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_progressive.py"),
+            "--layers",
+            "4",
+            "--hidden",
+            "64",
+            "--seq",
+            "32",
+            "--steps",
+            "6",
+            "--stages",
+            "3",
+            "--rounds",
+            "1",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "results"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (report,) = (tmp_path / "results").glob("progressive-cpu-*.md")
     text = report.read_text()
     stages = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -62,9 +123,27 @@ def test_bench_progressive_reports_every_stage(tmp_path):
 
 @pytest.mark.slow
 def test_bench_calibration_runs_engine_and_reference(tmp_path):
-    subprocess.run([sys.executable, str(BENCH / "bench_calibration.py"), "--sizes", "tiny", "--samples", "2",
-                    "--tokens", "16", "--batch-sizes", "2", "--workdir", str(tmp_path / "work"),
-                    "--out", str(tmp_path / "results")], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_calibration.py"),
+            "--sizes",
+            "tiny",
+            "--samples",
+            "2",
+            "--tokens",
+            "16",
+            "--batch-sizes",
+            "2",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "results"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (report,) = (tmp_path / "results").glob("calibration-cpu-*.md")
     rows = {r.split("|")[1].strip(): r for r in report.read_text().splitlines() if r.startswith("| ")}
     assert "whole model + hooks (reference)" in rows and "layer-wise engine, batch 2" in rows
@@ -78,8 +157,14 @@ def test_real_compare_split_is_balanced_deduplicated_and_seeded():
         from real_compare import split
     finally:
         sys.path.remove(str(BENCH))
-    rows = [{"text": f"tweet {i % 150}" + (" AGAIN" if i % 7 == 0 else ""), "sentiment": ("neg", "neu", "pos")[i % 3],
-             "confidence": 0.5 + (i % 5) / 10} for i in range(600)]
+    rows = [
+        {
+            "text": f"tweet {i % 150}" + (" AGAIN" if i % 7 == 0 else ""),
+            "sentiment": ("neg", "neu", "pos")[i % 3],
+            "confidence": 0.5 + (i % 5) / 10,
+        }
+        for i in range(600)
+    ]
     train, evals = split(rows, train=30, eval=12, min_confidence=0.6, seed=0)
     assert [sum(r["sentiment"] == s for r in train) for s in ("neg", "neu", "pos")] == [10, 10, 10]
     assert [sum(r["sentiment"] == s for r in evals) for s in ("neg", "neu", "pos")] == [4, 4, 4]
@@ -116,26 +201,71 @@ def test_real_protocol_reads_the_spam_collection_and_splits_it_balanced(tmp_path
 
 @pytest.mark.slow
 def test_bench_train_distributed_compares_ranks(tmp_path):
-    subprocess.run([sys.executable, str(BENCH / "bench_train_distributed.py"), "--hidden", "128", "--layers", "2",
-                    "--steps", "2", "--rounds", "1", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_train_distributed.py"),
+            "--hidden",
+            "128",
+            "--layers",
+            "2",
+            "--steps",
+            "2",
+            "--rounds",
+            "1",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (report,) = tmp_path.glob("train-distributed-cpu-*.md")
-    rows = [line.split("|") for line in report.read_text().splitlines()
-            if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    rows = [
+        line.split("|")
+        for line in report.read_text().splitlines()
+        if line.startswith("| 1 |") or line.startswith("| 2 |")
+    ]
     assert [r[1].strip() for r in rows] == ["1", "2"] and float(rows[1][5]) < 1e-5  # the adapters agree
 
 
 @pytest.mark.slow
 def test_bench_qlora_compares_nf4_train_with_peft_qlora(tmp_path):
-    subprocess.run([sys.executable, str(BENCH / "bench_qlora.py"), "--device", "cpu", "--seq", "64", "--steps", "3",
-                    "--warmup-steps", "1", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_qlora.py"),
+            "--device",
+            "cpu",
+            "--seq",
+            "64",
+            "--steps",
+            "3",
+            "--warmup-steps",
+            "1",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (report,) = tmp_path.glob("qlora-cpu-*.md")
-    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in report.read_text().splitlines()
-            if r.startswith("| ") and not r.startswith(("| workload", "| ---"))}
-    assert list(rows) == ["decompose pissa --quantize nf4 --quantize-all", "ailora-tools train on the NF4 residual",
-                          "PEFT QLoRA (prepare_model_for_kbit_training)",
-                          "PEFT QLoRA, no prepare_model_for_kbit_training"]
+    rows = {
+        r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+        for r in report.read_text().splitlines()
+        if r.startswith("| ") and not r.startswith(("| workload", "| ---"))
+    }
+    assert list(rows) == [
+        "decompose pissa --quantize nf4 --quantize-all",
+        "ailora-tools train on the NF4 residual",
+        "PEFT QLoRA (prepare_model_for_kbit_training)",
+        "PEFT QLoRA, no prepare_model_for_kbit_training",
+    ]
     assert rows["PEFT QLoRA (prepare_model_for_kbit_training)"][1] == "1.00×"
     for name, (rate, ratio, gpu, rss, wall) in rows.items():
         assert gpu == "" and float(rss) > 0 and float(wall) > 0  # no GPU on CPU

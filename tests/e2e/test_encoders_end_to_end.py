@@ -2,6 +2,7 @@
 (BertForMaskedLM, BertForSequenceClassification), tiny RoBERTa (RobertaForMaskedLM: `roberta.`), through
 decompose → train (masked LM, sequence classification) → convert → merge, with logits parity between
 residual + trained adapter, original + converted LoRA and both merged models, each loaded the way users load it."""
+
 import json
 from pathlib import Path
 
@@ -36,12 +37,32 @@ from ailora_tools.io.peft_adapter import read_adapter, write_adapter
 from ailora_tools.verify import verify
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "roberta-large.toml"
+
+
 def chain(src: Path, tmp: Path, task: str, data: Path, eval_data: Path, *flags) -> dict:
     """decompose → train → convert → merge twice (residual + trained, original + converted), as a user runs them."""
     dec = decompose(src, tmp / "dec")
-    summary = cli("train", "--base", dec / "residual", "--adapter", dec / "adapter", "--data", data, "--eval-data",
-                  eval_data, "-o", tmp / "trained", "--task", task, "--lr", "1e-2", "--batch-size", "8", "--json",
-                  *flags)
+    summary = cli(
+        "train",
+        "--base",
+        dec / "residual",
+        "--adapter",
+        dec / "adapter",
+        "--data",
+        data,
+        "--eval-data",
+        eval_data,
+        "-o",
+        tmp / "trained",
+        "--task",
+        task,
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "8",
+        "--json",
+        *flags,
+    )
     cli("convert", "--trained", tmp / "trained", "-o", tmp / "lora", "--json")
     cli("merge", dec / "residual", tmp / "trained", "-o", tmp / "m1", "--json")
     cli("merge", src, tmp / "lora", "-o", tmp / "m2", "--json")
@@ -49,12 +70,16 @@ def chain(src: Path, tmp: Path, task: str, data: Path, eval_data: Path, *flags) 
 
 
 def assert_parity(auto, src: Path, tmp: Path, **load) -> torch.Tensor:
-    expected = outputs(PeftModel.from_pretrained(auto.from_pretrained(tmp / "dec" / "residual", **load),
-                                                 tmp / "trained"), src)
-    got = {"original + converted LoRA": outputs(PeftModel.from_pretrained(auto.from_pretrained(src, **load),
-                                                                          tmp / "lora"), src),
-           "merged residual + trained": outputs(load_merged(auto, tmp / "m1"), src),
-           "merged original + converted": outputs(load_merged(auto, tmp / "m2"), src)}
+    expected = outputs(
+        PeftModel.from_pretrained(auto.from_pretrained(tmp / "dec" / "residual", **load), tmp / "trained"), src
+    )
+    got = {
+        "original + converted LoRA": outputs(
+            PeftModel.from_pretrained(auto.from_pretrained(src, **load), tmp / "lora"), src
+        ),
+        "merged residual + trained": outputs(load_merged(auto, tmp / "m1"), src),
+        "merged original + converted": outputs(load_merged(auto, tmp / "m2"), src),
+    }
     for what, logits in got.items():
         assert (logits - expected).abs().max() <= PARITY, what
     return expected
@@ -74,17 +99,22 @@ def adapter_keys(path: Path) -> set[str]:
         return set(f.keys())
 
 
-@pytest.mark.parametrize("kind,prefix,heads", [
-    ("bert-bare", "bert", ["classifier"]),                # no prefix in the checkpoint; a new head
-    ("bert-mlm", "bert", ["bert.pooler", "classifier"]),  # `bert.` prefix; the MLM checkpoint has no pooler either
-    ("roberta", "roberta", ["classifier"]),               # `roberta.` prefix; RoBERTa's two-layer head
-    ("llama", "model", ["score"]),                        # a decoder classifies at its last non-padding token
-])
+@pytest.mark.parametrize(
+    "kind,prefix,heads",
+    [
+        ("bert-bare", "bert", ["classifier"]),  # no prefix in the checkpoint; a new head
+        ("bert-mlm", "bert", ["bert.pooler", "classifier"]),  # `bert.` prefix; the MLM checkpoint has no pooler either
+        ("roberta", "roberta", ["classifier"]),  # `roberta.` prefix; RoBERTa's two-layer head
+        ("llama", "model", ["score"]),  # a decoder classifies at its last non-padding token
+    ],
+)
 def test_sequence_classification_end_to_end(encoder, tmp_path, kind, prefix, heads):
     src = encoder(kind)
     pairs = kind == "bert-mlm"  # {"text_a", "text_b"} rows: BERT's token_type_ids matter
-    data, evals = sst2(tmp_path / "train.jsonl", 96, seed=1, pairs=pairs), sst2(tmp_path / "dev.jsonl", 64, seed=2,
-                                                                               pairs=pairs)
+    data, evals = (
+        sst2(tmp_path / "train.jsonl", 96, seed=1, pairs=pairs),
+        sst2(tmp_path / "dev.jsonl", 64, seed=2, pairs=pairs),
+    )
     summary = chain(src, tmp_path, "sequence-classification", data, evals, "--max-steps", "80")
     assert summary["eval_loss"] < 0.85 * summary["eval_loss_start"], summary
     assert summary["eval_accuracy"] >= summary["eval_accuracy_start"] + 0.1, summary
@@ -102,13 +132,16 @@ def test_sequence_classification_end_to_end(encoder, tmp_path, kind, prefix, hea
     merged = json.loads((tmp_path / "m2" / "config.json").read_text())
     assert kind != "llama" or merged["pad_token_id"] == 3  # which the base's config lacked
     assert ("pad_token_id=3" in model_card(tmp_path / "lora")) == (kind == "llama")
-    assert merged["architectures"] == [{"bert": "Bert", "roberta": "Roberta", "model": "Llama"}[prefix]
-                                       + "ForSequenceClassification"]
+    assert merged["architectures"] == [
+        {"bert": "Bert", "roberta": "Roberta", "model": "Llama"}[prefix] + "ForSequenceClassification"
+    ]
     assert merged["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
     if kind == "bert-bare":  # saved as BertForSequenceClassification saves itself: the base under `bert.`, the head
         for m in ("m1", "m2"):
             assert {n.split(".")[0] for names in tensor_names(tmp_path / m).values() for n in names} == {
-                "bert", "classifier"}
+                "bert",
+                "classifier",
+            }
     assert verify(tmp_path / "m1")["problems"] == [] and verify(tmp_path / "m2")["problems"] == []
 
 
@@ -117,8 +150,10 @@ def test_classification_on_a_checkpoint_with_its_own_head(encoder, tmp_path):
     replaced in place (none added) and config.json keeps its labels."""
     src = encoder("bert-cls")
     names = ("negative", "positive")
-    data, evals = sst2(tmp_path / "t.jsonl", 96, seed=1, names=names), sst2(tmp_path / "d.jsonl", 64, seed=2,
-                                                                            names=names)
+    data, evals = (
+        sst2(tmp_path / "t.jsonl", 96, seed=1, names=names),
+        sst2(tmp_path / "d.jsonl", 64, seed=2, names=names),
+    )
     summary = chain(src, tmp_path, "auto", data, evals, "--max-steps", "80")  # auto: ...ForSequenceClassification
     assert summary["eval_loss"] < 0.85 * summary["eval_loss_start"], summary
     logits = assert_parity(AutoModelForSequenceClassification, src, tmp_path)
@@ -141,7 +176,8 @@ def test_masked_lm_end_to_end(encoder, tmp_path, kind):
     assert summary["eval_loss"] < summary["eval_loss_start"] and "eval_accuracy" not in summary
     cfg = json.loads((tmp_path / "trained" / "adapter_config.json").read_text())
     assert cfg["modules_to_save"] is None and json.loads((tmp_path / "trained" / "ailora-train.json").read_text())[
-        "task"]["model_class"].endswith("ForMaskedLM")
+        "task"
+    ]["model_class"].endswith("ForMaskedLM")
     assert_parity(AutoModelForMaskedLM, src, tmp_path)
 
 
@@ -154,8 +190,10 @@ def test_adapter_named_for_the_task_class_converts_and_merges_on_a_bare_checkpoi
     dec = decompose(src, tmp_path / "dec")
     initial = read_adapter(dec / "adapter")
     g = torch.Generator().manual_seed(0)
-    trained = {f"bert.{m}": (A + 0.05 * torch.randn(A.shape, generator=g), B + 0.05 * torch.randn(B.shape, generator=g))
-               for m, (A, B) in initial.factors.items()}
+    trained = {
+        f"bert.{m}": (A + 0.05 * torch.randn(A.shape, generator=g), B + 0.05 * torch.randn(B.shape, generator=g))
+        for m, (A, B) in initial.factors.items()
+    }
     assert all(m.startswith("encoder.layer.") for m in initial.factors)
     write_adapter(tmp_path / "trained", initial.config, trained)
     (tmp_path / "trained" / "ailora-train.json").write_text(json.dumps({"initial_adapter": str(dec / "adapter")}))
@@ -168,8 +206,9 @@ def test_adapter_named_for_the_task_class_converts_and_merges_on_a_bare_checkpoi
         with torch.no_grad():
             return model.eval()(**enc).last_hidden_state
 
-    on_class = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(dec / "residual"),
-                                         tmp_path / "trained")
+    on_class = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(dec / "residual"), tmp_path / "trained"
+    )
     expected = hidden(on_class.base_model.model.bert)
     original = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(src), tmp_path / "lora")
     assert (hidden(original.base_model.model.bert) - expected).abs().max() <= PARITY
@@ -184,8 +223,24 @@ def test_bare_sharded_base_that_gets_a_head_is_renamed_in_every_shard_and_the_in
     src = encoder("bert-bare-sharded")
     dec = decompose(src, tmp_path / "dec")
     data = sst2(tmp_path / "t.jsonl", 16, seed=1)
-    cli("train", "--base", dec / "residual", "--adapter", dec / "adapter", "--data", data, "-o", tmp_path / "trained",
-        "--task", "sequence-classification", "--max-steps", "3", "--lr", "1e-2", "--quiet")
+    cli(
+        "train",
+        "--base",
+        dec / "residual",
+        "--adapter",
+        dec / "adapter",
+        "--data",
+        data,
+        "-o",
+        tmp_path / "trained",
+        "--task",
+        "sequence-classification",
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--quiet",
+    )
     cli("merge", dec / "residual", tmp_path / "trained", "-o", tmp_path / "m", "--quiet")
     shards = tensor_names(tmp_path / "m")
     assert len(shards) > 1 and set(shards) == set(tensor_names(src))  # same shard files; the head in the last
@@ -193,12 +248,19 @@ def test_bare_sharded_base_that_gets_a_head_is_renamed_in_every_shard_and_the_in
     assert index == {n: shard for shard, names in shards.items() for n in names}
     assert {n.split(".")[0] for n in index} == {"bert", "classifier"}
     assert {f"bert.{n}" for names in tensor_names(src).values() for n in names} | {
-        "classifier.weight", "classifier.bias"} == set(index)
-    model, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", dtype=torch.float32,
-                                                                     output_loading_info=True)
+        "classifier.weight",
+        "classifier.bias",
+    } == set(index)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "m", dtype=torch.float32, output_loading_info=True
+    )
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    expected = outputs(PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
-        dec / "residual", num_labels=2), tmp_path / "trained"), src)
+    expected = outputs(
+        PeftModel.from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained(dec / "residual", num_labels=2), tmp_path / "trained"
+        ),
+        src,
+    )
     assert (outputs(model, src) - expected).abs().max() <= PARITY
     assert verify(tmp_path / "m")["problems"] == []
 
@@ -213,8 +275,9 @@ def test_training_starts_from_the_decomposed_factors(encoder, tmp_path, kind, ta
     src = encoder(kind)
     dec = decompose(src, tmp_path / "dec")
     labels = {"num_labels": 2} if task == "sequence-classification" else None
-    model, config, record = load_model(TASKS[task], dec / "residual", dec / "adapter", labels=labels,
-                                       dtype=torch.float32)
+    model, config, record = load_model(
+        TASKS[task], dec / "residual", dec / "adapter", labels=labels, dtype=torch.float32
+    )
     assert record["base_model_prefix"] == "bert" and config["task_type"] == TASKS[task].peft_task_type
     assert record["auto_class"] == TASKS[task].auto_class
     initial = read_adapter(dec / "adapter")
@@ -249,17 +312,22 @@ def test_classification_resume_continues_as_if_uninterrupted(bare_decomposed, tm
     assert set(a.extra) == {"classifier.weight", "classifier.bias"}
     assert all(torch.equal(t, b.extra[name]) for name, t in a.extra.items())
     assert not torch.equal(a.extra["classifier.weight"], checkpoint.extra["classifier.weight"])  # it trained on
-    assert (tmp_path / "straight" / "adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "straight" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "resumed" / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_names_pair_across_the_base_model_prefix():
     modules = {"bert.encoder.layer.0.attention.self.query", "classifier"}
     assert match(["encoder.layer.0.attention.self.query", "classifier", "pooler"], modules, prefix="bert") == {
-        "encoder.layer.0.attention.self.query": "bert.encoder.layer.0.attention.self.query", "classifier": "classifier"}
-    assert match(["bert.encoder.layer.0.attention.self.query"], {"encoder.layer.0.attention.self.query"},
-                 config={"model_type": "bert"}) == {
-        "bert.encoder.layer.0.attention.self.query": "encoder.layer.0.attention.self.query"}
+        "encoder.layer.0.attention.self.query": "bert.encoder.layer.0.attention.self.query",
+        "classifier": "classifier",
+    }
+    assert match(
+        ["bert.encoder.layer.0.attention.self.query"],
+        {"encoder.layer.0.attention.self.query"},
+        config={"model_type": "bert"},
+    ) == {"bert.encoder.layer.0.attention.self.query": "encoder.layer.0.attention.self.query"}
     assert match(["model.layers.0.q_proj"], {"layers.0.q_proj"}, prefix="bert") == {}
 
 
@@ -279,9 +347,30 @@ def test_recipe_runs_classification_end_to_end(encoder, tmp_path):
     assert (decomposed["method"], decomposed["rank"], decomposed["svd"]["mode"]) == ("ailora", 8, "exact")
     assert {r for r in decomposed["roles"].values()} == {"principal", "minor"}
     # a tiny random model needs a larger step and fewer of them than RoBERTa-large on SST-2: flags win over the recipe
-    summary = cli("train", "--config", recipe, "--base", tmp_path / "dec" / "residual", "--adapter",
-                  tmp_path / "dec" / "adapter", "--data", data, "--eval-data", evals, "-o", tmp_path / "trained",
-                  "--max-steps", "80", "--batch-size", "8", "--warmup", "4", "--lr", "1e-2", "--json")
+    summary = cli(
+        "train",
+        "--config",
+        recipe,
+        "--base",
+        tmp_path / "dec" / "residual",
+        "--adapter",
+        tmp_path / "dec" / "adapter",
+        "--data",
+        data,
+        "--eval-data",
+        evals,
+        "-o",
+        tmp_path / "trained",
+        "--max-steps",
+        "80",
+        "--batch-size",
+        "8",
+        "--warmup",
+        "4",
+        "--lr",
+        "1e-2",
+        "--json",
+    )
     manifest = json.loads((tmp_path / "trained" / "ailora-train.json").read_text())
     assert manifest["task"]["task"] == "sequence-classification"  # from the recipe, as are these:
     assert (manifest["scheduler"], manifest["max_length"], manifest["seed"]) == ("linear", 512, 0)
@@ -295,8 +384,13 @@ def test_recipe_runs_classification_end_to_end(encoder, tmp_path):
     cli("merge", src, tmp_path / "lora", "-o", tmp_path / "merged", "--json")
     model = load_merged(AutoModelForSequenceClassification, tmp_path / "merged")
     assert model.config.id2label == {0: "negative", 1: "positive"}
-    expected = outputs(PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
-        tmp_path / "dec" / "residual", num_labels=2), tmp_path / "trained"), src)
+    expected = outputs(
+        PeftModel.from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained(tmp_path / "dec" / "residual", num_labels=2),
+            tmp_path / "trained",
+        ),
+        src,
+    )
     assert (outputs(model, src) - expected).abs().max() <= PARITY
 
 
@@ -305,25 +399,51 @@ def bare_decomposed(encoder, tmp_path_factory):
     return decompose(encoder("bert-bare"), tmp_path_factory.mktemp("bad") / "dec")
 
 
-@pytest.mark.parametrize("rows,flags,message", [
-    ([{"text": "good"}], [], r't\.jsonl:1: no "label" column'),
-    ([{"text": "good", "label": 1}, {"text": "bad", "label": "neg"}], [],
-     r't\.jsonl:2: "label" is a string here but an integer on line 1'),
-    ([{"text": "good", "label": True}], [], r't\.jsonl:1: "label" is true; labels are class ids'),
-    ([{"text": "good", "label": 2}], ["--num-labels", "2"],
-     r"t\.jsonl:1: label 2, but --num-labels 2 has 2 labels \(ids 0\.\.1\)"),
-    ([{"text": "good", "label": "a"}, {"text": "x", "label": "b"}, {"text": "y", "label": "c"}], ["--num-labels", "2"],
-     r"t\.jsonl: 3 label names \(a, b, c\), but --num-labels 2 has 2 labels"),
-    ([{"text": "good"}], ["--task", "masked-lm", "--num-labels", "2"], r"--num-labels 2: applies to --task "),
-])
+@pytest.mark.parametrize(
+    "rows,flags,message",
+    [
+        ([{"text": "good"}], [], r't\.jsonl:1: no "label" column'),
+        (
+            [{"text": "good", "label": 1}, {"text": "bad", "label": "neg"}],
+            [],
+            r't\.jsonl:2: "label" is a string here but an integer on line 1',
+        ),
+        ([{"text": "good", "label": True}], [], r't\.jsonl:1: "label" is true; labels are class ids'),
+        (
+            [{"text": "good", "label": 2}],
+            ["--num-labels", "2"],
+            r"t\.jsonl:1: label 2, but --num-labels 2 has 2 labels \(ids 0\.\.1\)",
+        ),
+        (
+            [{"text": "good", "label": "a"}, {"text": "x", "label": "b"}, {"text": "y", "label": "c"}],
+            ["--num-labels", "2"],
+            r"t\.jsonl: 3 label names \(a, b, c\), but --num-labels 2 has 2 labels",
+        ),
+        ([{"text": "good"}], ["--task", "masked-lm", "--num-labels", "2"], r"--num-labels 2: applies to --task "),
+    ],
+)
 def test_bad_classification_input_is_one_line(bare_decomposed, tmp_path, rows, flags, message):
     import re
 
     data = tmp_path / "t.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = CliRunner().invoke(main, ["train", "--base", str(bare_decomposed / "residual"), "--adapter",
-                                    str(bare_decomposed / "adapter"), "--data", str(data), "-o", str(tmp_path / "o"),
-                                    "--task", "sequence-classification", *flags])
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--base",
+            str(bare_decomposed / "residual"),
+            "--adapter",
+            str(bare_decomposed / "adapter"),
+            "--data",
+            str(data),
+            "-o",
+            str(tmp_path / "o"),
+            "--task",
+            "sequence-classification",
+            *flags,
+        ],
+    )
     assert res.exit_code == 1, res.output
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), res.output
@@ -334,24 +454,64 @@ def test_eval_labels_of_another_type_and_too_many_for_the_head(encoder, bare_dec
     train_rows, eval_rows = tmp_path / "t.jsonl", tmp_path / "d.jsonl"
     train_rows.write_text(json.dumps({"text": "good", "label": 1}) + "\n")
     eval_rows.write_text(json.dumps({"text": "bad", "label": "neg"}) + "\n")
-    res = CliRunner().invoke(main, ["train", "--base", str(bare_decomposed / "residual"), "--adapter",
-                                    str(bare_decomposed / "adapter"), "--data", str(train_rows), "--eval-data",
-                                    str(eval_rows), "-o", str(tmp_path / "o"), "--task", "sequence-classification"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--base",
+            str(bare_decomposed / "residual"),
+            "--adapter",
+            str(bare_decomposed / "adapter"),
+            "--data",
+            str(train_rows),
+            "--eval-data",
+            str(eval_rows),
+            "-o",
+            str(tmp_path / "o"),
+            "--task",
+            "sequence-classification",
+        ],
+    )
     assert res.exit_code == 1 and res.output.count("\n") == 1
     assert 'd.jsonl:1: "label" is a string but an integer in' in res.output
     dec = decompose(encoder("bert-cls"), tmp_path / "cls")  # its head has 3 labels
     train_rows.write_text(json.dumps({"text": "good", "label": 3}) + "\n")
-    res = CliRunner().invoke(main, ["train", "--base", str(dec / "residual"), "--adapter", str(dec / "adapter"),
-                                    "--data", str(train_rows), "-o", str(tmp_path / "o")])  # auto: classification
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--base",
+            str(dec / "residual"),
+            "--adapter",
+            str(dec / "adapter"),
+            "--data",
+            str(train_rows),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+    )  # auto: classification
     assert res.exit_code == 1 and res.output.count("\n") == 1
-    assert ("t.jsonl:1: label 3, but the classification head of" in res.output
-            and "has 3 labels (ids 0..2)" in res.output)
+    assert (
+        "t.jsonl:1: label 3, but the classification head of" in res.output and "has 3 labels (ids 0..2)" in res.output
+    )
 
 
 def test_masked_lm_needs_a_checkpoint_with_its_head(bare_decomposed, tmp_path):
     data = texts(tmp_path / "t.jsonl", 8, seed=0)
-    res = CliRunner().invoke(main, ["train", "--base", str(bare_decomposed / "residual"), "--adapter",
-                                    str(bare_decomposed / "adapter"), "--data", str(data), "-o", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--base",
+            str(bare_decomposed / "residual"),
+            "--adapter",
+            str(bare_decomposed / "adapter"),
+            "--data",
+            str(data),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 1, res.output  # auto on a bare encoder: masked LM, and BertModel has no MLM head
     last = res.output.strip().splitlines()[-1]
     assert "--task masked-lm: BertForMaskedLM needs weights that" in last and "--task sequence-classification" in last
@@ -368,8 +528,11 @@ def test_check_rows_knows_the_task(tmp_path):
     assert check_rows(pairs, task="sequence-classification") == 1
     with pytest.raises(FormatError, match=r'l\.jsonl:1: rows with "label" are for --task sequence-classification'):
         check_rows(labeled)  # causal LM
-    with pytest.raises(FormatError, match=r'p\.jsonl:1: masked-LM rows are \{"text"\} \(rows with "label" are for '
-                                          r'--task sequence-classification\)'):
+    with pytest.raises(
+        FormatError,
+        match=r'p\.jsonl:1: masked-LM rows are \{"text"\} \(rows with "label" are for '
+        r"--task sequence-classification\)",
+    ):
         check_rows(pairs, task="masked-lm")
     prompts = tmp_path / "c.jsonl"
     prompts.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
@@ -398,11 +561,35 @@ def test_merge_with_dtype_writes_the_head_and_its_labels_in_one_config(bare_deco
     """--dtype and a new head both change config.json: the merged one names the class, the labels and the dtype,
     every float tensor (the added head too) is in that dtype, and it computes what the float32 merge computes."""
     data = sst2(tmp_path / "t.jsonl", 16, seed=1)
-    cli("train", "--base", bare_decomposed / "residual", "--adapter", bare_decomposed / "adapter", "--data", data,
-        "-o", tmp_path / "trained", "--task", "sequence-classification", "--max-steps", "3", "--lr", "1e-2", "--quiet")
+    cli(
+        "train",
+        "--base",
+        bare_decomposed / "residual",
+        "--adapter",
+        bare_decomposed / "adapter",
+        "--data",
+        data,
+        "-o",
+        tmp_path / "trained",
+        "--task",
+        "sequence-classification",
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--quiet",
+    )
     cli("merge", bare_decomposed / "residual", tmp_path / "trained", "-o", tmp_path / "m32", "--quiet")
-    summary = cli("merge", bare_decomposed / "residual", tmp_path / "trained", "-o", tmp_path / "m16", "--dtype",
-                  "bfloat16", "--json")
+    summary = cli(
+        "merge",
+        bare_decomposed / "residual",
+        tmp_path / "trained",
+        "-o",
+        tmp_path / "m16",
+        "--dtype",
+        "bfloat16",
+        "--json",
+    )
     assert "classifier.weight" in summary["head_tensors"]
     config = json.loads((tmp_path / "m16" / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"]

@@ -47,8 +47,16 @@ CONFIGS = {
 
 def _train(base, adapter, out, *, steps: int, batch_size: int):
     """`train` on the demo data at lr 1e-2."""
-    return train(base, adapter, data_file("demo_train.jsonl"), out, max_steps=steps, lr=1e-2, batch_size=batch_size,
-                 progress=False)
+    return train(
+        base,
+        adapter,
+        data_file("demo_train.jsonl"),
+        out,
+        max_steps=steps,
+        lr=1e-2,
+        batch_size=batch_size,
+        progress=False,
+    )
 
 
 #: the router's tensor in each family's checkpoint

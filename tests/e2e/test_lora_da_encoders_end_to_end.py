@@ -1,6 +1,7 @@
 """decompose --method lora-da on BERT and RoBERTa end to end, and `--no-offset`, the LoRA-DA
 authors' setting: the base stays as it is, the factors are the offset run's bit for bit, step 0 is base + s·B0·A0,
 and train → convert → merge give the trained model on the original."""
+
 import json
 
 import pytest
@@ -17,14 +18,36 @@ CLS = ("--task", "sequence-classification")
 
 
 def lora_da(src, out, data, *flags):
-    cli("decompose", src, "-o", out, "--method", "lora-da", "--data", data, "--samples", "16", "--targets",
-        "query,value", "--rank", "4", "--alpha", "8", "--quiet", *flags)
+    cli(
+        "decompose",
+        src,
+        "-o",
+        out,
+        "--method",
+        "lora-da",
+        "--data",
+        data,
+        "--samples",
+        "16",
+        "--targets",
+        "query,value",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--quiet",
+        *flags,
+    )
     return out
 
 
-@pytest.mark.parametrize("kind,task,auto",
-                         [("bert-bare", "sequence-classification", AutoModelForSequenceClassification),
-                                            ("roberta", "masked-lm", AutoModelForMaskedLM)])
+@pytest.mark.parametrize(
+    "kind,task,auto",
+    [
+        ("bert-bare", "sequence-classification", AutoModelForSequenceClassification),
+        ("roberta", "masked-lm", AutoModelForMaskedLM),
+    ],
+)
 def test_lora_da_on_encoders_end_to_end_with_parity(encoder, tmp_path, kind, task, auto):
     src = encoder(kind)
     data = sst2(tmp_path / "d.jsonl", 24, seed=1) if task != "masked-lm" else texts(tmp_path / "d.jsonl", 24, seed=1)
@@ -32,14 +55,33 @@ def test_lora_da_on_encoders_end_to_end_with_parity(encoder, tmp_path, kind, tas
     manifest = json.loads((dec / "ailora.json").read_text())
     assert manifest["data"]["task"] == task and manifest["adapter_base"] == "residual"
     assert all(m["gradient_norm"] > 0 for m in manifest["modules"].values())
-    cli("train", "--base", dec / "residual", "--adapter", dec / "adapter", "--data", data, "-o", tmp_path / "trained",
-        "--task", task, "--lr", "1e-2", "--batch-size", "8", "--max-steps", "3", "--json")
+    cli(
+        "train",
+        "--base",
+        dec / "residual",
+        "--adapter",
+        dec / "adapter",
+        "--data",
+        data,
+        "-o",
+        tmp_path / "trained",
+        "--task",
+        task,
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "3",
+        "--json",
+    )
     cli("convert", "--trained", tmp_path / "trained", "-o", tmp_path / "lora", "--json")
     cli("merge", src, tmp_path / "lora", "-o", tmp_path / "merged", "--json")
     expected = outputs(PeftModel.from_pretrained(auto.from_pretrained(dec / "residual"), tmp_path / "trained"), src)
     start = outputs(PeftModel.from_pretrained(auto.from_pretrained(dec / "residual"), dec / "adapter"), src)
-    assert (outputs(PeftModel.from_pretrained(auto.from_pretrained(src), tmp_path / "lora"), src) - expected
-            ).abs().max() <= PARITY
+    assert (
+        outputs(PeftModel.from_pretrained(auto.from_pretrained(src), tmp_path / "lora"), src) - expected
+    ).abs().max() <= PARITY
     assert (outputs(load_merged(auto, tmp_path / "merged"), src) - expected).abs().max() <= PARITY
     if task == "masked-lm":  # step 0 is the model (a classifier's new head is not in the original)
         assert (start - outputs(auto.from_pretrained(src), src)).abs().max() <= PARITY
@@ -60,8 +102,25 @@ def test_no_offset_keeps_the_base_same_factors_and_converts_to_the_trained_adapt
     cli("merge", src, plain / "adapter", "-o", tmp_path / "m0", "--json")  # the model at step 0
     step0 = outputs(load_merged(auto, tmp_path / "m0"), src)
     assert (step0 - outputs(auto.from_pretrained(src), src)).abs().max() > 1e-4  # base + s·B0·A0, not the base
-    cli("train", "--base", src, "--adapter", plain / "adapter", "--data", data, "-o", tmp_path / "trained", *CLS,
-        "--lr", "1e-2", "--batch-size", "8", "--max-steps", "3", "--json")
+    cli(
+        "train",
+        "--base",
+        src,
+        "--adapter",
+        plain / "adapter",
+        "--data",
+        data,
+        "-o",
+        tmp_path / "trained",
+        *CLS,
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "3",
+        "--json",
+    )
     assert json.loads((tmp_path / "trained" / "ailora-train.json").read_text())["mode"] == "no_offset"
     assert not base_of(tmp_path / "trained").offset  # the trained adapter alone is the change: merge and serve take it
     cli("convert", "--trained", tmp_path / "trained", "-o", tmp_path / "lora", "--json")
@@ -69,10 +128,11 @@ def test_no_offset_keeps_the_base_same_factors_and_converts_to_the_trained_adapt
         cli("merge", src, adapter, "-o", tmp_path / name, "--json")
     expected = outputs(PeftModel.from_pretrained(auto.from_pretrained(src), tmp_path / "trained"), src)
     assert (expected - step0).abs().max() > 1e-3  # training moved it
-    got = {"original + converted": outputs(PeftModel.from_pretrained(auto.from_pretrained(src), tmp_path / "lora"),
-                                           src),
-           "merged original + trained": outputs(load_merged(auto, tmp_path / "m1"), src),
-           "merged original + converted": outputs(load_merged(auto, tmp_path / "m2"), src)}
+    got = {
+        "original + converted": outputs(PeftModel.from_pretrained(auto.from_pretrained(src), tmp_path / "lora"), src),
+        "merged original + trained": outputs(load_merged(auto, tmp_path / "m1"), src),
+        "merged original + converted": outputs(load_merged(auto, tmp_path / "m2"), src),
+    }
     for what, logits in got.items():
         assert (logits - expected).abs().max() <= PARITY, what
     converted = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
@@ -82,12 +142,26 @@ def test_no_offset_keeps_the_base_same_factors_and_converts_to_the_trained_adapt
 def test_no_offset_for_svd_methods_and_its_refusals(encoder, tmp_path):
     src = encoder("bert-cls")
     for flags in ((), ("--no-offset",)):
-        cli("decompose", src, "-o", tmp_path / f"p{len(flags)}", "--method", "pissa", "--targets", "query,value",
-            "--rank", "4", "--quiet", *flags)
+        cli(
+            "decompose",
+            src,
+            "-o",
+            tmp_path / f"p{len(flags)}",
+            "--method",
+            "pissa",
+            "--targets",
+            "query,value",
+            "--rank",
+            "4",
+            "--quiet",
+            *flags,
+        )
     a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("p0", "p1"))
     assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "p1" / "residual").exists()
-    for flags, message in ((("--no-offset", "--no-residual"), "--no-offset and --no-residual: "),
-                           (("--no-offset", "--residual-dtype", "float16"), "--residual-dtype: --no-offset writes no")):
+    for flags, message in (
+        (("--no-offset", "--no-residual"), "--no-offset and --no-residual: "),
+        (("--no-offset", "--residual-dtype", "float16"), "--residual-dtype: --no-offset writes no"),
+    ):
         res = run_cli("decompose", src, "-o", tmp_path / "x", "--method", "pissa", "--targets", "query", *flags)
         assert res.exit_code == 1 and res.output.count("\n") == 1 and message in res.output, res.output
     assert not (tmp_path / "x").exists()
@@ -98,8 +172,10 @@ def test_get_ailora_model_no_offset_leaves_the_weights(encoder):
 
     models = [AutoModelForSequenceClassification.from_pretrained(encoder("bert-cls")) for _ in range(2)]
     original = models[1].bert.encoder.layer[0].attention.self.query.weight.detach().clone()
-    offset, plain = (get_ailora_model(m, method="pissa", rank=4, targets=("query",), no_offset=n, progress=False)
-                     for m, n in zip(models, (False, True)))
+    offset, plain = (
+        get_ailora_model(m, method="pissa", rank=4, targets=("query",), no_offset=n, progress=False)
+        for m, n in zip(models, (False, True))
+    )
     layer = lambda m: m.base_model.model.bert.encoder.layer[0].attention.self.query  # noqa: E731
     assert torch.equal(layer(plain).get_base_layer().weight, original)  # the base as it is
     assert not torch.equal(layer(offset).get_base_layer().weight, original)  # the residual

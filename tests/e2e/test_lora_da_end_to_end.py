@@ -1,5 +1,6 @@
 """decompose --method lora-da end to end: decompose → train → convert → merge with logits parity, the same
 outputs for the same seed and data, another adapter for other data, and bad input refused in one line."""
+
 import json
 import shutil
 
@@ -24,8 +25,7 @@ from helpers import lm_logits as logits  # noqa: E402
 
 
 def test_lora_da_end_to_end_with_parity(base, tmp_path):
-    s = decompose(base, tmp_path / "d", method="lora-da", rank=4, data=DATA, samples=16, max_length=64,
-                  progress=False)
+    s = decompose(base, tmp_path / "d", method="lora-da", rank=4, data=DATA, samples=16, max_length=64, progress=False)
     manifest = json.loads((tmp_path / "d" / "ailora.json").read_text())
     assert manifest["method"] == "lora-da" and manifest["data"]["samples"] == 16
     assert manifest["data"]["digest"].startswith("blake3:")
@@ -33,8 +33,16 @@ def test_lora_da_end_to_end_with_parity(base, tmp_path):
     assert stats["gradient_norm"] > 0 and stats["eigenvalue_edge"] <= stats["eigenvalue_next"]
     assert s["worst_recon_rel_fro"] < 1e-6  # residual + initial adapter = the original model
     assert (logits(tmp_path / "d" / "residual", tmp_path / "d" / "adapter") - logits(base)).abs().max() < 1e-4
-    train(tmp_path / "d" / "residual", tmp_path / "d" / "adapter", DATA, tmp_path / "t", max_steps=3, lr=1e-2,
-          batch_size=8, progress=False)
+    train(
+        tmp_path / "d" / "residual",
+        tmp_path / "d" / "adapter",
+        DATA,
+        tmp_path / "t",
+        max_steps=3,
+        lr=1e-2,
+        batch_size=8,
+        progress=False,
+    )
     convert(tmp_path / "t", tmp_path / "l")
     merge(base, tmp_path / "l", tmp_path / "m", progress=False)
     trained = logits(tmp_path / "d" / "residual", tmp_path / "t")
@@ -45,8 +53,7 @@ def test_lora_da_end_to_end_with_parity(base, tmp_path):
 
 def test_same_data_same_bytes_other_data_other_adapter(base, tmp_path):
     for name, data in (("a", DATA), ("b", DATA), ("c", data_file("demo_eval.jsonl"))):
-        decompose(base, tmp_path / name, method="lora-da", rank=4, data=data, samples=8, max_length=64,
-                  progress=False)
+        decompose(base, tmp_path / name, method="lora-da", rank=4, data=data, samples=8, max_length=64, progress=False)
     read = lambda d, f: (tmp_path / d / f).read_bytes()  # noqa: E731
     for f in ("adapter/adapter_model.safetensors", "residual/model-00001-of-00007.safetensors"):
         assert read("a", f) == read("b", f)
@@ -59,8 +66,23 @@ def test_qwen2_with_biases(tmp_path):
     for f in tok_src.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(f, qwen / f.name)
-    res = cli("decompose", qwen, "-o", tmp_path / "d", "--method", "lora-da", "--rank", "4", "--data", DATA,
-              "--samples", "8", "--max-length", "64", "--json")
+    res = cli(
+        "decompose",
+        qwen,
+        "-o",
+        tmp_path / "d",
+        "--method",
+        "lora-da",
+        "--rank",
+        "4",
+        "--data",
+        DATA,
+        "--samples",
+        "8",
+        "--max-length",
+        "64",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["worst_recon_rel_fro"] < 1e-6
 
@@ -83,14 +105,38 @@ def test_bad_input_is_one_line(base, tmp_path):
     gpt2 = build_model("gpt2", tmp_path / "gpt2")
     shutil.copy(base / "tokenizer.json", gpt2 / "tokenizer.json")
     shutil.copy(base / "tokenizer_config.json", gpt2 / "tokenizer_config.json")
-    res = cli("decompose", gpt2, "-o", tmp_path / "o", "--method", "lora-da", "--data", DATA, "--samples", "4",
-              "--targets", "c_attn")
+    res = cli(
+        "decompose",
+        gpt2,
+        "-o",
+        tmp_path / "o",
+        "--method",
+        "lora-da",
+        "--data",
+        DATA,
+        "--samples",
+        "4",
+        "--targets",
+        "c_attn",
+    )
     assert res.exit_code == 1 and "'gpt2' is not supported" in res.output and "bert" in res.output, res.output
     assert not (tmp_path / "o").exists()
     res = cli("decompose", base, "-o", tmp_path / "o", "--method", "pissa", "--text-column", "body")
     assert res.exit_code == 1 and "--task and the column options: for calibration data" in res.output, res.output
-    res = cli("decompose", base, "-o", tmp_path / "o", "--method", "lora-da", "--data", DATA, "--samples", "4",
-              "--task", "masked-lm")
+    res = cli(
+        "decompose",
+        base,
+        "-o",
+        tmp_path / "o",
+        "--method",
+        "lora-da",
+        "--data",
+        DATA,
+        "--samples",
+        "4",
+        "--task",
+        "masked-lm",
+    )
     assert res.exit_code == 1 and "not for --task masked-lm" in res.output, res.output
 
 
@@ -111,9 +157,9 @@ def test_transformers_too_old_for_calibration_is_one_line(base, tmp_path, monkey
     monkeypatch.setattr(transformers, "__version__", f"{masking}.0")
     res = cli("decompose", base, "-o", tmp_path / "o", "--method", "lora-da", "--data", DATA, "--samples", "4")
     assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
-    assert res.output.startswith(f"error: LoRA-DA calibration needs transformers >= 5.4 (its masking API); "
-                                 f"transformers {masking}.0 is installed"), res.output
+    assert res.output.startswith(
+        f"error: LoRA-DA calibration needs transformers >= 5.4 (its masking API); transformers {masking}.0 is installed"
+    ), res.output
     assert not (tmp_path / "o").exists()
     with pytest.raises(calibration.UnsupportedError, match=r"needs transformers >= 5\.4"):
         calibration.calibrate(base, [], ["model.layers.0.self_attn.q_proj"], device="cpu", progress=False)
-

@@ -1,6 +1,7 @@
 """Helpers the tests share: tiny real models (several shards each), their logits, digests computed independently of
 ailora_tools, the command line in this process, and interrupted training. Importable as `helpers` (pyproject's
 [tool.pytest.ini_options] pythonpath); the fixtures are in the conftest.py files."""
+
 import contextlib
 from pathlib import Path
 
@@ -25,14 +26,34 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def make_config(kind: str):
     if kind == "llama":  # grouped-query attention: 4 query heads, 2 KV heads
-        return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
     if kind == "qwen2":  # q/k/v biases
-        return Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return Qwen2Config(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
     if kind == "bert":
-        return BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=64, max_position_embeddings=64)
+        return BertConfig(
+            vocab_size=100,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
     if kind == "gpt2":
         return GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)
     raise ValueError(kind)
@@ -89,8 +110,11 @@ def expected_digest(path: Path) -> str:
     if Path(path).suffix != ".safetensors":
         return "blake3:" + blake3(data).hexdigest()
     start = 8 + int.from_bytes(data[:8], "little")
-    spans = sorted((start + v["data_offsets"][0], start + v["data_offsets"][1])
-                   for k, v in json.loads(data[8:start]).items() if k != "__metadata__")
+    spans = sorted(
+        (start + v["data_offsets"][0], start + v["data_offsets"][1])
+        for k, v in json.loads(data[8:start]).items()
+        if k != "__metadata__"
+    )
     cuts, at = [(0, start)], start
     for b, e in spans:
         cuts += [(at, b)] if b > at else []
@@ -125,8 +149,19 @@ def compare_briefly(base, data, out, methods: list[str]) -> dict:
     """`compare` on a tiny model, as cheap as it gets: rank 4, 2 steps at lr 1e-2 in batches of 8, seed 1, CPU."""
     from ailora_tools import compare
 
-    return compare(base, data, out, methods=methods, progress=False, rank=4, max_steps=2, lr=1e-2, batch_size=8,
-                   seed=1, device="cpu")
+    return compare(
+        base,
+        data,
+        out,
+        methods=methods,
+        progress=False,
+        rank=4,
+        max_steps=2,
+        lr=1e-2,
+        batch_size=8,
+        seed=1,
+        device="cpu",
+    )
 
 
 def cli(*args):

@@ -1,4 +1,5 @@
 """Adapters as training would leave them (seeded noise on the factors), and an NF4-quantised residual built by hand."""
+
 import json
 from pathlib import Path
 
@@ -56,8 +57,10 @@ def fake_dora_training(adapter: Path, out: Path, *, seed=0, scale=0.05, trained_
     """Move A, B and m as training would (seeded noise), keeping the adapter's config."""
     ad = read_adapter(adapter, dora=True)
     g = torch.Generator().manual_seed(seed)
-    factors = {m: (A + torch.randn(A.shape, generator=g) * scale, B + torch.randn(B.shape, generator=g) * scale)
-               for m, (A, B) in ad.factors.items()}
+    factors = {
+        m: (A + torch.randn(A.shape, generator=g) * scale, B + torch.randn(B.shape, generator=g) * scale)
+        for m, (A, B) in ad.factors.items()
+    }
     mags = {m: v * (1 + torch.randn(v.shape, generator=g) * 0.1) for m, v in ad.magnitudes.items()}
     write_adapter(out, ad.config, factors, magnitudes=mags)
     record = {"initial_adapter": str(adapter)}
@@ -77,8 +80,9 @@ def quantize_residual(dec: Path, targets=QUANTIZED_TARGETS) -> None:
     for shard in sorted(res.glob("*.safetensors")):
         tensors, changed = load_file(shard), False
         for name in [n for n in list(tensors) if n.endswith(tuple(f"{t}.weight" for t in targets))]:
-            packed, state = bnb.quantize_4bit(tensors[name].float(), quant_type="nf4", blocksize=64,
-                                              compress_statistics=True)
+            packed, state = bnb.quantize_4bit(
+                tensors[name].float(), quant_type="nf4", blocksize=64, compress_statistics=True
+            )
             tensors[name] = packed
             tensors.update({f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()})
             changed = True
@@ -91,12 +95,20 @@ def quantize_residual(dec: Path, targets=QUANTIZED_TARGETS) -> None:
         index.write_text(json.dumps(doc))
     config = json.loads((res / "config.json").read_text())
     config["quantization_config"] = {
-        "quant_method": "bitsandbytes", "_load_in_4bit": True, "_load_in_8bit": False, "load_in_4bit": True,
-        "load_in_8bit": False, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+        "quant_method": "bitsandbytes",
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
         "llm_int8_enable_fp32_cpu_offload": False,
         "llm_int8_skip_modules": ["k_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
-        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "float32",
-        "bnb_4bit_quant_storage": "uint8"}
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "float32",
+        "bnb_4bit_quant_storage": "uint8",
+    }
     (res / "config.json").write_text(json.dumps(config, indent=2))
     manifest = json.loads((dec / "ailora.json").read_text())
     ckpt = Checkpoint.open(res)

@@ -1,5 +1,6 @@
 """LoRA-DA calibration as the tests run it, and its comparison with the whole-model reference
 (`ailora_tools.testing.calibration_reference`)."""
+
 import json
 import random
 import string
@@ -14,8 +15,9 @@ from helpers.encoders import texts
 #: calibration rows of the PEFT-comparison tests (`source`)
 SAMPLES = 32
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-MODULES = [f"model.layers.{i}.{m}" for i in range(2)
-           for m in (*ATTN, "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
+MODULES = [
+    f"model.layers.{i}.{m}" for i in range(2) for m in (*ATTN, "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+]
 
 
 def run(model, examples, modules=MODULES, **options) -> dict:

@@ -1,5 +1,6 @@
 """Tiny encoders (BERT bare, sharded, with a masked-LM or classification head; RoBERTa) with their tokenizers, the
 sentiment data they learn, and the command line as the encoder tests run it."""
+
 import json
 import random
 from pathlib import Path
@@ -59,8 +60,16 @@ LEARNABLE = dict(initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs
 
 
 def bert_config(**kw) -> BertConfig:
-    return BertConfig(vocab_size=len(WORDS) + 5, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=64, **LEARNABLE, **kw)
+    return BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        **LEARNABLE,
+        **kw,
+    )
 
 
 def build_encoder(kind: str, path: Path) -> Path:
@@ -73,27 +82,51 @@ def build_encoder(kind: str, path: Path) -> Path:
         (path / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))
         return path
     if kind.startswith("bert"):
-        BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-                      ).save_pretrained(path)
-        model = {"bert-bare": lambda: BertModel(bert_config()), "bert-bare-sharded": lambda: BertModel(bert_config()),
-                 "bert-mlm": lambda: BertForMaskedLM(bert_config()),
-                 "bert-cls": lambda: BertForSequenceClassification(bert_config(
-                     id2label={0: "negative", 1: "neutral", 2: "positive"},
-                     label2id={"negative": 0, "neutral": 1, "positive": 2}))}[kind]()
+        BertTokenizer(
+            vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
+        ).save_pretrained(path)
+        model = {
+            "bert-bare": lambda: BertModel(bert_config()),
+            "bert-bare-sharded": lambda: BertModel(bert_config()),
+            "bert-mlm": lambda: BertForMaskedLM(bert_config()),
+            "bert-cls": lambda: BertForSequenceClassification(
+                bert_config(
+                    id2label={0: "negative", 1: "neutral", 2: "positive"},
+                    label2id={"negative": 0, "neutral": 1, "positive": 2},
+                )
+            ),
+        }[kind]()
     else:
         from tokenizers import ByteLevelBPETokenizer
 
         bpe = ByteLevelBPETokenizer()
-        bpe.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], vocab_size=300,
-                                min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-                                show_progress=False)
+        bpe.train_from_iterator(
+            [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))],
+            vocab_size=300,
+            min_frequency=1,
+            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+            show_progress=False,
+        )
         vocab = json.loads(bpe.to_str())["model"]
-        RobertaTokenizer(vocab=vocab["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split())
-                                                       for m in vocab["merges"]]).save_pretrained(path)
-        model = RobertaForMaskedLM(RobertaConfig(
-            vocab_size=300, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-            **LEARNABLE))
+        RobertaTokenizer(
+            vocab=vocab["vocab"],
+            merges=[tuple(m) if isinstance(m, list) else tuple(m.split()) for m in vocab["merges"]],
+        ).save_pretrained(path)
+        model = RobertaForMaskedLM(
+            RobertaConfig(
+                vocab_size=300,
+                hidden_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=66,
+                type_vocab_size=1,
+                pad_token_id=1,
+                bos_token_id=0,
+                eos_token_id=2,
+                **LEARNABLE,
+            )
+        )
     with torch.no_grad():  # non-zero biases, so that they matter
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -111,15 +144,31 @@ def cli(*args) -> dict | None:
 
 def decompose(src: Path, out: Path) -> Path:
     """decompose (ailora, exact SVD, r 4, alpha 8) of q/v, through the command line."""
-    cli("decompose", src, "-o", out, "--method", "ailora", "--svd", "exact", "--targets", "q_proj,v_proj",
-        "--rank", "4", "--alpha", "8", "--quiet")  # BERT-family models resolve q_proj/v_proj to query/value
+    cli(
+        "decompose",
+        src,
+        "-o",
+        out,
+        "--method",
+        "ailora",
+        "--svd",
+        "exact",
+        "--targets",
+        "q_proj,v_proj",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--quiet",
+    )  # BERT-family models resolve q_proj/v_proj to query/value
     return out
 
 
 def outputs(model, src: Path) -> torch.Tensor:
     """A model's logits on the PROBE sentence pairs, tokenized with `src`'s tokenizer."""
-    enc = AutoTokenizer.from_pretrained(src)([a for a, _ in PROBE], [b for _, b in PROBE], padding=True,
-                                             return_tensors="pt")
+    enc = AutoTokenizer.from_pretrained(src)(
+        [a for a, _ in PROBE], [b for _, b in PROBE], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         return model.eval()(**enc).logits
 

@@ -1,4 +1,5 @@
 """The init tests' shared models."""
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

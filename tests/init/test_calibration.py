@@ -1,4 +1,5 @@
 """LoRA-DA calibration: layer-wise statistics equal a whole-model pass with hooks; determinism; bounded memory."""
+
 import json
 import os
 import subprocess
@@ -55,17 +56,36 @@ def test_statistics_equal_whole_model_hooks(tiny, kind, token_mask):
 
 def sliding_mistral(path):
     torch.manual_seed(0)
-    MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
-                       ).save_pretrained(path, max_shard_size="40KB")
+    MistralForCausalLM(
+        MistralConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=4,
+        )
+    ).save_pretrained(path, max_shard_size="40KB")
     return path
 
 
 def sliding_tied_qwen2(path):  # layer 0 full attention, layers 1-2 a 4-token window; lm_head tied, not stored
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
-                                         sliding_window=4, max_window_layers=1, tie_word_embeddings=True))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+            tie_word_embeddings=True,
+        )
+    )
     assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
     model.save_pretrained(path, max_shard_size="40KB")
     return path
@@ -117,16 +137,31 @@ def test_bfloat16_checkpoint(tiny):
 
 def test_bad_input_is_one_clear_line(tiny):
     cases = [
-        (lambda: run(tiny("gpt2"), dataset(vocab=100), ["transformer.h.0.attn.c_attn"]), UnsupportedError,
-         r"model_type 'gpt2' is not supported by LoRA-DA calibration; supported: llama, mistral, qwen2"),
-        (lambda: run(tiny("llama"), [Example([4, 5, 6], [IGNORE] * 3), Example([7, 8], [7, IGNORE])]), FormatError,
-         r"none of the 2 samples has a loss token"),
-        (lambda: run(tiny("llama"), dataset(), ["model.layers.0.self_attn.q_proj", "lm_head"]), TargetError,
-         r"lm_head: not a linear module inside a decoder layer"),
-        (lambda: run(tiny("llama"), dataset(), ["model.layers.2.self_attn.q_proj"]), TargetError,
-         r"model.layers.2.self_attn.q_proj: not a linear module inside a decoder layer"),
-        (lambda: run(tiny("llama"), [Example([4, 500], [4, 500])]), FormatError,
-         r"sample 0: token id 500 is outside the model's vocabulary of 128"),
+        (
+            lambda: run(tiny("gpt2"), dataset(vocab=100), ["transformer.h.0.attn.c_attn"]),
+            UnsupportedError,
+            r"model_type 'gpt2' is not supported by LoRA-DA calibration; supported: llama, mistral, qwen2",
+        ),
+        (
+            lambda: run(tiny("llama"), [Example([4, 5, 6], [IGNORE] * 3), Example([7, 8], [7, IGNORE])]),
+            FormatError,
+            r"none of the 2 samples has a loss token",
+        ),
+        (
+            lambda: run(tiny("llama"), dataset(), ["model.layers.0.self_attn.q_proj", "lm_head"]),
+            TargetError,
+            r"lm_head: not a linear module inside a decoder layer",
+        ),
+        (
+            lambda: run(tiny("llama"), dataset(), ["model.layers.2.self_attn.q_proj"]),
+            TargetError,
+            r"model.layers.2.self_attn.q_proj: not a linear module inside a decoder layer",
+        ),
+        (
+            lambda: run(tiny("llama"), [Example([4, 500], [4, 500])]),
+            FormatError,
+            r"sample 0: token id 500 is outside the model's vocabulary of 128",
+        ),
         (lambda: run(tiny("llama"), dataset(), token_mask="loss"), UnsupportedError, r"token_mask 'loss'"),
     ]
     for call, error, message in cases:
@@ -143,14 +178,30 @@ def test_peak_memory_stays_within_stated_bound(tmp_path):
     src = synthetic_llama(tmp_path / "deep", layers=136, hidden=256, inter=2048, kv=2, vocab=1024, per_shard=16)
     size = sum(p.stat().st_size for p in Path(src).glob("*.safetensors"))
     modules = [f"model.layers.{i}.self_attn.{m}" for i in (0, 68, 135) for m in ("q_proj", "v_proj")]
-    options = {"modules": modules, "samples": 4, "tokens": 24, "prompt": 8, "batch_size": 2,
-               "activation_budget": 1 << 20, "scratch": str(tmp_path)}
-    bound = memory_bound(json.loads((Path(src) / "config.json").read_text()), modules, batch_size=2, max_tokens=24,
-                         activation_budget=1 << 20)
+    options = {
+        "modules": modules,
+        "samples": 4,
+        "tokens": 24,
+        "prompt": 8,
+        "batch_size": 2,
+        "activation_budget": 1 << 20,
+        "scratch": str(tmp_path),
+    }
+    bound = memory_bound(
+        json.loads((Path(src) / "config.json").read_text()),
+        modules,
+        batch_size=2,
+        max_tokens=24,
+        activation_budget=1 << 20,
+    )
     assert size >= 10 * bound
-    out = subprocess.run([sys.executable, "-m", "ailora_tools.testing.calibration_memprobe", str(src),
-                          json.dumps(options)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # as the CLI sets it: spinning is slow here
+    out = subprocess.run(
+        [sys.executable, "-m", "ailora_tools.testing.calibration_memprobe", str(src), json.dumps(options)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )  # as the CLI sets it: spinning is slow here
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe["modules"] == len(modules)
     assert probe["peak"] - probe["baseline"] <= bound, (probe, bound)

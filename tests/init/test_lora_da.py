@@ -1,4 +1,5 @@
 """LoRA-DA initial factors: the authors' formula, the eigenspace, its limits, determinism, a usable adapter."""
+
 import math
 
 import numpy as np
@@ -29,8 +30,13 @@ def statistics(path, seed: int = 0) -> dict:
 
 
 def factors(s, **options):
-    return lora_da_factors(s.gradient, s.output_factor, factor_input(s.input_factor), name=s.name,
-                           **{"rank": 4, "population_size": 1000, **options})
+    return lora_da_factors(
+        s.gradient,
+        s.output_factor,
+        factor_input(s.input_factor),
+        name=s.name,
+        **{"rank": 4, "population_size": 1000, **options},
+    )
 
 
 def authors_formula(G, y, Z, *, rank, population, alpha=1.0, beta=0.03, gamma=1024.0, damping=1e-6):
@@ -69,7 +75,8 @@ def test_matches_the_authors_formula_on_a_random_case(beta):
     d = got.diagnostics
     assert d["sigma_max"] == pytest.approx(sigma, rel=1e-6)
     assert (d["eigenvalue_min"], d["eigenvalue_edge"], d["eigenvalue_next"]) == pytest.approx(
-        (evals[0], evals[3], evals[4]), rel=1e-6, abs=1e-12)
+        (evals[0], evals[3], evals[4]), rel=1e-6, abs=1e-12
+    )
     assert d["gradient_norm"] == pytest.approx(float(G.norm()), rel=1e-12) and d["gamma"] == 1024.0
 
 
@@ -129,8 +136,9 @@ def test_factors_make_a_peft_adapter_with_the_base_offset_or_a_descent_step_with
             for name, f in init.items():
                 if offset:
                     modules[name].weight -= scale * f.b @ f.a
-        peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
-                                                init_lora_weights=False))
+        peft = get_peft_model(
+            model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
         peft_modules = dict(peft.named_modules())
         with torch.no_grad():
             for name, f in init.items():
@@ -142,8 +150,10 @@ def test_factors_make_a_peft_adapter_with_the_base_offset_or_a_descent_step_with
 
     def loss(model) -> float:
         with torch.no_grad():
-            return sum(float(model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss)
-                       for e in dataset()) / len(dataset())
+            return sum(
+                float(model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss)
+                for e in dataset()
+            ) / len(dataset())
 
     assert loss(adapted(False, 1.0)) < loss(load(path, "llama")) - 1e-3
 
@@ -152,10 +162,14 @@ def test_bad_input_raises_numerics_errors():
     x = torch.randn(50, 8)
     Z, G, y = x.T @ x / 50, torch.randn(6, 8), torch.rand(6)
     cases = [
-        (lambda: lora_da_factors(G, y, factor_input(Z), rank=8, population_size=10),
-         r"rank 8 must be at least 1 and below the input size 8"),
-        (lambda: lora_da_factors(torch.zeros(6, 8), y, factor_input(Z), rank=2, population_size=10, name="q"),
-         r"q: the natural gradient is zero"),
+        (
+            lambda: lora_da_factors(G, y, factor_input(Z), rank=8, population_size=10),
+            r"rank 8 must be at least 1 and below the input size 8",
+        ),
+        (
+            lambda: lora_da_factors(torch.zeros(6, 8), y, factor_input(Z), rank=2, population_size=10, name="q"),
+            r"q: the natural gradient is zero",
+        ),
         (lambda: factor_input(-torch.eye(8), name="layers.0.q"), r"layers.0.q: Z \+ 1e-06·I is not positive definite"),
         (lambda: lora_da_factors(G * float("nan"), y, factor_input(Z), rank=2, population_size=10), r"NaN or Inf"),
         (lambda: lora_da_factors(G, y, factor_input(Z), rank=2, population_size=0), r"need population_size ≥ 1"),

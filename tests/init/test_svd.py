@@ -1,4 +1,5 @@
 """The SVD methods against a float64 reference: converged exact path, its fallback, minor accuracy."""
+
 import torch
 
 from ailora_tools.init import svd
@@ -114,7 +115,7 @@ def test_minor_components_below_the_old_floor_are_kept():
     S[-1] = 2e-7 * S[0]
     W = (U * S) @ V.T
     eps64 = torch.finfo(torch.float64).eps
-    assert eps64 ** 0.5 < 2e-7 < (n * eps64) ** 0.5
+    assert eps64**0.5 < 2e-7 < (n * eps64) ** 0.5
     t = triplets(W, 8, "minor")
     assert t.deficient == 0
     torch.testing.assert_close(t.S, S[-8:], rtol=1e-4, atol=0)

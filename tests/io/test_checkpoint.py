@@ -4,6 +4,7 @@ No network: the Hub is a local directory. `hub_header` (the range requests) read
 `hub_download` copies a file into the real huggingface_hub cache layout (blobs/ + a snapshot symlink) after
 a delay, and snapshot_download itself runs (offline) on that cache.
 """
+
 import hashlib
 import json
 import os
@@ -59,7 +60,7 @@ def hub(tiny, tmp_path, monkeypatch):
         assert (repo_id, revision) == (REPO, COMMIT)
         state["headers"].append(name)
         data = (remote / name).read_bytes()
-        return data[:8 + int.from_bytes(data[:8], "little")], len(data)
+        return data[: 8 + int.from_bytes(data[:8], "little")], len(data)
 
     def download(repo_id, name, revision):
         assert (repo_id, revision) == (REPO, COMMIT)
@@ -108,11 +109,16 @@ def test_hub_shards_download_while_earlier_ones_are_processed(hub, tmp_path, mon
             assert (tmp_path / "out" / rel).read_bytes() == (tmp_path / "local" / rel).read_bytes()
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda data: data.replace(b'"format":"pt"', b'"format":"PT"'),
-     r"the downloaded file .* does not have the header checked before writing .* rerun with --resume"),
-    (lambda data: data[:-100], r"the file is truncated"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            lambda data: data.replace(b'"format":"pt"', b'"format":"PT"'),
+            r"the downloaded file .* does not have the header checked before writing .* rerun with --resume",
+        ),
+        (lambda data: data[:-100], r"the file is truncated"),
+    ],
+)
 def test_a_shard_that_arrives_with_another_header_stops_the_run_before_it_is_written(hub, tmp_path, change, message):
     order = _shard_order(hub["remote"])
     assert change((hub["remote"] / order[2]).read_bytes()) != (hub["remote"] / order[2]).read_bytes()
@@ -164,18 +170,25 @@ def test_hub_header_is_read_with_range_requests(tmp_path, monkeypatch, pad):
     def serve(request):
         first, last = map(int, request.headers["range"].removeprefix("bytes=").split("-"))
         seen.append((request.url.path, first, last))
-        body = data[first:last + 1]
+        body = data[first : last + 1]
         served = f"bytes {first}-{first + len(body) - 1}/{len(data)}"
         return httpx2.Response(206, content=body, headers={"content-range": served})
 
     monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
-    head, size = REAL_HUB_HEADER(REPO, COMMIT, "model.safetensors",
-                                 session=httpx2.Client(transport=httpx2.MockTransport(serve)))
+    head, size = REAL_HUB_HEADER(
+        REPO, COMMIT, "model.safetensors", session=httpx2.Client(transport=httpx2.MockTransport(serve))
+    )
     expected = read_header(path)
     got = parse_header(path, head, size)
     assert (got.raw, got.tensors, got.metadata, got.data_start, got.size) == (
-        expected.raw, expected.tensors, expected.metadata, expected.data_start, expected.size)
+        expected.raw,
+        expected.tensors,
+        expected.metadata,
+        expected.data_start,
+        expected.size,
+    )
     n = expected.data_start
     assert seen == [(f"/{REPO}/resolve/{COMMIT}/model.safetensors", 0, 99_999)] + (
-        [(f"/{REPO}/resolve/{COMMIT}/model.safetensors", 100_000, n - 1)] if n > 100_000 else [])
+        [(f"/{REPO}/resolve/{COMMIT}/model.safetensors", 100_000, n - 1)] if n > 100_000 else []
+    )
     assert len(seen) == (2 if pad else 1)

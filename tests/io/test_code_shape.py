@@ -1,5 +1,6 @@
 """The code's shape, enforced: no import circle anywhere, short functions, short files (the stage order is
 test_layout's)."""
+
 from __future__ import annotations
 
 import ast
@@ -24,7 +25,8 @@ def _modules() -> dict[str, Path]:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
@@ -105,8 +107,12 @@ def _code_lines(source: str, node: ast.AST) -> int:
     """Lines of `node` that hold code: not blank, not only a comment, not its docstring."""
     lines = set(range(node.lineno, node.end_lineno + 1))
     body = getattr(node, "body", [])
-    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-            and isinstance(body[0].value.value, str):
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(getattr(body[0], "value", None), ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         lines -= set(range(body[0].lineno, body[0].end_lineno + 1))
     text = source.splitlines()
     code = {n for n in lines if text[n - 1].strip() and not text[n - 1].strip().startswith("#")}
@@ -130,8 +136,11 @@ def test_no_function_runs_past_sixty_code_lines():
 
 
 def test_no_file_runs_past_four_hundred_lines():
-    long = [f"{p.relative_to(PKG)} ({n} lines)" for p in sorted(PKG.rglob("*.py"))
-            if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
+    long = [
+        f"{p.relative_to(PKG)} ({n} lines)"
+        for p in sorted(PKG.rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES
+    ]
     assert long == []
 
 

@@ -1,5 +1,6 @@
 """A damaged safetensors file the tool reads (an adapter, a residual shard, trained biases,
 optimizer state) is named, with the tensor and the byte counts where the header says them, and what to do."""
+
 import re
 
 import pytest
@@ -38,8 +39,11 @@ def test_a_damaged_adapter_is_named_and_nothing_is_written(decomposed, tmp_path,
     for f in (decomposed / "adapter").iterdir():
         (adapter / f.name).write_bytes(f.read_bytes())
     _damage(adapter / WEIGHTS_NAME, how)
-    args = (["merge", decomposed / "residual", adapter] if command == "merge"
-            else ["convert", "--trained", adapter, "--initial", decomposed / "adapter"])
+    args = (
+        ["merge", decomposed / "residual", adapter]
+        if command == "merge"
+        else ["convert", "--trained", adapter, "--initial", decomposed / "adapter"]
+    )
     res = cli(*args, "-o", tmp_path / "out")
     one_line_error(res, f"{adapter / WEIGHTS_NAME}: ", REDO)
     assert re.search(TRUNCATED if how == "truncated" else r"not a safetensors file \(only 0 bytes", res.output)
@@ -60,8 +64,11 @@ def test_a_truncated_residual_shard_is_named_with_its_tensor_and_bytes(decompose
 
 
 def test_truncated_trained_biases_are_named_with_their_tensor_and_bytes(tmp_path):
-    save_file({"model.layers.0.self_attn.q_proj.bias": torch.randn(64), "score.weight": torch.randn(2, 64)},
-              str(tmp_path / BITFIT_WEIGHTS), metadata={"format": "pt", "bitfit": "true"})
+    save_file(
+        {"model.layers.0.self_attn.q_proj.bias": torch.randn(64), "score.weight": torch.randn(2, 64)},
+        str(tmp_path / BITFIT_WEIGHTS),
+        metadata={"format": "pt", "bitfit": "true"},
+    )
     assert set(read_bitfit(tmp_path).extra) == {"model.layers.0.self_attn.q_proj.bias", "score.weight"}
     _damage(tmp_path / BITFIT_WEIGHTS, "truncated")
     with pytest.raises(FormatError, match=rf"{re.escape(str(tmp_path / BITFIT_WEIGHTS))}: {TRUNCATED}"):
@@ -80,6 +87,9 @@ def test_the_opener_reads_what_safetensors_wrote_and_refuses_what_is_not_there(d
     with pytest.raises(InputNotFoundError, match=r"gone\.safetensors: no such file"):
         load_tensors(tmp_path / "gone.safetensors")
     (tmp_path / "header.safetensors").write_bytes((10**6).to_bytes(8, "little") + b"{}")
-    with pytest.raises(FormatError, match=r"header length 1000000 runs past the file \(10 bytes, at least 1000008 "
-                                          r"needed\): the file is truncated or corrupt"):
+    with pytest.raises(
+        FormatError,
+        match=r"header length 1000000 runs past the file \(10 bytes, at least 1000008 "
+        r"needed\): the file is truncated or corrupt",
+    ):
         load_tensors(tmp_path / "header.safetensors")

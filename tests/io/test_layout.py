@@ -1,4 +1,5 @@
 """The package's shape: stages over shared ground, public names that import, options declared once."""
+
 import ast
 import importlib
 import re
@@ -31,9 +32,17 @@ def test_every_public_name_imports_and_is_listed():
 
 
 def test_every_readme_import_line_runs():
-    lines = sorted({m.strip() for m in re.findall(r"^\s*((?:from ailora_tools\S* import .+)|"
-                                                  r"(?:import ailora_tools\S*))$",
-                                                  README.read_text(), flags=re.M)})
+    lines = sorted(
+        {
+            m.strip()
+            for m in re.findall(
+                r"^\s*((?:from ailora_tools\S* import .+)|"
+                r"(?:import ailora_tools\S*))$",
+                README.read_text(),
+                flags=re.M,
+            )
+        }
+    )
     assert len(lines) >= 2
     for line in lines:
         exec(line, {})
@@ -52,8 +61,9 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_no_module_depends_on_one_above_its_stage():
-    top = {p.stem for p in PKG.glob("*.py")} | {p.name for p in PKG.iterdir()
-                                                if p.is_dir() and (p / "__init__.py").exists()}
+    top = {p.stem for p in PKG.glob("*.py")} | {
+        p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()
+    }
     shared = top - set(STAGES) - ENTRY_POINTS
     assert len({p.stem for p in PKG.glob("*.py")} - ENTRY_POINTS) <= 10, "at most about ten top-level modules"
     for path in PKG.rglob("*.py"):
@@ -66,8 +76,9 @@ def test_no_module_depends_on_one_above_its_stage():
             if owner in shared:
                 assert first not in STAGES, f"{path.relative_to(PKG)} (shared ground) imports the stage {dep}"
             elif first in STAGES:
-                assert STAGES.index(first) <= STAGES.index(owner), (f"{path.relative_to(PKG)} imports {dep}, "
-                                                                    "a later stage")
+                assert STAGES.index(first) <= STAGES.index(owner), (
+                    f"{path.relative_to(PKG)} imports {dep}, a later stage"
+                )
 
 
 @pytest.mark.slow
@@ -99,11 +110,12 @@ def test_options_are_checked_once_for_library_and_command():
     from ailora_tools.options import DecomposeOptions, InitOptions, TrainOptions
 
     assert InitOptions(targets="q_proj,k_proj").targets == ("q_proj", "k_proj")
-    for cls, bad, text in ((DecomposeOptions, {"rank": 0}, "rank 0: must be at least 1"),
-                           (DecomposeOptions, {"alpha": 0.0}, "alpha 0.0: must be greater than 0"),
-                           (TrainOptions, {"lr": float("nan")}, "lr nan: must be a finite number"),
-                           (TrainOptions, {"warmup_ratio": 0.1, "warmup": 3},
-                            "warmup_ratio 0.1 and warmup 3: give one")):
+    for cls, bad, text in (
+        (DecomposeOptions, {"rank": 0}, "rank 0: must be at least 1"),
+        (DecomposeOptions, {"alpha": 0.0}, "alpha 0.0: must be greater than 0"),
+        (TrainOptions, {"lr": float("nan")}, "lr nan: must be a finite number"),
+        (TrainOptions, {"warmup_ratio": 0.1, "warmup": 3}, "warmup_ratio 0.1 and warmup 3: give one"),
+    ):
         with pytest.raises(OptionError, match=f"^{text}") as caught:
             cls.build(**bad)
         assert caught.value.field == next(iter(bad)) and "--" not in str(caught.value)
@@ -111,8 +123,9 @@ def test_options_are_checked_once_for_library_and_command():
         DecomposeOptions.build(ranks=4)
     done = CliRunner().invoke(main, ["decompose", "m", "-o", "x", "--rank", "0", "--role", "q_proj=minor"])
     assert done.exit_code == 1 and "error: --rank 0: must be at least 1" in done.output, done.output
-    done = CliRunner().invoke(main, ["train", "--base", "b", "--data", "d", "-o", "x", "--warmup-ratio", "0.1",
-                                     "--warmup", "3"])
+    done = CliRunner().invoke(
+        main, ["train", "--base", "b", "--data", "d", "-o", "x", "--warmup-ratio", "0.1", "--warmup", "3"]
+    )
     assert "error: --warmup-ratio 0.1 and --warmup 3: give one of the two" in done.output, done.output
 
 
@@ -127,7 +140,6 @@ def test_get_ailora_model_errors_name_its_keywords(tiny):
         get_ailora_model(model, loftq_iters=2, progress=False)
 
 
-
 def test_calibrate_out_of_range_numbers_are_option_errors(tiny):
     from ailora_tools.errors import OptionError
     from ailora_tools.init.lora_da.calibration import calibrate
@@ -137,8 +149,21 @@ def test_calibrate_out_of_range_numbers_are_option_errors(tiny):
     assert caught.value.field == "batch_size"
 
 
-COMMANDS = ["decompose", "train", "convert", "merge", "spectrum", "check", "export-gguf", "export-base", "push",
-            "compare", "demo", "verify", "serve-check"]
+COMMANDS = [
+    "decompose",
+    "train",
+    "convert",
+    "merge",
+    "spectrum",
+    "check",
+    "export-gguf",
+    "export-base",
+    "push",
+    "compare",
+    "demo",
+    "verify",
+    "serve-check",
+]
 
 
 def test_every_command_option_comes_from_a_dataclass_and_shows_in_help():
@@ -152,18 +177,38 @@ def test_every_command_option_comes_from_a_dataclass_and_shows_in_help():
     from ailora_tools.adapters import check, dora, gguf_export, server_base, serving
     from ailora_tools.cli import main
     from ailora_tools.cli.flags import flag_of
-    from ailora_tools.comparison import runner as comparison
+    from ailora_tools.comparison import plan as comparison
 
-    assert (serving.SERVERS, check.TARGETS, gguf_export.OUTTYPES, dora.DORA_MODES, server_base.SERVER_FORMATS,
-            comparison.METRICS) == (options.SERVERS, options.CHECK_TARGETS, options.OUTTYPES, options.DORA_MODES,
-                                    options.SERVER_FORMATS, options.METRICS)
-    of = {"decompose": [options.DecomposeOptions, options.Streams], "train": [options.TrainOptions, options.OnBase],
-          "convert": [options.ConvertOptions], "merge": [options.MergeOptions], "spectrum": [options.SpectrumOptions],
-          "check": [options.CheckOptions], "export-gguf": [options.ExportGgufOptions],
-          "export-base": [options.ExportBaseOptions], "push": [options.PushOptions],
-          "compare": [options.CompareOptions, options.InitOptions, options.TrainOptions],
-          "demo": [options.DemoOptions], "verify": [options.VerifyOptions],
-          "serve-check": [options.ServeCheckOptions]}
+    assert (
+        serving.SERVERS,
+        check.TARGETS,
+        gguf_export.OUTTYPES,
+        dora.DORA_MODES,
+        server_base.SERVER_FORMATS,
+        comparison.METRICS,
+    ) == (
+        options.SERVERS,
+        options.CHECK_TARGETS,
+        options.OUTTYPES,
+        options.DORA_MODES,
+        options.SERVER_FORMATS,
+        options.METRICS,
+    )
+    of = {
+        "decompose": [options.DecomposeOptions, options.Streams],
+        "train": [options.TrainOptions, options.OnBase],
+        "convert": [options.ConvertOptions],
+        "merge": [options.MergeOptions],
+        "spectrum": [options.SpectrumOptions],
+        "check": [options.CheckOptions],
+        "export-gguf": [options.ExportGgufOptions],
+        "export-base": [options.ExportBaseOptions],
+        "push": [options.PushOptions],
+        "compare": [options.CompareOptions, options.InitOptions, options.TrainOptions],
+        "demo": [options.DemoOptions],
+        "verify": [options.VerifyOptions],
+        "serve-check": [options.ServeCheckOptions],
+    }
     assert set(of) == set(COMMANDS) == set(main.commands)
     for command, classes in of.items():
         params = {p.name: p for p in main.commands[command].params}
@@ -178,8 +223,10 @@ def test_every_command_option_comes_from_a_dataclass_and_shows_in_help():
                     choices = [str(c) for c in f.metadata["choices"]]
                     assert list(params[f.name].type.choices) == choices, (command, f.name)
         hand = {n for n, p in params.items() if isinstance(p, __import__("click").Option)} - {
-            f.name for cls in [*classes, options.Report, options.Streams, options.OnBase]
-            for f in dataclasses.fields(cls)}
+            f.name
+            for cls in [*classes, options.Report, options.Streams, options.OnBase]
+            for f in dataclasses.fields(cls)
+        }
         assert hand <= {"out", "base", "adapter", "data", "trained", "config"}, (command, hand)
 
 

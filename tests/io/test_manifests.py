@@ -1,4 +1,5 @@
 """Manifest schema: every manifest records its `schema`; `manifests.upgrade` reads an older one in today's shape."""
+
 import json
 
 from ailora_tools import decompose
@@ -17,8 +18,12 @@ def test_a_schema_1_decompose_manifest_reads_as_todays(tiny, tmp_path):
     (out / "ailora.json").write_text(json.dumps(old))
     assert read_manifest(out / "ailora.json")["schema"] == MANIFEST_SCHEMA
     was = base_of(out / "adapter")
-    assert (was.kind, was.original, was.residual, was.method) == (today.kind, today.original, today.residual,
-                                                                   today.method)
+    assert (was.kind, was.original, was.residual, was.method) == (
+        today.kind,
+        today.original,
+        today.residual,
+        today.method,
+    )
     assert was.samples["residual"] and was.samples["residual"].items() <= today.samples["residual"].items()
     assert check_base(out / "adapter", Checkpoint.open(out / "residual")) is None
 

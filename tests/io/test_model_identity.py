@@ -1,6 +1,7 @@
 """Model identity: every output carries the identity of the model it was made from and of the base it applies to, and
 every command that puts an adapter on a base checks it. One test (or more) per guarantee, and a property
 test over (model, adapter) pairs from two models of equal shapes and both bases."""
+
 import json
 import os
 import shutil
@@ -26,8 +27,10 @@ ROOT = Path(__file__).parents[2]
 
 
 def rows(n: int, offset: int = 0) -> str:
-    return "".join(json.dumps({"prompt": f"Q: {i} + 1 = ?\nA: ", "completion": str(i + 1)}) + "\n"
-                   for i in range(offset, offset + n))
+    return "".join(
+        json.dumps({"prompt": f"Q: {i} + 1 = ?\nA: ", "completion": str(i + 1)}) + "\n"
+        for i in range(offset, offset + n)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +41,24 @@ def two(tmp_path_factory):
     for seed, x in enumerate(MODELS):
         base = build_tiny_model(root / x / "base", seed=seed)
         decompose(base, root / x / "dec", rank=4, progress=False)
-        train(root / x / "dec" / "residual", root / x / "dec" / "adapter", data_file("demo_train.jsonl"),
-              root / x / "trained", max_steps=2, batch_size=2, lr=1e-2, progress=False)
+        train(
+            root / x / "dec" / "residual",
+            root / x / "dec" / "adapter",
+            data_file("demo_train.jsonl"),
+            root / x / "trained",
+            max_steps=2,
+            batch_size=2,
+            lr=1e-2,
+            progress=False,
+        )
         convert(root / x / "trained", root / x / "lora")
-        out[x] = {"original": base, "residual": root / x / "dec" / "residual", "initial": root / x / "dec" / "adapter",
-                  "trained": root / x / "trained", "lora": root / x / "lora"}
+        out[x] = {
+            "original": base,
+            "residual": root / x / "dec" / "residual",
+            "initial": root / x / "dec" / "adapter",
+            "trained": root / x / "trained",
+            "lora": root / x / "lora",
+        }
     out["root"] = root
     return out
 
@@ -67,12 +83,18 @@ def _accepted(adapter, base) -> bool:
 
 def test_two_random_models_of_equal_shapes_have_other_identities(two):
     a, b = (base_of(two[x]["lora"]) for x in MODELS)
-    assert (a.kind == b.kind == "original" and a.samples["original"]
-            and a.samples["original"].keys() == b.samples["original"].keys())
+    assert (
+        a.kind == b.kind == "original"
+        and a.samples["original"]
+        and a.samples["original"].keys() == b.samples["original"].keys()
+    )
     assert all(a.samples["original"][t] != b.samples["original"][t] for t in a.samples["original"])
     for x in MODELS:  # every adapter-bearing manifest records its applies_to block
-        for path, name in ((two[x]["initial"].parent, "ailora.json"), (two[x]["trained"], "ailora-train.json"),
-                           (two[x]["lora"], "ailora-convert.json")):
+        for path, name in (
+            (two[x]["initial"].parent, "ailora.json"),
+            (two[x]["trained"], "ailora-train.json"),
+            (two[x]["lora"], "ailora-convert.json"),
+        ):
             block = json.loads((path / name).read_text())["applies_to"]
             assert block["samples"] and block["original"]["model"] == str(two[x]["original"].absolute())
 
@@ -112,8 +134,9 @@ def test_exactly_the_matching_bases_are_accepted_by_train(two, tmp_path, model):
         if _accepted((model, "initial"), base):
             train(where, two[model]["initial"], data, tmp_path / "ok", max_steps=1, batch_size=2, progress=False)
         else:
-            res = cli("train", "--base", where, "--adapter", two[model]["initial"], "--data", data, "-o",
-                      tmp_path / "t")
+            res = cli(
+                "train", "--base", where, "--adapter", two[model]["initial"], "--data", data, "-o", tmp_path / "t"
+            )
             one_line_error(res, str(where))
             assert not (tmp_path / "t").exists()
 
@@ -124,16 +147,23 @@ def test_exactly_the_matching_initial_is_accepted_by_convert(two, tmp_path, pair
     if pair[0] == pair[1]:
         convert(trained, tmp_path / "l", initial=initial)
     else:
-        one_line_error(cli("convert", "--trained", trained, "--initial", initial, "-o", tmp_path / "l"),
-                       f"--initial {initial}", str(two[pair[0]]["initial"]))
+        one_line_error(
+            cli("convert", "--trained", trained, "--initial", initial, "-o", tmp_path / "l"),
+            f"--initial {initial}",
+            str(two[pair[0]]["initial"]),
+        )
         assert not (tmp_path / "l").exists()
 
 
 # 1. a LoRA written by convert, merged onto a residual: exit 0 and 0.96 logits off
 def test_a_converted_lora_on_the_residual_is_refused(two, tmp_path):
     res = cli("merge", two["A"]["residual"], two["A"]["lora"], "-o", tmp_path / "m")
-    one_line_error(res, "applies to the original model", "is a residual decompose wrote from it",
-                   f"pass BASE {two['A']['original'].absolute()}")
+    one_line_error(
+        res,
+        "applies to the original model",
+        "is a residual decompose wrote from it",
+        f"pass BASE {two['A']['original'].absolute()}",
+    )
     assert not (tmp_path / "m" / "ailora-merge.json").exists()
     # and on its own original the merged model is the trained one
     assert cli("merge", two["A"]["original"], two["A"]["lora"], "-o", tmp_path / "ok", "--quiet").exit_code == 0
@@ -145,9 +175,11 @@ def test_a_converted_lora_on_the_residual_is_refused(two, tmp_path):
 def test_convert_refuses_an_initial_adapter_the_manifest_contradicts(two, tmp_path):
     other = tmp_path / "other"
     decompose(two["A"]["original"], other, rank=4, seed=7, progress=False)  # same model, other draw
-    one_line_error(cli("convert", "--trained", two["A"]["trained"], "--initial", other / "adapter", "-o",
-                       tmp_path / "l"),
-                   "--initial", "drop --initial")
+    one_line_error(
+        cli("convert", "--trained", two["A"]["trained"], "--initial", other / "adapter", "-o", tmp_path / "l"),
+        "--initial",
+        "drop --initial",
+    )
     assert not (tmp_path / "l").exists()
     copy = shutil.copytree(two["A"]["initial"], tmp_path / "copy")  # a copy of the recorded one is fine
     assert convert(two["A"]["trained"], tmp_path / "l2", initial=copy)["modules"] > 0
@@ -156,8 +188,15 @@ def test_convert_refuses_an_initial_adapter_the_manifest_contradicts(two, tmp_pa
 def test_convert_refuses_a_recorded_initial_adapter_that_changed(two, tmp_path):
     root = tmp_path / "x"
     shutil.copytree(two["A"]["initial"].parent, root / "dec")
-    train(root / "dec" / "residual", root / "dec" / "adapter", data_file("demo_train.jsonl"), root / "t", max_steps=1,
-          batch_size=2, progress=False)
+    train(
+        root / "dec" / "residual",
+        root / "dec" / "adapter",
+        data_file("demo_train.jsonl"),
+        root / "t",
+        max_steps=1,
+        batch_size=2,
+        progress=False,
+    )
     shutil.copy(two["B"]["initial"] / "adapter_model.safetensors", root / "dec" / "adapter")
     with pytest.raises(OptionError, match="changed since training"):
         convert(root / "t", tmp_path / "l")
@@ -167,19 +206,36 @@ def test_convert_refuses_a_recorded_initial_adapter_that_changed(two, tmp_path):
 def test_another_model_of_equal_shapes_is_refused_and_force_records_a_warning(two, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(rows(4))
-    res = cli("train", "--base", two["B"]["residual"], "--adapter", two["A"]["initial"], "--data", data, "-o",
-              tmp_path / "t")
-    one_line_error(res, f"applies to the residual {two['A']['residual']}",
-                   f"--base {two['B']['residual']} is the residual "
-                   "of another decomposition", "--force")
+    res = cli(
+        "train", "--base", two["B"]["residual"], "--adapter", two["A"]["initial"], "--data", data, "-o", tmp_path / "t"
+    )
+    one_line_error(
+        res,
+        f"applies to the residual {two['A']['residual']}",
+        f"--base {two['B']['residual']} is the residual of another decomposition",
+        "--force",
+    )
     res = cli("merge", two["B"]["original"], two["A"]["lora"], "-o", tmp_path / "m")
     one_line_error(res, f"BASE {two['B']['original']} is another model", f"pass BASE {two['A']['original'].absolute()}")
     res = cli("merge", two["B"]["original"], two["A"]["lora"], "-o", tmp_path / "m", "--force", "--quiet")
     assert res.exit_code == 0, res.output
     warnings = json.loads((tmp_path / "m" / "ailora-merge.json").read_text())["warnings"]
     assert len(warnings) == 1 and "--force" in warnings[0] and "another model" in warnings[0]
-    res = cli("train", "--base", two["B"]["residual"], "--adapter", two["A"]["initial"], "--data", data,
-              "-o", tmp_path / "t", "--force", "--max-steps", "1", "--quiet")
+    res = cli(
+        "train",
+        "--base",
+        two["B"]["residual"],
+        "--adapter",
+        two["A"]["initial"],
+        "--data",
+        data,
+        "-o",
+        tmp_path / "t",
+        "--force",
+        "--max-steps",
+        "1",
+        "--quiet",
+    )
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "t" / "ailora-train.json").read_text())
     assert manifest["warnings"] and manifest["applies_to"]["model"] == str(two["B"]["residual"].absolute())
@@ -216,8 +272,9 @@ def test_verify_checks_every_manifest_below(two, tmp_path):
     weights = out / "ailora" / "trained" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")
     report = verify(out)
-    assert report["problems"] == ["ailora/trained: adapter_model.safetensors: content differs from the manifest "
-                                  "(the file changed or is corrupt)"], report
+    assert report["problems"] == [
+        "ailora/trained: adapter_model.safetensors: content differs from the manifest (the file changed or is corrupt)"
+    ], report
     res = cli("verify", out)
     assert res.exit_code == 1 and "ailora/trained" in res.output
 
@@ -231,8 +288,24 @@ def test_resume_refuses_changed_data(two, tmp_path, monkeypatch, new_rows):
     with killed_at_update(monkeypatch, 3):
         train(two["A"]["residual"], two["A"]["initial"], data, tmp_path / "t", **args)
     data.write_text(rows(new_rows, offset=100))
-    res = cli("train", "--base", two["A"]["residual"], "--adapter", two["A"]["initial"], "--data", data,
-              "-o", tmp_path / "t", "--max-steps", "4", "--batch-size", "2", "--save-every", "1", "--resume")
+    res = cli(
+        "train",
+        "--base",
+        two["A"]["residual"],
+        "--adapter",
+        two["A"]["initial"],
+        "--data",
+        data,
+        "-o",
+        tmp_path / "t",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--save-every",
+        "1",
+        "--resume",
+    )
     one_line_error(res, "--resume: --data changed since the run", "--overwrite")
     assert not (tmp_path / "t" / "ailora-train.json").exists()
     data.write_text(rows(8))  # restored: the run finishes
@@ -248,17 +321,28 @@ def test_resume_refuses_changed_data(two, tmp_path, monkeypatch, new_rows):
 # naming a file
 def test_resume_of_a_finished_run_with_other_settings_says_it_is_complete(two, tmp_path):
     shutil.copytree(two["A"]["trained"], tmp_path / "t")
-    res = cli("train", "--base", two["A"]["residual"], "--adapter", two["A"]["initial"], "--data",
-              data_file("demo_train.jsonl"), "-o", tmp_path / "t", "--resume", "--quiet")
+    res = cli(
+        "train",
+        "--base",
+        two["A"]["residual"],
+        "--adapter",
+        two["A"]["initial"],
+        "--data",
+        data_file("demo_train.jsonl"),
+        "-o",
+        tmp_path / "t",
+        "--resume",
+        "--quiet",
+    )
     one_line_error(res, "(complete: ailora-train.json is written) used other settings", "--overwrite")
 
 
 def test_an_output_that_is_a_file_is_refused(two, tmp_path):
     (tmp_path / "f").write_text("mine")
-    one_line_error(cli("decompose", two["A"]["original"], "-o", tmp_path / "f", "--rank", "4"), "is a file",
-                   "directory")
+    one_line_error(
+        cli("decompose", two["A"]["original"], "-o", tmp_path / "f", "--rank", "4"), "is a file", "directory"
+    )
     assert (tmp_path / "f").read_text() == "mine"
-
 
 
 # 8. get_ailora_model: a classification head left frozen and unsaved, a string of targets, a PeftModel, flag names
@@ -288,9 +372,12 @@ def test_get_ailora_model_errors_name_its_arguments():
     from ailora_tools.errors import UnsupportedError
 
     model = LlamaForCausalLM(make_config("llama"))
-    for kwargs, needle in (({"targets": "q_proj,nope"}, "targets: 'nope' matches no module"),
-                           ({"rank": 0}, "rank 0: must be at least 1"), ({"method": "x"}, "method 'x'"),
-                           ({"roles": {"q_proj": "big"}}, "roles q_proj=big")):
+    for kwargs, needle in (
+        ({"targets": "q_proj,nope"}, "targets: 'nope' matches no module"),
+        ({"rank": 0}, "rank 0: must be at least 1"),
+        ({"method": "x"}, "method 'x'"),
+        ({"roles": {"q_proj": "big"}}, "roles q_proj=big"),
+    ):
         with pytest.raises(AiloraError) as e:
             get_ailora_model(model, progress=False, **kwargs)
         assert needle in str(e.value) and "--" not in str(e.value), e.value
@@ -305,13 +392,27 @@ def test_get_ailora_model_errors_name_its_arguments():
 def _run_cli(*args) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "ailora_tools.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "ailora_tools.cli", *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT
+    )
 
 
 def test_progress_bars_in_a_log_redraw_rarely(two, tmp_path):
-    res = _run_cli("train", "--base", two["A"]["residual"], "--adapter", two["A"]["initial"], "--data",
-                   data_file("demo_train.jsonl"), "-o", tmp_path / "t", "--max-steps", "30", "--batch-size", "2")
+    res = _run_cli(
+        "train",
+        "--base",
+        two["A"]["residual"],
+        "--adapter",
+        two["A"]["initial"],
+        "--data",
+        data_file("demo_train.jsonl"),
+        "-o",
+        tmp_path / "t",
+        "--max-steps",
+        "30",
+        "--batch-size",
+        "2",
+    )
     assert res.returncode == 0, res.stderr
     bar = [part for part in res.stderr.replace("\r", "\n").splitlines() if part.startswith("train")]
     assert 1 <= len(bar) <= 3, bar  # the start, the end: the run takes less than 30 s
@@ -320,8 +421,23 @@ def test_progress_bars_in_a_log_redraw_rarely(two, tmp_path):
 def test_compare_quiet_prints_nothing_but_the_result(two, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(rows(16))
-    res = _run_cli("compare", two["A"]["original"], "--data", data, "-o", tmp_path / "c", "--methods", "lora,lora-da",
-                   "--rank", "4", "--max-steps", "2", "--batch-size", "2", "--quiet")
+    res = _run_cli(
+        "compare",
+        two["A"]["original"],
+        "--data",
+        data,
+        "-o",
+        tmp_path / "c",
+        "--methods",
+        "lora,lora-da",
+        "--rank",
+        "4",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr
     assert all(line.startswith("warning: LoRA-DA") for line in res.stderr.splitlines()), res.stderr
 
@@ -332,11 +448,11 @@ def test_lora_da_warns_on_rank_deficient_statistics(two, tmp_path):
 
     data = tmp_path / "few.jsonl"
     letters = "abcdefghijklmnopqrst"
-    data.write_text("".join(json.dumps({"text": "".join(letters[(i * 7 + j) % 20] for j in range(12))}) + "\n"
-                            for i in range(16)))
+    data.write_text(
+        "".join(json.dumps({"text": "".join(letters[(i * 7 + j) % 20] for j in range(12))}) + "\n" for i in range(16))
+    )
     with pytest.warns(AiloraWarning, match=r"input statistics of .* have rank \d+ of 128 .* more and more varied"):
-        decompose(two["A"]["original"], tmp_path / "o", method="lora-da", data=data, samples=16, rank=4,
-                  progress=False)
+        decompose(two["A"]["original"], tmp_path / "o", method="lora-da", data=data, samples=16, rank=4, progress=False)
     modules = json.loads((tmp_path / "o" / "ailora.json").read_text())["modules"]
     assert min(s["input_rank"] for s in modules.values()) < 128
 
@@ -352,10 +468,24 @@ def test_convert_for_a_server_checks_the_base_it_is_given(two, tmp_path):
         else:
             one_line_error(res, str(base), str(two["A"]["original"].absolute()))
             assert not (tmp_path / x).exists()
-    one_line_error(cli("convert", "--trained", two["A"]["trained"], "-o", tmp_path / "r", "--for", "vllm",
-                       "--base", two["A"]["residual"]), "residual")
-    one_line_error(cli("convert", "--trained", two["A"]["trained"], "-o", tmp_path / "d", "--dora", "exact",
-                       "--for", "vllm"), "--dora exact: not with --for")
+    one_line_error(
+        cli(
+            "convert",
+            "--trained",
+            two["A"]["trained"],
+            "-o",
+            tmp_path / "r",
+            "--for",
+            "vllm",
+            "--base",
+            two["A"]["residual"],
+        ),
+        "residual",
+    )
+    one_line_error(
+        cli("convert", "--trained", two["A"]["trained"], "-o", tmp_path / "d", "--dora", "exact", "--for", "vllm"),
+        "--dora exact: not with --for",
+    )
 
 
 def test_a_forced_training_belongs_to_the_base_it_was_trained_on(two, tmp_path):
@@ -363,8 +493,16 @@ def test_a_forced_training_belongs_to_the_base_it_was_trained_on(two, tmp_path):
     residual of A's decomposition say nothing about it."""
     data = tmp_path / "d.jsonl"
     data.write_text(rows(4))
-    train(two["B"]["residual"], two["A"]["initial"], data, tmp_path / "t", max_steps=1, batch_size=2, progress=False,
-          force=True)
+    train(
+        two["B"]["residual"],
+        two["A"]["initial"],
+        data,
+        tmp_path / "t",
+        max_steps=1,
+        batch_size=2,
+        progress=False,
+        force=True,
+    )
     block = json.loads((tmp_path / "t" / "ailora-train.json").read_text())["applies_to"]
     assert block["kind"] == "residual" and block["model"] == str(two["B"]["residual"])
     assert block["original"]["model"] is None and not block["original"]["samples"]

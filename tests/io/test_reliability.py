@@ -1,4 +1,5 @@
 """Reliability: bad input, property-based parsing, kill + resume, ENOSPC, locks."""
+
 import errno
 import fcntl
 import json
@@ -45,7 +46,7 @@ def first_shard_with(model: Path, tensor: str) -> Path:
 def rewrite_header(shard: Path, mutate) -> None:
     """Replace a shard's JSON header by mutate(doc), keeping the data buffer."""
     h = read_header(shard)
-    data = shard.read_bytes()[h.data_start:]
+    data = shard.read_bytes()[h.data_start :]
     doc = json.loads(h.raw)
     js = json.dumps(mutate(doc)).encode()
     shard.write_bytes(struct.pack("<Q", len(js)) + js + data)
@@ -77,6 +78,7 @@ def _overlap(m):
         last = max((k for k in doc if k != "__metadata__"), key=lambda k: doc[k]["data_offsets"][0])
         doc[last]["data_offsets"] = [o - 4 for o in doc[last]["data_offsets"]]
         return doc
+
     rewrite_header(first_shard_with(m, Q0), mut)
 
 
@@ -85,6 +87,7 @@ def _past_end(m):
         b, e = doc[Q0]["data_offsets"]
         doc[Q0]["data_offsets"] = [b + 10**6, e + 10**6]
         return doc
+
     rewrite_header(first_shard_with(m, Q0), mut)
 
 
@@ -93,6 +96,7 @@ def _index(mutate):
         p = m / "model.safetensors.index.json"
         doc = json.loads(p.read_text())
         p.write_text(mutate(doc) if callable(mutate) else mutate)
+
     return apply
 
 
@@ -114,6 +118,7 @@ def _twice(doc):
 def _int8(m):
     s = first_shard_with(m, Q0)
     from safetensors import safe_open
+
     with safe_open(str(s), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors[Q0] = (tensors[Q0] * 100).to(torch.int8)
@@ -123,6 +128,7 @@ def _int8(m):
 def _nan(m):
     s = first_shard_with(m, Q0)
     from safetensors import safe_open
+
     with safe_open(str(s), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors[Q0][3, 5] = float("nan")
@@ -148,8 +154,10 @@ BAD_MODELS = {
     "offsets overlap": (_overlap, r"overlap in the data buffer"),
     "offsets past the file": (_past_end, r"q_proj.weight' ends at byte .* the file is truncated"),
     "index escapes the dir": (_index(_escape), r"sends .* to '\.\./evil\.safetensors', outside the model directory"),
-    "index names a missing shard": (_index(_missing_shard),
-                                    r"shard model-99999-of-99999.safetensors named by the index is missing"),
+    "index names a missing shard": (
+        _index(_missing_shard),
+        r"shard model-99999-of-99999.safetensors named by the index is missing",
+    ),
     "index names a tensor twice": (_index(_twice), r"names .*q_proj.weight' twice"),
     "int8 target": (_int8, r"q_proj.weight' has dtype I8; decompose supports F64, F32, F16, BF16"),
     "nan in target": (_nan, r"q_proj.weight' holds NaN or Inf"),
@@ -167,6 +175,7 @@ def test_bad_checkpoint_is_refused_with_one_line(tiny, tmp_path, case):
     assert code == 1, out
     assert out.startswith("error: ") and out.count("\n") == 1 and "Traceback" not in out
     import re
+
     assert re.search(message, out), out
     assert not (tmp_path / "out" / "ailora.json").exists()
     assert not (tmp_path / "out").exists() or case == "nan in target"  # refused before writing, or left incomplete
@@ -177,46 +186,71 @@ def test_allow_pickle_loads_with_weights_only(tiny, tmp_path):
     _pickle_only(model)
     code, out = cli("decompose", model, "-o", tmp_path / "out", "--rank", "4", "--quiet", "--allow-pickle")
     assert code == 0, out
-    got = logits(PeftModel.from_pretrained(load(tmp_path / "out" / "residual", "llama"), tmp_path / "out" / "adapter"),
-                 "llama")
+    got = logits(
+        PeftModel.from_pretrained(load(tmp_path / "out" / "residual", "llama"), tmp_path / "out" / "adapter"), "llama"
+    )
     assert (got - logits(load(tiny("llama"), "llama"), "llama")).abs().max() <= 1e-4
     import gc
+
     gc.collect()
     assert not list(tmp_path.glob(".ailora-unpickled-*"))  # the scratch copy goes with the Checkpoint
 
 
-@pytest.mark.parametrize("args,message", [
-    (["decompose", "{missing}", "-o", "{out}"], r"missing: no such directory"),
-    (["decompose", "{llama}", "-o", "{out}", "--rank", "40"], r"--rank 40: .* so rank must be below 32"),
-    (["decompose", "{llama}", "-o", "{out}", "--targets", "nope"], r"'nope' matches no module .* q_proj"),
-    (["decompose", "{llama}", "-o", "{llama}/inside"], r"lies inside the input"),
-    (["decompose", "{llama}", "-o", "{out}", "--device", "gpu"], r"--device 'gpu': not a device; use auto, cpu, cuda"),
-    (["decompose", "{llama}", "-o", "{out}", "--device", "cuda:7"],
-     r"--device cuda:7: (CUDA is not available|this machine has)"),
-    (["convert", "--trained", "{missing}", "-o", "{out}"],
-     r"missing: no ailora-train.json naming the initial adapter; pass --initial"),
-    (["merge", "{missing}", "{adapter}", "-o", "{out}"], r"missing: no such directory"),
-    (["merge", "{bert}", "{adapter}", "-o", "{out}"], r"adapts module .* but the base .* has no tensor"),
-    (["train", "--base", "{bert}", "--adapter", "{adapter}", "--data", "{data}", "-o", "{out}"],
-     r"adapts module .* but the base .* has no tensor"),
-    (["export-gguf", "{missing}", "--base", "{llama}", "-o", "{out}"], r"missing: no adapter_config.json"),
-    (["export-gguf", "{lora}", "--base", "{missing}", "-o", "{out}"], r"--base .*missing: no config.json"),
-    (["export-gguf", "{lora}", "--base", "{llama}", "-o", "{lora}/a.gguf"], r"lies inside the input"),
-    (["push", "{missing}", "--repo-id", "me/x", "--dry-run"], r"missing: no such directory, or it is empty"),
-    (["train", "--base", "{llama}", "--adapter", "{adapter}", "--data", "{missing}", "-o", "{out}"],
-     r"--data .*missing: no such data file"),
-    (["train", "--base", "{llama}", "--adapter", "{lora}", "--data", "{data}", "-o", "{out}"],
-     r"no tokenizer files"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["decompose", "{missing}", "-o", "{out}"], r"missing: no such directory"),
+        (["decompose", "{llama}", "-o", "{out}", "--rank", "40"], r"--rank 40: .* so rank must be below 32"),
+        (["decompose", "{llama}", "-o", "{out}", "--targets", "nope"], r"'nope' matches no module .* q_proj"),
+        (["decompose", "{llama}", "-o", "{llama}/inside"], r"lies inside the input"),
+        (
+            ["decompose", "{llama}", "-o", "{out}", "--device", "gpu"],
+            r"--device 'gpu': not a device; use auto, cpu, cuda",
+        ),
+        (
+            ["decompose", "{llama}", "-o", "{out}", "--device", "cuda:7"],
+            r"--device cuda:7: (CUDA is not available|this machine has)",
+        ),
+        (
+            ["convert", "--trained", "{missing}", "-o", "{out}"],
+            r"missing: no ailora-train.json naming the initial adapter; pass --initial",
+        ),
+        (["merge", "{missing}", "{adapter}", "-o", "{out}"], r"missing: no such directory"),
+        (["merge", "{bert}", "{adapter}", "-o", "{out}"], r"adapts module .* but the base .* has no tensor"),
+        (
+            ["train", "--base", "{bert}", "--adapter", "{adapter}", "--data", "{data}", "-o", "{out}"],
+            r"adapts module .* but the base .* has no tensor",
+        ),
+        (["export-gguf", "{missing}", "--base", "{llama}", "-o", "{out}"], r"missing: no adapter_config.json"),
+        (["export-gguf", "{lora}", "--base", "{missing}", "-o", "{out}"], r"--base .*missing: no config.json"),
+        (["export-gguf", "{lora}", "--base", "{llama}", "-o", "{lora}/a.gguf"], r"lies inside the input"),
+        (["push", "{missing}", "--repo-id", "me/x", "--dry-run"], r"missing: no such directory, or it is empty"),
+        (
+            ["train", "--base", "{llama}", "--adapter", "{adapter}", "--data", "{missing}", "-o", "{out}"],
+            r"--data .*missing: no such data file",
+        ),
+        (
+            ["train", "--base", "{llama}", "--adapter", "{lora}", "--data", "{data}", "-o", "{out}"],
+            r"no tokenizer files",
+        ),
+    ],
+)
 def test_bad_arguments_are_refused_with_one_line(tiny, tmp_path, args, message):
     import re
+
     llama = copy_model(tiny, "llama", tmp_path, "llama")
     decompose(llama, tmp_path / "dec", rank=4, progress=False)
     decompose(llama, tmp_path / "plain", rank=4, method="lora", progress=False)  # applies to the original
     (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
-    fill = {"missing": tmp_path / "missing", "out": tmp_path / "out", "llama": llama, "bert": tiny("bert"),
-            "adapter": tmp_path / "dec" / "adapter", "lora": tmp_path / "plain" / "adapter",
-            "data": tmp_path / "d.jsonl"}
+    fill = {
+        "missing": tmp_path / "missing",
+        "out": tmp_path / "out",
+        "llama": llama,
+        "bert": tiny("bert"),
+        "adapter": tmp_path / "dec" / "adapter",
+        "lora": tmp_path / "plain" / "adapter",
+        "data": tmp_path / "d.jsonl",
+    }
     code, out = cli(*[a.format(**fill) for a in args])
     assert code == 1 and out.startswith("error: ") and out.count("\n") == 1, out
     assert re.search(message, out), out
@@ -236,6 +270,7 @@ def test_non_empty_output_needs_overwrite(tiny, tmp_path):
 
 # ---- property-based: the parsers never raise anything but FormatError, never hang -------------------
 
+
 @settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(blob=st.binary(max_size=256))
 def test_random_bytes_give_format_error(tmp_path, blob):
@@ -247,17 +282,25 @@ def test_random_bytes_give_format_error(tmp_path, blob):
         pass
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text(max_size=8),
-                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                           max_leaves=20)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(doc=st.dictionaries(st.text(max_size=12), json_values, max_size=5), pad=st.binary(max_size=64),
-       mutate=st.sampled_from(["dtype", "shape", "offsets", "entry", "none"]), value=json_values)
+@given(
+    doc=st.dictionaries(st.text(max_size=12), json_values, max_size=5),
+    pad=st.binary(max_size=64),
+    mutate=st.sampled_from(["dtype", "shape", "offsets", "entry", "none"]),
+    value=json_values,
+)
 def test_mutated_headers_give_format_error(tmp_path, doc, pad, mutate, value):
-    valid = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-             "b": {"dtype": "BF16", "shape": [3], "data_offsets": [16, 22]}}
+    valid = {
+        "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "b": {"dtype": "BF16", "shape": [3], "data_offsets": [16, 22]},
+    }
     key = {"dtype": "dtype", "shape": "shape", "offsets": "data_offsets"}.get(mutate)
     if key:
         valid["a"][key] = value
@@ -315,19 +358,29 @@ def test_sigkill_then_resume_is_byte_identical(synthetic, tmp_path):
         del m["files"]["output"]["adapter/adapter_config.json"]
     assert manifest_a == manifest_b
     location_bound = {"adapter/adapter_config.json", "ailora.json"}  # compared above, less the residual's path
-    assert {k: v for k, v in a.items() if k not in location_bound} == \
-        {k: v for k, v in b.items() if k not in location_bound}
+    assert {k: v for k, v in a.items() if k not in location_bound} == {
+        k: v for k, v in b.items() if k not in location_bound
+    }
     code, out = cli("verify", tmp_path / "out")
     assert code == 0 and "12 modules checked" in out, out
 
-    killed = run_killed("merge", tmp_path / "out" / "residual", tmp_path / "out" / "adapter", "-o", tmp_path / "m",
-                        "--quiet")
+    killed = run_killed(
+        "merge", tmp_path / "out" / "residual", tmp_path / "out" / "adapter", "-o", tmp_path / "m", "--quiet"
+    )
     assert killed.returncode == -9 and not (tmp_path / "m" / "ailora-merge.json").exists()
-    code, out = cli("merge", tmp_path / "out" / "residual", tmp_path / "out" / "adapter", "-o", tmp_path / "m",
-                    "--resume", "--quiet")
+    code, out = cli(
+        "merge",
+        tmp_path / "out" / "residual",
+        tmp_path / "out" / "adapter",
+        "-o",
+        tmp_path / "m",
+        "--resume",
+        "--quiet",
+    )
     assert code == 0, out
-    code, out = cli("merge", tmp_path / "out" / "residual", tmp_path / "out" / "adapter", "-o", tmp_path / "m2",
-                    "--quiet")
+    code, out = cli(
+        "merge", tmp_path / "out" / "residual", tmp_path / "out" / "adapter", "-o", tmp_path / "m2", "--quiet"
+    )
     assert code == 0, out
     ha, hb = tree_hashes(tmp_path / "m"), tree_hashes(tmp_path / "m2")
     assert ha.pop("ailora-merge.json") and hb.pop("ailora-merge.json") and ha == hb
@@ -351,6 +404,7 @@ def test_verify_finds_a_changed_file(tiny, tmp_path):
 
 def test_sigint_leaves_a_resumable_run(synthetic, tmp_path, monkeypatch):
     from ailora_tools.io import rewrite
+
     real, calls = rewrite.tensor_bytes, {"n": 0}
 
     def interrupt(t):
@@ -370,6 +424,7 @@ def test_sigint_leaves_a_resumable_run(synthetic, tmp_path, monkeypatch):
 
 def test_disk_full_mid_write(synthetic, tmp_path, monkeypatch):
     from ailora_tools.io import rewrite
+
     real, calls = rewrite.copy_ranges, {"n": 0}
 
     def full(src, fd, head, copies):
@@ -392,7 +447,22 @@ def test_second_process_on_one_output_fails_at_once(tiny, tmp_path):
     out.mkdir()
     with open(out / ".ailora.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        res = subprocess.run([sys.executable, "-m", "ailora_tools.cli", "decompose", str(tiny("llama")), "-o", str(out),
-                              "--rank", "4", "--quiet"], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ailora_tools.cli",
+                "decompose",
+                str(tiny("llama")),
+                "-o",
+                str(out),
+                "--rank",
+                "4",
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert res.returncode == 1 and "another ailora-tools run is writing there (locked)" in res.stderr
     assert sorted(p.name for p in out.iterdir()) == [".ailora.lock"]

@@ -1,4 +1,5 @@
 """Storage (`io/`) sits below the manifests and the NF4 maths; NF4's on-disk layout is storage."""
+
 import ast
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Tokenizers as users have them: sentencepiece-only, none in the base (--tokenizer), no pad token."""
+
 import json
 import shutil
 import sys
@@ -24,9 +25,17 @@ def spm_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("spm")
     rows = [json.loads(line) for line in data_file("demo_train.jsonl").read_text().splitlines()]
     (root / "corpus.txt").write_text("\n".join(r["prompt"] + r["completion"] for r in rows))
-    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "tokenizer"),
-                                   vocab_size=60, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                                   minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"),
+        model_prefix=str(root / "tokenizer"),
+        vocab_size=60,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
     (root / "tok").mkdir()
     shutil.copy(root / "tokenizer.model", root / "tok" / "tokenizer.model")
     return root / "tok"
@@ -54,8 +63,11 @@ def test_sentencepiece_only_tokenizer_loads_and_pads_with_eos(spm_dir):
 
 def test_missing_sentencepiece_packages_name_what_to_install(spm_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "google.protobuf", None)  # as if protobuf were not installed
-    with pytest.raises(UnsupportedError, match=r"--base .*sentencepiece model.*missing here: protobuf; run "
-                                               r"`pip install sentencepiece protobuf`"):
+    with pytest.raises(
+        UnsupportedError,
+        match=r"--base .*sentencepiece model.*missing here: protobuf; run "
+        r"`pip install sentencepiece protobuf`",
+    ):
         load_tokenizer(spm_dir, flag="--base")
 
 
@@ -72,15 +84,30 @@ def test_sentencepiece_only_base_trains_without_the_flag(tiny, plain_base, spm_d
     base = tmp_path / "base"
     shutil.copytree(tiny("llama"), base)
     shutil.copy(spm_dir / "tokenizer.model", base / "tokenizer.model")
-    s = train(base, plain_base / "dec" / "adapter", data_file("demo_train.jsonl"), tmp_path / "t", max_steps=2,
-              batch_size=8, progress=False, adapter_base="original")
+    s = train(
+        base,
+        plain_base / "dec" / "adapter",
+        data_file("demo_train.jsonl"),
+        tmp_path / "t",
+        max_steps=2,
+        batch_size=8,
+        progress=False,
+        adapter_base="original",
+    )
     assert s["steps"] == 2
 
 
 def test_unknown_hub_tokenizer_is_one_clear_error(tiny, plain_base, tmp_path):
     with pytest.raises(InputNotFoundError, match=r"--tokenizer no-such-org/no-such-tokenizer: cannot load a tokenizer"):
-        train(tiny("llama"), plain_base / "dec" / "adapter", data_file("demo_train.jsonl"), tmp_path / "t",
-              tokenizer="no-such-org/no-such-tokenizer", max_steps=1, progress=False)
+        train(
+            tiny("llama"),
+            plain_base / "dec" / "adapter",
+            data_file("demo_train.jsonl"),
+            tmp_path / "t",
+            tokenizer="no-such-org/no-such-tokenizer",
+            max_steps=1,
+            progress=False,
+        )
 
 
 def test_no_pad_token_pads_with_eos_and_padding_changes_nothing(tiny, spm_dir):

@@ -1,5 +1,6 @@
 """`verify` checks a train output's checkpoints (checkpoints/step-N/) as its manifest records them,
 names a damaged file there, and says which checkpoints it checked and which were removed."""
+
 import json
 import shutil
 
@@ -19,8 +20,16 @@ def trained(tmp_path_factory):
     """A tiny Llama decomposed and trained 4 steps, with checkpoints at steps 2 and 4."""
     root = tmp_path_factory.mktemp("verify")
     decompose(build_tiny_model(root / "src", seed=0), root / "dec", rank=4, progress=False)
-    train(root / "dec" / "residual", root / "dec" / "adapter", data_file("demo_train.jsonl"), root / "trained",
-          max_steps=4, batch_size=2, save_every=2, progress=False)
+    train(
+        root / "dec" / "residual",
+        root / "dec" / "adapter",
+        data_file("demo_train.jsonl"),
+        root / "trained",
+        max_steps=4,
+        batch_size=2,
+        save_every=2,
+        progress=False,
+    )
     return root / "trained"
 
 
@@ -28,8 +37,11 @@ def test_a_finished_train_output_checks_its_checkpoints(trained):
     report = verify(trained)
     assert report["problems"] == [] and report["checkpoints_checked"] == STEPS
     files = json.loads((trained / "ailora-train.json").read_text())["files"]["checkpoints"]
-    assert sorted(files) == sorted(f"{s}/{n}" for s in STEPS for n in ("adapter_config.json",
-                                   "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"))
+    assert sorted(files) == sorted(
+        f"{s}/{n}"
+        for s in STEPS
+        for n in ("adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json")
+    )
     assert report["files_checked"] == len(files) + 2  # and the adapter's two files
     res = cli("verify", trained)
     assert res.exit_code == 0, res.output
@@ -63,5 +75,6 @@ def test_a_removed_checkpoint_is_a_note_and_an_unrecorded_one_is_said_to_be_unch
     (out / "ailora-train.json").write_text(json.dumps(manifest))
     report = verify(out)
     assert report["problems"] == [] and report["checkpoints_checked"] == []
-    assert report["notes"] == ["checkpoints/ not checked: the manifest records no digests for it (written by an older "
-                               "ailora-tools)"]
+    assert report["notes"] == [
+        "checkpoints/ not checked: the manifest records no digests for it (written by an older ailora-tools)"
+    ]

@@ -1,4 +1,5 @@
 """The serving tests' shared fixtures: the real servers' interpreters."""
+
 import pytest
 
 from ailora_tools.servers import llama_cpp

@@ -3,6 +3,7 @@ served with the real server, its prompt log-probabilities compared with the trai
 
 One vLLM process serves every model of this module (`served`): engines start one after the other, LoRAs share
 their base's engine. Without the vLLM environment these tests fail with the recipe that builds it."""
+
 import json
 import re
 import shutil
@@ -32,8 +33,17 @@ def vllm_model(kind: str, path: Path) -> Path:
     """A tiny model vLLM's CPU attention serves (hidden 256, 4 heads: head size 64), in several shards."""
     config_cls, model_cls = KINDS[kind]
     torch.manual_seed(0)
-    model = model_cls(config_cls(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model = model_cls(
+        config_cls(
+            vocab_size=128,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -51,8 +61,17 @@ def exports(kind: str, root: Path) -> dict:
     merge(root / "dec" / "residual", root / "trained", root / "merged", progress=False)
     # AILoRA with a role per module, rsLoRA, rank 10: 2r = 20 is padded to 32 (vLLM's set) with the scale in B,
     # and re-compressed to 8 for a server started with --max-lora-rank 8
-    decompose(src, root / "roles", method="ailora", rank=10, alpha=8, rslora=True, targets=tuple(ROLES), roles=ROLES,
-              progress=False)
+    decompose(
+        src,
+        root / "roles",
+        method="ailora",
+        rank=10,
+        alpha=8,
+        rslora=True,
+        targets=tuple(ROLES),
+        roles=ROLES,
+        progress=False,
+    )
     fake_training(root / "roles" / "adapter", root / "trained-roles", seed=1)
     padded = convert(root / "trained-roles", root / "padded", server="vllm")
     recompressed = convert(root / "trained-roles", root / "recompressed", server="vllm", max_lora_rank=8)
@@ -60,15 +79,22 @@ def exports(kind: str, root: Path) -> dict:
     fake_dora_training(root / "dora" / "adapter", root / "trained-dora", trained_on=root / "dora" / "residual")
     convert(root / "trained-dora", root / "dora-exact", dora="exact")
     trained, roles = trained_of(root / "trained"), trained_of(root / "trained-roles")
-    return {"root": root, "reports": {"padded": padded, "recompressed": recompressed}, "served": {
-        "base alone": (src, None, trained),
-        "plain": (src, root / "plain", trained),
-        "rslora-padded": (src, root / "padded", roles),
-        "recompressed": (src, root / "recompressed", Trained(str(src), str(root / "recompressed"))),
-        "merged": (root / "merged", None, trained),
-        "dora-exact": (root / "dora-exact" / "base", root / "dora-exact" / "adapter",
-                       trained_of(root / "trained-dora")),
-    }}
+    return {
+        "root": root,
+        "reports": {"padded": padded, "recompressed": recompressed},
+        "served": {
+            "base alone": (src, None, trained),
+            "plain": (src, root / "plain", trained),
+            "rslora-padded": (src, root / "padded", roles),
+            "recompressed": (src, root / "recompressed", Trained(str(src), str(root / "recompressed"))),
+            "merged": (root / "merged", None, trained),
+            "dora-exact": (
+                root / "dora-exact" / "base",
+                root / "dora-exact" / "adapter",
+                trained_of(root / "trained-dora"),
+            ),
+        },
+    }
 
 
 def w4a16_exports(root: Path) -> dict:
@@ -79,11 +105,16 @@ def w4a16_exports(root: Path) -> dict:
     quantize_residual(root / "dec")
     fake_training(root / "dec" / "adapter", root / "trained")
     export_base(root / "dec" / "residual", root / "out", server="vllm", adapter=root / "trained", progress=False)
-    export_base(root / "dec" / "residual", root / "initial", server="vllm", adapter=root / "dec" / "adapter",
-                progress=False)
+    export_base(
+        root / "dec" / "residual", root / "initial", server="vllm", adapter=root / "dec" / "adapter", progress=False
+    )
     base = root / "out" / "base"
-    return {"served": {"trained": (base, root / "out" / "adapter", trained_of(root / "trained")),
-                       "initial": (base, root / "initial" / "adapter", Trained(str(src)))}}
+    return {
+        "served": {
+            "trained": (base, root / "out" / "adapter", trained_of(root / "trained")),
+            "initial": (base, root / "initial" / "adapter", Trained(str(src))),
+        }
+    }
 
 
 def serve_and_compare(found: dict, dtype: str = "float32") -> dict:
@@ -101,8 +132,9 @@ def serve_and_compare(found: dict, dtype: str = "float32") -> dict:
     for (kind, run_names), per_lora in zip(names, got):
         for name, logprobs in zip(run_names, per_lora):
             reference = reference_logprobs(found[kind]["served"][name][2], PROMPTS)
-            found[kind].setdefault("worst", {})[name] = max(float((s - r).abs().max())
-                                                            for s, r in zip(logprobs, reference))
+            found[kind].setdefault("worst", {})[name] = max(
+                float((s - r).abs().max()) for s, r in zip(logprobs, reference)
+            )
     return found
 
 
@@ -139,8 +171,12 @@ def test_padding_and_recompression_are_as_reported(served, kind):
 AVX512 = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else True
 
 
-@pytest.mark.xfail(not AVX512, raises=VllmError, strict=True,
-                   reason="vLLM 0.32's CPU build runs W4A16 with cpu_gemm_wna16, which its AVX2 build lacks")
+@pytest.mark.xfail(
+    not AVX512,
+    raises=VllmError,
+    strict=True,
+    reason="vLLM 0.32's CPU build runs W4A16 with cpu_gemm_wna16, which its AVX2 build lacks",
+)
 def test_vllm_serves_the_w4a16_export_within_the_formats_floor(tmp_path):
     found = serve_and_compare({"w4a16": w4a16_exports(tmp_path)}, dtype="bfloat16")  # its CPU kernel: bf16 only
     worst = found["w4a16"]["worst"]
@@ -174,4 +210,3 @@ def test_without_the_environment_the_recipe_is_one_line(tmp_path, monkeypatch):
         find_python()
     res = cli("serve-check", tmp_path, "--server", "vllm", "--python", tmp_path / "nope")
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "pip install" in res.output, res.output
-

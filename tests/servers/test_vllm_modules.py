@@ -1,6 +1,7 @@
 """vLLM's servable LoRA modules per architecture, as vLLM 0.32 declares them (`rules.SERVABLE_MODULES`): a Phi-3 LoRA
 on its fused `qkv_proj` / `gate_up_proj` is served, a GPT-2 one refused naming why; the recorded table is what the
 installed vLLM declares (serve marker: it needs the vLLM environment)."""
+
 import json
 import os
 import subprocess
@@ -36,9 +37,18 @@ def peft_lora(model, base: Path, out: Path, targets: list[str]) -> Path:
 
 def test_phi3_lora_on_fused_projections_passes_check_and_convert_for_vllm(tmp_path):
     torch.manual_seed(0)
-    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      pad_token_id=0))
+    phi3 = Phi3ForCausalLM(
+        Phi3Config(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
+    )
     lora = peft_lora(phi3, tmp_path / "phi3", tmp_path / "lora", ["qkv_proj", "gate_up_proj"])
     assert check_adapter(lora, target="vllm") == []
     res = cli("check", lora, "--for", "vllm")
@@ -67,15 +77,21 @@ def test_gpt2_lora_is_refused_naming_why(tmp_path):
 def test_a_module_vllm_does_not_serve_on_that_architecture_is_named(tmp_path):
     """A Llama-style name on Phi-3 (whose q/k/v are one packed layer vLLM does not split) is refused."""
     assert "q_proj" not in SERVABLE_MODULES["vllm"]["phi3"] and "qkv_proj" in SERVABLE_MODULES["vllm"]["phi3"]
-    assert {"q_proj", "v_proj"} <= SERVABLE_MODULES["vllm"]["llama"] and "qkv_proj" not in \
-        SERVABLE_MODULES["vllm"]["llama"]
+    assert {"q_proj", "v_proj"} <= SERVABLE_MODULES["vllm"]["llama"] and "qkv_proj" not in SERVABLE_MODULES["vllm"][
+        "llama"
+    ]
 
 
 @pytest.mark.serve
 def test_the_recorded_table_is_what_the_installed_vllm_declares():
     python = find_python()
-    done = subprocess.run([python, str(ROOT / ".ci" / "vllm_lora_modules.py")], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "VLLM_TARGET_DEVICE": "cpu", "PYTHONPATH": ""})
+    done = subprocess.run(
+        [python, str(ROOT / ".ci" / "vllm_lora_modules.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "VLLM_TARGET_DEVICE": "cpu", "PYTHONPATH": ""},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     read = json.loads(done.stdout)
     assert read["vllm"].split("+")[0] == VLLM_TABLE_VERSION

@@ -1,5 +1,6 @@
 """BitFit: `train --bitfit` trains only bias terms (and a classification head), `merge` writes
 them into the model; a model without bias terms (Llama) is refused in one line."""
+
 import json
 
 import pytest
@@ -37,8 +38,18 @@ def probe(model) -> torch.Tensor:
 
 def test_bitfit_trains_only_biases_and_merge_gives_the_trained_logits(models, tmp_path):
     base = models["qwen2"]
-    s = train(base, None, data_file("demo_train.jsonl"), tmp_path / "bf", eval_data=data_file("demo_eval.jsonl"),
-              bitfit=True, max_steps=8, lr=2e-2, batch_size=8, progress=False)
+    s = train(
+        base,
+        None,
+        data_file("demo_train.jsonl"),
+        tmp_path / "bf",
+        eval_data=data_file("demo_eval.jsonl"),
+        bitfit=True,
+        max_steps=8,
+        lr=2e-2,
+        batch_size=8,
+        progress=False,
+    )
     assert s["eval_loss"] < s["eval_loss_start"]
     with safe_open(str(tmp_path / "bf" / WEIGHTS_NAME), framework="pt") as f:
         names = sorted(f.keys())
@@ -66,9 +77,29 @@ def test_bitfit_trains_only_biases_and_merge_gives_the_trained_logits(models, tm
 def test_bitfit_trains_a_new_classification_head_and_merges_it(tmp_path):
     src = build_encoder("bert-bare", tmp_path / "bert")
     data = sst2(tmp_path / "train.jsonl", 48, seed=0)
-    res = CliRunner().invoke(main, ["train", "--bitfit", "--base", str(src), "--data", str(data), "-o",
-                                    str(tmp_path / "bf"), "--task", "sequence-classification", "--lr", "1e-2",
-                                    "--batch-size", "8", "--max-steps", "6", "--json", "--quiet"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--bitfit",
+            "--base",
+            str(src),
+            "--data",
+            str(data),
+            "-o",
+            str(tmp_path / "bf"),
+            "--task",
+            "sequence-classification",
+            "--lr",
+            "1e-2",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "6",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     with safe_open(str(tmp_path / "bf" / WEIGHTS_NAME), framework="pt") as f:
         names = set(f.keys())
@@ -79,8 +110,10 @@ def test_bitfit_trains_a_new_classification_head_and_merges_it(tmp_path):
 
     trained = AutoModelForSequenceClassification.from_pretrained(src, num_labels=2, dtype=torch.float32)
     load_bitfit(trained, tmp_path / "bf")
-    enc = {"input_ids": torch.tensor([[2, 7, 9, 3], [2, 11, 3, 0]]),
-           "attention_mask": torch.tensor([[1] * 4, [1, 1, 1, 0]])}
+    enc = {
+        "input_ids": torch.tensor([[2, 7, 9, 3], [2, 11, 3, 0]]),
+        "attention_mask": torch.tensor([[1] * 4, [1, 1, 1, 0]]),
+    }
     with torch.no_grad():
         expected = trained.eval()(**enc).logits
     merge(src, tmp_path / "bf", tmp_path / "m", progress=False)
@@ -90,8 +123,19 @@ def test_bitfit_trains_a_new_classification_head_and_merges_it(tmp_path):
 
 
 def test_a_model_without_biases_is_one_line_and_exit_1(models, tmp_path):
-    res = CliRunner().invoke(main, ["train", "--bitfit", "--base", str(models["llama"]), "--data",
-                                    str(data_file("demo_train.jsonl")), "-o", str(tmp_path / "bf")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--bitfit",
+            "--base",
+            str(models["llama"]),
+            "--data",
+            str(data_file("demo_train.jsonl")),
+            "-o",
+            str(tmp_path / "bf"),
+        ],
+    )
     assert res.exit_code == 1
     assert res.output.count("\n") == 1 and res.output.startswith("error: --bitfit:")
     assert "has no bias terms" in res.output and "Llama" in res.output
@@ -117,25 +161,40 @@ def test_bitfit_resume_continues_as_if_uninterrupted(models, tmp_path, monkeypat
     with killed_at_update(monkeypatch, 5):
         train(models["qwen2"], None, data, tmp_path / "cut", **opts)
     train(models["qwen2"], None, data, tmp_path / "cut", resume=True, **opts)
-    with safe_open(str(tmp_path / "straight" / WEIGHTS_NAME), framework="pt") as a, \
-            safe_open(str(tmp_path / "cut" / WEIGHTS_NAME), framework="pt") as b:
+    with (
+        safe_open(str(tmp_path / "straight" / WEIGHTS_NAME), framework="pt") as a,
+        safe_open(str(tmp_path / "cut" / WEIGHTS_NAME), framework="pt") as b,
+    ):
         for k in a.keys():  # noqa: SIM118 (safe_open is not iterable)
             torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k), atol=1e-6, rtol=0)
 
 
 def test_bitfit_output_is_not_served_as_a_lora(models, tmp_path):
-    train(models["qwen2"], None, data_file("demo_train.jsonl"), tmp_path / "bf", bitfit=True, max_steps=1,
-          progress=False)
+    train(
+        models["qwen2"], None, data_file("demo_train.jsonl"), tmp_path / "bf", bitfit=True, max_steps=1, progress=False
+    )
     found = check_adapter(tmp_path / "bf", target="vllm")
     assert [f.rule for f in found] == ["bitfit"] and "ailora-tools merge" in found[0].fix
-    res = CliRunner().invoke(main, ["convert", "--trained", str(tmp_path / "bf"), "--for", "vllm", "-o",
-                                    str(tmp_path / "lora")])
+    res = CliRunner().invoke(
+        main, ["convert", "--trained", str(tmp_path / "bf"), "--for", "vllm", "-o", str(tmp_path / "lora")]
+    )
     assert res.exit_code == 1 and "ailora-tools merge" in res.output and not (tmp_path / "lora").exists()
 
 
 def test_compare_runs_bitfit_without_decompose(models, tmp_path):
-    summary = compare(models["qwen2"], data_file("demo_train.jsonl"), tmp_path / "cmp", methods=["lora", "bitfit"],
-                      rank=4, max_steps=3, lr=1e-2, batch_size=8, seed=1, device="cpu", progress=False)
+    summary = compare(
+        models["qwen2"],
+        data_file("demo_train.jsonl"),
+        tmp_path / "cmp",
+        methods=["lora", "bitfit"],
+        rank=4,
+        max_steps=3,
+        lr=1e-2,
+        batch_size=8,
+        seed=1,
+        device="cpu",
+        progress=False,
+    )
     runs = {r["run"]: r for r in summary["runs"]}
     assert sorted(runs) == ["bitfit", "lora"] and runs["bitfit"]["decompose_seconds"] == 0.0
     assert not (tmp_path / "cmp" / "bitfit" / "decomposed").exists()
@@ -151,8 +210,9 @@ def test_bitfit_output_merged_into_another_model_is_refused(models, tmp_path):
     torch.manual_seed(1)
     config = Qwen2Config.from_pretrained(models["qwen2"])
     Qwen2ForCausalLM(config).save_pretrained(other, max_shard_size="100KB")
-    train(models["qwen2"], None, data_file("demo_train.jsonl"), tmp_path / "bf", bitfit=True, max_steps=1,
-          progress=False)
+    train(
+        models["qwen2"], None, data_file("demo_train.jsonl"), tmp_path / "bf", bitfit=True, max_steps=1, progress=False
+    )
     res = CliRunner().invoke(main, ["merge", str(other), str(tmp_path / "bf"), "-o", str(tmp_path / "m")])
     assert res.exit_code == 1 and str(other) in res.output and not (tmp_path / "m").exists(), res.output
     res = CliRunner().invoke(main, ["merge", str(models["qwen2"]), str(tmp_path / "bf"), "-o", str(tmp_path / "ok")])

@@ -1,5 +1,6 @@
 """Evaluation metrics against scikit-learn / SciPy on known predictions; data files as CSV, TSV,
 JSONL, Parquet and `datasets` directories with named columns, pairs and regression labels; one-line errors."""
+
 import csv
 import json
 import random
@@ -32,8 +33,11 @@ GUESSES = [0.3, 2.0, 3.5, 1.9, 4.1, 0.8, 2.9, 2.7]
 
 def test_classification_metrics_are_scikit_learns():
     got = classification_metrics(PREDS, LABELS, 2)
-    assert got == {"accuracy": accuracy_score(LABELS, PREDS), "f1": f1_score(LABELS, PREDS),
-                   "matthews": matthews_corrcoef(LABELS, PREDS)}
+    assert got == {
+        "accuracy": accuracy_score(LABELS, PREDS),
+        "f1": f1_score(LABELS, PREDS),
+        "matthews": matthews_corrcoef(LABELS, PREDS),
+    }
     labels3, preds3 = [0, 1, 2, 2, 1, 0, 2], [0, 2, 2, 2, 1, 1, 0]
     got = classification_metrics(preds3, labels3, 3)  # more classes: macro F1
     assert got["f1"] == f1_score(labels3, preds3, average="macro")
@@ -71,22 +75,40 @@ def test_evaluation_reports_the_librarys_metrics_of_the_models_predictions(regre
 
     if regression:
         examples = [LabeledExample([5, round(g * 10), 6], None, t) for g, t in zip(GUESSES, TARGETS)]
-        want = {"eval_pearson": pearsonr([round(g * 10) / 10 for g in GUESSES], TARGETS)[0],
-                "eval_spearman": spearmanr(GUESSES, TARGETS)[0]}
+        want = {
+            "eval_pearson": pearsonr([round(g * 10) / 10 for g in GUESSES], TARGETS)[0],
+            "eval_spearman": spearmanr(GUESSES, TARGETS)[0],
+        }
     else:
         examples = [LabeledExample([5, p, 6], None, y) for p, y in zip(PREDS, LABELS)]
-        want = {"eval_accuracy": accuracy_score(LABELS, PREDS), "eval_f1": f1_score(LABELS, PREDS),
-                "eval_matthews": matthews_corrcoef(LABELS, PREDS)}
-    got = evaluate(Fixed(1 if regression else 2), TASKS["sequence-classification"], examples,
-                   lambda b: collate_labeled(b, 0), batch_size=5, device=torch.device("cpu"), autocast=False)
+        want = {
+            "eval_accuracy": accuracy_score(LABELS, PREDS),
+            "eval_f1": f1_score(LABELS, PREDS),
+            "eval_matthews": matthews_corrcoef(LABELS, PREDS),
+        }
+    got = evaluate(
+        Fixed(1 if regression else 2),
+        TASKS["sequence-classification"],
+        examples,
+        lambda b: collate_labeled(b, 0),
+        batch_size=5,
+        device=torch.device("cpu"),
+        autocast=False,
+    )
     assert set(got) == {"eval_loss", *want}
     for k, v in want.items():
         assert got[k] == pytest.approx(v, abs=1e-6), k
 
 
-ROWS = [{"sentence1": f"the movie {w}", "sentence2": f"a plot {v}", "label": lab}
-        for w, v, lab in [("good", "nice", "same"), ("bad", "nice", "different"), ("awful", "poor", "same"),
-                          ('"great", he said', "fine", "different")]]
+ROWS = [
+    {"sentence1": f"the movie {w}", "sentence2": f"a plot {v}", "label": lab}
+    for w, v, lab in [
+        ("good", "nice", "same"),
+        ("bad", "nice", "different"),
+        ("awful", "poor", "same"),
+        ('"great", he said', "fine", "different"),
+    ]
+]
 
 
 def write_all(tmp_path, rows: list[dict]) -> dict[str, object]:
@@ -94,16 +116,21 @@ def write_all(tmp_path, rows: list[dict]) -> dict[str, object]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    paths = {"jsonl": tmp_path / "d.jsonl", "csv": tmp_path / "d.csv", "tsv": tmp_path / "d.tsv",
-             "parquet": tmp_path / "d.parquet"}
+    paths = {
+        "jsonl": tmp_path / "d.jsonl",
+        "csv": tmp_path / "d.csv",
+        "tsv": tmp_path / "d.tsv",
+        "parquet": tmp_path / "d.parquet",
+    }
     paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     # as GLUE writes its TSVs: cells as they are, quotes included
-    paths["tsv"].write_text("".join("\t".join(map(str, r)) + "\n" for r in [list(rows[0]),
-                                                                            *[r.values() for r in rows]]))
+    paths["tsv"].write_text(
+        "".join("\t".join(map(str, r)) + "\n" for r in [list(rows[0]), *[r.values() for r in rows]])
+    )
     pq.write_table(pa.Table.from_pylist(rows), paths["parquet"])
     import datasets  # the test extra installs it (for users it is the optional [datasets] extra)
 
@@ -139,16 +166,31 @@ def test_language_model_rows_from_a_table_with_a_text_column(tmp_path):
         assert check_rows(path, task="causal-lm", columns=Columns(text="body")) == 2, kind
 
 
-@pytest.mark.parametrize("rows,columns,regression,message", [
-    (ROWS, Columns(text="sentence"), False,
-     r"d\.csv: no column 'sentence' \(--text-column\); its columns are 'sentence1', 'sentence2', 'label'"),
-    (ROWS, Columns(text="sentence1", label="gold"), False, r"no column 'gold' \(--label-column\)"),
-    (ROWS, Columns(), False, r"d\.csv: no \"text\" or \"text_a\" column; name the text column with --text-column"),
-    ([{"text": "a", "label": "x"}, {"text": "b", "label": "0.3"}], Columns(), True,
-     r'd\.csv:2: "label" is "x"; regression \(--num-labels 1\) needs numbers'),
-    ([{"text": "a", "label": "-1"}, {"text": "b", "label": "0"}], Columns(), False,
-     r'd\.csv:2: "label" is -1; class ids are 0\.\.K-1'),
-])
+@pytest.mark.parametrize(
+    "rows,columns,regression,message",
+    [
+        (
+            ROWS,
+            Columns(text="sentence"),
+            False,
+            r"d\.csv: no column 'sentence' \(--text-column\); its columns are 'sentence1', 'sentence2', 'label'",
+        ),
+        (ROWS, Columns(text="sentence1", label="gold"), False, r"no column 'gold' \(--label-column\)"),
+        (ROWS, Columns(), False, r"d\.csv: no \"text\" or \"text_a\" column; name the text column with --text-column"),
+        (
+            [{"text": "a", "label": "x"}, {"text": "b", "label": "0.3"}],
+            Columns(),
+            True,
+            r'd\.csv:2: "label" is "x"; regression \(--num-labels 1\) needs numbers',
+        ),
+        (
+            [{"text": "a", "label": "-1"}, {"text": "b", "label": "0"}],
+            Columns(),
+            False,
+            r'd\.csv:2: "label" is -1; class ids are 0\.\.K-1',
+        ),
+    ],
+)
 def test_bad_column_or_label_is_one_clear_error(tmp_path, rows, columns, regression, message):
     path = write_all(tmp_path, rows)["csv"]
     with pytest.raises(FormatError, match=message):
@@ -165,8 +207,9 @@ def test_bad_files_are_named(tmp_path):
     with pytest.raises(UnsupportedError, match="not a `datasets` save_to_disk directory"):
         read_labeled(tmp_path / "empty")
     (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 0.5}\n')
-    with pytest.raises(FormatError,
-                       match=r'd\.jsonl:1: "label" is 0\.5, not a class id .*use --num-labels 1 for regression'):
+    with pytest.raises(
+        FormatError, match=r'd\.jsonl:1: "label" is 0\.5, not a class id .*use --num-labels 1 for regression'
+    ):
         read_labeled(tmp_path / "d.jsonl")
     with pytest.raises(OptionError, match="^warmup_ratio 0.06 and warmup 10: give one of the two"):
         TrainOptions(warmup_ratio=0.06, warmup=10)
@@ -180,25 +223,77 @@ def test_train_on_csv_pairs_stores_label_names_and_parquet_regression(encoder, t
 
     dec = decompose(encoder("bert-bare"), tmp_path / "dec")
     rng = random.Random(0)
-    rows = [{"s1": sentence(rng, a), "s2": rng.choice(FILLER), "gold": ["negative", "positive"][a],
-             "score": float(a) * 4 + rng.random()} for a in (rng.random() < 0.5 for _ in range(24))]
+    rows = [
+        {
+            "s1": sentence(rng, a),
+            "s2": rng.choice(FILLER),
+            "gold": ["negative", "positive"][a],
+            "score": float(a) * 4 + rng.random(),
+        }
+        for a in (rng.random() < 0.5 for _ in range(24))
+    ]
     with open(tmp_path / "t.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    common = ["--base", dec / "residual", "--adapter", dec / "adapter", "--task", "sequence-classification",
-              "--text-column", "s1", "--text-pair-column", "s2", "--max-steps", "3", "--batch-size", "8",
-              "--eval-every", "3", "--lr", "1e-2", "--json", "--quiet"]
-    s = cli("train", *common, "--data", tmp_path / "t.csv", "--eval-data", tmp_path / "t.csv", "--label-column",
-            "gold", "-o", tmp_path / "cls", "--warmup-ratio", "0.5", "--weight-decay", "0.1")
+    common = [
+        "--base",
+        dec / "residual",
+        "--adapter",
+        dec / "adapter",
+        "--task",
+        "sequence-classification",
+        "--text-column",
+        "s1",
+        "--text-pair-column",
+        "s2",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "3",
+        "--lr",
+        "1e-2",
+        "--json",
+        "--quiet",
+    ]
+    s = cli(
+        "train",
+        *common,
+        "--data",
+        tmp_path / "t.csv",
+        "--eval-data",
+        tmp_path / "t.csv",
+        "--label-column",
+        "gold",
+        "-o",
+        tmp_path / "cls",
+        "--warmup-ratio",
+        "0.5",
+        "--weight-decay",
+        "0.1",
+    )
     assert {"eval_accuracy", "eval_f1", "eval_matthews"} <= set(s)
     manifest = json.loads((tmp_path / "cls" / "ailora-train.json").read_text())
     assert manifest["labels"]["id2label"] == {"0": "negative", "1": "positive"}
     assert manifest["task"]["config"]["label2id"] == {"negative": 0, "positive": 1}
     assert (manifest["warmup"], manifest["weight_decay"]) == (2, 0.1)  # ceil(0.5 × 3)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
-    s = cli("train", *common, "--data", tmp_path / "t.parquet", "--eval-data", tmp_path / "t.parquet",
-            "--label-column", "score", "--num-labels", "1", "-o", tmp_path / "reg")
+    s = cli(
+        "train",
+        *common,
+        "--data",
+        tmp_path / "t.parquet",
+        "--eval-data",
+        tmp_path / "t.parquet",
+        "--label-column",
+        "score",
+        "--num-labels",
+        "1",
+        "-o",
+        tmp_path / "reg",
+    )
     assert {"eval_pearson", "eval_spearman"} <= set(s) and "eval_accuracy" not in s
     manifest = json.loads((tmp_path / "reg" / "ailora-train.json").read_text())
     assert manifest["labels"]["problem_type"] == "regression" and manifest["labels"]["num_labels"] == 1
@@ -211,11 +306,27 @@ def test_a_bad_column_fails_before_any_model_loads(encoder, tmp_path):
 
     (tmp_path / "t.tsv").write_text("sentence\tlabel\ngood\t1\n")
     dec = decompose(encoder("bert-bare"), tmp_path / "dec")
-    res = CliRunner().invoke(main, ["train", "--base", str(dec / "residual"), "--adapter", str(dec / "adapter"),
-                                    "--data", str(tmp_path / "t.tsv"), "-o", str(tmp_path / "o"),
-                                    "--task", "sequence-classification", "--text-column", "text"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--base",
+            str(dec / "residual"),
+            "--adapter",
+            str(dec / "adapter"),
+            "--data",
+            str(tmp_path / "t.tsv"),
+            "-o",
+            str(tmp_path / "o"),
+            "--task",
+            "sequence-classification",
+            "--text-column",
+            "text",
+        ],
+    )
     assert res.exit_code == 1 and res.output.strip().splitlines() == [
-        f"error: --data {tmp_path / 't.tsv'}: no column 'text' (--text-column); its columns are 'sentence', 'label'"]
+        f"error: --data {tmp_path / 't.tsv'}: no column 'text' (--text-column); its columns are 'sentence', 'label'"
+    ]
     assert not (tmp_path / "o").exists()
 
 
@@ -227,4 +338,6 @@ def test_weight_decay_spares_biases_and_layer_norms_as_transformers_trainer_does
     assert decay_groups(model, 0.0) == [model[0].weight, model[0].bias, model[1].weight, model[1].bias]
     groups = decay_groups(model, 0.1)  # LayerNorms found by their type, as the Trainer finds them
     assert [(g["params"], g["weight_decay"]) for g in groups] == [
-        ([model[0].weight], 0.1), ([model[0].bias, model[1].weight, model[1].bias], 0.0)]
+        ([model[0].weight], 0.1),
+        ([model[0].bias, model[1].weight, model[1].bias], 0.0),
+    ]

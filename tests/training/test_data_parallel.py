@@ -1,4 +1,5 @@
 """train launched by torchrun: N CPU processes (gloo) compute what one process computes, and --resume changes N."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ from ailora_tools.training.data_parallel import Ranks
 from ailora_tools.training.setup import prepare
 
 # 7 rows per micro-batch: two ranks take 4 and 3; checkpoints at steps 2 and 4 of 6
-OPTS = dict(max_steps=6, batch_size=7, grad_accum=2, lr=1e-2, warmup=2, save_every=2,
-            eval_data=data_file("demo_eval.jsonl"))
+OPTS = dict(
+    max_steps=6, batch_size=7, grad_accum=2, lr=1e-2, warmup=2, save_every=2, eval_data=data_file("demo_eval.jsonl")
+)
 
 # under torchrun: the n-th optimizer update kills the run (rank 0 exits; torchrun stops the others)
 KILL_AT_UPDATE = """
@@ -46,8 +48,18 @@ def decomposed(tmp_path_factory):
 
 
 def args(dec, out) -> list:
-    return ["train", "--base", dec / "residual", "--adapter", dec / "adapter", "--data", data_file("demo_train.jsonl"),
-            *[x for k, v in OPTS.items() for x in (flag(k), v)], "-o", out]
+    return [
+        "train",
+        "--base",
+        dec / "residual",
+        "--adapter",
+        dec / "adapter",
+        "--data",
+        data_file("demo_train.jsonl"),
+        *[x for k, v in OPTS.items() for x in (flag(k), v)],
+        "-o",
+        out,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +86,9 @@ def same_training(a, b) -> None:
 
 def test_shares_of_the_ranks_add_up_to_the_loss_of_one_process(decomposed):
     """Rows split unevenly, padding, prompt-masked labels: Σ over ranks of share · mean loss = the batch's mean."""
-    run = prepare(decomposed / "residual", decomposed / "adapter", data_file("demo_train.jsonl"),
-                  TrainOptions.build(max_steps=1))
+    run = prepare(
+        decomposed / "residual", decomposed / "adapter", data_file("demo_train.jsonl"), TrainOptions.build(max_steps=1)
+    )
     batch = run.data.collate(run.data.train[:5])
     assert (batch["attention_mask"] == 0).any()  # rows of different lengths: padded
     weight = run.task.loss_weight(batch["labels"])
@@ -106,9 +119,23 @@ def test_killed_on_two_sharded_ranks_resumes_on_one(decomposed, straight, tmp_pa
     """--fsdp: the checkpoints hold the whole tensors (gathered), which one process resumes from."""
     killer = tmp_path / "kill.py"
     killer.write_text(KILL_AT_UPDATE)
-    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(killer), "6", *map(str, args(decomposed, tmp_path / "out")), "--quiet", "--fsdp"],
-                         capture_output=True, text=True, env=ONE_THREAD)  # the 6th update never happens
+    ran = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(killer),
+            "6",
+            *map(str, args(decomposed, tmp_path / "out")),
+            "--quiet",
+            "--fsdp",
+        ],
+        capture_output=True,
+        text=True,
+        env=ONE_THREAD,
+    )  # the 6th update never happens
     assert ran.returncode != 0 and not (tmp_path / "out" / "ailora-train.json").exists()
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     res = cli(*args(decomposed, tmp_path / "out"), "--resume", "--quiet")  # continues from step 4 on one process
@@ -119,8 +146,14 @@ def test_killed_on_two_sharded_ranks_resumes_on_one(decomposed, straight, tmp_pa
 @pytest.mark.parametrize("fsdp", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_killed_on_one_process_resumes_on_two_ranks(decomposed, straight, tmp_path, monkeypatch, fsdp):
     with killed_at_update(monkeypatch, 4):  # after step 3: resumes from the step-2 checkpoint
-        train(decomposed / "residual", decomposed / "adapter", data_file("demo_train.jsonl"), tmp_path / "out",
-              **OPTS, progress=False)
+        train(
+            decomposed / "residual",
+            decomposed / "adapter",
+            data_file("demo_train.jsonl"),
+            tmp_path / "out",
+            **OPTS,
+            progress=False,
+        )
     assert not (tmp_path / "out" / "ailora-train.json").exists()
     ran = torchrun(*args(decomposed, tmp_path / "out"), "--resume", "--quiet", *fsdp)  # --fsdp: each rank its shard
     assert ran.returncode == 0, ran.stderr
@@ -128,6 +161,9 @@ def test_killed_on_one_process_resumes_on_two_ranks(decomposed, straight, tmp_pa
 
 
 def test_fsdp_needs_torchrun(decomposed, tmp_path):
-    one_line_error(cli(*args(decomposed, tmp_path / "out"), "--fsdp"), "--fsdp shards the model across the processes",
-                   "torchrun --nproc-per-node N")
+    one_line_error(
+        cli(*args(decomposed, tmp_path / "out"), "--fsdp"),
+        "--fsdp shards the model across the processes",
+        "torchrun --nproc-per-node N",
+    )
     assert not (tmp_path / "out").exists()

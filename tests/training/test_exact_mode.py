@@ -1,5 +1,6 @@
 """What was trained is what is served: training on the ORIGINAL weights with s·B0·A0 subtracted inside the
 adapter (decompose --no-residual) against the default residual, on a bfloat16 checkpoint."""
+
 import json
 import shutil
 
@@ -27,8 +28,9 @@ def bf16(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("exact")
     build_tiny_model(root / "f32")
-    AutoModelForCausalLM.from_pretrained(root / "f32").to(torch.bfloat16).save_pretrained(root / "base",
-                                                                                         max_shard_size="200KB")
+    AutoModelForCausalLM.from_pretrained(root / "f32").to(torch.bfloat16).save_pretrained(
+        root / "base", max_shard_size="200KB"
+    )
     for f in (root / "f32").iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, root / "base" / f.name)
@@ -99,8 +101,9 @@ def test_trained_equals_served_exactly_only_without_the_residual(bf16):
         for m, (A, B) in done.factors.items():
             A0, B0 = init.factors[m]
             W = merged.get_submodule(m).weight
-            W.copy_(W.double() + done.scale(m) * (B.double() @ A.double())
-                    - init.scale(m) * (B0.double() @ A0.double()))
+            W.copy_(
+                W.double() + done.scale(m) * (B.double() @ A.double()) - init.scale(m) * (B0.double() @ A0.double())
+            )
     assert _rel(served_exact, _logits(merged)) <= TOL
 
     # the default way is NOT exact on a bf16 checkpoint: the residual was rounded to bf16
@@ -118,8 +121,15 @@ def test_wrong_base_for_the_mode_is_refused(bf16, tmp_path):
     with pytest.raises(TargetError, match=r"applies to the original model .* is a residual decompose wrote"):
         train(bf16 / "res" / "residual", bf16 / "orig" / "adapter", data, tmp_path / "b", max_steps=1, progress=False)
     with pytest.raises(TargetError, match=r"--adapter-base residual: the initial adapter .* relative to the original"):
-        train(bf16 / "base", bf16 / "orig" / "adapter", data, tmp_path / "c", max_steps=1, adapter_base="residual",
-              progress=False)
+        train(
+            bf16 / "base",
+            bf16 / "orig" / "adapter",
+            data,
+            tmp_path / "c",
+            max_steps=1,
+            adapter_base="residual",
+            progress=False,
+        )
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
@@ -127,8 +137,9 @@ def test_adapter_base_original_without_a_manifest(bf16, tmp_path):
     """A bare initial adapter (no decompose manifest) trains exactly with --adapter-base original."""
     shutil.copytree(bf16 / "orig" / "adapter", tmp_path / "bare")
     opts = dict(max_steps=3, lr=1e-2, batch_size=16, progress=False)
-    s = train(bf16 / "base", tmp_path / "bare", data_file("demo_train.jsonl"), tmp_path / "t", adapter_base="original",
-              **opts)
+    s = train(
+        bf16 / "base", tmp_path / "bare", data_file("demo_train.jsonl"), tmp_path / "t", adapter_base="original", **opts
+    )
     ref = train(bf16 / "base", bf16 / "orig" / "adapter", data_file("demo_train.jsonl"), tmp_path / "ref", **opts)
     assert s["adapter_base"] == "original" and s["last_loss"] == ref["last_loss"]
     a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "t", tmp_path / "ref"))
@@ -136,13 +147,16 @@ def test_adapter_base_original_without_a_manifest(bf16, tmp_path):
 
 
 def test_cli_no_residual(bf16, tmp_path):
-    res = CliRunner().invoke(main, ["decompose", str(bf16 / "base"), "-o", str(tmp_path / "o"), "--rank", "4",
-                                    "--no-residual", "--quiet"])
+    res = CliRunner().invoke(
+        main, ["decompose", str(bf16 / "base"), "-o", str(tmp_path / "o"), "--rank", "4", "--no-residual", "--quiet"]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "o" / "ailora.json").read_text())["adapter_base"] == "original"
     assert not (tmp_path / "o" / "residual").exists()
     report = verify(tmp_path / "o")
     assert report["problems"] == [] and report["files_checked"] == 2
-    res = CliRunner().invoke(main, ["decompose", str(bf16 / "base"), "-o", str(tmp_path / "p"), "--no-residual",
-                                    "--residual-dtype", "float32"])
+    res = CliRunner().invoke(
+        main,
+        ["decompose", str(bf16 / "base"), "-o", str(tmp_path / "p"), "--no-residual", "--residual-dtype", "float32"],
+    )
     assert res.exit_code == 1 and "--no-residual writes no residual" in res.output

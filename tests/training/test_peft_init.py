@@ -1,5 +1,6 @@
 """`get_ailora_model`: the same factors and residuals as decompose, logits unchanged at step 0, a transformers
 Trainer run, and saved adapters that PEFT reloads (converted to the original base, or on a rebuilt residual)."""
+
 from pathlib import Path
 
 import pytest
@@ -34,15 +35,28 @@ def load(path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
-@pytest.mark.parametrize("kind,method,dtype,svd", [
-    ("llama", "ailora", torch.float32, "randomized"), ("llama", "pissa", torch.float32, "exact"),
-    ("llama", "milora", torch.float32, "randomized"), ("llama", "lora", torch.float32, "randomized"),
-    ("llama", "ailora", torch.bfloat16, "exact"), ("gpt2", "pissa", torch.float32, "randomized"),
-])
+@pytest.mark.parametrize(
+    "kind,method,dtype,svd",
+    [
+        ("llama", "ailora", torch.float32, "randomized"),
+        ("llama", "pissa", torch.float32, "exact"),
+        ("llama", "milora", torch.float32, "randomized"),
+        ("llama", "lora", torch.float32, "randomized"),
+        ("llama", "ailora", torch.bfloat16, "exact"),
+        ("gpt2", "pissa", torch.float32, "randomized"),
+    ],
+)
 def test_same_factors_and_residual_as_decompose(tiny, tmp_path, kind, method, dtype, svd):
     src = tiny(kind, dtype)
-    opts = dict(method=method, rank=4, alpha=8, seed=3, svd=svd, device="cpu",
-                targets=["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj"])
+    opts = dict(
+        method=method,
+        rank=4,
+        alpha=8,
+        seed=3,
+        svd=svd,
+        device="cpu",
+        targets=["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj"],
+    )
     decompose(src, tmp_path / "dec", progress=False, **opts)
     written = read_adapter(tmp_path / "dec" / "adapter")
     original = tensors(src)
@@ -52,8 +66,9 @@ def test_same_factors_and_residual_as_decompose(tiny, tmp_path, kind, method, dt
     for m, (A, B) in written.factors.items():  # bit for bit
         assert torch.equal(state[f"base_model.model.{m}.lora_A.default.weight"], A)
         assert torch.equal(state[f"base_model.model.{m}.lora_B.default.weight"], B)
-    base = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v
-            for k, v in state.items() if "lora_" not in k}
+    base = {
+        k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k
+    }
     residual = tensors(tmp_path / "dec" / "residual") if method != "lora" else original
     assert set(original) <= set(base) and set(base) - set(original) <= {"lm_head.weight"}  # tied in GPT-2
     for name in original:
@@ -85,12 +100,27 @@ def test_trainer_run_saves_and_reloads(tmp_path):
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
     model.save_pretrained(tmp_path / "init")  # the initial adapter, kept for conversion later
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=20, per_device_train_batch_size=16,
-                             per_device_eval_batch_size=64,
-                             learning_rate=1e-2, logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
-                             seed=0, disable_tqdm=True, remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
-                      data_collator=lambda batch: collate(batch, tok.pad_token_id))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=20,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        learning_rate=1e-2,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evals,
+        data_collator=lambda batch: collate(batch, tok.pad_token_id),
+    )
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
@@ -125,12 +155,14 @@ def test_bad_input(tiny):
         get_ailora_model(model, rank=32, progress=False)
     with pytest.raises(TargetError, match=r"'q_proj' is part of the fused c_attn"):  # the default targets
         get_ailora_model(load(tiny("gpt2")), rank=4)
-    tied = LlamaForCausalLM(make_config("llama").__class__(**{**make_config("llama").to_dict(),
-                                                              "tie_word_embeddings": True}))
+    tied = LlamaForCausalLM(
+        make_config("llama").__class__(**{**make_config("llama").to_dict(), "tie_word_embeddings": True})
+    )
     with pytest.raises(UnsupportedError, match=r"lm_head.weight is tied to model.embed_tokens.weight"):
         get_ailora_model(tied, method="pissa", targets=["lm_head"], rank=4)
     model.model.layers[0].self_attn.q_proj.weight = torch.nn.Parameter(
-        torch.zeros(64, 64, dtype=torch.int8), requires_grad=False)
+        torch.zeros(64, 64, dtype=torch.int8), requires_grad=False
+    )
     with pytest.raises(UnsupportedError, match=r"q_proj.weight has dtype torch.int8"):
         get_ailora_model(model, rank=4)
     assert not isinstance(model, PeftModel) and not hasattr(model, "peft_config")  # nothing wrapped on failure

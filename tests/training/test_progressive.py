@@ -1,5 +1,6 @@
 """Progtuning: the stage schedule, frozen blocks that stay bit-identical, a backward pass that stops at the
 lowest training block, and stages that survive --resume."""
+
 import json
 
 import pytest
@@ -105,8 +106,9 @@ def _backward_reaches(model, stages):
     model(input_ids=ids, labels=ids).loss.backward()
     for h in handles:
         h.remove()
-    with_grad = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters()
-                 if "lora_" in n and p.grad is not None}
+    with_grad = {
+        n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if "lora_" in n and p.grad is not None
+    }
     return reached, {int(i) for i in with_grad}
 
 
@@ -125,8 +127,15 @@ def test_progressive_refuses_what_does_not_fit(decomposed):
     with pytest.raises(TargetError, match=r"--progressive 5: the model has 4 transformer blocks"):
         Progressive(_peft(decomposed), stages=5, total_steps=20)
     with pytest.raises(TargetError, match=r"--progressive 3: training has only 2 steps"):
-        train(decomposed / "dec" / "residual", decomposed / "dec" / "adapter", data_file("demo_train.jsonl"),
-              decomposed / "never", max_steps=2, progressive=3, progress=False)
+        train(
+            decomposed / "dec" / "residual",
+            decomposed / "dec" / "adapter",
+            data_file("demo_train.jsonl"),
+            decomposed / "never",
+            max_steps=2,
+            progressive=3,
+            progress=False,
+        )
     assert not (decomposed / "never").exists()
 
 
@@ -140,10 +149,23 @@ def _same(a, b):
 
 def test_frozen_blocks_stay_identical_and_stages_are_reported(decomposed, tmp_path):
     out = tmp_path / "t"
-    s = train(decomposed / "dec" / "residual", decomposed / "dec" / "adapter", data_file("demo_train.jsonl"), out,
-              max_steps=12, lr=1e-2, batch_size=8, save_every=4, progressive=3, progress=False)
-    initial, at4, at8 = (decomposed / "dec" / "adapter", out / "checkpoints" / "step-0000004",
-                         out / "checkpoints" / "step-0000008")
+    s = train(
+        decomposed / "dec" / "residual",
+        decomposed / "dec" / "adapter",
+        data_file("demo_train.jsonl"),
+        out,
+        max_steps=12,
+        lr=1e-2,
+        batch_size=8,
+        save_every=4,
+        progressive=3,
+        progress=False,
+    )
+    initial, at4, at8 = (
+        decomposed / "dec" / "adapter",
+        out / "checkpoints" / "step-0000004",
+        out / "checkpoints" / "step-0000008",
+    )
     # parts of 4 blocks in 3 stages: [0], [1], [2, 3]; stages run steps 1-4, 5-8, 9-12
     assert not _same(_block_factors(initial, 0), _block_factors(at4, 0))  # block 0 trained in stage 1 ...
     assert _same(_block_factors(at4, 0), _block_factors(out, 0))  # ... and not a bit changed after it
@@ -171,7 +193,8 @@ def test_stage_survives_resume(decomposed, tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="progressive"):  # another schedule cannot continue this run
         train(*args, tmp_path / "resumed", resume=True, **{**opts, "progressive": 2})
     train(*args, tmp_path / "resumed", resume=True, **opts)
-    assert ((tmp_path / "straight" / "adapter_model.safetensors").read_bytes()
-            == (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes())
+    assert (tmp_path / "straight" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "resumed" / "adapter_model.safetensors"
+    ).read_bytes()
     metrics = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["stage"]) for m in metrics] == [(i + 1, i // 4 + 1) for i in range(12)]

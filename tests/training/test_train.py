@@ -1,4 +1,5 @@
 """`train`, the demo and the recipes: what a training run writes, resumes and reports."""
+
 import json
 from pathlib import Path
 
@@ -35,8 +36,17 @@ def tokenizer(root):
 def test_training_lowers_loss_and_leaves_residual_untouched(decomposed, tmp_path):
     res = decomposed / "dec" / "residual"
     before = {p.name: p.read_bytes() for p in res.iterdir()}
-    s = train(res, decomposed / "dec" / "adapter", data_file("demo_train.jsonl"), tmp_path / "t",
-              eval_data=data_file("demo_eval.jsonl"), max_steps=40, lr=1e-2, batch_size=16, progress=False)
+    s = train(
+        res,
+        decomposed / "dec" / "adapter",
+        data_file("demo_train.jsonl"),
+        tmp_path / "t",
+        eval_data=data_file("demo_eval.jsonl"),
+        max_steps=40,
+        lr=1e-2,
+        batch_size=16,
+        progress=False,
+    )
     assert s["eval_loss"] < 0.9 * s["eval_loss_start"]
     assert {p.name: p.read_bytes() for p in res.iterdir()} == before
     metrics = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
@@ -50,10 +60,14 @@ def test_training_lowers_loss_and_leaves_residual_untouched(decomposed, tmp_path
 def test_completion_only_masking(decomposed, tmp_path):
     tok = tokenizer(decomposed)
     f = tmp_path / "d.jsonl"
-    f.write_text(json.dumps({"prompt": "Q: 1 + 1 = ?\nA:", "completion": " 2"}) + "\n"
-                 + json.dumps({"text": "hello"}) + "\n"
-                 + json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                            {"role": "assistant", "content": "yo"}]}) + "\n")
+    f.write_text(
+        json.dumps({"prompt": "Q: 1 + 1 = ?\nA:", "completion": " 2"})
+        + "\n"
+        + json.dumps({"text": "hello"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        + "\n"
+    )
     pc, text, chat = load_jsonl(f, tok, max_length=64)
     n_prompt = len(tok("Q: 1 + 1 = ?\nA:", add_special_tokens=False)["input_ids"])
     assert pc.labels[:n_prompt] == [IGNORE] * n_prompt
@@ -63,8 +77,14 @@ def test_completion_only_masking(decomposed, tmp_path):
     assert learned == "yo</s>"
 
 
-@pytest.mark.parametrize("line,why", [('{"prompt": "x"', "line 2"), ('{"foo": 1}', 'expected "text"'),
-                                      ('{"prompt": 3, "completion": "a"}', '"prompt" must be a string')])
+@pytest.mark.parametrize(
+    "line,why",
+    [
+        ('{"prompt": "x"', "line 2"),
+        ('{"foo": 1}', 'expected "text"'),
+        ('{"prompt": 3, "completion": "a"}', '"prompt" must be a string'),
+    ],
+)
 def test_bad_data_line_names_its_number(decomposed, tmp_path, line, why):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "ok"}\n' + line + "\n")
@@ -74,8 +94,16 @@ def test_bad_data_line_names_its_number(decomposed, tmp_path, line, why):
 
 def test_resume_continues_as_if_uninterrupted(decomposed, tmp_path, monkeypatch):
     args = (decomposed / "dec" / "residual", decomposed / "dec" / "adapter", data_file("demo_train.jsonl"))
-    opts = dict(max_steps=12, lr=5e-3, batch_size=8, grad_accum=2, warmup=3, save_every=5, progress=False,
-                eval_data=data_file("demo_eval.jsonl"))
+    opts = dict(
+        max_steps=12,
+        lr=5e-3,
+        batch_size=8,
+        grad_accum=2,
+        warmup=3,
+        save_every=5,
+        progress=False,
+        eval_data=data_file("demo_eval.jsonl"),
+    )
     straight = train(*args, tmp_path / "straight", **opts)
 
     with killed_at_update(monkeypatch, 7):  # the 7th update never happens: as if killed after step 6
@@ -96,8 +124,14 @@ def test_demo_through_the_cli(tmp_path):
     assert res.exit_code == 0, res.output
     assert "all checks passed" in res.output and "FAILED" not in res.output
     report = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert [r["step"] for r in report["steps"]] == ["build tiny model", "decompose (ailora, r=8)", "train",
-                                                    "convert", "merge", "parity check"]
+    assert [r["step"] for r in report["steps"]] == [
+        "build tiny model",
+        "decompose (ailora, r=8)",
+        "train",
+        "convert",
+        "merge",
+        "parity check",
+    ]
     assert all(r["ok"] for r in report["steps"])
     assert report["train"]["eval_loss"] < report["train"]["eval_loss_start"]
 
@@ -116,14 +150,18 @@ def test_recipes_parse(recipe):
 def test_decompose_config_uses_recipe_settings(tiny, tmp_path):
     recipe = tmp_path / "r.toml"
     text = (Path(__file__).parents[2] / "recipes" / "llama-3.1-8b.toml").read_text()
-    recipe.write_text(text.replace('model = "meta-llama/Llama-3.1-8B"', f'model = "{tiny("llama")}"')
-                      .replace("rank = 16\nalpha = 16", "rank = 4\nalpha = 12"))
+    recipe.write_text(
+        text.replace('model = "meta-llama/Llama-3.1-8B"', f'model = "{tiny("llama")}"').replace(
+            "rank = 16\nalpha = 16", "rank = 4\nalpha = 12"
+        )
+    )
     res = CliRunner().invoke(main, ["decompose", "--config", str(recipe), "-o", str(tmp_path / "o"), "--quiet"])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "o" / "ailora.json").read_text())
     assert (m["method"], m["rank"], m["alpha"], m["svd"]["niter"]) == ("ailora", 4, 12.0, 4)
-    res = CliRunner().invoke(main, ["decompose", "--config", str(recipe), "-o", str(tmp_path / "o2"), "--rank", "2",
-                                    "--quiet"])
+    res = CliRunner().invoke(
+        main, ["decompose", "--config", str(recipe), "-o", str(tmp_path / "o2"), "--rank", "2", "--quiet"]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "o2" / "ailora.json").read_text())["rank"] == 2  # the flag wins
 
@@ -137,8 +175,10 @@ def test_resume_before_the_first_checkpoint_writes_each_step_once(decomposed, tm
         train(*args, tmp_path / "t", **opts)
     train(*args, tmp_path / "t", **opts, resume=True)
     train(*args, tmp_path / "straight", **opts)
-    steps = [[r["step"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())]
-             for d in ("t", "straight")]
+    steps = [
+        [r["step"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())]
+        for d in ("t", "straight")
+    ]
     assert steps[0] == steps[1] == [0, 1, 2, 3, 4, 5, 6, 6]
 
 

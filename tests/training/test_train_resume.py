@@ -1,6 +1,7 @@
 """`train --resume` as a scheduler that always passes it wants: with nothing to resume it starts a
 fresh run and says so; a run that finished with the same settings is left as it is (exit 0, "complete, nothing to
 do"); a damaged checkpoint is named before anything loads from it."""
+
 import json
 import shutil
 
@@ -23,8 +24,23 @@ def run(tmp_path_factory):
     decompose(build_tiny_model(root / "src", seed=0), root / "dec", rank=4, progress=False)
     args = [root / "dec" / "residual", root / "dec" / "adapter", data_file("demo_train.jsonl")]
     train(*args, root / "trained", progress=False, **OPTS)
-    flags = ["--base", args[0], "--adapter", args[1], "--data", args[2], "--max-steps", "4", "--batch-size", "2",
-             "--save-every", "2", "--lr", "0.01", "--quiet"]
+    flags = [
+        "--base",
+        args[0],
+        "--adapter",
+        args[1],
+        "--data",
+        args[2],
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--save-every",
+        "2",
+        "--lr",
+        "0.01",
+        "--quiet",
+    ]
     return {"args": args, "flags": flags, "trained": root / "trained"}
 
 
@@ -52,8 +68,12 @@ def test_resume_of_a_finished_run_with_other_settings_is_refused(run, tmp_path):
     shutil.copytree(run["trained"], tmp_path / "t")
     before = _files(tmp_path / "t")
     flags = [f if f != "4" else "6" for f in run["flags"]]
-    one_line_error(cli("train", *flags, "-o", tmp_path / "t", "--resume"), "(complete: ailora-train.json is written)",
-                   "used other settings (steps)", "--overwrite")
+    one_line_error(
+        cli("train", *flags, "-o", tmp_path / "t", "--resume"),
+        "(complete: ailora-train.json is written)",
+        "used other settings (steps)",
+        "--overwrite",
+    )
     assert _files(tmp_path / "t") == before
 
 
@@ -61,8 +81,9 @@ def test_resume_into_a_missing_directory_starts_a_fresh_run_and_says_so(run, tmp
     one_line_warnings()
     res = cli("train", *run["flags"], "-o", tmp_path / "new", "--resume")
     assert res.exit_code == 0, res.output
-    assert (f"warning: --resume: nothing to resume in {tmp_path / 'new'} (no checkpoint there): starting a fresh "
-            "run\n") in res.output
+    assert (
+        f"warning: --resume: nothing to resume in {tmp_path / 'new'} (no checkpoint there): starting a fresh run\n"
+    ) in res.output
     assert json.loads((tmp_path / "new" / "ailora-train.json").read_text())["summary"]["steps"] == 4
 
 
@@ -74,8 +95,11 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_resumes(run, tmp_path,
     data = bytearray((latest / "optimizer.safetensors").read_bytes())
     data[-3] ^= 0xFF
     (latest / "optimizer.safetensors").write_bytes(bytes(data))
-    with pytest.raises(FormatError, match=rf"{latest / 'optimizer.safetensors'}: missing or not as trainer_state.json "
-                                          rf"recorded it \(damaged\); delete {latest} to resume from the checkpoint"):
+    with pytest.raises(
+        FormatError,
+        match=rf"{latest / 'optimizer.safetensors'}: missing or not as trainer_state.json "
+        rf"recorded it \(damaged\); delete {latest} to resume from the checkpoint",
+    ):
         train(*run["args"], tmp_path / "t", progress=False, resume=True, **opts)
     shutil.rmtree(latest)  # as told
     summary = train(*run["args"], tmp_path / "t", progress=False, resume=True, **opts)

@@ -8,6 +8,7 @@ layer (`runner`), layer inputs and gradients spill to files beyond a budget (`sp
 (`statistics`). docs/lora-da-calibration.md gives the design: which tokens count, the memory bound `memory_bound`
 computes, determinism, and where this differs from the authors' code.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,12 @@ TOKEN_MASKS = ("attention", "labels")
 FIXED_OVERHEAD = 64 << 20
 #: what `calibrate` sums per module: LoRA-DA's statistics, the loss gradient alone (LoRA-GA), the input covariance
 #: as PEFT's CorDA takes it (forward only), the inputs' centred scatter (EVA, forward only)
-STATISTICS = {"lora-da": StatisticsHooks, "gradient": GradientHooks, "covariance": CovarianceHooks,
-              "centered": CenteredHooks}
+STATISTICS = {
+    "lora-da": StatisticsHooks,
+    "gradient": GradientHooks,
+    "covariance": CovarianceHooks,
+    "centered": CenteredHooks,
+}
 
 
 def calibrate(
@@ -114,8 +119,10 @@ def calibrate(
     if dtype is not None and dtype not in DTYPE_FLAGS:
         raise UnsupportedError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_FLAGS)}")
     if batch_size < 1 or activation_budget < 0:
-        raise OptionError(f"{{batch_size}} {batch_size} / {{activation_budget}} {activation_budget}: "
-                               "need batch_size >= 1 and activation_budget >= 0")
+        raise OptionError(
+            f"{{batch_size}} {batch_size} / {{activation_budget}} {activation_budget}: "
+            "need batch_size >= 1 and activation_budget >= 0"
+        )
     dev = resolve_device(device)
     net = (DecoderParts if model_type in DECODERS else EncoderParts)(ckpt, task, dtype, dev, labels=labels, seed=seed)
     targets = net.targets(modules)
@@ -131,18 +138,28 @@ def check_supported(ckpt: Checkpoint, task: str) -> str:
     """
     model_type = ckpt.config.get("model_type")
     if model_type not in SUPPORTED:
-        raise UnsupportedError(f"{ckpt.source}: model_type {model_type!r} is not supported by LoRA-DA calibration; "
-                               f"supported: {', '.join(SUPPORTED)}")
+        raise UnsupportedError(
+            f"{ckpt.source}: model_type {model_type!r} is not supported by LoRA-DA calibration; "
+            f"supported: {', '.join(SUPPORTED)}"
+        )
     task = task_of(task, ckpt.config)
     if model_type not in TASKS.get(task, ()):
         kinds = [t for t, types in TASKS.items() if model_type in types]
-        raise UnsupportedError(f"{ckpt.source}: LoRA-DA calibrates a {model_type} model for {' or '.join(kinds)}, "
-                               f"not for --task {task}")
+        raise UnsupportedError(
+            f"{ckpt.source}: LoRA-DA calibrates a {model_type} model for {' or '.join(kinds)}, not for --task {task}"
+        )
     return task
 
 
-def memory_bound(config: dict, modules: Sequence[str], *, batch_size: int, max_tokens: int,
-                 activation_budget: int, dtype: str | None = None) -> int:
+def memory_bound(
+    config: dict,
+    modules: Sequence[str],
+    *,
+    batch_size: int,
+    max_tokens: int,
+    activation_budget: int,
+    dtype: str | None = None,
+) -> int:
     """docs/lora-da-calibration.md's bound on the peak memory of a CPU run, in bytes above the baseline.
 
     Args:
@@ -166,15 +183,23 @@ def memory_bound(config: dict, modules: Sequence[str], *, batch_size: int, max_t
     heads = config["num_attention_heads"]
     hd = config.get("head_dim") or H // heads
     kv = config.get("num_key_value_heads") or heads
-    shapes = {"q_proj": (heads * hd, H), "k_proj": (kv * hd, H), "v_proj": (kv * hd, H), "o_proj": (H, heads * hd),
-              "gate_proj": (F, H), "up_proj": (F, H), "down_proj": (H, F)}
+    shapes = {
+        "q_proj": (heads * hd, H),
+        "k_proj": (kv * hd, H),
+        "v_proj": (kv * hd, H),
+        "o_proj": (H, heads * hd),
+        "gate_proj": (F, H),
+        "up_proj": (F, H),
+        "down_proj": (H, F),
+    }
     layer = sum(o * i + o for o, i in shapes.values()) + 2 * H  # weights, biases (Qwen2's q/k/v), two norms
     per_layer: dict[str, list[tuple[int, int]]] = {}
     for m in modules:
         found = LAYER_MODULE.match(m)
         per_layer.setdefault(found.group(1) if found else "", []).append(shapes[m.rsplit(".", 1)[-1]])
-    stats = max((sum(o * i + o for o, i in s) + sum(i * i for i in {i for _, i in s}) for s in per_layer.values()),
-                default=0)  # (one Z per distinct input width: its upper bound)
+    stats = max(
+        (sum(o * i + o for o, i in s) + sum(i * i for i in {i for _, i in s}) for s in per_layer.values()), default=0
+    )  # (one Z per distinct input width: its upper bound)
     tokens = batch_size * max_tokens
     work = tokens * (32 * H + 12 * F) * 4 + 3 * batch_size * heads * max_tokens**2 * 4
     head = 3 * min(tokens * V * 4, HEAD_CHUNK_BYTES)

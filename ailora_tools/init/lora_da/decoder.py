@@ -1,4 +1,5 @@
 """Llama, Mistral and Qwen2 as calibration runs them: their parts and what their own forward passes each layer."""
+
 from __future__ import annotations
 
 import re
@@ -52,7 +53,15 @@ class DecoderParts(ModelParts):
         else:
             sliding = self.config.model_type == "mistral" and getattr(self.config, "sliding_window", None) is not None
         make = masks.create_sliding_window_causal_mask if sliding else masks.create_causal_mask
-        mask = make(config=self.config, inputs_embeds=hidden, attention_mask=batch.attention,
-                    position_ids=batch.positions, **masks.no_cache(make))
-        return {"attention_mask": mask, "position_embeddings": self.rotary(hidden, batch.positions),
-                "position_ids": batch.positions}
+        mask = make(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=batch.attention,
+            position_ids=batch.positions,
+            **masks.no_cache(make),
+        )
+        return {
+            "attention_mask": mask,
+            "position_embeddings": self.rotary(hidden, batch.positions),
+            "position_ids": batch.positions,
+        }

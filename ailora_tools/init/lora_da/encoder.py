@@ -1,5 +1,6 @@
 """BERT, RoBERTa and XLM-RoBERTa as calibration runs them: their parts, the padding mask, the MLM or classification
 head (a new one drawn as `train` draws it) and its loss."""
+
 from __future__ import annotations
 
 import re
@@ -22,10 +23,15 @@ class EncoderParts(ModelParts):
     encoder layers with the bidirectional padding mask, the MLM head or the classification head (BERT: pooler +
     classifier; RoBERTa: its two-layer head on the first token)."""
 
-    KIND, EXAMPLE, PATTERN = "an encoder", "[bert.|roberta.]encoder.layer.N.<module> (e.g. attention.self.query)", \
-        ENCODER_MODULE
-    BUFFERS = {"position_ids": lambda config, shape: torch.arange(shape[-1]).expand(shape),
-               "token_type_ids": lambda config, shape: torch.zeros(shape, dtype=torch.long)}
+    KIND, EXAMPLE, PATTERN = (
+        "an encoder",
+        "[bert.|roberta.]encoder.layer.N.<module> (e.g. attention.self.query)",
+        ENCODER_MODULE,
+    )
+    BUFFERS = {
+        "position_ids": lambda config, shape: torch.arange(shape[-1]).expand(shape),
+        "token_type_ids": lambda config, shape: torch.zeros(shape, dtype=torch.long),
+    }
 
     def __init__(self, ckpt, task, dtype, dev, *, labels=None, seed=0):
         peft_type = {MASKED_LM: None, CLASSIFY: "SEQ_CLS"}[task]
@@ -46,8 +52,11 @@ class EncoderParts(ModelParts):
     def embed(self, batches: list[Batch]) -> Iterator[torch.Tensor]:
         embed = self.load(self.core.embeddings)
         for batch in batches:
-            yield embed(input_ids=batch.ids, token_type_ids=batch.types,
-                        position_ids=None if self.own_positions else batch.positions)
+            yield embed(
+                input_ids=batch.ids,
+                token_type_ids=batch.types,
+                position_ids=None if self.own_positions else batch.positions,
+            )
         self.unload(embed)
 
     def head_parts(self) -> list[torch.nn.Module]:
@@ -67,14 +76,19 @@ class EncoderParts(ModelParts):
 
     def layer_kwargs(self, index: int, hidden: torch.Tensor, batch: Batch) -> dict:
         """What the model's own forward passes to encoder layer `index`: the bidirectional padding mask."""
-        return {"attention_mask": masks.create_bidirectional_mask(config=self.config, inputs_embeds=hidden,
-                                                                  attention_mask=batch.attention)}
+        return {
+            "attention_mask": masks.create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=batch.attention
+            )
+        }
 
     def check_label(self, n: int, label) -> None:
         size = self.config.num_labels
         if self.regression != isinstance(label, float) or not self.regression and not 0 <= label < size:
-            raise FormatError(f"calibration sample {n}: label {label!r} does not fit the head ({size} "
-                              f"{'output: a number' if self.regression else 'classes: ids 0..' + str(size - 1)})")
+            raise FormatError(
+                f"calibration sample {n}: label {label!r} does not fit the head ({size} "
+                f"{'output: a number' if self.regression else 'classes: ids 0..' + str(size - 1)})"
+            )
 
     @property
     def regression(self) -> bool:

@@ -1,5 +1,6 @@
 """transformers' attention-mask functions, which calibration calls as the models' own forward does, and the
 transformers release they need."""
+
 from __future__ import annotations
 
 import inspect
@@ -28,11 +29,14 @@ def require_transformers() -> None:
     Raises:
         UnsupportedError: an older transformers, naming the installed and the required version.
     """
-    if create_causal_mask is None or not all(map(_takes_our_call, (create_causal_mask,
-                                                                   create_sliding_window_causal_mask))):
-        raise UnsupportedError(f"LoRA-DA calibration needs transformers >= {TRANSFORMERS_NEEDED} (its masking API); "
-                               f"transformers {transformers.__version__} is installed: run `pip install -U "
-                               f"'transformers>={TRANSFORMERS_NEEDED}'`, or use another --method")
+    if create_causal_mask is None or not all(
+        map(_takes_our_call, (create_causal_mask, create_sliding_window_causal_mask))
+    ):
+        raise UnsupportedError(
+            f"LoRA-DA calibration needs transformers >= {TRANSFORMERS_NEEDED} (its masking API); "
+            f"transformers {transformers.__version__} is installed: run `pip install -U "
+            f"'transformers>={TRANSFORMERS_NEEDED}'`, or use another --method"
+        )
 
 
 def _takes_our_call(mask_function) -> bool:
@@ -45,4 +49,3 @@ def no_cache(make) -> dict:
     """No KV cache, as this transformers' mask function spells it (`cache`; `past_key_values` before 5.x, deprecated
     since: passing it warns on every layer)."""
     return {"cache": None} if "cache" in inspect.signature(make).parameters else {"past_key_values": None}
-

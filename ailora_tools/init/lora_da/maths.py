@@ -30,6 +30,7 @@ iteration (`svd.triplets`, seeded by (seed, name)), where they use `svd_lowrank(
 other switches are left at their defaults (diagonal output factor, no factor balancing, no variance
 normalisation, normalisation power 1). Memory: about 6·in²·8 bytes on the device, plus G and D.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,9 @@ class LoraDaFactors:
     diagnostics: dict[str, float]
 
 
-def factor_input(z: torch.Tensor, *, damping: float = DAMPING, device: str | torch.device = "cpu",
-                 name: str = "input") -> InputFactor:
+def factor_input(
+    z: torch.Tensor, *, damping: float = DAMPING, device: str | torch.device = "cpu", name: str = "input"
+) -> InputFactor:
     """Damp and factor an input second moment Z = E[x xᵀ].
 
     Args:
@@ -110,8 +112,16 @@ def factor_input(z: torch.Tensor, *, damping: float = DAMPING, device: str | tor
 
 
 def lora_da_factors(
-    gradient: torch.Tensor, output_factor: torch.Tensor, input_factor: InputFactor, *, rank: int,
-    population_size: int, alpha: float = ALPHA, beta: float = BETA, gamma: float = GAMMA, seed: int = 0,
+    gradient: torch.Tensor,
+    output_factor: torch.Tensor,
+    input_factor: InputFactor,
+    *,
+    rank: int,
+    population_size: int,
+    alpha: float = ALPHA,
+    beta: float = BETA,
+    gamma: float = GAMMA,
+    seed: int = 0,
     name: str = "module",
 ) -> LoraDaFactors:
     """LoRA-DA's A0 and B0 for one module (see the module docstring for the formula).
@@ -139,14 +149,24 @@ def lora_da_factors(
         >>> f.a.shape, f.b.shape
         (torch.Size([4, 16]), torch.Size([8, 4]))
     """
-    _check_arguments(gradient, output_factor, input_factor, rank=rank, population_size=population_size,
-                     alpha=alpha, beta=beta, gamma=gamma, name=name)
+    _check_arguments(
+        gradient,
+        output_factor,
+        input_factor,
+        rank=rank,
+        population_size=population_size,
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+        name=name,
+    )
     dev = input_factor.cholesky.device
     G = gradient.to(device=dev, dtype=torch.float64)
     y = output_factor.to(device=dev, dtype=torch.float64)
     if not (bool(torch.isfinite(G).all()) and bool(torch.isfinite(y).all())):
-        raise NumericsError(f"{name}: the gradient or the output factor has NaN or Inf entries; check the "
-                            "calibration run")
+        raise NumericsError(
+            f"{name}: the gradient or the output factor has NaN or Inf entries; check the calibration run"
+        )
     y_inverse = 1.0 / (y + input_factor.damping)
     D, sigma = _natural_gradient(G, y_inverse, input_factor, seed=seed, name=name)
     c = float(y_inverse.sum()) / population_size / sigma**2
@@ -154,44 +174,69 @@ def lora_da_factors(
     projected = D.T @ a  # [out, r]
     root = math.sqrt(gamma)
     diagnostics = {
-        "gradient_norm": float(torch.linalg.matrix_norm(G)), "sigma_max": sigma,
-        "eigenvalue_min": float(evals[0]), "eigenvalue_edge": float(evals[rank - 1]),
+        "gradient_norm": float(torch.linalg.matrix_norm(G)),
+        "sigma_max": sigma,
+        "eigenvalue_min": float(evals[0]),
+        "eigenvalue_edge": float(evals[rank - 1]),
         "eigenvalue_next": float(evals[rank]),
-        "bias_norm": bias_norm, "variance_norm": beta * c * float(torch.linalg.matrix_norm(input_factor.inverse)),
-        "captured": float(projected.square().sum() / D.square().sum()), "gamma": float(gamma),
+        "bias_norm": bias_norm,
+        "variance_norm": beta * c * float(torch.linalg.matrix_norm(input_factor.inverse)),
+        "captured": float(projected.square().sum() / D.square().sum()),
+        "gamma": float(gamma),
     }
-    return LoraDaFactors((a.T / root).to("cpu", torch.float32).contiguous(),
-                         (projected / root).to("cpu", torch.float32).contiguous(), diagnostics)
+    return LoraDaFactors(
+        (a.T / root).to("cpu", torch.float32).contiguous(),
+        (projected / root).to("cpu", torch.float32).contiguous(),
+        diagnostics,
+    )
 
 
-def _check_arguments(gradient: torch.Tensor, output_factor: torch.Tensor, input_factor: InputFactor, *, rank: int,
-                     population_size: int, alpha: float, beta: float, gamma: float, name: str) -> None:
+def _check_arguments(
+    gradient: torch.Tensor,
+    output_factor: torch.Tensor,
+    input_factor: InputFactor,
+    *,
+    rank: int,
+    population_size: int,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    name: str,
+) -> None:
     """Shapes that fit together, a rank below the input size, and hyper-parameters in range."""
     n_out, n_in = gradient.shape
     if input_factor.cholesky.shape != (n_in, n_in) or output_factor.shape != (n_out,):
-        raise NumericsError(f"{name}: G {list(gradient.shape)}, output factor {list(output_factor.shape)} and input "
-                            f"factor {list(input_factor.cholesky.shape)} do not fit together")
+        raise NumericsError(
+            f"{name}: G {list(gradient.shape)}, output factor {list(output_factor.shape)} and input "
+            f"factor {list(input_factor.cholesky.shape)} do not fit together"
+        )
     if not 1 <= rank < n_in:
         raise NumericsError(f"{name}: rank {rank} must be at least 1 and below the input size {n_in}")
     if population_size < 1 or alpha < 0 or beta < 0 or alpha == beta == 0 or gamma <= 0:
-        raise NumericsError(f"{name}: need population_size ≥ 1, alpha ≥ 0, beta ≥ 0 (not both 0) and gamma > 0; got "
-                            f"{population_size}, {alpha}, {beta}, {gamma}")
+        raise NumericsError(
+            f"{name}: need population_size ≥ 1, alpha ≥ 0, beta ≥ 0 (not both 0) and gamma > 0; got "
+            f"{population_size}, {alpha}, {beta}, {gamma}"
+        )
 
 
-def _natural_gradient(G: torch.Tensor, y_inverse: torch.Tensor, input_factor: InputFactor, *, seed: int,
-                      name: str) -> tuple[torch.Tensor, float]:
+def _natural_gradient(
+    G: torch.Tensor, y_inverse: torch.Tensor, input_factor: InputFactor, *, seed: int, name: str
+) -> tuple[torch.Tensor, float]:
     """D = −Z_λ⁻¹ Gᵀ diag(y + λ)⁻¹ [in, out], divided by its σ_max; and that σ_max."""
     D = -torch.cholesky_solve(G.T, input_factor.cholesky) * y_inverse[None, :]  # [in, out]
     sigma = triplets(D.T, 1, PRINCIPAL, generator=generator_for(seed, name, G.device)).sigma_max
     if not math.isfinite(sigma) or sigma <= 0:
-        raise NumericsError(f"{name}: the natural gradient is zero or not finite (σ_max = {sigma}); the calibration "
-                            "data gives this module no gradient")
+        raise NumericsError(
+            f"{name}: the natural gradient is zero or not finite (σ_max = {sigma}); the calibration "
+            "data gives this module no gradient"
+        )
     D /= sigma
     return D, sigma
 
 
-def _lowest_directions(D: torch.Tensor, input_factor: InputFactor, *, rank: int, alpha: float,
-                       beta_c: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _lowest_directions(
+    D: torch.Tensor, input_factor: InputFactor, *, rank: int, alpha: float, beta_c: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The `rank` eigenvectors of Ω = −α D Dᵀ + β c Z_λ⁻¹ with the smallest eigenvalues [in, r], each signed so that
     its largest entry is positive; all eigenvalues (ascending); ‖α D Dᵀ‖_F."""
     omega = D @ D.T

@@ -9,6 +9,7 @@ exactly at the pretrained model. The authors leave the base as it is and start a
 (the same factors; the adapter then applies to the original model, as a plain LoRA does); `--no-residual` with exact
 training keeps the original weights and still starts at W.
 """
+
 from __future__ import annotations
 
 from ..method import InitMethod
@@ -21,8 +22,20 @@ class LoRADA(InitMethod):
     needs_data = True
     needs_weights = False
 
-    def prepare(self, ckpt, jobs, settings, *, data=None, samples: int = 64, max_length: int = 512, task=None,
-                device: str = "auto", progress: bool = True, **_):
+    def prepare(
+        self,
+        ckpt,
+        jobs,
+        settings,
+        *,
+        data=None,
+        samples: int = 64,
+        max_length: int = 512,
+        task=None,
+        device: str = "auto",
+        progress: bool = True,
+        **_,
+    ):
         """`task`: the `options.TaskOptions` (task, columns, num_labels) the calibration samples are read for."""
         from ...options import TaskOptions
         from .calibration import calibrate, check_supported
@@ -31,15 +44,25 @@ class LoRADA(InitMethod):
         require_transformers()  # before the data is read
         task = task or TaskOptions()
         name = check_supported(ckpt, task.task)
-        population, examples, labels = calibration_samples(ckpt, data, name, task, samples, max_length,
-                                                            seed=settings.seed)
+        population, examples, labels = calibration_samples(
+            ckpt, data, name, task, samples, max_length, seed=settings.seed
+        )
         factors, inputs = {}, {}
-        for stats in calibrate(ckpt, examples, [j.module for j in jobs], task=name, labels=labels, seed=settings.seed,
-                               device=device, progress=progress):
+        for stats in calibrate(
+            ckpt,
+            examples,
+            [j.module for j in jobs],
+            task=name,
+            labels=labels,
+            seed=settings.seed,
+            device=device,
+            progress=progress,
+        ):
             if stats.input_key not in inputs:  # q/k/v read the same input: factor Z once
                 inputs = {stats.input_key: _input_factor(stats, device, samples)}
-            factors[stats.name] = _module_factors(stats, inputs[stats.input_key], rank=settings.rank,
-                                                  population=population, seed=settings.seed)
+            factors[stats.name] = _module_factors(
+                stats, inputs[stats.input_key], rank=settings.rank, population=population, seed=settings.seed
+            )
         return factors
 
     def factors(self, job, W, settings, *, context=None, generator=None):
@@ -58,10 +81,27 @@ def _module_factors(stats, input_factor, *, rank: int, population: int, seed: in
     """(A0, B0, the module's record) from its calibration statistics."""
     from .maths import lora_da_factors
 
-    f = lora_da_factors(stats.gradient, stats.output_factor, input_factor, rank=rank, population_size=population,
-                        seed=seed, name=stats.name)
-    return (f.a, f.b, {"role": None, **f.diagnostics, "damping": input_factor.damping, "input_rank": input_factor.rank,
-                       "calibration_loss": stats.loss, "calibration_tokens": stats.tokens})
+    f = lora_da_factors(
+        stats.gradient,
+        stats.output_factor,
+        input_factor,
+        rank=rank,
+        population_size=population,
+        seed=seed,
+        name=stats.name,
+    )
+    return (
+        f.a,
+        f.b,
+        {
+            "role": None,
+            **f.diagnostics,
+            "damping": input_factor.damping,
+            "input_rank": input_factor.rank,
+            "calibration_loss": stats.loss,
+            "calibration_tokens": stats.tokens,
+        },
+    )
 
 
 def calibrated(ckpt, jobs, settings, statistics: str, options: dict):
@@ -79,10 +119,20 @@ def calibrated(ckpt, jobs, settings, statistics: str, options: dict):
     require_transformers()  # before the data is read
     task = o["task"] or TaskOptions()
     name = check_supported(ckpt, task.task)
-    population, examples, labels = calibration_samples(ckpt, o["data"], name, task, o["samples"], o["max_length"],
-                                                        seed=settings.seed)
-    return population, calibrate(ckpt, examples, [j.module for j in jobs], task=name, labels=labels,
-                                 seed=settings.seed, device=o["device"], progress=o["progress"], statistics=statistics)
+    population, examples, labels = calibration_samples(
+        ckpt, o["data"], name, task, o["samples"], o["max_length"], seed=settings.seed
+    )
+    return population, calibrate(
+        ckpt,
+        examples,
+        [j.module for j in jobs],
+        task=name,
+        labels=labels,
+        seed=settings.seed,
+        device=o["device"],
+        progress=o["progress"],
+        statistics=statistics,
+    )
 
 
 def calibration_samples(ckpt, data, task: str, options, samples: int, max_length: int, *, seed: int):
@@ -102,14 +152,17 @@ def calibration_samples(ckpt, data, task: str, options, samples: int, max_length
     regression = options.num_labels == 1
     population = check_rows(data, flag="--data", task=task, columns=options.columns, regression=regression)
     if population < samples:
-        raise FormatError(f"--data {data}: {population} rows, fewer than --samples {samples}; give more rows or "
-                          f"pass --samples {population}")
+        raise FormatError(
+            f"--data {data}: {population} rows, fewer than --samples {samples}; give more rows or "
+            f"pass --samples {population}"
+        )
     tokenizer, _ = load_tokenizer(ckpt.root, flag="MODEL")
     labels = None
     if task == CLASSIFY:
         rows = read_labeled(data, columns=options.columns, regression=regression)
-        ids, labels = label_ids(rows, [], data=data, eval_data=None, config=ckpt.config, base=ckpt.source,
-                                num_labels=options.num_labels)  # from every row, as train (less its --eval-data)
+        ids, labels = label_ids(
+            rows, [], data=data, eval_data=None, config=ckpt.config, base=ckpt.source, num_labels=options.num_labels
+        )  # from every row, as train (less its --eval-data)
         examples = tokenize_labeled(rows[:samples], tokenizer, ids, max_length=1 << 30)
     elif task == MASKED_LM:
         examples = load_masked_jsonl(data, tokenizer, max_length=1 << 30, seed=seed, columns=options.columns)[:samples]
@@ -117,8 +170,10 @@ def calibration_samples(ckpt, data, task: str, options, samples: int, max_length
         examples = load_jsonl(data, tokenizer, max_length=1 << 30, limit=samples, columns=options.columns)
     for i, ex in enumerate(examples, 1):
         if len(ex.input_ids) > max_length:
-            raise FormatError(f"--data {data}: sample {i} has {len(ex.input_ids)} tokens, more than --max-length "
-                              f"{max_length}; raise --max-length or shorten it (calibration does not cut samples)")
+            raise FormatError(
+                f"--data {data}: sample {i} has {len(ex.input_ids)} tokens, more than --max-length "
+                f"{max_length}; raise --max-length or shorten it (calibration does not cut samples)"
+            )
     return population, examples, labels
 
 
@@ -145,11 +200,15 @@ def _warn_deficient(stats, z, samples: int) -> None:
 
     from ...errors import AiloraWarning
 
-    warnings.warn(AiloraWarning(
-        f"LoRA-DA: the input statistics of {stats.name} have rank {z.rank} of {z.cholesky.shape[0]} (from "
-        f"{stats.tokens} calibration tokens of {samples} samples): float rounding, not the data, decides part of "
-        "its A0, which can then differ between devices and dtypes; calibrate on more and more varied samples "
-        "(--samples, a larger --data)"), stacklevel=2)
+    warnings.warn(
+        AiloraWarning(
+            f"LoRA-DA: the input statistics of {stats.name} have rank {z.rank} of {z.cholesky.shape[0]} (from "
+            f"{stats.tokens} calibration tokens of {samples} samples): float rounding, not the data, decides part of "
+            "its A0, which can then differ between devices and dtypes; calibrate on more and more varied samples "
+            "(--samples, a larger --data)"
+        ),
+        stacklevel=2,
+    )
 
 
 def _device(device: str):

@@ -1,5 +1,6 @@
 """The checkpoint's model class built on the meta device, whose parts (embeddings, one layer, the head) are
 materialised from the shards one at a time, only while they run; `decoder` and `encoder` say what the parts are."""
+
 from __future__ import annotations
 
 import ctypes
@@ -29,8 +30,15 @@ class ModelParts:
     #: buffers a part may hold, and how the model's constructor fills them (config -> tensor)
     BUFFERS: dict = {}
 
-    def __init__(self, ckpt: Checkpoint, task: str, auto: str, dtype: str | None, dev: torch.device,
-                 overrides: dict | None = None):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        task: str,
+        auto: str,
+        dtype: str | None,
+        dev: torch.device,
+        overrides: dict | None = None,
+    ):
         self.ckpt, self.task, self.device = ckpt, task, dev
         config = AutoConfig.for_model(**{**ckpt.config, **(overrides or {})})
         with torch.device("meta"):
@@ -66,8 +74,10 @@ class ModelParts:
         where = next(n for n, m in self.model.named_modules() if m is module)
         for local, _buf in module.named_buffers():
             if local.rsplit(".", 1)[-1] not in self.BUFFERS:  # to_empty would leave them uninitialised
-                raise UnsupportedError(f"{self.ckpt.source}: {local} is a buffer this transformers version's "
-                                       "layers did not hold; LoRA-DA calibration cannot fill it")
+                raise UnsupportedError(
+                    f"{self.ckpt.source}: {local} is a buffer this transformers version's "
+                    "layers did not hold; LoRA-DA calibration cannot fill it"
+                )
         module.to_empty(device=self.device)
         missing: set[str] = set()
         with torch.no_grad():
@@ -78,8 +88,10 @@ class ModelParts:
                 name = self.tensor_name(model_name)
                 if name is None:
                     if init is None:
-                        raise FormatError(f"{self.ckpt.source}: tensor {model_name!r} is missing; the shards do not "
-                                          "match config.json" + self.missing_hint())
+                        raise FormatError(
+                            f"{self.ckpt.source}: tensor {model_name!r} is missing; the shards do not "
+                            "match config.json" + self.missing_hint()
+                        )
                     missing.add(local)
                     continue
                 shard = self.where[name]
@@ -88,8 +100,10 @@ class ModelParts:
                     self.fds[shard] = os.open(header.path, os.O_RDONLY)
                 tensor = read_tensor(header, name, self.fds[shard])
                 if tuple(tensor.shape) != tuple(param.shape):
-                    raise FormatError(f"{header.path}: tensor {name!r} has shape {list(tensor.shape)}, but the config "
-                                      f"implies {list(param.shape)}")
+                    raise FormatError(
+                        f"{header.path}: tensor {name!r} has shape {list(tensor.shape)}, but the config "
+                        f"implies {list(param.shape)}"
+                    )
                 param.copy_(tensor)
                 del tensor
             if missing:
@@ -118,8 +132,10 @@ class ModelParts:
                 except AttributeError:
                     ok = False
             if not ok:
-                raise TargetError(f"{name}: not a linear module inside {self.KIND} layer of {self.ckpt.source}; "
-                                  f"LoRA-DA calibrates modules named {self.EXAMPLE}")
+                raise TargetError(
+                    f"{name}: not a linear module inside {self.KIND} layer of {self.ckpt.source}; "
+                    f"LoRA-DA calibrates modules named {self.EXAMPLE}"
+                )
             out.setdefault(index, {})[local] = name
         if not out:
             raise TargetError(f"{self.ckpt.source}: no target modules given for LoRA-DA calibration")
@@ -158,6 +174,7 @@ def _initialise(model, module: torch.nn.Module, missing: set[str], generator: to
             own = [f"{name}{k}" for k, _ in m.named_parameters(recurse=False)]
             if own and all(o in missing for o in own):
                 model._init_weights(m)
+
         walk(module, "")
 
 

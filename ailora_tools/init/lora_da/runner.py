@@ -2,6 +2,7 @@
 its gradient, then each layer again from the top with autograd while hooks take the statistics; for forward-only
 statistics (CorDA's) the hooks take them in the first pass, which stops at the last target layer
 (docs/lora-da-calibration.md)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -17,8 +18,16 @@ from .statistics import ModuleStatistics, StatisticsHooks
 HEAD_CHUNK_BYTES = 32 << 20  # float32 logits per lm_head chunk
 
 
-def run_layers(net: ModelParts, targets: dict[int, dict[str, str]], batches: list[Batch], skipped: int,
-               budget: int, scratch, progress: bool, hooks=StatisticsHooks) -> Iterator[ModuleStatistics]:
+def run_layers(
+    net: ModelParts,
+    targets: dict[int, dict[str, str]],
+    batches: list[Batch],
+    skipped: int,
+    budget: int,
+    scratch,
+    progress: bool,
+    hooks=StatisticsHooks,
+) -> Iterator[ModuleStatistics]:
     """Each target's statistics as `hooks` (a class of `statistics`) sum them, layer by layer from the top, or from
     the bottom for forward-only hooks (`targets`: layer index -> {local name: full name}); layer inputs and gradients
     spill beyond `budget` bytes into files under `scratch`; closes `net` at the end."""
@@ -74,8 +83,9 @@ def _forward(net: ModelParts, store: SpillStore, batches: list[Batch], first: in
 
 
 @torch.no_grad()
-def _forward_statistics(net: ModelParts, store: SpillStore, batches: list[Batch], targets: dict, hooks, counts: tuple,
-                        bar) -> Iterator[ModuleStatistics]:
+def _forward_statistics(
+    net: ModelParts, store: SpillStore, batches: list[Batch], targets: dict, hooks, counts: tuple, bar
+) -> Iterator[ModuleStatistics]:
     """Embeddings, then each layer up to the last target one with `hooks` on its targets, keeping only the next
     layer's inputs; each target layer's statistics as soon as it is done (`counts`: samples, skipped)."""
     for b, h in enumerate(net.embed(batches)):

@@ -1,4 +1,5 @@
 """Where calibration keeps layer inputs and gradients between passes: in RAM up to a budget, beyond it in files."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 backward), the loss gradient alone (`GradientHooks`, backward: LoRA-GA), the input covariance (`CovarianceHooks`,
 forward only: CorDA) and the inputs' centred scatter (`CenteredHooks`, forward only: EVA). A hooks class's `BACKWARD`
 says whether the runner takes the loss and goes back down."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,8 +42,10 @@ class StatisticsHooks:
             m = layer.get_submodule(local)
             self.y[name] = torch.zeros(m.out_features, dtype=torch.float32, device=dev)
             self.g[name] = torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=dev)
-            self.handles += [m.register_forward_pre_hook(partial(self._input, name)),
-                             m.register_forward_hook(partial(self._output, name))]
+            self.handles += [
+                m.register_forward_pre_hook(partial(self._input, name)),
+                m.register_forward_hook(partial(self._output, name)),
+            ]
 
     def start(self, batch: Batch) -> None:
         self.batch, self.x, self.seen, self.real_x = batch, {}, [], {}
@@ -73,9 +76,20 @@ class StatisticsHooks:
         for h in self.handles:
             h.remove()
         z = {k: (v / self.tokens).cpu() for k, v in self.z.items()}
-        return [ModuleStatistics(name, self.key[name], z[self.key[name]], (self.y[name] / self.tokens).cpu(),
-                                 (self.g[name] / samples).cpu(), self.tokens, samples, skipped, loss)
-                for name in self.y]
+        return [
+            ModuleStatistics(
+                name,
+                self.key[name],
+                z[self.key[name]],
+                (self.y[name] / self.tokens).cpu(),
+                (self.g[name] / samples).cpu(),
+                self.tokens,
+                samples,
+                skipped,
+                loss,
+            )
+            for name in self.y
+        ]
 
 
 class GradientHooks:
@@ -88,8 +102,10 @@ class GradientHooks:
         for local, name in targets.items():
             m = layer.get_submodule(local)
             self.g[name] = torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=dev)
-            self.handles += [m.register_forward_pre_hook(partial(self._input, name)),
-                             m.register_forward_hook(partial(self._output, name))]
+            self.handles += [
+                m.register_forward_pre_hook(partial(self._input, name)),
+                m.register_forward_hook(partial(self._output, name)),
+            ]
 
     def start(self, batch: Batch) -> None:
         self.batch, self.x = batch, {}
@@ -108,8 +124,10 @@ class GradientHooks:
     def results(self, samples: int, skipped: int, loss: float) -> list[ModuleStatistics]:
         for h in self.handles:
             h.remove()
-        return [ModuleStatistics(name, name, None, None, (g / samples).cpu(), self.tokens, samples, skipped, loss)
-                for name, g in self.g.items()]
+        return [
+            ModuleStatistics(name, name, None, None, (g / samples).cpu(), self.tokens, samples, skipped, loss)
+            for name, g in self.g.items()
+        ]
 
 
 class _InputHooks:
@@ -166,8 +184,10 @@ class CovarianceHooks(_InputHooks):
     def results(self, samples: int, skipped: int, loss: float) -> list[ModuleStatistics]:
         self._close()
         z = {k: (v / self.samples).cpu() for k, v in self.z.items()}
-        return [ModuleStatistics(name, key, z[key], None, None, self.tokens, samples, skipped, loss)
-                for name, key in self.key.items()]
+        return [
+            ModuleStatistics(name, key, z[key], None, None, self.tokens, samples, skipped, loss)
+            for name, key in self.key.items()
+        ]
 
 
 class CenteredHooks(_InputHooks):
@@ -191,5 +211,7 @@ class CenteredHooks(_InputHooks):
     def results(self, samples: int, skipped: int, loss: float) -> list[ModuleStatistics]:
         self._close()
         z = {k: (v - torch.outer(self.sum[k], self.sum[k]) / self.tokens).cpu() for k, v in self.z.items()}
-        return [ModuleStatistics(name, key, z[key], None, None, self.tokens, samples, skipped, loss)
-                for name, key in self.key.items()]
+        return [
+            ModuleStatistics(name, key, z[key], None, None, self.tokens, samples, skipped, loss)
+            for name, key in self.key.items()
+        ]
