@@ -65,6 +65,23 @@ def compare(
     """Run decompose + train for each method (and seed and learning rate) with identical settings; write a table
     and plots.
 
+    `settings`, by name: fields of `InitOptions` and `TrainOptions` (`seed`, `device` both; `lr` a rate, a sweep or
+    "auto", see `training`), the learning-rate search's shape (`SearchSpec`: `lr_factor`, `lr_max_rates`,
+    `search_keep`, `search_steps`, `lr_center`) and what the report asks (`ReportSpec`):
+
+    - `progressive`: K: also run every method with `train(progressive=K)` (runs named METHOD-progressiveK).
+    - `target_loss`: the loss for "steps to reach" (default: the highest final loss among the runs, which all of them
+      reach; train and eval loss each get their own).
+    - `smooth`: training losses are a trailing mean over this many steps for "final" and "steps to reach" (10).
+    - `metric`: what chooses each method's learning rate and the target of "steps to reach": auto (accuracy for
+      classification, pearson for regression, loss otherwise), loss, accuracy, f1, matthews, pearson, spearman;
+      chosen on the eval data (without it: the final training loss).
+    - `target_metric`: the value of `metric` for "steps to reach" (default: the worst final value among the methods
+      at their chosen rates).
+    - `baseline`: the method every other is compared with at its chosen rate, paired by seed (default lora, else the
+      first method): the mean difference in `metric`, its 95% interval over seeds (`interval`: "t" or "bootstrap"), a
+      verdict and the seeds that would resolve it (`statistics`).
+
     Args:
         model: local model directory or Hub id.
         data: training data (as for `train`: JSONL, CSV, TSV, Parquet or a `datasets` directory).
@@ -75,18 +92,6 @@ def compare(
             plain DoRA, and "METHOD+dora" (e.g. "pissa+dora"): that init with DoRA's magnitudes.
         seeds: run every method with each seed (decompose's and train's; "0,1,2" or a list); tables show the
             mean ± std over them. Default: the one `seed`.
-        settings: what the report asks (`ReportSpec`: progressive, smooth, metric, target_loss, target_metric,
-            baseline, interval), the learning-rate search's shape (`SearchSpec`) and fields of `InitOptions` and
-            `TrainOptions`, by name:
-        progressive: K: also run every method with `train(progressive=K)` (runs named METHOD-progressiveK).
-        target_loss: the loss for "steps to reach" (default: the highest final loss among the runs, which all
-            of them reach; train and eval loss each get their own).
-        smooth: training losses are a trailing mean over this many steps for "final" and "steps to reach".
-        metric: what chooses each method's learning rate and the target of "steps to reach": auto (accuracy for
-            classification, pearson for regression, loss otherwise), loss, accuracy, f1, matthews, pearson,
-            spearman; chosen on the eval data (without it: the final training loss).
-        target_metric: the value of `metric` for "steps to reach" (default: the worst final value among the
-            methods at their chosen rates).
         init: how every run's adapter starts (`InitOptions`; its `method` is replaced by each of `methods`).
         training: how every run trains (`TrainOptions`; eval_every defaults to a tenth of max_steps when there
             is eval data). `settings` replace fields of either by name (`seed`, `device` both), e.g.
@@ -99,9 +104,6 @@ def compare(
             `search_steps` steps (default: the comparison's); then its `search_keep` best rates with every seed.
             `lr_center` replaces the family's centre of the first grid.
         revision: Hub revision of `model`.
-        baseline: the method every other is compared with at its chosen rate, paired by seed (default lora, else
-            the first method): the mean difference in `metric`, its 95% interval over seeds (`interval`: "t" or
-            "bootstrap"), a verdict and the seeds that would resolve it (`statistics`).
         dry_run: check everything and return the plan (its runs and their number) without running or writing.
         resume: keep finished runs of an interrupted comparison with the same settings and continue the
             interrupted run (from its last checkpoint: use `save_every`; its time then counts the resumed part
