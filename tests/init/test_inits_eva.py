@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from ailora_tools.adapters.conversion import convert
 from ailora_tools.adapters.merging import merge
+from ailora_tools.analysis import spectrum
 from ailora_tools.decomposition import decompose
 from ailora_tools.demo import data_file
 from ailora_tools.errors import UnsupportedError
@@ -256,3 +257,27 @@ def test_rank_0_modules_as_peft(llama, tmp_path):
     }
     assert mine == theirs and len(theirs) < 2 * len(targets)
     assert config["rank_pattern"] == peft.peft_config["default"].rank_pattern
+
+
+def test_dora_quantized_residual_and_spectrum(llama, tmp_path):
+    """eva with DoRA's magnitudes (step 0 the model's, exact through convert --dora exact), with an NF4 base (its
+    factors as without: quantised once, no refit; no offset) and in `spectrum` (ΔW = s·B·A, no offset)."""
+    common = dict(method="eva", rank=4, data=DATA, samples=8, max_length=64, progress=False)
+    decompose(llama, tmp_path / "d", dora=True, **common)
+    assert (lm_logits(llama, tmp_path / "d" / "adapter") - lm_logits(llama)).abs().max() < 1e-5
+    train(llama, tmp_path / "d" / "adapter", DATA, tmp_path / "t", max_steps=2, lr=1e-2, batch_size=8, progress=False)
+    convert(tmp_path / "t", tmp_path / "x", dora="exact", progress=False)
+    trained = lm_logits(llama, tmp_path / "t")
+    assert (trained - lm_logits(llama)).abs().max() > 1e-3
+    assert (lm_logits(tmp_path / "x" / "base", tmp_path / "x" / "adapter") - trained).abs().max() < PARITY
+    decompose(llama, tmp_path / "o", **common)
+    train(llama, tmp_path / "o" / "adapter", DATA, tmp_path / "to", max_steps=2, lr=1e-2, batch_size=8, progress=False)
+    rows = spectrum(llama, tmp_path / "s", rank=4, adapter=tmp_path / "to", device="cpu", progress=False)["rows"]
+    lora = read_adapter(tmp_path / "to")
+    for r in rows:  # no offset: ΔW is the trained adapter's own s·B·A
+        assert r["delta_fro"] == pytest.approx(float(lora.delta(r["module"]).norm()), rel=1e-4)
+    pytest.importorskip("bitsandbytes")
+    decompose(llama, tmp_path / "q", quantize="nf4", **common)
+    assert json.loads((tmp_path / "q" / "ailora.json").read_text())["no_offset"]
+    kept, drawn = read_adapter(tmp_path / "q" / "adapter").factors, read_adapter(tmp_path / "o" / "adapter").factors
+    assert kept.keys() == drawn.keys() and all(torch.equal(kept[m][i], drawn[m][i]) for m in drawn for i in (0, 1))
