@@ -101,7 +101,7 @@ def test_bad_input_is_one_line(base, tmp_path):
     refused("--data", DATA, "--samples", "100000", needle="fewer than --samples 100000")
     refused("--data", DATA, "--samples", "4", "--max-length", "5", needle="more than --max-length 5")
     res = cli("decompose", base, "-o", tmp_path / "o", "--data", DATA)
-    assert res.exit_code == 1 and "only lora-da, corda, lora-ga do" in res.output
+    assert res.exit_code == 1 and "only lora-da, corda, lora-ga, eva do" in res.output
     gpt2 = build_model("gpt2", tmp_path / "gpt2")
     shutil.copy(base / "tokenizer.json", gpt2 / "tokenizer.json")
     shutil.copy(base / "tokenizer_config.json", gpt2 / "tokenizer_config.json")
