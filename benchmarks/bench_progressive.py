@@ -76,10 +76,7 @@ def train_run(dec: Path, data: Path, evals: Path, out: Path, args, stages: int |
     shutil.rmtree(out, ignore_errors=True)
     argv = [
         sys.executable,
-        "-m",
-        "ailora_tools.cli",
-        "train",
-        "--base",
+        *"-m ailora_tools.cli train --base".split(),
         str(dec / "residual"),
         "--adapter",
         str(dec / "adapter"),

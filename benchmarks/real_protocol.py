@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from real_compare import balanced, model_dir, run_and_report, wheel, write_csv  # noqa: E402
+from real_compare import balanced, compare_command, model_dir, run_and_report, wheel, write_csv  # noqa: E402
 from real_compare import corpus as tweet_rows  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--search-keep", default="1", help="rates of each search run with every seed")
     ap.add_argument("--train-size", type=int, default=800, help="training rows (50 steps of 16)")
     ap.add_argument("--eval-size", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--max-length", type=int, default=40, help="tokens per row (longer rows are cut; 2 cores' budget)")
@@ -73,56 +74,9 @@ def main() -> None:
     train, evals = balanced(rows, train=args.train_size, eval=args.eval_size)
     data = args.out / "data"
     data.mkdir(exist_ok=True)
-    cmd = [
-        "ailora-tools",
-        "compare",
-        str(model),
-        "--data",
-        str(write_csv(train, data / "train.csv", ("text", "label"))),
-        "--eval-data",
-        str(write_csv(evals, data / "eval.csv", ("text", "label"))),
-        "--text-column",
-        "text",
-        "--label-column",
-        "label",
-        "--task",
-        "sequence-classification",
-        "--methods",
-        args.methods,
-        "--rank",
-        "8",
-        "--alpha",
-        "16",
-        "--targets",
-        "query,value",
-        "--batch-size",
-        "16",
-        "--epochs",
-        str(args.epochs),
-        "--max-length",
-        str(args.max_length),
-        "--scheduler",
-        "linear",
-        "--warmup-ratio",
-        "0.06",
-        "--weight-decay",
-        "0.1",
-        "--lr",
-        "auto",
-        "--search-keep",
-        args.search_keep,
-        "--seeds",
-        args.seeds,
-        "--baseline",
-        "lora",
-        "--eval-every",
-        str(args.eval_every),
-        "--device",
-        "cpu",
-        "-o",
-        str(args.out / "compare"),
-    ]
-    cmd += ["--resume"] if args.resume else []
+    train_csv = write_csv(train, data / "train.csv", ("text", "label"))
+    cmd = compare_command(model, train_csv, write_csv(evals, data / "eval.csv", ("text", "label")), "label", args)
+    cmd += ["--lr", "auto", "--search-keep", args.search_keep, "--baseline", "lora"]
     cmd += ["--dry-run"] if args.dry_run else []
     if args.dry_run:
         subprocess.run(cmd, check=True)

@@ -115,36 +115,17 @@ def convert(
     Example:
         >>> convert("trained", "lora", initial="out/adapter", max_rank=32)  # doctest: +SKIP
     """
+    written = dict(max_rank=max_rank, tolerance=tolerance, dtype=dtype, base=base, overwrite=overwrite)
     if dora is not None:
         _refuse_server_with_dora(dora, server=server, max_lora_rank=max_lora_rank)
         return convert_dora(
-            trained,
-            out,
-            mode=dora,
-            initial=initial,
-            max_rank=max_rank,
-            tolerance=tolerance,
-            accept_error=accept_error,
-            dtype=dtype,
-            base=base,
-            overwrite=overwrite,
-            progress=progress,
+            trained, out, mode=dora, initial=initial, accept_error=accept_error, progress=progress, **written
         )
     _check_options(trained, max_rank=max_rank, tolerance=tolerance, dtype=dtype, accept_error=accept_error)
     trained = Path(trained)
     if server is not None and initial is None and not (trained / TRAIN_MANIFEST).is_file():
         # already a LoRA on the original model: only the server's rules
-        return export_for(
-            trained,
-            out,
-            server=server,
-            max_lora_rank=max_lora_rank,
-            max_rank=max_rank,
-            tolerance=tolerance,
-            dtype=dtype,
-            base=base,
-            overwrite=overwrite,
-        )
+        return export_for(trained, out, server=server, max_lora_rank=max_lora_rank, **written)
     plan = plan_conversion(trained, initial=initial, max_rank=max_rank, tolerance=tolerance, base=base)
     if server is not None:
         _apply_server_rules(plan, trained, out, server=server, max_lora_rank=max_lora_rank, tolerance=tolerance)

@@ -57,32 +57,17 @@ def compare(model, as_json, quiet, **settings):
     parameters, and plots against step."""
     o = split(CompareOptions, settings)  # first: its lr (rates) and progressive are not TrainOptions'
     init, training = split(InitOptions, dict(settings)), split(TrainOptions, dict(settings))
+    settings = {k: v for k, v in o.kwargs().items() if k not in ("data", "out", "methods") and (k != "lr" or v)}
+    methods = None if o.methods is None else [m.strip() for m in o.methods.split(",") if m.strip()]
     summary = comparison.compare(
         model,
         o.data,
         o.out,
-        methods=None if o.methods is None else [m.strip() for m in o.methods.split(",") if m.strip()],
-        progressive=o.progressive,
-        target_loss=o.target_loss,
-        smooth=o.smooth,
-        seeds=o.seeds,
-        metric=o.metric,
-        target_metric=o.target_metric,
+        methods=methods,
         init=init,
         training=training,
-        revision=o.revision,
-        baseline=o.baseline,
-        interval=o.interval,
-        lr_factor=o.lr_factor,
-        lr_max_rates=o.lr_max_rates,
-        search_keep=o.search_keep,
-        search_steps=o.search_steps,
-        lr_center=o.lr_center,
-        dry_run=o.dry_run,
-        resume=o.resume,
-        overwrite=o.overwrite,
         progress=progress(quiet or as_json),
-        **({} if o.lr is None else {"lr": o.lr}),
+        **settings,
     )
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))

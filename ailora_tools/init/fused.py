@@ -120,8 +120,7 @@ def fused_factors(W: torch.Tensor, rows: Rows, settings: Settings, *, generator=
     manifest stats: per role its spectrum facts, the rows, and which of A0's rows (B0's columns) hold which role."""
     import torch
 
-    from .method import factors_from_triplets
-    from .svd import triplets
+    from .method import svd_factors
 
     r_q, r_v = split_ranks(settings.rank)
     B0 = torch.zeros(W.shape[0], settings.rank, dtype=torch.float32, device=W.device)
@@ -138,24 +137,7 @@ def fused_factors(W: torch.Tensor, rows: Rows, settings: Settings, *, generator=
     )
     for part, role, r, col in (("q", PRINCIPAL, r_q, 0), ("v", MINOR, r_v, r_q)):
         idx = rows.index(part).to(W.device)
-        t = triplets(
-            W[idx],
-            r,
-            role,
-            mode=settings.svd,
-            niter=settings.niter,
-            oversample=settings.oversample,
-            generator=generator,
-        )
-        A, B = factors_from_triplets(t, settings.scale)
+        A, B, stats[part] = svd_factors(W[idx], role, settings, generator=generator, rank=r)
         As.append(A)
         B0[idx, col : col + r] = B
-        edge = float(t.S[-1] if role == PRINCIPAL else t.S[0])
-        stats[part] = {
-            "role": role,
-            "sigma_max": t.sigma_max,
-            "sigma_edge": edge,
-            "energy_fraction": t.energy_fraction,
-            "deficient_directions": t.deficient,
-        }
     return torch.cat(As).contiguous(), B0, stats

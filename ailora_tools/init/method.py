@@ -108,13 +108,14 @@ def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def svd_factors(W: torch.Tensor, role: str, settings: Settings, *, generator=None):
-    """Factors from W's principal or minor singular triplets, with the spectrum facts the manifest records."""
+def svd_factors(W: torch.Tensor, role: str, settings: Settings, *, generator=None, rank: int | None = None):
+    """Factors from W's principal or minor singular triplets (`rank` of them, default the settings'), with the
+    spectrum facts the manifest records."""
     from .svd import triplets
 
     t = triplets(
         W,
-        settings.rank,
+        settings.rank if rank is None else rank,
         role,
         mode=settings.svd,
         niter=settings.niter,

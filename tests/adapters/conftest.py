@@ -1,21 +1,18 @@
 """Fixtures of the adapter tests: a decomposition whose residual is NF4-quantised, with an adapter trained on it."""
 
-import json
-
 import pytest
 import torch
+from helpers import spm_tokenizer
 from helpers.adapters import QUANTIZED_TARGETS, fake_training, quantize_residual
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ailora_tools import decompose
-from ailora_tools.demo import data_file
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny Llama (hidden 128: W4A16 groups of 128) with a sentencepiece tokenizer, decomposed (PiSSA, r 4) with
     its q/v residual quantised to NF4, and an adapter 'trained' on it."""
-    import sentencepiece as spm
 
     root = tmp_path_factory.mktemp("qserve")
     torch.manual_seed(0)
@@ -29,20 +26,7 @@ def run(tmp_path_factory):
         max_position_embeddings=64,
     )
     LlamaForCausalLM(config).save_pretrained(root / "model", max_shard_size="200KB")
-    rows = [json.loads(line) for line in data_file("demo_train.jsonl").read_text().splitlines()]
-    (root / "corpus.txt").write_text("\n".join(r["prompt"] + r["completion"] for r in rows))
-    spm.SentencePieceTrainer.train(
-        input=str(root / "corpus.txt"),
-        model_prefix=str(root / "model" / "tokenizer"),
-        vocab_size=100,
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    (root / "model" / "tokenizer.vocab").unlink()
+    spm_tokenizer(root / "model")
     decompose(root / "model", root / "dec", method="pissa", rank=4, alpha=8, targets=QUANTIZED_TARGETS, progress=False)
     quantize_residual(root / "dec")
     fake_training(root / "dec" / "adapter", root / "trained", scale=0.05)

@@ -107,12 +107,7 @@ def test_summary_and_progress(tiny, tmp_path):
             str(tiny("qwen2")),
             "-o",
             str(tmp_path / "o"),
-            "--rank",
-            "4",
-            "--method",
-            "pissa",
-            "--svd",
-            "exact",
+            *"--rank 4 --method pissa --svd exact".split(),
         ],
     )
     assert res.exit_code == 0, res.output

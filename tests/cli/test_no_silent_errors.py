@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_model, cli, one_line_error
+from helpers import build_model, cli, one_line_error, train_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -91,15 +91,7 @@ def test_rows_without_loss_tokens_fail_before_training(work, tmp_path, row, why)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(row) + "\n")
     res = cli(
-        "train",
-        "--base",
-        work["dec"] / "residual",
-        "--adapter",
-        work["dec"] / "adapter",
-        "--data",
-        data,
-        "-o",
-        tmp_path / "t",
+        *train_args(work["dec"], data, tmp_path / "t"),
         "--max-length",
         "16",
     )
@@ -262,15 +254,7 @@ def command(kind, work, out):
         return ["decompose", work["base"], "-o", out]
     if kind == "train":
         return [
-            "train",
-            "--base",
-            work["dec"] / "residual",
-            "--adapter",
-            work["dec"] / "adapter",
-            "--data",
-            work["data"],
-            "-o",
-            out,
+            *train_args(work["dec"], work["data"], out),
         ]
     return ["convert", "--trained", work["trained"], "-o", out]
 
@@ -350,15 +334,7 @@ def test_quiet_is_quiet(work, tmp_path):
             sys.executable,
             "-m",
             "ailora_tools.cli",
-            "train",
-            "--base",
-            str(work["dec"] / "residual"),
-            "--adapter",
-            str(work["dec"] / "adapter"),
-            "--data",
-            str(work["data"]),
-            "-o",
-            str(tmp_path / "t"),
+            *train_args(work["dec"], work["data"], tmp_path / "t"),
             "--max-steps",
             "1",
             "--quiet",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_model, cli, one_line_error
+from helpers import build_model, cli, one_line_error, train_args
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -113,15 +113,7 @@ def test_error_falls_from_qlora_to_qpissa_to_loftq_and_the_command_prints_it(tmp
         src,
         "-o",
         tmp_path / "out",
-        "--method",
-        "pissa",
-        "--rank",
-        "8",
-        "--quantize",
-        "nf4",
-        "--loftq-iters",
-        "3",
-        "--quiet",
+        *"--method pissa --rank 8 --quantize nf4 --loftq-iters 3 --quiet".split(),
     )
     assert res.exit_code == 0, res.output
     rows = [line.split() for line in res.output.splitlines() if line.startswith("    ")]
@@ -154,22 +146,8 @@ def test_train_on_the_nf4_residual_on_cpu_loss_falls(tmp_path):
         "\n".join(json.dumps({"prompt": f"Q: {i} + 1 = ?\nA: ", "completion": str(i + 1)}) for i in range(16)) + "\n"
     )
     res = cli(
-        "train",
-        "--base",
-        tmp_path / "dec" / "residual",
-        "--adapter",
-        tmp_path / "dec" / "adapter",
-        "--data",
-        data,
-        "-o",
-        tmp_path / "t",
-        "--max-steps",
-        "12",
-        "--lr",
-        "3e-3",
-        "--device",
-        "cpu",
-        "--json",
+        *train_args(tmp_path / "dec", data, tmp_path / "t"),
+        *"--max-steps 12 --lr 3e-3 --device cpu --json".split(),
     )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output[res.output.index("{") :])

@@ -10,27 +10,21 @@ import pytest
 BENCH = Path(__file__).parents[2] / "benchmarks"
 
 
+def bench(script: str, report: str, tmp_path: Path, args: str, *, workdir: bool = True) -> str:
+    """Run benchmarks/`script` with `args` (split at spaces), its output in tmp_path/results and (`workdir`) its work
+    in tmp_path/work; the text of the one report matching `report`."""
+    out = tmp_path / "results"
+    out.mkdir()
+    cmd = [sys.executable, str(BENCH / script), *args.split(), "--out", str(out)]
+    cmd += ["--workdir", str(tmp_path / "work")] if workdir else []
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    (path,) = out.glob(report)
+    return path.read_text()
+
+
 @pytest.mark.slow
 def test_bench_decompose_runs_every_workload(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_decompose.py"),
-            "--sizes",
-            "tiny",
-            "--rounds",
-            "1",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--out",
-            str(tmp_path / "results"),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    (report,) = (tmp_path / "results").glob("decompose-cpu-*.md")
-    text = report.read_text()
+    text = bench("bench_decompose.py", "decompose-cpu-*.md", tmp_path, "--sizes tiny --rounds 1")
     for workload in (
         "copy (cp -r)",
         "decompose pissa randomized",
@@ -62,26 +56,9 @@ def test_synthetic_sizes_of_big_models():
 
 @pytest.mark.slow
 def test_bench_svd_runs_every_method(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_svd.py"),
-            "--sizes",
-            "96",
-            "--repeats",
-            "1",
-            "--devices",
-            "cpu",
-            "--out",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    (report,) = tmp_path.glob("svd-cpu-*.md")
-    assert f"{os.cpu_count()} cores" in report.read_text() and "devices cpu" in report.read_text()
-    rows = [line for line in report.read_text().splitlines() if line.startswith("| cpu | 96 |")]
+    text = bench("bench_svd.py", "svd-cpu-*.md", tmp_path, "--sizes 96 --repeats 1 --devices cpu", workdir=False)
+    assert f"{os.cpu_count()} cores" in text and "devices cpu" in text
+    rows = [line for line in text.splitlines() if line.startswith("| cpu | 96 |")]
     assert len(rows) == 10  # 6 methods, principal and minor where they apply
     errors = {r.split("|")[4].strip() + " " + r.split("|")[3].strip(): float(r.split("|")[6]) for r in rows}
     assert errors["ailora-tools exact minor"] < 1e-6 and errors["ailora-tools exact principal"] < 1e-6
@@ -89,33 +66,12 @@ def test_bench_svd_runs_every_method(tmp_path):
 
 @pytest.mark.slow
 def test_bench_progressive_reports_every_stage(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_progressive.py"),
-            "--layers",
-            "4",
-            "--hidden",
-            "64",
-            "--seq",
-            "32",
-            "--steps",
-            "6",
-            "--stages",
-            "3",
-            "--rounds",
-            "1",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--out",
-            str(tmp_path / "results"),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
+    text = bench(
+        "bench_progressive.py",
+        "progressive-cpu-*.md",
+        tmp_path,
+        "--layers 4 --hidden 64 --seq 32 --steps 6 --stages 3 --rounds 1",
     )
-    (report,) = (tmp_path / "results").glob("progressive-cpu-*.md")
-    text = report.read_text()
     stages = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert stages == ["0–3 of 0–3", "1–3 of 0–3", "2–3 of 0–3"]
     assert "Updated parameter-steps: 75.0% of plain training" in text and "cores" in text  # (4 + 3 + 2) / 12
@@ -123,29 +79,10 @@ def test_bench_progressive_reports_every_stage(tmp_path):
 
 @pytest.mark.slow
 def test_bench_calibration_runs_engine_and_reference(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_calibration.py"),
-            "--sizes",
-            "tiny",
-            "--samples",
-            "2",
-            "--tokens",
-            "16",
-            "--batch-sizes",
-            "2",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--out",
-            str(tmp_path / "results"),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
+    text = bench(
+        "bench_calibration.py", "calibration-cpu-*.md", tmp_path, "--sizes tiny --samples 2 --tokens 16 --batch-sizes 2"
     )
-    (report,) = (tmp_path / "results").glob("calibration-cpu-*.md")
-    rows = {r.split("|")[1].strip(): r for r in report.read_text().splitlines() if r.startswith("| ")}
+    rows = {r.split("|")[1].strip(): r for r in text.splitlines() if r.startswith("| ")}
     assert "whole model + hooks (reference)" in rows and "layer-wise engine, batch 2" in rows
     g_diff, z_diff = (float(v) for v in rows["layer-wise engine, batch 2"].split("|")[7].split("/"))
     assert g_diff < 0.05 and z_diff < 1e-3  # bfloat16 compute on both sides
@@ -201,63 +138,22 @@ def test_real_protocol_reads_the_spam_collection_and_splits_it_balanced(tmp_path
 
 @pytest.mark.slow
 def test_bench_train_distributed_compares_ranks(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_train_distributed.py"),
-            "--hidden",
-            "128",
-            "--layers",
-            "2",
-            "--steps",
-            "2",
-            "--rounds",
-            "1",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--out",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
+    text = bench(
+        "bench_train_distributed.py",
+        "train-distributed-cpu-*.md",
+        tmp_path,
+        "--hidden 128 --layers 2 --steps 2 --rounds 1",
     )
-    (report,) = tmp_path.glob("train-distributed-cpu-*.md")
-    rows = [
-        line.split("|")
-        for line in report.read_text().splitlines()
-        if line.startswith("| 1 |") or line.startswith("| 2 |")
-    ]
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert [r[1].strip() for r in rows] == ["1", "2"] and float(rows[1][5]) < 1e-5  # the adapters agree
 
 
 @pytest.mark.slow
 def test_bench_qlora_compares_nf4_train_with_peft_qlora(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_qlora.py"),
-            "--device",
-            "cpu",
-            "--seq",
-            "64",
-            "--steps",
-            "3",
-            "--warmup-steps",
-            "1",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--out",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    (report,) = tmp_path.glob("qlora-cpu-*.md")
+    text = bench("bench_qlora.py", "qlora-cpu-*.md", tmp_path, "--device cpu --seq 64 --steps 3 --warmup-steps 1")
     rows = {
         r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
-        for r in report.read_text().splitlines()
+        for r in text.splitlines()
         if r.startswith("| ") and not r.startswith(("| workload", "| ---"))
     }
     assert list(rows) == [
@@ -270,4 +166,4 @@ def test_bench_qlora_compares_nf4_train_with_peft_qlora(tmp_path):
     for name, (rate, ratio, gpu, rss, wall) in rows.items():
         assert gpu == "" and float(rss) > 0 and float(wall) > 0  # no GPU on CPU
         assert (rate == "") == name.startswith("decompose") and (ratio == "") == name.startswith("decompose")
-    assert "bitsandbytes " in report.read_text() and "'tiny' shape" in report.read_text()
+    assert "bitsandbytes " in text and "'tiny' shape" in text

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import killed_at_update
+from helpers import killed_at_update, train_args
 from helpers.encoders import (
     PARITY,
     PROBE,
@@ -56,11 +56,7 @@ def chain(src: Path, tmp: Path, task: str, data: Path, eval_data: Path, *flags) 
         tmp / "trained",
         "--task",
         task,
-        "--lr",
-        "1e-2",
-        "--batch-size",
-        "8",
-        "--json",
+        *"--lr 1e-2 --batch-size 8 --json".split(),
         *flags,
     )
     cli("convert", "--trained", tmp / "trained", "-o", tmp / "lora", "--json")
@@ -224,22 +220,8 @@ def test_bare_sharded_base_that_gets_a_head_is_renamed_in_every_shard_and_the_in
     dec = decompose(src, tmp_path / "dec")
     data = sst2(tmp_path / "t.jsonl", 16, seed=1)
     cli(
-        "train",
-        "--base",
-        dec / "residual",
-        "--adapter",
-        dec / "adapter",
-        "--data",
-        data,
-        "-o",
-        tmp_path / "trained",
-        "--task",
-        "sequence-classification",
-        "--max-steps",
-        "3",
-        "--lr",
-        "1e-2",
-        "--quiet",
+        *train_args(dec, data, tmp_path / "trained"),
+        *"--task sequence-classification --max-steps 3 --lr 1e-2 --quiet".split(),
     )
     cli("merge", dec / "residual", tmp_path / "trained", "-o", tmp_path / "m", "--quiet")
     shards = tensor_names(tmp_path / "m")
@@ -361,15 +343,7 @@ def test_recipe_runs_classification_end_to_end(encoder, tmp_path):
         evals,
         "-o",
         tmp_path / "trained",
-        "--max-steps",
-        "80",
-        "--batch-size",
-        "8",
-        "--warmup",
-        "4",
-        "--lr",
-        "1e-2",
-        "--json",
+        *"--max-steps 80 --batch-size 8 --warmup 4 --lr 1e-2 --json".split(),
     )
     manifest = json.loads((tmp_path / "trained" / "ailora-train.json").read_text())
     assert manifest["task"]["task"] == "sequence-classification"  # from the recipe, as are these:
@@ -430,15 +404,7 @@ def test_bad_classification_input_is_one_line(bare_decomposed, tmp_path, rows, f
     res = CliRunner().invoke(
         main,
         [
-            "train",
-            "--base",
-            str(bare_decomposed / "residual"),
-            "--adapter",
-            str(bare_decomposed / "adapter"),
-            "--data",
-            str(data),
-            "-o",
-            str(tmp_path / "o"),
+            *train_args(bare_decomposed, data, tmp_path / "o"),
             "--task",
             "sequence-classification",
             *flags,
@@ -479,15 +445,7 @@ def test_eval_labels_of_another_type_and_too_many_for_the_head(encoder, bare_dec
     res = CliRunner().invoke(
         main,
         [
-            "train",
-            "--base",
-            str(dec / "residual"),
-            "--adapter",
-            str(dec / "adapter"),
-            "--data",
-            str(train_rows),
-            "-o",
-            str(tmp_path / "o"),
+            *train_args(dec, train_rows, tmp_path / "o"),
         ],
     )  # auto: classification
     assert res.exit_code == 1 and res.output.count("\n") == 1
@@ -501,15 +459,7 @@ def test_masked_lm_needs_a_checkpoint_with_its_head(bare_decomposed, tmp_path):
     res = CliRunner().invoke(
         main,
         [
-            "train",
-            "--base",
-            str(bare_decomposed / "residual"),
-            "--adapter",
-            str(bare_decomposed / "adapter"),
-            "--data",
-            str(data),
-            "-o",
-            str(tmp_path / "o"),
+            *train_args(bare_decomposed, data, tmp_path / "o"),
         ],
     )
     assert res.exit_code == 1, res.output  # auto on a bare encoder: masked LM, and BertModel has no MLM head
@@ -562,22 +512,8 @@ def test_merge_with_dtype_writes_the_head_and_its_labels_in_one_config(bare_deco
     every float tensor (the added head too) is in that dtype, and it computes what the float32 merge computes."""
     data = sst2(tmp_path / "t.jsonl", 16, seed=1)
     cli(
-        "train",
-        "--base",
-        bare_decomposed / "residual",
-        "--adapter",
-        bare_decomposed / "adapter",
-        "--data",
-        data,
-        "-o",
-        tmp_path / "trained",
-        "--task",
-        "sequence-classification",
-        "--max-steps",
-        "3",
-        "--lr",
-        "1e-2",
-        "--quiet",
+        *train_args(bare_decomposed, data, tmp_path / "trained"),
+        *"--task sequence-classification --max-steps 3 --lr 1e-2 --quiet".split(),
     )
     cli("merge", bare_decomposed / "residual", tmp_path / "trained", "-o", tmp_path / "m32", "--quiet")
     summary = cli(

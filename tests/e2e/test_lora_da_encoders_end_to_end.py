@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from helpers import cli as run_cli
+from helpers import train_args
 from helpers.encoders import PARITY, cli, load_merged, outputs, sst2, texts
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -27,15 +28,7 @@ def lora_da(src, out, data, *flags):
         "lora-da",
         "--data",
         data,
-        "--samples",
-        "16",
-        "--targets",
-        "query,value",
-        "--rank",
-        "4",
-        "--alpha",
-        "8",
-        "--quiet",
+        *"--samples 16 --targets query,value --rank 4 --alpha 8 --quiet".split(),
         *flags,
     )
     return out
@@ -56,24 +49,10 @@ def test_lora_da_on_encoders_end_to_end_with_parity(encoder, tmp_path, kind, tas
     assert manifest["data"]["task"] == task and manifest["adapter_base"] == "residual"
     assert all(m["gradient_norm"] > 0 for m in manifest["modules"].values())
     cli(
-        "train",
-        "--base",
-        dec / "residual",
-        "--adapter",
-        dec / "adapter",
-        "--data",
-        data,
-        "-o",
-        tmp_path / "trained",
+        *train_args(dec, data, tmp_path / "trained"),
         "--task",
         task,
-        "--lr",
-        "1e-2",
-        "--batch-size",
-        "8",
-        "--max-steps",
-        "3",
-        "--json",
+        *"--lr 1e-2 --batch-size 8 --max-steps 3 --json".split(),
     )
     cli("convert", "--trained", tmp_path / "trained", "-o", tmp_path / "lora", "--json")
     cli("merge", src, tmp_path / "lora", "-o", tmp_path / "merged", "--json")
@@ -113,13 +92,7 @@ def test_no_offset_keeps_the_base_same_factors_and_converts_to_the_trained_adapt
         "-o",
         tmp_path / "trained",
         *CLS,
-        "--lr",
-        "1e-2",
-        "--batch-size",
-        "8",
-        "--max-steps",
-        "3",
-        "--json",
+        *"--lr 1e-2 --batch-size 8 --max-steps 3 --json".split(),
     )
     assert json.loads((tmp_path / "trained" / "ailora-train.json").read_text())["mode"] == "no_offset"
     assert not base_of(tmp_path / "trained").offset  # the trained adapter alone is the change: merge and serve take it
@@ -147,13 +120,7 @@ def test_no_offset_for_svd_methods_and_its_refusals(encoder, tmp_path):
             src,
             "-o",
             tmp_path / f"p{len(flags)}",
-            "--method",
-            "pissa",
-            "--targets",
-            "query,value",
-            "--rank",
-            "4",
-            "--quiet",
+            *"--method pissa --targets query,value --rank 4 --quiet".split(),
             *flags,
         )
     a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("p0", "p1"))

@@ -5,13 +5,12 @@ import json
 import shutil
 
 import pytest
-from helpers import build_model, cli
+from helpers import build_model, cli, train_dec
 
 from ailora_tools.adapters.conversion import convert
 from ailora_tools.adapters.merging import merge
 from ailora_tools.decomposition import decompose
 from ailora_tools.demo import build_tiny_model, data_file
-from ailora_tools.training.trainer import train
 
 DATA = data_file("demo_train.jsonl")
 
@@ -33,16 +32,7 @@ def test_lora_da_end_to_end_with_parity(base, tmp_path):
     assert stats["gradient_norm"] > 0 and stats["eigenvalue_edge"] <= stats["eigenvalue_next"]
     assert s["worst_recon_rel_fro"] < 1e-6  # residual + initial adapter = the original model
     assert (logits(tmp_path / "d" / "residual", tmp_path / "d" / "adapter") - logits(base)).abs().max() < 1e-4
-    train(
-        tmp_path / "d" / "residual",
-        tmp_path / "d" / "adapter",
-        DATA,
-        tmp_path / "t",
-        max_steps=3,
-        lr=1e-2,
-        batch_size=8,
-        progress=False,
-    )
+    train_dec(tmp_path / "d", DATA, tmp_path / "t", max_steps=3, lr=1e-2, batch_size=8)
     convert(tmp_path / "t", tmp_path / "l")
     merge(base, tmp_path / "l", tmp_path / "m", progress=False)
     trained = logits(tmp_path / "d" / "residual", tmp_path / "t")
@@ -71,17 +61,9 @@ def test_qwen2_with_biases(tmp_path):
         qwen,
         "-o",
         tmp_path / "d",
-        "--method",
-        "lora-da",
-        "--rank",
-        "4",
-        "--data",
+        *"--method lora-da --rank 4 --data".split(),
         DATA,
-        "--samples",
-        "8",
-        "--max-length",
-        "64",
-        "--json",
+        *"--samples 8 --max-length 64 --json".split(),
     )
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["worst_recon_rel_fro"] < 1e-6
@@ -114,10 +96,7 @@ def test_bad_input_is_one_line(base, tmp_path):
         "lora-da",
         "--data",
         DATA,
-        "--samples",
-        "4",
-        "--targets",
-        "c_attn",
+        *"--samples 4 --targets c_attn".split(),
     )
     assert res.exit_code == 1 and "'gpt2' is not supported" in res.output and "bert" in res.output, res.output
     assert not (tmp_path / "o").exists()
@@ -132,10 +111,7 @@ def test_bad_input_is_one_line(base, tmp_path):
         "lora-da",
         "--data",
         DATA,
-        "--samples",
-        "4",
-        "--task",
-        "masked-lm",
+        *"--samples 4 --task masked-lm".split(),
     )
     assert res.exit_code == 1 and "not for --task masked-lm" in res.output, res.output
 

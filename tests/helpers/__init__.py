@@ -3,6 +3,7 @@ ailora_tools, the command line in this process, and interrupted training. Import
 [tool.pytest.ini_options] pythonpath); the fixtures are in the conftest.py files."""
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -24,27 +25,23 @@ from transformers import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
+#: the tiny decoder's sizes: 2 layers, hidden 64, 4 query heads and 2 KV heads (grouped-query attention)
+DECODER = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
 def make_config(kind: str):
     if kind == "llama":  # grouped-query attention: 4 query heads, 2 KV heads
-        return LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
+        return LlamaConfig(**DECODER)
     if kind == "qwen2":  # q/k/v biases
-        return Qwen2Config(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
+        return Qwen2Config(**DECODER)
     if kind == "bert":
         return BertConfig(
             vocab_size=100,
@@ -162,6 +159,40 @@ def compare_briefly(base, data, out, methods: list[str]) -> dict:
         seed=1,
         device="cpu",
     )
+
+
+def spm_tokenizer(root: Path, vocab_size: int = 100, **extra) -> Path:
+    """A sentencepiece BPE model of `vocab_size` pieces trained on the demo corpus (unk 0, bos 1, eos 2, no pad),
+    written as root/tokenizer.model; `extra`: more trainer options. Its path."""
+    import sentencepiece as spm
+
+    from ailora_tools.demo import data_file
+
+    rows = [json.loads(line) for line in data_file("demo_train.jsonl").read_text().splitlines()]
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(r["prompt"] + r["completion"] for r in rows))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(root / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, **extra,
+    )  # fmt: skip
+    corpus.unlink()
+    (root / "tokenizer.vocab").unlink()
+    return root / "tokenizer.model"
+
+
+def train_dec(dec, data, out, **settings):
+    """`train` on the decompose output `dec` (its residual and adapter) into `out`, no progress bar; its summary."""
+    from ailora_tools.training.trainer import train
+
+    return train(dec / "residual", dec / "adapter", data, out, **{"progress": False, **settings})
+
+
+def train_args(dec, data, out, *flags) -> list[str]:
+    """`ailora-tools train`'s arguments for the decompose output `dec` (its residual and adapter) on `data` into
+    `out`, then `flags`: as strings."""
+    return [str(a) for a in ("train", "--base", dec / "residual", "--adapter", dec / "adapter")] + [
+        str(a) for a in ("--data", data, "-o", out, *flags)
+    ]
 
 
 def cli(*args):

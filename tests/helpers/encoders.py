@@ -149,17 +149,7 @@ def decompose(src: Path, out: Path) -> Path:
         src,
         "-o",
         out,
-        "--method",
-        "ailora",
-        "--svd",
-        "exact",
-        "--targets",
-        "q_proj,v_proj",
-        "--rank",
-        "4",
-        "--alpha",
-        "8",
-        "--quiet",
+        *"--method ailora --svd exact --targets q_proj,v_proj --rank 4 --alpha 8 --quiet".split(),
     )  # BERT-family models resolve q_proj/v_proj to query/value
     return out
 

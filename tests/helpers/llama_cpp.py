@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from ailora_tools.demo import data_file
 from ailora_tools.servers import llama_cpp
+from helpers import DECODER, spm_tokenizer
 from helpers.adapters import randomize_lora
 
 PROMPTS = [torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (12, 7)]
@@ -32,18 +32,7 @@ class Family:
     )  # config.json keys the converter reads and transformers 5 no longer writes
 
 
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    vocab_size=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+SMALL = dict(DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 #: GPT-OSS's rope (transformers' GptOssConfig default, as its checkpoints), which says truncate: false
@@ -138,25 +127,10 @@ FAMILIES = {
 }
 
 
-def spm_tokenizer(root: Path) -> Path:
+def llama_spm_tokenizer(root: Path) -> Path:
     """A 100-piece sentencepiece model trained on the demo corpus (llama.cpp's converters read tokenizer.model)."""
-    import sentencepiece as spm
-
-    rows = [json.loads(line) for line in data_file("demo_train.jsonl").read_text().splitlines()]
-    (root / "corpus.txt").write_text("\n".join(r["prompt"] + r["completion"] for r in rows))
-    spm.SentencePieceTrainer.train(
-        input=str(root / "corpus.txt"),
-        model_prefix=str(root / "tokenizer"),
-        vocab_size=100,
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        user_defined_symbols=["<|endoftext|>"],  # llama.cpp's vocab loader looks it up in a model named phi3
-        minloglevel=2,
-    )
-    return root / "tokenizer.model"
+    # llama.cpp's vocab loader looks "<|endoftext|>" up in a model named phi3
+    return spm_tokenizer(root, user_defined_symbols=["<|endoftext|>"])
 
 
 def gpt2_tokenizer(root: Path, python: str) -> Path:
@@ -249,7 +223,7 @@ def _finish(root: Path, model_dir: Path, fam: Family, python: str) -> Path:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (model_dir / f).write_bytes((root / "bpe" / f).read_bytes())
     else:
-        spm = root / "tokenizer.model" if (root / "tokenizer.model").is_file() else spm_tokenizer(root)
+        spm = root / "tokenizer.model" if (root / "tokenizer.model").is_file() else llama_spm_tokenizer(root)
         (model_dir / "tokenizer.model").write_bytes(spm.read_bytes())
     return model_dir
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import train_args
 from helpers.zoo import ZOO, build, logits
 
 from ailora_tools import decompose, get_ailora_model
@@ -180,15 +181,7 @@ def test_refusals_are_one_line_naming_the_flags(models, tmp_path):
     decompose(t5, tmp_path / "dec", rank=2, progress=False)
     (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
     res = cli(
-        "train",
-        "--base",
-        tmp_path / "dec" / "residual",
-        "--adapter",
-        tmp_path / "dec" / "adapter",
-        "--data",
-        tmp_path / "d.jsonl",
-        "-o",
-        tmp_path / "t",
+        *train_args(tmp_path / "dec", tmp_path / "d.jsonl", tmp_path / "t"),
     )
     one_line_error(res, "T5ForConditionalGeneration is an encoder-decoder", "decompose, convert and merge take it")
     assert not (tmp_path / "o").exists() and not (tmp_path / "t").exists()

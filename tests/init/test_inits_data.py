@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import cli, compare_briefly, lm_logits
+from helpers import cli, compare_briefly, lm_logits, train_dec
 from helpers.calibration import samples
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -17,7 +17,6 @@ from ailora_tools.decomposition import decompose
 from ailora_tools.demo import data_file
 from ailora_tools.io.peft_adapter import read_adapter
 from ailora_tools.testing.peft_data_inits import peft_init
-from ailora_tools.training.trainer import train
 
 DATA = data_file("demo_train.jsonl")
 PARITY = 1e-4
@@ -42,16 +41,7 @@ def test_decompose_train_convert_merge_parity(llama, tmp_path, method, extra):
     assert s["worst_recon_rel_fro"] < 1e-6  # residual + initial adapter = the original model
     start = lm_logits(tmp_path / "d" / "residual", tmp_path / "d" / "adapter")
     assert (start - lm_logits(llama)).abs().max() < PARITY
-    train(
-        tmp_path / "d" / "residual",
-        tmp_path / "d" / "adapter",
-        DATA,
-        tmp_path / "t",
-        max_steps=3,
-        lr=1e-2,
-        batch_size=8,
-        progress=False,
-    )
+    train_dec(tmp_path / "d", DATA, tmp_path / "t", max_steps=3, lr=1e-2, batch_size=8)
     trained = lm_logits(tmp_path / "d" / "residual", tmp_path / "t")
     assert (trained - start).abs().max() > 1e-3  # training moved the model
     if extra.get("dora"):  # DoRA: step 0 above; served merged (a LoRA on the original is convert --dora's)

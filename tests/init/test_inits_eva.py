@@ -16,8 +16,7 @@ import pytest
 import torch
 from helpers import cli, compare_briefly, lm_logits
 from helpers.calibration import SAMPLES, samples, source
-from peft import EvaConfig, LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora.eva import initialize_lora_eva_weights
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -27,8 +26,9 @@ from ailora_tools.analysis import spectrum
 from ailora_tools.decomposition import decompose
 from ailora_tools.demo import data_file
 from ailora_tools.errors import UnsupportedError
-from ailora_tools.init.eva import redistribute
+from ailora_tools.init.eva import DENSE_WIDTH, principal_directions, redistribute
 from ailora_tools.io.peft_adapter import read_adapter, with_ranks
+from ailora_tools.testing.peft_data_inits import peft_init
 from ailora_tools.training import get_ailora_model
 from ailora_tools.training.trainer import train
 
@@ -46,23 +46,10 @@ EVA_CASES = [
 
 
 def peft_eva(src, auto, data, task, targets, rank, alpha, rho, count=SAMPLES):
-    model = auto.from_pretrained(src, dtype=torch.float32).eval()
+    model = auto.from_pretrained(src, dtype=torch.float32)
     rows = samples(src, data, task, count)
-    width = max(ids.shape[1] for ids, _ in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, (row, _) in enumerate(rows):
-        ids[i, : row.shape[1]], mask[i, : row.shape[1]] = row[0], 1
-    lora = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=list(targets),
-        init_lora_weights="eva",
-        eva_config=EvaConfig(rho=rho, use_label_mask=False),
-    )
-    peft = get_peft_model(model, lora, low_cpu_mem_usage=True)
-    initialize_lora_eva_weights(peft, [{"input_ids": ids, "attention_mask": mask}], show_progress_bar=False)
-    return peft.eval(), ids[:1, : rows[0][0].shape[1]]
+    peft, _ = peft_init(model, "eva", rows, rank=rank, alpha=alpha, targets=targets, rho=rho)
+    return peft.eval(), rows[0][0]
 
 
 def ours(src, out, data, task, targets, rank, alpha, rho, count=SAMPLES):
@@ -130,6 +117,22 @@ def test_the_comparison_catches_a_wrong_sign_scale_or_rank():
     assert redistribute(ratios, 4) == {"a": 2, "b": 2} and redistribute(ratios, 5) == {"a": 3, "b": 2}
     tie = {"q": torch.tensor([0.5, 0.2]), "v": torch.tensor([0.5, 0.2])}  # one input: ties go to the earlier
     assert redistribute(tie, 3) == {"q": 2, "v": 1}
+
+
+def test_wide_inputs_take_the_krylov_search_and_agree_with_a_dense_eigh():
+    """Above DENSE_WIDTH the leading eigenpairs come from `svd`'s exact principal search, not a dense eigh: the same
+    directions (PEFT's signs) and ratios as the dense float64 eigendecomposition of the same scatter."""
+    torch.manual_seed(0)
+    width, top = DENSE_WIDTH + 476, 12
+    X = torch.randn(3000, width, dtype=torch.float64) * torch.logspace(0, -2, width, dtype=torch.float64)
+    X = X - X.mean(0)
+    scatter = X.T @ X
+    V, ratios = principal_directions(scatter, top, 3000, name="wide")
+    values, vectors = torch.linalg.eigh(scatter)
+    want = vectors[:, -top:].flip(1).T
+    want = want * want[torch.arange(top), want.abs().argmax(1)].sign()[:, None]
+    torch.testing.assert_close(V, want.float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ratios, values[-top:].flip(0) / scatter.trace(), rtol=1e-9, atol=0)
 
 
 def concentrated(tmp_path, llama):

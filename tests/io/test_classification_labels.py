@@ -201,11 +201,7 @@ def test_compare_refuses_a_label_only_the_eval_file_has_before_any_run(encoder, 
         data,
         "--eval-data",
         eval_data,
-        "--methods",
-        "lora",
-        "--max-steps",
-        "1",
-        "-o",
+        *"--methods lora --max-steps 1 -o".split(),
         tmp_path / "o",
     )
     one_line_error(res, "e.jsonl:2: label 'neutral' is in no row of --data")

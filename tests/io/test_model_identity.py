@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, killed_at_update, make_config, one_line_error
+from helpers import cli, killed_at_update, make_config, one_line_error, train_args, train_dec
 
 from ailora_tools.adapters import check_adapter, convert, export_gguf, merge
 from ailora_tools.decomposition import decompose
@@ -41,15 +41,8 @@ def two(tmp_path_factory):
     for seed, x in enumerate(MODELS):
         base = build_tiny_model(root / x / "base", seed=seed)
         decompose(base, root / x / "dec", rank=4, progress=False)
-        train(
-            root / x / "dec" / "residual",
-            root / x / "dec" / "adapter",
-            data_file("demo_train.jsonl"),
-            root / x / "trained",
-            max_steps=2,
-            batch_size=2,
-            lr=1e-2,
-            progress=False,
+        train_dec(
+            root / x / "dec", data_file("demo_train.jsonl"), root / x / "trained", max_steps=2, batch_size=2, lr=1e-2
         )
         convert(root / x / "trained", root / x / "lora")
         out[x] = {
@@ -188,15 +181,7 @@ def test_convert_refuses_an_initial_adapter_the_manifest_contradicts(two, tmp_pa
 def test_convert_refuses_a_recorded_initial_adapter_that_changed(two, tmp_path):
     root = tmp_path / "x"
     shutil.copytree(two["A"]["initial"].parent, root / "dec")
-    train(
-        root / "dec" / "residual",
-        root / "dec" / "adapter",
-        data_file("demo_train.jsonl"),
-        root / "t",
-        max_steps=1,
-        batch_size=2,
-        progress=False,
-    )
+    train_dec(root / "dec", data_file("demo_train.jsonl"), root / "t", max_steps=1, batch_size=2)
     shutil.copy(two["B"]["initial"] / "adapter_model.safetensors", root / "dec" / "adapter")
     with pytest.raises(OptionError, match="changed since training"):
         convert(root / "t", tmp_path / "l")
@@ -222,20 +207,9 @@ def test_another_model_of_equal_shapes_is_refused_and_force_records_a_warning(tw
     warnings = json.loads((tmp_path / "m" / "ailora-merge.json").read_text())["warnings"]
     assert len(warnings) == 1 and "--force" in warnings[0] and "another model" in warnings[0]
     res = cli(
-        "train",
-        "--base",
-        two["B"]["residual"],
-        "--adapter",
-        two["A"]["initial"],
-        "--data",
-        data,
-        "-o",
-        tmp_path / "t",
-        "--force",
-        "--max-steps",
-        "1",
-        "--quiet",
-    )
+        "train", "--base", two["B"]["residual"], "--adapter", two["A"]["initial"], "--data", data, "-o", tmp_path / "t",
+        *"--force --max-steps 1 --quiet".split(),
+    )  # fmt: skip
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "t" / "ailora-train.json").read_text())
     assert manifest["warnings"] and manifest["applies_to"]["model"] == str(two["B"]["residual"].absolute())
@@ -289,23 +263,9 @@ def test_resume_refuses_changed_data(two, tmp_path, monkeypatch, new_rows):
         train(two["A"]["residual"], two["A"]["initial"], data, tmp_path / "t", **args)
     data.write_text(rows(new_rows, offset=100))
     res = cli(
-        "train",
-        "--base",
-        two["A"]["residual"],
-        "--adapter",
-        two["A"]["initial"],
-        "--data",
-        data,
-        "-o",
-        tmp_path / "t",
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--save-every",
-        "1",
-        "--resume",
-    )
+        *train_args(two["A"]["residual"].parent, data, tmp_path / "t"),
+        *"--max-steps 4 --batch-size 2 --save-every 1 --resume".split(),
+    )  # fmt: skip
     one_line_error(res, "--resume: --data changed since the run", "--overwrite")
     assert not (tmp_path / "t" / "ailora-train.json").exists()
     data.write_text(rows(8))  # restored: the run finishes
@@ -322,15 +282,7 @@ def test_resume_refuses_changed_data(two, tmp_path, monkeypatch, new_rows):
 def test_resume_of_a_finished_run_with_other_settings_says_it_is_complete(two, tmp_path):
     shutil.copytree(two["A"]["trained"], tmp_path / "t")
     res = cli(
-        "train",
-        "--base",
-        two["A"]["residual"],
-        "--adapter",
-        two["A"]["initial"],
-        "--data",
-        data_file("demo_train.jsonl"),
-        "-o",
-        tmp_path / "t",
+        *train_args(two["A"]["residual"].parent, data_file("demo_train.jsonl"), tmp_path / "t"),
         "--resume",
         "--quiet",
     )
@@ -399,19 +351,8 @@ def _run_cli(*args) -> subprocess.CompletedProcess:
 
 def test_progress_bars_in_a_log_redraw_rarely(two, tmp_path):
     res = _run_cli(
-        "train",
-        "--base",
-        two["A"]["residual"],
-        "--adapter",
-        two["A"]["initial"],
-        "--data",
-        data_file("demo_train.jsonl"),
-        "-o",
-        tmp_path / "t",
-        "--max-steps",
-        "30",
-        "--batch-size",
-        "2",
+        *train_args(two["A"]["residual"].parent, data_file("demo_train.jsonl"), tmp_path / "t"),
+        *"--max-steps 30 --batch-size 2".split(),
     )
     assert res.returncode == 0, res.stderr
     bar = [part for part in res.stderr.replace("\r", "\n").splitlines() if part.startswith("train")]
@@ -428,15 +369,7 @@ def test_compare_quiet_prints_nothing_but_the_result(two, tmp_path):
         data,
         "-o",
         tmp_path / "c",
-        "--methods",
-        "lora,lora-da",
-        "--rank",
-        "4",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--quiet",
+        *"--methods lora,lora-da --rank 4 --max-steps 2 --batch-size 2 --quiet".split(),
     )
     assert res.returncode == 0, res.stderr
     assert all(line.startswith("warning: LoRA-DA") for line in res.stderr.splitlines()), res.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import spm_tokenizer
 
 from ailora_tools import decompose
 from ailora_tools.demo import data_file
@@ -20,22 +21,8 @@ from ailora_tools.training.trainer import train
 @pytest.fixture(scope="module")
 def spm_dir(tmp_path_factory):
     """A directory holding only a sentencepiece `tokenizer.model` (as older Llama/Mistral checkpoints ship)."""
-    import sentencepiece as spm
-
     root = tmp_path_factory.mktemp("spm")
-    rows = [json.loads(line) for line in data_file("demo_train.jsonl").read_text().splitlines()]
-    (root / "corpus.txt").write_text("\n".join(r["prompt"] + r["completion"] for r in rows))
-    spm.SentencePieceTrainer.train(
-        input=str(root / "corpus.txt"),
-        model_prefix=str(root / "tokenizer"),
-        vocab_size=60,
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
+    spm_tokenizer(root, vocab_size=60)
     (root / "tok").mkdir()
     shutil.copy(root / "tokenizer.model", root / "tok" / "tokenizer.model")
     return root / "tok"

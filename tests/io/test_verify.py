@@ -5,11 +5,10 @@ import json
 import shutil
 
 import pytest
-from helpers import cli
+from helpers import cli, train_dec
 
 from ailora_tools.decomposition import decompose
 from ailora_tools.demo import build_tiny_model, data_file
-from ailora_tools.training import train
 from ailora_tools.verify import verify
 
 STEPS = ["checkpoints/step-0000002", "checkpoints/step-0000004"]
@@ -20,16 +19,7 @@ def trained(tmp_path_factory):
     """A tiny Llama decomposed and trained 4 steps, with checkpoints at steps 2 and 4."""
     root = tmp_path_factory.mktemp("verify")
     decompose(build_tiny_model(root / "src", seed=0), root / "dec", rank=4, progress=False)
-    train(
-        root / "dec" / "residual",
-        root / "dec" / "adapter",
-        data_file("demo_train.jsonl"),
-        root / "trained",
-        max_steps=4,
-        batch_size=2,
-        save_every=2,
-        progress=False,
-    )
+    train_dec(root / "dec", data_file("demo_train.jsonl"), root / "trained", max_steps=4, batch_size=2, save_every=2)
     return root / "trained"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli
+from helpers import DECODER, cli
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
 
@@ -37,18 +37,7 @@ def peft_lora(model, base: Path, out: Path, targets: list[str]) -> Path:
 
 def test_phi3_lora_on_fused_projections_passes_check_and_convert_for_vllm(tmp_path):
     torch.manual_seed(0)
-    phi3 = Phi3ForCausalLM(
-        Phi3Config(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            pad_token_id=0,
-        )
-    )
+    phi3 = Phi3ForCausalLM(Phi3Config(**DECODER, pad_token_id=0))
     lora = peft_lora(phi3, tmp_path / "phi3", tmp_path / "lora", ["qkv_proj", "gate_up_proj"])
     assert check_adapter(lora, target="vllm") == []
     res = cli("check", lora, "--for", "vllm")

@@ -88,16 +88,7 @@ def test_bitfit_trains_a_new_classification_head_and_merges_it(tmp_path):
             str(data),
             "-o",
             str(tmp_path / "bf"),
-            "--task",
-            "sequence-classification",
-            "--lr",
-            "1e-2",
-            "--batch-size",
-            "8",
-            "--max-steps",
-            "6",
-            "--json",
-            "--quiet",
+            *"--task sequence-classification --lr 1e-2 --batch-size 8 --max-steps 6 --json --quiet".split(),
         ],
     )
     assert res.exit_code == 0, res.output

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import train_args
 from helpers.encoders import FILLER, cli, decompose, sentence
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -241,22 +242,8 @@ def test_train_on_csv_pairs_stores_label_names_and_parquet_regression(encoder, t
         dec / "residual",
         "--adapter",
         dec / "adapter",
-        "--task",
-        "sequence-classification",
-        "--text-column",
-        "s1",
-        "--text-pair-column",
-        "s2",
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "8",
-        "--eval-every",
-        "3",
-        "--lr",
-        "1e-2",
-        "--json",
-        "--quiet",
+        *"--task sequence-classification --text-column s1 --text-pair-column s2 --max-steps 3 --batch-size 8".split(),
+        *"--eval-every 3 --lr 1e-2 --json --quiet".split(),
     ]
     s = cli(
         "train",
@@ -269,10 +256,7 @@ def test_train_on_csv_pairs_stores_label_names_and_parquet_regression(encoder, t
         "gold",
         "-o",
         tmp_path / "cls",
-        "--warmup-ratio",
-        "0.5",
-        "--weight-decay",
-        "0.1",
+        *"--warmup-ratio 0.5 --weight-decay 0.1".split(),
     )
     assert {"eval_accuracy", "eval_f1", "eval_matthews"} <= set(s)
     manifest = json.loads((tmp_path / "cls" / "ailora-train.json").read_text())
@@ -287,11 +271,7 @@ def test_train_on_csv_pairs_stores_label_names_and_parquet_regression(encoder, t
         tmp_path / "t.parquet",
         "--eval-data",
         tmp_path / "t.parquet",
-        "--label-column",
-        "score",
-        "--num-labels",
-        "1",
-        "-o",
+        *"--label-column score --num-labels 1 -o".split(),
         tmp_path / "reg",
     )
     assert {"eval_pearson", "eval_spearman"} <= set(s) and "eval_accuracy" not in s
@@ -309,19 +289,8 @@ def test_a_bad_column_fails_before_any_model_loads(encoder, tmp_path):
     res = CliRunner().invoke(
         main,
         [
-            "train",
-            "--base",
-            str(dec / "residual"),
-            "--adapter",
-            str(dec / "adapter"),
-            "--data",
-            str(tmp_path / "t.tsv"),
-            "-o",
-            str(tmp_path / "o"),
-            "--task",
-            "sequence-classification",
-            "--text-column",
-            "text",
+            *train_args(dec, tmp_path / "t.tsv", tmp_path / "o"),
+            *"--task sequence-classification --text-column text".split(),
         ],
     )
     assert res.exit_code == 1 and res.output.strip().splitlines() == [

@@ -122,10 +122,7 @@ def test_killed_on_two_sharded_ranks_resumes_on_one(decomposed, straight, tmp_pa
     ran = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
+            *"-m torch.distributed.run --standalone --nproc-per-node=2".split(),
             str(killer),
             "6",
             *map(str, args(decomposed, tmp_path / "out")),

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import killed_at_update
+from helpers import killed_at_update, train_dec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -127,15 +127,7 @@ def test_progressive_refuses_what_does_not_fit(decomposed):
     with pytest.raises(TargetError, match=r"--progressive 5: the model has 4 transformer blocks"):
         Progressive(_peft(decomposed), stages=5, total_steps=20)
     with pytest.raises(TargetError, match=r"--progressive 3: training has only 2 steps"):
-        train(
-            decomposed / "dec" / "residual",
-            decomposed / "dec" / "adapter",
-            data_file("demo_train.jsonl"),
-            decomposed / "never",
-            max_steps=2,
-            progressive=3,
-            progress=False,
-        )
+        train_dec(decomposed / "dec", data_file("demo_train.jsonl"), decomposed / "never", max_steps=2, progressive=3)
     assert not (decomposed / "never").exists()
 
 
@@ -149,9 +141,8 @@ def _same(a, b):
 
 def test_frozen_blocks_stay_identical_and_stages_are_reported(decomposed, tmp_path):
     out = tmp_path / "t"
-    s = train(
-        decomposed / "dec" / "residual",
-        decomposed / "dec" / "adapter",
+    s = train_dec(
+        decomposed / "dec",
         data_file("demo_train.jsonl"),
         out,
         max_steps=12,
@@ -159,7 +150,6 @@ def test_frozen_blocks_stay_identical_and_stages_are_reported(decomposed, tmp_pa
         batch_size=8,
         save_every=4,
         progressive=3,
-        progress=False,
     )
     initial, at4, at8 = (
         decomposed / "dec" / "adapter",

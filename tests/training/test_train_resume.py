@@ -31,15 +31,7 @@ def run(tmp_path_factory):
         args[1],
         "--data",
         args[2],
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--save-every",
-        "2",
-        "--lr",
-        "0.01",
-        "--quiet",
+        *"--max-steps 4 --batch-size 2 --save-every 2 --lr 0.01 --quiet".split(),
     ]
     return {"args": args, "flags": flags, "trained": root / "trained"}
 

@@ -22,46 +22,17 @@ class LoRADA(InitMethod):
     needs_data = True
     needs_weights = False
 
-    def prepare(
-        self,
-        ckpt,
-        jobs,
-        settings,
-        *,
-        data=None,
-        samples: int = 64,
-        max_length: int = 512,
-        task=None,
-        device: str = "auto",
-        progress: bool = True,
-        **_,
-    ):
-        """`task`: the `options.TaskOptions` (task, columns, num_labels) the calibration samples are read for."""
-        from ...options import TaskOptions
-        from .calibration import calibrate, check_supported
-        from .masks import require_transformers
-
-        require_transformers()  # before the data is read
-        task = task or TaskOptions()
-        name = check_supported(ckpt, task.task)
-        population, examples, labels = calibration_samples(
-            ckpt, data, name, task, samples, max_length, seed=settings.seed
-        )
+    def prepare(self, ckpt, jobs, settings, **options):
+        """`options`: data, samples (64), max_length (512), task (the `options.TaskOptions` the calibration samples
+        are read for), device ("auto"), progress (True); see `calibrated`."""
+        device, samples = options.get("device", "auto"), options.get("samples", 64)
+        population, stats = calibrated(ckpt, jobs, settings, "lora-da", options)
         factors, inputs = {}, {}
-        for stats in calibrate(
-            ckpt,
-            examples,
-            [j.module for j in jobs],
-            task=name,
-            labels=labels,
-            seed=settings.seed,
-            device=device,
-            progress=progress,
-        ):
-            if stats.input_key not in inputs:  # q/k/v read the same input: factor Z once
-                inputs = {stats.input_key: _input_factor(stats, device, samples)}
-            factors[stats.name] = _module_factors(
-                stats, inputs[stats.input_key], rank=settings.rank, population=population, seed=settings.seed
+        for s in stats:
+            if s.input_key not in inputs:  # q/k/v read the same input: factor Z once
+                inputs = {s.input_key: _input_factor(s, device, samples)}
+            factors[s.name] = _module_factors(
+                s, inputs[s.input_key], rank=settings.rank, population=population, seed=settings.seed
             )
         return factors
 
@@ -106,10 +77,9 @@ def _module_factors(stats, input_factor, *, rank: int, population: int, seed: in
 
 def calibrated(ckpt, jobs, settings, statistics: str, options: dict):
     """(rows in `--data`, an iterator of each job's `statistics` as `calibration.calibrate` sums them) on its first
-    `samples` rows, read for `task` (`options.TaskOptions`) as LoRA-DA's `prepare` reads them: the calibration of the
-    other data-aware methods (CorDA, LoRA-GA, EVA), from the keyword options decompose hands a method's `prepare`
-    (data, samples, max_length, task, device, progress; LoRA-DA's defaults where absent). Everything is checked before
-    this returns."""
+    `samples` rows, read for `task` (`options.TaskOptions`): the calibration of every data-aware method (LoRA-DA,
+    CorDA, LoRA-GA, EVA), from the keyword options decompose hands a method's `prepare` (data, samples, max_length,
+    task, device, progress; these defaults where absent). Everything is checked before this returns."""
     from ...options import TaskOptions
     from .calibration import calibrate, check_supported
     from .masks import require_transformers
