@@ -66,6 +66,24 @@ def test_lora_da_on_encoders_end_to_end_with_parity(encoder, tmp_path, kind, tas
         assert (start - outputs(auto.from_pretrained(src), src)).abs().max() <= PARITY
 
 
+def test_classification_calibration_cuts_long_text_as_train_does(encoder, tmp_path):
+    """Classification text longer than --max-length is cut for the calibration as train cuts it (the label is not
+    in the tokens), so a comparison at a short --max-length runs LoRA-DA too."""
+    from ailora_tools.init.lora_da.method import calibration_samples
+    from ailora_tools.io.checkpoint import Checkpoint
+    from ailora_tools.options import TaskOptions
+
+    src = encoder("bert-bare")
+    data = sst2(tmp_path / "d.jsonl", 24, seed=1)
+    task = TaskOptions(task="sequence-classification")
+    _, full, _ = calibration_samples(Checkpoint.open(src), data, "sequence-classification", task, 16, 512, seed=0)
+    _, cut, _ = calibration_samples(Checkpoint.open(src), data, "sequence-classification", task, 16, 3, seed=0)
+    assert max(len(e.input_ids) for e in full) > 3 and all(len(e.input_ids) <= 3 for e in cut)
+    assert [e.input_ids[:2] for e in cut] == [e.input_ids[:2] for e in full]  # the same start, then [SEP]
+    lora_da(src, tmp_path / "dec", data, *CLS, "--max-length", "3")
+    assert json.loads((tmp_path / "dec" / "ailora.json").read_text())["method"] == "lora-da"
+
+
 def test_no_offset_keeps_the_base_same_factors_and_converts_to_the_trained_adapter(encoder, tmp_path):
     src = encoder("bert-cls")
     data = sst2(tmp_path / "d.jsonl", 24, seed=1, names=("negative", "positive"))

@@ -111,7 +111,9 @@ def calibration_samples(ckpt, data, task: str, options, samples: int, max_length
     --seed` gives its first rows); classification labels get train's ids from these rows.
 
     Raises:
-        FormatError: fewer rows than `samples`, a bad row, or a sample longer than `max_length` (not cut).
+        FormatError: fewer rows than `samples`, a bad row, or a causal-LM or masked-LM sample longer than `max_length`
+            (not cut: that could drop the tokens its loss is on; classification text is cut at `max_length`, as
+            `train` cuts it, so `compare --max-length` holds for LoRA-DA's calibration too).
     """
     from ...architectures import CLASSIFY, MASKED_LM
     from ...errors import FormatError
@@ -133,12 +135,12 @@ def calibration_samples(ckpt, data, task: str, options, samples: int, max_length
         ids, labels = label_ids(
             rows, [], data=data, eval_data=None, config=ckpt.config, base=ckpt.source, num_labels=options.num_labels
         )  # from every row, as train (less its --eval-data)
-        examples = tokenize_labeled(rows[:samples], tokenizer, ids, max_length=1 << 30)
+        examples = tokenize_labeled(rows[:samples], tokenizer, ids, max_length=max_length)  # cut as train cuts
     elif task == MASKED_LM:
         examples = load_masked_jsonl(data, tokenizer, max_length=1 << 30, seed=seed, columns=options.columns)[:samples]
     else:
         examples = load_jsonl(data, tokenizer, max_length=1 << 30, limit=samples, columns=options.columns)
-    for i, ex in enumerate(examples, 1):
+    for i, ex in enumerate(examples, 1):  # token-level losses: cutting could drop every token a sample's loss is on
         if len(ex.input_ids) > max_length:
             raise FormatError(
                 f"--data {data}: sample {i} has {len(ex.input_ids)} tokens, more than --max-length "
