@@ -25,6 +25,8 @@ from .sweeps import BITFIT, DEFAULT_METHODS, DORA, init_of, parse_lrs, parse_see
 
 #: `--lr auto`
 AUTO = "auto"
+#: calibration samples for data-aware methods: the first rows of the training data
+CALIBRATION_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class ComparePlan:
     metric: str
     lrs: dict[str, list[float]]
     seeds: list[int] | None
-    #: rows of --data (lora-da calibrates on up to `CALIBRATION_SAMPLES` of them), None if not counted
+    #: rows of --data (the data-aware methods calibrate on up to `CALIBRATION_SAMPLES` of them), None if not counted
     data_rows: int | None
     runs: list[Run]
     #: what the manifest records and `--resume` compares
@@ -120,6 +122,7 @@ def plan_comparison(
     metric = _metric(asked.metric, task, train_o.num_labels == 1)
     train_o, rows = _data(data, train_o, task, ckpt, model)
     _check_methods(methods, init_o, ckpt, model)
+    _check_calibration(methods, ckpt, data, task, train_o, rows.get("--data"))
     runs = _runs(methods, asked.progressive, lrs, seeds, search)
     recorded = {
         **_recorded(model, data, revision, ckpt, init_o, train_o, seeds, lrs),
@@ -182,6 +185,17 @@ def _check_methods(methods: list[str], init_o: InitOptions, ckpt: Checkpoint, mo
         METHODS[init_of(m)[0]].check_settings(Settings(init_o.rank, 1.0))  # (orthogonal: an even rank)
     if BITFIT in methods:  # a model without bias terms (Llama) is refused now, not after the other runs
         check_bitfit(ckpt, base=model, adapter=None, bitfit=True, progressive=None)
+
+
+def _check_calibration(methods: list[str], ckpt: Checkpoint, data, task, train_o: TrainOptions, rows) -> None:
+    """The calibration rows of the data-aware methods (the first `CALIBRATION_SAMPLES` rows of --data, read as
+    their decompose reads them) checked before the first run: a causal-LM sample longer than --max-length would
+    otherwise stop the comparison at that method's turn."""
+    if rows is None or not any(m != BITFIT and METHODS[init_of(m)[0]].needs_data for m in methods):
+        return
+    from ..init.lora_da.method import calibration_samples
+
+    calibration_samples(ckpt, data, task.name, train_o, min(CALIBRATION_SAMPLES, rows), train_o.max_length, seed=0)
 
 
 def _runs(

@@ -35,15 +35,13 @@ from ..options import (
 from ..training import trainer
 from .costs import describe, run_bounds
 from .curves import read_curves, trailing_mean
-from .plan import ComparePlan, Run, plan_comparison
+from .plan import CALIBRATION_SAMPLES, ComparePlan, Run, plan_comparison
 from .report import REPORT_NAME, report, write_plots
 from .schedule import schedule
 from .summary import summarise, verdicts
 from .sweeps import BITFIT, init_of, run_name
 
 DECOMPOSED, TRAINED = "decomposed", "trained"
-#: calibration samples for data-aware methods: the first rows of the training data
-CALIBRATION_SAMPLES = 64
 
 
 def compare(

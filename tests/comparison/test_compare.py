@@ -12,7 +12,7 @@ from ailora_tools.cli import main
 from ailora_tools.comparison.curves import steps_to_reach, trailing_mean
 from ailora_tools.decomposition import pipeline as decomposition
 from ailora_tools.demo import build_tiny_model, data_file
-from ailora_tools.errors import OptionError, OutputError, TargetError
+from ailora_tools.errors import FormatError, OptionError, OutputError, TargetError
 from ailora_tools.training import trainer as train_module
 from ailora_tools.verify import verify
 
@@ -158,6 +158,8 @@ def test_bad_input_fails_before_any_run(tiny, setup, tmp_path):
         compare(setup / "base", data, tmp_path / "a", methods=["pissa+lora"])
     with pytest.raises(TargetError, match="part of the fused c_attn"):  # q_proj on GPT-2, found before lora trains
         compare(tiny("gpt2"), data, tmp_path / "b", methods=["lora", "ailora"])
+    with pytest.raises(FormatError, match="sample 1 has .* tokens, more than --max-length 4"):  # before lora's run
+        compare(setup / "base", data, tmp_path / "b", methods=["lora", "lora-da"], max_length=4)
     res = CliRunner().invoke(
         main, ["compare", str(setup / "base"), "--data", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "c")]
     )
