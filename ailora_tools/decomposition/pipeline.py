@@ -65,7 +65,8 @@ def decompose(
     process (`ailora_tools.distributed`).
 
     Host memory above the caller's baseline: at most 64 MiB + 16 × the largest target in float32, whatever
-    the checkpoint size. On CUDA, add a fixed cost for the CUDA context and its kernels (about 0.8–0.9 GB
+    the checkpoint size; GPT-OSS expert targets add twice their stored 3-D tensor (one layer's experts, read whole
+    and copied for the residual). On CUDA, add a fixed cost for the CUDA context and its kernels (about 0.8–0.9 GB
     on an H100 with torch 2.11 + CUDA 13), paid once per process and not growing with the checkpoint.
 
     Args:
