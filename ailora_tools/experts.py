@@ -5,13 +5,16 @@ Checkpoints of Qwen2/3-MoE and Mixtral store every expert's matrices on their ow
 fused 3-D parameters of one `experts` module (`mlp.experts.gate_up_proj` [E, 2I, H] = gate rows then up rows,
 `mlp.experts.down_proj` [E, H, I]), which PEFT adapts through `LoraConfig(target_parameters=...)` (`ParamWrapper`:
 lora_A [E·R, in] holds expert e's A in rows e·R..(e+1)·R; lora_B [out, R·E] holds expert e's B in columns j·E + e).
+GPT-OSS checkpoints store the fused parameters as the model holds them, transposed and interleaved
+(`mlp.experts.gate_up_proj` [E, H, 2I]: output column 2j is gate row j, 2j + 1 up row j; `down_proj` [E, I, H]; with
+biases); PEFT reads the experts module's `is_transposed` and adds expert e's (B·A)ᵀ, so B's rows stay in W [out, in]
+order, interleaved like the parameter's columns.
 
-Adapters on disk keep the checkpoint's per-expert names (one LoRA pair per stored matrix), so that convert, merge
-and the checks work matrix by matrix on the checkpoint as it is. Training fuses them: the pieces of one fused
-parameter (gate and up) stack their A rows and put their B blocks on the diagonal (rank R = the pieces' ranks added,
-the scale kept by `alpha_pattern`); after training each piece is expert e's rows of the fused B with the fused A
-(rank R). GPT-OSS stores its experts fused (`experts.gate_up_proj` [E, H, 2I], gate and up interleaved, with biases):
-its expert weights are refused by name (`STORED_FUSED`).
+Adapters on disk keep one LoRA pair per expert matrix under per-expert names (the checkpoint's; for GPT-OSS virtual
+ones, `mlp.experts.3.gate_proj`, each naming a slice of a stored 3-D tensor: `expert_slices`), so that convert, merge
+and the checks work matrix by matrix. Training fuses them: the pieces of one fused parameter (gate and up) stack
+their A rows and put their B blocks in their own output rows and columns (rank R = the pieces' ranks added, the
+scale kept by `alpha_pattern`); after training each piece is expert e's rows of the fused B with the fused A (rank R).
 """
 
 from __future__ import annotations
@@ -23,12 +26,19 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """One family's expert names: the checkpoint's block name, the model's, and the pieces of each fused parameter."""
+    """One family's expert names: the checkpoint's block name, the model's, the pieces of each fused parameter, and
+    how the fused parameters lay them out."""
 
     stored_block: str
     block: str
-    #: fused parameter of the `experts` module -> the stored per-expert matrices it stacks, in row order
+    #: fused parameter of the `experts` module -> the per-expert matrices it holds, in row order
     pieces: dict[str, tuple[str, ...]]
+    #: the checkpoint stores the fused parameters (`{block}.experts.gate_up_proj` [E, ...]), not one matrix per expert
+    stored_fused: bool = False
+    #: the fused parameters are [E, in, out] (else [E, out, in])
+    transposed: bool = False
+    #: the pieces take alternate output rows (gate, up, gate, ...; else one block each)
+    interleaved: bool = False
 
     def piece_names(self) -> tuple[str, ...]:
         return tuple(p for group in self.pieces.values() for p in group)
@@ -36,16 +46,21 @@ class ExpertLayout:
     def fused_of(self, piece: str) -> str:
         return next(f for f, group in self.pieces.items() if piece in group)
 
+    def rows(self, piece: str, out: int) -> slice:
+        """The output rows of `piece` in its fused parameter's W [out, in] (`out` rows for all its pieces)."""
+        group = self.pieces[self.fused_of(piece)]
+        k, n = group.index(piece), len(group)
+        return slice(k, None, n) if self.interleaved else slice(k * out // n, (k + 1) * out // n)
+
 
 _QWEN = ExpertLayout("mlp", "mlp", {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)})
-#: model_type -> layout, for the families whose checkpoints store experts one matrix each
+#: model_type -> layout, for the mixture-of-experts families supported
 LAYOUTS = {
     "qwen3_moe": _QWEN,
     "qwen2_moe": _QWEN,
     "mixtral": ExpertLayout("block_sparse_moe", "mlp", {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}),
+    "gpt_oss": ExpertLayout("mlp", "mlp", _QWEN.pieces, stored_fused=True, transposed=True, interleaved=True),
 }
-#: model_type -> what its checkpoints store fused, which no target may name
-STORED_FUSED = {"gpt_oss": "experts.gate_up_proj [E, H, 2I] with gate and up interleaved, experts.down_proj, biases"}
 #: the router of each family, never adapted unless named
 ROUTERS = ("gate", "router")
 
@@ -65,6 +80,46 @@ def split_name(module: str, layout: ExpertLayout) -> tuple[str, int, str] | None
     pieces = "|".join(map(re.escape, layout.piece_names()))
     m = re.fullmatch(rf"(.+)\.{re.escape(layout.stored_block)}\.experts\.(\d+)\.({pieces})", module)
     return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+@dataclass(frozen=True)
+class ExpertSlice:
+    """Where one expert's matrix lies in a stored fused parameter: the 3-D tensor, the expert, the output rows
+    (start, stop, step) of its W [out, in], whether the tensor is [E, in, out]; and the matrix's shape [out, in]."""
+
+    tensor: str
+    expert: int
+    rows: tuple[int, int | None, int]
+    transposed: bool
+    shape: tuple[int, int]
+
+    def matrix(self, T):
+        """The expert's W [out, in] as a view of the stored tensor `T` (writing into it writes `T`)."""
+        W = T[self.expert].T if self.transposed else T[self.expert]
+        return W[slice(*self.rows)]
+
+
+def expert_slices(tensors: dict, config: dict) -> dict[str, ExpertSlice]:
+    """Every expert matrix of a checkpoint that stores its experts fused (GPT-OSS), by its per-expert name
+    ("model.layers.0.mlp.experts.3.up_proj"), from the checkpoint's `tensors` (name -> TensorInfo); empty for other
+    checkpoints."""
+    layout = layout_of(config)
+    if layout is None or not layout.stored_fused:
+        return {}
+    fused = "|".join(map(re.escape, layout.pieces))
+    out = {}
+    for name, t in tensors.items():
+        m = re.fullmatch(rf"(.+)\.{re.escape(layout.block)}\.experts\.({fused})", name)
+        if m is None or len(t.shape) != 3:
+            continue
+        n_out, n_in = (t.shape[2], t.shape[1]) if layout.transposed else (t.shape[1], t.shape[2])
+        for e in range(t.shape[0]):
+            for piece in layout.pieces[m[2]]:
+                rows = layout.rows(piece, n_out)
+                out[f"{m[1]}.{layout.stored_block}.experts.{e}.{piece}"] = ExpertSlice(
+                    name, e, (rows.start, rows.stop, rows.step), layout.transposed, (len(range(n_out)[rows]), n_in)
+                )
+    return out
 
 
 def is_expert(module: str, config: dict) -> bool:
@@ -130,8 +185,8 @@ def stored_names(fused_name: str, layout: ExpertLayout, expert: int) -> list[str
 
 
 def fuse_into(wrapper, fused_name: str, layout: ExpertLayout, factors: dict, adapter_name: str) -> set[str]:
-    """Copy the per-expert factors of one fused parameter into its live `ParamWrapper`: A rows stacked, B blocks on
-    the diagonal; return the stored module names used.
+    """Copy the per-expert factors of one fused parameter into its live `ParamWrapper`: A rows stacked, each piece's B
+    in its own output rows (`ExpertLayout.rows`) and columns; return the stored module names used.
 
     Raises:
         KeyError: an expert's piece missing from `factors` (the caller names the adapter).
@@ -141,7 +196,8 @@ def fuse_into(wrapper, fused_name: str, layout: ExpertLayout, factors: dict, ada
 
     A_live, B_live = wrapper.lora_A[adapter_name].weight, wrapper.lora_B[adapter_name].weight
     E, R, used = wrapper.num_experts, wrapper.r[adapter_name], set()
-    B_view = B_live.data.view(B_live.shape[0], R, E)
+    out, pieces = B_live.shape[0], layout.pieces[fused_name.rsplit(".", 1)[1]]
+    B_view = B_live.data.view(out, R, E)
     for e in range(E):
         names = stored_names(fused_name, layout, e)
         pairs = [factors[n] for n in names]
@@ -149,7 +205,11 @@ def fuse_into(wrapper, fused_name: str, layout: ExpertLayout, factors: dict, ada
             raise ValueError(f"{names[0]}: ranks {[A.shape[0] for A, _ in pairs]} do not add up to {R}")
         with torch.no_grad():
             A_live[e * R : (e + 1) * R].copy_(torch.cat([A for A, _ in pairs]))
-            B_view[:, :, e].copy_(torch.block_diag(*[B for _, B in pairs]))
+            B_e, col = B_view[:, :, e], 0
+            B_e.zero_()
+            for piece, (A, B) in zip(pieces, pairs):
+                B_e[layout.rows(piece, out), col : col + A.shape[0]] = B
+                col += A.shape[0]
         used.update(names)
     return used
 
@@ -159,15 +219,14 @@ def unfuse(wrapper, fused_name: str, layout: ExpertLayout, adapter_name: str) ->
     fused A and its own rows of the fused B (rank R)."""
     A_live = wrapper.lora_A[adapter_name].weight.detach().float().cpu()
     B_live = wrapper.lora_B[adapter_name].weight.detach().float().cpu()
-    E, R = wrapper.num_experts, wrapper.r[adapter_name]
-    B_view = B_live.view(B_live.shape[0], R, E)
-    out = {}
+    E, R, out = wrapper.num_experts, wrapper.r[adapter_name], B_live.shape[0]
+    B_view, pieces = B_live.view(out, R, E), layout.pieces[fused_name.rsplit(".", 1)[1]]
+    result = {}
     for e in range(E):
-        names = stored_names(fused_name, layout, e)
-        A_e, B_e, rows = A_live[e * R : (e + 1) * R], B_view[:, :, e], B_live.shape[0] // len(names)
-        for k, name in enumerate(names):
-            out[name] = (A_e.clone(), B_e[k * rows : (k + 1) * rows].clone())
-    return out
+        A_e, B_e = A_live[e * R : (e + 1) * R], B_view[:, :, e]
+        for piece, name in zip(pieces, stored_names(fused_name, layout, e)):
+            result[name] = (A_e.clone(), B_e[layout.rows(piece, out)].clone())
+    return result
 
 
 def layout_by_names(modules) -> ExpertLayout | None:

@@ -29,6 +29,7 @@ from .. import __version__
 from ..architectures import CLASSIFY, base_model_prefix, match, saved_task
 from ..distributed import is_worker
 from ..errors import TargetError, UnsupportedError
+from ..experts import ExpertSlice, expert_slices
 from ..init.dora import merged_weight
 from ..io.checkpoint import Checkpoint
 from ..io.fingerprints import fingerprints
@@ -124,7 +125,11 @@ def _plan_merge(base, adapter, out, *, dtype: str | None, revision, allow_pickle
     heads, added, renamed, config = _head(
         lora, ckpt, adapter, base, out_dtype or (tensors[next(iter(weights.values()))].dtype if weights else "F32")
     )
-    job = MergeJob(ckpt, tensors, lora, {w: m for m, w in weights.items()}, heads, packed, quant, out_dtype)
+    modules_of: dict[str, list[str]] = {}
+    for m, w in weights.items():
+        modules_of.setdefault(w, []).append(m)
+    parts = {m: p for m, p in expert_slices(tensors, ckpt.config).items() if m in weights}
+    job = MergeJob(ckpt, tensors, lora, modules_of, parts, heads, packed, quant, out_dtype)
     settings = {
         "tool": __version__,
         "command": "merge",
@@ -178,14 +183,15 @@ def _write_merged(plan: MergePlan, base, adapter, out, *, overwrite: bool, resum
 
 @dataclass
 class MergeJob:
-    """What every merged tensor needs: the base, the adapter, which weight is which module's, the head's tensors,
-    the NF4-packed weights, the quantised run to measure against, and the output dtype. Called per tensor by
-    `rewrite_checkpoint`."""
+    """What every merged tensor needs: the base, the adapter, which weight is which modules', the expert slices
+    (GPT-OSS), the head's tensors, the NF4-packed weights, the quantised run to measure against, and the output dtype.
+    Called per tensor by `rewrite_checkpoint`."""
 
     ckpt: Checkpoint
     tensors: dict[str, TensorInfo]  # the base as float tensors (an NF4 residual's dequantised view)
     lora: Adapter
-    module_of: dict[str, str]  # weight tensor -> adapter module
+    modules_of: dict[str, list[str]]  # weight tensor -> adapter modules (several: the expert slices of one tensor)
+    parts: dict[str, ExpertSlice]  # adapter module -> its slice of a stored fused expert parameter
     heads: dict[str, torch.Tensor]  # base tensor -> the adapter's head tensor replacing it
     packed: set[str]
     quant: tuple | None  # (QuantizedRun, trained adapter) for an adapter trained on a quantised residual
@@ -198,7 +204,7 @@ class MergeJob:
 
     def plan(self) -> dict[str, list[str]]:
         """Shard -> the tensors rewritten, by offset; with --dtype every float tensor is cast, adapted or not."""
-        special = set(self.module_of) | set(self.heads) | self.packed | self.measured
+        special = set(self.modules_of) | set(self.heads) | self.packed | self.measured
         return by_shard(
             self.tensors,
             [
@@ -222,9 +228,12 @@ class MergeJob:
         target = torch_dtype(self.out_dtype) if self.out_dtype else W.dtype
         if info.name in self.heads:
             return Replaced(self.heads[info.name].to(target))
-        if info.name not in self.module_of:
+        if info.name not in self.modules_of:
             return Replaced(W.to(target))
-        lora, module = self.lora, self.module_of[info.name]
+        lora, modules = self.lora, self.modules_of[info.name]
+        if modules[0] in self.parts:
+            return self._merged_slices(modules, W, target)
+        module = modules[0]
         if module in lora.magnitudes:  # DoRA: m ⊙ (W + s·B·A) / ‖W + s·B·A‖ (init.dora)
             merged = merged_weight(
                 W,
@@ -236,6 +245,16 @@ class MergeJob:
             return Replaced(merged.to(target), record={"max_abs_delta": float((merged - W.double()).abs().max())})
         delta = lora.delta(module)
         return Replaced((W.float() + delta).to(target), record={"max_abs_delta": float(delta.abs().max())})
+
+    def _merged_slices(self, modules: list[str], W: torch.Tensor, target: torch.dtype) -> Replaced:
+        """A stored fused expert parameter (GPT-OSS) with the s·B·A of each of `modules` (its expert slices) added
+        in float32."""
+        merged, largest = W.to(torch.float32, copy=True), 0.0
+        for module in modules:
+            delta = self.lora.delta(module)
+            self.parts[module].matrix(merged).add_(delta)
+            largest = max(largest, float(delta.abs().max()))
+        return Replaced(merged.to(target), record={"max_abs_delta": largest})
 
 
 def _merged_config(config: dict, dtype: str | None, packed: bool) -> dict:

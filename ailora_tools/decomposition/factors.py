@@ -19,10 +19,10 @@ def factors_only(run: DecomposeRun) -> tuple[dict, str]:
     from ..devices import resolve_device
 
     dev = resolve_device(run.device)
-    sharing = Sharing.start({j.tensor.name: work(j.tensor.shape) for j in run.jobs})
+    sharing = Sharing.start({j.module: work(j.shape) for j in run.jobs})
     results = {}
     for job in tqdm(run.jobs, desc="decompose", unit="matrix", disable=not run.progress):
-        A0, B0, stats = sharing.result(job.tensor.name, lambda job=job: factors_of(run, job, dev))
+        A0, B0, stats = sharing.result(job.module, lambda job=job: factors_of(run, job, dev))
         results[job.module] = ((A0, B0), {**stats, "source_sample": stored_sample(run.ckpt, job.tensor.name)})
     return results, str(dev)
 
@@ -41,5 +41,5 @@ def serve(run: DecomposeRun) -> int:
     """Ranks ≥ 1 of a torchrun launch: compute the factors of this rank's share of rank 0's jobs; return how many."""
     from ..devices import resolve_device
 
-    dev, by_tensor = resolve_device(run.device), {j.tensor.name: j for j in run.jobs}
-    return Sharing.start(None).serve(lambda name: factors_of(run, by_tensor[name], dev))
+    dev, by_module = resolve_device(run.device), {j.module: j for j in run.jobs}
+    return Sharing.start(None).serve(lambda name: factors_of(run, by_module[name], dev))

@@ -20,6 +20,7 @@ from .. import __version__
 from ..architectures import head_tensors, peft_task_type, task_of
 from ..distributed import is_worker, use_local_gpu
 from ..errors import NumericsError, OptionError, UnsupportedError
+from ..experts import expert_slices
 from ..init import METHODS, InitMethod, Job, Settings, get_method, lora_scale
 from ..init.experts import check_expert_jobs, expert_targets
 from ..init.fused import job_rows
@@ -30,7 +31,7 @@ from ..io.nf4_layout import HEADS
 from ..io.output import OutputDir
 from ..io.rewrite import Hashes
 from ..io.tables import table_format
-from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, TensorInfo, read_tensor
+from ..io.tensorio import DTYPE_FLAGS, FLOAT_DTYPES, read_tensor
 from ..manifests import (
     ADAPTER_DIR,
     DECOMPOSE_MANIFEST,
@@ -64,7 +65,8 @@ def decompose(
     process (`ailora_tools.distributed`).
 
     Host memory above the caller's baseline: at most 64 MiB + 16 × the largest target in float32, whatever
-    the checkpoint size. On CUDA, add a fixed cost for the CUDA context and its kernels (about 0.8–0.9 GB
+    the checkpoint size; GPT-OSS expert targets add twice their stored 3-D tensor (one layer's experts, read whole
+    and copied for the residual). On CUDA, add a fixed cost for the CUDA context and its kernels (about 0.8–0.9 GB
     on an H100 with torch 2.11 + CUDA 13), paid once per process and not growing with the checkpoint.
 
     Args:
@@ -291,26 +293,28 @@ def plan(ckpt: Checkpoint, init: InitMethod, targets, overrides: dict[str, str],
             not a float matrix, or is too small for `rank`.
     """
     arch = architecture(ckpt.config)
-    weights = linear_modules(ckpt.tensors)
+    parts = expert_slices(ckpt.tensors, ckpt.config)  # GPT-OSS: each expert's matrix in a stored 3-D tensor
+    weights = {**linear_modules(ckpt.tensors), **{m: ckpt.tensors[p.tensor] for m, p in parts.items()}}
     targets = expert_targets(ckpt.config, list(targets), list(weights), ckpt.tensors)  # fused names: every expert
     roles = assign_roles(init, targets, list(weights), arch, dict(overrides), config=ckpt.config)
     jobs = []
     for m in sorted(roles, key=lambda m: (weights[m].file, weights[m].begin)):
-        job = Job(m, weights[m], roles[m], is_transposed(m, arch))
-        _check_target(job.tensor, rank)
+        job = Job(m, weights[m], roles[m], is_transposed(m, arch), part=parts.get(m))
+        _check_target(job, rank)
         jobs.append(replace(job, rows=job_rows(m, roles[m], job.shape, arch, ckpt.config, rank)))
     return jobs
 
 
-def _check_target(t: TensorInfo, rank: int) -> None:
+def _check_target(job: Job, rank: int) -> None:
+    t, what = job.tensor, repr(job.module if job.part else job.tensor.name)
     if t.dtype not in FLOAT_DTYPES:
         raise UnsupportedError(
             f"{t.file}: tensor {t.name!r} has dtype {t.dtype}; decompose supports "
             f"{', '.join(FLOAT_DTYPES)} (dequantize the checkpoint first)"
         )
-    if rank >= min(t.shape):
+    if rank >= min(job.shape):
         raise NumericsError(
-            f"--rank {rank}: {t.name!r} is {t.shape[0]}x{t.shape[1]}, so rank must be below {min(t.shape)}"
+            f"--rank {rank}: {what} is {job.shape[0]}x{job.shape[1]}, so rank must be below {min(job.shape)}"
         )
 
 

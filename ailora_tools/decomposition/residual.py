@@ -45,14 +45,14 @@ def residual_target(
 
 
 def working_copy(job: Job, W: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """W as [out, in] on `device`, in float64 for float32/64 checkpoints and float32 for 16-bit ones; our own
-    copy, which `residual_of` overwrites.
+    """The target's W [out, in] (`Job.matrix` of the stored tensor `W`) on `device`, in float64 for float32/64
+    checkpoints and float32 for 16-bit ones; our own copy, which `residual_of` overwrites.
 
     Raises:
         NumericsError: W holds NaN or Inf.
     """
     work = torch.float64 if job.tensor.dtype in ("F32", "F64") else torch.float32
-    Wc = (W.T if job.transposed else W).to(device, work, copy=True)
+    Wc = job.matrix(W).to(device, work, copy=True)
     if not bool(torch.isfinite(torch.linalg.vector_norm(Wc))):
         raise NumericsError(f"{job.tensor.file}: tensor {job.tensor.name!r} holds NaN or Inf; fix the checkpoint first")
     return Wc
@@ -85,8 +85,9 @@ def initial_factors(
 def residual_of(
     job: Job, Wc: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scale: float, *, out_dtype: str | None
 ) -> tuple[torch.Tensor, dict]:
-    """The residual Wc − scale·B0·A0 as stored (in `out_dtype`, default the checkpoint's; built in Wc's memory)
-    and its reconstruction error against W (`recon_max_abs`, `recon_rel_fro`)."""
+    """The residual Wc − scale·B0·A0 as stored (in `out_dtype`, default the checkpoint's; built in Wc's memory; an
+    expert slice's as its W [out, in], for the caller to write into the 3-D tensor) and its reconstruction error
+    against W (`recon_max_abs`, `recon_rel_fro`)."""
     norm = float(torch.linalg.vector_norm(Wc))
     A, sB = A0.to(Wc.device, Wc.dtype), B0.to(Wc.device, Wc.dtype) * scale
     stored, err_max, err_fro = _residual_rows(Wc, A, sB, torch_dtype(out_dtype or job.tensor.dtype))

@@ -29,13 +29,15 @@ def write_residual(
 ) -> tuple[dict, str]:
     """Rewrite the checkpoint into `od`/residual with residual targets (quantised with `quant`, as `decompose` plans
     it); return module -> ((A0, B0), stats) and the device used."""
-    ckpt, by_tensor = run.ckpt, {j.tensor.name: j for j in run.jobs}
+    ckpt, by_tensor = run.ckpt, {}
+    for j in run.jobs:  # a tensor holds one target, or (GPT-OSS) every expert's slice of a fused parameter
+        by_tensor.setdefault(j.tensor.name, []).append(j)
     replaced = [*by_tensor, *(quant["only"] if quant else [])]
     plan = by_shard(ckpt.tensors, replaced)
     parts = {name: _layout(ckpt.tensors[name], out_dtype, quant) for name in replaced} if quant else {}
     files = _quant_files(ckpt, set(parts), out_dtype, quant["double_quant"]) if quant else {}
     sharing = Sharing.start(
-        {n: work(by_tensor[n].tensor.shape) for n in pending(ckpt, od, RESIDUAL_DIR, plan) if n in by_tensor}
+        {j.module: work(j.shape) for n in pending(ckpt, od, RESIDUAL_DIR, plan) for j in by_tensor.get(n, [])}
     )
     compute = _Residuals(run, by_tensor, sharing, out_dtype, quant)
     done = rewrite_checkpoint(
@@ -52,19 +54,25 @@ def write_residual(
         files=files,
     )
     results = {
-        by_tensor[n].module: ((extras["A"], extras["B"]), record)
-        for n, (extras, record) in done.items()
-        if n in by_tensor
+        m: ((extras[f"{m}::A"], extras[f"{m}::B"]), stats)
+        for extras, record in done.values()
+        for m, stats in record.items()
     }
     return results, compute.device_used()
 
 
 class _Residuals:
-    """`rewrite_checkpoint`'s compute for decompose: a target's factors (computed here, or by the rank that had them)
-    and its residual, built in the working copy the factors came from when this rank computed them."""
+    """`rewrite_checkpoint`'s compute for decompose: a tensor's targets' factors (computed here, or by the rank that
+    had them) and their residuals, each built in the working copy its factors came from when this rank computed
+    them. Extras and records are by module (`{module}::A`, `{module}::B`; module -> stats)."""
 
     def __init__(
-        self, run: DecomposeRun, by_tensor: dict[str, Job], sharing: Sharing, out_dtype: str | None, quant: dict | None
+        self,
+        run: DecomposeRun,
+        by_tensor: dict[str, list[Job]],
+        sharing: Sharing,
+        out_dtype: str | None,
+        quant: dict | None,
     ):
         self.run, self.by_tensor, self.sharing, self.out_dtype, self.quant = run, by_tensor, sharing, out_dtype, quant
         self.ran_on = None  # the device, resolved once torch has loaded ("auto")
@@ -72,29 +80,44 @@ class _Residuals:
 
     def __call__(self, info: TensorInfo, W) -> Replaced:
         from ..devices import resolve_device
-        from .residual import (  # torch loads here, while shards copy
-            residual_of,
-            working_copy,
-        )
 
         if self.ran_on is None:
             self.ran_on = resolve_device(self.run.device)
         if info.name not in self.by_tensor:  # --quantize-all: a weight without factors
             return _split(info.name, quantize(W, dtype=self.out_dtype or info.dtype), {})
-        job = self.by_tensor[info.name]
-        A0, B0, stats = self.sharing.result(info.name, partial(self._own, job, W))  # or from the rank that did them
-        Wc, self._held = (self._held if self._held is not None else working_copy(job, W, self.ran_on)), None
+        jobs = self.by_tensor[info.name]
+        if jobs[0].part is not None:
+            return self._slices(jobs, W)
+        job = jobs[0]
+        A0, B0, stats, Wc = self._factors(job, W)
         if self.quant:
             return self._quantized(job, info, W, Wc, A0, B0, stats)
+        from .residual import residual_of
+
         stored, recon = residual_of(job, Wc, A0, B0, self.run.params.scale, out_dtype=self.out_dtype)
         stored = stored.cpu().contiguous()
-        stats = {
-            **stats,
-            **recon,
-            "source_sample": sample(tensor_bytes(W)),
-            "residual_sample": sample(tensor_bytes(stored)),
-        }
-        return Replaced(stored, {"A": A0, "B": B0}, stats)
+        return _replaced(W, stored, {job.module: (A0, B0, {**stats, **recon})})
+
+    def _slices(self, jobs: list[Job], W) -> Replaced:
+        """A stored fused parameter (GPT-OSS experts) with every expert slice's residual written into a copy of it."""
+        from ..io.tensorio import torch_dtype
+        from .residual import residual_of
+
+        out, found = W.to(torch_dtype(self.out_dtype or jobs[0].tensor.dtype), copy=True), {}
+        for job in jobs:
+            A0, B0, stats, Wc = self._factors(job, W)
+            stored, recon = residual_of(job, Wc, A0, B0, self.run.params.scale, out_dtype=self.out_dtype)
+            job.matrix(out).copy_(stored.cpu())
+            found[job.module] = (A0, B0, {**stats, **recon})
+        return _replaced(W, out.contiguous(), found)
+
+    def _factors(self, job: Job, W):
+        """(A0, B0, stats, the working copy of W to build the residual in), the factors computed here or received."""
+        from .residual import working_copy
+
+        A0, B0, stats = self.sharing.result(job.module, partial(self._own, job, W))  # or from the rank that did them
+        Wc, self._held = (self._held if self._held is not None else working_copy(job, W, self.ran_on)), None
+        return A0, B0, stats, Wc
 
     def _own(self, job: Job, W):
         """This rank's job: the factors from the working copy the residual is then built in."""
@@ -119,22 +142,23 @@ class _Residuals:
             refit=refits(job, self.run.init),
             double_quant=self.quant["double_quant"],
         )
+        samples = {"source_sample": sample(tensor_bytes(W)), "residual_sample": sample(tensor_bytes(q[""]))}
         return _split(
-            info.name,
-            q,
-            {
-                **stats,
-                **qstats,
-                "source_sample": sample(tensor_bytes(W)),
-                "residual_sample": sample(tensor_bytes(q[""])),
-            },
-            {"A": A0, "B": B0},
+            info.name, q, {job.module: {**stats, **qstats, **samples}}, {f"{job.module}::A": A0, f"{job.module}::B": B0}
         )
 
     def device_used(self) -> str:
         from ..devices import resolve_device
 
         return str(self.ran_on if self.ran_on is not None else resolve_device(self.run.device))
+
+
+def _replaced(W, stored, found: dict) -> Replaced:
+    """What the rewrite engine stores for a tensor: its residual `stored`, and each of its modules' factors and
+    stats (`found`: module -> (A0, B0, stats)) with the fingerprints of the source and residual tensors."""
+    samples = {"source_sample": sample(tensor_bytes(W)), "residual_sample": sample(tensor_bytes(stored))}
+    extras = {f"{m}::{k}": f for m, (A0, B0, _) in found.items() for k, f in (("A", A0), ("B", B0))}
+    return Replaced(stored, extras, {m: {**stats, **samples} for m, (_, _, stats) in found.items()})
 
 
 def _layout(t: TensorInfo, out_dtype: str | None, quant: dict) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -1,11 +1,12 @@
 """Expert targets as users write them, mapped to the matrices a mixture-of-experts checkpoint stores.
 
-A checkpoint of a supported family (`ailora_tools.experts.LAYOUTS`) stores one matrix per expert; users name them
-as stored (`gate_proj`, Mixtral's `w1,w2,w3`: PEFT's suffix rule), as transformers 5 holds them (`gate_up_proj`,
+A checkpoint of a supported family (`ailora_tools.experts.LAYOUTS`) stores one matrix per expert, or (GPT-OSS) the
+fused 3-D parameters whose per-expert slices take per-expert names (`experts.expert_slices`); users name them per
+expert (`gate_proj`, Mixtral's `w1,w2,w3`: PEFT's suffix rule), as transformers 5 holds them (`gate_up_proj`,
 `experts.down_proj`, `mlp.experts.gate_up_proj`: PEFT's `target_parameters`) or all at once (`experts`). The
-fused names expand to every expert's stored pieces. The router (`gate`, `router`) is a target only when named.
-Checkpoints that store experts fused (GPT-OSS) and the options PEFT cannot apply to fused expert parameters are
-refused here, before anything is written.
+fused names expand to every expert's pieces. The router (`gate`, `router`) is a target only when named.
+Fused 3-D expert tensors of a layout not in `LAYOUTS` and the options PEFT cannot apply to fused expert parameters
+are refused here, before anything is written.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import re
 
 from ..errors import OptionError, TargetError, UnsupportedError
-from ..experts import LAYOUTS, STORED_FUSED, ExpertLayout, layout_of, split_name
+from ..experts import LAYOUTS, ExpertLayout, layout_of, split_name
 from ..io.tensorio import TensorInfo
 from .targets import matches
 
@@ -25,19 +26,22 @@ def expert_targets(config: dict, targets: list[str], modules: list[str], tensors
     (as `experts.E.piece` suffixes); names that match a stored module as they are stay as they are.
 
     Raises:
-        UnsupportedError: a target naming experts that the checkpoint stores fused (3-D), naming what is supported.
+        UnsupportedError: a target naming fused (3-D) expert tensors of a layout this tool does not know, naming
+            what is supported.
     """
     layout, out = layout_of(config), []
     for t in targets:
         if any(matches(m, t) for m in modules):
             out.append(t)
             continue
-        _refuse_stored_fused(config, t, tensors)
+        if layout is None or not layout.stored_fused:
+            _refuse_stored_fused(config, t, tensors)
         out.extend(_expand(t, layout, modules) if layout else [t])
     return out
 
 
 def _refuse_stored_fused(config: dict, target: str, tensors: dict[str, TensorInfo]) -> None:
+    """Refuse a target naming 3-D expert tensors of a checkpoint whose family's fused layout is unknown."""
     name = target.rsplit(".", 1)[-1]
     fused = sorted(
         n
@@ -46,11 +50,11 @@ def _refuse_stored_fused(config: dict, target: str, tensors: dict[str, TensorInf
     )
     if fused:
         kind = config.get("model_type", "this model")
-        what = STORED_FUSED.get(kind, f"{fused[0]} {list(tensors[fused[0]].shape)}")
         raise UnsupportedError(
-            f"{{targets}} {target}: {kind} checkpoints store their experts fused ({what}); expert "
-            f"LoRA supports checkpoints storing one matrix per expert ({SUPPORTED}); adapt "
-            "this model's attention projections instead ({targets} q_proj,k_proj,v_proj,o_proj)"
+            f"{{targets}} {target}: {kind} checkpoints store their experts fused ({fused[0]} "
+            f"{list(tensors[fused[0]].shape)}) in a layout this tool does not know; expert LoRA supports "
+            f"{SUPPORTED}; adapt this model's attention projections instead "
+            "({targets} q_proj,k_proj,v_proj,o_proj)"
         )
 
 

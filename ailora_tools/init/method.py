@@ -18,6 +18,7 @@ from .targets import MINOR, PRINCIPAL, Architecture
 if TYPE_CHECKING:  # torch loads on first use, so that decompose can start copying while it loads
     import torch
 
+    from ..experts import ExpertSlice
     from ..io.checkpoint import Checkpoint
     from ..io.tensorio import TensorInfo
     from .fused import Rows
@@ -26,19 +27,29 @@ if TYPE_CHECKING:  # torch loads on first use, so that decompose can start copyi
 
 @dataclass(frozen=True)
 class Job:
-    """One target matrix: its module name, stored tensor, role, whether it is stored [in, out] (Conv1D), and for a
-    fused Q/K/V matrix with the SPLIT role, which rows are Q, K and V (`init.fused.Rows`)."""
+    """One target matrix: its module name, stored tensor, role, whether it is stored [in, out] (Conv1D), for a
+    fused Q/K/V matrix with the SPLIT role which rows are Q, K and V (`init.fused.Rows`), and for an expert of a
+    checkpoint that stores its experts fused (GPT-OSS) where in the stored 3-D tensor it lies (`part`)."""
 
     module: str
     tensor: TensorInfo
     role: str | None
     transposed: bool
     rows: Rows | None = None
+    part: ExpertSlice | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         """[out, in], whatever the storage order."""
+        if self.part is not None:
+            return self.part.shape
         return tuple(self.tensor.shape[::-1] if self.transposed else self.tensor.shape)
+
+    def matrix(self, W: torch.Tensor) -> torch.Tensor:
+        """The target's W [out, in] as a view of the stored tensor `W`."""
+        if self.part is not None:
+            return self.part.matrix(W)
+        return W.T if self.transposed else W
 
 
 @dataclass(frozen=True)

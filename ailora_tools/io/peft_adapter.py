@@ -62,10 +62,12 @@ class Adapter:
         `takes_nf4` (train); the others refuse it (merge reads such a base through `adapters.nf4_residual.float_view`).
 
         Module names may differ from the base's tensor names by the base model prefix (`model_names.match`, with
-        the base's `config`): an adapter for BertForSequenceClassification fits a bare BertModel checkpoint.
+        the base's `config`): an adapter for BertForSequenceClassification fits a bare BertModel checkpoint. An
+        expert of a checkpoint that stores its experts fused (GPT-OSS) fits its slice of the 3-D tensor
+        (`experts.expert_slices`).
 
         Returns:
-            module -> the name of its weight tensor in the base.
+            module -> the name of its weight tensor in the base (an expert slice's: the 3-D tensor's).
 
         Raises:
             TargetError: a module the base lacks, or a shape that does not fit, naming both sides.
@@ -73,11 +75,18 @@ class Adapter:
         """
         from ..architectures import match
         from ..errors import TargetError
+        from ..experts import expert_slices
         from .tensorio import FLOAT_DTYPES
 
-        weights = match(self.factors, {n[: -len(".weight")] for n in tensors if n.endswith(".weight")}, config=config)
+        parts = expert_slices(tensors, config or {})
+        plain = {m: f for m, f in self.factors.items() if m not in parts}
+        found = match(plain, {n[: -len(".weight")] for n in tensors if n.endswith(".weight")}, config=config)
+        weights = {
+            **{m: w + ".weight" for m, w in found.items()},
+            **{m: p.tensor for m, p in parts.items() if m in self.factors},
+        }
         for m, (A, B) in self.factors.items():
-            info = tensors.get(weights[m] + ".weight") if m in weights else None
+            info = tensors.get(weights[m]) if m in weights else None
             if info is None:
                 near = sorted(n for n in tensors if n.endswith(m.rsplit(".", 1)[-1] + ".weight"))[:3]
                 raise TargetError(
@@ -99,22 +108,31 @@ class Adapter:
                         f"{info.name} in {info.file} holds {info.shape[0]} bytes; pass the matching base"
                     )
                 continue
-            if tuple(info.shape) != (shape[::-1] if self.config.get("fan_in_fan_out") else shape):
+            held, fits = (
+                (parts[m].shape, shape) if m in parts else (tuple(info.shape), _stored_shape(shape, self.config))
+            )
+            if held != fits:
+                where = f"its slice of {info.name}" if m in parts else info.name
                 raise TargetError(
-                    f"{adapter}: {m} is {shape[0]}x{shape[1]} in the adapter but {info.name} in "
-                    f"{info.file} is {info.shape[0]}x{info.shape[1]}; pass the matching base"
+                    f"{adapter}: {m} is {shape[0]}x{shape[1]} in the adapter but {where} in "
+                    f"{info.file} is {held[0]}x{held[1]}; pass the matching base"
                 )
             if info.dtype not in FLOAT_DTYPES:
                 raise UnsupportedError(
                     f"{info.file}: tensor {info.name!r} has dtype {info.dtype}; supported: {', '.join(FLOAT_DTYPES)}"
                 )
-        return {m: w + ".weight" for m, w in weights.items()}
+        return weights
 
     def delta(self, module: str) -> torch.Tensor:
         """s·B·A in float32, shaped like the module's weight ([out, in]; [in, out] for fan_in_fan_out)."""
         A, B = self.factors[module]
         d = self.scale(module) * (B.float() @ A.float())
         return d.T if self.config.get("fan_in_fan_out") else d
+
+
+def _stored_shape(shape: tuple[int, int], config: dict) -> tuple[int, int]:
+    """How a weight of `shape` [out, in] is stored for an adapter of `config`: [in, out] with fan_in_fan_out."""
+    return shape[::-1] if config.get("fan_in_fan_out") else shape
 
 
 def _pattern(patterns: dict, module: str, default):

@@ -1,8 +1,10 @@
-"""Mixture-of-experts end to end on tiny Qwen3-MoE and Mixtral (per-expert checkpoints, transformers 5's fused expert
-parameters): expert targets as users write them, decompose -> train -> convert -> merge exact on logits with the
-router's bytes unchanged, and every unsupported shape or option refused before anything is written."""
+"""Mixture-of-experts end to end on tiny Qwen3-MoE, Qwen2-MoE and Mixtral (per-expert checkpoints, transformers 5's
+fused expert parameters) and GPT-OSS (fused, transposed, interleaved 3-D tensors with biases in the checkpoint):
+expert targets as users write them, decompose -> train -> convert -> merge exact on logits with the router's and the
+biases' bytes unchanged, and every unsupported shape or option refused before anything is written."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,8 +61,21 @@ def _train(base, adapter, out, *, steps: int, batch_size: int):
     )
 
 
-#: the router's tensor in each family's checkpoint
-ROUTER = {"qwen3_moe": "mlp.gate.weight", "mixtral": "block_sparse_moe.gate.weight", "qwen2_moe": "mlp.gate.weight"}
+#: the router's tensors in each family's checkpoint
+ROUTER = {
+    "qwen3_moe": ("mlp.gate.weight",),
+    "mixtral": ("block_sparse_moe.gate.weight",),
+    "qwen2_moe": ("mlp.gate.weight",),
+    "gpt_oss": ("mlp.router.weight", "mlp.router.bias"),
+}
+#: tensors no expert LoRA changes: attention, Qwen2-MoE's shared expert, GPT-OSS's expert biases
+UNTOUCHED = (
+    "q_proj.weight",
+    "shared_expert.gate_proj.weight",
+    "shared_expert_gate.weight",
+    "gate_up_proj_bias",
+    "down_proj_bias",
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +125,14 @@ def tensor_bytes(model_dir: Path, suffix: str) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize(
-    "kind,targets", [("qwen3_moe", "gate_up_proj,down_proj"), ("mixtral", "w1,w2,w3"), ("qwen2_moe", "experts")]
+    "kind,targets",
+    [
+        ("qwen3_moe", "gate_up_proj,down_proj"),
+        ("mixtral", "w1,w2,w3"),
+        ("qwen2_moe", "experts"),
+        ("gpt_oss", "gate_up_proj,down_proj"),
+        ("gpt_oss", "experts"),
+    ],
 )
 def test_expert_lora_decompose_train_convert_merge_exact(moe, tmp_path, kind, targets):
     base = moe(kind)
@@ -119,8 +141,10 @@ def test_expert_lora_decompose_train_convert_merge_exact(moe, tmp_path, kind, ta
     assert summary["modules"] == 2 * 4 * 3  # layers x experts x (gate, up, down)
     res, initial = tmp_path / "dec" / "residual", tmp_path / "dec" / "adapter"
     assert (logits(res, initial) - original).abs().max() < 1e-5  # step 0 in the fused form training uses
-    # PEFT 0.21 folds per-expert pairs itself on Qwen3-MoE and Mixtral; on Qwen2-MoE its loader is 0.017 off
-    peft_folds = kind != "qwen2_moe"
+    # PEFT 0.21 folds per-expert pairs itself on Qwen3-MoE and Mixtral; on Qwen2-MoE its loader is 0.017 off; GPT-OSS's
+    # per-expert names are virtual (slices of its stored 3-D tensors), which PEFT's `PeftModel.from_pretrained` cannot
+    # fold: only our loader (training's fused form) takes them
+    peft_folds = kind not in ("qwen2_moe", "gpt_oss")
     if peft_folds:
         assert (logits(res, initial, peft=True) - original).abs().max() < 1e-5
     _train(res, initial, tmp_path / "t", steps=3, batch_size=8)
@@ -132,12 +156,11 @@ def test_expert_lora_decompose_train_convert_merge_exact(moe, tmp_path, kind, ta
         assert (logits(base, tmp_path / "lora", peft=True) - trained).abs().max() < 1e-4
     merge(base, tmp_path / "lora", tmp_path / "merged", progress=False)
     assert (logits(tmp_path / "merged") - trained).abs().max() < 1e-4
-    router = tensor_bytes(base, ROUTER[kind])
-    assert len(router) == 2 and tensor_bytes(res, ROUTER[kind]) == router == tensor_bytes(
-        tmp_path / "merged", ROUTER[kind]
-    )
-    for untouched in ("q_proj.weight", "shared_expert.gate_proj.weight", "shared_expert_gate.weight"):
-        assert tensor_bytes(tmp_path / "merged", untouched) == tensor_bytes(base, untouched)
+    for suffix in ROUTER[kind]:
+        router = tensor_bytes(base, suffix)
+        assert len(router) == 2 and tensor_bytes(res, suffix) == router == tensor_bytes(tmp_path / "merged", suffix)
+    for suffix in UNTOUCHED:
+        assert tensor_bytes(res, suffix) == tensor_bytes(base, suffix) == tensor_bytes(tmp_path / "merged", suffix)
 
 
 @pytest.mark.parametrize(
@@ -157,6 +180,16 @@ def test_expert_lora_decompose_train_convert_merge_exact(moe, tmp_path, kind, ta
             "mixtral",
             ["w1,w2,w3", "gate_up_proj,down_proj", "mlp.experts.gate_up_proj,mlp.experts.down_proj", "experts"],
         ),
+        (
+            "gpt_oss",
+            [
+                "gate_up_proj,down_proj",
+                "gate_proj,up_proj,down_proj",
+                "experts.gate_up_proj,experts.down_proj",
+                "mlp.experts.gate_up_proj,mlp.experts.down_proj",
+                "experts",
+            ],
+        ),
     ],
 )
 def test_expert_targets_as_users_write_them(moe, tmp_path, kind, spellings):
@@ -175,16 +208,32 @@ def test_expert_targets_as_users_write_them(moe, tmp_path, kind, spellings):
     [
         ("qwen3_moe", {"targets": "gate_proj"}, TargetError, ["gate_proj without up_proj", "gate_up_proj"]),
         ("mixtral", {"targets": "w1,w2"}, TargetError, ["w1 without w3"]),
-        ("gpt_oss", {"targets": "gate_up_proj"}, UnsupportedError, ["fused", "qwen3_moe, qwen2_moe, mixtral"]),
-        ("gpt_oss", {"targets": "experts"}, UnsupportedError, ["gpt_oss"]),
+        ("gpt_oss", {"targets": "gate_proj,down_proj"}, TargetError, ["gate_proj without up_proj", "gate_up_proj"]),
         ("qwen3_moe", {"targets": "experts", "dora": True}, OptionError, ["dora", "expert"]),
         ("qwen3_moe", {"targets": "experts", "quantize": "nf4"}, OptionError, ["quantize", "expert"]),
+        ("gpt_oss", {"targets": "experts", "dora": True}, OptionError, ["dora", "expert"]),
+        ("gpt_oss", {"targets": "gate_up_proj", "quantize": "nf4"}, OptionError, ["quantize", "expert"]),
         ("qwen3_moe", {"targets": "experts", "no_residual": True}, OptionError, ["no_residual", "expert"]),
     ],
 )
 def test_unsupported_expert_shapes_and_options_refused_before_writing(moe, tmp_path, kind, settings, error, words):
     with pytest.raises(error) as e:
         decompose(moe(kind), tmp_path / "out", method="pissa", rank=2, progress=False, **settings)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("targets", ["gate_up_proj", "experts"])
+def test_unknown_fused_expert_layout_refused_before_writing(moe, tmp_path, targets):
+    """A family this tool has no expert layout for, storing its experts fused (GPT-OSS's tensors under another
+    model_type): refused, naming the tensor and the supported families."""
+    model = tmp_path / "model"
+    shutil.copytree(moe("gpt_oss"), model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt_oss_next"}))
+    with pytest.raises(UnsupportedError) as e:
+        decompose(model, tmp_path / "out", method="pissa", rank=2, targets=targets, progress=False)
+    words = ["gpt_oss_next", "fused", "model.layers.0.mlp.experts.", "qwen3_moe, qwen2_moe, mixtral, gpt_oss"]
     assert all(w in str(e.value) for w in words), str(e.value)
     assert not (tmp_path / "out").exists()
 
@@ -203,8 +252,9 @@ def test_lora_da_on_experts_refused_up_front(moe, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_llama_cpp_refuses_expert_lora_naming_the_merge(moe, tmp_path):
-    base = moe("mixtral")
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_llama_cpp_refuses_expert_lora_naming_the_merge(moe, tmp_path, kind):
+    base = moe(kind)
     decompose(base, tmp_path / "dec", method="lora", rank=2, targets="experts", no_residual=True, progress=False)
     findings = check_adapter(tmp_path / "dec" / "adapter", target="llama.cpp", base=base)
     assert [f.rule for f in findings] == ["experts"] and "ailora-tools merge" in findings[0].fix
