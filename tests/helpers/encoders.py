@@ -21,6 +21,7 @@ from transformers import (
 
 from ailora_tools.cli import main
 from ailora_tools.demo import build_tiny_model
+from helpers import ENCODER
 
 POSITIVE, NEGATIVE = ["good", "great", "fine", "nice", "love"], ["bad", "awful", "poor", "hate", "terrible"]
 FILLER = ["the", "a", "movie", "film", "plot", "was", "is", "very", "really", "quite", "story", "acting"]
@@ -60,16 +61,7 @@ LEARNABLE = dict(initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs
 
 
 def bert_config(**kw) -> BertConfig:
-    return BertConfig(
-        vocab_size=len(WORDS) + 5,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        **LEARNABLE,
-        **kw,
-    )
+    return BertConfig(vocab_size=len(WORDS) + 5, max_position_embeddings=64, **ENCODER, **LEARNABLE, **kw)
 
 
 def build_encoder(kind: str, path: Path) -> Path:
@@ -115,15 +107,12 @@ def build_encoder(kind: str, path: Path) -> Path:
         model = RobertaForMaskedLM(
             RobertaConfig(
                 vocab_size=300,
-                hidden_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
                 max_position_embeddings=66,
                 type_vocab_size=1,
                 pad_token_id=1,
                 bos_token_id=0,
                 eos_token_id=2,
+                **ENCODER,
                 **LEARNABLE,
             )
         )
