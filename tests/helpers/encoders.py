@@ -58,6 +58,18 @@ def texts(path: Path, n: int, *, seed: int) -> Path:
 #: at the usual init (std 0.02) a tiny random encoder's first token barely depends on the other tokens, and
 #: dropout drowns the rest: nothing could learn the task in a few steps
 LEARNABLE = dict(initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+#: compare's settings for a tiny BERT classifier of sentence pairs (tests/comparison's data): rank 4 on query and
+#: value, batches of 8, evaluated every 2 steps, on the CPU
+PAIR_CLASSIFIER = dict(
+    task="sequence-classification",
+    rank=4,
+    targets=("query", "value"),
+    batch_size=8,
+    eval_every=2,
+    device="cpu",
+    text_column="sentence1",
+    text_pair_column="sentence2",
+)
 
 
 def bert_config(**kw) -> BertConfig:
