@@ -137,23 +137,13 @@ def killed_at_update(monkeypatch, n: int):
         monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
 
 
-def compare_briefly(base, data, out, methods: list[str]) -> dict:
-    """`compare` on a tiny model, as cheap as it gets: rank 4, 2 steps at lr 1e-2 in batches of 8, seed 1, CPU."""
+def compare_briefly(base, data, out, methods: list[str], **settings) -> dict:
+    """`compare` on a tiny model, as cheap as it gets: rank 4, 2 steps at lr 1e-2 in batches of 8, seed 1, CPU;
+    `settings` override these."""
     from ailora_tools import compare
 
-    return compare(
-        base,
-        data,
-        out,
-        methods=methods,
-        progress=False,
-        rank=4,
-        max_steps=2,
-        lr=1e-2,
-        batch_size=8,
-        seed=1,
-        device="cpu",
-    )
+    brief = dict(progress=False, rank=4, max_steps=2, lr=1e-2, batch_size=8, seed=1, device="cpu")
+    return compare(base, data, out, methods=methods, **{**brief, **settings})
 
 
 def spm_tokenizer(root: Path, vocab_size: int = 100, **extra) -> Path:
