@@ -29,6 +29,20 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 PARITY_TOL = 1e-4
+#: the demo model's Llama config but its vocabulary (the tokenizer's): GQA, 4 layers, hidden 128, the tokenizer's
+#: special ids, an untied head
+TINY_LLAMA = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+    tie_word_embeddings=False,
+)
 
 
 def data_file(name: str) -> Path:
@@ -57,21 +71,8 @@ def build_tiny_model(path: str | Path, *, seed: int = 0) -> Path:
         tokenizer_object=chars, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
     tok.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path, max_shard_size="400KB")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), **TINY_LLAMA)).save_pretrained(path, max_shard_size="400KB")
     tok.save_pretrained(path)
     return Path(path)
 

@@ -32,16 +32,27 @@ HERE = Path(__file__).parent
 PY = sys.executable
 
 
+def decompose_args(model: Path, out, *flags) -> list[str]:
+    """`decompose MODEL -o OUT` then `flags`, as strings (`run` replaces an OUT of "{out}" by the workload's)."""
+    return ["decompose", str(model), "-o", str(out), *map(str, flags)]
+
+
+def train_args(dec: Path, data: Path, out, *flags) -> list[str]:
+    """`train` on the decompose output `dec` (its residual and adapter) and `data` into `out`, then `flags`, as
+    strings."""
+    base = ["train", "--base", str(dec / "residual"), "--adapter", str(dec / "adapter")]
+    return base + ["--data", str(data), "-o", str(out), *map(str, flags)]
+
+
 def workloads(model: Path, work: Path, device: str, rank: int) -> dict[str, list[str]]:
     cli = [PY, str(HERE / "run_with_stats.py")]
     common = ["--rank", str(rank), "--quiet", "--device", device]
     return {
         "copy (cp -r)": ["cp", "-r", str(model), "{out}"],
-        "decompose pissa randomized": cli + ["decompose", str(model), "-o", "{out}", "--method", "pissa", *common],
-        "decompose pissa exact": cli
-        + ["decompose", str(model), "-o", "{out}", "--method", "pissa", "--svd", "exact", *common],
-        "decompose ailora randomized": cli + ["decompose", str(model), "-o", "{out}", *common],
-        "decompose ailora exact": cli + ["decompose", str(model), "-o", "{out}", "--svd", "exact", *common],
+        "decompose pissa randomized": cli + decompose_args(model, "{out}", "--method", "pissa", *common),
+        "decompose pissa exact": cli + decompose_args(model, "{out}", "--method", "pissa", "--svd", "exact", *common),
+        "decompose ailora randomized": cli + decompose_args(model, "{out}", *common),
+        "decompose ailora exact": cli + decompose_args(model, "{out}", "--svd", "exact", *common),
         "PEFT pissa (full SVD)": [
             PY,
             str(HERE / "peft_pissa.py"),
@@ -102,19 +113,8 @@ def prepare(size: str, work: Path, dtype: str, device: str, rank: int) -> Path:
     if not (work / "trained" / "adapter_config.json").is_file():
         shutil.rmtree(work / "prep", ignore_errors=True)
         subprocess.run(
-            [
-                PY,
-                str(HERE / "run_with_stats.py"),
-                "decompose",
-                str(model),
-                "-o",
-                str(work / "prep"),
-                "--rank",
-                str(rank),
-                "--quiet",
-                "--device",
-                device,
-            ],
+            [PY, str(HERE / "run_with_stats.py")]
+            + decompose_args(model, work / "prep", "--rank", rank, "--quiet", "--device", device),
             check=True,
             stdout=subprocess.DEVNULL,
         )

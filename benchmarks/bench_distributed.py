@@ -20,7 +20,16 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench_decompose import HERE, PY, describe_machine, prepare, run, run_arguments, write_report
+from bench_decompose import (
+    HERE,
+    PY,
+    decompose_args,
+    describe_machine,
+    prepare,
+    run,
+    run_arguments,
+    write_report,
+)
 
 
 def workloads(model: Path, work: Path, ranks: int, method: str, svd: str, device: str, rank: int) -> dict:
@@ -31,21 +40,9 @@ def workloads(model: Path, work: Path, ranks: int, method: str, svd: str, device
     )
     return {
         f"decompose {method} {svd}, {ranks} rank(s)": launch
-        + [
-            "decompose",
-            str(model),
-            "-o",
-            "{out}",
-            "--method",
-            method,
-            "--svd",
-            svd,
-            "--rank",
-            str(rank),
-            "--quiet",
-            "--device",
-            device,
-        ],
+        + decompose_args(
+            model, "{out}", "--method", method, "--svd", svd, "--rank", rank, "--quiet", "--device", device
+        ),
         f"merge, {ranks} rank(s)": launch
         + ["merge", str(work / "prep" / "residual"), str(work / "trained"), "-o", "{out}", "--quiet"],
     }

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_decompose import run_arguments, write_report
+from bench_decompose import run_arguments, train_args, write_report
 
 HERE = Path(__file__).parent
 
@@ -74,30 +74,11 @@ def build(work: Path, *, layers: int, hidden: int, seq: int, examples: int) -> t
 
 def train_run(dec: Path, data: Path, evals: Path, out: Path, args, stages: int | None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    argv = [
-        sys.executable,
-        *"-m ailora_tools.cli train --base".split(),
-        str(dec / "residual"),
-        "--adapter",
-        str(dec / "adapter"),
-        "--data",
-        str(data),
-        "--eval-data",
-        str(evals),
-        "-o",
-        str(out),
-        "--max-steps",
-        str(args.steps),
-        "--batch-size",
-        str(args.batch_size),
-        "--max-length",
-        str(args.seq),
-        "--lr",
-        "1e-3",
-        "--device",
-        args.device,
-        "--json",
-    ] + (["--progressive", str(stages)] if stages else [])
+    argv = [sys.executable, "-m", "ailora_tools.cli"] + train_args(
+        dec, data, out, "--eval-data", evals, "--max-steps", args.steps, "--batch-size", args.batch_size
+    )
+    argv += ["--max-length", str(args.seq), "--lr", "1e-3", "--device", args.device, "--json"]
+    argv += ["--progressive", str(stages)] if stages else []
     done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr[-2000:]}")

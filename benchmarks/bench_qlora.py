@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_decompose import HERE, PY, describe_machine, run, write_report
+from bench_decompose import HERE, PY, decompose_args, describe_machine, run, train_args, write_report
 from bench_progressive import tokens_per_s
 
 ROOT = HERE.parent
@@ -93,42 +93,12 @@ def workloads(model: Path, tokenizer: Path, data: Path, args) -> dict[str, list[
     ]
     return {
         f"decompose pissa {' '.join(quant)}": cli
-        + [
-            "decompose",
-            str(model),
-            "-o",
-            "{out}",
-            "--method",
-            "pissa",
-            "--rank",
-            str(args.rank),
-            *quant,
-            "--device",
-            args.device,
-            "--quiet",
-            *(["--targets", args.targets] if args.targets else []),
-        ],
+        + decompose_args(model, "{out}", "--method", "pissa", "--rank", args.rank, *quant, "--device", args.device)
+        + ["--quiet"]
+        + (["--targets", args.targets] if args.targets else []),
         "ailora-tools train on the NF4 residual": cli
-        + [
-            "train",
-            "--base",
-            str(dec / "residual"),
-            "--adapter",
-            str(dec / "adapter"),
-            "--tokenizer",
-            str(tokenizer),
-            "--data",
-            str(data),
-            "-o",
-            "{out}",
-            "--max-steps",
-            str(args.steps),
-            "--max-length",
-            str(args.seq),
-            *loop,
-            *checkpointing,
-            "--quiet",
-        ],
+        + train_args(dec, data, "{out}", "--tokenizer", tokenizer, "--max-steps", args.steps, "--max-length", args.seq)
+        + [*loop, *checkpointing, "--quiet"],
         PEFT: peft,
         "PEFT QLoRA, no prepare_model_for_kbit_training": peft + ["--no-prepare"],
     }

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_decompose import HERE, PY, describe_machine, run_arguments, write_report
+from bench_decompose import HERE, PY, describe_machine, run_arguments, train_args, write_report
 
 
 def prepare(work: Path, hidden: int, layers: int) -> tuple[Path, Path]:
@@ -43,28 +43,10 @@ def prepare(work: Path, hidden: int, layers: int) -> tuple[Path, Path]:
 def train(ranks: int, dec: Path, tokenizer: Path, out: Path, args) -> dict:
     launch = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else [PY]
     data = HERE.parent / "ailora_tools" / "data" / "demo_train.jsonl"
-    argv = launch + [
-        *"-m ailora_tools.cli train --base".split(),
-        str(dec / "residual"),
-        "--adapter",
-        str(dec / "adapter"),
-        "--tokenizer",
-        str(tokenizer),
-        "--data",
-        str(data),
-        "-o",
-        str(out),
-        "--max-steps",
-        str(args.steps),
-        "--batch-size",
-        str(args.batch_size),
-        "--max-length",
-        "128",
-        "--device",
-        args.device,
-        "--json",
-        "--overwrite",
-    ]
+    argv = [*launch, "-m", "ailora_tools.cli"] + train_args(
+        dec, data, out, "--tokenizer", tokenizer, "--max-steps", args.steps, "--batch-size", args.batch_size
+    )
+    argv += ["--max-length", "128", "--device", args.device, "--json", "--overwrite"]
     t0 = time.perf_counter()
     ran = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if ran.returncode:

@@ -17,7 +17,7 @@ from helpers import build_model  # noqa: E402
 from helpers.encoders import build_encoder  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from ailora_tools.demo import build_tiny_model  # noqa: E402
+from ailora_tools.demo import TINY_LLAMA, build_tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -51,25 +51,14 @@ def encoder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A tiny Llama (no bias terms) and a tiny Qwen2 (q/k/v biases) sharing the demo's tokenizer."""
+    """A tiny Llama (no bias terms) and a tiny Qwen2 (q/k/v biases): the demo's model and its config at half the
+    width and depth, sharing its tokenizer."""
     root = tmp_path_factory.mktemp("bitfit")
     llama = build_tiny_model(root / "llama")
     vocab = json.loads((llama / "config.json").read_text())["vocab_size"]
     torch.manual_seed(0)
     qwen = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=3,
-            tie_word_embeddings=False,
-        )
+        Qwen2Config(**dict(TINY_LLAMA, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2))
     )
     qwen.save_pretrained(root / "qwen2", max_shard_size="100KB")
     for f in llama.iterdir():

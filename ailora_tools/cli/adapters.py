@@ -29,14 +29,12 @@ from .app import (
     print_trained_errors,
     progress,
 )
-from .flags import from_options
+from .flags import from_options, required_path
 
 
 @main.command()
-@click.option(
+@required_path(
     "--trained",
-    required=True,
-    type=click.Path(),
     help="Adapter trained on the residual (ours or PEFT's PiSSA workflow); with --for, also a LoRA already "
     "on the original model (converted, plain PEFT).",
 )

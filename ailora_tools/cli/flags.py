@@ -145,3 +145,8 @@ def config_option(section: str):
         callback=load,
         help=f"Recipe TOML whose [{section}] table sets defaults (flags override).",
     )
+
+
+def required_path(*decls: str, help: str):
+    """A required option naming a path (the command checks it and says what is wrong with it)."""
+    return click.option(*decls, required=True, type=click.Path(), help=help)

@@ -21,15 +21,13 @@ from ..options.commands import (
     VerifyOptions,
 )
 from .app import fail_cleanly, main, passive_openmp, prehash, print_summary, progress
-from .flags import config_option, from_options
+from .flags import config_option, from_options, required_path
 
 
 @main.command()
 @config_option("decompose")
 @click.argument("model", required=False)
-@click.option(
-    "-o", "--out", required=True, type=click.Path(), help="Output directory (residual/, adapter/, ailora.json)."
-)
+@required_path("-o", "--out", help="Output directory (residual/, adapter/, ailora.json).")
 @from_options(DecomposeOptions, Streams, Report)
 @fail_cleanly
 def decompose(model, out, overwrite, resume, as_json, quiet, **settings):
@@ -57,10 +55,8 @@ def decompose(model, out, overwrite, resume, as_json, quiet, **settings):
 
 @main.command()
 @config_option("train")
-@click.option(
+@required_path(
     "--base",
-    required=True,
-    type=click.Path(),
     help="Frozen base: the residual model directory from decompose, or the ORIGINAL model for an adapter "
     "from decompose --no-residual.",
 )
@@ -70,16 +66,14 @@ def decompose(model, out, overwrite, resume, as_json, quiet, **settings):
     type=click.Path(),
     help="Initial adapter (OUT/adapter from decompose); not with --bitfit.",
 )
-@click.option(
+@required_path(
     "--data",
-    required=True,
-    type=click.Path(),
     help='Training data: JSONL, CSV, TSV, Parquet or a datasets save_to_disk directory. Causal LM: {"text"}, '
     '{"prompt","completion"} or {"messages"}; masked LM: {"text"}; sequence classification: '
     '{"text","label"} or {"text_a","text_b","label"} (or --text-column, --text-pair-column, '
     "--label-column).",
 )
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory for the trained adapter.")
+@required_path("-o", "--out", help="Output directory for the trained adapter.")
 @from_options(
     TrainOptions,
     Streams,

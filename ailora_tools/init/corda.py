@@ -11,19 +11,16 @@ kept. The residual W − s·B0·A0 replaces W, as PEFT's init rewrites the base.
 
 from __future__ import annotations
 
-from .method import InitMethod
+from .method import CalibratedFactors
 
 MODES = ("ipm", "kpm")
 #: PEFT's starting damping (× mean(diag C)) and inverse check; the doubling stops here
 DAMPING, INVERSE_ERROR, MAX_DAMPING = 0.01, 0.05, 1e6
 
 
-class CorDA(InitMethod):
+class CorDA(CalibratedFactors):
     name = "corda"
     summary = "data-aware (needs --data): A0, B0 from the SVD of W·C, C the input covariance (PEFT's corda)"
-    needs_roles = False
-    needs_data = True
-    needs_weights = False
 
     def prepare(self, ckpt, jobs, settings, **options):
         """`options`: decompose's calibration settings (`lora_da.method.calibrated`); `task`: the decompose
@@ -42,9 +39,6 @@ class CorDA(InitMethod):
             )
             found[s.name] = (A0, B0, {"role": None, "mode": mode, **facts, "calibration_tokens": s.tokens})
         return found
-
-    def factors(self, job, W, settings, *, context=None, generator=None):
-        return context[job.module]
 
 
 def corda_factors(W, C, rank: int, scale: float, mode: str, *, name: str):

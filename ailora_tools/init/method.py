@@ -114,6 +114,18 @@ class InitMethod:
         return svd_factors(W, job.role, settings, generator=generator)
 
 
+class CalibratedFactors(InitMethod):
+    """A data-aware method whose `prepare` computes every target's (A0, B0, stats) from calibration samples, by
+    module name; `factors` hands each module its own."""
+
+    needs_roles = False
+    needs_data = True
+    needs_weights = False
+
+    def factors(self, job, W, settings, *, context=None, generator=None):
+        return context[job.module]
+
+
 def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
     """PEFT's scaling: α/r, or α/√r with rsLoRA."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank

@@ -51,66 +51,48 @@ class Architecture:
     transposed: tuple[str, ...] = ()
 
 
-def _parts(fused: str, *extra: tuple[str, str]) -> dict[str, str]:
-    return {**{k: fused for k in ("q_proj", "k_proj", "v_proj")}, **dict(extra)}
+def _renamed(name: str, query: str, key: str, value: str, output: str, **aliases: str) -> Architecture:
+    """A family whose Q, K and V are separate matrices under other names, which q_proj, k_proj and v_proj (and
+    `aliases`) name."""
+    aliases = {"q_proj": query, "k_proj": key, "v_proj": value, **aliases}
+    return Architecture(name, query=(query,), key=(key,), value=(value,), output=(output,), aliases=aliases)
+
+
+def _fused(name: str, qkv: str, layout: str, *parts: tuple[str, str], **names) -> Architecture:
+    """A family whose Q, K and V are one matrix `qkv` with rows laid out as `layout`: no query, key or value names;
+    q_proj, k_proj and v_proj (and `parts`: Llama-style name, fused matrix) are parts of a fused matrix."""
+    parts = {**{k: qkv for k in ("q_proj", "k_proj", "v_proj")}, **dict(parts)}
+    return Architecture(name, query=(), key=(), value=(), parts=parts, fused={qkv: layout}, **names)
 
 
 LLAMA_LIKE = Architecture("llama-like")
-BERT = Architecture(
-    "bert",
-    query=("query",),
-    key=("key",),
-    value=("value",),
-    output=("attention.output.dense",),
-    aliases={"q_proj": "query", "k_proj": "key", "v_proj": "value"},
-)
-GPT2 = Architecture(
+BERT = _renamed("bert", "query", "key", "value", "attention.output.dense")
+GPT2 = _fused(
     "gpt2",
-    query=(),
-    key=(),
-    value=(),
+    "c_attn",
+    "thirds",
     output=("attn.c_proj",),
     aliases={"o_proj": "attn.c_proj", "up_proj": "c_fc", "down_proj": "mlp.c_proj"},
-    parts=_parts("c_attn"),
-    fused={"c_attn": "thirds"},
     transposed=("c_attn", "c_proj", "c_fc"),
 )
-GPT_NEOX = Architecture(
+GPT_NEOX = _fused(
     "gpt_neox",
-    query=(),
-    key=(),
-    value=(),
+    "query_key_value",
+    "per-head",
     output=("attention.dense",),
     aliases={"o_proj": "attention.dense", "up_proj": "dense_h_to_4h", "down_proj": "dense_4h_to_h"},
-    parts=_parts("query_key_value"),
-    fused={"query_key_value": "per-head"},
 )
-PHI3 = Architecture(
-    "phi3",
-    query=(),
-    key=(),
-    value=(),
-    parts=_parts("qkv_proj", ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj")),
-    fused={"qkv_proj": "q-kv"},
-)
-MODERNBERT = Architecture(
+PHI3 = _fused("phi3", "qkv_proj", "q-kv", ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj"))
+MODERNBERT = _fused(
     "modernbert",
-    query=(),
-    key=(),
-    value=(),
+    "Wqkv",
+    "thirds",
+    ("gate_proj", "Wi"),
+    ("up_proj", "Wi"),
     output=("attn.Wo",),
     aliases={"o_proj": "attn.Wo", "down_proj": "mlp.Wo"},
-    parts=_parts("Wqkv", ("gate_proj", "Wi"), ("up_proj", "Wi")),
-    fused={"Wqkv": "thirds"},
 )
-T5 = Architecture(
-    "t5",
-    query=("q",),
-    key=("k",),
-    value=("v",),
-    output=("o",),
-    aliases={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"},
-)
+T5 = _renamed("t5", "q", "k", "v", "o", o_proj="o")
 #: model_type -> Architecture; anything absent is treated as Llama-like (q_proj / v_proj)
 REGISTRY = {
     **{t: BERT for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie")},

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import spm_tokenizer
+from helpers import DECODER, spm_tokenizer
 from helpers.adapters import QUANTIZED_TARGETS, fake_training, quantize_residual
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -16,15 +16,7 @@ def run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("qserve")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = LlamaConfig(**dict(DECODER, hidden_size=128, intermediate_size=256))
     LlamaForCausalLM(config).save_pretrained(root / "model", max_shard_size="200KB")
     spm_tokenizer(root / "model")
     decompose(root / "model", root / "dec", method="pissa", rank=4, alpha=8, targets=QUANTIZED_TARGETS, progress=False)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import build_model, cli, one_line_error, train_args
+from helpers.processes import CLI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -305,18 +306,7 @@ def test_convert_of_plain_lora_keeps_its_rank(work, tmp_path):
 @pytest.mark.slow
 def test_broken_pipe_is_quiet(work, tmp_path):
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ailora_tools.cli",
-            "decompose",
-            str(work["base"]),
-            "-o",
-            str(tmp_path / "o"),
-            "--rank",
-            "4",
-            "--json",
-        ],
+        [*CLI, "decompose", str(work["base"]), "-o", str(tmp_path / "o"), "--rank", "4", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -330,15 +320,7 @@ def test_broken_pipe_is_quiet(work, tmp_path):
 @pytest.mark.slow
 def test_quiet_is_quiet(work, tmp_path):
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ailora_tools.cli",
-            *train_args(work["dec"], work["data"], tmp_path / "t"),
-            "--max-steps",
-            "1",
-            "--quiet",
-        ],
+        [*CLI, *train_args(work["dec"], work["data"], tmp_path / "t"), "--max-steps", "1", "--quiet"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "default"},
@@ -359,7 +341,7 @@ def test_usage_errors_are_one_line(work, tmp_path):
     one_line_error(cli("decompose", work["base"]), "Missing option '-o'", "--help")
     one_line_error(cli("decompose", work["base"], "-o", tmp_path / "o", "--rank", "many"), "--rank")
     one_line_error(cli("frobnicate"), "No such command")
-    res = subprocess.run([sys.executable, "-m", "ailora_tools.cli", "merge"], capture_output=True, text=True)
+    res = subprocess.run([*CLI, "merge"], capture_output=True, text=True)
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and res.stdout == ""
 
 
@@ -373,7 +355,7 @@ def test_unreachable_hub_names_the_real_cause(tmp_path):
         HF_HUB_DOWNLOAD_TIMEOUT="2",
     )
     res = subprocess.run(
-        [sys.executable, "-m", "ailora_tools.cli", "decompose", "acme/absent", "-o", str(tmp_path / "o")],
+        [*CLI, "decompose", "acme/absent", "-o", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         env=env,
@@ -382,7 +364,7 @@ def test_unreachable_hub_names_the_real_cause(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f.txt").write_text("x")
     res = subprocess.run(
-        [sys.executable, "-m", "ailora_tools.cli", "push", str(tmp_path / "d"), "--repo-id", "me/x"],
+        [*CLI, "push", str(tmp_path / "d"), "--repo-id", "me/x"],
         capture_output=True,
         text=True,
         env={**env, "HF_TOKEN": "hf_dummy"},

@@ -5,21 +5,15 @@ the same path to the same result; `--dry-run` prints the plan and runs nothing."
 import json
 
 import pytest
-from click.testing import CliRunner
-from helpers import killed_at_update
+from helpers import cli, killed_at_update
+from helpers.encoders import PAIR_CLASSIFIER
 
 from ailora_tools import compare
-from ailora_tools.cli import main
 
 #: 2 steps a run; eval loss chooses; the first grid 1e-7, 1e-6, 1e-5 is far below this model's best rate
 AUTO = dict(
-    task="sequence-classification",
-    rank=4,
-    targets=("query", "value"),
+    PAIR_CLASSIFIER,
     max_steps=2,
-    batch_size=8,
-    eval_every=2,
-    device="cpu",
     methods=["lora"],
     lr="auto",
     metric="loss",
@@ -28,8 +22,6 @@ AUTO = dict(
     lr_max_rates=8,
     search_keep=1,
     seeds=[0, 1],
-    text_column="sentence1",
-    text_pair_column="sentence2",
 )
 FLAGS = [
     *"--task sequence-classification --rank 4 --targets query,value --max-steps 2 --batch-size 8".split(),
@@ -38,24 +30,15 @@ FLAGS = [
 ]
 
 
+def _compare(encoder, data, out, *flags):
+    """`compare` on bert-bare through the command line: `data`'s training file into `out`, FLAGS, then `flags`."""
+    return cli("compare", encoder("bert-bare"), "--data", data[0], "-o", out, *FLAGS, *flags)
+
+
 @pytest.fixture(scope="module")
 def searched(encoder, data, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("auto") / "cmp"
-    res = CliRunner().invoke(
-        main,
-        [
-            "compare",
-            str(encoder("bert-bare")),
-            "--data",
-            str(data[0]),
-            "--eval-data",
-            str(data[1]),
-            "-o",
-            str(out),
-            *FLAGS,
-            "--json",
-        ],
-    )
+    res = _compare(encoder, data, out, "--eval-data", data[1], "--json")
     assert res.exit_code == 0, res.output
     return out, json.loads(res.stdout)
 
@@ -99,30 +82,13 @@ def test_interrupted_search_resumed_takes_the_same_path(encoder, data, searched,
     assert [r["run"] for r in resumed["runs"]] == [r["run"] for r in straight["runs"]]
 
 
-def _dry_run(encoder, data, tmp_path, *extra):  # noqa: F811
-    return CliRunner().invoke(
-        main,
-        [
-            "compare",
-            str(encoder("bert-bare")),
-            "--data",
-            str(data[0]),
-            "-o",
-            str(tmp_path / "cmp"),
-            *FLAGS,
-            *extra,
-            "--dry-run",
-        ],
-    )
-
-
 def test_dry_run_prints_the_plan_and_runs_nothing(encoder, data, tmp_path):  # noqa: F811
-    res = _dry_run(encoder, data, tmp_path)
+    res = _compare(encoder, data, tmp_path / "cmp", "--dry-run")
     assert res.exit_code == 0, res.output
     assert "lora: search from lr 1e-07, 1e-06, 1e-05" in res.stdout
     assert res.stdout.rstrip().endswith("4 to 9 runs; nothing run (--dry-run)")
     assert not (tmp_path / "cmp").exists()
-    res = _dry_run(encoder, data, tmp_path, "--baseline", "pissa")
+    res = _compare(encoder, data, tmp_path / "cmp", "--baseline", "pissa", "--dry-run")
     assert res.exit_code == 1 and res.output == "error: --baseline pissa: not among the compared methods (lora)\n"
 
 

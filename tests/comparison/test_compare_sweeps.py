@@ -6,31 +6,17 @@ import json
 import random
 
 import pytest
-from click.testing import CliRunner
-from helpers import killed_at_update
-from helpers.encoders import sentence
+from helpers import cli, killed_at_update
+from helpers.encoders import PAIR_CLASSIFIER, sentence
 from matplotlib.image import imread
 
 from ailora_tools import compare
-from ailora_tools.cli import main
 from ailora_tools.comparison.sweeps import parse_lrs, parse_seeds
 from ailora_tools.errors import OptionError
 
 METHODS = ["lora", "pissa"]
 #: every comparison here: 2 methods × 2 rates × 2 seeds, 4 steps each, evaluated every 2
-SWEEP = dict(
-    task="sequence-classification",
-    rank=4,
-    targets=("query", "value"),
-    max_steps=4,
-    batch_size=8,
-    eval_every=2,
-    device="cpu",
-    methods=METHODS,
-    lr="5e-3,2e-2",
-    seeds=[0, 1],
-    progress=False,
-)
+SWEEP = dict(PAIR_CLASSIFIER, max_steps=4, methods=METHODS, lr="5e-3,2e-2", seeds=[0, 1], progress=False)
 KEYS = (
     "first_loss",
     "final_loss",
@@ -47,15 +33,7 @@ KEYS = (
 @pytest.fixture(scope="module")
 def straight(encoder, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "cmp"
-    return out, compare(
-        encoder("bert-bare"),
-        data[0],
-        out,
-        eval_data=data[1],
-        text_column="sentence1",
-        text_pair_column="sentence2",
-        **SWEEP,
-    )
+    return out, compare(encoder("bert-bare"), data[0], out, eval_data=data[1], **SWEEP)
 
 
 def test_every_method_seed_and_rate_with_mean_std_and_best_rate(straight):
@@ -125,7 +103,7 @@ def test_every_method_seed_and_rate_with_mean_std_and_best_rate(straight):
 def test_interrupted_sweep_resumed_equals_uninterrupted(encoder, data, straight, tmp_path):
     out = tmp_path / "cmp"
     args = (encoder("bert-bare"), data[0], out)
-    opts = dict(SWEEP, eval_data=data[1], text_column="sentence1", text_pair_column="sentence2", save_every=2)
+    opts = dict(SWEEP, eval_data=data[1], save_every=2)
     with pytest.MonkeyPatch.context() as mp, killed_at_update(mp, 15):  # the 4th run dies at its 3rd step
         compare(*args, **opts)
     done = json.loads((out / ".ailora-progress.json").read_text())["done"]
@@ -152,21 +130,18 @@ def test_regression_compare_reports_pearson_with_per_method_rates(encoder, tmp_p
     rng = random.Random(3)
     rows = ["text,score"] + [f"{sentence(rng, a)},{float(a) * 5:.1f}" for a in (rng.random() < 0.5 for _ in range(24))]
     (tmp_path / "stsb.csv").write_text("\n".join(rows) + "\n")
-    res = CliRunner().invoke(
-        main,
-        [
-            "compare",
-            str(encoder("bert-bare")),
-            "--data",
-            str(tmp_path / "stsb.csv"),
-            "--eval-data",
-            str(tmp_path / "stsb.csv"),
-            "-o",
-            str(tmp_path / "cmp"),
-            *"--task sequence-classification --num-labels 1 --label-column score --methods lora,ailora --lr".split(),
-            *"ailora=1e-3,lora=1e-2 --rank 4 --targets query,value --max-steps 2 --batch-size 8 --eval-every".split(),
-            *"2 --device cpu --warmup-ratio 0.5 --weight-decay 0.1 --json".split(),
-        ],
+    res = cli(
+        "compare",
+        encoder("bert-bare"),
+        "--data",
+        tmp_path / "stsb.csv",
+        "--eval-data",
+        tmp_path / "stsb.csv",
+        "-o",
+        tmp_path / "cmp",
+        *"--task sequence-classification --num-labels 1 --label-column score --methods lora,ailora --lr".split(),
+        *"ailora=1e-3,lora=1e-2 --rank 4 --targets query,value --max-steps 2 --batch-size 8 --eval-every".split(),
+        *"2 --device cpu --warmup-ratio 0.5 --weight-decay 0.1 --json".split(),
     )
     assert res.exit_code == 0, res.output
     s = json.loads(res.stdout)
@@ -196,38 +171,30 @@ def test_rates_and_seeds_parse_and_fail_in_one_line(encoder, data, tmp_path):
             parse_lrs(bad, methods, 2e-4)
     with pytest.raises(OptionError, match="--seeds 0,0: give integers, each once"):
         parse_seeds("0,0")
-    with pytest.raises(
-        OptionError,
-        match="--methods lora-da: LoRA-DA does not calibrate a llama model for --task sequence-classification",
+    for out, model, settings, message in (
+        (
+            "a",
+            "llama",
+            dict(methods=["lora-da"], text_column="sentence1"),
+            "--methods lora-da: LoRA-DA does not calibrate a llama model for --task sequence-classification",
+        ),
+        (
+            "b",
+            "bert-bare",
+            dict(methods=["lora"], metric="pearson"),
+            "--metric pearson: not reported for --task sequence-classification",
+        ),
     ):
-        compare(
-            encoder("llama"),
-            data[0],
-            tmp_path / "a",
-            methods=["lora-da"],
-            task="sequence-classification",
-            text_column="sentence1",
-        )
-    with pytest.raises(OptionError, match="--metric pearson: not reported for --task sequence-classification"):
-        compare(
-            encoder("bert-bare"),
-            data[0],
-            tmp_path / "b",
-            methods=["lora"],
-            task="sequence-classification",
-            metric="pearson",
-        )
-    res = CliRunner().invoke(
-        main,
-        [
-            "compare",
-            str(encoder("bert-bare")),
-            "--data",
-            str(data[0]),
-            "-o",
-            str(tmp_path / "c"),
-            *"--task sequence-classification --methods lora --label-column gold".split(),
-        ],
+        with pytest.raises(OptionError, match=message):
+            compare(encoder(model), data[0], tmp_path / out, task="sequence-classification", **settings)
+    res = cli(
+        "compare",
+        encoder("bert-bare"),
+        "--data",
+        data[0],
+        "-o",
+        tmp_path / "c",
+        *"--task sequence-classification --methods lora --label-column gold".split(),
     )
     assert res.exit_code == 1 and res.output == (
         f"error: --data {data[0]}: no column 'gold' (--label-column); its "
@@ -244,8 +211,6 @@ def test_lora_da_row_on_a_bert_classifier(encoder, data, tmp_path):
         data[0],
         tmp_path / "cmp",
         eval_data=data[1],
-        text_column="sentence1",
-        text_pair_column="sentence2",
         **dict(SWEEP, methods=["lora", "lora-da"], lr=2e-2, seeds=None, max_steps=2),
     )
     assert [r["run"] for r in s["runs"]] == ["lora", "lora-da"]

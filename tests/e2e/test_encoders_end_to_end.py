@@ -43,19 +43,7 @@ def chain(src: Path, tmp: Path, task: str, data: Path, eval_data: Path, *flags) 
     """decompose → train → convert → merge twice (residual + trained, original + converted), as a user runs them."""
     dec = decompose(src, tmp / "dec")
     summary = cli(
-        "train",
-        "--base",
-        dec / "residual",
-        "--adapter",
-        dec / "adapter",
-        "--data",
-        data,
-        "--eval-data",
-        eval_data,
-        "-o",
-        tmp / "trained",
-        "--task",
-        task,
+        *train_args(dec, data, tmp / "trained", "--eval-data", eval_data, "--task", task),
         *"--lr 1e-2 --batch-size 8 --json".split(),
         *flags,
     )

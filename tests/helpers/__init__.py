@@ -35,6 +35,8 @@ DECODER = dict(
     num_key_value_heads=2,
     max_position_embeddings=64,
 )
+#: the tiny encoder's sizes: 2 layers, hidden 48, 2 heads, intermediate 64
+ENCODER = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 
 def make_config(kind: str):
@@ -43,14 +45,7 @@ def make_config(kind: str):
     if kind == "qwen2":  # q/k/v biases
         return Qwen2Config(**DECODER)
     if kind == "bert":
-        return BertConfig(
-            vocab_size=100,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
+        return BertConfig(vocab_size=100, max_position_embeddings=64, **ENCODER)
     if kind == "gpt2":
         return GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)
     raise ValueError(kind)
@@ -142,23 +137,13 @@ def killed_at_update(monkeypatch, n: int):
         monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
 
 
-def compare_briefly(base, data, out, methods: list[str]) -> dict:
-    """`compare` on a tiny model, as cheap as it gets: rank 4, 2 steps at lr 1e-2 in batches of 8, seed 1, CPU."""
+def compare_briefly(base, data, out, methods: list[str], **settings) -> dict:
+    """`compare` on a tiny model, as cheap as it gets: rank 4, 2 steps at lr 1e-2 in batches of 8, seed 1, CPU;
+    `settings` override these."""
     from ailora_tools import compare
 
-    return compare(
-        base,
-        data,
-        out,
-        methods=methods,
-        progress=False,
-        rank=4,
-        max_steps=2,
-        lr=1e-2,
-        batch_size=8,
-        seed=1,
-        device="cpu",
-    )
+    brief = dict(progress=False, rank=4, max_steps=2, lr=1e-2, batch_size=8, seed=1, device="cpu")
+    return compare(base, data, out, methods=methods, **{**brief, **settings})
 
 
 def spm_tokenizer(root: Path, vocab_size: int = 100, **extra) -> Path:

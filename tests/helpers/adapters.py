@@ -72,9 +72,10 @@ def fake_dora_training(adapter: Path, out: Path, *, seed=0, scale=0.05, trained_
 
 def quantize_residual(dec: Path, targets=QUANTIZED_TARGETS) -> None:
     """decompose --quantize nf4's residual, built by hand: each target residual weight as bitsandbytes NF4
-    (blocksize 64, double quantisation) in transformers' layout, config.json's quantization_config, and the
-    decompose manifest's residual fingerprints updated."""
+    (blocksize 64, double quantisation) in transformers' layout, config.json's quantization_config (transformers'
+    BitsAndBytesConfig's), and the decompose manifest's residual fingerprints updated."""
     import bitsandbytes.functional as bnb
+    from transformers import BitsAndBytesConfig
 
     res = dec / "residual"
     for shard in sorted(res.glob("*.safetensors")):
@@ -94,21 +95,13 @@ def quantize_residual(dec: Path, targets=QUANTIZED_TARGETS) -> None:
         doc["weight_map"] = {n: f for f in [p.name for p in res.glob("*.safetensors")] for n in load_file(res / f)}
         index.write_text(json.dumps(doc))
     config = json.loads((res / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "bitsandbytes",
-        "_load_in_4bit": True,
-        "_load_in_8bit": False,
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-        "llm_int8_threshold": 6.0,
-        "llm_int8_has_fp16_weight": False,
-        "llm_int8_enable_fp32_cpu_offload": False,
-        "llm_int8_skip_modules": ["k_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
-        "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": True,
-        "bnb_4bit_compute_dtype": "float32",
-        "bnb_4bit_quant_storage": "uint8",
-    }
+    config["quantization_config"] = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype="float32",
+        llm_int8_skip_modules=["k_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+    ).to_dict()
     (res / "config.json").write_text(json.dumps(config, indent=2))
     manifest = json.loads((dec / "ailora.json").read_text())
     ckpt = Checkpoint.open(res)

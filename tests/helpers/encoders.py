@@ -21,6 +21,7 @@ from transformers import (
 
 from ailora_tools.cli import main
 from ailora_tools.demo import build_tiny_model
+from helpers import ENCODER
 
 POSITIVE, NEGATIVE = ["good", "great", "fine", "nice", "love"], ["bad", "awful", "poor", "hate", "terrible"]
 FILLER = ["the", "a", "movie", "film", "plot", "was", "is", "very", "really", "quite", "story", "acting"]
@@ -57,19 +58,22 @@ def texts(path: Path, n: int, *, seed: int) -> Path:
 #: at the usual init (std 0.02) a tiny random encoder's first token barely depends on the other tokens, and
 #: dropout drowns the rest: nothing could learn the task in a few steps
 LEARNABLE = dict(initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+#: compare's settings for a tiny BERT classifier of sentence pairs (tests/comparison's data): rank 4 on query and
+#: value, batches of 8, evaluated every 2 steps, on the CPU
+PAIR_CLASSIFIER = dict(
+    task="sequence-classification",
+    rank=4,
+    targets=("query", "value"),
+    batch_size=8,
+    eval_every=2,
+    device="cpu",
+    text_column="sentence1",
+    text_pair_column="sentence2",
+)
 
 
 def bert_config(**kw) -> BertConfig:
-    return BertConfig(
-        vocab_size=len(WORDS) + 5,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        **LEARNABLE,
-        **kw,
-    )
+    return BertConfig(vocab_size=len(WORDS) + 5, max_position_embeddings=64, **ENCODER, **LEARNABLE, **kw)
 
 
 def build_encoder(kind: str, path: Path) -> Path:
@@ -115,15 +119,12 @@ def build_encoder(kind: str, path: Path) -> Path:
         model = RobertaForMaskedLM(
             RobertaConfig(
                 vocab_size=300,
-                hidden_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
                 max_position_embeddings=66,
                 type_vocab_size=1,
                 pad_token_id=1,
                 bos_token_id=0,
                 eos_token_id=2,
+                **ENCODER,
                 **LEARNABLE,
             )
         )

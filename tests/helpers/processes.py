@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+#: the command line in a process of its own: CLI + its arguments
+CLI = [sys.executable, "-m", "ailora_tools.cli"]
 KILL_AFTER_FIRST_SHARD = """
 import os, signal, sys
 from ailora_tools.io import output

@@ -9,20 +9,13 @@ from pathlib import Path
 import torch
 import transformers as tf
 
+import helpers
+
 VOCAB = 112  # the tokenizer's 104 tokens fit; a few ids spare
-#: model_type -> (model class, config class, config kwargs, targets the matrix adapts)
-SMALL = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=3,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+#: the tokenizer's <s>, </s> and <pad>
+IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+#: the tests' tiny decoder (`helpers.DECODER`) with this vocabulary, a narrower MLP and the tokenizer's ids
+SMALL = dict(helpers.DECODER, vocab_size=VOCAB, intermediate_size=64, **IDS)
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 500000.0,
@@ -33,15 +26,9 @@ LLAMA3_ROPE = {
 }
 MOE = dict(num_experts_per_tok=2)
 ATTN = "q_proj,v_proj"
-ENCODER = dict(
-    vocab_size=VOCAB,
-    hidden_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=66,
-    pad_token_id=3,
-)
+#: the tests' tiny encoder (`helpers.ENCODER`) with this vocabulary
+ENCODER = dict(helpers.ENCODER, vocab_size=VOCAB, max_position_embeddings=66, pad_token_id=3)
+#: model_type -> (model class, config class, config kwargs, targets the matrix adapts)
 ZOO = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", dict(SMALL, rope_parameters=LLAMA3_ROPE), ATTN),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", SMALL, ATTN),
@@ -69,16 +56,7 @@ ZOO = {
     "gpt2": (
         "GPT2LMHeadModel",
         "GPT2Config",
-        dict(
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            n_positions=64,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=3,
-        ),
+        dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, **IDS),
         "c_attn",
     ),
     "bert": ("BertForMaskedLM", "BertConfig", ENCODER, ATTN),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DECODER
 from helpers.calibration import ATTN, MODULES, assert_matches_reference, run
 from transformers import (
     MistralConfig,
@@ -56,17 +57,7 @@ def test_statistics_equal_whole_model_hooks(tiny, kind, token_mask):
 
 def sliding_mistral(path):
     torch.manual_seed(0)
-    MistralForCausalLM(
-        MistralConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=4,
-        )
-    ).save_pretrained(path, max_shard_size="40KB")
+    MistralForCausalLM(MistralConfig(**DECODER, sliding_window=4)).save_pretrained(path, max_shard_size="40KB")
     return path
 
 
@@ -74,12 +65,7 @@ def sliding_tied_qwen2(path):  # layer 0 full attention, layers 1-2 a 4-token wi
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(
         Qwen2Config(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **dict(DECODER, num_hidden_layers=3),
             use_sliding_window=True,
             sliding_window=4,
             max_window_layers=1,

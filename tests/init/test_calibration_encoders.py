@@ -4,7 +4,9 @@ drawn as `train` draws it."""
 
 import pytest
 import torch
+from helpers import ENCODER
 from helpers.calibration import assert_matches_reference, run
+from helpers.encoders import LEARNABLE
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -28,16 +30,7 @@ LAYER = (
     "intermediate.dense",
     "output.dense",
 )
-SIZES = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=48,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    initializer_range=0.2,
-)
+SIZES = dict(ENCODER, vocab_size=VOCAB, hidden_size=32, intermediate_size=48, **LEARNABLE)
 
 
 def modules(prefix: str = "") -> list[str]:

@@ -169,9 +169,9 @@ def eval_only(tmp_path_factory):
     )
 
 
-def test_train_refuses_a_label_only_the_eval_file_has_before_anything_loads(encoder, eval_only, tmp_path):
-    data, eval_data = eval_only
-    res = cli(
+def train_classifier(encoder, tmp_path, data, *flags):
+    """`train` of a classifier on bert-bare into TMP/o, from an adapter that does not exist (TMP/none)."""
+    return cli(
         "train",
         "--base",
         encoder("bert-bare"),
@@ -179,13 +179,17 @@ def test_train_refuses_a_label_only_the_eval_file_has_before_anything_loads(enco
         tmp_path / "none",
         "--data",
         data,
-        "--eval-data",
-        eval_data,
         "--task",
         "sequence-classification",
         "-o",
         tmp_path / "o",
+        *flags,
     )
+
+
+def test_train_refuses_a_label_only_the_eval_file_has_before_anything_loads(encoder, eval_only, tmp_path):
+    data, eval_data = eval_only
+    res = train_classifier(encoder, tmp_path, data, "--eval-data", eval_data)
     one_line_error(res, "e.jsonl:2: label 'neutral' is in no row of --data")
     assert not (tmp_path / "o").exists()
 
@@ -210,19 +214,7 @@ def test_compare_refuses_a_label_only_the_eval_file_has_before_any_run(encoder, 
 
 def test_train_refuses_an_empty_csv_label_before_anything_loads(encoder, tmp_path):
     data = write(tmp_path / "t.csv", labeled("negative", None, "positive"))
-    res = cli(
-        "train",
-        "--base",
-        encoder("bert-bare"),
-        "--adapter",
-        tmp_path / "none",
-        "--data",
-        data,
-        "--task",
-        "sequence-classification",
-        "-o",
-        tmp_path / "o",
-    )
+    res = train_classifier(encoder, tmp_path, data)
     one_line_error(res, 't.csv:3: "label" is empty')
     assert not (tmp_path / "o").exists()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli
+from helpers import DECODER, cli
 from helpers.adapters import fake_dora_training, fake_training, quantize_residual
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -33,17 +33,7 @@ def vllm_model(kind: str, path: Path) -> Path:
     """A tiny model vLLM's CPU attention serves (hidden 256, 4 heads: head size 64), in several shards."""
     config_cls, model_cls = KINDS[kind]
     torch.manual_seed(0)
-    model = model_cls(
-        config_cls(
-            vocab_size=128,
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    model = model_cls(config_cls(**dict(DECODER, hidden_size=256, intermediate_size=512)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):

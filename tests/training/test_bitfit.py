@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import killed_at_update
+from helpers import compare_briefly, killed_at_update
 from helpers.encoders import build_encoder, sst2
 from safetensors import safe_open
 from transformers import (
@@ -173,18 +173,8 @@ def test_bitfit_output_is_not_served_as_a_lora(models, tmp_path):
 
 
 def test_compare_runs_bitfit_without_decompose(models, tmp_path):
-    summary = compare(
-        models["qwen2"],
-        data_file("demo_train.jsonl"),
-        tmp_path / "cmp",
-        methods=["lora", "bitfit"],
-        rank=4,
-        max_steps=3,
-        lr=1e-2,
-        batch_size=8,
-        seed=1,
-        device="cpu",
-        progress=False,
+    summary = compare_briefly(
+        models["qwen2"], data_file("demo_train.jsonl"), tmp_path / "cmp", ["lora", "bitfit"], max_steps=3
     )
     runs = {r["run"]: r for r in summary["runs"]}
     assert sorted(runs) == ["bitfit", "lora"] and runs["bitfit"]["decompose_seconds"] == 0.0

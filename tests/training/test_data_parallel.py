@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import cli, killed_at_update, one_line_error
+from helpers import cli, killed_at_update, one_line_error, train_args
 from helpers.processes import ONE_THREAD, torchrun
 from safetensors.torch import load_file
 
@@ -47,19 +47,8 @@ def decomposed(tmp_path_factory):
     return root / "dec"
 
 
-def args(dec, out) -> list:
-    return [
-        "train",
-        "--base",
-        dec / "residual",
-        "--adapter",
-        dec / "adapter",
-        "--data",
-        data_file("demo_train.jsonl"),
-        *[x for k, v in OPTS.items() for x in (flag(k), v)],
-        "-o",
-        out,
-    ]
+def args(dec, out) -> list[str]:
+    return train_args(dec, data_file("demo_train.jsonl"), out, *[x for k, v in OPTS.items() for x in (flag(k), v)])
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +114,7 @@ def test_killed_on_two_sharded_ranks_resumes_on_one(decomposed, straight, tmp_pa
             *"-m torch.distributed.run --standalone --nproc-per-node=2".split(),
             str(killer),
             "6",
-            *map(str, args(decomposed, tmp_path / "out")),
+            *args(decomposed, tmp_path / "out"),
             "--quiet",
             "--fsdp",
         ],

@@ -12,15 +12,12 @@ training keeps the original weights and still starts at W.
 
 from __future__ import annotations
 
-from ..method import InitMethod
+from ..method import CalibratedFactors
 
 
-class LoRADA(InitMethod):
+class LoRADA(CalibratedFactors):
     name = "lora-da"
     summary = "data-aware (needs --data): A0 from the natural gradient's guidance matrix"
-    needs_roles = False
-    needs_data = True
-    needs_weights = False
 
     def prepare(self, ckpt, jobs, settings, **options):
         """`options`: data, samples (64), max_length (512), task (the `options.TaskOptions` the calibration samples
@@ -35,9 +32,6 @@ class LoRADA(InitMethod):
                 s, inputs[s.input_key], rank=settings.rank, population=population, seed=settings.seed
             )
         return factors
-
-    def factors(self, job, W, settings, *, context=None, generator=None):
-        return context[job.module]
 
 
 def _input_factor(stats, device: str, samples: int):
