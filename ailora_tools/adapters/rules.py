@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NumericsError, UnsupportedError
-from ..experts import expert_modules
+from ..experts import LAYOUTS, expert_modules
 from ..io.peft_adapter import Adapter
 from ..manifests import base_of
 from ..options import VLLM_MAX_LORA_RANKS
@@ -165,7 +165,8 @@ def refusals(
     experts = set(expert_modules(factors))  # vLLM serves per-expert pairs on the MoE classes it declares LoRA for
     modules = sorted({m.rsplit(".", 1)[-1] for m in factors if m not in experts})
     if server == "vllm":
-        return found + _vllm_refused(d, modules, _model_type(base or config.get("base_model_name_or_path")))
+        model_type = _model_type(base or config.get("base_model_name_or_path"))
+        return found + _vllm_experts_refused(d, sorted(experts), model_type) + _vllm_refused(d, modules, model_type)
     return found + _llama_cpp_refused(d, config, adapter, base)
 
 
@@ -173,6 +174,24 @@ def _model_type(base) -> str | None:
     """The model_type of a local base model's config.json (None: no such file)."""
     path = Path(str(base)) / "config.json" if base else None
     return json.loads(path.read_text()).get("model_type") if path is not None and path.is_file() else None
+
+
+def _vllm_experts_refused(d, experts: list[str], model_type: str | None) -> list[Finding]:
+    """vLLM's rule on expert LoRA: on a model whose checkpoints store the experts fused (GPT-OSS: vLLM's
+    `is_3d_moe_weight`) it reads only PEFT's fused 3-D form (`experts.base_layer.lora_A/B`, `experts.lora_A/B`), not
+    the per-expert pairs `convert` writes."""
+    layout = LAYOUTS.get(model_type or "")
+    if not experts or layout is None or not layout.stored_fused:
+        return []
+    return [
+        Finding(
+            "experts",
+            f"adapts {len(experts)} expert matrices (e.g. {experts[0]}) of a {model_type} model: vLLM "
+            f"{VLLM_TABLE_VERSION} reads {model_type} expert LoRA only in PEFT's fused 3-D form, which convert "
+            "does not write (its per-expert pairs are served on Qwen3-MoE, Qwen2-MoE and Mixtral)",
+            merge_fix(d),
+        )
+    ]
 
 
 def _vllm_refused(d, modules: list[str], model_type: str | None) -> list[Finding]:

@@ -30,6 +30,19 @@ def setup(tmp_path_factory):
     return root
 
 
+def brief(setup, out, methods: list[str], **extra) -> dict:
+    """`compare` of `methods` on the demo model and data, 2 steps each."""
+    return compare(
+        setup / "base",
+        data_file("demo_train.jsonl"),
+        out,
+        methods=methods,
+        progress=False,
+        **OPTS | {"max_steps": 2},
+        **extra,
+    )
+
+
 @pytest.fixture(scope="module")
 def straight(setup):
     """An uninterrupted comparison of lora and ailora, through the CLI."""
@@ -131,15 +144,7 @@ def test_interrupted_comparison_resumes_without_redoing_finished_runs(setup, str
 
 @pytest.mark.slow
 def test_progressive_runs_both_variants_and_lora_da_calibrates(setup, tmp_path):
-    s = compare(
-        setup / "base",
-        data_file("demo_train.jsonl"),
-        tmp_path / "p",
-        methods=["ailora", "lora-da"],
-        progressive=2,
-        progress=False,
-        **dict(OPTS, max_steps=2),
-    )
+    s = brief(setup, tmp_path / "p", ["ailora", "lora-da"], progressive=2)
     runs = [(r["run"], r["progressive"]) for r in s["runs"]]
     assert runs == [("ailora", None), ("lora-da", None), ("ailora-progressive2", 2), ("lora-da-progressive2", 2)]
     trained = json.loads((tmp_path / "p" / "ailora-progressive2" / "trained" / "ailora-train.json").read_text())
@@ -176,14 +181,7 @@ def test_smoothing_and_steps_to_reach():
 @pytest.mark.slow
 def test_dora_rows_decompose_with_dora(setup, tmp_path):
     """ "dora" is plain DoRA and "pissa+dora" PiSSA's init with DoRA's magnitudes: both train as DoRA adapters."""
-    s = compare(
-        setup / "base",
-        data_file("demo_train.jsonl"),
-        tmp_path / "d",
-        methods=["dora", "pissa+dora"],
-        progress=False,
-        **dict(OPTS, max_steps=2),
-    )
+    s = brief(setup, tmp_path / "d", ["dora", "pissa+dora"])
     assert [r["run"] for r in s["runs"]] == ["dora", "pissa+dora"]
     for run, method in (("dora", "lora"), ("pissa+dora", "pissa")):
         decomposed = json.loads((tmp_path / "d" / run / "decomposed" / "ailora.json").read_text())

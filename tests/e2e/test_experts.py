@@ -261,6 +261,10 @@ def test_llama_cpp_refuses_expert_lora_naming_the_merge(moe, tmp_path, kind):
     with pytest.raises(UnsupportedError, match="ailora-tools merge"):
         export_gguf(tmp_path / "dec" / "adapter", base, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+    # vLLM reads GPT-OSS expert LoRA in PEFT's fused 3-D form only; Mixtral's per-expert pairs pass its rules
+    findings = check_adapter(tmp_path / "dec" / "adapter", target="vllm", base=base)
+    assert [f.rule for f in findings] == (["experts"] if kind == "gpt_oss" else [])
+    assert kind != "gpt_oss" or "fused 3-D form" in findings[0].message and "ailora-tools merge" in findings[0].fix
 
 
 @pytest.mark.serve
