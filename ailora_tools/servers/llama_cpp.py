@@ -26,14 +26,20 @@ import torch
 from ..errors import AiloraError, InputNotFoundError
 
 VERSION = "0.3.36"  # the llama-cpp-python release .ci/servers builds (its sdist vendors llama.cpp)
-DEFAULT_ENV = Path.home() / ".cache" / "ailora-ci" / "servers" / f"llama.cpp-{VERSION}"
 PYTHON_ENV, SRC_ENV = "AILORA_LLAMA_CPP_PYTHON", "AILORA_LLAMA_CPP_SRC"
 RECIPE = (
     f"build it with `bash .ci/servers llama.cpp` (llama-cpp-python=={VERSION} from its sdist, with its vendored "
-    f"gguf-py, in {DEFAULT_ENV}), or point {PYTHON_ENV} (or --python) at an interpreter where `import llama_cpp` "
-    "works"
+    "gguf-py, in $AILORA_SERVERS or ~/.cache/ailora-ci/servers), or point "
+    f"{PYTHON_ENV} (or --python) at an interpreter where `import llama_cpp` works"
 )
 WORKER = Path(__file__).with_name("_llama_cpp_worker.py")
+
+
+def cached_env() -> Path:
+    """The environment `.ci/servers llama.cpp` builds (it may not exist), under $AILORA_SERVERS as `.ci/servers`
+    puts it."""
+    root = Path(os.environ.get("AILORA_SERVERS") or Path.home() / ".cache" / "ailora-ci" / "servers")
+    return root / f"llama.cpp-{VERSION}"
 
 
 class LlamaCppError(AiloraError, RuntimeError):
@@ -53,7 +59,7 @@ def find_python(python: str | None = None) -> str:
     """The interpreter of an environment where `import llama_cpp` works.
 
     Looked for in order: `python`, the environment variable AILORA_LLAMA_CPP_PYTHON, the cached CI build
-    (~/.cache/ailora-ci/servers/llama.cpp-0.3.36/bin/python), the current interpreter.
+    (`cached_env`), the current interpreter.
 
     Raises:
         InputNotFoundError: none has llama_cpp (the message gives the install recipe).
@@ -64,7 +70,7 @@ def find_python(python: str | None = None) -> str:
             flag = "--python" if python else PYTHON_ENV
             raise InputNotFoundError(f"{flag} {chosen}: `import llama_cpp` fails there; {RECIPE}")
         return chosen
-    for candidate in (DEFAULT_ENV / "bin" / "python", Path(sys.executable)):
+    for candidate in (cached_env() / "bin" / "python", Path(sys.executable)):
         if candidate.is_file() and _has_llama_cpp(str(candidate)):
             return str(candidate)
     raise InputNotFoundError(f"llama.cpp: no interpreter with llama_cpp found; {RECIPE}")
