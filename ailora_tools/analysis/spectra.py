@@ -24,6 +24,7 @@ from .. import __version__
 from ..adapters.lowrank import delta_factors
 from ..devices import resolve_device
 from ..errors import NumericsError, UnsupportedError
+from ..experts import lift_initial
 from ..init.targets import (
     architecture,
     linear_modules,
@@ -279,11 +280,12 @@ def _adapter_deltas(adapter, initial, ckpt) -> dict:
     import torch
 
     trained = read_adapter(adapter)
-    trained.check_fits(ckpt.tensors, adapter=adapter, base=ckpt.source)
+    trained.check_fits(ckpt.tensors, adapter=adapter, base=ckpt.source, config=ckpt.config)
     if initial is None and (Path(adapter) / TRAIN_MANIFEST).is_file():
         initial = initial_adapter_of(Path(adapter))
     if initial is not None:
-        pairs, scale, _ = delta_factors(read_adapter(initial), trained, offset=starts_offset(initial))
+        lifted = lift_initial(read_adapter(initial), trained)  # experts trained fused: the initial in that form
+        pairs, scale, _ = delta_factors(lifted, trained, offset=starts_offset(initial))
     else:
         pairs = {m: (B.double() * trained.scale(m), A.double()) for m, (A, B) in trained.factors.items()}
         scale = 1.0

@@ -13,7 +13,7 @@ import transformers
 from helpers.zoo import SMALL
 from safetensors import safe_open
 
-from ailora_tools import check_adapter, convert, decompose, export_gguf, merge, train
+from ailora_tools import check_adapter, convert, decompose, export_gguf, merge, spectrum, train
 from ailora_tools.demo import build_tiny_model, data_file
 from ailora_tools.errors import OptionError, TargetError, UnsupportedError
 from ailora_tools.training.tasks import load_model, resolve_task
@@ -150,6 +150,9 @@ def test_expert_lora_decompose_train_convert_merge_exact(moe, tmp_path, kind, ta
     _train(res, initial, tmp_path / "t", steps=3, batch_size=8)
     trained = logits(res, tmp_path / "t")
     assert (trained - original).abs().max() > 1e-3  # the experts learned something
+    spectrum(res, tmp_path / "spec", rank=2, adapter=tmp_path / "t", progress=False)
+    deltas = json.loads((tmp_path / "spec" / "spectrum.json").read_text())["adapter"]["modules"]
+    assert len(deltas) == 24 and all(d["delta_fro"] > 0 for d in deltas)  # every expert matrix found in the base
     convert(tmp_path / "t", tmp_path / "lora", progress=False)
     assert (logits(base, tmp_path / "lora") - trained).abs().max() < 1e-4
     if peft_folds:  # one rank: PEFT loads it as it is
