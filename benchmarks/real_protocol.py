@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import subprocess
 import sys
 import zipfile
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--search-keep", default="1", help="rates of each search run with every seed")
+    ap.add_argument("--search-steps", type=int, help="steps of a search run [default: those of the comparison]")
     ap.add_argument("--train-size", type=int, default=800, help="training rows (50 steps of 16)")
     ap.add_argument("--eval-size", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -77,6 +79,7 @@ def main() -> None:
     train_csv = write_csv(train, data / "train.csv", ("text", "label"))
     cmd = compare_command(model, train_csv, write_csv(evals, data / "eval.csv", ("text", "label")), "label", args)
     cmd += ["--lr", "auto", "--search-keep", args.search_keep, "--baseline", "lora"]
+    cmd += ["--search-steps", str(args.search_steps)] if args.search_steps else []
     cmd += ["--dry-run"] if args.dry_run else []
     if args.dry_run:
         subprocess.run(cmd, check=True)
@@ -86,7 +89,7 @@ def main() -> None:
         args.out / "compare",
         f"real-protocol-{args.corpus}",
         f"The protocol (--lr auto, 5 seeds, differences against LoRA) on all-MiniLM-L6-v2, corpus {args.corpus}",
-        f"python benchmarks/real_protocol.py --corpus {args.corpus} -o {args.out}",
+        shlex.join(["python", "benchmarks/real_protocol.py", *sys.argv[1:]]),
         len(train),
         len(evals),
     )

@@ -18,12 +18,32 @@ def run_bounds(plan: ComparePlan) -> tuple[int, int]:
     return groups * (3 + final), groups * (spec.max_rates + final)
 
 
-def estimate(first: dict, low: int, high: int) -> str:
-    """A line: the first run's time and roughly how long the other `low` (to `high`) runs will take."""
+def bounds_by_length(plan: ComparePlan) -> dict[int | None, tuple[int, int]]:
+    """{steps: (fewest, most) runs of that length}; None is the comparison's own length. With `--search-steps` the
+    searches' shorter runs are counted apart from the full-length ones (each method's kept rates, every seed)."""
+    low, high = run_bounds(plan)
+    if plan.search is None or not plan.search.steps:
+        return {None: (low, high)}
+    full = len(plan.runs) // 3 * plan.search.keep * len(plan.seeds or [None])
+    return {plan.search.steps: (low - full, high - full), None: (full, full)}
+
+
+def estimate(first: dict, low: int, high: int, kind: str = "run") -> str:
+    """A line: the first `kind` run's time and roughly how long the other `low` (to `high`) of that kind will
+    take."""
     seconds = (first.get("train_seconds") or 0.0) + (first.get("decompose_seconds") or 0.0)
     left = f"{_duration(seconds * low)}" + (f" to {_duration(seconds * high)}" if high != low else "")
     runs = f"{low}" + (f" to {high}" if high != low else "")
-    return f"compare: the first run took {seconds:.0f} s; the other {runs} runs: about {left}"
+    plural = "" if high == 1 else "s"
+    return f"compare: the first {kind} took {seconds:.0f} s; the other {runs} {kind}{plural}: about {left}"
+
+
+def length_kind(steps: int | None, split: bool) -> str:
+    """How `estimate` names a run of `steps` steps (None: the comparison's length) when `split` lengths are timed
+    apart."""
+    if not split:
+        return "run"
+    return f"{steps}-step search run" if steps else "full-length run"
 
 
 def describe(plan: ComparePlan) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from tqdm.auto import tqdm
 
 from ..training.metrics import HIGHER_IS_BETTER
-from .costs import estimate, run_bounds
+from .costs import bounds_by_length, estimate, length_kind
 from .curves import trailing_mean
 from .plan import ComparePlan, Run
 from .search import kept, search
@@ -35,7 +35,8 @@ def schedule(
         `--lr auto`, else {}).
     """
     done: dict[str, dict] = {}
-    low, high = run_bounds(plan)
+    lengths = bounds_by_length(plan)  # each length's first run is timed: a search's shorter runs say little of the rest
+    split = len(lengths) > 1
 
     def once(run: Run) -> dict:
         key = (run.method, run.progressive, run.lr, run.seed, run.steps)
@@ -43,8 +44,9 @@ def schedule(
             done[key] = execute(run)
             bar.total = max(bar.total or 0, len(done))
             bar.update(1)
-            if len(done) == 1 and progress:
-                tqdm.write(estimate(done[key], low - 1, high - 1), file=sys.stderr)
+            if progress and run.steps in lengths:
+                low, high = lengths.pop(run.steps)
+                tqdm.write(estimate(done[key], low - 1, high - 1, length_kind(run.steps, split)), file=sys.stderr)
         return done[key]
 
     if plan.search is None:

@@ -82,6 +82,28 @@ def test_interrupted_search_resumed_takes_the_same_path(encoder, data, searched,
     assert [r["run"] for r in resumed["runs"]] == [r["run"] for r in straight["runs"]]
 
 
+def test_a_search_with_fewer_steps_chooses_from_them_and_runs_every_seed_at_full_length(
+    encoder,  # noqa: F811
+    data,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    """`--search-steps 1` of a 2-step comparison: the search's runs are 1 step long and apart from the table; the
+    chosen rate runs every seed (seed 0 again) at 2 steps; each length's first run is timed for the estimate."""
+    s = compare(encoder("bert-bare"), data[0], tmp_path / "cmp", eval_data=data[1], **AUTO, search_steps=1)
+    err = capsys.readouterr().err
+    best = s["best_lr"]["lora"]
+    searched = [r for r in s["runs"] if r["search_steps"] == 1]
+    assert [r["lr"] for r in searched] == [p["lr"] for p in s["searches"]["lora"]["path"]]
+    assert all(r["run"].endswith("-steps1") and r["steps"] == 1 for r in searched)
+    final = [r for r in s["runs"] if r["search_steps"] is None]
+    assert [(r["lr"], r["seed"], r["steps"]) for r in final] == [(best, 0, 2), (best, 1, 2)]
+    row = next(r for r in s["summary"] if r["best_lr"])
+    assert row["seeds"] == [0, 1] and [r["lr"] for r in s["summary"]] == [best]  # the table: full-length runs only
+    assert "compare: the first 1-step search run took" in err and "the other 1 full-length run: about" in err
+    assert "compare: the first full-length run took" in err
+
+
 def test_dry_run_prints_the_plan_and_runs_nothing(encoder, data, tmp_path):  # noqa: F811
     res = _compare(encoder, data, tmp_path / "cmp", "--dry-run")
     assert res.exit_code == 0, res.output
