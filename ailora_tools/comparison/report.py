@@ -28,7 +28,8 @@ def report(
     rates = sorted({row["lr"] for row in summary})
     chosen = [row for row in summary if row["best_lr"]]
     names = sorted({k for row in chosen for k in row["eval"]}, key=lambda k: (k != metric, k))
-    lines = _preamble(goal, settings, rates, smooth, metric)
+    tried = sorted(set(rates) | {p["lr"] for s in extra["searches"].values() for p in s["path"]})
+    lines = _preamble(goal, settings, tried, smooth, metric)
     if len(rates) > 1:
         lines += [
             f"Each method at its best learning rate by final eval {metric} (all rates below and in compare.json).",
@@ -142,6 +143,11 @@ def search_lines(searches: dict, best_lr: dict, metric: str) -> list[str]:
     return [*lines, ""]
 
 
+def _searched(search: dict) -> str:
+    """The end of the preamble's "lr auto (searched: ..." : how long the search's runs were."""
+    return f"; {search['steps']}-step runs, the chosen rates at full length)" if search.get("steps") else ")"
+
+
 def _preamble(goal: dict, settings: dict, rates: list[float], smooth: int, metric: str) -> list[str]:
     """The title and the settings the runs share, with the targets of "steps to reach"."""
     how = "given" if goal["given"] else "the highest final value among the methods at their chosen rates"
@@ -154,7 +160,7 @@ def _preamble(goal: dict, settings: dict, rates: list[float], smooth: int, metri
         f"Model `{settings['model']}`, data `{settings['data']}`"
         + (f", eval data `{settings['eval_data']}`" if settings["eval_data"] else "")
         + f"; task {settings['task']}; {length}, {lrs}{', '.join(f'{r:g}' for r in rates)}"
-        + (")" if settings.get("search") else "")
+        + (_searched(settings["search"]) if settings.get("search") else "")
         + ", batch "
         f"{settings['batch_size']}×{settings['grad_accum']}, rank {settings['rank']}, targets "
         f"{', '.join(settings['targets'])}, "

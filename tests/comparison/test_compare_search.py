@@ -102,6 +102,9 @@ def test_a_search_with_fewer_steps_chooses_from_them_and_runs_every_seed_at_full
     assert row["seeds"] == [0, 1] and [r["lr"] for r in s["summary"]] == [best]  # the table: full-length runs only
     assert "compare: the first 1-step search run took" in err and "the other 1 full-length run: about" in err
     assert "compare: the first full-length run took" in err
+    tried = ", ".join(f"{lr:g}" for lr in sorted(r["lr"] for r in searched))
+    report = (tmp_path / "cmp" / "compare.md").read_text()
+    assert f"lr auto (searched: {tried}; 1-step runs, the chosen rates at full length)" in report
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(encoder, data, tmp_path):  # noqa: F811
