@@ -7,25 +7,25 @@ from .plan import ComparePlan
 
 
 def run_bounds(plan: ComparePlan) -> tuple[int, int]:
-    """(fewest, most) runs the plan makes: its runs; with a search, per method its first grid (3 rates) to
-    `max_rates`, plus its `keep` best rates with the other seeds (and the first, when the search runs fewer
-    steps)."""
-    if plan.search is None:
-        return len(plan.runs), len(plan.runs)
-    groups = len(plan.runs) // 3
-    spec, seeds = plan.search, len(plan.seeds or [None])
-    final = spec.keep * (seeds if spec.steps else seeds - 1)
-    return groups * (3 + final), groups * (spec.max_rates + final)
+    """(fewest, most) runs the plan makes, every length together (`bounds_by_length`)."""
+    bounds = bounds_by_length(plan).values()
+    return sum(low for low, _ in bounds), sum(high for _, high in bounds)
 
 
 def bounds_by_length(plan: ComparePlan) -> dict[int | None, tuple[int, int]]:
-    """{steps: (fewest, most) runs of that length}; None is the comparison's own length. With `--search-steps` the
-    searches' shorter runs are counted apart from the full-length ones (each method's kept rates, every seed)."""
-    low, high = run_bounds(plan)
-    if plan.search is None or not plan.search.steps:
-        return {None: (low, high)}
-    full = len(plan.runs) // 3 * plan.search.keep * len(plan.seeds or [None])
-    return {plan.search.steps: (low - full, high - full), None: (full, full)}
+    """{steps: (fewest, most) runs of that length}; None is the comparison's own length. Without a search: its runs.
+    With one, per method its first grid (3 rates) to `max_rates` with the first seed, plus its `keep` best rates with
+    the other seeds; with `--search-steps` the searches' shorter runs are counted apart, and the kept rates run every
+    seed (the first again) at full length."""
+    if plan.search is None:
+        return {None: (len(plan.runs), len(plan.runs))}
+    groups, spec, seeds = len(plan.runs) // 3, plan.search, len(plan.seeds or [None])
+    low, high = groups * 3, groups * spec.max_rates
+    if spec.steps:
+        full = groups * spec.keep * seeds
+        return {spec.steps: (low, high), None: (full, full)}
+    rest = groups * spec.keep * (seeds - 1)
+    return {None: (low + rest, high + rest)}
 
 
 def estimate(first: dict, low: int, high: int, kind: str = "run") -> str:
